@@ -1,0 +1,273 @@
+"""The verbs: demo, train, predict, evaluate. Only this module wires the stages together.
+
+Heavy imports (torch, MONAI) stay inside the commands so that `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from medseg.errors import MedsegError
+
+DEMO_MARKER = ".medseg-demo"
+EXIT_USER_ERROR = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except MedsegError as exc:
+        if args.debug:
+            raise
+        print(f"medseg: error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("medseg: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # one line for the user; the traceback is behind --debug
+        if args.debug:
+            raise
+        print(f"medseg: error: {type(exc).__name__}: {exc} (rerun with --debug for the "
+              f"traceback)", file=sys.stderr)
+        return 1
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Phantoms -> train -> predict the held-out cases -> evaluate."""
+    from medseg.phantoms import write_phantom_dataset
+
+    out = Path(args.out)
+    _claim_demo_folder(out)
+    started = time.monotonic()
+    print(f"[1/4] writing 12 synthetic CT phantoms to {out / 'data'}")
+    write_phantom_dataset(out / "data", n_train=8, n_test=4, seed=args.seed)
+    workflow_path = _demo_workflow_path()
+    overrides = [f"dataset.path={out / 'data'}", *args.overrides]
+    print(f"[2/4] training with {workflow_path}")
+    workflow = _load_workflow(workflow_path, overrides)
+    run_dir = out / "run"
+    _train_run(workflow, run_dir, folds=[workflow.train.fold], overwrite=True)
+    print(f"[3/4] segmenting the 4 held-out phantoms into {out / 'predictions'}")
+    results = _predict(run_dir, [str(out / "data" / "imagesTs")], out / "predictions",
+                       folds=None, overwrite=True, tta=False, step=None, device=None)
+    print(f"[4/4] scoring against {out / 'data' / 'labelsTs'}")
+    summary = _evaluate(out / "predictions", out / "data" / "labelsTs",
+                        out / "data" / "dataset.json", out / "evaluation")
+    minutes = (time.monotonic() - started) / 60
+    print(f"demo finished in {minutes:.1f} min; run folder {run_dir} "
+          f"(use it as --model for medseg predict)")
+    failed = any(r.error for r in results) or summary["failed_cases"]
+    return 1 if failed else 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    workflow = _load_workflow(Path(args.workflow), args.overrides)
+    if not workflow.dataset.path:
+        raise MedsegError("dataset.path is not set", args.workflow)
+    folds = _parse_folds(args.fold, workflow.train.folds, workflow.train.fold)
+    results = _train_run(workflow, Path(args.out), folds, overwrite=args.overwrite)
+    for result in results:
+        dice = "n/a" if result.best_mean_dice is None else f"{result.best_mean_dice:.4f}"
+        print(f"{result.fold_dir.name}: best mean Dice {dice} at epoch {result.best_epoch + 1}"
+              f" ({result.epochs_run} epochs, {result.seconds / 60:.1f} min)")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    folds = [int(f) for f in args.folds.split(",")] if args.folds else None
+    results = _predict(Path(args.model), args.input, Path(args.output), folds=folds,
+                       overwrite=args.overwrite, tta=args.tta, step=args.step,
+                       device=args.device)
+    return 1 if any(r.error for r in results) else 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    summary = _evaluate(Path(args.pred), Path(args.ref),
+                        Path(args.labels) if args.labels else None,
+                        Path(args.out) if args.out else None)
+    return 1 if summary["failed_cases"] else 0
+
+
+# ---------------------------------------------------------------- wiring
+
+
+def _train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool) -> list:
+    """dataset -> fingerprint -> plan -> splits -> train each fold; all saved in run_dir."""
+    from medseg.config import save_workflow
+    from medseg.datasets import load_dataset, make_splits
+    from medseg.fileio import atomic_write_json
+    from medseg.plan import fingerprint, make_plan, save_fingerprint, save_plan
+    from medseg.train import train_fold
+
+    _claim_run_folder(run_dir, overwrite)
+    ds = workflow.dataset
+    dataset = load_dataset(ds.path, ds.layout, ds.modality, ds.labels)
+    print(f"dataset: {len(dataset.cases)} cases, labels {dataset.labels}, "
+          f"modalities {list(dataset.modalities)}")
+    fp = fingerprint(dataset, seed=workflow.train.seed)
+    plan = make_plan(fp, workflow.plan)
+    print(f"plan: spacing {plan.target_spacing}, patch {plan.patch_size}, batch "
+          f"{plan.batch_size}, {len(plan.strides)} levels, filters {plan.filters}")
+    splits = make_splits([c.name for c in dataset.cases], workflow.train.folds,
+                         workflow.train.seed)
+    save_workflow(workflow, run_dir / "workflow.yaml")
+    save_fingerprint(fp, run_dir / "fingerprint.json")
+    save_plan(plan, run_dir / "plan.json")
+    atomic_write_json(run_dir / "splits.json", splits)
+    return [train_fold(workflow, dataset, plan, splits[k], run_dir / f"fold_{k}")
+            for k in folds]
+
+
+def _predict(model: Path, inputs: list[str], output: Path, folds, overwrite: bool, tta: bool,
+             step: float | None, device: str | None) -> list:
+    import dataclasses
+
+    from medseg.config import load_workflow
+    from medseg.predict import collect_inputs, load_predictor, predict_paths
+
+    paths = collect_inputs(inputs)
+    predictor = load_predictor(model, folds, device)
+    config = load_workflow(model / "workflow.yaml").predict
+    config = dataclasses.replace(config, tta=tta or config.tta,
+                                 step=step if step is not None else config.step)
+    started = time.monotonic()
+    results = predict_paths(predictor, paths, output, config, overwrite=overwrite)
+    done = [r for r in results if r.output and not r.skipped]
+    skipped = [r for r in results if r.skipped]
+    failed = [r for r in results if r.error]
+    print(f"predicted {len(done)} of {len(paths)} cases with {', '.join(predictor.folds)} in "
+          f"{time.monotonic() - started:.1f} s; skipped {len(skipped)} existing "
+          f"(--overwrite to redo); failed {len(failed)}")
+    for result in failed:
+        print(f"  failed: {result.error}", file=sys.stderr)
+    return results
+
+
+def _evaluate(pred: Path, ref: Path, labels_path: Path | None, out: Path | None) -> dict:
+    from medseg.datasets import label_names_from_json
+    from medseg.evaluate import evaluate_pairs, infer_labels, pair_cases
+    from medseg.report import format_table, summarize, write_reports
+
+    pairs = pair_cases(pred, ref)
+    labels = label_names_from_json(labels_path) if labels_path else infer_labels(pairs)
+    results = evaluate_pairs(pairs, labels)
+    summary = write_reports(results, out) if out else summarize(results)
+    print(format_table(summary))
+    for result in results:
+        if result.error:
+            print(f"  {result.case}: {result.error}", file=sys.stderr)
+    if out:
+        print(f"wrote {out / 'scores.csv'} and {out / 'summary.json'}")
+    return summary
+
+
+def _load_workflow(path: Path | None, overrides: list[str]):
+    from medseg.config import load_workflow
+
+    return load_workflow(path, overrides)
+
+
+def _demo_workflow_path() -> Path:
+    path = Path(__file__).resolve().parent.parent / "workflows" / "demo.yaml"
+    if not path.is_file():
+        raise MedsegError("the demo workflow is missing (install medseg from its source "
+                          "folder with `pip install -e .`)", path)
+    return path
+
+
+def _claim_run_folder(run_dir: Path, overwrite: bool) -> None:
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise MedsegError("run folder exists and is not empty; pass --overwrite to "
+                              "replace it", run_dir)
+        if not (run_dir / "plan.json").exists():
+            raise MedsegError("refusing to overwrite a folder that is not a medseg run",
+                              run_dir)
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _claim_demo_folder(out: Path) -> None:
+    """The demo replaces its own earlier output, and nothing else."""
+    if out.exists() and any(out.iterdir()):
+        if not (out / DEMO_MARKER).exists():
+            raise MedsegError("folder exists and was not made by `medseg demo`; choose "
+                              "another --out", out)
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text(json.dumps({"made_by": "medseg demo"}) + "\n")
+
+
+def _parse_folds(text: str | None, n_folds: int, default: int) -> list[int]:
+    if text is None:
+        return [default]
+    if text == "all":
+        return list(range(n_folds))
+    try:
+        fold = int(text)
+    except ValueError as exc:
+        raise MedsegError(f"--fold must be an integer or 'all', got {text!r}") from exc
+    if not 0 <= fold < n_folds:
+        raise MedsegError(f"--fold {fold} is outside 0..{n_folds - 1}")
+    return [fold]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medseg", description=__doc__.splitlines()[0])
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", parents=[common],
+                          help="train, segment and score synthetic CT phantoms")
+    demo.add_argument("--out", default="medseg_demo", help="output folder (default: %(default)s)")
+    demo.add_argument("--seed", type=int, default=0, help="phantom seed")
+    demo.add_argument("--set", dest="overrides", action="append", default=[],
+                      metavar="KEY=VALUE", help="override a workflow key, e.g. train.epochs=5")
+    demo.set_defaults(handler=cmd_demo)
+
+    train = sub.add_parser("train", parents=[common], help="train on a labelled dataset")
+    train.add_argument("workflow", help="workflow YAML file")
+    train.add_argument("--out", required=True, help="run folder to create")
+    train.add_argument("--fold", default=None, help="fold index, or 'all' (default: "
+                       "train.fold of the workflow)")
+    train.add_argument("--set", dest="overrides", action="append", default=[],
+                       metavar="KEY=VALUE", help="override a workflow key (repeatable)")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing run")
+    train.set_defaults(handler=cmd_train)
+
+    predict = sub.add_parser("predict", parents=[common], help="segment new volumes")
+    predict.add_argument("--model", required=True, help="run folder made by medseg train")
+    predict.add_argument("--input", required=True, nargs="+", help="files or folders")
+    predict.add_argument("--output", required=True, help="folder for the masks")
+    predict.add_argument("--folds", default=None, help="comma-separated folds (default: all "
+                         "trained)")
+    predict.add_argument("--tta", action="store_true", help="average over mirrored copies")
+    predict.add_argument("--step", type=float, default=None,
+                         help="window step as a fraction of the patch (default 0.5)")
+    predict.add_argument("--device", default=None, help="cpu or cuda (default: cuda if found)")
+    predict.add_argument("--overwrite", action="store_true", help="redo existing outputs")
+    predict.set_defaults(handler=cmd_predict)
+
+    evaluate = sub.add_parser("evaluate", parents=[common], help="score masks against labels")
+    evaluate.add_argument("--pred", required=True, help="folder of predicted masks")
+    evaluate.add_argument("--ref", required=True, help="folder of reference masks")
+    evaluate.add_argument("--labels", default=None, help="dataset.json or labels.json")
+    evaluate.add_argument("--out", default=None, help="folder for scores.csv, summary.json")
+    evaluate.set_defaults(handler=cmd_evaluate)
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())

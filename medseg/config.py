@@ -1,0 +1,253 @@
+"""Workflow configuration: frozen dataclasses loaded from YAML, with `key=value` overrides.
+
+Unknown keys are errors that name the key and the file; no string in a workflow is executed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medseg.errors import MedsegError
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """Where the labelled collection lives and how to read it."""
+
+    path: str = ""
+    layout: str = "auto"  # auto | msd
+    modality: str = "auto"  # auto (from dataset.json) | CT | MR
+    labels: dict[int, str] | None = None  # overrides the names from dataset.json
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    """Overrides for the automatic plan; `None` means "let the fingerprint decide"."""
+
+    target_spacing: list[float] | None = None
+    patch_size: list[int] | None = None
+    batch_size: int = 2
+    max_patch_voxels: int = 96 * 96 * 96
+    base_filters: int = 32
+    max_filters: int = 320
+    deep_supervision: bool = True
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Probabilities and ranges of the MONAI random transforms used in training."""
+
+    flip_prob: float = 0.5
+    rotate_prob: float = 0.2
+    rotate_degrees: float = 15.0
+    scale_prob: float = 0.2
+    scale_range: float = 0.15
+    noise_prob: float = 0.1
+    noise_std: float = 0.1
+    smooth_prob: float = 0.1
+    contrast_prob: float = 0.15
+    intensity_shift_prob: float = 0.15
+    gamma_prob: float = 0.15
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training loop's settings."""
+
+    epochs: int = 100
+    iterations_per_epoch: int = 50
+    optimizer: str = "sgd"  # sgd | adamw
+    learning_rate: float = 0.01
+    weight_decay: float = 3e-5
+    schedule: str = "poly"  # poly | cosine | constant
+    val_every: int = 5
+    val_max_cases: int | None = None
+    foreground_fraction: float = 0.33
+    seed: int = 0
+    deterministic: bool = False
+    max_minutes: float | None = None
+    num_workers: int = 1
+    precision: str = "auto"  # auto | bf16 | fp32 | amp
+    folds: int = 5
+    fold: int = 0
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """Sliding-window inference settings."""
+
+    step: float = 0.5  # window step as a fraction of the patch; overlap = 1 - step
+    sw_batch_size: int = 4
+    tta: bool = False
+    precision: str = "auto"  # auto | bf16 | fp32 | amp
+
+
+@dataclass(frozen=True)
+class Workflow:
+    """A whole workflow file, resolved."""
+
+    name: str = "run"
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+
+
+def load_workflow(path: str | Path | None, overrides: list[str] | None = None) -> Workflow:
+    """Read a YAML workflow (or start from defaults when `path` is None), apply overrides."""
+    raw: dict[str, Any] = {}
+    source = str(path) if path is not None else "<defaults>"
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    for item in overrides or []:
+        _apply_override(raw, item)
+    workflow = _build(Workflow, raw, source, prefix="")
+    _check_choices(workflow, source)
+    return _resolve_paths(workflow)
+
+
+def workflow_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Workflow:
+    """Build a Workflow from a plain dict (as saved in a run folder)."""
+    return _build(Workflow, raw, source, prefix="")
+
+
+def workflow_to_dict(workflow: Workflow) -> dict[str, Any]:
+    """Plain-data form of a workflow, suitable for YAML or JSON."""
+    return dataclasses.asdict(workflow)
+
+
+def save_workflow(workflow: Workflow, path: Path) -> None:
+    """Write the resolved workflow as YAML (atomically)."""
+    from medseg.fileio import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(workflow_to_dict(workflow), sort_keys=False))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise MedsegError("workflow file not found", path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise MedsegError(f"not valid YAML{where}", path) from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise MedsegError("a workflow must be a mapping of sections", path)
+    return data
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    if "=" not in item:
+        raise MedsegError(f"override '{item}' is not of the form key=value")
+    dotted, text = item.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = raw
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise MedsegError(f"override '{item}': '{key}' is not a section")
+    try:
+        node[keys[-1]] = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise MedsegError(f"override '{item}': value is not valid YAML") from exc
+
+
+def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise MedsegError(f"section '{prefix or 'top level'}' must be a mapping", source)
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        where = f"{prefix}{unknown[0]}"
+        raise MedsegError(
+            f"unknown workflow key '{where}' (known here: {', '.join(sorted(known))})", source
+        )
+    values = {}
+    for name, value in raw.items():
+        hint = hints[name]
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(hint):
+            values[name] = _build(hint, value or {}, source, prefix=f"{key}.")
+        else:
+            values[name] = _coerce(value, hint, key, source)
+    return cls(**values)
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key, source)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise MedsegError(f"'{key}' must be a list, got {value!r}", source)
+        return [_coerce(v, args[0], key, source) for v in value]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise MedsegError(f"'{key}' must be a mapping, got {value!r}", source)
+        return {_coerce(k, args[0], key, source): _coerce(v, args[1], key, source)
+                for k, v in value.items()}
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise MedsegError(f"'{key}' must be true or false, got {value!r}", source)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise MedsegError(f"'{key}' must be an integer, got {value!r}", source)
+        try:
+            return int(value)
+        except ValueError as exc:
+            raise MedsegError(f"'{key}' must be an integer, got {value!r}", source) from exc
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise MedsegError(f"'{key}' must be a number, got {value!r}", source)
+        return float(value)
+    if hint is str:
+        if not isinstance(value, (str, int, float)):
+            raise MedsegError(f"'{key}' must be a string, got {value!r}", source)
+        return str(value)
+    return value
+
+
+_CHOICES = {
+    ("dataset", "layout"): ("auto", "msd", "nnunet", "folders"),
+    ("dataset", "modality"): ("auto", "CT", "MR"),
+    ("train", "optimizer"): ("sgd", "adamw"),
+    ("train", "schedule"): ("poly", "cosine", "constant"),
+    ("train", "precision"): ("auto", "bf16", "fp32", "amp"),
+    ("predict", "precision"): ("auto", "bf16", "fp32", "amp"),
+}
+
+
+def _check_choices(workflow: Workflow, source: str) -> None:
+    for (section, key), allowed in _CHOICES.items():
+        value = getattr(getattr(workflow, section), key)
+        if value not in allowed:
+            raise MedsegError(
+                f"'{section}.{key}' is {value!r}; choose one of {', '.join(allowed)}", source
+            )
+
+
+def _resolve_paths(workflow: Workflow) -> Workflow:
+    """Relative dataset paths are taken from the current working directory."""
+    if not workflow.dataset.path:
+        return workflow
+    resolved = str(Path(workflow.dataset.path).expanduser().resolve())
+    return dataclasses.replace(
+        workflow, dataset=dataclasses.replace(workflow.dataset, path=resolved)
+    )

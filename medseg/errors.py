@@ -1,0 +1,13 @@
+"""The one exception type that the CLI turns into a one-line message and exit code 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class MedsegError(Exception):
+    """A problem the user can fix: bad file, bad key, wrong shapes. Message names the culprit."""
+
+    def __init__(self, message: str, path: str | Path | None = None) -> None:
+        self.path = None if path is None else Path(path)
+        super().__init__(f"{self.path}: {message}" if self.path is not None else message)

@@ -1,0 +1,256 @@
+"""Dataset fingerprint and the training plan derived from it (nnU-Net's experiment planning).
+
+fingerprint(dataset) -> Fingerprint; make_plan(fingerprint, plan_config) -> Plan; both are
+saved as JSON in the run folder so a person can read them and later stages reuse them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from tqdm import tqdm
+
+from medseg.config import PlanConfig
+from medseg.datasets import Dataset
+from medseg.errors import MedsegError
+from medseg.fileio import atomic_write_json
+from medseg.io import read_volume
+
+SAMPLES_PER_CASE = 10_000
+MAX_LEVELS = 6  # resolution levels of the U-Net, bottleneck included
+ANISOTROPY_RATIO = 3.0
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What the planner needs to know about a dataset; spacings and shapes in RAS axis order."""
+
+    spacings: list[list[float]]
+    shapes: list[list[int]]
+    intensity: list[dict[str, float]]  # per channel, over foreground voxels
+    class_voxels: dict[int, int]
+    modalities: list[str]
+    labels: dict[int, str]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything the transforms, the network and inference need; saved as plan.json."""
+
+    target_spacing: list[float]
+    patch_size: list[int]
+    batch_size: int
+    kernels: list[list[int]]
+    strides: list[list[int]]
+    filters: list[int]
+    deep_supervision: bool
+    in_channels: int
+    num_classes: int
+    labels: dict[int, str]
+    modalities: list[str]
+    normalization: list[dict]
+    median_shape: list[int]
+
+    def to_json(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["labels"] = {str(k): v for k, v in self.labels.items()}
+        return data
+
+    @staticmethod
+    def from_json(data: dict) -> Plan:
+        data = dict(data)
+        data["labels"] = {int(k): v for k, v in data["labels"].items()}
+        return Plan(**data)
+
+
+def fingerprint(dataset: Dataset, seed: int = 0) -> Fingerprint:
+    """Read every case once: spacing, shape, foreground intensities, class frequencies."""
+    rng = np.random.default_rng(seed)
+    spacings, shapes, class_voxels = [], [], {}
+    samples: list[list[np.ndarray]] = [[] for _ in dataset.modalities]
+    for case in tqdm(dataset.cases, desc="fingerprint", unit="case", leave=False):
+        label = read_volume(case.label, dtype=np.int64) if case.label else None
+        for channel, image_path in enumerate(case.images):
+            image = read_volume(image_path)
+            if label is not None:
+                _check_same_grid(image, label)
+            if channel == 0:
+                spacings.append(_ras_ordered(image.affine, image.spacing))
+                shapes.append(_ras_ordered(image.affine, image.spatial_shape))
+            values = image.data[label.data > 0] if label is not None else image.data.ravel()
+            if values.size:
+                take = min(SAMPLES_PER_CASE, values.size)
+                samples[channel].append(rng.choice(values, size=take, replace=False))
+        if label is not None:
+            _check_label_values(label, dataset.labels)
+            ids, counts = np.unique(label.data, return_counts=True)
+            for label_id, count in zip(ids.tolist(), counts.tolist(), strict=True):
+                class_voxels[label_id] = class_voxels.get(label_id, 0) + count
+    intensity = [_intensity_stats(np.concatenate(s) if s else np.zeros(1)) for s in samples]
+    labels = dataset.labels or {k: ("background" if k == 0 else f"label_{k}")
+                                for k in sorted(class_voxels)}
+    return Fingerprint(
+        spacings=[[float(v) for v in s] for s in spacings],
+        shapes=[[int(v) for v in s] for s in shapes],
+        intensity=intensity,
+        class_voxels={int(k): int(v) for k, v in sorted(class_voxels.items())},
+        modalities=list(dataset.modalities),
+        labels=labels,
+    )
+
+
+def make_plan(fp: Fingerprint, config: PlanConfig) -> Plan:
+    """Target spacing, patch size, network topology and normalization from a fingerprint."""
+    spacing = config.target_spacing or target_spacing(fp.spacings, fp.shapes)
+    spacing = [float(s) for s in spacing]
+    median_shape = _median_resampled_shape(fp.spacings, fp.shapes, spacing)
+    patch = config.patch_size or initial_patch_size(median_shape, spacing,
+                                                    config.max_patch_voxels)
+    kernels, strides = kernels_and_strides(patch, spacing)
+    patch = _divisible_patch(patch, strides) if config.patch_size is None else list(patch)
+    _check_patch(patch, strides)
+    filters = [min(config.base_filters * 2**i, config.max_filters) for i in range(len(strides))]
+    num_classes = max(max(fp.labels), max(fp.class_voxels, default=0)) + 1
+    return Plan(
+        target_spacing=spacing,
+        patch_size=[int(p) for p in patch],
+        batch_size=config.batch_size,
+        kernels=kernels,
+        strides=strides,
+        filters=filters,
+        deep_supervision=config.deep_supervision,
+        in_channels=len(fp.modalities),
+        num_classes=num_classes,
+        labels=dict(fp.labels),
+        modalities=list(fp.modalities),
+        normalization=[_normalization(m, s) for m, s in zip(fp.modalities, fp.intensity,
+                                                              strict=True)],
+        median_shape=median_shape,
+    )
+
+
+def target_spacing(spacings: list[list[float]], shapes: list[list[int]]) -> list[float]:
+    """Median spacing; for a strongly anisotropic axis, its 10th percentile (as nnU-Net)."""
+    spacing_array = np.asarray(spacings, dtype=float)
+    target = np.median(spacing_array, axis=0)
+    coarse = int(np.argmax(target))
+    others = [i for i in range(3) if i != coarse]
+    if target[coarse] > ANISOTROPY_RATIO * max(target[others]):
+        median_shape = np.median(np.asarray(shapes, dtype=float), axis=0)
+        if median_shape[coarse] * ANISOTROPY_RATIO < min(median_shape[others]):
+            target[coarse] = max(np.percentile(spacing_array[:, coarse], 10),
+                                 max(target[others]))
+    return [float(s) for s in target]
+
+
+def initial_patch_size(median_shape: list[int], spacing: list[float], budget: int) -> list[int]:
+    """Start from the median shape; shrink the physically longest axis until within budget."""
+    patch = [max(8, int(s)) for s in median_shape]
+    while math.prod(patch) > budget:
+        physical = [p * s for p, s in zip(patch, spacing, strict=True)]
+        axis = int(np.argmax(physical))
+        patch[axis] = max(8, int(patch[axis] * 0.9))
+    return patch
+
+
+def kernels_and_strides(patch: list[int], spacing: list[float]
+                        ) -> tuple[list[list[int]], list[list[int]]]:
+    """DynUNet topology as in MONAI's DynUNet tutorial: pool an axis while it is not coarser
+    than twice the finest and still has at least 8 voxels."""
+    sizes, spacings = [float(p) for p in patch], list(spacing)
+    kernels, strides = [], [[1, 1, 1]]
+    while len(strides) < MAX_LEVELS:
+        ratios = [s / min(spacings) for s in spacings]
+        stride = [2 if r <= 2 and size >= 8 else 1 for r, size in zip(ratios, sizes, strict=True)]
+        if all(s == 1 for s in stride):
+            break
+        kernels.append([3 if r <= 2 else 1 for r in ratios])
+        sizes = [size / s for size, s in zip(sizes, stride, strict=True)]
+        spacings = [sp * s for sp, s in zip(spacings, stride, strict=True)]
+        strides.append(stride)
+    kernels.append([3, 3, 3])
+    return kernels, strides
+
+
+def save_plan(plan: Plan, path: Path) -> None:
+    atomic_write_json(path, plan.to_json())
+
+
+def load_plan(path: Path) -> Plan:
+    if not path.is_file():
+        raise MedsegError("plan.json not found (is this a medseg run folder?)", path)
+    return Plan.from_json(json.loads(path.read_text()))
+
+
+def save_fingerprint(fp: Fingerprint, path: Path) -> None:
+    data = dataclasses.asdict(fp)
+    data["labels"] = {str(k): v for k, v in fp.labels.items()}
+    data["class_voxels"] = {str(k): v for k, v in fp.class_voxels.items()}
+    atomic_write_json(path, data)
+
+
+def _normalization(modality: str, stats: dict[str, float]) -> dict:
+    if modality == "CT":
+        return {"scheme": "ct", "clip": [stats["p00_5"], stats["p99_5"]],
+                "mean": stats["mean"], "std": stats["std"]}
+    return {"scheme": "zscore_nonzero"}
+
+
+def _intensity_stats(values: np.ndarray) -> dict[str, float]:
+    return {
+        "p00_5": float(np.percentile(values, 0.5)),
+        "p99_5": float(np.percentile(values, 99.5)),
+        "mean": float(values.mean()),
+        "std": float(max(values.std(), 1e-8)),
+    }
+
+
+def _ras_ordered(affine: np.ndarray, values: tuple) -> list:
+    """Reorder per-voxel-axis values (spacing, shape) into R, A, S order."""
+    order = nib.orientations.io_orientation(affine)[:, 0].astype(int)
+    ras = [None, None, None]
+    for voxel_axis, world_axis in enumerate(order):
+        ras[world_axis] = values[voxel_axis]
+    return ras
+
+
+def _median_resampled_shape(spacings, shapes, spacing) -> list[int]:
+    physical = np.asarray(spacings, dtype=float) * np.asarray(shapes, dtype=float)
+    return [int(round(v)) for v in np.median(physical, axis=0) / np.asarray(spacing)]
+
+
+def _divisible_patch(patch: list[int], strides: list[list[int]]) -> list[int]:
+    factors = np.prod(np.asarray(strides), axis=0)
+    return [int(math.ceil(p / f) * f) for p, f in zip(patch, factors, strict=True)]
+
+
+def _check_patch(patch: list[int], strides: list[list[int]]) -> None:
+    factors = np.prod(np.asarray(strides), axis=0)
+    bad = [int(f) for p, f in zip(patch, factors, strict=True) if p % f]
+    if bad:
+        good = _divisible_patch(patch, strides)
+        raise MedsegError(f"plan.patch_size {patch} must be divisible by the network's "
+                          f"down-sampling {[int(f) for f in factors]}; try {good}")
+
+
+def _check_same_grid(image, label) -> None:
+    if image.spatial_shape != label.spatial_shape:
+        raise MedsegError(f"image shape {image.spatial_shape} differs from label shape "
+                          f"{label.spatial_shape} ({label.path.name})", image.path)
+    if not np.allclose(image.affine, label.affine, atol=1e-3):
+        raise MedsegError(f"image and label affines differ ({label.path.name})", image.path)
+
+
+def _check_label_values(label, labels: dict[int, str]) -> None:
+    if not labels:
+        return
+    unknown = sorted(set(np.unique(label.data).tolist()) - set(labels))
+    if unknown:
+        raise MedsegError(f"label values {unknown} are not in the dataset's label map",
+                          label.path)

@@ -1,0 +1,157 @@
+"""Segment new volumes with a trained run: preprocess as the plan says, sliding window,
+average folds (and mirrored copies), back to the input grid, argmax, write NIfTI."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from medseg.config import PredictConfig
+from medseg.datasets import IMAGE_SUFFIXES, strip_image_suffix
+from medseg.errors import MedsegError
+from medseg.io import is_nifti, load_nifti, write_mask
+from medseg.model import create_model, load_weights
+from medseg.plan import Plan, load_plan
+from medseg.train import BEST_WEIGHTS, select_precision, sliding_window_logits
+from medseg.transforms import IMAGE, case_dict, preprocessing
+
+
+@dataclass(frozen=True)
+class Predictor:
+    """A plan and the fold networks that share it."""
+
+    plan: Plan
+    models: tuple[torch.nn.Module, ...]
+    folds: tuple[str, ...]
+    device: torch.device
+
+
+@dataclass(frozen=True)
+class PredictionResult:
+    input: Path
+    output: Path | None
+    seconds: float
+    error: str | None = None
+    skipped: bool = False
+
+
+def load_predictor(run_dir: str | Path, folds: list[int] | None = None,
+                   device: str | None = None) -> Predictor:
+    """Read plan.json and the best weights of the chosen folds (all trained folds by default)."""
+    run_dir = Path(run_dir)
+    plan = load_plan(run_dir / "plan.json")
+    fold_dirs = sorted(p for p in run_dir.glob("fold_*")
+                       if (p / "checkpoints" / BEST_WEIGHTS).is_file())
+    if folds is not None:
+        wanted = {f"fold_{k}" for k in folds}
+        missing = wanted - {p.name for p in fold_dirs}
+        if missing:
+            raise MedsegError(f"no trained weights for {', '.join(sorted(missing))}", run_dir)
+        fold_dirs = [p for p in fold_dirs if p.name in wanted]
+    if not fold_dirs:
+        raise MedsegError("no trained fold with checkpoints/best.safetensors", run_dir)
+    torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    models = []
+    for fold_dir in fold_dirs:
+        model = load_weights(create_model(plan), fold_dir / "checkpoints" / BEST_WEIGHTS)
+        models.append(model.to(torch_device).eval())
+    return Predictor(plan, tuple(models), tuple(p.name for p in fold_dirs), torch_device)
+
+
+def collect_inputs(inputs: list[str | Path]) -> list[Path]:
+    """Files as given, folders expanded to the volumes they hold (sorted)."""
+    paths: list[Path] = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = sorted(p for p in item.iterdir() if p.name.endswith(IMAGE_SUFFIXES))
+            if not found:
+                raise MedsegError("folder holds no image volumes", item)
+            paths.extend(found)
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise MedsegError("input not found", item)
+    return paths
+
+
+def output_name(path: Path) -> str:
+    """`case_0000.nii.gz` (nnU-Net channel 0) and `case.nii.gz` both give `case.nii.gz`."""
+    stem = strip_image_suffix(path.name)
+    if stem.endswith("_0000"):
+        stem = stem[: -len("_0000")]
+    return f"{stem}.nii.gz"
+
+
+def predict_volume(predictor: Predictor, path: Path, config: PredictConfig) -> torch.Tensor:
+    """Label map of one input volume, on the input's own voxel grid (uint8/int64 tensor)."""
+    from monai.transforms import Invertd
+
+    plan = predictor.plan
+    if plan.in_channels != 1:
+        raise MedsegError(f"the model expects {plan.in_channels} channels; multi-channel "
+                          f"prediction takes one file per channel (not yet supported)", path)
+    chain = preprocessing(plan, with_label=False)
+    data = chain(case_dict([path]))
+    image = data[IMAGE]
+    probabilities = _ensemble_probabilities(predictor, image.as_tensor()[None], config)
+    # Invert orientation and resampling on the class scores (not the labels), then argmax,
+    # as nnU-Net does; MONAI's Invertd replays the recorded transforms backwards.
+    inverted = Invertd(keys="pred", transform=chain, orig_keys=f"{IMAGE}_0",
+                       nearest_interp=False)({"pred": _with_meta(probabilities[0], image),
+                                              f"{IMAGE}_0": image})
+    return inverted["pred"].as_tensor().argmax(0)
+
+
+def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
+                  config: PredictConfig, overwrite: bool = False) -> list[PredictionResult]:
+    """Predict each input, writing `<case>.nii.gz` in output_dir; a failing case is reported
+    and the batch goes on."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for path in tqdm(inputs, desc="predict", unit="case", dynamic_ncols=True):
+        target = output_dir / output_name(path)
+        started = time.monotonic()
+        if target.exists() and not overwrite:
+            results.append(PredictionResult(path, target, 0.0, skipped=True))
+            continue
+        try:
+            if not is_nifti(path):
+                raise MedsegError("unsupported format (expected .nii or .nii.gz)", path)
+            load_nifti(path)  # header checks before any voxel is read
+            mask = predict_volume(predictor, path, config)
+            write_mask(mask.numpy(), path, target)
+            results.append(PredictionResult(path, target, time.monotonic() - started))
+        except MedsegError as exc:
+            tqdm.write(f"failed: {exc}")
+            results.append(PredictionResult(path, None, time.monotonic() - started, str(exc)))
+    return results
+
+
+def _ensemble_probabilities(predictor: Predictor, image: torch.Tensor,
+                            config: PredictConfig) -> torch.Tensor:
+    """Mean softmax over folds and, with TTA, over the 8 mirrored copies."""
+    flips = [()] + ([(2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)] if config.tta else [])
+    autocast_dtype = select_precision(config.precision, predictor.device)
+    total = None
+    with torch.no_grad():
+        for model in predictor.models:
+            for axes in flips:
+                flipped = torch.flip(image, axes) if axes else image
+                logits = sliding_window_logits(model, flipped, predictor.plan, config.step,
+                                               config.sw_batch_size, autocast_dtype,
+                                               predictor.device)
+                probabilities = torch.softmax(logits, dim=1)
+                probabilities = torch.flip(probabilities, axes) if axes else probabilities
+                total = probabilities if total is None else total + probabilities
+    return total / (len(predictor.models) * len(flips))
+
+
+def _with_meta(array: torch.Tensor, like):
+    from monai.data import MetaTensor
+
+    return MetaTensor(array, meta=dict(like.meta), applied_operations=list(
+        like.applied_operations))

@@ -1,0 +1,85 @@
+"""MONAI Compose chains built from a Plan: preprocessing (shared by training, validation and
+inference, so that inference inverts exactly what training saw) and training augmentation."""
+
+from __future__ import annotations
+
+import numpy as np
+from monai import transforms as mt
+
+from medseg.config import AugmentConfig
+from medseg.plan import Plan
+
+IMAGE = "image"
+LABEL = "label"
+
+
+def channel_keys(plan: Plan) -> list[str]:
+    return [f"{IMAGE}_{c}" for c in range(plan.in_channels)]
+
+
+def case_dict(images, label=None) -> dict:
+    """The dict a preprocessing chain takes: one key per image channel, plus the label."""
+    data = {f"{IMAGE}_{c}": str(path) for c, path in enumerate(images)}
+    if label is not None:
+        data[LABEL] = str(label)
+    return data
+
+
+def preprocessing(plan: Plan, with_label: bool) -> mt.Compose:
+    """Load, RAS orientation, resampling to the target spacing, per-channel normalization,
+    channels stacked into `image`."""
+    image_keys = channel_keys(plan)
+    all_keys = image_keys + ([LABEL] if with_label else [])
+    modes = ["bilinear"] * len(image_keys) + (["nearest"] if with_label else [])
+    steps: list = [
+        mt.LoadImaged(all_keys, reader="NibabelReader", image_only=True, dtype=np.float32),
+        mt.EnsureChannelFirstd(all_keys),
+        mt.Orientationd(all_keys, axcodes="RAS"),
+        mt.Spacingd(all_keys, pixdim=plan.target_spacing, mode=modes),
+    ]
+    steps += [_normalize(key, norm) for key, norm in zip(image_keys, plan.normalization,
+                                                         strict=True)]
+    steps.append(mt.ConcatItemsd(image_keys, IMAGE, dim=0))
+    steps.append(mt.DeleteItemsd(image_keys))
+    return mt.Compose(steps)
+
+
+def augmentation(plan: Plan, augment: AugmentConfig, foreground_fraction: float) -> mt.Compose:
+    """Random patch sampling with foreground oversampling, then spatial and intensity
+    augmentation; image and label are transformed together so they stay aligned."""
+    keys = [IMAGE, LABEL]
+    patch = plan.patch_size
+    classes = plan.num_classes
+    ratios = [1.0 - foreground_fraction] + [foreground_fraction / (classes - 1)] * (classes - 1)
+    radians = float(np.deg2rad(augment.rotate_degrees))
+    return mt.Compose([
+        mt.SpatialPadd(keys, spatial_size=patch),
+        mt.RandCropByLabelClassesd(keys, label_key=LABEL, spatial_size=patch, ratios=ratios,
+                                   num_classes=classes, num_samples=1, warn=False),
+        mt.RandAffined(keys, prob=max(augment.rotate_prob, augment.scale_prob),
+                       rotate_range=[radians] * 3 if augment.rotate_prob > 0 else None,
+                       scale_range=[augment.scale_range] * 3 if augment.scale_prob > 0 else None,
+                       mode=["bilinear", "nearest"], padding_mode="zeros",
+                       spatial_size=patch),
+        mt.RandFlipd(keys, prob=augment.flip_prob, spatial_axis=0),
+        mt.RandFlipd(keys, prob=augment.flip_prob, spatial_axis=1),
+        mt.RandFlipd(keys, prob=augment.flip_prob, spatial_axis=2),
+        mt.RandGaussianNoised(IMAGE, prob=augment.noise_prob, std=augment.noise_std),
+        mt.RandGaussianSmoothd(IMAGE, prob=augment.smooth_prob, sigma_x=(0.5, 1.0),
+                               sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
+        mt.RandScaleIntensityd(IMAGE, prob=augment.contrast_prob, factors=0.25),
+        mt.RandShiftIntensityd(IMAGE, prob=augment.intensity_shift_prob, offsets=0.1),
+        mt.RandAdjustContrastd(IMAGE, prob=augment.gamma_prob, gamma=(0.7, 1.5)),
+        mt.EnsureTyped(keys, track_meta=False),
+    ])
+
+
+def _normalize(key: str, norm: dict) -> mt.MapTransform:
+    if norm["scheme"] == "ct":
+        # clip to the foreground 0.5/99.5 percentiles, then z-score with the foreground
+        # mean and sd: one linear map with clipping
+        low, high = norm["clip"]
+        mean, std = norm["mean"], norm["std"]
+        return mt.ScaleIntensityRanged(key, a_min=low, a_max=high, b_min=(low - mean) / std,
+                                       b_max=(high - mean) / std, clip=True)
+    return mt.NormalizeIntensityd(key, nonzero=True)

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Create .venv (if needed) and install medseg into it, torch first.
+#
+# torch: a CPU build of 2.13.0 is installed unless the environment already has a torch
+# (a user with a GPU installs their CUDA build into .venv first, or sets MEDSEG_TORCH to
+# the pip requirement they want, e.g. MEDSEG_TORCH="torch==2.13.0" with their own index).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3}"
+VENV="${MEDSEG_VENV:-.venv}"
+TORCH_SPEC="${MEDSEG_TORCH:-torch==2.13.0}"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "setup: creating $VENV with $($PYTHON --version)"
+  "$PYTHON" -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+if "$PY" -c "import torch" 2>/dev/null; then
+  echo "setup: using the installed torch $("$PY" -c 'import torch; print(torch.__version__)')"
+else
+  echo "setup: installing $TORCH_SPEC"
+  "$PY" -m pip install --quiet "$TORCH_SPEC"
+fi
+echo "setup: installing medseg and its dependencies"
+"$PY" -m pip install --quiet -e ".[test]"

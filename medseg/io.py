@@ -55,6 +55,7 @@ def load_nifti(path: str | Path) -> nib.Nifti1Image:
     except Exception as exc:  # nibabel raises many types for broken headers
         raise MedsegError(f"not a readable NIfTI file ({exc})", path) from exc
     _check_header(image, path)
+    _check_raw_spacing(path)
     return image
 
 
@@ -90,6 +91,18 @@ def write_mask(mask: np.ndarray, reference: str | Path, path: str | Path) -> Pat
     with atomic_path(path) as tmp:
         nib.save(image, str(tmp))
     return Path(path)
+
+
+def _check_raw_spacing(path: Path) -> None:
+    """nibabel quietly turns a zero pixdim into 1 on load; a zero or NaN spacing in the
+    file is refused instead when the affine depends on it (no sform)."""
+    with nib.openers.ImageOpener(str(path)) as handle:
+        raw = nib.Nifti1Header.from_fileobj(handle, check=False)
+    if int(raw["sform_code"]) > 0:
+        return
+    pixdim = np.asarray(raw["pixdim"][1:4], dtype=float)
+    if not np.all(np.isfinite(pixdim)) or np.any(pixdim <= 0):
+        raise MedsegError(f"voxel spacing {pixdim.tolist()} is zero, negative or NaN", path)
 
 
 def _check_header(image: nib.Nifti1Image, path: Path) -> None:

@@ -79,14 +79,17 @@ def make_phantom(
 
 
 def write_phantom_dataset(
-    root: str | Path, n_train: int = 8, n_test: int = 4, seed: int = 0
+    root: str | Path, n_train: int = 8, n_test: int = 4, seed: int = 0,
+    shape: tuple[int, int, int] | None = None, spacing: tuple[float, float, float] | None = None,
 ) -> Path:
-    """Write an MSD-layout dataset (dataset.json, imagesTr, labelsTr, imagesTs, labelsTs)."""
+    """Write an MSD-layout dataset (dataset.json, imagesTr, labelsTr, imagesTs, labelsTs).
+
+    `shape` and `spacing` fix every case's grid (the tests use small, coarse volumes)."""
     root = Path(root)
     training, test = [], []
     for index in range(n_train + n_test):
         case = f"phantom_{index:03d}"
-        phantom = make_phantom(seed * 1000 + index)
+        phantom = make_phantom(seed * 1000 + index, shape=shape, spacing=spacing)
         is_train = index < n_train
         image_dir, label_dir = ("imagesTr", "labelsTr") if is_train else ("imagesTs", "labelsTs")
         image_path = root / image_dir / f"{case}.nii.gz"

@@ -3,6 +3,9 @@ inference, so that inference inverts exactly what training saw) and training aug
 
 from __future__ import annotations
 
+import logging
+import warnings
+
 import numpy as np
 from monai import transforms as mt
 
@@ -11,6 +14,11 @@ from medseg.plan import Plan
 
 IMAGE = "image"
 LABEL = "label"
+
+# LoadImaged instantiates every reader MONAI knows, and its GPU DICOM reader complains on
+# machines without nvImageCodec, once per case; medseg never uses that reader.
+logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
 
 
 def channel_keys(plan: Plan) -> list[str]:
@@ -34,7 +42,7 @@ def preprocessing(plan: Plan, with_label: bool) -> mt.Compose:
     steps: list = [
         mt.LoadImaged(all_keys, reader="NibabelReader", image_only=True, dtype=np.float32),
         mt.EnsureChannelFirstd(all_keys),
-        mt.Orientationd(all_keys, axcodes="RAS"),
+        mt.Orientationd(all_keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         mt.Spacingd(all_keys, pixdim=plan.target_spacing, mode=modes),
     ]
     steps += [_normalize(key, norm) for key, norm in zip(image_keys, plan.normalization,

@@ -1,0 +1,32 @@
+"""Shared fixtures: small synthetic datasets with fixed seeds, and one tiny trained run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import REPO, SMALL_SHAPE, SMALL_SPACING, TINY_TRAINING, as_sets
+
+from medseg.phantoms import write_phantom_dataset
+
+
+@pytest.fixture(scope="session")
+def phantom_dataset(tmp_path_factory) -> Path:
+    """An MSD-layout phantom dataset: 6 training and 2 test cases (with labelsTs)."""
+    root = tmp_path_factory.mktemp("phantoms")
+    write_phantom_dataset(root, n_train=6, n_test=2, seed=1, shape=SMALL_SHAPE,
+                          spacing=SMALL_SPACING)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, phantom_dataset) -> Path:
+    """A run folder trained for a few iterations (enough to test the plumbing)."""
+    from medseg.cli import main
+
+    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
+    code = main(["train", str(REPO / "workflows" / "demo.yaml"), "--out", str(run_dir),
+                 "--set", f"dataset.path={phantom_dataset}", *as_sets(TINY_TRAINING)])
+    assert code == 0
+    return run_dir
+

@@ -1,0 +1,40 @@
+"""Constants and helpers shared by the tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+# a coarse grid keeps every test volume at 32 x 32 x 24 voxels
+SMALL_SHAPE = (32, 32, 24)
+SMALL_SPACING = (4.0, 4.0, 8.0)
+
+TINY_TRAINING = [
+    "plan.patch_size=[32,32,16]",
+    "plan.batch_size=2",
+    "plan.base_filters=4",
+    "plan.max_filters=16",
+    "train.epochs=2",
+    "train.iterations_per_epoch=3",
+    "train.val_every=1",
+    "train.num_workers=0",
+    "train.optimizer=adamw",
+    "train.learning_rate=0.003",
+]
+
+
+def as_sets(overrides: list[str]) -> list[str]:
+    """['a=1', 'b=2'] -> ['--set', 'a=1', '--set', 'b=2']"""
+    return [arg for item in overrides for arg in ("--set", item)]
+
+
+def requires_shared(*parts: str) -> Path:
+    """Path under ../shared/data, or skip the test with the reason."""
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real data not available: {path} is absent")
+    return path

@@ -1,0 +1,67 @@
+import subprocess
+import sys
+
+import pytest
+from helpers import REPO
+
+from medseg.cli import main
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "medseg.cli", *args], capture_output=True,
+                          text=True, cwd=REPO, timeout=120)
+
+
+def test_help_is_fast_and_lists_the_verbs():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for verb in ("demo", "train", "predict", "evaluate"):
+        assert verb in result.stdout
+
+
+def test_unknown_workflow_key_is_one_line_exit_2(tmp_path):
+    workflow = tmp_path / "wf.yaml"
+    workflow.write_text("dataset:\n  path: x\ntrain:\n  epoch: 3\n")
+    result = run_cli("train", str(workflow), "--out", str(tmp_path / "run"))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "wf.yaml" in lines[0] and "'train.epoch'" in lines[0]
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = run_cli("train", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "r"),
+                     "--debug")
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_missing_dataset_folder(tmp_path, capsys):
+    code = main(["train", str(REPO / "workflows" / "demo.yaml"), "--out", str(tmp_path / "r"),
+                 "--set", f"dataset.path={tmp_path / 'nowhere'}"])
+    err = capsys.readouterr().err
+    assert code == 2 and "nowhere: dataset folder not found" in err
+
+
+def test_existing_run_is_not_overwritten(trained_run, capsys):
+    code = main(["train", str(REPO / "workflows" / "demo.yaml"), "--out", str(trained_run),
+                 "--set", "dataset.path=/x"])
+    assert code == 2
+    assert "run folder exists" in capsys.readouterr().err
+    assert (trained_run / "plan.json").is_file()
+
+
+def test_bad_fold(tmp_path, phantom_dataset, capsys):
+    code = main(["train", str(REPO / "workflows" / "demo.yaml"), "--out", str(tmp_path / "r"),
+                 "--set", f"dataset.path={phantom_dataset}", "--fold", "9"])
+    assert code == 2 and "--fold 9 is outside 0..4" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["predict", "--model", "/nonexistent", "--input", "/nonexistent.nii.gz", "--output",
+      "/tmp/x"], "input not found"),
+    (["evaluate", "--pred", "/nonexistent", "--ref", "/nonexistent"], "folder not found"),
+])
+def test_predict_and_evaluate_errors(args, message, capsys):
+    assert main(args) == 2
+    assert message in capsys.readouterr().err

@@ -1,0 +1,73 @@
+import json
+
+import pytest
+
+from medseg.datasets import label_names_from_json, load_dataset, make_splits
+from medseg.errors import MedsegError
+from medseg.phantoms import write_phantom_dataset
+
+
+def test_msd_dataset(phantom_dataset):
+    dataset = load_dataset(phantom_dataset)
+    assert len(dataset.cases) == 6
+    assert dataset.labels == {0: "background", 1: "liver", 2: "kidney", 3: "spine"}
+    assert dataset.modalities == ("CT",)
+    assert dataset.cases[0].name == "phantom_000"
+
+
+def test_missing_listed_file_names_it(tmp_path):
+    write_phantom_dataset(tmp_path, n_train=2, n_test=0, shape=(16, 16, 8))
+    (tmp_path / "labelsTr" / "phantom_001.nii.gz").unlink()
+    with pytest.raises(MedsegError, match="dataset.json: listed in dataset.json but missing"):
+        load_dataset(tmp_path)
+
+
+def test_nnunet_layout(tmp_path):
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    for case in ("a", "b"):
+        for channel in (0, 1):
+            (tmp_path / "imagesTr" / f"{case}_{channel:04d}.nii.gz").write_bytes(b"x")
+        (tmp_path / "labelsTr" / f"{case}.nii.gz").write_bytes(b"x")
+    (tmp_path / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "T1", "1": "CT"}, "labels": {"background": 0, "tumor": 1},
+        "numTraining": 2, "file_ending": ".nii.gz"}))
+    dataset = load_dataset(tmp_path)
+    assert [c.name for c in dataset.cases] == ["a", "b"]
+    assert len(dataset.cases[0].images) == 2
+    assert dataset.modalities == ("MR", "CT")
+    assert dataset.labels == {0: "background", 1: "tumor"}
+
+
+def test_folder_pairs_need_matching_labels(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "images" / "x.nii.gz").write_bytes(b"x")
+    with pytest.raises(MedsegError, match="x.nii.gz: no label with the same name"):
+        load_dataset(tmp_path)
+
+
+def test_no_dataset_description(tmp_path):
+    with pytest.raises(MedsegError, match="no dataset.json"):
+        load_dataset(tmp_path)
+
+
+def test_splits_are_seeded_disjoint_and_cover_everything():
+    names = [f"case_{i}" for i in range(23)]
+    splits = make_splits(names, 5, seed=0)
+    assert splits == make_splits(list(reversed(names)), 5, seed=0)
+    assert splits != make_splits(names, 5, seed=1)
+    vals = [name for split in splits for name in split["val"]]
+    assert sorted(vals) == sorted(names)
+    for split in splits:
+        assert not set(split["train"]) & set(split["val"])
+        assert len(split["train"]) + len(split["val"]) == 23
+
+
+def test_label_names_both_styles(tmp_path):
+    msd = tmp_path / "msd.json"
+    msd.write_text(json.dumps({"labels": {"0": "background", "1": "Anterior"}}))
+    nnunet = tmp_path / "nnunet.json"
+    nnunet.write_text(json.dumps({"labels": {"background": 0, "Anterior": 1}}))
+    assert label_names_from_json(msd) == label_names_from_json(nnunet) == {
+        0: "background", 1: "Anterior"}

@@ -1,0 +1,64 @@
+"""Train -> predict -> evaluate through the CLI on phantoms, and the demo's wiring."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import yaml
+from helpers import TINY_TRAINING, as_sets
+
+from medseg.cli import main
+
+
+def test_run_folder_contents(trained_run):
+    for name in ("workflow.yaml", "plan.json", "splits.json", "fingerprint.json",
+                 "fold_0/metrics.jsonl", "fold_0/checkpoints/best.safetensors",
+                 "fold_0/checkpoints/last.safetensors", "fold_0/checkpoints/last_state.pt"):
+        assert (trained_run / name).is_file(), name
+    assert list((trained_run / "fold_0" / "tensorboard").iterdir())
+    splits = json.loads((trained_run / "splits.json").read_text())
+    assert len(splits) == 5
+    records = [json.loads(line) for line in
+               (trained_run / "fold_0" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert set(records[-1]["val_dice"]) == {"liver", "kidney", "spine"}
+    saved = yaml.safe_load((trained_run / "workflow.yaml").read_text())
+    assert saved["train"]["epochs"] == 2  # the resolved workflow, overrides applied
+
+
+def test_train_predict_evaluate(trained_run, phantom_dataset, tmp_path, capsys):
+    code = main(["predict", "--model", str(trained_run), "--input",
+                 str(phantom_dataset / "imagesTs"), "--output", str(tmp_path / "pred")])
+    assert code == 0
+    for image in (phantom_dataset / "imagesTs").iterdir():
+        mask = nib.load(tmp_path / "pred" / image.name)
+        source = nib.load(image)
+        assert mask.shape == source.shape
+        np.testing.assert_allclose(mask.affine, source.affine, atol=1e-5)
+    code = main(["evaluate", "--pred", str(tmp_path / "pred"), "--ref",
+                 str(phantom_dataset / "labelsTs"), "--labels",
+                 str(phantom_dataset / "dataset.json"), "--out", str(tmp_path / "eval")])
+    assert code == 0
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert set(summary["structures"]) == {"liver", "kidney", "spine"}
+    assert summary["structures"]["liver"]["dice"]["n"] == 2
+    assert "liver" in capsys.readouterr().out
+
+
+def test_demo_wiring_with_a_short_schedule(tmp_path, capsys):
+    out = tmp_path / "demo"
+    short = [item for item in TINY_TRAINING if not item.startswith("plan.patch_size")]
+    code = main(["demo", "--out", str(out), *as_sets(short),
+                 "--set", "plan.max_patch_voxels=32768"])
+    assert code == 0
+    assert len(list((out / "predictions").iterdir())) == 4
+    assert (out / "evaluation" / "summary.json").is_file()
+    assert "demo finished" in capsys.readouterr().out
+    # a second run replaces the demo's own folder, and nothing else
+    assert main(["demo", "--out", str(out), *as_sets(short),
+                 "--set", "plan.max_patch_voxels=32768"]) == 0
+    stranger = tmp_path / "mine"
+    stranger.mkdir()
+    (stranger / "notes.txt").write_text("keep")
+    assert main(["demo", "--out", str(stranger)]) == 2
+    assert (stranger / "notes.txt").read_text() == "keep"

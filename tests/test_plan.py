@@ -1,0 +1,108 @@
+import numpy as np
+import pytest
+
+from medseg.config import PlanConfig
+from medseg.datasets import load_dataset
+from medseg.errors import MedsegError
+from medseg.plan import (
+    Fingerprint,
+    Plan,
+    fingerprint,
+    kernels_and_strides,
+    make_plan,
+    target_spacing,
+)
+
+
+def synthetic_fingerprint(spacings, shapes, modality="MR") -> Fingerprint:
+    return Fingerprint(
+        spacings=spacings, shapes=shapes,
+        intensity=[{"p00_5": -100.0, "p99_5": 300.0, "mean": 80.0, "std": 50.0}],
+        class_voxels={0: 1000, 1: 100, 2: 50}, modalities=[modality],
+        labels={0: "background", 1: "a", 2: "b"},
+    )
+
+
+def test_isotropic_plan_matches_nnunet_hippocampus():
+    fp = synthetic_fingerprint([[1.0, 1.0, 1.0]] * 5, [[36, 50, 35]] * 5)
+    plan = make_plan(fp, PlanConfig(max_patch_voxels=89600))
+    assert plan.target_spacing == [1.0, 1.0, 1.0]
+    assert plan.patch_size == [40, 56, 40]
+    assert plan.num_classes == 3
+    assert plan.normalization == [{"scheme": "zscore_nonzero"}]
+    factors = np.prod(plan.strides, axis=0)
+    assert all(p % f == 0 for p, f in zip(plan.patch_size, factors, strict=True))
+
+
+def test_anisotropic_axis_gets_the_10th_percentile_and_no_early_pooling():
+    spacings = [[0.8, 0.8, s] for s in (3.0, 4.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0, 5.0)]
+    shapes = [[512, 512, 40]] * 10
+    assert target_spacing(spacings, shapes)[2] == pytest.approx(np.percentile(
+        [s[2] for s in spacings], 10))
+    kernels, strides = kernels_and_strides([160, 160, 24], [0.8, 0.8, 5.0])
+    assert strides[1] == [2, 2, 1]  # the coarse axis is not pooled at first
+    assert kernels[0] == [3, 3, 1]  # nor convolved across
+
+
+def test_ct_normalization_uses_foreground_statistics():
+    fp = synthetic_fingerprint([[1.0, 1.0, 2.0]] * 3, [[64, 64, 32]] * 3, modality="CT")
+    plan = make_plan(fp, PlanConfig())
+    assert plan.normalization == [{"scheme": "ct", "clip": [-100.0, 300.0], "mean": 80.0,
+                                   "std": 50.0}]
+
+
+def test_workflow_overrides_win():
+    fp = synthetic_fingerprint([[1.0, 1.0, 1.0]] * 3, [[64, 64, 64]] * 3)
+    plan = make_plan(fp, PlanConfig(target_spacing=[2.0, 2.0, 2.0], patch_size=[32, 32, 32],
+                                    batch_size=4))
+    assert plan.target_spacing == [2.0, 2.0, 2.0]
+    assert plan.patch_size == [32, 32, 32]
+    assert plan.batch_size == 4
+
+
+def test_indivisible_patch_is_refused_with_a_suggestion():
+    fp = synthetic_fingerprint([[1.0, 1.0, 1.0]] * 3, [[64, 64, 64]] * 3)
+    with pytest.raises(MedsegError, match=r"try \[40, 40, 40\]"):
+        make_plan(fp, PlanConfig(patch_size=[33, 33, 33]))
+
+
+def test_plan_json_round_trip():
+    fp = synthetic_fingerprint([[1.0, 1.0, 1.0]] * 3, [[40, 40, 40]] * 3)
+    plan = make_plan(fp, PlanConfig())
+    assert Plan.from_json(plan.to_json()) == plan
+
+
+def test_fingerprint_of_phantoms(phantom_dataset):
+    fp = fingerprint(load_dataset(phantom_dataset))
+    assert len(fp.spacings) == 6
+    assert fp.spacings[0] == pytest.approx([4.0, 4.0, 8.0])  # RAS order after any flips
+    assert set(fp.class_voxels) == {0, 1, 2, 3}
+    stats = fp.intensity[0]
+    assert -200 < stats["mean"] < 400 and stats["p00_5"] < stats["p99_5"]
+
+
+def test_fingerprint_refuses_unknown_label_values(tmp_path):
+    import nibabel as nib
+
+    from medseg.phantoms import write_phantom_dataset
+
+    write_phantom_dataset(tmp_path, n_train=2, n_test=0, shape=(16, 16, 8))
+    label_path = tmp_path / "labelsTr" / "phantom_001.nii.gz"
+    label = nib.load(label_path)
+    data = np.asarray(label.dataobj).copy()
+    data[0, 0, 0] = 9
+    nib.save(nib.Nifti1Image(data, label.affine), label_path)
+    with pytest.raises(MedsegError, match=r"phantom_001.nii.gz: label values \[9\]"):
+        fingerprint(load_dataset(tmp_path))
+
+
+def test_fingerprint_refuses_shape_mismatch(tmp_path):
+    import nibabel as nib
+
+    from medseg.phantoms import write_phantom_dataset
+
+    write_phantom_dataset(tmp_path, n_train=2, n_test=0, shape=(16, 16, 8))
+    label_path = tmp_path / "labelsTr" / "phantom_000.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 9), np.uint8), np.eye(4)), label_path)
+    with pytest.raises(MedsegError, match="image shape .* differs from label shape"):
+        fingerprint(load_dataset(tmp_path))

@@ -1,0 +1,102 @@
+import nibabel as nib
+import numpy as np
+import pytest
+from helpers import SMALL_SHAPE, SMALL_SPACING
+
+from medseg.config import PredictConfig
+from medseg.errors import MedsegError
+from medseg.phantoms import make_phantom
+from medseg.predict import collect_inputs, load_predictor, output_name, predict_paths
+
+
+def lps_oblique(spacing) -> np.ndarray:
+    angle = np.deg2rad(20)
+    rotation = np.array([[1, 0, 0], [0, np.cos(angle), -np.sin(angle)],
+                         [0, np.sin(angle), np.cos(angle)]])
+    affine = np.eye(4)
+    affine[:3, :3] = np.diag([-1.0, -1.0, 1.0]) @ rotation @ np.diag(spacing)
+    affine[:3, 3] = [40.0, 60.0, -80.0]
+    return affine
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    """The same phantom stored three ways: LPS oblique, RAS, and permuted anisotropic."""
+    folder = tmp_path_factory.mktemp("inputs")
+    phantom = make_phantom(11, shape=SMALL_SHAPE, spacing=SMALL_SPACING)
+    variants = {
+        "lps_oblique": (phantom.image, lps_oblique(SMALL_SPACING), 1, 1),
+        "ras_qform_only": (phantom.image, np.diag([*SMALL_SPACING, 1.0]), 1, 0),
+        "permuted": (np.transpose(phantom.image, (2, 0, 1)),
+                     np.array([[0, 4.0, 0, 0], [0, 0, 4.0, 0], [8.0, 0, 0, 0], [0, 0, 0, 1]]),
+                     2, 2),
+    }
+    for name, (data, affine, qcode, scode) in variants.items():
+        image = nib.Nifti1Image(data.astype(np.int16), affine)
+        image.set_qform(affine, code=qcode)
+        image.set_sform(affine, code=scode)
+        nib.save(image, folder / f"{name}.nii.gz")
+    return folder
+
+
+def test_masks_lie_exactly_on_their_inputs(trained_run, inputs, tmp_path):
+    predictor = load_predictor(trained_run)
+    paths = collect_inputs([inputs])
+    results = predict_paths(predictor, paths, tmp_path, PredictConfig(step=0.5))
+    assert all(r.error is None for r in results)
+    for path in paths:
+        source = nib.load(path)
+        mask = nib.load(tmp_path / output_name(path))
+        assert mask.shape == source.shape
+        np.testing.assert_allclose(mask.affine, source.affine, atol=1e-5)
+        for code in ("qform_code", "sform_code"):
+            assert int(mask.header[code]) == int(source.header[code])
+        np.testing.assert_allclose(mask.header.get_qform(), source.header.get_qform(),
+                                   atol=1e-5)
+        assert mask.get_data_dtype() == np.uint8
+        assert set(np.unique(np.asarray(mask.dataobj))) <= {0, 1, 2, 3}
+
+
+def test_orientation_is_undone_exactly(trained_run, inputs, tmp_path):
+    """The permuted copy holds the same voxels as the RAS copy: masks must agree voxel for
+    voxel once the permutation is undone."""
+    predictor = load_predictor(trained_run)
+    paths = [inputs / "ras_qform_only.nii.gz", inputs / "permuted.nii.gz"]
+    predict_paths(predictor, paths, tmp_path, PredictConfig())
+    ras = np.asarray(nib.load(tmp_path / "ras_qform_only.nii.gz").dataobj)
+    permuted = np.asarray(nib.load(tmp_path / "permuted.nii.gz").dataobj)
+    back = np.transpose(permuted, (1, 2, 0))
+    assert back.shape == ras.shape
+    assert (back == ras).mean() > 0.99
+
+
+def test_existing_outputs_are_skipped_and_failures_reported(trained_run, inputs, tmp_path):
+    predictor = load_predictor(trained_run)
+    broken = tmp_path / "in" / "broken.nii.gz"
+    broken.parent.mkdir()
+    broken.write_bytes(b"not a nifti")
+    paths = [inputs / "ras_qform_only.nii.gz", broken]
+    out = tmp_path / "out"
+    first = predict_paths(predictor, paths, out, PredictConfig())
+    assert first[0].error is None and "broken.nii.gz" in first[1].error
+    assert sorted(p.name for p in out.iterdir()) == ["ras_qform_only.nii.gz"]
+    second = predict_paths(predictor, paths, out, PredictConfig())
+    assert second[0].skipped
+
+
+def test_tta_and_output_names(trained_run, inputs, tmp_path):
+    predictor = load_predictor(trained_run)
+    results = predict_paths(predictor, [inputs / "ras_qform_only.nii.gz"], tmp_path,
+                            PredictConfig(tta=True, step=0.75))
+    assert results[0].error is None
+    assert output_name(inputs / "case_0000.nii.gz") == "case.nii.gz"
+    assert output_name(inputs / "case.nii") == "case.nii.gz"
+
+
+def test_model_folder_errors(tmp_path, trained_run):
+    with pytest.raises(MedsegError, match="plan.json not found"):
+        load_predictor(tmp_path)
+    with pytest.raises(MedsegError, match="no trained weights for fold_3"):
+        load_predictor(trained_run, folds=[3])
+    with pytest.raises(MedsegError, match="input not found"):
+        collect_inputs([tmp_path / "nope.nii.gz"])

@@ -89,7 +89,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     results = _predict(Path(args.model), args.input, Path(args.output), folds=folds,
                        overwrite=args.overwrite, tta=args.tta, step=args.step,
                        device=args.device)
-    return 1 if any(r.error for r in results) else 0
+    failed = sum(1 for r in results if r.error)
+    if failed and failed == len(results):
+        return EXIT_USER_ERROR  # nothing could be done with the inputs given
+    return 1 if failed else 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -110,7 +113,7 @@ def _train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool) -> li
     from medseg.plan import fingerprint, make_plan, save_fingerprint, save_plan
     from medseg.train import train_fold
 
-    _claim_run_folder(run_dir, overwrite)
+    _check_run_folder(run_dir, overwrite)
     ds = workflow.dataset
     dataset = load_dataset(ds.path, ds.layout, ds.modality, ds.labels)
     print(f"dataset: {len(dataset.cases)} cases, labels {dataset.labels}, "
@@ -121,6 +124,7 @@ def _train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool) -> li
           f"{plan.batch_size}, {len(plan.strides)} levels, filters {plan.filters}")
     splits = make_splits([c.name for c in dataset.cases], workflow.train.folds,
                          workflow.train.seed)
+    _replace_run_folder(run_dir)  # only now that the dataset has been read without error
     save_workflow(workflow, run_dir / "workflow.yaml")
     save_fingerprint(fp, run_dir / "fingerprint.json")
     save_plan(plan, run_dir / "plan.json")
@@ -149,8 +153,6 @@ def _predict(model: Path, inputs: list[str], output: Path, folds, overwrite: boo
     print(f"predicted {len(done)} of {len(paths)} cases with {', '.join(predictor.folds)} in "
           f"{time.monotonic() - started:.1f} s; skipped {len(skipped)} existing "
           f"(--overwrite to redo); failed {len(failed)}")
-    for result in failed:
-        print(f"  failed: {result.error}", file=sys.stderr)
     return results
 
 
@@ -186,7 +188,9 @@ def _demo_workflow_path() -> Path:
     return path
 
 
-def _claim_run_folder(run_dir: Path, overwrite: bool) -> None:
+def _check_run_folder(run_dir: Path, overwrite: bool) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise MedsegError("run folder path is a file", run_dir)
     if run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
             raise MedsegError("run folder exists and is not empty; pass --overwrite to "
@@ -194,8 +198,12 @@ def _claim_run_folder(run_dir: Path, overwrite: bool) -> None:
         if not (run_dir / "plan.json").exists():
             raise MedsegError("refusing to overwrite a folder that is not a medseg run",
                               run_dir)
+
+
+def _replace_run_folder(run_dir: Path) -> None:
+    if run_dir.exists():
         shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir.mkdir(parents=True)
 
 
 def _claim_demo_folder(out: Path) -> None:

@@ -3,6 +3,7 @@ average folds (and mirrored copies), back to the input grid, argmax, write NIfTI
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,7 +127,7 @@ def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
             write_mask(mask.numpy(), path, target)
             results.append(PredictionResult(path, target, time.monotonic() - started))
         except MedsegError as exc:
-            tqdm.write(f"failed: {exc}")
+            tqdm.write(f"medseg: error: {exc}", file=sys.stderr)
             results.append(PredictionResult(path, None, time.monotonic() - started, str(exc)))
     return results
 

@@ -14,6 +14,8 @@ from medseg.plan import Plan
 
 IMAGE = "image"
 LABEL = "label"
+INDICES_POSTFIX = "_class_indices"
+SAMPLES_PER_CLASS = 20_000  # patch centres kept per class and case, as nnU-Net's 10k
 
 # LoadImaged instantiates every reader MONAI knows, and its GPU DICOM reader complains on
 # machines without nvImageCodec, once per case; medseg never uses that reader.
@@ -62,8 +64,14 @@ def augmentation(plan: Plan, augment: AugmentConfig, foreground_fraction: float)
     radians = float(np.deg2rad(augment.rotate_degrees))
     return mt.Compose([
         mt.SpatialPadd(keys, spatial_size=patch),
+        # voxel locations of each class, found once per case (this step is still
+        # deterministic, so CacheDataset keeps it) instead of once per patch
+        mt.ClassesToIndicesd(LABEL, num_classes=classes, indices_postfix=INDICES_POSTFIX,
+                             max_samples_per_class=SAMPLES_PER_CLASS),
         mt.RandCropByLabelClassesd(keys, label_key=LABEL, spatial_size=patch, ratios=ratios,
-                                   num_classes=classes, num_samples=1, warn=False),
+                                   num_classes=classes, num_samples=1, warn=False,
+                                   indices_key=LABEL + INDICES_POSTFIX),
+        mt.DeleteItemsd(LABEL + INDICES_POSTFIX),
         mt.RandAffined(keys, prob=max(augment.rotate_prob, augment.scale_prob),
                        rotate_range=[radians] * 3 if augment.rotate_prob > 0 else None,
                        scale_range=[augment.scale_range] * 3 if augment.scale_prob > 0 else None,

@@ -65,3 +65,27 @@ def test_bad_fold(tmp_path, phantom_dataset, capsys):
 def test_predict_and_evaluate_errors(args, message, capsys):
     assert main(args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_failed_training_setup_leaves_no_run_folder(tmp_path, phantom_dataset, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dataset, data)
+    (data / "imagesTr" / "phantom_003.nii.gz").write_bytes(b"garbage")
+    code = main(["train", str(REPO / "workflows" / "demo.yaml"), "--out", str(tmp_path / "r"),
+                 "--set", f"dataset.path={data}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("medseg: error:") and "phantom_003.nii.gz" in err[-1]
+    assert not (tmp_path / "r").exists()
+
+
+def test_predict_of_one_unreadable_volume_exits_2(trained_run, tmp_path, capsys):
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"\x1f\x8b truncated")
+    code = main(["predict", "--model", str(trained_run), "--input", str(bad), "--output",
+                 str(tmp_path / "out")])
+    assert code == 2
+    assert "bad.nii.gz" in capsys.readouterr().err
+    assert not any((tmp_path / "out").iterdir())

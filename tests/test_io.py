@@ -91,3 +91,23 @@ def test_4d_volume_refused(tmp_path):
     path = save(tmp_path / "4d.nii.gz", np.zeros((4, 4, 4, 2), np.float32), np.eye(4))
     with pytest.raises(MedsegError, match="expected a 3D volume"):
         read_volume(path)
+
+
+def test_atomic_outputs_get_the_usual_permissions(tmp_path):
+    import os
+
+    from medseg.fileio import atomic_write_text
+
+    atomic_write_text(tmp_path / "a.txt", "x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+def test_failed_atomic_write_leaves_nothing(tmp_path):
+    from medseg.fileio import atomic_path
+
+    with pytest.raises(RuntimeError), atomic_path(tmp_path / "out.nii.gz") as tmp:
+        tmp.write_bytes(b"half")
+        raise RuntimeError("killed")
+    assert list(tmp_path.iterdir()) == []

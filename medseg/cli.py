@@ -1,4 +1,6 @@
-"""The verbs: demo, train, predict, evaluate. Only this module wires the stages together.
+"""The verbs: demo, train, predict, evaluate, check, convert.
+
+Only this module wires the stages together.
 
 Heavy imports (torch, MONAI) stay inside the commands so that `--help` is instant.
 """
@@ -10,6 +12,7 @@ import json
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from medseg.errors import MedsegError
@@ -60,10 +63,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _train_run(workflow, run_dir, folds=[workflow.train.fold], overwrite=True)
     print(f"[3/4] segmenting the 4 held-out phantoms into {out / 'predictions'}")
     results = _predict(run_dir, [str(out / "data" / "imagesTs")], out / "predictions",
-                       folds=None, overwrite=True, tta=False, step=None, device=None)
+                       _PredictOptions(overwrite=True))
     print(f"[4/4] scoring against {out / 'data' / 'labelsTs'}")
     summary = _evaluate(out / "predictions", out / "data" / "labelsTs",
                         out / "data" / "dataset.json", out / "evaluation")
+    print(f"report: {out / 'evaluation' / 'report.html'}")
     minutes = (time.monotonic() - started) / 60
     print(f"demo finished in {minutes:.1f} min; run folder {run_dir} "
           f"(use it as --model for medseg predict)")
@@ -86,9 +90,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     folds = [int(f) for f in args.folds.split(",")] if args.folds else None
-    results = _predict(Path(args.model), args.input, Path(args.output), folds=folds,
-                       overwrite=args.overwrite, tta=args.tta, step=args.step,
-                       device=args.device)
+    options = _PredictOptions(folds=folds, overwrite=args.overwrite, tta=args.tta,
+                              step=args.step, device=args.device, series_uid=args.series,
+                              resample_irregular=args.resample_irregular)
+    results = _predict(Path(args.model), args.input, Path(args.output), options)
     failed = sum(1 for r in results if r.error)
     if failed and failed == len(results):
         return EXIT_USER_ERROR  # nothing could be done with the inputs given
@@ -98,8 +103,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     summary = _evaluate(Path(args.pred), Path(args.ref),
                         Path(args.labels) if args.labels else None,
-                        Path(args.out) if args.out else None)
+                        Path(args.out) if args.out else None, tolerance_mm=args.tolerance_mm,
+                        jobs=args.jobs, resample=args.resample)
     return 1 if summary["failed_cases"] else 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from medseg.check import check_dataset
+
+    report = check_dataset(Path(args.dataset), args.layout)
+    print(report.format_table())
+    return report.exit_code
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from medseg.io import convert_volume
+
+    written = convert_volume(Path(args.input), Path(args.output), args.series,
+                             args.resample_irregular)
+    print(f"wrote {written}")
+    return 0
 
 
 # ---------------------------------------------------------------- wiring
@@ -133,20 +156,33 @@ def _train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool) -> li
             for k in folds]
 
 
-def _predict(model: Path, inputs: list[str], output: Path, folds, overwrite: bool, tta: bool,
-             step: float | None, device: str | None) -> list:
+@dataclass(frozen=True)
+class _PredictOptions:
+    folds: list[int] | None = None
+    overwrite: bool = False
+    tta: bool = False
+    step: float | None = None
+    device: str | None = None
+    series_uid: str | None = None
+    resample_irregular: bool = False
+
+
+def _predict(model: Path, inputs: list[str], output: Path, options: _PredictOptions) -> list:
     import dataclasses
 
     from medseg.config import load_workflow
     from medseg.predict import collect_inputs, load_predictor, predict_paths
 
     paths = collect_inputs(inputs)
-    predictor = load_predictor(model, folds, device)
+    predictor = load_predictor(model, options.folds, options.device)
     config = load_workflow(model / "workflow.yaml").predict
-    config = dataclasses.replace(config, tta=tta or config.tta,
-                                 step=step if step is not None else config.step)
+    config = dataclasses.replace(
+        config, tta=options.tta or config.tta,
+        step=options.step if options.step is not None else config.step)
     started = time.monotonic()
-    results = predict_paths(predictor, paths, output, config, overwrite=overwrite)
+    results = predict_paths(predictor, paths, output, config, overwrite=options.overwrite,
+                            series_uid=options.series_uid,
+                            resample_irregular=options.resample_irregular)
     done = [r for r in results if r.output and not r.skipped]
     skipped = [r for r in results if r.skipped]
     failed = [r for r in results if r.error]
@@ -156,22 +192,12 @@ def _predict(model: Path, inputs: list[str], output: Path, folds, overwrite: boo
     return results
 
 
-def _evaluate(pred: Path, ref: Path, labels_path: Path | None, out: Path | None) -> dict:
-    from medseg.datasets import label_names_from_json
-    from medseg.evaluate import evaluate_pairs, infer_labels, pair_cases
-    from medseg.report import format_table, summarize, write_reports
+def _evaluate(pred: Path, ref: Path, labels_path: Path | None, out: Path | None,
+              tolerance_mm: float = 2.0, jobs: int = 1, resample: bool = False) -> dict:
+    from medseg.report import run_evaluation
 
-    pairs = pair_cases(pred, ref)
-    labels = label_names_from_json(labels_path) if labels_path else infer_labels(pairs)
-    results = evaluate_pairs(pairs, labels)
-    summary = write_reports(results, out) if out else summarize(results)
-    print(format_table(summary))
-    for result in results:
-        if result.error:
-            print(f"  {result.case}: {result.error}", file=sys.stderr)
-    if out:
-        print(f"wrote {out / 'scores.csv'} and {out / 'summary.json'}")
-    return summary
+    return run_evaluation(pred, ref, labels_path, out, tolerance_mm=tolerance_mm, jobs=jobs,
+                          resample=resample)
 
 
 def _load_workflow(path: Path | None, overrides: list[str]):
@@ -266,14 +292,45 @@ def _parser() -> argparse.ArgumentParser:
                          help="window step as a fraction of the patch (default 0.5)")
     predict.add_argument("--device", default=None, help="cpu or cuda (default: cuda if found)")
     predict.add_argument("--overwrite", action="store_true", help="redo existing outputs")
+    predict.add_argument("--series", default=None, metavar="UID",
+                         help="SeriesInstanceUID for DICOM folders that hold several series")
+    predict.add_argument("--resample-irregular", action="store_true",
+                         help="resample a tilted or unevenly spaced DICOM series onto a "
+                              "regular grid instead of refusing it")
     predict.set_defaults(handler=cmd_predict)
 
     evaluate = sub.add_parser("evaluate", parents=[common], help="score masks against labels")
     evaluate.add_argument("--pred", required=True, help="folder of predicted masks")
     evaluate.add_argument("--ref", required=True, help="folder of reference masks")
     evaluate.add_argument("--labels", default=None, help="dataset.json or labels.json")
-    evaluate.add_argument("--out", default=None, help="folder for scores.csv, summary.json")
+    evaluate.add_argument("--out", default=None,
+                          help="folder for scores.csv, summary.json and report.html")
+    evaluate.add_argument("--tolerance-mm", type=float, default=2.0,
+                          help="surface Dice tolerance in mm (default: %(default)s)")
+    evaluate.add_argument("--jobs", type=int, default=1,
+                          help="cases scored in parallel processes (default: %(default)s)")
+    evaluate.add_argument("--resample", action="store_true",
+                          help="resample a prediction that is not on its reference's grid "
+                               "(nearest neighbour) instead of failing the case")
     evaluate.set_defaults(handler=cmd_evaluate)
+
+    check = sub.add_parser("check", parents=[common],
+                           help="report every problem of a dataset before training")
+    check.add_argument("dataset", help="dataset folder, its dataset.json, or a CSV file")
+    check.add_argument("--layout", default="auto",
+                       choices=["auto", "msd", "nnunet", "folders", "csv"])
+    check.set_defaults(handler=cmd_check)
+
+    convert = sub.add_parser("convert", parents=[common],
+                             help="convert a scan to NIfTI, NRRD or MHA")
+    convert.add_argument("input", help="volume file, DICOM file or DICOM folder")
+    convert.add_argument("output", help="output file: .nii.gz, .nii, .nrrd or .mha")
+    convert.add_argument("--series", default=None, metavar="UID",
+                         help="SeriesInstanceUID when a DICOM folder holds several")
+    convert.add_argument("--resample-irregular", action="store_true",
+                         help="resample a tilted or unevenly spaced DICOM series onto a "
+                              "regular grid instead of refusing it")
+    convert.set_defaults(handler=cmd_convert)
     return parser
 
 

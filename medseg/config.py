@@ -22,7 +22,7 @@ class DatasetConfig:
     """Where the labelled collection lives and how to read it."""
 
     path: str = ""
-    layout: str = "auto"  # auto | msd
+    layout: str = "auto"  # auto | msd | nnunet | folders | csv
     modality: str = "auto"  # auto (from dataset.json) | CT | MR
     labels: dict[int, str] | None = None  # overrides the names from dataset.json
 
@@ -225,7 +225,7 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
 
 
 _CHOICES = {
-    ("dataset", "layout"): ("auto", "msd", "nnunet", "folders"),
+    ("dataset", "layout"): ("auto", "msd", "nnunet", "folders", "csv"),
     ("dataset", "modality"): ("auto", "CT", "MR"),
     ("train", "optimizer"): ("sgd", "adamw"),
     ("train", "schedule"): ("poly", "cosine", "constant"),

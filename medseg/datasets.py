@@ -1,8 +1,15 @@
-"""Case records from dataset layouts (MSD, nnU-Net v2 raw, folder pairs) and seeded folds."""
+"""Case records from dataset layouts (MSD, nnU-Net v2 raw, folder pairs, CSV) and seeded folds.
+
+`list_dataset` reads a dataset description and lists every case with the files it expects,
+present or not (what `medseg check` reports on); `load_dataset` also requires every listed
+file to exist (what training needs).
+"""
 
 from __future__ import annotations
 
+import csv
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,11 +17,15 @@ from pathlib import Path
 from medseg.errors import MedsegError
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+LAYOUTS = ("msd", "nnunet", "folders", "csv")
+CSV_NAME = "dataset.csv"
+CSV_RESERVED = ("case", "label")
 
 
 @dataclass(frozen=True)
 class Case:
-    """One labelled (or unlabelled) case: one image file per channel, at most one label file."""
+    """One labelled (or unlabelled) case: one image per channel (a volume file or a DICOM
+    series folder), at most one label file."""
 
     name: str
     images: tuple[Path, ...]
@@ -31,33 +42,58 @@ class Dataset:
     modalities: tuple[str, ...]  # one per channel: "CT" or "MR"
 
 
+@dataclass(frozen=True)
+class Listing:
+    """A dataset as its description lists it: cases whose files may be missing, and files
+    found without a partner (an image without label, or the reverse), with the reason."""
+
+    dataset: Dataset
+    layout: str
+    description: Path | None  # dataset.json or the CSV file; None for folder pairs
+    orphans: tuple[tuple[Path, str], ...] = ()
+
+
 def load_dataset(
     path: str | Path, layout: str = "auto", modality: str = "auto",
     labels: dict[int, str] | None = None,
 ) -> Dataset:
     """Read a dataset description; every listed file must exist."""
-    root = Path(path)
-    if root.is_file() and root.name == "dataset.json":
-        root = root.parent
-    if not root.is_dir():
-        raise MedsegError("dataset folder not found", root)
-    layout = _detect_layout(root) if layout == "auto" else layout
-    if layout == "msd":
-        dataset = _load_msd(root)
-    elif layout == "nnunet":
-        dataset = _load_nnunet(root)
-    elif layout == "folders":
-        dataset = _load_folder_pairs(root)
-    else:
-        raise MedsegError(f"unknown dataset layout '{layout}'", root)
+    listing = list_dataset(path, layout)
+    dataset = listing.dataset
+    _require_files(listing)
     if labels:
         dataset = Dataset(dataset.root, dataset.cases, dict(labels), dataset.modalities)
     if modality != "auto":
         dataset = Dataset(dataset.root, dataset.cases, dataset.labels,
                           tuple(modality for _ in dataset.modalities))
     if not dataset.cases:
-        raise MedsegError("the dataset lists no training cases", root)
+        raise MedsegError("the dataset lists no training cases", dataset.root)
     return dataset
+
+
+def list_dataset(path: str | Path, layout: str = "auto") -> Listing:
+    """Read a dataset description without requiring its files to exist; a description that
+    cannot be read (no folder, bad JSON or CSV, unknown layout) raises MedsegError."""
+    path = Path(path)
+    if path.is_file() and path.suffix.lower() == ".csv":
+        if layout not in ("auto", "csv"):
+            raise MedsegError(f"a CSV file is the 'csv' layout, not '{layout}'", path)
+        return _list_csv(path)
+    root = path.parent if path.is_file() and path.name == "dataset.json" else path
+    if not root.is_dir():
+        raise MedsegError("dataset folder not found", root)
+    root = Path(os.path.abspath(root))
+    layout = _detect_layout(root) if layout == "auto" else layout
+    if layout == "msd":
+        return _list_msd(root)
+    if layout == "nnunet":
+        return _list_nnunet(root)
+    if layout == "folders":
+        return _list_folder_pairs(root)
+    if layout == "csv":
+        return _list_csv(root / CSV_NAME)
+    raise MedsegError(f"unknown dataset layout '{layout}' (expected one of "
+                      f"{', '.join(LAYOUTS)} or auto)", root)
 
 
 def label_names_from_json(path: str | Path) -> dict[int, str]:
@@ -92,9 +128,26 @@ def make_splits(case_names: list[str], n_folds: int = 5, seed: int = 0) -> list[
 
 def strip_image_suffix(name: str) -> str:
     for suffix in IMAGE_SUFFIXES:
-        if name.endswith(suffix):
+        if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+def leaves_folder(path: Path, root: Path) -> bool:
+    """True when a listed path points outside the dataset folder (`..` or absolute)."""
+    return not Path(os.path.normpath(path)).is_relative_to(os.path.normpath(root))
+
+
+def _require_files(listing: Listing) -> None:
+    for case in listing.dataset.cases:
+        for path in (*case.images, case.label):
+            if path is not None and not path.exists():
+                where = listing.description or path
+                raise MedsegError(f"listed in {where.name} but missing: {path}", where)
+    if listing.layout == "folders":
+        for path, reason in listing.orphans:
+            if path.parent.name == "images":  # an image without label; spare labels are ignored
+                raise MedsegError(reason, path)
 
 
 def _detect_layout(root: Path) -> str:
@@ -104,7 +157,9 @@ def _detect_layout(root: Path) -> str:
         return "msd" if isinstance(data, dict) and "training" in data else "nnunet"
     if (root / "images").is_dir() and (root / "labels").is_dir():
         return "folders"
-    raise MedsegError("no dataset.json and no images/ + labels/ folders", root)
+    if (root / CSV_NAME).is_file():
+        return "csv"
+    raise MedsegError(f"no dataset.json, no images/ + labels/ folders and no {CSV_NAME}", root)
 
 
 def _read_json(path: Path) -> dict:
@@ -120,13 +175,15 @@ def _modality_name(text: str) -> str:
     return "CT" if str(text).strip().upper() == "CT" else "MR"
 
 
-def _existing(path: Path, description: Path) -> Path:
-    if not path.is_file():
-        raise MedsegError(f"listed in {description.name} but missing: {path}", description)
-    return path
+def _listed(root: Path, entry: object, description: Path) -> Path:
+    """A path as listed in a description: relative to the dataset folder, normalized without
+    following links (so that `medseg check` sees where it really points)."""
+    if not isinstance(entry, str) or not entry.strip():
+        raise MedsegError(f"expected a file path, got {entry!r}", description)
+    return Path(os.path.normpath(root / entry.strip()))
 
 
-def _load_msd(root: Path) -> Dataset:
+def _list_msd(root: Path) -> Listing:
     description = root / "dataset.json"
     data = _read_json(description)
     entries = data.get("training")
@@ -136,42 +193,106 @@ def _load_msd(root: Path) -> Dataset:
     for entry in entries:
         if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
             raise MedsegError(f"training entry {entry!r} needs 'image' and 'label'", description)
-        image = _existing((root / entry["image"]).resolve(), description)
-        label = _existing((root / entry["label"]).resolve(), description)
+        image = _listed(root, entry["image"], description)
+        label = _listed(root, entry["label"], description)
         cases.append(Case(strip_image_suffix(image.name), (image,), label))
     modality = data.get("modality", {"0": "MR"})
+    if not isinstance(modality, dict):
+        raise MedsegError("'modality' must map channel numbers to names", description)
     modalities = tuple(_modality_name(modality[k]) for k in sorted(modality, key=int))
-    return Dataset(root, tuple(cases), label_names_from_json(description), modalities)
+    dataset = Dataset(root, tuple(cases), label_names_from_json(description), modalities)
+    return Listing(dataset, "msd", description)
 
 
-def _load_nnunet(root: Path) -> Dataset:
+def _list_nnunet(root: Path) -> Listing:
     description = root / "dataset.json"
     data = _read_json(description)
     channels = data.get("channel_names") or data.get("modality")
     if not isinstance(channels, dict):
         raise MedsegError("'channel_names' is missing", description)
-    ending = data.get("file_ending", ".nii.gz")
+    ending = str(data.get("file_ending", ".nii.gz"))
+    channel_ids = sorted(channels, key=int)
     cases = []
     for label in sorted((root / "labelsTr").glob(f"*{ending}")):
         name = label.name[: -len(ending)]
-        images = tuple(
-            _existing(root / "imagesTr" / f"{name}_{int(k):04d}{ending}", description)
-            for k in sorted(channels, key=int)
-        )
+        images = tuple(root / "imagesTr" / f"{name}_{int(k):04d}{ending}" for k in channel_ids)
         cases.append(Case(name, images, label))
-    modalities = tuple(_modality_name(channels[k]) for k in sorted(channels, key=int))
-    return Dataset(root, tuple(cases), label_names_from_json(description), modalities)
+    labelled = {c.name for c in cases}
+    orphans = tuple(
+        (image, f"image without a label in labelsTr (expected {image.name[:-len(ending)-5]}"
+                f"{ending})")
+        for image in sorted((root / "imagesTr").glob(f"*_[0-9][0-9][0-9][0-9]{ending}"))
+        if image.name[: -len(ending) - 5] not in labelled)
+    modalities = tuple(_modality_name(channels[k]) for k in channel_ids)
+    dataset = Dataset(root, tuple(cases), label_names_from_json(description), modalities)
+    return Listing(dataset, "nnunet", description, orphans)
 
 
-def _load_folder_pairs(root: Path) -> Dataset:
-    cases = []
-    for image in sorted((root / "images").iterdir()):
-        if not image.name.endswith(IMAGE_SUFFIXES):
-            continue
-        label = root / "labels" / image.name
-        if not label.is_file():
-            raise MedsegError(f"no label with the same name in {root / 'labels'}", image)
-        cases.append(Case(strip_image_suffix(image.name), (image,), label))
+def _list_folder_pairs(root: Path) -> Listing:
+    images = _volumes_by_name(root / "images")
+    labels = _volumes_by_name(root / "labels")
+    cases = [Case(name, (image,), labels[name]) for name, image in images.items()
+             if name in labels]
+    orphans = [(image, f"no label with the same name in {root / 'labels'}")
+               for name, image in images.items() if name not in labels]
+    orphans += [(label, f"no image with the same name in {root / 'images'}")
+                for name, label in labels.items() if name not in images]
     labels_json = root / "labels.json"
-    labels = label_names_from_json(labels_json) if labels_json.is_file() else {}
-    return Dataset(root, tuple(cases), labels, ("MR",))
+    label_map = label_names_from_json(labels_json) if labels_json.is_file() else {}
+    return Listing(Dataset(root, tuple(cases), label_map, ("MR",)), "folders", None,
+                   tuple(orphans))
+
+
+def _volumes_by_name(folder: Path) -> dict[str, Path]:
+    """Name -> volume file (or DICOM series subfolder), sorted by name."""
+    found = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith("."):
+            continue
+        if path.is_dir() or path.name.lower().endswith(IMAGE_SUFFIXES):
+            found[strip_image_suffix(path.name)] = path
+    return found
+
+
+def _list_csv(path: Path) -> Listing:
+    """`image,label` columns (an optional `case` column names the case); every further
+    column is one more image channel, in column order. Paths are relative to the CSV."""
+    root = Path(os.path.abspath(path.parent))
+    rows, columns = _read_csv(path)
+    channels = ["image"] + [c for c in columns if c not in ("image", *CSV_RESERVED)]
+    cases = []
+    for number, row in enumerate(rows, start=2):
+        images = tuple(_cell_path(root, path, row, number, c) for c in channels)
+        label = _cell_path(root, path, row, number, "label")
+        name = (row.get("case") or "").strip() or strip_image_suffix(images[0].name)
+        cases.append(Case(name, images, label))
+    labels_json = root / "labels.json"
+    label_map = label_names_from_json(labels_json) if labels_json.is_file() else {}
+    dataset = Dataset(root, tuple(cases), label_map, tuple("MR" for _ in channels))
+    return Listing(dataset, "csv", path)
+
+
+def _read_csv(path: Path) -> tuple[list[dict[str, str]], list[str]]:
+    if not path.is_file():
+        raise MedsegError("file not found", path)
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            columns = [c.strip() for c in (reader.fieldnames or [])]
+            rows = [{(k or "").strip(): (v or "").strip() if isinstance(v, str) else ""
+                     for k, v in row.items()} for row in reader]
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise MedsegError(f"not a readable CSV file ({exc})", path) from exc
+    missing = [c for c in ("image", "label") if c not in columns]
+    if missing:
+        raise MedsegError(f"CSV needs the columns image and label; missing "
+                          f"{', '.join(missing)} (found {', '.join(columns) or 'none'})", path)
+    return rows, columns
+
+
+def _cell_path(root: Path, path: Path, row: dict[str, str], number: int, column: str) -> Path:
+    """The file a cell names; an empty cell stands for a missing file named after its row
+    and column, so that it is reported like any other missing file."""
+    if row.get(column):
+        return _listed(root, row[column], path)
+    return root / f"<empty '{column}' cell in row {number}>"

@@ -2,80 +2,164 @@
 
 from __future__ import annotations
 
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 from tqdm import tqdm
 
 from medseg.datasets import IMAGE_SUFFIXES, strip_image_suffix
 from medseg.errors import MedsegError
 from medseg.io import read_volume
-from medseg.metrics import score_case
+from medseg.metrics import FAILED_SCORES, label_values, score_case
+
+Pair = tuple[str, Path | None, Path]
+GRID_ATOL = 1e-3  # mm (and direction cosines): how far two affines may differ on one grid
 
 
 @dataclass(frozen=True)
 class CaseScores:
-    """Scores of one case; `error` is set when the case could not be scored (Dice 0)."""
+    """Scores of one case; `error` is set when the case could not be scored (a failure).
+
+    `prediction` and `reference` are the files scored (for the report's pictures);
+    `resampled` tells that the prediction was resampled onto the reference grid.
+    """
 
     case: str
     scores: dict[str, dict[str, float]]
     error: str | None = None
+    prediction: Path | None = None
+    reference: Path | None = None
+    resampled: bool = False
 
 
-def pair_cases(pred_dir: Path, ref_dir: Path) -> list[tuple[str, Path | None, Path]]:
+@dataclass(frozen=True)
+class LoadedPair:
+    """A prediction and its reference as integer label maps on the reference grid."""
+
+    prediction: np.ndarray
+    reference: np.ndarray
+    affine: np.ndarray
+    spacing: tuple[float, float, float]
+    resampled: bool
+
+
+def pair_cases(pred_dir: Path, ref_dir: Path) -> list[Pair]:
     """(case, prediction or None, reference) for every reference volume."""
     for folder in (pred_dir, ref_dir):
         if not folder.is_dir():
             raise MedsegError("folder not found", folder)
     predictions = {strip_image_suffix(p.name): p for p in pred_dir.iterdir()
-                   if p.name.endswith(IMAGE_SUFFIXES)}
-    references = sorted(p for p in ref_dir.iterdir() if p.name.endswith(IMAGE_SUFFIXES))
+                   if p.name.lower().endswith(IMAGE_SUFFIXES)}
+    references = sorted(p for p in ref_dir.iterdir()
+                        if p.name.lower().endswith(IMAGE_SUFFIXES))
     if not references:
         raise MedsegError("no reference volumes found", ref_dir)
     return [(strip_image_suffix(r.name), predictions.get(strip_image_suffix(r.name)), r)
             for r in references]
 
 
-def infer_labels(pairs: list[tuple[str, Path | None, Path]]) -> dict[int, str]:
+def infer_labels(pairs: list[Pair]) -> dict[int, str]:
     """Label ids seen in the references, named label_K, for when no label map is given."""
     ids: set[int] = set()
     for _, _, reference in pairs:
-        ids |= set(np.unique(read_volume(reference, dtype=np.int64).data).tolist())
+        ids |= label_values(read_volume(reference, dtype=np.int32).data)
     return {k: ("background" if k == 0 else f"label_{k}") for k in sorted(ids)}
 
 
-def evaluate_pairs(pairs: list[tuple[str, Path | None, Path]], labels: dict[int, str]
-                   ) -> list[CaseScores]:
-    results = []
-    for case, prediction, reference in tqdm(pairs, desc="evaluate", unit="case",
-                                            dynamic_ncols=True):
-        if prediction is None:
-            results.append(_failed(case, labels, "no prediction for this case"))
-            continue
-        try:
-            results.append(CaseScores(case, _score_pair(prediction, reference, labels)))
-        except MedsegError as exc:
-            results.append(_failed(case, labels, str(exc)))
-    return results
+def evaluate_pairs(pairs: list[Pair], labels: dict[int, str], tolerance_mm: float = 2.0,
+                   jobs: int = 1, resample: bool = False) -> list[CaseScores]:
+    """Score every pair (in order); `jobs` > 1 scores cases in that many processes."""
+    if tolerance_mm < 0:
+        raise MedsegError(f"the surface Dice tolerance must be >= 0 mm, got {tolerance_mm}")
+    tasks = [(case, prediction, reference, labels, tolerance_mm, resample)
+             for case, prediction, reference in pairs]
+    jobs = max(1, min(int(jobs), len(tasks)))
+    bar = tqdm(total=len(tasks), desc="evaluate", unit="case", dynamic_ncols=True)
+    with bar:
+        if jobs == 1:
+            results = []
+            for task in tasks:
+                results.append(evaluate_case(*task))
+                bar.update(1)
+            return results
+        return _evaluate_parallel(tasks, jobs, bar)
 
 
-def _score_pair(prediction: Path, reference: Path, labels: dict[int, str]) -> dict:
-    pred = read_volume(prediction, dtype=np.int64)
-    ref = read_volume(reference, dtype=np.int64)
-    if pred.spatial_shape != ref.spatial_shape:
-        raise MedsegError(f"shape {pred.spatial_shape} differs from the reference's "
-                          f"{ref.spatial_shape}", prediction)
-    if not np.allclose(pred.affine, ref.affine, atol=1e-3):
-        raise MedsegError("affine differs from the reference's (not on the same grid)",
-                          prediction)
-    unknown = sorted(set(np.unique(pred.data).tolist()) - set(labels))
+def evaluate_case(case: str, prediction: Path | None, reference: Path, labels: dict[int, str],
+                  tolerance_mm: float = 2.0, resample: bool = False) -> CaseScores:
+    """Scores of one case; a missing or unusable prediction is a failure, never an exception."""
+    if prediction is None:
+        return failed_case(case, labels, "no prediction for this case", reference=reference)
+    try:
+        pair = load_pair(prediction, reference, labels, resample)
+    except MedsegError as exc:
+        return failed_case(case, labels, str(exc), prediction, reference)
+    scores = score_case(pair.prediction, pair.reference, labels, pair.spacing, tolerance_mm)
+    return CaseScores(case, scores, None, prediction, reference, pair.resampled)
+
+
+def load_pair(prediction: Path, reference: Path, labels: dict[int, str], resample: bool = False
+              ) -> LoadedPair:
+    """Read both label maps; check (or with `resample`, make) a shared grid and known labels."""
+    ref = read_volume(reference, dtype=np.int32)
+    pred = read_volume(prediction, dtype=np.int32)
+    pred_data = pred.data.reshape(pred.spatial_shape)
+    resampled = not same_grid(pred, ref)
+    if resampled:
+        if not resample:
+            raise MedsegError(f"not on the same grid as the reference "
+                              f"({grid_difference(pred, ref)}); pass --resample to resample "
+                              f"it by nearest neighbour", prediction)
+        pred_data = resample_nearest(pred_data, pred.affine, ref.spatial_shape, ref.affine)
+    unknown = sorted(label_values(pred_data) - set(labels))
     if unknown:
         raise MedsegError(f"label values {unknown} are not in the label map", prediction)
-    return score_case(pred.data, ref.data, labels, ref.spacing)
+    return LoadedPair(pred_data, ref.data.reshape(ref.spatial_shape), ref.affine, ref.spacing,
+                      resampled)
 
 
-def _failed(case: str, labels: dict[int, str], error: str) -> CaseScores:
-    scores = {name: {"dice": 0.0, "ref_ml": float("nan"), "pred_ml": float("nan"),
-                     "diff_ml": float("nan")} for k, name in labels.items() if k != 0}
-    return CaseScores(case, scores, error)
+def same_grid(a, b) -> bool:
+    """Whether two volumes (anything with spatial_shape and affine) share one voxel grid."""
+    return a.spatial_shape == b.spatial_shape and bool(
+        np.allclose(a.affine, b.affine, atol=GRID_ATOL))
+
+
+def grid_difference(pred, ref) -> str:
+    if pred.spatial_shape != ref.spatial_shape:
+        return f"shape {pred.spatial_shape} vs {ref.spatial_shape}"
+    worst = float(np.abs(pred.affine - ref.affine).max())
+    return f"affines differ by up to {worst:.4g}"
+
+
+def resample_nearest(data: np.ndarray, affine: np.ndarray, shape: tuple[int, int, int],
+                     target_affine: np.ndarray) -> np.ndarray:
+    """Labels `data` (voxel-to-RAS `affine`) on the grid (`shape`, `target_affine`) by nearest
+    neighbour; 0 outside `data`."""
+    voxel_to_voxel = np.linalg.inv(affine) @ target_affine
+    return ndimage.affine_transform(data, voxel_to_voxel[:3, :3], offset=voxel_to_voxel[:3, 3],
+                                    output_shape=tuple(shape), order=0, mode="constant",
+                                    cval=0)
+
+
+def failed_case(case: str, labels: dict[int, str], error: str, prediction: Path | None = None,
+                reference: Path | None = None) -> CaseScores:
+    """A case that could not be scored: Dice, IoU and NSD 0, distances inf, volumes NaN."""
+    scores = {name: dict(FAILED_SCORES) for k, name in sorted(labels.items()) if k > 0}
+    return CaseScores(case, scores, error, prediction, reference)
+
+
+def _evaluate_parallel(tasks: list[tuple], jobs: int, bar: tqdm) -> list[CaseScores]:
+    # spawn, not fork: the parent may hold torch/OpenMP threads that a fork would copy broken
+    context = multiprocessing.get_context("spawn")
+    results: list[CaseScores | None] = [None] * len(tasks)
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = {pool.submit(evaluate_case, *task): i for i, task in enumerate(tasks)}
+        for future in as_completed(futures):
+            results[futures[future]] = future.result()
+            bar.update(1)
+    return [r for r in results if r is not None]
+

@@ -1,8 +1,9 @@
 """Reading volumes and writing masks with their geometry kept.
 
-`read_volume` gives the voxel array in the file's own voxel order plus its voxel-to-RAS
-affine; `write_mask` writes a label map onto the exact grid (and NIfTI header) of a
-reference image.
+`read_volume` reads NIfTI (.nii, .nii.gz), NRRD (.nrrd, .nhdr), MetaImage (.mha, .mhd) and
+DICOM series (a folder, or one DICOM file) into the file's own voxel order plus its
+voxel-to-RAS affine; `write_mask` writes a label map onto the exact grid of a reference as
+NIfTI, NRRD or MetaImage (a NIfTI reference's header, qform/sform codes included, is kept).
 """
 
 from __future__ import annotations
@@ -19,28 +20,140 @@ from medseg.errors import MedsegError
 from medseg.fileio import atomic_path
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
+VOLUME_SUFFIXES = (".nii.gz", ".nii", *ITK_SUFFIXES)
+WRITE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 MAX_VOXELS = 2**31
+SCANNER_CODE = 1  # NIfTI qform/sform code for scanner-based anatomical coordinates
 
 
-@dataclass(frozen=True)
-class Volume:
-    """Voxel data (file voxel order, channels last if any) and its voxel-to-RAS affine."""
+@dataclass(frozen=True, eq=False)
+class Geometry:
+    """Where a volume's voxels lie: spatial shape and voxel-to-RAS affine, plus the source's
+    NIfTI header when it had one (so a mask written back keeps its qform/sform codes)."""
 
-    data: np.ndarray
+    shape: tuple[int, int, int]
     affine: np.ndarray
-    path: Path
+    nifti_header: nib.Nifti1Header | None = None
 
     @property
     def spacing(self) -> tuple[float, float, float]:
         return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
 
     @property
+    def origin(self) -> tuple[float, float, float]:
+        """Centre of the first voxel, RAS mm."""
+        return tuple(float(v) for v in self.affine[:3, 3])
+
+    @property
+    def direction(self) -> np.ndarray:
+        """Unit vectors of the voxel axes (columns), RAS."""
+        return self.affine[:3, :3] / np.linalg.norm(self.affine[:3, :3], axis=0)
+
+
+@dataclass(frozen=True, eq=False)
+class Volume:
+    """Voxel data (file voxel order) and where it lies."""
+
+    data: np.ndarray
+    geometry: Geometry
+    path: Path
+
+    @property
+    def affine(self) -> np.ndarray:
+        return self.geometry.affine
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        return self.geometry.spacing
+
+    @property
     def spatial_shape(self) -> tuple[int, int, int]:
-        return tuple(int(s) for s in self.data.shape[:3])
+        return self.geometry.shape
 
 
 def is_nifti(path: str | Path) -> bool:
-    return str(path).endswith(NIFTI_SUFFIXES)
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def read_geometry(path: str | Path, series_uid: str | None = None,
+                  resample_irregular: bool = False) -> Geometry:
+    """The geometry of a volume from its header(s) alone, with every header check applied."""
+    path = Path(path)
+    kind = _kind(path)
+    if kind == "nifti":
+        image = load_nifti(path)
+        return Geometry(tuple(image.shape[:3]), image.affine.copy(), image.header.copy())
+    if kind == "itk":
+        from medseg.itkio import read_itk_header
+
+        shape, affine = read_itk_header(path)
+        return Geometry(shape, affine)
+    return _dicom_geometry(path, series_uid, resample_irregular)
+
+
+def read_volume(path: str | Path, dtype: type | None = np.float32, series_uid: str | None = None,
+                resample_irregular: bool = False) -> Volume:
+    """Read a volume's voxels and geometry. `dtype=None` keeps the stored type (modality
+    values for DICOM). `series_uid` and `resample_irregular` apply to DICOM only."""
+    path = Path(path)
+    kind = _kind(path)
+    if kind == "nifti":
+        volume = _read_nifti(path, dtype)
+    elif kind == "itk":
+        from medseg.itkio import read_itk
+
+        data, affine = read_itk(path, dtype)
+        volume = Volume(data, Geometry(tuple(data.shape[:3]), affine), path)
+    else:
+        volume = _read_dicom(path, dtype, series_uid, resample_irregular)
+    if volume.data.dtype.kind == "f" and not np.all(np.isfinite(volume.data)):
+        raise MedsegError("voxel data contains NaN or Inf", path)
+    return volume
+
+
+def write_mask(mask: np.ndarray, reference: Geometry | Volume | str | Path,
+               path: str | Path) -> Path:
+    """Write a label map onto the reference's grid as .nii.gz/.nii, .nrrd or .mha (by the
+    path's extension), as uint8 (uint16 beyond 255 labels)."""
+    geometry = _as_geometry(reference)
+    if tuple(mask.shape) != tuple(geometry.shape):
+        where = reference if isinstance(reference, str | Path) else path
+        raise MedsegError(f"mask shape {mask.shape} does not match the input's "
+                          f"{tuple(geometry.shape)}", where)
+    dtype = np.uint8 if mask.max(initial=0) < 256 else np.uint16
+    return write_volume(np.asarray(mask).astype(dtype), geometry, path)
+
+
+def write_volume(data: np.ndarray, geometry: Geometry, path: str | Path) -> Path:
+    """Write voxels with the given geometry, atomically; the format follows the extension."""
+    path = Path(path)
+    if not path.name.lower().endswith(WRITE_SUFFIXES):
+        raise MedsegError(f"cannot write this format; use one of {', '.join(WRITE_SUFFIXES)}",
+                          path)
+    with atomic_path(path) as tmp:
+        if is_nifti(path):
+            nib.save(_nifti_image(data, geometry), str(tmp))
+        else:
+            from medseg.itkio import write_itk
+
+            write_itk(data, geometry.affine, tmp)
+    return path
+
+
+def convert_volume(input: str | Path, output: str | Path, series_uid: str | None = None,
+                   resample_irregular: bool = False) -> Path:
+    """Convert any readable volume (DICOM series included) to NIfTI, NRRD or MetaImage, by
+    the output's extension; voxel values and geometry are kept."""
+    output = Path(output)
+    if not output.name.lower().endswith(WRITE_SUFFIXES):
+        raise MedsegError(f"unknown output format; use one of {', '.join(WRITE_SUFFIXES)}",
+                          output)
+    if output.resolve() == Path(input).resolve():
+        raise MedsegError("output would overwrite the input", output)
+    volume = read_volume(input, dtype=None, series_uid=series_uid,
+                         resample_irregular=resample_irregular)
+    return write_volume(volume.data, volume.geometry, output)
 
 
 def load_nifti(path: str | Path) -> nib.Nifti1Image:
@@ -59,38 +172,89 @@ def load_nifti(path: str | Path) -> nib.Nifti1Image:
     return image
 
 
-def read_volume(path: str | Path, dtype: type = np.float32) -> Volume:
-    """Read a NIfTI volume's voxels and affine; other formats arrive with the readers issue."""
-    path = Path(path)
-    if not is_nifti(path):
-        raise MedsegError("unsupported format (expected .nii or .nii.gz)", path)
+def _kind(path: Path) -> str:
+    """'nifti', 'itk' or 'dicom'; refuses what is missing, empty or of unknown format."""
+    if path.is_dir():
+        return "dicom"
+    if not path.is_file():
+        raise MedsegError("file not found", path)
+    if path.stat().st_size == 0:
+        raise MedsegError("file is empty", path)
+    name = path.name.lower()
+    if name.endswith(NIFTI_SUFFIXES):
+        return "nifti"
+    if name.endswith(ITK_SUFFIXES):
+        return "itk"
+    from medseg.dicom import is_dicom_file
+
+    if is_dicom_file(path):
+        return "dicom"
+    raise MedsegError(f"unsupported format (expected {', '.join(VOLUME_SUFFIXES)}, a DICOM "
+                      f"file or a DICOM folder)", path)
+
+
+def _read_nifti(path: Path, dtype: type | None) -> Volume:
     image = load_nifti(path)
     try:
-        data = np.asarray(image.dataobj, dtype=dtype)
+        data = np.asarray(image.dataobj) if dtype is None else np.asarray(image.dataobj,
+                                                                            dtype=dtype)
     except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
         raise MedsegError(f"cannot read voxel data ({exc})", path) from exc
-    if not np.all(np.isfinite(data)):
-        raise MedsegError("voxel data contains NaN or Inf", path)
-    return Volume(data=data, affine=image.affine.copy(), path=path)
+    data = data.reshape(image.shape[:3])  # a 4D file holding a single volume
+    return Volume(data, Geometry(tuple(image.shape[:3]), image.affine.copy(),
+                                 image.header.copy()), path)
 
 
-def write_mask(mask: np.ndarray, reference: str | Path, path: str | Path) -> Path:
-    """Write `mask` as NIfTI onto the reference image's grid, keeping its qform/sform codes."""
-    reference_image = load_nifti(reference)
-    expected = tuple(reference_image.shape[:3])
-    if tuple(mask.shape) != expected:
-        raise MedsegError(f"mask shape {mask.shape} does not match the input's {expected}",
-                          reference)
-    dtype = np.uint8 if mask.max(initial=0) < 256 else np.uint16
-    header = reference_image.header.copy()
-    header.set_data_dtype(dtype)
+def _dicom_geometry(path: Path, series_uid: str | None, resample_irregular: bool) -> Geometry:
+    from medseg.dicom import is_irregular, read_stack, regular_affine
+    from medseg.dicom_resample import regular_grid
+
+    stack = read_stack(path, series_uid)
+    if resample_irregular and is_irregular(stack):
+        grid = regular_grid(stack, path)
+        return Geometry(grid.shape, grid.affine)
+    return Geometry(stack.shape, regular_affine(stack, path))
+
+
+def _read_dicom(path: Path, dtype: type | None, series_uid: str | None,
+                resample_irregular: bool) -> Volume:
+    from medseg.dicom import is_irregular, native_dtype, read_pixels, read_stack, regular_affine
+    from medseg.dicom_resample import resample_stack
+
+    stack = read_stack(path, series_uid)
+    target = np.dtype(dtype) if dtype is not None else native_dtype(stack)
+    if resample_irregular and is_irregular(stack):
+        data, grid = resample_stack(stack, path, target)
+        return Volume(data, Geometry(grid.shape, grid.affine), path)
+    affine = regular_affine(stack, path)  # refuses tilt and uneven spacing before decoding
+    return Volume(read_pixels(stack, target), Geometry(stack.shape, affine), path)
+
+
+def _as_geometry(reference: Geometry | Volume | str | Path) -> Geometry:
+    if isinstance(reference, Geometry):
+        return reference
+    if isinstance(reference, Volume):
+        return reference.geometry
+    return read_geometry(reference)
+
+
+def _nifti_image(data: np.ndarray, geometry: Geometry) -> nib.Nifti1Image:
+    """A NIfTI image on the geometry's grid: the source header when there is one (codes
+    kept), otherwise qform and sform set to the affine with the scanner code."""
+    if geometry.nifti_header is None:
+        image = nib.Nifti1Image(data, geometry.affine)
+        image.set_qform(geometry.affine, code=SCANNER_CODE)
+        image.set_sform(geometry.affine, code=SCANNER_CODE)
+        image.header.set_xyzt_units("mm")
+        return image
+    source = geometry.nifti_header
+    header = source.copy()
+    header.set_data_dtype(data.dtype)
     header.set_slope_inter(1.0, 0.0)
-    image = nib.Nifti1Image(mask.astype(dtype), None, header=header)
-    image.set_qform(reference_image.get_qform(), code=int(reference_image.header["qform_code"]))
-    image.set_sform(reference_image.get_sform(), code=int(reference_image.header["sform_code"]))
-    with atomic_path(path) as tmp:
-        nib.save(image, str(tmp))
-    return Path(path)
+    image = nib.Nifti1Image(data, None, header=header)
+    image.set_qform(source.get_qform(), code=int(source["qform_code"]))
+    image.set_sform(source.get_sform(), code=int(source["sform_code"]))
+    return image
 
 
 def _check_raw_spacing(path: Path) -> None:

@@ -1,34 +1,207 @@
-"""Per-structure scores of one predicted label map against its reference (pure functions)."""
+"""Per-structure scores of one predicted label map against its reference (pure functions).
+
+Dice, IoU, HD95, average symmetric surface distance (ASSD) and surface Dice (NSD) at a
+tolerance in mm, all in physical units (voxel spacing respected), plus volumes in ml.
+
+Conventions for empty structures (docs/formats.md):
+
+- both masks empty: Dice 1, IoU 1; HD95, ASSD and NSD NaN (no surface to score; left out of
+  means);
+- one mask empty: Dice 0, IoU 0, NSD 0; HD95 and ASSD inf (counted as failures).
+
+Speed: every structure is cropped to the bounding box of prediction and reference (one
+`scipy.ndimage.find_objects` pass over each label map gives all boxes), plus a margin of one
+voxel, before edges and surface distances are computed; so the per-structure cost depends on
+the structure's size, not the volume's. The definitions are MONAI's, and the tests check the
+numbers against DiceMetric, HausdorffDistanceMetric, SurfaceDistanceMetric and
+SurfaceDiceMetric.
+"""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
-import torch
+from scipy import ndimage
+from scipy.spatial import KDTree
+
+SURFACE_METRICS = ("hd95_mm", "assd_mm", "nsd")
+METRICS = ("dice", "iou", "hd95_mm", "assd_mm", "nsd", "ref_ml", "pred_ml", "diff_ml")
+FAILED_SCORES = {"dice": 0.0, "iou": 0.0, "hd95_mm": math.inf, "assd_mm": math.inf,
+                 "nsd": 0.0, "ref_ml": math.nan, "pred_ml": math.nan, "diff_ml": math.nan}
+
+Spacing = tuple[float, float, float]
+Box = tuple[slice, ...]
+
+
+def overlap_scores(prediction: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """Dice and IoU of two boolean masks from tp/fp/fn counts; both empty gives 1, one empty 0.
+
+    Counted here rather than with MONAI's compute_dice/compute_iou: the same numbers (the
+    tests cross-check them against DiceMetric), without a torch round trip per structure.
+    """
+    tp = int(np.count_nonzero(prediction & reference))
+    n_pred, n_ref = int(np.count_nonzero(prediction)), int(np.count_nonzero(reference))
+    if n_pred + n_ref == 0:
+        return {"dice": 1.0, "iou": 1.0}
+    return {"dice": 2.0 * tp / (n_pred + n_ref), "iou": tp / (n_pred + n_ref - tp)}
 
 
 def dice(prediction: np.ndarray, reference: np.ndarray) -> float:
-    """Dice of two boolean masks via MONAI; both empty gives 1.0, one empty gives 0.0."""
-    from monai.metrics import compute_dice
-
-    pred = torch.from_numpy(np.ascontiguousarray(prediction, dtype=bool))[None, None]
-    ref = torch.from_numpy(np.ascontiguousarray(reference, dtype=bool))[None, None]
-    return float(compute_dice(pred.float(), ref.float(), include_background=True,
-                              ignore_empty=False)[0, 0])
+    """Dice of two boolean masks; both empty gives 1.0, one empty gives 0.0."""
+    return overlap_scores(prediction.astype(bool), reference.astype(bool))["dice"]
 
 
-def volume_ml(mask: np.ndarray, spacing: tuple[float, float, float]) -> float:
-    return float(mask.sum()) * float(np.prod(spacing)) / 1000.0
+def iou(prediction: np.ndarray, reference: np.ndarray) -> float:
+    """Intersection over union of two boolean masks; both empty 1.0, one empty 0.0."""
+    return overlap_scores(prediction.astype(bool), reference.astype(bool))["iou"]
+
+
+def volume_ml(mask: np.ndarray, spacing: Spacing) -> float:
+    return float(np.count_nonzero(mask)) * float(np.prod(spacing)) / 1000.0
+
+
+def surface_scores(prediction: np.ndarray, reference: np.ndarray, spacing: Spacing,
+                   tolerance_mm: float = 2.0) -> dict[str, float]:
+    """HD95 and ASSD in mm, and surface Dice at `tolerance_mm`, of two boolean masks.
+
+    Same definitions as MONAI's HausdorffDistanceMetric(percentile=95),
+    SurfaceDistanceMetric(symmetric=True) and SurfaceDiceMetric (edges are the mask voxels
+    removed by one binary erosion; distances from each edge voxel to the nearest edge voxel
+    of the other mask, by a KD-tree over physical coordinates, as MONAI does on CPU). Written
+    out here so that the edges and both distance sets are computed once for all three
+    metrics, on the structure's bounding box: MONAI's functions would redo them per metric
+    and spend most of their time on per-call crop transforms (about 10 ms per structure).
+    """
+    prediction, reference = prediction.astype(bool, copy=False), reference.astype(bool, copy=False)
+    pred_any, ref_any = bool(prediction.any()), bool(reference.any())
+    if not pred_any and not ref_any:
+        return {"hd95_mm": math.nan, "assd_mm": math.nan, "nsd": math.nan}
+    if not pred_any or not ref_any:
+        return {"hd95_mm": math.inf, "assd_mm": math.inf, "nsd": 0.0}
+    box = _union_box(prediction, reference, margin=1)
+    pred_edges, ref_edges = edges(prediction[box]), edges(reference[box])
+    scale = np.asarray(spacing, dtype=np.float64)
+    pred_to_ref = _edge_distances(pred_edges, ref_edges, scale)
+    ref_to_pred = _edge_distances(ref_edges, pred_edges, scale)
+    return _distance_summary(pred_to_ref, ref_to_pred, tolerance_mm)
+
+
+def score_structure(prediction: np.ndarray, reference: np.ndarray, spacing: Spacing,
+                    tolerance_mm: float = 2.0, surface: bool = True) -> dict[str, float]:
+    """Every metric of METRICS for one structure (boolean masks on the same grid)."""
+    pred_ml, ref_ml = volume_ml(prediction, spacing), volume_ml(reference, spacing)
+    scores = overlap_scores(prediction, reference)
+    if surface:
+        scores.update(surface_scores(prediction, reference, spacing, tolerance_mm))
+    else:
+        scores.update(dict.fromkeys(SURFACE_METRICS, math.nan))
+    scores.update({"ref_ml": ref_ml, "pred_ml": pred_ml, "diff_ml": pred_ml - ref_ml})
+    return scores
 
 
 def score_case(prediction: np.ndarray, reference: np.ndarray, labels: dict[int, str],
-               spacing: tuple[float, float, float]) -> dict[str, dict[str, float]]:
-    """Dice and volumes (ml) for every foreground label, keyed by label name."""
+               spacing: Spacing, tolerance_mm: float = 2.0, surface: bool = True
+               ) -> dict[str, dict[str, float]]:
+    """Scores (METRICS) of every foreground label, keyed by label name.
+
+    `surface=False` skips HD95, ASSD and NSD (NaN), e.g. for quick validation during training.
+    """
+    ids = sorted(k for k in labels if k > 0)
+    pred_boxes = structure_boxes(prediction, ids)
+    ref_boxes = structure_boxes(reference, ids)
+    empty = np.zeros((1,) * prediction.ndim, dtype=bool)
     scores = {}
-    for label_id, name in sorted(labels.items()):
-        if label_id == 0:
-            continue
-        pred_mask, ref_mask = prediction == label_id, reference == label_id
-        pred_ml, ref_ml = volume_ml(pred_mask, spacing), volume_ml(ref_mask, spacing)
-        scores[name] = {"dice": dice(pred_mask, ref_mask), "ref_ml": ref_ml,
-                        "pred_ml": pred_ml, "diff_ml": pred_ml - ref_ml}
+    for label_id in ids:
+        box = _merge_boxes(pred_boxes[label_id], ref_boxes[label_id], prediction.shape)
+        if box is None:  # absent from both: score two empty masks
+            pred_mask = ref_mask = empty
+        else:
+            pred_mask, ref_mask = prediction[box] == label_id, reference[box] == label_id
+        scores[labels[label_id]] = score_structure(pred_mask, ref_mask, spacing, tolerance_mm,
+                                                   surface)
     return scores
+
+
+def is_present(scores: dict[str, float]) -> bool:
+    """Whether a structure's scores say it is in the reference or the prediction."""
+    return any(math.isfinite(scores[k]) and scores[k] > 0 for k in ("ref_ml", "pred_ml"))
+
+
+def structure_boxes(label_map: np.ndarray, ids: list[int]) -> dict[int, Box | None]:
+    """Bounding box (slices) of every label id in one pass; None where the label is absent."""
+    if not ids:
+        return {}
+    data = label_map if label_map.dtype.kind in "iu" else label_map.astype(np.int64)
+    if data.dtype.kind == "i" and data.size and data.min() < 0:
+        data = np.where(data < 0, 0, data)  # find_objects ignores 0; negative ids are not labels
+    found = ndimage.find_objects(data, max_label=max(ids))
+    return {k: found[k - 1] for k in ids}
+
+
+def label_values(label_map: np.ndarray) -> set[int]:
+    """The distinct values of an integer label map (bincount when small ids allow, O(n))."""
+    if label_map.size == 0:
+        return set()
+    low, high = int(label_map.min()), int(label_map.max())
+    if low >= 0 and high < 1 << 20:
+        return set(np.flatnonzero(np.bincount(label_map.ravel())).tolist())
+    return set(np.unique(label_map).tolist())
+
+
+def _distance_summary(pred_to_ref: np.ndarray, ref_to_pred: np.ndarray,
+                      tolerance_mm: float) -> dict[str, float]:
+    """HD95 as MONAI computes it (95th percentile of each directed set, the larger one),
+    ASSD (mean of both sets together) and NSD (share of both edge sets within tolerance)."""
+    hd95 = max(float(np.percentile(pred_to_ref, 95)), float(np.percentile(ref_to_pred, 95)))
+    both = np.concatenate([pred_to_ref, ref_to_pred])
+    return {"hd95_mm": hd95, "assd_mm": float(both.mean()),
+            "nsd": float(np.count_nonzero(both <= tolerance_mm)) / both.size}
+
+
+def edges(mask: np.ndarray) -> np.ndarray:
+    """Mask voxels with a face neighbour outside the mask (outside the array counts as
+    outside): `mask & ~scipy.ndimage.binary_erosion(mask)`, as MONAI takes edges, done with
+    six shifted ANDs, which is several times faster than the general erosion."""
+    padded = np.pad(mask, 1)
+    interior = mask.copy()
+    for axis in range(mask.ndim):
+        for start in (0, 2):
+            neighbour = [slice(1, n + 1) for n in mask.shape]
+            neighbour[axis] = slice(start, start + mask.shape[axis])
+            interior &= padded[tuple(neighbour)]
+    return mask & ~interior
+
+
+def _edge_distances(source: np.ndarray, target: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Distance (mm) from every `source` edge voxel to the nearest `target` edge voxel. Voxels
+    on both edges are 0 mm away; only the others are looked up in a KD-tree of `target`."""
+    shared = np.count_nonzero(source & target)
+    others = np.argwhere(source & ~target) * scale
+    if others.size == 0:
+        return np.zeros(shared)
+    found = KDTree(np.argwhere(target) * scale, leafsize=32).query(others, k=1)[0]
+    return np.concatenate([np.zeros(shared), found])
+
+
+def _union_box(a: np.ndarray, b: np.ndarray, margin: int) -> Box:
+    """Bounding box of a | b, grown by `margin` voxels within the array."""
+    union = a | b
+    box = []
+    for axis in range(union.ndim):
+        other = tuple(i for i in range(union.ndim) if i != axis)
+        hits = np.flatnonzero(union.any(axis=other))
+        box.append(slice(max(int(hits[0]) - margin, 0),
+                         min(int(hits[-1]) + 1 + margin, union.shape[axis])))
+    return tuple(box)
+
+
+def _merge_boxes(a: Box | None, b: Box | None, shape: tuple[int, ...], margin: int = 1
+                 ) -> Box | None:
+    """Union of two boxes (either may be None) grown by `margin` voxels within `shape`."""
+    boxes = [box for box in (a, b) if box is not None]
+    if not boxes:
+        return None
+    return tuple(slice(max(min(bx[i].start for bx in boxes) - margin, 0),
+                       min(max(bx[i].stop for bx in boxes) + margin, shape[i]))
+                 for i in range(len(shape)))

@@ -1,5 +1,8 @@
 """Segment new volumes with a trained run: preprocess as the plan says, sliding window,
-average folds (and mirrored copies), back to the input grid, argmax, write NIfTI."""
+average folds (and mirrored copies), back to the input grid, argmax, write NIfTI.
+
+Inputs are any volume `read_volume` reads (NIfTI, NRRD, MetaImage, DICOM series folders); the
+mask lies on the input's exact grid (for DICOM, the series' grid in the same patient space)."""
 
 from __future__ import annotations
 
@@ -8,13 +11,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from medseg.config import PredictConfig
-from medseg.datasets import IMAGE_SUFFIXES, strip_image_suffix
+from medseg.datasets import strip_image_suffix
 from medseg.errors import MedsegError
-from medseg.io import is_nifti, load_nifti, write_mask
+from medseg.io import VOLUME_SUFFIXES, Volume, read_volume, write_mask
 from medseg.model import create_model, load_weights
 from medseg.plan import Plan, load_plan
 from medseg.train import BEST_WEIGHTS, select_precision, sliding_window_logits
@@ -64,14 +68,14 @@ def load_predictor(run_dir: str | Path, folds: list[int] | None = None,
 
 
 def collect_inputs(inputs: list[str | Path]) -> list[Path]:
-    """Files as given, folders expanded to the volumes they hold (sorted)."""
+    """Files as given; a folder of volume files expands to them (sorted), any other folder is
+    one DICOM series input."""
     paths: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found = sorted(p for p in item.iterdir() if p.name.endswith(IMAGE_SUFFIXES))
-            if not found:
-                raise MedsegError("folder holds no image volumes", item)
-            paths.extend(found)
+            found = sorted(p for p in item.iterdir()
+                           if p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES))
+            paths.extend(found or [item])
         elif item.is_file():
             paths.append(item)
         else:
@@ -80,23 +84,29 @@ def collect_inputs(inputs: list[str | Path]) -> list[Path]:
 
 
 def output_name(path: Path) -> str:
-    """`case_0000.nii.gz` (nnU-Net channel 0) and `case.nii.gz` both give `case.nii.gz`."""
+    """`case_0000.nii.gz` (nnU-Net channel 0) and `case.nii.gz` both give `case.nii.gz`; a
+    DICOM folder `case/` or file `case.dcm` gives `case.nii.gz`."""
     stem = strip_image_suffix(path.name)
+    if stem.lower().endswith(".dcm"):
+        stem = stem[: -len(".dcm")]
     if stem.endswith("_0000"):
         stem = stem[: -len("_0000")]
     return f"{stem}.nii.gz"
 
 
-def predict_volume(predictor: Predictor, path: Path, config: PredictConfig) -> torch.Tensor:
-    """Label map of one input volume, on the input's own voxel grid (uint8/int64 tensor)."""
+def predict_volume(predictor: Predictor, volume: Volume | Path,
+                   config: PredictConfig) -> torch.Tensor:
+    """Label map of one input volume (read, or a path to read), on the input's own voxel
+    grid (uint8/int64 tensor)."""
     from monai.transforms import Invertd
 
     plan = predictor.plan
+    path = volume.path if isinstance(volume, Volume) else volume
     if plan.in_channels != 1:
         raise MedsegError(f"the model expects {plan.in_channels} channels; multi-channel "
                           f"prediction takes one file per channel (not yet supported)", path)
     chain = preprocessing(plan, with_label=False)
-    data = chain(case_dict([path]))
+    data = chain(case_dict([volume]))
     image = data[IMAGE]
     probabilities = _ensemble_probabilities(predictor, image.as_tensor()[None], config)
     # Invert orientation and resampling on the class scores (not the labels), then argmax,
@@ -108,9 +118,10 @@ def predict_volume(predictor: Predictor, path: Path, config: PredictConfig) -> t
 
 
 def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
-                  config: PredictConfig, overwrite: bool = False) -> list[PredictionResult]:
+                  config: PredictConfig, overwrite: bool = False, series_uid: str | None = None,
+                  resample_irregular: bool = False) -> list[PredictionResult]:
     """Predict each input, writing `<case>.nii.gz` in output_dir; a failing case is reported
-    and the batch goes on."""
+    and the batch goes on. `series_uid` and `resample_irregular` apply to DICOM inputs."""
     output_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for path in tqdm(inputs, desc="predict", unit="case", dynamic_ncols=True):
@@ -120,11 +131,9 @@ def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
             results.append(PredictionResult(path, target, 0.0, skipped=True))
             continue
         try:
-            if not is_nifti(path):
-                raise MedsegError("unsupported format (expected .nii or .nii.gz)", path)
-            load_nifti(path)  # header checks before any voxel is read
-            mask = predict_volume(predictor, path, config)
-            write_mask(mask.numpy(), path, target)
+            volume = read_volume(path, np.float32, series_uid, resample_irregular)
+            mask = predict_volume(predictor, volume, config)
+            write_mask(mask.numpy(), volume.geometry, target)
             results.append(PredictionResult(path, target, time.monotonic() - started))
         except MedsegError as exc:
             tqdm.write(f"medseg: error: {exc}", file=sys.stderr)

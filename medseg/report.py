@@ -1,85 +1,175 @@
-"""Per-case CSV, summary.json and a console table from scored cases."""
+"""Per-case CSV, summary.json, report.html and a console table from scored cases.
+
+`run_evaluation` is the whole `medseg evaluate` job: pair, score, write, print.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
 
-from medseg.evaluate import CaseScores
+from medseg.errors import MedsegError
+from medseg.evaluate import CaseScores, evaluate_pairs, infer_labels, pair_cases
 from medseg.fileio import atomic_write_json, atomic_write_text
+from medseg.metrics import METRICS, is_present
 
-METRICS = ("dice", "ref_ml", "pred_ml", "diff_ml")
+# metrics whose mean over structures is given in the summary and in the console table
+HEADLINE = ("dice", "nsd")
 
 
-def summarize(results: list[CaseScores]) -> dict:
-    """Per structure and metric: mean, sd, median, IQR and n over the finite values."""
+def run_evaluation(pred_dir: Path, ref_dir: Path, labels_path: Path | None,
+                   out_dir: Path | None, tolerance_mm: float = 2.0, jobs: int = 1,
+                   resample: bool = False) -> dict:
+    """Score every reference against the prediction of the same name, print a table and,
+    with `out_dir`, write scores.csv, summary.json and report.html. Returns the summary
+    (its `failed_cases` is non-empty when some case could not be scored)."""
+    from medseg.datasets import label_names_from_json
+
+    if jobs < 1:
+        raise MedsegError(f"--jobs must be at least 1, got {jobs}")
+    if not math.isfinite(tolerance_mm) or tolerance_mm < 0:
+        raise MedsegError(f"--tolerance-mm must be a finite number >= 0, got {tolerance_mm}")
+    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
+        raise MedsegError("output folder path is a file", out_dir)
+    pairs = pair_cases(pred_dir, ref_dir)
+    labels = label_names_from_json(labels_path) if labels_path else infer_labels(pairs)
+    results = evaluate_pairs(pairs, labels, tolerance_mm=tolerance_mm, jobs=jobs,
+                             resample=resample)
+    if out_dir is not None:
+        summary = write_reports(results, out_dir, labels=labels, tolerance_mm=tolerance_mm)
+    else:
+        summary = summarize(results, tolerance_mm)
+    print(format_table(summary))
+    for result in results:
+        if result.error:
+            print(f"  {result.case}: {result.error}", file=sys.stderr)
+    if summary["resampled_cases"]:
+        print(f"resampled onto the reference grid (nearest neighbour): "
+              f"{', '.join(summary['resampled_cases'])}")
+    if out_dir is not None:
+        print(f"wrote {out_dir / 'scores.csv'}, {out_dir / 'summary.json'} and "
+              f"{out_dir / 'report.html'}")
+    return summary
+
+
+def summarize(results: list[CaseScores], tolerance_mm: float | None = None) -> dict:
+    """Per structure and metric: mean, sd, median, IQR and n over the finite values, and
+    n_inf, the number of infinite distances (a structure missing from one mask, or a
+    failed case). `mean_dice` and `mean_nsd` average the structures present in some case."""
     structures = list(results[0].scores) if results else []
     summary: dict = {"n_cases": len(results),
                      "failed_cases": [r.case for r in results if r.error],
+                     "resampled_cases": [r.case for r in results if r.resampled],
+                     "tolerance_mm": tolerance_mm,
                      "structures": {}}
     for name in structures:
         summary["structures"][name] = {
             metric: _stats([r.scores[name][metric] for r in results]) for metric in METRICS
         }
-    means = [s["dice"]["mean"] for s in summary["structures"].values()]
-    summary["mean_dice"] = float(np.mean(means)) if means else float("nan")
+    absent = absent_structures(results)
+    summary["absent_structures"] = absent
+    shown = [name for name in structures if name not in absent] or structures
+    for metric in HEADLINE:
+        means = [summary["structures"][name][metric]["mean"] for name in shown]
+        finite = [m for m in means if math.isfinite(m)]
+        summary[f"mean_{metric}"] = float(np.mean(finite)) if finite else float("nan")
     return summary
 
 
-def write_reports(results: list[CaseScores], out_dir: Path) -> dict:
-    """Write scores.csv (a row per case and structure) and summary.json; return the summary."""
+def absent_structures(results: list[CaseScores]) -> list[str]:
+    """Structures that no scored case has in its reference or its prediction."""
+    structures = list(results[0].scores) if results else []
+    scored = [r for r in results if not r.error]
+    return [name for name in structures
+            if scored and not any(is_present(r.scores[name]) for r in scored)]
+
+
+def write_reports(results: list[CaseScores], out_dir: Path, labels: dict[int, str] | None = None,
+                  tolerance_mm: float | None = None, html: bool = True) -> dict:
+    """Write scores.csv (a row per case and structure), summary.json and (with `html`)
+    report.html into out_dir; return the summary. `labels` (id -> name) lets the report
+    draw the overlay montages."""
     out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "scores.csv", scores_csv(results))
+    summary = summarize(results, tolerance_mm)
+    atomic_write_json(out_dir / "summary.json", _json_safe(summary))
+    if html:
+        from medseg.report_html import render_report
+
+        atomic_write_text(out_dir / "report.html", render_report(results, summary, labels))
+    return summary
+
+
+def scores_csv(results: list[CaseScores]) -> str:
+    """CSV text: case, structure, METRICS..., error (NaN empty, infinity as inf)."""
     buffer = io.StringIO()
-    writer = csv.writer(buffer)
+    writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["case", "structure", *METRICS, "error"])
     for result in results:
         for name, scores in result.scores.items():
             writer.writerow([result.case, name, *(_fmt(scores[m]) for m in METRICS),
                              result.error or ""])
-    atomic_write_text(out_dir / "scores.csv", buffer.getvalue())
-    summary = summarize(results)
-    atomic_write_json(out_dir / "summary.json", _json_safe(summary))
-    return summary
+    return buffer.getvalue()
 
 
 def format_table(summary: dict) -> str:
-    """A compact console table: structure, mean and sd Dice, n."""
-    rows = [("structure", "dice mean", "dice sd", "n")]
+    """A compact console table: Dice mean and sd, NSD mean, HD95 median, n and inf counts."""
+    tolerance = summary.get("tolerance_mm")
+    nsd_head = f"nsd@{tolerance:g}mm" if tolerance is not None else "nsd"
+    rows = [("structure", "dice", "sd", nsd_head, "hd95 mm", "n", "inf")]
+    absent = set(summary.get("absent_structures", []))
     for name, stats in summary["structures"].items():
-        dice = stats["dice"]
-        rows.append((name, f"{dice['mean']:.4f}", f"{dice['sd']:.4f}", str(dice["n"])))
-    rows.append(("mean", f"{summary['mean_dice']:.4f}", "", str(summary["n_cases"])))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        if name in absent:
+            continue
+        rows.append((name, _num(stats["dice"]["mean"]), _num(stats["dice"]["sd"]),
+                     _num(stats["nsd"]["mean"]), _num(stats["hd95_mm"]["median"], 2),
+                     str(stats["dice"]["n"]), str(stats["hd95_mm"]["n_inf"])))
+    rows.append(("mean", _num(summary["mean_dice"]), "", _num(summary.get("mean_nsd", math.nan)),
+                 "", str(summary["n_cases"]), ""))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
                        for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
              for row in rows]
     lines.insert(1, "-" * len(lines[0]))
+    lines.insert(-1, "-" * len(lines[0]))
+    if absent:
+        lines.append(f"not shown, absent from every reference and prediction: {len(absent)} "
+                     f"structure{'s' if len(absent) > 1 else ''} (listed in summary.json)")
     if summary["failed_cases"]:
-        lines.append(f"failed cases (scored 0): {', '.join(summary['failed_cases'])}")
+        lines.append(f"failed cases (scored Dice 0, distances inf): "
+                     f"{', '.join(summary['failed_cases'])}")
     return "\n".join(lines)
 
 
 def _stats(values: list[float]) -> dict:
     finite = np.asarray([v for v in values if math.isfinite(v)], dtype=float)
+    n_inf = sum(1 for v in values if math.isinf(v))
     if finite.size == 0:
         return {"mean": float("nan"), "sd": float("nan"), "median": float("nan"),
-                "iqr": float("nan"), "n": 0}
+                "iqr": float("nan"), "n": 0, "n_inf": n_inf}
     q1, q3 = np.percentile(finite, [25, 75])
     return {"mean": float(finite.mean()), "sd": float(finite.std(ddof=1)) if finite.size > 1
             else 0.0, "median": float(np.median(finite)), "iqr": float(q3 - q1),
-            "n": int(finite.size)}
+            "n": int(finite.size), "n_inf": n_inf}
+
+
+def _num(value: float, digits: int = 4) -> str:
+    return f"{value:.{digits}f}" if math.isfinite(value) else "-"
 
 
 def _fmt(value: float) -> str:
-    return "" if not math.isfinite(value) else f"{value:.6g}"
+    if math.isnan(value):
+        return ""
+    return ("inf" if value > 0 else "-inf") if math.isinf(value) else f"{value:.6g}"
 
 
 def _json_safe(data):
-    """JSON has no NaN: write null instead."""
+    """JSON has no NaN or infinity: write null instead."""
     if isinstance(data, dict):
         return {k: _json_safe(v) for k, v in data.items()}
     if isinstance(data, list):

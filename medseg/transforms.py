@@ -3,24 +3,18 @@ inference, so that inference inverts exactly what training saw) and training aug
 
 from __future__ import annotations
 
-import logging
-import warnings
-
 import numpy as np
 from monai import transforms as mt
 
 from medseg.config import AugmentConfig
+from medseg.io import Volume
 from medseg.plan import Plan
+from medseg.reader import LoadVolumed
 
 IMAGE = "image"
 LABEL = "label"
 INDICES_POSTFIX = "_class_indices"
 SAMPLES_PER_CLASS = 20_000  # patch centres kept per class and case, as nnU-Net's 10k
-
-# LoadImaged instantiates every reader MONAI knows, and its GPU DICOM reader complains on
-# machines without nvImageCodec, once per case; medseg never uses that reader.
-logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
-warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
 
 
 def channel_keys(plan: Plan) -> list[str]:
@@ -28,21 +22,26 @@ def channel_keys(plan: Plan) -> list[str]:
 
 
 def case_dict(images, label=None) -> dict:
-    """The dict a preprocessing chain takes: one key per image channel, plus the label."""
-    data = {f"{IMAGE}_{c}": str(path) for c, path in enumerate(images)}
+    """The dict a preprocessing chain takes: one key per image channel (a path, or a Volume
+    already read), plus the label."""
+    data = {f"{IMAGE}_{c}": image if isinstance(image, Volume) else str(image)
+            for c, image in enumerate(images)}
     if label is not None:
         data[LABEL] = str(label)
     return data
 
 
-def preprocessing(plan: Plan, with_label: bool) -> mt.Compose:
-    """Load, RAS orientation, resampling to the target spacing, per-channel normalization,
-    channels stacked into `image`."""
+def preprocessing(plan: Plan, with_label: bool, series_uid: str | None = None,
+                  resample_irregular: bool = False) -> mt.Compose:
+    """Load (any format `read_volume` reads; the DICOM options apply to DICOM inputs), RAS
+    orientation, resampling to the target spacing, per-channel normalization, channels
+    stacked into `image`."""
     image_keys = channel_keys(plan)
     all_keys = image_keys + ([LABEL] if with_label else [])
     modes = ["bilinear"] * len(image_keys) + (["nearest"] if with_label else [])
     steps: list = [
-        mt.LoadImaged(all_keys, reader="NibabelReader", image_only=True, dtype=np.float32),
+        LoadVolumed(all_keys, dtype=np.float32, series_uid=series_uid,
+                    resample_irregular=resample_irregular),
         mt.EnsureChannelFirstd(all_keys),
         mt.Orientationd(all_keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         mt.Spacingd(all_keys, pixdim=plan.target_spacing, mode=modes),

@@ -71,3 +71,64 @@ def test_label_names_both_styles(tmp_path):
     nnunet.write_text(json.dumps({"labels": {"background": 0, "Anterior": 1}}))
     assert label_names_from_json(msd) == label_names_from_json(nnunet) == {
         0: "background", 1: "Anterior"}
+
+
+def test_csv_layout_with_channels(tmp_path):
+    for name in ("a_t1.nii.gz", "a_t2.nrrd", "a_seg.nii.gz", "b_t1.nii.gz", "b_t2.nrrd",
+                 "b_seg.nii.gz"):
+        (tmp_path / "files").mkdir(exist_ok=True)
+        (tmp_path / "files" / name).write_bytes(b"x")
+    (tmp_path / "dataset.csv").write_text(
+        "case,image,label,t2\n"
+        "a,files/a_t1.nii.gz,files/a_seg.nii.gz,files/a_t2.nrrd\n"
+        ",files/b_t1.nii.gz,files/b_seg.nii.gz,files/b_t2.nrrd\n")
+    (tmp_path / "labels.json").write_text(json.dumps({"0": "background", "1": "tumour"}))
+    for source in (tmp_path, tmp_path / "dataset.csv"):
+        dataset = load_dataset(source)
+        assert [c.name for c in dataset.cases] == ["a", "b_t1"]
+        assert [p.name for p in dataset.cases[0].images] == ["a_t1.nii.gz", "a_t2.nrrd"]
+        assert dataset.cases[1].label.name == "b_seg.nii.gz"
+        assert dataset.modalities == ("MR", "MR")
+        assert dataset.labels == {0: "background", 1: "tumour"}
+
+
+def test_csv_errors_name_the_file(tmp_path):
+    csv_path = tmp_path / "dataset.csv"
+    csv_path.write_text("image,mask\nx.nii.gz,y.nii.gz\n")
+    with pytest.raises(MedsegError, match="dataset.csv: CSV needs the columns image and label"):
+        load_dataset(csv_path)
+    csv_path.write_text("image,label\nx.nii.gz,\n")
+    with pytest.raises(MedsegError, match="listed in dataset.csv but missing"):
+        load_dataset(tmp_path)
+
+
+def test_folder_pairs_match_by_name_across_formats_and_dicom_folders(tmp_path):
+    (tmp_path / "images" / "dicom_case").mkdir(parents=True)
+    (tmp_path / "labels").mkdir()
+    (tmp_path / "images" / "x.nrrd").write_bytes(b"x")
+    (tmp_path / "labels" / "x.nii.gz").write_bytes(b"x")
+    (tmp_path / "labels" / "dicom_case.nii.gz").write_bytes(b"x")
+    (tmp_path / "labels" / "spare.nii.gz").write_bytes(b"x")  # ignored by training
+    dataset = load_dataset(tmp_path)
+    assert [(c.name, c.images[0].name, c.label.name) for c in dataset.cases] == [
+        ("dicom_case", "dicom_case", "dicom_case.nii.gz"), ("x", "x.nrrd", "x.nii.gz")]
+
+
+def test_nnunet_other_file_ending(tmp_path):
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    (tmp_path / "imagesTr" / "a_0000.mha").write_bytes(b"x")
+    (tmp_path / "labelsTr" / "a.mha").write_bytes(b"x")
+    (tmp_path / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "CT"}, "labels": {"background": 0, "x": 1},
+        "file_ending": ".mha"}))
+    dataset = load_dataset(tmp_path)
+    assert dataset.cases[0].images[0].name == "a_0000.mha" and dataset.modalities == ("CT",)
+
+
+def test_paths_leaving_the_folder(tmp_path):
+    from medseg.datasets import leaves_folder
+
+    assert leaves_folder(tmp_path / "a" / ".." / ".." / "b.nii.gz", tmp_path)
+    assert leaves_folder(tmp_path.parent / "b.nii.gz", tmp_path)
+    assert not leaves_folder(tmp_path / "a" / ".." / "b.nii.gz", tmp_path)

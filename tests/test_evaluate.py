@@ -1,27 +1,38 @@
 import json
+import math
+import time
 
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import requires_shared
+from scipy import ndimage
 
 from medseg.cli import main
-from medseg.evaluate import evaluate_pairs, pair_cases
-from medseg.report import format_table, write_reports
+from medseg.datasets import label_names_from_json
+from medseg.errors import MedsegError
+from medseg.evaluate import evaluate_pairs, infer_labels, load_pair, pair_cases
+from medseg.report import format_table, run_evaluation, write_reports
 
 LABELS = {0: "background", 1: "a", 2: "b"}
+AFFINE = np.diag([2.0, 2.0, 3.0, 1.0])
 
 
 def save(path, data, affine=None):
     path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(data.astype(np.uint8), np.diag([2.0, 2.0, 3.0, 1.0])
-                             if affine is None else affine), path)
+    nib.save(nib.Nifti1Image(data.astype(np.uint8), AFFINE if affine is None else affine), path)
+
+
+def phantom():
+    reference = np.zeros((10, 10, 10), np.uint8)
+    reference[2:6, 2:6, 2:6] = 1
+    reference[6:9, 6:9, 6:9] = 2
+    return reference
 
 
 @pytest.fixture()
 def folders(tmp_path):
-    reference = np.zeros((10, 10, 10), np.uint8)
-    reference[2:6, 2:6, 2:6] = 1
-    reference[6:9, 6:9, 6:9] = 2
+    reference = phantom()
     shifted = np.roll(reference, 1, axis=0)
     save(tmp_path / "ref" / "c1.nii.gz", reference)
     save(tmp_path / "ref" / "c2.nii.gz", reference)
@@ -35,21 +46,30 @@ def test_missing_prediction_is_a_failure_not_dropped(folders):
     results = evaluate_pairs(pair_cases(folders / "pred", folders / "ref"), LABELS)
     assert [r.case for r in results] == ["c1", "c2", "c3"]
     assert results[0].scores["a"]["dice"] == 1.0
+    assert results[0].scores["a"]["hd95_mm"] == 0.0 and results[0].scores["a"]["nsd"] == 1.0
     assert results[1].scores["a"]["dice"] == pytest.approx(2 * 48 / 128)
+    assert results[1].scores["a"]["hd95_mm"] == pytest.approx(2.0)  # one 2 mm voxel along x
     assert results[2].error and results[2].scores["a"]["dice"] == 0.0
+    assert math.isinf(results[2].scores["a"]["hd95_mm"])
 
 
 def test_reports(folders, tmp_path):
     results = evaluate_pairs(pair_cases(folders / "pred", folders / "ref"), LABELS)
     summary = write_reports(results, tmp_path / "out")
     rows = (tmp_path / "out" / "scores.csv").read_text().splitlines()
-    assert rows[0].startswith("case,structure,dice")
+    assert rows[0] == ("case,structure,dice,iou,hd95_mm,assd_mm,nsd,ref_ml,pred_ml,diff_ml,"
+                       "error")
     assert len(rows) == 1 + 3 * 2
+    assert rows[-1].startswith("c3,b,0,0,inf,inf,0,,,,")
     saved = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert saved["failed_cases"] == ["c3"]
     dice_a = saved["structures"]["a"]["dice"]
     assert dice_a["n"] == 3
     assert dice_a["mean"] == pytest.approx((1.0 + 0.75 + 0.0) / 3)
+    assert saved["structures"]["a"]["hd95_mm"] == {
+        "mean": 1.0, "sd": pytest.approx(math.sqrt(2)), "median": 1.0, "iqr": 1.0, "n": 2,
+        "n_inf": 1}
+    assert (tmp_path / "out" / "report.html").is_file()
     assert "a " in format_table(summary) and "failed cases" in format_table(summary)
 
 
@@ -57,6 +77,90 @@ def test_grid_mismatch_is_reported(folders):
     save(folders / "pred" / "c3.nii.gz", np.zeros((10, 10, 10)), np.eye(4))
     results = evaluate_pairs(pair_cases(folders / "pred", folders / "ref"), LABELS)
     assert "not on the same grid" in results[2].error
+    assert "--resample" in results[2].error and "c3.nii.gz" in results[2].error
+
+
+def test_resample_puts_a_flipped_prediction_back_on_the_reference_grid(tmp_path):
+    reference = phantom()
+    flip = np.array([[-2.0, 0, 0, 18.0], [0, 2.0, 0, 0], [0, 0, 3.0, 0], [0, 0, 0, 1]])
+    save(tmp_path / "ref" / "c1.nii.gz", reference)
+    save(tmp_path / "pred" / "c1.nii.gz", reference[::-1], flip)  # same voxels in world space
+    pairs = pair_cases(tmp_path / "pred", tmp_path / "ref")
+    refused = evaluate_pairs(pairs, LABELS)[0]
+    assert refused.error and "--resample" in refused.error
+    result = evaluate_pairs(pairs, LABELS, resample=True)[0]
+    assert result.error is None and result.resampled
+    assert result.scores["a"]["dice"] == 1.0 and result.scores["b"]["dice"] == 1.0
+
+
+def test_resample_from_a_finer_grid(tmp_path):
+    reference = phantom()
+    fine = np.repeat(np.repeat(reference, 2, axis=0), 2, axis=1)  # 1 mm in-plane
+    fine_affine = np.diag([1.0, 1.0, 3.0, 1.0])
+    fine_affine[:2, 3] = -0.5  # voxel centres of the fine grid sit 0.5 mm either side
+    save(tmp_path / "ref" / "c1.nii.gz", reference)
+    save(tmp_path / "pred" / "c1.nii.gz", fine, fine_affine)
+    pair = load_pair(tmp_path / "pred" / "c1.nii.gz", tmp_path / "ref" / "c1.nii.gz", LABELS,
+                     resample=True)
+    assert pair.resampled and np.array_equal(pair.prediction, reference)
+
+
+def test_unknown_label_in_prediction_is_a_failure(folders):
+    save(folders / "pred" / "c3.nii.gz", np.full((10, 10, 10), 7))
+    results = evaluate_pairs(pair_cases(folders / "pred", folders / "ref"), LABELS)
+    assert "[7]" in results[2].error and "label map" in results[2].error
+
+
+def test_parallel_jobs_give_the_serial_scores(folders):
+    pairs = pair_cases(folders / "pred", folders / "ref")
+    serial = evaluate_pairs(pairs, LABELS)
+    parallel = evaluate_pairs(pairs, LABELS, jobs=2)
+    assert [r.case for r in parallel] == [r.case for r in serial]
+    assert [r.error for r in parallel] == [r.error for r in serial]
+    for a, b in zip(serial, parallel, strict=True):
+        assert json.dumps(a.scores) == json.dumps(b.scores)
+
+
+def test_infer_labels(folders):
+    labels = infer_labels(pair_cases(folders / "pred", folders / "ref"))
+    assert labels == {0: "background", 1: "label_1", 2: "label_2"}
+
+
+@pytest.mark.parametrize("table", [
+    {"labels": {"0": "background", "1": "Anterior", "2": "Posterior"}},  # MSD
+    {"labels": {"background": 0, "Anterior": 1, "Posterior": 2},  # nnU-Net v2
+     "channel_names": {"0": "MRI"}, "file_ending": ".nii.gz"},
+])
+def test_run_evaluation_names_structures_from_dataset_json(folders, tmp_path, capsys, table):
+    labels = tmp_path / "dataset.json"
+    labels.write_text(json.dumps(table))
+    summary = run_evaluation(folders / "pred", folders / "ref", labels, tmp_path / "ev",
+                             tolerance_mm=1.0)
+    out = capsys.readouterr().out
+    assert list(summary["structures"]) == ["Anterior", "Posterior"]
+    assert summary["failed_cases"] == ["c3"] and summary["tolerance_mm"] == 1.0
+    assert "Anterior" in out and "nsd@1mm" in out and "report.html" in out
+    for name in ("scores.csv", "summary.json", "report.html"):
+        assert (tmp_path / "ev" / name).is_file()
+
+
+def test_run_evaluation_without_out_writes_nothing(folders, tmp_path, capsys):
+    summary = run_evaluation(folders / "pred", folders / "ref", None, None)
+    assert list(summary["structures"]) == ["label_1", "label_2"]
+    assert "label_1" in capsys.readouterr().out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pred", "ref"]
+
+
+def test_run_evaluation_refuses_bad_options(folders, tmp_path):
+    with pytest.raises(MedsegError, match="--jobs"):
+        run_evaluation(folders / "pred", folders / "ref", None, None, jobs=0)
+    with pytest.raises(MedsegError, match="--tolerance-mm"):
+        run_evaluation(folders / "pred", folders / "ref", None, None, tolerance_mm=-1.0)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(MedsegError, match="is a file"):
+        run_evaluation(folders / "pred", folders / "ref", None, tmp_path / "file")
+    with pytest.raises(MedsegError, match="folder not found"):
+        run_evaluation(tmp_path / "nope", folders / "ref", None, None)
 
 
 def test_cli_uses_label_names(folders, tmp_path, capsys):
@@ -69,3 +173,56 @@ def test_cli_uses_label_names(folders, tmp_path, capsys):
     assert code == 1  # c3 has no prediction
     assert "Anterior" in out and "Posterior" in out
     assert (tmp_path / "ev" / "summary.json").is_file()
+
+
+# ---------------------------------------------------------------- real data
+
+
+@pytest.fixture(scope="module")
+def totalseg(tmp_path_factory):
+    """The 41-structure TotalSegmentator mask as reference for itself and for a copy shifted
+    by one voxel (3 mm) along the first axis."""
+    seg = requires_shared("totalseg_ct", "example_seg.nii.gz")
+    labels = label_names_from_json(requires_shared("totalseg_ct", "labels.json"))
+    root = tmp_path_factory.mktemp("totalseg")
+    image = nib.load(seg)
+    reference = np.asarray(image.dataobj)
+    shifted = ndimage.shift(reference, (1, 0, 0), order=0, mode="constant", cval=0)
+    (root / "ref").mkdir()
+    for case, prediction in (("self", reference), ("shifted", shifted)):
+        nib.save(image, root / "ref" / f"{case}.nii.gz")
+        save(root / "pred" / f"{case}.nii.gz", prediction, image.affine)
+    return root, labels, reference, shifted
+
+
+def test_totalseg_case_against_itself_and_shifted(totalseg, capsys):
+    root, labels, reference, shifted = totalseg
+    started = time.perf_counter()
+    self_case, shifted_case = evaluate_pairs(pair_cases(root / "pred", root / "ref"), labels)
+    seconds = time.perf_counter() - started
+    present = [k for k in sorted(labels) if k > 0 and (reference == k).any()]
+    assert len(present) == 41
+    for k in present:
+        scores = self_case.scores[labels[k]]
+        assert scores["dice"] == 1.0 and scores["iou"] == 1.0 and scores["nsd"] == 1.0
+        assert scores["hd95_mm"] == 0.0 and scores["assd_mm"] == 0.0
+    for k in present:  # the known drop: Dice from the overlap counted here
+        ref_k, pred_k = reference == k, shifted == k
+        expected = 2 * np.count_nonzero(ref_k & pred_k) / (ref_k.sum() + pred_k.sum())
+        scores = shifted_case.scores[labels[k]]
+        assert scores["dice"] == pytest.approx(expected), labels[k]
+        assert scores["dice"] < 1.0
+        assert scores["hd95_mm"] in (0.0, 3.0)  # every surface moved by one 3 mm voxel at most
+        assert scores["nsd"] < 1.0  # 2 mm tolerance: the moved faces are 3 mm away
+    with capsys.disabled():
+        print(f"\n  two 41-structure totalseg cases scored in {seconds:.2f} s")
+
+
+def test_totalseg_shift_is_fully_within_a_3mm_tolerance(totalseg):
+    root, labels, reference, _ = totalseg
+    result = evaluate_pairs(pair_cases(root / "pred", root / "ref"), labels,
+                            tolerance_mm=3.0)[1]
+    assert result.case == "shifted"
+    for k in sorted(labels):
+        if k > 0 and (reference == k).any():
+            assert result.scores[labels[k]]["nsd"] == 1.0, labels[k]

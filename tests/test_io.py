@@ -1,3 +1,6 @@
+import gzip
+import zlib
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -111,3 +114,164 @@ def test_failed_atomic_write_leaves_nothing(tmp_path):
         tmp.write_bytes(b"half")
         raise RuntimeError("killed")
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- formats and round trips
+
+def ras_affine() -> np.ndarray:
+    affine = np.diag([0.8, 0.9, 2.0, 1.0])
+    affine[:3, 3] = [-30.0, 12.5, 7.0]
+    return affine
+
+
+def lps_affine() -> np.ndarray:
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ ras_affine()
+
+
+@pytest.mark.parametrize("make_affine", [ras_affine, lps_affine, oblique_lps_affine])
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd", ".mha"])
+def test_round_trip_keeps_geometry_exactly(tmp_path, make_affine, suffix):
+    affine = make_affine()
+    source = save(tmp_path / "in.nii.gz", np.zeros((7, 8, 9), np.float32), affine,
+                  qform_code=2, sform_code=1)
+    volume = read_volume(source)
+    mask = np.random.default_rng(1).integers(0, 4, size=(7, 8, 9))
+    written = read_volume(write_mask(mask, volume.geometry, tmp_path / f"mask{suffix}"),
+                          dtype=None)
+    np.testing.assert_array_equal(written.data, mask)
+    np.testing.assert_allclose(written.affine, volume.affine, rtol=0, atol=1e-9)
+    again = read_volume(write_mask(written.data, written.geometry, tmp_path / f"2{suffix}"),
+                        dtype=None)
+    np.testing.assert_array_equal(again.affine, written.affine)
+    if suffix == ".nii.gz":
+        header = nib.load(tmp_path / "2.nii.gz").header
+        assert (int(header["qform_code"]), int(header["sform_code"])) == (2, 1)
+
+
+def test_nrrd_and_mha_geometry_is_lps_converted_to_ras(tmp_path):
+    sitk = pytest.importorskip("SimpleITK")
+    data = np.random.default_rng(2).integers(0, 100, size=(4, 5, 6)).astype(np.int16)
+    image = sitk.GetImageFromArray(data.transpose(2, 1, 0))  # ITK arrays are (k, j, i)
+    image.SetSpacing((0.7, 0.9, 2.5))
+    image.SetOrigin((10.0, -20.0, 5.0))
+    lps = oblique_lps_affine()
+    image.SetDirection((lps[:3, :3] / [0.7, 0.9, 2.5]).ravel().tolist())
+    for suffix in (".nrrd", ".mha", ".mhd", ".nhdr"):
+        sitk.WriteImage(image, str(tmp_path / f"v{suffix}"))
+        volume = read_volume(tmp_path / f"v{suffix}", dtype=None)
+        np.testing.assert_array_equal(volume.data, data)
+        expected = lps.copy()
+        expected[:3, 3] = [10.0, -20.0, 5.0]
+        np.testing.assert_allclose(volume.affine, np.diag([-1, -1, 1, 1]) @ expected,
+                                   atol=1e-9)
+
+
+def test_slicer_nrrd_in_ras_space(tmp_path):
+    """3D Slicer may write `space: right-anterior-superior`: the same world, other signs."""
+    header = ("NRRD0004\ntype: short\ndimension: 3\nspace: right-anterior-superior\n"
+              "sizes: 2 3 4\nspace directions: (0.5,0,0) (0,-0.6,0) (0,0,1.5)\n"
+              "kinds: domain domain domain\nendian: little\nencoding: raw\n"
+              "space origin: (10,20,30)\n\n")
+    path = tmp_path / "slicer.nrrd"
+    path.write_bytes(header.encode() + np.arange(24, dtype="<i2").tobytes(order="F"))
+    volume = read_volume(path, dtype=None)
+    expected = np.array([[0.5, 0, 0, 10], [0, -0.6, 0, 20], [0, 0, 1.5, 30], [0, 0, 0, 1]])
+    np.testing.assert_allclose(volume.affine, expected, atol=1e-9)
+    assert volume.data[1, 0, 0] == 1 and volume.data[0, 1, 0] == 2  # first index fastest
+
+
+def test_convert_volume_between_formats(tmp_path):
+    from medseg.io import convert_volume
+
+    data = np.random.default_rng(3).normal(size=(5, 6, 7)).astype(np.float32)
+    source = save(tmp_path / "in.nii.gz", data, oblique_lps_affine())
+    nrrd = convert_volume(source, tmp_path / "out.nrrd")
+    back = convert_volume(nrrd, tmp_path / "back.nii.gz")
+    result = read_volume(back)
+    np.testing.assert_array_equal(result.data, data)
+    np.testing.assert_allclose(result.affine, read_volume(source).affine, atol=1e-6)
+    with pytest.raises(MedsegError, match="unknown output format"):
+        convert_volume(source, tmp_path / "out.png")
+    with pytest.raises(MedsegError, match="overwrite the input"):
+        convert_volume(source, source)
+
+
+def test_monai_loading_matches_nibabel_reader(tmp_path):
+    """The load step gives the same tensor and affine for a NIfTI file (as MONAI's own
+    NibabelReader does) and for the same volume stored as NRRD."""
+    from monai import transforms as mt
+
+    from medseg.io import convert_volume
+    from medseg.reader import LoadVolumed
+
+    data = np.random.default_rng(4).normal(size=(5, 6, 7)).astype(np.float32)
+    source = save(tmp_path / "in.nii.gz", data, oblique_lps_affine())
+    nrrd = convert_volume(source, tmp_path / "in.nrrd")
+    tail = [mt.EnsureChannelFirstd("x"), mt.Orientationd("x", axcodes="RAS")]
+    theirs = mt.Compose([mt.LoadImaged("x", reader="NibabelReader", image_only=True,
+                                       dtype=np.float32), *tail])({"x": str(source)})["x"]
+    for path in (source, nrrd):
+        ours = mt.Compose([LoadVolumed("x"), *tail])({"x": str(path)})["x"]
+        np.testing.assert_array_equal(ours.numpy(), theirs.numpy())
+        np.testing.assert_allclose(ours.affine.numpy(), theirs.affine.numpy(), atol=1e-6)
+        for key in ("original_affine", "spatial_shape"):
+            np.testing.assert_allclose(np.asarray(ours.meta[key]),
+                                       np.asarray(theirs.meta[key]), atol=1e-6)
+
+
+# ---------------------------------------------------------------- hostile input
+
+def huge_nifti(path):
+    header = nib.Nifti1Header()
+    header.set_data_shape((2048, 2048, 1024))  # 2^32 voxels
+    header.set_data_dtype(np.int16)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header.binaryblock + b"\0" * 4 + b"\0" * 64)
+
+
+HOSTILE = {
+    "empty.nii.gz": b"",
+    "empty.nrrd": b"",
+    "empty.mha": b"",
+    "random.nii.gz": np.random.default_rng(5).bytes(2000),
+    "random.nrrd": np.random.default_rng(6).bytes(2000),
+    "random.mha": np.random.default_rng(7).bytes(2000),
+    "malformed.nrrd": b"NRRD0004\ntype: short\ndimension: 3\nsizes: 4 4\nencoding: raw\n\n",
+    "huge.mha": (b"ObjectType = Image\nNDims = 3\nDimSize = 2048 2048 1024\n"
+                 b"ElementType = MET_SHORT\nCompressedData = True\nElementDataFile = LOCAL\n"
+                 + zlib.compress(b"\0" * 1000)),
+    "huge.nrrd": (b"NRRD0004\ntype: short\ndimension: 3\nsizes: 2048 2048 1024\n"
+                  b"endian: little\nencoding: gzip\n\n" + gzip.compress(b"\0" * 1000)),
+    "nan_spacing.nrrd": (b"NRRD0004\ntype: short\ndimension: 3\nsizes: 2 2 2\n"
+                         b"space: left-posterior-superior\nspace directions: (nan,0,0) (0,1,0)"
+                         b" (0,0,1)\nendian: little\nencoding: raw\n\n" + b"\0" * 16),
+    "zero_spacing.mha": (b"ObjectType = Image\nNDims = 3\nDimSize = 2 2 2\n"
+                         b"ElementSpacing = 0 1 1\nElementType = MET_SHORT\n"
+                         b"ElementDataFile = LOCAL\n" + b"\0" * 16),
+    "truncated.mha": (b"ObjectType = Image\nNDims = 3\nDimSize = 20 20 20\n"
+                      b"ElementType = MET_SHORT\nElementDataFile = LOCAL\n" + b"\0" * 100),
+    "notes.txt": b"not an image",
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE) + ["huge.nii.gz", "nodicom"])
+def test_hostile_input_one_line_naming_the_file_nothing_written(tmp_path, name):
+    from medseg.io import convert_volume
+
+    path = tmp_path / name
+    if name == "huge.nii.gz":
+        huge_nifti(path)
+    elif name == "nodicom":
+        path.mkdir()
+        (path / "readme.txt").write_text("no images")
+    else:
+        path.write_bytes(HOSTILE[name])
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(MedsegError) as caught:
+        convert_volume(path, out / "converted.nii.gz")
+    message = str(caught.value)
+    assert name in message and "\n" not in message
+    if name.startswith("huge"):
+        assert "2^31" in message
+    assert list(out.iterdir()) == []

@@ -1,0 +1,244 @@
+"""`medseg check`: everything wrong with a dataset, found before training, in one table.
+
+Every listed file is read once. Errors stop training (missing or unreadable files, grids that
+disagree, bad label values, NaN/Inf voxels, paths that leave the dataset folder, duplicate
+cases); warnings deserve a look (empty labels, spacing and orientation outliers). Any row makes
+the exit status 1; a dataset description that cannot be read at all raises MedsegError (2).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from tqdm import tqdm
+
+from medseg.datasets import Case, Dataset, leaves_folder, list_dataset, strip_image_suffix
+from medseg.errors import MedsegError
+from medseg.io import Geometry, read_geometry, read_volume
+
+AFFINE_TOLERANCE_MM = 1e-3  # the tolerance training applies between image and label grids
+SPACING_OUTLIER_FACTOR = 2.0
+
+
+@dataclass(frozen=True)
+class Problem:
+    severity: str  # "error" or "warning"
+    case: str
+    file: Path
+    message: str
+
+
+@dataclass(frozen=True)
+class CheckReport:
+    root: Path
+    layout: str
+    n_cases: int
+    problems: tuple[Problem, ...]
+
+    @property
+    def exit_code(self) -> int:
+        """0 when clean, 1 when any problem was found."""
+        return 1 if self.problems else 0
+
+    def format_table(self) -> str:
+        """The problems as an aligned text table, then a summary line."""
+        rows = [("severity", "case", "file", "problem")] + [
+            (p.severity, p.case, _relative(p.file, self.root), p.message)
+            for p in self.problems]
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        lines = ["  ".join(r[i].ljust(widths[i]) for i in range(3)) + "  " + r[3]
+                 for r in rows] if self.problems else []
+        errors = sum(p.severity == "error" for p in self.problems)
+        warnings = len(self.problems) - errors
+        verdict = "clean" if not self.problems else f"{errors} errors, {warnings} warnings"
+        lines.append(f"{self.root} ({self.layout} layout, {self.n_cases} cases): {verdict}")
+        return "\n".join(lines)
+
+
+@dataclass
+class _CaseFacts:
+    """What the dataset-wide checks need from one case."""
+
+    case: Case
+    geometry: Geometry | None = None
+    digests: list[str] = field(default_factory=list)
+
+
+def check_dataset(path: str | Path, layout: str = "auto") -> CheckReport:
+    """Read every file a dataset lists and report every problem found."""
+    listing = list_dataset(path, layout)
+    dataset = listing.dataset
+    problems = [Problem("error", _name_of(file), file, reason)
+                for file, reason in listing.orphans]
+    facts = []
+    for case in tqdm(dataset.cases, desc="check", unit="case", leave=False):
+        found, case_facts = _check_case(case, dataset)
+        problems += found
+        facts.append(case_facts)
+    problems += _duplicates(facts)
+    problems += _outliers([f for f in facts if f.geometry is not None])
+    return CheckReport(dataset.root, listing.layout, len(dataset.cases), tuple(problems))
+
+
+def _check_case(case: Case, dataset: Dataset) -> tuple[list[Problem], _CaseFacts]:
+    problems: list[Problem] = []
+    facts = _CaseFacts(case)
+
+    def add(file: Path, message: str, severity: str = "error") -> None:
+        problems.append(Problem(severity, case.name, file, message))
+
+    files = [*case.images, *([case.label] if case.label else [])]
+    for file in files:
+        if leaves_folder(file, dataset.root):
+            add(file, "path leaves the dataset folder")
+    missing = [f for f in files if not f.exists()]
+    for file in missing:
+        add(file, "label missing" if file == case.label else "image missing")
+    geometries = {}
+    for file in files:
+        if file in missing:
+            continue
+        try:
+            geometries[file] = read_geometry(file)
+        except MedsegError as exc:
+            add(file, _message(exc))
+    reference = geometries.get(case.images[0])
+    for file, geometry in geometries.items():
+        if reference is not None and file != case.images[0]:
+            mismatch = _grid_mismatch(geometry, reference)
+            if mismatch:
+                add(file, f"{mismatch} ({case.images[0].name})")
+    facts.geometry = reference
+    for file in case.images:
+        if file in geometries:
+            digest = _check_image_voxels(file, add)
+            if digest:
+                facts.digests.append(digest)
+    if case.label in geometries:
+        _check_label_voxels(case.label, dataset.labels, add)
+    return problems, facts
+
+
+def _grid_mismatch(geometry: Geometry, reference: Geometry) -> str | None:
+    if tuple(geometry.shape) != tuple(reference.shape):
+        return f"shape {tuple(geometry.shape)} differs from the image's {tuple(reference.shape)}"
+    difference = float(np.max(np.abs(geometry.affine - reference.affine)))
+    if difference > AFFINE_TOLERANCE_MM:
+        return (f"geometry differs from the image's: affines differ by up to {difference:.4g} "
+                f"mm (tolerance {AFFINE_TOLERANCE_MM} mm)")
+    return None
+
+
+def _check_image_voxels(file: Path, add) -> str | None:
+    try:
+        volume = read_volume(file, dtype=None)
+    except MedsegError as exc:
+        add(file, _message(exc))
+        return None
+    data = np.ascontiguousarray(volume.data)
+    return hashlib.sha256(str(data.shape).encode() + str(data.dtype).encode()
+                          + data.tobytes()).hexdigest()
+
+
+def _check_label_voxels(file: Path, labels: dict[int, str], add) -> None:
+    try:
+        data = read_volume(file, dtype=None).data
+    except MedsegError as exc:
+        add(file, _message(exc))
+        return
+    if data.dtype.kind == "f" and np.any(data != np.round(data)):
+        example = float(data[data != np.round(data)].flat[0])
+        add(file, f"label has non-integer values (e.g. {example:g})")
+        return
+    values = set(np.unique(data).astype(np.int64).tolist())
+    known = set(labels) if labels else {v for v in values if v >= 0}
+    unknown = sorted(values - known)
+    if unknown:
+        add(file, f"label values {unknown[:10]} are not in the label map "
+                  f"{sorted(labels) if labels else '(non-negative integers)'}")
+    if not values - {0}:
+        add(file, "label is empty (background only)", "warning")
+
+
+def _duplicates(facts: list[_CaseFacts]) -> list[Problem]:
+    problems = []
+    first_by_name: dict[str, Case] = {}
+    first_by_file: dict[Path, Case] = {}
+    first_by_digest: dict[str, Case] = {}
+    for fact in facts:
+        case = fact.case
+        image = case.images[0]
+        if case.name in first_by_name:
+            problems.append(Problem("error", case.name, image, "duplicate case name"))
+        first_by_name.setdefault(case.name, case)
+        for file in case.images:
+            other = first_by_file.setdefault(file, case)
+            if other is not case:
+                problems.append(Problem("error", case.name, file,
+                                        f"same file as case {other.name}"))
+        for digest in fact.digests:
+            other = first_by_digest.setdefault(digest, case)
+            if other is not case:
+                problems.append(Problem("error", case.name, image,
+                                        f"same voxels as case {other.name} (duplicate case)"))
+    return problems
+
+
+def _outliers(facts: list[_CaseFacts]) -> list[Problem]:
+    """Spacing beyond a factor 2 of the dataset median on some axis (R, A, S order), and
+    orientations other than the most common one."""
+    if len(facts) < 3:
+        return []
+    spacings = np.array([_ras_spacing(f.geometry) for f in facts])
+    median = np.median(spacings, axis=0)
+    codes = ["".join(nib.aff2axcodes(f.geometry.affine)) for f in facts]
+    usual = Counter(codes).most_common(1)[0][0]
+    problems = []
+    for fact, spacing, code in zip(facts, spacings, codes, strict=True):
+        ratio = spacing / median
+        if np.any(ratio > SPACING_OUTLIER_FACTOR) or np.any(ratio < 1 / SPACING_OUTLIER_FACTOR):
+            problems.append(Problem(
+                "warning", fact.case.name, fact.case.images[0],
+                f"spacing {_mm(spacing)} mm is an outlier: dataset median {_mm(median)} mm "
+                f"(beyond a factor {SPACING_OUTLIER_FACTOR:g})"))
+        if code != usual:
+            problems.append(Problem("warning", fact.case.name, fact.case.images[0],
+                                    f"orientation {code} differs from the usual {usual}"))
+    return problems
+
+
+def _ras_spacing(geometry: Geometry) -> list[float]:
+    order = nib.orientations.io_orientation(geometry.affine)[:, 0].astype(int)
+    ras = [0.0, 0.0, 0.0]
+    for voxel_axis, world_axis in enumerate(order):
+        ras[world_axis] = geometry.spacing[voxel_axis]
+    return ras
+
+
+def _mm(values) -> str:
+    return "(" + ", ".join(f"{v:.3g}" for v in values) + ")"
+
+
+def _message(exc: MedsegError) -> str:
+    """The error without its path prefix (the table names the file)."""
+    text = str(exc)
+    prefix = f"{exc.path}: " if exc.path is not None else ""
+    return text[len(prefix):] if prefix and text.startswith(prefix) else text
+
+
+def _name_of(file: Path) -> str:
+    """Case name of an orphan file (an nnU-Net channel suffix _0000 dropped)."""
+    name = strip_image_suffix(file.name)
+    return name[:-5] if len(name) > 5 and name[-5] == "_" and name[-4:].isdigit() else name
+
+
+def _relative(file: Path, root: Path) -> str:
+    try:
+        return str(file.relative_to(root))
+    except ValueError:
+        return str(file)

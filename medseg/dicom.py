@@ -1,0 +1,289 @@
+"""DICOM series folders: one series chosen by SeriesInstanceUID, slices ordered by their
+position along the slice normal, rescaled to modality values, and checked for gantry tilt and
+uneven spacing (refused unless resampling onto a regular grid is asked for).
+
+Positions and directions are in the DICOM patient frame (LPS); the affine handed back maps
+voxel indices (column, row, slice) to RAS millimetres, as NIfTI does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medseg.dicom_frames import Frame, decode_file, frames_of, read_header
+from medseg.errors import MedsegError
+
+MAX_VOXELS = 2**31
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# A slice may lie this far from where a regular, untilted stack puts it (in mm): the larger of
+# this and 1% of the median slice gap. Beyond it the series is tilted or unevenly spaced.
+POSITION_TOLERANCE_MM = 0.05
+RESAMPLE_HINT = "pass --resample-irregular to resample it onto a regular grid"
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    """One series found in a folder."""
+
+    uid: str
+    description: str
+    files: tuple[Path, ...]
+    n_images: int
+
+
+@dataclass(frozen=True)
+class Stack:
+    """The frames of one series in order along the slice normal, with its geometry in LPS."""
+
+    frames: tuple[Frame, ...]
+    row: np.ndarray  # direction of increasing column index
+    column: np.ndarray  # direction of increasing row index
+    normal: np.ndarray
+    spacing: tuple[float, float]  # mm between columns, between rows
+    depths: np.ndarray  # each frame's position along the normal, ascending
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        rows, columns = self.frames[0].shape
+        return columns, rows, len(self.frames)
+
+
+def is_dicom_file(path: Path) -> bool:
+    """A DICOM Part 10 file: 128-byte preamble, then 'DICM'."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+def list_series(path: str | Path) -> list[SeriesInfo]:
+    """Every image series in a folder (searched recursively) or a single DICOM file."""
+    groups = _scan(Path(path))
+    return [SeriesInfo(uid, _description(frames), tuple(dict.fromkeys(f.path for f in frames)),
+                       len(frames)) for uid, frames in groups.items()]
+
+
+def read_stack(path: str | Path, series_uid: str | None = None) -> Stack:
+    """Headers only: the chosen series' frames, ordered and checked for consistency."""
+    path = Path(path)
+    frames = _choose_series(_scan(path), series_uid, path)
+    return _order(frames, path)
+
+
+def regular_affine(stack: Stack, path: Path) -> np.ndarray:
+    """Voxel -> RAS affine of a regular, untilted stack; refuses tilt and uneven spacing."""
+    check_regular(stack, path)
+    step = _slice_step(stack)
+    lps = np.eye(4)
+    lps[:3, 0] = stack.row * stack.spacing[0]
+    lps[:3, 1] = stack.column * stack.spacing[1]
+    lps[:3, 2] = stack.normal * step
+    lps[:3, 3] = stack.frames[0].position
+    return LPS_TO_RAS @ lps
+
+
+def is_irregular(stack: Stack) -> bool:
+    """Tilted or unevenly spaced: the slices do not lie on a regular straight grid."""
+    return bool(tilt_problem(stack) or spacing_problem(stack))
+
+
+def check_regular(stack: Stack, path: Path) -> None:
+    """Refuse, in one line, a stack whose slices do not lie on a regular straight grid."""
+    problems = [p for p in (tilt_problem(stack), spacing_problem(stack)) if p]
+    if problems:
+        raise MedsegError(f"{'; and '.join(problems)}; {RESAMPLE_HINT}", path)
+
+
+def tilt_problem(stack: Stack) -> str | None:
+    """Gantry tilt: slice origins shifted within the slice plane, off the normal line."""
+    offsets = in_plane_offsets(stack)
+    worst = float(np.max(np.linalg.norm(offsets, axis=1)))
+    if worst <= _tolerance(stack):
+        return None
+    depth = stack.depths[-1] - stack.depths[0]
+    angle = np.degrees(np.arctan2(np.linalg.norm(offsets[-1]), depth))
+    return (f"gantry tilt of {angle:.1f} degrees: the slices are shifted along their planes "
+            f"by up to {worst:.2f} mm instead of stacking along the slice normal")
+
+
+def spacing_problem(stack: Stack) -> str | None:
+    """Uneven spacing (missing slices, mixed thicknesses): names the worst gap."""
+    if len(stack.frames) < 3:
+        return None
+    gaps = np.diff(stack.depths)
+    typical = float(np.median(gaps))
+    tolerance = _tolerance(stack)
+    worst = int(np.argmax(np.abs(gaps - typical)))
+    if abs(gaps[worst] - typical) > tolerance:
+        before, after = stack.frames[worst], stack.frames[worst + 1]
+        return (f"uneven slice spacing: a gap of {gaps[worst]:.2f} mm between slices "
+                f"{worst + 1} and {worst + 2} of {len(gaps) + 1} ({before.label} and "
+                f"{after.label}, at {stack.depths[worst]:.2f} mm along the slice normal) where "
+                f"the median gap is {typical:.2f} mm (tolerance {tolerance:.2f} mm)")
+    drift = _grid_drift(stack)
+    if drift > tolerance:
+        return (f"uneven slice spacing: slices drift up to {drift:.2f} mm from a regular grid "
+                f"(tolerance {tolerance:.2f} mm)")
+    return None
+
+
+def in_plane_offsets(stack: Stack) -> np.ndarray:
+    """Each frame's origin minus the first one's, with the part along the normal removed."""
+    delta = np.array([f.position for f in stack.frames]) - stack.frames[0].position
+    return delta - np.outer(delta @ stack.normal, stack.normal)
+
+
+def read_pixels(stack: Stack, dtype: np.dtype) -> np.ndarray:
+    """Modality values (RescaleSlope/Intercept applied) as (columns, rows, slices)."""
+    columns, rows, n_slices = stack.shape
+    data = np.empty((columns, rows, n_slices), dtype=dtype)
+    for index, frame, values in _decoded_frames(stack):
+        if values.shape != (rows, columns):
+            raise MedsegError(f"pixel data has shape {values.shape}, expected "
+                              f"{(rows, columns)}", frame.path)
+        data[:, :, index] = _cast(values.T, dtype)
+    return data
+
+
+def native_dtype(stack: Stack) -> np.dtype:
+    """The smallest integer type that holds every rescaled value, else float32."""
+    if not all(f.integral_rescale for f in stack.frames):
+        return np.dtype(np.float32)
+    low = min(f.value_range[0] for f in stack.frames)
+    high = max(f.value_range[1] for f in stack.frames)
+    for candidate in (np.int16, np.uint16, np.int32):
+        info = np.iinfo(candidate)
+        if info.min <= low and high <= info.max:
+            return np.dtype(candidate)
+    return np.dtype(np.float32)
+
+
+def _decoded_frames(stack: Stack) -> Iterator[tuple[int, Frame, np.ndarray]]:
+    """(slice index, frame, rescaled 2D values), decoding each file once."""
+    by_file: dict[Path, list[tuple[int, Frame]]] = {}
+    for index, frame in enumerate(stack.frames):
+        by_file.setdefault(frame.path, []).append((index, frame))
+    for path, members in by_file.items():
+        pixels, rescaled = decode_file(path)
+        for index, frame in members:
+            values = pixels[frame.index or 0].astype(np.float64)
+            if not rescaled:
+                values = values * frame.slope + frame.intercept
+            yield index, frame, values
+
+
+def _cast(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    if np.issubdtype(dtype, np.integer):
+        return np.rint(values).astype(dtype)
+    return values.astype(dtype)
+
+
+def _scan(path: Path) -> dict[str, list[Frame]]:
+    """Frames with geometry, grouped by SeriesInstanceUID; other files are skipped."""
+    if not path.exists():
+        raise MedsegError("not found", path)
+    files = [path] if path.is_file() else sorted(
+        p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    groups: dict[str, list[Frame]] = {}
+    for file in files:
+        if not is_dicom_file(file):
+            continue
+        header = read_header(file)
+        for frame in frames_of(header, file):
+            groups.setdefault(frame.series_uid, []).append(frame)
+    if not groups:
+        raise MedsegError(f"no DICOM image found ({len(files)} files looked at)", path)
+    return groups
+
+
+def _choose_series(groups: dict[str, list[Frame]], series_uid: str | None,
+                   path: Path) -> list[Frame]:
+    if series_uid is not None:
+        if series_uid not in groups:
+            raise MedsegError(f"no series {series_uid}; the folder holds {_listing(groups)}",
+                              path)
+        return groups[series_uid]
+    if len(groups) > 1:
+        raise MedsegError(f"the folder holds {len(groups)} DICOM series; choose one with "
+                          f"--series UID: {_listing(groups)}", path)
+    return next(iter(groups.values()))
+
+
+def _listing(groups: dict[str, list[Frame]]) -> str:
+    return "; ".join(f"{uid or '(no SeriesInstanceUID)'} '{_description(frames)}' "
+                     f"({len(frames)} images)" for uid, frames in groups.items())
+
+
+def _description(frames: list[Frame]) -> str:
+    return frames[0].description
+
+
+def _order(frames: list[Frame], path: Path) -> Stack:
+    """Order by position along the normal (never by file name or InstanceNumber)."""
+    first = frames[0]
+    if first.samples_per_pixel != 1:
+        raise MedsegError(f"colour images ({first.samples_per_pixel} samples per pixel) are "
+                          f"not supported", first.path)
+    for frame in frames[1:]:
+        if frame.shape != first.shape:
+            raise MedsegError(f"images differ in size ({frame.shape} against {first.shape} "
+                              f"in {first.label}); the series is not one volume", frame.path)
+        if not np.allclose(frame.orientation, first.orientation, atol=1e-4):
+            raise MedsegError(f"images differ in orientation from {first.label} (a localizer "
+                              f"or several stacks in one series?)", frame.path)
+        if not np.allclose(frame.pixel_spacing, first.pixel_spacing, rtol=1e-4):
+            raise MedsegError(f"pixel spacing {frame.pixel_spacing} differs from "
+                              f"{first.pixel_spacing} in {first.label}", frame.path)
+    row, column = first.orientation[:3], first.orientation[3:]
+    row, column = row / np.linalg.norm(row), column / np.linalg.norm(column)
+    normal = np.cross(row, column)
+    normal /= np.linalg.norm(normal)
+    depths = np.array([f.position @ normal for f in frames])
+    order = np.argsort(depths, kind="stable")
+    ordered = tuple(frames[i] for i in order)
+    depths = depths[order]
+    _refuse_duplicates(ordered, depths, path)
+    _refuse_too_many_voxels(ordered, path)
+    spacing = (float(first.pixel_spacing[1]), float(first.pixel_spacing[0]))
+    return Stack(ordered, row, column, normal, spacing, depths)
+
+
+def _refuse_duplicates(frames: tuple[Frame, ...], depths: np.ndarray, path: Path) -> None:
+    gaps = np.diff(depths)
+    if len(gaps) and gaps.min() < 1e-3:
+        k = int(np.argmin(gaps))
+        raise MedsegError(f"{frames[k].label} and {frames[k + 1].label} lie at the same "
+                          f"position ({depths[k]:.2f} mm along the slice normal): the series "
+                          f"holds several volumes (echoes, phases or time points)", path)
+
+
+def _refuse_too_many_voxels(frames: tuple[Frame, ...], path: Path) -> None:
+    rows, columns = frames[0].shape
+    if rows * columns * len(frames) > MAX_VOXELS:
+        raise MedsegError(f"series of {len(frames)} images of {rows}x{columns} has more than "
+                          f"2^31 voxels", path)
+
+
+def _slice_step(stack: Stack) -> float:
+    if len(stack.frames) > 1:
+        return float((stack.depths[-1] - stack.depths[0]) / (len(stack.frames) - 1))
+    return stack.frames[0].thickness or 1.0
+
+
+def _grid_drift(stack: Stack) -> float:
+    """Largest distance along the normal between a slice and its regular-grid position."""
+    n = len(stack.depths)
+    grid = stack.depths[0] + np.arange(n) * _slice_step(stack)
+    return float(np.max(np.abs(stack.depths - grid)))
+
+
+def _tolerance(stack: Stack) -> float:
+    gaps = np.diff(stack.depths)
+    typical = float(np.median(gaps)) if len(gaps) else 0.0
+    return max(POSITION_TOLERANCE_MM, 0.01 * typical)

@@ -1,0 +1,163 @@
+"""Single DICOM files: the header of each image frame (classic single-frame and enhanced
+multi-frame files alike) and the decoding of pixel data, compressed transfer syntaxes
+included (pydicom with its decoder plugins, SimpleITK's GDCM for what they lack)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+from medseg.errors import MedsegError
+
+
+@dataclass(frozen=True, eq=False)
+class Frame:
+    """One 2D image of a series: where it lies and how its stored values become modality
+    values. `index` is the frame number inside a multi-frame file."""
+
+    path: Path
+    index: int | None
+    series_uid: str
+    description: str
+    shape: tuple[int, int]  # rows, columns
+    position: np.ndarray  # ImagePositionPatient, LPS mm
+    orientation: np.ndarray  # ImageOrientationPatient: row cosines, then column cosines
+    pixel_spacing: tuple[float, float]  # between rows, between columns (DICOM order)
+    slope: float
+    intercept: float
+    stored_range: tuple[int, int]
+    samples_per_pixel: int
+    thickness: float | None
+
+    @property
+    def label(self) -> str:
+        return self.path.name if self.index is None else f"{self.path.name} frame {self.index}"
+
+    @property
+    def integral_rescale(self) -> bool:
+        return float(self.slope).is_integer() and float(self.intercept).is_integer()
+
+    @property
+    def value_range(self) -> tuple[float, float]:
+        ends = [v * self.slope + self.intercept for v in self.stored_range]
+        return min(ends), max(ends)
+
+
+def read_header(path: Path) -> Dataset:
+    """The header of a DICOM file, pixel data left unread."""
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except Exception as exc:  # pydicom raises many types for broken files
+        raise MedsegError(f"DICOM header cannot be read ({_one_line(exc)})", path) from exc
+
+
+def frames_of(header: Dataset, path: Path) -> list[Frame]:
+    """The image frames a file holds; none for files without an image or its geometry."""
+    if "Rows" not in header or "Columns" not in header:
+        return []
+    try:
+        if "PerFrameFunctionalGroupsSequence" in header:
+            return _enhanced_frames(header, path)
+        if int(header.get("NumberOfFrames", 1) or 1) > 1:
+            return []  # frames without per-frame positions cannot be placed in space
+        if "ImagePositionPatient" not in header or "ImageOrientationPatient" not in header:
+            return []
+        return [_frame(header, header, path, None)]
+    except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
+        raise MedsegError(f"DICOM geometry cannot be read ({_one_line(exc)})", path) from exc
+
+
+def decode_file(path: Path) -> tuple[np.ndarray, bool]:
+    """Pixel data as (frames, rows, columns), and whether it is already rescaled (GDCM
+    applies RescaleSlope/Intercept itself)."""
+    try:
+        dataset = pydicom.dcmread(path)
+    except Exception as exc:
+        raise MedsegError(f"DICOM file cannot be read ({_one_line(exc)})", path) from exc
+    rows, columns = int(dataset.Rows), int(dataset.Columns)
+    try:
+        pixels = dataset.pixel_array
+    except Exception as exc:  # no pydicom decoder for this transfer syntax, or broken data
+        return _decode_with_gdcm(path, dataset, exc).reshape(-1, rows, columns), True
+    return np.asarray(pixels).reshape(-1, rows, columns), False
+
+
+def _decode_with_gdcm(path: Path, dataset: Dataset, first_error: Exception) -> np.ndarray:
+    import SimpleITK as sitk
+
+    syntax = dataset.file_meta.get("TransferSyntaxUID", "unknown transfer syntax")
+    try:
+        reader = sitk.ImageFileReader()
+        reader.SetImageIO("GDCMImageIO")
+        reader.SetFileName(str(path))
+        return sitk.GetArrayFromImage(reader.Execute())
+    except Exception as exc:
+        name = getattr(syntax, "name", str(syntax))
+        raise MedsegError(f"pixel data ({name}) cannot be decoded: "
+                          f"{_one_line(first_error)}", path) from exc
+
+
+def _frame(top: Dataset, geometry: Dataset, path: Path, index: int | None,
+           rescale: Dataset | None = None, measures: Dataset | None = None) -> Frame:
+    measures = measures if measures is not None else geometry
+    rescale = rescale if rescale is not None else top
+    spacing = [float(v) for v in measures.PixelSpacing]
+    thickness = measures.get("SpacingBetweenSlices") or measures.get("SliceThickness")
+    return Frame(
+        path=path,
+        index=index,
+        series_uid=str(top.get("SeriesInstanceUID", "") or ""),
+        description=str(top.get("SeriesDescription", "") or ""),
+        shape=(int(top.Rows), int(top.Columns)),
+        position=np.array([float(v) for v in geometry.ImagePositionPatient], dtype=float),
+        orientation=np.array([float(v) for v in geometry.ImageOrientationPatient],
+                             dtype=float),
+        pixel_spacing=(spacing[0], spacing[1]),
+        slope=float(rescale.get("RescaleSlope", 1.0) or 1.0),
+        intercept=float(rescale.get("RescaleIntercept", 0.0) or 0.0),
+        stored_range=_stored_range(top),
+        samples_per_pixel=int(top.get("SamplesPerPixel", 1) or 1),
+        thickness=float(thickness) if thickness else None,
+    )
+
+
+def _enhanced_frames(header: Dataset, path: Path) -> list[Frame]:
+    shared = (header.SharedFunctionalGroupsSequence[0]
+              if "SharedFunctionalGroupsSequence" in header else Dataset())
+    frames = []
+    for index, group in enumerate(header.PerFrameFunctionalGroupsSequence):
+        position = _functional(group, shared, "PlanePositionSequence")
+        orientation = _functional(group, shared, "PlaneOrientationSequence")
+        measures = _functional(group, shared, "PixelMeasuresSequence")
+        if position is None or orientation is None or measures is None:
+            return []
+        geometry = Dataset()
+        geometry.ImagePositionPatient = position.ImagePositionPatient
+        geometry.ImageOrientationPatient = orientation.ImageOrientationPatient
+        rescale = _functional(group, shared, "PixelValueTransformationSequence")
+        frames.append(_frame(header, geometry, path, index, rescale, measures))
+    return frames
+
+
+def _functional(group: Dataset, shared: Dataset, keyword: str) -> Dataset | None:
+    """A functional group macro from the frame's own groups, else from the shared ones."""
+    for source in (group, shared):
+        if keyword in source and len(source[keyword].value):
+            return source[keyword].value[0]
+    return None
+
+
+def _stored_range(header: Dataset) -> tuple[int, int]:
+    bits = int(header.get("BitsStored", header.get("BitsAllocated", 16)) or 16)
+    if int(header.get("PixelRepresentation", 0) or 0) == 1:
+        return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    return 0, 2**bits - 1
+
+
+def _one_line(exc: Exception) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__

@@ -1,0 +1,96 @@
+"""NRRD (.nrrd, .nhdr) and MetaImage (.mha, .mhd) through SimpleITK.
+
+ITK keeps geometry as LPS origin, direction cosines and spacing; medseg works with a
+voxel -> RAS affine, so both directions of the conversion live here. Headers are read and
+checked before any voxel is, so a file that claims too many voxels is refused unallocated.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from medseg.errors import MedsegError
+
+MAX_VOXELS = 2**31
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+FORMAT_NAMES = {".nrrd": "NRRD", ".nhdr": "NRRD", ".mha": "MetaImage", ".mhd": "MetaImage"}
+
+
+def read_itk_header(path: Path) -> tuple[tuple[int, int, int], np.ndarray]:
+    """Spatial shape and voxel -> RAS affine, from the header alone."""
+    return _header_geometry(_open(path), path)
+
+
+def read_itk(path: Path, dtype: np.dtype | None) -> tuple[np.ndarray, np.ndarray]:
+    """Voxels in (i, j, k) order and the voxel -> RAS affine."""
+    reader = _open(path)
+    shape, affine = _header_geometry(reader, path)
+    try:
+        image = reader.Execute()
+    except RuntimeError as exc:
+        raise MedsegError(f"cannot read voxel data: truncated or corrupt file "
+                          f"({_itk_message(exc)})", path) from exc
+    data = sitk.GetArrayViewFromImage(image).reshape(shape[::-1]).transpose(2, 1, 0)
+    return np.array(data, dtype=dtype or data.dtype), affine
+
+
+def write_itk(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    """Write (i, j, k) voxels with a voxel -> RAS affine as NRRD or MetaImage (compressed)."""
+    lps = LPS_TO_RAS @ affine
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))
+    image.SetSpacing([float(s) for s in spacing])
+    image.SetOrigin([float(v) for v in lps[:3, 3]])
+    image.SetDirection([float(v) for v in (lps[:3, :3] / spacing).ravel()])
+    try:
+        sitk.WriteImage(image, str(path), useCompression=True)
+    except RuntimeError as exc:
+        raise MedsegError(f"cannot write ({_itk_message(exc)})", path) from exc
+
+
+def _open(path: Path) -> sitk.ImageFileReader:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+    except RuntimeError as exc:
+        kind = FORMAT_NAMES.get(path.suffix.lower(), "image")
+        raise MedsegError(f"not a readable {kind} file ({_itk_message(exc)})", path) from exc
+    return reader
+
+
+def _header_geometry(reader: sitk.ImageFileReader,
+                     path: Path) -> tuple[tuple[int, int, int], np.ndarray]:
+    size = tuple(int(s) for s in reader.GetSize())
+    if int(np.prod(size, dtype=np.int64)) > MAX_VOXELS:
+        raise MedsegError(f"header claims {size} voxels, more than 2^31", path)
+    if reader.GetNumberOfComponents() != 1:
+        raise MedsegError(f"{reader.GetNumberOfComponents()} components per voxel; expected "
+                          f"a scalar volume", path)
+    if len(size) < 3 or any(s != 1 for s in size[3:]):
+        raise MedsegError(f"expected a 3D volume, got shape {size}", path)
+    dimension = len(size)
+    spacing = np.array(reader.GetSpacing(), dtype=float)[:3]
+    origin = np.array(reader.GetOrigin(), dtype=float)[:3]
+    direction = np.array(reader.GetDirection(), dtype=float).reshape(dimension, dimension)
+    direction = direction[:3, :3]
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise MedsegError(f"voxel spacing {spacing.tolist()} is zero, negative or NaN", path)
+    lps = np.eye(4)
+    lps[:3, :3] = direction * spacing
+    lps[:3, 3] = origin
+    if not np.all(np.isfinite(lps)) or abs(np.linalg.det(lps[:3, :3])) < 1e-12:
+        raise MedsegError("direction or origin is singular or not finite", path)
+    return size[:3], LPS_TO_RAS @ lps
+
+
+def _itk_message(exc: Exception) -> str:
+    """ITK's last meaningful line ('... : trouble parsing sizes info'), without the file
+    path and source location it repeats."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(("Exception thrown", "/", "itk::"))]
+    text = (useful or lines or [type(exc).__name__])[-1]
+    return text.removeprefix("sitk::ERROR: ").removeprefix("[nrrd] ")

@@ -1,0 +1,237 @@
+"""Pictures for report.html as PNG bytes: per-structure box plots and overlay montages.
+
+Montages are composed as one RGB array (a tile per structure and view, contours traced on
+the upsampled voxels) and labelled by matplotlib in a single figure, which keeps a
+41-structure case to about a second instead of 120 separate axes.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+from scipy import ndimage
+
+from medseg.evaluate import CaseScores, LoadedPair
+from medseg.metrics import structure_boxes
+
+REFERENCE_RGB = (31, 214, 85)  # green: reference contour (inside the reference)
+PREDICTION_RGB = (255, 61, 240)  # magenta: prediction contour (just outside the prediction)
+REFERENCE_HEX = "#1fd655"
+PREDICTION_HEX = "#ff3df0"
+BACKGROUND_RGB = (12, 12, 12)
+TISSUE_RGB = (62, 62, 62)  # any labelled structure of the reference
+STRUCTURE_RGB = (105, 105, 105)  # the structure shown, in the reference
+TILE = 128  # pixels per view
+GAP = 4
+TITLE_H = 22
+HEADER_H = 34
+PER_ROW = 3  # structures per montage row
+VIEWS = ("axial", "coronal", "sagittal")
+BOX_METRICS = (("dice", "Dice"), ("nsd", "surface Dice (NSD)"), ("hd95_mm", "HD95 (mm)"),
+               ("diff_ml", "volume difference (ml)"))
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _horizontal() -> dict:
+    """boxplot's keyword for horizontal boxes: `orientation` from matplotlib 3.10 on."""
+    import matplotlib
+
+    major, minor = (int(p) for p in matplotlib.__version__.split(".")[:2])
+    return {"orientation": "horizontal"} if (major, minor) >= (3, 10) else {"vert": False}
+
+
+def png_bytes(fig) -> bytes:
+    """The figure as PNG, without the software tag (the report holds no URL at all)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=fig.dpi, metadata={"Software": None})
+    _pyplot().close(fig)
+    return buffer.getvalue()
+
+
+def boxplots_png(results: list[CaseScores], structures: list[str], tolerance_mm: float | None
+                 ) -> bytes:
+    """One panel per metric (BOX_METRICS), one horizontal box per structure; each case a dot.
+    Infinite and undefined values are left out (the summary table counts them)."""
+    plt = _pyplot()
+    height = 1.2 + 0.25 * len(structures)
+    fig, axes = plt.subplots(1, len(BOX_METRICS), figsize=(15, height), sharey=True, dpi=80)
+    left = min(0.4, 0.025 + 0.0055 * max((len(s) for s in structures), default=8))
+    fig.subplots_adjust(left=left, right=0.99, top=1 - 0.45 / height, bottom=0.45 / height,
+                        wspace=0.06)
+    rng = np.random.default_rng(0)  # jitter of the dots, fixed so the report is reproducible
+    positions = np.arange(len(structures))[::-1]
+    for ax, (metric, title) in zip(axes, BOX_METRICS, strict=True):
+        data = [[v for r in results if math.isfinite(v := r.scores[s][metric])]
+                for s in structures]
+        filled = [i for i, d in enumerate(data) if d]
+        if filled:
+            ax.boxplot([data[i] for i in filled], positions=positions[filled], widths=0.6,
+                       showfliers=False, medianprops={"color": "#c0392b"}, **_horizontal())
+            xs = np.concatenate([data[i] for i in filled])
+            ys = np.concatenate([np.full(len(data[i]), positions[i], float) for i in filled])
+            ax.plot(xs, ys + rng.uniform(-0.18, 0.18, ys.size), ".", color="#2c3e50",
+                    alpha=0.6, markersize=4)
+        if metric == "nsd" and tolerance_mm is not None:
+            title = f"surface Dice at {tolerance_mm:g} mm"
+        ax.set_title(title, fontsize=11)
+        ax.grid(axis="x", alpha=0.3)
+        if metric in ("dice", "nsd"):
+            ax.set_xlim(-0.02, 1.02)
+        if metric == "diff_ml":
+            ax.axvline(0.0, color="#7f8c8d", linewidth=0.8)
+    axes[0].set_yticks(positions, structures, fontsize=9)
+    axes[0].set_ylim(-0.7, len(structures) - 0.3)
+    return png_bytes(fig)
+
+
+def montage_png(pair: LoadedPair, labels: dict[int, str], scores: dict[str, dict[str, float]],
+                title: str) -> bytes:
+    """Axial, coronal and sagittal slices through every structure present in the case, zoomed
+    on it, with the reference contour (green) and the prediction contour (magenta)."""
+    pred, ref, spacing = _to_ras(pair)
+    ids = [k for k in sorted(labels) if k > 0]
+    pred_boxes, ref_boxes = structure_boxes(pred, ids), structure_boxes(ref, ids)
+    present = [k for k in ids if pred_boxes[k] is not None or ref_boxes[k] is not None]
+    tissue = ref > 0
+    tiles = [(labels[k], _structure_tiles(pred, ref, tissue, k, spacing,
+                                          _union(pred_boxes[k], ref_boxes[k])))
+             for k in present]
+    canvas = _compose([t for _, t in tiles])
+    return _label_montage(canvas, [(name, scores.get(name, {}).get("dice", math.nan))
+                                   for name, _ in tiles], title)
+
+
+def _to_ras(pair: LoadedPair) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Both label maps turned to the closest RAS+ voxel order, with the matching spacing."""
+    import nibabel as nib
+
+    ornt = nib.orientations.io_orientation(pair.affine)
+    spacing = np.empty(3)
+    spacing[ornt[:, 0].astype(int)] = pair.spacing
+    return (nib.orientations.apply_orientation(pair.prediction, ornt),
+            nib.orientations.apply_orientation(pair.reference, ornt), spacing)
+
+
+def _union(a, b) -> tuple[slice, ...]:
+    boxes = [box for box in (a, b) if box is not None]
+    return tuple(slice(min(bx[i].start for bx in boxes), max(bx[i].stop for bx in boxes))
+                 for i in range(3))
+
+
+def _structure_tiles(pred: np.ndarray, ref: np.ndarray, tissue: np.ndarray, label: int,
+                     spacing: np.ndarray, box: tuple[slice, ...]) -> list[np.ndarray]:
+    """Three RGB tiles (axial, coronal, sagittal) through the structure's largest slices."""
+    crop = _grow(box, spacing, ref.shape)
+    p, r, t = pred[crop] == label, ref[crop] == label, tissue[crop]
+    union = p | r
+    tiles = []
+    for axis in (2, 1, 0):  # axial (S), coronal (A), sagittal (R)
+        other = tuple(i for i in range(3) if i != axis)
+        index = int(np.argmax(union.sum(axis=other)))
+        cut = [slice(None)] * 3
+        cut[axis] = index
+        pixel_spacing = (spacing[other[1]], spacing[other[0]])  # rows, columns
+        tiles.append(_tile(*(_display(m[tuple(cut)]) for m in (p, r, t)), pixel_spacing))
+    return tiles
+
+
+def _grow(box: tuple[slice, ...], spacing: np.ndarray, shape: tuple[int, ...]
+          ) -> tuple[slice, ...]:
+    """The box grown by a quarter of its extent, at least 10 mm, within the volume."""
+    grown = []
+    for axis, s in enumerate(box):
+        extent_mm = (s.stop - s.start) * spacing[axis]
+        margin = int(math.ceil(max(10.0, 0.25 * extent_mm) / spacing[axis]))
+        grown.append(slice(max(s.start - margin, 0), min(s.stop + margin, shape[axis])))
+    return tuple(grown)
+
+
+def _display(plane: np.ndarray) -> np.ndarray:
+    """(horizontal, vertical) RAS plane -> rows top-down, columns left-right: superior and
+    anterior up; patient's right on the left (radiological); sagittal anterior on the left."""
+    return plane.T[::-1, ::-1]
+
+
+def _tile(pred: np.ndarray, ref: np.ndarray, tissue: np.ndarray,
+          pixel_spacing: tuple[float, float]) -> np.ndarray:
+    """A TILE x TILE RGB picture of one plane at equal mm per pixel in both directions."""
+    extent = (pred.shape[0] * pixel_spacing[0], pred.shape[1] * pixel_spacing[1])
+    scale = TILE / max(extent)  # pixels per mm
+    size = [max(1, min(TILE, int(round(e * scale)))) for e in extent]
+    rows = np.minimum((np.arange(size[0]) / (scale * pixel_spacing[0])).astype(int),
+                      pred.shape[0] - 1)
+    cols = np.minimum((np.arange(size[1]) / (scale * pixel_spacing[1])).astype(int),
+                      pred.shape[1] - 1)
+    pick = np.ix_(rows, cols)
+    p, r, t = pred[pick], ref[pick], tissue[pick]
+    image = np.empty((*p.shape, 3), np.uint8)
+    image[:] = BACKGROUND_RGB
+    image[t] = TISSUE_RGB
+    image[r] = STRUCTURE_RGB
+    image[r & ~ndimage.binary_erosion(r, iterations=2)] = REFERENCE_RGB
+    image[ndimage.binary_dilation(p, iterations=2) & ~p] = PREDICTION_RGB
+    tile = np.empty((TILE, TILE, 3), np.uint8)
+    tile[:] = BACKGROUND_RGB
+    top, left = (TILE - size[0]) // 2, (TILE - size[1]) // 2
+    tile[top:top + size[0], left:left + size[1]] = image
+    return tile
+
+
+def _compose(structures: list[list[np.ndarray]]) -> np.ndarray:
+    """Tiles on a white canvas: PER_ROW structures a row, each as three views side by side."""
+    n_rows = max(1, math.ceil(len(structures) / PER_ROW))
+    block_w = 3 * TILE + 2 * GAP
+    width = PER_ROW * block_w + (PER_ROW - 1) * 4 * GAP
+    height = HEADER_H + n_rows * (TITLE_H + TILE + 2 * GAP)
+    canvas = np.full((height, width, 4), 255, np.uint8)  # RGBA draws faster in matplotlib
+    for i, views in enumerate(structures):
+        top, left = _block_origin(i)
+        for j, tile in enumerate(views):
+            x = left + j * (TILE + GAP)
+            canvas[top + TITLE_H:top + TITLE_H + TILE, x:x + TILE, :3] = tile
+    return canvas
+
+
+def _block_origin(i: int) -> tuple[int, int]:
+    row, col = divmod(i, PER_ROW)
+    return (HEADER_H + row * (TITLE_H + TILE + 2 * GAP),
+            col * (3 * TILE + 2 * GAP + 4 * GAP))
+
+
+def _label_montage(canvas: np.ndarray, names: list[tuple[str, float]], title: str) -> bytes:
+    """Put the canvas pixels straight into a figure of the same size (no resampling) and
+    add the text."""
+    plt = _pyplot()
+    height, width = canvas.shape[:2]
+    dpi = 100
+    fig = plt.figure(figsize=(width / dpi, height / dpi), dpi=dpi)
+    fig.figimage(canvas, xo=0, yo=0, origin="upper")
+
+    def text(x: float, y: float, words: str, **style) -> None:  # canvas pixels, y downwards
+        fig.text(x / width, 1.0 - y / height, words, va="center", **style)
+
+    text(4, HEADER_H / 2, title, fontsize=11, fontweight="bold")
+    legend_x = width - 420
+    text(legend_x, HEADER_H / 2, "\u2014 reference", color=REFERENCE_HEX, fontsize=10,
+         fontweight="bold")
+    text(legend_x + 105, HEADER_H / 2, "\u2014 prediction", color=PREDICTION_HEX, fontsize=10,
+         fontweight="bold")
+    text(legend_x + 215, HEADER_H / 2, "views: axial \u00b7 coronal \u00b7 sagittal",
+         fontsize=9, color="#555555")
+    for i, (name, dice) in enumerate(names):
+        top, left = _block_origin(i)
+        label = name if not math.isfinite(dice) else f"{name}   Dice {dice:.3f}"
+        text(left + 1, top + TITLE_H / 2 + 2, label, fontsize=9)
+    if not names:
+        text(4, HEADER_H + 40, "no structure in the reference or the prediction", fontsize=10)
+    return png_bytes(fig)

@@ -1,0 +1,244 @@
+"""report.html: one self-contained page (inline CSS, images as base64 PNG, no URL).
+
+A summary table per structure, a table per case, box plots per structure, and overlay
+montages of the best, median and worst cases.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import math
+from html import escape
+
+import numpy as np
+
+from medseg.evaluate import CaseScores, load_pair
+from medseg.metrics import is_present
+from medseg.report_figures import PREDICTION_HEX, REFERENCE_HEX, boxplots_png, montage_png
+
+TABLE_METRICS = (("dice", "Dice", 3), ("iou", "IoU", 3), ("nsd", "NSD", 3),
+                 ("hd95_mm", "HD95 (mm)", 2), ("assd_mm", "ASSD (mm)", 2),
+                 ("ref_ml", "reference volume (ml)", 1),
+                 ("diff_ml", "volume difference (ml)", 1))
+TINTED = ("dice", "iou", "nsd")  # cells tinted from red (0) to green (1) by their mean
+
+STYLE = """
+body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; margin: 24px;
+       color: #1c2833; max-width: 1500px; }
+h1 { font-size: 24px; margin-bottom: 4px; } h2 { font-size: 19px; margin-top: 32px;
+     border-bottom: 1px solid #d5d8dc; padding-bottom: 4px; } h3 { font-size: 15px; }
+.meta { color: #566573; font-size: 13px; margin: 2px 0; }
+table { border-collapse: collapse; font-size: 13px; }
+th, td { border: 1px solid #d5d8dc; padding: 4px 8px; text-align: right; vertical-align: top; }
+th { background: #f2f3f4; } td.name, th.name { text-align: left; white-space: nowrap; }
+td .m { display: block; font-weight: 600; white-space: nowrap; }
+td .d { display: block; color: #626567; font-size: 11px; }
+table.summary td { width: 118px; } table.summary th { width: 118px; }
+table.summary td.name, table.summary th.name { width: auto; }
+.scroll { overflow-x: auto; }
+.inf { color: #b03a2e; font-weight: 600; }
+tr.mean td { background: #f8f9f9; font-weight: 600; }
+.fail { color: #b03a2e; } .note { color: #7d6608; }
+.swatch { display: inline-block; width: 28px; height: 4px; vertical-align: middle;
+          margin: 0 6px 0 14px; }
+img { max-width: 100%; height: auto; border: 1px solid #eaeded; }
+p.conv { font-size: 13px; color: #424949; max-width: 1100px; }
+"""
+
+
+def render_report(results: list[CaseScores], summary: dict,
+                  labels: dict[int, str] | None) -> str:
+    """The whole page as a string."""
+    shown = shown_structures(summary)
+    parts = [_header(results, summary), _summary_table(summary, shown), _conventions(summary),
+             _case_table(results, shown), _boxplots(results, shown, summary),
+             _montages(results, labels, shown)]
+    body = "\n".join(parts)
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+            f"<title>medseg evaluation report</title>\n<style>{STYLE}</style>\n</head>\n"
+            f"<body>\n{body}\n</body>\n</html>\n")
+
+
+def shown_structures(summary: dict) -> list[str]:
+    """Structures present in some case (all of them when none is)."""
+    absent = set(summary.get("absent_structures", []))
+    names = list(summary["structures"])
+    return [n for n in names if n not in absent] or names
+
+
+def rank_cases(results: list[CaseScores], shown: list[str]) -> list[tuple[str, CaseScores]]:
+    """(role, case) for the best, median and worst scored cases by mean Dice over the
+    structures present in each; one case may take several roles."""
+    scored = sorted((r for r in results if not r.error), key=lambda r: case_mean_dice(r, shown))
+    if not scored:
+        return []
+    picks = {"best": scored[-1], "median": scored[(len(scored) - 1) // 2], "worst": scored[0]}
+    roles: dict[str, list[str]] = {}
+    for role, result in picks.items():
+        roles.setdefault(result.case, []).append(role)
+    by_name = {r.case: r for r in scored}
+    return [(", ".join(r), by_name[case]) for case, r in roles.items()]
+
+
+def case_mean_dice(result: CaseScores, shown: list[str]) -> float:
+    """Mean Dice over the structures in the case's reference or prediction (1 if none)."""
+    values = [result.scores[n]["dice"] for n in shown if is_present(result.scores[n])]
+    return float(np.mean(values)) if values else 1.0
+
+
+def _header(results: list[CaseScores], summary: dict) -> str:
+    refs = {str(r.reference.parent) for r in results if r.reference is not None}
+    preds = {str(r.prediction.parent) for r in results if r.prediction is not None}
+    failed = summary["failed_cases"]
+    tolerance = summary.get("tolerance_mm")
+    lines = [
+        "<h1>Segmentation evaluation</h1>",
+        f'<p class="meta">{summary["n_cases"]} cases, {len(failed)} failed; '
+        f"{len(shown_structures(summary))} structures; mean Dice over structures "
+        f'<b>{_fmt(summary["mean_dice"], 3)}</b>, mean surface Dice '
+        f'<b>{_fmt(summary.get("mean_nsd", math.nan), 3)}</b>'
+        + (f" at {tolerance:g} mm" if tolerance is not None else "") + "</p>",
+        f'<p class="meta">predictions: {escape(", ".join(sorted(preds)) or "none")}; '
+        f'references: {escape(", ".join(sorted(refs)) or "none")}</p>',
+        f'<p class="meta">written {datetime.datetime.now().isoformat(timespec="seconds")} '
+        f"by medseg evaluate</p>",
+    ]
+    if failed:
+        lines.append(f'<p class="fail">Failed cases (scored Dice 0, distances inf): '
+                     f'{escape(", ".join(failed))}</p>')
+    return "\n".join(lines)
+
+
+def _summary_table(summary: dict, shown: list[str]) -> str:
+    head = "".join(f"<th>{escape(title)}</th>" for _, title, _ in TABLE_METRICS)
+    rows = []
+    for name in shown:
+        stats = summary["structures"][name]
+        cells = "".join(_stat_cell(stats[m], d, m in TINTED) for m, _, d in TABLE_METRICS)
+        rows.append(f'<tr><td class="name">{escape(name)}</td>{cells}</tr>')
+    means = {"dice": summary["mean_dice"], "nsd": summary.get("mean_nsd", math.nan)}
+    mean_cells = "".join(f"<td>{_fmt(means[m], d) if m in means else ''}</td>"
+                         for m, _, d in TABLE_METRICS)
+    rows.append(f'<tr class="mean"><td class="name">mean over structures</td>{mean_cells}</tr>')
+    absent = summary.get("absent_structures", [])
+    note = (f'<p class="meta">Not shown, absent from every reference and prediction: '
+            f"{escape(', '.join(absent))}.</p>"
+            if absent and len(absent) < len(summary["structures"]) else "")
+    return ('<h2 id="summary">Summary per structure</h2>\n'
+            '<p class="meta">Each cell: mean &plusmn; sd over the cases; below it the median, '
+            "the interquartile range (IQR) and n, the number of finite values; "
+            '<span class="inf">inf</span> counts cases where the structure is missing from one '
+            "mask, or failed. Volume difference: predicted &minus; reference.</p>\n"
+            f'<div class="scroll"><table class="summary"><thead><tr><th class="name">structure'
+            f"</th>{head}</tr></thead>\n<tbody>\n" + "\n".join(rows)
+            + f"\n</tbody></table></div>\n{note}")
+
+
+def _stat_cell(stats: dict, digits: int, tinted: bool = False) -> str:
+    if stats["n"] == 0:
+        main, detail = "&ndash;", "n 0"
+    else:
+        main = f"{_fmt(stats['mean'], digits)} &plusmn; {_fmt(stats['sd'], digits)}"
+        detail = (f"median {_fmt(stats['median'], digits)}<br>IQR "
+                  f"{_fmt(stats['iqr'], digits)} &middot; n {stats['n']}")
+    if stats.get("n_inf"):
+        detail += f' &middot; <span class="inf">{stats["n_inf"]} inf</span>'
+    style = ""
+    if tinted and math.isfinite(stats["mean"]):
+        hue = int(round(120 * min(max(stats["mean"], 0.0), 1.0)))
+        style = f' style="background: hsl({hue}, 65%, 93%)"'
+    return f'<td{style}><span class="m">{main}</span><span class="d">{detail}</span></td>'
+
+
+def _conventions(summary: dict) -> str:
+    tolerance = summary.get("tolerance_mm")
+    tol = f"{tolerance:g} mm" if tolerance is not None else "the tolerance"
+    return (
+        '<p class="conv"><b>Definitions.</b> Distances are in mm on the reference grid with its '
+        "voxel spacing. HD95: 95th percentile of the surface distances, the larger of the two "
+        "directions. ASSD: mean of the surface distances of both directions together. NSD "
+        f"(surface Dice): share of both surfaces within {tol} of the other surface. Volumes "
+        "in ml; difference = predicted &minus; reference. <b>Empty structures.</b> Absent from "
+        "both masks: Dice and IoU 1, HD95, ASSD and NSD undefined (left out). Absent from one "
+        "mask: Dice, IoU and NSD 0, HD95 and ASSD infinite (counted as <span class=\"inf\">"
+        "inf</span>, left out of mean, sd, median and IQR). A case with no usable prediction "
+        "is scored like a prediction missing every structure.</p>")
+
+
+def _case_table(results: list[CaseScores], shown: list[str]) -> str:
+    rows = []
+    for result in results:
+        if result.error:
+            status = f'<span class="fail">{escape(result.error)}</span>'
+            cells = '<td>&ndash;</td><td>&ndash;</td><td class="name">&ndash;</td>'
+        else:
+            present = [n for n in shown if is_present(result.scores[n])]
+            worst = min(present, key=lambda n: result.scores[n]["dice"], default=None)
+            nsd = [result.scores[n]["nsd"] for n in present]
+            worst_text = (f"{escape(worst)} ({result.scores[worst]['dice']:.3f})"
+                          if worst else "&ndash;")
+            status = ('<span class="note">prediction resampled onto the reference grid</span>'
+                      if result.resampled else "ok")
+            cells = (f"<td>{case_mean_dice(result, shown):.3f}</td>"
+                     f"<td>{_fmt(float(np.mean(nsd)) if nsd else math.nan, 3)}</td>"
+                     f'<td class="name">{worst_text}</td>')
+        rows.append(f'<tr><td class="name">{escape(result.case)}</td>{cells}'
+                    f'<td class="name">{status}</td></tr>')
+    return ('<h2 id="cases">Cases</h2>\n<p class="meta">Means over the structures present in '
+            "the case's reference or prediction.</p>\n"
+            '<table class="cases"><thead><tr><th class="name">case</th><th>mean Dice</th>'
+            '<th>mean NSD</th><th class="name">lowest Dice</th><th class="name">status</th>'
+            "</tr></thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody></table>")
+
+
+def _boxplots(results: list[CaseScores], shown: list[str], summary: dict) -> str:
+    scored = [r for r in results if not r.error]
+    if not scored:
+        return '<h2 id="boxplots">Box plots</h2>\n<p class="fail">No case could be scored.</p>'
+    png = boxplots_png(scored, shown, summary.get("tolerance_mm"))
+    return ('<h2 id="boxplots">Box plots per structure</h2>\n<p class="meta">Scored cases only '
+            "(each dot a case; infinite distances left out). Boxes: quartiles and median "
+            "(red).</p>\n" + _img(png, "box plots of Dice, surface Dice, HD95 and volume "
+                                  "difference per structure"))
+
+
+def _montages(results: list[CaseScores], labels: dict[int, str] | None,
+              shown: list[str]) -> str:
+    head = ('<h2 id="montages">Overlays: best, median and worst cases</h2>\n'
+            f'<p class="meta"><span class="swatch" style="background:{REFERENCE_HEX}"></span>'
+            f'reference contour<span class="swatch" style="background:{PREDICTION_HEX}">'
+            "</span>prediction contour &nbsp; (grey: labelled reference structures; the "
+            "structure shown in lighter grey). Each structure: axial, coronal and sagittal "
+            "slices through its largest cross-sections, zoomed on it; axial and coronal in "
+            "radiological view (patient's right on the left), sagittal with anterior on the "
+            "left. Cases ranked by mean Dice; failed cases have no overlay.</p>")
+    if labels is None:
+        return (head + '\n<p class="note">No label map was given to the report writer, so no '
+                "overlays were drawn.</p>")
+    parts = [head]
+    for role, result in rank_cases(results, shown):
+        title = f"{role}: {result.case} (mean Dice {case_mean_dice(result, shown):.3f})"
+        parts.append(f"<h3>{escape(title)}</h3>")
+        try:
+            pair = load_pair(result.prediction, result.reference, labels, result.resampled)
+        except Exception as exc:  # the files changed since scoring: say so, keep the report
+            parts.append(f'<p class="fail">cannot draw this case: {escape(str(exc))}</p>')
+            continue
+        parts.append(_img(montage_png(pair, labels, result.scores, title),
+                          f"overlay montage of case {result.case}"))
+    if len(parts) == 1:
+        parts.append('<p class="fail">No case could be scored, so there is nothing to draw.'
+                     "</p>")
+    return "\n".join(parts)
+
+
+def _img(png: bytes, alt: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return f'<p><img alt="{escape(alt)}" src="data:image/png;base64,{data}"></p>'
+
+
+def _fmt(value: float, digits: int) -> str:
+    if not math.isfinite(value):
+        return "&ndash;"
+    return f"{round(value, digits) + 0.0:.{digits}f}"  # + 0.0: no "-0.0"

@@ -1,0 +1,126 @@
+"""`check_dataset`: one table row per problem, each naming the case file; exit 0/1/2."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medseg.check import check_dataset
+from medseg.errors import MedsegError
+
+SHAPE = (8, 9, 10)
+LABELS = {"0": "background", "1": "organ"}
+
+
+def save(path, data, affine=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, np.eye(4) if affine is None else affine), path)
+    return path
+
+
+def image(seed):
+    return np.random.default_rng(seed).normal(size=SHAPE).astype(np.float32)
+
+
+def label(value=1, dtype=np.uint8):
+    data = np.zeros(SHAPE, dtype=dtype)
+    data[2:5, 2:5, 2:5] = value
+    return data
+
+
+def msd(root, entries):
+    (root / "dataset.json").write_text(json.dumps({
+        "labels": LABELS, "modality": {"0": "CT"},
+        "training": [{"image": i, "label": lab} for i, lab in entries]}))
+    return root
+
+
+def write_case(root, name, image_data=None, label_data=None, image_affine=None,
+               label_affine=None, seed=0):
+    save(root / "imagesTr" / f"{name}.nii.gz",
+         image(seed) if image_data is None else image_data, image_affine)
+    save(root / "labelsTr" / f"{name}.nii.gz", label() if label_data is None else label_data,
+         label_affine)
+    return (f"imagesTr/{name}.nii.gz", f"labelsTr/{name}.nii.gz")
+
+
+def test_clean_dataset(tmp_path):
+    entries = [write_case(tmp_path, f"ok{k}", seed=k) for k in range(3)]
+    report = check_dataset(msd(tmp_path, entries))
+    assert report.problems == () and report.exit_code == 0
+    assert report.format_table().endswith("(msd layout, 3 cases): clean")
+
+
+def test_every_problem_is_a_row_naming_the_case_file(tmp_path):
+    entries = [write_case(tmp_path, f"ok{k}", seed=k) for k in range(4)]
+    nan_image = image(10)
+    nan_image[1, 1, 1] = np.nan
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0])
+    shifted = np.eye(4)
+    shifted[0, 3] = 0.5
+    entries += [
+        write_case(tmp_path, "shape", label_data=np.zeros((8, 9, 11), np.uint8)),
+        write_case(tmp_path, "geometry", label_affine=shifted, seed=11),
+        write_case(tmp_path, "outside_map", label_data=label(7), seed=12),
+        write_case(tmp_path, "fractional", label_data=label(0.5, np.float32), seed=13),
+        write_case(tmp_path, "nan", image_data=nan_image),
+        write_case(tmp_path, "empty", label_data=np.zeros(SHAPE, np.uint8), seed=14),
+        write_case(tmp_path, "flat", image_data=np.zeros((8, 9), np.float32), seed=15),
+        write_case(tmp_path, "fourd", image_data=np.zeros((*SHAPE, 2), np.float32)),
+        write_case(tmp_path, "copy", seed=0),  # the same voxels as ok0
+        write_case(tmp_path, "coarse", image_affine=np.diag([5.0, 5, 5, 1]),
+                   label_affine=np.diag([5.0, 5, 5, 1]), seed=16),
+        write_case(tmp_path, "lps", image_affine=lps, label_affine=lps, seed=17),
+        ("imagesTr/gone.nii.gz", "labelsTr/ok0.nii.gz"),
+        ("../outside.nii.gz", "labelsTr/ok1.nii.gz"),
+    ]
+    report = check_dataset(msd(tmp_path, entries))
+    rows = {(p.case, p.file.name, p.message) for p in report.problems}
+
+    def has(case, file, text):
+        assert any(c == case and f == file and text in m for c, f, m in rows), (case, rows)
+
+    has("shape", "shape.nii.gz", "shape (8, 9, 11) differs from the image's (8, 9, 10)")
+    has("geometry", "geometry.nii.gz", "affines differ by up to 0.5 mm (tolerance 0.001 mm)")
+    has("outside_map", "outside_map.nii.gz", "label values [7] are not in the label map")
+    has("fractional", "fractional.nii.gz", "non-integer values (e.g. 0.5)")
+    has("nan", "nan.nii.gz", "NaN or Inf")
+    has("empty", "empty.nii.gz", "label is empty")
+    has("flat", "flat.nii.gz", "expected a 3D volume")
+    has("fourd", "fourd.nii.gz", "expected a 3D volume")
+    has("copy", "copy.nii.gz", "same voxels as case ok0")
+    has("coarse", "coarse.nii.gz", "spacing (5, 5, 5) mm is an outlier")
+    has("lps", "lps.nii.gz", "orientation LPS differs from the usual RAS")
+    has("gone", "gone.nii.gz", "image missing")
+    has("outside", "outside.nii.gz", "path leaves the dataset folder")
+    assert not any(p.case.startswith("ok") for p in report.problems)
+    assert report.exit_code == 1
+    table = report.format_table()
+    assert "imagesTr/nan.nii.gz" in table and "labelsTr/empty.nii.gz" in table
+    assert table.splitlines()[0].split() == ["severity", "case", "file", "problem"]
+
+
+def test_unreadable_description_raises(tmp_path):
+    (tmp_path / "dataset.json").write_text("{not json")
+    with pytest.raises(MedsegError, match="dataset.json: not valid JSON"):
+        check_dataset(tmp_path)
+    with pytest.raises(MedsegError, match="dataset folder not found"):
+        check_dataset(tmp_path / "nowhere")
+
+
+def test_nnunet_orphans_and_missing_channels(tmp_path):
+    save(tmp_path / "imagesTr" / "a_0000.nii.gz", image(1))
+    save(tmp_path / "imagesTr" / "a_0001.nii.gz", image(2))
+    save(tmp_path / "labelsTr" / "a.nii.gz", label())
+    save(tmp_path / "imagesTr" / "b_0000.nii.gz", image(3))  # channel 1 and label missing
+    save(tmp_path / "labelsTr" / "c.nii.gz", label())  # no image at all
+    (tmp_path / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "T1", "1": "T2"}, "labels": {"background": 0, "x": 1},
+        "file_ending": ".nii.gz"}))
+    report = check_dataset(tmp_path)
+    found = {(p.case, p.file.name, p.message.split(" (")[0]) for p in report.problems}
+    assert ("b", "b_0000.nii.gz", "image without a label in labelsTr") in found
+    assert ("c", "c_0000.nii.gz", "image missing") in found
+    assert ("c", "c_0001.nii.gz", "image missing") in found
+    assert not any(case == "a" for case, _, _ in found)

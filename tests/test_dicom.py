@@ -1,0 +1,235 @@
+"""DICOM series on synthetic files: ordering, rescaling, series choice, traps, codecs."""
+
+import io
+
+import nibabel as nib
+import numpy as np
+import pytest
+from dicom_factory import (
+    CT_INTERCEPT,
+    axial_positions,
+    enhanced_file,
+    slice_dataset,
+    write_series,
+)
+from pydicom.encaps import encapsulate
+from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, JPEGLSLossless, RLELossless
+
+from medseg.dicom import list_series
+from medseg.errors import MedsegError
+from medseg.io import convert_volume, read_volume
+
+ROWS, COLUMNS, SLICES = 6, 5, 4
+SPACING = (0.8, 0.7)  # DICOM PixelSpacing: between rows, between columns
+
+
+def stored_values(seed=0, shape=(ROWS, COLUMNS, SLICES)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 3000, size=shape).astype(np.uint16)
+
+
+def expected_affine(origin, step) -> np.ndarray:
+    """Voxel (column, row, slice) -> RAS for an axial stack."""
+    lps = np.diag([SPACING[1], SPACING[0], step, 1.0])
+    lps[:3, 3] = origin
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
+
+def as_volume(stored: np.ndarray) -> np.ndarray:
+    """(rows, columns, slices) stored values -> medseg voxel order, in HU."""
+    return stored.transpose(1, 0, 2).astype(np.float32) + CT_INTERCEPT
+
+
+def test_slices_ordered_by_position_not_file_name_or_instance_number(tmp_path):
+    stored = stored_values()
+    positions = axial_positions(SLICES)
+    # file names and InstanceNumbers both run against the physical order
+    write_series(tmp_path, stored, positions, names=["d.dcm", "a.dcm", "c.dcm", "b.dcm"],
+                 instances=[3, 4, 1, 2], spacing=SPACING)
+    volume = read_volume(tmp_path)
+    np.testing.assert_array_equal(volume.data, as_volume(stored))
+    np.testing.assert_allclose(volume.affine, expected_affine(positions[0], 2.5), atol=1e-9)
+
+
+def test_rescale_slope_and_intercept_are_applied(tmp_path):
+    stored = stored_values(1, (ROWS, COLUMNS, 1))
+    write_series(tmp_path, stored, axial_positions(1), slope=0.5, intercept=-100.0)
+    volume = read_volume(tmp_path, dtype=None)
+    assert volume.data.dtype == np.float32  # a fractional slope gives real values
+    np.testing.assert_allclose(volume.data[:, :, 0], stored[:, :, 0].T * 0.5 - 100.0)
+
+
+@pytest.mark.parametrize("bits, dtype", [(12, np.int16), (16, np.int32)])
+def test_native_type_holds_every_rescaled_value(tmp_path, bits, dtype):
+    stored = stored_values(14) // 16
+    write_series(tmp_path, stored, axial_positions(SLICES), bits_stored=bits)
+    volume = read_volume(tmp_path, dtype=None)
+    assert volume.data.dtype == dtype
+    np.testing.assert_array_equal(volume.data, as_volume(stored))
+
+
+def test_several_series_are_listed_and_one_can_be_chosen(tmp_path):
+    write_series(tmp_path / "a", stored_values(2), axial_positions(SLICES),
+                 series_uid="1.2.3.4.1", description="arterial")
+    write_series(tmp_path / "b", stored_values(3, (ROWS, COLUMNS, 2)), axial_positions(2),
+                 series_uid="1.2.3.4.2", description="venous")
+    with pytest.raises(MedsegError) as caught:
+        read_volume(tmp_path)
+    message = str(caught.value)
+    assert "2 DICOM series" in message and "--series" in message
+    assert "1.2.3.4.1 'arterial' (4 images)" in message
+    assert "1.2.3.4.2 'venous' (2 images)" in message
+    assert "\n" not in message
+    chosen = read_volume(tmp_path, series_uid="1.2.3.4.2")
+    assert chosen.spatial_shape == (COLUMNS, ROWS, 2)
+    with pytest.raises(MedsegError, match="no series 9.9"):
+        read_volume(tmp_path, series_uid="9.9")
+    assert sorted(s.uid for s in list_series(tmp_path)) == ["1.2.3.4.1", "1.2.3.4.2"]
+
+
+def test_gantry_tilt_is_refused_then_resampled_where_each_slice_belongs(tmp_path):
+    stored = stored_values(4)
+    # each slice shifted by exactly one row along +y: a tilt of atan(0.8 / 2.5)
+    positions = axial_positions(SLICES, shift_per_slice=(0.0, SPACING[0]))
+    write_series(tmp_path, stored, positions, spacing=SPACING)
+    with pytest.raises(MedsegError) as caught:
+        read_volume(tmp_path)
+    assert "gantry tilt of 17.7 degrees" in str(caught.value)
+    assert "--resample-irregular" in str(caught.value)
+    volume = read_volume(tmp_path, resample_irregular=True)
+    assert volume.spatial_shape == (COLUMNS, ROWS + SLICES - 1, SLICES)
+    np.testing.assert_allclose(volume.affine, expected_affine(positions[0], 2.5), atol=1e-9)
+    for k in range(SLICES):  # slice k lies k rows further along the grid's row axis
+        np.testing.assert_allclose(volume.data[:, k:k + ROWS, k], as_volume(stored)[:, :, k],
+                                   atol=1e-3)
+
+
+def test_missing_slice_is_refused_then_resampled(tmp_path):
+    stored = stored_values(5)
+    positions = [[0.0, 0.0, z] for z in (0.0, 2.5, 5.0, 10.0)]
+    write_series(tmp_path, stored, positions, spacing=SPACING)
+    with pytest.raises(MedsegError) as caught:
+        read_volume(tmp_path)
+    message = str(caught.value)
+    assert "gap of 5.00 mm between slices 3 and 4 of 4 (IM0002.dcm and IM0003.dcm" in message
+    assert "median gap is 2.50 mm" in message and "--resample-irregular" in message
+    volume = read_volume(tmp_path, resample_irregular=True)
+    assert volume.spatial_shape == (COLUMNS, ROWS, 5)
+    hu = as_volume(stored)
+    for plane, k in ((0, 0), (1, 1), (2, 2), (4, 3)):
+        np.testing.assert_allclose(volume.data[:, :, plane], hu[:, :, k], atol=1e-3)
+    np.testing.assert_allclose(volume.data[:, :, 3], (hu[:, :, 2] + hu[:, :, 3]) / 2,
+                               atol=1e-3)
+
+
+def test_single_slice_is_a_one_slice_volume(tmp_path):
+    stored = stored_values(6, (ROWS, COLUMNS, 1))
+    paths = write_series(tmp_path, stored, axial_positions(1))
+    for source in (tmp_path, paths[0]):  # the folder, or the file itself
+        volume = read_volume(source)
+        assert volume.spatial_shape == (COLUMNS, ROWS, 1)
+        np.testing.assert_array_equal(volume.data, as_volume(stored))
+
+
+def test_duplicate_positions_are_refused(tmp_path):
+    write_series(tmp_path, stored_values(7, (ROWS, COLUMNS, 2)), [[0, 0, 0], [0, 0, 0]])
+    with pytest.raises(MedsegError, match="same position .* several volumes"):
+        read_volume(tmp_path)
+
+
+def test_localizer_in_the_series_is_refused(tmp_path):
+    write_series(tmp_path, stored_values(8, (ROWS, COLUMNS, 2)), axial_positions(2))
+    write_series(tmp_path / "loc", stored_values(9, (ROWS, COLUMNS, 1)), [[0, 0, 0]],
+                 orientation=(1, 0, 0, 0, 0, -1))
+    with pytest.raises(MedsegError, match="differ in orientation"):
+        read_volume(tmp_path)
+
+
+def test_folder_without_dicom_images(tmp_path):
+    (tmp_path / "notes.txt").write_text("no images here")
+    (tmp_path / "junk.dcm").write_bytes(np.random.default_rng(0).bytes(500))
+    with pytest.raises(MedsegError, match="no DICOM image found"):
+        read_volume(tmp_path)
+
+
+def test_truncated_dicom_names_the_file(tmp_path):
+    paths = write_series(tmp_path, stored_values(10), axial_positions(SLICES))
+    raw = paths[2].read_bytes()
+    paths[2].write_bytes(raw[: len(raw) - 20])
+    with pytest.raises(MedsegError, match="IM0002.dcm"):
+        read_volume(tmp_path)
+
+
+@pytest.mark.parametrize("syntax", [RLELossless, JPEG2000Lossless, JPEGLSLossless])
+def test_lossless_transfer_syntaxes(tmp_path, syntax):
+    stored = stored_values(11, (64, 48, 1))  # big enough for JPEG 2000's resolution levels
+    ds = slice_dataset(stored[:, :, 0], [0, 0, 0], spacing=SPACING, bits_stored=12)
+    ds.compress(syntax)
+    ds.save_as(tmp_path / "c.dcm", enforce_file_format=True)
+    volume = read_volume(tmp_path)
+    np.testing.assert_array_equal(volume.data, as_volume(stored))
+
+
+def test_jpeg_lossless_through_gdcm(tmp_path):
+    """pydicom has no decoder for JPEG Lossless (process 14) here: SimpleITK's GDCM does it,
+    and applies the rescale itself."""
+    sitk = pytest.importorskip("SimpleITK")
+    pixels = (np.arange(ROWS * COLUMNS).reshape(ROWS, COLUMNS) * 37).astype(np.int16)
+    image = sitk.GetImageFromArray(pixels)
+    image.SetSpacing((SPACING[1], SPACING[0]))
+    for tag, value in {"0020|0032": "-20\\-30\\40", "0020|0037": "1\\0\\0\\0\\1\\0",
+                       "0008|0060": "CT", "0020|000e": "1.2.3.9"}.items():
+        image.SetMetaData(tag, value)
+    writer = sitk.ImageFileWriter()
+    writer.SetImageIO("GDCMImageIO")
+    writer.SetFileName(str(tmp_path / "j.dcm"))
+    writer.KeepOriginalImageUIDOn()
+    writer.SetUseCompression(True)
+    writer.SetCompressor("JPEG")
+    writer.Execute(image)
+    volume = read_volume(tmp_path / "j.dcm", dtype=None)
+    np.testing.assert_array_equal(volume.data[:, :, 0], pixels.T)
+    np.testing.assert_allclose(volume.affine[:3, 3], [20.0, 30.0, 40.0])
+
+
+def test_jpeg_baseline(tmp_path):
+    image_module = pytest.importorskip("PIL.Image")
+    pixels = np.tile(np.linspace(0, 250, 16, dtype=np.uint8), (16, 1))
+    buffer = io.BytesIO()
+    image_module.fromarray(pixels).save(buffer, format="JPEG", quality=95)
+    ds = slice_dataset(pixels.astype(np.uint16), [0, 0, 0], intercept=0.0)
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = encapsulate([buffer.getvalue()])
+    ds["PixelData"].VR = "OB"
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.save_as(tmp_path / "b.dcm", enforce_file_format=True)
+    volume = read_volume(tmp_path)
+    assert np.abs(volume.data[:, :, 0] - pixels.T).max() <= 6  # lossy, but close
+
+
+def test_enhanced_multiframe(tmp_path):
+    stored = stored_values(12)
+    positions = axial_positions(SLICES)
+    # frames stored in reverse physical order, each with its own rescale slope
+    slopes = [1.0, 2.0, 1.0, 2.0]
+    enhanced_file(tmp_path / "mf.dcm", stored[:, :, ::-1], positions[::-1], spacing=SPACING,
+                  slopes=slopes)
+    volume = read_volume(tmp_path)
+    expected = stored.transpose(1, 0, 2).astype(np.float32) * np.array(
+        slopes[::-1], dtype=np.float32) + CT_INTERCEPT
+    np.testing.assert_array_equal(volume.data, expected)
+    np.testing.assert_allclose(volume.affine, expected_affine(positions[0], 2.5), atol=1e-9)
+
+
+def test_convert_dicom_to_nifti_and_nrrd(tmp_path):
+    stored = stored_values(13)
+    positions = axial_positions(SLICES)
+    write_series(tmp_path / "dcm", stored, positions, spacing=SPACING, bits_stored=12)
+    nifti = convert_volume(tmp_path / "dcm", tmp_path / "ct.nii.gz")
+    image = nib.load(nifti)
+    assert image.get_data_dtype() == np.int16
+    assert int(image.header["qform_code"]) == 1 and int(image.header["sform_code"]) == 1
+    np.testing.assert_allclose(image.affine, expected_affine(positions[0], 2.5), atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(image.dataobj), as_volume(stored))
+    nrrd = read_volume(convert_volume(tmp_path / "dcm", tmp_path / "ct.nrrd"))
+    np.testing.assert_allclose(nrrd.affine, expected_affine(positions[0], 2.5), atol=1e-9)
+    np.testing.assert_array_equal(nrrd.data, as_volume(stored))

@@ -1,0 +1,184 @@
+import base64
+import io
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from medseg.evaluate import CaseScores, evaluate_pairs, pair_cases
+from medseg.metrics import FAILED_SCORES
+from medseg.report import format_table, scores_csv, summarize, write_reports
+from medseg.report_figures import PREDICTION_RGB, REFERENCE_RGB
+from medseg.report_html import rank_cases
+
+LABELS = {0: "background", 1: "liver", 2: "kidney & <left>", 3: "absent"}
+SPACING_AFFINE = np.diag([1.5, 1.5, 4.0, 1.0])
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                  "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
+
+
+def scores(dice, hd95, ref_ml=1.0):
+    return {"dice": dice, "iou": dice, "hd95_mm": hd95, "assd_mm": hd95, "nsd": dice,
+            "ref_ml": ref_ml, "pred_ml": ref_ml, "diff_ml": 0.0}
+
+
+def test_summary_leaves_out_inf_and_nan_and_counts_inf():
+    results = [
+        CaseScores("a", {"s": scores(1.0, 0.0), "t": scores(1.0, math.nan, 0.0)}),
+        CaseScores("b", {"s": scores(0.5, 4.0), "t": scores(1.0, math.nan, 0.0)}),
+        CaseScores("c", {"s": scores(0.0, math.inf), "t": scores(1.0, math.nan, 0.0)}),
+        CaseScores("d", {"s": dict(FAILED_SCORES), "t": dict(FAILED_SCORES)}, "no prediction"),
+    ]
+    summary = summarize(results, tolerance_mm=2.0)
+    hd95 = summary["structures"]["s"]["hd95_mm"]
+    assert hd95 == {"mean": 2.0, "sd": pytest.approx(math.sqrt(8)), "median": 2.0,
+                    "iqr": 2.0, "n": 2, "n_inf": 2}
+    assert summary["structures"]["s"]["dice"]["n"] == 4  # the failed case counts as Dice 0
+    assert summary["structures"]["s"]["dice"]["mean"] == pytest.approx(1.5 / 4)
+    assert summary["structures"]["t"]["hd95_mm"]["n"] == 0  # both empty: left out
+    assert summary["absent_structures"] == ["t"]
+    assert summary["mean_dice"] == pytest.approx(1.5 / 4)  # over present structures only
+    assert summary["failed_cases"] == ["d"] and summary["tolerance_mm"] == 2.0
+    table = format_table(summary)
+    assert "nsd@2mm" in table and "failed cases" in table
+    assert "absent from every reference and prediction: 1 structure " in table
+    assert "\nt " not in table
+
+
+def test_csv_writes_inf_and_leaves_nan_empty():
+    text = scores_csv([CaseScores("a", {"s": dict(FAILED_SCORES)}, "boom")])
+    assert text.splitlines()[1] == "a,s,0,0,inf,inf,0,,,,boom"
+
+
+def test_summary_json_is_strict_json(tmp_path):
+    results = [CaseScores("a", {"s": scores(0.0, math.inf)}),
+               CaseScores("b", {"s": scores(1.0, math.nan)})]
+    write_reports(results, tmp_path, html=False)
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in summary.json")
+
+    saved = json.loads((tmp_path / "summary.json").read_text(), parse_constant=refuse)
+    assert saved["structures"]["s"]["hd95_mm"]["mean"] is None
+    assert not (tmp_path / "report.html").exists()
+
+
+def test_rank_cases_picks_best_median_and_worst():
+    results = [CaseScores(name, {"s": scores(d, 1.0)})
+               for name, d in (("a", 0.5), ("b", 0.9), ("c", 0.1), ("d", 0.7))]
+    results.append(CaseScores("e", {"s": dict(FAILED_SCORES)}, "missing"))
+    roles = [(role, r.case) for role, r in rank_cases(results, ["s"])]
+    assert roles == [("best", "b"), ("median", "a"), ("worst", "c")]
+    single = rank_cases(results[:1], ["s"])
+    assert [(role, r.case) for role, r in single] == [("best, median, worst", "a")]
+
+
+def blob_case(rng, shape=(40, 36, 12)):
+    """A reference with two structures and a prediction with perturbed edges."""
+    reference = np.zeros(shape, np.uint8)
+    reference[8:26, 6:24, 2:10] = 1
+    reference[28:36, 20:32, 3:9] = 2
+    shift = (int(rng.integers(0, 3)), int(rng.integers(0, 3)))
+    prediction = np.roll(reference, shift, axis=(0, 1))
+    prediction[(prediction == 2) & (rng.random(shape) < 0.2)] = 0
+    return reference, prediction
+
+
+@pytest.fixture(scope="module")
+def report_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    rng = np.random.default_rng(3)
+    for k in range(4):
+        reference, prediction = blob_case(rng)
+        for folder, data in (("ref", reference), ("pred", prediction)):
+            (root / folder).mkdir(exist_ok=True)
+            nib.save(nib.Nifti1Image(data, SPACING_AFFINE), root / folder / f"case{k}.nii.gz")
+    nib.save(nib.Nifti1Image(reference, SPACING_AFFINE), root / "ref" / "missing.nii.gz")
+    results = evaluate_pairs(pair_cases(root / "pred", root / "ref"), LABELS)
+    write_reports(results, root / "out", labels=LABELS, tolerance_mm=2.0)
+    return root / "out"
+
+
+def inline_pngs(html):
+    return [base64.b64decode(m) for m in
+            re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)]
+
+
+def test_html_report_is_self_contained_and_complete(report_dir):
+    html = (report_dir / "report.html").read_text()
+    text = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "data:", html)
+    assert not re.search(r"(https?:|//|<script|<link|<iframe|url\()", text, re.IGNORECASE)
+    assert text.count('src="data:"') == text.count("src=")
+    assert '<table class="summary">' in html and '<table class="cases">' in html
+    assert "kidney &amp; &lt;left&gt;" in html and "kidney & <left>" not in html
+    assert "absent" in html and "missing" in html and "no prediction for this case" in html
+    assert "&plusmn;" in html and "IQR" in html and "n 4" in html
+    pngs = inline_pngs(html)
+    assert len(pngs) == 1 + 3  # box plots, then the best, median and worst cases
+    for png in pngs:
+        assert png.startswith(b"\x89PNG") and b"matplotlib.org" not in png
+    for role in ("best", "median", "worst"):
+        assert f"<h3>{role}" in html
+
+
+def test_montage_shows_both_contours(report_dir):
+    montage = np.asarray(Image.open(io.BytesIO(inline_pngs(
+        (report_dir / "report.html").read_text())[1])).convert("RGB"))
+    for colour in (REFERENCE_RGB, PREDICTION_RGB):
+        assert (montage == colour).all(axis=-1).sum() > 100, colour
+    assert montage.shape[1] > 1000
+
+
+def find_chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def install_chromium() -> str | None:
+    """Debian's chromium, installed only when this test runs (root and apt-get needed)."""
+    if os.environ.get("MEDSEG_NO_APT") or not shutil.which("apt-get") or os.geteuid() != 0:
+        return None
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in (["apt-get", "install", "-y", "--no-install-recommends", "chromium"],
+                    ["apt-get", "update"],
+                    ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]):
+        try:
+            done = subprocess.run(command, env=env, capture_output=True, timeout=300)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        if done.returncode == 0 and find_chromium():
+            return find_chromium()
+    return None
+
+
+def test_report_renders_in_headless_chromium(report_dir, tmp_path):
+    chromium = find_chromium() or install_chromium()
+    if chromium is None:
+        pytest.skip("headless Chromium is not available (not on PATH, and apt-get install "
+                    "chromium failed or is not possible here)")
+    page = (report_dir / "report.html").as_uri()
+    common = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
+    screenshot = tmp_path / "report.png"
+    subprocess.run([*common, "--window-size=1400,2400", f"--screenshot={screenshot}", page],
+                   capture_output=True, timeout=180, check=False)
+    assert screenshot.is_file(), "chromium wrote no screenshot"
+    dom = subprocess.run([*common, "--dump-dom", page], capture_output=True,
+                         timeout=180, check=False).stdout.decode("utf-8")
+    assert '<table class="summary">' in dom and dom.count("<img") == 4
+    shot = np.asarray(Image.open(screenshot).convert("RGB"))
+    assert shot.shape[:2] == (2400, 1400)
+    # the montage pictures were decoded and drawn: their contour colours are on screen
+    for colour in (REFERENCE_RGB, PREDICTION_RGB):
+        assert (np.abs(shot.astype(int) - colour).max(axis=-1) < 8).sum() > 100, colour
+    if os.environ.get("MEDSEG_KEEP_SCREENSHOT"):
+        shutil.copy(screenshot, os.environ["MEDSEG_KEEP_SCREENSHOT"])

@@ -76,11 +76,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    workflow = _load_workflow(Path(args.workflow), args.overrides)
-    if not workflow.dataset.path:
-        raise MedsegError("dataset.path is not set", args.workflow)
-    folds = _parse_folds(args.fold, workflow.train.folds, workflow.train.fold)
-    results = _train_run(workflow, Path(args.out), folds, overwrite=args.overwrite)
+    if args.resume:
+        if args.workflow or args.out or args.overrides:
+            raise MedsegError("--resume takes the run folder alone (its saved workflow is used)")
+        results = _resume_run(Path(args.resume), args.fold)
+    else:
+        if not args.workflow or not args.out:
+            raise MedsegError("train needs a WORKFLOW and --out RUN_DIR (or --resume RUN_DIR)")
+        workflow = _load_workflow(Path(args.workflow), args.overrides)
+        if not workflow.dataset.path:
+            raise MedsegError("dataset.path is not set", args.workflow)
+        folds = _parse_folds(args.fold, workflow.train.folds, workflow.train.fold)
+        results = _train_run(workflow, Path(args.out), folds, overwrite=args.overwrite)
     for result in results:
         dice = "n/a" if result.best_mean_dice is None else f"{result.best_mean_dice:.4f}"
         print(f"{result.fold_dir.name}: best mean Dice {dice} at epoch {result.best_epoch + 1}"
@@ -94,6 +101,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
                               step=args.step, device=args.device, series_uid=args.series,
                               resample_irregular=args.resample_irregular)
     results = _predict(Path(args.model), args.input, Path(args.output), options)
+    if args.reference:
+        summary = _evaluate_predictions(Path(args.model), Path(args.output),
+                                        Path(args.reference))
+        if summary["failed_cases"]:
+            return 1
     failed = sum(1 for r in results if r.error)
     if failed and failed == len(results):
         return EXIT_USER_ERROR  # nothing could be done with the inputs given
@@ -167,6 +179,34 @@ class _PredictOptions:
     resample_irregular: bool = False
 
 
+def _resume_run(run_dir: Path, fold_text: str | None) -> list:
+    """Continue the fold(s) of a run from their last saved state (a fold never started is
+    trained from the beginning)."""
+    from medseg.datasets import load_dataset
+    from medseg.plan import load_plan
+    from medseg.train import TRAIN_STATE, train_fold
+
+    workflow = _load_workflow(run_dir / "workflow.yaml", [])
+    plan = load_plan(run_dir / "plan.json")
+    splits = json.loads((run_dir / "splits.json").read_text())
+    ds = workflow.dataset
+    dataset = load_dataset(ds.path, ds.layout, ds.modality, ds.labels)
+    if fold_text is None:
+        started = sorted(int(p.name.split("_")[1]) for p in run_dir.glob("fold_*")
+                         if (p / "checkpoints" / TRAIN_STATE).is_file())
+        folds = started or [workflow.train.fold]
+    else:
+        folds = _parse_folds(fold_text, workflow.train.folds, workflow.train.fold)
+    results = []
+    for fold in folds:
+        fold_dir = run_dir / f"fold_{fold}"
+        resume = (fold_dir / "checkpoints" / TRAIN_STATE).is_file()
+        print(f"{fold_dir.name}: {'resuming' if resume else 'starting'}")
+        results.append(train_fold(workflow, dataset, plan, splits[fold], fold_dir,
+                                  resume=resume))
+    return results
+
+
 def _predict(model: Path, inputs: list[str], output: Path, options: _PredictOptions) -> list:
     import dataclasses
 
@@ -198,6 +238,16 @@ def _evaluate(pred: Path, ref: Path, labels_path: Path | None, out: Path | None,
 
     return run_evaluation(pred, ref, labels_path, out, tolerance_mm=tolerance_mm, jobs=jobs,
                           resample=resample)
+
+
+def _evaluate_predictions(model: Path, output: Path, reference: Path) -> dict:
+    """`medseg predict --reference`: score the new masks at once, with the model's label
+    names, into OUTPUT/evaluation (the same code as `medseg evaluate`)."""
+    from medseg.plan import load_plan
+    from medseg.report import run_evaluation
+
+    labels = load_plan(model / "plan.json").labels
+    return run_evaluation(output, reference, None, output / "evaluation", label_names=labels)
 
 
 def _load_workflow(path: Path | None, overrides: list[str]):
@@ -272,8 +322,11 @@ def _parser() -> argparse.ArgumentParser:
     demo.set_defaults(handler=cmd_demo)
 
     train = sub.add_parser("train", parents=[common], help="train on a labelled dataset")
-    train.add_argument("workflow", help="workflow YAML file")
-    train.add_argument("--out", required=True, help="run folder to create")
+    train.add_argument("workflow", nargs="?", help="workflow YAML file")
+    train.add_argument("--out", help="run folder to create")
+    train.add_argument("--resume", metavar="RUN_DIR",
+                       help="continue a run from its last checkpoint (optimizer, scheduler, "
+                            "epoch and random streams included)")
     train.add_argument("--fold", default=None, help="fold index, or 'all' (default: "
                        "train.fold of the workflow)")
     train.add_argument("--set", dest="overrides", action="append", default=[],
@@ -292,6 +345,9 @@ def _parser() -> argparse.ArgumentParser:
                          help="window step as a fraction of the patch (default 0.5)")
     predict.add_argument("--device", default=None, help="cpu or cuda (default: cuda if found)")
     predict.add_argument("--overwrite", action="store_true", help="redo existing outputs")
+    predict.add_argument("--reference", default=None, metavar="DIR",
+                         help="folder of reference masks: score the predictions at once "
+                              "into OUTPUT/evaluation")
     predict.add_argument("--series", default=None, metavar="UID",
                          help="SeriesInstanceUID for DICOM folders that hold several series")
     predict.add_argument("--resample-irregular", action="store_true",

@@ -6,6 +6,7 @@ mask lies on the input's exact grid (for DICOM, the series' grid in the same pat
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from medseg.model import create_model, load_weights
 from medseg.plan import Plan, load_plan
 from medseg.train import BEST_WEIGHTS, select_precision, sliding_window_logits
 from medseg.transforms import IMAGE, case_dict, preprocessing
+
+CHANNEL_SUFFIX = re.compile(r"(.+)_(\d{4})")
 
 
 @dataclass(frozen=True)
@@ -94,19 +97,42 @@ def output_name(path: Path) -> str:
     return f"{stem}.nii.gz"
 
 
-def predict_volume(predictor: Predictor, volume: Volume | Path,
+def group_channels(paths: list[Path], channels: int) -> list[tuple[Path, ...]]:
+    """One tuple of channel files per case. With several channels, files follow nnU-Net's
+    naming (`CASE_0000.nii.gz`, `CASE_0001.nii.gz`, ...) and every case needs all of them."""
+    if channels == 1:
+        return [(path,) for path in paths]
+    cases: dict[str, dict[int, Path]] = {}
+    for path in paths:
+        match = CHANNEL_SUFFIX.fullmatch(strip_image_suffix(path.name))
+        if match is None:
+            raise MedsegError(f"the model takes {channels} channels: name the files "
+                              f"CASE_0000 ... CASE_{channels - 1:04d}", path)
+        cases.setdefault(match.group(1), {})[int(match.group(2))] = path
+    grouped = []
+    for case, files in sorted(cases.items()):
+        if sorted(files) != list(range(channels)):
+            missing = sorted(set(range(channels)) - set(files))
+            raise MedsegError(f"case '{case}' lacks channel(s) {missing} of {channels}",
+                              next(iter(files.values())).parent)
+        grouped.append(tuple(files[k] for k in range(channels)))
+    return grouped
+
+
+def predict_volume(predictor: Predictor, volume: Volume | Path | list[Volume],
                    config: PredictConfig) -> torch.Tensor:
-    """Label map of one input volume (read, or a path to read), on the input's own voxel
-    grid (uint8/int64 tensor)."""
+    """Label map of one case (a read volume, a path to read, or one read volume per channel),
+    on the grid of its (first) input volume (int64 tensor)."""
     from monai.transforms import Invertd
 
     plan = predictor.plan
-    path = volume.path if isinstance(volume, Volume) else volume
-    if plan.in_channels != 1:
-        raise MedsegError(f"the model expects {plan.in_channels} channels; multi-channel "
-                          f"prediction takes one file per channel (not yet supported)", path)
+    channels = volume if isinstance(volume, list) else [volume]
+    if len(channels) != plan.in_channels:
+        first = channels[0].path if isinstance(channels[0], Volume) else channels[0]
+        raise MedsegError(f"the model expects {plan.in_channels} channel(s), got "
+                          f"{len(channels)}", first)
     chain = preprocessing(plan, with_label=False)
-    data = chain(case_dict([volume]))
+    data = chain(case_dict(channels))
     image = data[IMAGE]
     probabilities = _ensemble_probabilities(predictor, image.as_tensor()[None], config)
     # Invert orientation and resampling on the class scores (not the labels), then argmax,
@@ -122,18 +148,21 @@ def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
                   resample_irregular: bool = False) -> list[PredictionResult]:
     """Predict each input, writing `<case>.nii.gz` in output_dir; a failing case is reported
     and the batch goes on. `series_uid` and `resample_irregular` apply to DICOM inputs."""
+    cases = group_channels(inputs, predictor.plan.in_channels)
     output_dir.mkdir(parents=True, exist_ok=True)
     results = []
-    for path in tqdm(inputs, desc="predict", unit="case", dynamic_ncols=True):
+    for files in tqdm(cases, desc="predict", unit="case", dynamic_ncols=True):
+        path = files[0]
         target = output_dir / output_name(path)
         started = time.monotonic()
         if target.exists() and not overwrite:
             results.append(PredictionResult(path, target, 0.0, skipped=True))
             continue
         try:
-            volume = read_volume(path, np.float32, series_uid, resample_irregular)
-            mask = predict_volume(predictor, volume, config)
-            write_mask(mask.numpy(), volume.geometry, target)
+            volumes = [read_volume(f, np.float32, series_uid, resample_irregular)
+                       for f in files]
+            mask = predict_volume(predictor, volumes, config)
+            write_mask(mask.numpy(), volumes[0].geometry, target)
             results.append(PredictionResult(path, target, time.monotonic() - started))
         except MedsegError as exc:
             tqdm.write(f"medseg: error: {exc}", file=sys.stderr)

@@ -24,10 +24,11 @@ HEADLINE = ("dice", "nsd")
 
 def run_evaluation(pred_dir: Path, ref_dir: Path, labels_path: Path | None,
                    out_dir: Path | None, tolerance_mm: float = 2.0, jobs: int = 1,
-                   resample: bool = False) -> dict:
+                   resample: bool = False, label_names: dict[int, str] | None = None) -> dict:
     """Score every reference against the prediction of the same name, print a table and,
     with `out_dir`, write scores.csv, summary.json and report.html. Returns the summary
-    (its `failed_cases` is non-empty when some case could not be scored)."""
+    (its `failed_cases` is non-empty when some case could not be scored). Label names come
+    from `labels_path`, else `label_names`, else the values found in the references."""
     from medseg.datasets import label_names_from_json
 
     if jobs < 1:
@@ -37,7 +38,10 @@ def run_evaluation(pred_dir: Path, ref_dir: Path, labels_path: Path | None,
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
         raise MedsegError("output folder path is a file", out_dir)
     pairs = pair_cases(pred_dir, ref_dir)
-    labels = label_names_from_json(labels_path) if labels_path else infer_labels(pairs)
+    if labels_path is not None:
+        labels = label_names_from_json(labels_path)
+    else:
+        labels = dict(label_names) if label_names else infer_labels(pairs)
     results = evaluate_pairs(pairs, labels, tolerance_mm=tolerance_mm, jobs=jobs,
                              resample=resample)
     if out_dir is not None:

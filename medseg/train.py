@@ -15,7 +15,8 @@ from tqdm import tqdm
 
 from medseg.config import Workflow
 from medseg.datasets import Case, Dataset
-from medseg.fileio import atomic_path
+from medseg.errors import MedsegError
+from medseg.fileio import atomic_path, atomic_write_text
 from medseg.model import create_model, save_weights
 from medseg.plan import Plan
 from medseg.transforms import IMAGE, LABEL, augmentation, case_dict, preprocessing
@@ -53,10 +54,14 @@ def select_precision(requested: str, device: torch.device) -> torch.dtype | None
 
 def train_fold(
     workflow: Workflow, dataset: Dataset, plan: Plan, split: dict, fold_dir: Path,
-    device: torch.device | None = None,
+    device: torch.device | None = None, resume: bool = False,
 ) -> TrainResult:
-    """Train one fold; writes checkpoints/, metrics.jsonl and tensorboard/ under fold_dir."""
-    from monai.data import CacheDataset, DataLoader
+    """Train one fold; writes checkpoints/, metrics.jsonl and tensorboard/ under fold_dir.
+
+    With `resume`, continue from checkpoints/last_state.pt: weights, optimizer, scheduler,
+    best score and epoch come back, and every random stream is reseeded per epoch from
+    (seed, epoch), so a resumed run repeats the uninterrupted one (bit for bit in
+    deterministic mode on the CPU)."""
     from monai.losses import DeepSupervisionLoss, DiceCELoss
     from monai.utils import set_determinism
     from torch.utils.tensorboard import SummaryWriter
@@ -64,25 +69,7 @@ def train_fold(
     cfg = workflow.train
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     set_determinism(seed=cfg.seed, use_deterministic_algorithms=cfg.deterministic or None)
-    by_name = {case.name: case for case in dataset.cases}
-    train_cases = [by_name[name] for name in split["train"]]
-    val_cases = [by_name[name] for name in split["val"]][: cfg.val_max_cases]
-
-    chain = preprocessing(plan, with_label=True)
-    train_transform = _compose(chain, augmentation(plan, workflow.augment,
-                                                   cfg.foreground_fraction))
-    train_data = CacheDataset(_dicts(train_cases), train_transform, num_workers=cfg.num_workers,
-                              progress=False)
-    sampler = torch.utils.data.RandomSampler(
-        train_data, replacement=True,
-        num_samples=cfg.iterations_per_epoch * plan.batch_size,
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
-    loader = DataLoader(train_data, batch_size=plan.batch_size, sampler=sampler,
-                        num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0)
-    val_data = CacheDataset(_dicts(val_cases), chain, num_workers=cfg.num_workers,
-                            progress=False) if val_cases else None
-
+    train_data, loader, val_data = _data(workflow, dataset, plan, split)
     model = create_model(plan).to(device)
     optimizer = _optimizer(model, workflow)
     total_steps = cfg.epochs * cfg.iterations_per_epoch
@@ -94,15 +81,21 @@ def train_fold(
 
     checkpoints = fold_dir / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
-    writer = SummaryWriter(str(fold_dir / "tensorboard"))
     metrics_path = fold_dir / "metrics.jsonl"
+    best = {"epoch": -1, "mean": -math.inf, "dice": {}}
+    first_epoch = 0
+    if resume:
+        first_epoch, best = _load_state(checkpoints / TRAIN_STATE, model, optimizer, scheduler)
+        _truncate_metrics(metrics_path, first_epoch)
+    writer = SummaryWriter(str(fold_dir / "tensorboard"), purge_step=first_epoch)
     started = time.monotonic()
-    best_epoch, best_mean, best_dice = -1, -math.inf, {}
     deadline = started + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
-    epochs_run = 0
-    bar = tqdm(total=total_steps, desc=f"train {fold_dir.name}", unit="it", dynamic_ncols=True)
-    for epoch in range(cfg.epochs):
+    epochs_run = first_epoch
+    bar = tqdm(total=total_steps, initial=first_epoch * cfg.iterations_per_epoch,
+               desc=f"train {fold_dir.name}", unit="it", dynamic_ncols=True)
+    for epoch in range(first_epoch, cfg.epochs):
         epoch_start = time.monotonic()
+        _reseed(cfg.seed, epoch, train_data, loader)
         train_loss = _train_epoch(model, loader, optimizer, scheduler, loss_fn, device,
                                   autocast_dtype, plan, bar)
         epochs_run = epoch + 1
@@ -116,13 +109,13 @@ def train_fold(
             dice = validate(model, val_data, plan, workflow, device)
             mean_dice = float(np.mean(list(dice.values())))
             record.update({"val_dice": dice, "val_mean_dice": mean_dice})
-            if mean_dice > best_mean:
-                best_epoch, best_mean, best_dice = epoch, mean_dice, dice
+            if mean_dice > best["mean"]:
+                best = {"epoch": epoch, "mean": mean_dice, "dice": dice}
                 save_weights(model, checkpoints / BEST_WEIGHTS)
             bar.set_postfix(loss=f"{train_loss:.3f}", dice=f"{mean_dice:.3f}")
         _log(writer, metrics_path, record)
         save_weights(model, checkpoints / LAST_WEIGHTS)
-        _save_state(checkpoints / TRAIN_STATE, optimizer, scheduler, epoch)
+        _save_state(checkpoints / TRAIN_STATE, model, optimizer, scheduler, epoch, best)
         if out_of_time:
             tqdm.write(f"train.max_minutes={cfg.max_minutes} reached after epoch {epoch + 1}")
             break
@@ -130,17 +123,60 @@ def train_fold(
     writer.close()
     if val_data is None:  # no validation cases: the last weights are the ones to keep
         save_weights(model, checkpoints / BEST_WEIGHTS)
-        best_epoch = epochs_run - 1
-    return TrainResult(fold_dir, best_epoch, None if best_mean == -math.inf else best_mean,
-                       best_dice, epochs_run, time.monotonic() - started)
+        best["epoch"] = epochs_run - 1
+    return TrainResult(fold_dir, best["epoch"],
+                       None if best["mean"] == -math.inf else best["mean"], best["dice"],
+                       epochs_run, time.monotonic() - started)
+
+
+def _data(workflow: Workflow, dataset: Dataset, plan: Plan, split: dict):
+    """Cached training patches (random part re-run every time), their loader, and the
+    cached preprocessed validation cases."""
+    from monai.data import CacheDataset, DataLoader
+
+    cfg = workflow.train
+    by_name = {case.name: case for case in dataset.cases}
+    train_cases = [by_name[name] for name in split["train"]]
+    val_cases = [by_name[name] for name in split["val"]][: cfg.val_max_cases]
+    chain = preprocessing(plan, with_label=True)
+    train_transform = _compose(chain, augmentation(plan, workflow.augment,
+                                                   cfg.foreground_fraction))
+    train_data = CacheDataset(_dicts(train_cases), train_transform, num_workers=cfg.num_workers,
+                              progress=False)
+    sampler = torch.utils.data.RandomSampler(
+        train_data, replacement=True,
+        num_samples=cfg.iterations_per_epoch * plan.batch_size,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    # workers are not persistent: each epoch's workers are seeded from the reseeded main
+    # process, which makes an epoch's patches a function of (seed, epoch) alone
+    loader = DataLoader(train_data, batch_size=plan.batch_size, sampler=sampler,
+                        num_workers=cfg.num_workers, persistent_workers=False)
+    val_data = CacheDataset(_dicts(val_cases), chain, num_workers=cfg.num_workers,
+                            progress=False) if val_cases else None
+    return train_data, loader, val_data
+
+
+def _reseed(seed: int, epoch: int, train_data, loader) -> None:
+    """Every random stream of an epoch from (seed, epoch): torch, NumPy, Python, the MONAI
+    transforms (in-process loading) and the sampler."""
+    import random
+
+    epoch_seed = (seed * 100_003 + epoch) % 2**31
+    torch.manual_seed(epoch_seed)
+    np.random.seed(epoch_seed)
+    random.seed(epoch_seed)
+    train_data.transform.set_random_state(seed=epoch_seed)
+    loader.sampler.generator.manual_seed(epoch_seed)
 
 
 def validate(model, val_data, plan: Plan, workflow: Workflow, device) -> dict[str, float]:
-    """Mean Dice per structure over the validation cases, in the preprocessed space."""
-    from monai.metrics import DiceMetric
-    from monai.networks.utils import one_hot
+    """Mean Dice per structure over the validation cases, in the preprocessed space, with the
+    same per-structure scoring (and empty-structure conventions) as `medseg evaluate`."""
+    from medseg.metrics import score_case
 
-    metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=False)
+    labels = {k: plan.labels.get(k, f"label_{k}") for k in range(plan.num_classes)}
+    per_case = []
     model.eval()
     with torch.no_grad():
         for item in val_data:
@@ -148,13 +184,13 @@ def validate(model, val_data, plan: Plan, workflow: Workflow, device) -> dict[st
                                            workflow.predict.step, workflow.predict.sw_batch_size,
                                            select_precision(workflow.train.precision, device),
                                            device)
-            prediction = one_hot(logits.argmax(1, keepdim=True), plan.num_classes)
-            reference = one_hot(item[LABEL].as_tensor()[None].long(), plan.num_classes)
-            metric(prediction, reference)
+            prediction = logits.argmax(1)[0].numpy()
+            reference = item[LABEL].as_tensor()[0].numpy().astype(np.int64)
+            per_case.append(score_case(prediction, reference, labels,
+                                       tuple(plan.target_spacing), surface=False))
     model.train()
-    scores = metric.aggregate().tolist()
-    names = [plan.labels.get(k, f"label_{k}") for k in range(1, plan.num_classes)]
-    return {name: float(score) for name, score in zip(names, scores, strict=True)}
+    return {name: float(np.mean([scores[name]["dice"] for scores in per_case]))
+            for name in per_case[0]}
 
 
 def sliding_window_logits(model, image: torch.Tensor, plan: Plan, step: float,
@@ -237,9 +273,33 @@ def _log(writer, metrics_path: Path, record: dict) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
-def _save_state(path: Path, optimizer, scheduler, epoch: int) -> None:
-    """Optimizer and scheduler state as plain tensors and numbers (loadable weights_only)."""
-    state = {"epoch": epoch, "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict()}
+def _save_state(path: Path, model, optimizer, scheduler, epoch: int, best: dict) -> None:
+    """Everything resume needs, in one atomic file of tensors and plain numbers (it loads
+    with `weights_only=True`)."""
+    state = {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "best": best}
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
+
+
+def _load_state(path: Path, model, optimizer, scheduler) -> tuple[int, dict]:
+    """Restore a training state; returns the next epoch and the best score so far."""
+    if not path.is_file():
+        raise MedsegError("no training state to resume from", path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+    except (RuntimeError, KeyError, ValueError, OSError) as exc:
+        raise MedsegError(f"cannot resume from this training state ({exc})", path) from exc
+    return int(state["epoch"]) + 1, dict(state["best"])
+
+
+def _truncate_metrics(path: Path, next_epoch: int) -> None:
+    """Drop metric lines of epochs after the saved state (written just before a crash)."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines()
+             if line.strip() and json.loads(line)["epoch"] < next_epoch]
+    atomic_write_text(path, "".join(f"{line}\n" for line in lines))

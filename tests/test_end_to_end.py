@@ -62,3 +62,13 @@ def test_demo_wiring_with_a_short_schedule(tmp_path, capsys):
     (stranger / "notes.txt").write_text("keep")
     assert main(["demo", "--out", str(stranger)]) == 2
     assert (stranger / "notes.txt").read_text() == "keep"
+
+
+def test_predict_with_reference_scores_at_once(trained_run, phantom_dataset, tmp_path):
+    code = main(["predict", "--model", str(trained_run), "--input",
+                 str(phantom_dataset / "imagesTs"), "--output", str(tmp_path / "pred"),
+                 "--reference", str(phantom_dataset / "labelsTs")])
+    assert code == 0
+    summary = json.loads((tmp_path / "pred" / "evaluation" / "summary.json").read_text())
+    assert set(summary["structures"]) == {"liver", "kidney", "spine"}
+    assert (tmp_path / "pred" / "evaluation" / "report.html").is_file()

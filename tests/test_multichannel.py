@@ -1,0 +1,60 @@
+"""Two-channel (multi-modal) cases from the nnU-Net layout: trained and predicted together."""
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+from helpers import REPO, SMALL_SHAPE, SMALL_SPACING, TINY_TRAINING, as_sets
+
+from medseg.cli import main
+from medseg.errors import MedsegError
+from medseg.phantoms import make_phantom
+from medseg.predict import group_channels
+
+
+def write_two_channel_dataset(root, n_cases=5):
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    for index in range(n_cases):
+        phantom = make_phantom(100 + index, shape=SMALL_SHAPE, spacing=SMALL_SPACING)
+        second = np.where(phantom.label == 2, 500.0, 0.0) - 0.3 * phantom.image  # "T2"
+        for channel, data in enumerate((phantom.image, second)):
+            nib.save(nib.Nifti1Image(data.astype(np.float32), phantom.affine),
+                     root / "imagesTr" / f"case{index}_{channel:04d}.nii.gz")
+        nib.save(nib.Nifti1Image(phantom.label, phantom.affine),
+                 root / "labelsTr" / f"case{index}.nii.gz")
+    (root / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "CT", "1": "T2"}, "file_ending": ".nii.gz",
+        "labels": {"background": 0, "liver": 1, "kidney": 2, "spine": 3},
+        "numTraining": n_cases}))
+
+
+def test_train_and_predict_two_channels(tmp_path):
+    write_two_channel_dataset(tmp_path / "data")
+    run = tmp_path / "run"
+    assert main(["train", str(REPO / "workflows" / "demo.yaml"), "--out", str(run),
+                 *as_sets([f"dataset.path={tmp_path / 'data'}", "dataset.layout=nnunet",
+                           *TINY_TRAINING])]) == 0
+    plan = json.loads((run / "plan.json").read_text())
+    assert plan["in_channels"] == 2 and plan["modalities"] == ["CT", "MR"]
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for channel in (0, 1):
+        shutil.copy(tmp_path / "data" / "imagesTr" / f"case0_{channel:04d}.nii.gz", inputs)
+    assert main(["predict", "--model", str(run), "--input", str(inputs), "--output",
+                 str(tmp_path / "pred")]) == 0
+    mask = nib.load(tmp_path / "pred" / "case0.nii.gz")
+    source = nib.load(inputs / "case0_0000.nii.gz")
+    assert mask.shape == source.shape
+    np.testing.assert_allclose(mask.affine, source.affine, atol=1e-5)
+
+
+def test_channel_grouping_needs_every_channel(tmp_path):
+    files = [tmp_path / "a_0000.nii.gz", tmp_path / "a_0001.nii.gz", tmp_path / "b_0000.nii.gz"]
+    assert group_channels(files[:2], 2) == [tuple(files[:2])]
+    with pytest.raises(MedsegError, match=r"case 'b' lacks channel\(s\) \[1\] of 2"):
+        group_channels(files, 2)
+    with pytest.raises(MedsegError, match="name the files CASE_0000"):
+        group_channels([tmp_path / "plain.nii.gz"], 2)

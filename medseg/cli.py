@@ -99,7 +99,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     folds = [int(f) for f in args.folds.split(",")] if args.folds else None
     options = _PredictOptions(folds=folds, overwrite=args.overwrite, tta=args.tta,
                               step=args.step, device=args.device, series_uid=args.series,
-                              resample_irregular=args.resample_irregular)
+                              resample_irregular=args.resample_irregular, shard=args.shard)
     results = _predict(Path(args.model), args.input, Path(args.output), options)
     if args.reference:
         summary = _evaluate_predictions(Path(args.model), Path(args.output),
@@ -177,6 +177,7 @@ class _PredictOptions:
     device: str | None = None
     series_uid: str | None = None
     resample_irregular: bool = False
+    shard: str | None = None
 
 
 def _resume_run(run_dir: Path, fold_text: str | None) -> list:
@@ -211,8 +212,9 @@ def _predict(model: Path, inputs: list[str], output: Path, options: _PredictOpti
     import dataclasses
 
     from medseg.config import load_workflow
-    from medseg.predict import collect_inputs, load_predictor, predict_paths
+    from medseg.predict import collect_inputs, load_predictor, parse_shard, predict_paths
 
+    shard = parse_shard(options.shard)
     paths = collect_inputs(inputs)
     predictor = load_predictor(model, options.folds, options.device)
     config = load_workflow(model / "workflow.yaml").predict
@@ -222,13 +224,14 @@ def _predict(model: Path, inputs: list[str], output: Path, options: _PredictOpti
     started = time.monotonic()
     results = predict_paths(predictor, paths, output, config, overwrite=options.overwrite,
                             series_uid=options.series_uid,
-                            resample_irregular=options.resample_irregular)
+                            resample_irregular=options.resample_irregular, shard=shard)
     done = [r for r in results if r.output and not r.skipped]
     skipped = [r for r in results if r.skipped]
     failed = [r for r in results if r.error]
-    print(f"predicted {len(done)} of {len(paths)} cases with {', '.join(predictor.folds)} in "
-          f"{time.monotonic() - started:.1f} s; skipped {len(skipped)} existing "
-          f"(--overwrite to redo); failed {len(failed)}")
+    shard_note = f" (shard {shard[0]}/{shard[1]})" if shard[1] > 1 else ""
+    print(f"predicted {len(done)} of {len(results)} cases{shard_note} with "
+          f"{', '.join(predictor.folds)} in {time.monotonic() - started:.1f} s; "
+          f"skipped {len(skipped)} existing (--overwrite to redo); failed {len(failed)}")
     return results
 
 
@@ -345,6 +348,9 @@ def _parser() -> argparse.ArgumentParser:
                          help="window step as a fraction of the patch (default 0.5)")
     predict.add_argument("--device", default=None, help="cpu or cuda (default: cuda if found)")
     predict.add_argument("--overwrite", action="store_true", help="redo existing outputs")
+    predict.add_argument("--shard", default=None, metavar="I/N",
+                         help="predict every N-th case from the I-th (0-based), so that N "
+                              "processes share a batch; under torchrun, RANK/WORLD_SIZE")
     predict.add_argument("--reference", default=None, metavar="DIR",
                          help="folder of reference masks: score the predictions at once "
                               "into OUTPUT/evaluation")

@@ -87,6 +87,8 @@ class PredictConfig:
     sw_batch_size: int = 4
     tta: bool = False
     precision: str = "auto"  # auto | bf16 | fp32 | amp
+    largest_component: list[int] = field(default_factory=list)  # label ids
+    min_component_ml: dict[int, float] = field(default_factory=dict)  # label id -> ml
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ mask lies on the input's exact grid (for DICOM, the series' grid in the same pat
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import time
@@ -22,6 +23,7 @@ from medseg.errors import MedsegError
 from medseg.io import VOLUME_SUFFIXES, Volume, read_volume, write_mask
 from medseg.model import create_model, load_weights
 from medseg.plan import Plan, load_plan
+from medseg.postprocess import postprocess
 from medseg.train import BEST_WEIGHTS, select_precision, sliding_window_logits
 from medseg.transforms import IMAGE, case_dict, preprocessing
 
@@ -145,10 +147,14 @@ def predict_volume(predictor: Predictor, volume: Volume | Path | list[Volume],
 
 def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
                   config: PredictConfig, overwrite: bool = False, series_uid: str | None = None,
-                  resample_irregular: bool = False) -> list[PredictionResult]:
+                  resample_irregular: bool = False, shard: tuple[int, int] = (0, 1)
+                  ) -> list[PredictionResult]:
     """Predict each input, writing `<case>.nii.gz` in output_dir; a failing case is reported
-    and the batch goes on. `series_uid` and `resample_irregular` apply to DICOM inputs."""
-    cases = group_channels(inputs, predictor.plan.in_channels)
+    and the batch goes on. `series_uid` and `resample_irregular` apply to DICOM inputs.
+    `shard=(i, n)` takes every n-th case from the i-th, so n processes write each case once."""
+    index, count = shard
+    cases = group_channels(inputs, predictor.plan.in_channels)[index::count]
+    _check_postprocess_labels(config, predictor.plan)
     output_dir.mkdir(parents=True, exist_ok=True)
     results = []
     for files in tqdm(cases, desc="predict", unit="case", dynamic_ncols=True):
@@ -161,13 +167,38 @@ def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
         try:
             volumes = [read_volume(f, np.float32, series_uid, resample_irregular)
                        for f in files]
-            mask = predict_volume(predictor, volumes, config)
-            write_mask(mask.numpy(), volumes[0].geometry, target)
+            mask = predict_volume(predictor, volumes, config).numpy()
+            mask = postprocess(mask, volumes[0].geometry.spacing, config.largest_component,
+                               config.min_component_ml)
+            write_mask(mask, volumes[0].geometry, target)
             results.append(PredictionResult(path, target, time.monotonic() - started))
         except MedsegError as exc:
             tqdm.write(f"medseg: error: {exc}", file=sys.stderr)
             results.append(PredictionResult(path, None, time.monotonic() - started, str(exc)))
     return results
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """'I/N' (0 <= I < N); without it, torchrun's RANK/WORLD_SIZE when set, else (0, 1)."""
+    if text is None:
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError as exc:
+        raise MedsegError(f"--shard must look like I/N, got {text!r}") from exc
+    if count < 1 or not 0 <= index < count:
+        raise MedsegError(f"--shard {text}: need 0 <= I < N")
+    return index, count
+
+
+def _check_postprocess_labels(config: PredictConfig, plan: Plan) -> None:
+    known = set(plan.labels) - {0}
+    for key, ids in (("predict.largest_component", config.largest_component),
+                     ("predict.min_component_ml", list(config.min_component_ml))):
+        unknown = sorted(set(ids) - known)
+        if unknown:
+            raise MedsegError(f"'{key}' names label(s) {unknown}; the model's labels are "
+                              f"{sorted(known)}")
 
 
 def _ensemble_probabilities(predictor: Predictor, image: torch.Tensor,

@@ -1,0 +1,64 @@
+"""Per-structure clean-up of a predicted label map: keep the largest connected component,
+drop components under a size. Connected components come from connected-components-3d."""
+
+from __future__ import annotations
+
+import numpy as np
+
+CONNECTIVITY = 26
+
+
+def keep_largest_component(labels: np.ndarray, label_ids: list[int]) -> np.ndarray:
+    """For each listed label, only its largest 26-connected component stays (the rest
+    becomes background). Works in place on a copy restricted to each label's bounding box."""
+    import cc3d
+
+    out = labels.copy()
+    for label_id in label_ids:
+        box = _bounding_box(out == label_id)
+        if box is None:
+            continue
+        mask = out[box] == label_id
+        keep = cc3d.largest_k(mask, k=1, connectivity=CONNECTIVITY, binary_image=True) > 0
+        out[box][mask & ~keep] = 0
+    return out
+
+
+def remove_small_components(labels: np.ndarray, min_voxels: dict[int, int]) -> np.ndarray:
+    """For each label, components with fewer than `min_voxels[label]` voxels become
+    background."""
+    import cc3d
+
+    out = labels.copy()
+    for label_id, threshold in min_voxels.items():
+        box = _bounding_box(out == label_id)
+        if box is None or threshold <= 1:
+            continue
+        mask = out[box] == label_id
+        kept = cc3d.dust(mask, threshold=int(threshold), connectivity=CONNECTIVITY,
+                         binary_image=True)
+        out[box][mask & ~kept.astype(bool)] = 0
+    return out
+
+
+def postprocess(labels: np.ndarray, spacing: tuple[float, float, float],
+                largest_component: list[int], min_component_ml: dict[int, float]) -> np.ndarray:
+    """Both clean-ups, small components first; sizes in ml use the mask's voxel spacing."""
+    if min_component_ml:
+        voxel_ml = float(np.prod(spacing)) / 1000.0
+        labels = remove_small_components(
+            labels, {k: int(np.ceil(ml / voxel_ml)) for k, ml in min_component_ml.items()})
+    if largest_component:
+        labels = keep_largest_component(labels, largest_component)
+    return labels
+
+
+def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    if not mask.any():
+        return None
+    box = []
+    for axis in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        hits = np.flatnonzero(mask.any(axis=other))
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)

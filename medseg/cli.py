@@ -314,6 +314,12 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medseg", description=__doc__.splitlines()[0])
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    dicom = argparse.ArgumentParser(add_help=False)
+    dicom.add_argument("--series", default=None, metavar="UID",
+                       help="SeriesInstanceUID for DICOM folders that hold several series")
+    dicom.add_argument("--resample-irregular", action="store_true",
+                       help="resample a tilted or unevenly spaced DICOM series onto a regular "
+                            "grid instead of refusing it")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", parents=[common],
@@ -337,7 +343,7 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="replace an existing run")
     train.set_defaults(handler=cmd_train)
 
-    predict = sub.add_parser("predict", parents=[common], help="segment new volumes")
+    predict = sub.add_parser("predict", parents=[common, dicom], help="segment new volumes")
     predict.add_argument("--model", required=True, help="run folder made by medseg train")
     predict.add_argument("--input", required=True, nargs="+", help="files or folders")
     predict.add_argument("--output", required=True, help="folder for the masks")
@@ -354,11 +360,6 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--reference", default=None, metavar="DIR",
                          help="folder of reference masks: score the predictions at once "
                               "into OUTPUT/evaluation")
-    predict.add_argument("--series", default=None, metavar="UID",
-                         help="SeriesInstanceUID for DICOM folders that hold several series")
-    predict.add_argument("--resample-irregular", action="store_true",
-                         help="resample a tilted or unevenly spaced DICOM series onto a "
-                              "regular grid instead of refusing it")
     predict.set_defaults(handler=cmd_predict)
 
     evaluate = sub.add_parser("evaluate", parents=[common], help="score masks against labels")
@@ -383,15 +384,10 @@ def _parser() -> argparse.ArgumentParser:
                        choices=["auto", "msd", "nnunet", "folders", "csv"])
     check.set_defaults(handler=cmd_check)
 
-    convert = sub.add_parser("convert", parents=[common],
+    convert = sub.add_parser("convert", parents=[common, dicom],
                              help="convert a scan to NIfTI, NRRD or MHA")
     convert.add_argument("input", help="volume file, DICOM file or DICOM folder")
     convert.add_argument("output", help="output file: .nii.gz, .nii, .nrrd or .mha")
-    convert.add_argument("--series", default=None, metavar="UID",
-                         help="SeriesInstanceUID when a DICOM folder holds several")
-    convert.add_argument("--resample-irregular", action="store_true",
-                         help="resample a tilted or unevenly spaced DICOM series onto a "
-                              "regular grid instead of refusing it")
     convert.set_defaults(handler=cmd_convert)
     return parser
 

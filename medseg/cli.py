@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from medseg.config import load_workflow
 from medseg.errors import MedsegError
 
 DEMO_MARKER = ".medseg-demo"
@@ -58,7 +59,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     workflow_path = _demo_workflow_path()
     overrides = [f"dataset.path={out / 'data'}", *args.overrides]
     print(f"[2/4] training with {workflow_path}")
-    workflow = _load_workflow(workflow_path, overrides)
+    workflow = load_workflow(workflow_path, overrides)
     run_dir = out / "run"
     _train_run(workflow, run_dir, folds=[workflow.train.fold], overwrite=True)
     print(f"[3/4] segmenting the 4 held-out phantoms into {out / 'predictions'}")
@@ -83,7 +84,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         if not args.workflow or not args.out:
             raise MedsegError("train needs a WORKFLOW and --out RUN_DIR (or --resume RUN_DIR)")
-        workflow = _load_workflow(Path(args.workflow), args.overrides)
+        workflow = load_workflow(Path(args.workflow), args.overrides)
         if not workflow.dataset.path:
             raise MedsegError("dataset.path is not set", args.workflow)
         folds = _parse_folds(args.fold, workflow.train.folds, workflow.train.fold)
@@ -187,9 +188,12 @@ def _resume_run(run_dir: Path, fold_text: str | None) -> list:
     from medseg.plan import load_plan
     from medseg.train import TRAIN_STATE, train_fold
 
-    workflow = _load_workflow(run_dir / "workflow.yaml", [])
+    workflow = load_workflow(run_dir / "workflow.yaml", [])
     plan = load_plan(run_dir / "plan.json")
-    splits = json.loads((run_dir / "splits.json").read_text())
+    splits_path = run_dir / "splits.json"
+    if not splits_path.is_file():
+        raise MedsegError("splits.json not found (is this a medseg run folder?)", splits_path)
+    splits = json.loads(splits_path.read_text())
     ds = workflow.dataset
     dataset = load_dataset(ds.path, ds.layout, ds.modality, ds.labels)
     if fold_text is None:
@@ -211,7 +215,6 @@ def _resume_run(run_dir: Path, fold_text: str | None) -> list:
 def _predict(model: Path, inputs: list[str], output: Path, options: _PredictOptions) -> list:
     import dataclasses
 
-    from medseg.config import load_workflow
     from medseg.predict import collect_inputs, load_predictor, parse_shard, predict_paths
 
     shard = parse_shard(options.shard)
@@ -251,12 +254,6 @@ def _evaluate_predictions(model: Path, output: Path, reference: Path) -> dict:
 
     labels = load_plan(model / "plan.json").labels
     return run_evaluation(output, reference, None, output / "evaluation", label_names=labels)
-
-
-def _load_workflow(path: Path | None, overrides: list[str]):
-    from medseg.config import load_workflow
-
-    return load_workflow(path, overrides)
 
 
 def _demo_workflow_path() -> Path:

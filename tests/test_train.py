@@ -45,3 +45,9 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, phantom_dataset):
 def test_resume_refuses_extra_arguments(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path), "--set", "train.epochs=3"]) == 2
     assert "--resume takes the run folder alone" in capsys.readouterr().err
+
+
+def test_resume_of_a_folder_that_is_not_a_run(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "workflow.yaml: workflow file not found" in err[0]

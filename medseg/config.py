@@ -86,6 +86,7 @@ class PredictConfig:
     step: float = 0.5  # window step as a fraction of the patch; overlap = 1 - step
     sw_batch_size: int = 4
     tta: bool = False
+    crop_foreground: bool = True  # windows cover only the body (CT) / nonzero region (MR)
     precision: str = "auto"  # auto | bf16 | fp32 | amp
     largest_component: list[int] = field(default_factory=list)  # label ids
     min_component_ml: dict[int, float] = field(default_factory=dict)  # label id -> ml

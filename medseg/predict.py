@@ -10,7 +10,9 @@ import os
 import re
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +22,17 @@ from tqdm import tqdm
 from medseg.config import PredictConfig
 from medseg.datasets import strip_image_suffix
 from medseg.errors import MedsegError
-from medseg.io import VOLUME_SUFFIXES, Volume, read_volume, write_mask
+from medseg.inference import (
+    axis_maps,
+    foreground_box,
+    labels_on_input_grid,
+    stream_probabilities,
+)
+from medseg.io import VOLUME_SUFFIXES, Geometry, Volume, read_volume, write_mask
 from medseg.model import create_model, load_weights
 from medseg.plan import Plan, load_plan
 from medseg.postprocess import postprocess
-from medseg.train import BEST_WEIGHTS, select_precision, sliding_window_logits
+from medseg.train import BEST_WEIGHTS, select_precision
 from medseg.transforms import IMAGE, case_dict, preprocessing
 
 CHANNEL_SUFFIX = re.compile(r"(.+)_(\d{4})")
@@ -68,7 +76,7 @@ def load_predictor(run_dir: str | Path, folds: list[int] | None = None,
     models = []
     for fold_dir in fold_dirs:
         model = load_weights(create_model(plan), fold_dir / "checkpoints" / BEST_WEIGHTS)
-        models.append(model.to(torch_device).eval())
+        models.append(model.to(torch_device, memory_format=torch.channels_last_3d).eval())
     return Predictor(plan, tuple(models), tuple(p.name for p in fold_dirs), torch_device)
 
 
@@ -121,28 +129,56 @@ def group_channels(paths: list[Path], channels: int) -> list[tuple[Path, ...]]:
     return grouped
 
 
-def predict_volume(predictor: Predictor, volume: Volume | Path | list[Volume],
-                   config: PredictConfig) -> torch.Tensor:
-    """Label map of one case (a read volume, a path to read, or one read volume per channel),
-    on the grid of its (first) input volume (int64 tensor)."""
-    from monai.transforms import Invertd
+@dataclass
+class PreparedCase:
+    """A case ready for the network: its preprocessed image and the grids to map back to."""
 
-    plan = predictor.plan
+    image: torch.Tensor  # (channels, X, Y, Z) on the network grid
+    network_affine: np.ndarray
+    geometry: Geometry  # the (first) input volume's grid: the mask is written on it
+
+
+def prepare_case(plan: Plan, volume: Volume | Path | list[Volume | Path],
+                 series_uid: str | None = None, resample_irregular: bool = False
+                 ) -> PreparedCase:
+    """Read (if given paths) and preprocess one case as training did; only the preprocessed
+    image is kept, not the input voxels."""
     channels = volume if isinstance(volume, list) else [volume]
     if len(channels) != plan.in_channels:
         first = channels[0].path if isinstance(channels[0], Volume) else channels[0]
         raise MedsegError(f"the model expects {plan.in_channels} channel(s), got "
                           f"{len(channels)}", first)
-    chain = preprocessing(plan, with_label=False)
-    data = chain(case_dict(channels))
-    image = data[IMAGE]
-    probabilities = _ensemble_probabilities(predictor, image.as_tensor()[None], config)
-    # Invert orientation and resampling on the class scores (not the labels), then argmax,
-    # as nnU-Net does; MONAI's Invertd replays the recorded transforms backwards.
-    inverted = Invertd(keys="pred", transform=chain, orig_keys=f"{IMAGE}_0",
-                       nearest_interp=False)({"pred": _with_meta(probabilities[0], image),
-                                              f"{IMAGE}_0": image})
-    return inverted["pred"].as_tensor().argmax(0)
+    channels = [c if isinstance(c, Volume) else read_volume(c, np.float32, series_uid,
+                                                            resample_irregular)
+                for c in channels]
+    geometry = channels[0].geometry
+    image = preprocessing(plan, with_label=False)(case_dict(channels))[IMAGE]
+    return PreparedCase(image.as_tensor(), image.affine.numpy().astype(np.float64), geometry)
+
+
+def predict_volume(predictor: Predictor, volume: Volume | Path | list[Volume | Path],
+                   config: PredictConfig) -> np.ndarray:
+    """Label map of one case (a read volume, a path, or one of either per channel), on the
+    grid of its (first) input volume, as uint8 (uint16 beyond 256 classes)."""
+    return predict_prepared(predictor, prepare_case(predictor.plan, volume), config)
+
+
+def predict_prepared(predictor: Predictor, case: PreparedCase,
+                     config: PredictConfig) -> np.ndarray:
+    """Sliding window over the foreground box, back to the input grid plane by plane. Memory
+    stays bounded (see `medseg.inference`): float16 probabilities a window deep, never a
+    classes x volume array."""
+    plan = predictor.plan
+    maps = axis_maps(case.geometry.affine, case.network_affine)
+    box = _prediction_box(case.image, plan, config)
+    region = case.image[(slice(None), *box)]
+    if region.numel() == 0:
+        return np.zeros(case.geometry.shape, np.uint8 if plan.num_classes <= 256 else np.uint16)
+    planes = stream_probabilities(
+        lambda batch: _window_probabilities(predictor, batch, config), region,
+        plan.num_classes, tuple(plan.patch_size), config.step, config.sw_batch_size)
+    return labels_on_input_grid(planes, tuple(case.image.shape[1:]), box, plan.num_classes,
+                                maps, tuple(case.geometry.shape))
 
 
 def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
@@ -151,31 +187,74 @@ def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
                   ) -> list[PredictionResult]:
     """Predict each input, writing `<case>.nii.gz` in output_dir; a failing case is reported
     and the batch goes on. `series_uid` and `resample_irregular` apply to DICOM inputs.
-    `shard=(i, n)` takes every n-th case from the i-th, so n processes write each case once."""
+    `shard=(i, n)` takes every n-th case from the i-th, so n processes write each case once.
+
+    The batch streams: the next case is read and preprocessed in a background thread while
+    the network runs, and each mask is post-processed and written in another."""
     index, count = shard
     cases = group_channels(inputs, predictor.plan.in_channels)[index::count]
     _check_postprocess_labels(config, predictor.plan)
     output_dir.mkdir(parents=True, exist_ok=True)
-    results = []
-    for files in tqdm(cases, desc="predict", unit="case", dynamic_ncols=True):
-        path = files[0]
-        target = output_dir / output_name(path)
-        started = time.monotonic()
+    results: list[PredictionResult | None] = [None] * len(cases)
+    todo = []
+    for position, files in enumerate(cases):
+        target = output_dir / output_name(files[0])
+        _remove_partial_outputs(target)
         if target.exists() and not overwrite:
-            results.append(PredictionResult(path, target, 0.0, skipped=True))
-            continue
-        try:
-            volumes = [read_volume(f, np.float32, series_uid, resample_irregular)
-                       for f in files]
-            mask = predict_volume(predictor, volumes, config).numpy()
-            mask = postprocess(mask, volumes[0].geometry.spacing, config.largest_component,
-                               config.min_component_ml)
-            write_mask(mask, volumes[0].geometry, target)
-            results.append(PredictionResult(path, target, time.monotonic() - started))
-        except MedsegError as exc:
-            tqdm.write(f"medseg: error: {exc}", file=sys.stderr)
-            results.append(PredictionResult(path, None, time.monotonic() - started, str(exc)))
-    return results
+            results[position] = PredictionResult(files[0], target, 0.0, skipped=True)
+        else:
+            todo.append((position, files, target))
+    bar = tqdm(total=len(cases), initial=len(cases) - len(todo), desc="predict", unit="case",
+               dynamic_ncols=True)
+    with ThreadPoolExecutor(1, "medseg-read") as reader, \
+            ThreadPoolExecutor(1, "medseg-write") as writer:
+        read = partial(prepare_case, predictor.plan, series_uid=series_uid,
+                       resample_irregular=resample_irregular)
+        upcoming = reader.submit(read, list(todo[0][1])) if todo else None
+        writes = []
+        for number, (position, files, target) in enumerate(todo):
+            started = time.monotonic()
+            current = upcoming
+            upcoming = (reader.submit(read, list(todo[number + 1][1]))
+                        if number + 1 < len(todo) else None)
+            try:
+                case = current.result()
+                del current  # the future would keep the image alive
+                mask = predict_prepared(predictor, case, config)
+                writes.append((position, files[0], target, started,
+                               writer.submit(_finish_mask, mask, case.geometry, target, config)))
+                del case, mask
+            except MedsegError as exc:
+                results[position] = _failure(files[0], started, exc, bar)
+        for position, path, target, started, future in writes:
+            try:
+                future.result()
+                results[position] = PredictionResult(path, target, time.monotonic() - started)
+            except MedsegError as exc:
+                results[position] = _failure(path, started, exc, bar)
+            bar.update(1)
+    bar.close()
+    return [r for r in results if r is not None]
+
+
+def _finish_mask(mask: np.ndarray, geometry: Geometry, target: Path,
+                 config: PredictConfig) -> None:
+    mask = postprocess(mask, geometry.spacing, config.largest_component,
+                       config.min_component_ml)
+    write_mask(mask, geometry, target)
+
+
+def _failure(path: Path, started: float, exc: MedsegError, bar) -> PredictionResult:
+    tqdm.write(f"medseg: error: {exc}", file=sys.stderr)
+    bar.update(1)
+    return PredictionResult(path, None, time.monotonic() - started, str(exc))
+
+
+def _remove_partial_outputs(target: Path) -> None:
+    """Temporary files of this output left by a process that was killed while writing it
+    (each case belongs to one shard, so no other process is writing them)."""
+    for stale in target.parent.glob(f".{target.name}.*.part*"):
+        stale.unlink(missing_ok=True)
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:
@@ -201,27 +280,40 @@ def _check_postprocess_labels(config: PredictConfig, plan: Plan) -> None:
                               f"{sorted(known)}")
 
 
-def _ensemble_probabilities(predictor: Predictor, image: torch.Tensor,
-                            config: PredictConfig) -> torch.Tensor:
-    """Mean softmax over folds and, with TTA, over the 8 mirrored copies."""
+def _prediction_box(image: torch.Tensor, plan: Plan, config: PredictConfig
+                    ) -> tuple[slice, ...]:
+    """The region the windows cover: the foreground box (outside the body for CT, outside the
+    nonzero region for MR, where preprocessing leaves every voxel at one value), or all."""
+    whole = tuple(slice(0, s) for s in image.shape[1:])
+    if not config.crop_foreground:
+        return whole
+    floors = []
+    for norm in plan.normalization:
+        if norm["scheme"] == "ct":
+            floors.append((norm["clip"][0] - norm["mean"]) / norm["std"])
+        elif norm["scheme"] == "zscore_nonzero":
+            floors.append(0.0)
+        else:
+            return whole
+    return foreground_box(image, tuple(plan.patch_size),
+                          torch.tensor(floors, dtype=image.dtype))
+
+
+def _window_probabilities(predictor: Predictor, batch: torch.Tensor,
+                          config: PredictConfig) -> torch.Tensor:
+    """Mean softmax of a batch of windows over the folds and, with TTA, over the 8 mirrored
+    copies of each window (nnU-Net mirrors per window, too)."""
     flips = [()] + ([(2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)] if config.tta else [])
     autocast_dtype = select_precision(config.precision, predictor.device)
+    batch = batch.to(predictor.device).contiguous(memory_format=torch.channels_last_3d)
     total = None
-    with torch.no_grad():
+    with torch.inference_mode(), torch.autocast(
+            predictor.device.type, dtype=autocast_dtype or torch.float32,
+            enabled=autocast_dtype is not None):
         for model in predictor.models:
             for axes in flips:
-                flipped = torch.flip(image, axes) if axes else image
-                logits = sliding_window_logits(model, flipped, predictor.plan, config.step,
-                                               config.sw_batch_size, autocast_dtype,
-                                               predictor.device)
-                probabilities = torch.softmax(logits, dim=1)
+                logits = model(torch.flip(batch, axes) if axes else batch)
+                probabilities = torch.softmax(logits.float(), dim=1)
                 probabilities = torch.flip(probabilities, axes) if axes else probabilities
                 total = probabilities if total is None else total + probabilities
-    return total / (len(predictor.models) * len(flips))
-
-
-def _with_meta(array: torch.Tensor, like):
-    from monai.data import MetaTensor
-
-    return MetaTensor(array, meta=dict(like.meta), applied_operations=list(
-        like.applied_operations))
+    return (total / (len(predictor.models) * len(flips))).cpu()

@@ -1,0 +1,139 @@
+"""The streaming sliding window and the plane-by-plane way back to the input grid, against
+whole-volume references computed the plain way."""
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from medseg.errors import MedsegError
+from medseg.inference import (
+    axis_maps,
+    foreground_box,
+    gaussian_importance,
+    labels_on_input_grid,
+    stream_probabilities,
+    window_starts,
+)
+
+CLASSES = 3
+
+
+def fake_network(batch: torch.Tensor) -> torch.Tensor:
+    """Position-dependent class probabilities, so that window overlap and weighting matter."""
+    torch.manual_seed(0)
+    kernel = torch.randn(CLASSES, batch.shape[1], 3, 3, 3)
+    logits = torch.nn.functional.conv3d(batch, kernel, padding=1)
+    ramp = torch.linspace(-1, 1, batch.shape[-1])
+    return torch.softmax(logits + ramp, dim=1)
+
+
+def whole_volume_reference(image: torch.Tensor, patch, step) -> torch.Tensor:
+    """Gaussian-weighted sliding window with a float64 classes x volume accumulator."""
+    shape = image.shape[1:]
+    padded = [max(s, p) for s, p in zip(shape, patch, strict=True)]
+    before = [(p - s) // 2 for s, p in zip(shape, padded, strict=True)]
+    pads = []
+    for s, p, b in reversed(list(zip(shape, padded, before, strict=True))):
+        pads += [b, p - s - b]
+    image = torch.nn.functional.pad(image, pads)
+    scores = torch.zeros((CLASSES, *padded), dtype=torch.float64)
+    weights = torch.zeros(padded, dtype=torch.float64)
+    importance = gaussian_importance(patch, torch.device("cpu")).double()
+    starts = [window_starts(s, p, step) for s, p in zip(padded, patch, strict=True)]
+    for x in starts[0]:
+        for y in starts[1]:
+            for z in starts[2]:
+                box = (slice(x, x + patch[0]), slice(y, y + patch[1]), slice(z, z + patch[2]))
+                window = fake_network(image[(slice(None), *box)][None])[0].double()
+                scores[(slice(None), *box)] += window * importance
+                weights[box] += importance
+    probabilities = scores / weights
+    return probabilities[:, before[0]:before[0] + shape[0], before[1]:before[1] + shape[1],
+                         before[2]:before[2] + shape[2]]
+
+
+@pytest.mark.parametrize("shape", [(30, 26, 41), (12, 40, 16)])
+def test_streamed_planes_equal_the_whole_volume_sliding_window(shape):
+    patch, step = (16, 16, 12), 0.5
+    image = torch.randn((2, *shape), generator=torch.Generator().manual_seed(1))
+    expected = whole_volume_reference(image, patch, step)
+    seen = []
+    for first, planes in stream_probabilities(fake_network, image, CLASSES, patch, step,
+                                              batch_size=3):
+        assert planes.shape[:3] == (CLASSES, *shape[:2])
+        seen.extend(range(first, first + planes.shape[-1]))
+        reference = expected[..., first:first + planes.shape[-1]]
+        # float16 accumulation: a few 1e-3 at the window edges, where the weights are tiny
+        np.testing.assert_allclose(planes.numpy(), reference.numpy(), atol=5e-3)
+        agree = (planes.argmax(0) == reference.argmax(0)).float().mean()
+        assert agree > 0.999
+    assert seen == list(range(shape[2]))
+
+
+def test_window_starts_cover_the_axis_evenly():
+    assert window_starts(10, 16, 0.5) == [0]
+    assert window_starts(16, 16, 0.5) == [0]
+    starts = window_starts(100, 32, 0.5)
+    assert starts[0] == 0 and starts[-1] == 100 - 32
+    assert max(np.diff(starts)) <= 16
+
+
+def affine(matrix, origin=(0.0, 0.0, 0.0)) -> np.ndarray:
+    out = np.eye(4)
+    out[:3, :3] = matrix
+    out[:3, 3] = origin
+    return out
+
+
+def test_labels_follow_a_permuted_flipped_and_scaled_grid():
+    """Network grid 2 mm RAS; input grid 1 x 1 x 3 mm, stored (z, -x, y): the labels must be
+    the argmax of the linearly interpolated probabilities at each input voxel's position."""
+    rng = np.random.default_rng(0)
+    network_shape = (10, 12, 9)
+    probabilities = torch.from_numpy(rng.random((CLASSES, *network_shape))).float()
+    network_affine = affine(np.diag([2.0, 2.0, 2.0]))
+    # input voxel (i, j, k) lies at x = 18 - j, y = k, z = 3 i (mm)
+    input_affine = affine([[0, -1.0, 0], [0, 0, 1.0], [3.0, 0, 0]], origin=(18.0, 0.0, 0.0))
+    input_shape = (6, 19, 23)
+    maps = axis_maps(input_affine, network_affine)
+    planes = iter([(0, probabilities[..., :4]), (4, probabilities[..., 4:])])
+    box = tuple(slice(0, s) for s in network_shape)
+    labels = labels_on_input_grid(planes, network_shape, box, CLASSES, maps, input_shape)
+
+    grid = np.indices(input_shape).reshape(3, -1).astype(float)
+    physical = input_affine[:3, :3] @ grid + input_affine[:3, 3:]
+    network = np.linalg.inv(network_affine)[:3, :3] @ physical
+    network = np.clip(network, 0, np.array(network_shape)[:, None] - 1)
+    expected = np.stack([ndimage.map_coordinates(p, network, order=1, mode="nearest")
+                         for p in probabilities.double().numpy()]).argmax(0)
+    assert labels.dtype == np.uint8
+    np.testing.assert_array_equal(labels.reshape(-1), expected)
+
+
+def test_outside_the_box_is_background():
+    network_shape = (8, 8, 8)
+    box = (slice(2, 6), slice(1, 7), slice(3, 5))
+    planes = torch.zeros((CLASSES, 4, 6, 2))
+    planes[2] = 1.0
+    identity = affine(np.eye(3))
+    labels = labels_on_input_grid(iter([(0, planes)]), network_shape, box, CLASSES,
+                                  axis_maps(identity, identity), network_shape)
+    expected = np.zeros(network_shape, np.uint8)
+    expected[box] = 2
+    np.testing.assert_array_equal(labels, expected)
+
+
+def test_foreground_box_has_a_margin_and_respects_the_edges():
+    image = torch.full((1, 40, 40, 40), -2.0)
+    image[0, 10:20, 30:35, 0:5] = 1.0
+    box = foreground_box(image, (16, 16, 16), torch.tensor([-2.0]))
+    assert box == (slice(6, 24), slice(26, 39), slice(0, 9))
+
+
+def test_an_oblique_relation_between_grids_is_refused():
+    angle = np.deg2rad(10)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0],
+                         [0, 0, 1]])
+    with pytest.raises(MedsegError, match="not axis-aligned"):
+        axis_maps(affine(rotation), affine(np.eye(3)))

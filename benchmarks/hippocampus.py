@@ -1,10 +1,23 @@
-"""Train fold 0 of MSD Task04 Hippocampus, segment its validation cases, score them.
+"""Benchmark medseg on MSD Task04 Hippocampus fold 0 against a plain MONAI UNet baseline.
+
+Trains fold 0 with workflows/hippocampus.yaml, segments its validation cases and scores
+them; then trains a plain MONAI UNet baseline for the same wall time and scores it alike.
 
     .venv/bin/python benchmarks/hippocampus.py --out runs/bench_hippo [--set KEY=VALUE ...]
+        [--no-baseline] [--baseline-seconds S]
 
 Prints wall times and per-structure Dice and writes OUT/benchmark.json. Needs
 ../shared/data/Task04_Hippocampus (or --data). The validation masks are predicted on the
-original image grid and scored against the original labels.
+original image grid and scored against the original labels with `medseg evaluate`
+(OUT/evaluation).
+
+Unless --no-baseline, the baseline of benchmarks/baseline_unet.py (the MONAI tutorial
+UNet: no resampling, no augmentation, Dice loss, Adam, fixed 48 x 64 x 48 patch) is then
+trained on the same fold-0 training cases (OUT/run/splits.json) for as many seconds as the
+whole `medseg train` call took (--baseline-seconds to choose), predicts the same validation
+cases into OUT/baseline_predictions and is scored by the same `medseg evaluate` call into
+OUT/baseline_evaluation. benchmark.json then holds both Dice tables, and the baseline's
+training seconds and iterations.
 """
 
 from __future__ import annotations
@@ -12,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -22,7 +36,17 @@ from medseg.cli import main as medseg
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run(out: Path, data: Path, overrides: list[str]) -> dict:
+def evaluate(predictions: Path, references: Path, data: Path, out: Path) -> dict:
+    """`medseg evaluate` into `out`; returns the Dice mean per structure."""
+    medseg(["evaluate", "--pred", str(predictions), "--ref", str(references),
+            "--labels", str(data / "dataset.json"), "--out", str(out)])
+    summary = json.loads((out / "summary.json").read_text())
+    return {name: round(stats["dice"]["mean"], 4)
+            for name, stats in summary["structures"].items()}
+
+
+def run(out: Path, data: Path, overrides: list[str], baseline: bool = True,
+        baseline_seconds: float | None = None) -> dict:
     sets = [arg for item in [f"dataset.path={data}", *overrides] for arg in ("--set", item)]
     started = time.monotonic()
     if medseg(["train", str(REPO / "workflows" / "hippocampus.yaml"), "--out", str(out / "run"),
@@ -30,7 +54,8 @@ def run(out: Path, data: Path, overrides: list[str]) -> dict:
         raise SystemExit("training failed")
     train_seconds = time.monotonic() - started
 
-    val_cases = json.loads((out / "run" / "splits.json").read_text())[0]["val"]
+    split = json.loads((out / "run" / "splits.json").read_text())[0]
+    val_cases = split["val"]
     references = out / "val_labels"
     references.mkdir(exist_ok=True)
     for name in val_cases:  # links to the real labels, never copies
@@ -43,21 +68,52 @@ def run(out: Path, data: Path, overrides: list[str]) -> dict:
                str(out / "predictions"), "--overwrite"]) != 0:
         raise SystemExit("prediction failed")
     predict_seconds = time.monotonic() - started
-    medseg(["evaluate", "--pred", str(out / "predictions"), "--ref", str(references),
-            "--labels", str(data / "dataset.json"), "--out", str(out / "evaluation")])
-    summary = json.loads((out / "evaluation" / "summary.json").read_text())
+    dice = evaluate(out / "predictions", references, data, out / "evaluation")
     result = {
         "machine": f"{platform.processor() or platform.machine()}, "
                    f"{torch.get_num_threads()} torch threads",
         "overrides": overrides,
+        "train_seconds": round(train_seconds, 1),
         "train_minutes": round(train_seconds / 60, 2),
         "predict_seconds": round(predict_seconds, 1),
         "validation_cases": len(val_cases),
-        "dice": {name: round(stats["dice"]["mean"], 4)
-                 for name, stats in summary["structures"].items()},
+        "dice": dice,
     }
+
+    if baseline:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from baseline_unet import train_and_predict
+
+        seconds = train_seconds if baseline_seconds is None else baseline_seconds
+        print(f"baseline: MONAI UNet on {len(split['train'])} training cases for "
+              f"{seconds:.1f} s")
+        info = train_and_predict(data, split["train"], val_cases, seconds, out)
+        base_dice = evaluate(Path(info["predictions"]), references, data,
+                             out / "baseline_evaluation")
+        result["baseline"] = {
+            "model": "monai.networks.nets.UNet (16..256, strides 2x4, 2 res units, batch "
+                     "norm), DiceLoss, Adam 1e-3, batch 2, patch 48x64x48, no augmentation",
+            "budget_seconds": info["budget_seconds"],
+            "train_seconds": info["train_seconds"],
+            "iterations": info["iterations"],
+            "epochs": info["epochs"],
+            "predict_seconds": info["predict_seconds"],
+            "dice": base_dice,
+        }
+        result["dice_medseg_vs_baseline"] = {
+            name: {"medseg": dice.get(name), "baseline": base_dice.get(name)}
+            for name in dict.fromkeys([*dice, *base_dice])
+        }
+
     (out / "benchmark.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
+    if baseline:
+        print(f"\n{'structure':<12} {'medseg':>8} {'baseline':>9}   (mean Dice, "
+              f"{len(val_cases)} validation cases, {train_seconds:.0f} s vs "
+              f"{result['baseline']['train_seconds']:.0f} s training)")
+        for name, pair in result["dice_medseg_vs_baseline"].items():
+            ours, theirs = (f"{v:.4f}" if v is not None else "-" for v in pair.values())
+            print(f"{name:<12} {ours:>8} {theirs:>9}")
     return result
 
 
@@ -67,5 +123,11 @@ if __name__ == "__main__":
     parser.add_argument("--data", type=Path,
                         default=REPO.parent / "shared" / "data" / "Task04_Hippocampus")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
+                        help="also train and score the plain MONAI UNet baseline "
+                             "(default: on)")
+    parser.add_argument("--baseline-seconds", type=float, default=None,
+                        help="the baseline's training wall time (default: as long as "
+                             "medseg's training took)")
     args = parser.parse_args()
-    run(args.out, args.data.resolve(), args.overrides)
+    run(args.out, args.data.resolve(), args.overrides, args.baseline, args.baseline_seconds)

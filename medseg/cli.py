@@ -8,10 +8,14 @@ Heavy imports (torch, MONAI) stay inside the commands so that `--help` is instan
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
+import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,10 +81,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """One process, or one of several started by torchrun (DistributedDataParallel)."""
     if args.resume:
         if args.workflow or args.out or args.overrides:
             raise MedsegError("--resume takes the run folder alone (its saved workflow is used)")
-        results = _resume_run(Path(args.resume), args.fold)
+        run = functools.partial(_resume_run, Path(args.resume), args.fold)
     else:
         if not args.workflow or not args.out:
             raise MedsegError("train needs a WORKFLOW and --out RUN_DIR (or --resume RUN_DIR)")
@@ -88,7 +93,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not workflow.dataset.path:
             raise MedsegError("dataset.path is not set", args.workflow)
         folds = _parse_folds(args.fold, workflow.train.folds, workflow.train.fold)
-        results = _train_run(workflow, Path(args.out), folds, overwrite=args.overwrite)
+        run = functools.partial(_train_run, workflow, Path(args.out), folds,
+                                overwrite=args.overwrite)
+    from medseg.train import distributed_session
+
+    with distributed_session() as ranks, _stdout_of_main_rank_only(ranks.main):
+        results = run()
+    if not ranks.main:
+        return 0
     for result in results:
         dice = "n/a" if result.best_mean_dice is None else f"{result.best_mean_dice:.4f}"
         print(f"{result.fold_dir.name}: best mean Dice {dice} at epoch {result.best_epoch + 1}"
@@ -147,9 +159,13 @@ def _train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool) -> li
     from medseg.datasets import load_dataset, make_splits
     from medseg.fileio import atomic_write_json
     from medseg.plan import fingerprint, make_plan, save_fingerprint, save_plan
-    from medseg.train import train_fold
+    from medseg.train import current_ranks, train_fold
 
-    _check_run_folder(run_dir, overwrite)
+    # under torchrun every rank plans the same run from the same seed; rank 0 alone checks
+    # and writes the run folder (the others never read it)
+    main_rank = current_ranks().main
+    if main_rank:
+        _check_run_folder(run_dir, overwrite)
     ds = workflow.dataset
     dataset = load_dataset(ds.path, ds.layout, ds.modality, ds.labels)
     print(f"dataset: {len(dataset.cases)} cases, labels {dataset.labels}, "
@@ -160,11 +176,12 @@ def _train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool) -> li
           f"{plan.batch_size}, {len(plan.strides)} levels, filters {plan.filters}")
     splits = make_splits([c.name for c in dataset.cases], workflow.train.folds,
                          workflow.train.seed)
-    _replace_run_folder(run_dir)  # only now that the dataset has been read without error
-    save_workflow(workflow, run_dir / "workflow.yaml")
-    save_fingerprint(fp, run_dir / "fingerprint.json")
-    save_plan(plan, run_dir / "plan.json")
-    atomic_write_json(run_dir / "splits.json", splits)
+    if main_rank:
+        _replace_run_folder(run_dir)  # only now that the dataset has been read without error
+        save_workflow(workflow, run_dir / "workflow.yaml")
+        save_fingerprint(fp, run_dir / "fingerprint.json")
+        save_plan(plan, run_dir / "plan.json")
+        atomic_write_json(run_dir / "splits.json", splits)
     return [train_fold(workflow, dataset, plan, splits[k], run_dir / f"fold_{k}")
             for k in folds]
 
@@ -202,10 +219,12 @@ def _resume_run(run_dir: Path, fold_text: str | None) -> list:
         folds = started or [workflow.train.fold]
     else:
         folds = _parse_folds(fold_text, workflow.train.folds, workflow.train.fold)
+    # decided before any training, so that every torchrun rank decides the same
+    resumes = [(run_dir / f"fold_{fold}" / "checkpoints" / TRAIN_STATE).is_file()
+               for fold in folds]
     results = []
-    for fold in folds:
+    for fold, resume in zip(folds, resumes, strict=True):
         fold_dir = run_dir / f"fold_{fold}"
-        resume = (fold_dir / "checkpoints" / TRAIN_STATE).is_file()
         print(f"{fold_dir.name}: {'resuming' if resume else 'starting'}")
         results.append(train_fold(workflow, dataset, plan, splits[fold], fold_dir,
                                   resume=resume))
@@ -262,6 +281,16 @@ def _demo_workflow_path() -> Path:
         raise MedsegError("the demo workflow is missing (install medseg from its source "
                           "folder with `pip install -e .`)", path)
     return path
+
+
+@contextlib.contextmanager
+def _stdout_of_main_rank_only(main: bool) -> Iterator[None]:
+    """Under torchrun, rank 0 alone reports; the other ranks' messages would repeat it."""
+    if main:
+        yield
+        return
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        yield
 
 
 def _check_run_folder(run_dir: Path, overwrite: bool) -> None:

@@ -28,6 +28,15 @@ import torch
 from medseg.errors import MedsegError
 
 WindowPredictor = Callable[[torch.Tensor], torch.Tensor]
+FLUSH_PLANES = 4
+WINDOW_BATCH_BYTES = 128 * 2**20  # float32 class scores of one batch of windows
+
+
+def window_batch_size(requested: int, num_classes: int, patch: tuple[int, ...]) -> int:
+    """Windows per forward pass: as requested, but fewer when their class scores would pass
+    WINDOW_BATCH_BYTES (a 42-class model on 96^3 windows holds 142 MB per window)."""
+    per_window = num_classes * int(np.prod(patch)) * 4
+    return max(1, min(requested, WINDOW_BATCH_BYTES // per_window))
 
 
 @dataclass(frozen=True)
@@ -108,14 +117,15 @@ def stream_probabilities(predict_windows: WindowPredictor, image: torch.Tensor,
             chunk = corners[first:first + batch_size]
             batch = torch.stack([image[:, x0:x0 + px, y0:y0 + py, z0:z0 + pz]
                                  for x0, y0 in chunk])
-            probabilities = predict_windows(batch).float() * importance
+            probabilities = predict_windows(batch).float().mul_(importance)
             for (x0, y0), window in zip(chunk, probabilities, strict=True):
                 scores[:, x0:x0 + px, y0:y0 + py].index_add_(3, ring, window.to(accumulate))
                 weights[x0:x0 + px, y0:y0 + py].index_add_(2, ring, importance)
         done = starts[2][index + 1] if index + 1 < len(starts[2]) else padded_shape[2]
-        lo, hi = max(z0, before[2]), min(done, before[2] + shape[2])
-        if hi > lo:
-            kept = torch.arange(lo, hi) % pz
+        # finished planes leave in small groups: float32 copies of a whole step would be as
+        # large as the float16 buffer itself
+        for lo in range(max(z0, before[2]), min(done, before[2] + shape[2]), FLUSH_PLANES):
+            kept = torch.arange(lo, min(lo + FLUSH_PLANES, done, before[2] + shape[2])) % pz
             planes = scores[:, plane_box[0], plane_box[1]].index_select(3, kept).float()
             planes /= weights[plane_box].index_select(2, kept).clamp_min(1e-6)
             yield lo - before[2], planes

@@ -43,9 +43,16 @@ def create_model(plan: Plan, name: str = "dynunet") -> torch.nn.Module:
 def save_weights(model: torch.nn.Module, path: Path) -> None:
     """Weights as safetensors (no pickle), written atomically."""
     # save_model/load_model (not save_file) because DynUNet registers the same tensors
-    # under two names (its skip_layers chain)
+    # under two names (its skip_layers chain). save_model cannot find shared tensors among
+    # channels-last weights, so they are stored from the contiguous layout and put back.
+    channels_last = any(p.dim() == 5 and not p.is_contiguous() for p in model.parameters())
     with atomic_path(path) as tmp:
-        save_model(model, str(tmp))
+        model.to(memory_format=torch.contiguous_format)
+        try:
+            save_model(model, str(tmp))
+        finally:
+            if channels_last:
+                model.to(memory_format=torch.channels_last_3d)
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> torch.nn.Module:

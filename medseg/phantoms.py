@@ -78,6 +78,47 @@ def make_phantom(
     return Phantom(image=image.astype(np.float32), label=label, affine=affine)
 
 
+def make_many_structure_ct(
+    seed: int, shape: tuple[int, int, int], spacing: tuple[float, float, float],
+    structures: int = 41,
+) -> Phantom:
+    """A large CT-like volume with many labelled structures (for memory and speed figures of
+    many-class models): an elliptic body in air and `structures` ellipsoids of distinct HU
+    spread through it. Drawn slice by slice, so a 512 x 512 x 600 volume needs only its own
+    int16 image and uint8 label in memory. RAS affine, origin at the volume centre."""
+    rng = np.random.default_rng(seed)
+    extent = np.array(shape) * np.array(spacing)
+    x, y = (np.arange(n, dtype=np.float32) * s for n, s in zip(shape[:2], spacing[:2],
+                                                              strict=True))
+    x, y = np.meshgrid(x, y, indexing="ij", sparse=True)
+    body = ((x - extent[0] / 2) / (extent[0] * 0.45)) ** 2 + \
+        ((y - extent[1] / 2) / (extent[1] * 0.35)) ** 2 <= 1.0
+    columns = int(np.ceil(structures ** (1 / 3)))
+    cells = np.stack(np.meshgrid(*[np.arange(columns)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    cells = cells[rng.permutation(len(cells))[:structures]]
+    box_low = np.array([0.25, 0.3, 0.05]) * extent
+    box_size = np.array([0.5, 0.4, 0.9]) * extent
+    centres = box_low + (cells + 0.5 + rng.uniform(-0.15, 0.15, cells.shape)) / columns * box_size
+    radii = np.minimum(box_size / columns * 0.4, 25.0) * rng.uniform(0.7, 1.0, cells.shape)
+    hu = np.linspace(-50, 1200, structures)[rng.permutation(structures)]
+    image = np.empty(shape, np.int16)
+    label = np.zeros(shape, np.uint8)
+    for k in range(shape[2]):
+        z = k * spacing[2]
+        plane = np.where(body, 30.0, -1000.0).astype(np.float32)
+        plane_label = label[:, :, k]
+        for index in np.flatnonzero(np.abs(centres[:, 2] - z) < radii[:, 2]):
+            (cx, cy, cz), (rx, ry, rz) = centres[index], radii[index]
+            inside = ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 <= 1.0 - ((z - cz) / rz) ** 2
+            plane[inside] = hu[index]
+            plane_label[inside] = index + 1
+        plane += rng.normal(0.0, 20.0, size=plane.shape).astype(np.float32)
+        image[:, :, k] = np.clip(plane, -1024, 3000)
+    affine = np.diag([*spacing, 1.0])
+    affine[:3, 3] = -extent / 2
+    return Phantom(image=image, label=label, affine=affine)
+
+
 def write_phantom_dataset(
     root: str | Path, n_train: int = 8, n_test: int = 4, seed: int = 0,
     shape: tuple[int, int, int] | None = None, spacing: tuple[float, float, float] | None = None,

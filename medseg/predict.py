@@ -27,6 +27,7 @@ from medseg.inference import (
     foreground_box,
     labels_on_input_grid,
     stream_probabilities,
+    window_batch_size,
 )
 from medseg.io import VOLUME_SUFFIXES, Geometry, Volume, read_volume, write_mask
 from medseg.model import create_model, load_weights
@@ -174,9 +175,11 @@ def predict_prepared(predictor: Predictor, case: PreparedCase,
     region = case.image[(slice(None), *box)]
     if region.numel() == 0:
         return np.zeros(case.geometry.shape, np.uint8 if plan.num_classes <= 256 else np.uint16)
+    patch = tuple(plan.patch_size)
     planes = stream_probabilities(
         lambda batch: _window_probabilities(predictor, batch, config), region,
-        plan.num_classes, tuple(plan.patch_size), config.step, config.sw_batch_size)
+        plan.num_classes, patch, config.step,
+        window_batch_size(config.sw_batch_size, plan.num_classes, patch))
     return labels_on_input_grid(planes, tuple(case.image.shape[1:]), box, plan.num_classes,
                                 maps, tuple(case.geometry.shape))
 
@@ -307,13 +310,21 @@ def _window_probabilities(predictor: Predictor, batch: torch.Tensor,
     autocast_dtype = select_precision(config.precision, predictor.device)
     batch = batch.to(predictor.device).contiguous(memory_format=torch.channels_last_3d)
     total = None
-    with torch.inference_mode(), torch.autocast(
+    with torch.no_grad(), torch.autocast(
             predictor.device.type, dtype=autocast_dtype or torch.float32,
             enabled=autocast_dtype is not None):
         for model in predictor.models:
             for axes in flips:
-                logits = model(torch.flip(batch, axes) if axes else batch)
-                probabilities = torch.softmax(logits.float(), dim=1)
+                probabilities = _softmax_(model(torch.flip(batch, axes) if axes else batch))
                 probabilities = torch.flip(probabilities, axes) if axes else probabilities
-                total = probabilities if total is None else total + probabilities
-    return (total / (len(predictor.models) * len(flips))).cpu()
+                total = probabilities if total is None else total.add_(probabilities)
+    copies = len(predictor.models) * len(flips)
+    return (total if copies == 1 else total.div_(copies)).cpu()
+
+
+def _softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over classes in place (for many classes the scores of a window batch are
+    hundreds of MB; torch.softmax would hold a second copy)."""
+    logits = logits.float()
+    logits.sub_(logits.amax(dim=1, keepdim=True)).exp_()
+    return logits.div_(logits.sum(dim=1, keepdim=True))

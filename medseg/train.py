@@ -1,16 +1,26 @@
 """The training loop: patches from cached preprocessed cases, DynUNet, Dice+CE, periodic
-sliding-window validation, best/last checkpoints, metrics.jsonl and TensorBoard."""
+sliding-window validation, best/last checkpoints, metrics.jsonl and TensorBoard.
+
+Under torchrun (WORLD_SIZE > 1) the same loop runs in every process with
+DistributedDataParallel: each rank trains on its own slots of the epoch's samples, the
+validation cases are shared out between the ranks, and rank 0 alone writes files."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from medseg.config import Workflow
@@ -24,6 +34,7 @@ from medseg.transforms import IMAGE, LABEL, augmentation, case_dict, preprocessi
 BEST_WEIGHTS = "best.safetensors"
 LAST_WEIGHTS = "last.safetensors"
 TRAIN_STATE = "last_state.pt"
+MEMORY_FORMAT = torch.channels_last_3d  # faster 3D convolutions on CPU and CUDA
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,82 @@ class TrainResult:
     best_dice: dict[str, float]
     epochs_run: int
     seconds: float
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process among the torchrun processes; rank 0 of 1 without torchrun."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def current_ranks() -> Ranks:
+    """The ranks of the running process group; a single process when there is none."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return Ranks()
+    return Ranks(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
+
+
+@contextmanager
+def distributed_session() -> Iterator[Ranks]:
+    """Under torchrun (WORLD_SIZE > 1 in the environment), a process group for the block:
+    NCCL on CUDA (device cuda:LOCAL_RANK), gloo on the CPU; destroyed at the end, also on
+    error. Otherwise nothing: a single process runs without a process group."""
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if world_size <= 1:
+        yield Ranks()
+        return
+    ranks = Ranks(int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", 0)))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(ranks.local_rank)
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    try:
+        yield ranks
+    finally:
+        dist.destroy_process_group()
+
+
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """Case indices for one rank. Per epoch, permutations of the cases drawn from
+    (seed, epoch) alone are chained to the samples all ranks need together, and rank r takes
+    the slots r, r + N, r + 2N, ... (N ranks): in an epoch the ranks see every case (when
+    they draw at least as many samples as there are cases) and never share a slot."""
+
+    def __init__(self, n_cases: int, samples_per_rank: int, seed: int, rank: int = 0,
+                 world_size: int = 1) -> None:
+        self.n_cases = n_cases
+        self.samples_per_rank = samples_per_rank
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def epoch_slots(self, epoch: int) -> torch.Tensor:
+        """The case index of every sample slot of the epoch, all ranks together."""
+        generator = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
+        total = self.samples_per_rank * self.world_size
+        rounds = -(-total // self.n_cases)
+        chained = [torch.randperm(self.n_cases, generator=generator) for _ in range(rounds)]
+        return torch.cat(chained)[:total]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.epoch_slots(self.epoch)[self.rank::self.world_size].tolist())
+
+    def __len__(self) -> int:
+        return self.samples_per_rank
 
 
 def select_precision(requested: str, device: torch.device) -> torch.dtype | None:
@@ -61,16 +148,19 @@ def train_fold(
     With `resume`, continue from checkpoints/last_state.pt: weights, optimizer, scheduler,
     best score and epoch come back, and every random stream is reseeded per epoch from
     (seed, epoch), so a resumed run repeats the uninterrupted one (bit for bit in
-    deterministic mode on the CPU)."""
+    deterministic mode on the CPU). Under torchrun every rank runs this function; rank 0
+    writes the files."""
     from monai.losses import DeepSupervisionLoss, DiceCELoss
     from monai.utils import set_determinism
     from torch.utils.tensorboard import SummaryWriter
 
     cfg = workflow.train
-    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ranks = current_ranks()
+    device = device or _default_device(ranks)
     set_determinism(seed=cfg.seed, use_deterministic_algorithms=cfg.deterministic or None)
-    train_data, loader, val_data = _data(workflow, dataset, plan, split)
-    model = create_model(plan).to(device)
+    train_data, loader, val_data = _data(workflow, dataset, plan, split, ranks)
+    validating = bool(_val_names(split, workflow))
+    model = create_model(plan).to(device, memory_format=MEMORY_FORMAT)
     optimizer = _optimizer(model, workflow)
     total_steps = cfg.epochs * cfg.iterations_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg.schedule, total_steps))
@@ -80,76 +170,161 @@ def train_fold(
     autocast_dtype = select_precision(cfg.precision, device)
 
     checkpoints = fold_dir / "checkpoints"
-    checkpoints.mkdir(parents=True, exist_ok=True)
     metrics_path = fold_dir / "metrics.jsonl"
     best = {"epoch": -1, "mean": -math.inf, "dice": {}}
     first_epoch = 0
-    if resume:
+    if resume:  # every rank loads the state
         first_epoch, best = _load_state(checkpoints / TRAIN_STATE, model, optimizer, scheduler)
-        _truncate_metrics(metrics_path, first_epoch)
-    writer = SummaryWriter(str(fold_dir / "tensorboard"), purge_step=first_epoch)
+    writer = None
+    if ranks.main:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        if resume:
+            _truncate_metrics(metrics_path, first_epoch)
+        writer = SummaryWriter(str(fold_dir / "tensorboard"), purge_step=first_epoch)
+    net = _distributed(model, ranks, device)
     started = time.monotonic()
     deadline = started + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
     epochs_run = first_epoch
     bar = tqdm(total=total_steps, initial=first_epoch * cfg.iterations_per_epoch,
-               desc=f"train {fold_dir.name}", unit="it", dynamic_ncols=True)
+               desc=f"train {fold_dir.name}", unit="it", dynamic_ncols=True,
+               disable=not ranks.main)
     for epoch in range(first_epoch, cfg.epochs):
         epoch_start = time.monotonic()
-        _reseed(cfg.seed, epoch, train_data, loader)
-        train_loss = _train_epoch(model, loader, optimizer, scheduler, loss_fn, device,
-                                  autocast_dtype, plan, bar)
+        _reseed(cfg.seed, epoch, train_data, loader, ranks.rank)
+        train_loss = _mean_over_ranks(
+            _train_epoch(net, loader, optimizer, scheduler, loss_fn, device, autocast_dtype,
+                         plan, bar), ranks, device)
         epochs_run = epoch + 1
         record = {"epoch": epoch, "train_loss": train_loss,
                   "lr": optimizer.param_groups[0]["lr"],
                   "epoch_seconds": round(time.monotonic() - epoch_start, 2),
                   "elapsed_seconds": round(time.monotonic() - started, 2)}
-        out_of_time = time.monotonic() > deadline
+        # rank 0's clock decides for everyone, so that no rank waits for one that stopped
+        out_of_time = _from_main(time.monotonic() > deadline, ranks, device)
         last_epoch = epoch == cfg.epochs - 1 or out_of_time
-        if val_data is not None and ((epoch + 1) % cfg.val_every == 0 or last_epoch):
-            dice = validate(model, val_data, plan, workflow, device)
+        if validating and ((epoch + 1) % cfg.val_every == 0 or last_epoch):
+            # every rank scores its share and gets all the scores: the same best on each
+            dice = _mean_dice(_gather_in_case_order(
+                _case_scores(model, val_data, plan, workflow, device), ranks))
             mean_dice = float(np.mean(list(dice.values())))
             record.update({"val_dice": dice, "val_mean_dice": mean_dice})
             if mean_dice > best["mean"]:
                 best = {"epoch": epoch, "mean": mean_dice, "dice": dice}
-                save_weights(model, checkpoints / BEST_WEIGHTS)
+                if ranks.main:
+                    save_weights(model, checkpoints / BEST_WEIGHTS)
             bar.set_postfix(loss=f"{train_loss:.3f}", dice=f"{mean_dice:.3f}")
-        _log(writer, metrics_path, record)
-        save_weights(model, checkpoints / LAST_WEIGHTS)
-        _save_state(checkpoints / TRAIN_STATE, model, optimizer, scheduler, epoch, best)
+        if ranks.main:
+            _log(writer, metrics_path, record)
+            save_weights(model, checkpoints / LAST_WEIGHTS)
+            _save_state(checkpoints / TRAIN_STATE, model, optimizer, scheduler, epoch, best)
         if out_of_time:
-            tqdm.write(f"train.max_minutes={cfg.max_minutes} reached after epoch {epoch + 1}")
+            if ranks.main:
+                tqdm.write(f"train.max_minutes={cfg.max_minutes} reached after epoch "
+                           f"{epoch + 1}")
             break
     bar.close()
-    writer.close()
-    if val_data is None:  # no validation cases: the last weights are the ones to keep
-        save_weights(model, checkpoints / BEST_WEIGHTS)
+    if writer is not None:
+        writer.close()
+    if not validating:  # no validation cases: the last weights are the ones to keep
+        if ranks.main:
+            save_weights(model, checkpoints / BEST_WEIGHTS)
         best["epoch"] = epochs_run - 1
+    if ranks.distributed:  # also a barrier: every rank returns once rank 0 has written
+        _check_replicas(model, ranks)
     return TrainResult(fold_dir, best["epoch"],
                        None if best["mean"] == -math.inf else best["mean"], best["dice"],
                        epochs_run, time.monotonic() - started)
 
 
-def _data(workflow: Workflow, dataset: Dataset, plan: Plan, split: dict):
-    """Cached training patches (random part re-run every time), their loader, and the
-    cached preprocessed validation cases."""
+def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict's names and values, whatever their device or memory layout."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        digest.update(name.encode())
+        digest.update(state_dict[name].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _default_device(ranks: Ranks) -> torch.device:
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", ranks.local_rank) if ranks.distributed else torch.device("cuda")
+
+
+def _distributed(model: torch.nn.Module, ranks: Ranks, device: torch.device) -> torch.nn.Module:
+    """The model wrapped in DistributedDataParallel under torchrun, else the model itself."""
+    if not ranks.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    # the 1x1x1 output convolutions can get gradients with other strides than their
+    # channels_last weights along the size-1 axes: the same memory layout, nothing to fix
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def _from_main(flag: bool, ranks: Ranks, device: torch.device) -> bool:
+    """Rank 0's value of `flag`, on every rank."""
+    if not ranks.distributed:
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.broadcast(value, src=0)
+    return bool(value.item())
+
+
+def _mean_over_ranks(value: float, ranks: Ranks, device: torch.device) -> float:
+    if not ranks.distributed:
+        return value
+    total = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return total.item() / ranks.world_size
+
+
+def _gather_in_case_order(items: list, ranks: Ranks) -> list:
+    """Every rank's items, on every rank, in case order (rank r holds cases r::world_size)."""
+    if not ranks.distributed:
+        return items
+    shards: list = [None] * ranks.world_size
+    dist.all_gather_object(shards, items)
+    count = sum(len(shard) for shard in shards)
+    return [shards[i % ranks.world_size][i // ranks.world_size] for i in range(count)]
+
+
+def _check_replicas(model: torch.nn.Module, ranks: Ranks) -> None:
+    """DDP keeps the copies of the weights equal; a difference would mean that rank 0's
+    checkpoints are not what the other ranks trained, so it is an error."""
+    digests: list = [None] * ranks.world_size
+    dist.all_gather_object(digests, weights_digest(model.state_dict()))
+    if len(set(digests)) > 1:
+        raise RuntimeError(f"the weights differ between the ranks after training: {digests}")
+    if ranks.main:
+        tqdm.write(f"weights identical on all {ranks.world_size} processes "
+                   f"(sha256 {digests[0]})")
+
+
+def _val_names(split: dict, workflow: Workflow) -> list[str]:
+    return split["val"][: workflow.train.val_max_cases]
+
+
+def _data(workflow: Workflow, dataset: Dataset, plan: Plan, split: dict, ranks: Ranks):
+    """Cached training patches (random part re-run every time), their loader, and this
+    rank's share of the cached preprocessed validation cases (None when it has none)."""
     from monai.data import CacheDataset, DataLoader
 
     cfg = workflow.train
     by_name = {case.name: case for case in dataset.cases}
     train_cases = [by_name[name] for name in split["train"]]
-    val_cases = [by_name[name] for name in split["val"]][: cfg.val_max_cases]
+    val_cases = [by_name[name] for name in _val_names(split, workflow)]
+    val_cases = val_cases[ranks.rank::ranks.world_size]
     chain = preprocessing(plan, with_label=True)
     train_transform = _compose(chain, augmentation(plan, workflow.augment,
                                                    cfg.foreground_fraction))
     train_data = CacheDataset(_dicts(train_cases), train_transform, num_workers=cfg.num_workers,
                               progress=False)
-    sampler = torch.utils.data.RandomSampler(
-        train_data, replacement=True,
-        num_samples=cfg.iterations_per_epoch * plan.batch_size,
-        generator=torch.Generator().manual_seed(cfg.seed),
-    )
+    sampler = EpochSampler(len(train_data), cfg.iterations_per_epoch * plan.batch_size,
+                           cfg.seed, ranks.rank, ranks.world_size)
     # workers are not persistent: each epoch's workers are seeded from the reseeded main
-    # process, which makes an epoch's patches a function of (seed, epoch) alone
+    # process, which makes an epoch's patches a function of (seed, epoch, rank) alone
     loader = DataLoader(train_data, batch_size=plan.batch_size, sampler=sampler,
                         num_workers=cfg.num_workers, persistent_workers=False)
     val_data = CacheDataset(_dicts(val_cases), chain, num_workers=cfg.num_workers,
@@ -157,29 +332,39 @@ def _data(workflow: Workflow, dataset: Dataset, plan: Plan, split: dict):
     return train_data, loader, val_data
 
 
-def _reseed(seed: int, epoch: int, train_data, loader) -> None:
+def _epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    return (seed * 100_003 + epoch + rank * 1_000_003) % 2**31
+
+
+def _reseed(seed: int, epoch: int, train_data, loader, rank: int = 0) -> None:
     """Every random stream of an epoch from (seed, epoch): torch, NumPy, Python, the MONAI
-    transforms (in-process loading) and the sampler."""
+    transforms (in-process loading) and the sampler. The augmentation streams also depend on
+    the rank, so that the ranks do not draw the same crops and flips."""
     import random
 
-    epoch_seed = (seed * 100_003 + epoch) % 2**31
+    epoch_seed = _epoch_seed(seed, epoch, rank)
     torch.manual_seed(epoch_seed)
     np.random.seed(epoch_seed)
     random.seed(epoch_seed)
     train_data.transform.set_random_state(seed=epoch_seed)
-    loader.sampler.generator.manual_seed(epoch_seed)
+    loader.sampler.set_epoch(epoch)
 
 
 def validate(model, val_data, plan: Plan, workflow: Workflow, device) -> dict[str, float]:
     """Mean Dice per structure over the validation cases, in the preprocessed space, with the
     same per-structure scoring (and empty-structure conventions) as `medseg evaluate`."""
+    return _mean_dice(_case_scores(model, val_data, plan, workflow, device))
+
+
+def _case_scores(model, val_data, plan: Plan, workflow: Workflow, device) -> list[dict]:
+    """score_case's per-structure scores of each validation case (none for None)."""
     from medseg.metrics import score_case
 
     labels = {k: plan.labels.get(k, f"label_{k}") for k in range(plan.num_classes)}
     per_case = []
     model.eval()
     with torch.no_grad():
-        for item in val_data:
+        for item in val_data or []:
             logits = sliding_window_logits(model, item[IMAGE].as_tensor()[None], plan,
                                            workflow.predict.step, workflow.predict.sw_batch_size,
                                            select_precision(workflow.train.precision, device),
@@ -189,6 +374,10 @@ def validate(model, val_data, plan: Plan, workflow: Workflow, device) -> dict[st
             per_case.append(score_case(prediction, reference, labels,
                                        tuple(plan.target_spacing), surface=False))
     model.train()
+    return per_case
+
+
+def _mean_dice(per_case: list[dict]) -> dict[str, float]:
     return {name: float(np.mean([scores[name]["dice"] for scores in per_case]))
             for name in per_case[0]}
 
@@ -213,7 +402,8 @@ def _train_epoch(model, loader, optimizer, scheduler, loss_fn, device, autocast_
     model.train()
     losses = []
     for batch in loader:
-        image, label = batch[IMAGE].to(device), batch[LABEL].to(device)
+        image = batch[IMAGE].to(device, memory_format=MEMORY_FORMAT)
+        label = batch[LABEL].to(device)
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):

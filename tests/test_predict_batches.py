@@ -1,0 +1,144 @@
+"""Prediction at scale: bounded memory with many classes, batches with a corrupt case, and a
+process killed while writing."""
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import nibabel as nib
+import numpy as np
+import pytest
+from helpers import SMALL_SHAPE, SMALL_SPACING
+
+from medseg.cli import main
+from medseg.config import Workflow, save_workflow
+from medseg.model import create_model, save_weights
+from medseg.phantoms import make_many_structure_ct, make_phantom
+from medseg.plan import Plan, save_plan
+
+MANY_CLASSES = 42
+MID_SIZE = (192, 192, 160)
+
+
+@pytest.fixture(scope="module")
+def many_class_run(tmp_path_factory):
+    """A 42-class model with untrained weights: enough to measure memory, not accuracy."""
+    run = tmp_path_factory.mktemp("many_class_run")
+    plan = Plan(target_spacing=[1.0, 1.0, 1.0], patch_size=[64, 64, 64], batch_size=2,
+                kernels=[[3, 3, 3]] * 3, strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+                filters=[4, 8, 16], deep_supervision=False, in_channels=1,
+                num_classes=MANY_CLASSES,
+                labels={k: f"structure_{k}" for k in range(MANY_CLASSES)}, modalities=["CT"],
+                normalization=[{"scheme": "ct", "clip": [-1000.0, 1200.0], "mean": 100.0,
+                                "std": 400.0}],
+                median_shape=list(MID_SIZE))
+    save_plan(plan, run / "plan.json")
+    save_workflow(Workflow(), run / "workflow.yaml")
+    save_weights(create_model(plan), run / "fold_0" / "checkpoints" / "best.safetensors")
+    return run
+
+
+MEASURE = textwrap.dedent("""
+    import json, resource, sys
+    from pathlib import Path
+    from medseg.config import PredictConfig
+    from medseg.predict import load_predictor, predict_paths
+
+    predictor = load_predictor(sys.argv[1])
+    rss = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+    before = rss()
+    results = predict_paths(predictor, [Path(sys.argv[2])], Path(sys.argv[3]), PredictConfig())
+    assert results[0].error is None, results[0].error
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"before_mb": before, "peak_mb": peak}))
+""")
+
+
+def test_many_classes_are_predicted_in_bounded_memory(many_class_run, tmp_path):
+    """42 classes on 192 x 192 x 160 voxels: the classes x volume float32 array alone would
+    be 990 MB (MONAI's sliding window output plus its softmax and Invertd copies: ~3 GB);
+    the streamed prediction must stay far below one such array."""
+    case = make_many_structure_ct(3, MID_SIZE, (1.0, 1.0, 1.0))
+    source = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(case.image, case.affine), source)
+    result = subprocess.run([sys.executable, "-c", MEASURE, str(many_class_run), str(source),
+                             str(tmp_path / "out")], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    growth = figures["peak_mb"] - figures["before_mb"]
+    assert growth < 1000, figures
+    mask = nib.load(tmp_path / "out" / "ct.nii.gz")
+    assert mask.shape == MID_SIZE
+    np.testing.assert_allclose(mask.affine, case.affine)
+
+
+@pytest.fixture()
+def three_cases(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name, seed in (("a", 1), ("c", 2)):
+        phantom = make_phantom(seed, shape=SMALL_SHAPE, spacing=SMALL_SPACING)
+        nib.save(nib.Nifti1Image(phantom.image.astype(np.int16), phantom.affine),
+                 folder / f"{name}.nii.gz")
+    (folder / "b.nii.gz").write_bytes(b"\x1f\x8b corrupt")
+    return folder
+
+
+def test_one_corrupt_case_among_three(trained_run, three_cases, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = ["predict", "--model", str(trained_run), "--input", str(three_cases),
+            "--output", str(out)]
+    assert main(args) == 1
+    captured = capsys.readouterr()
+    assert "b.nii.gz" in captured.err
+    assert "predicted 2 of 3 cases" in captured.out and "failed 1" in captured.out
+    assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz", "c.nii.gz"]
+    written = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+
+    assert main(args) == 1  # the corrupt case still fails; the other two are not redone
+    captured = capsys.readouterr()
+    assert "skipped 2 existing" in captured.out and "failed 1" in captured.out
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == written
+
+
+SLOW_WRITER = textwrap.dedent("""
+    import sys, time
+    import nibabel
+    from medseg.cli import main
+
+    def stalled_save(image, filename):
+        with open(filename, "wb") as handle:
+            handle.write(b"half a file")
+            handle.flush()
+        time.sleep(120)
+
+    nibabel.save = stalled_save
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+def test_a_process_killed_while_writing_leaves_no_partial_mask(trained_run, three_cases,
+                                                                tmp_path):
+    source = three_cases / "a.nii.gz"
+    out = tmp_path / "out"
+    args = ["predict", "--model", str(trained_run), "--input", str(source), "--output",
+            str(out)]
+    process = subprocess.Popen([sys.executable, "-c", SLOW_WRITER, *args],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(out.glob(".a.nii.gz.*")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert list(out.glob(".a.nii.gz.*")), "the writer never started"
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert not (out / "a.nii.gz").exists()
+
+    assert main(args) == 0  # the rerun predicts the case and clears the dead temporary
+    assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz"]
+    assert nib.load(out / "a.nii.gz").shape == nib.load(source).shape

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -33,7 +32,8 @@ TRAIN_SHAPE, TRAIN_SPACING = (273, 273, 100), (1.5, 1.5, 1.5)
 BIG_SHAPE, BIG_SPACING = (512, 512, 600), (0.8, 0.8, 1.0)
 TRAINING = ["plan.patch_size=[96,96,96]", "plan.batch_size=2", "plan.base_filters=8",
             "plan.max_filters=64", "train.epochs=1", "train.iterations_per_epoch=6",
-            "train.val_max_cases=0", "train.num_workers=0", "train.folds=2"]
+            "train.val_max_cases=0", "train.num_workers=0", "train.folds=2",
+            "predict.largest_component=[]"]
 
 
 def save(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
@@ -75,6 +75,15 @@ def make_inputs(folder: Path, slices: int) -> tuple[Path, Path, Path]:
     save(np.ascontiguousarray(case.image[..., middle:middle + slices]), slab_affine, slab)
     save(np.ascontiguousarray(case.label[..., middle:middle + slices]), slab_affine, slab_label)
     return full, slab, slab_label
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS (VmHWM). Not getrusage's ru_maxrss: across fork and exec that
+    keeps the parent's high-water mark."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def child_medseg(model: Path, image: Path, output: Path) -> None:
@@ -120,7 +129,7 @@ def measure(kind: str, model: Path, image: Path, output: Path) -> dict:
     started = time.monotonic()
     result = subprocess.run([sys.executable, __file__, "--child", kind, "--model", str(model),
                              "--image", str(image), "--out", str(output)],
-                            capture_output=True, text=True)
+                            capture_output=True, encoding="utf-8", errors="replace")
     seconds = time.monotonic() - started
     if result.returncode != 0:
         return {"failed": (result.stderr.strip().splitlines() or ["killed"])[-1],
@@ -184,7 +193,6 @@ if __name__ == "__main__":
     if args.child:
         (child_medseg if args.child == "medseg" else child_monai)(args.model, args.image,
                                                                    args.out)
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(json.dumps({"peak_rss_mb": round(peak_mb)}))
+        print(json.dumps({"peak_rss_mb": round(peak_rss_mb())}))
     else:
         run(args.out, args.slices, args.monai_full)

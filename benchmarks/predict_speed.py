@@ -10,14 +10,16 @@ on the input grid:
       0.25, constant blending, one window per forward pass, fp32), softmax, `Invertd`, argmax;
   (b) medseg: `predict_volume` with the run's predict settings (Gaussian blending, step 0.5,
       several windows per pass, channels-last, foreground box, streamed back to the grid).
-Reports wall time, voxels per second, achieved GFLOP/s (network FLOPs actually run, counted
-by torch's FlopCounterMode per voxel) against a measured conv3d peak, the agreement between
-(a) and (b), and both Dice scores against the reference labels. Writes OUT/predict_speed.json.
+With --also-step S, medseg is timed again with step S. Reports wall time, voxels per
+second, achieved GFLOP/s (network FLOPs actually run, counted by torch's FlopCounterMode per
+voxel) against a measured conv3d peak, the agreement between (a) and (b), and both Dice
+scores against the reference labels. Writes OUT/predict_speed.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -118,7 +120,7 @@ def demo_model_and_phantoms(out: Path) -> tuple[Path, Path, Path]:
 
 
 def run(out: Path, model: Path | None, images: Path | None, labels: Path | None,
-        repeats: int) -> dict:
+        repeats: int, other_steps: list[float]) -> dict:
     from medseg.config import load_workflow
     from medseg.io import read_volume
     from medseg.predict import collect_inputs, load_predictor, predict_volume
@@ -151,6 +153,15 @@ def run(out: Path, model: Path | None, images: Path | None, labels: Path | None,
     monai_seconds, monai_masks = time_all(lambda p: monai_predict(monai_network, plan, p))
     predictor = predictor.__class__(plan, (medseg_network,), predictor.folds, predictor.device)
     medseg_seconds, medseg_masks = time_all(lambda p: predict_volume(predictor, p, config))
+    medseg_voxels = medseg_network.voxels
+    other = {}
+    for step in other_steps:  # the same engine with another step, for the trade-off
+        stepped = dataclasses.replace(config, step=step)
+        medseg_network.voxels = 0
+        seconds, masks = time_all(lambda p, c=stepped: predict_volume(predictor, p, c))
+        other[step] = (seconds, VoxelCounter(network), masks)
+        other[step][1].voxels = medseg_network.voxels
+    medseg_network.voxels = medseg_voxels
     voxels = sum(int(np.prod(r.shape)) for r in references.values())
     classes = plan.num_classes
     peak = conv3d_peak_gflops()
@@ -178,6 +189,9 @@ def run(out: Path, model: Path | None, images: Path | None, labels: Path | None,
         "dice_between_a_and_b": round(float(np.mean([dice(medseg_masks[n], monai_masks[n], classes)
                                                      for n in medseg_masks])), 4),
     }
+    for step, (seconds, counter, masks) in other.items():
+        result[f"medseg_step_{step}"] = {**summary(seconds, counter, masks),
+                                         "speedup": round(monai_seconds / seconds, 2)}
     (out / "predict_speed.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return result
@@ -190,7 +204,9 @@ if __name__ == "__main__":
     parser.add_argument("--images", type=Path)
     parser.add_argument("--labels", type=Path)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--also-step", type=float, action="append", default=[],
+                        help="also time medseg with this window step")
     args = parser.parse_args()
     if args.model is not None and (args.images is None or args.labels is None):
         parser.error("--model needs --images and --labels")
-    run(args.out, args.model, args.images, args.labels, args.repeats)
+    run(args.out, args.model, args.images, args.labels, args.repeats, args.also_step)

@@ -9,7 +9,7 @@ from medseg.cli import main
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "medseg.cli", *args], capture_output=True,
-                          text=True, cwd=REPO, timeout=120)
+                          encoding="utf-8", errors="replace", cwd=REPO, timeout=120)
 
 
 def test_help_is_fast_and_lists_the_verbs():

@@ -63,8 +63,8 @@ def torchrun(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                "--standalone", "-m", "medseg.cli", "train", *args]
-    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env,
-                          timeout=180)
+    return subprocess.run(command, capture_output=True, encoding="utf-8", errors="replace",
+                          cwd=REPO, env=env, timeout=180)
 
 
 def run_files(run: Path) -> set[str]:

@@ -36,6 +36,9 @@ from medseg.postprocess import postprocess
 from medseg.train import BEST_WEIGHTS, select_precision
 from medseg.transforms import IMAGE, case_dict, preprocessing
 
+# what one bad case can raise (an unreadable or odd volume, a full disk): reported, and the
+# batch goes on; anything else is a bug and stops it
+CASE_ERRORS = (MedsegError, OSError, RuntimeError, ValueError)
 CHANNEL_SUFFIX = re.compile(r"(.+)_(\d{4})")
 
 
@@ -227,15 +230,15 @@ def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
                 writes.append((position, files[0], target, started,
                                writer.submit(_finish_mask, mask, case.geometry, target, config)))
                 del case, mask
-            except MedsegError as exc:
+            except CASE_ERRORS as exc:
                 results[position] = _failure(files[0], started, exc, bar)
         for position, path, target, started, future in writes:
             try:
                 future.result()
                 results[position] = PredictionResult(path, target, time.monotonic() - started)
-            except MedsegError as exc:
+                bar.update(1)
+            except CASE_ERRORS as exc:
                 results[position] = _failure(path, started, exc, bar)
-            bar.update(1)
     bar.close()
     return [r for r in results if r is not None]
 
@@ -247,10 +250,13 @@ def _finish_mask(mask: np.ndarray, geometry: Geometry, target: Path,
     write_mask(mask, geometry, target)
 
 
-def _failure(path: Path, started: float, exc: MedsegError, bar) -> PredictionResult:
-    tqdm.write(f"medseg: error: {exc}", file=sys.stderr)
+def _failure(path: Path, started: float, exc: Exception, bar) -> PredictionResult:
+    """One line naming the case (the error's own file when it has one)."""
+    named = isinstance(exc, MedsegError) and exc.path is not None
+    message = str(exc) if named else f"{path}: {exc}"
+    tqdm.write(f"medseg: error: {message}", file=sys.stderr)
     bar.update(1)
-    return PredictionResult(path, None, time.monotonic() - started, str(exc))
+    return PredictionResult(path, None, time.monotonic() - started, message)
 
 
 def _remove_partial_outputs(target: Path) -> None:

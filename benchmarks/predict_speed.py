@@ -159,18 +159,16 @@ def run(out: Path, model: Path | None, images: Path | None, labels: Path | None,
         stepped = dataclasses.replace(config, step=step)
         medseg_network.voxels = 0
         seconds, masks = time_all(lambda p, c=stepped: predict_volume(predictor, p, c))
-        other[step] = (seconds, VoxelCounter(network), masks)
-        other[step][1].voxels = medseg_network.voxels
-    medseg_network.voxels = medseg_voxels
+        other[step] = (seconds, medseg_network.voxels, masks)
     voxels = sum(int(np.prod(r.shape)) for r in references.values())
     classes = plan.num_classes
     peak = conv3d_peak_gflops()
 
-    def summary(seconds: float, counter: VoxelCounter, masks: dict) -> dict:
-        gflops = per_voxel * counter.voxels / repeats / seconds / 1e9
+    def summary(seconds: float, network_voxels: int, masks: dict) -> dict:
+        gflops = per_voxel * network_voxels / repeats / seconds / 1e9
         return {"seconds": round(seconds, 2),
                 "megavoxels_per_second": round(voxels / seconds / 1e6, 2),
-                "network_gflop": round(per_voxel * counter.voxels / repeats / 1e9, 1),
+                "network_gflop": round(per_voxel * network_voxels / repeats / 1e9, 1),
                 "gflops_per_second": round(gflops, 1),
                 "fraction_of_conv3d_peak": round(gflops / peak, 3),
                 "dice_vs_reference": round(float(np.mean([dice(masks[n], references[n], classes)
@@ -181,16 +179,16 @@ def run(out: Path, model: Path | None, images: Path | None, labels: Path | None,
         "torch_threads": torch.get_num_threads(), "conv3d_peak_gflops": round(peak, 1),
         "medseg_settings": {"step": config.step, "sw_batch_size": config.sw_batch_size,
                             "tta": config.tta, "crop_foreground": config.crop_foreground},
-        "monai_defaults": summary(monai_seconds, monai_network, monai_masks),
-        "medseg_defaults": summary(medseg_seconds, medseg_network, medseg_masks),
+        "monai_defaults": summary(monai_seconds, monai_network.voxels, monai_masks),
+        "medseg_defaults": summary(medseg_seconds, medseg_voxels, medseg_masks),
         "speedup": round(monai_seconds / medseg_seconds, 2),
         "agreement_voxels_equal": round(float(np.mean([(monai_masks[n] == medseg_masks[n]).mean()
                                                        for n in medseg_masks])), 5),
         "dice_between_a_and_b": round(float(np.mean([dice(medseg_masks[n], monai_masks[n], classes)
                                                      for n in medseg_masks])), 4),
     }
-    for step, (seconds, counter, masks) in other.items():
-        result[f"medseg_step_{step}"] = {**summary(seconds, counter, masks),
+    for step, (seconds, network_voxels, masks) in other.items():
+        result[f"medseg_step_{step}"] = {**summary(seconds, network_voxels, masks),
                                          "speedup": round(monai_seconds / seconds, 2)}
     (out / "predict_speed.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -38,6 +38,9 @@ class PlanConfig:
     base_filters: int = 32
     max_filters: int = 320
     deep_supervision: bool = True
+    # network-grid (RAS) axes mirrored in training and by test-time augmentation; leave out
+    # an axis along which mirroring changes a label's meaning (hippocampus head and tail)
+    mirror_axes: list[int] = field(default_factory=lambda: [0, 1, 2])
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,7 @@ class Plan:
     modalities: list[str]
     normalization: list[dict]
     median_shape: list[int]
+    mirror_axes: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
 
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)
@@ -132,6 +133,7 @@ def make_plan(fp: Fingerprint, config: PlanConfig) -> Plan:
         normalization=[_normalization(m, s) for m, s in zip(fp.modalities, fp.intensity,
                                                               strict=True)],
         median_shape=median_shape,
+        mirror_axes=_mirror_axes(config.mirror_axes),
     )
 
 
@@ -180,6 +182,12 @@ def kernels_and_strides(patch: list[int], spacing: list[float]
 
 def save_plan(plan: Plan, path: Path) -> None:
     atomic_write_json(path, plan.to_json())
+
+
+def _mirror_axes(axes: list[int]) -> list[int]:
+    if any(axis not in (0, 1, 2) for axis in axes) or len(set(axes)) != len(axes):
+        raise MedsegError(f"plan.mirror_axes must be distinct axes among 0, 1, 2, got {axes}")
+    return sorted(int(axis) for axis in axes)
 
 
 def load_plan(path: Path) -> Plan:

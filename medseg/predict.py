@@ -6,6 +6,7 @@ mask lies on the input's exact grid (for DICOM, the series' grid in the same pat
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import sys
@@ -40,6 +41,8 @@ from medseg.transforms import IMAGE, case_dict, preprocessing
 # batch goes on; anything else is a bug and stops it
 CASE_ERRORS = (MedsegError, OSError, RuntimeError, ValueError)
 CHANNEL_SUFFIX = re.compile(r"(.+)_(\d{4})")
+# the next case is read during this one's sliding window only while this one needs less
+READ_AHEAD_BYTES = 512 * 2**20
 
 
 @dataclass(frozen=True)
@@ -196,7 +199,8 @@ def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
     `shard=(i, n)` takes every n-th case from the i-th, so n processes write each case once.
 
     The batch streams: the next case is read and preprocessed in a background thread while
-    the network runs, and each mask is post-processed and written in another."""
+    the network runs (unless the running case is large: two large CTs never overlap), and
+    each mask is post-processed and written in another."""
     index, count = shard
     cases = group_channels(inputs, predictor.plan.in_channels)[index::count]
     _check_postprocess_labels(config, predictor.plan)
@@ -221,17 +225,21 @@ def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
         for number, (position, files, target) in enumerate(todo):
             started = time.monotonic()
             current = upcoming
-            upcoming = (reader.submit(read, list(todo[number + 1][1]))
-                        if number + 1 < len(todo) else None)
+            following = list(todo[number + 1][1]) if number + 1 < len(todo) else None
+            upcoming = None
             try:
                 case = current.result()
                 del current  # the future would keep the image alive
+                if following is not None and _read_ahead_fits(case, predictor.plan):
+                    upcoming = reader.submit(read, following)
                 mask = predict_prepared(predictor, case, config)
                 writes.append((position, files[0], target, started,
                                writer.submit(_finish_mask, mask, case.geometry, target, config)))
                 del case, mask
             except CASE_ERRORS as exc:
                 results[position] = _failure(files[0], started, exc, bar)
+            if upcoming is None and following is not None:
+                upcoming = reader.submit(read, following)
         for position, path, target, started, future in writes:
             try:
                 future.result()
@@ -241,6 +249,15 @@ def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
                 results[position] = _failure(path, started, exc, bar)
     bar.close()
     return [r for r in results if r is not None]
+
+
+def _read_ahead_fits(case: PreparedCase, plan: Plan) -> bool:
+    """Whether the next case may be read while this one runs: only when this one's network
+    image and float16 probability buffer (see `stream_probabilities`) are small, so that two
+    large CTs never overlap (reading one peaks near its float32 voxels x 3)."""
+    x, y = case.image.shape[1:3]
+    buffer = plan.num_classes * x * y * plan.patch_size[2] * 2
+    return case.image.numel() * 4 + buffer <= READ_AHEAD_BYTES
 
 
 def _finish_mask(mask: np.ndarray, geometry: Geometry, target: Path,
@@ -310,9 +327,10 @@ def _prediction_box(image: torch.Tensor, plan: Plan, config: PredictConfig
 
 def _window_probabilities(predictor: Predictor, batch: torch.Tensor,
                           config: PredictConfig) -> torch.Tensor:
-    """Mean softmax of a batch of windows over the folds and, with TTA, over the 8 mirrored
-    copies of each window (nnU-Net mirrors per window, too)."""
-    flips = [()] + ([(2,), (3,), (4,), (2, 3), (2, 4), (3, 4), (2, 3, 4)] if config.tta else [])
+    """Mean softmax of a batch of windows over the folds and, with TTA, over the mirrored
+    copies of each window along the plan's mirror axes (8 for all three; nnU-Net mirrors per
+    window, too)."""
+    flips = _mirror_combinations(predictor.plan.mirror_axes) if config.tta else [()]
     autocast_dtype = select_precision(config.precision, predictor.device)
     batch = batch.to(predictor.device).contiguous(memory_format=torch.channels_last_3d)
     total = None
@@ -326,6 +344,13 @@ def _window_probabilities(predictor: Predictor, batch: torch.Tensor,
                 total = probabilities if total is None else total.add_(probabilities)
     copies = len(predictor.models) * len(flips)
     return (total if copies == 1 else total.div_(copies)).cpu()
+
+
+def _mirror_combinations(axes: list[int]) -> list[tuple[int, ...]]:
+    """Every subset of the mirror axes, as dimensions of a (B, C, X, Y, Z) batch."""
+    dims = [axis + 2 for axis in axes]
+    return [combo for size in range(len(dims) + 1)
+            for combo in itertools.combinations(dims, size)]
 
 
 def _softmax_(logits: torch.Tensor) -> torch.Tensor:

@@ -78,9 +78,8 @@ def augmentation(plan: Plan, augment: AugmentConfig, foreground_fraction: float)
                        scale_range=[augment.scale_range] * 3 if augment.scale_prob > 0 else None,
                        mode=["bilinear", "nearest"], padding_mode="zeros",
                        spatial_size=patch),
-        mt.RandFlipd(keys, prob=augment.flip_prob, spatial_axis=0),
-        mt.RandFlipd(keys, prob=augment.flip_prob, spatial_axis=1),
-        mt.RandFlipd(keys, prob=augment.flip_prob, spatial_axis=2),
+        *[mt.RandFlipd(keys, prob=augment.flip_prob, spatial_axis=axis)
+          for axis in plan.mirror_axes],
         mt.RandGaussianNoised(IMAGE, prob=augment.noise_prob, std=augment.noise_std),
         mt.RandGaussianSmoothd(IMAGE, prob=augment.smooth_prob, sigma_x=(0.5, 1.0),
                                sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),

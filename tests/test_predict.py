@@ -128,3 +128,11 @@ def test_every_input_format_gives_a_mask_on_its_exact_grid(trained_run, inputs, 
         np.testing.assert_allclose(mask.affine, geometry.affine, atol=1e-5)
         assert int(mask.header["sform_code"]) == 1
         assert (np.asarray(mask.dataobj) == reference).mean() > 0.99
+
+
+def test_tta_mirrors_only_the_plan_axes():
+    from medseg.predict import _mirror_combinations
+
+    assert _mirror_combinations([0, 2]) == [(), (2,), (4,), (2, 4)]
+    assert _mirror_combinations([]) == [()]
+    assert len(set(_mirror_combinations([0, 1, 2]))) == 8

@@ -144,3 +144,27 @@ def test_a_process_killed_while_writing_leaves_no_partial_mask(trained_run, thre
     assert main(args) == 0  # the rerun predicts the case and clears the dead temporary
     assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz"]
     assert nib.load(out / "a.nii.gz").shape == nib.load(source).shape
+
+
+def test_large_cases_are_not_read_while_another_runs():
+    """Two large CTs never overlap in memory: read-ahead only beside a small case."""
+    import dataclasses
+
+    import torch
+
+    from medseg.predict import READ_AHEAD_BYTES, PreparedCase, _read_ahead_fits
+
+    plan = Plan(target_spacing=[1.5] * 3, patch_size=[96, 96, 96], batch_size=2,
+                kernels=[[3, 3, 3]], strides=[[1, 1, 1]], filters=[8], deep_supervision=False,
+                in_channels=1, num_classes=42, labels={0: "background"}, modalities=["CT"],
+                normalization=[{"scheme": "zscore_nonzero"}], median_shape=[96, 96, 96])
+
+    def case(shape):
+        return PreparedCase(torch.zeros((1, *shape)), np.eye(4), None)
+
+    ct_42_classes = case((273, 273, 400))  # 512 x 512 x 600 at 0.8 mm, on a 1.5 mm grid
+    assert not _read_ahead_fits(ct_42_classes, plan)
+    assert _read_ahead_fits(case((60, 60, 60)), plan)
+    few_classes = dataclasses.replace(plan, num_classes=3)
+    assert _read_ahead_fits(ct_42_classes, few_classes)
+    assert READ_AHEAD_BYTES < 2**30

@@ -55,3 +55,18 @@ def test_augmentation_keeps_image_and_label_aligned(plan):
         recovered = torch.round(out[IMAGE] / 10.0)
         agreement = (recovered == out[LABEL]).float().mean().item()
         assert agreement > 0.97, agreement
+
+
+def test_augmentation_mirrors_only_the_plan_axes(plan):
+    import dataclasses
+
+    label = np.zeros((1, *plan.patch_size), np.float32)
+    label[0, :4, :4, :4] = 1  # a corner block: every mirror moves it to another corner
+    only_x = dataclasses.replace(plan, mirror_axes=[0])
+    flips_only = AugmentConfig(flip_prob=1.0, rotate_prob=0, scale_prob=0, noise_prob=0,
+                               smooth_prob=0, contrast_prob=0, intensity_shift_prob=0,
+                               gamma_prob=0)
+    chain = augmentation(only_x, flips_only, foreground_fraction=0.0)
+    out = chain({IMAGE: torch.from_numpy(label.copy()), LABEL: torch.from_numpy(label)})[0]
+    expected = np.flip(label, axis=1)  # axis 0 of the grid is axis 1 of (C, X, Y, Z)
+    np.testing.assert_array_equal(out[LABEL].numpy(), expected)

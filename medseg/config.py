@@ -247,6 +247,10 @@ def _check_choices(workflow: Workflow, source: str) -> None:
             raise MedsegError(
                 f"'{section}.{key}' is {value!r}; choose one of {', '.join(allowed)}", source
             )
+    axes = workflow.plan.mirror_axes
+    if any(axis not in (0, 1, 2) for axis in axes) or len(set(axes)) != len(axes):
+        raise MedsegError(f"'plan.mirror_axes' must be distinct axes among 0, 1, 2, got {axes}",
+                          source)
 
 
 def _resolve_paths(workflow: Workflow) -> Workflow:

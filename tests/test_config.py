@@ -72,3 +72,10 @@ def test_round_trip_through_saved_yaml(tmp_path):
 def test_shipped_workflows_load():
     for path in (Path(__file__).parent.parent / "workflows").glob("*.yaml"):
         load_workflow(path)
+
+
+def test_bad_mirror_axes_name_the_workflow(tmp_path):
+    path = tmp_path / "w.yaml"
+    path.write_text("plan:\n  mirror_axes: [0, 3]\n")
+    with pytest.raises(MedsegError, match=r"w\.yaml.*mirror_axes"):
+        load_workflow(path)

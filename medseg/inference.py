@@ -85,6 +85,14 @@ def foreground_box(image: torch.Tensor, patch: tuple[int, ...],
     return tuple(box)
 
 
+def accumulator_bytes(num_classes: int, shape: tuple[int, ...], patch: tuple[int, ...],
+                      accumulate: torch.dtype = torch.float16) -> int:
+    """Bytes of the class-score ring buffer `stream_probabilities` keeps for an image of
+    `shape` (X, Y, Z): classes x X x Y x patch depth, each axis at least a patch."""
+    x, y = (max(s, p) for s, p in zip(shape[:2], patch[:2], strict=True))
+    return num_classes * x * y * patch[2] * torch.tensor([], dtype=accumulate).element_size()
+
+
 def stream_probabilities(predict_windows: WindowPredictor, image: torch.Tensor,
                          num_classes: int, patch: tuple[int, int, int], step: float,
                          batch_size: int, accumulate: torch.dtype = torch.float16

@@ -24,6 +24,7 @@ from medseg.config import PredictConfig
 from medseg.datasets import strip_image_suffix
 from medseg.errors import MedsegError
 from medseg.inference import (
+    accumulator_bytes,
     axis_maps,
     foreground_box,
     labels_on_input_grid,
@@ -255,9 +256,9 @@ def _read_ahead_fits(case: PreparedCase, plan: Plan) -> bool:
     """Whether the next case may be read while this one runs: only when this one's network
     image and float16 probability buffer (see `stream_probabilities`) are small, so that two
     large CTs never overlap (reading one peaks near its float32 voxels x 3)."""
-    x, y = case.image.shape[1:3]
-    buffer = plan.num_classes * x * y * plan.patch_size[2] * 2
-    return case.image.numel() * 4 + buffer <= READ_AHEAD_BYTES
+    buffer = accumulator_bytes(plan.num_classes, tuple(case.image.shape[1:]),
+                               tuple(plan.patch_size))
+    return case.image.numel() * case.image.element_size() + buffer <= READ_AHEAD_BYTES
 
 
 def _finish_mask(mask: np.ndarray, geometry: Geometry, target: Path,

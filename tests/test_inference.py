@@ -8,6 +8,7 @@ from scipy import ndimage
 
 from medseg.errors import MedsegError
 from medseg.inference import (
+    accumulator_bytes,
     axis_maps,
     foreground_box,
     gaussian_importance,
@@ -137,3 +138,10 @@ def test_an_oblique_relation_between_grids_is_refused():
                          [0, 0, 1]])
     with pytest.raises(MedsegError, match="not axis-aligned"):
         axis_maps(affine(rotation), affine(np.eye(3)))
+
+
+def test_accumulator_bytes_count_the_padded_float16_ring_buffer():
+    patch = (16, 16, 12)
+    # (classes x X x Y x patch depth) float16; axes smaller than a patch are padded to it
+    assert accumulator_bytes(CLASSES, (30, 10, 41), patch) == CLASSES * 30 * 16 * 12 * 2
+    assert accumulator_bytes(42, (273, 273, 400), (96, 96, 96)) == 42 * 273 * 273 * 96 * 2

@@ -41,6 +41,7 @@ class PlanConfig:
     # network-grid (RAS) axes mirrored in training and by test-time augmentation; leave out
     # an axis along which mirroring changes a label's meaning (hippocampus head and tail)
     mirror_axes: list[int] = field(default_factory=lambda: [0, 1, 2])
+    res_block: bool = False  # residual convolution blocks (MONAI UnetResBlock) in the U-Net
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,8 @@ class TrainConfig:
     val_every: int = 5
     val_max_cases: int | None = None
     foreground_fraction: float = 0.33
+    # the background class in the Dice term of Dice+CE (nnU-Net leaves it out)
+    dice_include_background: bool = True
     seed: int = 0
     deterministic: bool = False
     max_minutes: float | None = None

@@ -27,7 +27,7 @@ def build_dynunet(plan: Plan) -> torch.nn.Module:
         norm_name=("INSTANCE", {"affine": True}),
         deep_supervision=plan.deep_supervision,
         deep_supr_num=max(1, min(2, len(plan.strides) - 2)),
-        res_block=False,
+        res_block=plan.res_block,
     )
 
 

@@ -57,6 +57,7 @@ class Plan:
     normalization: list[dict]
     median_shape: list[int]
     mirror_axes: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
+    res_block: bool = False
 
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)
@@ -134,6 +135,7 @@ def make_plan(fp: Fingerprint, config: PlanConfig) -> Plan:
                                                               strict=True)],
         median_shape=median_shape,
         mirror_axes=sorted(config.mirror_axes),  # checked with the workflow
+        res_block=config.res_block,
     )
 
 

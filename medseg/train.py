@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from medseg.config import Workflow
+from medseg.config import TrainConfig, Workflow
 from medseg.datasets import Case, Dataset
 from medseg.errors import MedsegError
 from medseg.fileio import atomic_path, atomic_write_text
@@ -150,7 +150,6 @@ def train_fold(
     (seed, epoch), so a resumed run repeats the uninterrupted one (bit for bit in
     deterministic mode on the CPU). Under torchrun every rank runs this function; rank 0
     writes the files."""
-    from monai.losses import DeepSupervisionLoss, DiceCELoss
     from monai.utils import set_determinism
     from torch.utils.tensorboard import SummaryWriter
 
@@ -164,9 +163,7 @@ def train_fold(
     optimizer = _optimizer(model, workflow)
     total_steps = cfg.epochs * cfg.iterations_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg.schedule, total_steps))
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
-    if plan.deep_supervision:
-        loss_fn = DeepSupervisionLoss(loss_fn)
+    loss_fn = loss_function(plan, cfg)
     autocast_dtype = select_precision(cfg.precision, device)
 
     checkpoints = fold_dir / "checkpoints"
@@ -234,6 +231,16 @@ def train_fold(
     return TrainResult(fold_dir, best["epoch"],
                        None if best["mean"] == -math.inf else best["mean"], best["dice"],
                        epochs_run, time.monotonic() - started)
+
+
+def loss_function(plan: Plan, cfg: TrainConfig) -> torch.nn.Module:
+    """Dice + cross-entropy over the batch (nnU-Net's batch Dice), summed over the deep
+    supervision heads with MONAI's halving weights when the plan has them."""
+    from monai.losses import DeepSupervisionLoss, DiceCELoss
+
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True,
+                         include_background=cfg.dice_include_background)
+    return DeepSupervisionLoss(loss_fn) if plan.deep_supervision else loss_fn
 
 
 def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:

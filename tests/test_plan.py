@@ -76,6 +76,23 @@ def test_mirror_axes_are_planned():
     assert Plan.from_json(data).mirror_axes == [0, 1, 2]
 
 
+def test_residual_blocks_are_planned_and_built():
+    from monai.networks.blocks.dynunet_block import UnetBasicBlock, UnetResBlock
+
+    from medseg.model import create_model
+
+    fp = synthetic_fingerprint([[1.0, 1.0, 1.0]] * 3, [[32, 32, 32]] * 3)
+    plain = make_plan(fp, PlanConfig(base_filters=4))
+    residual = make_plan(fp, PlanConfig(base_filters=4, res_block=True))
+    assert (plain.res_block, residual.res_block) == (False, True)
+    assert isinstance(create_model(plain).input_block, UnetBasicBlock)
+    assert isinstance(create_model(residual).input_block, UnetResBlock)
+    # a plan.json written before residual blocks existed builds the plain network it had
+    data = residual.to_json()
+    del data["res_block"]
+    assert Plan.from_json(data).res_block is False
+
+
 def test_plan_json_round_trip():
     fp = synthetic_fingerprint([[1.0, 1.0, 1.0]] * 3, [[40, 40, 40]] * 3)
     plan = make_plan(fp, PlanConfig())

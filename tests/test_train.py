@@ -51,3 +51,29 @@ def test_resume_of_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "workflow.yaml: workflow file not found" in err[0]
+
+
+def test_dice_term_can_leave_out_the_background():
+    """Dice+CE is cross-entropy plus the mean soft Dice loss of the classes in the Dice term:
+    all three by default, only the two structures with `dice_include_background: false`."""
+    from medseg.config import TrainConfig
+    from medseg.plan import Plan
+    from medseg.train import loss_function
+
+    plan = Plan(target_spacing=[1.0] * 3, patch_size=[8] * 3, batch_size=1, kernels=[[3] * 3],
+                strides=[[1] * 3], filters=[4], deep_supervision=False, in_channels=1,
+                num_classes=3, labels={0: "background", 1: "a", 2: "b"}, modalities=["MR"],
+                normalization=[{"scheme": "mr"}], median_shape=[8] * 3)
+    generator = torch.Generator().manual_seed(0)
+    label = torch.randint(0, 3, (2, 1, 8, 8, 8), generator=generator)
+    logits = torch.randn(2, 3, 8, 8, 8, generator=generator)
+    probabilities = logits.softmax(1)
+    truth = torch.nn.functional.one_hot(label[:, 0], 3).movedim(-1, 1).float()
+    dims = (0, 2, 3, 4)  # batch Dice: the whole batch as one volume
+    dice_loss = 1 - (2 * (probabilities * truth).sum(dims) + 1e-5) / (
+        probabilities.sum(dims) + truth.sum(dims) + 1e-5)
+    ce = torch.nn.functional.cross_entropy(logits, label[:, 0])
+    with_bg = loss_function(plan, TrainConfig())(logits, label)
+    without_bg = loss_function(plan, TrainConfig(dice_include_background=False))(logits, label)
+    assert torch.isclose(with_bg, ce + dice_loss.mean(), atol=1e-5)
+    assert torch.isclose(without_bg, ce + dice_loss[1:].mean(), atol=1e-5)

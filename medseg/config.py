@@ -49,6 +49,9 @@ class AugmentConfig:
     """Probabilities and ranges of the MONAI random transforms used in training."""
 
     flip_prob: float = 0.5
+    # a case smaller than the patch is padded by this many voxels more on each side, so that
+    # the random crop also shifts it (otherwise it sits at the same place in every patch)
+    shift_voxels: int = 0
     rotate_prob: float = 0.2
     rotate_degrees: float = 15.0
     scale_prob: float = 0.2

@@ -64,7 +64,7 @@ def augmentation(plan: Plan, augment: AugmentConfig, foreground_fraction: float)
     ratios = [1.0 - foreground_fraction] + [foreground_fraction / (classes - 1)] * (classes - 1)
     radians = float(np.deg2rad(augment.rotate_degrees))
     return mt.Compose([
-        mt.SpatialPadd(keys, spatial_size=patch),
+        mt.SpatialPadd(keys, spatial_size=[p + 2 * augment.shift_voxels for p in patch]),
         # voxel locations of each class, found once per case (this step is still
         # deterministic, so CacheDataset keeps it) instead of once per patch
         mt.ClassesToIndicesd(LABEL, num_classes=classes, indices_postfix=INDICES_POSTFIX,

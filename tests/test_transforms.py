@@ -70,3 +70,22 @@ def test_augmentation_mirrors_only_the_plan_axes(plan):
     out = chain({IMAGE: torch.from_numpy(label.copy()), LABEL: torch.from_numpy(label)})[0]
     expected = np.flip(label, axis=1)  # axis 0 of the grid is axis 1 of (C, X, Y, Z)
     np.testing.assert_array_equal(out[LABEL].numpy(), expected)
+
+
+@pytest.mark.parametrize("shift", [0, 4])
+def test_a_case_smaller_than_the_patch_moves_only_with_shift_voxels(plan, shift):
+    size = [p - 6 for p in plan.patch_size]
+    label = np.zeros((1, *size), np.float32)
+    label[0, 5:15, 5:15, 3:8] = 1
+    still = AugmentConfig(flip_prob=0, rotate_prob=0, scale_prob=0, noise_prob=0,
+                          smooth_prob=0, contrast_prob=0, intensity_shift_prob=0, gamma_prob=0,
+                          shift_voxels=shift)
+    chain = augmentation(plan, still, foreground_fraction=0.5)
+    corners = set()
+    for seed in range(12):
+        chain.set_random_state(seed=seed)
+        out = chain({IMAGE: torch.from_numpy(label.copy()), LABEL: torch.from_numpy(label)})[0]
+        assert tuple(out[LABEL].shape[1:]) == tuple(plan.patch_size)
+        assert int(out[LABEL].sum()) == int(label.sum())  # the structure stays whole
+        corners.add(tuple(int(i.min()) for i in torch.nonzero(out[LABEL][0], as_tuple=True)))
+    assert (len(corners) > 1) == (shift > 0), corners

@@ -1,0 +1,73 @@
+"""Scores trained hippocampus runs alone and averaged (softmax ensemble) on fold 0's
+validation cases, the way training validation scores them (preprocessed space, sliding window
+at step 0.5, medseg.metrics.score_case). The runs may have different plans (width, residual
+blocks): each uses its own network on the first run's preprocessing, which is the same for
+every hippocampus plan (1 mm, MR z-score).
+
+    .venv/bin/python benchmarks/hippocampus_ensemble.py runs/bench_hippo_f8/run \\
+        runs/bench_hippo_cand/run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medseg.metrics import score_case
+from medseg.model import create_model, load_weights
+from medseg.plan import load_plan
+from medseg.train import sliding_window_logits
+from medseg.transforms import IMAGE, LABEL, case_dict, preprocessing
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--data", type=Path,
+                        default=REPO.parent / "shared" / "data" / "Task04_Hippocampus")
+    args = parser.parse_args()
+    plans = [load_plan(run / "plan.json") for run in args.runs]
+    models = []
+    for run, plan in zip(args.runs, plans, strict=True):
+        model = create_model(plan)
+        load_weights(model, run / "fold_0" / "checkpoints" / "best.safetensors")
+        models.append(model.eval())
+    splits = [json.loads((run / "splits.json").read_text())[0]["val"] for run in args.runs]
+    if any(split != splits[0] for split in splits):
+        raise SystemExit("the runs have different fold-0 validation cases")
+    chain = preprocessing(plans[0], with_label=True)
+    labels = plans[0].labels
+    dice: dict[str, list[list[float]]] = {}
+    with torch.no_grad():
+        for name in splits[0]:
+            item = chain(case_dict([args.data / "imagesTr" / f"{name}.nii.gz"],
+                                   args.data / "labelsTr" / f"{name}.nii.gz"))
+            image = item[IMAGE].as_tensor()[None]
+            reference = item[LABEL].as_tensor()[0].numpy().astype(np.int64)
+            probabilities = [
+                sliding_window_logits(model, image, plan, 0.5, 4, None,
+                                      torch.device("cpu")).softmax(1)
+                for model, plan in zip(models, plans, strict=True)]
+            candidates = {run.parent.name: p for run, p in zip(args.runs, probabilities,
+                                                               strict=True)}
+            candidates["ensemble"] = torch.stack(probabilities).mean(0)
+            for key, p in candidates.items():
+                scores = score_case(p.argmax(1)[0].numpy(), reference, labels, (1.0, 1.0, 1.0),
+                                    surface=False)
+                dice.setdefault(key, []).append(
+                    [scores[labels[k]]["dice"] for k in sorted(labels) if k > 0])
+    names = [labels[k] for k in sorted(labels) if k > 0]
+    for key, values in dice.items():
+        means = np.mean(values, axis=0)
+        print(f"{key:<24} " + "  ".join(f"{n} {m:.4f}" for n, m in zip(names, means,
+                                                                         strict=True)))
+
+
+if __name__ == "__main__":
+    main()

@@ -88,6 +88,9 @@ def distributed_session() -> Iterator[Ranks]:
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     try:
         yield ranks
+        # both ranks tear gloo down together: a rank that destroys its group while the
+        # other still has a receive pending can abort at exit ("terminate called ...")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

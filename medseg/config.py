@@ -79,6 +79,8 @@ class TrainConfig:
     foreground_fraction: float = 0.33
     # the background class in the Dice term of Dice+CE (nnU-Net leaves it out)
     dice_include_background: bool = True
+    # Dice over the whole batch as one volume (nnU-Net's batch Dice), or per patch
+    batch_dice: bool = True
     seed: int = 0
     deterministic: bool = False
     max_minutes: float | None = None

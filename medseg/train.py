@@ -237,11 +237,12 @@ def train_fold(
 
 
 def loss_function(plan: Plan, cfg: TrainConfig) -> torch.nn.Module:
-    """Dice + cross-entropy over the batch (nnU-Net's batch Dice), summed over the deep
-    supervision heads with MONAI's halving weights when the plan has them."""
+    """Dice + cross-entropy (Dice over the whole batch by default, nnU-Net's batch Dice),
+    summed over the deep supervision heads with MONAI's halving weights when the plan has
+    them."""
     from monai.losses import DeepSupervisionLoss, DiceCELoss
 
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=True,
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=cfg.batch_dice,
                          include_background=cfg.dice_include_background)
     return DeepSupervisionLoss(loss_fn) if plan.deep_supervision else loss_fn
 

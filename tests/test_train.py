@@ -55,7 +55,8 @@ def test_resume_of_a_folder_that_is_not_a_run(tmp_path, capsys):
 
 def test_dice_term_can_leave_out_the_background():
     """Dice+CE is cross-entropy plus the mean soft Dice loss of the classes in the Dice term:
-    all three by default, only the two structures with `dice_include_background: false`."""
+    all three by default, only the two structures with `dice_include_background: false`;
+    over the batch as one volume by default, per patch with `batch_dice: false`."""
     from medseg.config import TrainConfig
     from medseg.plan import Plan
     from medseg.train import loss_function
@@ -77,3 +78,8 @@ def test_dice_term_can_leave_out_the_background():
     without_bg = loss_function(plan, TrainConfig(dice_include_background=False))(logits, label)
     assert torch.isclose(with_bg, ce + dice_loss.mean(), atol=1e-5)
     assert torch.isclose(without_bg, ce + dice_loss[1:].mean(), atol=1e-5)
+    per_patch = loss_function(plan, TrainConfig(batch_dice=False))(logits, label)
+    dims = (2, 3, 4)  # each patch on its own, then the mean over patches and classes
+    dice_loss = 1 - (2 * (probabilities * truth).sum(dims) + 1e-5) / (
+        probabilities.sum(dims) + truth.sum(dims) + 1e-5)
+    assert torch.isclose(per_patch, ce + dice_loss.mean(), atol=1e-5)

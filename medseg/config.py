@@ -259,6 +259,9 @@ def _check_choices(workflow: Workflow, source: str) -> None:
     if any(axis not in (0, 1, 2) for axis in axes) or len(set(axes)) != len(axes):
         raise MedsegError(f"'plan.mirror_axes' must be distinct axes among 0, 1, 2, got {axes}",
                           source)
+    if workflow.augment.shift_voxels < 0:
+        raise MedsegError(f"'augment.shift_voxels' must be 0 or more, got "
+                          f"{workflow.augment.shift_voxels}", source)
 
 
 def _resolve_paths(workflow: Workflow) -> Workflow:

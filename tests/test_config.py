@@ -79,3 +79,10 @@ def test_bad_mirror_axes_name_the_workflow(tmp_path):
     path.write_text("plan:\n  mirror_axes: [0, 3]\n")
     with pytest.raises(MedsegError, match=r"w\.yaml.*mirror_axes"):
         load_workflow(path)
+
+
+def test_negative_shift_voxels_name_the_workflow(tmp_path):
+    path = tmp_path / "w.yaml"
+    path.write_text("augment:\n  shift_voxels: -2\n")
+    with pytest.raises(MedsegError, match=r"w\.yaml.*shift_voxels.*-2"):
+        load_workflow(path)

@@ -1,8 +1,8 @@
 """Scores trained hippocampus runs alone and averaged (softmax ensemble) on fold 0's
 validation cases, the way training validation scores them (preprocessed space, sliding window
 at step 0.5, medseg.metrics.score_case). The runs may have different plans (width, residual
-blocks): each uses its own network on the first run's preprocessing, which is the same for
-every hippocampus plan (1 mm, MR z-score).
+blocks) but must preprocess alike (spacing, normalization, patch): the cases are
+preprocessed once, with the first run's plan.
 
     .venv/bin/python benchmarks/hippocampus_ensemble.py runs/bench_hippo_f8/run \\
         runs/bench_hippo_cand/run
@@ -32,7 +32,12 @@ def main() -> None:
     parser.add_argument("--data", type=Path,
                         default=REPO.parent / "shared" / "data" / "Task04_Hippocampus")
     args = parser.parse_args()
+    if not (args.data / "imagesTr").is_dir():
+        raise SystemExit(f"{args.data}: no imagesTr folder (pass --data)")
     plans = [load_plan(run / "plan.json") for run in args.runs]
+    for run, plan in zip(args.runs[1:], plans[1:], strict=True):
+        if _preprocessing_of(plan) != _preprocessing_of(plans[0]):
+            raise SystemExit(f"{run}: preprocesses differently from {args.runs[0]}")
     models = []
     for run, plan in zip(args.runs, plans, strict=True):
         model = create_model(plan)
@@ -67,6 +72,10 @@ def main() -> None:
         means = np.mean(values, axis=0)
         print(f"{key:<24} " + "  ".join(f"{n} {m:.4f}" for n, m in zip(names, means,
                                                                          strict=True)))
+
+
+def _preprocessing_of(plan) -> tuple:
+    return (plan.target_spacing, plan.normalization, plan.patch_size, plan.labels)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,9 @@ class TrainConfig:
     dice_include_background: bool = True
     # Dice over the whole batch as one volume (nnU-Net's batch Dice), or per patch
     batch_dice: bool = True
+    # validate and keep an exponential moving average of the weights (0: off); each step
+    # the average moves by (1 - decay) towards the current weights
+    ema_decay: float = 0.0
     seed: int = 0
     deterministic: bool = False
     max_minutes: float | None = None
@@ -259,6 +262,9 @@ def _check_choices(workflow: Workflow, source: str) -> None:
     if any(axis not in (0, 1, 2) for axis in axes) or len(set(axes)) != len(axes):
         raise MedsegError(f"'plan.mirror_axes' must be distinct axes among 0, 1, 2, got {axes}",
                           source)
+    if not 0.0 <= workflow.train.ema_decay < 1.0:
+        raise MedsegError(f"'train.ema_decay' must be at least 0 and below 1, got "
+                          f"{workflow.train.ema_decay}", source)
     if workflow.augment.shift_voxels < 0:
         raise MedsegError(f"'augment.shift_voxels' must be 0 or more, got "
                           f"{workflow.augment.shift_voxels}", source)

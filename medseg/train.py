@@ -167,6 +167,8 @@ def train_fold(
     total_steps = cfg.epochs * cfg.iterations_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg.schedule, total_steps))
     loss_fn = loss_function(plan, cfg)
+    ema = weight_average(model, cfg.ema_decay)
+    scored = ema.module if ema is not None else model  # the weights validated and saved
     autocast_dtype = select_precision(cfg.precision, device)
 
     checkpoints = fold_dir / "checkpoints"
@@ -174,7 +176,8 @@ def train_fold(
     best = {"epoch": -1, "mean": -math.inf, "dice": {}}
     first_epoch = 0
     if resume:  # every rank loads the state
-        first_epoch, best = _load_state(checkpoints / TRAIN_STATE, model, optimizer, scheduler)
+        first_epoch, best = _load_state(checkpoints / TRAIN_STATE, model, optimizer, scheduler,
+                                        ema)
     writer = None
     if ranks.main:
         checkpoints.mkdir(parents=True, exist_ok=True)
@@ -193,7 +196,7 @@ def train_fold(
         _reseed(cfg.seed, epoch, train_data, loader, ranks.rank)
         train_loss = _mean_over_ranks(
             _train_epoch(net, loader, optimizer, scheduler, loss_fn, device, autocast_dtype,
-                         plan, bar), ranks, device)
+                         plan, bar, ema), ranks, device)
         epochs_run = epoch + 1
         record = {"epoch": epoch, "train_loss": train_loss,
                   "lr": optimizer.param_groups[0]["lr"],
@@ -205,18 +208,18 @@ def train_fold(
         if validating and ((epoch + 1) % cfg.val_every == 0 or last_epoch):
             # every rank scores its share and gets all the scores: the same best on each
             dice = _mean_dice(_gather_in_case_order(
-                _case_scores(model, val_data, plan, workflow, device), ranks))
+                _case_scores(scored, val_data, plan, workflow, device), ranks))
             mean_dice = float(np.mean(list(dice.values())))
             record.update({"val_dice": dice, "val_mean_dice": mean_dice})
             if mean_dice > best["mean"]:
                 best = {"epoch": epoch, "mean": mean_dice, "dice": dice}
                 if ranks.main:
-                    save_weights(model, checkpoints / BEST_WEIGHTS)
+                    save_weights(scored, checkpoints / BEST_WEIGHTS)
             bar.set_postfix(loss=f"{train_loss:.3f}", dice=f"{mean_dice:.3f}")
         if ranks.main:
             _log(writer, metrics_path, record)
-            save_weights(model, checkpoints / LAST_WEIGHTS)
-            _save_state(checkpoints / TRAIN_STATE, model, optimizer, scheduler, epoch, best)
+            save_weights(scored, checkpoints / LAST_WEIGHTS)
+            _save_state(checkpoints / TRAIN_STATE, model, optimizer, scheduler, epoch, best, ema)
         if out_of_time:
             if ranks.main:
                 tqdm.write(f"train.max_minutes={cfg.max_minutes} reached after epoch "
@@ -227,7 +230,7 @@ def train_fold(
         writer.close()
     if not validating:  # no validation cases: the last weights are the ones to keep
         if ranks.main:
-            save_weights(model, checkpoints / BEST_WEIGHTS)
+            save_weights(scored, checkpoints / BEST_WEIGHTS)
         best["epoch"] = epochs_run - 1
     if ranks.distributed:  # also a barrier: every rank returns once rank 0 has written
         _check_replicas(model, ranks)
@@ -245,6 +248,16 @@ def loss_function(plan: Plan, cfg: TrainConfig) -> torch.nn.Module:
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=cfg.batch_dice,
                          include_background=cfg.dice_include_background)
     return DeepSupervisionLoss(loss_fn) if plan.deep_supervision else loss_fn
+
+
+def weight_average(model: torch.nn.Module, decay: float):
+    """torch's exponential moving average of the weights (and buffers), or None when
+    `decay` is 0. The average is what validation scores and the checkpoints hold."""
+    if not decay:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def weights_digest(state_dict: dict[str, torch.Tensor]) -> str:
@@ -272,6 +285,13 @@ def _distributed(model: torch.nn.Module, ranks: Ranks, device: torch.device) -> 
     # channels_last weights along the size-1 axes: the same memory layout, nothing to fix
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The network inside a DistributedDataParallel wrapper, or the network itself."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def _from_main(flag: bool, ranks: Ranks, device: torch.device) -> bool:
@@ -409,7 +429,7 @@ def sliding_window_logits(model, image: torch.Tensor, plan: Plan, step: float,
 
 
 def _train_epoch(model, loader, optimizer, scheduler, loss_fn, device, autocast_dtype,
-                 plan: Plan, bar) -> float:
+                 plan: Plan, bar, ema=None) -> float:
     model.train()
     losses = []
     for batch in loader:
@@ -428,6 +448,8 @@ def _train_epoch(model, loader, optimizer, scheduler, loss_fn, device, autocast_
         torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(_unwrapped(model))
         losses.append(loss.item())
         bar.update(1)
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", refresh=False)
@@ -474,16 +496,19 @@ def _log(writer, metrics_path: Path, record: dict) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
-def _save_state(path: Path, model, optimizer, scheduler, epoch: int, best: dict) -> None:
+def _save_state(path: Path, model, optimizer, scheduler, epoch: int, best: dict,
+                ema=None) -> None:
     """Everything resume needs, in one atomic file of tensors and plain numbers (it loads
     with `weights_only=True`)."""
     state = {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "best": best}
+    if ema is not None:
+        state["ema"] = ema.state_dict()
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
-def _load_state(path: Path, model, optimizer, scheduler) -> tuple[int, dict]:
+def _load_state(path: Path, model, optimizer, scheduler, ema=None) -> tuple[int, dict]:
     """Restore a training state; returns the next epoch and the best score so far."""
     if not path.is_file():
         raise MedsegError("no training state to resume from", path)
@@ -492,6 +517,10 @@ def _load_state(path: Path, model, optimizer, scheduler) -> tuple[int, dict]:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            if "ema" not in state:
+                raise KeyError("it holds no weight average, but train.ema_decay is set")
+            ema.load_state_dict(state["ema"])
     except (RuntimeError, KeyError, ValueError, OSError) as exc:
         raise MedsegError(f"cannot resume from this training state ({exc})", path) from exc
     return int(state["epoch"]) + 1, dict(state["best"])

@@ -86,3 +86,11 @@ def test_negative_shift_voxels_name_the_workflow(tmp_path):
     path.write_text("augment:\n  shift_voxels: -2\n")
     with pytest.raises(MedsegError, match=r"w\.yaml.*shift_voxels.*-2"):
         load_workflow(path)
+
+
+@pytest.mark.parametrize("decay", ["1.0", "-0.1"])
+def test_ema_decay_outside_0_to_1_names_the_workflow(tmp_path, decay):
+    path = tmp_path / "w.yaml"
+    path.write_text(f"train:\n  ema_decay: {decay}\n")
+    with pytest.raises(MedsegError, match=rf"w\.yaml.*ema_decay.*{decay}"):
+        load_workflow(path)

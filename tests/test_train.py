@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from helpers import REPO, TINY_TRAINING, as_sets
 
@@ -20,10 +21,11 @@ def final_state(run):
     return torch.load(run / "fold_0" / "checkpoints" / "last_state.pt", weights_only=True)
 
 
-def test_resume_repeats_the_uninterrupted_run(tmp_path, phantom_dataset):
-    assert train(tmp_path / "straight", phantom_dataset) == 0
+@pytest.mark.parametrize("ema", [[], ["train.ema_decay=0.9"]], ids=["plain", "weight_average"])
+def test_resume_repeats_the_uninterrupted_run(tmp_path, phantom_dataset, ema):
+    assert train(tmp_path / "straight", phantom_dataset, *ema) == 0
     # the same run, stopped by the wall-clock budget after its first epoch, then resumed
-    assert train(tmp_path / "split", phantom_dataset, "train.max_minutes=0.00001") == 0
+    assert train(tmp_path / "split", phantom_dataset, "train.max_minutes=0.00001", *ema) == 0
     first = [json.loads(line) for line in
              (tmp_path / "split" / "fold_0" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in first] == [0]  # stopped cleanly after one epoch
@@ -34,6 +36,9 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, phantom_dataset):
     for name, tensor in straight["model"].items():
         assert torch.equal(tensor, split["model"][name]), name
     assert straight["scheduler"]["last_epoch"] == split["scheduler"]["last_epoch"]
+    assert ("ema" in straight) == ("ema" in split) == bool(ema)
+    for name, tensor in straight.get("ema", {}).items():
+        assert torch.equal(tensor, split["ema"][name]), name
     curve = [json.loads(line) for line in
              (tmp_path / "split" / "fold_0" / "metrics.jsonl").read_text().splitlines()]
     reference = [json.loads(line) for line in
@@ -83,3 +88,28 @@ def test_dice_term_can_leave_out_the_background():
     dice_loss = 1 - (2 * (probabilities * truth).sum(dims) + 1e-5) / (
         probabilities.sum(dims) + truth.sum(dims) + 1e-5)
     assert torch.isclose(per_patch, ce + dice_loss.mean(), atol=1e-5)
+
+
+def test_weight_average_moves_by_one_minus_decay_and_is_what_is_saved(tmp_path,
+                                                                       phantom_dataset):
+    from medseg.train import weight_average
+
+    assert weight_average(torch.nn.Linear(2, 2), 0.0) is None
+    model = torch.nn.Linear(2, 2)
+    average = weight_average(model, 0.9)
+    average.update_parameters(model)  # the first update copies the weights
+    first = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    average.update_parameters(model)
+    assert torch.allclose(average.module.weight, 0.9 * first + 0.1 * model.weight)
+
+    # the checkpoints a run keeps are the average, not the last optimizer step
+    assert train(tmp_path / "run", phantom_dataset, "train.ema_decay=0.9") == 0
+    from safetensors.torch import load_file
+
+    state = final_state(tmp_path / "run")
+    kept = load_file(tmp_path / "run" / "fold_0" / "checkpoints" / "last.safetensors")
+    name = next(key for key in kept if key.endswith("weight") and kept[key].dim() == 5)
+    assert torch.equal(kept[name], state["ema"][f"module.{name}"].contiguous())
+    assert not torch.equal(kept[name], state["model"][name].contiguous())

@@ -205,6 +205,9 @@ def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
     index, count = shard
     cases = group_channels(inputs, predictor.plan.in_channels)[index::count]
     _check_postprocess_labels(config, predictor.plan)
+    if config.tta and not predictor.plan.mirror_axes:
+        tqdm.write("medseg: note: --tta has nothing to average: the model was trained without "
+                   "mirroring (plan.mirror_axes is empty)", file=sys.stderr)
     output_dir.mkdir(parents=True, exist_ok=True)
     results: list[PredictionResult | None] = [None] * len(cases)
     todo = []

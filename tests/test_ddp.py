@@ -76,7 +76,7 @@ def test_two_processes_train_and_resume_one_run(tmp_path, phantom_dataset):
     run = tmp_path / "run"
     first = torchrun(str(REPO / "workflows" / "demo.yaml"), "--out", str(run),
                      *as_sets([f"dataset.path={phantom_dataset}", *TINY_TRAINING,
-                               "train.max_minutes=0.00001"]))
+                               "train.max_minutes=0.00001", "train.ema_decay=0.9"]))
     assert first.returncode == 0, first.stderr[-3000:]
     assert "max_minutes=1e-05 reached after epoch 1" in first.stdout
     resumed = torchrun("--resume", str(run))
@@ -100,6 +100,8 @@ def test_two_processes_train_and_resume_one_run(tmp_path, phantom_dataset):
     state = torch.load(fold / "checkpoints" / "last_state.pt", weights_only=True)
     assert state["epoch"] == 1
     assert not any(name.startswith("module.") for name in state["model"])
+    # the weight average followed the unwrapped network (no DDP "module." inside its own)
+    assert state["ema"] and not any(name.startswith("module.module.") for name in state["ema"])
     assert digests == [weights_digest(state["model"])]
     load_weights(create_model(load_plan(run / "plan.json")),
                  fold / "checkpoints" / "best.safetensors")

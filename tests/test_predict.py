@@ -93,6 +93,19 @@ def test_tta_and_output_names(trained_run, inputs, tmp_path):
     assert output_name(inputs / "case.nii") == "case.nii.gz"
 
 
+def test_tta_without_mirror_axes_says_it_averages_nothing(trained_run, inputs, tmp_path,
+                                                            capsys):
+    import dataclasses
+
+    predictor = load_predictor(trained_run)
+    unmirrored = dataclasses.replace(
+        predictor, plan=dataclasses.replace(predictor.plan, mirror_axes=[]))
+    results = predict_paths(unmirrored, [inputs / "ras_qform_only.nii.gz"], tmp_path,
+                            PredictConfig(tta=True, step=0.75))
+    assert results[0].error is None
+    assert "--tta has nothing to average" in capsys.readouterr().err
+
+
 def test_model_folder_errors(tmp_path, trained_run):
     with pytest.raises(MedsegError, match="plan.json not found"):
         load_predictor(tmp_path)

@@ -113,3 +113,16 @@ def test_weight_average_moves_by_one_minus_decay_and_is_what_is_saved(tmp_path,
     name = next(key for key in kept if key.endswith("weight") and kept[key].dim() == 5)
     assert torch.equal(kept[name], state["ema"][f"module.{name}"].contiguous())
     assert not torch.equal(kept[name], state["model"][name].contiguous())
+
+
+def test_resume_with_a_weight_average_needs_one_in_the_state(tmp_path):
+    from medseg.errors import MedsegError
+    from medseg.train import _load_state, _save_state, weight_average
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    path = tmp_path / "last_state.pt"
+    _save_state(path, model, optimizer, scheduler, epoch=0, best={})
+    with pytest.raises(MedsegError, match=r"last_state\.pt.*no weight average"):
+        _load_state(path, model, optimizer, scheduler, weight_average(model, 0.9))

@@ -287,13 +287,6 @@ def _distributed(model: torch.nn.Module, ranks: Ranks, device: torch.device) -> 
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
 
-def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
-    """The network inside a DistributedDataParallel wrapper, or the network itself."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
 def _from_main(flag: bool, ranks: Ranks, device: torch.device) -> bool:
     """Rank 0's value of `flag`, on every rank."""
     if not ranks.distributed:
@@ -448,8 +441,8 @@ def _train_epoch(model, loader, optimizer, scheduler, loss_fn, device, autocast_
         torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
         optimizer.step()
         scheduler.step()
-        if ema is not None:
-            ema.update_parameters(_unwrapped(model))
+        if ema is not None:  # a DDP wrapper's parameters are its network's, in order
+            ema.update_parameters(model)
         losses.append(loss.item())
         bar.update(1)
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", refresh=False)

@@ -1,0 +1,54 @@
+"""The reference docs name every CLI option and every workflow key the code accepts."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import typing
+from pathlib import Path
+
+import pytest
+
+from medseg.cli import _parser
+from medseg.config import Workflow
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def _subcommands() -> dict[str, argparse.ArgumentParser]:
+    parser = _parser()
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(actions[0].choices)
+
+
+def _workflow_sections() -> dict[str, list[str]]:
+    sections = typing.get_type_hints(Workflow)  # the config module's annotations are strings
+    return {name: [key.name for key in dataclasses.fields(kind)]
+            for name, kind in sections.items() if dataclasses.is_dataclass(kind)}
+
+
+def _docs_section(text: str, heading: str) -> str:
+    """The text under `## `heading`` up to the next level-2 heading."""
+    match = re.search(rf"^## `{re.escape(heading)}[^\n]*\n(.*?)(?=^## |\Z)", text, re.M | re.S)
+    assert match, f"docs has no section for {heading}"
+    return match.group(1)
+
+
+@pytest.mark.parametrize("command", sorted(_subcommands()))
+def test_cli_reference_names_every_option(command):
+    text = (DOCS / "cli.md").read_text()
+    documented = "".join(re.findall(rf"^## `medseg {command}\b.*?(?=^## |\Z)", text, re.M | re.S))
+    assert documented, f"docs/cli.md has no section for medseg {command}"
+    options = {flag for action in _subcommands()[command]._actions
+               for flag in action.option_strings if flag.startswith("--")}
+    missing = sorted(flag for flag in options - {"--help"} if flag not in documented
+                     and flag != "--debug")  # --debug is documented once for all commands
+    assert not missing, f"docs/cli.md, medseg {command}: {missing}"
+
+
+@pytest.mark.parametrize("section", sorted(_workflow_sections()))
+def test_workflow_reference_names_every_key(section):
+    documented = _docs_section((DOCS / "workflows.md").read_text(), section)
+    missing = [key for key in _workflow_sections()[section] if f"`{key}`" not in documented]
+    assert not missing, f"docs/workflows.md, {section}: {missing}"

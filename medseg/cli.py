@@ -205,6 +205,10 @@ def _resume_run(run_dir: Path, fold_text: str | None) -> list:
     from medseg.plan import load_plan
     from medseg.train import TRAIN_STATE, train_fold
 
+    if not run_dir.is_dir():
+        raise MedsegError("run folder not found", run_dir)
+    if not (run_dir / "workflow.yaml").is_file():
+        raise MedsegError("not a medseg run folder (no workflow.yaml)", run_dir)
     workflow = load_workflow(run_dir / "workflow.yaml", [])
     plan = load_plan(run_dir / "plan.json")
     splits_path = run_dir / "splits.json"

@@ -55,7 +55,13 @@ def test_resume_refuses_extra_arguments(tmp_path, capsys):
 def test_resume_of_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "workflow.yaml: workflow file not found" in err[0]
+    assert err == [f"medseg: error: {tmp_path}: not a medseg run folder (no workflow.yaml)"]
+
+
+def test_resume_of_a_missing_folder(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"medseg: error: {tmp_path / 'nowhere'}: run folder not found"]
 
 
 def test_dice_term_can_leave_out_the_background():

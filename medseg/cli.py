@@ -109,7 +109,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    folds = [int(f) for f in args.folds.split(",")] if args.folds else None
+    folds = _parse_predict_folds(args.folds)
+    if args.step is not None and not 0.0 < args.step <= 1.0:  # also refuses NaN
+        raise MedsegError(f"--step must be above 0 and at most 1, got {args.step}")
+    _check_device(args.device)
     options = _PredictOptions(folds=folds, overwrite=args.overwrite, tta=args.tta,
                               step=args.step, device=args.device, series_uid=args.series,
                               resample_irregular=args.resample_irregular, shard=args.shard)
@@ -241,6 +244,8 @@ def _predict(model: Path, inputs: list[str], output: Path, options: _PredictOpti
     from medseg.predict import collect_inputs, load_predictor, parse_shard, predict_paths
 
     shard = parse_shard(options.shard)
+    if output.exists() and not output.is_dir():
+        raise MedsegError("output folder path is a file", output)
     paths = collect_inputs(inputs)
     predictor = load_predictor(model, options.folds, options.device)
     config = load_workflow(model / "workflow.yaml").predict
@@ -315,8 +320,34 @@ def _replace_run_folder(run_dir: Path) -> None:
     run_dir.mkdir(parents=True)
 
 
+def _parse_predict_folds(text: str | None) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError as exc:
+        raise MedsegError(f"--folds takes comma-separated fold numbers, got {text!r}") from exc
+
+
+def _check_device(device: str | None) -> None:
+    import torch
+
+    if device is None:
+        return
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
+        raise MedsegError(f"--device takes cpu, cuda or cuda:N, got {device!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise MedsegError(f"--device {device}: this torch sees no CUDA GPU (torch "
+                          f"{torch.__version__}); use --device cpu")
+    if index and int(index) >= torch.cuda.device_count():
+        raise MedsegError(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s)")
+
+
 def _claim_demo_folder(out: Path) -> None:
     """The demo replaces its own earlier output, and nothing else."""
+    if out.exists() and not out.is_dir():
+        raise MedsegError("output folder path is a file", out)
     if out.exists() and any(out.iterdir()):
         if not (out / DEMO_MARKER).exists():
             raise MedsegError("folder exists and was not made by `medseg demo`; choose "

@@ -251,6 +251,75 @@ _CHOICES = {
 }
 
 
+
+@dataclass(frozen=True)
+class _Range:
+    """Bounds of a numeric workflow value; an open bound excludes the bound itself."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def admits(self, value: float) -> bool:
+        # written so that NaN is refused too
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return bool(above and below)
+
+    def __str__(self) -> str:
+        parts = []
+        if self.low is not None:
+            parts.append(f"above {self.low:g}" if self.low_open else f"at least {self.low:g}")
+        if self.high is not None:
+            parts.append(f"below {self.high:g}" if self.high_open else f"at most {self.high:g}")
+        return " and ".join(parts)
+
+
+_POSITIVE_INT = _Range(low=1)
+_NOT_NEGATIVE = _Range(low=0)
+_POSITIVE = _Range(low=0, low_open=True)
+_PROBABILITY = _Range(low=0, high=1)
+
+# every numeric key, so that a bad value stops at loading with the file named, not deep in
+# training with a library's traceback (None, where a key allows it, is not checked)
+_RANGES = {
+    ("plan", "target_spacing"): _POSITIVE,
+    ("plan", "patch_size"): _POSITIVE_INT,
+    ("plan", "batch_size"): _POSITIVE_INT,
+    ("plan", "max_patch_voxels"): _POSITIVE_INT,
+    ("plan", "base_filters"): _POSITIVE_INT,
+    ("plan", "max_filters"): _POSITIVE_INT,
+    ("augment", "flip_prob"): _PROBABILITY,
+    ("augment", "shift_voxels"): _NOT_NEGATIVE,
+    ("augment", "rotate_prob"): _PROBABILITY,
+    ("augment", "rotate_degrees"): _Range(low=0, high=180),
+    ("augment", "scale_prob"): _PROBABILITY,
+    ("augment", "scale_range"): _Range(low=0, high=1, high_open=True),
+    ("augment", "noise_prob"): _PROBABILITY,
+    ("augment", "noise_std"): _NOT_NEGATIVE,
+    ("augment", "smooth_prob"): _PROBABILITY,
+    ("augment", "contrast_prob"): _PROBABILITY,
+    ("augment", "intensity_shift_prob"): _PROBABILITY,
+    ("augment", "gamma_prob"): _PROBABILITY,
+    ("train", "epochs"): _POSITIVE_INT,
+    ("train", "iterations_per_epoch"): _POSITIVE_INT,
+    ("train", "learning_rate"): _POSITIVE,
+    ("train", "weight_decay"): _NOT_NEGATIVE,
+    ("train", "val_every"): _POSITIVE_INT,
+    ("train", "val_max_cases"): _NOT_NEGATIVE,  # 0: no validation
+    ("train", "foreground_fraction"): _PROBABILITY,
+    ("train", "ema_decay"): _Range(low=0, high=1, high_open=True),
+    ("train", "max_minutes"): _POSITIVE,
+    ("train", "num_workers"): _NOT_NEGATIVE,
+    ("train", "folds"): _Range(low=2),
+    ("train", "fold"): _NOT_NEGATIVE,
+    ("predict", "step"): _Range(low=0, high=1, low_open=True),
+    ("predict", "sw_batch_size"): _POSITIVE_INT,
+    ("predict", "largest_component"): _POSITIVE_INT,
+}
+_LENGTHS = {("plan", "target_spacing"): 3, ("plan", "patch_size"): 3}
+
 def _check_choices(workflow: Workflow, source: str) -> None:
     for (section, key), allowed in _CHOICES.items():
         value = getattr(getattr(workflow, section), key)
@@ -262,12 +331,23 @@ def _check_choices(workflow: Workflow, source: str) -> None:
     if any(axis not in (0, 1, 2) for axis in axes) or len(set(axes)) != len(axes):
         raise MedsegError(f"'plan.mirror_axes' must be distinct axes among 0, 1, 2, got {axes}",
                           source)
-    if not 0.0 <= workflow.train.ema_decay < 1.0:
-        raise MedsegError(f"'train.ema_decay' must be at least 0 and below 1, got "
-                          f"{workflow.train.ema_decay}", source)
-    if workflow.augment.shift_voxels < 0:
-        raise MedsegError(f"'augment.shift_voxels' must be 0 or more, got "
-                          f"{workflow.augment.shift_voxels}", source)
+    for (section, key), allowed in _RANGES.items():
+        value = getattr(getattr(workflow, section), key)
+        for item in value if isinstance(value, list) else [value]:
+            if item is not None and not allowed.admits(item):
+                raise MedsegError(f"'{section}.{key}' must be {allowed}, got {value}", source)
+    for (section, key), length in _LENGTHS.items():
+        value = getattr(getattr(workflow, section), key)
+        if value is not None and len(value) != length:
+            raise MedsegError(f"'{section}.{key}' must list {length} values (one per axis), "
+                              f"got {value}", source)
+    for label, ml in workflow.predict.min_component_ml.items():
+        if not (_POSITIVE_INT.admits(label) and _NOT_NEGATIVE.admits(ml)):
+            raise MedsegError("'predict.min_component_ml' maps label ids (at least 1) to ml "
+                              f"(at least 0), got {label}: {ml}", source)
+    if workflow.train.fold >= workflow.train.folds:
+        raise MedsegError(f"'train.fold' must be below 'train.folds' ({workflow.train.folds}), "
+                          f"got {workflow.train.fold}", source)
 
 
 def _resolve_paths(workflow: Workflow) -> Workflow:

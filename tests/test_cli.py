@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from helpers import REPO
 
 from medseg.cli import main
@@ -65,6 +66,37 @@ def test_bad_fold(tmp_path, phantom_dataset, capsys):
 def test_predict_and_evaluate_errors(args, message, capsys):
     assert main(args) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--step", "0"], "--step must be above 0 and at most 1, got 0.0"),
+    (["--step", "1.5"], "--step must be above 0 and at most 1, got 1.5"),
+    (["--folds", "0,x"], "--folds takes comma-separated fold numbers, got '0,x'"),
+    (["--device", "tpu"], "--device takes cpu, cuda or cuda:N, got 'tpu'"),
+])
+def test_bad_predict_options_are_one_line(tmp_path, option, message, capsys):
+    code = main(["predict", "--model", str(tmp_path), "--input", str(tmp_path), "--output",
+                 str(tmp_path / "out"), *option])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"medseg: error: {message}"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_predict_on_cuda_without_a_gpu_is_one_line(tmp_path, capsys):
+    code = main(["predict", "--model", str(tmp_path), "--input", str(tmp_path), "--output",
+                 str(tmp_path / "out"), "--device", "cuda"])
+    assert code == 2
+    assert "--device cuda: this torch sees no CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["predict", "--model", "m", "--input", "i", "--output"],
+                                     ["demo", "--out"]])
+def test_an_output_folder_that_is_a_file_is_refused(tmp_path, command, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "taken").write_text("not a folder")
+    assert main([*command, "taken"]) == 2
+    assert "taken: output folder path is a file" in capsys.readouterr().err
+    assert (tmp_path / "taken").read_text() == "not a folder"
 
 
 def test_failed_training_setup_leaves_no_run_folder(tmp_path, phantom_dataset, capsys):

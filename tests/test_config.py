@@ -94,3 +94,36 @@ def test_ema_decay_outside_0_to_1_names_the_workflow(tmp_path, decay):
     path.write_text(f"train:\n  ema_decay: {decay}\n")
     with pytest.raises(MedsegError, match=rf"w\.yaml.*ema_decay.*{decay}"):
         load_workflow(path)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("train.epochs", "0", "'train.epochs' must be at least 1, got 0"),
+    ("plan.batch_size", "0", "'plan.batch_size' must be at least 1, got 0"),
+    ("train.learning_rate", "-1", "'train.learning_rate' must be above 0, got -1.0"),
+    ("train.max_minutes", ".nan", "'train.max_minutes' must be above 0, got nan"),
+    ("augment.flip_prob", "2", "'augment.flip_prob' must be at least 0 and at most 1, got 2.0"),
+    ("train.foreground_fraction", "1.5", "'train.foreground_fraction' must be at least 0 and "
+                                         "at most 1, got 1.5"),
+    ("train.folds", "1", "'train.folds' must be at least 2, got 1"),
+    ("train.fold", "5", r"'train.fold' must be below 'train.folds' \(5\), got 5"),
+    ("predict.step", "0", "'predict.step' must be above 0 and at most 1, got 0.0"),
+    ("predict.step", "1.5", "'predict.step' must be above 0 and at most 1, got 1.5"),
+    ("predict.sw_batch_size", "0", "'predict.sw_batch_size' must be at least 1, got 0"),
+    ("plan.target_spacing", "[1, 0, 1]", r"'plan.target_spacing' must be above 0, got \[1.0, "),
+    ("plan.patch_size", "[40, 56]", r"'plan.patch_size' must list 3 values \(one per axis\)"),
+    ("predict.largest_component", "[0]", "'predict.largest_component' must be at least 1"),
+    ("predict.min_component_ml", "{1: -2}", "'predict.min_component_ml' maps label ids"),
+])
+def test_values_out_of_range_name_the_key_and_the_workflow(tmp_path, key, value, message):
+    path = tmp_path / "w.yaml"
+    section, name = key.split(".")
+    path.write_text(f"{section}:\n  {name}: {value}\n")
+    with pytest.raises(MedsegError, match=rf"w\.yaml: {message}"):
+        load_workflow(path)
+
+
+def test_values_at_their_bounds_are_accepted():
+    workflow = load_workflow(None, ["predict.step=1", "augment.flip_prob=0",
+                                    "train.foreground_fraction=1", "train.fold=4",
+                                    "train.num_workers=0", "train.weight_decay=0"])
+    assert workflow.predict.step == 1.0 and workflow.train.fold == 4

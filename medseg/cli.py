@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from medseg.config import load_workflow
+from medseg.config import check_in_range, load_workflow
 from medseg.errors import MedsegError
 
 DEMO_MARKER = ".medseg-demo"
@@ -110,8 +110,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     folds = _parse_predict_folds(args.folds)
-    if args.step is not None and not 0.0 < args.step <= 1.0:  # also refuses NaN
-        raise MedsegError(f"--step must be above 0 and at most 1, got {args.step}")
+    check_in_range("predict.step", args.step, "--step")
     _check_device(args.device)
     options = _PredictOptions(folds=folds, overwrite=args.overwrite, tta=args.tta,
                               step=args.step, device=args.device, series_uid=args.series,

@@ -127,7 +127,7 @@ def load_workflow(path: str | Path | None, overrides: list[str] | None = None) -
     for item in overrides or []:
         _apply_override(raw, item)
     workflow = _build(Workflow, raw, source, prefix="")
-    _check_choices(workflow, source)
+    _check_values(workflow, source)
     return _resolve_paths(workflow)
 
 
@@ -251,7 +251,6 @@ _CHOICES = {
 }
 
 
-
 @dataclass(frozen=True)
 class _Range:
     """Bounds of a numeric workflow value; an open bound excludes the bound itself."""
@@ -320,7 +319,17 @@ _RANGES = {
 }
 _LENGTHS = {("plan", "target_spacing"): 3, ("plan", "patch_size"): 3}
 
-def _check_choices(workflow: Workflow, source: str) -> None:
+
+def check_in_range(key: str, value: float | list | None, source: str) -> None:
+    """Refuse a value out of the range of workflow key `key` ("section.name"), naming
+    `source` (the workflow file, or the command-line option that set the value)."""
+    allowed = _RANGES[tuple(key.split("."))]
+    for item in value if isinstance(value, list) else [value]:
+        if item is not None and not allowed.admits(item):
+            raise MedsegError(f"'{key}' must be {allowed}, got {value}", source)
+
+
+def _check_values(workflow: Workflow, source: str) -> None:
     for (section, key), allowed in _CHOICES.items():
         value = getattr(getattr(workflow, section), key)
         if value not in allowed:
@@ -331,11 +340,8 @@ def _check_choices(workflow: Workflow, source: str) -> None:
     if any(axis not in (0, 1, 2) for axis in axes) or len(set(axes)) != len(axes):
         raise MedsegError(f"'plan.mirror_axes' must be distinct axes among 0, 1, 2, got {axes}",
                           source)
-    for (section, key), allowed in _RANGES.items():
-        value = getattr(getattr(workflow, section), key)
-        for item in value if isinstance(value, list) else [value]:
-            if item is not None and not allowed.admits(item):
-                raise MedsegError(f"'{section}.{key}' must be {allowed}, got {value}", source)
+    for section, key in _RANGES:
+        check_in_range(f"{section}.{key}", getattr(getattr(workflow, section), key), source)
     for (section, key), length in _LENGTHS.items():
         value = getattr(getattr(workflow, section), key)
         if value is not None and len(value) != length:

@@ -69,8 +69,8 @@ def test_predict_and_evaluate_errors(args, message, capsys):
 
 
 @pytest.mark.parametrize("option, message", [
-    (["--step", "0"], "--step must be above 0 and at most 1, got 0.0"),
-    (["--step", "1.5"], "--step must be above 0 and at most 1, got 1.5"),
+    (["--step", "0"], "--step: 'predict.step' must be above 0 and at most 1, got 0.0"),
+    (["--step", "nan"], "--step: 'predict.step' must be above 0 and at most 1, got nan"),
     (["--folds", "0,x"], "--folds takes comma-separated fold numbers, got '0,x'"),
     (["--device", "tpu"], "--device takes cpu, cuda or cuda:N, got 'tpu'"),
 ])

@@ -412,7 +412,8 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--tta", action="store_true", help="average over mirrored copies")
     predict.add_argument("--step", type=float, default=None,
                          help="window step as a fraction of the patch (default 0.5)")
-    predict.add_argument("--device", default=None, help="cpu or cuda (default: cuda if found)")
+    predict.add_argument("--device", default=None,
+                         help="cpu, cuda or cuda:N (default: cuda if found)")
     predict.add_argument("--overwrite", action="store_true", help="redo existing outputs")
     predict.add_argument("--shard", default=None, metavar="I/N",
                          help="predict every N-th case from the I-th (0-based), so that N "

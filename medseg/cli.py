@@ -111,7 +111,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     folds = _parse_predict_folds(args.folds)
     check_in_range("predict.step", args.step, "--step")
-    _check_device(args.device)
     options = _PredictOptions(folds=folds, overwrite=args.overwrite, tta=args.tta,
                               step=args.step, device=args.device, series_uid=args.series,
                               resample_irregular=args.resample_irregular, shard=args.shard)
@@ -326,21 +325,6 @@ def _parse_predict_folds(text: str | None) -> list[int] | None:
         return [int(part) for part in text.split(",")]
     except ValueError as exc:
         raise MedsegError(f"--folds takes comma-separated fold numbers, got {text!r}") from exc
-
-
-def _check_device(device: str | None) -> None:
-    import torch
-
-    if device is None:
-        return
-    kind, _, index = device.partition(":")
-    if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
-        raise MedsegError(f"--device takes cpu, cuda or cuda:N, got {device!r}")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise MedsegError(f"--device {device}: this torch sees no CUDA GPU (torch "
-                          f"{torch.__version__}); use --device cpu")
-    if index and int(index) >= torch.cuda.device_count():
-        raise MedsegError(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s)")
 
 
 def _claim_demo_folder(out: Path) -> None:

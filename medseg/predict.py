@@ -65,9 +65,26 @@ class PredictionResult:
     skipped: bool = False
 
 
+def resolve_device(device: str | None) -> torch.device:
+    """`cpu`, `cuda` or `cuda:N` (None: CUDA when available), refused in one line when this
+    torch cannot run it."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
+        raise MedsegError(f"--device takes cpu, cuda or cuda:N, got {device!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise MedsegError(f"--device {device}: this torch sees no CUDA GPU (torch "
+                          f"{torch.__version__}); use --device cpu")
+    if index and int(index) >= torch.cuda.device_count():
+        raise MedsegError(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s)")
+    return torch.device(device)
+
+
 def load_predictor(run_dir: str | Path, folds: list[int] | None = None,
                    device: str | None = None) -> Predictor:
     """Read plan.json and the best weights of the chosen folds (all trained folds by default)."""
+    torch_device = resolve_device(device)
     run_dir = Path(run_dir)
     plan = load_plan(run_dir / "plan.json")
     fold_dirs = sorted(p for p in run_dir.glob("fold_*")
@@ -80,7 +97,6 @@ def load_predictor(run_dir: str | Path, folds: list[int] | None = None,
         fold_dirs = [p for p in fold_dirs if p.name in wanted]
     if not fold_dirs:
         raise MedsegError("no trained fold with checkpoints/best.safetensors", run_dir)
-    torch_device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     models = []
     for fold_dir in fold_dirs:
         model = load_weights(create_model(plan), fold_dir / "checkpoints" / BEST_WEIGHTS)

@@ -40,7 +40,7 @@ def evaluate(predictions: Path, references: Path, data: Path, out: Path) -> dict
     """`medseg evaluate` into `out`; returns the Dice mean per structure."""
     medseg(["evaluate", "--pred", str(predictions), "--ref", str(references),
             "--labels", str(data / "dataset.json"), "--out", str(out)])
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     return {name: round(stats["dice"]["mean"], 4)
             for name, stats in summary["structures"].items()}
 
@@ -54,7 +54,7 @@ def run(out: Path, data: Path, overrides: list[str], baseline: bool = True,
         raise SystemExit("training failed")
     train_seconds = time.monotonic() - started
 
-    split = json.loads((out / "run" / "splits.json").read_text())[0]
+    split = json.loads((out / "run" / "splits.json").read_text(encoding="utf-8"))[0]
     val_cases = split["val"]
     references = out / "val_labels"
     references.mkdir(exist_ok=True)
@@ -105,7 +105,7 @@ def run(out: Path, data: Path, overrides: list[str], baseline: bool = True,
             for name in dict.fromkeys([*dice, *base_dice])
         }
 
-    (out / "benchmark.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "benchmark.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(result, indent=2))
     if baseline:
         print(f"\n{'structure':<12} {'medseg':>8} {'baseline':>9}   (mean Dice, "

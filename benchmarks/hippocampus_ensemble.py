@@ -43,7 +43,8 @@ def main() -> None:
         model = create_model(plan)
         load_weights(model, run / "fold_0" / "checkpoints" / "best.safetensors")
         models.append(model.eval())
-    splits = [json.loads((run / "splits.json").read_text())[0]["val"] for run in args.runs]
+    splits = [json.loads((run / "splits.json").read_text(encoding="utf-8"))[0]["val"]
+              for run in args.runs]
     if any(split != splits[0] for split in splits):
         raise SystemExit("the runs have different fold-0 validation cases")
     chain = preprocessing(plans[0], with_label=True)

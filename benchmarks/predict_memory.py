@@ -57,7 +57,7 @@ def make_dataset(root: Path) -> None:
     labels = {"0": "background", **{str(k): f"structure_{k:02d}" for k in range(1, CLASSES)}}
     (root / "dataset.json").write_text(json.dumps({
         "name": "ManyStructureCT", "modality": {"0": "CT"}, "labels": labels,
-        "numTraining": len(training), "training": training}, indent=2))
+        "numTraining": len(training), "training": training}, indent=2), encoding="utf-8")
 
 
 def make_inputs(folder: Path, slices: int) -> tuple[Path, Path, Path]:
@@ -80,7 +80,7 @@ def make_inputs(folder: Path, slices: int) -> tuple[Path, Path, Path]:
 def peak_rss_mb() -> float:
     """This process's peak RSS (VmHWM). Not getrusage's ru_maxrss: across fork and exec that
     keeps the parent's high-water mark."""
-    for line in Path("/proc/self/status").read_text().splitlines():
+    for line in Path("/proc/self/status").read_text(encoding="utf-8").splitlines():
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     raise RuntimeError("no VmHWM in /proc/self/status")
@@ -176,7 +176,7 @@ def run(out: Path, slices: int, monai_full: bool) -> dict:
     if "failed" not in result["monai_slab"] and "failed" not in result["medseg_slab"]:
         result["slab_agreement"] = agreement(out / "monai_slab" / "ct_slab.nii.gz",
                                              out / "medseg_slab" / "ct_slab.nii.gz", slab_label)
-    (out / "predict_memory.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "predict_memory.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(result, indent=2))
     return result
 

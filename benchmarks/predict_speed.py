@@ -190,7 +190,7 @@ def run(out: Path, model: Path | None, images: Path | None, labels: Path | None,
     for step, (seconds, network_voxels, masks) in other.items():
         result[f"medseg_step_{step}"] = {**summary(seconds, network_voxels, masks),
                                          "speedup": round(monai_seconds / seconds, 2)}
-    (out / "predict_speed.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "predict_speed.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(result, indent=2))
     return result
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import io
 import json
 import os
 import shutil
@@ -28,6 +29,7 @@ EXIT_USER_ERROR = 2
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _tolerate_narrow_consoles()
     parser = _parser()
     args = parser.parse_args(argv)
     try:
@@ -46,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"medseg: error: {type(exc).__name__}: {exc} (rerun with --debug for the "
               f"traceback)", file=sys.stderr)
         return 1
+
+
+def _tolerate_narrow_consoles() -> None:
+    """A label name or path outside ASCII must not crash a run on an ASCII-locale console."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
 
 
 # ---------------------------------------------------------------- commands
@@ -215,7 +224,7 @@ def _resume_run(run_dir: Path, fold_text: str | None) -> list:
     splits_path = run_dir / "splits.json"
     if not splits_path.is_file():
         raise MedsegError("splits.json not found (is this a medseg run folder?)", splits_path)
-    splits = json.loads(splits_path.read_text())
+    splits = json.loads(splits_path.read_text(encoding="utf-8"))
     ds = workflow.dataset
     dataset = load_dataset(ds.path, ds.layout, ds.modality, ds.labels)
     if fold_text is None:
@@ -296,7 +305,7 @@ def _stdout_of_main_rank_only(main: bool) -> Iterator[None]:
     if main:
         yield
         return
-    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+    with open(os.devnull, "w", encoding="utf-8") as sink, contextlib.redirect_stdout(sink):
         yield
 
 
@@ -337,7 +346,7 @@ def _claim_demo_folder(out: Path) -> None:
                               "another --out", out)
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / DEMO_MARKER).write_text(json.dumps({"made_by": "medseg demo"}) + "\n")
+    (out / DEMO_MARKER).write_text(json.dumps({"made_by": "medseg demo"}) + "\n", encoding="utf-8")
 
 
 def _parse_folds(text: str | None, n_folds: int, default: int) -> list[int]:

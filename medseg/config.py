@@ -152,7 +152,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise MedsegError("workflow file not found", path)
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""

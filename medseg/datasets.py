@@ -166,7 +166,7 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise MedsegError("file not found", path)
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise MedsegError(f"not valid JSON ({exc})", path) from exc
 

@@ -38,7 +38,7 @@ def _umask() -> int:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
 
 
 def atomic_write_json(path: str | Path, data: Any) -> None:

@@ -189,7 +189,7 @@ def save_plan(plan: Plan, path: Path) -> None:
 def load_plan(path: Path) -> Plan:
     if not path.is_file():
         raise MedsegError("plan.json not found (is this a medseg run folder?)", path)
-    return Plan.from_json(json.loads(path.read_text()))
+    return Plan.from_json(json.loads(path.read_text(encoding="utf-8")))
 
 
 def save_fingerprint(fp: Fingerprint, path: Path) -> None:

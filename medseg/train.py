@@ -485,7 +485,7 @@ def _log(writer, metrics_path: Path, record: dict) -> None:
     if "val_mean_dice" in record:
         writer.add_scalar("val/mean_dice", record["val_mean_dice"], epoch)
     writer.flush()
-    with metrics_path.open("a") as handle:
+    with metrics_path.open("a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")
 
 
@@ -523,6 +523,6 @@ def _truncate_metrics(path: Path, next_epoch: int) -> None:
     """Drop metric lines of epochs after the saved state (written just before a crash)."""
     if not path.is_file():
         return
-    lines = [line for line in path.read_text().splitlines()
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines()
              if line.strip() and json.loads(line)["epoch"] < next_epoch]
     atomic_write_text(path, "".join(f"{line}\n" for line in lines))

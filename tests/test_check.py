@@ -32,7 +32,7 @@ def label(value=1, dtype=np.uint8):
 def msd(root, entries):
     (root / "dataset.json").write_text(json.dumps({
         "labels": LABELS, "modality": {"0": "CT"},
-        "training": [{"image": i, "label": lab} for i, lab in entries]}))
+        "training": [{"image": i, "label": lab} for i, lab in entries]}), encoding="utf-8")
     return root
 
 
@@ -102,7 +102,7 @@ def test_every_problem_is_a_row_naming_the_case_file(tmp_path):
 
 
 def test_unreadable_description_raises(tmp_path):
-    (tmp_path / "dataset.json").write_text("{not json")
+    (tmp_path / "dataset.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(MedsegError, match="dataset.json: not valid JSON"):
         check_dataset(tmp_path)
     with pytest.raises(MedsegError, match="dataset folder not found"):
@@ -117,7 +117,7 @@ def test_nnunet_orphans_and_missing_channels(tmp_path):
     save(tmp_path / "labelsTr" / "c.nii.gz", label())  # no image at all
     (tmp_path / "dataset.json").write_text(json.dumps({
         "channel_names": {"0": "T1", "1": "T2"}, "labels": {"background": 0, "x": 1},
-        "file_ending": ".nii.gz"}))
+        "file_ending": ".nii.gz"}), encoding="utf-8")
     report = check_dataset(tmp_path)
     found = {(p.case, p.file.name, p.message.split(" (")[0]) for p in report.problems}
     assert ("b", "b_0000.nii.gz", "image without a label in labelsTr") in found

@@ -22,7 +22,7 @@ def test_help_is_fast_and_lists_the_verbs():
 
 def test_unknown_workflow_key_is_one_line_exit_2(tmp_path):
     workflow = tmp_path / "wf.yaml"
-    workflow.write_text("dataset:\n  path: x\ntrain:\n  epoch: 3\n")
+    workflow.write_text("dataset:\n  path: x\ntrain:\n  epoch: 3\n", encoding="utf-8")
     result = run_cli("train", str(workflow), "--out", str(tmp_path / "run"))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
@@ -93,10 +93,10 @@ def test_predict_on_cuda_without_a_gpu_is_one_line(tmp_path, capsys):
                                      ["demo", "--out"]])
 def test_an_output_folder_that_is_a_file_is_refused(tmp_path, command, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "taken").write_text("not a folder")
+    (tmp_path / "taken").write_text("not a folder", encoding="utf-8")
     assert main([*command, "taken"]) == 2
     assert "taken: output folder path is a file" in capsys.readouterr().err
-    assert (tmp_path / "taken").read_text() == "not a folder"
+    assert (tmp_path / "taken").read_text(encoding="utf-8") == "not a folder"
 
 
 def test_failed_training_setup_leaves_no_run_folder(tmp_path, phantom_dataset, capsys):

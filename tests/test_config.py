@@ -8,7 +8,7 @@ from medseg.errors import MedsegError
 
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "wf.yaml"
-    path.write_text(text)
+    path.write_text(text, encoding="utf-8")
     return path
 
 
@@ -76,14 +76,14 @@ def test_shipped_workflows_load():
 
 def test_bad_mirror_axes_name_the_workflow(tmp_path):
     path = tmp_path / "w.yaml"
-    path.write_text("plan:\n  mirror_axes: [0, 3]\n")
+    path.write_text("plan:\n  mirror_axes: [0, 3]\n", encoding="utf-8")
     with pytest.raises(MedsegError, match=r"w\.yaml.*mirror_axes"):
         load_workflow(path)
 
 
 def test_negative_shift_voxels_name_the_workflow(tmp_path):
     path = tmp_path / "w.yaml"
-    path.write_text("augment:\n  shift_voxels: -2\n")
+    path.write_text("augment:\n  shift_voxels: -2\n", encoding="utf-8")
     with pytest.raises(MedsegError, match=r"w\.yaml.*shift_voxels.*-2"):
         load_workflow(path)
 
@@ -91,7 +91,7 @@ def test_negative_shift_voxels_name_the_workflow(tmp_path):
 @pytest.mark.parametrize("decay", ["1.0", "-0.1"])
 def test_ema_decay_outside_0_to_1_names_the_workflow(tmp_path, decay):
     path = tmp_path / "w.yaml"
-    path.write_text(f"train:\n  ema_decay: {decay}\n")
+    path.write_text(f"train:\n  ema_decay: {decay}\n", encoding="utf-8")
     with pytest.raises(MedsegError, match=rf"w\.yaml.*ema_decay.*{decay}"):
         load_workflow(path)
 
@@ -117,7 +117,7 @@ def test_ema_decay_outside_0_to_1_names_the_workflow(tmp_path, decay):
 def test_values_out_of_range_name_the_key_and_the_workflow(tmp_path, key, value, message):
     path = tmp_path / "w.yaml"
     section, name = key.split(".")
-    path.write_text(f"{section}:\n  {name}: {value}\n")
+    path.write_text(f"{section}:\n  {name}: {value}\n", encoding="utf-8")
     with pytest.raises(MedsegError, match=rf"w\.yaml: {message}"):
         load_workflow(path)
 

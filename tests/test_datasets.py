@@ -31,7 +31,7 @@ def test_nnunet_layout(tmp_path):
         (tmp_path / "labelsTr" / f"{case}.nii.gz").write_bytes(b"x")
     (tmp_path / "dataset.json").write_text(json.dumps({
         "channel_names": {"0": "T1", "1": "CT"}, "labels": {"background": 0, "tumor": 1},
-        "numTraining": 2, "file_ending": ".nii.gz"}))
+        "numTraining": 2, "file_ending": ".nii.gz"}), encoding="utf-8")
     dataset = load_dataset(tmp_path)
     assert [c.name for c in dataset.cases] == ["a", "b"]
     assert len(dataset.cases[0].images) == 2
@@ -66,9 +66,9 @@ def test_splits_are_seeded_disjoint_and_cover_everything():
 
 def test_label_names_both_styles(tmp_path):
     msd = tmp_path / "msd.json"
-    msd.write_text(json.dumps({"labels": {"0": "background", "1": "Anterior"}}))
+    msd.write_text(json.dumps({"labels": {"0": "background", "1": "Anterior"}}), encoding="utf-8")
     nnunet = tmp_path / "nnunet.json"
-    nnunet.write_text(json.dumps({"labels": {"background": 0, "Anterior": 1}}))
+    nnunet.write_text(json.dumps({"labels": {"background": 0, "Anterior": 1}}), encoding="utf-8")
     assert label_names_from_json(msd) == label_names_from_json(nnunet) == {
         0: "background", 1: "Anterior"}
 
@@ -81,8 +81,9 @@ def test_csv_layout_with_channels(tmp_path):
     (tmp_path / "dataset.csv").write_text(
         "case,image,label,t2\n"
         "a,files/a_t1.nii.gz,files/a_seg.nii.gz,files/a_t2.nrrd\n"
-        ",files/b_t1.nii.gz,files/b_seg.nii.gz,files/b_t2.nrrd\n")
-    (tmp_path / "labels.json").write_text(json.dumps({"0": "background", "1": "tumour"}))
+        ",files/b_t1.nii.gz,files/b_seg.nii.gz,files/b_t2.nrrd\n", encoding="utf-8")
+    (tmp_path / "labels.json").write_text(json.dumps({"0": "background", "1": "tumour"}),
+                                          encoding="utf-8")
     for source in (tmp_path, tmp_path / "dataset.csv"):
         dataset = load_dataset(source)
         assert [c.name for c in dataset.cases] == ["a", "b_t1"]
@@ -94,10 +95,10 @@ def test_csv_layout_with_channels(tmp_path):
 
 def test_csv_errors_name_the_file(tmp_path):
     csv_path = tmp_path / "dataset.csv"
-    csv_path.write_text("image,mask\nx.nii.gz,y.nii.gz\n")
+    csv_path.write_text("image,mask\nx.nii.gz,y.nii.gz\n", encoding="utf-8")
     with pytest.raises(MedsegError, match="dataset.csv: CSV needs the columns image and label"):
         load_dataset(csv_path)
-    csv_path.write_text("image,label\nx.nii.gz,\n")
+    csv_path.write_text("image,label\nx.nii.gz,\n", encoding="utf-8")
     with pytest.raises(MedsegError, match="listed in dataset.csv but missing"):
         load_dataset(tmp_path)
 
@@ -121,7 +122,7 @@ def test_nnunet_other_file_ending(tmp_path):
     (tmp_path / "labelsTr" / "a.mha").write_bytes(b"x")
     (tmp_path / "dataset.json").write_text(json.dumps({
         "channel_names": {"0": "CT"}, "labels": {"background": 0, "x": 1},
-        "file_ending": ".mha"}))
+        "file_ending": ".mha"}), encoding="utf-8")
     dataset = load_dataset(tmp_path)
     assert dataset.cases[0].images[0].name == "a_0000.mha" and dataset.modalities == ("CT",)
 

@@ -89,7 +89,7 @@ def test_two_processes_train_and_resume_one_run(tmp_path, phantom_dataset):
         "fold_0/metrics.jsonl", "fold_0/checkpoints/best.safetensors",
         "fold_0/checkpoints/last.safetensors", "fold_0/checkpoints/last_state.pt"}
     assert len(list((fold / "tensorboard").iterdir())) == 2  # one event file per launch
-    lines = (fold / "metrics.jsonl").read_text().splitlines()
+    lines = (fold / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [0, 1]
     assert all("val_mean_dice" in json.loads(line) for line in lines)
     assert resumed.stdout.count("fold_0: best mean Dice") == 1

@@ -12,7 +12,8 @@ from medseg.cli import main
 @pytest.mark.slow
 def test_demo_reaches_dice_090_on_every_structure(tmp_path):
     assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
-    summary = json.loads((tmp_path / "demo" / "evaluation" / "summary.json").read_text())
+    summary_path = tmp_path / "demo" / "evaluation" / "summary.json"
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
     assert summary["failed_cases"] == []
     for name, stats in summary["structures"].items():
         assert stats["dice"]["n"] == 4

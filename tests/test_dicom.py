@@ -145,7 +145,7 @@ def test_localizer_in_the_series_is_refused(tmp_path):
 
 
 def test_folder_without_dicom_images(tmp_path):
-    (tmp_path / "notes.txt").write_text("no images here")
+    (tmp_path / "notes.txt").write_text("no images here", encoding="utf-8")
     (tmp_path / "junk.dcm").write_bytes(np.random.default_rng(0).bytes(500))
     with pytest.raises(MedsegError, match="no DICOM image found"):
         read_volume(tmp_path)

@@ -37,7 +37,7 @@ def _docs_section(text: str, heading: str) -> str:
 
 @pytest.mark.parametrize("command", sorted(_subcommands()))
 def test_cli_reference_names_every_option(command):
-    text = (DOCS / "cli.md").read_text()
+    text = (DOCS / "cli.md").read_text(encoding="utf-8")
     documented = "".join(re.findall(rf"^## `medseg {command}\b.*?(?=^## |\Z)", text, re.M | re.S))
     assert documented, f"docs/cli.md has no section for medseg {command}"
     options = {flag for action in _subcommands()[command]._actions
@@ -49,6 +49,6 @@ def test_cli_reference_names_every_option(command):
 
 @pytest.mark.parametrize("section", sorted(_workflow_sections()))
 def test_workflow_reference_names_every_key(section):
-    documented = _docs_section((DOCS / "workflows.md").read_text(), section)
+    documented = _docs_section((DOCS / "workflows.md").read_text(encoding="utf-8"), section)
     missing = [key for key in _workflow_sections()[section] if f"`{key}`" not in documented]
     assert not missing, f"docs/workflows.md, {section}: {missing}"

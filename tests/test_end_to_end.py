@@ -16,13 +16,13 @@ def test_run_folder_contents(trained_run):
                  "fold_0/checkpoints/last.safetensors", "fold_0/checkpoints/last_state.pt"):
         assert (trained_run / name).is_file(), name
     assert list((trained_run / "fold_0" / "tensorboard").iterdir())
-    splits = json.loads((trained_run / "splits.json").read_text())
+    splits = json.loads((trained_run / "splits.json").read_text(encoding="utf-8"))
     assert len(splits) == 5
     records = [json.loads(line) for line in
-               (trained_run / "fold_0" / "metrics.jsonl").read_text().splitlines()]
+               (trained_run / "fold_0" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["epoch"] for r in records] == [0, 1]
     assert set(records[-1]["val_dice"]) == {"liver", "kidney", "spine"}
-    saved = yaml.safe_load((trained_run / "workflow.yaml").read_text())
+    saved = yaml.safe_load((trained_run / "workflow.yaml").read_text(encoding="utf-8"))
     assert saved["train"]["epochs"] == 2  # the resolved workflow, overrides applied
 
 
@@ -39,7 +39,7 @@ def test_train_predict_evaluate(trained_run, phantom_dataset, tmp_path, capsys):
                  str(phantom_dataset / "labelsTs"), "--labels",
                  str(phantom_dataset / "dataset.json"), "--out", str(tmp_path / "eval")])
     assert code == 0
-    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text(encoding="utf-8"))
     assert set(summary["structures"]) == {"liver", "kidney", "spine"}
     assert summary["structures"]["liver"]["dice"]["n"] == 2
     assert "liver" in capsys.readouterr().out
@@ -59,9 +59,9 @@ def test_demo_wiring_with_a_short_schedule(tmp_path, capsys):
                  "--set", "plan.max_patch_voxels=32768"]) == 0
     stranger = tmp_path / "mine"
     stranger.mkdir()
-    (stranger / "notes.txt").write_text("keep")
+    (stranger / "notes.txt").write_text("keep", encoding="utf-8")
     assert main(["demo", "--out", str(stranger)]) == 2
-    assert (stranger / "notes.txt").read_text() == "keep"
+    assert (stranger / "notes.txt").read_text(encoding="utf-8") == "keep"
 
 
 def test_predict_with_reference_scores_at_once(trained_run, phantom_dataset, tmp_path):
@@ -69,6 +69,7 @@ def test_predict_with_reference_scores_at_once(trained_run, phantom_dataset, tmp
                  str(phantom_dataset / "imagesTs"), "--output", str(tmp_path / "pred"),
                  "--reference", str(phantom_dataset / "labelsTs")])
     assert code == 0
-    summary = json.loads((tmp_path / "pred" / "evaluation" / "summary.json").read_text())
+    summary_path = tmp_path / "pred" / "evaluation" / "summary.json"
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
     assert set(summary["structures"]) == {"liver", "kidney", "spine"}
     assert (tmp_path / "pred" / "evaluation" / "report.html").is_file()

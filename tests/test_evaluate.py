@@ -56,12 +56,12 @@ def test_missing_prediction_is_a_failure_not_dropped(folders):
 def test_reports(folders, tmp_path):
     results = evaluate_pairs(pair_cases(folders / "pred", folders / "ref"), LABELS)
     summary = write_reports(results, tmp_path / "out")
-    rows = (tmp_path / "out" / "scores.csv").read_text().splitlines()
+    rows = (tmp_path / "out" / "scores.csv").read_text(encoding="utf-8").splitlines()
     assert rows[0] == ("case,structure,dice,iou,hd95_mm,assd_mm,nsd,ref_ml,pred_ml,diff_ml,"
                        "error")
     assert len(rows) == 1 + 3 * 2
     assert rows[-1].startswith("c3,b,0,0,inf,inf,0,,,,")
-    saved = json.loads((tmp_path / "out" / "summary.json").read_text())
+    saved = json.loads((tmp_path / "out" / "summary.json").read_text(encoding="utf-8"))
     assert saved["failed_cases"] == ["c3"]
     dice_a = saved["structures"]["a"]["dice"]
     assert dice_a["n"] == 3
@@ -133,7 +133,7 @@ def test_infer_labels(folders):
 ])
 def test_run_evaluation_names_structures_from_dataset_json(folders, tmp_path, capsys, table):
     labels = tmp_path / "dataset.json"
-    labels.write_text(json.dumps(table))
+    labels.write_text(json.dumps(table), encoding="utf-8")
     summary = run_evaluation(folders / "pred", folders / "ref", labels, tmp_path / "ev",
                              tolerance_mm=1.0)
     out = capsys.readouterr().out
@@ -156,7 +156,7 @@ def test_run_evaluation_refuses_bad_options(folders, tmp_path):
         run_evaluation(folders / "pred", folders / "ref", None, None, jobs=0)
     with pytest.raises(MedsegError, match="--tolerance-mm"):
         run_evaluation(folders / "pred", folders / "ref", None, None, tolerance_mm=-1.0)
-    (tmp_path / "file").write_text("")
+    (tmp_path / "file").write_text("", encoding="utf-8")
     with pytest.raises(MedsegError, match="is a file"):
         run_evaluation(folders / "pred", folders / "ref", None, tmp_path / "file")
     with pytest.raises(MedsegError, match="folder not found"):
@@ -166,7 +166,7 @@ def test_run_evaluation_refuses_bad_options(folders, tmp_path):
 def test_cli_uses_label_names(folders, tmp_path, capsys):
     labels = tmp_path / "dataset.json"
     labels.write_text(json.dumps({"labels": {"0": "background", "1": "Anterior",
-                                             "2": "Posterior"}}))
+                                             "2": "Posterior"}}), encoding="utf-8")
     code = main(["evaluate", "--pred", str(folders / "pred"), "--ref", str(folders / "ref"),
                  "--labels", str(labels), "--out", str(tmp_path / "ev")])
     out = capsys.readouterr().out

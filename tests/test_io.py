@@ -263,7 +263,7 @@ def test_hostile_input_one_line_naming_the_file_nothing_written(tmp_path, name):
         huge_nifti(path)
     elif name == "nodicom":
         path.mkdir()
-        (path / "readme.txt").write_text("no images")
+        (path / "readme.txt").write_text("no images", encoding="utf-8")
     else:
         path.write_bytes(HOSTILE[name])
     out = tmp_path / "out"

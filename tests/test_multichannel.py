@@ -28,7 +28,7 @@ def write_two_channel_dataset(root, n_cases=5):
     (root / "dataset.json").write_text(json.dumps({
         "channel_names": {"0": "CT", "1": "T2"}, "file_ending": ".nii.gz",
         "labels": {"background": 0, "liver": 1, "kidney": 2, "spine": 3},
-        "numTraining": n_cases}))
+        "numTraining": n_cases}), encoding="utf-8")
 
 
 def test_train_and_predict_two_channels(tmp_path):
@@ -37,7 +37,7 @@ def test_train_and_predict_two_channels(tmp_path):
     assert main(["train", str(REPO / "workflows" / "demo.yaml"), "--out", str(run),
                  *as_sets([f"dataset.path={tmp_path / 'data'}", "dataset.layout=nnunet",
                            *TINY_TRAINING])]) == 0
-    plan = json.loads((run / "plan.json").read_text())
+    plan = json.loads((run / "plan.json").read_text(encoding="utf-8"))
     assert plan["in_channels"] == 2 and plan["modalities"] == ["CT", "MR"]
     inputs = tmp_path / "inputs"
     inputs.mkdir()

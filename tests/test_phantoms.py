@@ -30,7 +30,7 @@ def test_structures_have_distinct_intensities():
 def test_dataset_layout(tmp_path):
     write_phantom_dataset(tmp_path, n_train=2, n_test=1, shape=(24, 24, 16),
                           spacing=(4.0, 4.0, 8.0))
-    description = json.loads((tmp_path / "dataset.json").read_text())
+    description = json.loads((tmp_path / "dataset.json").read_text(encoding="utf-8"))
     assert description["numTraining"] == 2 and len(description["test"]) == 1
     image = nib.load(tmp_path / "imagesTr" / "phantom_000.nii.gz")
     label = nib.load(tmp_path / "labelsTr" / "phantom_000.nii.gz")

@@ -66,7 +66,8 @@ def test_summary_json_is_strict_json(tmp_path):
     def refuse(constant):
         raise AssertionError(f"{constant} in summary.json")
 
-    saved = json.loads((tmp_path / "summary.json").read_text(), parse_constant=refuse)
+    saved = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"),
+                       parse_constant=refuse)
     assert saved["structures"]["s"]["hd95_mm"]["mean"] is None
     assert not (tmp_path / "report.html").exists()
 
@@ -113,7 +114,7 @@ def inline_pngs(html):
 
 
 def test_html_report_is_self_contained_and_complete(report_dir):
-    html = (report_dir / "report.html").read_text()
+    html = (report_dir / "report.html").read_text(encoding="utf-8")
     text = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "data:", html)
     assert not re.search(r"(https?:|//|<script|<link|<iframe|url\()", text, re.IGNORECASE)
     assert text.count('src="data:"') == text.count("src=")
@@ -131,7 +132,7 @@ def test_html_report_is_self_contained_and_complete(report_dir):
 
 def test_montage_shows_both_contours(report_dir):
     montage = np.asarray(Image.open(io.BytesIO(inline_pngs(
-        (report_dir / "report.html").read_text())[1])).convert("RGB"))
+        (report_dir / "report.html").read_text(encoding="utf-8"))[1])).convert("RGB"))
     for colour in (REFERENCE_RGB, PREDICTION_RGB):
         assert (montage == colour).all(axis=-1).sum() > 100, colour
     assert montage.shape[1] > 1000

@@ -17,6 +17,11 @@ def train(out, dataset, *extra):
                  *as_sets([f"dataset.path={dataset}", *DETERMINISTIC, *extra])])
 
 
+def metrics(run):
+    lines = (run / "fold_0" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines]
+
+
 def final_state(run):
     return torch.load(run / "fold_0" / "checkpoints" / "last_state.pt", weights_only=True)
 
@@ -26,8 +31,7 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, phantom_dataset, ema):
     assert train(tmp_path / "straight", phantom_dataset, *ema) == 0
     # the same run, stopped by the wall-clock budget after its first epoch, then resumed
     assert train(tmp_path / "split", phantom_dataset, "train.max_minutes=0.00001", *ema) == 0
-    first = [json.loads(line) for line in
-             (tmp_path / "split" / "fold_0" / "metrics.jsonl").read_text().splitlines()]
+    first = metrics(tmp_path / "split")
     assert [r["epoch"] for r in first] == [0]  # stopped cleanly after one epoch
     assert main(["train", "--resume", str(tmp_path / "split")]) == 0
 
@@ -39,10 +43,7 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, phantom_dataset, ema):
     assert ("ema" in straight) == ("ema" in split) == bool(ema)
     for name, tensor in straight.get("ema", {}).items():
         assert torch.equal(tensor, split["ema"][name]), name
-    curve = [json.loads(line) for line in
-             (tmp_path / "split" / "fold_0" / "metrics.jsonl").read_text().splitlines()]
-    reference = [json.loads(line) for line in
-                 (tmp_path / "straight" / "fold_0" / "metrics.jsonl").read_text().splitlines()]
+    curve, reference = metrics(tmp_path / "split"), metrics(tmp_path / "straight")
     assert [r["epoch"] for r in curve] == [0, 1]
     assert [r["train_loss"] for r in curve] == [r["train_loss"] for r in reference]
 

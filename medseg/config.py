@@ -152,7 +152,9 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise MedsegError("workflow file not found", path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise MedsegError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", path) from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""

@@ -166,8 +166,11 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise MedsegError("file not found", path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        # utf-8-sig: Windows editors save JSON and CSV with a byte-order mark
+        return json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise MedsegError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", path) from exc
+    except json.JSONDecodeError as exc:
         raise MedsegError(f"not valid JSON ({exc})", path) from exc
 
 
@@ -276,12 +279,15 @@ def _read_csv(path: Path) -> tuple[list[dict[str, str]], list[str]]:
     if not path.is_file():
         raise MedsegError("file not found", path)
     try:
-        with open(path, newline="", encoding="utf-8") as handle:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
             reader = csv.DictReader(handle)
             columns = [c.strip() for c in (reader.fieldnames or [])]
             rows = [{(k or "").strip(): (v or "").strip() if isinstance(v, str) else ""
                      for k, v in row.items()} for row in reader]
-    except (csv.Error, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
+        raise MedsegError(f"not UTF-8 text ({exc.reason} at byte {exc.start}); save the CSV "
+                          f"as UTF-8", path) from exc
+    except csv.Error as exc:
         raise MedsegError(f"not a readable CSV file ({exc})", path) from exc
     missing = [c for c in ("image", "label") if c not in columns]
     if missing:

@@ -96,3 +96,41 @@ def test_workflow_with_non_ascii_text_loads_on_an_ascii_console(tmp_path):
                             capture_output=True, env=_ascii_env(), timeout=300)
     assert result.returncode == 0, result.stderr.decode("utf-8", "replace")
     assert result.stdout.strip().endswith(b"data")
+
+
+def test_text_files_saved_with_a_byte_order_mark_are_read(tmp_path):
+    from medseg.config import load_workflow
+    from medseg.datasets import label_names_from_json, load_dataset
+
+    bom = "\ufeff"
+    (tmp_path / "files").mkdir()
+    for name in ("a.nii.gz", "a_seg.nii.gz"):
+        (tmp_path / "files" / name).write_bytes(b"x")
+    (tmp_path / "dataset.csv").write_text(f"{bom}image,label\nfiles/a.nii.gz,files/a_seg.nii.gz\n",
+                                          encoding="utf-8")
+    (tmp_path / "labels.json").write_text(bom + json.dumps({"0": "background", "1": NAME}),
+                                          encoding="utf-8")
+    (tmp_path / "w.yaml").write_text(f"{bom}train:\n  epochs: 3\n", encoding="utf-8")
+    assert [c.name for c in load_dataset(tmp_path).cases] == ["a"]
+    assert label_names_from_json(tmp_path / "labels.json") == {0: "background", 1: NAME}
+    assert load_workflow(tmp_path / "w.yaml").train.epochs == 3
+
+
+@pytest.mark.parametrize("name, text", [
+    ("dataset.csv", "image,label\nf\u00fcr.nii.gz,x.nii.gz\n"),
+    ("labels.json", json.dumps({"0": "background", "1": "f\u00fcr"}, ensure_ascii=False)),
+    ("w.yaml", "# f\u00fcr\ntrain:\n  epochs: 3\n"),
+])
+def test_text_in_another_encoding_is_refused_in_one_line(tmp_path, name, text):
+    from medseg.config import load_workflow
+    from medseg.datasets import label_names_from_json, load_dataset
+    from medseg.errors import MedsegError
+
+    path = tmp_path / name
+    path.write_bytes(text.encode("latin-1"))  # what an old Windows editor saves
+    read = {"dataset.csv": load_dataset, "labels.json": label_names_from_json,
+            "w.yaml": load_workflow}[name]
+    with pytest.raises(MedsegError, match=rf"{name}: not UTF-8 text \(invalid .* at byte \d+") \
+            as caught:
+        read(path)
+    assert "\n" not in str(caught.value)

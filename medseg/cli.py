@@ -180,12 +180,12 @@ def _train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool) -> li
     dataset = load_dataset(ds.path, ds.layout, ds.modality, ds.labels)
     print(f"dataset: {len(dataset.cases)} cases, labels {dataset.labels}, "
           f"modalities {list(dataset.modalities)}")
+    splits = make_splits([c.name for c in dataset.cases], workflow.train.folds,
+                         workflow.train.seed, source=dataset.root)
     fp = fingerprint(dataset, seed=workflow.train.seed)
     plan = make_plan(fp, workflow.plan)
     print(f"plan: spacing {plan.target_spacing}, patch {plan.patch_size}, batch "
           f"{plan.batch_size}, {len(plan.strides)} levels, filters {plan.filters}")
-    splits = make_splits([c.name for c in dataset.cases], workflow.train.folds,
-                         workflow.train.seed)
     if main_rank:
         _replace_run_folder(run_dir)  # only now that the dataset has been read without error
         save_workflow(workflow, run_dir / "workflow.yaml")

@@ -111,12 +111,19 @@ def label_names_from_json(path: str | Path) -> dict[int, str]:
         raise MedsegError("label ids must be integers", path) from exc
 
 
-def make_splits(case_names: list[str], n_folds: int = 5, seed: int = 0) -> list[dict]:
-    """K seeded folds, as nnU-Net's splits_final.json: [{'train': [...], 'val': [...]}]."""
+def make_splits(case_names: list[str], n_folds: int = 5, seed: int = 0,
+                source: str | Path | None = None) -> list[dict]:
+    """K seeded folds, as nnU-Net's splits_final.json: [{'train': [...], 'val': [...]}].
+    `source` (the dataset) is named in the refusal when there are too few cases."""
     if n_folds < 2:
         raise MedsegError(f"train.folds must be at least 2, got {n_folds}")
+    if len(case_names) < 2:
+        raise MedsegError(f"{len(case_names)} labelled case(s): cross-validation needs at "
+                          f"least 2", source)
     if len(case_names) < n_folds:
-        raise MedsegError(f"{len(case_names)} cases cannot make {n_folds} folds")
+        raise MedsegError(f"{len(case_names)} labelled cases cannot make {n_folds} folds; "
+                          f"set train.folds to at most {len(case_names)} (--set "
+                          f"train.folds={len(case_names)})", source)
     names = sorted(case_names)
     random.Random(seed).shuffle(names)
     folds = [sorted(names[k::n_folds]) for k in range(n_folds)]

@@ -52,6 +52,22 @@ def test_existing_run_is_not_overwritten(trained_run, capsys):
     assert (trained_run / "plan.json").is_file()
 
 
+@pytest.mark.parametrize("cases", [1, 3])
+def test_too_few_cases_for_the_folds_is_refused_before_any_work(tmp_path, capsys, cases):
+    from medseg.phantoms import write_phantom_dataset
+
+    data = tmp_path / "data"
+    write_phantom_dataset(data, n_train=cases, n_test=0, seed=3, shape=(24, 24, 12))
+    code = main(["train", str(REPO / "workflows" / "demo.yaml"), "--out", str(tmp_path / "r"),
+                 "--set", f"dataset.path={data}"])
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and f"{data}: {cases} labelled case" in lines[0]
+    assert ("--set train.folds=3" in lines[0]) == (cases == 3)
+    assert "fingerprint" not in captured.out + captured.err  # refused before reading volumes
+    assert not (tmp_path / "r").exists()
+
+
 def test_bad_fold(tmp_path, phantom_dataset, capsys):
     code = main(["train", str(REPO / "workflows" / "demo.yaml"), "--out", str(tmp_path / "r"),
                  "--set", f"dataset.path={phantom_dataset}", "--fold", "9"])

@@ -273,6 +273,8 @@ def _check_header(image: nib.Nifti1Image, path: Path) -> None:
     shape = image.shape
     if len(shape) < 3 or (len(shape) > 3 and int(np.prod(shape[3:])) != 1):
         raise MedsegError(f"expected a 3D volume, got shape {shape}", path)
+    if 0 in shape[:3]:
+        raise MedsegError(f"empty volume: shape {shape} has no voxels", path)
     if int(np.prod(shape, dtype=np.int64)) > MAX_VOXELS:
         raise MedsegError(f"header claims {shape} voxels, more than 2^31", path)
     affine = image.affine

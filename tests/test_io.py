@@ -96,6 +96,17 @@ def test_4d_volume_refused(tmp_path):
         read_volume(path)
 
 
+def test_empty_volume_refused(tmp_path):
+    nifti = save(tmp_path / "empty.nii.gz", np.zeros((0, 4, 4), np.float32), np.eye(4))
+    nrrd = tmp_path / "empty.nrrd"
+    nrrd.write_bytes(b"NRRD0004\ntype: float\ndimension: 3\nsizes: 4 0 4\n"
+                     b"space: left-posterior-superior\nspace directions: (1,0,0) (0,1,0) (0,0,1)\n"
+                     b"encoding: raw\nendian: little\n\n")
+    for path in (nifti, nrrd):
+        with pytest.raises(MedsegError, match=rf"{path.name}: .*(empty volume|not a readable)"):
+            read_volume(path)
+
+
 def test_atomic_outputs_get_the_usual_permissions(tmp_path):
     import os
 

@@ -4,7 +4,10 @@ Trains fold 0 with workflows/hippocampus.yaml, segments its validation cases and
 them; then trains a plain MONAI UNet baseline for the same wall time and scores it alike.
 
     .venv/bin/python benchmarks/hippocampus.py --out runs/bench_hippo [--set KEY=VALUE ...]
-        [--no-baseline] [--baseline-seconds S]
+        [--no-baseline] [--baseline-seconds S] [--fold K]
+
+--fold trains and scores another fold of the same splits.json (the target is set on fold 0;
+other folds show how much the figure depends on which 40 cases are held out).
 
 Prints wall times and per-structure Dice and writes OUT/benchmark.json. Needs
 ../shared/data/Task04_Hippocampus (or --data). The validation masks are predicted on the
@@ -46,15 +49,15 @@ def evaluate(predictions: Path, references: Path, data: Path, out: Path) -> dict
 
 
 def run(out: Path, data: Path, overrides: list[str], baseline: bool = True,
-        baseline_seconds: float | None = None) -> dict:
+        baseline_seconds: float | None = None, fold: int = 0) -> dict:
     sets = [arg for item in [f"dataset.path={data}", *overrides] for arg in ("--set", item)]
     started = time.monotonic()
     if medseg(["train", str(REPO / "workflows" / "hippocampus.yaml"), "--out", str(out / "run"),
-               "--fold", "0", *sets]) != 0:
+               "--fold", str(fold), *sets]) != 0:
         raise SystemExit("training failed")
     train_seconds = time.monotonic() - started
 
-    split = json.loads((out / "run" / "splits.json").read_text(encoding="utf-8"))[0]
+    split = json.loads((out / "run" / "splits.json").read_text(encoding="utf-8"))[fold]
     val_cases = split["val"]
     references = out / "val_labels"
     references.mkdir(exist_ok=True)
@@ -73,6 +76,7 @@ def run(out: Path, data: Path, overrides: list[str], baseline: bool = True,
         "machine": f"{platform.processor() or platform.machine()}, "
                    f"{torch.get_num_threads()} torch threads",
         "overrides": overrides,
+        "fold": fold,
         "train_seconds": round(train_seconds, 1),
         "train_minutes": round(train_seconds / 60, 2),
         "predict_seconds": round(predict_seconds, 1),
@@ -129,5 +133,7 @@ if __name__ == "__main__":
     parser.add_argument("--baseline-seconds", type=float, default=None,
                         help="the baseline's training wall time (default: as long as "
                              "medseg's training took)")
+    parser.add_argument("--fold", type=int, default=0, help="the fold to train and score")
     args = parser.parse_args()
-    run(args.out, args.data.resolve(), args.overrides, args.baseline, args.baseline_seconds)
+    run(args.out, args.data.resolve(), args.overrides, args.baseline, args.baseline_seconds,
+        args.fold)

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from medseg.errors import MedsegError
+from medseg.fileio import atomic_write_text, read_user_text
 
 
 @dataclass(frozen=True)
@@ -143,8 +144,6 @@ def workflow_to_dict(workflow: Workflow) -> dict[str, Any]:
 
 def save_workflow(workflow: Workflow, path: Path) -> None:
     """Write the resolved workflow as YAML (atomically)."""
-    from medseg.fileio import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(workflow_to_dict(workflow), sort_keys=False))
 
 
@@ -152,9 +151,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise MedsegError("workflow file not found", path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
-    except UnicodeDecodeError as exc:
-        raise MedsegError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", path) from exc
+        data = yaml.safe_load(read_user_text(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""

@@ -8,6 +8,7 @@ file to exist (what training needs).
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import random
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medseg.errors import MedsegError
+from medseg.fileio import read_user_text
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 LAYOUTS = ("msd", "nnunet", "folders", "csv")
@@ -173,10 +175,7 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise MedsegError("file not found", path)
     try:
-        # utf-8-sig: Windows editors save JSON and CSV with a byte-order mark
-        return json.loads(path.read_text(encoding="utf-8-sig"))
-    except UnicodeDecodeError as exc:
-        raise MedsegError(f"not UTF-8 text ({exc.reason} at byte {exc.start})", path) from exc
+        return json.loads(read_user_text(path))
     except json.JSONDecodeError as exc:
         raise MedsegError(f"not valid JSON ({exc})", path) from exc
 
@@ -285,15 +284,12 @@ def _list_csv(path: Path) -> Listing:
 def _read_csv(path: Path) -> tuple[list[dict[str, str]], list[str]]:
     if not path.is_file():
         raise MedsegError("file not found", path)
+    text = read_user_text(path)
     try:
-        with open(path, newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            columns = [c.strip() for c in (reader.fieldnames or [])]
-            rows = [{(k or "").strip(): (v or "").strip() if isinstance(v, str) else ""
-                     for k, v in row.items()} for row in reader]
-    except UnicodeDecodeError as exc:
-        raise MedsegError(f"not UTF-8 text ({exc.reason} at byte {exc.start}); save the CSV "
-                          f"as UTF-8", path) from exc
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+        rows = [{(k or "").strip(): (v or "").strip() if isinstance(v, str) else ""
+                 for k, v in row.items()} for row in reader]
     except csv.Error as exc:
         raise MedsegError(f"not a readable CSV file ({exc})", path) from exc
     missing = [c for c in ("image", "label") if c not in columns]

@@ -1,4 +1,5 @@
-"""Atomic writes: every output goes to a temporary name in its folder and is renamed."""
+"""Atomic writes (every output goes to a temporary name in its folder and is renamed), and
+the one way user text files are read."""
 
 from __future__ import annotations
 
@@ -9,6 +10,18 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from medseg.errors import MedsegError
+
+
+def read_user_text(path: Path) -> str:
+    """A user's text file (workflow, dataset.json, CSV) as UTF-8 whatever the locale; a
+    byte-order mark, as Windows editors write it, is dropped; another encoding is refused."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise MedsegError(f"not UTF-8 text ({exc.reason} at byte {exc.start}); save it as "
+                          f"UTF-8", path) from exc
 
 
 @contextlib.contextmanager

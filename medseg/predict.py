@@ -106,7 +106,7 @@ def load_predictor(run_dir: str | Path, folds: list[int] | None = None,
 
 def collect_inputs(inputs: list[str | Path]) -> list[Path]:
     """Files as given; a folder of volume files expands to them (sorted), any other folder is
-    one DICOM series input."""
+    one DICOM series input. A file named twice (itself and through its folder) counts once."""
     paths: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
@@ -117,7 +117,10 @@ def collect_inputs(inputs: list[str | Path]) -> list[Path]:
             paths.append(item)
         else:
             raise MedsegError("input not found", item)
-    return paths
+    unique: dict[Path, Path] = {}
+    for path in paths:
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values())
 
 
 def output_name(path: Path) -> str:
@@ -142,7 +145,11 @@ def group_channels(paths: list[Path], channels: int) -> list[tuple[Path, ...]]:
         if match is None:
             raise MedsegError(f"the model takes {channels} channels: name the files "
                               f"CASE_0000 ... CASE_{channels - 1:04d}", path)
-        cases.setdefault(match.group(1), {})[int(match.group(2))] = path
+        channel = cases.setdefault(match.group(1), {})
+        if int(match.group(2)) in channel:
+            raise MedsegError(f"{channel[int(match.group(2))]} and {path} are both channel "
+                              f"{int(match.group(2))} of case '{match.group(1)}'")
+        channel[int(match.group(2))] = path
     grouped = []
     for case, files in sorted(cases.items()):
         if sorted(files) != list(range(channels)):
@@ -219,7 +226,9 @@ def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
     the network runs (unless the running case is large: two large CTs never overlap), and
     each mask is post-processed and written in another."""
     index, count = shard
-    cases = group_channels(inputs, predictor.plan.in_channels)[index::count]
+    cases = group_channels(inputs, predictor.plan.in_channels)
+    _refuse_clashing_outputs(cases)
+    cases = cases[index::count]
     _check_postprocess_labels(config, predictor.plan)
     if config.tta and not predictor.plan.mirror_axes:
         tqdm.write("medseg: note: --tta has nothing to average: the model was trained without "
@@ -269,6 +278,18 @@ def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
                 results[position] = _failure(path, started, exc, bar)
     bar.close()
     return [r for r in results if r is not None]
+
+
+def _refuse_clashing_outputs(cases: list[tuple[Path, ...]]) -> None:
+    """Two inputs whose masks would have one name (`a.nii.gz` and `b/a.nrrd`): the second
+    would replace the first, so refuse before any work."""
+    first_with: dict[str, Path] = {}
+    for files in cases:
+        name = output_name(files[0])
+        if name in first_with:
+            raise MedsegError(f"inputs {first_with[name]} and {files[0]} would both be written "
+                              f"as {name}; predict them into different --output folders")
+        first_with[name] = files[0]
 
 
 def _read_ahead_fits(case: PreparedCase, plan: Plan) -> bool:

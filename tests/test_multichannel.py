@@ -58,3 +58,7 @@ def test_channel_grouping_needs_every_channel(tmp_path):
         group_channels(files, 2)
     with pytest.raises(MedsegError, match="name the files CASE_0000"):
         group_channels([tmp_path / "plain.nii.gz"], 2)
+    elsewhere = tmp_path / "other" / "a_0001.nrrd"
+    with pytest.raises(MedsegError, match=r"a_0001.nii.gz and .*other/a_0001.nrrd are both "
+                                          r"channel 1 of case 'a'"):
+        group_channels([*files[:2], elsewhere], 2)

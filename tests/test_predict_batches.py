@@ -107,6 +107,27 @@ def test_one_corrupt_case_among_three(trained_run, three_cases, tmp_path, capsys
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == written
 
 
+def test_inputs_whose_masks_would_share_a_name_are_refused(trained_run, three_cases,
+                                                             tmp_path, capsys):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "a.nrrd").write_bytes(b"never read")
+    args = ["predict", "--model", str(trained_run), "--output", str(tmp_path / "out"),
+            "--input", str(three_cases), str(other / "a.nrrd")]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "a.nii.gz and " in err and "a.nrrd would both be written as a.nii.gz" in err
+    assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_a_file_named_twice_is_predicted_once(trained_run, three_cases, tmp_path, capsys):
+    args = ["predict", "--model", str(trained_run), "--output", str(tmp_path / "out"),
+            "--input", str(three_cases / "a.nii.gz"), str(three_cases), "--shard", "0/1"]
+    assert main(args) == 1  # b.nii.gz is corrupt
+    assert "predicted 2 of 3 cases" in capsys.readouterr().out
+
+
 SLOW_WRITER = textwrap.dedent("""
     import sys, time
     import nibabel

@@ -211,8 +211,19 @@ def _choose_series(groups: dict[str, list[Frame]], series_uid: str | None,
         return groups[series_uid]
     if len(groups) > 1:
         raise MedsegError(f"the folder holds {len(groups)} DICOM series; choose one with "
-                          f"--series UID: {_listing(groups)}", path)
+                          f"--series UID: {_listing(groups)}{_one_folder_each_hint(groups)}",
+                          path)
     return next(iter(groups.values()))
+
+
+def _one_folder_each_hint(groups: dict[str, list[Frame]]) -> str:
+    """A folder of series folders (one per patient) is a batch, not one series: say how to
+    give it as one."""
+    folders = [{frame.path.parent for frame in frames} for frames in groups.values()]
+    if all(len(f) == 1 for f in folders) and len(set.union(*folders)) == len(groups):
+        return ("; each series is in its own folder: to predict them all, give those folders "
+                "as separate inputs (--input FOLDER/*)")
+    return ""
 
 
 def _listing(groups: dict[str, list[Frame]]) -> str:

@@ -79,11 +79,21 @@ def test_several_series_are_listed_and_one_can_be_chosen(tmp_path):
     assert "1.2.3.4.1 'arterial' (4 images)" in message
     assert "1.2.3.4.2 'venous' (2 images)" in message
     assert "\n" not in message
+    assert "each series is in its own folder" in message  # a batch: say how to give it
     chosen = read_volume(tmp_path, series_uid="1.2.3.4.2")
     assert chosen.spatial_shape == (COLUMNS, ROWS, 2)
     with pytest.raises(MedsegError, match="no series 9.9"):
         read_volume(tmp_path, series_uid="9.9")
     assert sorted(s.uid for s in list_series(tmp_path)) == ["1.2.3.4.1", "1.2.3.4.2"]
+
+
+def test_two_series_in_one_folder_get_no_batch_hint(tmp_path):
+    write_series(tmp_path, stored_values(2), axial_positions(SLICES), series_uid="1.2.3.4.1")
+    write_series(tmp_path, stored_values(3, (ROWS, COLUMNS, 2)), axial_positions(2),
+                 names=["X0.dcm", "X1.dcm"], series_uid="1.2.3.4.2")
+    with pytest.raises(MedsegError, match="2 DICOM series") as caught:
+        read_volume(tmp_path)
+    assert "own folder" not in str(caught.value)
 
 
 def test_gantry_tilt_is_refused_then_resampled_where_each_slice_belongs(tmp_path):

@@ -181,7 +181,7 @@ def _train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool) -> li
     print(f"dataset: {len(dataset.cases)} cases, labels {dataset.labels}, "
           f"modalities {list(dataset.modalities)}")
     splits = make_splits([c.name for c in dataset.cases], workflow.train.folds,
-                         workflow.train.seed, source=dataset.root)
+                         workflow.train.split_seed, source=dataset.root)
     fp = fingerprint(dataset, seed=workflow.train.seed)
     plan = make_plan(fp, workflow.plan)
     print(f"plan: spacing {plan.target_spacing}, patch {plan.patch_size}, batch "

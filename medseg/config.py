@@ -92,6 +92,9 @@ class TrainConfig:
     precision: str = "auto"  # auto | bf16 | fp32 | amp
     folds: int = 5
     fold: int = 0
+    # shuffles the cases into folds; apart from `seed`, so that runs with another seed are
+    # scored on the same held-out cases
+    split_seed: int = 0
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ import json
 import nibabel as nib
 import numpy as np
 import yaml
-from helpers import TINY_TRAINING, as_sets
+from helpers import REPO, TINY_TRAINING, as_sets
 
 from medseg.cli import main
 
@@ -73,3 +73,15 @@ def test_predict_with_reference_scores_at_once(trained_run, phantom_dataset, tmp
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
     assert set(summary["structures"]) == {"liver", "kidney", "spine"}
     assert (tmp_path / "pred" / "evaluation" / "report.html").is_file()
+
+
+def test_another_seed_holds_out_the_same_cases(trained_run, phantom_dataset, tmp_path):
+    def splits_of(run, *extra):
+        assert main(["train", str(REPO / "workflows" / "demo.yaml"), "--out", str(run),
+                     "--set", f"dataset.path={phantom_dataset}", *as_sets(TINY_TRAINING),
+                     "--set", "train.epochs=1", *extra]) == 0
+        return json.loads((run / "splits.json").read_text(encoding="utf-8"))
+
+    reference = json.loads((trained_run / "splits.json").read_text(encoding="utf-8"))
+    assert splits_of(tmp_path / "seed7", "--set", "train.seed=7") == reference
+    assert splits_of(tmp_path / "split7", "--set", "train.split_seed=7") != reference

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from medseg.datasets import Case, Dataset, leaves_folder, list_dataset, strip_image_suffix
 from medseg.errors import MedsegError
-from medseg.io import Geometry, read_geometry, read_volume
+from medseg.io import Geometry, read_geometry, read_label_map, read_volume
 
 AFFINE_TOLERANCE_MM = 1e-3  # the tolerance training applies between image and label grids
 SPACING_OUTLIER_FACTOR = 2.0
@@ -147,15 +147,11 @@ def _check_image_voxels(file: Path, add) -> str | None:
 
 def _check_label_voxels(file: Path, labels: dict[int, str], add) -> None:
     try:
-        data = read_volume(file, dtype=None).data
+        data = read_label_map(file).data
     except MedsegError as exc:
         add(file, _message(exc))
         return
-    if data.dtype.kind == "f" and np.any(data != np.round(data)):
-        example = float(data[data != np.round(data)].flat[0])
-        add(file, f"label has non-integer values (e.g. {example:g})")
-        return
-    values = set(np.unique(data).astype(np.int64).tolist())
+    values = set(np.unique(data).tolist())
     known = set(labels) if labels else {v for v in values if v >= 0}
     unknown = sorted(values - known)
     if unknown:

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from medseg.datasets import IMAGE_SUFFIXES, strip_image_suffix
 from medseg.errors import MedsegError
-from medseg.io import read_volume
+from medseg.io import read_label_map
 from medseg.metrics import FAILED_SCORES, label_values, score_case
 
 Pair = tuple[str, Path | None, Path]
@@ -62,11 +62,19 @@ def pair_cases(pred_dir: Path, ref_dir: Path) -> list[Pair]:
             for r in references]
 
 
+def unpaired_predictions(pred_dir: Path, pairs: list[Pair]) -> list[str]:
+    """Cases with a prediction but no reference: not scored, and worth a word."""
+    paired = {case for case, _, _ in pairs}
+    return sorted(strip_image_suffix(p.name) for p in pred_dir.iterdir()
+                  if p.name.lower().endswith(IMAGE_SUFFIXES)
+                  and strip_image_suffix(p.name) not in paired)
+
+
 def infer_labels(pairs: list[Pair]) -> dict[int, str]:
     """Label ids seen in the references, named label_K, for when no label map is given."""
     ids: set[int] = set()
     for _, _, reference in pairs:
-        ids |= label_values(read_volume(reference, dtype=np.int32).data)
+        ids |= label_values(read_label_map(reference).data)
     return {k: ("background" if k == 0 else f"label_{k}") for k in sorted(ids)}
 
 
@@ -105,8 +113,8 @@ def evaluate_case(case: str, prediction: Path | None, reference: Path, labels: d
 def load_pair(prediction: Path, reference: Path, labels: dict[int, str], resample: bool = False
               ) -> LoadedPair:
     """Read both label maps; check (or with `resample`, make) a shared grid and known labels."""
-    ref = read_volume(reference, dtype=np.int32)
-    pred = read_volume(prediction, dtype=np.int32)
+    ref = read_label_map(reference)
+    pred = read_label_map(prediction)
     pred_data = pred.data.reshape(pred.spatial_shape)
     resampled = not same_grid(pred, ref)
     if resampled:

@@ -112,6 +112,20 @@ def read_volume(path: str | Path, dtype: type | None = np.float32, series_uid: s
     return volume
 
 
+def read_label_map(path: str | Path) -> Volume:
+    """A label map as int32. Labels stored as floats must hold whole numbers: a probability
+    map, or a mask resampled with linear interpolation, is refused instead of truncated."""
+    volume = read_volume(path, dtype=None)
+    data = volume.data
+    if data.dtype.kind == "f":
+        fractional = data != np.round(data)
+        if fractional.any():
+            raise MedsegError(f"label has non-integer values (e.g. "
+                              f"{float(data[fractional].flat[0]):g}); a label map holds "
+                              f"whole numbers", volume.path)
+    return Volume(data.astype(np.int32, copy=False), volume.geometry, volume.path)
+
+
 def write_mask(mask: np.ndarray, reference: Geometry | Volume | str | Path,
                path: str | Path) -> Path:
     """Write a label map onto the reference's grid as .nii.gz/.nii, .nrrd or .mha (by the

@@ -20,7 +20,7 @@ from medseg.config import PlanConfig
 from medseg.datasets import Dataset
 from medseg.errors import MedsegError
 from medseg.fileio import atomic_write_json
-from medseg.io import read_volume
+from medseg.io import read_label_map, read_volume
 
 SAMPLES_PER_CASE = 10_000
 MAX_LEVELS = 6  # resolution levels of the U-Net, bottleneck included
@@ -77,7 +77,7 @@ def fingerprint(dataset: Dataset, seed: int = 0) -> Fingerprint:
     spacings, shapes, class_voxels = [], [], {}
     samples: list[list[np.ndarray]] = [[] for _ in dataset.modalities]
     for case in tqdm(dataset.cases, desc="fingerprint", unit="case", leave=False):
-        label = read_volume(case.label, dtype=np.int64) if case.label else None
+        label = read_label_map(case.label) if case.label else None
         for channel, image_path in enumerate(case.images):
             image = read_volume(image_path)
             if label is not None:

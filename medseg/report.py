@@ -14,7 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from medseg.errors import MedsegError
-from medseg.evaluate import CaseScores, evaluate_pairs, infer_labels, pair_cases
+from medseg.evaluate import (
+    CaseScores,
+    evaluate_pairs,
+    infer_labels,
+    pair_cases,
+    unpaired_predictions,
+)
 from medseg.fileio import atomic_write_json, atomic_write_text
 from medseg.metrics import METRICS, is_present
 
@@ -52,6 +58,11 @@ def run_evaluation(pred_dir: Path, ref_dir: Path, labels_path: Path | None,
     for result in results:
         if result.error:
             print(f"  {result.case}: {result.error}", file=sys.stderr)
+    unscored = unpaired_predictions(pred_dir, pairs)
+    if unscored:
+        more = f" and {len(unscored) - 5} more" if len(unscored) > 5 else ""
+        print(f"medseg: note: {len(unscored)} prediction(s) without a reference in {ref_dir} "
+              f"were not scored: {', '.join(unscored[:5])}{more}", file=sys.stderr)
     if summary["resampled_cases"]:
         print(f"resampled onto the reference grid (nearest neighbour): "
               f"{', '.join(summary['resampled_cases'])}")

@@ -226,3 +226,15 @@ def test_totalseg_shift_is_fully_within_a_3mm_tolerance(totalseg):
     for k in sorted(labels):
         if k > 0 and (reference == k).any():
             assert result.scores[labels[k]]["nsd"] == 1.0, labels[k]
+
+
+def test_fractional_prediction_fails_and_unpaired_predictions_are_named(folders, tmp_path,
+                                                                        capsys):
+    probabilities = (phantom() > 0).astype(np.float32) * 0.6
+    nib.save(nib.Nifti1Image(probabilities, AFFINE), folders / "pred" / "c3.nii.gz")
+    save(folders / "pred" / "stray.nii.gz", phantom())
+    summary = run_evaluation(folders / "pred", folders / "ref", None, None)
+    err = capsys.readouterr().err
+    assert summary["failed_cases"] == ["c3"]
+    assert "c3.nii.gz: label has non-integer values (e.g. 0.6)" in err
+    assert "1 prediction(s) without a reference" in err and "stray" in err

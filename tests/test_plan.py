@@ -121,6 +121,13 @@ def test_fingerprint_refuses_unknown_label_values(tmp_path):
     nib.save(nib.Nifti1Image(data, label.affine), label_path)
     with pytest.raises(MedsegError, match=r"phantom_001.nii.gz: label values \[9\]"):
         fingerprint(load_dataset(tmp_path))
+    # a mask resampled with linear interpolation is refused, not truncated
+    smooth = data.astype(np.float32)
+    smooth[0, 0, 0] = 0.5
+    nib.save(nib.Nifti1Image(smooth, label.affine), label_path)
+    with pytest.raises(MedsegError, match=r"phantom_001.nii.gz: label has non-integer values "
+                                          r"\(e.g. 0.5\)"):
+        fingerprint(load_dataset(tmp_path))
 
 
 def test_fingerprint_refuses_shape_mismatch(tmp_path):

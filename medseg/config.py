@@ -130,6 +130,8 @@ def load_workflow(path: str | Path | None, overrides: list[str] | None = None) -
         raw = _read_yaml(Path(path))
     for item in overrides or []:
         _apply_override(raw, item)
+    if overrides:  # a bad value may come from either: name both
+        source = f"{source} with --set {' '.join(overrides)}"
     workflow = _build(Workflow, raw, source, prefix="")
     _check_values(workflow, source)
     return _resolve_paths(workflow)

@@ -45,6 +45,13 @@ def test_bad_values(override, message):
         load_workflow(None, [override])
 
 
+def test_a_bad_override_is_named(tmp_path):
+    path = write(tmp_path, "train:\n  epochs: 3\n")
+    with pytest.raises(MedsegError, match=r"wf.yaml with --set train.epochs=abc: "
+                                          r"'train.epochs' must be an integer, got 'abc'"):
+        load_workflow(path, ["train.epochs=abc"])
+
+
 def test_invalid_yaml_names_line(tmp_path):
     path = write(tmp_path, "train:\n  epochs: [1,\n")
     with pytest.raises(MedsegError, match="not valid YAML"):

@@ -145,11 +145,12 @@ def group_channels(paths: list[Path], channels: int) -> list[tuple[Path, ...]]:
         if match is None:
             raise MedsegError(f"the model takes {channels} channels: name the files "
                               f"CASE_0000 ... CASE_{channels - 1:04d}", path)
-        channel = cases.setdefault(match.group(1), {})
-        if int(match.group(2)) in channel:
-            raise MedsegError(f"{channel[int(match.group(2))]} and {path} are both channel "
-                              f"{int(match.group(2))} of case '{match.group(1)}'")
-        channel[int(match.group(2))] = path
+        case, channel = match.group(1), int(match.group(2))
+        files_of_case = cases.setdefault(case, {})
+        if channel in files_of_case:
+            raise MedsegError(f"{files_of_case[channel]} and {path} are both channel {channel} "
+                              f"of case '{case}'")
+        files_of_case[channel] = path
     grouped = []
     for case, files in sorted(cases.items()):
         if sorted(files) != list(range(channels)):

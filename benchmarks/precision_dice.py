@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from medseg.config import load_workflow
-from medseg.io import read_volume
+from medseg.io import read_label_map
 from medseg.metrics import dice
 from medseg.predict import load_predictor, predict_prepared, prepare_case
 
@@ -48,7 +48,7 @@ def main() -> None:
     disagreeing = total = 0
     for number, name in enumerate(cases, 1):
         case = prepare_case(predictor.plan, args.data / "imagesTr" / f"{name}.nii.gz")
-        reference = read_volume(args.data / "labelsTr" / f"{name}.nii.gz", dtype=np.int32)
+        reference = read_label_map(args.data / "labelsTr" / f"{name}.nii.gz")
         reference = reference.data.reshape(reference.spatial_shape)
         masks = {}
         for precision in PRECISIONS:

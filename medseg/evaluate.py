@@ -52,22 +52,30 @@ def pair_cases(pred_dir: Path, ref_dir: Path) -> list[Pair]:
     for folder in (pred_dir, ref_dir):
         if not folder.is_dir():
             raise MedsegError("folder not found", folder)
-    predictions = {strip_image_suffix(p.name): p for p in pred_dir.iterdir()
-                   if p.name.lower().endswith(IMAGE_SUFFIXES)}
-    references = sorted(p for p in ref_dir.iterdir()
-                        if p.name.lower().endswith(IMAGE_SUFFIXES))
+    predictions = volumes_by_case(pred_dir)
+    references = volumes_by_case(ref_dir)
     if not references:
         raise MedsegError("no reference volumes found", ref_dir)
-    return [(strip_image_suffix(r.name), predictions.get(strip_image_suffix(r.name)), r)
-            for r in references]
+    return [(case, predictions.get(case), references[case]) for case in sorted(references)]
 
 
 def unpaired_predictions(pred_dir: Path, pairs: list[Pair]) -> list[str]:
     """Cases with a prediction but no reference: not scored, and worth a word."""
-    paired = {case for case, _, _ in pairs}
-    return sorted(strip_image_suffix(p.name) for p in pred_dir.iterdir()
-                  if p.name.lower().endswith(IMAGE_SUFFIXES)
-                  and strip_image_suffix(p.name) not in paired)
+    return sorted(set(volumes_by_case(pred_dir)) - {case for case, _, _ in pairs})
+
+
+def volumes_by_case(folder: Path) -> dict[str, Path]:
+    """The volume files of a folder by case name (file name without its image suffix); two
+    files of one case (`a.nii.gz` and `a.nrrd`) are refused rather than one picked."""
+    volumes: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.lower().endswith(IMAGE_SUFFIXES):
+            case = strip_image_suffix(path.name)
+            if case in volumes:
+                raise MedsegError(f"{volumes[case].name} and {path.name} are both case "
+                                  f"'{case}'; keep one", folder)
+            volumes[case] = path
+    return volumes
 
 
 def infer_labels(pairs: list[Pair]) -> dict[int, str]:

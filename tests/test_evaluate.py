@@ -238,3 +238,9 @@ def test_fractional_prediction_fails_and_unpaired_predictions_are_named(folders,
     assert summary["failed_cases"] == ["c3"]
     assert "c3.nii.gz: label has non-integer values (e.g. 0.6)" in err
     assert "1 prediction(s) without a reference" in err and "stray" in err
+
+
+def test_two_files_of_one_case_are_refused(folders):
+    (folders / "ref" / "c1.nrrd").write_bytes(b"never read")
+    with pytest.raises(MedsegError, match=r"ref: c1.nii.gz and c1.nrrd are both case 'c1'"):
+        pair_cases(folders / "pred", folders / "ref")

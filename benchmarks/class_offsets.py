@@ -7,8 +7,9 @@ offsets for the scored cases themselves are printed too, as the most any offset 
     .venv/bin/python benchmarks/class_offsets.py --tune runs/bench_hippo_f1/run 1 \
         --apply runs/bench_hippo_nm/run 0 --data ../shared/data/Task04_Hippocampus
 
-Logits are the training validation's sliding window in the preprocessed space (the
-hippocampus images are already on the 1 mm grid). Searches offsets -0.6..0.6 for each
+Logits are the training validation's sliding window (with the run's predict.step and
+sw_batch_size) in the preprocessed space (the hippocampus images are already on the 1 mm
+grid). Searches offsets -0.6..0.6 for each
 structure (background fixed at 0).
 """
 
@@ -22,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medseg.config import load_workflow
 from medseg.metrics import dice
 from medseg.predict import load_predictor
 from medseg.train import sliding_window_logits
@@ -34,6 +36,7 @@ def validation_logits(run: Path, fold: int, data: Path) -> list[tuple[np.ndarray
     """(logits, reference) of each validation case of `fold`, by that fold's best weights."""
     predictor = load_predictor(run, folds=[fold], device="cpu")
     plan = predictor.plan
+    window = load_workflow(run / "workflow.yaml").predict
     names = json.loads((run / "splits.json").read_text(encoding="utf-8"))[fold]["val"]
     prepare = preprocessing(plan, with_label=True)
     cases = []
@@ -42,16 +45,20 @@ def validation_logits(run: Path, fold: int, data: Path) -> list[tuple[np.ndarray
                                  data / "labelsTr" / f"{name}.nii.gz"))
         with torch.no_grad():
             logits = sliding_window_logits(predictor.models[0], item[IMAGE].as_tensor()[None],
-                                           plan, 0.5, 4, None, torch.device("cpu"))
+                                           plan, window.step, window.sw_batch_size, None,
+                                           torch.device("cpu"))
         cases.append((logits[0].numpy(), item[LABEL].as_tensor()[0].numpy().astype(np.int64)))
     return cases
 
 
 def mean_dice(cases, offsets: tuple[float, ...]) -> np.ndarray:
+    """Mean Dice per structure when `offsets` are added to the structures' logits."""
     shift = np.array([0.0, *offsets])[:, None, None, None]
-    labels = range(1, len(offsets) + 1)
-    per_case = [[dice(prediction == k, reference == k) for k in labels]
-                for prediction, reference in (((lg + shift).argmax(0), ref) for lg, ref in cases)]
+    per_case = []
+    for logits, reference in cases:
+        prediction = (logits + shift).argmax(0)
+        per_case.append([dice(prediction == k, reference == k)
+                         for k in range(1, len(offsets) + 1)])
     return np.mean(per_case, axis=0)
 
 

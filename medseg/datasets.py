@@ -107,10 +107,16 @@ def label_names_from_json(path: str | Path) -> dict[int, str]:
         raise MedsegError("no 'labels' mapping found", path)
     try:
         if all(str(key).lstrip("-").isdigit() for key in table):
-            return {int(key): str(name) for key, name in table.items()}
-        return {int(value): str(name) for name, value in table.items()}  # nnU-Net: name -> id
+            labels = {int(key): str(name) for key, name in table.items()}
+        else:
+            labels = {int(value): str(name) for name, value in table.items()}  # nnU-Net
     except (TypeError, ValueError) as exc:
         raise MedsegError("label ids must be integers", path) from exc
+    names = list(labels.values())
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise MedsegError(f"label names must be unique; repeated: {', '.join(repeated)}", path)
+    return labels
 
 
 def make_splits(case_names: list[str], n_folds: int = 5, seed: int = 0,

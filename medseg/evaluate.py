@@ -79,10 +79,17 @@ def volumes_by_case(folder: Path) -> dict[str, Path]:
 
 
 def infer_labels(pairs: list[Pair]) -> dict[int, str]:
-    """Label ids seen in the references, named label_K, for when no label map is given."""
-    ids: set[int] = set()
-    for _, _, reference in pairs:
+    """Label ids seen in the references or the predictions, named label_K, for when no
+    label map is given: a label only a prediction has is a false positive to score, not an
+    unknown label. An unreadable prediction is left for its case to report as failed."""
+    ids: set[int] = {0}
+    for _, prediction, reference in pairs:
         ids |= label_values(read_label_map(reference).data)
+        if prediction is not None:
+            try:
+                ids |= label_values(read_label_map(prediction).data)
+            except MedsegError:
+                pass
     return {k: ("background" if k == 0 else f"label_{k}") for k in sorted(ids)}
 
 
@@ -107,12 +114,15 @@ def evaluate_pairs(pairs: list[Pair], labels: dict[int, str], tolerance_mm: floa
 
 def evaluate_case(case: str, prediction: Path | None, reference: Path, labels: dict[int, str],
                   tolerance_mm: float = 2.0, resample: bool = False) -> CaseScores:
-    """Scores of one case; a missing or unusable prediction is a failure, never an exception."""
+    """Scores of one case; a missing or unusable prediction is a failure, never an exception.
+    An unreadable reference is the user's error (MedsegError): nothing could be scored."""
     if prediction is None:
         return failed_case(case, labels, "no prediction for this case", reference=reference)
     try:
         pair = load_pair(prediction, reference, labels, resample)
     except MedsegError as exc:
+        if exc.path == reference:
+            raise
         return failed_case(case, labels, str(exc), prediction, reference)
     scores = score_case(pair.prediction, pair.reference, labels, pair.spacing, tolerance_mm)
     return CaseScores(case, scores, None, prediction, reference, pair.resampled)
@@ -128,8 +138,8 @@ def load_pair(prediction: Path, reference: Path, labels: dict[int, str], resampl
     if resampled:
         if not resample:
             raise MedsegError(f"not on the same grid as the reference "
-                              f"({grid_difference(pred, ref)}); pass --resample to resample "
-                              f"it by nearest neighbour", prediction)
+                              f"({grid_difference(pred, ref)}); `medseg evaluate --resample` "
+                              f"resamples it by nearest neighbour", prediction)
         pred_data = resample_nearest(pred_data, pred.affine, ref.spatial_shape, ref.affine)
     unknown = sorted(label_values(pred_data) - set(labels))
     if unknown:
@@ -154,10 +164,11 @@ def grid_difference(pred, ref) -> str:
 def resample_nearest(data: np.ndarray, affine: np.ndarray, shape: tuple[int, int, int],
                      target_affine: np.ndarray) -> np.ndarray:
     """Labels `data` (voxel-to-RAS `affine`) on the grid (`shape`, `target_affine`) by nearest
-    neighbour; 0 outside `data`."""
+    neighbour; 0 outside `data`. Points in the outer half of a border voxel take its label
+    (grid-constant): plain "constant" would give them 0 and shave the volume's edge."""
     voxel_to_voxel = np.linalg.inv(affine) @ target_affine
     return ndimage.affine_transform(data, voxel_to_voxel[:3, :3], offset=voxel_to_voxel[:3, 3],
-                                    output_shape=tuple(shape), order=0, mode="constant",
+                                    output_shape=tuple(shape), order=0, mode="grid-constant",
                                     cval=0)
 
 

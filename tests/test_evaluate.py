@@ -244,3 +244,60 @@ def test_two_files_of_one_case_are_refused(folders):
     (folders / "ref" / "c1.nrrd").write_bytes(b"never read")
     with pytest.raises(MedsegError, match=r"ref: c1.nii.gz and c1.nrrd are both case 'c1'"):
         pair_cases(folders / "pred", folders / "ref")
+
+
+def test_resample_keeps_the_outer_half_of_border_voxels(tmp_path):
+    """A structure touching the edge of a coarser prediction grid keeps its whole extent."""
+    reference = np.zeros((8, 8, 8), np.uint8)
+    reference[:4] = 1  # touches the lower x edge
+    coarse = reference[::2]  # the same segmentation on 2 mm along x
+    coarse_affine = np.diag([2.0, 1.0, 1.0, 1.0])
+    coarse_affine[0, 3] = 0.5  # coarse voxel centres midway between pairs of fine ones
+    save(tmp_path / "ref" / "c1.nii.gz", reference, np.eye(4))
+    save(tmp_path / "pred" / "c1.nii.gz", coarse, coarse_affine)
+    pair = load_pair(tmp_path / "pred" / "c1.nii.gz", tmp_path / "ref" / "c1.nii.gz",
+                     {0: "background", 1: "a"}, resample=True)
+    assert np.array_equal(pair.prediction, reference)
+
+
+def test_label_map_without_background_is_completed(folders, tmp_path):
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"1": "a", "2": "b"}), encoding="utf-8")
+    summary = run_evaluation(folders / "pred", folders / "ref", labels, None)
+    assert summary["failed_cases"] == ["c3"]  # only the case with no prediction
+    assert summary["structures"]["a"]["dice"]["n"] == 3
+
+
+def test_repeated_label_names_are_refused(tmp_path):
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"0": "background", "1": "liver", "2": "liver"}),
+                      encoding="utf-8")
+    with pytest.raises(MedsegError, match="repeated: liver"):
+        label_names_from_json(labels)
+
+
+def test_inferred_labels_include_false_positive_labels(tmp_path):
+    reference = np.zeros((10, 10, 10), np.uint8)
+    reference[2:6, 2:6, 2:6] = 1
+    prediction = reference.copy()
+    prediction[8, 8, 8] = 2  # a label the reference does not have
+    save(tmp_path / "ref" / "c1.nii.gz", reference)
+    save(tmp_path / "pred" / "c1.nii.gz", prediction)
+    summary = run_evaluation(tmp_path / "pred", tmp_path / "ref", None, None)
+    assert summary["failed_cases"] == []
+    assert summary["structures"]["label_1"]["dice"]["mean"] == 1.0
+    assert summary["structures"]["label_2"]["dice"]["mean"] == 0.0
+
+
+def test_unreadable_reference_is_a_user_error_with_or_without_labels(folders, tmp_path):
+    (folders / "ref" / "c2.nii.gz").write_bytes(b"not a nifti")
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"1": "a", "2": "b"}), encoding="utf-8")
+    for labels_path in (None, labels):
+        with pytest.raises(MedsegError, match="c2.nii.gz"):
+            run_evaluation(folders / "pred", folders / "ref", labels_path, None)
+
+
+def test_error_messages_are_one_line():
+    error = MedsegError("expected 100 bytes\n - could the file be damaged?", "x.nii")
+    assert str(error) == "x.nii: expected 100 bytes - could the file be damaged?"

@@ -109,14 +109,17 @@ def write_reports(results: list[CaseScores], out_dir: Path, labels: dict[int, st
     """Write scores.csv (a row per case and structure), summary.json and (with `html`)
     report.html into out_dir; return the summary. `labels` (id -> name) lets the report
     draw the overlay montages."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "scores.csv", scores_csv(results))
     summary = summarize(results, tolerance_mm)
-    atomic_write_json(out_dir / "summary.json", _json_safe(summary))
-    if html:
+    page = None
+    if html:  # rendered first, so that a failure leaves no new CSV beside an old report
         from medseg.report_html import render_report
 
-        atomic_write_text(out_dir / "report.html", render_report(results, summary, labels))
+        page = render_report(results, summary, labels)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "scores.csv", scores_csv(results))
+    atomic_write_json(out_dir / "summary.json", _json_safe(summary))
+    if page is not None:
+        atomic_write_text(out_dir / "report.html", page)
     return summary
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medseg.config import check_in_range, load_workflow
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, unwrap_transform_error
 
 DEMO_MARKER = ".medseg-demo"
 EXIT_USER_ERROR = 2
@@ -45,7 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # one line for the user; the traceback is behind --debug
         if args.debug:
             raise
-        print(f"medseg: error: {type(exc).__name__}: {exc} (rerun with --debug for the "
+        cause = unwrap_transform_error(exc)
+        if isinstance(cause, MedsegError):
+            print(f"medseg: error: {cause}", file=sys.stderr)
+            return EXIT_USER_ERROR
+        text = " ".join(str(cause).split())
+        print(f"medseg: error: {type(cause).__name__}: {text} (rerun with --debug for the "
               f"traceback)", file=sys.stderr)
         return 1
 
@@ -369,7 +374,8 @@ def _parser() -> argparse.ArgumentParser:
     common.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     dicom = argparse.ArgumentParser(add_help=False)
     dicom.add_argument("--series", default=None, metavar="UID",
-                       help="SeriesInstanceUID for DICOM folders that hold several series")
+                       help="SeriesInstanceUID to read from DICOM folders that hold several "
+                       "series (a folder with one series is read as it is)")
     dicom.add_argument("--resample-irregular", action="store_true",
                        help="resample a tilted or unevenly spaced DICOM series onto a regular "
                             "grid instead of refusing it")

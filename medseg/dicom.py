@@ -204,7 +204,7 @@ def _scan(path: Path) -> dict[str, list[Frame]]:
 
 def _choose_series(groups: dict[str, list[Frame]], series_uid: str | None,
                    path: Path) -> list[Frame]:
-    if series_uid is not None:
+    if series_uid is not None and len(groups) > 1:  # a one-series folder is read as it is
         if series_uid not in groups:
             raise MedsegError(f"no series {series_uid}; the folder holds {_listing(groups)}",
                               path)

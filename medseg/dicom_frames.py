@@ -78,6 +78,9 @@ def decode_file(path: Path) -> tuple[np.ndarray, bool]:
         dataset = pydicom.dcmread(path)
     except Exception as exc:
         raise MedsegError(f"DICOM file cannot be read ({_one_line(exc)})", path) from exc
+    if "PixelData" not in dataset or "Rows" not in dataset or "Columns" not in dataset:
+        # pydicom reads a file cut short inside its pixel data as an empty dataset (a warning)
+        raise MedsegError("DICOM file holds no readable pixel data (cut short?)", path)
     rows, columns = int(dataset.Rows), int(dataset.Columns)
     try:
         pixels = dataset.pixel_array
@@ -107,15 +110,17 @@ def _frame(top: Dataset, geometry: Dataset, path: Path, index: int | None,
     rescale = rescale if rescale is not None else top
     spacing = [float(v) for v in measures.PixelSpacing]
     thickness = measures.get("SpacingBetweenSlices") or measures.get("SliceThickness")
+    position = np.array([float(v) for v in geometry.ImagePositionPatient], dtype=float)
+    orientation = np.array([float(v) for v in geometry.ImageOrientationPatient], dtype=float)
+    _check_geometry(position, orientation, spacing, path, index)
     return Frame(
         path=path,
         index=index,
         series_uid=str(top.get("SeriesInstanceUID", "") or ""),
         description=str(top.get("SeriesDescription", "") or ""),
         shape=(int(top.Rows), int(top.Columns)),
-        position=np.array([float(v) for v in geometry.ImagePositionPatient], dtype=float),
-        orientation=np.array([float(v) for v in geometry.ImageOrientationPatient],
-                             dtype=float),
+        position=position,
+        orientation=orientation,
         pixel_spacing=(spacing[0], spacing[1]),
         slope=float(rescale.get("RescaleSlope", 1.0) or 1.0),
         intercept=float(rescale.get("RescaleIntercept", 0.0) or 0.0),
@@ -161,3 +166,23 @@ def _stored_range(header: Dataset) -> tuple[int, int]:
 def _one_line(exc: Exception) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[-1] if lines else type(exc).__name__
+
+
+def _check_geometry(position: np.ndarray, orientation: np.ndarray, spacing: list[float],
+                    path: Path, index: int | None) -> None:
+    """Refuse what would place voxels nowhere or in a sheared space: non-finite positions,
+    non-positive pixel spacing, direction cosines that are not two orthogonal unit vectors."""
+    where = "" if index is None else f" (frame {index + 1})"
+    if position.shape != (3,) or not np.isfinite(position).all():
+        raise MedsegError(f"ImagePositionPatient {position.tolist()} is not three finite "
+                          f"numbers{where}", path)
+    if len(spacing) != 2 or not all(np.isfinite(s) and s > 0 for s in spacing):
+        raise MedsegError(f"PixelSpacing {spacing} is not two finite numbers > 0{where}", path)
+    if orientation.shape != (6,) or not np.isfinite(orientation).all():
+        raise MedsegError(f"ImageOrientationPatient {orientation.tolist()} is not six finite "
+                          f"numbers{where}", path)
+    row, column = orientation[:3], orientation[3:]
+    unit = abs(np.linalg.norm(row) - 1) <= 1e-3 and abs(np.linalg.norm(column) - 1) <= 1e-3
+    if not unit or abs(float(row @ column)) > 1e-3:
+        raise MedsegError(f"ImageOrientationPatient {orientation.tolist()} is not two "
+                          f"orthogonal unit vectors{where}", path)

@@ -12,3 +12,12 @@ class MedsegError(Exception):
         self.path = None if path is None else Path(path)
         message = " ".join(message.split())  # one line, even when a library's text has several
         super().__init__(f"{self.path}: {message}" if self.path is not None else message)
+
+
+def unwrap_transform_error(exc: BaseException) -> BaseException:
+    """The error a MONAI transform raised: MONAI wraps it in a RuntimeError that only names
+    the transform object ("applying transform <... at 0x...>"), its cause in __cause__."""
+    while (isinstance(exc, RuntimeError) and str(exc).startswith("applying transform")
+           and exc.__cause__ is not None):
+        exc = exc.__cause__
+    return exc

@@ -136,18 +136,20 @@ def write_mask(mask: np.ndarray, reference: Geometry | Volume | str | Path,
         raise MedsegError(f"mask shape {mask.shape} does not match the input's "
                           f"{tuple(geometry.shape)}", where)
     dtype = np.uint8 if mask.max(initial=0) < 256 else np.uint16
-    return write_volume(np.asarray(mask).astype(dtype), geometry, path)
+    return write_volume(np.asarray(mask).astype(dtype), geometry, path, label_map=True)
 
 
-def write_volume(data: np.ndarray, geometry: Geometry, path: str | Path) -> Path:
-    """Write voxels with the given geometry, atomically; the format follows the extension."""
+def write_volume(data: np.ndarray, geometry: Geometry, path: str | Path,
+                 label_map: bool = False) -> Path:
+    """Write voxels with the given geometry, atomically; the format follows the extension.
+    A `label_map` in NIfTI says so (intent 'label') and drops the source's display window."""
     path = Path(path)
     if not path.name.lower().endswith(WRITE_SUFFIXES):
         raise MedsegError(f"cannot write this format; use one of {', '.join(WRITE_SUFFIXES)}",
                           path)
     with atomic_path(path) as tmp:
         if is_nifti(path):
-            nib.save(_nifti_image(data, geometry), str(tmp))
+            nib.save(_nifti_image(data, geometry, label_map), str(tmp))
         else:
             from medseg.itkio import write_itk
 
@@ -182,7 +184,7 @@ def load_nifti(path: str | Path) -> nib.Nifti1Image:
     except Exception as exc:  # nibabel raises many types for broken headers
         raise MedsegError(f"not a readable NIfTI file ({exc})", path) from exc
     _check_header(image, path)
-    _check_raw_spacing(path)
+    _check_raw_spacing(path, type(image.header))
     return image
 
 
@@ -252,7 +254,7 @@ def _as_geometry(reference: Geometry | Volume | str | Path) -> Geometry:
     return read_geometry(reference)
 
 
-def _nifti_image(data: np.ndarray, geometry: Geometry) -> nib.Nifti1Image:
+def _nifti_image(data: np.ndarray, geometry: Geometry, label_map: bool) -> nib.Nifti1Image:
     """A NIfTI image on the geometry's grid: the source header when there is one (codes
     kept), otherwise qform and sform set to the affine with the scanner code."""
     if geometry.nifti_header is None:
@@ -260,22 +262,30 @@ def _nifti_image(data: np.ndarray, geometry: Geometry) -> nib.Nifti1Image:
         image.set_qform(geometry.affine, code=SCANNER_CODE)
         image.set_sform(geometry.affine, code=SCANNER_CODE)
         image.header.set_xyzt_units("mm")
+        if label_map:
+            image.header.set_intent("label")
         return image
     source = geometry.nifti_header
     header = source.copy()
     header.set_data_dtype(data.dtype)
     header.set_slope_inter(1.0, 0.0)
-    image = nib.Nifti1Image(data, None, header=header)
+    if label_map:  # the scan's display window would make viewers show the labels black
+        header["cal_min"], header["cal_max"] = 0, 0
+        header["descrip"] = b""
+        header.set_intent("label")
+    image_class = nib.Nifti2Image if isinstance(source, nib.Nifti2Header) else nib.Nifti1Image
+    image = image_class(data, None, header=header)
     image.set_qform(source.get_qform(), code=int(source["qform_code"]))
     image.set_sform(source.get_sform(), code=int(source["sform_code"]))
     return image
 
 
-def _check_raw_spacing(path: Path) -> None:
+def _check_raw_spacing(path: Path, header_class: type[nib.Nifti1Header]) -> None:
     """nibabel quietly turns a zero pixdim into 1 on load; a zero or NaN spacing in the
-    file is refused instead when the affine depends on it (no sform)."""
+    file is refused instead when the affine depends on it (no sform). `header_class` is the
+    loaded image's (NIfTI-1 or NIfTI-2: their layouts differ)."""
     with nib.openers.ImageOpener(str(path)) as handle:
-        raw = nib.Nifti1Header.from_fileobj(handle, check=False)
+        raw = header_class.from_fileobj(handle, check=False)
     if int(raw["sform_code"]) > 0:
         return
     pixdim = np.asarray(raw["pixdim"][1:4], dtype=float)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from medseg.config import PredictConfig
 from medseg.datasets import strip_image_suffix
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, unwrap_transform_error
 from medseg.inference import (
     accumulator_bytes,
     axis_maps,
@@ -31,7 +31,7 @@ from medseg.inference import (
     stream_probabilities,
     window_batch_size,
 )
-from medseg.io import VOLUME_SUFFIXES, Geometry, Volume, read_volume, write_mask
+from medseg.io import MAX_VOXELS, VOLUME_SUFFIXES, Geometry, Volume, read_volume, write_mask
 from medseg.model import create_model, load_weights
 from medseg.plan import Plan, load_plan
 from medseg.postprocess import postprocess
@@ -105,13 +105,17 @@ def load_predictor(run_dir: str | Path, folds: list[int] | None = None,
 
 
 def collect_inputs(inputs: list[str | Path]) -> list[Path]:
-    """Files as given; a folder of volume files expands to them (sorted), any other folder is
-    one DICOM series input. A file named twice (itself and through its folder) counts once."""
+    """Files as given; a folder of volume files expands to them (sorted; hidden files such as
+    macOS `._x.nii.gz` left out), any other folder is one DICOM series input. A file named
+    twice (itself and through its folder) counts once."""
     paths: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found = sorted(p for p in item.iterdir()
-                           if p.is_file() and p.name.lower().endswith(VOLUME_SUFFIXES))
+            found = sorted(p for p in item.iterdir() if p.is_file()
+                           and not p.name.startswith(".")
+                           and p.name.lower().endswith(VOLUME_SUFFIXES))
+            if found:
+                _note_skipped_subfolders(item)
             paths.extend(found or [item])
         elif item.is_file():
             paths.append(item)
@@ -123,10 +127,22 @@ def collect_inputs(inputs: list[str | Path]) -> list[Path]:
     return list(unique.values())
 
 
+def _note_skipped_subfolders(folder: Path) -> None:
+    """A folder of volume files is a batch of those files; its subfolders (a DICOM series
+    among them?) are not read, and the user should hear of it."""
+    subfolders = sorted(p.name for p in folder.iterdir()
+                        if p.is_dir() and not p.name.startswith("."))
+    if subfolders:
+        more = f" and {len(subfolders) - 3} more" if len(subfolders) > 3 else ""
+        tqdm.write(f"medseg: note: {folder} holds volume files, so its subfolders are not "
+                   f"read ({', '.join(subfolders[:3])}{more}); give a DICOM series folder as "
+                   f"an input of its own", file=sys.stderr)
+
+
 def output_name(path: Path) -> str:
     """`case_0000.nii.gz` (nnU-Net channel 0) and `case.nii.gz` both give `case.nii.gz`; a
-    DICOM folder `case/` or file `case.dcm` gives `case.nii.gz`."""
-    stem = strip_image_suffix(path.name)
+    DICOM folder `case/` or file `case.dcm` gives `case.nii.gz` (`.` names the folder it is)."""
+    stem = strip_image_suffix(Path(os.path.abspath(path)).name)
     if stem.lower().endswith(".dcm"):
         stem = stem[: -len(".dcm")]
     if stem.endswith("_0000"):
@@ -184,8 +200,20 @@ def prepare_case(plan: Plan, volume: Volume | Path | list[Volume | Path],
                                                             resample_irregular)
                 for c in channels]
     geometry = channels[0].geometry
+    _refuse_huge_network_grid(geometry, plan, channels[0].path)
     image = preprocessing(plan, with_label=False)(case_dict(channels))[IMAGE]
     return PreparedCase(image.as_tensor(), image.affine.numpy().astype(np.float64), geometry)
+
+
+def _refuse_huge_network_grid(geometry: Geometry, plan: Plan, path: Path | None) -> None:
+    """A header whose spacing is far off (40 mm for 1 mm, say) would make resampling to the
+    plan's spacing allocate tens of GB: refuse it before, in one line."""
+    extent = np.prod(np.asarray(geometry.shape, float) * np.asarray(geometry.spacing))
+    voxels = float(extent / np.prod(plan.target_spacing))
+    if voxels > MAX_VOXELS:
+        spacing = ", ".join(f"{s:g}" for s in geometry.spacing)
+        raise MedsegError(f"at the model's spacing this volume would have {voxels:.3g} voxels "
+                          f"(more than 2^31): is its voxel spacing ({spacing} mm) right?", path)
 
 
 def predict_volume(predictor: Predictor, volume: Volume | Path | list[Volume | Path],
@@ -229,6 +257,7 @@ def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
     index, count = shard
     cases = group_channels(inputs, predictor.plan.in_channels)
     _refuse_clashing_outputs(cases)
+    _refuse_writing_onto_inputs(inputs, output_dir)
     cases = cases[index::count]
     _check_postprocess_labels(config, predictor.plan)
     if config.tta and not predictor.plan.mirror_axes:
@@ -236,6 +265,7 @@ def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
                    "mirroring (plan.mirror_axes is empty)", file=sys.stderr)
     output_dir.mkdir(parents=True, exist_ok=True)
     results: list[PredictionResult | None] = [None] * len(cases)
+    finished: dict[int, float] = {}
     todo = []
     for position, files in enumerate(cases):
         target = output_dir / output_name(files[0])
@@ -263,20 +293,22 @@ def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
                 if following is not None and _read_ahead_fits(case, predictor.plan):
                     upcoming = reader.submit(read, following)
                 mask = predict_prepared(predictor, case, config)
-                writes.append((position, files[0], target, started,
-                               writer.submit(_finish_mask, mask, case.geometry, target, config)))
+                future = writer.submit(_finish_mask, mask, case.geometry, target, config)
+                # the bar and the case's time advance when its mask is on disk
+                future.add_done_callback(partial(_written, finished, position, bar))
+                writes.append((position, files[0], target, started, future))
                 del case, mask
             except CASE_ERRORS as exc:
-                results[position] = _failure(files[0], started, exc, bar)
+                results[position] = _failure(files[0], started, exc)
+                bar.update(1)
             if upcoming is None and following is not None:
                 upcoming = reader.submit(read, following)
         for position, path, target, started, future in writes:
             try:
                 future.result()
-                results[position] = PredictionResult(path, target, time.monotonic() - started)
-                bar.update(1)
+                results[position] = PredictionResult(path, target, finished[position] - started)
             except CASE_ERRORS as exc:
-                results[position] = _failure(path, started, exc, bar)
+                results[position] = _failure(path, started, exc)
     bar.close()
     return [r for r in results if r is not None]
 
@@ -291,6 +323,16 @@ def _refuse_clashing_outputs(cases: list[tuple[Path, ...]]) -> None:
             raise MedsegError(f"inputs {first_with[name]} and {files[0]} would both be written "
                               f"as {name}; predict them into different --output folders")
         first_with[name] = files[0]
+
+
+def _refuse_writing_onto_inputs(inputs: list[Path], output_dir: Path) -> None:
+    """A mask named as its scan (`case.nii.gz`) in the scan's folder would replace it (with
+    --overwrite) or be taken for a finished output: refuse before any work."""
+    outputs = {(output_dir / output_name(path)).resolve() for path in inputs}
+    for path in inputs:
+        if path.resolve() in outputs:
+            raise MedsegError(f"--output {output_dir} would write a mask over this input; "
+                              f"choose another output folder", path)
 
 
 def _read_ahead_fits(case: PreparedCase, plan: Plan) -> bool:
@@ -309,12 +351,17 @@ def _finish_mask(mask: np.ndarray, geometry: Geometry, target: Path,
     write_mask(mask, geometry, target)
 
 
-def _failure(path: Path, started: float, exc: Exception, bar) -> PredictionResult:
-    """One line naming the case (the error's own file when it has one)."""
-    named = isinstance(exc, MedsegError) and exc.path is not None
-    message = str(exc) if named else f"{path}: {exc}"
-    tqdm.write(f"medseg: error: {message}", file=sys.stderr)
+def _written(finished: dict[int, float], position: int, bar: tqdm, _future) -> None:
+    finished[position] = time.monotonic()
     bar.update(1)
+
+
+def _failure(path: Path, started: float, exc: BaseException) -> PredictionResult:
+    """One line naming the case (the error's own file when it has one)."""
+    exc = unwrap_transform_error(exc)
+    named = isinstance(exc, MedsegError) and exc.path is not None
+    message = str(exc) if named else " ".join(f"{path}: {exc}".split())
+    tqdm.write(f"medseg: error: {message}", file=sys.stderr)
     return PredictionResult(path, None, time.monotonic() - started, message)
 
 

@@ -137,3 +137,18 @@ def test_predict_of_one_unreadable_volume_exits_2(trained_run, tmp_path, capsys)
     assert code == 2
     assert "bad.nii.gz" in capsys.readouterr().err
     assert not any((tmp_path / "out").iterdir())
+
+
+def test_errors_inside_monai_transforms_are_unwrapped():
+    from medseg.errors import unwrap_transform_error
+
+    cause = MemoryError("you tried to allocate 59303909136 bytes")
+    try:
+        try:
+            raise cause
+        except MemoryError as exc:
+            raise RuntimeError("applying transform <Spacingd object at 0x7f>") from exc
+    except RuntimeError as wrapped:
+        assert unwrap_transform_error(wrapped) is cause
+    plain = RuntimeError("applying nothing")
+    assert unwrap_transform_error(plain) is plain

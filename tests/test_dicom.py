@@ -85,6 +85,9 @@ def test_several_series_are_listed_and_one_can_be_chosen(tmp_path):
     with pytest.raises(MedsegError, match="no series 9.9"):
         read_volume(tmp_path, series_uid="9.9")
     assert sorted(s.uid for s in list_series(tmp_path)) == ["1.2.3.4.1", "1.2.3.4.2"]
+    # a folder with one series is read as it is: --series picks among several
+    only = read_volume(tmp_path / "a", series_uid="1.2.3.4.2")
+    assert only.spatial_shape == (COLUMNS, ROWS, SLICES)
 
 
 def test_two_series_in_one_folder_get_no_batch_hint(tmp_path):
@@ -243,3 +246,37 @@ def test_convert_dicom_to_nifti_and_nrrd(tmp_path):
     nrrd = read_volume(convert_volume(tmp_path / "dcm", tmp_path / "ct.nrrd"))
     np.testing.assert_allclose(nrrd.affine, expected_affine(positions[0], 2.5), atol=1e-9)
     np.testing.assert_array_equal(nrrd.data, as_volume(stored))
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"spacing": (0.0, 0.7)}, "PixelSpacing [0.0, 0.7] is not two finite numbers > 0"),
+    ({"orientation": (0, 0, 0, 0, 0, 0)}, "is not two orthogonal unit vectors"),
+    ({"orientation": (1, 0, 0, 0.5, 0.866025, 0)}, "is not two orthogonal unit vectors"),
+])
+def test_impossible_geometry_is_refused_naming_the_tag(tmp_path, change, message):
+    write_series(tmp_path, stored_values(), axial_positions(SLICES), **change)
+    with pytest.raises(MedsegError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        read_volume(tmp_path)
+
+
+def test_non_finite_position_is_refused(tmp_path):
+    positions = axial_positions(SLICES)
+    positions[1] = (float("nan"), 0.0, 0.0)
+    write_series(tmp_path, stored_values(), positions)
+    with pytest.raises(MedsegError, match="ImagePositionPatient .* is not three finite"):
+        read_volume(tmp_path)
+
+
+def test_a_slice_without_pixel_data_is_refused_naming_the_file(tmp_path):
+    """As pydicom reads a file cut short inside compressed pixel data: header, no pixels."""
+    import pydicom
+
+    paths = write_series(tmp_path, stored_values(), axial_positions(SLICES))
+    dataset = pydicom.dcmread(paths[2])
+    del dataset.PixelData
+    dataset.save_as(paths[2])
+    with pytest.raises(MedsegError, match="IM0002.dcm: DICOM file holds no readable pixel"):
+        read_volume(tmp_path)
+    paths[1].write_bytes(paths[1].read_bytes()[:-20])  # cut short inside native pixel data
+    with pytest.raises(MedsegError, match="IM0001.dcm"):
+        read_volume(tmp_path)

@@ -286,3 +286,18 @@ def test_hostile_input_one_line_naming_the_file_nothing_written(tmp_path, name):
     if name.startswith("huge"):
         assert "2^31" in message
     assert list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize("sform_code", [2, 0])
+def test_nifti2_is_read_and_its_mask_written_as_nifti2(tmp_path, sform_code):
+    affine = oblique_lps_affine()
+    image = nib.Nifti2Image(np.arange(60, dtype=np.int16).reshape(3, 4, 5), affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine if sform_code else None, code=sform_code)
+    nib.save(image, tmp_path / "scan.nii.gz")
+    volume = read_volume(tmp_path / "scan.nii.gz")
+    np.testing.assert_allclose(volume.affine, affine, atol=1e-5)
+    write_mask(np.ones((3, 4, 5), np.uint8), volume, tmp_path / "mask.nii.gz")
+    mask = nib.load(tmp_path / "mask.nii.gz")
+    assert isinstance(mask, nib.Nifti2Image)
+    np.testing.assert_allclose(mask.affine, affine, atol=1e-5)

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -149,3 +151,57 @@ def test_tta_mirrors_only_the_plan_axes():
     assert _mirror_combinations([0, 2]) == [(), (2,), (4,), (2, 4)]
     assert _mirror_combinations([]) == [()]
     assert len(set(_mirror_combinations([0, 1, 2]))) == 8
+
+
+def test_a_mask_is_never_written_over_its_input(trained_run, inputs, tmp_path):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    scan = folder / "case.nii.gz"
+    scan.write_bytes((inputs / "ras_qform_only.nii.gz").read_bytes())
+    before = scan.read_bytes()
+    predictor = load_predictor(trained_run)
+    with pytest.raises(MedsegError, match="would write a mask over this input"):
+        predict_paths(predictor, collect_inputs([folder]), folder, PredictConfig(),
+                      overwrite=True)
+    assert scan.read_bytes() == before
+
+
+def test_hidden_files_are_left_out_and_subfolders_noted(inputs, tmp_path, capsys):
+    folder = tmp_path / "scans"
+    (folder / "patient_dicom").mkdir(parents=True)
+    (folder / "case.nii.gz").write_bytes((inputs / "ras_qform_only.nii.gz").read_bytes())
+    (folder / "._case.nii.gz").write_bytes(b"macOS resource fork")
+    assert [p.name for p in collect_inputs([folder])] == ["case.nii.gz"]
+    assert "patient_dicom" in capsys.readouterr().err
+
+
+def test_output_name_of_the_current_folder(tmp_path, monkeypatch):
+    series = tmp_path / "patient7"
+    series.mkdir()
+    monkeypatch.chdir(series)
+    assert output_name(Path(".")) == "patient7.nii.gz"
+    assert output_name(Path("./")) == "patient7.nii.gz"
+
+
+def test_a_volume_whose_spacing_is_far_off_is_refused_in_one_line(trained_run, tmp_path):
+    predictor = load_predictor(trained_run)
+    data = np.zeros((40, 40, 40), np.int16)
+    nib.save(nib.Nifti1Image(data, np.diag([400.0, 400.0, 400.0, 1.0])), tmp_path / "x.nii.gz")
+    results = predict_paths(predictor, [tmp_path / "x.nii.gz"], tmp_path / "out",
+                            PredictConfig())
+    assert "is its voxel spacing (400, 400, 400 mm) right?" in results[0].error
+    assert "x.nii.gz" in results[0].error and "\n" not in results[0].error
+
+
+def test_masks_are_labelled_as_such_in_their_header(trained_run, inputs, tmp_path):
+    source = nib.load(inputs / "ras_qform_only.nii.gz")
+    windowed = nib.Nifti1Image(np.asarray(source.dataobj), source.affine, source.header)
+    windowed.header["cal_min"], windowed.header["cal_max"] = -1000, 3000
+    windowed.header["descrip"] = b"T1 MPRAGE"
+    nib.save(windowed, tmp_path / "case.nii.gz")
+    predictor = load_predictor(trained_run)
+    predict_paths(predictor, [tmp_path / "case.nii.gz"], tmp_path / "out", PredictConfig())
+    header = nib.load(tmp_path / "out" / "case.nii.gz").header
+    assert (float(header["cal_min"]), float(header["cal_max"])) == (0.0, 0.0)
+    assert header["descrip"].tobytes().strip(b"\0") == b""
+    assert int(header["intent_code"]) == 1002  # NIFTI_INTENT_LABEL

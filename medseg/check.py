@@ -74,7 +74,7 @@ def check_dataset(path: str | Path, layout: str = "auto") -> CheckReport:
     listing = list_dataset(path, layout)
     dataset = listing.dataset
     problems = [Problem("error", _name_of(file), file, reason)
-                for file, reason in listing.orphans]
+                for file, reason in (*listing.clashes, *listing.orphans)]
     facts = []
     for case in tqdm(dataset.cases, desc="check", unit="case", leave=False):
         found, case_facts = _check_case(case, dataset)

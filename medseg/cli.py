@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import io
 import json
@@ -24,6 +25,7 @@ from medseg.config import check_in_range, load_workflow
 from medseg.errors import MedsegError, unwrap_transform_error
 
 DEMO_MARKER = ".medseg-demo"
+FOLDS_FILE = "folds.json"  # the folds `train` was asked for, which `--resume` continues
 EXIT_USER_ERROR = 2
 
 
@@ -75,9 +77,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"[1/4] writing 12 synthetic CT phantoms to {out / 'data'}")
     write_phantom_dataset(out / "data", n_train=8, n_test=4, seed=args.seed)
     workflow_path = _demo_workflow_path()
-    overrides = [f"dataset.path={out / 'data'}", *args.overrides]
     print(f"[2/4] training with {workflow_path}")
-    workflow = load_workflow(workflow_path, overrides)
+    workflow = load_workflow(workflow_path, args.overrides)
+    # set on the workflow, not as an override: YAML would read " #" in a path as a comment
+    workflow = dataclasses.replace(
+        workflow, dataset=dataclasses.replace(workflow.dataset, path=str(out / "data")))
     run_dir = out / "run"
     _train_run(workflow, run_dir, folds=[workflow.train.fold], overwrite=True)
     print(f"[3/4] segmenting the 4 held-out phantoms into {out / 'predictions'}")
@@ -197,6 +201,7 @@ def _train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool) -> li
         save_fingerprint(fp, run_dir / "fingerprint.json")
         save_plan(plan, run_dir / "plan.json")
         atomic_write_json(run_dir / "splits.json", splits)
+        atomic_write_json(run_dir / FOLDS_FILE, folds)  # what --resume continues
     return [train_fold(workflow, dataset, plan, splits[k], run_dir / f"fold_{k}")
             for k in folds]
 
@@ -233,11 +238,10 @@ def _resume_run(run_dir: Path, fold_text: str | None) -> list:
     ds = workflow.dataset
     dataset = load_dataset(ds.path, ds.layout, ds.modality, ds.labels)
     if fold_text is None:
-        started = sorted(int(p.name.split("_")[1]) for p in run_dir.glob("fold_*")
-                         if (p / "checkpoints" / TRAIN_STATE).is_file())
-        folds = started or [workflow.train.fold]
+        folds = _requested_folds(run_dir, workflow.train.fold)
     else:
         folds = _parse_folds(fold_text, workflow.train.folds, workflow.train.fold)
+    _refuse_changed_dataset(dataset, splits, folds, splits_path)
     # decided before any training, so that every torchrun rank decides the same
     resumes = [(run_dir / f"fold_{fold}" / "checkpoints" / TRAIN_STATE).is_file()
                for fold in folds]
@@ -250,9 +254,42 @@ def _resume_run(run_dir: Path, fold_text: str | None) -> list:
     return results
 
 
-def _predict(model: Path, inputs: list[str], output: Path, options: _PredictOptions) -> list:
-    import dataclasses
+def _requested_folds(run_dir: Path, default_fold: int) -> list[int]:
+    """The folds `medseg train` was asked for (all of them after `--fold all`, started or
+    not); for a run folder from before folds.json, the folds with a saved state."""
+    from medseg.train import TRAIN_STATE
 
+    path = run_dir / FOLDS_FILE
+    if path.is_file():
+        try:
+            folds = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise MedsegError(f"not valid JSON ({exc})", path) from exc
+        if not (isinstance(folds, list) and folds
+                and all(isinstance(k, int) and k >= 0 for k in folds)):
+            raise MedsegError(f"expected a list of fold numbers, got {folds!r}", path)
+        return folds
+    started = sorted(int(p.name.split("_")[1]) for p in run_dir.glob("fold_*")
+                     if (p / "checkpoints" / TRAIN_STATE).is_file())
+    return started or [default_fold]
+
+
+def _refuse_changed_dataset(dataset, splits: list, folds: list[int], splits_path: Path) -> None:
+    """Resuming needs every case of the run's splits still in the dataset."""
+    if any(k >= len(splits) for k in folds):
+        raise MedsegError(f"holds {len(splits)} folds; fold {max(folds)} was asked for",
+                          splits_path)
+    names = {case.name for case in dataset.cases}
+    missing = sorted({n for k in folds for part in ("train", "val") for n in splits[k][part]}
+                     - names)
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise MedsegError(f"the dataset no longer has case(s) {', '.join(missing[:3])}{more} "
+                          f"of these splits: resume on the dataset the run was trained on",
+                          splits_path)
+
+
+def _predict(model: Path, inputs: list[str], output: Path, options: _PredictOptions) -> list:
     from medseg.predict import collect_inputs, load_predictor, parse_shard, predict_paths
 
     shard = parse_shard(options.shard)

@@ -152,15 +152,32 @@ def save_workflow(workflow: Workflow, path: Path) -> None:
     atomic_write_text(path, yaml.safe_dump(workflow_to_dict(workflow), sort_keys=False))
 
 
+class _UniqueKeySafeLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error: PyYAML would
+    let the second `train:` section replace the first without a word."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise MedsegError("workflow file not found", path)
     try:
-        data = yaml.safe_load(read_user_text(path))
+        data = yaml.load(read_user_text(path), Loader=_UniqueKeySafeLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise MedsegError(f"not valid YAML{where}", path) from exc
+        problem = getattr(exc, "problem", None)
+        raise MedsegError(f"not valid YAML{where}{': ' + problem if problem else ''}",
+                          path) from exc
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -235,9 +252,13 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         except ValueError as exc:
             raise MedsegError(f"'{key}' must be an integer, got {value!r}", source) from exc
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        # YAML 1.1 reads 3e-5 (no dot) as a string: a number written so is still a number
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise MedsegError(f"'{key}' must be a number, got {value!r}", source)
-        return float(value)
+        try:
+            return float(value)
+        except ValueError as exc:
+            raise MedsegError(f"'{key}' must be a number, got {value!r}", source) from exc
     if hint is str:
         if not isinstance(value, (str, int, float)):
             raise MedsegError(f"'{key}' must be a string, got {value!r}", source)
@@ -290,7 +311,7 @@ _RANGES = {
     ("plan", "target_spacing"): _POSITIVE,
     ("plan", "patch_size"): _POSITIVE_INT,
     ("plan", "batch_size"): _POSITIVE_INT,
-    ("plan", "max_patch_voxels"): _POSITIVE_INT,
+    ("plan", "max_patch_voxels"): _Range(low=16**3),  # plan.MIN_PATCH_AXIS along each axis
     ("plan", "base_filters"): _POSITIVE_INT,
     ("plan", "max_filters"): _POSITIVE_INT,
     ("augment", "flip_prob"): _PROBABILITY,

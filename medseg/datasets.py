@@ -53,6 +53,7 @@ class Listing:
     layout: str
     description: Path | None  # dataset.json or the CSV file; None for folder pairs
     orphans: tuple[tuple[Path, str], ...] = ()
+    clashes: tuple[tuple[Path, str], ...] = ()  # two files of one case (`a.nii`, `a.nii.gz`)
 
 
 def load_dataset(
@@ -63,6 +64,7 @@ def load_dataset(
     listing = list_dataset(path, layout)
     dataset = listing.dataset
     _require_files(listing)
+    _refuse_repeated_names(listing)
     if labels:
         dataset = Dataset(dataset.root, dataset.cases, dict(labels), dataset.modalities)
     if modality != "auto":
@@ -158,11 +160,34 @@ def _require_files(listing: Listing) -> None:
         for path in (*case.images, case.label):
             if path is not None and not path.exists():
                 where = listing.description or path
-                raise MedsegError(f"listed in {where.name} but missing: {path}", where)
-    if listing.layout == "folders":
-        for path, reason in listing.orphans:
-            if path.parent.name == "images":  # an image without label; spare labels are ignored
-                raise MedsegError(reason, path)
+                raise MedsegError(f"listed in {where.name} but missing: {path}"
+                                  f"{_nnunet_v1_hint(listing, path)}", where)
+    for path, reason in listing.clashes:
+        raise MedsegError(reason, path)
+    for path, reason in listing.orphans:
+        if path.parent.name in ("images", "imagesTr"):  # a spare label is only reported
+            raise MedsegError(reason, path)
+
+
+def _nnunet_v1_hint(listing: Listing, missing: Path) -> str:
+    """nnU-Net v1's dataset.json lists `imagesTr/case.nii.gz` for files named `case_0000`."""
+    stem = strip_image_suffix(missing.name)
+    suffix = missing.name[len(stem):]
+    if listing.layout == "msd" and (missing.parent / f"{stem}_0000{suffix}").exists():
+        return " (the files are named CASE_0000, as nnU-Net's: set dataset.layout: nnunet)"
+    return ""
+
+
+def _refuse_repeated_names(listing: Listing) -> None:
+    """Two cases of one name would share a split entry: one would never be trained on, and a
+    validation case could be a training case."""
+    first: dict[str, Case] = {}
+    for case in listing.dataset.cases:
+        if case.name in first:
+            raise MedsegError(f"cases {first[case.name].images[0]} and {case.images[0]} are "
+                              f"both named '{case.name}'; case names must be unique (a CSV "
+                              f"can name them in a 'case' column)", listing.description)
+        first[case.name] = case
 
 
 def _detect_layout(root: Path) -> str:
@@ -214,7 +239,12 @@ def _list_msd(root: Path) -> Listing:
     modality = data.get("modality", {"0": "MR"})
     if not isinstance(modality, dict):
         raise MedsegError("'modality' must map channel numbers to names", description)
-    modalities = tuple(_modality_name(modality[k]) for k in sorted(modality, key=int))
+    modalities = tuple(_modality_name(modality[k])
+                       for k in _channel_numbers(modality, "modality", description))
+    if len(modalities) > 1:
+        raise MedsegError(f"'modality' lists {len(modalities)} channels: MSD's 4D multi-channel "
+                          f"images are not split into channels yet; list one file per channel "
+                          f"with the CSV or nnU-Net layout", description)
     dataset = Dataset(root, tuple(cases), label_names_from_json(description), modalities)
     return Listing(dataset, "msd", description)
 
@@ -226,7 +256,7 @@ def _list_nnunet(root: Path) -> Listing:
     if not isinstance(channels, dict):
         raise MedsegError("'channel_names' is missing", description)
     ending = str(data.get("file_ending", ".nii.gz"))
-    channel_ids = sorted(channels, key=int)
+    channel_ids = _channel_numbers(channels, "channel_names", description)
     cases = []
     for label in sorted((root / "labelsTr").glob(f"*{ending}")):
         name = label.name[: -len(ending)]
@@ -243,9 +273,18 @@ def _list_nnunet(root: Path) -> Listing:
     return Listing(dataset, "nnunet", description, orphans)
 
 
+def _channel_numbers(channels: dict, key: str, description: Path) -> list[str]:
+    """The keys of a channel table ("0", "1", ...) in channel order."""
+    try:
+        return sorted(channels, key=int)
+    except (TypeError, ValueError) as exc:
+        raise MedsegError(f"'{key}' must map channel numbers (\"0\", \"1\", ...) to names, "
+                          f"got keys {sorted(map(str, channels))}", description) from exc
+
+
 def _list_folder_pairs(root: Path) -> Listing:
-    images = _volumes_by_name(root / "images")
-    labels = _volumes_by_name(root / "labels")
+    images, image_clashes = _volumes_by_name(root / "images")
+    labels, label_clashes = _volumes_by_name(root / "labels")
     cases = [Case(name, (image,), labels[name]) for name, image in images.items()
              if name in labels]
     orphans = [(image, f"no label with the same name in {root / 'labels'}")
@@ -255,18 +294,25 @@ def _list_folder_pairs(root: Path) -> Listing:
     labels_json = root / "labels.json"
     label_map = label_names_from_json(labels_json) if labels_json.is_file() else {}
     return Listing(Dataset(root, tuple(cases), label_map, ("MR",)), "folders", None,
-                   tuple(orphans))
+                   tuple(orphans), tuple(image_clashes + label_clashes))
 
 
-def _volumes_by_name(folder: Path) -> dict[str, Path]:
-    """Name -> volume file (or DICOM series subfolder), sorted by name."""
-    found = {}
+def _volumes_by_name(folder: Path) -> tuple[dict[str, Path], list[tuple[Path, str]]]:
+    """Name -> volume file (or DICOM series subfolder), sorted by name; and the files that
+    are a case already found (`a.nii` beside `a.nii.gz`), with the reason."""
+    found: dict[str, Path] = {}
+    clashes = []
     for path in sorted(folder.iterdir()):
         if path.name.startswith("."):
             continue
         if path.is_dir() or path.name.lower().endswith(IMAGE_SUFFIXES):
-            found[strip_image_suffix(path.name)] = path
-    return found
+            name = strip_image_suffix(path.name)
+            if name in found:
+                clashes.append((path, f"{found[name].name} and {path.name} are both case "
+                                      f"'{name}'; keep one"))
+            else:
+                found[name] = path
+    return found, clashes
 
 
 def _list_csv(path: Path) -> Listing:

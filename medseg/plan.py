@@ -25,6 +25,7 @@ from medseg.io import read_label_map, read_volume
 SAMPLES_PER_CASE = 10_000
 MAX_LEVELS = 6  # resolution levels of the U-Net, bottleneck included
 ANISOTROPY_RATIO = 3.0
+MIN_PATCH_AXIS = 16  # voxels: two down-samplings (DynUNet needs them) of an axis at least 8
 
 
 @dataclass(frozen=True)
@@ -154,12 +155,16 @@ def target_spacing(spacings: list[list[float]], shapes: list[list[int]]) -> list
 
 
 def initial_patch_size(median_shape: list[int], spacing: list[float], budget: int) -> list[int]:
-    """Start from the median shape; shrink the physically longest axis until within budget."""
-    patch = [max(8, int(s)) for s in median_shape]
+    """Start from the median shape (at least MIN_PATCH_AXIS voxels per axis; smaller cases are
+    padded); shrink the physically longest axis of those still above that until within
+    budget, or until none is left."""
+    patch = [max(MIN_PATCH_AXIS, int(s)) for s in median_shape]
     while math.prod(patch) > budget:
-        physical = [p * s for p, s in zip(patch, spacing, strict=True)]
-        axis = int(np.argmax(physical))
-        patch[axis] = max(8, int(patch[axis] * 0.9))
+        shrinkable = [i for i in range(3) if patch[i] > MIN_PATCH_AXIS]
+        if not shrinkable:
+            break
+        axis = max(shrinkable, key=lambda i: patch[i] * spacing[i])
+        patch[axis] = max(MIN_PATCH_AXIS, int(patch[axis] * 0.9))
     return patch
 
 
@@ -235,6 +240,9 @@ def _divisible_patch(patch: list[int], strides: list[list[int]]) -> list[int]:
 
 
 def _check_patch(patch: list[int], strides: list[list[int]]) -> None:
+    if len(strides) < 3:  # DynUNet needs two down-samplings
+        raise MedsegError(f"plan.patch_size {patch} is too small for a U-Net: at least one "
+                          f"axis needs {MIN_PATCH_AXIS} voxels to be down-sampled twice")
     factors = np.prod(np.asarray(strides), axis=0)
     bad = [int(f) for p, f in zip(patch, factors, strict=True) if p % f]
     if bad:

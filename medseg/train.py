@@ -170,6 +170,8 @@ def train_fold(
     ema = weight_average(model, cfg.ema_decay)
     scored = ema.module if ema is not None else model  # the weights validated and saved
     autocast_dtype = select_precision(cfg.precision, device)
+    # fp16 gradients underflow without loss scaling (bf16 has fp32's range and needs none)
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
 
     checkpoints = fold_dir / "checkpoints"
     metrics_path = fold_dir / "metrics.jsonl"
@@ -177,7 +179,7 @@ def train_fold(
     first_epoch = 0
     if resume:  # every rank loads the state
         first_epoch, best = _load_state(checkpoints / TRAIN_STATE, model, optimizer, scheduler,
-                                        ema)
+                                        scaler, ema)
     writer = None
     if ranks.main:
         checkpoints.mkdir(parents=True, exist_ok=True)
@@ -195,8 +197,8 @@ def train_fold(
         epoch_start = time.monotonic()
         _reseed(cfg.seed, epoch, train_data, loader, ranks.rank)
         train_loss = _mean_over_ranks(
-            _train_epoch(net, loader, optimizer, scheduler, loss_fn, device, autocast_dtype,
-                         plan, bar, ema), ranks, device)
+            _train_epoch(net, loader, optimizer, scheduler, scaler, loss_fn, device,
+                         autocast_dtype, plan, bar, ema), ranks, device)
         epochs_run = epoch + 1
         record = {"epoch": epoch, "train_loss": train_loss,
                   "lr": optimizer.param_groups[0]["lr"],
@@ -219,7 +221,8 @@ def train_fold(
         if ranks.main:
             _log(writer, metrics_path, record)
             save_weights(scored, checkpoints / LAST_WEIGHTS)
-            _save_state(checkpoints / TRAIN_STATE, model, optimizer, scheduler, epoch, best, ema)
+            _save_state(checkpoints / TRAIN_STATE, model, optimizer, scheduler, scaler, epoch,
+                        best, ema)
         if out_of_time:
             if ranks.main:
                 tqdm.write(f"train.max_minutes={cfg.max_minutes} reached after epoch "
@@ -421,7 +424,7 @@ def sliding_window_logits(model, image: torch.Tensor, plan: Plan, step: float,
     return logits.float()
 
 
-def _train_epoch(model, loader, optimizer, scheduler, loss_fn, device, autocast_dtype,
+def _train_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, device, autocast_dtype,
                  plan: Plan, bar, ema=None) -> float:
     model.train()
     losses = []
@@ -437,9 +440,11 @@ def _train_epoch(model, loader, optimizer, scheduler, loss_fn, device, autocast_
         else:
             output = output.float()
         loss = loss_fn(output, label)
-        loss.backward()
+        scaler.scale(loss).backward()  # without fp16 the scaler passes everything through
+        scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
-        optimizer.step()
+        scaler.step(optimizer)  # skipped when fp16 gradients overflowed
+        scaler.update()
         scheduler.step()
         if ema is not None:  # a DDP wrapper's parameters are its network's, in order
             ema.update_parameters(model)
@@ -489,19 +494,21 @@ def _log(writer, metrics_path: Path, record: dict) -> None:
         handle.write(json.dumps(record) + "\n")
 
 
-def _save_state(path: Path, model, optimizer, scheduler, epoch: int, best: dict,
+def _save_state(path: Path, model, optimizer, scheduler, scaler, epoch: int, best: dict,
                 ema=None) -> None:
     """Everything resume needs, in one atomic file of tensors and plain numbers (it loads
     with `weights_only=True`)."""
     state = {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": scheduler.state_dict(), "best": best}
+             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+             "best": best}
     if ema is not None:
         state["ema"] = ema.state_dict()
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
-def _load_state(path: Path, model, optimizer, scheduler, ema=None) -> tuple[int, dict]:
+def _load_state(path: Path, model, optimizer, scheduler, scaler, ema=None
+                ) -> tuple[int, dict]:
     """Restore a training state; returns the next epoch and the best score so far."""
     if not path.is_file():
         raise MedsegError("no training state to resume from", path)
@@ -510,6 +517,8 @@ def _load_state(path: Path, model, optimizer, scheduler, ema=None) -> tuple[int,
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):  # empty when the scaler was off; absent in older states
+            scaler.load_state_dict(state["scaler"])
         if ema is not None:
             if "ema" not in state:
                 raise KeyError("it holds no weight average, but train.ema_decay is set")
@@ -519,10 +528,19 @@ def _load_state(path: Path, model, optimizer, scheduler, ema=None) -> tuple[int,
     return int(state["epoch"]) + 1, dict(state["best"])
 
 
+def _metrics_epoch(line: str) -> float:
+    """The epoch of a metrics.jsonl line; a blank or half-written line (the process was
+    killed while appending it) counts as after every epoch, so that it is dropped."""
+    try:
+        return int(json.loads(line)["epoch"])
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+
+
 def _truncate_metrics(path: Path, next_epoch: int) -> None:
     """Drop metric lines of epochs after the saved state (written just before a crash)."""
     if not path.is_file():
         return
     lines = [line for line in path.read_text(encoding="utf-8").splitlines()
-             if line.strip() and json.loads(line)["epoch"] < next_epoch]
+             if _metrics_epoch(line) < next_epoch]
     atomic_write_text(path, "".join(f"{line}\n" for line in lines))

@@ -134,3 +134,16 @@ def test_values_at_their_bounds_are_accepted():
                                     "train.foreground_fraction=1", "train.fold=4",
                                     "train.num_workers=0", "train.weight_decay=0"])
     assert workflow.predict.step == 1.0 and workflow.train.fold == 4
+
+
+def test_numbers_written_with_an_exponent_are_numbers(tmp_path):
+    path = write(tmp_path, "train:\n  learning_rate: 1e-3\n")
+    workflow = load_workflow(path, ["train.weight_decay=3e-5"])
+    assert workflow.train.learning_rate == 0.001 and workflow.train.weight_decay == 3e-5
+
+
+def test_a_key_given_twice_is_refused_with_its_line(tmp_path):
+    path = write(tmp_path, "train:\n  epochs: 1\ntrain:\n  epochs: 100\n")
+    with pytest.raises(MedsegError, match=r"wf.yaml: not valid YAML \(line 3\): key 'train' "
+                                          r"given twice"):
+        load_workflow(path, [])

@@ -133,3 +133,59 @@ def test_paths_leaving_the_folder(tmp_path):
     assert leaves_folder(tmp_path / "a" / ".." / ".." / "b.nii.gz", tmp_path)
     assert leaves_folder(tmp_path.parent / "b.nii.gz", tmp_path)
     assert not leaves_folder(tmp_path / "a" / ".." / "b.nii.gz", tmp_path)
+
+
+def test_two_cases_of_one_name_are_refused(tmp_path):
+    for site in ("siteA", "siteB"):
+        (tmp_path / site).mkdir()
+        for kind in ("img0", "lab0"):
+            (tmp_path / site / f"{kind}.nii.gz").write_bytes(b"x")
+    (tmp_path / "dataset.csv").write_text(
+        "image,label\nsiteA/img0.nii.gz,siteA/lab0.nii.gz\nsiteB/img0.nii.gz,siteB/lab0.nii.gz\n",
+        encoding="utf-8")
+    with pytest.raises(MedsegError, match="are both named 'img0'"):
+        load_dataset(tmp_path)
+
+
+def test_two_files_of_one_case_in_folder_pairs_are_refused(tmp_path):
+    for folder in ("images", "labels"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "p0.nii.gz").write_bytes(b"x")
+    (tmp_path / "images" / "p0.nii").write_bytes(b"x")
+    with pytest.raises(MedsegError, match="p0.nii and p0.nii.gz are both case 'p0'"):
+        load_dataset(tmp_path)
+
+
+def test_nnunet_image_without_label_is_refused(tmp_path):
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    for case in ("a", "b"):
+        (tmp_path / "imagesTr" / f"{case}_0000.nii.gz").write_bytes(b"x")
+    (tmp_path / "labelsTr" / "a.nii.gz").write_bytes(b"x")
+    (tmp_path / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "CT"}, "labels": {"background": 0, "x": 1},
+        "file_ending": ".nii.gz"}), encoding="utf-8")
+    with pytest.raises(MedsegError, match="b_0000.nii.gz: image without a label"):
+        load_dataset(tmp_path)
+
+
+def test_nnunet_v1_folder_read_as_msd_says_what_to_set(tmp_path):
+    write_phantom_dataset(tmp_path, n_train=2, n_test=0, shape=(16, 16, 8))
+    for image in (tmp_path / "imagesTr").glob("*.nii.gz"):
+        image.rename(image.with_name(image.name.replace(".nii.gz", "_0000.nii.gz")))
+    with pytest.raises(MedsegError, match="set dataset.layout: nnunet"):
+        load_dataset(tmp_path)
+
+
+@pytest.mark.parametrize(("modality", "message"), [
+    ({"0": "T2", "1": "ADC"}, "lists 2 channels"),
+    ({"T1": "MR"}, "must map channel numbers"),
+])
+def test_msd_channel_tables_are_checked(tmp_path, modality, message):
+    write_phantom_dataset(tmp_path, n_train=2, n_test=0, shape=(16, 16, 8))
+    description = tmp_path / "dataset.json"
+    data = json.loads(description.read_text(encoding="utf-8"))
+    data["modality"] = modality
+    description.write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(MedsegError, match=message):
+        load_dataset(tmp_path)

@@ -140,3 +140,22 @@ def test_fingerprint_refuses_shape_mismatch(tmp_path):
     nib.save(nib.Nifti1Image(np.zeros((16, 16, 9), np.uint8), np.eye(4)), label_path)
     with pytest.raises(MedsegError, match="image shape .* differs from label shape"):
         fingerprint(load_dataset(tmp_path))
+
+
+def test_thick_slices_under_a_small_budget_plan_in_finite_time():
+    from medseg.plan import initial_patch_size
+
+    patch = initial_patch_size([100, 100, 12], [1.0, 1.0, 12.0], 40000)
+    assert patch[2] == 16 and patch[0] * patch[1] * patch[2] <= 40000
+    assert initial_patch_size([100, 100, 100], [1.0, 1.0, 1.0], 4096) == [16, 16, 16]
+
+
+def test_small_volumes_get_a_buildable_network():
+    from medseg.model import create_model
+
+    fp = synthetic_fingerprint([[1.0, 1.0, 1.0]] * 3, [[14, 14, 14]] * 3)
+    plan = make_plan(fp, PlanConfig())
+    assert plan.patch_size == [16, 16, 16] and len(plan.strides) == 3
+    create_model(plan)
+    with pytest.raises(MedsegError, match="too small for a U-Net"):
+        make_plan(fp, PlanConfig(patch_size=[4, 4, 4]))

@@ -129,7 +129,71 @@ def test_resume_with_a_weight_average_needs_one_in_the_state(tmp_path):
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
     path = tmp_path / "last_state.pt"
-    _save_state(path, model, optimizer, scheduler, epoch=0, best={})
+    _save_state(path, model, optimizer, scheduler, scaler, epoch=0, best={})
     with pytest.raises(MedsegError, match=r"last_state\.pt.*no weight average"):
-        _load_state(path, model, optimizer, scheduler, weight_average(model, 0.9))
+        _load_state(path, model, optimizer, scheduler, scaler, weight_average(model, 0.9))
+
+
+def test_the_fp16_loss_scale_is_saved_and_restored(tmp_path):
+    from medseg.train import _load_state, _save_state
+
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    loss = model(torch.ones(1, 2)).sum()
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update(new_scale=256.0)
+    _save_state(tmp_path / "last_state.pt", model, optimizer, scheduler, scaler, epoch=3,
+                best={})
+    restored = torch.amp.GradScaler("cpu")
+    epoch, _ = _load_state(tmp_path / "last_state.pt", model, optimizer, scheduler, restored)
+    assert epoch == 4 and restored.get_scale() == 256.0
+
+
+def test_a_half_written_metrics_line_is_dropped_on_resume(tmp_path):
+    from medseg.train import _truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"epoch": 0, "train_loss": 1.0}\n{"epoch": 1, "train_loss": 0.9}\n'
+                    '{"epoch": 2, "tra', encoding="utf-8")
+    _truncate_metrics(path, next_epoch=2)
+    assert path.read_text(encoding="utf-8").splitlines() == [
+        '{"epoch": 0, "train_loss": 1.0}', '{"epoch": 1, "train_loss": 0.9}']
+
+
+def test_resume_after_fold_all_trains_the_folds_never_started(tmp_path, phantom_dataset,
+                                                              capsys):
+    import shutil
+
+    run = tmp_path / "all"
+    assert main(["train", str(REPO / "workflows" / "demo.yaml"), "--out", str(run),
+                 "--fold", "all", *as_sets([f"dataset.path={phantom_dataset}", *DETERMINISTIC,
+                                            "train.folds=2", "train.max_minutes=0.00001"])]) == 0
+    assert json.loads((run / "folds.json").read_text(encoding="utf-8")) == [0, 1]
+    shutil.rmtree(run / "fold_1")  # as if the run had been stopped during fold 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "fold_0: resuming" in out and "fold_1: starting" in out
+    assert (run / "fold_1" / "checkpoints" / "best.safetensors").is_file()
+
+
+def test_resume_on_a_dataset_that_lost_cases_is_refused(tmp_path, phantom_dataset, capsys):
+    import shutil
+
+    dataset = tmp_path / "data"
+    shutil.copytree(phantom_dataset, dataset)
+    run = tmp_path / "run"
+    assert train(run, dataset, "train.max_minutes=0.00001") == 0
+    description = dataset / "dataset.json"
+    listing = json.loads(description.read_text(encoding="utf-8"))
+    listing["training"] = listing["training"][1:]
+    description.write_text(json.dumps(listing), encoding="utf-8")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "splits.json: the dataset no longer has case(s) phantom_000" in err

@@ -197,11 +197,13 @@ def _train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool) -> li
           f"{plan.batch_size}, {len(plan.strides)} levels, filters {plan.filters}")
     if main_rank:
         _replace_run_folder(run_dir)  # only now that the dataset has been read without error
-        save_workflow(workflow, run_dir / "workflow.yaml")
-        save_fingerprint(fp, run_dir / "fingerprint.json")
+        # plan.json first (what --overwrite recognizes a run folder by), workflow.yaml last
+        # (what --resume does): a folder cut short in between is overwritten, not resumed
         save_plan(plan, run_dir / "plan.json")
+        save_fingerprint(fp, run_dir / "fingerprint.json")
         atomic_write_json(run_dir / "splits.json", splits)
         atomic_write_json(run_dir / FOLDS_FILE, folds)  # what --resume continues
+        save_workflow(workflow, run_dir / "workflow.yaml")
     return [train_fold(workflow, dataset, plan, splits[k], run_dir / f"fold_{k}")
             for k in folds]
 
@@ -210,7 +212,7 @@ def _train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool) -> li
 class _PredictOptions:
     folds: list[int] | None = None
     overwrite: bool = False
-    tta: bool = False
+    tta: bool | None = None  # None: the run's predict.tta
     step: float | None = None
     device: str | None = None
     series_uid: str | None = None
@@ -299,7 +301,7 @@ def _predict(model: Path, inputs: list[str], output: Path, options: _PredictOpti
     predictor = load_predictor(model, options.folds, options.device)
     config = load_workflow(model / "workflow.yaml").predict
     config = dataclasses.replace(
-        config, tta=options.tta or config.tta,
+        config, tta=config.tta if options.tta is None else options.tta,
         step=options.step if options.step is not None else config.step)
     started = time.monotonic()
     results = predict_paths(predictor, paths, output, config, overwrite=options.overwrite,
@@ -445,9 +447,12 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--output", required=True, help="folder for the masks")
     predict.add_argument("--folds", default=None, help="comma-separated folds (default: all "
                          "trained)")
-    predict.add_argument("--tta", action="store_true", help="average over mirrored copies")
+    predict.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                         help="average over mirrored copies, or not (default: the run's "
+                              "predict.tta)")
     predict.add_argument("--step", type=float, default=None,
-                         help="window step as a fraction of the patch (default 0.5)")
+                         help="window step as a fraction of the patch (default: the run's "
+                              "predict.step)")
     predict.add_argument("--device", default=None,
                          help="cpu, cuda or cuda:N (default: cuda if found)")
     predict.add_argument("--overwrite", action="store_true", help="redo existing outputs")

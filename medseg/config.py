@@ -203,7 +203,8 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
 
 def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
     if not isinstance(raw, dict):
-        raise MedsegError(f"section '{prefix or 'top level'}' must be a mapping", source)
+        raise MedsegError(f"section '{prefix.rstrip('.') or 'top level'}' must be a mapping",
+                          source)
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - known)

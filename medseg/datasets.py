@@ -65,8 +65,9 @@ def load_dataset(
     dataset = listing.dataset
     _require_files(listing)
     _refuse_repeated_names(listing)
-    if labels:
-        dataset = Dataset(dataset.root, dataset.cases, dict(labels), dataset.modalities)
+    if labels:  # background may go unnamed in a workflow's dataset.labels
+        dataset = Dataset(dataset.root, dataset.cases, {0: "background", **labels},
+                          dataset.modalities)
     if modality != "auto":
         dataset = Dataset(dataset.root, dataset.cases, dataset.labels,
                           tuple(modality for _ in dataset.modalities))

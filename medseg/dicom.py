@@ -191,14 +191,19 @@ def _scan(path: Path) -> dict[str, list[Frame]]:
     files = [path] if path.is_file() else sorted(
         p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
     groups: dict[str, list[Frame]] = {}
+    unplaced: list[Path] = []  # DICOM files with no image that has a place in space
     for file in files:
         if not is_dicom_file(file):
             continue
-        header = read_header(file)
-        for frame in frames_of(header, file):
+        frames = frames_of(read_header(file), file)
+        if not frames:
+            unplaced.append(file)
+        for frame in frames:
             groups.setdefault(frame.series_uid, []).append(frame)
     if not groups:
-        raise MedsegError(f"no DICOM image found ({len(files)} files looked at)", path)
+        detail = (f"; {len(unplaced)} DICOM file(s) hold no image with ImagePositionPatient "
+                  f"and ImageOrientationPatient, e.g. {unplaced[0].name}" if unplaced else "")
+        raise MedsegError(f"no DICOM image found ({len(files)} files looked at{detail})", path)
     return groups
 
 

@@ -31,8 +31,12 @@ def read_itk(path: Path, dtype: np.dtype | None) -> tuple[np.ndarray, np.ndarray
     try:
         image = reader.Execute()
     except RuntimeError as exc:
-        raise MedsegError(f"cannot read voxel data: truncated or corrupt file "
-                          f"({_itk_message(exc)})", path) from exc
+        message = _itk_message(exc)
+        if "No such file" in message:  # a .mhd/.nhdr header whose voxel file is not beside it
+            raise MedsegError(f"cannot read voxel data: the header's data file is missing "
+                              f"({message})", path) from exc
+        raise MedsegError(f"cannot read voxel data: truncated or corrupt file ({message})",
+                          path) from exc
     data = sitk.GetArrayViewFromImage(image).reshape(shape[::-1]).transpose(2, 1, 0)
     return np.array(data, dtype=dtype or data.dtype), affine
 

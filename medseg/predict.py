@@ -6,12 +6,13 @@ mask lies on the input's exact grid (for DICOM, the series' grid in the same pat
 
 from __future__ import annotations
 
+import glob
 import itertools
 import os
 import re
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -263,7 +264,10 @@ def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
     if config.tta and not predictor.plan.mirror_axes:
         tqdm.write("medseg: note: --tta has nothing to average: the model was trained without "
                    "mirroring (plan.mirror_axes is empty)", file=sys.stderr)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MedsegError(f"cannot create the output folder ({exc.strerror})", output_dir) from exc
     results: list[PredictionResult | None] = [None] * len(cases)
     finished: dict[int, float] = {}
     todo = []
@@ -293,6 +297,9 @@ def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
                 if following is not None and _read_ahead_fits(case, predictor.plan):
                     upcoming = reader.submit(read, following)
                 mask = predict_prepared(predictor, case, config)
+                # the previous mask is written before this one is queued: when writing (gzip)
+                # is slower than predicting, masks do not pile up in memory
+                wait([w[-1] for w in writes])
                 future = writer.submit(_finish_mask, mask, case.geometry, target, config)
                 # the bar and the case's time advance when its mask is on disk
                 future.add_done_callback(partial(_written, finished, position, bar))
@@ -368,7 +375,7 @@ def _failure(path: Path, started: float, exc: BaseException) -> PredictionResult
 def _remove_partial_outputs(target: Path) -> None:
     """Temporary files of this output left by a process that was killed while writing it
     (each case belongs to one shard, so no other process is writing them)."""
-    for stale in target.parent.glob(f".{target.name}.*.part*"):
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.*.part*"):
         stale.unlink(missing_ok=True)
 
 

@@ -170,6 +170,9 @@ def train_fold(
     ema = weight_average(model, cfg.ema_decay)
     scored = ema.module if ema is not None else model  # the weights validated and saved
     autocast_dtype = select_precision(cfg.precision, device)
+    if cfg.precision == "amp" and device.type != "cuda" and ranks.main:
+        tqdm.write("medseg: note: train.precision amp is fp16 on CUDA only; this CPU trains "
+                   "in fp32 (bf16 is train.precision bf16)")
     # fp16 gradients underflow without loss scaling (bf16 has fp32's range and needs none)
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
 
@@ -387,7 +390,9 @@ def _case_scores(model, val_data, plan: Plan, workflow: Workflow, device) -> lis
     """score_case's per-structure scores of each validation case (none for None)."""
     from medseg.metrics import score_case
 
-    labels = {k: plan.labels.get(k, f"label_{k}") for k in range(plan.num_classes)}
+    # the named labels only: an id the dataset skips ({0, 1, 3}) is empty on both sides and
+    # would count as Dice 1
+    labels = dict(plan.labels)
     per_case = []
     model.eval()
     with torch.no_grad():

@@ -147,3 +147,8 @@ def test_a_key_given_twice_is_refused_with_its_line(tmp_path):
     with pytest.raises(MedsegError, match=r"wf.yaml: not valid YAML \(line 3\): key 'train' "
                                           r"given twice"):
         load_workflow(path, [])
+
+
+def test_a_section_that_is_not_a_mapping_is_named_without_a_stray_dot():
+    with pytest.raises(MedsegError, match="section 'train' must be a mapping"):
+        load_workflow(None, ["train=3"])

@@ -189,3 +189,8 @@ def test_msd_channel_tables_are_checked(tmp_path, modality, message):
     description.write_text(json.dumps(data), encoding="utf-8")
     with pytest.raises(MedsegError, match=message):
         load_dataset(tmp_path)
+
+
+def test_workflow_labels_may_leave_out_background(phantom_dataset):
+    dataset = load_dataset(phantom_dataset, labels={1: "liver", 2: "kidney", 3: "spine"})
+    assert dataset.labels == {0: "background", 1: "liver", 2: "kidney", 3: "spine"}

@@ -85,7 +85,7 @@ def test_two_processes_train_and_resume_one_run(tmp_path, phantom_dataset):
     # one set of outputs: rank 1 wrote nothing of its own
     fold = run / "fold_0"
     assert run_files(run) == {
-        "workflow.yaml", "plan.json", "splits.json", "fingerprint.json",
+        "workflow.yaml", "plan.json", "splits.json", "folds.json", "fingerprint.json",
         "fold_0/metrics.jsonl", "fold_0/checkpoints/best.safetensors",
         "fold_0/checkpoints/last.safetensors", "fold_0/checkpoints/last_state.pt"}
     assert len(list((fold / "tensorboard").iterdir())) == 2  # one event file per launch

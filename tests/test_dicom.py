@@ -280,3 +280,16 @@ def test_a_slice_without_pixel_data_is_refused_naming_the_file(tmp_path):
     paths[1].write_bytes(paths[1].read_bytes()[:-20])  # cut short inside native pixel data
     with pytest.raises(MedsegError, match="IM0001.dcm"):
         read_volume(tmp_path)
+
+
+def test_images_without_a_place_in_space_are_named(tmp_path):
+    paths = write_series(tmp_path, stored_values(), axial_positions(SLICES))
+    import pydicom
+
+    for path in paths:
+        dataset = pydicom.dcmread(path)
+        del dataset.ImagePositionPatient
+        dataset.save_as(path)
+    with pytest.raises(MedsegError, match="4 DICOM file.* hold no image with "
+                                          "ImagePositionPatient.*e.g. IM0000.dcm"):
+        read_volume(tmp_path)

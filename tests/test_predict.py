@@ -205,3 +205,11 @@ def test_masks_are_labelled_as_such_in_their_header(trained_run, inputs, tmp_pat
     assert (float(header["cal_min"]), float(header["cal_max"])) == (0.0, 0.0)
     assert header["descrip"].tobytes().strip(b"\0") == b""
     assert int(header["intent_code"]) == 1002  # NIFTI_INTENT_LABEL
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_line(trained_run, inputs, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x", encoding="utf-8")
+    with pytest.raises(MedsegError, match="cannot create the output folder"):
+        predict_paths(load_predictor(trained_run), [inputs / "ras_qform_only.nii.gz"],
+                      blocker / "out", PredictConfig())

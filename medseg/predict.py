@@ -125,7 +125,24 @@ def collect_inputs(inputs: list[str | Path]) -> list[Path]:
     unique: dict[Path, Path] = {}
     for path in paths:
         unique.setdefault(path.resolve(), path)
+    _note_dicom_files_given_one_by_one(list(unique.values()))
     return list(unique.values())
+
+
+def _note_dicom_files_given_one_by_one(paths: list[Path]) -> None:
+    """`--input series/*.dcm` makes every slice a volume of its own: say how to give a series."""
+    from medseg.dicom import is_dicom_file
+
+    files_by_folder: dict[Path, int] = {}
+    for path in paths:
+        if path.is_file() and not path.name.lower().endswith(VOLUME_SUFFIXES) \
+                and is_dicom_file(path):
+            files_by_folder[path.parent] = files_by_folder.get(path.parent, 0) + 1
+    for folder, count in files_by_folder.items():
+        if count > 1:
+            tqdm.write(f"medseg: note: {count} DICOM files of {folder} are each read as a "
+                       f"volume of their own; to read them as one series, give the folder "
+                       f"({folder}) as the input", file=sys.stderr)
 
 
 def _note_skipped_subfolders(folder: Path) -> None:

@@ -133,16 +133,24 @@ def _structure_tiles(pred: np.ndarray, ref: np.ndarray, tissue: np.ndarray, labe
     """Three RGB tiles (axial, coronal, sagittal) through the structure's largest slices."""
     crop = _grow(box, spacing, ref.shape)
     p, r, t = pred[crop] == label, ref[crop] == label, tissue[crop]
-    union = p | r
     tiles = []
     for axis in (2, 1, 0):  # axial (S), coronal (A), sagittal (R)
         other = tuple(i for i in range(3) if i != axis)
-        index = int(np.argmax(union.sum(axis=other)))
+        index = largest_slice(p, r, axis)
         cut = [slice(None)] * 3
         cut[axis] = index
         pixel_spacing = (spacing[other[1]], spacing[other[0]])  # rows, columns
         tiles.append(_tile(*(_display(m[tuple(cut)]) for m in (p, r, t)), pixel_spacing))
     return tiles
+
+
+def largest_slice(prediction: np.ndarray, reference: np.ndarray, axis: int) -> int:
+    """The slice along `axis` where the two masks together cover most; of equally large ones,
+    the one where both show most (the first of them could hold one mask's outline only)."""
+    other = tuple(i for i in range(3) if i != axis)
+    areas = (prediction | reference).sum(axis=other)
+    largest = np.flatnonzero(areas == areas.max())
+    return int(largest[np.argmax((prediction & reference).sum(axis=other)[largest])])
 
 
 def _grow(box: tuple[slice, ...], spacing: np.ndarray, shape: tuple[int, ...]

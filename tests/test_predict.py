@@ -213,3 +213,12 @@ def test_an_output_folder_that_cannot_be_made_is_one_line(trained_run, inputs, t
     with pytest.raises(MedsegError, match="cannot create the output folder"):
         predict_paths(load_predictor(trained_run), [inputs / "ras_qform_only.nii.gz"],
                       blocker / "out", PredictConfig())
+
+
+def test_dicom_files_given_one_by_one_get_a_note(tmp_path, capsys):
+    from dicom_factory import axial_positions, write_series
+
+    paths = write_series(tmp_path / "series", np.zeros((4, 4, 3), np.uint16),
+                         axial_positions(3))
+    assert collect_inputs(paths) == paths
+    assert "give the folder" in capsys.readouterr().err

@@ -183,3 +183,13 @@ def test_report_renders_in_headless_chromium(report_dir, tmp_path):
         assert (np.abs(shot.astype(int) - colour).max(axis=-1) < 8).sum() > 100, colour
     if os.environ.get("MEDSEG_KEEP_SCREENSHOT"):
         shutil.copy(screenshot, os.environ["MEDSEG_KEEP_SCREENSHOT"])
+
+
+def test_the_drawn_slice_shows_both_masks_when_sizes_tie():
+    from medseg.report_figures import largest_slice
+
+    prediction = np.zeros((4, 4, 3), bool)
+    reference = np.zeros((4, 4, 3), bool)
+    prediction[:2, :2, 0] = True  # slice 0: the prediction alone, 4 voxels
+    prediction[:2, :2, 2] = reference[:2, :2, 2] = True  # slice 2: both, 4 voxels
+    assert largest_slice(prediction, reference, axis=2) == 2

@@ -82,6 +82,8 @@ class TrainConfig:
     dice_include_background: bool = True
     # Dice over the whole batch as one volume (nnU-Net's batch Dice), or per patch
     batch_dice: bool = True
+    # cross-entropy against targets softened by this much (MONAI's label_smoothing; 0: off)
+    label_smoothing: float = 0.0
     # validate and keep an exponential moving average of the weights (0: off); each step
     # the average moves by (1 - decay) towards the current weights
     ema_decay: float = 0.0
@@ -334,6 +336,7 @@ _RANGES = {
     ("train", "val_every"): _POSITIVE_INT,
     ("train", "val_max_cases"): _NOT_NEGATIVE,  # 0: no validation
     ("train", "foreground_fraction"): _PROBABILITY,
+    ("train", "label_smoothing"): _Range(low=0, high=1, high_open=True),
     ("train", "ema_decay"): _Range(low=0, high=1, high_open=True),
     ("train", "max_minutes"): _POSITIVE,
     ("train", "num_workers"): _NOT_NEGATIVE,

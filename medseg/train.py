@@ -252,7 +252,8 @@ def loss_function(plan: Plan, cfg: TrainConfig) -> torch.nn.Module:
     from monai.losses import DeepSupervisionLoss, DiceCELoss
 
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=cfg.batch_dice,
-                         include_background=cfg.dice_include_background)
+                         include_background=cfg.dice_include_background,
+                         label_smoothing=cfg.label_smoothing)
     return DeepSupervisionLoss(loss_fn) if plan.deep_supervision else loss_fn
 
 

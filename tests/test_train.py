@@ -197,3 +197,27 @@ def test_resume_on_a_dataset_that_lost_cases_is_refused(tmp_path, phantom_datase
     assert main(["train", "--resume", str(run)]) == 2
     err = capsys.readouterr().err
     assert "splits.json: the dataset no longer has case(s) phantom_000" in err
+
+
+def test_label_smoothing_reaches_the_cross_entropy_term():
+    import dataclasses
+
+    from medseg.config import load_workflow
+    from medseg.plan import Plan
+    from medseg.train import loss_function
+
+    plan = Plan(target_spacing=[1.0, 1.0, 1.0], patch_size=[16, 16, 16], batch_size=2,
+                kernels=[[3, 3, 3]] * 3, strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+                filters=[4, 8, 16], deep_supervision=False, in_channels=1, num_classes=3,
+                labels={0: "background", 1: "a", 2: "b"}, modalities=["MR"],
+                normalization=[{"scheme": "zscore_nonzero"}], median_shape=[16, 16, 16],
+                mirror_axes=[], res_block=False)
+    logits = torch.zeros(1, 3, 4, 4, 4)
+    logits[:, 1] = 20.0  # confidently class 1 everywhere
+    target = torch.ones(1, 1, 4, 4, 4, dtype=torch.long)
+    plain = load_workflow(None, []).train
+    smoothed = dataclasses.replace(plain, label_smoothing=0.2)
+    assert loss_function(plan, smoothed)(logits, target) > loss_function(plan, plain)(
+        logits, target) + 0.5
+    with pytest.raises(Exception, match="label_smoothing"):
+        load_workflow(None, ["train.label_smoothing=1"])

@@ -6,6 +6,7 @@ Unknown keys are errors that name the key and the file; no string in a workflow 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -161,6 +162,8 @@ class _UniqueKeySafeLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`, merged by PyYAML
+                continue
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
@@ -198,7 +201,7 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         if not isinstance(node, dict):
             raise MedsegError(f"override '{item}': '{key}' is not a section")
     try:
-        node[keys[-1]] = yaml.safe_load(text)
+        node[keys[-1]] = yaml.load(text, Loader=_UniqueKeySafeLoader)
     except yaml.YAMLError as exc:
         raise MedsegError(f"override '{item}': value is not valid YAML") from exc
 
@@ -259,9 +262,12 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
             raise MedsegError(f"'{key}' must be a number, got {value!r}", source)
         try:
-            return float(value)
+            number = float(value)
         except ValueError as exc:
             raise MedsegError(f"'{key}' must be a number, got {value!r}", source) from exc
+        if not math.isfinite(number):
+            raise MedsegError(f"'{key}' must be a finite number, got {value!r}", source)
+        return number
     if hint is str:
         if not isinstance(value, (str, int, float)):
             raise MedsegError(f"'{key}' must be a string, got {value!r}", source)

@@ -195,12 +195,28 @@ def _detect_layout(root: Path) -> str:
     description = root / "dataset.json"
     if description.is_file():
         data = _read_json(description)
-        return "msd" if isinstance(data, dict) and "training" in data else "nnunet"
+        if not (isinstance(data, dict) and "training" in data):
+            return "nnunet"
+        return "nnunet" if _nnunet_v1_files(root, data["training"]) else "msd"
     if (root / "images").is_dir() and (root / "labels").is_dir():
         return "folders"
     if (root / CSV_NAME).is_file():
         return "csv"
     raise MedsegError(f"no dataset.json, no images/ + labels/ folders and no {CSV_NAME}", root)
+
+
+def _nnunet_v1_files(root: Path, entries: object) -> bool:
+    """nnU-Net v1 writes an MSD-style `training` list (`imagesTr/case.nii.gz`) for files on
+    disk named `imagesTr/case_0000.nii.gz`."""
+    if not isinstance(entries, list) or not entries or not isinstance(entries[0], dict):
+        return False
+    listed = entries[0].get("image")
+    if not isinstance(listed, str):
+        return False
+    image = Path(os.path.normpath(root / listed))
+    stem = strip_image_suffix(image.name)
+    channel_0 = image.parent / f"{stem}_0000{image.name[len(stem):]}"
+    return not image.exists() and channel_0.exists()
 
 
 def _read_json(path: Path) -> dict:

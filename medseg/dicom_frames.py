@@ -78,7 +78,9 @@ def decode_file(path: Path) -> tuple[np.ndarray, bool]:
         dataset = pydicom.dcmread(path)
     except Exception as exc:
         raise MedsegError(f"DICOM file cannot be read ({_one_line(exc)})", path) from exc
-    if "PixelData" not in dataset or "Rows" not in dataset or "Columns" not in dataset:
+    pixel_keywords = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+    if not any(k in dataset for k in pixel_keywords) or "Rows" not in dataset \
+            or "Columns" not in dataset:
         # pydicom reads a file cut short inside its pixel data as an empty dataset (a warning)
         raise MedsegError("DICOM file holds no readable pixel data (cut short?)", path)
     rows, columns = int(dataset.Rows), int(dataset.Columns)

@@ -10,7 +10,8 @@ class MedsegError(Exception):
 
     def __init__(self, message: str, path: str | Path | None = None) -> None:
         self.path = None if path is None else Path(path)
-        message = " ".join(message.split())  # one line, even when a library's text has several
+        # one line, even when a library's text has several
+        message = " ".join(line.strip() for line in message.splitlines())
         super().__init__(f"{self.path}: {message}" if self.path is not None else message)
 
 

@@ -45,6 +45,9 @@ CASE_ERRORS = (MedsegError, OSError, RuntimeError, ValueError)
 CHANNEL_SUFFIX = re.compile(r"(.+)_(\d{4})")
 # the next case is read during this one's sliding window only while this one needs less
 READ_AHEAD_BYTES = 512 * 2**20
+# peak process memory per network-grid voxel of one channel (measured 2026-11-22: 2.94 GB peak
+# RSS for a 6.2e7-voxel grid, the hippocampus model; a 9.8e8-voxel grid was killed at 24 GB)
+PREDICTION_BYTES_PER_VOXEL = 48
 
 
 @dataclass(frozen=True)
@@ -224,14 +227,26 @@ def prepare_case(plan: Plan, volume: Volume | Path | list[Volume | Path],
 
 
 def _refuse_huge_network_grid(geometry: Geometry, plan: Plan, path: Path | None) -> None:
-    """A header whose spacing is far off (40 mm for 1 mm, say) would make resampling to the
-    plan's spacing allocate tens of GB: refuse it before, in one line."""
+    """A header whose spacing is far off (25 mm for 1 mm, say) would make resampling to the
+    plan's spacing allocate tens of GB: refuse it before, in one line, when the network grid
+    would pass 2^31 voxels or need more than this machine's memory."""
     extent = np.prod(np.asarray(geometry.shape, float) * np.asarray(geometry.spacing))
     voxels = float(extent / np.prod(plan.target_spacing))
-    if voxels > MAX_VOXELS:
+    needed = voxels * PREDICTION_BYTES_PER_VOXEL * plan.in_channels
+    memory = _physical_memory()
+    if voxels > MAX_VOXELS or (memory is not None and needed > memory):
         spacing = ", ".join(f"{s:g}" for s in geometry.spacing)
         raise MedsegError(f"at the model's spacing this volume would have {voxels:.3g} voxels "
-                          f"(more than 2^31): is its voxel spacing ({spacing} mm) right?", path)
+                          f"(about {needed / 2**30:.0f} GB to predict; this machine has "
+                          f"{(memory or 0) / 2**30:.0f} GB): is its voxel spacing ({spacing} mm) "
+                          f"right?", path)
+
+
+def _physical_memory() -> int | None:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not a POSIX system
+        return None
 
 
 def predict_volume(predictor: Predictor, volume: Volume | Path | list[Volume | Path],
@@ -275,7 +290,7 @@ def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
     index, count = shard
     cases = group_channels(inputs, predictor.plan.in_channels)
     _refuse_clashing_outputs(cases)
-    _refuse_writing_onto_inputs(inputs, output_dir)
+    _refuse_writing_onto_inputs(cases, output_dir)
     cases = cases[index::count]
     _check_postprocess_labels(config, predictor.plan)
     if config.tta and not predictor.plan.mirror_axes:
@@ -286,7 +301,6 @@ def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
     except OSError as exc:
         raise MedsegError(f"cannot create the output folder ({exc.strerror})", output_dir) from exc
     results: list[PredictionResult | None] = [None] * len(cases)
-    finished: dict[int, float] = {}
     todo = []
     for position, files in enumerate(cases):
         target = output_dir / output_name(files[0])
@@ -318,8 +332,7 @@ def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
                 # is slower than predicting, masks do not pile up in memory
                 wait([w[-1] for w in writes])
                 future = writer.submit(_finish_mask, mask, case.geometry, target, config)
-                # the bar and the case's time advance when its mask is on disk
-                future.add_done_callback(partial(_written, finished, position, bar))
+                future.add_done_callback(lambda _: bar.update(1))  # as each mask is on disk
                 writes.append((position, files[0], target, started, future))
                 del case, mask
             except CASE_ERRORS as exc:
@@ -329,8 +342,8 @@ def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
                 upcoming = reader.submit(read, following)
         for position, path, target, started, future in writes:
             try:
-                future.result()
-                results[position] = PredictionResult(path, target, finished[position] - started)
+                written_at = future.result()
+                results[position] = PredictionResult(path, target, written_at - started)
             except CASE_ERRORS as exc:
                 results[position] = _failure(path, started, exc)
     bar.close()
@@ -349,11 +362,11 @@ def _refuse_clashing_outputs(cases: list[tuple[Path, ...]]) -> None:
         first_with[name] = files[0]
 
 
-def _refuse_writing_onto_inputs(inputs: list[Path], output_dir: Path) -> None:
+def _refuse_writing_onto_inputs(cases: list[tuple[Path, ...]], output_dir: Path) -> None:
     """A mask named as its scan (`case.nii.gz`) in the scan's folder would replace it (with
     --overwrite) or be taken for a finished output: refuse before any work."""
-    outputs = {(output_dir / output_name(path)).resolve() for path in inputs}
-    for path in inputs:
+    outputs = {(output_dir / output_name(files[0])).resolve() for files in cases}
+    for path in (path for files in cases for path in files):
         if path.resolve() in outputs:
             raise MedsegError(f"--output {output_dir} would write a mask over this input; "
                               f"choose another output folder", path)
@@ -369,15 +382,12 @@ def _read_ahead_fits(case: PreparedCase, plan: Plan) -> bool:
 
 
 def _finish_mask(mask: np.ndarray, geometry: Geometry, target: Path,
-                 config: PredictConfig) -> None:
+                 config: PredictConfig) -> float:
+    """Post-process and write a mask; returns when it was written (time.monotonic)."""
     mask = postprocess(mask, geometry.spacing, config.largest_component,
                        config.min_component_ml)
     write_mask(mask, geometry, target)
-
-
-def _written(finished: dict[int, float], position: int, bar: tqdm, _future) -> None:
-    finished[position] = time.monotonic()
-    bar.update(1)
+    return time.monotonic()
 
 
 def _failure(path: Path, started: float, exc: BaseException) -> PredictionResult:

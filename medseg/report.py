@@ -49,8 +49,9 @@ def run_evaluation(pred_dir: Path, ref_dir: Path, labels_path: Path | None,
     else:
         labels = dict(label_names) if label_names else infer_labels(pairs)
     if not any(k > 0 for k in labels):
-        print(f"medseg: note: nothing to score: no label map was given and the references in "
-              f"{ref_dir} and their predictions hold only background", file=sys.stderr)
+        why = (f"{labels_path} names no structure" if labels_path is not None else
+               f"the references in {ref_dir} and their predictions hold only background")
+        print(f"medseg: note: nothing to score: {why}", file=sys.stderr)
     results = evaluate_pairs(pairs, labels, tolerance_mm=tolerance_mm, jobs=jobs,
                              resample=resample)
     if out_dir is not None:

@@ -107,7 +107,8 @@ def test_ema_decay_outside_0_to_1_names_the_workflow(tmp_path, decay):
     ("train.epochs", "0", "'train.epochs' must be at least 1, got 0"),
     ("plan.batch_size", "0", "'plan.batch_size' must be at least 1, got 0"),
     ("train.learning_rate", "-1", "'train.learning_rate' must be above 0, got -1.0"),
-    ("train.max_minutes", ".nan", "'train.max_minutes' must be above 0, got nan"),
+    ("train.max_minutes", ".nan", "'train.max_minutes' must be a finite number, got nan"),
+    ("train.learning_rate", ".inf", "'train.learning_rate' must be a finite number, got inf"),
     ("augment.flip_prob", "2", "'augment.flip_prob' must be at least 0 and at most 1, got 2.0"),
     ("train.foreground_fraction", "1.5", "'train.foreground_fraction' must be at least 0 and "
                                          "at most 1, got 1.5"),
@@ -152,3 +153,20 @@ def test_a_key_given_twice_is_refused_with_its_line(tmp_path):
 def test_a_section_that_is_not_a_mapping_is_named_without_a_stray_dot():
     with pytest.raises(MedsegError, match="section 'train' must be a mapping"):
         load_workflow(None, ["train=3"])
+
+
+def test_yaml_merge_keys_still_work(tmp_path):
+    path = write(tmp_path, "x-common: &common\n  epochs: 2\ntrain:\n  <<: *common\n"
+                           "  iterations_per_epoch: 3\n")
+    with pytest.raises(MedsegError, match="unknown workflow key 'x-common'"):
+        load_workflow(path)
+    path = write(tmp_path, "train: &t\n  epochs: 2\npredict:\n  step: 0.5\n")
+    assert load_workflow(path).train.epochs == 2
+    path = write(tmp_path, "train:\n  <<: {epochs: 2}\n  iterations_per_epoch: 3\n")
+    workflow = load_workflow(path)
+    assert (workflow.train.epochs, workflow.train.iterations_per_epoch) == (2, 3)
+
+
+def test_an_override_with_a_key_given_twice_is_refused():
+    with pytest.raises(MedsegError, match="not valid YAML"):
+        load_workflow(None, ["dataset.labels={1: a, 1: b}"])

@@ -169,12 +169,15 @@ def test_nnunet_image_without_label_is_refused(tmp_path):
         load_dataset(tmp_path)
 
 
-def test_nnunet_v1_folder_read_as_msd_says_what_to_set(tmp_path):
+def test_nnunet_v1_folder_is_read_as_nnunet(tmp_path):
     write_phantom_dataset(tmp_path, n_train=2, n_test=0, shape=(16, 16, 8))
     for image in (tmp_path / "imagesTr").glob("*.nii.gz"):
         image.rename(image.with_name(image.name.replace(".nii.gz", "_0000.nii.gz")))
+    dataset = load_dataset(tmp_path)  # auto: the CASE_0000 files say nnU-Net v1
+    assert [c.images[0].name for c in dataset.cases] == ["phantom_000_0000.nii.gz",
+                                                          "phantom_001_0000.nii.gz"]
     with pytest.raises(MedsegError, match="set dataset.layout: nnunet"):
-        load_dataset(tmp_path)
+        load_dataset(tmp_path, layout="msd")
 
 
 @pytest.mark.parametrize(("modality", "message"), [

@@ -49,6 +49,10 @@ def test_train_and_predict_two_channels(tmp_path):
     source = nib.load(inputs / "case0_0000.nii.gz")
     assert mask.shape == source.shape
     np.testing.assert_allclose(mask.affine, source.affine, atol=1e-5)
+    # beside its channel files, the mask (case0.nii.gz) replaces none of them
+    assert main(["predict", "--model", str(run), "--input", str(inputs), "--output",
+                 str(inputs)]) == 0
+    assert (inputs / "case0.nii.gz").is_file()
 
 
 def test_channel_grouping_needs_every_channel(tmp_path):

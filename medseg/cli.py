@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medseg.config import check_in_range, load_workflow
-from medseg.errors import MedsegError, unwrap_transform_error
+from medseg.errors import MedsegError, one_line, unwrap_transform_error
 
 DEMO_MARKER = ".medseg-demo"
 FOLDS_FILE = "folds.json"  # the folds `train` was asked for, which `--resume` continues
@@ -51,9 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(cause, MedsegError):
             print(f"medseg: error: {cause}", file=sys.stderr)
             return EXIT_USER_ERROR
-        text = " ".join(str(cause).split())
-        print(f"medseg: error: {type(cause).__name__}: {text} (rerun with --debug for the "
-              f"traceback)", file=sys.stderr)
+        print(f"medseg: error: {type(cause).__name__}: {one_line(str(cause))} (rerun with "
+              f"--debug for the traceback)", file=sys.stderr)
         return 1
 
 

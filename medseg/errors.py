@@ -10,8 +10,7 @@ class MedsegError(Exception):
 
     def __init__(self, message: str, path: str | Path | None = None) -> None:
         self.path = None if path is None else Path(path)
-        # one line, even when a library's text has several
-        message = " ".join(line.strip() for line in message.splitlines())
+        message = one_line(message)
         super().__init__(f"{self.path}: {message}" if self.path is not None else message)
 
 
@@ -22,3 +21,9 @@ def unwrap_transform_error(exc: BaseException) -> BaseException:
            and exc.__cause__ is not None):
         exc = exc.__cause__
     return exc
+
+
+def one_line(text: str) -> str:
+    """`text` on one line, even when a library's message has several (spaces inside a line,
+    as in a file name, are kept)."""
+    return " ".join(line.strip() for line in text.splitlines())

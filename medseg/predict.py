@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from medseg.config import PredictConfig
 from medseg.datasets import strip_image_suffix
-from medseg.errors import MedsegError, unwrap_transform_error
+from medseg.errors import MedsegError, one_line, unwrap_transform_error
 from medseg.inference import (
     accumulator_bytes,
     axis_maps,
@@ -394,7 +394,7 @@ def _failure(path: Path, started: float, exc: BaseException) -> PredictionResult
     """One line naming the case (the error's own file when it has one)."""
     exc = unwrap_transform_error(exc)
     named = isinstance(exc, MedsegError) and exc.path is not None
-    message = str(exc) if named else " ".join(f"{path}: {exc}".split())
+    message = str(exc) if named else one_line(f"{path}: {exc}")
     tqdm.write(f"medseg: error: {message}", file=sys.stderr)
     return PredictionResult(path, None, time.monotonic() - started, message)
 

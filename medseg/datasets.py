@@ -102,7 +102,8 @@ def list_dataset(path: str | Path, layout: str = "auto") -> Listing:
 
 
 def label_names_from_json(path: str | Path) -> dict[int, str]:
-    """Label id -> name from an MSD or nnU-Net dataset.json, or a plain labels.json."""
+    """Label id -> name from an MSD or nnU-Net dataset.json, or a plain labels.json (0 is
+    "background" unless the file names it)."""
     path = Path(path)
     data = _read_json(path)
     table = data.get("labels", data) if isinstance(data, dict) else None
@@ -119,7 +120,7 @@ def label_names_from_json(path: str | Path) -> dict[int, str]:
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         raise MedsegError(f"label names must be unique; repeated: {', '.join(repeated)}", path)
-    return labels
+    return {0: "background", **labels}  # a labels.json may leave background unnamed
 
 
 def make_splits(case_names: list[str], n_folds: int = 5, seed: int = 0,
@@ -171,12 +172,16 @@ def _require_files(listing: Listing) -> None:
 
 
 def _nnunet_v1_hint(listing: Listing, missing: Path) -> str:
-    """nnU-Net v1's dataset.json lists `imagesTr/case.nii.gz` for files named `case_0000`."""
-    stem = strip_image_suffix(missing.name)
-    suffix = missing.name[len(stem):]
-    if listing.layout == "msd" and (missing.parent / f"{stem}_0000{suffix}").exists():
+    if listing.layout == "msd" and _channel_0_file(missing).exists():
         return " (the files are named CASE_0000, as nnU-Net's: set dataset.layout: nnunet)"
     return ""
+
+
+def _channel_0_file(image: Path) -> Path:
+    """nnU-Net's name for channel 0 of a listed image: `case.nii.gz` -> `case_0000.nii.gz`
+    (nnU-Net v1's dataset.json lists the first for files named as the second)."""
+    stem = strip_image_suffix(image.name)
+    return image.parent / f"{stem}_0000{image.name[len(stem):]}"
 
 
 def _refuse_repeated_names(listing: Listing) -> None:
@@ -206,17 +211,15 @@ def _detect_layout(root: Path) -> str:
 
 
 def _nnunet_v1_files(root: Path, entries: object) -> bool:
-    """nnU-Net v1 writes an MSD-style `training` list (`imagesTr/case.nii.gz`) for files on
-    disk named `imagesTr/case_0000.nii.gz`."""
+    """Whether an MSD-style `training` list names files that exist only as nnU-Net v1's
+    `_0000` channel files."""
     if not isinstance(entries, list) or not entries or not isinstance(entries[0], dict):
         return False
     listed = entries[0].get("image")
     if not isinstance(listed, str):
         return False
     image = Path(os.path.normpath(root / listed))
-    stem = strip_image_suffix(image.name)
-    channel_0 = image.parent / f"{stem}_0000{image.name[len(stem):]}"
-    return not image.exists() and channel_0.exists()
+    return not image.exists() and _channel_0_file(image).exists()
 
 
 def _read_json(path: Path) -> dict:

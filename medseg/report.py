@@ -45,7 +45,7 @@ def run_evaluation(pred_dir: Path, ref_dir: Path, labels_path: Path | None,
         raise MedsegError("output folder path is a file", out_dir)
     pairs = pair_cases(pred_dir, ref_dir)
     if labels_path is not None:
-        labels = {0: "background", **label_names_from_json(labels_path)}
+        labels = label_names_from_json(labels_path)
     else:
         labels = dict(label_names) if label_names else infer_labels(pairs)
     if not any(k > 0 for k in labels):

@@ -197,3 +197,11 @@ def test_msd_channel_tables_are_checked(tmp_path, modality, message):
 def test_workflow_labels_may_leave_out_background(phantom_dataset):
     dataset = load_dataset(phantom_dataset, labels={1: "liver", 2: "kidney", 3: "spine"})
     assert dataset.labels == {0: "background", 1: "liver", 2: "kidney", 3: "spine"}
+
+
+def test_folder_pairs_labels_json_may_leave_out_background(tmp_path):
+    for folder in ("images", "labels"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "p0.nii.gz").write_bytes(b"x")
+    (tmp_path / "labels.json").write_text(json.dumps({"1": "liver"}), encoding="utf-8")
+    assert load_dataset(tmp_path).labels == {0: "background", 1: "liver"}

@@ -44,6 +44,7 @@ class PlanConfig:
     # an axis along which mirroring changes a label's meaning (hippocampus head and tail)
     mirror_axes: list[int] = field(default_factory=lambda: [0, 1, 2])
     res_block: bool = False  # residual convolution blocks (MONAI UnetResBlock) in the U-Net
+    network: str = "dynunet"  # dynunet (nnU-Net's U-Net) | segresnet (MONAI SegResNetDS)
 
 
 @dataclass(frozen=True)
@@ -278,6 +279,7 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
 _CHOICES = {
     ("dataset", "layout"): ("auto", "msd", "nnunet", "folders", "csv"),
     ("dataset", "modality"): ("auto", "CT", "MR"),
+    ("plan", "network"): ("dynunet", "segresnet"),  # medseg.model.NETWORKS
     ("train", "optimizer"): ("sgd", "adamw"),
     ("train", "schedule"): ("poly", "cosine", "constant"),
     ("train", "precision"): ("auto", "bf16", "fp32", "amp"),

@@ -26,18 +26,52 @@ def build_dynunet(plan: Plan) -> torch.nn.Module:
         filters=plan.filters,
         norm_name=("INSTANCE", {"affine": True}),
         deep_supervision=plan.deep_supervision,
-        deep_supr_num=max(1, min(2, len(plan.strides) - 2)),
+        deep_supr_num=deep_supervision_heads(plan),
         res_block=plan.res_block,
     )
 
 
-NETWORKS: dict[str, Callable[[Plan], torch.nn.Module]] = {"dynunet": build_dynunet}
+def deep_supervision_heads(plan: Plan) -> int:
+    """Outputs below full resolution that the loss also scores (as nnU-Net: two at most)."""
+    return max(1, min(2, len(plan.strides) - 2))
 
 
-def create_model(plan: Plan, name: str = "dynunet") -> torch.nn.Module:
-    if name not in NETWORKS:
-        raise MedsegError(f"unknown network '{name}'; known: {', '.join(NETWORKS)}")
-    return NETWORKS[name](plan)
+def build_segresnet(plan: Plan) -> torch.nn.Module:
+    """MONAI SegResNetDS (Auto3DSeg's SegResNet): residual encoder blocks (1, 2, 2, 4, ...),
+    one level per plan stride, instance norm. In training with deep supervision it returns
+    a list of outputs, the full-resolution one first; in eval mode only that one."""
+    from monai.networks.nets import SegResNetDS
+
+    levels = len(plan.strides)  # isotropic halvings: checked by make_plan
+    return SegResNetDS(
+        spatial_dims=3,
+        init_filters=plan.filters[0],
+        in_channels=plan.in_channels,
+        out_channels=plan.num_classes,
+        norm="instance",
+        blocks_down=tuple([1, 2, 2, 4] + [4] * max(0, levels - 4))[:levels],
+        dsdepth=1 + deep_supervision_heads(plan) if plan.deep_supervision else 1,
+    )
+
+
+NETWORKS: dict[str, Callable[[Plan], torch.nn.Module]] = {
+    "dynunet": build_dynunet,
+    "segresnet": build_segresnet,
+}
+
+
+def create_model(plan: Plan) -> torch.nn.Module:
+    if plan.network not in NETWORKS:
+        raise MedsegError(f"unknown network '{plan.network}'; known: {', '.join(NETWORKS)}")
+    return NETWORKS[plan.network](plan)
+
+
+def supervised_outputs(output: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
+    """A training forward's outputs with deep supervision, full resolution first, in fp32:
+    DynUNet stacks its heads (upsampled) along dim 1, SegResNetDS returns a list."""
+    if isinstance(output, list | tuple):
+        return [o.float() for o in output]
+    return list(torch.unbind(output.float(), dim=1))
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:

@@ -59,6 +59,7 @@ class Plan:
     median_shape: list[int]
     mirror_axes: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
     res_block: bool = False
+    network: str = "dynunet"
 
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)
@@ -118,6 +119,7 @@ def make_plan(fp: Fingerprint, config: PlanConfig) -> Plan:
     kernels, strides = kernels_and_strides(patch, spacing)
     patch = _divisible_patch(patch, strides) if config.patch_size is None else list(patch)
     _check_patch(patch, strides)
+    _check_network(config.network, strides)
     filters = [min(config.base_filters * 2**i, config.max_filters) for i in range(len(strides))]
     num_classes = max(max(fp.labels), max(fp.class_voxels, default=0)) + 1
     return Plan(
@@ -137,6 +139,7 @@ def make_plan(fp: Fingerprint, config: PlanConfig) -> Plan:
         median_shape=median_shape,
         mirror_axes=sorted(config.mirror_axes),  # checked with the workflow
         res_block=config.res_block,
+        network=config.network,
     )
 
 
@@ -249,6 +252,15 @@ def _check_patch(patch: list[int], strides: list[list[int]]) -> None:
         good = _divisible_patch(patch, strides)
         raise MedsegError(f"plan.patch_size {patch} must be divisible by the network's "
                           f"down-sampling {[int(f) for f in factors]}; try {good}")
+
+
+def _check_network(network: str, strides: list[list[int]]) -> None:
+    """SegResNetDS halves every axis at every level; the plan's strides must too."""
+    if network == "segresnet" and any(2 ** (len(strides) - 1) != f
+                                      for f in np.prod(np.asarray(strides), axis=0)):
+        raise MedsegError(f"'plan.network: segresnet' halves every axis at every level, but "
+                          f"this plan's strides {strides} do not (anisotropic spacing or "
+                          "patch); use dynunet")
 
 
 def _check_same_grid(image, label) -> None:

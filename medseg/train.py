@@ -27,7 +27,7 @@ from medseg.config import TrainConfig, Workflow
 from medseg.datasets import Case, Dataset
 from medseg.errors import MedsegError
 from medseg.fileio import atomic_path, atomic_write_text
-from medseg.model import create_model, save_weights
+from medseg.model import create_model, save_weights, supervised_outputs
 from medseg.plan import Plan
 from medseg.transforms import IMAGE, LABEL, augmentation, case_dict, preprocessing
 
@@ -442,7 +442,7 @@ def _train_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, device, a
                             enabled=autocast_dtype is not None):
             output = model(image)
         if plan.deep_supervision:
-            output = list(torch.unbind(output.float(), dim=1))
+            output = supervised_outputs(output)
         else:
             output = output.float()
         loss = loss_fn(output, label)

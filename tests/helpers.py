@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from medseg.plan import Fingerprint
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
 
@@ -38,3 +40,12 @@ def requires_shared(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"real data not available: {path} is absent")
     return path
+
+
+def synthetic_fingerprint(spacings, shapes, modality="MR") -> Fingerprint:
+    return Fingerprint(
+        spacings=spacings, shapes=shapes,
+        intensity=[{"p00_5": -100.0, "p99_5": 300.0, "mean": 80.0, "std": 50.0}],
+        class_voxels={0: 1000, 1: 100, 2: 50}, modalities=[modality],
+        labels={0: "background", 1: "a", 2: "b"},
+    )

@@ -1,26 +1,17 @@
 import numpy as np
 import pytest
+from helpers import synthetic_fingerprint
 
 from medseg.config import PlanConfig
 from medseg.datasets import load_dataset
 from medseg.errors import MedsegError
 from medseg.plan import (
-    Fingerprint,
     Plan,
     fingerprint,
     kernels_and_strides,
     make_plan,
     target_spacing,
 )
-
-
-def synthetic_fingerprint(spacings, shapes, modality="MR") -> Fingerprint:
-    return Fingerprint(
-        spacings=spacings, shapes=shapes,
-        intensity=[{"p00_5": -100.0, "p99_5": 300.0, "mean": 80.0, "std": 50.0}],
-        class_voxels={0: 1000, 1: 100, 2: 50}, modalities=[modality],
-        labels={0: "background", 1: "a", 2: "b"},
-    )
 
 
 def test_isotropic_plan_matches_nnunet_hippocampus():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -66,7 +66,7 @@ class _CaseFacts:
 
     case: Case
     geometry: Geometry | None = None
-    digests: list[str] = field(default_factory=list)
+    digest: str | None = None  # of all the case's channels together; None if one is unread
 
 
 def check_dataset(path: str | Path, layout: str = "auto") -> CheckReport:
@@ -114,11 +114,10 @@ def _check_case(case: Case, dataset: Dataset) -> tuple[list[Problem], _CaseFacts
             if mismatch:
                 add(file, f"{mismatch} ({case.images[0].name})")
     facts.geometry = reference
-    for file in case.images:
-        if file in geometries:
-            digest = _check_image_voxels(file, add)
-            if digest:
-                facts.digests.append(digest)
+    digests = [_check_image_voxels(file, add) for file in case.images if file in geometries]
+    if len(digests) == len(case.images) and all(digests):
+        # the whole case: two cases may share one channel (an all-zero missing sequence)
+        facts.digest = "+".join(digests)
     if case.label in geometries:
         _check_label_voxels(case.label, dataset.labels, add)
     return problems, facts
@@ -177,8 +176,8 @@ def _duplicates(facts: list[_CaseFacts]) -> list[Problem]:
             if other is not case:
                 problems.append(Problem("error", case.name, file,
                                         f"same file as case {other.name}"))
-        for digest in fact.digests:
-            other = first_by_digest.setdefault(digest, case)
+        if fact.digest is not None:
+            other = first_by_digest.setdefault(fact.digest, case)
             if other is not case:
                 problems.append(Problem("error", case.name, image,
                                         f"same voxels as case {other.name} (duplicate case)"))

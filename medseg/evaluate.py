@@ -69,7 +69,8 @@ def volumes_by_case(folder: Path) -> dict[str, Path]:
     files of one case (`a.nii.gz` and `a.nrrd`) are refused rather than one picked."""
     volumes: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        if path.name.lower().endswith(IMAGE_SUFFIXES):
+        # hidden files: macOS "._x.nii.gz" companions, a writer's half-written ".x.part"
+        if path.name.lower().endswith(IMAGE_SUFFIXES) and not path.name.startswith("."):
             case = strip_image_suffix(path.name)
             if case in volumes:
                 raise MedsegError(f"{volumes[case].name} and {path.name} are both case "
@@ -141,17 +142,21 @@ def load_pair(prediction: Path, reference: Path, labels: dict[int, str], resampl
                               f"({grid_difference(pred, ref)}); `medseg evaluate --resample` "
                               f"resamples it by nearest neighbour", prediction)
         pred_data = resample_nearest(pred_data, pred.affine, ref.spatial_shape, ref.affine)
-    unknown = sorted(label_values(pred_data) - set(labels))
-    if unknown:
-        raise MedsegError(f"label values {unknown} are not in the label map", prediction)
-    return LoadedPair(pred_data, ref.data.reshape(ref.spatial_shape), ref.affine, ref.spacing,
+    ref_data = ref.data.reshape(ref.spatial_shape)
+    for path, data in ((reference, ref_data), (prediction, pred_data)):
+        unknown = sorted(label_values(data) - set(labels))
+        if unknown:
+            raise MedsegError(f"label values {unknown} are not in the label map", path)
+    return LoadedPair(pred_data, ref_data, ref.affine, ref.spacing,
                       resampled)
 
 
 def same_grid(a, b) -> bool:
-    """Whether two volumes (anything with spatial_shape and affine) share one voxel grid."""
+    """Whether two volumes (anything with spatial_shape and affine) share one voxel grid:
+    affines equal within GRID_ATOL mm, absolutely (a relative tolerance would grow with the
+    distance of the origin from the scanner's centre)."""
     return a.spatial_shape == b.spatial_shape and bool(
-        np.allclose(a.affine, b.affine, atol=GRID_ATOL))
+        np.abs(a.affine - b.affine).max() <= GRID_ATOL)
 
 
 def grid_difference(pred, ref) -> str:

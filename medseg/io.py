@@ -24,6 +24,7 @@ ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 VOLUME_SUFFIXES = (".nii.gz", ".nii", *ITK_SUFFIXES)
 WRITE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 MAX_VOXELS = 2**31
+LABEL_ROUNDING = 1e-3  # how far from a whole number a float label value may lie
 SCANNER_CODE = 1  # NIfTI qform/sform code for scanner-based anatomical coordinates
 
 
@@ -118,11 +119,15 @@ def read_label_map(path: str | Path) -> Volume:
     volume = read_volume(path, dtype=None)
     data = volume.data
     if data.dtype.kind == "f":
-        fractional = data != np.round(data)
+        rounded = np.round(data)
+        # a scaled header (scl_slope 1.0000001) leaves whole numbers a rounding error off;
+        # anything further off is a probability map or a linearly resampled mask
+        fractional = np.abs(data - rounded) > LABEL_ROUNDING
         if fractional.any():
             raise MedsegError(f"label has non-integer values (e.g. "
-                              f"{float(data[fractional].flat[0]):g}); a label map holds "
+                              f"{float(data[fractional].flat[0]):.7g}); a label map holds "
                               f"whole numbers", volume.path)
+        data = rounded
     return Volume(data.astype(np.int32, copy=False), volume.geometry, volume.path)
 
 

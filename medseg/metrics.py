@@ -5,8 +5,8 @@ tolerance in mm, all in physical units (voxel spacing respected), plus volumes i
 
 Conventions for empty structures (docs/formats.md):
 
-- both masks empty: Dice 1, IoU 1; HD95, ASSD and NSD NaN (no surface to score; left out of
-  means);
+- both masks empty: every score NaN (nothing to score; left out of means and of n), as
+  nnU-Net does: a Dice of 1 for each case without the structure would inflate its mean;
 - one mask empty: Dice 0, IoU 0, NSD 0; HD95 and ASSD inf (counted as failures).
 
 Speed: every structure is cropped to the bounding box of prediction and reference (one
@@ -35,7 +35,7 @@ Box = tuple[slice, ...]
 
 
 def overlap_scores(prediction: np.ndarray, reference: np.ndarray) -> dict[str, float]:
-    """Dice and IoU of two boolean masks from tp/fp/fn counts; both empty gives 1, one empty 0.
+    """Dice and IoU of two boolean masks from tp/fp/fn counts; both empty NaN, one empty 0.
 
     Counted here rather than with MONAI's compute_dice/compute_iou: the same numbers (the
     tests cross-check them against DiceMetric), without a torch round trip per structure.
@@ -43,17 +43,17 @@ def overlap_scores(prediction: np.ndarray, reference: np.ndarray) -> dict[str, f
     tp = int(np.count_nonzero(prediction & reference))
     n_pred, n_ref = int(np.count_nonzero(prediction)), int(np.count_nonzero(reference))
     if n_pred + n_ref == 0:
-        return {"dice": 1.0, "iou": 1.0}
+        return {"dice": math.nan, "iou": math.nan}
     return {"dice": 2.0 * tp / (n_pred + n_ref), "iou": tp / (n_pred + n_ref - tp)}
 
 
 def dice(prediction: np.ndarray, reference: np.ndarray) -> float:
-    """Dice of two boolean masks; both empty gives 1.0, one empty gives 0.0."""
+    """Dice of two boolean masks; both empty gives NaN, one empty gives 0.0."""
     return overlap_scores(prediction.astype(bool), reference.astype(bool))["dice"]
 
 
 def iou(prediction: np.ndarray, reference: np.ndarray) -> float:
-    """Intersection over union of two boolean masks; both empty 1.0, one empty 0.0."""
+    """Intersection over union of two boolean masks; both empty NaN, one empty 0.0."""
     return overlap_scores(prediction.astype(bool), reference.astype(bool))["iou"]
 
 

@@ -176,7 +176,7 @@ def _stats(values: list[float]) -> dict:
                 "iqr": float("nan"), "n": 0, "n_inf": n_inf}
     q1, q3 = np.percentile(finite, [25, 75])
     return {"mean": float(finite.mean()), "sd": float(finite.std(ddof=1)) if finite.size > 1
-            else 0.0, "median": float(np.median(finite)), "iqr": float(q3 - q1),
+            else float("nan"), "median": float(np.median(finite)), "iqr": float(q3 - q1),
             "n": int(finite.size), "n_inf": n_inf}
 
 
@@ -187,7 +187,8 @@ def _num(value: float, digits: int = 4) -> str:
 def _fmt(value: float) -> str:
     if math.isnan(value):
         return ""
-    return ("inf" if value > 0 else "-inf") if math.isinf(value) else f"{value:.6g}"
+    # 8 digits: a Dice of 0.99999983 is not 1, nor 2915.999 ml 2916
+    return ("inf" if value > 0 else "-inf") if math.isinf(value) else f"{value:.8g}"
 
 
 def _json_safe(data):

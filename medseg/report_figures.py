@@ -7,8 +7,10 @@ the upsampled voxels) and labelled by matplotlib in a single figure, which keeps
 
 from __future__ import annotations
 
+import functools
 import io
 import math
+from collections.abc import Callable
 
 import numpy as np
 from scipy import ndimage
@@ -42,6 +44,18 @@ def _pyplot():
     return plt
 
 
+def _plain_text(draw: Callable[..., bytes]) -> Callable[..., bytes]:
+    """Draw with matplotlib's mathtext off: case and structure names are text, and a `$` in
+    one ("pt_$1_$2") would otherwise be parsed as a formula and fail the report."""
+
+    @functools.wraps(draw)
+    def wrapper(*args, **kwargs) -> bytes:
+        with _pyplot().rc_context({"text.parse_math": False}):
+            return draw(*args, **kwargs)
+
+    return wrapper
+
+
 def _horizontal() -> dict:
     """boxplot's keyword for horizontal boxes: `orientation` from matplotlib 3.10 on."""
     import matplotlib
@@ -58,6 +72,7 @@ def png_bytes(fig) -> bytes:
     return buffer.getvalue()
 
 
+@_plain_text
 def boxplots_png(results: list[CaseScores], structures: list[str], tolerance_mm: float | None
                  ) -> bytes:
     """One panel per metric (BOX_METRICS), one horizontal box per structure; each case a dot.
@@ -216,6 +231,7 @@ def _block_origin(i: int) -> tuple[int, int]:
             col * (3 * TILE + 2 * GAP + 4 * GAP))
 
 
+@_plain_text
 def _label_montage(canvas: np.ndarray, names: list[tuple[str, float]], title: str) -> bytes:
     """Put the canvas pixels straight into a figure of the same size (no resampling) and
     add the text."""

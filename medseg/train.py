@@ -214,9 +214,9 @@ def train_fold(
             # every rank scores its share and gets all the scores: the same best on each
             dice = _mean_dice(_gather_in_case_order(
                 _case_scores(scored, val_data, plan, workflow, device), ranks))
-            mean_dice = float(np.mean(list(dice.values())))
+            mean_dice = _mean_over_structures(dice)
             record.update({"val_dice": dice, "val_mean_dice": mean_dice})
-            if mean_dice > best["mean"]:
+            if mean_dice > best["mean"]:  # never for NaN
                 best = {"epoch": epoch, "mean": mean_dice, "dice": dice}
                 if ranks.main:
                     save_weights(scored, checkpoints / BEST_WEIGHTS)
@@ -234,7 +234,8 @@ def train_fold(
     bar.close()
     if writer is not None:
         writer.close()
-    if not validating:  # no validation cases: the last weights are the ones to keep
+    if not validating or best["mean"] == -math.inf:
+        # no validation cases, or none with a structure to score: keep the last weights
         if ranks.main:
             save_weights(scored, checkpoints / BEST_WEIGHTS)
         best["epoch"] = epochs_run - 1
@@ -391,8 +392,7 @@ def _case_scores(model, val_data, plan: Plan, workflow: Workflow, device) -> lis
     """score_case's per-structure scores of each validation case (none for None)."""
     from medseg.metrics import score_case
 
-    # the named labels only: an id the dataset skips ({0, 1, 3}) is empty on both sides and
-    # would count as Dice 1
+    # the named labels only: an id the dataset skips ({0, 1, 3}) has nothing to score
     labels = dict(plan.labels)
     per_case = []
     model.eval()
@@ -411,8 +411,20 @@ def _case_scores(model, val_data, plan: Plan, workflow: Workflow, device) -> lis
 
 
 def _mean_dice(per_case: list[dict]) -> dict[str, float]:
-    return {name: float(np.mean([scores[name]["dice"] for scores in per_case]))
-            for name in per_case[0]}
+    """Per structure, the mean Dice over the cases that have it in the reference or the
+    prediction (NaN, as in `medseg evaluate`, when no case has it)."""
+    means = {}
+    for name in per_case[0]:
+        values = [v for scores in per_case if not math.isnan(v := scores[name]["dice"])]
+        means[name] = float(np.mean(values)) if values else math.nan
+    return means
+
+
+def _mean_over_structures(dice: dict[str, float]) -> float:
+    """The validation score that picks the best checkpoint: structures no case has are left
+    out; NaN when there is none to score."""
+    values = [v for v in dice.values() if not math.isnan(v)]
+    return float(np.mean(values)) if values else math.nan
 
 
 def sliding_window_logits(model, image: torch.Tensor, plan: Plan, step: float,
@@ -491,13 +503,21 @@ def _log(writer, metrics_path: Path, record: dict) -> None:
     epoch = record["epoch"]
     writer.add_scalar("train/loss", record["train_loss"], epoch)
     writer.add_scalar("train/lr", record["lr"], epoch)
-    for name, value in record.get("val_dice", {}).items():
-        writer.add_scalar(f"val_dice/{name}", value, epoch)
+    scalars = {f"val_dice/{name}": value for name, value in record.get("val_dice", {}).items()}
     if "val_mean_dice" in record:
-        writer.add_scalar("val/mean_dice", record["val_mean_dice"], epoch)
+        scalars["val/mean_dice"] = record["val_mean_dice"]
+    for tag, value in scalars.items():
+        if not math.isnan(value):  # a structure no validation case has
+            writer.add_scalar(tag, value, epoch)
     writer.flush()
-    with metrics_path.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
+    with metrics_path.open("a", encoding="utf-8") as handle:  # JSON has no NaN: null
+        handle.write(json.dumps(_nan_to_none(record)) + "\n")
+
+
+def _nan_to_none(value):
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def _save_state(path: Path, model, optimizer, scheduler, scaler, epoch: int, best: dict,

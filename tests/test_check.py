@@ -124,3 +124,20 @@ def test_nnunet_orphans_and_missing_channels(tmp_path):
     assert ("c", "c_0000.nii.gz", "image missing") in found
     assert ("c", "c_0001.nii.gz", "image missing") in found
     assert not any(case == "a" for case, _, _ in found)
+
+
+def test_cases_sharing_one_channel_are_not_duplicates(tmp_path):
+    zeros = np.zeros(SHAPE, np.float32)  # a missing T2, filled with zeros in every case
+    for k, name in enumerate("abc"):
+        save(tmp_path / "imagesTr" / f"{name}_0000.nii.gz", image(k))
+        save(tmp_path / "imagesTr" / f"{name}_0001.nii.gz", zeros)
+        save(tmp_path / "labelsTr" / f"{name}.nii.gz", label())
+    save(tmp_path / "imagesTr" / "d_0000.nii.gz", image(0))  # case a again, both channels
+    save(tmp_path / "imagesTr" / "d_0001.nii.gz", zeros)
+    save(tmp_path / "labelsTr" / "d.nii.gz", label())
+    (tmp_path / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "T1", "1": "T2"}, "labels": {"background": 0, "x": 1},
+        "file_ending": ".nii.gz"}), encoding="utf-8")
+    duplicates = [(p.case, p.message) for p in check_dataset(tmp_path).problems
+                  if "duplicate" in p.message]
+    assert duplicates == [("d", "same voxels as case a (duplicate case)")]

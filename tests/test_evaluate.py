@@ -301,3 +301,57 @@ def test_unreadable_reference_is_a_user_error_with_or_without_labels(folders, tm
 def test_error_messages_are_one_line():
     error = MedsegError("expected 100 bytes\n - could the file be damaged?", "x.nii")
     assert str(error) == "x.nii: expected 100 bytes - could the file be damaged?"
+
+
+def test_unknown_label_in_the_reference_is_refused_naming_the_reference(folders, capsys):
+    reference = phantom()
+    reference[0, 0, 0] = 5  # a structure the label map does not name: never silently dropped
+    save(folders / "ref" / "c1.nii.gz", reference)
+    labels = folders / "labels.json"
+    labels.write_text(json.dumps({"1": "a", "2": "b"}), encoding="utf-8")
+    assert main(["evaluate", "--pred", str(folders / "pred"), "--ref", str(folders / "ref"),
+                 "--labels", str(labels)]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"medseg: error: {folders / 'ref' / 'c1.nii.gz'}: label values [5] are not in the "
+        "label map")
+
+
+def test_hidden_files_are_not_cases(folders, capsys):
+    (folders / "ref" / "._c1.nii.gz").write_bytes(b"macOS resource fork")
+    save(folders / "pred" / ".c2.nii.gz.1234.part.nii.gz", phantom())
+    summary = run_evaluation(folders / "pred", folders / "ref", None, None)
+    assert summary["n_cases"] == 3 and "without a reference" not in capsys.readouterr().err
+
+
+def test_float_labels_a_rounding_error_off_are_whole_numbers(folders, tmp_path, capsys):
+    noisy = phantom().astype(np.float32) * np.float32(1.0000001)
+    nib.save(nib.Nifti1Image(noisy, AFFINE), folders / "pred" / "c3.nii.gz")
+    summary = run_evaluation(folders / "pred", folders / "ref", None, None)
+    assert summary["failed_cases"] == [] and summary["structures"]["label_1"]["dice"]["mean"] > 0
+    halves = phantom().astype(np.float32) * np.float32(1.004)
+    nib.save(nib.Nifti1Image(halves, AFFINE), folders / "pred" / "c3.nii.gz")
+    run_evaluation(folders / "pred", folders / "ref", None, None)
+    assert "non-integer values (e.g. 1.004)" in capsys.readouterr().err  # not rounded to "1"
+
+
+def test_grids_agree_within_an_absolute_tolerance_far_from_the_origin(tmp_path):
+    affine = AFFINE.copy()
+    affine[:3, 3] = 600.0
+    moved = affine.copy()
+    moved[0, 3] += 0.006  # 6 micrometres: more than GRID_ATOL, however far the origin
+    save(tmp_path / "ref" / "c1.nii.gz", phantom(), affine)
+    save(tmp_path / "pred" / "c1.nii.gz", phantom(), moved)
+    with pytest.raises(MedsegError, match="not on the same grid"):
+        load_pair(tmp_path / "pred" / "c1.nii.gz", tmp_path / "ref" / "c1.nii.gz", LABELS)
+
+
+def test_a_structure_is_averaged_over_the_cases_that_have_it(tmp_path):
+    reference = phantom()
+    save(tmp_path / "ref" / "c1.nii.gz", reference)
+    save(tmp_path / "pred" / "c1.nii.gz", np.roll(reference, 1, axis=0))
+    for name in ("c2", "c3"):  # neither has structure b
+        save(tmp_path / "ref" / f"{name}.nii.gz", np.where(reference == 2, 0, reference))
+        save(tmp_path / "pred" / f"{name}.nii.gz", np.where(reference == 2, 0, reference))
+    summary = run_evaluation(tmp_path / "pred", tmp_path / "ref", None, None)
+    b = summary["structures"]["label_2"]["dice"]
+    assert b["n"] == 1 and b["mean"] == pytest.approx(2 * 18 / 54)  # not (0.67 + 1 + 1) / 3

@@ -36,10 +36,11 @@ def test_dice_of_offset_cubes_is_hand_worked():
 def test_dice_conventions_for_empty_masks():
     empty = np.zeros((4, 4, 4), dtype=bool)
     full = np.ones((4, 4, 4), dtype=bool)
-    assert dice(empty, empty) == 1.0
+    # nothing to score (nnU-Net's convention): left out of means rather than counted as 1
+    assert math.isnan(dice(empty, empty)) and math.isnan(iou(empty, empty))
     assert dice(full, empty) == 0.0
     assert dice(empty, full) == 0.0
-    assert iou(empty, empty) == 1.0 and iou(full, empty) == 0.0
+    assert iou(full, empty) == 0.0
 
 
 def test_volume_uses_physical_spacing():
@@ -92,8 +93,7 @@ def test_empty_structure_conventions():
     empty = np.zeros((6, 6, 6), dtype=bool)
     some = cube((6, 6, 6), (1, 1, 1), 2)
     both_empty = score_structure(empty, empty, (1.0, 1.0, 1.0))
-    assert both_empty["dice"] == 1.0 and both_empty["iou"] == 1.0
-    assert all(math.isnan(both_empty[k]) for k in ("hd95_mm", "assd_mm", "nsd"))
+    assert all(math.isnan(both_empty[k]) for k in ("dice", "iou", "hd95_mm", "assd_mm", "nsd"))
     for pred, ref in ((some, empty), (empty, some)):
         one_empty = score_structure(pred, ref, (1.0, 1.0, 1.0))
         assert one_empty["dice"] == 0.0 and one_empty["iou"] == 0.0 and one_empty["nsd"] == 0.0
@@ -114,7 +114,7 @@ def test_score_case_per_label():
     assert scores["b"]["dice"] == 0.0 and math.isinf(scores["b"]["hd95_mm"])
     assert scores["b"]["ref_ml"] == pytest.approx(0.027)
     assert scores["b"]["diff_ml"] == pytest.approx(-0.027)
-    assert scores["c"]["dice"] == 1.0 and math.isnan(scores["c"]["hd95_mm"])  # absent from both
+    assert all(math.isnan(scores["c"][m]) for m in ("dice", "iou", "hd95_mm", "nsd"))  # absent
     assert "bg" not in scores
 
 

@@ -32,9 +32,9 @@ def scores(dice, hd95, ref_ml=1.0):
 
 def test_summary_leaves_out_inf_and_nan_and_counts_inf():
     results = [
-        CaseScores("a", {"s": scores(1.0, 0.0), "t": scores(1.0, math.nan, 0.0)}),
-        CaseScores("b", {"s": scores(0.5, 4.0), "t": scores(1.0, math.nan, 0.0)}),
-        CaseScores("c", {"s": scores(0.0, math.inf), "t": scores(1.0, math.nan, 0.0)}),
+        CaseScores("a", {"s": scores(1.0, 0.0), "t": scores(math.nan, math.nan, 0.0)}),
+        CaseScores("b", {"s": scores(0.5, 4.0), "t": scores(math.nan, math.nan, 0.0)}),
+        CaseScores("c", {"s": scores(0.0, math.inf), "t": scores(math.nan, math.nan, 0.0)}),
         CaseScores("d", {"s": dict(FAILED_SCORES), "t": dict(FAILED_SCORES)}, "no prediction"),
     ]
     summary = summarize(results, tolerance_mm=2.0)
@@ -193,3 +193,23 @@ def test_the_drawn_slice_shows_both_masks_when_sizes_tie():
     prediction[:2, :2, 0] = True  # slice 0: the prediction alone, 4 voxels
     prediction[:2, :2, 2] = reference[:2, :2, 2] = True  # slice 2: both, 4 voxels
     assert largest_slice(prediction, reference, axis=2) == 2
+
+
+def test_dollar_signs_in_case_and_structure_names_are_text(tmp_path):
+    """matplotlib would parse "$1_$" as a formula and fail the whole report."""
+    rng = np.random.default_rng(5)
+    reference, prediction = blob_case(rng)
+    for folder, data in (("ref", reference), ("pred", prediction)):
+        (tmp_path / folder).mkdir()
+        nib.save(nib.Nifti1Image(data, SPACING_AFFINE), tmp_path / folder / "pt_$1_$2.nii.gz")
+    labels = {0: "background", 1: "L_$^$", 2: "cost $5 $x"}
+    results = evaluate_pairs(pair_cases(tmp_path / "pred", tmp_path / "ref"), labels)
+    write_reports(results, tmp_path / "out", labels=labels, tolerance_mm=2.0)
+    html = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
+    assert "pt_$1_$2" in html and "L_$^$" in html and len(inline_pngs(html)) >= 2
+
+
+def test_one_case_has_no_sd_and_the_csv_keeps_eight_digits():
+    results = [CaseScores("a", {"s": scores(0.99999983, 1.0)})]
+    assert math.isnan(summarize(results)["structures"]["s"]["dice"]["sd"])
+    assert scores_csv(results).splitlines()[1].startswith("a,s,0.99999983,")

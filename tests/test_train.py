@@ -221,3 +221,33 @@ def test_label_smoothing_reaches_the_cross_entropy_term():
         logits, target) + 0.5
     with pytest.raises(Exception, match="label_smoothing"):
         load_workflow(None, ["train.label_smoothing=1"])
+
+
+def test_validation_leaves_out_structures_a_case_does_not_have(tmp_path):
+    import math
+
+    from medseg.train import _log, _mean_dice, _mean_over_structures
+
+    nan = math.nan
+    per_case = [{"a": {"dice": 0.8}, "b": {"dice": 0.5}, "c": {"dice": nan}},
+                {"a": {"dice": 0.6}, "b": {"dice": nan}, "c": {"dice": nan}}]
+    dice = _mean_dice(per_case)
+    assert dice["a"] == pytest.approx(0.7) and dice["b"] == 0.5 and math.isnan(dice["c"])
+    assert _mean_over_structures(dice) == pytest.approx(0.6)
+    assert math.isnan(_mean_over_structures({"c": nan}))
+
+    class Writer:
+        def __init__(self):
+            self.tags = []
+
+        def add_scalar(self, tag, value, step):
+            self.tags.append(tag)
+
+        def flush(self):
+            pass
+
+    writer, path = Writer(), tmp_path / "metrics.jsonl"
+    _log(writer, path, {"epoch": 0, "train_loss": 1.0, "lr": 0.1, "val_dice": dice,
+                        "val_mean_dice": 0.6})
+    record = json.loads(path.read_text(encoding="utf-8"), parse_constant=pytest.fail)
+    assert record["val_dice"]["c"] is None and "val_dice/c" not in writer.tags

@@ -48,6 +48,8 @@ def preprocessing(plan: Plan, with_label: bool, series_uid: str | None = None,
         # float32 resampling: MONAI's float64 default doubles the peak memory on large CTs
         mt.Spacingd(all_keys, pixdim=plan.target_spacing, mode=modes, dtype=torch.float32),
     ]
+    if with_label:  # float labels a rounding error off a whole number (read_label_map's rule)
+        steps.append(mt.AsDiscreted(LABEL, rounding="torchrounding"))
     steps += [_normalize(key, norm) for key, norm in zip(image_keys, plan.normalization,
                                                          strict=True)]
     steps.append(mt.ConcatItemsd(image_keys, IMAGE, dim=0))

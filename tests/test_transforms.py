@@ -89,3 +89,15 @@ def test_a_case_smaller_than_the_patch_moves_only_with_shift_voxels(plan, shift)
         assert int(out[LABEL].sum()) == int(label.sum())  # the structure stays whole
         corners.add(tuple(int(i.min()) for i in torch.nonzero(out[LABEL][0], as_tuple=True)))
     assert (len(corners) > 1) == (shift > 0), corners
+
+
+def test_float_labels_a_rounding_error_off_are_whole_numbers(plan, phantom_dataset, tmp_path):
+    import nibabel as nib
+
+    case = load_dataset(phantom_dataset).cases[0]
+    stored = nib.load(case.label)
+    noisy = np.asarray(stored.dataobj).astype(np.float32) * np.float32(0.9999999)
+    nib.save(nib.Nifti1Image(noisy, stored.affine), tmp_path / "noisy.nii.gz")
+    label = preprocessing(plan, with_label=True)(case_dict(case.images,
+                                                           tmp_path / "noisy.nii.gz"))[LABEL]
+    assert set(torch.unique(label).tolist()) == set(np.unique(stored.dataobj).tolist())

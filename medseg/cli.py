@@ -17,6 +17,7 @@ import os
 import shutil
 import sys
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from medseg.errors import MedsegError, one_line, unwrap_transform_error
 DEMO_MARKER = ".medseg-demo"
 FOLDS_FILE = "folds.json"  # the folds `train` was asked for, which `--resume` continues
 EXIT_USER_ERROR = 2
+RESUME_OVERRIDES = ("train.max_minutes",)  # what a resumed run may change: not its course
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.handler(args) or 0)
     except MedsegError as exc:
-        if args.debug:
-            raise
+        if args.debug:  # the traceback, and the same exit status as without --debug
+            traceback.print_exc()
         print(f"medseg: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
@@ -46,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:  # one line for the user; the traceback is behind --debug
         if args.debug:
-            raise
+            traceback.print_exc()
         cause = unwrap_transform_error(exc)
         if isinstance(cause, MedsegError):
             print(f"medseg: error: {cause}", file=sys.stderr)
@@ -71,13 +73,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from medseg.phantoms import write_phantom_dataset
 
     out = Path(args.out)
+    workflow_path = _demo_workflow_path()
+    workflow = load_workflow(workflow_path, args.overrides)  # a bad --set before any work
     _claim_demo_folder(out)
     started = time.monotonic()
     print(f"[1/4] writing 12 synthetic CT phantoms to {out / 'data'}")
     write_phantom_dataset(out / "data", n_train=8, n_test=4, seed=args.seed)
-    workflow_path = _demo_workflow_path()
     print(f"[2/4] training with {workflow_path}")
-    workflow = load_workflow(workflow_path, args.overrides)
     # set on the workflow, not as an override: YAML would read " #" in a path as a comment
     workflow = dataclasses.replace(
         workflow, dataset=dataclasses.replace(workflow.dataset, path=str(out / "data")))
@@ -100,9 +102,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     """One process, or one of several started by torchrun (DistributedDataParallel)."""
     if args.resume:
-        if args.workflow or args.out or args.overrides:
+        if args.workflow or args.out:
             raise MedsegError("--resume takes the run folder alone (its saved workflow is used)")
-        run = functools.partial(_resume_run, Path(args.resume), args.fold)
+        for override in args.overrides or []:
+            if override.split("=", 1)[0].strip() not in RESUME_OVERRIDES:
+                raise MedsegError(f"--resume continues the saved workflow: of its keys, --set "
+                                  f"may only change {', '.join(RESUME_OVERRIDES)}, not "
+                                  f"'{override}'")
+        run = functools.partial(_resume_run, Path(args.resume), args.fold, args.overrides)
     else:
         if not args.workflow or not args.out:
             raise MedsegError("train needs a WORKFLOW and --out RUN_DIR (or --resume RUN_DIR)")
@@ -131,16 +138,29 @@ def cmd_predict(args: argparse.Namespace) -> int:
     options = _PredictOptions(folds=folds, overwrite=args.overwrite, tta=args.tta,
                               step=args.step, device=args.device, series_uid=args.series,
                               resample_irregular=args.resample_irregular, shard=args.shard)
+    if args.reference:
+        _check_reference_without_shards(args.shard, args.output, args.reference)
     results = _predict(Path(args.model), args.input, Path(args.output), options)
+    failed = sum(1 for r in results if r.error)
+    if failed and failed == len(results):
+        return EXIT_USER_ERROR  # nothing could be done with the inputs given
     if args.reference:
         summary = _evaluate_predictions(Path(args.model), Path(args.output),
                                         Path(args.reference))
         if summary["failed_cases"]:
             return 1
-    failed = sum(1 for r in results if r.error)
-    if failed and failed == len(results):
-        return EXIT_USER_ERROR  # nothing could be done with the inputs given
     return 1 if failed else 0
+
+
+def _check_reference_without_shards(shard: str | None, output: str, reference: str) -> None:
+    """--reference scores the whole output folder, which one shard has only part of."""
+    from medseg.predict import parse_shard
+
+    if parse_shard(shard)[1] > 1:
+        raise MedsegError(f"--reference scores every case, and this process predicts one "
+                          f"shard of them: once every shard has finished, run `medseg "
+                          f"evaluate --pred {output} --ref {reference} --out "
+                          f"{Path(output) / 'evaluation'}`")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -219,18 +239,23 @@ class _PredictOptions:
     shard: str | None = None
 
 
-def _resume_run(run_dir: Path, fold_text: str | None) -> list:
+def _resume_run(run_dir: Path, fold_text: str | None, overrides: list[str] | None = None
+                ) -> list:
     """Continue the fold(s) of a run from their last saved state (a fold never started is
-    trained from the beginning)."""
+    trained from the beginning). `overrides` may give each fold a new wall-clock budget;
+    it is saved in the run's workflow.yaml."""
+    from medseg.config import save_workflow
     from medseg.datasets import load_dataset
     from medseg.plan import load_plan
-    from medseg.train import TRAIN_STATE, train_fold
+    from medseg.train import TRAIN_STATE, current_ranks, train_fold
 
     if not run_dir.is_dir():
         raise MedsegError("run folder not found", run_dir)
     if not (run_dir / "workflow.yaml").is_file():
         raise MedsegError("not a medseg run folder (no workflow.yaml)", run_dir)
-    workflow = load_workflow(run_dir / "workflow.yaml", [])
+    workflow = load_workflow(run_dir / "workflow.yaml", overrides)
+    if overrides and current_ranks().main:
+        save_workflow(workflow, run_dir / "workflow.yaml")
     plan = load_plan(run_dir / "plan.json")
     splits_path = run_dir / "splits.json"
     if not splits_path.is_file():

@@ -190,6 +190,8 @@ def train_fold(
             _truncate_metrics(metrics_path, first_epoch)
         writer = SummaryWriter(str(fold_dir / "tensorboard"), purge_step=first_epoch)
     net = _distributed(model, ranks, device)
+    # the run's clock goes on from where the resumed run stopped (the budget is per session)
+    elapsed_before = _last_elapsed_seconds(metrics_path) if resume and ranks.main else 0.0
     started = time.monotonic()
     deadline = started + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
     epochs_run = first_epoch
@@ -206,7 +208,7 @@ def train_fold(
         record = {"epoch": epoch, "train_loss": train_loss,
                   "lr": optimizer.param_groups[0]["lr"],
                   "epoch_seconds": round(time.monotonic() - epoch_start, 2),
-                  "elapsed_seconds": round(time.monotonic() - started, 2)}
+                  "elapsed_seconds": round(elapsed_before + time.monotonic() - started, 2)}
         # rank 0's clock decides for everyone, so that no rank waits for one that stopped
         out_of_time = _from_main(time.monotonic() > deadline, ranks, device)
         last_epoch = epoch == cfg.epochs - 1 or out_of_time
@@ -243,7 +245,7 @@ def train_fold(
         _check_replicas(model, ranks)
     return TrainResult(fold_dir, best["epoch"],
                        None if best["mean"] == -math.inf else best["mean"], best["dice"],
-                       epochs_run, time.monotonic() - started)
+                       epochs_run, elapsed_before + time.monotonic() - started)
 
 
 def loss_function(plan: Plan, cfg: TrainConfig) -> torch.nn.Module:
@@ -552,6 +554,18 @@ def _load_state(path: Path, model, optimizer, scheduler, scaler, ema=None
     except (RuntimeError, KeyError, ValueError, OSError) as exc:
         raise MedsegError(f"cannot resume from this training state ({exc})", path) from exc
     return int(state["epoch"]) + 1, dict(state["best"])
+
+
+def _last_elapsed_seconds(path: Path) -> float:
+    """`elapsed_seconds` of the last complete metrics.jsonl line, 0 without one."""
+    if not path.is_file():
+        return 0.0
+    for line in reversed(path.read_text(encoding="utf-8").splitlines()):
+        try:
+            return float(json.loads(line)["elapsed_seconds"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return 0.0
 
 
 def _metrics_epoch(line: str) -> float:

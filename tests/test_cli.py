@@ -34,7 +34,8 @@ def test_unknown_workflow_key_is_one_line_exit_2(tmp_path):
 def test_debug_shows_the_traceback(tmp_path):
     result = run_cli("train", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "r"),
                      "--debug")
-    assert result.returncode != 0 and "Traceback" in result.stderr
+    assert result.returncode == 2 and "Traceback" in result.stderr  # the status without it
+    assert result.stderr.strip().splitlines()[-1].startswith("medseg: error: ")
 
 
 def test_missing_dataset_folder(tmp_path, capsys):
@@ -152,3 +153,10 @@ def test_errors_inside_monai_transforms_are_unwrapped():
         assert unwrap_transform_error(wrapped) is cause
     plain = RuntimeError("applying nothing")
     assert unwrap_transform_error(plain) is plain
+
+
+def test_demo_refuses_a_bad_override_before_any_work(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--set", "train.epoch=1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'train.epoch'" in err
+    assert not (tmp_path / "demo").exists()

@@ -189,3 +189,24 @@ def test_large_cases_are_not_read_while_another_runs():
     few_classes = dataclasses.replace(plan, num_classes=3)
     assert _read_ahead_fits(ct_42_classes, few_classes)
     assert READ_AHEAD_BYTES < 2**30
+
+
+def test_reference_with_shards_is_refused_before_any_work(trained_run, three_cases, tmp_path,
+                                                           capsys, monkeypatch):
+    out = tmp_path / "out"
+    args = ["predict", "--model", str(trained_run), "--input", str(three_cases), "--output",
+            str(out), "--reference", str(three_cases)]
+    assert main([*args, "--shard", "0/2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "once every shard has finished" in err
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's processes are shards too
+    assert main(args) == 2 and not out.exists()
+
+
+def test_every_case_failing_is_exit_2_with_a_reference_too(trained_run, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for name in ("x", "y"):
+        (bad / f"{name}.nii.gz").write_text("not a volume", encoding="utf-8")
+    assert main(["predict", "--model", str(trained_run), "--input", str(bad), "--output",
+                 str(tmp_path / "out"), "--reference", str(bad)]) == 2

@@ -45,12 +45,26 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, phantom_dataset, ema):
         assert torch.equal(tensor, split["ema"][name]), name
     curve, reference = metrics(tmp_path / "split"), metrics(tmp_path / "straight")
     assert [r["epoch"] for r in curve] == [0, 1]
+    assert curve[1]["elapsed_seconds"] > curve[0]["elapsed_seconds"]  # the run's clock goes on
     assert [r["train_loss"] for r in curve] == [r["train_loss"] for r in reference]
 
 
 def test_resume_refuses_extra_arguments(tmp_path, capsys):
-    assert main(["train", "--resume", str(tmp_path), "--set", "train.epochs=3"]) == 2
+    assert main(["train", "--resume", str(tmp_path), "--out", str(tmp_path)]) == 2
     assert "--resume takes the run folder alone" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path), "--set", "train.epochs=3"]) == 2
+    assert "may only change train.max_minutes, not 'train.epochs=3'" in capsys.readouterr().err
+
+
+def test_resume_may_give_a_new_budget(tmp_path, phantom_dataset):
+    from medseg.config import load_workflow
+
+    run = tmp_path / "run"
+    assert train(run, phantom_dataset, "train.max_minutes=0.00001") == 0
+    assert [r["epoch"] for r in metrics(run)] == [0]
+    assert main(["train", "--resume", str(run), "--set", "train.max_minutes=null"]) == 0
+    assert [r["epoch"] for r in metrics(run)] == [0, 1]  # no longer stopped after an epoch
+    assert load_workflow(run / "workflow.yaml").train.max_minutes is None
 
 
 def test_resume_of_a_folder_that_is_not_a_run(tmp_path, capsys):

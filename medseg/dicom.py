@@ -8,16 +8,20 @@ voxel indices (column, row, slice) to RAS millimetres, as NIfTI does.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pydicom
 
 from medseg.dicom_frames import Frame, decode_file, frames_of, read_header
 from medseg.errors import MedsegError
 
 MAX_VOXELS = 2**31
+# MONOCHROME1 values are kept as stored (modality values); the inversion is for display only
+GREYSCALE = ("MONOCHROME1", "MONOCHROME2")
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # A slice may lie this far from where a regular, untilted stack puts it (in mm): the larger of
 # this and 1% of the median slice gap. Beyond it the series is tilted or unevenly spaced.
@@ -192,19 +196,48 @@ def _scan(path: Path) -> dict[str, list[Frame]]:
         p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
     groups: dict[str, list[Frame]] = {}
     unplaced: list[Path] = []  # DICOM files with no image that has a place in space
+    multiframe: list[Path] = []  # classic multi-frame: one position for many frames
     for file in files:
         if not is_dicom_file(file):
+            _refuse_raw_dicom_image(file)
             continue
-        frames = frames_of(read_header(file), file)
+        header = read_header(file)
+        frames = frames_of(header, file)
         if not frames:
-            unplaced.append(file)
+            many = int(header.get("NumberOfFrames", 1) or 1) > 1
+            (multiframe if many else unplaced).append(file)
         for frame in frames:
             groups.setdefault(frame.series_uid, []).append(frame)
     if not groups:
         detail = (f"; {len(unplaced)} DICOM file(s) hold no image with ImagePositionPatient "
                   f"and ImageOrientationPatient, e.g. {unplaced[0].name}" if unplaced else "")
+        if multiframe:
+            detail += (f"; {len(multiframe)} multi-frame file(s) without per-frame positions "
+                       f"(their frames cannot be placed in space), e.g. {multiframe[0].name}")
         raise MedsegError(f"no DICOM image found ({len(files)} files looked at{detail})", path)
     return groups
+
+
+def _refuse_raw_dicom_image(path: Path) -> None:
+    """A DICOM image without the Part 10 preamble (an old "raw" data set) is not read; left
+    out silently, it would shorten the series, so it is refused."""
+    try:
+        with open(path, "rb") as handle:
+            start = handle.read(2)
+    except OSError:
+        return
+    if start != b"\x08\x00":  # a raw data set starts with a group 0008 element
+        return
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    except Exception:  # not DICOM after all
+        return
+    if "Rows" in header and "ImagePositionPatient" in header:
+        raise MedsegError("DICOM image without the Part 10 header (no 'DICM' preamble), "
+                          "which medseg does not read; convert the series to Part 10 files "
+                          "(e.g. dcmconv +F)", path)
 
 
 def _choose_series(groups: dict[str, list[Frame]], series_uid: str | None,
@@ -243,9 +276,11 @@ def _description(frames: list[Frame]) -> str:
 def _order(frames: list[Frame], path: Path) -> Stack:
     """Order by position along the normal (never by file name or InstanceNumber)."""
     first = frames[0]
-    if first.samples_per_pixel != 1:
-        raise MedsegError(f"colour images ({first.samples_per_pixel} samples per pixel) are "
-                          f"not supported", first.path)
+    for frame in frames:  # a colour image anywhere in the series, not only the first
+        if frame.samples_per_pixel != 1 or frame.photometric not in GREYSCALE:
+            raise MedsegError(f"colour images ({frame.photometric or 'no'} photometric "
+                              f"interpretation, {frame.samples_per_pixel} samples per pixel) "
+                              f"are not supported{_frame_note(frame)}", frame.path)
     for frame in frames[1:]:
         if frame.shape != first.shape:
             raise MedsegError(f"images differ in size ({frame.shape} against {first.shape} "
@@ -268,6 +303,10 @@ def _order(frames: list[Frame], path: Path) -> Stack:
     _refuse_too_many_voxels(ordered, path)
     spacing = (float(first.pixel_spacing[1]), float(first.pixel_spacing[0]))
     return Stack(ordered, row, column, normal, spacing, depths)
+
+
+def _frame_note(frame: Frame) -> str:
+    return "" if frame.index is None else f" (frame {frame.index + 1})"
 
 
 def _refuse_duplicates(frames: tuple[Frame, ...], depths: np.ndarray, path: Path) -> None:

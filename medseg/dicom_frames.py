@@ -4,6 +4,7 @@ included (pydicom with its decoder plugins, SimpleITK's GDCM for what they lack)
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,7 @@ class Frame:
     intercept: float
     stored_range: tuple[int, int]
     samples_per_pixel: int
+    photometric: str  # PhotometricInterpretation
     thickness: float | None
 
     @property
@@ -50,7 +52,9 @@ class Frame:
 def read_header(path: Path) -> Dataset:
     """The header of a DICOM file, pixel data left unread."""
     try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return pydicom.dcmread(path, stop_before_pixels=True)
     except Exception as exc:  # pydicom raises many types for broken files
         raise MedsegError(f"DICOM header cannot be read ({_one_line(exc)})", path) from exc
 
@@ -58,6 +62,10 @@ def read_header(path: Path) -> Dataset:
 def frames_of(header: Dataset, path: Path) -> list[Frame]:
     """The image frames a file holds; none for files without an image or its geometry."""
     if "Rows" not in header or "Columns" not in header:
+        if "ImagePositionPatient" in header or "PixelData" in header:
+            # an image slice whose header is cut short: dropping it would shorten the volume
+            raise MedsegError("DICOM image header without Rows and Columns (file cut short?)",
+                              path)
         return []
     try:
         if "PerFrameFunctionalGroupsSequence" in header:
@@ -75,7 +83,9 @@ def decode_file(path: Path) -> tuple[np.ndarray, bool]:
     """Pixel data as (frames, rows, columns), and whether it is already rescaled (GDCM
     applies RescaleSlope/Intercept itself)."""
     try:
-        dataset = pydicom.dcmread(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dataset = pydicom.dcmread(path)
     except Exception as exc:
         raise MedsegError(f"DICOM file cannot be read ({_one_line(exc)})", path) from exc
     pixel_keywords = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -85,10 +95,45 @@ def decode_file(path: Path) -> tuple[np.ndarray, bool]:
         raise MedsegError("DICOM file holds no readable pixel data (cut short?)", path)
     rows, columns = int(dataset.Rows), int(dataset.Columns)
     try:
-        pixels = dataset.pixel_array
-    except Exception as exc:  # no pydicom decoder for this transfer syntax, or broken data
+        with warnings.catch_warnings():  # pydicom's warnings about odd headers: not errors
+            warnings.simplefilter("ignore")
+            pixels = dataset.pixel_array
+    except Exception as exc:
+        if not _needs_gdcm(dataset):  # broken data (cut short, ...): never decoded by guess
+            raise MedsegError(f"pixel data cannot be decoded ({_one_line(exc)})", path) from exc
+        _check_gdcm_can_read(dataset, path)
         return _decode_with_gdcm(path, dataset, exc).reshape(-1, rows, columns), True
     return np.asarray(pixels).reshape(-1, rows, columns), False
+
+
+def _needs_gdcm(dataset: Dataset) -> bool:
+    """Whether the file's transfer syntax is compressed and pydicom has no decoder for it
+    here (JPEG Lossless process 14 needs a GPL plugin that medseg does not install)."""
+    from pydicom.pixels.decoders.base import get_decoder
+
+    syntax = dataset.file_meta.get("TransferSyntaxUID")
+    if syntax is None or not syntax.is_compressed:
+        return False
+    try:
+        return not get_decoder(syntax).is_available
+    except NotImplementedError:
+        return True
+
+
+def _check_gdcm_can_read(dataset: Dataset, path: Path) -> None:
+    """GDCM applies the file's rescale and inverts MONOCHROME1 by its own rules: refuse the
+    files where those rules could differ from medseg's (per-frame rescale of enhanced
+    files; MONOCHROME1, kept as stored elsewhere)."""
+    photometric = str(dataset.get("PhotometricInterpretation", "") or "").strip()
+    if photometric == "MONOCHROME1":
+        raise MedsegError("MONOCHROME1 pixel data in a transfer syntax only GDCM decodes here "
+                          "(GDCM would invert it); decompress the series first", path)
+    if "PerFrameFunctionalGroupsSequence" in dataset:
+        header = frames_of(dataset, path)
+        if any(f.slope != 1.0 or f.intercept != 0.0 for f in header):
+            raise MedsegError("enhanced multi-frame file with a rescale, in a transfer syntax "
+                              "only GDCM decodes here (GDCM leaves per-frame rescales out); "
+                              "decompress the series first", path)
 
 
 def _decode_with_gdcm(path: Path, dataset: Dataset, first_error: Exception) -> np.ndarray:
@@ -102,8 +147,8 @@ def _decode_with_gdcm(path: Path, dataset: Dataset, first_error: Exception) -> n
         return sitk.GetArrayFromImage(reader.Execute())
     except Exception as exc:
         name = getattr(syntax, "name", str(syntax))
-        raise MedsegError(f"pixel data ({name}) cannot be decoded: "
-                          f"{_one_line(first_error)}", path) from exc
+        raise MedsegError(f"pixel data ({name}) cannot be decoded: pydicom: "
+                          f"{_one_line(first_error)}; GDCM: {_one_line(exc)}", path) from exc
 
 
 def _frame(top: Dataset, geometry: Dataset, path: Path, index: int | None,
@@ -124,17 +169,32 @@ def _frame(top: Dataset, geometry: Dataset, path: Path, index: int | None,
         position=position,
         orientation=orientation,
         pixel_spacing=(spacing[0], spacing[1]),
-        slope=float(rescale.get("RescaleSlope", 1.0) or 1.0),
-        intercept=float(rescale.get("RescaleIntercept", 0.0) or 0.0),
+        slope=_finite(rescale, "RescaleSlope", 1.0, path, index),
+        intercept=_finite(rescale, "RescaleIntercept", 0.0, path, index),
         stored_range=_stored_range(top),
         samples_per_pixel=int(top.get("SamplesPerPixel", 1) or 1),
+        photometric=str(top.get("PhotometricInterpretation", "MONOCHROME2") or "").strip(),
         thickness=float(thickness) if thickness else None,
     )
+
+
+def _finite(dataset: Dataset, keyword: str, default: float, path: Path,
+            index: int | None) -> float:
+    value = float(dataset.get(keyword, default) or default)
+    if not np.isfinite(value):
+        where = "" if index is None else f" (frame {index + 1})"
+        raise MedsegError(f"{keyword} {value} is not a finite number{where}", path)
+    return value
 
 
 def _enhanced_frames(header: Dataset, path: Path) -> list[Frame]:
     shared = (header.SharedFunctionalGroupsSequence[0]
               if "SharedFunctionalGroupsSequence" in header else Dataset())
+    groups = len(header.PerFrameFunctionalGroupsSequence)
+    declared = int(header.get("NumberOfFrames", 1) or 1)
+    if groups != declared:
+        raise MedsegError(f"NumberOfFrames is {declared} but the file describes {groups} "
+                          f"frames (PerFrameFunctionalGroupsSequence)", path)
     frames = []
     for index, group in enumerate(header.PerFrameFunctionalGroupsSequence):
         position = _functional(group, shared, "PlanePositionSequence")

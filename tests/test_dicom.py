@@ -4,6 +4,7 @@ import io
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 from dicom_factory import (
     CT_INTERCEPT,
@@ -293,3 +294,122 @@ def test_images_without_a_place_in_space_are_named(tmp_path):
     with pytest.raises(MedsegError, match="4 DICOM file.* hold no image with "
                                           "ImagePositionPatient.*e.g. IM0000.dcm"):
         read_volume(tmp_path)
+
+
+def _series(folder, n=3, **kwargs):
+    stored = (np.arange(8 * 8 * n, dtype=np.uint16).reshape(8, 8, n) * 10 + 100)
+    return write_series(folder, stored, axial_positions(n), **kwargs)
+
+
+def _jpeg_lossless(path):
+    """Re-encode a file's one frame as JPEG Lossless (a syntax pydicom cannot decode here)
+    with SimpleITK's GDCM, header kept."""
+    import SimpleITK as sitk
+
+    dataset = pydicom.dcmread(path)
+    encoded = path.with_suffix(".jpeg.dcm")
+    writer = sitk.ImageFileWriter()
+    writer.SetImageIO("GDCMImageIO")
+    writer.SetFileName(str(encoded))
+    writer.SetUseCompression(True)
+    writer.SetCompressor("JPEG")
+    writer.Execute(sitk.GetImageFromArray(
+        np.frombuffer(dataset.PixelData, np.uint16).reshape(1, dataset.Rows, dataset.Columns)))
+    compressed = pydicom.dcmread(encoded)
+    encoded.unlink()
+    dataset.PixelData = compressed.PixelData
+    dataset["PixelData"].VR = "OB"
+    dataset.file_meta.TransferSyntaxUID = compressed.file_meta.TransferSyntaxUID
+    dataset.save_as(path, enforce_file_format=True)
+
+
+def test_short_pixel_data_is_refused_not_filled(tmp_path):
+    paths = _series(tmp_path / "s")
+    dataset = pydicom.dcmread(paths[1])
+    dataset.PixelData = dataset.PixelData[:80]  # 40 of 64 pixels
+    dataset.save_as(paths[1])
+    with pytest.raises(MedsegError, match=r"IM0001.dcm: pixel data cannot be decoded .*less"):
+        read_volume(tmp_path / "s")
+
+
+def test_a_colour_slice_anywhere_in_the_series_is_refused(tmp_path):
+    paths = _series(tmp_path / "s")
+    dataset = pydicom.dcmread(paths[1])
+    dataset.SamplesPerPixel, dataset.PhotometricInterpretation = 3, "RGB"
+    dataset.PlanarConfiguration = 0
+    dataset.BitsAllocated = dataset.BitsStored = 8
+    dataset.HighBit = 7
+    dataset.PixelData = (np.arange(8 * 8 * 3) % 256).astype(np.uint8).tobytes()
+    dataset.save_as(paths[1])
+    with pytest.raises(MedsegError, match=r"IM0001.dcm: colour images \(RGB"):
+        read_volume(tmp_path / "s")
+
+
+def test_frame_counts_that_disagree_are_refused(tmp_path):
+    (tmp_path / "mf").mkdir()
+    path = enhanced_file(tmp_path / "mf" / "mf.dcm", np.zeros((8, 8, 4), np.uint16),
+                         axial_positions(4))
+    dataset = pydicom.dcmread(path)
+    del dataset.PerFrameFunctionalGroupsSequence[3]
+    dataset.save_as(path)
+    with pytest.raises(MedsegError, match="NumberOfFrames is 4 but the file describes 3"):
+        read_volume(tmp_path / "mf")
+
+
+def test_a_slice_cut_short_in_its_header_is_refused_not_dropped(tmp_path):
+    paths = _series(tmp_path / "s", n=5)
+    raw = paths[-1].read_bytes()
+    paths[-1].write_bytes(raw[:raw.find(b"\x28\x00\x10\x00") - 2])  # cut before Rows
+    with pytest.raises(MedsegError, match="IM0004.dcm: DICOM image header without Rows"):
+        read_volume(tmp_path / "s")
+
+
+def test_a_slice_without_the_part10_preamble_is_refused_not_dropped(tmp_path):
+    from pydicom.filebase import DicomFileLike
+    from pydicom.filewriter import write_dataset
+
+    paths = _series(tmp_path / "s", n=5)
+    dataset = pydicom.dcmread(paths[-1])
+    del dataset.file_meta
+    buffer = io.BytesIO()
+    handle = DicomFileLike(buffer)
+    handle.is_little_endian, handle.is_implicit_VR = True, True
+    write_dataset(handle, dataset)
+    paths[-1].write_bytes(buffer.getvalue())
+    with pytest.raises(MedsegError, match="IM0004.dcm: DICOM image without the Part 10"):
+        read_volume(tmp_path / "s")
+
+
+def test_a_non_finite_rescale_is_refused_naming_the_tag(tmp_path):
+    paths = _series(tmp_path / "s")
+    dataset = pydicom.dcmread(paths[1])
+    dataset.RescaleSlope = "1.25"
+    dataset.save_as(paths[1])
+    paths[1].write_bytes(paths[1].read_bytes().replace(b"1.25", b"NaN "))
+    with pytest.raises(MedsegError, match="IM0001.dcm: RescaleSlope nan is not a finite"):
+        read_volume(tmp_path / "s")
+
+
+def test_a_classic_multiframe_file_is_named_as_such(tmp_path):
+    stored = np.zeros((8, 8, 4), np.uint16)
+    (tmp_path / "mf").mkdir()
+    dataset = slice_dataset(stored[:, :, 0], [0.0, 0.0, 0.0])
+    dataset.NumberOfFrames = 4
+    dataset.PixelData = np.ascontiguousarray(np.moveaxis(stored, 2, 0)).tobytes()
+    dataset.save_as(tmp_path / "mf" / "mf.dcm", enforce_file_format=True)
+    with pytest.raises(MedsegError, match="multi-frame file.* without per-frame positions"):
+        read_volume(tmp_path / "mf")
+
+
+def test_gdcm_decodes_classic_jpeg_lossless_but_not_monochrome1(tmp_path):
+    paths = _series(tmp_path / "s", intercept=0.0)
+    plain = read_volume(tmp_path / "s", dtype=None).data.copy()
+    for path in paths:
+        _jpeg_lossless(path)
+    assert np.array_equal(read_volume(tmp_path / "s", dtype=None).data, plain)
+    for path in paths:
+        dataset = pydicom.dcmread(path)
+        dataset.PhotometricInterpretation = "MONOCHROME1"
+        dataset.save_as(path)
+    with pytest.raises(MedsegError, match="MONOCHROME1 pixel data .* only GDCM decodes"):
+        read_volume(tmp_path / "s")

@@ -275,13 +275,13 @@ def _description(frames: list[Frame]) -> str:
 
 def _order(frames: list[Frame], path: Path) -> Stack:
     """Order by position along the normal (never by file name or InstanceNumber)."""
-    first = frames[0]
+    first = _typical_frame(frames)  # what the odd one out (a localizer) is compared with
     for frame in frames:  # a colour image anywhere in the series, not only the first
         if frame.samples_per_pixel != 1 or frame.photometric not in GREYSCALE:
             raise MedsegError(f"colour images ({frame.photometric or 'no'} photometric "
                               f"interpretation, {frame.samples_per_pixel} samples per pixel) "
                               f"are not supported{_frame_note(frame)}", frame.path)
-    for frame in frames[1:]:
+    for frame in frames:
         if frame.shape != first.shape:
             raise MedsegError(f"images differ in size ({frame.shape} against {first.shape} "
                               f"in {first.label}); the series is not one volume", frame.path)
@@ -303,6 +303,19 @@ def _order(frames: list[Frame], path: Path) -> Stack:
     _refuse_too_many_voxels(ordered, path)
     spacing = (float(first.pixel_spacing[1]), float(first.pixel_spacing[0]))
     return Stack(ordered, row, column, normal, spacing, depths)
+
+
+def _typical_frame(frames: list[Frame]) -> Frame:
+    """A frame of the most common size, orientation and pixel spacing in the series."""
+    def key(frame: Frame) -> tuple:
+        return (frame.shape, tuple(np.round(frame.orientation, 3)),
+                tuple(np.round(frame.pixel_spacing, 3)))
+
+    counts: dict[tuple, int] = {}
+    for frame in frames:
+        counts[key(frame)] = counts.get(key(frame), 0) + 1
+    most = max(counts.values())
+    return next(f for f in frames if counts[key(f)] == most)
 
 
 def _frame_note(frame: Frame) -> str:

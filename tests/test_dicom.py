@@ -413,3 +413,11 @@ def test_gdcm_decodes_classic_jpeg_lossless_but_not_monochrome1(tmp_path):
         dataset.save_as(path)
     with pytest.raises(MedsegError, match="MONOCHROME1 pixel data .* only GDCM decodes"):
         read_volume(tmp_path / "s")
+
+
+def test_the_localizer_is_named_even_when_it_sorts_first(tmp_path):
+    _series(tmp_path / "s")
+    write_series(tmp_path / "s", np.zeros((16, 16, 1), np.uint16), [[0.0, 0.0, 0.0]],
+                 names=["A_LOC.dcm"], orientation=(1, 0, 0, 0, 0, -1))
+    with pytest.raises(MedsegError, match=r"s/A_LOC.dcm: images differ in size"):
+        read_volume(tmp_path / "s")

@@ -21,7 +21,7 @@ from medseg.evaluate import (
     pair_cases,
     unpaired_predictions,
 )
-from medseg.fileio import atomic_write_json, atomic_write_text
+from medseg.fileio import atomic_write_json, atomic_write_text, json_safe
 from medseg.metrics import METRICS, is_present
 
 # metrics whose mean over structures is given in the summary and in the console table
@@ -121,7 +121,7 @@ def write_reports(results: list[CaseScores], out_dir: Path, labels: dict[int, st
         page = render_report(results, summary, labels)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "scores.csv", scores_csv(results))
-    atomic_write_json(out_dir / "summary.json", _json_safe(summary))
+    atomic_write_json(out_dir / "summary.json", json_safe(summary))
     if page is not None:
         atomic_write_text(out_dir / "report.html", page)
     return summary
@@ -189,14 +189,3 @@ def _fmt(value: float) -> str:
         return ""
     # 8 digits: a Dice of 0.99999983 is not 1, nor 2915.999 ml 2916
     return ("inf" if value > 0 else "-inf") if math.isinf(value) else f"{value:.8g}"
-
-
-def _json_safe(data):
-    """JSON has no NaN or infinity: write null instead."""
-    if isinstance(data, dict):
-        return {k: _json_safe(v) for k, v in data.items()}
-    if isinstance(data, list):
-        return [_json_safe(v) for v in data]
-    if isinstance(data, float) and not math.isfinite(data):
-        return None
-    return data

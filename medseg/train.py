@@ -26,7 +26,7 @@ from tqdm import tqdm
 from medseg.config import TrainConfig, Workflow
 from medseg.datasets import Case, Dataset
 from medseg.errors import MedsegError
-from medseg.fileio import atomic_path, atomic_write_text
+from medseg.fileio import atomic_path, atomic_write_text, json_safe
 from medseg.model import create_model, save_weights, supervised_outputs
 from medseg.plan import Plan
 from medseg.transforms import IMAGE, LABEL, augmentation, case_dict, preprocessing
@@ -513,13 +513,7 @@ def _log(writer, metrics_path: Path, record: dict) -> None:
             writer.add_scalar(tag, value, epoch)
     writer.flush()
     with metrics_path.open("a", encoding="utf-8") as handle:  # JSON has no NaN: null
-        handle.write(json.dumps(_nan_to_none(record)) + "\n")
-
-
-def _nan_to_none(value):
-    if isinstance(value, dict):
-        return {k: _nan_to_none(v) for k, v in value.items()}
-    return None if isinstance(value, float) and math.isnan(value) else value
+        handle.write(json.dumps(json_safe(record)) + "\n")
 
 
 def _save_state(path: Path, model, optimizer, scheduler, scaler, epoch: int, best: dict,

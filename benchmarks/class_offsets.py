@@ -59,7 +59,7 @@ def mean_dice(cases, offsets: tuple[float, ...]) -> np.ndarray:
         prediction = (logits + shift).argmax(0)
         per_case.append([dice(prediction == k, reference == k)
                          for k in range(1, len(offsets) + 1)])
-    return np.mean(per_case, axis=0)
+    return np.nanmean(per_case, axis=0)  # NaN: a structure absent from both masks
 
 
 def best_offsets(cases, n_structures: int) -> tuple[float, ...]:

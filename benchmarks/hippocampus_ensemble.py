@@ -70,7 +70,7 @@ def main() -> None:
                     [scores[labels[k]]["dice"] for k in sorted(labels) if k > 0])
     names = [labels[k] for k in sorted(labels) if k > 0]
     for key, values in dice.items():
-        means = np.mean(values, axis=0)
+        means = np.nanmean(values, axis=0)  # NaN: a structure absent from both masks
         print(f"{key:<24} " + "  ".join(f"{n} {m:.4f}" for n, m in zip(names, means,
                                                                          strict=True)))
 

@@ -40,8 +40,10 @@ def last_validation(fold_dir: Path) -> dict:
     records = [json.loads(line) for line in lines if line.strip()]
     last = [r for r in records if "val_dice" in r][-1]
     return {"epoch": last["epoch"], "minutes": round(last["elapsed_seconds"] / 60, 1),
-            "dice": {k: round(v, 4) for k, v in last["val_dice"].items()},
-            "mean_dice": round(last["val_mean_dice"], 4)}
+            # null: a structure no validation case has
+            "dice": {k: None if v is None else round(v, 4) for k, v in last["val_dice"].items()},
+            "mean_dice": None if last["val_mean_dice"] is None else round(last["val_mean_dice"],
+                                                                          4)}
 
 
 def main() -> None:

@@ -72,7 +72,7 @@ def main() -> None:
         "native_bf16": bool(torch.cpu._is_avx512_bf16_supported()
                             or torch.cpu._is_amx_tile_supported()),
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
-        "dice": {key: {s: round(float(np.mean(v)), 4) for s, v in per.items()}
+        "dice": {key: {s: round(float(np.nanmean(v)), 4) for s, v in per.items()}
                  for key, per in scores.items()},
         "voxels_that_differ": disagreeing, "voxels": total,
     }

@@ -254,8 +254,6 @@ def _resume_run(run_dir: Path, fold_text: str | None, overrides: list[str] | Non
     if not (run_dir / "workflow.yaml").is_file():
         raise MedsegError("not a medseg run folder (no workflow.yaml)", run_dir)
     workflow = load_workflow(run_dir / "workflow.yaml", overrides)
-    if overrides and current_ranks().main:
-        save_workflow(workflow, run_dir / "workflow.yaml")
     plan = load_plan(run_dir / "plan.json")
     splits_path = run_dir / "splits.json"
     if not splits_path.is_file():
@@ -268,6 +266,8 @@ def _resume_run(run_dir: Path, fold_text: str | None, overrides: list[str] | Non
     else:
         folds = _parse_folds(fold_text, workflow.train.folds, workflow.train.fold)
     _refuse_changed_dataset(dataset, splits, folds, splits_path)
+    if overrides and current_ranks().main:  # only once the resume is known to go ahead
+        save_workflow(workflow, run_dir / "workflow.yaml")
     # decided before any training, so that every torchrun rank decides the same
     resumes = [(run_dir / f"fold_{fold}" / "checkpoints" / TRAIN_STATE).is_file()
                for fold in folds]

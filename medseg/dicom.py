@@ -68,7 +68,7 @@ def is_dicom_file(path: Path) -> bool:
 
 def list_series(path: str | Path) -> list[SeriesInfo]:
     """Every image series in a folder (searched recursively) or a single DICOM file."""
-    groups = _scan(Path(path))
+    groups, _ = _scan(Path(path))
     return [SeriesInfo(uid, _description(frames), tuple(dict.fromkeys(f.path for f in frames)),
                        len(frames)) for uid, frames in groups.items()]
 
@@ -76,7 +76,13 @@ def list_series(path: str | Path) -> list[SeriesInfo]:
 def read_stack(path: str | Path, series_uid: str | None = None) -> Stack:
     """Headers only: the chosen series' frames, ordered and checked for consistency."""
     path = Path(path)
-    frames = _choose_series(_scan(path), series_uid, path)
+    groups, raw_images = _scan(path)
+    frames = _choose_series(groups, series_uid, path)
+    raw = raw_images.get(frames[0].series_uid)
+    if raw:  # an image of this series that is not read: the volume would come out short
+        raise MedsegError("DICOM image without the Part 10 header (no 'DICM' preamble), "
+                          "which medseg does not read; convert the series to Part 10 files "
+                          "(e.g. dcmconv +F)", raw[0])
     return _order(frames, path)
 
 
@@ -188,8 +194,9 @@ def _cast(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return values.astype(dtype)
 
 
-def _scan(path: Path) -> dict[str, list[Frame]]:
-    """Frames with geometry, grouped by SeriesInstanceUID; other files are skipped."""
+def _scan(path: Path) -> tuple[dict[str, list[Frame]], dict[str, list[Path]]]:
+    """Frames with geometry, grouped by SeriesInstanceUID (other files are skipped), and the
+    images without the Part 10 preamble, by SeriesInstanceUID."""
     if not path.exists():
         raise MedsegError("not found", path)
     files = [path] if path.is_file() else sorted(
@@ -197,9 +204,12 @@ def _scan(path: Path) -> dict[str, list[Frame]]:
     groups: dict[str, list[Frame]] = {}
     unplaced: list[Path] = []  # DICOM files with no image that has a place in space
     multiframe: list[Path] = []  # classic multi-frame: one position for many frames
+    raw_images: dict[str, list[Path]] = {}
     for file in files:
         if not is_dicom_file(file):
-            _refuse_raw_dicom_image(file)
+            uid = _raw_dicom_image_series(file)
+            if uid is not None:
+                raw_images.setdefault(uid, []).append(file)
             continue
         header = read_header(file)
         frames = frames_of(header, file)
@@ -214,30 +224,34 @@ def _scan(path: Path) -> dict[str, list[Frame]]:
         if multiframe:
             detail += (f"; {len(multiframe)} multi-frame file(s) without per-frame positions "
                        f"(their frames cannot be placed in space), e.g. {multiframe[0].name}")
+        if raw_images:
+            first = next(iter(raw_images.values()))[0]
+            detail += (f"; {sum(map(len, raw_images.values()))} image(s) without the Part 10 "
+                       f"header (no 'DICM' preamble), which medseg does not read, e.g. "
+                       f"{first.name}")
         raise MedsegError(f"no DICOM image found ({len(files)} files looked at{detail})", path)
-    return groups
+    return groups, raw_images
 
 
-def _refuse_raw_dicom_image(path: Path) -> None:
-    """A DICOM image without the Part 10 preamble (an old "raw" data set) is not read; left
-    out silently, it would shorten the series, so it is refused."""
+def _raw_dicom_image_series(path: Path) -> str | None:
+    """The SeriesInstanceUID of a DICOM image without the Part 10 preamble (an old "raw" data
+    set, which medseg does not read), else None."""
     try:
         with open(path, "rb") as handle:
             start = handle.read(2)
     except OSError:
-        return
-    if start != b"\x08\x00":  # a raw data set starts with a group 0008 element
-        return
+        return None
+    if start not in (b"\x08\x00", b"\x02\x00"):  # a data set or its file meta, little endian
+        return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             header = pydicom.dcmread(path, stop_before_pixels=True, force=True)
     except Exception:  # not DICOM after all
-        return
+        return None
     if "Rows" in header and "ImagePositionPatient" in header:
-        raise MedsegError("DICOM image without the Part 10 header (no 'DICM' preamble), "
-                          "which medseg does not read; convert the series to Part 10 files "
-                          "(e.g. dcmconv +F)", path)
+        return str(header.get("SeriesInstanceUID", "") or "")
+    return None
 
 
 def _choose_series(groups: dict[str, list[Frame]], series_uid: str | None,

@@ -62,8 +62,8 @@ def read_header(path: Path) -> Dataset:
 def frames_of(header: Dataset, path: Path) -> list[Frame]:
     """The image frames a file holds; none for files without an image or its geometry."""
     if "Rows" not in header or "Columns" not in header:
-        if "ImagePositionPatient" in header or "PixelData" in header:
-            # an image slice whose header is cut short: dropping it would shorten the volume
+        if _image_storage(header):
+            # an image whose header is cut short: dropping it would shorten the volume
             raise MedsegError("DICOM image header without Rows and Columns (file cut short?)",
                               path)
         return []
@@ -77,6 +77,12 @@ def frames_of(header: Dataset, path: Path) -> list[Frame]:
         return [_frame(header, header, path, None)]
     except (AttributeError, IndexError, KeyError, TypeError, ValueError) as exc:
         raise MedsegError(f"DICOM geometry cannot be read ({_one_line(exc)})", path) from exc
+
+
+def _image_storage(header: Dataset) -> bool:
+    """Whether the SOP class is an image storage class (CT, MR, ... Image Storage)."""
+    name = pydicom.uid.UID(str(header.get("SOPClassUID", "") or "")).name
+    return "Image Storage" in name
 
 
 def decode_file(path: Path) -> tuple[np.ndarray, bool]:
@@ -99,24 +105,23 @@ def decode_file(path: Path) -> tuple[np.ndarray, bool]:
             warnings.simplefilter("ignore")
             pixels = dataset.pixel_array
     except Exception as exc:
-        if not _needs_gdcm(dataset):  # broken data (cut short, ...): never decoded by guess
+        if not _compressed(dataset):  # broken data (cut short, ...): never decoded by guess
             raise MedsegError(f"pixel data cannot be decoded ({_one_line(exc)})", path) from exc
         _check_gdcm_can_read(dataset, path)
         return _decode_with_gdcm(path, dataset, exc).reshape(-1, rows, columns), True
     return np.asarray(pixels).reshape(-1, rows, columns), False
 
 
-def _needs_gdcm(dataset: Dataset) -> bool:
-    """Whether the file's transfer syntax is compressed and pydicom has no decoder for it
-    here (JPEG Lossless process 14 needs a GPL plugin that medseg does not install)."""
-    from pydicom.pixels.decoders.base import get_decoder
-
+def _compressed(dataset: Dataset) -> bool:
+    """Whether the pixel data is in a compressed (or unknown, private) transfer syntax, which
+    GDCM may decode where pydicom's plugins cannot (JPEG Lossless process 14, 12-bit JPEG
+    Extended); uncompressed data that pydicom cannot read is broken, not undecoded."""
     syntax = dataset.file_meta.get("TransferSyntaxUID")
-    if syntax is None or not syntax.is_compressed:
+    if syntax is None:
         return False
     try:
-        return not get_decoder(syntax).is_available
-    except NotImplementedError:
+        return not syntax.is_transfer_syntax or bool(syntax.is_compressed)
+    except ValueError:  # a UID pydicom does not know
         return True
 
 

@@ -120,7 +120,9 @@ def make_plan(fp: Fingerprint, config: PlanConfig) -> Plan:
     patch = _divisible_patch(patch, strides) if config.patch_size is None else list(patch)
     _check_patch(patch, strides)
     _check_network(config.network, strides)
-    filters = [min(config.base_filters * 2**i, config.max_filters) for i in range(len(strides))]
+    # SegResNetDS doubles its width at every level with no cap: the plan says what is built
+    cap = config.max_filters if config.network == "dynunet" else math.inf
+    filters = [int(min(config.base_filters * 2**i, cap)) for i in range(len(strides))]
     num_classes = max(max(fp.labels), max(fp.class_voxels, default=0)) + 1
     return Plan(
         target_spacing=spacing,

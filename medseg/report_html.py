@@ -70,7 +70,10 @@ def shown_structures(summary: dict) -> list[str]:
 def rank_cases(results: list[CaseScores], shown: list[str]) -> list[tuple[str, CaseScores]]:
     """(role, case) for the best, median and worst scored cases by mean Dice over the
     structures present in each; one case may take several roles."""
-    scored = sorted((r for r in results if not r.error), key=lambda r: case_mean_dice(r, shown))
+    # a case with no structure in its reference or prediction has nothing to rank it by
+    scored = sorted((r for r in results if not r.error
+                     and not math.isnan(case_mean_dice(r, shown))),
+                    key=lambda r: case_mean_dice(r, shown))
     if not scored:
         return []
     picks = {"best": scored[-1], "median": scored[(len(scored) - 1) // 2], "worst": scored[0]}
@@ -82,9 +85,9 @@ def rank_cases(results: list[CaseScores], shown: list[str]) -> list[tuple[str, C
 
 
 def case_mean_dice(result: CaseScores, shown: list[str]) -> float:
-    """Mean Dice over the structures in the case's reference or prediction (1 if none)."""
+    """Mean Dice over the structures in the case's reference or prediction (NaN if none)."""
     values = [result.scores[n]["dice"] for n in shown if is_present(result.scores[n])]
-    return float(np.mean(values)) if values else 1.0
+    return float(np.mean(values)) if values else math.nan
 
 
 def _header(results: list[CaseScores], summary: dict) -> str:
@@ -160,10 +163,11 @@ def _conventions(summary: dict) -> str:
         "directions. ASSD: mean of the surface distances of both directions together. NSD "
         f"(surface Dice): share of both surfaces within {tol} of the other surface. Volumes "
         "in ml; difference = predicted &minus; reference. <b>Empty structures.</b> Absent from "
-        "both masks: Dice and IoU 1, HD95, ASSD and NSD undefined (left out). Absent from one "
-        "mask: Dice, IoU and NSD 0, HD95 and ASSD infinite (counted as <span class=\"inf\">"
-        "inf</span>, left out of mean, sd, median and IQR). A case with no usable prediction "
-        "is scored like a prediction missing every structure.</p>")
+        "both masks: every score undefined, left out of the statistics and of n (as nnU-Net). "
+        "Absent from one mask: Dice, IoU and NSD 0, HD95 and ASSD infinite (counted as "
+        "<span class=\"inf\">inf</span>, left out of mean, sd, median and IQR). A case with "
+        "no usable prediction scores Dice, IoU and NSD 0 and infinite distances for every "
+        "structure.</p>")
 
 
 def _case_table(results: list[CaseScores], shown: list[str]) -> str:
@@ -180,7 +184,7 @@ def _case_table(results: list[CaseScores], shown: list[str]) -> str:
                           if worst else "&ndash;")
             status = ('<span class="note">prediction resampled onto the reference grid</span>'
                       if result.resampled else "ok")
-            cells = (f"<td>{case_mean_dice(result, shown):.3f}</td>"
+            cells = (f"<td>{_fmt(case_mean_dice(result, shown), 3)}</td>"
                      f"<td>{_fmt(float(np.mean(nsd)) if nsd else math.nan, 3)}</td>"
                      f'<td class="name">{worst_text}</td>')
         rows.append(f'<tr><td class="name">{escape(result.case)}</td>{cells}'

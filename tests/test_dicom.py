@@ -421,3 +421,38 @@ def test_the_localizer_is_named_even_when_it_sorts_first(tmp_path):
                  names=["A_LOC.dcm"], orientation=(1, 0, 0, 0, 0, -1))
     with pytest.raises(MedsegError, match=r"s/A_LOC.dcm: images differ in size"):
         read_volume(tmp_path / "s")
+
+
+def test_a_slice_cut_short_before_its_position_is_refused_too(tmp_path):
+    paths = _series(tmp_path / "s", n=5)
+    raw = paths[-1].read_bytes()
+    paths[-1].write_bytes(raw[:raw.find(b"\x20\x00\x32\x00")])  # cut before the position
+    with pytest.raises(MedsegError, match="IM0004.dcm: DICOM image header without Rows"):
+        read_volume(tmp_path / "s")
+
+
+def test_a_preamble_less_image_of_another_series_does_not_block_this_one(tmp_path):
+    from pydicom.filebase import DicomFileLike
+    from pydicom.filewriter import write_dataset
+
+    _series(tmp_path / "s", n=3)
+    other = _series(tmp_path / "other", n=1, series_uid="1.2.3.999")[0]
+    dataset = pydicom.dcmread(other)
+    del dataset.file_meta
+    buffer = io.BytesIO()
+    handle = DicomFileLike(buffer)
+    handle.is_little_endian, handle.is_implicit_VR = True, True
+    write_dataset(handle, dataset)
+    (tmp_path / "s" / "raw_other.dcm").write_bytes(buffer.getvalue())
+    assert read_volume(tmp_path / "s").spatial_shape == (8, 8, 3)
+
+
+def test_a_transfer_syntax_pydicom_does_not_know_is_tried_with_gdcm(tmp_path):
+    paths = _series(tmp_path / "s", intercept=0.0)
+    for path in paths:
+        _jpeg_lossless(path)
+        dataset = pydicom.dcmread(path)  # a private UID (GE has some), not a ValueError
+        dataset.file_meta.TransferSyntaxUID = "1.2.840.113619.5.999"
+        dataset.save_as(path, enforce_file_format=True)
+    with pytest.raises(MedsegError, match=r"IM0000.dcm: pixel data .* pydicom: .*; GDCM: "):
+        read_volume(tmp_path / "s")

@@ -26,6 +26,9 @@ def test_segresnet_is_planned_built_and_gives_deep_supervision_outputs():
     plan = make_plan(fp, PlanConfig(base_filters=4, network="segresnet"))
     model = create_model(plan)
     assert isinstance(model, SegResNetDS) and plan.network == "segresnet"
+    uncapped = make_plan(fp, PlanConfig(base_filters=32, max_filters=64, network="segresnet"))
+    assert uncapped.filters == [32, 64, 128, 256]  # what SegResNetDS builds, not capped at 64
+    assert create_model(uncapped).up_layers[-1]["head"].in_channels == 32
     x = torch.randn(2, 1, *plan.patch_size)
     outputs = supervised_outputs(model.train()(x))
     # full resolution first, then one head per halving (two at most, as DynUNet's)

@@ -213,3 +213,15 @@ def test_one_case_has_no_sd_and_the_csv_keeps_eight_digits():
     results = [CaseScores("a", {"s": scores(0.99999983, 1.0)})]
     assert math.isnan(summarize(results)["structures"]["s"]["dice"]["sd"])
     assert scores_csv(results).splitlines()[1].startswith("a,s,0.99999983,")
+
+
+def test_a_case_without_any_structure_is_not_ranked_best():
+    from medseg.report_html import case_mean_dice
+
+    empty = {"dice": math.nan, "iou": math.nan, "hd95_mm": math.nan, "assd_mm": math.nan,
+             "nsd": math.nan, "ref_ml": 0.0, "pred_ml": 0.0, "diff_ml": 0.0}
+    results = [CaseScores("empty", {"s": empty}), CaseScores("a", {"s": scores(0.6, 1.0)}),
+               CaseScores("b", {"s": scores(0.8, 1.0)})]
+    assert math.isnan(case_mean_dice(results[0], ["s"]))
+    roles = [(role, r.case) for role, r in rank_cases(results, ["s"])]
+    assert roles == [("best", "b"), ("median, worst", "a")]

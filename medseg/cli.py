@@ -461,7 +461,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--fold", default=None, help="fold index, or 'all' (default: "
                        "train.fold of the workflow)")
     train.add_argument("--set", dest="overrides", action="append", default=[],
-                       metavar="KEY=VALUE", help="override a workflow key (repeatable)")
+                       metavar="KEY=VALUE", help="override a workflow key (repeatable); "
+                       "with --resume only train.max_minutes, a new budget")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run")
     train.set_defaults(handler=cmd_train)
 

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from medseg.config import check_in_range, load_workflow
+from medseg.config import check_in_range, load_workflow, override_key
 from medseg.errors import MedsegError, one_line, unwrap_transform_error
 
 DEMO_MARKER = ".medseg-demo"
@@ -105,7 +105,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.workflow or args.out:
             raise MedsegError("--resume takes the run folder alone (its saved workflow is used)")
         for override in args.overrides or []:
-            if override.split("=", 1)[0].strip() not in RESUME_OVERRIDES:
+            if override_key(override) not in RESUME_OVERRIDES:
                 raise MedsegError(f"--resume continues the saved workflow: of its keys, --set "
                                   f"may only change {', '.join(RESUME_OVERRIDES)}, not "
                                   f"'{override}'")

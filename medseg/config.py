@@ -191,11 +191,16 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return data
 
 
-def _apply_override(raw: dict[str, Any], item: str) -> None:
+def override_key(item: str) -> str:
+    """The dotted key of a `key=value` override."""
     if "=" not in item:
         raise MedsegError(f"override '{item}' is not of the form key=value")
-    dotted, text = item.split("=", 1)
-    keys = dotted.strip().split(".")
+    return item.split("=", 1)[0].strip()
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    keys = override_key(item).split(".")
+    text = item.split("=", 1)[1]
     node = raw
     for key in keys[:-1]:
         node = node.setdefault(key, {})

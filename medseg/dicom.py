@@ -9,6 +9,7 @@ voxel indices (column, row, slice) to RAS millimetres, as NIfTI does.
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,12 +17,20 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from medseg.dicom_frames import Frame, decode_file, frames_of, read_header
+from medseg.dicom_frames import (
+    Frame,
+    check_gdcm_rules,
+    decode_file,
+    frame_note,
+    frames_of,
+    read_header,
+)
 from medseg.errors import MedsegError
 
 MAX_VOXELS = 2**31
 # MONOCHROME1 values are kept as stored (modality values); the inversion is for display only
 GREYSCALE = ("MONOCHROME1", "MONOCHROME2")
+RAW_IMAGE = "without the Part 10 header (no 'DICM' preamble), which medseg does not read"
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # A slice may lie this far from where a regular, untilted stack puts it (in mm): the larger of
 # this and 1% of the median slice gap. Beyond it the series is tilted or unevenly spaced.
@@ -80,9 +89,8 @@ def read_stack(path: str | Path, series_uid: str | None = None) -> Stack:
     frames = _choose_series(groups, series_uid, path)
     raw = raw_images.get(frames[0].series_uid)
     if raw:  # an image of this series that is not read: the volume would come out short
-        raise MedsegError("DICOM image without the Part 10 header (no 'DICM' preamble), "
-                          "which medseg does not read; convert the series to Part 10 files "
-                          "(e.g. dcmconv +F)", raw[0])
+        raise MedsegError(f"DICOM image {RAW_IMAGE}; convert the series to Part 10 files "
+                          f"(e.g. dcmconv +F)", raw[0])
     return _order(frames, path)
 
 
@@ -181,6 +189,8 @@ def _decoded_frames(stack: Stack) -> Iterator[tuple[int, Frame, np.ndarray]]:
         by_file.setdefault(frame.path, []).append((index, frame))
     for path, members in by_file.items():
         pixels, rescaled = decode_file(path)
+        if rescaled:  # by GDCM
+            check_gdcm_rules([frame for _, frame in members])
         for index, frame in members:
             values = pixels[frame.index or 0].astype(np.float64)
             if not rescaled:
@@ -226,8 +236,7 @@ def _scan(path: Path) -> tuple[dict[str, list[Frame]], dict[str, list[Path]]]:
                        f"(their frames cannot be placed in space), e.g. {multiframe[0].name}")
         if raw_images:
             first = next(iter(raw_images.values()))[0]
-            detail += (f"; {sum(map(len, raw_images.values()))} image(s) without the Part 10 "
-                       f"header (no 'DICM' preamble), which medseg does not read, e.g. "
+            detail += (f"; {sum(map(len, raw_images.values()))} DICOM image(s) {RAW_IMAGE}, e.g. "
                        f"{first.name}")
         raise MedsegError(f"no DICOM image found ({len(files)} files looked at{detail})", path)
     return groups, raw_images
@@ -294,7 +303,7 @@ def _order(frames: list[Frame], path: Path) -> Stack:
         if frame.samples_per_pixel != 1 or frame.photometric not in GREYSCALE:
             raise MedsegError(f"colour images ({frame.photometric or 'no'} photometric "
                               f"interpretation, {frame.samples_per_pixel} samples per pixel) "
-                              f"are not supported{_frame_note(frame)}", frame.path)
+                              f"are not supported{frame_note(frame.index)}", frame.path)
     for frame in frames:
         if frame.shape != first.shape:
             raise MedsegError(f"images differ in size ({frame.shape} against {first.shape} "
@@ -325,15 +334,8 @@ def _typical_frame(frames: list[Frame]) -> Frame:
         return (frame.shape, tuple(np.round(frame.orientation, 3)),
                 tuple(np.round(frame.pixel_spacing, 3)))
 
-    counts: dict[tuple, int] = {}
-    for frame in frames:
-        counts[key(frame)] = counts.get(key(frame), 0) + 1
-    most = max(counts.values())
-    return next(f for f in frames if counts[key(f)] == most)
-
-
-def _frame_note(frame: Frame) -> str:
-    return "" if frame.index is None else f" (frame {frame.index + 1})"
+    common = Counter(map(key, frames)).most_common(1)[0][0]
+    return next(f for f in frames if key(f) == common)
 
 
 def _refuse_duplicates(frames: tuple[Frame, ...], depths: np.ndarray, path: Path) -> None:

@@ -37,7 +37,7 @@ class Frame:
 
     @property
     def label(self) -> str:
-        return self.path.name if self.index is None else f"{self.path.name} frame {self.index}"
+        return f"{self.path.name}{frame_note(self.index)}"
 
     @property
     def integral_rescale(self) -> bool:
@@ -47,6 +47,11 @@ class Frame:
     def value_range(self) -> tuple[float, float]:
         ends = [v * self.slope + self.intercept for v in self.stored_range]
         return min(ends), max(ends)
+
+
+def frame_note(index: int | None) -> str:
+    """" (frame K)", numbered from 1 as DICOM does, for a frame of a multi-frame file."""
+    return "" if index is None else f" (frame {index + 1})"
 
 
 def read_header(path: Path) -> Dataset:
@@ -107,7 +112,6 @@ def decode_file(path: Path) -> tuple[np.ndarray, bool]:
     except Exception as exc:
         if not _compressed(dataset):  # broken data (cut short, ...): never decoded by guess
             raise MedsegError(f"pixel data cannot be decoded ({_one_line(exc)})", path) from exc
-        _check_gdcm_can_read(dataset, path)
         return _decode_with_gdcm(path, dataset, exc).reshape(-1, rows, columns), True
     return np.asarray(pixels).reshape(-1, rows, columns), False
 
@@ -125,20 +129,19 @@ def _compressed(dataset: Dataset) -> bool:
         return True
 
 
-def _check_gdcm_can_read(dataset: Dataset, path: Path) -> None:
-    """GDCM applies the file's rescale and inverts MONOCHROME1 by its own rules: refuse the
-    files where those rules could differ from medseg's (per-frame rescale of enhanced
-    files; MONOCHROME1, kept as stored elsewhere)."""
-    photometric = str(dataset.get("PhotometricInterpretation", "") or "").strip()
-    if photometric == "MONOCHROME1":
-        raise MedsegError("MONOCHROME1 pixel data in a transfer syntax only GDCM decodes here "
-                          "(GDCM would invert it); decompress the series first", path)
-    if "PerFrameFunctionalGroupsSequence" in dataset:
-        header = frames_of(dataset, path)
-        if any(f.slope != 1.0 or f.intercept != 0.0 for f in header):
+def check_gdcm_rules(frames: list[Frame]) -> None:
+    """GDCM applies a file's rescale and inverts MONOCHROME1 by its own rules: refuse the
+    frames of a GDCM-decoded file where those rules differ from medseg's (per-frame rescale
+    of enhanced files; MONOCHROME1, kept as stored elsewhere)."""
+    for frame in frames:
+        if frame.photometric == "MONOCHROME1":
+            raise MedsegError("MONOCHROME1 pixel data in a transfer syntax only GDCM decodes "
+                              "here (GDCM would invert it); decompress the series first",
+                              frame.path)
+        if frame.index is not None and (frame.slope != 1.0 or frame.intercept != 0.0):
             raise MedsegError("enhanced multi-frame file with a rescale, in a transfer syntax "
                               "only GDCM decodes here (GDCM leaves per-frame rescales out); "
-                              "decompress the series first", path)
+                              "decompress the series first", frame.path)
 
 
 def _decode_with_gdcm(path: Path, dataset: Dataset, first_error: Exception) -> np.ndarray:
@@ -187,8 +190,7 @@ def _finite(dataset: Dataset, keyword: str, default: float, path: Path,
             index: int | None) -> float:
     value = float(dataset.get(keyword, default) or default)
     if not np.isfinite(value):
-        where = "" if index is None else f" (frame {index + 1})"
-        raise MedsegError(f"{keyword} {value} is not a finite number{where}", path)
+        raise MedsegError(f"{keyword} {value} is not a finite number{frame_note(index)}", path)
     return value
 
 
@@ -239,7 +241,7 @@ def _check_geometry(position: np.ndarray, orientation: np.ndarray, spacing: list
                     path: Path, index: int | None) -> None:
     """Refuse what would place voxels nowhere or in a sheared space: non-finite positions,
     non-positive pixel spacing, direction cosines that are not two orthogonal unit vectors."""
-    where = "" if index is None else f" (frame {index + 1})"
+    where = frame_note(index)
     if position.shape != (3,) or not np.isfinite(position).all():
         raise MedsegError(f"ImagePositionPatient {position.tolist()} is not three finite "
                           f"numbers{where}", path)

@@ -415,18 +415,20 @@ def _case_scores(model, val_data, plan: Plan, workflow: Workflow, device) -> lis
 def _mean_dice(per_case: list[dict]) -> dict[str, float]:
     """Per structure, the mean Dice over the cases that have it in the reference or the
     prediction (NaN, as in `medseg evaluate`, when no case has it)."""
-    means = {}
-    for name in per_case[0]:
-        values = [v for scores in per_case if not math.isnan(v := scores[name]["dice"])]
-        means[name] = float(np.mean(values)) if values else math.nan
-    return means
+    return {name: _mean_of_scored([scores[name]["dice"] for scores in per_case])
+            for name in per_case[0]}
 
 
 def _mean_over_structures(dice: dict[str, float]) -> float:
     """The validation score that picks the best checkpoint: structures no case has are left
     out; NaN when there is none to score."""
-    values = [v for v in dice.values() if not math.isnan(v)]
-    return float(np.mean(values)) if values else math.nan
+    return _mean_of_scored(list(dice.values()))
+
+
+def _mean_of_scored(values: list[float]) -> float:
+    """The mean of the values that are not NaN; NaN (and no numpy warning) when none is."""
+    scored = [v for v in values if not math.isnan(v)]
+    return float(np.mean(scored)) if scored else math.nan
 
 
 def sliding_window_logits(model, image: torch.Tensor, plan: Plan, step: float,

@@ -19,9 +19,8 @@ from tqdm import tqdm
 
 from medseg.datasets import Case, Dataset, leaves_folder, list_dataset, strip_image_suffix
 from medseg.errors import MedsegError
-from medseg.io import Geometry, read_geometry, read_label_map, read_volume
+from medseg.io import Geometry, grid_mismatch, read_geometry, read_label_map, read_volume
 
-AFFINE_TOLERANCE_MM = 1e-3  # the tolerance training applies between image and label grids
 SPACING_OUTLIER_FACTOR = 2.0
 
 
@@ -110,9 +109,9 @@ def _check_case(case: Case, dataset: Dataset) -> tuple[list[Problem], _CaseFacts
     reference = geometries.get(case.images[0])
     for file, geometry in geometries.items():
         if reference is not None and file != case.images[0]:
-            mismatch = _grid_mismatch(geometry, reference)
+            mismatch = grid_mismatch(geometry, reference)
             if mismatch:
-                add(file, f"{mismatch} ({case.images[0].name})")
+                add(file, f"not on the grid of {case.images[0].name}: {mismatch}")
     facts.geometry = reference
     digests = [_check_image_voxels(file, add) for file in case.images if file in geometries]
     if len(digests) == len(case.images) and all(digests):
@@ -121,16 +120,6 @@ def _check_case(case: Case, dataset: Dataset) -> tuple[list[Problem], _CaseFacts
     if case.label in geometries:
         _check_label_voxels(case.label, dataset.labels, add)
     return problems, facts
-
-
-def _grid_mismatch(geometry: Geometry, reference: Geometry) -> str | None:
-    if tuple(geometry.shape) != tuple(reference.shape):
-        return f"shape {tuple(geometry.shape)} differs from the image's {tuple(reference.shape)}"
-    difference = float(np.max(np.abs(geometry.affine - reference.affine)))
-    if difference > AFFINE_TOLERANCE_MM:
-        return (f"geometry differs from the image's: affines differ by up to {difference:.4g} "
-                f"mm (tolerance {AFFINE_TOLERANCE_MM} mm)")
-    return None
 
 
 def _check_image_voxels(file: Path, add) -> str | None:

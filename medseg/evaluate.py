@@ -13,11 +13,10 @@ from tqdm import tqdm
 
 from medseg.datasets import IMAGE_SUFFIXES, strip_image_suffix
 from medseg.errors import MedsegError
-from medseg.io import read_label_map
+from medseg.io import grid_mismatch, read_label_map
 from medseg.metrics import FAILED_SCORES, label_values, score_case
 
 Pair = tuple[str, Path | None, Path]
-GRID_ATOL = 1e-3  # mm (and direction cosines): how far two affines may differ on one grid
 
 
 @dataclass(frozen=True)
@@ -135,11 +134,12 @@ def load_pair(prediction: Path, reference: Path, labels: dict[int, str], resampl
     ref = read_label_map(reference)
     pred = read_label_map(prediction)
     pred_data = pred.data.reshape(pred.spatial_shape)
-    resampled = not same_grid(pred, ref)
+    mismatch = grid_mismatch(pred.geometry, ref.geometry)
+    resampled = mismatch is not None
     if resampled:
         if not resample:
-            raise MedsegError(f"not on the same grid as the reference "
-                              f"({grid_difference(pred, ref)}); `medseg evaluate --resample` "
+            raise MedsegError(f"not on the same grid as the reference ({mismatch}); "
+                              f"`medseg evaluate --resample` "
                               f"resamples it by nearest neighbour", prediction)
         pred_data = resample_nearest(pred_data, pred.affine, ref.spatial_shape, ref.affine)
     ref_data = ref.data.reshape(ref.spatial_shape)
@@ -149,21 +149,6 @@ def load_pair(prediction: Path, reference: Path, labels: dict[int, str], resampl
             raise MedsegError(f"label values {unknown} are not in the label map", path)
     return LoadedPair(pred_data, ref_data, ref.affine, ref.spacing,
                       resampled)
-
-
-def same_grid(a, b) -> bool:
-    """Whether two volumes (anything with spatial_shape and affine) share one voxel grid:
-    affines equal within GRID_ATOL mm, absolutely (a relative tolerance would grow with the
-    distance of the origin from the scanner's centre)."""
-    return a.spatial_shape == b.spatial_shape and bool(
-        np.abs(a.affine - b.affine).max() <= GRID_ATOL)
-
-
-def grid_difference(pred, ref) -> str:
-    if pred.spatial_shape != ref.spatial_shape:
-        return f"shape {pred.spatial_shape} vs {ref.spatial_shape}"
-    worst = float(np.abs(pred.affine - ref.affine).max())
-    return f"affines differ by up to {worst:.4g}"
 
 
 def resample_nearest(data: np.ndarray, affine: np.ndarray, shape: tuple[int, int, int],

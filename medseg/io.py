@@ -26,6 +26,9 @@ WRITE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 MAX_VOXELS = 2**31
 LABEL_ROUNDING = 1e-3  # how far from a whole number a float label value may lie
 SCANNER_CODE = 1  # NIfTI qform/sform code for scanner-based anatomical coordinates
+# how far (mm, and direction cosines) two affines may differ on one voxel grid: absolute, as a
+# relative tolerance would grow with the origin's distance from the scanner's centre
+GRID_TOLERANCE_MM = 1e-3
 
 
 @dataclass(frozen=True, eq=False)
@@ -50,6 +53,17 @@ class Geometry:
     def direction(self) -> np.ndarray:
         """Unit vectors of the voxel axes (columns), RAS."""
         return self.affine[:3, :3] / np.linalg.norm(self.affine[:3, :3], axis=0)
+
+
+def grid_mismatch(geometry: Geometry, reference: Geometry) -> str | None:
+    """Why `geometry` is not `reference`'s voxel grid (the shape, or the affines beyond
+    GRID_TOLERANCE_MM), or None when it is."""
+    if tuple(geometry.shape) != tuple(reference.shape):
+        return f"shape {tuple(geometry.shape)} differs from {tuple(reference.shape)}"
+    worst = float(np.abs(geometry.affine - reference.affine).max())
+    if worst > GRID_TOLERANCE_MM:
+        return f"affines differ by up to {worst:.4g} mm (tolerance {GRID_TOLERANCE_MM} mm)"
+    return None
 
 
 @dataclass(frozen=True, eq=False)

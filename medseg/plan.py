@@ -20,7 +20,7 @@ from medseg.config import PlanConfig
 from medseg.datasets import Dataset
 from medseg.errors import MedsegError
 from medseg.fileio import atomic_write_json
-from medseg.io import read_label_map, read_volume
+from medseg.io import grid_mismatch, read_label_map, read_volume
 
 SAMPLES_PER_CASE = 10_000
 MAX_LEVELS = 6  # resolution levels of the U-Net, bottleneck included
@@ -266,11 +266,10 @@ def _check_network(network: str, strides: list[list[int]]) -> None:
 
 
 def _check_same_grid(image, label) -> None:
-    if image.spatial_shape != label.spatial_shape:
-        raise MedsegError(f"image shape {image.spatial_shape} differs from label shape "
-                          f"{label.spatial_shape} ({label.path.name})", image.path)
-    if not np.allclose(image.affine, label.affine, atol=1e-3):
-        raise MedsegError(f"image and label affines differ ({label.path.name})", image.path)
+    mismatch = grid_mismatch(label.geometry, image.geometry)
+    if mismatch:
+        raise MedsegError(f"label {label.path.name} is not on the image's grid: {mismatch}",
+                          image.path)
 
 
 def _check_label_values(label, labels: dict[int, str]) -> None:

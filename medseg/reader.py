@@ -16,7 +16,7 @@ from monai.transforms import MapTransform
 from monai.utils import ImageMetaKey, MetaKeys, SpaceKeys
 
 from medseg.errors import MedsegError
-from medseg.io import VOLUME_SUFFIXES, Volume, read_volume
+from medseg.io import VOLUME_SUFFIXES, Volume, grid_mismatch, read_volume
 
 
 class MedsegReader(ImageReader):
@@ -44,14 +44,20 @@ class MedsegReader(ImageReader):
         volumes = img if isinstance(img, list) else [img]
         first = volumes[0]
         for other in volumes[1:]:
-            if other.spatial_shape != first.spatial_shape or not np.allclose(
-                    other.affine, first.affine, atol=1e-3):
-                raise MedsegError(f"channel grid differs from {first.path.name}", other.path)
+            refuse_other_grid(other, first)
         meta = volume_meta(first)
         if len(volumes) == 1:
             return first.data, meta
         meta[MetaKeys.ORIGINAL_CHANNEL_DIM] = 0
         return np.stack([v.data for v in volumes]), meta
+
+
+def refuse_other_grid(volume: Volume, reference: Volume) -> None:
+    """Channels (and a label) of one case must share its first image's voxel grid: stacked
+    as they are, anything else would pair voxels from different places."""
+    mismatch = grid_mismatch(volume.geometry, reference.geometry)
+    if mismatch:
+        raise MedsegError(f"not on the grid of {reference.path.name}: {mismatch}", volume.path)
 
 
 def volume_meta(volume: Volume) -> dict:
@@ -67,8 +73,9 @@ def volume_meta(volume: Volume) -> dict:
 
 
 class LoadVolumed(MapTransform):
-    """Load each key's path (or an already read Volume) as a MetaTensor. Unlike LoadImaged,
-    a MedsegError is never swallowed by a fallback to other readers."""
+    """Load each key's path (or an already read Volume) as a MetaTensor; every key must lie
+    on the first key's grid. Unlike LoadImaged, a MedsegError is never swallowed by a
+    fallback to other readers."""
 
     def __init__(self, keys: KeysCollection, dtype: type = np.float32,
                  series_uid: str | None = None, resample_irregular: bool = False) -> None:
@@ -78,9 +85,15 @@ class LoadVolumed(MapTransform):
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         out = dict(data)
+        reference = None
         for key in self.key_iterator(out):
             item = out[key]
             volume = item if isinstance(item, Volume) else self.reader.read(str(item))
+            first = volume[0] if isinstance(volume, list) else volume
+            if reference is None:
+                reference = first
+            else:
+                refuse_other_grid(first, reference)
             array, meta = self.reader.get_data(volume)
             out[key] = MetaTensor.ensure_torch_and_prune_meta(np.asarray(array, self.dtype),
                                                               meta)

@@ -81,7 +81,8 @@ def test_every_problem_is_a_row_naming_the_case_file(tmp_path):
     def has(case, file, text):
         assert any(c == case and f == file and text in m for c, f, m in rows), (case, rows)
 
-    has("shape", "shape.nii.gz", "shape (8, 9, 11) differs from the image's (8, 9, 10)")
+    has("shape", "shape.nii.gz", "not on the grid of shape.nii.gz: shape (8, 9, 11) "
+                                  "differs from (8, 9, 10)")
     has("geometry", "geometry.nii.gz", "affines differ by up to 0.5 mm (tolerance 0.001 mm)")
     has("outside_map", "outside_map.nii.gz", "label values [7] are not in the label map")
     has("fractional", "fractional.nii.gz", "non-integer values (e.g. 0.5)")

@@ -31,7 +31,7 @@ def write_two_channel_dataset(root, n_cases=5):
         "numTraining": n_cases}), encoding="utf-8")
 
 
-def test_train_and_predict_two_channels(tmp_path):
+def test_train_and_predict_two_channels(tmp_path, capsys):
     write_two_channel_dataset(tmp_path / "data")
     run = tmp_path / "run"
     assert main(["train", str(REPO / "workflows" / "demo.yaml"), "--out", str(run),
@@ -53,6 +53,20 @@ def test_train_and_predict_two_channels(tmp_path):
     assert main(["predict", "--model", str(run), "--input", str(inputs), "--output",
                  str(inputs)]) == 0
     assert (inputs / "case0.nii.gz").is_file()
+    # a second channel that lies elsewhere in the patient is refused, naming it
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.copy(inputs / "case0_0000.nii.gz", moved)
+    second = nib.load(inputs / "case0_0001.nii.gz")
+    shifted = second.affine.copy()
+    shifted[:3, 3] += (30.0, -40.0, 25.0)
+    nib.save(nib.Nifti1Image(np.asarray(second.dataobj), shifted), moved / "case0_0001.nii.gz")
+    capsys.readouterr()
+    assert main(["predict", "--model", str(run), "--input", str(moved), "--output",
+                 str(tmp_path / "pred_moved")]) == 2
+    err = capsys.readouterr().err
+    assert "case0_0001.nii.gz: not on the grid of case0_0000.nii.gz: affines differ" in err
+    assert not (tmp_path / "pred_moved" / "case0.nii.gz").exists()
 
 
 def test_channel_grouping_needs_every_channel(tmp_path):

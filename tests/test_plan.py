@@ -129,7 +129,8 @@ def test_fingerprint_refuses_shape_mismatch(tmp_path):
     write_phantom_dataset(tmp_path, n_train=2, n_test=0, shape=(16, 16, 8))
     label_path = tmp_path / "labelsTr" / "phantom_000.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((16, 16, 9), np.uint8), np.eye(4)), label_path)
-    with pytest.raises(MedsegError, match="image shape .* differs from label shape"):
+    with pytest.raises(MedsegError, match=r"label phantom_000.nii.gz is not on the image's grid: "
+                                          r"shape \(16, 16, 9\) differs from \(16, 16, 8\)"):
         fingerprint(load_dataset(tmp_path))
 
 

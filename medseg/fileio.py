@@ -30,8 +30,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    # keep the suffixes so that writers that pick a format by extension still work
-    suffix = "".join(target.suffixes)
+    # keep the suffixes, lower case, so that writers that pick a format by extension still
+    # work: ITK writes a "D.MHA" as a header plus a separate data file, as if it were .mhd
+    suffix = "".join(target.suffixes).lower()
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".part{suffix}",
                                     dir=target.parent)
     os.close(fd)

@@ -17,6 +17,9 @@ from medseg.errors import MedsegError
 MAX_VOXELS = 2**31
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 FORMAT_NAMES = {".nrrd": "NRRD", ".nhdr": "NRRD", ".mha": "MetaImage", ".mhd": "MetaImage"}
+# ITK picks its reader by the extension's exact case: named here, "SCAN.MHA" reads too
+IMAGE_IOS = {".nrrd": "NrrdImageIO", ".nhdr": "NrrdImageIO", ".mha": "MetaImageIO",
+             ".mhd": "MetaImageIO"}
 
 
 def read_itk_header(path: Path) -> tuple[tuple[int, int, int], np.ndarray]:
@@ -58,6 +61,7 @@ def write_itk(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
 def _open(path: Path) -> sitk.ImageFileReader:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
+    reader.SetImageIO(IMAGE_IOS.get(path.suffix.lower(), ""))
     try:
         reader.ReadImageInformation()
     except RuntimeError as exc:

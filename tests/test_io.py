@@ -207,6 +207,21 @@ def test_convert_volume_between_formats(tmp_path):
         convert_volume(source, source)
 
 
+@pytest.mark.parametrize("suffix", [".MHA", ".NRRD", ".NII.GZ"])
+def test_upper_case_extensions_write_and_read_one_whole_file(tmp_path, suffix):
+    """ITK picks its writer and reader by the extension's exact case: "D.MHA" was written
+    as an empty file beside a hidden header and data pair, and could not be read back."""
+    from medseg.io import convert_volume
+
+    data = np.random.default_rng(4).integers(-50, 50, size=(5, 6, 7)).astype(np.int16)
+    source = save(tmp_path / "in.nii.gz", data, oblique_lps_affine())
+    written = convert_volume(source, tmp_path / f"D{suffix}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"D{suffix}", "in.nii.gz"]
+    result = read_volume(written, dtype=None)
+    np.testing.assert_array_equal(result.data, data)
+    np.testing.assert_allclose(result.affine, read_volume(source).affine, atol=1e-6)
+
+
 def test_monai_loading_matches_nibabel_reader(tmp_path):
     """The load step gives the same tensor and affine for a NIfTI file (as MONAI's own
     NibabelReader does) and for the same volume stored as NRRD."""

@@ -137,7 +137,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     check_in_range("predict.step", args.step, "--step")
     options = _PredictOptions(folds=folds, overwrite=args.overwrite, tta=args.tta,
                               step=args.step, device=args.device, series_uid=args.series,
-                              resample_irregular=args.resample_irregular, shard=args.shard)
+                              resample_irregular=args.resample_irregular, shard=args.shard,
+                              debug=args.debug)
     if args.reference:
         _check_reference_without_shards(args.shard, args.output, args.reference)
     results = _predict(Path(args.model), args.input, Path(args.output), options)
@@ -237,6 +238,7 @@ class _PredictOptions:
     series_uid: str | None = None
     resample_irregular: bool = False
     shard: str | None = None
+    debug: bool = False  # each failed case's traceback
 
 
 def _resume_run(run_dir: Path, fold_text: str | None, overrides: list[str] | None = None
@@ -334,6 +336,9 @@ def _predict(model: Path, inputs: list[str], output: Path, options: _PredictOpti
     done = [r for r in results if r.output and not r.skipped]
     skipped = [r for r in results if r.skipped]
     failed = [r for r in results if r.error]
+    if options.debug:
+        for result in failed:
+            traceback.print_exception(result.exception)
     shard_note = f" (shard {shard[0]}/{shard[1]})" if shard[1] > 1 else ""
     print(f"predicted {len(done)} of {len(results)} cases{shard_note} with "
           f"{', '.join(predictor.folds)} in {time.monotonic() - started:.1f} s; "

@@ -166,13 +166,18 @@ def write_volume(data: np.ndarray, geometry: Geometry, path: str | Path,
     if not path.name.lower().endswith(WRITE_SUFFIXES):
         raise MedsegError(f"cannot write this format; use one of {', '.join(WRITE_SUFFIXES)}",
                           path)
-    with atomic_path(path) as tmp:
-        if is_nifti(path):
-            nib.save(_nifti_image(data, geometry, label_map), str(tmp))
-        else:
-            from medseg.itkio import write_itk
+    from medseg.itkio import itk_message, write_itk
 
-            write_itk(data, geometry.affine, tmp)
+    try:
+        with atomic_path(path) as tmp:
+            if is_nifti(path):
+                nib.save(_nifti_image(data, geometry, label_map), str(tmp))
+            else:
+                write_itk(data, geometry.affine, tmp)
+    except OSError as exc:  # a read-only folder, a full disk
+        raise MedsegError(f"cannot write ({exc.strerror or exc})", path) from exc
+    except RuntimeError as exc:  # ITK's writers
+        raise MedsegError(f"cannot write ({itk_message(exc)})", path) from exc
     return path
 
 
@@ -316,6 +321,12 @@ def _check_header(image: nib.Nifti1Image, path: Path) -> None:
     shape = image.shape
     if len(shape) < 3 or (len(shape) > 3 and int(np.prod(shape[3:])) != 1):
         raise MedsegError(f"expected a 3D volume, got shape {shape}", path)
+    if min(shape) < 0:
+        raise MedsegError(f"header dimensions {shape} are negative: a corrupt header", path)
+    stored = image.get_data_dtype()
+    if stored.kind not in "biuf":  # numpy would drop an imaginary part or fail on RGB fields
+        raise MedsegError(f"voxel type {stored} is not a plain number per voxel (RGB, complex "
+                          "or structured); medseg reads grey-value volumes", path)
     if 0 in shape[:3]:
         raise MedsegError(f"empty volume: shape {shape} has no voxels", path)
     if int(np.prod(shape, dtype=np.int64)) > MAX_VOXELS:

@@ -7,6 +7,7 @@ checked before any voxel is, so a file that claims too many voxels is refused un
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +35,9 @@ def read_itk(path: Path, dtype: np.dtype | None) -> tuple[np.ndarray, np.ndarray
     try:
         image = reader.Execute()
     except RuntimeError as exc:
-        message = _itk_message(exc)
-        if "No such file" in message:  # a .mhd/.nhdr header whose voxel file is not beside it
+        message = itk_message(exc)
+        detached = path.suffix.lower() in (".mhd", ".nhdr")  # voxels in a file of their own
+        if detached and "No such file" in message:
             raise MedsegError(f"cannot read voxel data: the header's data file is missing "
                               f"({message})", path) from exc
         raise MedsegError(f"cannot read voxel data: truncated or corrupt file ({message})",
@@ -52,10 +54,7 @@ def write_itk(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
     image.SetSpacing([float(s) for s in spacing])
     image.SetOrigin([float(v) for v in lps[:3, 3]])
     image.SetDirection([float(v) for v in (lps[:3, :3] / spacing).ravel()])
-    try:
-        sitk.WriteImage(image, str(path), useCompression=True)
-    except RuntimeError as exc:
-        raise MedsegError(f"cannot write ({_itk_message(exc)})", path) from exc
+    sitk.WriteImage(image, str(path), useCompression=True)
 
 
 def _open(path: Path) -> sitk.ImageFileReader:
@@ -66,7 +65,7 @@ def _open(path: Path) -> sitk.ImageFileReader:
         reader.ReadImageInformation()
     except RuntimeError as exc:
         kind = FORMAT_NAMES.get(path.suffix.lower(), "image")
-        raise MedsegError(f"not a readable {kind} file ({_itk_message(exc)})", path) from exc
+        raise MedsegError(f"not a readable {kind} file ({itk_message(exc)})", path) from exc
     return reader
 
 
@@ -95,10 +94,13 @@ def _header_geometry(reader: sitk.ImageFileReader,
     return size[:3], LPS_TO_RAS @ lps
 
 
-def _itk_message(exc: Exception) -> str:
+def itk_message(exc: Exception) -> str:
     """ITK's last meaningful line ('... : trouble parsing sizes info'), without the file
     path and source location it repeats."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    useful = [line for line in lines if not line.startswith(("Exception thrown", "/", "itk::"))]
+    # "Reason: Success" is ITK printing a stale errno: no reason at all
+    useful = [line for line in lines if not line.startswith(
+        ("Exception thrown", "/", "itk::", "Reason: Success"))]
     text = (useful or lines or [type(exc).__name__])[-1]
+    text = re.sub(r"^ITK ERROR: \w+\(0x[0-9a-f]+\): ", "", text)  # the reader's address
     return text.removeprefix("sitk::ERROR: ").removeprefix("[nrrd] ")

@@ -11,9 +11,10 @@ import itertools
 import os
 import re
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -67,6 +68,7 @@ class PredictionResult:
     seconds: float
     error: str | None = None
     skipped: bool = False
+    exception: BaseException | None = field(default=None, repr=False, compare=False)
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -296,10 +298,7 @@ def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
     if config.tta and not predictor.plan.mirror_axes:
         tqdm.write("medseg: note: --tta has nothing to average: the model was trained without "
                    "mirroring (plan.mirror_axes is empty)", file=sys.stderr)
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise MedsegError(f"cannot create the output folder ({exc.strerror})", output_dir) from exc
+    _make_writable_folder(output_dir)
     results: list[PredictionResult | None] = [None] * len(cases)
     todo = []
     for position, files in enumerate(cases):
@@ -350,6 +349,18 @@ def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
     return [r for r in results if r is not None]
 
 
+def _make_writable_folder(folder: Path) -> None:
+    """Create the output folder and try writing in it before any case is predicted: a
+    read-only folder would otherwise fail every case after its network time."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise MedsegError(f"cannot write in the output folder ({exc.strerror or exc})",
+                          folder) from exc
+
+
 def _refuse_clashing_outputs(cases: list[tuple[Path, ...]]) -> None:
     """Two inputs whose masks would have one name (`a.nii.gz` and `b/a.nrrd`): the second
     would replace the first, so refuse before any work."""
@@ -396,7 +407,7 @@ def _failure(path: Path, started: float, exc: BaseException) -> PredictionResult
     named = isinstance(exc, MedsegError) and exc.path is not None
     message = str(exc) if named else one_line(f"{path}: {exc}")
     tqdm.write(f"medseg: error: {message}", file=sys.stderr)
-    return PredictionResult(path, None, time.monotonic() - started, message)
+    return PredictionResult(path, None, time.monotonic() - started, message, exception=exc)
 
 
 def _remove_partial_outputs(target: Path) -> None:

@@ -67,6 +67,34 @@ def test_hostile_files(tmp_path, content, message):
         read_volume(path)
 
 
+def test_non_scalar_voxels_and_negative_dimensions_refused(tmp_path):
+    rgb = np.zeros((4, 5, 6), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), tmp_path / "rgb.nii.gz")
+    nib.save(nib.Nifti1Image(np.ones((4, 5, 6), np.complex64), np.eye(4)),
+             tmp_path / "complex.nii.gz")
+    nib.save(nib.Nifti1Image(np.ones((4, 5, 6), np.int16), np.eye(4)), tmp_path / "neg.nii")
+    raw = bytearray((tmp_path / "neg.nii").read_bytes())
+    raw[46:48] = np.int16(-27613).tobytes()  # dim[3] of the NIfTI-1 header
+    (tmp_path / "neg.nii").write_bytes(bytes(raw))
+    for name in ("rgb.nii.gz", "complex.nii.gz"):
+        with pytest.raises(MedsegError, match=f"{name}: voxel type .* is not a plain number"):
+            read_volume(tmp_path / name)
+    with pytest.raises(MedsegError, match=r"neg.nii: header dimensions .* are negative"):
+        read_volume(tmp_path / "neg.nii")
+
+
+def test_truncated_compressed_metaimage_is_called_truncated(tmp_path):
+    sitk = pytest.importorskip("SimpleITK")
+    data = np.random.default_rng(8).integers(0, 3000, size=(60, 60, 60)).astype(np.int16)
+    sitk.WriteImage(sitk.GetImageFromArray(data), str(tmp_path / "whole.mha"),
+                    useCompression=True)
+    whole = (tmp_path / "whole.mha").read_bytes()
+    (tmp_path / "cut.mha").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(MedsegError, match="cut.mha: cannot read voxel data: truncated or "
+                                          "corrupt file"):
+        read_volume(tmp_path / "cut.mha")
+
+
 def test_truncated_gzip(tmp_path):
     good = save(tmp_path / "good.nii.gz", np.random.default_rng(0).random((40, 40, 40),
                 np.float32), np.eye(4))
@@ -205,6 +233,11 @@ def test_convert_volume_between_formats(tmp_path):
         convert_volume(source, tmp_path / "out.png")
     with pytest.raises(MedsegError, match="overwrite the input"):
         convert_volume(source, source)
+    blocker = tmp_path / "file"
+    blocker.write_text("x", encoding="utf-8")
+    for suffix in (".nii.gz", ".nrrd"):
+        with pytest.raises(MedsegError, match=rf"file/out{suffix}: cannot write \("):
+            convert_volume(source, blocker / f"out{suffix}")
 
 
 @pytest.mark.parametrize("suffix", [".MHA", ".NRRD", ".NII.GZ"])
@@ -298,6 +331,8 @@ def test_hostile_input_one_line_naming_the_file_nothing_written(tmp_path, name):
         convert_volume(path, out / "converted.nii.gz")
     message = str(caught.value)
     assert name in message and "\n" not in message
+    if name.startswith("truncated"):  # not "the header's data file is missing"
+        assert "truncated or corrupt" in message
     if name.startswith("huge"):
         assert "2^31" in message
     assert list(out.iterdir()) == []

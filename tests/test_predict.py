@@ -210,9 +210,44 @@ def test_masks_are_labelled_as_such_in_their_header(trained_run, inputs, tmp_pat
 def test_an_output_folder_that_cannot_be_made_is_one_line(trained_run, inputs, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x", encoding="utf-8")
-    with pytest.raises(MedsegError, match="cannot create the output folder"):
+    with pytest.raises(MedsegError, match="cannot write in the output folder"):
         predict_paths(load_predictor(trained_run), [inputs / "ras_qform_only.nii.gz"],
                       blocker / "out", PredictConfig())
+
+
+def test_a_read_only_output_folder_is_refused_before_any_case(trained_run, inputs, tmp_path,
+                                                              monkeypatch):
+    import tempfile
+
+    import medseg.predict
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    def never(*args, **kwargs):
+        raise AssertionError("a case was predicted into a folder it cannot be written in")
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)  # root ignores chmod
+    monkeypatch.setattr(medseg.predict, "predict_prepared", never)
+    with pytest.raises(MedsegError, match=r"out: cannot write in the output folder "
+                                          r"\(Permission denied\)"):
+        predict_paths(load_predictor(trained_run), [inputs / "ras_qform_only.nii.gz"],
+                      tmp_path / "out", PredictConfig())
+
+
+def test_debug_shows_each_failed_case_traceback(trained_run, tmp_path, capsys):
+    from medseg.cli import main
+
+    broken = tmp_path / "in" / "broken.nii.gz"
+    broken.parent.mkdir()
+    broken.write_bytes(b"\x1f\x8b" + b"\0" * 100)
+    args = ["predict", "--model", str(trained_run), "--input", str(broken.parent),
+            "--output", str(tmp_path / "out")]
+    assert main(args) == 2
+    assert "Traceback" not in capsys.readouterr().err
+    assert main([*args, "--debug"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "broken.nii.gz" in err
 
 
 def test_dicom_files_given_one_by_one_get_a_note(tmp_path, capsys):

@@ -25,6 +25,7 @@ VOLUME_SUFFIXES = (".nii.gz", ".nii", *ITK_SUFFIXES)
 WRITE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 MAX_VOXELS = 2**31
 LABEL_ROUNDING = 1e-3  # how far from a whole number a float label value may lie
+MM_PER_UNIT = {"meter": 1000.0, "mm": 1.0, "micron": 1e-3}  # NIfTI spatial units; unknown: mm
 SCANNER_CODE = 1  # NIfTI qform/sform code for scanner-based anatomical coordinates
 # how far (mm, and direction cosines) two affines may differ on one voxel grid: absolute, as a
 # relative tolerance would grow with the origin's distance from the scanner's centre
@@ -98,7 +99,7 @@ def read_geometry(path: str | Path, series_uid: str | None = None,
     kind = _kind(path)
     if kind == "nifti":
         image = load_nifti(path)
-        return Geometry(tuple(image.shape[:3]), image.affine.copy(), image.header.copy())
+        return Geometry(tuple(image.shape[:3]), nifti_affine_mm(image), image.header.copy())
     if kind == "itk":
         from medseg.itkio import read_itk_header
 
@@ -212,6 +213,15 @@ def load_nifti(path: str | Path) -> nib.Nifti1Image:
     return image
 
 
+def nifti_affine_mm(image: nib.Nifti1Image) -> np.ndarray:
+    """The voxel-to-RAS affine in millimetres: a header whose xyzt_units say metres or
+    microns has its affine in those units (nibabel leaves it as stored). A mask written back
+    keeps the source header, so it stays in the file's own units."""
+    affine = image.affine.copy()
+    affine[:3, :] *= MM_PER_UNIT.get(image.header.get_xyzt_units()[0], 1.0)
+    return affine
+
+
 def _kind(path: Path) -> str:
     """'nifti', 'itk' or 'dicom'; refuses what is missing, empty or of unknown format."""
     if path.is_dir():
@@ -241,7 +251,7 @@ def _read_nifti(path: Path, dtype: type | None) -> Volume:
     except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
         raise MedsegError(f"cannot read voxel data ({exc})", path) from exc
     data = data.reshape(image.shape[:3])  # a 4D file holding a single volume
-    return Volume(data, Geometry(tuple(image.shape[:3]), image.affine.copy(),
+    return Volume(data, Geometry(tuple(image.shape[:3]), nifti_affine_mm(image),
                                  image.header.copy()), path)
 
 

@@ -72,6 +72,29 @@ def test_orientation_is_undone_exactly(trained_run, inputs, tmp_path):
     assert (back == ras).mean() > 0.99
 
 
+def test_nifti_in_metres_is_read_in_millimetres(trained_run, inputs, tmp_path):
+    """xyzt_units 'meter': the affine's numbers are metres. The mask equals the one of the
+    millimetre file, and keeps the source header (units included), so it lies on its scan."""
+    source = nib.load(inputs / "ras_qform_only.nii.gz")
+    in_metres = nib.Nifti1Image(np.asarray(source.dataobj), None, source.header.copy())
+    affine = source.affine.copy()
+    affine[:3, :] /= 1000
+    in_metres.set_qform(affine, code=1)
+    in_metres.header.set_xyzt_units("meter")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    nib.save(in_metres, folder / "metres.nii.gz")
+    predictor = load_predictor(trained_run)
+    predict_paths(predictor, [inputs / "ras_qform_only.nii.gz", folder / "metres.nii.gz"],
+                  tmp_path / "out", PredictConfig())
+    reference = nib.load(tmp_path / "out" / "ras_qform_only.nii.gz")
+    mask = nib.load(tmp_path / "out" / "metres.nii.gz")
+    assert mask.header.get_xyzt_units()[0] == "meter"
+    np.testing.assert_allclose(mask.affine, affine, atol=1e-9)
+    assert np.asarray(reference.dataobj).any()
+    np.testing.assert_array_equal(np.asarray(mask.dataobj), np.asarray(reference.dataobj))
+
+
 def test_existing_outputs_are_skipped_and_failures_reported(trained_run, inputs, tmp_path):
     predictor = load_predictor(trained_run)
     broken = tmp_path / "in" / "broken.nii.gz"

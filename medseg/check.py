@@ -17,7 +17,14 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from medseg.datasets import Case, Dataset, leaves_folder, list_dataset, strip_image_suffix
+from medseg.datasets import (
+    Case,
+    Dataset,
+    is_spare_label,
+    leaves_folder,
+    list_dataset,
+    strip_image_suffix,
+)
 from medseg.errors import MedsegError
 from medseg.io import Geometry, grid_mismatch, read_geometry, read_label_map, read_volume
 
@@ -73,7 +80,14 @@ def check_dataset(path: str | Path, layout: str = "auto") -> CheckReport:
     listing = list_dataset(path, layout)
     dataset = listing.dataset
     problems = [Problem("error", _name_of(file), file, reason)
-                for file, reason in (*listing.clashes, *listing.orphans)]
+                for file, reason in (*listing.clashes, *listing.orphans)
+                if not is_spare_label(file)]
+    # a label without its image: training leaves it out, so it deserves a look, no more
+    problems += [Problem("warning", _name_of(file), file, reason)
+                 for file, reason in listing.orphans if is_spare_label(file)]
+    if not dataset.cases:
+        problems.append(Problem("error", "-", listing.description or dataset.root,
+                                "the dataset lists no cases: training would refuse it"))
     facts = []
     for case in tqdm(dataset.cases, desc="check", unit="case", leave=False):
         found, case_facts = _check_case(case, dataset)

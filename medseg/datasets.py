@@ -167,8 +167,14 @@ def _require_files(listing: Listing) -> None:
     for path, reason in listing.clashes:
         raise MedsegError(reason, path)
     for path, reason in listing.orphans:
-        if path.parent.name in ("images", "imagesTr"):  # a spare label is only reported
+        if not is_spare_label(path):  # a spare label is only reported
             raise MedsegError(reason, path)
+
+
+def is_spare_label(orphan: Path) -> bool:
+    """Whether a file found without its partner is a label (no image to train on: left out)
+    rather than an image (a label gone missing: refused)."""
+    return orphan.parent.name not in ("images", "imagesTr")
 
 
 def _nnunet_v1_hint(listing: Listing, missing: Path) -> str:
@@ -277,8 +283,9 @@ def _list_nnunet(root: Path) -> Listing:
         raise MedsegError("'channel_names' is missing", description)
     ending = str(data.get("file_ending", ".nii.gz"))
     channel_ids = _channel_numbers(channels, "channel_names", description)
+    _refuse_unmatched_ending(root / "labelsTr", ending, description)
     cases = []
-    for label in sorted((root / "labelsTr").glob(f"*{ending}")):
+    for label in _visible(sorted((root / "labelsTr").glob(f"*{ending}"))):
         name = label.name[: -len(ending)]
         images = tuple(root / "imagesTr" / f"{name}_{int(k):04d}{ending}" for k in channel_ids)
         cases.append(Case(name, images, label))
@@ -286,11 +293,28 @@ def _list_nnunet(root: Path) -> Listing:
     orphans = tuple(
         (image, f"image without a label in labelsTr (expected {image.name[:-len(ending)-5]}"
                 f"{ending})")
-        for image in sorted((root / "imagesTr").glob(f"*_[0-9][0-9][0-9][0-9]{ending}"))
+        for image in _visible(sorted((root / "imagesTr").glob(f"*_[0-9][0-9][0-9][0-9]{ending}")))
         if image.name[: -len(ending) - 5] not in labelled)
     modalities = tuple(_modality_name(channels[k]) for k in channel_ids)
     dataset = Dataset(root, tuple(cases), label_names_from_json(description), modalities)
     return Listing(dataset, "nnunet", description, orphans)
+
+
+def _visible(paths: list[Path]) -> list[Path]:
+    """Without hidden files: macOS's `._case.nii.gz` resource forks are not cases."""
+    return [path for path in paths if not path.name.startswith(".")]
+
+
+def _refuse_unmatched_ending(labels_folder: Path, ending: str, description: Path) -> None:
+    """Label files there, but none with dataset.json's file_ending: say so, rather than list
+    a dataset of no cases."""
+    if not labels_folder.is_dir() or any(labels_folder.glob(f"*{ending}")):
+        return
+    others = _visible(sorted(p for p in labels_folder.iterdir()
+                             if p.name.lower().endswith(IMAGE_SUFFIXES)))
+    if others:
+        raise MedsegError(f"'file_ending' is {ending!r}, but {labels_folder.name} holds "
+                          f"{others[0].name} and no {ending} file", description)
 
 
 def _channel_numbers(channels: dict, key: str, description: Path) -> list[str]:
@@ -320,6 +344,9 @@ def _list_folder_pairs(root: Path) -> Listing:
 def _volumes_by_name(folder: Path) -> tuple[dict[str, Path], list[tuple[Path, str]]]:
     """Name -> volume file (or DICOM series subfolder), sorted by name; and the files that
     are a case already found (`a.nii` beside `a.nii.gz`), with the reason."""
+    if not folder.is_dir():
+        raise MedsegError("folder not found: the folders layout needs images/ and labels/ "
+                          "side by side", folder)
     found: dict[str, Path] = {}
     clashes = []
     for path in sorted(folder.iterdir()):

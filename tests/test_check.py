@@ -127,6 +127,56 @@ def test_nnunet_orphans_and_missing_channels(tmp_path):
     assert not any(case == "a" for case, _, _ in found)
 
 
+def test_check_agrees_with_training_on_spare_labels_hidden_files_and_no_cases(tmp_path):
+    from medseg.datasets import load_dataset
+
+    pairs = tmp_path / "pairs"
+    save(pairs / "images" / "a.nii.gz", image(1))
+    save(pairs / "labels" / "a.nii.gz", label())
+    save(pairs / "labels" / "spare.nii.gz", label())  # no image: training leaves it out
+    assert [c.name for c in load_dataset(pairs).cases] == ["a"]
+    report = check_dataset(pairs)
+    assert [(p.severity, p.file.name) for p in report.problems] == [("warning", "spare.nii.gz")]
+
+    nnunet = tmp_path / "nnunet"
+    save(nnunet / "imagesTr" / "a_0000.nii.gz", image(2))
+    save(nnunet / "labelsTr" / "a.nii.gz", label())
+    (nnunet / "imagesTr" / "._a_0000.nii.gz").write_bytes(b"\0" * 100)  # macOS metadata
+    (nnunet / "labelsTr" / "._a.nii.gz").write_bytes(b"\0" * 100)
+    (nnunet / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "T1"}, "labels": {"background": 0, "x": 1},
+        "file_ending": ".nii.gz"}), encoding="utf-8")
+    assert [c.name for c in load_dataset(nnunet).cases] == ["a"]
+    assert check_dataset(nnunet).problems == ()
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "dataset.json").write_text(json.dumps({
+        "labels": {"0": "background", "1": "x"}, "training": []}), encoding="utf-8")
+    report = check_dataset(empty)
+    assert report.exit_code == 1
+    assert [p.message for p in report.problems] == [
+        "the dataset lists no cases: training would refuse it"]
+
+
+def test_nnunet_file_ending_that_matches_no_label_is_named(tmp_path):
+    save(tmp_path / "imagesTr" / "a_0000.nii.gz", image(1))
+    save(tmp_path / "labelsTr" / "a.nii.gz", label())
+    (tmp_path / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "T1"}, "labels": {"background": 0, "x": 1},
+        "file_ending": ".nrrd"}), encoding="utf-8")
+    with pytest.raises(MedsegError, match=r"dataset.json: 'file_ending' is '.nrrd', but "
+                                          r"labelsTr holds a.nii.gz and no .nrrd file"):
+        check_dataset(tmp_path)
+
+
+def test_folders_layout_without_its_folders_is_one_line(tmp_path):
+    save(tmp_path / "images" / "a.nii.gz", image(1))
+    with pytest.raises(MedsegError, match=r"labels: folder not found: the folders layout "
+                                          r"needs images/ and labels/"):
+        check_dataset(tmp_path, layout="folders")
+
+
 def test_cases_sharing_one_channel_are_not_duplicates(tmp_path):
     zeros = np.zeros(SHAPE, np.float32)  # a missing T2, filled with zeros in every case
     for k, name in enumerate("abc"):

@@ -247,7 +247,7 @@ def _resume_run(run_dir: Path, fold_text: str | None, overrides: list[str] | Non
     trained from the beginning). `overrides` may give each fold a new wall-clock budget;
     it is saved in the run's workflow.yaml."""
     from medseg.config import save_workflow
-    from medseg.datasets import load_dataset
+    from medseg.datasets import load_dataset, read_splits
     from medseg.plan import load_plan
     from medseg.train import TRAIN_STATE, current_ranks, train_fold
 
@@ -260,7 +260,7 @@ def _resume_run(run_dir: Path, fold_text: str | None, overrides: list[str] | Non
     splits_path = run_dir / "splits.json"
     if not splits_path.is_file():
         raise MedsegError("splits.json not found (is this a medseg run folder?)", splits_path)
-    splits = json.loads(splits_path.read_text(encoding="utf-8"))
+    splits = read_splits(splits_path)
     ds = workflow.dataset
     dataset = load_dataset(ds.path, ds.layout, ds.modality, ds.labels)
     if fold_text is None:
@@ -268,6 +268,7 @@ def _resume_run(run_dir: Path, fold_text: str | None, overrides: list[str] | Non
     else:
         folds = _parse_folds(fold_text, workflow.train.folds, workflow.train.fold)
     _refuse_changed_dataset(dataset, splits, folds, splits_path)
+    _refuse_changed_labels(dataset, plan, run_dir / "plan.json")
     if overrides and current_ranks().main:  # only once the resume is known to go ahead
         save_workflow(workflow, run_dir / "workflow.yaml")
     # decided before any training, so that every torchrun rank decides the same
@@ -315,6 +316,15 @@ def _refuse_changed_dataset(dataset, splits: list, folds: list[int], splits_path
         raise MedsegError(f"the dataset no longer has case(s) {', '.join(missing[:3])}{more} "
                           f"of these splits: resume on the dataset the run was trained on",
                           splits_path)
+
+
+def _refuse_changed_labels(dataset, plan, plan_path: Path) -> None:
+    """The network's outputs are the plan's labels: a dataset relabelled since (or given
+    other dataset.labels) cannot continue that training."""
+    if dataset.labels and set(dataset.labels) != set(plan.labels):
+        raise MedsegError(f"the dataset's label ids {sorted(dataset.labels)} differ from the "
+                          f"run's {sorted(plan.labels)}: resume on the dataset the run was "
+                          f"trained on", plan_path)
 
 
 def _predict(model: Path, inputs: list[str], output: Path, options: _PredictOptions) -> list:

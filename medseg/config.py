@@ -203,13 +203,28 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
     text = item.split("=", 1)[1]
     node = raw
     for key in keys[:-1]:
-        node = node.setdefault(key, {})
+        if node.get(key) is None:  # absent, or a section whose keys are all commented out
+            node[key] = {}
+        node = node[key]
         if not isinstance(node, dict):
             raise MedsegError(f"override '{item}': '{key}' is not a section")
     try:
-        node[keys[-1]] = yaml.load(text, Loader=_UniqueKeySafeLoader)
+        value = yaml.load(text, Loader=_UniqueKeySafeLoader)
     except yaml.YAMLError as exc:
         raise MedsegError(f"override '{item}': value is not valid YAML") from exc
+    if _hint_at(keys) is str and not isinstance(value, str):
+        value = text.strip()  # `dataset.path=2024.10` names a folder, not the number 2024.1
+    node[keys[-1]] = value
+
+
+def _hint_at(keys: list[str]) -> Any:
+    """The type of the workflow key `keys` (section, name), or None for an unknown key."""
+    hint: Any = Workflow
+    for key in keys:
+        if not dataclasses.is_dataclass(hint):
+            return None
+        hint = typing.get_type_hints(hint).get(key)
+    return hint
 
 
 def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
@@ -275,7 +290,10 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
             raise MedsegError(f"'{key}' must be a finite number, got {value!r}", source)
         return number
     if hint is str:
-        if not isinstance(value, (str, int, float)):
+        if isinstance(value, float):  # YAML read `path: 2024.10` as 2024.1
+            raise MedsegError(f"'{key}' must be text, got the number {value!r}; put it in "
+                              f"quotes", source)
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
             raise MedsegError(f"'{key}' must be a string, got {value!r}", source)
         return str(value)
     return value

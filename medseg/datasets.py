@@ -145,6 +145,28 @@ def make_splits(case_names: list[str], n_folds: int = 5, seed: int = 0,
     ]
 
 
+def read_splits(path: Path) -> list[dict]:
+    """A run's splits.json (nnU-Net's splits_final.json shape), checked: a list of folds,
+    each with a non-empty `train` and a `val` list of case names that share no case."""
+    data = _read_json(path)
+    if not isinstance(data, list) or not data:
+        raise MedsegError('expected a list of folds [{"train": [...], "val": [...]}, ...]',
+                          path)
+    for number, fold in enumerate(data):
+        if not (isinstance(fold, dict) and all(
+                isinstance(fold.get(part), list)
+                and all(isinstance(name, str) for name in fold[part])
+                for part in ("train", "val"))):
+            raise MedsegError(f"fold {number} needs 'train' and 'val' lists of case names", path)
+        if not fold["train"]:
+            raise MedsegError(f"fold {number} has no training case", path)
+        shared = sorted(set(fold["train"]) & set(fold["val"]))
+        if shared:
+            raise MedsegError(f"fold {number} validates on its own training case(s) "
+                              f"{', '.join(shared[:3])}", path)
+    return data
+
+
 def strip_image_suffix(name: str) -> str:
     for suffix in IMAGE_SUFFIXES:
         if name.lower().endswith(suffix):

@@ -96,6 +96,8 @@ def fingerprint(dataset: Dataset, seed: int = 0) -> Fingerprint:
             ids, counts = np.unique(label.data, return_counts=True)
             for label_id, count in zip(ids.tolist(), counts.tolist(), strict=True):
                 class_voxels[label_id] = class_voxels.get(label_id, 0) + count
+    if any(case.label for case in dataset.cases):
+        _refuse_no_foreground(class_voxels, dataset.root)
     intensity = [_intensity_stats(np.concatenate(s) if s else np.zeros(1)) for s in samples]
     labels = dataset.labels or {k: ("background" if k == 0 else f"label_{k}")
                                 for k in sorted(class_voxels)}
@@ -199,7 +201,13 @@ def save_plan(plan: Plan, path: Path) -> None:
 def load_plan(path: Path) -> Plan:
     if not path.is_file():
         raise MedsegError("plan.json not found (is this a medseg run folder?)", path)
-    return Plan.from_json(json.loads(path.read_text(encoding="utf-8")))
+    try:
+        return Plan.from_json(json.loads(path.read_text(encoding="utf-8")))
+    except json.JSONDecodeError as exc:
+        raise MedsegError(f"not valid JSON ({exc})", path) from exc
+    except (TypeError, KeyError, ValueError, AttributeError) as exc:
+        raise MedsegError(f"not a plan medseg can read ({type(exc).__name__}: {exc})",
+                          path) from exc
 
 
 def save_fingerprint(fp: Fingerprint, path: Path) -> None:
@@ -273,9 +281,21 @@ def _check_same_grid(image, label) -> None:
 
 
 def _check_label_values(label, labels: dict[int, str]) -> None:
-    if not labels:
+    values = set(np.unique(label.data).tolist())
+    if not labels:  # ids taken from the data: class indices, so never negative
+        negative = sorted(v for v in values if v < 0)
+        if negative:
+            raise MedsegError(f"label values {negative} are negative: labels are class "
+                              f"numbers 0, 1, 2, ...", label.path)
         return
-    unknown = sorted(set(np.unique(label.data).tolist()) - set(labels))
+    unknown = sorted(values - set(labels))
     if unknown:
         raise MedsegError(f"label values {unknown} are not in the dataset's label map",
                           label.path)
+
+
+def _refuse_no_foreground(class_voxels: dict[int, int], root: Path) -> None:
+    """A segmentation network needs at least one structure in some case to learn from."""
+    if not any(count for label_id, count in class_voxels.items() if label_id != 0):
+        raise MedsegError("no case's label has a voxel of any structure (all background): "
+                          "nothing to learn", root)

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import pickle
 import time
 import warnings
 from collections.abc import Iterator
@@ -25,7 +26,7 @@ from tqdm import tqdm
 
 from medseg.config import TrainConfig, Workflow
 from medseg.datasets import Case, Dataset
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, one_line
 from medseg.fileio import atomic_path, atomic_write_text, json_safe
 from medseg.model import create_model, save_weights, supervised_outputs
 from medseg.plan import Plan
@@ -186,8 +187,8 @@ def train_fold(
     writer = None
     if ranks.main:
         checkpoints.mkdir(parents=True, exist_ok=True)
-        if resume:
-            _truncate_metrics(metrics_path, first_epoch)
+        # from scratch, a fold killed before its first saved state starts a new curve
+        _truncate_metrics(metrics_path, first_epoch)
         writer = SummaryWriter(str(fold_dir / "tensorboard"), purge_step=first_epoch)
     net = _distributed(model, ranks, device)
     # the run's clock goes on from where the resumed run stopped (the budget is per session)
@@ -537,7 +538,10 @@ def _load_state(path: Path, model, optimizer, scheduler, scaler, ema=None
     if not path.is_file():
         raise MedsegError("no training state to resume from", path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's notes on a foreign pickle: it is refused
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        next_epoch, best = int(state["epoch"]) + 1, dict(state["best"])
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -547,9 +551,12 @@ def _load_state(path: Path, model, optimizer, scheduler, scaler, ema=None
             if "ema" not in state:
                 raise KeyError("it holds no weight average, but train.ema_decay is set")
             ema.load_state_dict(state["ema"])
-    except (RuntimeError, KeyError, ValueError, OSError) as exc:
-        raise MedsegError(f"cannot resume from this training state ({exc})", path) from exc
-    return int(state["epoch"]) + 1, dict(state["best"])
+    # an empty file (EOFError), a pickle that is not a plain state (UnpicklingError)
+    except (RuntimeError, KeyError, ValueError, TypeError, OSError, EOFError,
+            pickle.UnpicklingError) as exc:
+        reason = one_line(str(exc))[:200] or type(exc).__name__
+        raise MedsegError(f"cannot resume from this training state ({reason})", path) from exc
+    return next_epoch, best
 
 
 def _last_elapsed_seconds(path: Path) -> float:

@@ -63,7 +63,10 @@ def augmentation(plan: Plan, augment: AugmentConfig, foreground_fraction: float)
     keys = [IMAGE, LABEL]
     patch = plan.patch_size
     classes = plan.num_classes
-    ratios = [1.0 - foreground_fraction] + [foreground_fraction / (classes - 1)] * (classes - 1)
+    # background keeps a sliver of weight even at foreground_fraction 1: a case with no
+    # structure then still gets a (random) patch instead of all-zero ratios, a NaN in MONAI
+    background = max(1.0 - foreground_fraction, 1e-6)
+    ratios = [background] + [foreground_fraction / (classes - 1)] * (classes - 1)
     radians = float(np.deg2rad(augment.rotate_degrees))
     return mt.Compose([
         mt.SpatialPadd(keys, spatial_size=[p + 2 * augment.shift_voxels for p in patch]),

@@ -170,3 +170,22 @@ def test_yaml_merge_keys_still_work(tmp_path):
 def test_an_override_with_a_key_given_twice_is_refused():
     with pytest.raises(MedsegError, match="not valid YAML"):
         load_workflow(None, ["dataset.labels={1: a, 1: b}"])
+
+
+def test_text_keys_keep_what_was_written(tmp_path):
+    """`--set dataset.path=2024.10` is a folder name: YAML alone would make it 2024.1."""
+    workflow = load_workflow(None, ["dataset.path=2024.10", "name=007"])
+    assert Path(workflow.dataset.path).name == "2024.10" and workflow.name == "007"
+    path = tmp_path / "wf.yaml"
+    path.write_text("name: 1.10\n", encoding="utf-8")
+    with pytest.raises(MedsegError, match=r"wf.yaml: 'name' must be text, got the number 1.1; "
+                                          r"put it in quotes"):
+        load_workflow(path)
+    path.write_text("name: 2024\n", encoding="utf-8")
+    assert load_workflow(path).name == "2024"
+
+
+def test_an_override_into_a_section_left_empty(tmp_path):
+    path = tmp_path / "wf.yaml"
+    path.write_text("train:\n  # epochs: 3\n", encoding="utf-8")
+    assert load_workflow(path, ["train.folds=2"]).train.folds == 2

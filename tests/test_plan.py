@@ -151,3 +151,21 @@ def test_small_volumes_get_a_buildable_network():
     create_model(plan)
     with pytest.raises(MedsegError, match="too small for a U-Net"):
         make_plan(fp, PlanConfig(patch_size=[4, 4, 4]))
+
+
+def test_negative_label_values_are_refused_without_a_label_map(tmp_path):
+    import nibabel as nib
+
+    from medseg.phantoms import make_phantom
+
+    for folder in ("images", "labels"):
+        (tmp_path / folder).mkdir()
+    for index in range(2):
+        phantom = make_phantom(index, shape=(16, 16, 8))
+        label = phantom.label.astype(np.int16)
+        label[0, 0, 0] = -1
+        nib.save(nib.Nifti1Image(phantom.image, phantom.affine),
+                 tmp_path / "images" / f"c{index}.nii.gz")
+        nib.save(nib.Nifti1Image(label, phantom.affine), tmp_path / "labels" / f"c{index}.nii.gz")
+    with pytest.raises(MedsegError, match=r"c0.nii.gz: label values \[-1\] are negative"):
+        fingerprint(load_dataset(tmp_path))

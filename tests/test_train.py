@@ -266,3 +266,112 @@ def test_validation_leaves_out_structures_a_case_does_not_have(tmp_path):
                         "val_mean_dice": 0.6})
     record = json.loads(path.read_text(encoding="utf-8"), parse_constant=pytest.fail)
     assert record["val_dice"]["c"] is None and "val_dice/c" not in writer.tags
+
+
+def _state_objects():
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    return model, optimizer, scheduler, torch.amp.GradScaler("cpu", enabled=False)
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage" * 20, "pickle", "no best"])
+def test_an_unreadable_training_state_is_one_line_naming_it(tmp_path, content):
+    import pickle
+
+    from medseg.errors import MedsegError
+    from medseg.train import _load_state
+
+    path = tmp_path / "last_state.pt"
+    if content == "pickle":
+        path.write_bytes(pickle.dumps({"epoch": 1}))
+    elif content == "no best":
+        torch.save({"epoch": 1, "model": {}}, path)
+    else:
+        path.write_bytes(content)
+    with pytest.raises(MedsegError, match=r"last_state\.pt: cannot resume from this training "
+                                          r"state \(.+\)") as caught:
+        _load_state(path, *_state_objects())
+    assert "\n" not in str(caught.value) and len(str(caught.value)) < 400
+
+
+def test_resume_on_a_relabelled_dataset_is_refused(tmp_path, phantom_dataset, capsys):
+    import shutil
+
+    dataset = tmp_path / "data"
+    shutil.copytree(phantom_dataset, dataset)
+    run = tmp_path / "run"
+    assert train(run, dataset, "train.max_minutes=0.00001") == 0
+    description = dataset / "dataset.json"
+    listing = json.loads(description.read_text(encoding="utf-8"))
+    listing["labels"]["7"] = "new structure"
+    description.write_text(json.dumps(listing), encoding="utf-8")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 2
+    assert "plan.json: the dataset's label ids [0, 1, 2, 3, 7] differ from the run's " \
+           "[0, 1, 2, 3]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[{"train": [', "not valid JSON"),
+    ('[{"training": ["a"], "val": ["b"]}]', "fold 0 needs 'train' and 'val' lists"),
+    ('{"train": ["a"], "val": ["b"]}', "expected a list of folds"),
+    ('[{"train": [], "val": ["b"]}]', "fold 0 has no training case"),
+    ('[{"train": ["a", "b"], "val": ["b"]}]', "fold 0 validates on its own training case"),
+])
+def test_an_edited_splits_file_is_checked(tmp_path, text, message):
+    from medseg.datasets import read_splits
+    from medseg.errors import MedsegError
+
+    path = tmp_path / "splits.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(MedsegError, match=f"splits.json: {message}"):
+        read_splits(path)
+
+
+def test_a_fold_restarted_from_scratch_starts_a_new_curve(tmp_path, phantom_dataset):
+    import shutil
+
+    run = tmp_path / "run"
+    assert train(run, phantom_dataset) == 0
+    shutil.rmtree(run / "fold_0" / "checkpoints")  # killed before its first saved state
+    assert main(["train", "--resume", str(run)]) == 0
+    assert [m["epoch"] for m in metrics(run)] == [0, 1]
+
+
+def test_a_dataset_with_no_structure_is_refused_before_the_run_folder(tmp_path, capsys):
+    import nibabel as nib
+    import numpy as np
+
+    from medseg.phantoms import write_phantom_dataset
+
+    data = tmp_path / "data"
+    write_phantom_dataset(data, n_train=4, n_test=0, seed=2, shape=(16, 16, 8))
+    for label in (data / "labelsTr").iterdir():
+        image = nib.load(label)
+        nib.save(nib.Nifti1Image(np.zeros(image.shape, np.uint8), image.affine), label)
+    capsys.readouterr()
+    assert train(tmp_path / "run", data, "train.folds=2") == 2
+    assert "all background): nothing to learn" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_foreground_fraction_1_with_a_case_of_no_structure(tmp_path):
+    import numpy as np
+
+    from medseg.config import AugmentConfig
+    from medseg.plan import Plan
+    from medseg.transforms import IMAGE, LABEL, augmentation
+
+    plan = Plan(target_spacing=[1.0, 1.0, 1.0], patch_size=[8, 8, 8], batch_size=1,
+                kernels=[[3, 3, 3]], strides=[[1, 1, 1]], filters=[4], deep_supervision=False,
+                in_channels=1, num_classes=3, labels={0: "bg", 1: "a", 2: "b"},
+                modalities=["MR"], normalization=[{"scheme": "zscore_nonzero"}],
+                median_shape=[12, 12, 12])
+    chain = augmentation(plan, AugmentConfig(), foreground_fraction=1.0)
+    chain.set_random_state(seed=0)
+    case = {IMAGE: torch.rand(1, 12, 12, 12), LABEL: torch.zeros(1, 12, 12, 12)}
+    patch = chain(case)
+    patch = patch[0] if isinstance(patch, list) else patch
+    assert tuple(patch[IMAGE].shape) == (1, 8, 8, 8)
+    assert not np.isnan(np.asarray(patch[IMAGE])).any()

@@ -82,7 +82,7 @@ def resolve_device(device: str | None) -> torch.device:
     if kind == "cuda" and not torch.cuda.is_available():
         raise MedsegError(f"--device {device}: this torch sees no CUDA GPU (torch "
                           f"{torch.__version__}); use --device cpu")
-    if index and int(index) >= torch.cuda.device_count():
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
         raise MedsegError(f"--device {device}: only {torch.cuda.device_count()} CUDA GPU(s)")
     return torch.device(device)
 
@@ -223,9 +223,20 @@ def prepare_case(plan: Plan, volume: Volume | Path | list[Volume | Path],
                                                             resample_irregular)
                 for c in channels]
     geometry = channels[0].geometry
+    _refuse_sheared_axes(geometry, channels[0].path)
     _refuse_huge_network_grid(geometry, plan, channels[0].path)
     image = preprocessing(plan, with_label=False)(case_dict(channels))[IMAGE]
     return PreparedCase(image.as_tensor(), image.affine.numpy().astype(np.float64), geometry)
+
+
+def _refuse_sheared_axes(geometry: Geometry, path: Path | None) -> None:
+    """The mask goes back onto the input grid by permuting, flipping and scaling axes, which
+    needs voxel axes at right angles (any rotation is fine)."""
+    cosines = geometry.direction.T @ geometry.direction
+    worst = float(np.degrees(np.arcsin(np.abs(cosines - np.eye(3)).max())))
+    if worst > 0.01:
+        raise MedsegError(f"the voxel axes are sheared (up to {worst:.2f} degrees off a right "
+                          f"angle); resample the scan onto an orthogonal grid first", path)
 
 
 def _refuse_huge_network_grid(geometry: Geometry, plan: Plan, path: Path | None) -> None:

@@ -296,3 +296,19 @@ def test_a_network_grid_beyond_this_machines_memory_is_refused(trained_run, monk
     with pytest.raises(MedsegError, match=r"x.nii.gz: .*1e\+08 voxels \(about 4 GB to predict; "
                                           r"this machine has 2 GB\)"):
         predict_module._refuse_huge_network_grid(geometry, plan, Path("x.nii.gz"))
+
+
+def test_sheared_voxel_axes_are_named_and_cpu_0_is_a_device(trained_run, inputs, tmp_path):
+    import torch
+
+    from medseg.predict import resolve_device
+
+    assert resolve_device("cpu:0") == torch.device("cpu:0")
+    source = nib.load(inputs / "ras_qform_only.nii.gz")
+    sheared = source.affine.copy()
+    sheared[0, 1] = 0.5 * sheared[1, 1]  # the second voxel axis leans along the first
+    image = nib.Nifti1Image(np.asarray(source.dataobj), sheared)
+    nib.save(image, tmp_path / "sheared.nii.gz")
+    results = predict_paths(load_predictor(trained_run), [tmp_path / "sheared.nii.gz"],
+                            tmp_path / "out", PredictConfig())
+    assert "sheared.nii.gz: the voxel axes are sheared (up to 26.57 degrees" in results[0].error

@@ -127,8 +127,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 0
     for result in results:
         dice = "n/a" if result.best_mean_dice is None else f"{result.best_mean_dice:.4f}"
-        print(f"{result.fold_dir.name}: best mean Dice {dice} at epoch {result.best_epoch + 1}"
-              f" ({result.epochs_run} epochs, {result.seconds / 60:.1f} min)")
+        # counted, not numbered: metrics.jsonl numbers epochs from 0
+        print(f"{result.fold_dir.name}: best mean Dice {dice} after {result.best_epoch + 1} of "
+              f"{result.epochs_run} epochs ({result.seconds / 60:.1f} min)")
     return 0
 
 

@@ -231,8 +231,8 @@ def train_fold(
                         best, ema)
         if out_of_time:
             if ranks.main:
-                tqdm.write(f"train.max_minutes={cfg.max_minutes} reached after epoch "
-                           f"{epoch + 1}")
+                tqdm.write(f"train.max_minutes={cfg.max_minutes} reached after {epoch + 1} "
+                           f"epoch{'s' if epoch else ''}")
             break
     bar.close()
     if writer is not None:

@@ -78,7 +78,7 @@ def test_two_processes_train_and_resume_one_run(tmp_path, phantom_dataset):
                      *as_sets([f"dataset.path={phantom_dataset}", *TINY_TRAINING,
                                "train.max_minutes=0.00001", "train.ema_decay=0.9"]))
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "max_minutes=1e-05 reached after epoch 1" in first.stdout
+    assert "max_minutes=1e-05 reached after 1 epoch" in first.stdout
     resumed = torchrun("--resume", str(run))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 

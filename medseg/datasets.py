@@ -109,6 +109,9 @@ def label_names_from_json(path: str | Path) -> dict[int, str]:
     table = data.get("labels", data) if isinstance(data, dict) else None
     if not isinstance(table, dict) or not table:
         raise MedsegError("no 'labels' mapping found", path)
+    if any(isinstance(value, list | tuple) for value in table.values()):
+        raise MedsegError("region-based labels (a name mapped to a list of ids, nnU-Net's "
+                          "regions) are not supported: map each name to one id", path)
     try:
         if all(str(key).lstrip("-").isdigit() for key in table):
             labels = {int(key): str(name) for key, name in table.items()}
@@ -116,6 +119,9 @@ def label_names_from_json(path: str | Path) -> dict[int, str]:
             labels = {int(value): str(name) for name, value in table.items()}  # nnU-Net
     except (TypeError, ValueError) as exc:
         raise MedsegError("label ids must be integers", path) from exc
+    if "ignore" in labels.values():
+        raise MedsegError("nnU-Net's 'ignore' label (voxels left out of the loss) is not "
+                          "supported: it would be trained as a structure", path)
     names = list(labels.values())
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:

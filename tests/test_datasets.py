@@ -205,3 +205,16 @@ def test_folder_pairs_labels_json_may_leave_out_background(tmp_path):
         (tmp_path / folder / "p0.nii.gz").write_bytes(b"x")
     (tmp_path / "labels.json").write_text(json.dumps({"1": "liver"}), encoding="utf-8")
     assert load_dataset(tmp_path).labels == {0: "background", 1: "liver"}
+
+
+@pytest.mark.parametrize("labels, message", [
+    ({"background": 0, "whole": [1, 2], "core": 2}, "region-based labels .* are not supported"),
+    ({"background": 0, "liver": 1, "ignore": 2}, "nnU-Net's 'ignore' label .* is not supported"),
+])
+def test_nnunet_label_kinds_medseg_cannot_train_are_named(tmp_path, labels, message):
+    from medseg.datasets import label_names_from_json
+
+    path = tmp_path / "dataset.json"
+    path.write_text(json.dumps({"labels": labels}), encoding="utf-8")
+    with pytest.raises(MedsegError, match=f"dataset.json: {message}"):
+        label_names_from_json(path)

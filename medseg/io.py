@@ -194,7 +194,24 @@ def convert_volume(input: str | Path, output: str | Path, series_uid: str | None
         raise MedsegError("output would overwrite the input", output)
     volume = read_volume(input, dtype=None, series_uid=series_uid,
                          resample_irregular=resample_irregular)
-    return write_volume(volume.data, volume.geometry, output)
+    return write_volume(_unscaled(volume), volume.geometry, output)
+
+
+def _unscaled(volume: Volume) -> np.ndarray:
+    """Integers stored with a NIfTI scl_slope/inter come out of nibabel as float64: when the
+    scaled values are whole numbers (HU from uint16 and an intercept of -1024), the smallest
+    integer type that holds them keeps the converted file a quarter of that size."""
+    header = volume.geometry.nifti_header
+    data = volume.data
+    if header is None or header.get_data_dtype().kind not in "iu" or data.dtype.kind != "f":
+        return data
+    if not np.array_equal(data, np.round(data)):
+        return data
+    low, high = float(data.min()), float(data.max())
+    for kind in (np.int16, np.int32):
+        if np.iinfo(kind).min <= low and high <= np.iinfo(kind).max:
+            return data.astype(kind)
+    return data
 
 
 def load_nifti(path: str | Path) -> nib.Nifti1Image:

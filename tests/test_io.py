@@ -351,3 +351,17 @@ def test_nifti2_is_read_and_its_mask_written_as_nifti2(tmp_path, sform_code):
     mask = nib.load(tmp_path / "mask.nii.gz")
     assert isinstance(mask, nib.Nifti2Image)
     np.testing.assert_allclose(mask.affine, affine, atol=1e-5)
+
+
+def test_convert_keeps_scaled_integers_integer(tmp_path):
+    from medseg.io import convert_volume
+
+    stored = np.random.default_rng(9).integers(0, 4000, size=(5, 6, 7)).astype(np.uint16)
+    image = nib.Nifti1Image(stored, np.eye(4))
+    image.header.set_slope_inter(1.0, -1024.0)
+    nib.save(image, tmp_path / "ct.nii.gz")
+    for suffix in (".nii.gz", ".nrrd"):
+        result = read_volume(convert_volume(tmp_path / "ct.nii.gz", tmp_path / f"hu{suffix}"),
+                             dtype=None)
+        assert result.data.dtype == np.int16
+        np.testing.assert_array_equal(result.data, stored.astype(np.int32) - 1024)

@@ -249,6 +249,7 @@ def _resume_run(run_dir: Path, fold_text: str | None, overrides: list[str] | Non
     it is saved in the run's workflow.yaml."""
     from medseg.config import save_workflow
     from medseg.datasets import load_dataset, read_splits
+    from medseg.fileio import atomic_write_json
     from medseg.plan import load_plan
     from medseg.train import TRAIN_STATE, current_ranks, train_fold
 
@@ -264,14 +265,18 @@ def _resume_run(run_dir: Path, fold_text: str | None, overrides: list[str] | Non
     splits = read_splits(splits_path)
     ds = workflow.dataset
     dataset = load_dataset(ds.path, ds.layout, ds.modality, ds.labels)
+    requested = _requested_folds(run_dir, workflow.train.fold)
     if fold_text is None:
-        folds = _requested_folds(run_dir, workflow.train.fold)
+        folds = requested
     else:
         folds = _parse_folds(fold_text, workflow.train.folds, workflow.train.fold)
     _refuse_changed_dataset(dataset, splits, folds, splits_path)
     _refuse_changed_labels(dataset, plan, run_dir / "plan.json")
-    if overrides and current_ranks().main:  # only once the resume is known to go ahead
-        save_workflow(workflow, run_dir / "workflow.yaml")
+    if current_ranks().main:  # only once the resume is known to go ahead
+        if overrides:
+            save_workflow(workflow, run_dir / "workflow.yaml")
+        if not set(folds) <= set(requested):  # a later plain --resume continues these too
+            atomic_write_json(run_dir / FOLDS_FILE, sorted(set(requested) | set(folds)))
     # decided before any training, so that every torchrun rank decides the same
     resumes = [(run_dir / f"fold_{fold}" / "checkpoints" / TRAIN_STATE).is_file()
                for fold in folds]

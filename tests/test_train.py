@@ -197,6 +197,18 @@ def test_resume_after_fold_all_trains_the_folds_never_started(tmp_path, phantom_
     assert (run / "fold_1" / "checkpoints" / "best.safetensors").is_file()
 
 
+def test_resume_of_a_fold_never_asked_for_adds_it_to_the_run(tmp_path, phantom_dataset,
+                                                             capsys):
+    run = tmp_path / "run"
+    assert train(run, phantom_dataset, "train.folds=2", "train.max_minutes=0.00001") == 0
+    assert main(["train", "--resume", str(run), "--fold", "1"]) == 0
+    assert json.loads((run / "folds.json").read_text(encoding="utf-8")) == [0, 1]
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "fold_0: resuming" in out and "fold_1: resuming" in out
+
+
 def test_resume_on_a_dataset_that_lost_cases_is_refused(tmp_path, phantom_dataset, capsys):
     import shutil
 

@@ -116,6 +116,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         workflow = load_workflow(Path(args.workflow), args.overrides)
         if not workflow.dataset.path:
             raise MedsegError("dataset.path is not set", args.workflow)
+        workflow = _folds_of_splits_file(workflow)
         folds = _parse_folds(args.fold, workflow.train.folds, workflow.train.fold)
         run = functools.partial(_train_run, workflow, Path(args.out), folds,
                                 overwrite=args.overwrite)
@@ -210,8 +211,11 @@ def _train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool) -> li
     dataset = load_dataset(ds.path, ds.layout, ds.modality, ds.labels)
     print(f"dataset: {len(dataset.cases)} cases, labels {dataset.labels}, "
           f"modalities {list(dataset.modalities)}")
-    splits = make_splits([c.name for c in dataset.cases], workflow.train.folds,
-                         workflow.train.split_seed, source=dataset.root)
+    if workflow.train.splits_file:
+        splits = _splits_of_file(Path(workflow.train.splits_file), dataset)
+    else:
+        splits = make_splits([c.name for c in dataset.cases], workflow.train.folds,
+                             workflow.train.split_seed, source=dataset.root)
     fp = fingerprint(dataset, seed=workflow.train.seed)
     plan = make_plan(fp, workflow.plan)
     print(f"plan: spacing {plan.target_spacing}, patch {plan.patch_size}, batch "
@@ -227,6 +231,37 @@ def _train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool) -> li
         save_workflow(workflow, run_dir / "workflow.yaml")
     return [train_fold(workflow, dataset, plan, splits[k], run_dir / f"fold_{k}")
             for k in folds]
+
+
+def _folds_of_splits_file(workflow):
+    """With `train.splits_file`, the number of folds is the file's, and `train.fold` must be
+    one of them."""
+    from medseg.datasets import read_splits
+
+    path = workflow.train.splits_file
+    if not path:
+        return workflow
+    n_folds = len(read_splits(Path(path)))
+    if workflow.train.fold >= n_folds:
+        raise MedsegError(f"'train.fold' is {workflow.train.fold}, but the file holds "
+                          f"{n_folds} fold(s)", path)
+    return dataclasses.replace(workflow, train=dataclasses.replace(workflow.train,
+                                                                   folds=n_folds))
+
+
+def _splits_of_file(path: Path, dataset) -> list[dict]:
+    """One's own folds (`train.splits_file`); every case they name must be in the dataset."""
+    from medseg.datasets import read_splits
+
+    splits = read_splits(path)
+    names = {case.name for case in dataset.cases}
+    unknown = sorted({name for fold in splits for part in ("train", "val")
+                      for name in fold[part]} - names)
+    if unknown:
+        more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+        raise MedsegError(f"names case(s) {', '.join(unknown[:3])}{more} that the dataset does "
+                          f"not have", path)
+    return splits
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,9 @@ class TrainConfig:
     # shuffles the cases into folds; apart from `seed`, so that runs with another seed are
     # scored on the same held-out cases
     split_seed: int = 0
+    # folds of one's own instead of seeded ones: a JSON file shaped as nnU-Net's
+    # splits_final.json ([{"train": [...], "val": [...]}, ...]); `folds` is then its length
+    splits_file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -411,16 +414,21 @@ def _check_values(workflow: Workflow, source: str) -> None:
         if not (_POSITIVE_INT.admits(label) and _NOT_NEGATIVE.admits(ml)):
             raise MedsegError("'predict.min_component_ml' maps label ids (at least 1) to ml "
                               f"(at least 0), got {label}: {ml}", source)
-    if workflow.train.fold >= workflow.train.folds:
+    if workflow.train.fold >= workflow.train.folds and not workflow.train.splits_file:
         raise MedsegError(f"'train.fold' must be below 'train.folds' ({workflow.train.folds}), "
                           f"got {workflow.train.fold}", source)
 
 
 def _resolve_paths(workflow: Workflow) -> Workflow:
-    """Relative dataset paths are taken from the current working directory."""
-    if not workflow.dataset.path:
-        return workflow
-    resolved = str(Path(workflow.dataset.path).expanduser().resolve())
-    return dataclasses.replace(
-        workflow, dataset=dataclasses.replace(workflow.dataset, path=resolved)
-    )
+    """Relative dataset and splits paths are taken from the current working directory."""
+    if workflow.dataset.path:
+        workflow = dataclasses.replace(workflow, dataset=dataclasses.replace(
+            workflow.dataset, path=_absolute(workflow.dataset.path)))
+    if workflow.train.splits_file:
+        workflow = dataclasses.replace(workflow, train=dataclasses.replace(
+            workflow.train, splits_file=_absolute(workflow.train.splits_file)))
+    return workflow
+
+
+def _absolute(path: str) -> str:
+    return str(Path(path).expanduser().resolve())

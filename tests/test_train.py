@@ -387,3 +387,28 @@ def test_foreground_fraction_1_with_a_case_of_no_structure(tmp_path):
     patch = patch[0] if isinstance(patch, list) else patch
     assert tuple(patch[IMAGE].shape) == (1, 8, 8, 8)
     assert not np.isnan(np.asarray(patch[IMAGE])).any()
+
+
+def test_a_splits_file_of_ones_own_gives_the_folds(tmp_path, phantom_dataset, capsys):
+    names = sorted(entry["image"].split("/")[-1].removesuffix(".nii.gz") for entry in
+                   json.loads((phantom_dataset / "dataset.json").read_text("utf-8"))["training"])
+    own = [{"train": names[2:], "val": names[:2]}, {"train": names[:4], "val": names[4:]},
+           {"train": names[1:], "val": names[:1]}]
+    splits_file = tmp_path / "splits_final.json"
+    splits_file.write_text(json.dumps(own), encoding="utf-8")
+    run = tmp_path / "run"
+    assert train(run, phantom_dataset, f"train.splits_file={splits_file}", "train.fold=2",
+                 "train.max_minutes=0.00001") == 0
+    assert json.loads((run / "splits.json").read_text(encoding="utf-8")) == own
+    assert (run / "fold_2" / "checkpoints" / "last_state.pt").is_file()
+    capsys.readouterr()
+    assert train(tmp_path / "r2", phantom_dataset, f"train.splits_file={splits_file}",
+                 "train.fold=3") == 2
+    assert "splits_final.json: 'train.fold' is 3, but the file holds 3 fold(s)" in \
+        capsys.readouterr().err
+    own[0]["val"].append("nobody")
+    splits_file.write_text(json.dumps(own), encoding="utf-8")
+    assert train(tmp_path / "r3", phantom_dataset, f"train.splits_file={splits_file}") == 2
+    assert "splits_final.json: names case(s) nobody that the dataset does not have" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "r3").exists()

@@ -36,25 +36,31 @@ def main(argv: list[str] | None = None) -> int:
     _tolerate_narrow_consoles()
     parser = _parser()
     args = parser.parse_args(argv)
+    # under torchrun, a user's mistake or Ctrl-C reaches every rank alike: rank 0 says it
+    other_rank = int(os.environ.get("RANK", "0") or 0) != 0
     try:
         return int(args.handler(args) or 0)
     except MedsegError as exc:
         if args.debug:  # the traceback, and the same exit status as without --debug
             traceback.print_exc()
-        print(f"medseg: error: {exc}", file=sys.stderr)
+        if not other_rank:
+            print(f"medseg: error: {exc}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("medseg: interrupted", file=sys.stderr)
+        if not other_rank:
+            print("medseg: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:  # one line for the user; the traceback is behind --debug
         if args.debug:
             traceback.print_exc()
         cause = unwrap_transform_error(exc)
         if isinstance(cause, MedsegError):
-            print(f"medseg: error: {cause}", file=sys.stderr)
+            if not other_rank:
+                print(f"medseg: error: {cause}", file=sys.stderr)
             return EXIT_USER_ERROR
-        print(f"medseg: error: {type(cause).__name__}: {one_line(str(cause))} (rerun with "
-              f"--debug for the traceback)", file=sys.stderr)
+        rank = f" (rank {os.environ['RANK']})" if other_rank else ""
+        print(f"medseg: error{rank}: {type(cause).__name__}: {one_line(str(cause))} (rerun "
+              f"with --debug for the traceback)", file=sys.stderr)
         return 1
 
 
@@ -205,8 +211,8 @@ def _train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool) -> li
     # under torchrun every rank plans the same run from the same seed; rank 0 alone checks
     # and writes the run folder (the others never read it)
     main_rank = current_ranks().main
-    if main_rank:
-        _check_run_folder(run_dir, overwrite)
+    # every rank: a refusal must stop them all before any work, not rank 0 alone
+    _check_run_folder(run_dir, overwrite)
     ds = workflow.dataset
     dataset = load_dataset(ds.path, ds.layout, ds.modality, ds.labels)
     print(f"dataset: {len(dataset.cases)} cases, labels {dataset.labels}, "
@@ -216,7 +222,7 @@ def _train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool) -> li
     else:
         splits = make_splits([c.name for c in dataset.cases], workflow.train.folds,
                              workflow.train.split_seed, source=dataset.root)
-    fp = fingerprint(dataset, seed=workflow.train.seed)
+    fp = fingerprint(dataset, seed=workflow.train.seed, progress=main_rank)
     plan = make_plan(fp, workflow.plan)
     print(f"plan: spacing {plan.target_spacing}, patch {plan.patch_size}, batch "
           f"{plan.batch_size}, {len(plan.strides)} levels, filters {plan.filters}")

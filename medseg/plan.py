@@ -73,12 +73,14 @@ class Plan:
         return Plan(**data)
 
 
-def fingerprint(dataset: Dataset, seed: int = 0) -> Fingerprint:
-    """Read every case once: spacing, shape, foreground intensities, class frequencies."""
+def fingerprint(dataset: Dataset, seed: int = 0, progress: bool = True) -> Fingerprint:
+    """Read every case once: spacing, shape, foreground intensities, class frequencies.
+    `progress` shows a bar (torchrun's other ranks pass False)."""
     rng = np.random.default_rng(seed)
     spacings, shapes, class_voxels = [], [], {}
     samples: list[list[np.ndarray]] = [[] for _ in dataset.modalities]
-    for case in tqdm(dataset.cases, desc="fingerprint", unit="case", leave=False):
+    for case in tqdm(dataset.cases, desc="fingerprint", unit="case", leave=False,
+                     disable=not progress):
         label = read_label_map(case.label) if case.label else None
         for channel, image_path in enumerate(case.images):
             image = read_volume(image_path)

@@ -72,10 +72,13 @@ class PredictionResult:
 
 
 def resolve_device(device: str | None) -> torch.device:
-    """`cpu`, `cuda` or `cuda:N` (None: CUDA when available), refused in one line when this
-    torch cannot run it."""
+    """`cpu`, `cuda` or `cuda:N` (None: CUDA when available, under torchrun the GPU of
+    LOCAL_RANK), refused in one line when this torch cannot run it."""
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
     kind, _, index = device.partition(":")
     if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
         raise MedsegError(f"--device takes cpu, cuda or cuda:N, got {device!r}")
@@ -301,7 +304,9 @@ def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
     the network runs (unless the running case is large: two large CTs never overlap), and
     each mask is post-processed and written in another."""
     index, count = shard
-    cases = group_channels(inputs, predictor.plan.in_channels)
+    # sorted, so that processes given the same files in any order share them out alike
+    cases = sorted(group_channels(inputs, predictor.plan.in_channels),
+                   key=lambda files: str(files[0]))
     _refuse_clashing_outputs(cases)
     _refuse_writing_onto_inputs(cases, output_dir)
     cases = cases[index::count]

@@ -160,3 +160,13 @@ def test_demo_refuses_a_bad_override_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "'train.epoch'" in err
     assert not (tmp_path / "demo").exists()
+
+
+def test_under_torchrun_only_rank_0_reports_a_refusal(tmp_path, capsys, monkeypatch):
+    args = ["train", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "r")]
+    monkeypatch.setenv("RANK", "1")
+    assert main(args) == 2
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("RANK", "0")
+    assert main(args) == 2
+    assert "missing.yaml: workflow file not found" in capsys.readouterr().err

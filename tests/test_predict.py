@@ -312,3 +312,25 @@ def test_sheared_voxel_axes_are_named_and_cpu_0_is_a_device(trained_run, inputs,
     results = predict_paths(load_predictor(trained_run), [tmp_path / "sheared.nii.gz"],
                             tmp_path / "out", PredictConfig())
     assert "sheared.nii.gz: the voxel axes are sheared (up to 26.57 degrees" in results[0].error
+
+
+def test_shards_share_the_cases_out_whatever_their_order(trained_run, inputs, tmp_path):
+    paths = sorted(collect_inputs([inputs]))
+    predictor = load_predictor(trained_run)
+    rotated = paths[1:] + paths[:1]
+    predict_paths(predictor, rotated, tmp_path / "a", PredictConfig(), shard=(0, 2))
+    predict_paths(predictor, paths, tmp_path / "b", PredictConfig(), shard=(1, 2))
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == \
+        [output_name(paths[0]), output_name(paths[2])]
+    assert [p.name for p in (tmp_path / "b").iterdir()] == [output_name(paths[1])]
+
+
+def test_under_torchrun_each_process_predicts_on_its_own_gpu(monkeypatch):
+    import torch
+
+    from medseg.predict import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert resolve_device(None) == torch.device("cuda", 1)

@@ -129,15 +129,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     from medseg.train import distributed_session
 
     with distributed_session() as ranks, _stdout_of_main_rank_only(ranks.main):
-        results = run()
-    if not ranks.main:
-        return 0
-    for result in results:
-        dice = "n/a" if result.best_mean_dice is None else f"{result.best_mean_dice:.4f}"
-        # counted, not numbered: metrics.jsonl numbers epochs from 0
-        print(f"{result.fold_dir.name}: best mean Dice {dice} after {result.best_epoch + 1} of "
-              f"{result.epochs_run} epochs ({result.seconds / 60:.1f} min)")
+        run()
     return 0
+
+
+def _report_fold(result, planned_epochs: int) -> None:
+    """A fold's closing line, printed as soon as it ends (other ranks' stdout is silenced)."""
+    dice = "n/a" if result.best_mean_dice is None else f"{result.best_mean_dice:.4f}"
+    ran = f"{result.epochs_run} of {planned_epochs} epochs"
+    if result.epochs_run < planned_epochs:
+        ran += (f", stopped by train.max_minutes (medseg train --resume "
+                f"{result.fold_dir.parent} continues)")
+    # counted, not numbered: metrics.jsonl numbers epochs from 0
+    print(f"{result.fold_dir.name}: best mean Dice {dice}, reached after "
+          f"{result.best_epoch + 1} epochs; {ran}; {result.seconds / 60:.1f} min")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -235,8 +240,11 @@ def _train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool) -> li
         atomic_write_json(run_dir / "splits.json", splits)
         atomic_write_json(run_dir / FOLDS_FILE, folds)  # what --resume continues
         save_workflow(workflow, run_dir / "workflow.yaml")
-    return [train_fold(workflow, dataset, plan, splits[k], run_dir / f"fold_{k}")
-            for k in folds]
+    results = []
+    for k in folds:
+        results.append(train_fold(workflow, dataset, plan, splits[k], run_dir / f"fold_{k}"))
+        _report_fold(results[-1], workflow.train.epochs)
+    return results
 
 
 def _folds_of_splits_file(workflow):
@@ -292,7 +300,7 @@ def _resume_run(run_dir: Path, fold_text: str | None, overrides: list[str] | Non
     from medseg.datasets import load_dataset, read_splits
     from medseg.fileio import atomic_write_json
     from medseg.plan import load_plan
-    from medseg.train import TRAIN_STATE, current_ranks, train_fold
+    from medseg.train import TRAIN_STATE, current_ranks, finished_fold, train_fold
 
     if not run_dir.is_dir():
         raise MedsegError("run folder not found", run_dir)
@@ -324,9 +332,15 @@ def _resume_run(run_dir: Path, fold_text: str | None, overrides: list[str] | Non
     results = []
     for fold, resume in zip(folds, resumes, strict=True):
         fold_dir = run_dir / f"fold_{fold}"
-        print(f"{fold_dir.name}: {'resuming' if resume else 'starting'}")
-        results.append(train_fold(workflow, dataset, plan, splits[fold], fold_dir,
-                                  resume=resume))
+        finished = finished_fold(fold_dir, workflow.train.epochs) if resume else None
+        if finished is not None:
+            print(f"{fold_dir.name}: finished already; nothing to resume")
+            results.append(finished)
+        else:
+            print(f"{fold_dir.name}: {'resuming' if resume else 'starting'}")
+            results.append(train_fold(workflow, dataset, plan, splits[fold], fold_dir,
+                                      resume=resume))
+        _report_fold(results[-1], workflow.train.epochs)
     return results
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from medseg.config import PredictConfig
+from medseg.config import PredictConfig, load_workflow
 from medseg.datasets import strip_image_suffix
 from medseg.errors import MedsegError, one_line, unwrap_transform_error
 from medseg.inference import (
@@ -37,7 +37,7 @@ from medseg.io import MAX_VOXELS, VOLUME_SUFFIXES, Geometry, Volume, read_volume
 from medseg.model import create_model, load_weights
 from medseg.plan import Plan, load_plan
 from medseg.postprocess import postprocess
-from medseg.train import BEST_WEIGHTS, select_precision
+from medseg.train import BEST_WEIGHTS, finished_fold, last_elapsed_seconds, select_precision
 from medseg.transforms import IMAGE, case_dict, preprocessing
 
 # what one bad case can raise (an unreadable or odd volume, a full disk): reported, and the
@@ -106,11 +106,28 @@ def load_predictor(run_dir: str | Path, folds: list[int] | None = None,
         fold_dirs = [p for p in fold_dirs if p.name in wanted]
     if not fold_dirs:
         raise MedsegError("no trained fold with checkpoints/best.safetensors", run_dir)
+    _note_unfinished_folds(run_dir, fold_dirs)
     models = []
     for fold_dir in fold_dirs:
         model = load_weights(create_model(plan), fold_dir / "checkpoints" / BEST_WEIGHTS)
         models.append(model.to(torch_device, memory_format=torch.channels_last_3d).eval())
     return Predictor(plan, tuple(models), tuple(p.name for p in fold_dirs), torch_device)
+
+
+def _note_unfinished_folds(run_dir: Path, fold_dirs: list[Path]) -> None:
+    """A fold interrupted (or still training) has best weights too, from fewer epochs than
+    planned: say so, since nnU-Net would use finished folds only. A fold stopped by its
+    train.max_minutes budget is finished."""
+    if not (run_dir / "workflow.yaml").is_file():
+        return
+    cfg = load_workflow(run_dir / "workflow.yaml").train
+    for fold_dir in fold_dirs:
+        elapsed = last_elapsed_seconds(fold_dir / "metrics.jsonl")
+        if finished_fold(fold_dir, cfg.epochs) is None and not (
+                cfg.max_minutes and elapsed >= cfg.max_minutes * 60):
+            tqdm.write(f"medseg: note: {fold_dir.name} has not finished its {cfg.epochs} "
+                       f"epochs (interrupted, or still training); its best weights so far are "
+                       f"used (--folds chooses the folds)", file=sys.stderr)
 
 
 def collect_inputs(inputs: list[str | Path]) -> list[Path]:

@@ -192,7 +192,7 @@ def train_fold(
         writer = SummaryWriter(str(fold_dir / "tensorboard"), purge_step=first_epoch)
     net = _distributed(model, ranks, device)
     # the run's clock goes on from where the resumed run stopped (the budget is per session)
-    elapsed_before = _last_elapsed_seconds(metrics_path) if resume and ranks.main else 0.0
+    elapsed_before = last_elapsed_seconds(metrics_path) if resume and ranks.main else 0.0
     started = time.monotonic()
     deadline = started + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
     epochs_run = first_epoch
@@ -559,7 +559,27 @@ def _load_state(path: Path, model, optimizer, scheduler, scaler, ema=None
     return next_epoch, best
 
 
-def _last_elapsed_seconds(path: Path) -> float:
+def finished_fold(fold_dir: Path, epochs: int) -> TrainResult | None:
+    """The result of a fold whose saved state already holds all `epochs` (None when it does
+    not, or cannot be read: resuming then says why)."""
+    path = fold_dir / "checkpoints" / TRAIN_STATE
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        done, best = int(state["epoch"]) + 1, dict(state["best"])
+    except (RuntimeError, KeyError, ValueError, TypeError, OSError, EOFError,
+            pickle.UnpicklingError):
+        return None
+    if done < epochs:
+        return None
+    scored = best.get("mean", -math.inf) != -math.inf
+    return TrainResult(fold_dir, int(best["epoch"]) if scored else done - 1,
+                       float(best["mean"]) if scored else None, dict(best.get("dice", {})),
+                       done, last_elapsed_seconds(fold_dir / "metrics.jsonl"))
+
+
+def last_elapsed_seconds(path: Path) -> float:
     """`elapsed_seconds` of the last complete metrics.jsonl line, 0 without one."""
     if not path.is_file():
         return 0.0

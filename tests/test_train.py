@@ -412,3 +412,36 @@ def test_a_splits_file_of_ones_own_gives_the_folds(tmp_path, phantom_dataset, ca
     assert "splits_final.json: names case(s) nobody that the dataset does not have" in \
         capsys.readouterr().err
     assert not (tmp_path / "r3").exists()
+
+
+def test_resuming_a_finished_run_does_nothing_and_says_so(tmp_path, phantom_dataset, capsys):
+    run = tmp_path / "run"
+    assert train(run, phantom_dataset) == 0
+    events = sorted((run / "fold_0" / "tensorboard").iterdir())
+    before = (run / "fold_0" / "metrics.jsonl").read_bytes()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "fold_0: finished already; nothing to resume" in out
+    assert "fold_0: best mean Dice" in out and "2 of 2 epochs" in out
+    assert sorted((run / "fold_0" / "tensorboard").iterdir()) == events
+    assert (run / "fold_0" / "metrics.jsonl").read_bytes() == before
+
+
+def test_a_budget_stop_says_how_to_go_on_and_predict_notes_unfinished_folds(
+        tmp_path, phantom_dataset, capsys):
+    import yaml
+
+    from medseg.predict import load_predictor
+
+    run = tmp_path / "run"
+    assert train(run, phantom_dataset, "train.max_minutes=0.00001") == 0
+    out = capsys.readouterr().out
+    assert "1 of 2 epochs, stopped by train.max_minutes (medseg train --resume" in out
+    load_predictor(run)  # stopped by its budget: finished, no note
+    assert "has not finished" not in capsys.readouterr().err
+    saved = yaml.safe_load((run / "workflow.yaml").read_text(encoding="utf-8"))
+    saved["train"]["max_minutes"] = None  # as if it had been interrupted instead
+    (run / "workflow.yaml").write_text(yaml.safe_dump(saved), encoding="utf-8")
+    load_predictor(run)
+    assert "fold_0 has not finished its 2 epochs" in capsys.readouterr().err

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file
 
 from medseg.errors import MedsegError
 from medseg.fileio import atomic_path
@@ -75,18 +75,25 @@ def supervised_outputs(output: torch.Tensor | list[torch.Tensor]) -> list[torch.
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
-    """Weights as safetensors (no pickle), written atomically."""
-    # save_model/load_model (not save_file) because DynUNet registers the same tensors
-    # under two names (its skip_layers chain). save_model cannot find shared tensors among
-    # channels-last weights, so they are stored from the contiguous layout and put back.
-    channels_last = any(p.dim() == 5 and not p.is_contiguous() for p in model.parameters())
+    """Weights as safetensors (no pickle), written atomically; the same weights give the
+    same bytes."""
     with atomic_path(path) as tmp:
-        model.to(memory_format=torch.contiguous_format)
-        try:
-            save_model(model, str(tmp))
-        finally:
-            if channels_last:
-                model.to(memory_format=torch.channels_last_3d)
+        save_file(_unaliased_state(model), str(tmp), metadata={"format": "pt"})
+
+
+def _unaliased_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict with each tensor once, under its first name in sorted order: DynUNet
+    registers the same tensors under two names (its skip_layers chain), which safetensors
+    refuses. load_model matches the aliases up again from the model. (save_model does this
+    too, but records the aliases in an order that changes from run to run.)"""
+    state = model.state_dict()
+    first_name: dict[tuple, str] = {}
+    for name in sorted(state):
+        tensor = state[name]
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
+               tuple(tensor.shape), tensor.stride())
+        first_name.setdefault(key, name)
+    return {name: state[name].detach().cpu().contiguous() for name in first_name.values()}
 
 
 def load_weights(model: torch.nn.Module, path: Path) -> torch.nn.Module:

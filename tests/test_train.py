@@ -48,6 +48,9 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, phantom_dataset, ema):
     assert curve[1]["elapsed_seconds"] >= (curve[0]["elapsed_seconds"]  # the run's clock
                                            + curve[1]["epoch_seconds"] - 0.05)  # goes on
     assert [r["train_loss"] for r in curve] == [r["train_loss"] for r in reference]
+    for weights in ("last.safetensors", "best.safetensors"):  # the files, byte for byte
+        assert (tmp_path / "straight" / "fold_0" / "checkpoints" / weights).read_bytes() == \
+            (tmp_path / "split" / "fold_0" / "checkpoints" / weights).read_bytes(), weights
 
 
 def test_resume_refuses_extra_arguments(tmp_path, capsys):

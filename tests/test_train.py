@@ -393,8 +393,9 @@ def test_foreground_fraction_1_with_a_case_of_no_structure(tmp_path):
 
 
 def test_a_splits_file_of_ones_own_gives_the_folds(tmp_path, phantom_dataset, capsys):
-    names = sorted(entry["image"].split("/")[-1].removesuffix(".nii.gz") for entry in
-                   json.loads((phantom_dataset / "dataset.json").read_text("utf-8"))["training"])
+    listing = json.loads((phantom_dataset / "dataset.json").read_text(encoding="utf-8"))
+    names = sorted(entry["image"].split("/")[-1].removesuffix(".nii.gz")
+                   for entry in listing["training"])
     own = [{"train": names[2:], "val": names[:2]}, {"train": names[:4], "val": names[4:]},
            {"train": names[1:], "val": names[:1]}]
     splits_file = tmp_path / "splits_final.json"

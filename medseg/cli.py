@@ -136,13 +136,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _report_fold(result, planned_epochs: int) -> None:
     """A fold's closing line, printed as soon as it ends (other ranks' stdout is silenced)."""
     dice = "n/a" if result.best_mean_dice is None else f"{result.best_mean_dice:.4f}"
-    ran = f"{result.epochs_run} of {planned_epochs} epochs"
+    ran = f"{result.epochs_run} of {_epochs(planned_epochs)}"
     if result.epochs_run < planned_epochs:
         ran += (f", stopped by train.max_minutes (medseg train --resume "
                 f"{result.fold_dir.parent} continues)")
     # counted, not numbered: metrics.jsonl numbers epochs from 0
     print(f"{result.fold_dir.name}: best mean Dice {dice}, reached after "
-          f"{result.best_epoch + 1} epochs; {ran}; {result.seconds / 60:.1f} min")
+          f"{_epochs(result.best_epoch + 1)}; {ran}; {result.seconds / 60:.1f} min")
+
+
+def _epochs(count: int) -> str:
+    return f"{count} epoch{'' if count == 1 else 's'}"
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -595,5 +599,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit(code: int) -> None:
+    """End the process with `code`. A torchrun worker (WORLD_SIZE > 1) skips the
+    interpreter's teardown once its output is flushed: with the gloo process group already
+    destroyed, that teardown now and then ended a finished run in "terminate called without
+    an active exception" (SIGABRT), and torchrun then failed the whole run."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    _exit(main())

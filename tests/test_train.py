@@ -212,7 +212,21 @@ def test_resume_of_a_fold_never_asked_for_adds_it_to_the_run(tmp_path, phantom_d
     assert "fold_0: resuming" in out and "fold_1: resuming" in out
 
 
-def test_resume_on_a_dataset_that_lost_cases_is_refused(tmp_path, phantom_dataset, capsys):
+def _lose_first_case(listing: dict) -> None:
+    listing["training"] = listing["training"][1:]
+
+
+def _add_a_label(listing: dict) -> None:
+    listing["labels"]["7"] = "new structure"
+
+
+@pytest.mark.parametrize("change, message", [
+    (_lose_first_case, "splits.json: the dataset no longer has case(s) phantom_000"),
+    (_add_a_label, "plan.json: the dataset's label ids [0, 1, 2, 3, 7] differ from the run's "
+                   "[0, 1, 2, 3]"),
+], ids=["lost_cases", "relabelled"])
+def test_resume_on_a_changed_dataset_is_refused(tmp_path, phantom_dataset, capsys, change,
+                                                message):
     import shutil
 
     dataset = tmp_path / "data"
@@ -221,12 +235,11 @@ def test_resume_on_a_dataset_that_lost_cases_is_refused(tmp_path, phantom_datase
     assert train(run, dataset, "train.max_minutes=0.00001") == 0
     description = dataset / "dataset.json"
     listing = json.loads(description.read_text(encoding="utf-8"))
-    listing["training"] = listing["training"][1:]
+    change(listing)
     description.write_text(json.dumps(listing), encoding="utf-8")
     capsys.readouterr()
     assert main(["train", "--resume", str(run)]) == 2
-    err = capsys.readouterr().err
-    assert "splits.json: the dataset no longer has case(s) phantom_000" in err
+    assert message in capsys.readouterr().err
 
 
 def test_label_smoothing_reaches_the_cross_entropy_term():
@@ -308,23 +321,6 @@ def test_an_unreadable_training_state_is_one_line_naming_it(tmp_path, content):
                                           r"state \(.+\)") as caught:
         _load_state(path, *_state_objects())
     assert "\n" not in str(caught.value) and len(str(caught.value)) < 400
-
-
-def test_resume_on_a_relabelled_dataset_is_refused(tmp_path, phantom_dataset, capsys):
-    import shutil
-
-    dataset = tmp_path / "data"
-    shutil.copytree(phantom_dataset, dataset)
-    run = tmp_path / "run"
-    assert train(run, dataset, "train.max_minutes=0.00001") == 0
-    description = dataset / "dataset.json"
-    listing = json.loads(description.read_text(encoding="utf-8"))
-    listing["labels"]["7"] = "new structure"
-    description.write_text(json.dumps(listing), encoding="utf-8")
-    capsys.readouterr()
-    assert main(["train", "--resume", str(run)]) == 2
-    assert "plan.json: the dataset's label ids [0, 1, 2, 3, 7] differ from the run's " \
-           "[0, 1, 2, 3]" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("text, message", [

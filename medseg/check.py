@@ -80,8 +80,9 @@ def check_dataset(path: str | Path, layout: str = "auto") -> CheckReport:
     listing = list_dataset(path, layout)
     dataset = listing.dataset
     problems = [Problem("error", _name_of(file), file, reason)
-                for file, reason in (*listing.clashes, *listing.orphans)
-                if not is_spare_label(file)]
+                for file, reason in listing.clashes]
+    problems += [Problem("error", _name_of(file), file, reason)
+                 for file, reason in listing.orphans if not is_spare_label(file)]
     # a label without its image: training leaves it out, so it deserves a look, no more
     problems += [Problem("warning", _name_of(file), file, reason)
                  for file, reason in listing.orphans if is_spare_label(file)]

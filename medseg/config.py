@@ -215,9 +215,14 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         value = yaml.load(text, Loader=_UniqueKeySafeLoader)
     except yaml.YAMLError as exc:
         raise MedsegError(f"override '{item}': value is not valid YAML") from exc
-    if _hint_at(keys) is str and not isinstance(value, str):
+    if _takes_text(_hint_at(keys)) and value is not None and not isinstance(value, str):
         value = text.strip()  # `dataset.path=2024.10` names a folder, not the number 2024.1
     node[keys[-1]] = value
+
+
+def _takes_text(hint: Any) -> bool:
+    """Whether a workflow key holds text: `str`, or `str | None`."""
+    return hint is str or str in typing.get_args(hint)
 
 
 def _hint_at(keys: list[str]) -> Any:
@@ -404,6 +409,8 @@ def _check_values(workflow: Workflow, source: str) -> None:
         raise MedsegError(f"'plan.mirror_axes' must be distinct axes among 0, 1, 2, got {axes}",
                           source)
     for section, key in _RANGES:
+        if (section, key) == ("train", "folds") and workflow.train.splits_file:
+            continue  # the splits file decides, and one train/val split is a fine one
         check_in_range(f"{section}.{key}", getattr(getattr(workflow, section), key), source)
     for (section, key), length in _LENGTHS.items():
         value = getattr(getattr(workflow, section), key)

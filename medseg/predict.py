@@ -37,7 +37,13 @@ from medseg.io import MAX_VOXELS, VOLUME_SUFFIXES, Geometry, Volume, read_volume
 from medseg.model import create_model, load_weights
 from medseg.plan import Plan, load_plan
 from medseg.postprocess import postprocess
-from medseg.train import BEST_WEIGHTS, finished_fold, last_elapsed_seconds, select_precision
+from medseg.train import (
+    BEST_WEIGHTS,
+    TRAIN_STATE,
+    finished_fold,
+    last_metrics_record,
+    select_precision,
+)
 from medseg.transforms import IMAGE, case_dict, preprocessing
 
 # what one bad case can raise (an unreadable or odd volume, a full disk): reported, and the
@@ -118,11 +124,16 @@ def _note_unfinished_folds(run_dir: Path, fold_dirs: list[Path]) -> None:
     """A fold interrupted (or still training) has best weights too, from fewer epochs than
     planned: say so, since nnU-Net would use finished folds only. A fold stopped by its
     train.max_minutes budget is finished."""
-    if not (run_dir / "workflow.yaml").is_file():
+    try:
+        cfg = load_workflow(run_dir / "workflow.yaml").train
+    except MedsegError:  # a model folder shipped without its workflow: no note, no refusal
         return
-    cfg = load_workflow(run_dir / "workflow.yaml").train
     for fold_dir in fold_dirs:
-        elapsed = last_elapsed_seconds(fold_dir / "metrics.jsonl")
+        if not (fold_dir / "checkpoints" / TRAIN_STATE).is_file():
+            continue  # shipped without its training state: nothing tells
+        # the budget stop is decided after the epoch's record: allow that epoch's time
+        last = last_metrics_record(fold_dir / "metrics.jsonl")
+        elapsed = last.get("elapsed_seconds", 0.0) + last.get("epoch_seconds", 0.0)
         if finished_fold(fold_dir, cfg.epochs) is None and not (
                 cfg.max_minutes and elapsed >= cfg.max_minutes * 60):
             tqdm.write(f"medseg: note: {fold_dir.name} has not finished its {cfg.epochs} "

@@ -581,14 +581,21 @@ def finished_fold(fold_dir: Path, epochs: int) -> TrainResult | None:
 
 def last_elapsed_seconds(path: Path) -> float:
     """`elapsed_seconds` of the last complete metrics.jsonl line, 0 without one."""
+    return float(last_metrics_record(path).get("elapsed_seconds", 0.0))
+
+
+def last_metrics_record(path: Path) -> dict:
+    """The last complete metrics.jsonl line with an elapsed time ({} without one)."""
     if not path.is_file():
-        return 0.0
+        return {}
     for line in reversed(path.read_text(encoding="utf-8").splitlines()):
         try:
-            return float(json.loads(line)["elapsed_seconds"])
+            record = json.loads(line)
+            float(record["elapsed_seconds"])
         except (ValueError, KeyError, TypeError):
             continue
-    return 0.0
+        return record
+    return {}
 
 
 def _metrics_epoch(line: str) -> float:

@@ -192,3 +192,11 @@ def test_cases_sharing_one_channel_are_not_duplicates(tmp_path):
     duplicates = [(p.case, p.message) for p in check_dataset(tmp_path).problems
                   if "duplicate" in p.message]
     assert duplicates == [("d", "same voxels as case a (duplicate case)")]
+
+
+def test_two_files_of_one_label_are_still_an_error(tmp_path):
+    save(tmp_path / "images" / "a.nii.gz", image(1))
+    save(tmp_path / "labels" / "a.nii.gz", label())
+    save(tmp_path / "labels" / "a.nii", label())
+    report = check_dataset(tmp_path, layout="folders")
+    assert [(p.severity, p.file.name) for p in report.problems] == [("error", "a.nii.gz")]

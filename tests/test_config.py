@@ -189,3 +189,15 @@ def test_an_override_into_a_section_left_empty(tmp_path):
     path = tmp_path / "wf.yaml"
     path.write_text("train:\n  # epochs: 3\n", encoding="utf-8")
     assert load_workflow(path, ["train.folds=2"]).train.folds == 2
+
+
+def test_a_one_fold_splits_file_round_trips_and_optional_text_keeps_its_digits(tmp_path):
+    import dataclasses
+
+    workflow = load_workflow(None, ["train.splits_file=2024.10", "dataset.path=x"])
+    assert Path(workflow.train.splits_file).name == "2024.10"
+    one_fold = dataclasses.replace(workflow, train=dataclasses.replace(workflow.train, folds=1))
+    save_workflow(one_fold, tmp_path / "workflow.yaml")
+    assert load_workflow(tmp_path / "workflow.yaml").train.folds == 1
+    with pytest.raises(MedsegError, match="'dataset.path' must be a string, got None"):
+        load_workflow(None, ["dataset.path=null"])

@@ -445,3 +445,6 @@ def test_a_budget_stop_says_how_to_go_on_and_predict_notes_unfinished_folds(
     (run / "workflow.yaml").write_text(yaml.safe_dump(saved), encoding="utf-8")
     load_predictor(run)
     assert "fold_0 has not finished its 2 epochs" in capsys.readouterr().err
+    (run / "fold_0" / "checkpoints" / "last_state.pt").unlink()  # a model shipped without it
+    load_predictor(run)
+    assert "has not finished" not in capsys.readouterr().err

@@ -532,15 +532,27 @@ def _save_state(path: Path, model, optimizer, scheduler, scaler, epoch: int, bes
         torch.save(state, tmp)
 
 
+# what reading or applying a training state can raise: a damaged or foreign file (an empty
+# one: EOFError; a pickle that is not a plain state: UnpicklingError) or a state that does
+# not fit
+STATE_ERRORS = (RuntimeError, KeyError, ValueError, TypeError, OSError, EOFError,
+                pickle.UnpicklingError)
+
+
+def _read_state(path: Path, mmap: bool = False) -> dict:
+    """A saved training state, without pickle's code execution (weights_only)."""
+    with warnings.catch_warnings():  # torch's notes on a foreign pickle: it is refused
+        warnings.simplefilter("ignore")
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
 def _load_state(path: Path, model, optimizer, scheduler, scaler, ema=None
                 ) -> tuple[int, dict]:
     """Restore a training state; returns the next epoch and the best score so far."""
     if not path.is_file():
         raise MedsegError("no training state to resume from", path)
     try:
-        with warnings.catch_warnings():  # torch's notes on a foreign pickle: it is refused
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        state = _read_state(path)
         next_epoch, best = int(state["epoch"]) + 1, dict(state["best"])
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -551,9 +563,7 @@ def _load_state(path: Path, model, optimizer, scheduler, scaler, ema=None
             if "ema" not in state:
                 raise KeyError("it holds no weight average, but train.ema_decay is set")
             ema.load_state_dict(state["ema"])
-    # an empty file (EOFError), a pickle that is not a plain state (UnpicklingError)
-    except (RuntimeError, KeyError, ValueError, TypeError, OSError, EOFError,
-            pickle.UnpicklingError) as exc:
+    except STATE_ERRORS as exc:
         reason = one_line(str(exc))[:200] or type(exc).__name__
         raise MedsegError(f"cannot resume from this training state ({reason})", path) from exc
     return next_epoch, best
@@ -562,14 +572,10 @@ def _load_state(path: Path, model, optimizer, scheduler, scaler, ema=None
 def finished_fold(fold_dir: Path, epochs: int) -> TrainResult | None:
     """The result of a fold whose saved state already holds all `epochs` (None when it does
     not, or cannot be read: resuming then says why)."""
-    path = fold_dir / "checkpoints" / TRAIN_STATE
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = _read_state(fold_dir / "checkpoints" / TRAIN_STATE, mmap=True)
         done, best = int(state["epoch"]) + 1, dict(state["best"])
-    except (RuntimeError, KeyError, ValueError, TypeError, OSError, EOFError,
-            pickle.UnpicklingError):
+    except STATE_ERRORS:
         return None
     if done < epochs:
         return None

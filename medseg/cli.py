@@ -272,13 +272,9 @@ def _splits_of_file(path: Path, dataset) -> list[dict]:
     from medseg.datasets import read_splits
 
     splits = read_splits(path)
-    names = {case.name for case in dataset.cases}
-    unknown = sorted({name for fold in splits for part in ("train", "val")
-                      for name in fold[part]} - names)
+    unknown = _cases_not_in(dataset, splits)
     if unknown:
-        more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
-        raise MedsegError(f"names case(s) {', '.join(unknown[:3])}{more} that the dataset does "
-                          f"not have", path)
+        raise MedsegError(f"names case(s) {unknown} that the dataset does not have", path)
     return splits
 
 
@@ -373,14 +369,20 @@ def _refuse_changed_dataset(dataset, splits: list, folds: list[int], splits_path
     if any(k >= len(splits) for k in folds):
         raise MedsegError(f"holds {len(splits)} folds; fold {max(folds)} was asked for",
                           splits_path)
-    names = {case.name for case in dataset.cases}
-    missing = sorted({n for k in folds for part in ("train", "val") for n in splits[k][part]}
-                     - names)
+    missing = _cases_not_in(dataset, [splits[k] for k in folds])
     if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise MedsegError(f"the dataset no longer has case(s) {', '.join(missing[:3])}{more} "
-                          f"of these splits: resume on the dataset the run was trained on",
-                          splits_path)
+        raise MedsegError(f"the dataset no longer has case(s) {missing} of these splits: "
+                          f"resume on the dataset the run was trained on", splits_path)
+
+
+def _cases_not_in(dataset, folds: list[dict]) -> str:
+    """The case names of `folds` (train and val) that the dataset lacks, the first three
+    named ('' when none)."""
+    names = {case.name for case in dataset.cases}
+    missing = sorted({n for fold in folds for part in ("train", "val") for n in fold[part]}
+                     - names)
+    more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+    return f"{', '.join(missing[:3])}{more}" if missing else ""
 
 
 def _refuse_changed_labels(dataset, plan, plan_path: Path) -> None:

@@ -59,6 +59,10 @@ class AugmentConfig:
     rotate_degrees: float = 15.0
     scale_prob: float = 0.2
     scale_range: float = 0.15
+    # elastic deformation (MONAI Rand3DElasticd with batchgenerators' ranges: offsets up to
+    # this magnitude, smoothed by a Gaussian of sd 9-13 voxels); nnU-Net leaves it off in 3D
+    elastic_prob: float = 0.0
+    elastic_magnitude: float = 900.0
     noise_prob: float = 0.1
     noise_std: float = 0.1
     smooth_prob: float = 0.1
@@ -362,6 +366,8 @@ _RANGES = {
     ("augment", "rotate_degrees"): _Range(low=0, high=180),
     ("augment", "scale_prob"): _PROBABILITY,
     ("augment", "scale_range"): _Range(low=0, high=1, high_open=True),
+    ("augment", "elastic_prob"): _PROBABILITY,
+    ("augment", "elastic_magnitude"): _NOT_NEGATIVE,
     ("augment", "noise_prob"): _PROBABILITY,
     ("augment", "noise_std"): _NOT_NEGATIVE,
     ("augment", "smooth_prob"): _PROBABILITY,

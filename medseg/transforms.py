@@ -83,6 +83,7 @@ def augmentation(plan: Plan, augment: AugmentConfig, foreground_fraction: float)
                        scale_range=[augment.scale_range] * 3 if augment.scale_prob > 0 else None,
                        mode=["bilinear", "nearest"], padding_mode="zeros",
                        spatial_size=patch),
+        *_elastic(keys, augment),
         *[mt.RandFlipd(keys, prob=augment.flip_prob, spatial_axis=axis)
           for axis in plan.mirror_axes],
         mt.RandGaussianNoised(IMAGE, prob=augment.noise_prob, std=augment.noise_std),
@@ -93,6 +94,15 @@ def augmentation(plan: Plan, augment: AugmentConfig, foreground_fraction: float)
         mt.RandAdjustContrastd(IMAGE, prob=augment.gamma_prob, gamma=(0.7, 1.5)),
         mt.EnsureTyped(keys, track_meta=False),
     ])
+
+
+def _elastic(keys: list[str], augment: AugmentConfig) -> list[mt.MapTransform]:
+    if augment.elastic_prob == 0:
+        return []  # not even a no-op: its random draws would change every later transform's
+    return [mt.Rand3DElasticd(keys, sigma_range=(9, 13),
+                              magnitude_range=(0, augment.elastic_magnitude),
+                              prob=augment.elastic_prob, mode=["bilinear", "nearest"],
+                              padding_mode="zeros")]
 
 
 def _normalize(key: str, norm: dict) -> mt.MapTransform:

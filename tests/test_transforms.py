@@ -57,6 +57,24 @@ def test_augmentation_keeps_image_and_label_aligned(plan):
         assert agreement > 0.97, agreement
 
 
+def test_elastic_deformation_moves_image_and_label_together(plan):
+    label = np.zeros((1, *plan.patch_size), np.float32)
+    label[0, 6:26, 8:24, 3:13] = 1
+    image = label * 10.0
+    elastic_only = AugmentConfig(flip_prob=0, rotate_prob=0, scale_prob=0, elastic_prob=1.0,
+                                 noise_prob=0, smooth_prob=0, contrast_prob=0,
+                                 intensity_shift_prob=0, gamma_prob=0)
+    chain = augmentation(plan, elastic_only, foreground_fraction=1.0)
+    moved = 0.0
+    for seed in range(3):
+        chain.set_random_state(seed=seed)
+        out = chain({IMAGE: torch.from_numpy(image), LABEL: torch.from_numpy(label)})[0]
+        recovered = torch.round(out[IMAGE] / 10.0)
+        assert (recovered == out[LABEL]).float().mean().item() > 0.97
+        moved = max(moved, (out[LABEL].numpy() != label).mean())
+    assert moved > 0.01  # the deformation did change the label, it was not a no-op
+
+
 def test_augmentation_mirrors_only_the_plan_axes(plan):
     import dataclasses
 

@@ -222,12 +222,25 @@ def load_nifti(path: str | Path) -> nib.Nifti1Image:
     if path.stat().st_size == 0:
         raise MedsegError("file is empty", path)
     try:
-        image = nib.load(str(path))
+        image = _open_nifti(path)
     except Exception as exc:  # nibabel raises many types for broken headers
         raise MedsegError(f"not a readable NIfTI file ({exc})", path) from exc
     _check_header(image, path)
     _check_raw_spacing(path, type(image.header))
     return image
+
+
+def _open_nifti(path: Path) -> nib.Nifti1Image:
+    if path.name.endswith(NIFTI_SUFFIXES) or path.name.endswith((".NII", ".NII.GZ")):
+        return nib.load(str(path))
+    # nibabel looks for scan.nii where the name is scan.Nii (it maps a mixed-case suffix to
+    # one case): name the file itself in a file map, of the class its header size says
+    with nib.openers.ImageOpener(str(path)) as stream:
+        sizeof_hdr = stream.read(4)
+    nifti2 = 540 in (int.from_bytes(sizeof_hdr, "little"), int.from_bytes(sizeof_hdr, "big"))
+    klass = nib.Nifti2Image if nifti2 else nib.Nifti1Image
+    holder = nib.FileHolder(filename=str(path))
+    return klass.from_file_map({"image": holder, "header": holder})
 
 
 def nifti_affine_mm(image: nib.Nifti1Image) -> np.ndarray:

@@ -255,6 +255,20 @@ def test_upper_case_extensions_write_and_read_one_whole_file(tmp_path, suffix):
     np.testing.assert_allclose(result.affine, read_volume(source).affine, atol=1e-6)
 
 
+@pytest.mark.parametrize("suffix", [".Nii", ".Nii.Gz", ".nii.GZ"])
+@pytest.mark.parametrize("nifti", [nib.Nifti1Image, nib.Nifti2Image])
+def test_mixed_case_nifti_suffixes_are_read(tmp_path, suffix, nifti):
+    """nibabel looked for scan.nii when asked for scan.Nii: "file not found" for a file
+    that is there."""
+    data = np.random.default_rng(5).integers(-50, 50, size=(5, 6, 7)).astype(np.int16)
+    lower = tmp_path / f"scan{suffix.lower()}"
+    nib.save(nifti(data, oblique_lps_affine()), lower)
+    mixed = lower.rename(tmp_path / f"scan{suffix}")
+    result = read_volume(mixed, dtype=None)
+    np.testing.assert_array_equal(result.data, data)
+    np.testing.assert_allclose(result.affine, oblique_lps_affine(), atol=1e-6)
+
+
 def test_monai_loading_matches_nibabel_reader(tmp_path):
     """The load step gives the same tensor and affine for a NIfTI file (as MONAI's own
     NibabelReader does) and for the same volume stored as NRRD."""

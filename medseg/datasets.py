@@ -112,13 +112,16 @@ def label_names_from_json(path: str | Path) -> dict[int, str]:
     if any(isinstance(value, list | tuple) for value in table.values()):
         raise MedsegError("region-based labels (a name mapped to a list of ids, nnU-Net's "
                           "regions) are not supported: map each name to one id", path)
-    try:
-        if all(str(key).lstrip("-").isdigit() for key in table):
-            labels = {int(key): str(name) for key, name in table.items()}
-        else:
-            labels = {int(value): str(name) for name, value in table.items()}  # nnU-Net
-    except (TypeError, ValueError) as exc:
-        raise MedsegError("label ids must be integers", path) from exc
+    if all(str(key).lstrip("-").isdigit() for key in table):
+        pairs = [(int(key), name) for key, name in table.items()]
+    else:  # nnU-Net: name -> id
+        pairs = [(_label_id(value, name, path), name) for name, value in table.items()]
+    ids = [label for label, _ in pairs]
+    repeated_ids = sorted({label for label in ids if ids.count(label) > 1})
+    if repeated_ids:
+        raise MedsegError(f"label ids must be unique; repeated: "
+                          f"{', '.join(map(str, repeated_ids))}", path)
+    labels = {label: str(name) for label, name in pairs}
     if "ignore" in labels.values():
         raise MedsegError("nnU-Net's 'ignore' label (voxels left out of the loss) is not "
                           "supported: it would be trained as a structure", path)
@@ -127,6 +130,16 @@ def label_names_from_json(path: str | Path) -> dict[int, str]:
     if repeated:
         raise MedsegError(f"label names must be unique; repeated: {', '.join(repeated)}", path)
     return {0: "background", **labels}  # a labels.json may leave background unnamed
+
+
+def _label_id(value: object, name: str, path: Path) -> int:
+    """An nnU-Net id: a whole number (2 or "2", not 1.9 or true)."""
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int | float) \
+            or float(value) != int(value):
+        raise MedsegError(f"label ids must be integers; '{name}' is {value!r}", path)
+    return int(value)
 
 
 def make_splits(case_names: list[str], n_folds: int = 5, seed: int = 0,
@@ -260,9 +273,24 @@ def _read_json(path: Path) -> dict:
     if not path.is_file():
         raise MedsegError("file not found", path)
     try:
-        return json.loads(read_user_text(path))
+        return json.loads(read_user_text(path), object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as exc:
         raise MedsegError(f"not valid JSON ({exc})", path) from exc
+    except _RepeatedKey as exc:
+        raise MedsegError(str(exc), path) from exc
+
+
+class _RepeatedKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """json keeps only the last value of a key written twice in one object, silently."""
+    keys = [key for key, _ in pairs]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        raise _RepeatedKey(f"key '{repeated[0]}' appears twice in one object")
+    return dict(pairs)
 
 
 def _modality_name(text: str) -> str:

@@ -218,3 +218,27 @@ def test_nnunet_label_kinds_medseg_cannot_train_are_named(tmp_path, labels, mess
     path.write_text(json.dumps({"labels": labels}), encoding="utf-8")
     with pytest.raises(MedsegError, match=f"dataset.json: {message}"):
         label_names_from_json(path)
+
+
+@pytest.mark.parametrize("text, message", [
+    # a second name for id 2 took the first's place: 'Posterior' vanished from the table
+    ('{"labels": {"background": 0, "Anterior": 1, "Posterior": 2, "Tail": 2}}',
+     "label ids must be unique; repeated: 2"),
+    ('{"labels": {"1": "liver", "01": "spleen"}}', "label ids must be unique; repeated: 1"),
+    # int(1.9) was 1: 'Posterior' overwrote 'Anterior'
+    ('{"background": 0, "Anterior": 1, "Posterior": 1.9}',
+     "label ids must be integers; 'Posterior' is 1.9"),
+    ('{"labels": {"1": "liver", "1": "spleen"}}', "key '1' appears twice in one object"),
+])
+def test_label_maps_that_would_misname_structures_are_refused(tmp_path, text, message):
+    path = tmp_path / "labels.json"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(MedsegError, match=f"labels.json: {message}"):
+        label_names_from_json(path)
+
+
+def test_nnunet_label_ids_may_be_written_as_text_or_whole_floats(tmp_path):
+    path = tmp_path / "dataset.json"
+    path.write_text('{"labels": {"background": "0", "liver": "1", "spleen": 2.0}}',
+                    encoding="utf-8")
+    assert label_names_from_json(path) == {0: "background", 1: "liver", 2: "spleen"}

@@ -13,7 +13,14 @@ from tqdm import tqdm
 
 from medseg.datasets import IMAGE_SUFFIXES, strip_image_suffix
 from medseg.errors import MedsegError
-from medseg.io import grid_mismatch, read_label_map
+from medseg.io import (
+    SHEAR_TOLERANCE_DEGREES,
+    Geometry,
+    Volume,
+    grid_mismatch,
+    read_label_map,
+    shear_degrees,
+)
 from medseg.metrics import FAILED_SCORES, label_values, score_case
 
 Pair = tuple[str, Path | None, Path]
@@ -55,6 +62,8 @@ def pair_cases(pred_dir: Path, ref_dir: Path) -> list[Pair]:
     references = volumes_by_case(ref_dir)
     if not references:
         raise MedsegError("no reference volumes found", ref_dir)
+    if not predictions:
+        raise MedsegError("no prediction volumes found", pred_dir)
     return [(case, predictions.get(case), references[case]) for case in sorted(references)]
 
 
@@ -115,23 +124,33 @@ def evaluate_pairs(pairs: list[Pair], labels: dict[int, str], tolerance_mm: floa
 def evaluate_case(case: str, prediction: Path | None, reference: Path, labels: dict[int, str],
                   tolerance_mm: float = 2.0, resample: bool = False) -> CaseScores:
     """Scores of one case; a missing or unusable prediction is a failure, never an exception.
-    An unreadable reference is the user's error (MedsegError): nothing could be scored."""
+    An unreadable or unusable reference is the user's error (MedsegError): it is read and
+    checked first, whatever its prediction, so that it is never scored as a failed case."""
+    ref = read_reference(reference, labels)
     if prediction is None:
-        return failed_case(case, labels, "no prediction for this case", reference=reference)
+        return failed_case(case, labels, "no prediction for this case", reference=reference,
+                           reference_map=ref)
     try:
-        pair = load_pair(prediction, reference, labels, resample)
+        pair = load_pair(prediction, ref, labels, resample)
     except MedsegError as exc:
-        if exc.path == reference:
-            raise
-        return failed_case(case, labels, str(exc), prediction, reference)
+        return failed_case(case, labels, str(exc), prediction, reference, reference_map=ref)
     scores = score_case(pair.prediction, pair.reference, labels, pair.spacing, tolerance_mm)
     return CaseScores(case, scores, None, prediction, reference, pair.resampled)
 
 
-def load_pair(prediction: Path, reference: Path, labels: dict[int, str], resample: bool = False
-              ) -> LoadedPair:
-    """Read both label maps; check (or with `resample`, make) a shared grid and known labels."""
+def read_reference(reference: Path, labels: dict[int, str]) -> Volume:
+    """A reference label map on an orthogonal grid whose values are all in `labels`."""
     ref = read_label_map(reference)
+    _refuse_sheared_axes(ref.geometry, reference)
+    _refuse_unknown_labels(ref.data, labels, reference)
+    return ref
+
+
+def load_pair(prediction: Path, reference: Path | Volume, labels: dict[int, str],
+              resample: bool = False) -> LoadedPair:
+    """Read both label maps (or the prediction, given `read_reference`'s volume); check (or
+    with `resample`, make) a shared grid and known labels."""
+    ref = reference if isinstance(reference, Volume) else read_reference(reference, labels)
     pred = read_label_map(prediction)
     pred_data = pred.data.reshape(pred.spatial_shape)
     mismatch = grid_mismatch(pred.geometry, ref.geometry)
@@ -142,13 +161,25 @@ def load_pair(prediction: Path, reference: Path, labels: dict[int, str], resampl
                               f"`medseg evaluate --resample` "
                               f"resamples it by nearest neighbour", prediction)
         pred_data = resample_nearest(pred_data, pred.affine, ref.spatial_shape, ref.affine)
-    ref_data = ref.data.reshape(ref.spatial_shape)
-    for path, data in ((reference, ref_data), (prediction, pred_data)):
-        unknown = sorted(label_values(data) - set(labels))
-        if unknown:
-            raise MedsegError(f"label values {unknown} are not in the label map", path)
-    return LoadedPair(pred_data, ref_data, ref.affine, ref.spacing,
+    _refuse_unknown_labels(pred_data, labels, prediction)
+    return LoadedPair(pred_data, ref.data.reshape(ref.spatial_shape), ref.affine, ref.spacing,
                       resampled)
+
+
+def _refuse_unknown_labels(data: np.ndarray, labels: dict[int, str], path: Path) -> None:
+    unknown = sorted(label_values(data) - set(labels))
+    if unknown:
+        raise MedsegError(f"label values {unknown} are not in the label map", path)
+
+
+def _refuse_sheared_axes(geometry: Geometry, path: Path) -> None:
+    """Volumes (voxel count x spacing product) and surface distances (voxel index x spacing)
+    hold for voxel axes at right angles (any rotation is fine), not for a sheared grid."""
+    worst = shear_degrees(geometry)
+    if worst > SHEAR_TOLERANCE_DEGREES:
+        raise MedsegError(f"the voxel axes are sheared (up to {worst:.2f} degrees off a right "
+                          f"angle), so volumes and distances in mm would be wrong; resample "
+                          f"it onto an orthogonal grid first", path)
 
 
 def resample_nearest(data: np.ndarray, affine: np.ndarray, shape: tuple[int, int, int],
@@ -163,9 +194,19 @@ def resample_nearest(data: np.ndarray, affine: np.ndarray, shape: tuple[int, int
 
 
 def failed_case(case: str, labels: dict[int, str], error: str, prediction: Path | None = None,
-                reference: Path | None = None) -> CaseScores:
-    """A case that could not be scored: Dice, IoU and NSD 0, distances inf, volumes NaN."""
+                reference: Path | None = None, reference_map: Volume | None = None
+                ) -> CaseScores:
+    """A case that could not be scored: Dice, IoU and NSD 0, distances inf, predicted volumes
+    NaN; the reference volumes where `reference_map` gives them (a structure in a failed
+    case's reference is still present in the collection)."""
     scores = {name: dict(FAILED_SCORES) for k, name in sorted(labels.items()) if k > 0}
+    if reference_map is not None:
+        voxel_ml = float(np.prod(reference_map.spacing)) / 1000.0
+        counts = np.bincount(reference_map.data.ravel().clip(min=0),
+                             minlength=max(labels) + 1)
+        for k, name in labels.items():
+            if k > 0:
+                scores[name]["ref_ml"] = float(counts[k]) * voxel_ml
     return CaseScores(case, scores, error, prediction, reference)
 
 

@@ -45,6 +45,18 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def make_writable_folder(folder: Path) -> None:
+    """Create an output folder and try writing in it before any work: a read-only folder
+    would otherwise fail only once the work is done."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise MedsegError(f"cannot write in the output folder ({exc.strerror or exc})",
+                          folder) from exc
+
+
 def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

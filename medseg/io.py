@@ -128,6 +128,15 @@ def read_volume(path: str | Path, dtype: type | None = np.float32, series_uid: s
     return volume
 
 
+SHEAR_TOLERANCE_DEGREES = 0.01
+
+
+def shear_degrees(geometry: Geometry) -> float:
+    """How far (degrees) the voxel axes are from right angles to one another."""
+    cosines = geometry.direction.T @ geometry.direction
+    return float(np.degrees(np.arcsin(min(np.abs(cosines - np.eye(3)).max(), 1.0))))
+
+
 def read_label_map(path: str | Path) -> Volume:
     """A label map as int32. Labels stored as floats must hold whole numbers: a probability
     map, or a mask resampled with linear interpolation, is refused instead of truncated."""
@@ -143,6 +152,10 @@ def read_label_map(path: str | Path) -> Volume:
                               f"{float(data[fractional].flat[0]):.7g}); a label map holds "
                               f"whole numbers", volume.path)
         data = rounded
+    int32 = np.iinfo(np.int32)
+    if data.size and (data.min() < int32.min or data.max() > int32.max):
+        raise MedsegError(f"label values up to {data.max():.0f} (or down to {data.min():.0f}) "
+                          f"are beyond any label id", volume.path)
     return Volume(data.astype(np.int32, copy=False), volume.geometry, volume.path)
 
 

@@ -31,6 +31,9 @@ FAILED_SCORES = {"dice": 0.0, "iou": 0.0, "hd95_mm": math.inf, "assd_mm": math.i
                  "nsd": 0.0, "ref_ml": math.nan, "pred_ml": math.nan, "diff_ml": math.nan}
 
 Spacing = tuple[float, float, float]
+# a distance of exactly the tolerance (5 voxels of 0.4 mm at 2 mm) counts as within it,
+# whatever the rounding of a float32 header's spacing (0.40000000596 x 5 > 2.0)
+TOLERANCE_SLACK_MM = 1e-6
 Box = tuple[slice, ...]
 
 
@@ -156,7 +159,8 @@ def _distance_summary(pred_to_ref: np.ndarray, ref_to_pred: np.ndarray,
     hd95 = max(float(np.percentile(pred_to_ref, 95)), float(np.percentile(ref_to_pred, 95)))
     both = np.concatenate([pred_to_ref, ref_to_pred])
     return {"hd95_mm": hd95, "assd_mm": float(both.mean()),
-            "nsd": float(np.count_nonzero(both <= tolerance_mm)) / both.size}
+            "nsd": float(np.count_nonzero(both <= tolerance_mm + TOLERANCE_SLACK_MM))
+            / both.size}
 
 
 def edges(mask: np.ndarray) -> np.ndarray:

@@ -11,7 +11,6 @@ import itertools
 import os
 import re
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from tqdm import tqdm
 from medseg.config import PredictConfig, load_workflow
 from medseg.datasets import strip_image_suffix
 from medseg.errors import MedsegError, one_line, unwrap_transform_error
+from medseg.fileio import make_writable_folder
 from medseg.inference import (
     accumulator_bytes,
     axis_maps,
@@ -33,7 +33,16 @@ from medseg.inference import (
     stream_probabilities,
     window_batch_size,
 )
-from medseg.io import MAX_VOXELS, VOLUME_SUFFIXES, Geometry, Volume, read_volume, write_mask
+from medseg.io import (
+    MAX_VOXELS,
+    SHEAR_TOLERANCE_DEGREES,
+    VOLUME_SUFFIXES,
+    Geometry,
+    Volume,
+    read_volume,
+    shear_degrees,
+    write_mask,
+)
 from medseg.model import create_model, load_weights
 from medseg.plan import Plan, load_plan
 from medseg.postprocess import postprocess
@@ -263,9 +272,8 @@ def prepare_case(plan: Plan, volume: Volume | Path | list[Volume | Path],
 def _refuse_sheared_axes(geometry: Geometry, path: Path | None) -> None:
     """The mask goes back onto the input grid by permuting, flipping and scaling axes, which
     needs voxel axes at right angles (any rotation is fine)."""
-    cosines = geometry.direction.T @ geometry.direction
-    worst = float(np.degrees(np.arcsin(np.abs(cosines - np.eye(3)).max())))
-    if worst > 0.01:
+    worst = shear_degrees(geometry)
+    if worst > SHEAR_TOLERANCE_DEGREES:
         raise MedsegError(f"the voxel axes are sheared (up to {worst:.2f} degrees off a right "
                           f"angle); resample the scan onto an orthogonal grid first", path)
 
@@ -342,7 +350,7 @@ def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
     if config.tta and not predictor.plan.mirror_axes:
         tqdm.write("medseg: note: --tta has nothing to average: the model was trained without "
                    "mirroring (plan.mirror_axes is empty)", file=sys.stderr)
-    _make_writable_folder(output_dir)
+    make_writable_folder(output_dir)
     results: list[PredictionResult | None] = [None] * len(cases)
     todo = []
     for position, files in enumerate(cases):
@@ -391,18 +399,6 @@ def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
                 results[position] = _failure(path, started, exc)
     bar.close()
     return [r for r in results if r is not None]
-
-
-def _make_writable_folder(folder: Path) -> None:
-    """Create the output folder and try writing in it before any case is predicted: a
-    read-only folder would otherwise fail every case after its network time."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as exc:
-        raise MedsegError(f"cannot write in the output folder ({exc.strerror or exc})",
-                          folder) from exc
 
 
 def _refuse_clashing_outputs(cases: list[tuple[Path, ...]]) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from medseg.evaluate import (
     pair_cases,
     unpaired_predictions,
 )
-from medseg.fileio import atomic_write_json, atomic_write_text, json_safe
+from medseg.fileio import atomic_write_text, json_safe, make_writable_folder
 from medseg.metrics import METRICS, is_present
 
 # metrics whose mean over structures is given in the summary and in the console table
@@ -44,6 +45,8 @@ def run_evaluation(pred_dir: Path, ref_dir: Path, labels_path: Path | None,
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
         raise MedsegError("output folder path is a file", out_dir)
     pairs = pair_cases(pred_dir, ref_dir)
+    if out_dir is not None:
+        make_writable_folder(out_dir)  # before the scoring, not after it
     if labels_path is not None:
         labels = label_names_from_json(labels_path)
     else:
@@ -54,11 +57,8 @@ def run_evaluation(pred_dir: Path, ref_dir: Path, labels_path: Path | None,
         print(f"medseg: note: nothing to score: {why}", file=sys.stderr)
     results = evaluate_pairs(pairs, labels, tolerance_mm=tolerance_mm, jobs=jobs,
                              resample=resample)
-    if out_dir is not None:
-        summary = write_reports(results, out_dir, labels=labels, tolerance_mm=tolerance_mm)
-    else:
-        summary = summarize(results, tolerance_mm)
-    print(format_table(summary))
+    summary = summarize(results, tolerance_mm)
+    print(format_table(summary))  # first: the scores are shown even if writing them fails
     for result in results:
         if result.error:
             print(f"  {result.case}: {result.error}", file=sys.stderr)
@@ -71,6 +71,7 @@ def run_evaluation(pred_dir: Path, ref_dir: Path, labels_path: Path | None,
         print(f"resampled onto the reference grid (nearest neighbour): "
               f"{', '.join(summary['resampled_cases'])}")
     if out_dir is not None:
+        write_reports(results, out_dir, labels=labels, tolerance_mm=tolerance_mm)
         print(f"wrote {out_dir / 'scores.csv'}, {out_dir / 'summary.json'} and "
               f"{out_dir / 'report.html'}")
     return summary
@@ -101,11 +102,11 @@ def summarize(results: list[CaseScores], tolerance_mm: float | None = None) -> d
 
 
 def absent_structures(results: list[CaseScores]) -> list[str]:
-    """Structures that no scored case has in its reference or its prediction."""
+    """Structures that no case has in its reference or its prediction (a failed case counts
+    by its reference, which is read even when its prediction is missing or unusable)."""
     structures = list(results[0].scores) if results else []
-    scored = [r for r in results if not r.error]
     return [name for name in structures
-            if scored and not any(is_present(r.scores[name]) for r in scored)]
+            if not any(is_present(r.scores[name]) for r in results)]
 
 
 def write_reports(results: list[CaseScores], out_dir: Path, labels: dict[int, str] | None = None,
@@ -119,11 +120,15 @@ def write_reports(results: list[CaseScores], out_dir: Path, labels: dict[int, st
         from medseg.report_html import render_report
 
         page = render_report(results, summary, labels)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "scores.csv", scores_csv(results))
-    atomic_write_json(out_dir / "summary.json", json_safe(summary))
+    files = {"scores.csv": scores_csv(results),
+             "summary.json": json.dumps(json_safe(summary), indent=2) + "\n"}
     if page is not None:
-        atomic_write_text(out_dir / "report.html", page)
+        files["report.html"] = page
+    for name, text in files.items():
+        try:
+            atomic_write_text(out_dir / name, text)
+        except OSError as exc:
+            raise MedsegError(f"cannot write ({exc.strerror or exc})", out_dir / name) from exc
     return summary
 
 

@@ -60,7 +60,7 @@ def test_reports(folders, tmp_path):
     assert rows[0] == ("case,structure,dice,iou,hd95_mm,assd_mm,nsd,ref_ml,pred_ml,diff_ml,"
                        "error")
     assert len(rows) == 1 + 3 * 2
-    assert rows[-1].startswith("c3,b,0,0,inf,inf,0,,,,")
+    assert rows[-1].startswith("c3,b,0,0,inf,inf,0,0.324,,,")  # its reference volume
     saved = json.loads((tmp_path / "out" / "summary.json").read_text(encoding="utf-8"))
     assert saved["failed_cases"] == ["c3"]
     dice_a = saved["structures"]["a"]["dice"]
@@ -355,3 +355,90 @@ def test_a_structure_is_averaged_over_the_cases_that_have_it(tmp_path):
     summary = run_evaluation(tmp_path / "pred", tmp_path / "ref", None, None)
     b = summary["structures"]["label_2"]["dice"]
     assert b["n"] == 1 and b["mean"] == pytest.approx(2 * 18 / 54)  # not (0.67 + 1 + 1) / 3
+
+
+@pytest.mark.parametrize("prediction", ["missing", "other grid"])
+def test_a_bad_reference_is_refused_whatever_its_prediction(folders, prediction):
+    """The reference was read only when its prediction could be: with none (or one on
+    another grid), a reference with an unknown label was scored as a failed case, exit 1."""
+    reference = phantom()
+    reference[0, 0, 0] = 7
+    save(folders / "ref" / "c3.nii.gz", reference)
+    if prediction == "other grid":
+        save(folders / "pred" / "c3.nii.gz", np.zeros((6, 6, 6), np.uint8))
+    labels = folders / "labels.json"
+    labels.write_text(json.dumps({"1": "a", "2": "b"}), encoding="utf-8")
+    with pytest.raises(MedsegError, match=r"c3.nii.gz: label values \[7\] are not in the"):
+        run_evaluation(folders / "pred", folders / "ref", labels, None)
+
+
+def test_a_structure_in_a_failed_cases_reference_is_not_called_absent(tmp_path):
+    with_b = phantom()
+    without_b = np.where(with_b == 2, 0, with_b)
+    save(tmp_path / "ref" / "c1.nii.gz", without_b)
+    save(tmp_path / "pred" / "c1.nii.gz", without_b)
+    save(tmp_path / "ref" / "c2.nii.gz", with_b)  # its prediction is missing
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps({"1": "a", "2": "b"}), encoding="utf-8")
+    summary = run_evaluation(tmp_path / "pred", tmp_path / "ref", labels, None)
+    assert summary["absent_structures"] == []
+    assert summary["mean_dice"] == pytest.approx(0.25)  # a (1 + 0) / 2, b 0 (c2 alone)
+    ref_ml = summary["structures"]["b"]["ref_ml"]
+    assert ref_ml["mean"] == pytest.approx((0 + 27 * 12 / 1000) / 2)
+
+
+def sheared_affine():
+    affine = AFFINE.copy()
+    affine[:3, 2] = [0.0, 3.0 * np.sin(np.deg2rad(30)), 3.0 * np.cos(np.deg2rad(30))]
+    return affine
+
+
+def test_sheared_grids_are_refused_not_measured_wrong(folders):
+    """Volumes and distances assume voxel axes at right angles: a 30 degree tilted slice axis
+    overstated volumes by 15 %."""
+    save(folders / "ref" / "c1.nii.gz", phantom(), sheared_affine())
+    with pytest.raises(MedsegError, match=r"c1.nii.gz: the voxel axes are sheared \(up to "
+                                          r"30.00 degrees"):
+        run_evaluation(folders / "pred", folders / "ref", None, None)
+    save(folders / "ref" / "c1.nii.gz", phantom())
+    save(folders / "pred" / "c1.nii.gz", phantom(), sheared_affine())
+    results = evaluate_pairs(pair_cases(folders / "pred", folders / "ref"), LABELS)
+    assert "not on the same grid" in results[0].error
+
+
+def test_a_distance_of_exactly_the_tolerance_is_within_it(tmp_path):
+    """5 voxels of a float32 0.4 mm spacing are 2.0000000298 mm: NSD@2mm was 0.95, not 1."""
+    affine = np.diag([0.4, 0.4, 0.4, 1.0])
+    reference = np.zeros((30, 20, 20), np.uint8)
+    reference[5:15, 5:15, 5:15] = 1
+    save(tmp_path / "ref" / "c1.nii.gz", reference, affine)
+    save(tmp_path / "pred" / "c1.nii.gz", np.roll(reference, 5, axis=0), affine)
+    results = evaluate_pairs(pair_cases(tmp_path / "pred", tmp_path / "ref"),
+                             {0: "background", 1: "a"}, tolerance_mm=2.0)
+    assert results[0].scores["a"]["nsd"] == 1.0
+
+
+def test_label_values_beyond_int32_are_refused_not_wrapped(folders):
+    huge = phantom().astype(np.int64)
+    huge[huge == 1] = 2**32 + 1  # was read as 1: a perfect Dice for a wrong structure
+    nib.save(nib.Nifti1Image(huge, AFFINE, dtype=np.int64), folders / "pred" / "c1.nii.gz")
+    results = evaluate_pairs(pair_cases(folders / "pred", folders / "ref"), LABELS)
+    assert results[0].error == (f"{folders / 'pred' / 'c1.nii.gz'}: label values up to "
+                                f"4294967297 (or down to 0) are beyond any label id")
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_scoring(folders, capsys):
+    blocker = folders / "afile"
+    blocker.write_text("x", encoding="utf-8")
+    assert main(["evaluate", "--pred", str(folders / "pred"), "--ref", str(folders / "ref"),
+                 "--out", str(blocker / "sub")]) == 2
+    captured = capsys.readouterr()
+    assert "evaluate" not in captured.err.replace("medseg evaluate", "")  # no progress bar
+    assert captured.err.strip().splitlines()[-1].startswith(
+        f"medseg: error: {blocker / 'sub'}: cannot write in the output folder")
+
+
+def test_an_empty_prediction_folder_is_refused(folders, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MedsegError, match="empty: no prediction volumes found"):
+        run_evaluation(tmp_path / "empty", folders / "ref", None, None)

@@ -148,7 +148,7 @@ def format_table(summary: dict) -> str:
     """A compact console table: Dice mean and sd, NSD mean, HD95 median, n and inf counts."""
     tolerance = summary.get("tolerance_mm")
     nsd_head = f"nsd@{tolerance:g}mm" if tolerance is not None else "nsd"
-    rows = [("structure", "dice", "sd", nsd_head, "hd95 mm", "n", "inf")]
+    rows = [("structure", "mean dice", "sd", nsd_head, "hd95 median mm", "n", "inf")]
     absent = set(summary.get("absent_structures", []))
     for name, stats in summary["structures"].items():
         if name in absent:

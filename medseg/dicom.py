@@ -31,11 +31,17 @@ MAX_VOXELS = 2**31
 # MONOCHROME1 values are kept as stored (modality values); the inversion is for display only
 GREYSCALE = ("MONOCHROME1", "MONOCHROME2")
 RAW_IMAGE = "without the Part 10 header (no 'DICM' preamble), which medseg does not read"
+RAW_IMAGE_REASON = (f"{RAW_IMAGE}: convert the series to Part 10 files (e.g. dcmconv +F) "
+                    f"first")
+UNPLACED_REASON = "without ImagePositionPatient or ImageOrientationPatient (no place in space)"
+MULTIFRAME_REASON = "with several frames but no per-frame positions (no place in space)"
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # A slice may lie this far from where a regular, untilted stack puts it (in mm): the larger of
 # this and 1% of the median slice gap. Beyond it the series is tilted or unevenly spaced.
 POSITION_TOLERANCE_MM = 0.05
-RESAMPLE_HINT = "pass --resample-irregular to resample it onto a regular grid"
+# the commands that read a series can be check and train too, which have no such option
+RESAMPLE_HINT = ("`medseg convert --resample-irregular` (or predict's --resample-irregular) "
+                 "resamples it onto a regular grid")
 
 
 @dataclass(frozen=True)
@@ -85,12 +91,14 @@ def list_series(path: str | Path) -> list[SeriesInfo]:
 def read_stack(path: str | Path, series_uid: str | None = None) -> Stack:
     """Headers only: the chosen series' frames, ordered and checked for consistency."""
     path = Path(path)
-    groups, raw_images = _scan(path)
+    groups, left_out = _scan(path)
     frames = _choose_series(groups, series_uid, path)
-    raw = raw_images.get(frames[0].series_uid)
-    if raw:  # an image of this series that is not read: the volume would come out short
-        raise MedsegError(f"DICOM image {RAW_IMAGE}; convert the series to Part 10 files "
-                          f"(e.g. dcmconv +F)", raw[0])
+    unread = left_out.get(frames[0].series_uid)
+    if unread:  # an image of this series that is not read: the volume would come out short
+        file, reason = unread[0]
+        more = f" (and {len(unread) - 1} more image(s) of the series)" if len(unread) > 1 else ""
+        raise MedsegError(f"DICOM image of the series {reason}{more}; a volume without it "
+                          f"would be short", file)
     return _order(frames, path)
 
 
@@ -204,9 +212,10 @@ def _cast(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return values.astype(dtype)
 
 
-def _scan(path: Path) -> tuple[dict[str, list[Frame]], dict[str, list[Path]]]:
-    """Frames with geometry, grouped by SeriesInstanceUID (other files are skipped), and the
-    images without the Part 10 preamble, by SeriesInstanceUID."""
+def _scan(path: Path) -> tuple[dict[str, list[Frame]], dict[str, list[tuple[Path, str]]]]:
+    """Frames with geometry, grouped by SeriesInstanceUID (files without an image are
+    skipped), and, by SeriesInstanceUID, the images that cannot be read into a volume, each
+    with the reason (no place in space, or no Part 10 preamble)."""
     if not path.exists():
         raise MedsegError("not found", path)
     files = [path] if path.is_file() else sorted(
@@ -214,18 +223,22 @@ def _scan(path: Path) -> tuple[dict[str, list[Frame]], dict[str, list[Path]]]:
     groups: dict[str, list[Frame]] = {}
     unplaced: list[Path] = []  # DICOM files with no image that has a place in space
     multiframe: list[Path] = []  # classic multi-frame: one position for many frames
-    raw_images: dict[str, list[Path]] = {}
+    left_out: dict[str, list[tuple[Path, str]]] = {}
     for file in files:
         if not is_dicom_file(file):
             uid = _raw_dicom_image_series(file)
             if uid is not None:
-                raw_images.setdefault(uid, []).append(file)
+                left_out.setdefault(uid, []).append((file, RAW_IMAGE_REASON))
             continue
         header = read_header(file)
         frames = frames_of(header, file)
         if not frames:
             many = int(header.get("NumberOfFrames", 1) or 1) > 1
             (multiframe if many else unplaced).append(file)
+            if "Rows" in header:  # an image (not a DICOMDIR, report or presentation state)
+                uid = str(header.get("SeriesInstanceUID", "") or "")
+                left_out.setdefault(uid, []).append(
+                    (file, MULTIFRAME_REASON if many else UNPLACED_REASON))
         for frame in frames:
             groups.setdefault(frame.series_uid, []).append(frame)
     if not groups:
@@ -234,12 +247,12 @@ def _scan(path: Path) -> tuple[dict[str, list[Frame]], dict[str, list[Path]]]:
         if multiframe:
             detail += (f"; {len(multiframe)} multi-frame file(s) without per-frame positions "
                        f"(their frames cannot be placed in space), e.g. {multiframe[0].name}")
-        if raw_images:
-            first = next(iter(raw_images.values()))[0]
-            detail += (f"; {sum(map(len, raw_images.values()))} DICOM image(s) {RAW_IMAGE}, e.g. "
-                       f"{first.name}")
+        raw = [file for files in left_out.values() for file, reason in files
+               if reason == RAW_IMAGE_REASON]
+        if raw:
+            detail += f"; {len(raw)} DICOM image(s) {RAW_IMAGE}, e.g. {raw[0].name}"
         raise MedsegError(f"no DICOM image found ({len(files)} files looked at{detail})", path)
-    return groups, raw_images
+    return groups, left_out
 
 
 def _raw_dicom_image_series(path: Path) -> str | None:
@@ -272,7 +285,8 @@ def _choose_series(groups: dict[str, list[Frame]], series_uid: str | None,
         return groups[series_uid]
     if len(groups) > 1:
         raise MedsegError(f"the folder holds {len(groups)} DICOM series; choose one with "
-                          f"--series UID: {_listing(groups)}{_one_folder_each_hint(groups)}",
+                          f"--series UID (convert, predict) or keep one series per folder: "
+                          f"{_listing(groups)}{_one_folder_each_hint(groups)}",
                           path)
     return next(iter(groups.values()))
 

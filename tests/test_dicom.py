@@ -376,7 +376,7 @@ def test_a_slice_without_the_part10_preamble_is_refused_not_dropped(tmp_path):
     handle.is_little_endian, handle.is_implicit_VR = True, True
     write_dataset(handle, dataset)
     paths[-1].write_bytes(buffer.getvalue())
-    with pytest.raises(MedsegError, match="IM0004.dcm: DICOM image without the Part 10"):
+    with pytest.raises(MedsegError, match="IM0004.dcm: DICOM image of the series without the Part 10"):
         read_volume(tmp_path / "s")
 
 
@@ -455,4 +455,25 @@ def test_a_transfer_syntax_pydicom_does_not_know_is_tried_with_gdcm(tmp_path):
         dataset.file_meta.TransferSyntaxUID = "1.2.840.113619.5.999"
         dataset.save_as(path, enforce_file_format=True)
     with pytest.raises(MedsegError, match=r"IM0000.dcm: pixel data .* pydicom: .*; GDCM: "):
+        read_volume(tmp_path / "s")
+
+
+@pytest.mark.parametrize("index, damage, reason", [
+    (4, "ImagePositionPatient", "without ImagePositionPatient or ImageOrientationPatient"),
+    (2, "ImageOrientationPatient", "without ImagePositionPatient or ImageOrientationPatient"),
+    (0, "NumberOfFrames", "with several frames but no per-frame positions"),
+])
+def test_an_image_of_the_series_that_cannot_be_placed_is_refused_not_dropped(
+        tmp_path, index, damage, reason):
+    """Such an image was skipped once another gave the series: the volume came out a slice
+    short with exit 0 (or the gap was blamed on uneven spacing between its neighbours)."""
+    paths = _series(tmp_path / "s", n=5)
+    dataset = pydicom.dcmread(paths[index])
+    if damage == "NumberOfFrames":
+        dataset.NumberOfFrames = 2
+    else:
+        delattr(dataset, damage)
+    dataset.save_as(paths[index], enforce_file_format=True)
+    with pytest.raises(MedsegError, match=f"IM000{index}.dcm: DICOM image of the series "
+                                          f"{reason}"):
         read_volume(tmp_path / "s")

@@ -162,6 +162,7 @@ def collect_inputs(inputs: list[str | Path]) -> list[Path]:
                            and p.name.lower().endswith(VOLUME_SUFFIXES))
             if found:
                 _note_skipped_subfolders(item)
+                _note_skipped_dicom_files(item)
             paths.extend(found or [item])
         elif item.is_file():
             paths.append(item)
@@ -200,6 +201,19 @@ def _note_skipped_subfolders(folder: Path) -> None:
         tqdm.write(f"medseg: note: {folder} holds volume files, so its subfolders are not "
                    f"read ({', '.join(subfolders[:3])}{more}); give a DICOM series folder as "
                    f"an input of its own", file=sys.stderr)
+
+
+def _note_skipped_dicom_files(folder: Path) -> None:
+    """A folder of volume files that also holds DICOM files (a mask written into a series
+    folder?) is a batch of the volume files: the DICOM files are not read."""
+    from medseg.dicom import is_dicom_file
+
+    dicom = [p for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")
+             and not p.name.lower().endswith(VOLUME_SUFFIXES) and is_dicom_file(p)]
+    if dicom:
+        tqdm.write(f"medseg: note: {folder} holds volume files, so its {len(dicom)} DICOM "
+                   f"file(s) ({dicom[0].name}, ...) are not read; give a DICOM series a "
+                   f"folder of its own", file=sys.stderr)
 
 
 def output_name(path: Path) -> str:
@@ -421,6 +435,11 @@ def _refuse_writing_onto_inputs(cases: list[tuple[Path, ...]], output_dir: Path)
         if path.resolve() in outputs:
             raise MedsegError(f"--output {output_dir} would write a mask over this input; "
                               f"choose another output folder", path)
+        if path.is_dir() and output_dir.resolve().is_relative_to(path.resolve()):
+            # the next run would take the folder for one of volume files: the mask its scan
+            raise MedsegError(f"--output {output_dir} lies in this DICOM series folder, where "
+                              f"a mask would be read as the input next time; choose another "
+                              f"output folder", path)
 
 
 def _read_ahead_fits(case: PreparedCase, plan: Plan) -> bool:

@@ -282,6 +282,25 @@ def test_dicom_files_given_one_by_one_get_a_note(tmp_path, capsys):
     assert "give the folder" in capsys.readouterr().err
 
 
+def test_an_output_inside_a_dicom_series_folder_is_refused(trained_run, tmp_path, capsys):
+    """The mask written there made the next run take the folder for one of volume files and
+    segment the mask as the scan, exit 0."""
+    from dicom_factory import axial_positions, write_series
+
+    series = tmp_path / "series"
+    write_series(series, np.zeros((4, 4, 3), np.uint16), axial_positions(3))
+    before = sorted(p.name for p in series.iterdir())
+    predictor = load_predictor(trained_run)
+    for output in (series, series / "masks"):
+        with pytest.raises(MedsegError, match=f"{series}: --output {output} lies in this "
+                                              f"DICOM series folder"):
+            predict_paths(predictor, collect_inputs([series]), output, PredictConfig())
+    assert sorted(p.name for p in series.iterdir()) == before
+    (series / "series.nii.gz").write_bytes(b"a mask written there by an older version")
+    assert collect_inputs([series]) == [series / "series.nii.gz"]
+    assert "its 3 DICOM file(s) (IM0000.dcm, ...) are not read" in capsys.readouterr().err
+
+
 def test_a_network_grid_beyond_this_machines_memory_is_refused(trained_run, monkeypatch):
     import medseg.predict as predict_module
     from medseg.io import Geometry

@@ -30,6 +30,8 @@ from medseg.errors import MedsegError
 WindowPredictor = Callable[[torch.Tensor], torch.Tensor]
 FLUSH_PLANES = 4
 WINDOW_BATCH_BYTES = 128 * 2**20  # float32 class scores of one batch of windows
+# an input axis may map onto a network axis with its far end this far (network voxels) off
+MAX_NEGLECTED_SHIFT_VOXELS = 0.05
 
 
 def window_batch_size(requested: int, num_classes: int, patch: tuple[int, ...]) -> int:
@@ -142,16 +144,21 @@ def stream_probabilities(predict_windows: WindowPredictor, image: torch.Tensor,
         weights.index_fill_(2, finished, 0)
 
 
-def axis_maps(input_affine: np.ndarray, network_affine: np.ndarray) -> list[AxisMap]:
+def axis_maps(input_affine: np.ndarray, network_affine: np.ndarray,
+              input_shape: tuple[int, int, int]) -> list[AxisMap]:
     """How each input axis maps onto the network grid; refuses grids that are not
-    axis-aligned (preprocessing only permutes, flips and scales axes, so they always are)."""
+    axis-aligned (preprocessing only permutes, flips and scales axes, so they are, up to
+    the input's own rounding: a DICOM series' cosines written to 4 decimals are 0.005
+    degrees off a right angle, which moves no voxel by more than a sliver)."""
     voxel_map = np.linalg.inv(network_affine) @ input_affine
     linear = voxel_map[:3, :3]
     maps = []
     for input_axis in range(3):
         column = np.abs(linear[:, input_axis])
         network_axis = int(np.argmax(column))
-        if np.delete(column, network_axis).max() > 1e-4 * column[network_axis]:
+        # how far (network voxels) mapping this axis alone moves its far end off its place
+        neglected = np.delete(column, network_axis).max() * max(input_shape[input_axis] - 1, 1)
+        if neglected > MAX_NEGLECTED_SHIFT_VOXELS:
             raise MedsegError("the network grid is not axis-aligned with the input grid")
         maps.append(AxisMap(input_axis, network_axis, float(linear[network_axis, input_axis]),
                             float(voxel_map[network_axis, 3])))

@@ -328,7 +328,7 @@ def predict_prepared(predictor: Predictor, case: PreparedCase,
     stays bounded (see `medseg.inference`): float16 probabilities a window deep, never a
     classes x volume array."""
     plan = predictor.plan
-    maps = axis_maps(case.geometry.affine, case.network_affine)
+    maps = axis_maps(case.geometry.affine, case.network_affine, case.geometry.shape)
     box = _prediction_box(case.image, plan, config)
     region = case.image[(slice(None), *box)]
     if region.numel() == 0:

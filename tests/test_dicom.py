@@ -376,7 +376,8 @@ def test_a_slice_without_the_part10_preamble_is_refused_not_dropped(tmp_path):
     handle.is_little_endian, handle.is_implicit_VR = True, True
     write_dataset(handle, dataset)
     paths[-1].write_bytes(buffer.getvalue())
-    with pytest.raises(MedsegError, match="IM0004.dcm: DICOM image of the series without the Part 10"):
+    with pytest.raises(MedsegError,
+                       match="IM0004.dcm: DICOM image of the series without the Part 10"):
         read_volume(tmp_path / "s")
 
 

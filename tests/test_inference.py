@@ -97,7 +97,7 @@ def test_labels_follow_a_permuted_flipped_and_scaled_grid():
     # input voxel (i, j, k) lies at x = 18 - j, y = k, z = 3 i (mm)
     input_affine = affine([[0, -1.0, 0], [0, 0, 1.0], [3.0, 0, 0]], origin=(18.0, 0.0, 0.0))
     input_shape = (6, 19, 23)
-    maps = axis_maps(input_affine, network_affine)
+    maps = axis_maps(input_affine, network_affine, input_shape)
     planes = iter([(0, probabilities[..., :4]), (4, probabilities[..., 4:])])
     box = tuple(slice(0, s) for s in network_shape)
     labels = labels_on_input_grid(planes, network_shape, box, CLASSES, maps, input_shape)
@@ -119,7 +119,7 @@ def test_outside_the_box_is_background():
     planes[2] = 1.0
     identity = affine(np.eye(3))
     labels = labels_on_input_grid(iter([(0, planes)]), network_shape, box, CLASSES,
-                                  axis_maps(identity, identity), network_shape)
+                                  axis_maps(identity, identity, network_shape), network_shape)
     expected = np.zeros(network_shape, np.uint8)
     expected[box] = 2
     np.testing.assert_array_equal(labels, expected)
@@ -137,7 +137,20 @@ def test_an_oblique_relation_between_grids_is_refused():
     rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0],
                          [0, 0, 1]])
     with pytest.raises(MedsegError, match="not axis-aligned"):
-        axis_maps(affine(rotation), affine(np.eye(3)))
+        axis_maps(affine(rotation), affine(np.eye(3)), (10, 10, 10))
+
+
+def test_axes_a_rounding_error_off_a_right_angle_are_mapped_others_refused():
+    """A DICOM series' cosines written to 4 decimals (dot product 9e-5) made predict fail
+    while convert read it; what counts is how far the far end of an axis lands off."""
+    sheared = np.eye(3)
+    sheared[0, 1] = 9e-5
+    network = affine(np.diag([4.0, 4.0, 8.0]))
+    maps = axis_maps(affine(sheared @ np.diag([1.0, 1.0, 3.0])), network, (32, 32, 20))
+    assert [(m.input_axis, m.network_axis) for m in maps] == [(0, 0), (1, 1), (2, 2)]
+    sheared[0, 1] = 0.02  # 1.1 degrees: the far end of 32 voxels lands 0.16 voxel off
+    with pytest.raises(MedsegError, match="not axis-aligned"):
+        axis_maps(affine(sheared), network, (32, 32, 20))
 
 
 def test_accumulator_bytes_count_the_padded_float16_ring_buffer():

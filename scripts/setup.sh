@@ -19,8 +19,17 @@ PY="$VENV/bin/python"
 if "$PY" -c "import torch" 2>/dev/null; then
   echo "setup: using the installed torch $("$PY" -c 'import torch; print(torch.__version__)')"
 else
-  echo "setup: installing $TORCH_SPEC"
-  "$PY" -m pip install --quiet "$TORCH_SPEC"
+  # PyPI's Linux torch wheel is the CUDA build (several GB of CUDA packages): on Linux, take
+  # the CPU build from PyTorch's own index when it can be reached (a machine that reaches
+  # only a package mirror gets what the mirror offers, as before)
+  TORCH_INDEX=()
+  if [ -z "${MEDSEG_TORCH:-}" ] && [ "$(uname -s)" = Linux ] && "$PY" -c "
+import urllib.request
+urllib.request.urlopen('https://download.pytorch.org/whl/cpu/', timeout=5)" 2>/dev/null; then
+    TORCH_INDEX=(--extra-index-url https://download.pytorch.org/whl/cpu)
+  fi
+  echo "setup: installing $TORCH_SPEC ${TORCH_INDEX[*]:-}"
+  "$PY" -m pip install --quiet ${TORCH_INDEX[@]+"${TORCH_INDEX[@]}"} "$TORCH_SPEC"
 fi
 echo "setup: installing medseg and its dependencies"
 "$PY" -m pip install --quiet -e ".[test]"

@@ -215,6 +215,7 @@ def _train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool) -> li
     from medseg.datasets import load_dataset, make_splits
     from medseg.fileio import atomic_write_json
     from medseg.plan import fingerprint, make_plan, save_fingerprint, save_plan
+    from medseg.postprocess import check_postprocess_labels
     from medseg.train import current_ranks, train_fold
 
     # under torchrun every rank plans the same run from the same seed; rank 0 alone checks
@@ -226,6 +227,9 @@ def _train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool) -> li
     dataset = load_dataset(ds.path, ds.layout, ds.modality, ds.labels)
     print(f"dataset: {len(dataset.cases)} cases, labels {dataset.labels}, "
           f"modalities {list(dataset.modalities)}")
+    # here, not after hours of training when predict would first read them
+    check_postprocess_labels(workflow.predict.largest_component,
+                             workflow.predict.min_component_ml, dataset.labels, "dataset's")
     if workflow.train.splits_file:
         splits = _splits_of_file(Path(workflow.train.splits_file), dataset)
     else:

@@ -5,7 +5,22 @@ from __future__ import annotations
 
 import numpy as np
 
+from medseg.errors import MedsegError
+
 CONNECTIVITY = 26
+
+
+def check_postprocess_labels(largest_component: list[int], min_component_ml: dict[int, float],
+                             labels: dict[int, str], whose: str) -> None:
+    """The ids `predict.largest_component` and `predict.min_component_ml` name must be
+    structures of the model (`whose`: "model's", or "dataset's" when training starts)."""
+    known = set(labels) - {0}
+    for key, ids in (("predict.largest_component", largest_component),
+                     ("predict.min_component_ml", list(min_component_ml))):
+        unknown = sorted(set(ids) - known)
+        if unknown:
+            raise MedsegError(f"'{key}' names label(s) {unknown}; the {whose} labels are "
+                              f"{sorted(known)}")
 
 
 def keep_largest_component(labels: np.ndarray, label_ids: list[int]) -> np.ndarray:

@@ -45,7 +45,7 @@ from medseg.io import (
 )
 from medseg.model import create_model, load_weights
 from medseg.plan import Plan, load_plan
-from medseg.postprocess import postprocess
+from medseg.postprocess import check_postprocess_labels, postprocess
 from medseg.train import (
     BEST_WEIGHTS,
     TRAIN_STATE,
@@ -360,7 +360,8 @@ def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
     _refuse_clashing_outputs(cases)
     _refuse_writing_onto_inputs(cases, output_dir)
     cases = cases[index::count]
-    _check_postprocess_labels(config, predictor.plan)
+    check_postprocess_labels(config.largest_component, config.min_component_ml,
+                             predictor.plan.labels, "model's")
     if config.tta and not predictor.plan.mirror_axes:
         tqdm.write("medseg: note: --tta has nothing to average: the model was trained without "
                    "mirroring (plan.mirror_axes is empty)", file=sys.stderr)
@@ -487,16 +488,6 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     if count < 1 or not 0 <= index < count:
         raise MedsegError(f"--shard {text}: need 0 <= I < N")
     return index, count
-
-
-def _check_postprocess_labels(config: PredictConfig, plan: Plan) -> None:
-    known = set(plan.labels) - {0}
-    for key, ids in (("predict.largest_component", config.largest_component),
-                     ("predict.min_component_ml", list(config.min_component_ml))):
-        unknown = sorted(set(ids) - known)
-        if unknown:
-            raise MedsegError(f"'{key}' names label(s) {unknown}; the model's labels are "
-                              f"{sorted(known)}")
 
 
 def _prediction_box(image: torch.Tensor, plan: Plan, config: PredictConfig

@@ -53,6 +53,23 @@ def test_existing_run_is_not_overwritten(trained_run, capsys):
     assert (trained_run / "plan.json").is_file()
 
 
+@pytest.mark.parametrize("key", ["predict.largest_component=[7]",
+                                 "predict.min_component_ml={7: 1.0}"])
+def test_postprocessing_of_a_label_the_dataset_lacks_is_refused_before_training(
+        tmp_path, capsys, key):
+    """It trained the whole run (exit 0); predict then refused the run's own workflow."""
+    from medseg.phantoms import write_phantom_dataset
+
+    data = tmp_path / "data"
+    write_phantom_dataset(data, n_train=6, n_test=0, seed=3, shape=(24, 24, 12))
+    code = main(["train", str(REPO / "workflows" / "demo.yaml"), "--out", str(tmp_path / "r"),
+                 "--set", f"dataset.path={data}", "--set", key])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and lines[-1] == (f"medseg: error: '{key.split('=')[0]}' names label(s) "
+                                       f"[7]; the dataset's labels are [1, 2, 3]")
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("cases", [1, 3])
 def test_too_few_cases_for_the_folds_is_refused_before_any_work(tmp_path, capsys, cases):
     from medseg.phantoms import write_phantom_dataset

@@ -26,7 +26,15 @@ from medseg.datasets import (
     strip_image_suffix,
 )
 from medseg.errors import MedsegError
-from medseg.io import Geometry, grid_mismatch, read_geometry, read_label_map, read_volume
+from medseg.io import (
+    SHEAR_TOLERANCE_DEGREES,
+    Geometry,
+    grid_mismatch,
+    read_geometry,
+    read_label_map,
+    read_volume,
+    shear_degrees,
+)
 
 SPACING_OUTLIER_FACTOR = 2.0
 
@@ -128,6 +136,10 @@ def _check_case(case: Case, dataset: Dataset) -> tuple[list[Problem], _CaseFacts
             if mismatch:
                 add(file, f"not on the grid of {case.images[0].name}: {mismatch}")
     facts.geometry = reference
+    if reference is not None and shear_degrees(reference) > SHEAR_TOLERANCE_DEGREES:
+        add(case.images[0], f"voxel axes sheared by up to {shear_degrees(reference):.2f} "
+                            f"degrees: training resamples it, but predict refuses such scans",
+            "warning")
     digests = [_check_image_voxels(file, add) for file in case.images if file in geometries]
     if len(digests) == len(case.images) and all(digests):
         # the whole case: two cases may share one channel (an all-zero missing sequence)

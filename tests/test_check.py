@@ -200,3 +200,15 @@ def test_two_files_of_one_label_are_still_an_error(tmp_path):
     save(tmp_path / "labels" / "a.nii", label())
     report = check_dataset(tmp_path, layout="folders")
     assert [(p.severity, p.file.name) for p in report.problems] == [("error", "a.nii.gz")]
+
+
+def test_a_sheared_scan_is_a_warning_since_predict_refuses_it(tmp_path):
+    sheared = np.eye(4)
+    sheared[0, 2] = 0.5  # the slice axis leans 27 degrees towards x
+    entries = [write_case(tmp_path, f"ok{k}", seed=k) for k in range(2)]
+    entries.append(write_case(tmp_path, "tilted", image_affine=sheared, label_affine=sheared,
+                              seed=5))
+    report = check_dataset(msd(tmp_path, entries))
+    assert [(p.severity, p.case) for p in report.problems] == [("warning", "tilted")]
+    assert "voxel axes sheared by up to 26.57 degrees" in report.problems[0].message
+    assert "predict refuses" in report.problems[0].message

@@ -218,8 +218,10 @@ def _scan(path: Path) -> tuple[dict[str, list[Frame]], dict[str, list[tuple[Path
     with the reason (no place in space, or no Part 10 preamble)."""
     if not path.exists():
         raise MedsegError("not found", path)
+    # hidden files and folders (macOS "._x", a ".Trash" with an old copy) are not the series
     files = [path] if path.is_file() else sorted(
-        p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+        p for p in path.rglob("*") if p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(path).parts))
     groups: dict[str, list[Frame]] = {}
     unplaced: list[Path] = []  # DICOM files with no image that has a place in space
     multiframe: list[Path] = []  # classic multi-frame: one position for many frames
@@ -356,9 +358,22 @@ def _refuse_duplicates(frames: tuple[Frame, ...], depths: np.ndarray, path: Path
     gaps = np.diff(depths)
     if len(gaps) and gaps.min() < 1e-3:
         k = int(np.argmin(gaps))
-        raise MedsegError(f"{frames[k].label} and {frames[k + 1].label} lie at the same "
-                          f"position ({depths[k]:.2f} mm along the slice normal): the series "
-                          f"holds several volumes (echoes, phases or time points)", path)
+        first, second = frames[k], frames[k + 1]
+        names = (_where(first, path), _where(second, path))
+        if first.sop_uid and first.sop_uid == second.sop_uid and first.index == second.index:
+            raise MedsegError(f"{names[0]} and {names[1]} are copies of one image (the same "
+                              f"SOPInstanceUID): keep one copy of the series in the folder",
+                              path)
+        raise MedsegError(f"{names[0]} and {names[1]} lie at the same position "
+                          f"({depths[k]:.2f} mm along the slice normal): the series holds "
+                          f"several volumes (echoes, phases or time points)", path)
+
+
+def _where(frame: Frame, path: Path) -> str:
+    """A frame's file relative to the folder given (two copies may share a file name)."""
+    if path.is_dir() and frame.path.is_relative_to(path):
+        return f"{frame.path.relative_to(path)}{frame_note(frame.index)}"
+    return frame.label
 
 
 def _refuse_too_many_voxels(frames: tuple[Frame, ...], path: Path) -> None:

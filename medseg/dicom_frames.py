@@ -34,6 +34,7 @@ class Frame:
     samples_per_pixel: int
     photometric: str  # PhotometricInterpretation
     thickness: float | None
+    sop_uid: str = ""  # SOPInstanceUID: two files with one are copies of one image
 
     @property
     def label(self) -> str:
@@ -183,6 +184,7 @@ def _frame(top: Dataset, geometry: Dataset, path: Path, index: int | None,
         samples_per_pixel=int(top.get("SamplesPerPixel", 1) or 1),
         photometric=str(top.get("PhotometricInterpretation", "MONOCHROME2") or "").strip(),
         thickness=float(thickness) if thickness else None,
+        sop_uid=str(top.get("SOPInstanceUID", "") or ""),
     )
 
 

@@ -478,3 +478,18 @@ def test_an_image_of_the_series_that_cannot_be_placed_is_refused_not_dropped(
     with pytest.raises(MedsegError, match=f"IM000{index}.dcm: DICOM image of the series "
                                           f"{reason}"):
         read_volume(tmp_path / "s")
+
+
+def test_two_copies_of_a_series_are_named_as_copies_and_hidden_folders_skipped(tmp_path):
+    """Both copies gave "IM0000.dcm and IM0000.dcm lie at the same position ... several
+    volumes (echoes, phases or time points)"; a copy in .Trash/ stopped the read the same way."""
+    import shutil
+
+    original = _series(tmp_path / "export" / "first", n=4)
+    shutil.copytree(original[0].parent, tmp_path / "export" / "second")
+    with pytest.raises(MedsegError, match=r"export: first/IM0000.dcm and second/IM0000.dcm are "
+                                          r"copies of one image \(the same SOPInstanceUID\)"):
+        read_volume(tmp_path / "export")
+    shutil.rmtree(tmp_path / "export" / "second")
+    shutil.copytree(original[0].parent, tmp_path / "export" / ".Trash" / "old")
+    assert read_volume(tmp_path / "export").data.shape == (8, 8, 4)

@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         if not other_rank:
             print(f"medseg: error: {exc}", file=sys.stderr)
+        _tell_torchrun(f"medseg: error: {exc}")
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         if not other_rank:
@@ -57,11 +58,27 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(cause, MedsegError):
             if not other_rank:
                 print(f"medseg: error: {cause}", file=sys.stderr)
+            _tell_torchrun(f"medseg: error: {cause}")
             return EXIT_USER_ERROR
         rank = f" (rank {os.environ['RANK']})" if other_rank else ""
         print(f"medseg: error{rank}: {type(cause).__name__}: {one_line(str(cause))} (rerun "
               f"with --debug for the traceback)", file=sys.stderr)
         return 1
+
+
+def _tell_torchrun(line: str) -> None:
+    """A torchrun worker's error file is what torchrun's failure summary shows for the rank
+    that failed first: a mistake only rank 1 meets (its share of the cases) is otherwise said
+    by no one, since rank 0 alone prints and torchrun stops it when rank 1 exits."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not error_file:
+        return
+    # torch.distributed.elastic's error-file layout (ErrorHandler.record_exception's), with
+    # the one line where it would put a traceback
+    record = {"message": {"message": line, "extraInfo": {"py_callstack": line + "\n",
+                                                         "timestamp": str(int(time.time()))}}}
+    with contextlib.suppress(OSError):
+        Path(error_file).write_text(json.dumps(record), encoding="utf-8")
 
 
 def _tolerate_narrow_consoles() -> None:

@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -187,3 +188,23 @@ def test_under_torchrun_only_rank_0_reports_a_refusal(tmp_path, capsys, monkeypa
     monkeypatch.setenv("RANK", "0")
     assert main(args) == 2
     assert "missing.yaml: workflow file not found" in capsys.readouterr().err
+
+
+def test_a_refusal_reaches_torchruns_failure_summary_from_any_rank(tmp_path, capsys,
+                                                                    monkeypatch):
+    """A mistake only rank 1 met was printed by no one: torchrun stops rank 0 when rank 1
+    exits, and shows each rank's error file as its failure, empty before."""
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    assert main(["train", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "r")]) == 2
+    assert capsys.readouterr().err == ""
+    line = f"medseg: error: {tmp_path / 'missing.yaml'}: workflow file not found"
+    record = json.loads(error_file.read_text(encoding="utf-8"))
+    assert record["message"]["message"] == line
+    assert record["message"]["extraInfo"]["py_callstack"] == line + "\n"
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    # torchrun reads it as it reads its own error files (the summary prints py_callstack)
+    failure = ProcessFailure(local_rank=1, pid=1, exitcode=2, error_file=str(error_file))
+    assert failure.message["extraInfo"]["py_callstack"] == line + "\n"

@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pydicom
@@ -93,12 +94,15 @@ def read_stack(path: str | Path, series_uid: str | None = None) -> Stack:
     path = Path(path)
     groups, left_out = _scan(path)
     frames = _choose_series(groups, series_uid, path)
-    unread = left_out.get(frames[0].series_uid)
-    if unread:  # an image of this series that is not read: the volume would come out short
-        file, reason = unread[0]
+    # a slice of this series (its SOP class and size) that is not read: the volume would
+    # come out short; other images filed under the series (a secondary capture) are skipped
+    kinds = {(frame.sop_class, *frame.shape) for frame in frames}
+    unread = [u for u in left_out.get(frames[0].series_uid, [])
+              if u.kind is None or u.kind in kinds]
+    if unread:
         more = f" (and {len(unread) - 1} more image(s) of the series)" if len(unread) > 1 else ""
-        raise MedsegError(f"DICOM image of the series {reason}{more}; a volume without it "
-                          f"would be short", file)
+        raise MedsegError(f"DICOM image of the series {unread[0].reason}{more}; a volume "
+                          f"without it would be short", unread[0].file)
     return _order(frames, path)
 
 
@@ -212,10 +216,19 @@ def _cast(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return values.astype(dtype)
 
 
-def _scan(path: Path) -> tuple[dict[str, list[Frame]], dict[str, list[tuple[Path, str]]]]:
+class _Unread(NamedTuple):
+    """An image of a series that cannot be read into its volume, and why. `kind` (SOP class,
+    rows, columns) tells a slice of the series from another image filed under its UID (a
+    secondary capture, a dose report); None for an image that is surely a slice."""
+
+    file: Path
+    reason: str
+    kind: tuple[str, int, int] | None
+
+
+def _scan(path: Path) -> tuple[dict[str, list[Frame]], dict[str, list[_Unread]]]:
     """Frames with geometry, grouped by SeriesInstanceUID (files without an image are
-    skipped), and, by SeriesInstanceUID, the images that cannot be read into a volume, each
-    with the reason (no place in space, or no Part 10 preamble)."""
+    skipped), and, by SeriesInstanceUID, the images that cannot be read into a volume."""
     if not path.exists():
         raise MedsegError("not found", path)
     # hidden files and folders (macOS "._x", a ".Trash" with an old copy) are not the series
@@ -225,12 +238,12 @@ def _scan(path: Path) -> tuple[dict[str, list[Frame]], dict[str, list[tuple[Path
     groups: dict[str, list[Frame]] = {}
     unplaced: list[Path] = []  # DICOM files with no image that has a place in space
     multiframe: list[Path] = []  # classic multi-frame: one position for many frames
-    left_out: dict[str, list[tuple[Path, str]]] = {}
+    left_out: dict[str, list[_Unread]] = {}
     for file in files:
         if not is_dicom_file(file):
             uid = _raw_dicom_image_series(file)
             if uid is not None:
-                left_out.setdefault(uid, []).append((file, RAW_IMAGE_REASON))
+                left_out.setdefault(uid, []).append(_Unread(file, RAW_IMAGE_REASON, None))
             continue
         header = read_header(file)
         frames = frames_of(header, file)
@@ -239,8 +252,10 @@ def _scan(path: Path) -> tuple[dict[str, list[Frame]], dict[str, list[tuple[Path
             (multiframe if many else unplaced).append(file)
             if "Rows" in header:  # an image (not a DICOMDIR, report or presentation state)
                 uid = str(header.get("SeriesInstanceUID", "") or "")
+                kind = (str(header.get("SOPClassUID", "") or ""), int(header.Rows),
+                        int(header.get("Columns", 0) or 0))
                 left_out.setdefault(uid, []).append(
-                    (file, MULTIFRAME_REASON if many else UNPLACED_REASON))
+                    _Unread(file, MULTIFRAME_REASON if many else UNPLACED_REASON, kind))
         for frame in frames:
             groups.setdefault(frame.series_uid, []).append(frame)
     if not groups:
@@ -249,8 +264,8 @@ def _scan(path: Path) -> tuple[dict[str, list[Frame]], dict[str, list[tuple[Path
         if multiframe:
             detail += (f"; {len(multiframe)} multi-frame file(s) without per-frame positions "
                        f"(their frames cannot be placed in space), e.g. {multiframe[0].name}")
-        raw = [file for files in left_out.values() for file, reason in files
-               if reason == RAW_IMAGE_REASON]
+        raw = [unread.file for unreads in left_out.values() for unread in unreads
+               if unread.reason == RAW_IMAGE_REASON]
         if raw:
             detail += f"; {len(raw)} DICOM image(s) {RAW_IMAGE}, e.g. {raw[0].name}"
         raise MedsegError(f"no DICOM image found ({len(files)} files looked at{detail})", path)

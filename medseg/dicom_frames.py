@@ -35,6 +35,7 @@ class Frame:
     photometric: str  # PhotometricInterpretation
     thickness: float | None
     sop_uid: str = ""  # SOPInstanceUID: two files with one are copies of one image
+    sop_class: str = ""  # SOPClassUID: CT Image Storage, Secondary Capture, ...
 
     @property
     def label(self) -> str:
@@ -185,6 +186,7 @@ def _frame(top: Dataset, geometry: Dataset, path: Path, index: int | None,
         photometric=str(top.get("PhotometricInterpretation", "MONOCHROME2") or "").strip(),
         thickness=float(thickness) if thickness else None,
         sop_uid=str(top.get("SOPInstanceUID", "") or ""),
+        sop_class=str(top.get("SOPClassUID", "") or ""),
     )
 
 

@@ -493,3 +493,21 @@ def test_two_copies_of_a_series_are_named_as_copies_and_hidden_folders_skipped(t
     shutil.rmtree(tmp_path / "export" / "second")
     shutil.copytree(original[0].parent, tmp_path / "export" / ".Trash" / "old")
     assert read_volume(tmp_path / "export").data.shape == (8, 8, 4)
+
+
+@pytest.mark.parametrize("frames", [1, 2])
+def test_a_secondary_capture_filed_under_the_series_is_skipped(tmp_path, frames):
+    """A dose report or screenshot (another SOP class, no position) shares the series UID:
+    it is not a slice, and must not stop the series being read."""
+    from pydicom.uid import SecondaryCaptureImageStorage
+
+    paths = _series(tmp_path / "s", n=4)
+    capture = pydicom.dcmread(paths[0])
+    del capture.ImagePositionPatient, capture.ImageOrientationPatient
+    capture.SOPClassUID = SecondaryCaptureImageStorage
+    capture.file_meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    capture.SOPInstanceUID = capture.file_meta.MediaStorageSOPInstanceUID = "1.2.9.9"
+    if frames > 1:
+        capture.NumberOfFrames = frames
+    capture.save_as(tmp_path / "s" / "dose_report.dcm", enforce_file_format=True)
+    assert read_volume(tmp_path / "s").data.shape == (8, 8, 4)

@@ -10,8 +10,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +24,7 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 LAYOUTS = ("msd", "nnunet", "folders", "csv")
 CSV_NAME = "dataset.csv"
 CSV_RESERVED = ("case", "label")
+_WHOLE_NUMBER = re.compile(r"-?[0-9]+")  # ASCII digits: "²".isdigit() is true, int("²") fails
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,7 @@ def label_names_from_json(path: str | Path) -> dict[int, str]:
     if any(isinstance(value, list | tuple) for value in table.values()):
         raise MedsegError("region-based labels (a name mapped to a list of ids, nnU-Net's "
                           "regions) are not supported: map each name to one id", path)
-    if all(str(key).lstrip("-").isdigit() for key in table):
+    if all(_WHOLE_NUMBER.fullmatch(str(key)) for key in table):
         pairs = [(int(key), name) for key, name in table.items()]
     else:  # nnU-Net: name -> id
         pairs = [(_label_id(value, name, path), name) for name, value in table.items()]
@@ -133,13 +136,14 @@ def label_names_from_json(path: str | Path) -> dict[int, str]:
 
 
 def _label_id(value: object, name: str, path: Path) -> int:
-    """An nnU-Net id: a whole number (2 or "2", not 1.9 or true)."""
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+    """An nnU-Net id: a whole number (2 or "2", not 1.9, true, NaN or "--1")."""
+    if isinstance(value, str) and _WHOLE_NUMBER.fullmatch(value.strip()):
         return int(value)
-    if isinstance(value, bool) or not isinstance(value, int | float) \
-            or float(value) != int(value):
-        raise MedsegError(f"label ids must be integers; '{name}' is {value!r}", path)
-    return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    raise MedsegError(f"label ids must be integers; '{name}' is {value!r}", path)
 
 
 def make_splits(case_names: list[str], n_folds: int = 5, seed: int = 0,

@@ -229,6 +229,11 @@ def test_nnunet_label_kinds_medseg_cannot_train_are_named(tmp_path, labels, mess
     ('{"background": 0, "Anterior": 1, "Posterior": 1.9}',
      "label ids must be integers; 'Posterior' is 1.9"),
     ('{"labels": {"1": "liver", "1": "spleen"}}', "key '1' appears twice in one object"),
+    # each of these raised a bare ValueError or OverflowError (exit 1, no file named)
+    ('{"labels": {"background": 0, "liver": "--1"}}', "label ids must be integers"),
+    ('{"labels": {"background": 0, "liver": NaN}}', "label ids must be integers"),
+    ('{"labels": {"background": 0, "liver": Infinity}}', "label ids must be integers"),
+    ('{"labels": {"\u00b2": "liver"}}', "label ids must be integers"),
 ])
 def test_label_maps_that_would_misname_structures_are_refused(tmp_path, text, message):
     path = tmp_path / "labels.json"

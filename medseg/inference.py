@@ -30,8 +30,9 @@ from medseg.errors import MedsegError
 WindowPredictor = Callable[[torch.Tensor], torch.Tensor]
 FLUSH_PLANES = 4
 WINDOW_BATCH_BYTES = 128 * 2**20  # float32 class scores of one batch of windows
-# an input axis may map onto a network axis with its far end this far (network voxels) off
-MAX_NEGLECTED_SHIFT_VOXELS = 0.05
+# an input axis may map onto a network axis with its far end this far (network voxels) off:
+# predict's shear limit (0.01 degrees) stays within it up to ~2900 network voxels per axis
+MAX_NEGLECTED_SHIFT_VOXELS = 0.5
 
 
 def window_batch_size(requested: int, num_classes: int, patch: tuple[int, ...]) -> int:
@@ -159,11 +160,15 @@ def axis_maps(input_affine: np.ndarray, network_affine: np.ndarray,
         # how far (network voxels) mapping this axis alone moves its far end off its place
         neglected = np.delete(column, network_axis).max() * max(input_shape[input_axis] - 1, 1)
         if neglected > MAX_NEGLECTED_SHIFT_VOXELS:
-            raise MedsegError("the network grid is not axis-aligned with the input grid")
+            raise MedsegError(f"the voxel axes are too far from right angles to put the mask "
+                              f"back onto this scan's grid ({neglected:.2f} network voxels "
+                              f"off at the far end); resample it onto an orthogonal grid "
+                              f"first")
         maps.append(AxisMap(input_axis, network_axis, float(linear[network_axis, input_axis]),
                             float(voxel_map[network_axis, 3])))
     if sorted(m.network_axis for m in maps) != [0, 1, 2]:
-        raise MedsegError("the network grid is not axis-aligned with the input grid")
+        raise MedsegError("the voxel axes are too far from right angles to put the mask back "
+                          "onto this scan's grid; resample it onto an orthogonal grid first")
     return sorted(maps, key=lambda m: m.network_axis)
 
 

@@ -136,21 +136,27 @@ def test_an_oblique_relation_between_grids_is_refused():
     angle = np.deg2rad(10)
     rotation = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0],
                          [0, 0, 1]])
-    with pytest.raises(MedsegError, match="not axis-aligned"):
+    with pytest.raises(MedsegError, match="too far from right angles"):
         axis_maps(affine(rotation), affine(np.eye(3)), (10, 10, 10))
 
 
 def test_axes_a_rounding_error_off_a_right_angle_are_mapped_others_refused():
     """A DICOM series' cosines written to 4 decimals (dot product 9e-5) made predict fail
-    while convert read it; what counts is how far the far end of an axis lands off."""
-    sheared = np.eye(3)
-    sheared[0, 1] = 9e-5
+    while convert read it: the old bound compared network voxels of a 4 mm axis with those
+    of an 8 mm one. What counts is how far the far end of an axis lands off."""
     network = affine(np.diag([4.0, 4.0, 8.0]))
+    sheared = np.eye(3)
+    sheared[0, 2] = 9e-5  # the 3 mm slice axis leans towards x
     maps = axis_maps(affine(sheared @ np.diag([1.0, 1.0, 3.0])), network, (32, 32, 20))
     assert [(m.input_axis, m.network_axis) for m in maps] == [(0, 0), (1, 1), (2, 2)]
-    sheared[0, 1] = 0.02  # 1.1 degrees: the far end of 32 voxels lands 0.16 voxel off
-    with pytest.raises(MedsegError, match="not axis-aligned"):
-        axis_maps(affine(sheared), network, (32, 32, 20))
+    # 0.01 degrees (predict's shear limit) over a long CT: 1000 slices of 1.5 mm onto 0.8 mm
+    sheared[0, 2] = np.sin(np.deg2rad(0.01))
+    axis_maps(affine(sheared @ np.diag([0.8, 0.8, 1.5])), affine(np.diag([0.8] * 3)),
+              (512, 512, 1000))
+    sheared[0, 2] = 0.1  # 5.7 degrees: the far end of 20 slices lands 1.4 voxels off
+    with pytest.raises(MedsegError, match=r"too far from right angles .* \(1.4\d network "
+                                          r"voxels off at the far end\)"):
+        axis_maps(affine(sheared @ np.diag([1.0, 1.0, 3.0])), network, (32, 32, 20))
 
 
 def test_accumulator_bytes_count_the_padded_float16_ring_buffer():

@@ -436,11 +436,20 @@ def _refuse_writing_onto_inputs(cases: list[tuple[Path, ...]], output_dir: Path)
         if path.resolve() in outputs:
             raise MedsegError(f"--output {output_dir} would write a mask over this input; "
                               f"choose another output folder", path)
-        if path.is_dir() and output_dir.resolve().is_relative_to(path.resolve()):
+        if output_dir.resolve() == _dicom_folder(path):
             # the next run would take the folder for one of volume files: the mask its scan
-            raise MedsegError(f"--output {output_dir} lies in this DICOM series folder, where "
-                              f"a mask would be read as the input next time; choose another "
+            raise MedsegError(f"--output {output_dir} is this DICOM series' folder, where a "
+                              f"mask would be read as the input next time; choose another "
                               f"output folder", path)
+
+
+def _dicom_folder(path: Path) -> Path | None:
+    """The folder of a DICOM input: the series folder itself, or a DICOM file's folder."""
+    if path.is_dir():
+        return path.resolve()
+    if not path.name.lower().endswith(VOLUME_SUFFIXES):
+        return path.resolve().parent
+    return None
 
 
 def _read_ahead_fits(case: PreparedCase, plan: Plan) -> bool:

@@ -282,20 +282,27 @@ def test_dicom_files_given_one_by_one_get_a_note(tmp_path, capsys):
     assert "give the folder" in capsys.readouterr().err
 
 
-def test_an_output_inside_a_dicom_series_folder_is_refused(trained_run, tmp_path, capsys):
+def test_an_output_in_a_dicom_series_folder_is_refused(trained_run, tmp_path, capsys):
     """The mask written there made the next run take the folder for one of volume files and
     segment the mask as the scan, exit 0."""
     from dicom_factory import axial_positions, write_series
+
+    from medseg.io import read_volume
 
     series = tmp_path / "series"
     write_series(series, np.zeros((4, 4, 3), np.uint16), axial_positions(3))
     before = sorted(p.name for p in series.iterdir())
     predictor = load_predictor(trained_run)
-    for output in (series, series / "masks"):
-        with pytest.raises(MedsegError, match=f"{series}: --output {output} lies in this "
-                                              f"DICOM series folder"):
-            predict_paths(predictor, collect_inputs([series]), output, PredictConfig())
+    one_file = series / "IM0000.dcm"  # an enhanced multi-frame file holds a whole series
+    for inputs in ([series], [one_file]):
+        with pytest.raises(MedsegError, match=f"{inputs[0]}: --output {series} is this DICOM "
+                                              f"series' folder"):
+            predict_paths(predictor, collect_inputs(inputs), series, PredictConfig())
     assert sorted(p.name for p in series.iterdir()) == before
+    # a subfolder is fine: the series' reader skips files that are not DICOM
+    predict_paths(predictor, collect_inputs([series]), series / "masks", PredictConfig())
+    assert (series / "masks" / "series.nii.gz").is_file()
+    assert read_volume(series).data.shape == (4, 4, 3)
     (series / "series.nii.gz").write_bytes(b"a mask written there by an older version")
     assert collect_inputs([series]) == [series / "series.nii.gz"]
     assert "its 3 DICOM file(s) (IM0000.dcm, ...) are not read" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from scipy import ndimage
@@ -21,7 +22,7 @@ from medseg.io import (
     read_label_map,
     shear_degrees,
 )
-from medseg.metrics import FAILED_SCORES, label_values, score_case
+from medseg.metrics import FAILED_SCORES, label_counts, label_values, score_case
 
 Pair = tuple[str, Path | None, Path]
 
@@ -129,28 +130,38 @@ def evaluate_case(case: str, prediction: Path | None, reference: Path, labels: d
     ref = read_reference(reference, labels)
     if prediction is None:
         return failed_case(case, labels, "no prediction for this case", reference=reference,
-                           reference_map=ref)
+                           reference_read=ref)
     try:
         pair = load_pair(prediction, ref, labels, resample)
     except MedsegError as exc:
-        return failed_case(case, labels, str(exc), prediction, reference, reference_map=ref)
+        return failed_case(case, labels, str(exc), prediction, reference, reference_read=ref)
     scores = score_case(pair.prediction, pair.reference, labels, pair.spacing, tolerance_mm)
     return CaseScores(case, scores, None, prediction, reference, pair.resampled)
 
 
-def read_reference(reference: Path, labels: dict[int, str]) -> Volume:
+class Reference(NamedTuple):
+    """A reference label map and its voxel count per label value."""
+
+    volume: Volume
+    voxels: dict[int, int]
+
+
+def read_reference(reference: Path, labels: dict[int, str]) -> Reference:
     """A reference label map on an orthogonal grid whose values are all in `labels`."""
     ref = read_label_map(reference)
     _refuse_sheared_axes(ref.geometry, reference)
-    _refuse_unknown_labels(ref.data, labels, reference)
-    return ref
+    voxels = label_counts(ref.data)
+    _refuse_unknown_labels(set(voxels), labels, reference)
+    return Reference(ref, voxels)
 
 
-def load_pair(prediction: Path, reference: Path | Volume, labels: dict[int, str],
+def load_pair(prediction: Path, reference: Path | Reference, labels: dict[int, str],
               resample: bool = False) -> LoadedPair:
-    """Read both label maps (or the prediction, given `read_reference`'s volume); check (or
-    with `resample`, make) a shared grid and known labels."""
-    ref = reference if isinstance(reference, Volume) else read_reference(reference, labels)
+    """Read both label maps (or the prediction, given `read_reference`'s); check (or with
+    `resample`, make) a shared grid and known labels."""
+    if not isinstance(reference, Reference):
+        reference = read_reference(reference, labels)
+    ref = reference.volume
     pred = read_label_map(prediction)
     pred_data = pred.data.reshape(pred.spatial_shape)
     mismatch = grid_mismatch(pred.geometry, ref.geometry)
@@ -161,13 +172,13 @@ def load_pair(prediction: Path, reference: Path | Volume, labels: dict[int, str]
                               f"`medseg evaluate --resample` "
                               f"resamples it by nearest neighbour", prediction)
         pred_data = resample_nearest(pred_data, pred.affine, ref.spatial_shape, ref.affine)
-    _refuse_unknown_labels(pred_data, labels, prediction)
+    _refuse_unknown_labels(label_values(pred_data), labels, prediction)
     return LoadedPair(pred_data, ref.data.reshape(ref.spatial_shape), ref.affine, ref.spacing,
                       resampled)
 
 
-def _refuse_unknown_labels(data: np.ndarray, labels: dict[int, str], path: Path) -> None:
-    unknown = sorted(label_values(data) - set(labels))
+def _refuse_unknown_labels(values: set[int], labels: dict[int, str], path: Path) -> None:
+    unknown = sorted(values - set(labels))
     if unknown:
         raise MedsegError(f"label values {unknown} are not in the label map", path)
 
@@ -194,19 +205,17 @@ def resample_nearest(data: np.ndarray, affine: np.ndarray, shape: tuple[int, int
 
 
 def failed_case(case: str, labels: dict[int, str], error: str, prediction: Path | None = None,
-                reference: Path | None = None, reference_map: Volume | None = None
+                reference: Path | None = None, reference_read: Reference | None = None
                 ) -> CaseScores:
     """A case that could not be scored: Dice, IoU and NSD 0, distances inf, predicted volumes
-    NaN; the reference volumes where `reference_map` gives them (a structure in a failed
+    NaN; the reference volumes where `reference_read` gives them (a structure in a failed
     case's reference is still present in the collection)."""
     scores = {name: dict(FAILED_SCORES) for k, name in sorted(labels.items()) if k > 0}
-    if reference_map is not None:
-        voxel_ml = float(np.prod(reference_map.spacing)) / 1000.0
-        counts = np.bincount(reference_map.data.ravel().clip(min=0),
-                             minlength=max(labels) + 1)
+    if reference_read is not None:
+        voxel_ml = float(np.prod(reference_read.volume.spacing)) / 1000.0
         for k, name in labels.items():
             if k > 0:
-                scores[name]["ref_ml"] = float(counts[k]) * voxel_ml
+                scores[name]["ref_ml"] = reference_read.voxels.get(k, 0) * voxel_ml
     return CaseScores(case, scores, error, prediction, reference)
 
 

@@ -143,13 +143,20 @@ def structure_boxes(label_map: np.ndarray, ids: list[int]) -> dict[int, Box | No
 
 
 def label_values(label_map: np.ndarray) -> set[int]:
-    """The distinct values of an integer label map (bincount when small ids allow, O(n))."""
+    """The distinct values of an integer label map."""
+    return set(label_counts(label_map))
+
+
+def label_counts(label_map: np.ndarray) -> dict[int, int]:
+    """Voxels of each value of an integer label map (bincount when small ids allow, O(n))."""
     if label_map.size == 0:
-        return set()
+        return {}
     low, high = int(label_map.min()), int(label_map.max())
     if low >= 0 and high < 1 << 20:
-        return set(np.flatnonzero(np.bincount(label_map.ravel())).tolist())
-    return set(np.unique(label_map).tolist())
+        counts = np.bincount(label_map.ravel())
+        return {int(k): int(counts[k]) for k in np.flatnonzero(counts)}
+    values, counts = np.unique(label_map, return_counts=True)
+    return dict(zip(values.tolist(), counts.tolist(), strict=True))
 
 
 def _distance_summary(pred_to_ref: np.ndarray, ref_to_pred: np.ndarray,

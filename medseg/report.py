@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -45,8 +46,6 @@ def run_evaluation(pred_dir: Path, ref_dir: Path, labels_path: Path | None,
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
         raise MedsegError("output folder path is a file", out_dir)
     pairs = pair_cases(pred_dir, ref_dir)
-    if out_dir is not None:
-        make_writable_folder(out_dir)  # before the scoring, not after it
     if labels_path is not None:
         labels = label_names_from_json(labels_path)
     else:
@@ -55,8 +54,17 @@ def run_evaluation(pred_dir: Path, ref_dir: Path, labels_path: Path | None,
         why = (f"{labels_path} names no structure" if labels_path is not None else
                f"the references in {ref_dir} and their predictions hold only background")
         print(f"medseg: note: nothing to score: {why}", file=sys.stderr)
-    results = evaluate_pairs(pairs, labels, tolerance_mm=tolerance_mm, jobs=jobs,
-                             resample=resample)
+    created = out_dir is not None and not out_dir.exists()
+    if out_dir is not None:
+        make_writable_folder(out_dir)  # before the scoring, not after it
+    try:
+        results = evaluate_pairs(pairs, labels, tolerance_mm=tolerance_mm, jobs=jobs,
+                                 resample=resample)
+    except BaseException:  # a bad reference (exit 2), Ctrl-C: leave no empty folder behind
+        if created:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
+        raise
     summary = summarize(results, tolerance_mm)
     print(format_table(summary))  # first: the scores are shown even if writing them fails
     for result in results:

@@ -442,3 +442,18 @@ def test_an_empty_prediction_folder_is_refused(folders, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(MedsegError, match="empty: no prediction volumes found"):
         run_evaluation(tmp_path / "empty", folders / "ref", None, None)
+
+
+def test_a_refused_evaluation_leaves_no_output_folder_behind(folders):
+    reference = phantom()
+    reference[0, 0, 0] = 7
+    save(folders / "ref" / "c3.nii.gz", reference)
+    labels = folders / "labels.json"
+    labels.write_text(json.dumps({"1": "a", "2": "b"}), encoding="utf-8")
+    with pytest.raises(MedsegError, match="c3.nii.gz: label values"):
+        run_evaluation(folders / "pred", folders / "ref", labels, folders / "out")
+    assert not (folders / "out").exists()
+    labels.write_text('{"1": "a", "1": "b"}', encoding="utf-8")
+    with pytest.raises(MedsegError, match="appears twice"):
+        run_evaluation(folders / "pred", folders / "ref", labels, folders / "out")
+    assert not (folders / "out").exists()

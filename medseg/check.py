@@ -137,9 +137,9 @@ def _check_case(case: Case, dataset: Dataset) -> tuple[list[Problem], _CaseFacts
                 add(file, f"not on the grid of {case.images[0].name}: {mismatch}")
     facts.geometry = reference
     if reference is not None and shear_degrees(reference) > SHEAR_TOLERANCE_DEGREES:
-        add(case.images[0], f"voxel axes sheared by up to {shear_degrees(reference):.2f} "
-                            f"degrees: training resamples it, but predict refuses such scans",
-            "warning")
+        add(case.images[0], f"voxel axes sheared by up to {shear_degrees(reference):.3g} "
+                            f"degrees: training resamples it, but predict refuses such a "
+                            f"scan, and evaluate such a reference", "warning")
     digests = [_check_image_voxels(file, add) for file in case.images if file in geometries]
     if len(digests) == len(case.images) and all(digests):
         # the whole case: two cases may share one channel (an all-zero missing sequence)

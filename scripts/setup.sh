@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Create .venv (if needed) and install medseg into it, torch first.
 #
-# torch: a CPU build of 2.13.0 is installed unless the environment already has a torch
-# (a user with a GPU installs their CUDA build into .venv first, or sets MEDSEG_TORCH to
-# the pip requirement they want, e.g. MEDSEG_TORCH="torch==2.13.0" with their own index).
+# torch: 2.13.0 is installed unless the environment already has a torch; on Linux the CPU
+# build from PyTorch's own index when that can be reached, else what the configured index
+# offers (a user with a GPU installs their CUDA build into .venv first, or sets MEDSEG_TORCH
+# to the pip requirement they want, e.g. MEDSEG_TORCH="torch==2.13.0" with their own index).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,7 +27,9 @@ else
   if [ -z "${MEDSEG_TORCH:-}" ] && [ "$(uname -s)" = Linux ] && "$PY" -c "
 import urllib.request
 urllib.request.urlopen('https://download.pytorch.org/whl/cpu/', timeout=5)" 2>/dev/null; then
-    TORCH_INDEX=(--extra-index-url https://download.pytorch.org/whl/cpu)
+    # the only index for this step, which installs torch and its own dependencies: mixing
+    # it with PyPI (--extra-index-url) would let a name on either index win
+    TORCH_INDEX=(--index-url https://download.pytorch.org/whl/cpu)
   fi
   echo "setup: installing $TORCH_SPEC ${TORCH_INDEX[*]:-}"
   "$PY" -m pip install --quiet ${TORCH_INDEX[@]+"${TORCH_INDEX[@]}"} "$TORCH_SPEC"

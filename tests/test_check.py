@@ -210,5 +210,5 @@ def test_a_sheared_scan_is_a_warning_since_predict_refuses_it(tmp_path):
                               seed=5))
     report = check_dataset(msd(tmp_path, entries))
     assert [(p.severity, p.case) for p in report.problems] == [("warning", "tilted")]
-    assert "voxel axes sheared by up to 26.57 degrees" in report.problems[0].message
-    assert "predict refuses" in report.problems[0].message
+    assert "voxel axes sheared by up to 26.6 degrees" in report.problems[0].message
+    assert "predict refuses such a scan, and evaluate" in report.problems[0].message

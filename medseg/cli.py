@@ -28,7 +28,9 @@ from medseg.errors import MedsegError, one_line, unwrap_transform_error
 DEMO_MARKER = ".medseg-demo"
 FOLDS_FILE = "folds.json"  # the folds `train` was asked for, which `--resume` continues
 EXIT_USER_ERROR = 2
-RESUME_OVERRIDES = ("train.max_minutes",)  # what a resumed run may change: not its course
+# what a resumed run may change: not its course (a moved dataset must hold the same cases,
+# which resume checks)
+RESUME_OVERRIDES = ("train.max_minutes", "dataset.path")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,7 +157,12 @@ def _report_fold(result, planned_epochs: int) -> None:
     dice = "n/a" if result.best_mean_dice is None else f"{result.best_mean_dice:.4f}"
     ran = f"{result.epochs_run} of {_epochs(planned_epochs)}"
     if result.epochs_run < planned_epochs:
-        ran += (f", stopped by train.max_minutes (medseg train --resume "
+        from medseg.train import current_ranks
+
+        processes = current_ranks().world_size
+        launcher = (f"torchrun --nproc_per_node {processes} -m medseg.cli" if processes > 1
+                    else "medseg")  # as many processes, or the curve changes course
+        ran += (f", stopped by train.max_minutes ({launcher} train --resume "
                 f"{result.fold_dir.parent} continues)")
     # counted, not numbered: metrics.jsonl numbers epochs from 0
     print(f"{result.fold_dir.name}: best mean Dice {dice}, reached after "
@@ -334,7 +341,11 @@ def _resume_run(run_dir: Path, fold_text: str | None, overrides: list[str] | Non
         raise MedsegError("splits.json not found (is this a medseg run folder?)", splits_path)
     splits = read_splits(splits_path)
     ds = workflow.dataset
-    dataset = load_dataset(ds.path, ds.layout, ds.modality, ds.labels)
+    try:
+        dataset = load_dataset(ds.path, ds.layout, ds.modality, ds.labels)
+    except MedsegError as exc:  # moved since: say where the path came from, and the way out
+        raise MedsegError(f"{exc} (the dataset of {run_dir / 'workflow.yaml'}; if it has moved, "
+                          f"--set dataset.path=NEW_PATH resumes from there)") from exc
     requested = _requested_folds(run_dir, workflow.train.fold)
     if fold_text is None:
         folds = requested

@@ -170,7 +170,9 @@ def train_fold(
     loss_fn = loss_function(plan, cfg)
     ema = weight_average(model, cfg.ema_decay)
     scored = ema.module if ema is not None else model  # the weights validated and saved
-    autocast_dtype = select_precision(cfg.precision, device)
+    saved = _saved_settings(fold_dir / "checkpoints" / TRAIN_STATE) if resume else {}
+    autocast_dtype = _resumed_precision(cfg.precision, device, saved.get("precision"), ranks)
+    _note_world_size(saved.get("world_size"), ranks)
     if cfg.precision == "amp" and device.type != "cuda" and ranks.main:
         tqdm.write("medseg: note: train.precision amp is fp16 on CUDA only; this CPU trains "
                    "in fp32 (bf16 is train.precision bf16)")
@@ -208,12 +210,12 @@ def train_fold(
         epochs_run = epoch + 1
         record = {"epoch": epoch, "train_loss": train_loss,
                   "lr": optimizer.param_groups[0]["lr"],
-                  "epoch_seconds": round(time.monotonic() - epoch_start, 2),
-                  "elapsed_seconds": round(elapsed_before + time.monotonic() - started, 2)}
+                  "epoch_seconds": round(time.monotonic() - epoch_start, 2)}
         # rank 0's clock decides for everyone, so that no rank waits for one that stopped
         out_of_time = _from_main(time.monotonic() > deadline, ranks, device)
-        last_epoch = epoch == cfg.epochs - 1 or out_of_time
-        if validating and ((epoch + 1) % cfg.val_every == 0 or last_epoch):
+        # not at a budget stop between validations: that extra score could become the best,
+        # and a resumed run would then not repeat the uninterrupted one
+        if validating and ((epoch + 1) % cfg.val_every == 0 or epoch == cfg.epochs - 1):
             # every rank scores its share and gets all the scores: the same best on each
             dice = _mean_dice(_gather_in_case_order(
                 _case_scores(scored, val_data, plan, workflow, device), ranks))
@@ -224,11 +226,14 @@ def train_fold(
                 if ranks.main:
                     save_weights(scored, checkpoints / BEST_WEIGHTS)
             bar.set_postfix(loss=f"{train_loss:.3f}", dice=f"{mean_dice:.3f}")
+        # the whole run so far, validation included
+        record["elapsed_seconds"] = round(elapsed_before + time.monotonic() - started, 2)
         if ranks.main:
             _log(writer, metrics_path, record)
             save_weights(scored, checkpoints / LAST_WEIGHTS)
             _save_state(checkpoints / TRAIN_STATE, model, optimizer, scheduler, scaler, epoch,
-                        best, ema)
+                        best, ema, settings={"precision": _precision_name(autocast_dtype),
+                                             "world_size": ranks.world_size})
         if out_of_time:
             if ranks.main:
                 tqdm.write(f"train.max_minutes={cfg.max_minutes} reached after {epoch + 1} "
@@ -238,9 +243,13 @@ def train_fold(
     if writer is not None:
         writer.close()
     if not validating or best["mean"] == -math.inf:
-        # no validation cases, or none with a structure to score: keep the last weights
+        # no validation cases, none with a structure to score, or a budget stop before the
+        # first validation: keep the last weights
         if ranks.main:
             save_weights(scored, checkpoints / BEST_WEIGHTS)
+            if validating and epochs_run < cfg.epochs:
+                tqdm.write(f"medseg: note: stopped before the first validation (every "
+                           f"{cfg.val_every} epochs): best.safetensors holds the last weights")
         best["epoch"] = epochs_run - 1
     if ranks.distributed:  # also a barrier: every rank returns once rank 0 has written
         _check_replicas(model, ranks)
@@ -520,12 +529,13 @@ def _log(writer, metrics_path: Path, record: dict) -> None:
 
 
 def _save_state(path: Path, model, optimizer, scheduler, scaler, epoch: int, best: dict,
-                ema=None) -> None:
+                ema=None, settings: dict | None = None) -> None:
     """Everything resume needs, in one atomic file of tensors and plain numbers (it loads
-    with `weights_only=True`)."""
+    with `weights_only=True`). `settings`: how the run trained (the precision `auto` chose,
+    the number of processes), which a resume keeps or reports."""
     state = {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-             "best": best}
+             "best": best, "settings": dict(settings or {})}
     if ema is not None:
         state["ema"] = ema.state_dict()
     with atomic_path(path) as tmp:
@@ -564,9 +574,60 @@ def _load_state(path: Path, model, optimizer, scheduler, scaler, ema=None
                 raise KeyError("it holds no weight average, but train.ema_decay is set")
             ema.load_state_dict(state["ema"])
     except STATE_ERRORS as exc:
-        reason = one_line(str(exc))[:200] or type(exc).__name__
-        raise MedsegError(f"cannot resume from this training state ({reason})", path) from exc
+        raise MedsegError(f"cannot resume from this training state ({_state_problem(exc)})",
+                          path) from exc
     return next_epoch, best
+
+
+def _state_problem(exc: BaseException) -> str:
+    """Why a state could not be read, without torch's advice to load it with weights_only
+    off (running a file's pickled code is not the fix for a damaged state)."""
+    if isinstance(exc, pickle.UnpicklingError):
+        return "not a medseg training state, or a damaged one"
+    return one_line(str(exc))[:200] or type(exc).__name__
+
+
+def _saved_settings(path: Path) -> dict:
+    """How a saved run trained ({} for a state without them, or one resume will refuse)."""
+    try:
+        settings = _read_state(path, mmap=True).get("settings", {})
+    except STATE_ERRORS:
+        return {}
+    return dict(settings) if isinstance(settings, dict) else {}
+
+
+PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _precision_name(dtype: torch.dtype | None) -> str:
+    return PRECISION_NAMES[dtype]
+
+
+def _resumed_precision(requested: str, device: torch.device, saved: str | None,
+                       ranks: Ranks) -> torch.dtype | None:
+    """The autocast dtype; a resumed `auto` run keeps what `auto` chose when it started (on
+    another machine it could choose otherwise, and the curve would change course)."""
+    chosen = select_precision(requested, device)
+    by_name = {name: dtype for dtype, name in PRECISION_NAMES.items()}
+    if requested != "auto" or saved not in by_name or by_name[saved] == chosen:
+        return chosen
+    if saved == "fp16" and device.type != "cuda":  # fp16 autocast is CUDA's
+        if ranks.main:
+            tqdm.write(f"medseg: note: this run trained in fp16 on CUDA; it goes on in "
+                       f"{_precision_name(chosen)} here, so its curve changes course")
+        return chosen
+    if ranks.main:
+        tqdm.write(f"medseg: note: train.precision auto chose {saved} when this run started "
+                   f"(here it would choose {_precision_name(chosen)}); the run goes on in "
+                   f"{saved}")
+    return by_name[saved]
+
+
+def _note_world_size(saved: int | None, ranks: Ranks) -> None:
+    if saved is not None and int(saved) != ranks.world_size and ranks.main:
+        tqdm.write(f"medseg: note: this run trained with {saved} process(es), and goes on with "
+                   f"{ranks.world_size}: each step's batch is {ranks.world_size} x batch_size "
+                   f"now, so the curve will not repeat an uninterrupted run")
 
 
 def finished_fold(fold_dir: Path, epochs: int) -> TrainResult | None:

@@ -57,7 +57,8 @@ def test_resume_refuses_extra_arguments(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path), "--out", str(tmp_path)]) == 2
     assert "--resume takes the run folder alone" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path), "--set", "train.epochs=3"]) == 2
-    assert "may only change train.max_minutes, not 'train.epochs=3'" in capsys.readouterr().err
+    assert ("may only change train.max_minutes, dataset.path, not 'train.epochs=3'"
+            in capsys.readouterr().err)
 
 
 def test_resume_may_give_a_new_budget(tmp_path, phantom_dataset):
@@ -321,6 +322,7 @@ def test_an_unreadable_training_state_is_one_line_naming_it(tmp_path, content):
                                           r"state \(.+\)") as caught:
         _load_state(path, *_state_objects())
     assert "\n" not in str(caught.value) and len(str(caught.value)) < 400
+    assert "weights_only" not in str(caught.value)  # torch's advice to run the pickle: no
 
 
 @pytest.mark.parametrize("text, message", [
@@ -448,3 +450,56 @@ def test_a_budget_stop_says_how_to_go_on_and_predict_notes_unfinished_folds(
     (run / "fold_0" / "checkpoints" / "last_state.pt").unlink()  # a model shipped without it
     load_predictor(run)
     assert "has not finished" not in capsys.readouterr().err
+
+
+def test_a_budget_stop_between_validations_leaves_the_best_checkpoint_as_straight(
+        tmp_path, phantom_dataset, capsys):
+    """A stop validated off schedule, and that extra score could become the best: the
+    resumed run then ended with another best.safetensors than the uninterrupted one."""
+    every_2 = ["train.epochs=4", "train.val_every=2", "train.learning_rate=0.05"]
+    assert train(tmp_path / "straight", phantom_dataset, *every_2) == 0
+    assert train(tmp_path / "cut", phantom_dataset, *every_2, "train.max_minutes=0.00001") == 0
+    assert "stopped before the first validation" in capsys.readouterr().out
+    while len(metrics(tmp_path / "cut")) < 4:  # one epoch per session
+        assert main(["train", "--resume", str(tmp_path / "cut")]) == 0
+    validated = [[r["epoch"] for r in metrics(tmp_path / run) if "val_dice" in r]
+                 for run in ("straight", "cut")]
+    assert validated == [[1, 3], [1, 3]]
+    for weights in ("best.safetensors", "last.safetensors"):
+        assert (tmp_path / "straight" / "fold_0" / "checkpoints" / weights).read_bytes() == \
+            (tmp_path / "cut" / "fold_0" / "checkpoints" / weights).read_bytes(), weights
+
+
+def test_a_resumed_auto_run_keeps_the_precision_it_started_with(monkeypatch, capsys):
+    from medseg.train import Ranks, _note_world_size, _resumed_precision
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert _resumed_precision("auto", cpu, None, Ranks()) is None  # a fresh run: fp32 here
+    # started in bf16 on a machine with native bf16: it goes on in bf16, and says so
+    assert _resumed_precision("auto", cpu, "bf16", Ranks()) is torch.bfloat16
+    assert "auto chose bf16 when this run started" in capsys.readouterr().out
+    assert _resumed_precision("fp32", cpu, "bf16", Ranks()) is None  # asked for: as asked
+    assert _resumed_precision("auto", cpu, "fp16", Ranks()) is None  # CUDA's fp16: not here
+    assert "fp16 on CUDA" in capsys.readouterr().out
+    _note_world_size(2, Ranks())
+    assert "trained with 2 process(es), and goes on with 1" in capsys.readouterr().out
+    _note_world_size(1, Ranks())
+    assert capsys.readouterr().out == ""
+
+
+def test_a_run_whose_dataset_moved_resumes_with_its_new_path(tmp_path, phantom_dataset,
+                                                              capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dataset, data)
+    run = tmp_path / "run"
+    assert train(run, data, "train.max_minutes=0.00001") == 0
+    moved = data.rename(tmp_path / "moved")
+    assert main(["train", "--resume", str(run)]) == 2
+    assert f"(the dataset of {run / 'workflow.yaml'}; if it has moved, --set dataset.path=" \
+        in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "--set", f"dataset.path={moved}"]) == 0
+    assert [r["epoch"] for r in metrics(run)] == [0, 1]

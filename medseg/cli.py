@@ -147,9 +147,40 @@ def cmd_train(args: argparse.Namespace) -> int:
                                 overwrite=args.overwrite)
     from medseg.train import distributed_session
 
-    with distributed_session() as ranks, _stdout_of_main_rank_only(ranks.main):
+    run_dir = Path(args.resume or args.out)
+    with distributed_session() as ranks, _stdout_of_main_rank_only(ranks.main), \
+            _one_trainer(run_dir, ranks.main):
         run()
     return 0
+
+
+@contextlib.contextmanager
+def _one_trainer(run_dir: Path, main_rank: bool) -> Iterator[None]:
+    """Refuse a second `medseg train` on a run folder that one is training: two would both
+    write its checkpoints and metrics. The lock file lies beside the folder (a fresh run
+    replaces the folder), and goes when the run ends."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no lock
+        fcntl = None
+    lock = run_dir.parent / f".{run_dir.name}.medseg-lock"
+    handle = None
+    if main_rank and fcntl is not None and run_dir.parent.is_dir():
+        with contextlib.suppress(OSError):  # an unwritable place fails later, naming it
+            handle = lock.open("a")
+    if handle is None:
+        yield
+        return
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            raise MedsegError("another `medseg train` is training this run folder; wait for "
+                              "it to end (or stop it) first", run_dir) from exc
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
 
 
 def _report_fold(result, planned_epochs: int) -> None:

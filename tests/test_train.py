@@ -503,3 +503,22 @@ def test_a_run_whose_dataset_moved_resumes_with_its_new_path(tmp_path, phantom_d
         in capsys.readouterr().err
     assert main(["train", "--resume", str(run), "--set", f"dataset.path={moved}"]) == 0
     assert [r["epoch"] for r in metrics(run)] == [0, 1]
+
+
+def test_a_second_trainer_of_one_run_folder_is_refused(tmp_path, phantom_dataset, capsys):
+    """A --resume started while the run still trained was accepted: both wrote its
+    checkpoints, and metrics.jsonl ended with epoch 5 twice."""
+    import fcntl
+
+    run = tmp_path / "run"
+    lock = tmp_path / ".run.medseg-lock"
+    with lock.open("a") as held:  # what a running `medseg train` holds
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert train(run, phantom_dataset) == 2
+        assert capsys.readouterr().err.strip().endswith(
+            f"{run}: another `medseg train` is training this run folder; wait for it to end "
+            f"(or stop it) first")
+    assert not run.exists()
+    assert train(run, phantom_dataset, "train.max_minutes=0.00001") == 0
+    assert not lock.exists()  # gone with the run that held it
+    assert main(["train", "--resume", str(run)]) == 0

@@ -167,7 +167,7 @@ def _one_trainer(run_dir: Path, main_rank: bool) -> Iterator[None]:
     handle = None
     if main_rank and fcntl is not None and run_dir.parent.is_dir():
         with contextlib.suppress(OSError):  # an unwritable place fails later, naming it
-            handle = lock.open("a")
+            handle = lock.open("a", encoding="utf-8")
     if handle is None:
         yield
         return

@@ -512,7 +512,7 @@ def test_a_second_trainer_of_one_run_folder_is_refused(tmp_path, phantom_dataset
 
     run = tmp_path / "run"
     lock = tmp_path / ".run.medseg-lock"
-    with lock.open("a") as held:  # what a running `medseg train` holds
+    with lock.open("a", encoding="utf-8") as held:  # what a running `medseg train` holds
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         assert train(run, phantom_dataset) == 2
         assert capsys.readouterr().err.strip().endswith(

@@ -213,13 +213,19 @@ def cmd_predict(args: argparse.Namespace) -> int:
                               debug=args.debug)
     if args.reference:
         _check_reference_without_shards(args.shard, args.output, args.reference)
+        if not Path(args.reference).is_dir():  # before the batch, not after it
+            raise MedsegError("reference folder not found", args.reference)
     results = _predict(Path(args.model), args.input, Path(args.output), options)
     failed = sum(1 for r in results if r.error)
     if failed and failed == len(results):
         return EXIT_USER_ERROR  # nothing could be done with the inputs given
     if args.reference:
+        from medseg.datasets import strip_image_suffix
+        from medseg.predict import output_name
+
+        batch = {strip_image_suffix(output_name(r.input)) for r in results}
         summary = _evaluate_predictions(Path(args.model), Path(args.output),
-                                        Path(args.reference))
+                                        Path(args.reference), batch)
         if summary["failed_cases"]:
             return 1
     return 1 if failed else 0
@@ -494,14 +500,17 @@ def _evaluate(pred: Path, ref: Path, labels_path: Path | None, out: Path | None,
                           resample=resample)
 
 
-def _evaluate_predictions(model: Path, output: Path, reference: Path) -> dict:
-    """`medseg predict --reference`: score the new masks at once, with the model's label
-    names, into OUTPUT/evaluation (the same code as `medseg evaluate`)."""
+def _evaluate_predictions(model: Path, output: Path, reference: Path, batch: set[str]
+                          ) -> dict:
+    """`medseg predict --reference`: score this batch's masks (its cases: masks of earlier
+    runs in OUTPUT, or references of other cases, are left out) at once, with the model's
+    label names, into OUTPUT/evaluation (the same code as `medseg evaluate`)."""
     from medseg.plan import load_plan
     from medseg.report import run_evaluation
 
     labels = load_plan(model / "plan.json").labels
-    return run_evaluation(output, reference, None, output / "evaluation", label_names=labels)
+    return run_evaluation(output, reference, None, output / "evaluation", label_names=labels,
+                          only_cases=batch)
 
 
 def _demo_workflow_path() -> Path:

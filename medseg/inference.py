@@ -60,7 +60,8 @@ def window_starts(size: int, patch: int, step: float) -> list[int]:
         return [0]
     count = int(np.ceil((size - patch) / (patch * step))) + 1
     spacing = (size - patch) / (count - 1)
-    return [int(round(spacing * k)) for k in range(count)]
+    # a step under one voxel would repeat windows (step 0.001: 2814 starts, 91 distinct)
+    return sorted({int(round(spacing * k)) for k in range(count)})
 
 
 def gaussian_importance(patch: tuple[int, ...], device: torch.device) -> torch.Tensor:

@@ -454,11 +454,14 @@ def _dicom_folder(path: Path) -> Path | None:
 
 def _read_ahead_fits(case: PreparedCase, plan: Plan) -> bool:
     """Whether the next case may be read while this one runs: only when this one's network
-    image and float16 probability buffer (see `stream_probabilities`) are small, so that two
-    large CTs never overlap (reading one peaks near its float32 voxels x 3)."""
+    image, float16 probability buffer (see `stream_probabilities`) and float32 input grid are
+    small, so that two large CTs never overlap (reading one peaks near its float32 voxels x
+    3; a coarse network grid alone would let a 512 x 512 x 600 CT read ahead)."""
     buffer = accumulator_bytes(plan.num_classes, tuple(case.image.shape[1:]),
                                tuple(plan.patch_size))
-    return case.image.numel() * case.image.element_size() + buffer <= READ_AHEAD_BYTES
+    input_grid = int(np.prod(case.geometry.shape)) * 4
+    return case.image.numel() * case.image.element_size() + buffer + input_grid \
+        <= READ_AHEAD_BYTES
 
 
 def _finish_mask(mask: np.ndarray, geometry: Geometry, target: Path,

@@ -32,12 +32,14 @@ HEADLINE = ("dice", "nsd")
 
 def run_evaluation(pred_dir: Path, ref_dir: Path, labels_path: Path | None,
                    out_dir: Path | None, tolerance_mm: float = 2.0, jobs: int = 1,
-                   resample: bool = False, label_names: dict[int, str] | None = None) -> dict:
+                   resample: bool = False, label_names: dict[int, str] | None = None,
+                   only_cases: set[str] | None = None) -> dict:
     """Score every reference against the prediction of the same name, print a table and,
     with `out_dir`, write scores.csv, summary.json and report.html. Returns the summary
     (its `failed_cases` is non-empty when some case could not be scored). Label names come
     from `labels_path`, else `label_names`, else the values found in the references."""
     from medseg.datasets import label_names_from_json
+    # `only_cases`: score these cases alone (predict --reference: its batch)
 
     if jobs < 1:
         raise MedsegError(f"--jobs must be at least 1, got {jobs}")
@@ -46,6 +48,8 @@ def run_evaluation(pred_dir: Path, ref_dir: Path, labels_path: Path | None,
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
         raise MedsegError("output folder path is a file", out_dir)
     pairs = pair_cases(pred_dir, ref_dir)
+    if only_cases is not None:
+        pairs = _pairs_of(pairs, only_cases, ref_dir)
     if labels_path is not None:
         labels = label_names_from_json(labels_path)
     else:
@@ -70,7 +74,8 @@ def run_evaluation(pred_dir: Path, ref_dir: Path, labels_path: Path | None,
     for result in results:
         if result.error:
             print(f"  {result.case}: {result.error}", file=sys.stderr)
-    unscored = unpaired_predictions(pred_dir, pairs)
+    unscored = [case for case in unpaired_predictions(pred_dir, pairs)
+                if only_cases is None or case in only_cases]
     if unscored:
         more = f" and {len(unscored) - 5} more" if len(unscored) > 5 else ""
         print(f"medseg: note: {len(unscored)} prediction(s) without a reference in {ref_dir} "
@@ -83,6 +88,19 @@ def run_evaluation(pred_dir: Path, ref_dir: Path, labels_path: Path | None,
         print(f"wrote {out_dir / 'scores.csv'}, {out_dir / 'summary.json'} and "
               f"{out_dir / 'report.html'}")
     return summary
+
+
+def _pairs_of(pairs: list, cases: set[str], ref_dir: Path) -> list:
+    """The pairs of `cases`; references of other cases are not scored (a note says so)."""
+    kept = [pair for pair in pairs if pair[0] in cases]
+    if not kept:
+        raise MedsegError(f"no reference for any of the {len(cases)} case(s) predicted "
+                          f"(references are paired by file name)", ref_dir)
+    others = len(pairs) - len(kept)
+    if others:
+        print(f"medseg: note: {others} reference(s) in {ref_dir} of cases not in this batch "
+              f"were not scored", file=sys.stderr)
+    return kept
 
 
 def summarize(results: list[CaseScores], tolerance_mm: float | None = None) -> dict:

@@ -75,6 +75,28 @@ def test_predict_with_reference_scores_at_once(trained_run, phantom_dataset, tmp
     assert (tmp_path / "pred" / "evaluation" / "report.html").is_file()
 
 
+def test_predict_with_reference_scores_this_batch_alone(trained_run, phantom_dataset,
+                                                         tmp_path, capsys):
+    """Every reference of the folder was scored: one without an input in the batch was a
+    failed case (exit 1, the mean Dice halved), and so were masks of earlier runs."""
+    import shutil
+
+    images = sorted((phantom_dataset / "imagesTs").iterdir())
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    shutil.copy(images[0], batch / images[0].name)
+    out = tmp_path / "pred"
+    args = ["predict", "--model", str(trained_run), "--input", str(batch), "--output",
+            str(out)]
+    assert main([*args, "--reference", str(tmp_path / "typo")]) == 2  # before any case
+    assert capsys.readouterr().err.strip().endswith("typo: reference folder not found")
+    assert not out.exists()
+    assert main([*args, "--reference", str(phantom_dataset / "labelsTs")]) == 0
+    summary = json.loads((out / "evaluation" / "summary.json").read_text(encoding="utf-8"))
+    assert summary["n_cases"] == 1 and summary["failed_cases"] == []
+    assert "of cases not in this batch were not scored" in capsys.readouterr().err
+
+
 def test_another_seed_holds_out_the_same_cases(trained_run, phantom_dataset, tmp_path):
     def splits_of(run, *extra):
         assert main(["train", str(REPO / "workflows" / "demo.yaml"), "--out", str(run),

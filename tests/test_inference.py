@@ -78,6 +78,8 @@ def test_window_starts_cover_the_axis_evenly():
     starts = window_starts(100, 32, 0.5)
     assert starts[0] == 0 and starts[-1] == 100 - 32
     assert max(np.diff(starts)) <= 16
+    tiny = window_starts(122, 32, 0.001)  # each window once: 2814 starts were 91 distinct
+    assert tiny == list(range(0, 91))
 
 
 def affine(matrix, origin=(0.0, 0.0, 0.0)) -> np.ndarray:

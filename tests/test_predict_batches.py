@@ -180,14 +180,19 @@ def test_large_cases_are_not_read_while_another_runs():
                 in_channels=1, num_classes=42, labels={0: "background"}, modalities=["CT"],
                 normalization=[{"scheme": "zscore_nonzero"}], median_shape=[96, 96, 96])
 
-    def case(shape):
-        return PreparedCase(torch.zeros((1, *shape)), np.eye(4), None)
+    from medseg.io import Geometry
 
-    ct_42_classes = case((273, 273, 400))  # 512 x 512 x 600 at 0.8 mm, on a 1.5 mm grid
+    def case(shape, input_shape):
+        return PreparedCase(torch.zeros((1, *shape)), np.eye(4), Geometry(input_shape, np.eye(4)))
+
+    ct_42_classes = case((273, 273, 400), (512, 512, 600))  # 0.8 mm, on a 1.5 mm grid
     assert not _read_ahead_fits(ct_42_classes, plan)
-    assert _read_ahead_fits(case((60, 60, 60)), plan)
+    assert _read_ahead_fits(case((60, 60, 60), (60, 60, 60)), plan)
     few_classes = dataclasses.replace(plan, num_classes=3)
-    assert _read_ahead_fits(ct_42_classes, few_classes)
+    # a coarse 3-class network grid is small, but reading the next large CT beside this
+    # one's float32 input grid peaked higher than one CT (1.97 against 1.71 GB)
+    assert not _read_ahead_fits(case((137, 137, 200), (512, 512, 600)), few_classes)
+    assert _read_ahead_fits(case((137, 137, 200), (256, 256, 200)), few_classes)
     assert READ_AHEAD_BYTES < 2**30
 
 

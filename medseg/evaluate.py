@@ -15,6 +15,7 @@ from tqdm import tqdm
 from medseg.datasets import IMAGE_SUFFIXES, strip_image_suffix
 from medseg.errors import MedsegError
 from medseg.io import (
+    GRID_TOLERANCE_MM,
     SHEAR_TOLERANCE_DEGREES,
     Geometry,
     Volume,
@@ -165,6 +166,10 @@ def load_pair(prediction: Path, reference: Path | Reference, labels: dict[int, s
     pred = read_label_map(prediction)
     pred_data = pred.data.reshape(pred.spatial_shape)
     mismatch = grid_mismatch(pred.geometry, ref.geometry)
+    if mismatch is not None:  # the same voxels in another storage order? (converters differ)
+        reordered = reorder_onto(pred_data, pred.affine, ref.spatial_shape, ref.affine)
+        if reordered is not None:
+            pred_data, mismatch = reordered, None
     resampled = mismatch is not None
     if resampled:
         if not resample:
@@ -191,6 +196,35 @@ def _refuse_sheared_axes(geometry: Geometry, path: Path) -> None:
         raise MedsegError(f"the voxel axes are sheared (up to {worst:.2f} degrees off a right "
                           f"angle), so volumes and distances in mm would be wrong; resample "
                           f"it onto an orthogonal grid first", path)
+
+
+def reorder_onto(data: np.ndarray, affine: np.ndarray, shape: tuple[int, int, int],
+                 target_affine: np.ndarray) -> np.ndarray | None:
+    """`data` transposed and flipped onto the grid (`shape`, `target_affine`) when both grids
+    hold the same voxel centres in another axis order or direction (one DICOM converter
+    stores rows top-down, another bottom-up); None when they do not. Exact, unlike a
+    resampling, and needs no --resample."""
+    voxel_map = np.linalg.inv(affine) @ target_affine  # target voxel -> data voxel
+    linear, offset = voxel_map[:3, :3], voxel_map[:3, 3]
+    rounded = np.round(linear)
+    # GRID_TOLERANCE_MM over the extent, in voxels of `data`
+    tolerance = GRID_TOLERANCE_MM / max(float(min(np.linalg.norm(affine[:3, :3], axis=0))), 1e-9)
+    if np.abs(linear - rounded).max() > tolerance / max(shape) \
+            or sorted(np.abs(rounded).sum(axis=0)) != [1, 1, 1] \
+            or sorted(np.abs(rounded).sum(axis=1)) != [1, 1, 1]:
+        return None
+    axes = [int(np.flatnonzero(rounded[:, j])[0]) for j in range(3)]  # data axis of each
+    out = np.transpose(data, axes)
+    if tuple(out.shape) != tuple(shape):
+        return None
+    for j, axis in enumerate(axes):
+        sign, start = rounded[axis, j], offset[axis]
+        expected = 0 if sign > 0 else data.shape[axis] - 1
+        if abs(start - expected) > tolerance:
+            return None
+        if sign < 0:
+            out = np.flip(out, axis=j)
+    return np.ascontiguousarray(out)
 
 
 def resample_nearest(data: np.ndarray, affine: np.ndarray, shape: tuple[int, int, int],

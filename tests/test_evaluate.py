@@ -80,19 +80,6 @@ def test_grid_mismatch_is_reported(folders):
     assert "--resample" in results[2].error and "c3.nii.gz" in results[2].error
 
 
-def test_resample_puts_a_flipped_prediction_back_on_the_reference_grid(tmp_path):
-    reference = phantom()
-    flip = np.array([[-2.0, 0, 0, 18.0], [0, 2.0, 0, 0], [0, 0, 3.0, 0], [0, 0, 0, 1]])
-    save(tmp_path / "ref" / "c1.nii.gz", reference)
-    save(tmp_path / "pred" / "c1.nii.gz", reference[::-1], flip)  # same voxels in world space
-    pairs = pair_cases(tmp_path / "pred", tmp_path / "ref")
-    refused = evaluate_pairs(pairs, LABELS)[0]
-    assert refused.error and "--resample" in refused.error
-    result = evaluate_pairs(pairs, LABELS, resample=True)[0]
-    assert result.error is None and result.resampled
-    assert result.scores["a"]["dice"] == 1.0 and result.scores["b"]["dice"] == 1.0
-
-
 def test_resample_from_a_finer_grid(tmp_path):
     reference = phantom()
     fine = np.repeat(np.repeat(reference, 2, axis=0), 2, axis=1)  # 1 mm in-plane
@@ -457,3 +444,24 @@ def test_a_refused_evaluation_leaves_no_output_folder_behind(folders):
     with pytest.raises(MedsegError, match="appears twice"):
         run_evaluation(folders / "pred", folders / "ref", labels, folders / "out")
     assert not (folders / "out").exists()
+
+
+def test_the_same_grid_stored_in_another_voxel_order_is_scored_without_resampling(folders):
+    """A DICOM converter's mask (rows bottom-up) against medseg's of the same series failed
+    as "affines differ by up to 499 mm", and predict --reference has no --resample."""
+    reference = phantom()
+    flipped = AFFINE.copy()
+    flipped[:3, 1] *= -1
+    flipped[:3, 3] += AFFINE[:3, 1] * (reference.shape[1] - 1)  # the same voxel centres
+    save(folders / "pred" / "c1.nii.gz", np.flip(reference, axis=1), flipped)
+    permuted = AFFINE[:, [2, 0, 1, 3]]
+    save(folders / "pred" / "c2.nii.gz", np.transpose(reference, (2, 0, 1)), permuted)
+    results = evaluate_pairs(pair_cases(folders / "pred", folders / "ref"), LABELS)
+    for result in results[:2]:
+        assert result.error is None and not result.resampled
+        assert result.scores["a"]["dice"] == result.scores["b"]["dice"] == 1.0
+    shifted = flipped.copy()
+    shifted[:3, 3] += [1.0, 0, 0]  # half a voxel off: another grid, as before
+    save(folders / "pred" / "c1.nii.gz", np.flip(reference, axis=1), shifted)
+    results = evaluate_pairs(pair_cases(folders / "pred", folders / "ref"), LABELS)
+    assert "not on the same grid" in results[0].error

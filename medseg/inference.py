@@ -189,6 +189,12 @@ def labels_on_input_grid(planes: Iterator[tuple[int, torch.Tensor]],
     order = np.argsort(z_coords, kind="stable")
     out = np.moveaxis(labels, z_map.input_axis, 0)  # a view: writes land in labels
     transpose = x_map.input_axis > y_map.input_axis
+    # only input voxels whose interpolation reaches into the box can be anything but
+    # background: the rest stays 0 without interpolating classes x plane (most of the time
+    # of a many-class model on a large CT)
+    plane_shape = (len(x_coords), len(y_coords))
+    x_inside, y_inside = _reaching(x_coords, box[0]), _reaching(y_coords, box[1])
+    x_coords, y_coords = x_coords[x_inside], y_coords[y_inside]
     cache: dict[int, torch.Tensor] = {}
     full_planes = _full_planes(planes, network_shape, box, num_classes)
     for index in order:
@@ -200,12 +206,25 @@ def labels_on_input_grid(planes: Iterator[tuple[int, torch.Tensor]],
             cache[z] = plane
         for stale in [z for z in cache if z < low]:
             del cache[stale]
+        if high < box[2].start or low >= box[2].stop or not len(x_coords) or not len(y_coords):
+            continue  # between background planes: background
         weight = float(coordinate - low)
         plane = cache[low] if weight == 0 else torch.lerp(cache[low], cache[high], weight)
         plane = _lerp_along(_lerp_along(plane, x_coords, 1), y_coords, 2)
-        plane_labels = plane.argmax(0).numpy().astype(dtype)
+        plane_labels = np.zeros(plane_shape, dtype=dtype)
+        plane_labels[x_inside.start:x_inside.stop, y_inside.start:y_inside.stop] = \
+            plane.argmax(0).numpy().astype(dtype)
         out[index] = plane_labels.T if transpose else plane_labels
     return labels
+
+
+def _reaching(coords: torch.Tensor, box: slice) -> slice:
+    """The input indices (a range: `coords` is monotonic) whose network coordinate lies less
+    than one voxel from the box [start, stop - 1], so that linear interpolation reads it."""
+    near = torch.nonzero((coords > box.start - 1) & (coords < box.stop)).flatten()
+    if near.numel() == 0:
+        return slice(0, 0)
+    return slice(int(near.min()), int(near.max()) + 1)
 
 
 def _coordinates(axis_map: AxisMap, input_shape, network_shape) -> torch.Tensor:

@@ -166,3 +166,34 @@ def test_accumulator_bytes_count_the_padded_float16_ring_buffer():
     # (classes x X x Y x patch depth) float16; axes smaller than a patch are padded to it
     assert accumulator_bytes(CLASSES, (30, 10, 41), patch) == CLASSES * 30 * 16 * 12 * 2
     assert accumulator_bytes(42, (273, 273, 400), (96, 96, 96)) == 42 * 273 * 273 * 96 * 2
+
+
+@pytest.mark.parametrize("box", [
+    (slice(2, 7), slice(3, 10), slice(1, 6)),
+    (slice(0, 10), slice(11, 12), slice(8, 9)),  # one network voxel at the far edges
+    (slice(4, 5), slice(0, 12), slice(0, 9)),
+])
+def test_a_partial_box_gives_the_labels_of_the_whole_grid(box):
+    """Only input voxels whose interpolation reaches into the box are interpolated; the
+    labels must be those of interpolating the whole grid, background outside the box."""
+    rng = np.random.default_rng(1)
+    network_shape = (10, 12, 9)
+    probabilities = torch.zeros((CLASSES, *network_shape))
+    probabilities[0] = 1.0  # background outside the box
+    inside = torch.from_numpy(rng.random((CLASSES, *(b.stop - b.start for b in box)))).float()
+    probabilities[(slice(None), *box)] = inside
+    network_affine = affine(np.diag([2.0, 2.0, 2.0]))
+    input_affine = affine([[0, -1.0, 0], [0, 0, 1.0], [3.0, 0, 0]], origin=(18.0, 0.0, 0.0))
+    input_shape = (6, 19, 23)
+    maps = axis_maps(input_affine, network_affine, input_shape)
+    labels = labels_on_input_grid(iter([(0, inside)]), network_shape, box, CLASSES, maps,
+                                  input_shape)
+
+    grid = np.indices(input_shape).reshape(3, -1).astype(float)
+    physical = input_affine[:3, :3] @ grid + input_affine[:3, 3:]
+    network = np.linalg.inv(network_affine)[:3, :3] @ physical
+    network = np.clip(network, 0, np.array(network_shape)[:, None] - 1)
+    expected = np.stack([ndimage.map_coordinates(p, network, order=1, mode="nearest")
+                         for p in probabilities.double().numpy()]).argmax(0)
+    np.testing.assert_array_equal(labels.reshape(-1), expected)
+    assert (labels > 0).sum() < labels.size  # background around the box

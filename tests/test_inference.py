@@ -89,6 +89,19 @@ def affine(matrix, origin=(0.0, 0.0, 0.0)) -> np.ndarray:
     return out
 
 
+def interpolated_labels(probabilities: torch.Tensor, network_affine: np.ndarray,
+                        input_affine: np.ndarray, input_shape: tuple[int, ...]) -> np.ndarray:
+    """The argmax of the network grid's probabilities interpolated (scipy, linearly) at
+    every input voxel's position, flattened: what the streamed back-mapping must give."""
+    network_shape = probabilities.shape[1:]
+    grid = np.indices(input_shape).reshape(3, -1).astype(float)
+    physical = input_affine[:3, :3] @ grid + input_affine[:3, 3:]
+    network = np.linalg.inv(network_affine)[:3, :3] @ physical
+    network = np.clip(network, 0, np.array(network_shape)[:, None] - 1)
+    return np.stack([ndimage.map_coordinates(p, network, order=1, mode="nearest")
+                     for p in probabilities.double().numpy()]).argmax(0)
+
+
 def test_labels_follow_a_permuted_flipped_and_scaled_grid():
     """Network grid 2 mm RAS; input grid 1 x 1 x 3 mm, stored (z, -x, y): the labels must be
     the argmax of the linearly interpolated probabilities at each input voxel's position."""
@@ -104,12 +117,7 @@ def test_labels_follow_a_permuted_flipped_and_scaled_grid():
     box = tuple(slice(0, s) for s in network_shape)
     labels = labels_on_input_grid(planes, network_shape, box, CLASSES, maps, input_shape)
 
-    grid = np.indices(input_shape).reshape(3, -1).astype(float)
-    physical = input_affine[:3, :3] @ grid + input_affine[:3, 3:]
-    network = np.linalg.inv(network_affine)[:3, :3] @ physical
-    network = np.clip(network, 0, np.array(network_shape)[:, None] - 1)
-    expected = np.stack([ndimage.map_coordinates(p, network, order=1, mode="nearest")
-                         for p in probabilities.double().numpy()]).argmax(0)
+    expected = interpolated_labels(probabilities, network_affine, input_affine, input_shape)
     assert labels.dtype == np.uint8
     np.testing.assert_array_equal(labels.reshape(-1), expected)
 
@@ -189,11 +197,6 @@ def test_a_partial_box_gives_the_labels_of_the_whole_grid(box):
     labels = labels_on_input_grid(iter([(0, inside)]), network_shape, box, CLASSES, maps,
                                   input_shape)
 
-    grid = np.indices(input_shape).reshape(3, -1).astype(float)
-    physical = input_affine[:3, :3] @ grid + input_affine[:3, 3:]
-    network = np.linalg.inv(network_affine)[:3, :3] @ physical
-    network = np.clip(network, 0, np.array(network_shape)[:, None] - 1)
-    expected = np.stack([ndimage.map_coordinates(p, network, order=1, mode="nearest")
-                         for p in probabilities.double().numpy()]).argmax(0)
+    expected = interpolated_labels(probabilities, network_affine, input_affine, input_shape)
     np.testing.assert_array_equal(labels.reshape(-1), expected)
     assert (labels > 0).sum() < labels.size  # background around the box

@@ -9,20 +9,13 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
 from scipy import ndimage
 from tqdm import tqdm
 
 from medseg.datasets import IMAGE_SUFFIXES, strip_image_suffix
 from medseg.errors import MedsegError
-from medseg.io import (
-    GRID_TOLERANCE_MM,
-    SHEAR_TOLERANCE_DEGREES,
-    Geometry,
-    Volume,
-    grid_mismatch,
-    read_label_map,
-    shear_degrees,
-)
+from medseg.io import Geometry, Volume, grid_mismatch, read_label_map, refuse_sheared_axes
 from medseg.metrics import FAILED_SCORES, label_counts, label_values, score_case
 
 Pair = tuple[str, Path | None, Path]
@@ -150,7 +143,9 @@ class Reference(NamedTuple):
 def read_reference(reference: Path, labels: dict[int, str]) -> Reference:
     """A reference label map on an orthogonal grid whose values are all in `labels`."""
     ref = read_label_map(reference)
-    _refuse_sheared_axes(ref.geometry, reference)
+    # volumes (voxel count x spacing product) and surface distances (voxel index x spacing)
+    refuse_sheared_axes(ref.geometry, reference, "so volumes and distances in mm would be "
+                        "wrong")
     voxels = label_counts(ref.data)
     _refuse_unknown_labels(set(voxels), labels, reference)
     return Reference(ref, voxels)
@@ -167,7 +162,7 @@ def load_pair(prediction: Path, reference: Path | Reference, labels: dict[int, s
     pred_data = pred.data.reshape(pred.spatial_shape)
     mismatch = grid_mismatch(pred.geometry, ref.geometry)
     if mismatch is not None:  # the same voxels in another storage order? (converters differ)
-        reordered = reorder_onto(pred_data, pred.affine, ref.spatial_shape, ref.affine)
+        reordered = reorder_onto(pred_data, pred.affine, ref.geometry)
         if reordered is not None:
             pred_data, mismatch = reordered, None
     resampled = mismatch is not None
@@ -188,43 +183,17 @@ def _refuse_unknown_labels(values: set[int], labels: dict[int, str], path: Path)
         raise MedsegError(f"label values {unknown} are not in the label map", path)
 
 
-def _refuse_sheared_axes(geometry: Geometry, path: Path) -> None:
-    """Volumes (voxel count x spacing product) and surface distances (voxel index x spacing)
-    hold for voxel axes at right angles (any rotation is fine), not for a sheared grid."""
-    worst = shear_degrees(geometry)
-    if worst > SHEAR_TOLERANCE_DEGREES:
-        raise MedsegError(f"the voxel axes are sheared (up to {worst:.2f} degrees off a right "
-                          f"angle), so volumes and distances in mm would be wrong; resample "
-                          f"it onto an orthogonal grid first", path)
-
-
-def reorder_onto(data: np.ndarray, affine: np.ndarray, shape: tuple[int, int, int],
-                 target_affine: np.ndarray) -> np.ndarray | None:
-    """`data` transposed and flipped onto the grid (`shape`, `target_affine`) when both grids
-    hold the same voxel centres in another axis order or direction (one DICOM converter
-    stores rows top-down, another bottom-up); None when they do not. Exact, unlike a
-    resampling, and needs no --resample."""
-    voxel_map = np.linalg.inv(affine) @ target_affine  # target voxel -> data voxel
-    linear, offset = voxel_map[:3, :3], voxel_map[:3, 3]
-    rounded = np.round(linear)
-    # GRID_TOLERANCE_MM over the extent, in voxels of `data`
-    tolerance = GRID_TOLERANCE_MM / max(float(min(np.linalg.norm(affine[:3, :3], axis=0))), 1e-9)
-    if np.abs(linear - rounded).max() > tolerance / max(shape) \
-            or sorted(np.abs(rounded).sum(axis=0)) != [1, 1, 1] \
-            or sorted(np.abs(rounded).sum(axis=1)) != [1, 1, 1]:
+def reorder_onto(data: np.ndarray, affine: np.ndarray, target: Geometry) -> np.ndarray | None:
+    """`data` transposed and flipped (nibabel's orientation tools) onto `target` when both
+    grids hold the same voxel centres in another axis order or direction (one DICOM
+    converter stores rows top-down, another bottom-up); None when they do not. Exact, unlike
+    a resampling, and needs no --resample."""
+    transform = ornt_transform(io_orientation(affine), io_orientation(target.affine))
+    reordered = apply_orientation(data, transform)
+    moved = Geometry(reordered.shape, affine @ inv_ornt_aff(transform, data.shape))
+    if grid_mismatch(moved, target) is not None:
         return None
-    axes = [int(np.flatnonzero(rounded[:, j])[0]) for j in range(3)]  # data axis of each
-    out = np.transpose(data, axes)
-    if tuple(out.shape) != tuple(shape):
-        return None
-    for j, axis in enumerate(axes):
-        sign, start = rounded[axis, j], offset[axis]
-        expected = 0 if sign > 0 else data.shape[axis] - 1
-        if abs(start - expected) > tolerance:
-            return None
-        if sign < 0:
-            out = np.flip(out, axis=j)
-    return np.ascontiguousarray(out)
+    return np.ascontiguousarray(reordered)
 
 
 def resample_nearest(data: np.ndarray, affine: np.ndarray, shape: tuple[int, int, int],

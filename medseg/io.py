@@ -137,6 +137,15 @@ def shear_degrees(geometry: Geometry) -> float:
     return float(np.degrees(np.arcsin(min(np.abs(cosines - np.eye(3)).max(), 1.0))))
 
 
+def refuse_sheared_axes(geometry: Geometry, path: Path | None, why: str) -> None:
+    """Refuse a grid whose voxel axes are not at right angles (any rotation is fine), saying
+    `why` the command needs them to be."""
+    worst = shear_degrees(geometry)
+    if worst > SHEAR_TOLERANCE_DEGREES:
+        raise MedsegError(f"the voxel axes are sheared (up to {worst:.2f} degrees off a right "
+                          f"angle), {why}; resample it onto an orthogonal grid first", path)
+
+
 def read_label_map(path: str | Path) -> Volume:
     """A label map as int32. Labels stored as floats must hold whole numbers: a probability
     map, or a mask resampled with linear interpolation, is refused instead of truncated."""

@@ -35,12 +35,11 @@ from medseg.inference import (
 )
 from medseg.io import (
     MAX_VOXELS,
-    SHEAR_TOLERANCE_DEGREES,
     VOLUME_SUFFIXES,
     Geometry,
     Volume,
     read_volume,
-    shear_degrees,
+    refuse_sheared_axes,
     write_mask,
 )
 from medseg.model import create_model, load_weights
@@ -277,19 +276,11 @@ def prepare_case(plan: Plan, volume: Volume | Path | list[Volume | Path],
                                                             resample_irregular)
                 for c in channels]
     geometry = channels[0].geometry
-    _refuse_sheared_axes(geometry, channels[0].path)
+    refuse_sheared_axes(geometry, channels[0].path, "and the mask goes back onto the input "
+                        "grid by permuting, flipping and scaling axes")
     _refuse_huge_network_grid(geometry, plan, channels[0].path)
     image = preprocessing(plan, with_label=False)(case_dict(channels))[IMAGE]
     return PreparedCase(image.as_tensor(), image.affine.numpy().astype(np.float64), geometry)
-
-
-def _refuse_sheared_axes(geometry: Geometry, path: Path | None) -> None:
-    """The mask goes back onto the input grid by permuting, flipping and scaling axes, which
-    needs voxel axes at right angles (any rotation is fine)."""
-    worst = shear_degrees(geometry)
-    if worst > SHEAR_TOLERANCE_DEGREES:
-        raise MedsegError(f"the voxel axes are sheared (up to {worst:.2f} degrees off a right "
-                          f"angle); resample the scan onto an orthogonal grid first", path)
 
 
 def _refuse_huge_network_grid(geometry: Geometry, plan: Plan, path: Path | None) -> None:

@@ -37,9 +37,9 @@ def run_evaluation(pred_dir: Path, ref_dir: Path, labels_path: Path | None,
     """Score every reference against the prediction of the same name, print a table and,
     with `out_dir`, write scores.csv, summary.json and report.html. Returns the summary
     (its `failed_cases` is non-empty when some case could not be scored). Label names come
-    from `labels_path`, else `label_names`, else the values found in the references."""
+    from `labels_path`, else `label_names`, else the values found in the references.
+    `only_cases` scores those cases alone (predict --reference: its batch)."""
     from medseg.datasets import label_names_from_json
-    # `only_cases`: score these cases alone (predict --reference: its batch)
 
     if jobs < 1:
         raise MedsegError(f"--jobs must be at least 1, got {jobs}")

@@ -170,7 +170,9 @@ def train_fold(
     loss_fn = loss_function(plan, cfg)
     ema = weight_average(model, cfg.ema_decay)
     scored = ema.module if ema is not None else model  # the weights validated and saved
-    saved = _saved_settings(fold_dir / "checkpoints" / TRAIN_STATE) if resume else {}
+    # read once: its settings decide the precision (and so the scaler) it is applied to
+    state = _resume_state(fold_dir / "checkpoints" / TRAIN_STATE) if resume else None
+    saved = _settings_of(state)
     autocast_dtype = _resumed_precision(cfg.precision, device, saved.get("precision"), ranks)
     _note_world_size(saved.get("world_size"), ranks)
     if cfg.precision == "amp" and device.type != "cuda" and ranks.main:
@@ -183,9 +185,9 @@ def train_fold(
     metrics_path = fold_dir / "metrics.jsonl"
     best = {"epoch": -1, "mean": -math.inf, "dice": {}}
     first_epoch = 0
-    if resume:  # every rank loads the state
-        first_epoch, best = _load_state(checkpoints / TRAIN_STATE, model, optimizer, scheduler,
-                                        scaler, ema)
+    if state is not None:  # every rank loads the state
+        first_epoch, best = _apply_state(state, checkpoints / TRAIN_STATE, model, optimizer,
+                                         scheduler, scaler, ema)
     writer = None
     if ranks.main:
         checkpoints.mkdir(parents=True, exist_ok=True)
@@ -232,7 +234,7 @@ def train_fold(
             _log(writer, metrics_path, record)
             save_weights(scored, checkpoints / LAST_WEIGHTS)
             _save_state(checkpoints / TRAIN_STATE, model, optimizer, scheduler, scaler, epoch,
-                        best, ema, settings={"precision": _precision_name(autocast_dtype),
+                        best, ema, settings={"precision": PRECISION_NAMES[autocast_dtype],
                                              "world_size": ranks.world_size})
         if out_of_time:
             if ranks.main:
@@ -559,10 +561,29 @@ def _read_state(path: Path, mmap: bool = False) -> dict:
 def _load_state(path: Path, model, optimizer, scheduler, scaler, ema=None
                 ) -> tuple[int, dict]:
     """Restore a training state; returns the next epoch and the best score so far."""
+    return _apply_state(_resume_state(path), path, model, optimizer, scheduler, scaler, ema)
+
+
+def _resume_state(path: Path) -> dict:
+    """The saved training state to resume from, refused in one line when unreadable."""
     if not path.is_file():
         raise MedsegError("no training state to resume from", path)
     try:
         state = _read_state(path)
+    except STATE_ERRORS as exc:
+        raise MedsegError(f"cannot resume from this training state ({_state_problem(exc)})",
+                          path) from exc
+    if not isinstance(state, dict):
+        raise MedsegError("cannot resume from this training state (not a medseg training "
+                          "state)", path)
+    return state
+
+
+def _apply_state(state: dict, path: Path, model, optimizer, scheduler, scaler, ema=None
+                 ) -> tuple[int, dict]:
+    """Put a read state (`path`'s) into the training objects; returns the next epoch and the
+    best score so far."""
+    try:
         next_epoch, best = int(state["epoch"]) + 1, dict(state["best"])
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -587,20 +608,13 @@ def _state_problem(exc: BaseException) -> str:
     return one_line(str(exc))[:200] or type(exc).__name__
 
 
-def _saved_settings(path: Path) -> dict:
-    """How a saved run trained ({} for a state without them, or one resume will refuse)."""
-    try:
-        settings = _read_state(path, mmap=True).get("settings", {})
-    except STATE_ERRORS:
-        return {}
+def _settings_of(state: dict | None) -> dict:
+    """How a saved run trained ({} without a state, or for a state from before settings)."""
+    settings = (state or {}).get("settings", {})
     return dict(settings) if isinstance(settings, dict) else {}
 
 
 PRECISION_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-def _precision_name(dtype: torch.dtype | None) -> str:
-    return PRECISION_NAMES[dtype]
 
 
 def _resumed_precision(requested: str, device: torch.device, saved: str | None,
@@ -614,11 +628,11 @@ def _resumed_precision(requested: str, device: torch.device, saved: str | None,
     if saved == "fp16" and device.type != "cuda":  # fp16 autocast is CUDA's
         if ranks.main:
             tqdm.write(f"medseg: note: this run trained in fp16 on CUDA; it goes on in "
-                       f"{_precision_name(chosen)} here, so its curve changes course")
+                       f"{PRECISION_NAMES[chosen]} here, so its curve changes course")
         return chosen
     if ranks.main:
         tqdm.write(f"medseg: note: train.precision auto chose {saved} when this run started "
-                   f"(here it would choose {_precision_name(chosen)}); the run goes on in "
+                   f"(here it would choose {PRECISION_NAMES[chosen]}); the run goes on in "
                    f"{saved}")
     return by_name[saved]
 

@@ -77,8 +77,18 @@ def supervised_outputs(output: torch.Tensor | list[torch.Tensor]) -> list[torch.
 def save_weights(model: torch.nn.Module, path: Path) -> None:
     """Weights as safetensors (no pickle), written atomically; the same weights give the
     same bytes."""
+    save_weight_tensors(_unaliased_state(model), path)
+
+
+def save_weight_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """What save_weights writes, from a snapshot of it (weight_snapshot)."""
     with atomic_path(path) as tmp:
-        save_file(_unaliased_state(model), str(tmp), metadata={"format": "pt"})
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+
+
+def weight_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of what save_weights would write now, which later steps do not change."""
+    return {name: tensor.clone() for name, tensor in _unaliased_state(model).items()}
 
 
 def _unaliased_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -28,7 +28,13 @@ from medseg.config import TrainConfig, Workflow
 from medseg.datasets import Case, Dataset
 from medseg.errors import MedsegError, one_line
 from medseg.fileio import atomic_path, atomic_write_text, json_safe
-from medseg.model import create_model, save_weights, supervised_outputs
+from medseg.model import (
+    create_model,
+    save_weight_tensors,
+    save_weights,
+    supervised_outputs,
+    weight_snapshot,
+)
 from medseg.plan import Plan
 from medseg.transforms import IMAGE, LABEL, augmentation, case_dict, preprocessing
 
@@ -184,13 +190,20 @@ def train_fold(
     checkpoints = fold_dir / "checkpoints"
     metrics_path = fold_dir / "metrics.jsonl"
     best = {"epoch": -1, "mean": -math.inf, "dice": {}}
+    best_weights = None  # rank 0's copy of best.safetensors, kept in the state
     first_epoch = 0
     if state is not None:  # every rank loads the state
         first_epoch, best = _apply_state(state, checkpoints / TRAIN_STATE, model, optimizer,
                                          scheduler, scaler, ema)
+        best_weights = _saved_best_weights(state) if ranks.main else None
     writer = None
     if ranks.main:
         checkpoints.mkdir(parents=True, exist_ok=True)
+        if best_weights is not None:
+            # a run stopped between a new best.safetensors and its state left that file one
+            # epoch ahead of the state; where the epoch then redone does not score the same
+            # (CUDA is not bit-exact), the file would no longer be the state's best
+            save_weight_tensors(best_weights, checkpoints / BEST_WEIGHTS)
         # from scratch, a fold killed before its first saved state starts a new curve
         _truncate_metrics(metrics_path, first_epoch)
         writer = SummaryWriter(str(fold_dir / "tensorboard"), purge_step=first_epoch)
@@ -226,7 +239,8 @@ def train_fold(
             if mean_dice > best["mean"]:  # never for NaN
                 best = {"epoch": epoch, "mean": mean_dice, "dice": dice}
                 if ranks.main:
-                    save_weights(scored, checkpoints / BEST_WEIGHTS)
+                    best_weights = weight_snapshot(scored)
+                    save_weight_tensors(best_weights, checkpoints / BEST_WEIGHTS)
             bar.set_postfix(loss=f"{train_loss:.3f}", dice=f"{mean_dice:.3f}")
         # the whole run so far, validation included
         record["elapsed_seconds"] = round(elapsed_before + time.monotonic() - started, 2)
@@ -235,7 +249,8 @@ def train_fold(
             save_weights(scored, checkpoints / LAST_WEIGHTS)
             _save_state(checkpoints / TRAIN_STATE, model, optimizer, scheduler, scaler, epoch,
                         best, ema, settings={"precision": PRECISION_NAMES[autocast_dtype],
-                                             "world_size": ranks.world_size})
+                                             "world_size": ranks.world_size},
+                        best_weights=best_weights)
         if out_of_time:
             if ranks.main:
                 tqdm.write(f"train.max_minutes={cfg.max_minutes} reached after {epoch + 1} "
@@ -531,15 +546,19 @@ def _log(writer, metrics_path: Path, record: dict) -> None:
 
 
 def _save_state(path: Path, model, optimizer, scheduler, scaler, epoch: int, best: dict,
-                ema=None, settings: dict | None = None) -> None:
+                ema=None, settings: dict | None = None,
+                best_weights: dict[str, torch.Tensor] | None = None) -> None:
     """Everything resume needs, in one atomic file of tensors and plain numbers (it loads
     with `weights_only=True`). `settings`: how the run trained (the precision `auto` chose,
-    the number of processes), which a resume keeps or reports."""
+    the number of processes), which a resume keeps or reports; `best_weights`: what
+    best.safetensors holds, which a resume writes again."""
     state = {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
              "best": best, "settings": dict(settings or {})}
     if ema is not None:
         state["ema"] = ema.state_dict()
+    if best_weights is not None:
+        state["best_weights"] = best_weights
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
@@ -598,6 +617,14 @@ def _apply_state(state: dict, path: Path, model, optimizer, scheduler, scaler, e
         raise MedsegError(f"cannot resume from this training state ({_state_problem(exc)})",
                           path) from exc
     return next_epoch, best
+
+
+def _saved_best_weights(state: dict) -> dict[str, torch.Tensor] | None:
+    """best.safetensors as the state knows it (None in states from before it was kept)."""
+    weights = state.get("best_weights")
+    if isinstance(weights, dict) and all(isinstance(t, torch.Tensor) for t in weights.values()):
+        return weights
+    return None
 
 
 def _state_problem(exc: BaseException) -> str:

@@ -470,6 +470,27 @@ def test_a_budget_stop_between_validations_leaves_the_best_checkpoint_as_straigh
             (tmp_path / "cut" / "fold_0" / "checkpoints" / weights).read_bytes(), weights
 
 
+def test_resume_writes_back_the_best_checkpoint_of_its_state(tmp_path, phantom_dataset,
+                                                               monkeypatch):
+    """A run stopped after a new best.safetensors but before its state left the file an
+    epoch ahead; where the redone epoch does not score as well (CUDA is not bit-exact), the
+    file stayed the lost epoch's rather than the best the run reports."""
+    from safetensors.torch import load_file, save_file
+
+    import medseg.train
+
+    assert train(tmp_path / "cut", phantom_dataset, "train.max_minutes=0.00001") == 0
+    checkpoints = tmp_path / "cut" / "fold_0" / "checkpoints"
+    best_file = checkpoints / "best.safetensors"
+    best_of_epoch_0 = best_file.read_bytes()
+    # as if the lost epoch 1 had scored higher and written its (other) weights
+    save_file({name: tensor + 1 for name, tensor in load_file(best_file).items()}, best_file)
+    monkeypatch.setattr(medseg.train, "_mean_over_structures", lambda dice: -1.0)  # worse
+    assert main(["train", "--resume", str(tmp_path / "cut")]) == 0
+    assert final_state(tmp_path / "cut")["best"]["epoch"] == 0
+    assert best_file.read_bytes() == best_of_epoch_0
+
+
 def test_a_resumed_auto_run_keeps_the_precision_it_started_with(monkeypatch, capsys):
     from medseg.train import Ranks, _note_world_size, _resumed_precision
 

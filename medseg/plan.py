@@ -120,8 +120,11 @@ def make_plan(fp: Fingerprint, config: PlanConfig) -> Plan:
     median_shape = _median_resampled_shape(fp.spacings, fp.shapes, spacing)
     patch = config.patch_size or initial_patch_size(median_shape, spacing,
                                                     config.max_patch_voxels)
-    kernels, strides = kernels_and_strides(patch, spacing)
-    patch = _divisible_patch(patch, strides) if config.patch_size is None else list(patch)
+    if config.patch_size is None:
+        patch, kernels, strides = _divisible_topology(patch, spacing)
+    else:
+        kernels, strides = kernels_and_strides(patch, spacing)
+        patch = list(patch)
     _check_patch(patch, strides)
     _check_network(config.network, strides)
     # SegResNetDS doubles its width at every level with no cap: the plan says what is built
@@ -172,23 +175,47 @@ def initial_patch_size(median_shape: list[int], spacing: list[float], budget: in
         shrinkable = [i for i in range(3) if patch[i] > MIN_PATCH_AXIS]
         if not shrinkable:
             break
-        axis = max(shrinkable, key=lambda i: patch[i] * spacing[i])
-        patch[axis] = max(MIN_PATCH_AXIS, int(patch[axis] * 0.9))
+        longest = max(patch[i] * spacing[i] for i in shrinkable)
+        for axis in shrinkable:  # axes of one length shrink together (a CT's rows, columns)
+            if patch[axis] * spacing[axis] >= longest * (1 - 1e-6):
+                patch[axis] = max(MIN_PATCH_AXIS, int(patch[axis] * 0.9))
     return patch
+
+
+def _divisible_topology(patch: list[int], spacing: list[float]
+                        ) -> tuple[list[int], list[list[int]], list[list[int]]]:
+    """The patch rounded up to what its down-sampling divides, with the topology of the
+    rounded patch (rounding up can leave an axis enough voxels for one more pooling, which
+    changes the factor to round to: repeated until it settles, as nnU-Net plans on the
+    patch it trains)."""
+    for _ in range(MAX_LEVELS + 1):
+        kernels, strides = kernels_and_strides(patch, spacing)
+        rounded = _divisible_patch(patch, strides)
+        if rounded == list(patch):
+            break
+        patch = rounded
+    return list(patch), kernels, strides
 
 
 def kernels_and_strides(patch: list[int], spacing: list[float]
                         ) -> tuple[list[list[int]], list[list[int]]]:
-    """DynUNet topology as in MONAI's DynUNet tutorial: pool an axis while it is not coarser
-    than twice the finest and still has at least 8 voxels."""
+    """DynUNet topology as nnU-Net plans it: at each level, pool the axes that still have at
+    least 8 voxels and are not coarser than twice the finest of those; a kernel is 3 wide
+    along an axis from the level where that axis is within twice the finest spacing on."""
     sizes, spacings = [float(p) for p in patch], list(spacing)
+    kernel = [1, 1, 1]
     kernels, strides = [], [[1, 1, 1]]
     while len(strides) < MAX_LEVELS:
-        ratios = [s / min(spacings) for s in spacings]
-        stride = [2 if r <= 2 and size >= 8 else 1 for r, size in zip(ratios, sizes, strict=True)]
-        if all(s == 1 for s in stride):
+        poolable = [i for i in range(3) if sizes[i] >= 8]
+        if not poolable:
             break
-        kernels.append([3 if r <= 2 else 1 for r in ratios])
+        # the finest of the axes that can still pool: an axis that ran out of voxels keeps
+        # its fine spacing and would otherwise stop the others early
+        finest = min(spacings[i] for i in poolable)
+        stride = [2 if i in poolable and spacings[i] / finest <= 2 else 1 for i in range(3)]
+        kernel = [3 if k == 3 or sp / min(spacings) <= 2 else 1
+                  for k, sp in zip(kernel, spacings, strict=True)]
+        kernels.append(list(kernel))
         sizes = [size / s for size, s in zip(sizes, stride, strict=True)]
         spacings = [sp * s for sp, s in zip(spacings, stride, strict=True)]
         strides.append(stride)

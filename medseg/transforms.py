@@ -111,6 +111,12 @@ def _normalize(key: str, norm: dict) -> mt.MapTransform:
         # mean and sd: one linear map with clipping
         low, high = norm["clip"]
         mean, std = norm["mean"], norm["std"]
+        if high <= low:
+            # a foreground of one intensity clips every voxel to it; ScaleIntensityRange
+            # would divide by zero and return the input unclipped: map any range to it
+            constant = (low - mean) / std
+            return mt.ScaleIntensityRanged(key, a_min=low, a_max=low + 1.0, b_min=constant,
+                                           b_max=constant, clip=True)
         return mt.ScaleIntensityRanged(key, a_min=low, a_max=high, b_min=(low - mean) / std,
                                        b_max=(high - mean) / std, clip=True)
     return mt.NormalizeIntensityd(key, nonzero=True)

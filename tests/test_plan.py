@@ -169,3 +169,38 @@ def test_negative_label_values_are_refused_without_a_label_map(tmp_path):
         nib.save(nib.Nifti1Image(label, phantom.affine), tmp_path / "labels" / f"c{index}.nii.gz")
     with pytest.raises(MedsegError, match=r"c0.nii.gz: label values \[-1\] are negative"):
         fingerprint(load_dataset(tmp_path))
+
+
+def test_an_axis_out_of_voxels_does_not_stop_the_pooling_of_the_others():
+    """A thin slab: its fine third axis runs out of voxels first and kept its fine spacing,
+    so the in-plane axes, 'coarser than twice the finest', stopped pooling at 12 voxels."""
+    kernels, strides = kernels_and_strides([192, 192, 24], [1.0, 1.0, 1.0])
+    bottleneck = np.asarray([192, 192, 24]) // np.prod(strides, axis=0)
+    assert bottleneck.tolist() == [6, 6, 6]
+    assert all(k == [3, 3, 3] for k in kernels)  # a 3-wide kernel stays 3 wide
+
+
+def test_axes_of_one_length_get_one_patch_size_and_the_topology_of_the_rounded_patch():
+    """A CT's rows and columns were shrunk in turn (patch [128, 160, 48]) and planned before
+    rounding up: one pooled 4 times, the other 5."""
+    fp = synthetic_fingerprint([[0.8, 0.8, 2.5]] * 5, [[512, 512, 120]] * 5, modality="CT")
+    plan = make_plan(fp, PlanConfig())
+    assert plan.patch_size[0] == plan.patch_size[1]
+    assert [s[0] for s in plan.strides] == [s[1] for s in plan.strides]
+    bottleneck = np.asarray(plan.patch_size) // np.prod(plan.strides, axis=0)
+    assert (bottleneck < 8).all()  # no axis left with voxels for one more pooling
+    assert (np.asarray(plan.patch_size) % np.prod(plan.strides, axis=0) == 0).all()
+
+
+def test_ct_normalization_of_a_foreground_of_one_intensity_is_bounded():
+    """ScaleIntensityRange divides by zero when the percentiles meet and returned the raw
+    intensities, unclipped."""
+    import torch
+
+    from medseg.plan import _intensity_stats, _normalization
+    from medseg.transforms import _normalize
+
+    norm = _normalization("CT", _intensity_stats(np.full(5000, 40.0)))
+    image = torch.linspace(-1000, 1000, 512).reshape(1, 8, 8, 8)
+    out = _normalize("image", norm)({"image": image})["image"]
+    assert torch.equal(torch.as_tensor(out), torch.zeros_like(image))

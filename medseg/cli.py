@@ -616,7 +616,8 @@ def _parser() -> argparse.ArgumentParser:
                        "train.fold of the workflow)")
     train.add_argument("--set", dest="overrides", action="append", default=[],
                        metavar="KEY=VALUE", help="override a workflow key (repeatable); "
-                       "with --resume only train.max_minutes, a new budget")
+                       "with --resume only train.max_minutes (a new budget) and "
+                       "dataset.path (a moved dataset)")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run")
     train.set_defaults(handler=cmd_train)
 

@@ -173,6 +173,10 @@ class _UniqueKeySafeLoader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`, merged by PyYAML
                 continue
             key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, list | dict):  # `[a, b]: 1`: PyYAML fails on it unnamed
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a key must be a plain name, not a list or a mapping",
+                    key_node.start_mark)
             if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key '{key}' given twice", key_node.start_mark)
@@ -215,13 +219,24 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         node = node[key]
         if not isinstance(node, dict):
             raise MedsegError(f"override '{item}': '{key}' is not a section")
+    node[keys[-1]] = _override_value(text, _hint_at(keys), item)
+
+
+# what YAML reads as null: an optional text key given one of these is unset
+_YAML_NULLS = ("", "~", "null", "Null", "NULL")
+
+
+def _override_value(text: str, hint: Any, item: str) -> Any:
+    """A `--set` value: YAML, except that a text key takes the text as written (unless
+    quoted): `dataset.path=2024.10` names a folder, not the number 2024.1, and YAML would cut
+    `runs/my #2` at its comment and refuse `@scans` or `%data`."""
+    stripped = text.strip()
+    if _takes_text(hint) and stripped[:1] not in ("'", '"'):
+        return None if stripped in _YAML_NULLS else stripped
     try:
-        value = yaml.load(text, Loader=_UniqueKeySafeLoader)
+        return yaml.load(text, Loader=_UniqueKeySafeLoader)
     except yaml.YAMLError as exc:
         raise MedsegError(f"override '{item}': value is not valid YAML") from exc
-    if _takes_text(_hint_at(keys)) and value is not None and not isinstance(value, str):
-        value = text.strip()  # `dataset.path=2024.10` names a folder, not the number 2024.1
-    node[keys[-1]] = value
 
 
 def _takes_text(hint: Any) -> bool:
@@ -245,7 +260,7 @@ def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
                           source)
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - known)
+    unknown = sorted(set(raw) - known, key=str)  # `3:` is a key of the file, too
     if unknown:
         where = f"{prefix}{unknown[0]}"
         raise MedsegError(
@@ -256,7 +271,9 @@ def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
         hint = hints[name]
         key = f"{prefix}{name}"
         if dataclasses.is_dataclass(hint):
-            values[name] = _build(hint, value or {}, source, prefix=f"{key}.")
+            # a section whose keys are all commented out is empty; `train: false` is refused
+            values[name] = _build(hint, {} if value is None else value, source,
+                                  prefix=f"{key}.")
         else:
             values[name] = _coerce(value, hint, key, source)
     return cls(**values)
@@ -350,6 +367,7 @@ _POSITIVE_INT = _Range(low=1)
 _NOT_NEGATIVE = _Range(low=0)
 _POSITIVE = _Range(low=0, low_open=True)
 _PROBABILITY = _Range(low=0, high=1)
+_SEED = _Range(low=0, high=2**32 - 1)  # NumPy's seeds
 
 # every numeric key, so that a bad value stops at loading with the file named, not deep in
 # training with a library's traceback (None, where a key allows it, is not checked)
@@ -387,6 +405,8 @@ _RANGES = {
     ("train", "num_workers"): _NOT_NEGATIVE,
     ("train", "folds"): _Range(low=2),
     ("train", "fold"): _NOT_NEGATIVE,
+    ("train", "seed"): _SEED,
+    ("train", "split_seed"): _SEED,
     ("predict", "step"): _Range(low=0, high=1, low_open=True),
     ("predict", "sw_batch_size"): _POSITIVE_INT,
     ("predict", "largest_component"): _POSITIVE_INT,

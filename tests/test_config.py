@@ -201,3 +201,27 @@ def test_a_one_fold_splits_file_round_trips_and_optional_text_keeps_its_digits(t
     assert load_workflow(tmp_path / "workflow.yaml").train.folds == 1
     with pytest.raises(MedsegError, match="'dataset.path' must be a string, got None"):
         load_workflow(None, ["dataset.path=null"])
+
+
+def test_text_overrides_keep_comment_signs_and_yaml_indicators():
+    """YAML cut `runs/my #2` at its comment (and read another folder) and refused `@scans`."""
+    workflow = load_workflow(None, ["dataset.path=/data/my #1", "name=run #1",
+                                    "train.splits_file=@splits/%a.json"])
+    assert workflow.dataset.path == "/data/my #1" and workflow.name == "run #1"
+    assert Path(workflow.train.splits_file).name == "%a.json"
+    assert load_workflow(None, ["name='quoted #x'"]).name == "quoted #x"
+    assert load_workflow(None, ["train.splits_file=null"]).train.splits_file is None
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("[a, b]: 1\n", r"wf.yaml: not valid YAML \(line 1\): a key must be a plain name"),
+    ("train: {3: x, fooo: 2}\n", "unknown workflow key 'train.3'"),
+    ("train: false\n", "section 'train' must be a mapping"),
+    ("plan: []\n", "section 'plan' must be a mapping"),
+    ("train:\n  seed: -1\n", r"wf.yaml: 'train.seed' must be at least 0"),
+    ("train:\n  split_seed: 4294967296\n", "'train.split_seed' must be at least 0 and at most"),
+])
+def test_malformed_workflows_are_refused_naming_the_file(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(MedsegError, match=message):
+        load_workflow(path)

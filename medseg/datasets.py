@@ -24,6 +24,8 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 LAYOUTS = ("msd", "nnunet", "folders", "csv")
 CSV_NAME = "dataset.csv"
 CSV_RESERVED = ("case", "label")
+# keys of an MSD or nnU-Net dataset.json other than its label table
+DESCRIPTION_KEYS = {"training", "channel_names", "modality", "file_ending", "numTraining"}
 _WHOLE_NUMBER = re.compile(r"-?[0-9]+")  # ASCII digits: "²".isdigit() is true, int("²") fails
 
 
@@ -109,7 +111,10 @@ def label_names_from_json(path: str | Path) -> dict[int, str]:
     "background" unless the file names it)."""
     path = Path(path)
     data = _read_json(path)
-    table = data.get("labels", data) if isinstance(data, dict) else None
+    # a dataset description holds its table under "labels"; a labels.json is the table
+    describes_dataset = isinstance(data, dict) and bool(DESCRIPTION_KEYS & set(data))
+    table = data.get("labels", None if describes_dataset else data) \
+        if isinstance(data, dict) else None
     if not isinstance(table, dict) or not table:
         raise MedsegError("no 'labels' mapping found", path)
     if any(isinstance(value, list | tuple) for value in table.values()):
@@ -250,8 +255,8 @@ def _refuse_repeated_names(listing: Listing) -> None:
 def _detect_layout(root: Path) -> str:
     description = root / "dataset.json"
     if description.is_file():
-        data = _read_json(description)
-        if not (isinstance(data, dict) and "training" in data):
+        data = _read_description(description)
+        if "training" not in data:
             return "nnunet"
         return "nnunet" if _nnunet_v1_files(root, data["training"]) else "msd"
     if (root / "images").is_dir() and (root / "labels").is_dir():
@@ -273,7 +278,7 @@ def _nnunet_v1_files(root: Path, entries: object) -> bool:
     return not image.exists() and _channel_0_file(image).exists()
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path) -> dict | list:
     if not path.is_file():
         raise MedsegError("file not found", path)
     try:
@@ -282,6 +287,15 @@ def _read_json(path: Path) -> dict:
         raise MedsegError(f"not valid JSON ({exc})", path) from exc
     except _RepeatedKey as exc:
         raise MedsegError(str(exc), path) from exc
+
+
+def _read_description(path: Path) -> dict:
+    """A dataset.json, which is one JSON object."""
+    data = _read_json(path)
+    if not isinstance(data, dict):
+        raise MedsegError(f"a dataset description must be one JSON object {{...}}, got "
+                          f"{type(data).__name__ if data is not None else 'null'}", path)
+    return data
 
 
 class _RepeatedKey(ValueError):
@@ -311,7 +325,7 @@ def _listed(root: Path, entry: object, description: Path) -> Path:
 
 def _list_msd(root: Path) -> Listing:
     description = root / "dataset.json"
-    data = _read_json(description)
+    data = _read_description(description)
     entries = data.get("training")
     if not isinstance(entries, list):
         raise MedsegError("'training' must be a list of {image, label}", description)
@@ -337,7 +351,7 @@ def _list_msd(root: Path) -> Listing:
 
 def _list_nnunet(root: Path) -> Listing:
     description = root / "dataset.json"
-    data = _read_json(description)
+    data = _read_description(description)
     channels = data.get("channel_names") or data.get("modality")
     if not isinstance(channels, dict):
         raise MedsegError("'channel_names' is missing", description)
@@ -349,15 +363,33 @@ def _list_nnunet(root: Path) -> Listing:
         name = label.name[: -len(ending)]
         images = tuple(root / "imagesTr" / f"{name}_{int(k):04d}{ending}" for k in channel_ids)
         cases.append(Case(name, images, label))
-    labelled = {c.name for c in cases}
-    orphans = tuple(
-        (image, f"image without a label in labelsTr (expected {image.name[:-len(ending)-5]}"
-                f"{ending})")
-        for image in _visible(sorted((root / "imagesTr").glob(f"*_[0-9][0-9][0-9][0-9]{ending}")))
-        if image.name[: -len(ending) - 5] not in labelled)
+    orphans = _nnunet_strays(root / "imagesTr", ending, {c.name for c in cases},
+                             [int(k) for k in channel_ids])
     modalities = tuple(_modality_name(channels[k]) for k in channel_ids)
     dataset = Dataset(root, tuple(cases), label_names_from_json(description), modalities)
     return Listing(dataset, "nnunet", description, orphans)
+
+
+def _nnunet_strays(images_folder: Path, ending: str, labelled: set[str],
+                   channels: list[int]) -> tuple[tuple[Path, str], ...]:
+    """Files of imagesTr that no case reads: an image without a label, a channel that
+    channel_names does not list (training would use fewer channels than the files hold), or
+    a name not of nnU-Net's CASE_XXXX form."""
+    strays = []
+    listed = ", ".join(f"{c:04d}" for c in channels)
+    for image in _visible(sorted(images_folder.glob(f"*{ending}"))):
+        stem = image.name[: -len(ending)]
+        case, _, channel = stem.rpartition("_")
+        if not (case and len(channel) == 4 and channel.isascii() and channel.isdigit()):
+            strays.append((image, f"not named CASE_XXXX{ending} (XXXX: the channel number), "
+                                  f"so no case reads it"))
+        elif case not in labelled:
+            strays.append((image, f"image without a label in labelsTr (expected "
+                                  f"{case}{ending})"))
+        elif int(channel) not in channels:
+            strays.append((image, f"channel {channel} is not in dataset.json's channel_names "
+                                  f"({listed}): add it there, or move the file out"))
+    return tuple(strays)
 
 
 def _visible(paths: list[Path]) -> list[Path]:
@@ -379,6 +411,9 @@ def _refuse_unmatched_ending(labels_folder: Path, ending: str, description: Path
 
 def _channel_numbers(channels: dict, key: str, description: Path) -> list[str]:
     """The keys of a channel table ("0", "1", ...) in channel order."""
+    if not channels:
+        raise MedsegError(f"'{key}' names no channel: map \"0\" to the first channel's "
+                          f"modality", description)
     try:
         return sorted(channels, key=int)
     except (TypeError, ValueError) as exc:
@@ -451,6 +486,13 @@ def _read_csv(path: Path) -> tuple[list[dict[str, str]], list[str]]:
                  for k, v in row.items()} for row in reader]
     except csv.Error as exc:
         raise MedsegError(f"not a readable CSV file ({exc})", path) from exc
+    unnamed = [number for number, column in enumerate(columns, start=1) if not column]
+    if unnamed:
+        raise MedsegError(f"column {unnamed[0]} of the header has no name (a comma too many?)",
+                          path)
+    repeated = sorted({column for column in columns if columns.count(column) > 1})
+    if repeated:  # DictReader would keep the last of them and drop the others unsaid
+        raise MedsegError(f"column '{repeated[0]}' appears twice in the header", path)
     missing = [c for c in ("image", "label") if c not in columns]
     if missing:
         raise MedsegError(f"CSV needs the columns image and label; missing "

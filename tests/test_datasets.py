@@ -247,3 +247,49 @@ def test_nnunet_label_ids_may_be_written_as_text_or_whole_floats(tmp_path):
     path.write_text('{"labels": {"background": "0", "liver": "1", "spleen": 2.0}}',
                     encoding="utf-8")
     assert label_names_from_json(path) == {0: "background", 1: "liver", 2: "spleen"}
+
+
+@pytest.mark.parametrize(("description", "message"), [
+    ({"training": [], "modality": {"0": "MR"}}, "dataset.json: no 'labels' mapping found"),
+    ({"channel_names": {"0": "CT"}, "file_ending": ".nii.gz"}, "no 'labels' mapping found"),
+    ([{"image": "a.nii.gz", "label": "b.nii.gz"}],
+     "dataset.json: a dataset description must be one JSON object"),
+    (None, "must be one JSON object {...}, got null"),
+    ({"training": [], "modality": {}, "labels": {"0": "background", "1": "x"}},
+     "dataset.json: 'modality' names no channel"),
+])
+def test_descriptions_that_do_not_describe_a_dataset_are_named(tmp_path, description, message):
+    (tmp_path / "dataset.json").write_text(json.dumps(description), encoding="utf-8")
+    (tmp_path / "labelsTr").mkdir()
+    with pytest.raises(MedsegError, match=message):
+        load_dataset(tmp_path)
+
+
+@pytest.mark.parametrize(("header", "message"), [
+    ("image,label,image", "column 'image' appears twice in the header"),
+    ("image,t2,label,", "column 4 of the header has no name"),
+])
+def test_csv_headers_that_would_drop_a_channel_are_refused(tmp_path, header, message):
+    csv_path = tmp_path / "dataset.csv"
+    csv_path.write_text(f"{header}\na.nii.gz,b.nii.gz,c.nii.gz\n", encoding="utf-8")
+    with pytest.raises(MedsegError, match=f"dataset.csv: {message}"):
+        load_dataset(csv_path)
+
+
+@pytest.mark.parametrize(("stray", "message"), [
+    ("a_0001.nii.gz", r"a_0001.nii.gz: channel 0001 is not in dataset.json's channel_names "
+                      r"\(0000\)"),
+    ("a1.nii.gz", "a1.nii.gz: not named CASE_XXXX.nii.gz"),
+])
+def test_nnunet_files_no_case_reads_are_refused(tmp_path, stray, message):
+    """A second channel left out of channel_names was dropped without a word."""
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    (tmp_path / "imagesTr" / "a_0000.nii.gz").write_bytes(b"x")
+    (tmp_path / "imagesTr" / stray).write_bytes(b"x")
+    (tmp_path / "labelsTr" / "a.nii.gz").write_bytes(b"x")
+    (tmp_path / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "T2"}, "labels": {"background": 0, "x": 1},
+        "file_ending": ".nii.gz"}), encoding="utf-8")
+    with pytest.raises(MedsegError, match=message):
+        load_dataset(tmp_path)

@@ -84,7 +84,8 @@ def run_evaluation(pred_dir: Path, ref_dir: Path, labels_path: Path | None,
         print(f"resampled onto the reference grid (nearest neighbour): "
               f"{', '.join(summary['resampled_cases'])}")
     if out_dir is not None:
-        write_reports(results, out_dir, labels=labels, tolerance_mm=tolerance_mm)
+        write_reports(results, out_dir, labels=labels, tolerance_mm=tolerance_mm,
+                      summary=summary)
         print(f"wrote {out_dir / 'scores.csv'}, {out_dir / 'summary.json'} and "
               f"{out_dir / 'report.html'}")
     return summary
@@ -136,11 +137,13 @@ def absent_structures(results: list[CaseScores]) -> list[str]:
 
 
 def write_reports(results: list[CaseScores], out_dir: Path, labels: dict[int, str] | None = None,
-                  tolerance_mm: float | None = None, html: bool = True) -> dict:
+                  tolerance_mm: float | None = None, html: bool = True,
+                  summary: dict | None = None) -> dict:
     """Write scores.csv (a row per case and structure), summary.json and (with `html`)
-    report.html into out_dir; return the summary. `labels` (id -> name) lets the report
-    draw the overlay montages."""
-    summary = summarize(results, tolerance_mm)
+    report.html into out_dir; return the summary (`summary`: summarize's, already made).
+    `labels` (id -> name) lets the report draw the overlay montages."""
+    if summary is None:
+        summary = summarize(results, tolerance_mm)
     page = None
     if html:  # rendered first, so that a failure leaves no new CSV beside an old report
         from medseg.report_html import render_report

@@ -223,7 +223,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         from medseg.datasets import strip_image_suffix
         from medseg.predict import output_name
 
-        batch = {strip_image_suffix(output_name(r.input)) for r in results}
+        # a case that failed now is not scored: its mask, if any, is an earlier run's
+        batch = {strip_image_suffix(output_name(r.input)) for r in results if not r.error}
         summary = _evaluate_predictions(Path(args.model), Path(args.output),
                                         Path(args.reference), batch)
         if summary["failed_cases"]:
@@ -416,7 +417,7 @@ def _resume_run(run_dir: Path, fold_text: str | None, overrides: list[str] | Non
 def _requested_folds(run_dir: Path, default_fold: int) -> list[int]:
     """The folds `medseg train` was asked for (all of them after `--fold all`, started or
     not); for a run folder from before folds.json, the folds with a saved state."""
-    from medseg.train import TRAIN_STATE
+    from medseg.train import TRAIN_STATE, fold_folders
 
     path = run_dir / FOLDS_FILE
     if path.is_file():
@@ -428,8 +429,7 @@ def _requested_folds(run_dir: Path, default_fold: int) -> list[int]:
                 and all(isinstance(k, int) and k >= 0 for k in folds)):
             raise MedsegError(f"expected a list of fold numbers, got {folds!r}", path)
         return folds
-    started = sorted(int(p.name.split("_")[1]) for p in run_dir.glob("fold_*")
-                     if (p / "checkpoints" / TRAIN_STATE).is_file())
+    started = [k for k, p in fold_folders(run_dir) if (p / "checkpoints" / TRAIN_STATE).is_file()]
     return started or [default_fold]
 
 

@@ -49,8 +49,10 @@ from medseg.train import (
     BEST_WEIGHTS,
     TRAIN_STATE,
     finished_fold,
+    fold_folders,
     last_metrics_record,
     select_precision,
+    stopped_by_budget,
 )
 from medseg.transforms import IMAGE, case_dict, preprocessing
 
@@ -110,8 +112,8 @@ def load_predictor(run_dir: str | Path, folds: list[int] | None = None,
     torch_device = resolve_device(device)
     run_dir = Path(run_dir)
     plan = load_plan(run_dir / "plan.json")
-    fold_dirs = sorted(p for p in run_dir.glob("fold_*")
-                       if (p / "checkpoints" / BEST_WEIGHTS).is_file())
+    fold_dirs = [p for _, p in fold_folders(run_dir)
+                 if (p / "checkpoints" / BEST_WEIGHTS).is_file()]
     if folds is not None:
         wanted = {f"fold_{k}" for k in folds}
         missing = wanted - {p.name for p in fold_dirs}
@@ -139,14 +141,23 @@ def _note_unfinished_folds(run_dir: Path, fold_dirs: list[Path]) -> None:
     for fold_dir in fold_dirs:
         if not (fold_dir / "checkpoints" / TRAIN_STATE).is_file():
             continue  # shipped without its training state: nothing tells
-        # the budget stop is decided after the epoch's record: allow that epoch's time
-        last = last_metrics_record(fold_dir / "metrics.jsonl")
-        elapsed = last.get("elapsed_seconds", 0.0) + last.get("epoch_seconds", 0.0)
-        if finished_fold(fold_dir, cfg.epochs) is None and not (
-                cfg.max_minutes and elapsed >= cfg.max_minutes * 60):
+        if finished_fold(fold_dir, cfg.epochs) is None and not _budget_stop(fold_dir, cfg):
             tqdm.write(f"medseg: note: {fold_dir.name} has not finished its {cfg.epochs} "
                        f"epochs (interrupted, or still training); its best weights so far are "
                        f"used (--folds chooses the folds)", file=sys.stderr)
+
+
+def _budget_stop(fold_dir: Path, cfg) -> bool:
+    """Whether the fold's last session ended at its budget: its state says so; a state from
+    before that was recorded is judged by its clock (which, across resumed sessions, counts
+    more than the last session's budget)."""
+    recorded = stopped_by_budget(fold_dir)
+    if recorded is not None:
+        return recorded
+    # the budget stop is decided after the epoch's record: allow that epoch's time
+    last = last_metrics_record(fold_dir / "metrics.jsonl")
+    elapsed = last.get("elapsed_seconds", 0.0) + last.get("epoch_seconds", 0.0)
+    return bool(cfg.max_minutes and elapsed >= cfg.max_minutes * 60)
 
 
 def collect_inputs(inputs: list[str | Path]) -> list[Path]:

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import pickle
+import re
 import time
 import warnings
 from collections.abc import Iterator
@@ -41,6 +42,7 @@ from medseg.transforms import IMAGE, LABEL, augmentation, case_dict, preprocessi
 BEST_WEIGHTS = "best.safetensors"
 LAST_WEIGHTS = "last.safetensors"
 TRAIN_STATE = "last_state.pt"
+FOLD_FOLDER = re.compile(r"fold_([0-9]+)")
 MEMORY_FORMAT = torch.channels_last_3d  # faster 3D convolutions on CPU and CUDA
 
 
@@ -250,7 +252,7 @@ def train_fold(
             _save_state(checkpoints / TRAIN_STATE, model, optimizer, scheduler, scaler, epoch,
                         best, ema, settings={"precision": PRECISION_NAMES[autocast_dtype],
                                              "world_size": ranks.world_size},
-                        best_weights=best_weights)
+                        best_weights=best_weights, budget_stop=out_of_time)
         if out_of_time:
             if ranks.main:
                 tqdm.write(f"train.max_minutes={cfg.max_minutes} reached after {epoch + 1} "
@@ -547,14 +549,16 @@ def _log(writer, metrics_path: Path, record: dict) -> None:
 
 def _save_state(path: Path, model, optimizer, scheduler, scaler, epoch: int, best: dict,
                 ema=None, settings: dict | None = None,
-                best_weights: dict[str, torch.Tensor] | None = None) -> None:
+                best_weights: dict[str, torch.Tensor] | None = None,
+                budget_stop: bool = False) -> None:
     """Everything resume needs, in one atomic file of tensors and plain numbers (it loads
     with `weights_only=True`). `settings`: how the run trained (the precision `auto` chose,
     the number of processes), which a resume keeps or reports; `best_weights`: what
-    best.safetensors holds, which a resume writes again."""
+    best.safetensors holds, which a resume writes again; `budget_stop`: this epoch ends the
+    session at its train.max_minutes (the fold is done as asked, not interrupted)."""
     state = {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-             "best": best, "settings": dict(settings or {})}
+             "best": best, "settings": dict(settings or {}), "budget_stop": bool(budget_stop)}
     if ema is not None:
         state["ema"] = ema.state_dict()
     if best_weights is not None:
@@ -685,6 +689,24 @@ def finished_fold(fold_dir: Path, epochs: int) -> TrainResult | None:
     return TrainResult(fold_dir, int(best["epoch"]) if scored else done - 1,
                        float(best["mean"]) if scored else None, dict(best.get("dice", {})),
                        done, last_elapsed_seconds(fold_dir / "metrics.jsonl"))
+
+
+def stopped_by_budget(fold_dir: Path) -> bool | None:
+    """Whether the fold's last session ended at its train.max_minutes (None: its state does
+    not say, from before it was recorded, or cannot be read)."""
+    try:
+        state = _read_state(fold_dir / "checkpoints" / TRAIN_STATE, mmap=True)
+    except STATE_ERRORS:
+        return None
+    flag = state.get("budget_stop") if isinstance(state, dict) else None
+    return bool(flag) if isinstance(flag, bool) else None
+
+
+def fold_folders(run_dir: Path) -> list[tuple[int, Path]]:
+    """The run's fold_K folders by K; other names (`fold_0.bak`, a copy) are not folds."""
+    folds = [(int(match.group(1)), path) for path in run_dir.glob("fold_*")
+             if path.is_dir() and (match := FOLD_FOLDER.fullmatch(path.name))]
+    return sorted(folds)
 
 
 def last_elapsed_seconds(path: Path) -> float:

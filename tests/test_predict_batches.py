@@ -215,3 +215,45 @@ def test_every_case_failing_is_exit_2_with_a_reference_too(trained_run, tmp_path
         (bad / f"{name}.nii.gz").write_text("not a volume", encoding="utf-8")
     assert main(["predict", "--model", str(trained_run), "--input", str(bad), "--output",
                  str(tmp_path / "out"), "--reference", str(bad)]) == 2
+
+
+def test_a_case_failing_now_is_not_scored_with_its_earlier_mask(trained_run, three_cases,
+                                                                 tmp_path, capsys):
+    """--reference scored the mask an earlier run had left for a case that failed now, as
+    this run's result."""
+    references = tmp_path / "references"
+    references.mkdir()
+    for name, seed in (("a", 1), ("b", 3), ("c", 2)):
+        phantom = make_phantom(seed, shape=SMALL_SHAPE, spacing=SMALL_SPACING)
+        nib.save(nib.Nifti1Image(phantom.label.astype(np.uint8), phantom.affine),
+                 references / f"{name}.nii.gz")
+    good_b = make_phantom(3, shape=SMALL_SHAPE, spacing=SMALL_SPACING)
+    corrupt = (three_cases / "b.nii.gz").read_bytes()
+    nib.save(nib.Nifti1Image(good_b.image.astype(np.int16), good_b.affine),
+             three_cases / "b.nii.gz")
+    out = tmp_path / "out"
+    args = ["predict", "--model", str(trained_run), "--input", str(three_cases),
+            "--output", str(out)]
+    assert main(args) == 0  # an earlier run: b's mask is written
+    (three_cases / "b.nii.gz").write_bytes(corrupt)
+    capsys.readouterr()
+    assert main([*args, "--overwrite", "--reference", str(references)]) == 1
+    scored = {line.split(",")[0] for line in
+              (out / "evaluation" / "scores.csv").read_text(encoding="utf-8").splitlines()[1:]}
+    assert scored == {"a", "c"}
+
+
+def test_only_fold_k_folders_are_folds(trained_run, tmp_path, capsys):
+    """A backup copy `fold_0.bak` was a second fold_0 in the ensemble, and resuming a run
+    without folds.json died on int('0.bak')."""
+    import shutil
+
+    from medseg.predict import load_predictor
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    shutil.copytree(run / "fold_0", run / "fold_0.bak")
+    assert load_predictor(run).folds == ("fold_0",)
+    (run / "folds.json").unlink()  # a run from before folds.json
+    assert main(["train", "--resume", str(run)]) == 0
+    assert "fold_0: finished already" in capsys.readouterr().out

@@ -432,8 +432,6 @@ def test_resuming_a_finished_run_does_nothing_and_says_so(tmp_path, phantom_data
 
 def test_a_budget_stop_says_how_to_go_on_and_predict_notes_unfinished_folds(
         tmp_path, phantom_dataset, capsys):
-    import yaml
-
     from medseg.predict import load_predictor
 
     run = tmp_path / "run"
@@ -442,12 +440,19 @@ def test_a_budget_stop_says_how_to_go_on_and_predict_notes_unfinished_folds(
     assert "1 of 2 epochs, stopped by train.max_minutes (medseg train --resume" in out
     load_predictor(run)  # stopped by its budget: finished, no note
     assert "has not finished" not in capsys.readouterr().err
-    saved = yaml.safe_load((run / "workflow.yaml").read_text(encoding="utf-8"))
-    saved["train"]["max_minutes"] = None  # as if it had been interrupted instead
-    (run / "workflow.yaml").write_text(yaml.safe_dump(saved), encoding="utf-8")
+    state_path = run / "fold_0" / "checkpoints" / "last_state.pt"
+    state = torch.load(state_path, weights_only=True)
+    # as if a later session had been interrupted: the run's clock, which counts every
+    # session, had already passed the budget and was taken for a budget stop
+    state["budget_stop"] = False
+    torch.save(state, state_path)
     load_predictor(run)
     assert "fold_0 has not finished its 2 epochs" in capsys.readouterr().err
-    (run / "fold_0" / "checkpoints" / "last_state.pt").unlink()  # a model shipped without it
+    state.pop("budget_stop")  # a state from before the flag: judged by the run's clock
+    torch.save(state, state_path)
+    load_predictor(run)
+    assert "has not finished" not in capsys.readouterr().err
+    state_path.unlink()  # a model shipped without it
     load_predictor(run)
     assert "has not finished" not in capsys.readouterr().err
 

@@ -165,22 +165,40 @@ def _one_trainer(run_dir: Path, main_rank: bool) -> Iterator[None]:
         fcntl = None
     lock = run_dir.parent / f".{run_dir.name}.medseg-lock"
     handle = None
-    if main_rank and fcntl is not None and run_dir.parent.is_dir():
+    # `--out runs/x` in a fresh clone: the lock's folder is made now (and removed again if
+    # the run leaves it empty), or a second trainer would not be refused
+    made = _missing_folders(run_dir.parent) if main_rank else []
+    if main_rank and fcntl is not None:
         with contextlib.suppress(OSError):  # an unwritable place fails later, naming it
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
             handle = lock.open("a", encoding="utf-8")
-    if handle is None:
-        yield
-        return
-    with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            raise MedsegError("another `medseg train` is training this run folder; wait for "
-                              "it to end (or stop it) first", run_dir) from exc
-        try:
+    try:
+        if handle is None:
             yield
-        finally:
-            lock.unlink(missing_ok=True)
+            return
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                raise MedsegError("another `medseg train` is training this run folder; wait "
+                                  "for it to end (or stop it) first", run_dir) from exc
+            try:
+                yield
+            finally:
+                lock.unlink(missing_ok=True)
+    finally:
+        for folder in made:  # innermost first; a run that wrote its folder keeps them
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+def _missing_folders(folder: Path) -> list[Path]:
+    """`folder` and those of its parents that do not exist, innermost first."""
+    missing = []
+    while not folder.exists() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
 
 
 def _report_fold(result, planned_epochs: int) -> None:
@@ -289,15 +307,20 @@ def _train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool) -> li
     dataset = load_dataset(ds.path, ds.layout, ds.modality, ds.labels)
     print(f"dataset: {len(dataset.cases)} cases, labels {dataset.labels}, "
           f"modalities {list(dataset.modalities)}")
-    # here, not after hours of training when predict would first read them
-    check_postprocess_labels(workflow.predict.largest_component,
-                             workflow.predict.min_component_ml, dataset.labels, "dataset's")
+    # here, not after hours of training when predict would first read them (a dataset that
+    # names no labels, folders or CSV without labels.json: once its label files are read)
+    if dataset.labels:
+        check_postprocess_labels(workflow.predict.largest_component,
+                                 workflow.predict.min_component_ml, dataset.labels, "dataset's")
     if workflow.train.splits_file:
         splits = _splits_of_file(Path(workflow.train.splits_file), dataset)
     else:
         splits = make_splits([c.name for c in dataset.cases], workflow.train.folds,
                              workflow.train.split_seed, source=dataset.root)
     fp = fingerprint(dataset, seed=workflow.train.seed, progress=main_rank)
+    if not dataset.labels:
+        check_postprocess_labels(workflow.predict.largest_component,
+                                 workflow.predict.min_component_ml, fp.labels, "dataset's")
     plan = make_plan(fp, workflow.plan)
     print(f"plan: spacing {plan.target_spacing}, patch {plan.patch_size}, batch "
           f"{plan.batch_size}, {len(plan.strides)} levels, filters {plan.filters}")

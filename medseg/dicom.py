@@ -8,6 +8,7 @@ voxel indices (column, row, slice) to RAS millimetres, as NIfTI does.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections import Counter
 from collections.abc import Iterator
@@ -231,10 +232,7 @@ def _scan(path: Path) -> tuple[dict[str, list[Frame]], dict[str, list[_Unread]]]
     skipped), and, by SeriesInstanceUID, the images that cannot be read into a volume."""
     if not path.exists():
         raise MedsegError("not found", path)
-    # hidden files and folders (macOS "._x", a ".Trash" with an old copy) are not the series
-    files = [path] if path.is_file() else sorted(
-        p for p in path.rglob("*") if p.is_file()
-        and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    files = [path] if path.is_file() else _files_below(path)
     groups: dict[str, list[Frame]] = {}
     unplaced: list[Path] = []  # DICOM files with no image that has a place in space
     multiframe: list[Path] = []  # classic multi-frame: one position for many frames
@@ -270,6 +268,23 @@ def _scan(path: Path) -> tuple[dict[str, list[Frame]], dict[str, list[_Unread]]]
             detail += f"; {len(raw)} DICOM image(s) {RAW_IMAGE}, e.g. {raw[0].name}"
         raise MedsegError(f"no DICOM image found ({len(files)} files looked at{detail})", path)
     return groups, left_out
+
+
+def _files_below(folder: Path) -> list[Path]:
+    """Every file below `folder`, linked folders followed (each real folder once, so that a
+    link back up does not loop; Path.rglob follows none). Hidden files and folders (macOS
+    "._x", a ".Trash" with an old copy) are not the series."""
+    seen: set[str] = set()
+    found: list[Path] = []
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found.extend(Path(root) / name for name in files if not name.startswith("."))
+    return sorted(p for p in found if p.is_file())
 
 
 def _raw_dicom_image_series(path: Path) -> str | None:

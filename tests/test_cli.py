@@ -71,6 +71,31 @@ def test_postprocessing_of_a_label_the_dataset_lacks_is_refused_before_training(
     assert not (tmp_path / "r").exists()
 
 
+def test_postprocessing_labels_of_a_dataset_without_a_label_map_are_read_from_its_labels(
+        tmp_path, capsys):
+    """Folder pairs without labels.json name no labels: every largest_component id was
+    refused, though the label files hold them."""
+    import shutil
+
+    from helpers import TINY_TRAINING, as_sets
+
+    from medseg.phantoms import write_phantom_dataset
+
+    msd = tmp_path / "msd"
+    write_phantom_dataset(msd, n_train=6, n_test=0, seed=3, shape=(24, 24, 12))
+    folders = tmp_path / "folders"
+    shutil.copytree(msd / "imagesTr", folders / "images")
+    shutil.copytree(msd / "labelsTr", folders / "labels")
+    args = ["train", str(REPO / "workflows" / "demo.yaml"), "--set", f"dataset.path={folders}",
+            "--set", "dataset.layout=auto", *as_sets(TINY_TRAINING)]
+    assert main([*args, "--out", str(tmp_path / "r")]) == 0  # largest_component [1, 2, 3]
+    assert main([*args, "--out", str(tmp_path / "r7"), "--set",
+                 "predict.largest_component=[7]"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "names label(s) [7]; the dataset's labels are [1, 2, 3]")
+    assert not (tmp_path / "r7").exists()
+
+
 @pytest.mark.parametrize("cases", [1, 3])
 def test_too_few_cases_for_the_folds_is_refused_before_any_work(tmp_path, capsys, cases):
     from medseg.phantoms import write_phantom_dataset

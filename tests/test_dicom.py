@@ -511,3 +511,17 @@ def test_a_secondary_capture_filed_under_the_series_is_skipped(tmp_path, frames)
         capture.NumberOfFrames = frames
     capture.save_as(tmp_path / "s" / "dose_report.dcm", enforce_file_format=True)
     assert read_volume(tmp_path / "s").data.shape == (8, 8, 4)
+
+
+def test_linked_subfolders_are_searched_once_each(tmp_path):
+    """Path.rglob follows no linked folder: a series reached through a link was 'no DICOM
+    image found'; a link back up must not loop."""
+    stored = stored_values()
+    write_series(tmp_path / "store" / "series", stored, axial_positions(SLICES),
+                 spacing=SPACING)
+    study = tmp_path / "study"
+    study.mkdir()
+    (study / "ct").symlink_to(tmp_path / "store" / "series", target_is_directory=True)
+    (study / "loop").symlink_to(study, target_is_directory=True)
+    volume = read_volume(study)
+    np.testing.assert_array_equal(volume.data, as_volume(stored))

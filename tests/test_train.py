@@ -548,3 +548,28 @@ def test_a_second_trainer_of_one_run_folder_is_refused(tmp_path, phantom_dataset
     assert train(run, phantom_dataset, "train.max_minutes=0.00001") == 0
     assert not lock.exists()  # gone with the run that held it
     assert main(["train", "--resume", str(run)]) == 0
+
+
+def test_a_run_folder_in_a_new_folder_is_locked_and_a_refused_one_leaves_none(
+        tmp_path, phantom_dataset, monkeypatch):
+    """`--out runs/x` in a fresh clone (no runs/ yet) trained without the lock, and a second
+    trainer of the folder was not refused."""
+    import fcntl
+
+    import medseg.train
+
+    run = tmp_path / "runs" / "deeper" / "run"
+    lock = run.parent / ".run.medseg-lock"
+    trained = medseg.train.train_fold
+
+    def train_fold_under_the_lock(*args, **kwargs):
+        with lock.open("a", encoding="utf-8") as second, pytest.raises(OSError):
+            fcntl.flock(second, fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a second trainer tries
+        return trained(*args, **kwargs)
+
+    monkeypatch.setattr(medseg.train, "train_fold", train_fold_under_the_lock)
+    assert train(run, phantom_dataset) == 0
+    assert (run / "fold_0" / "checkpoints" / "best.safetensors").is_file()
+    assert not lock.exists()
+    assert train(tmp_path / "new" / "run", tmp_path / "no_dataset") == 2  # refused
+    assert not (tmp_path / "new").exists()  # nothing left behind

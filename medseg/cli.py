@@ -295,7 +295,6 @@ def _train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool) -> li
     from medseg.datasets import load_dataset, make_splits
     from medseg.fileio import atomic_write_json
     from medseg.plan import fingerprint, make_plan, save_fingerprint, save_plan
-    from medseg.postprocess import check_postprocess_labels
     from medseg.train import current_ranks, train_fold
 
     # under torchrun every rank plans the same run from the same seed; rank 0 alone checks
@@ -310,8 +309,7 @@ def _train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool) -> li
     # here, not after hours of training when predict would first read them (a dataset that
     # names no labels, folders or CSV without labels.json: once its label files are read)
     if dataset.labels:
-        check_postprocess_labels(workflow.predict.largest_component,
-                                 workflow.predict.min_component_ml, dataset.labels, "dataset's")
+        _check_postprocessing_of(workflow, dataset.labels)
     if workflow.train.splits_file:
         splits = _splits_of_file(Path(workflow.train.splits_file), dataset)
     else:
@@ -319,8 +317,7 @@ def _train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool) -> li
                              workflow.train.split_seed, source=dataset.root)
     fp = fingerprint(dataset, seed=workflow.train.seed, progress=main_rank)
     if not dataset.labels:
-        check_postprocess_labels(workflow.predict.largest_component,
-                                 workflow.predict.min_component_ml, fp.labels, "dataset's")
+        _check_postprocessing_of(workflow, fp.labels)
     plan = make_plan(fp, workflow.plan)
     print(f"plan: spacing {plan.target_spacing}, patch {plan.patch_size}, batch "
           f"{plan.batch_size}, {len(plan.strides)} levels, filters {plan.filters}")
@@ -338,6 +335,13 @@ def _train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool) -> li
         results.append(train_fold(workflow, dataset, plan, splits[k], run_dir / f"fold_{k}"))
         _report_fold(results[-1], workflow.train.epochs)
     return results
+
+
+def _check_postprocessing_of(workflow, labels: dict[int, str]) -> None:
+    from medseg.postprocess import check_postprocess_labels
+
+    check_postprocess_labels(workflow.predict.largest_component,
+                             workflow.predict.min_component_ml, labels, "dataset's")
 
 
 def _folds_of_splits_file(workflow):

@@ -278,7 +278,7 @@ def _nnunet_v1_files(root: Path, entries: object) -> bool:
     return not image.exists() and _channel_0_file(image).exists()
 
 
-def _read_json(path: Path) -> dict | list:
+def _read_json(path: Path) -> object:
     if not path.is_file():
         raise MedsegError("file not found", path)
     try:

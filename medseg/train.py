@@ -42,7 +42,7 @@ from medseg.transforms import IMAGE, LABEL, augmentation, case_dict, preprocessi
 BEST_WEIGHTS = "best.safetensors"
 LAST_WEIGHTS = "last.safetensors"
 TRAIN_STATE = "last_state.pt"
-FOLD_FOLDER = re.compile(r"fold_([0-9]+)")
+FOLD_FOLDER = re.compile(r"fold_(0|[1-9][0-9]*)")  # as train names them: not fold_01
 MEMORY_FORMAT = torch.channels_last_3d  # faster 3D convolutions on CPU and CUDA
 
 

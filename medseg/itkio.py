@@ -50,7 +50,9 @@ def write_itk(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
     """Write (i, j, k) voxels with a voxel -> RAS affine as NRRD or MetaImage (compressed)."""
     lps = LPS_TO_RAS @ affine
     spacing = np.linalg.norm(lps[:3, :3], axis=0)
-    image = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))
+    # SimpleITK takes native byte order only (a big-endian NIfTI's voxels are read as such)
+    native = data.astype(data.dtype.newbyteorder("="), copy=False)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(native.transpose(2, 1, 0)))
     image.SetSpacing([float(s) for s in spacing])
     image.SetOrigin([float(v) for v in lps[:3, 3]])
     image.SetDirection([float(v) for v in (lps[:3, :3] / spacing).ravel()])

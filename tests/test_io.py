@@ -379,3 +379,19 @@ def test_convert_keeps_scaled_integers_integer(tmp_path):
                              dtype=None)
         assert result.data.dtype == np.int16
         np.testing.assert_array_equal(result.data, stored.astype(np.int32) - 1024)
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".mha"])
+def test_a_big_endian_nifti_converts_to_itk_formats(tmp_path, suffix):
+    """SimpleITK refuses arrays of non-native byte order: 'dtype: >i2 is not supported'."""
+    from medseg.io import convert_volume
+
+    voxels = np.arange(6 * 5 * 4, dtype=">i2").reshape(6, 5, 4)
+    header = nib.Nifti1Header(endianness=">")
+    header.set_data_dtype(">i2")
+    affine = np.diag([0.7, 1.1, 2.5, 1.0])
+    nib.save(nib.Nifti1Image(voxels, affine, header=header), tmp_path / "big.nii")
+    convert_volume(tmp_path / "big.nii", tmp_path / f"out{suffix}")
+    converted = read_volume(tmp_path / f"out{suffix}")
+    np.testing.assert_array_equal(converted.data, voxels.astype(np.int16))
+    np.testing.assert_allclose(converted.affine, affine, atol=1e-6)

@@ -418,6 +418,7 @@ def _resume_run(run_dir: Path, fold_text: str | None, overrides: list[str] | Non
         folds = _parse_folds(fold_text, workflow.train.folds, workflow.train.fold)
     _refuse_changed_dataset(dataset, splits, folds, splits_path)
     _refuse_changed_labels(dataset, plan, run_dir / "plan.json")
+    _refuse_changed_channels(dataset, plan, run_dir / "plan.json")
     if current_ranks().main:  # only once the resume is known to go ahead
         if overrides:
             save_workflow(workflow, run_dir / "workflow.yaml")
@@ -487,6 +488,14 @@ def _refuse_changed_labels(dataset, plan, plan_path: Path) -> None:
     if dataset.labels and set(dataset.labels) != set(plan.labels):
         raise MedsegError(f"the dataset's label ids {sorted(dataset.labels)} differ from the "
                           f"run's {sorted(plan.labels)}: resume on the dataset the run was "
+                          f"trained on", plan_path)
+
+
+def _refuse_changed_channels(dataset, plan, plan_path: Path) -> None:
+    """The network's inputs are the plan's channels, each normalized as its modality."""
+    if list(dataset.modalities) != list(plan.modalities):
+        raise MedsegError(f"the dataset's channels {list(dataset.modalities)} differ from the "
+                          f"run's {list(plan.modalities)}: resume on the dataset the run was "
                           f"trained on", plan_path)
 
 

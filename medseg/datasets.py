@@ -415,10 +415,14 @@ def _channel_numbers(channels: dict, key: str, description: Path) -> list[str]:
         raise MedsegError(f"'{key}' names no channel: map \"0\" to the first channel's "
                           f"modality", description)
     try:
-        return sorted(channels, key=int)
+        numbers = sorted(channels, key=int)
     except (TypeError, ValueError) as exc:
         raise MedsegError(f"'{key}' must map channel numbers (\"0\", \"1\", ...) to names, "
                           f"got keys {sorted(map(str, channels))}", description) from exc
+    if [int(k) for k in numbers] != list(range(len(numbers))):  # predict reads _0000.._000N
+        raise MedsegError(f"'{key}' must number its channels 0, 1, ... without a gap, got "
+                          f"{', '.join(numbers)}", description)
+    return numbers
 
 
 def _list_folder_pairs(root: Path) -> Listing:

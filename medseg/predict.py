@@ -241,6 +241,7 @@ def group_channels(paths: list[Path], channels: int) -> list[tuple[Path, ...]]:
     """One tuple of channel files per case. With several channels, files follow nnU-Net's
     naming (`CASE_0000.nii.gz`, `CASE_0001.nii.gz`, ...) and every case needs all of them."""
     if channels == 1:
+        _note_further_channels(paths)
         return [(path,) for path in paths]
     cases: dict[str, dict[int, Path]] = {}
     for path in paths:
@@ -256,12 +257,29 @@ def group_channels(paths: list[Path], channels: int) -> list[tuple[Path, ...]]:
         files_of_case[channel] = path
     grouped = []
     for case, files in sorted(cases.items()):
-        if sorted(files) != list(range(channels)):
-            missing = sorted(set(range(channels)) - set(files))
+        for channel, path in sorted(files.items()):
+            if channel >= channels:
+                raise MedsegError(f"channel {channel} of case '{case}' is beyond the model's "
+                                  f"{channels} channels", path)
+        missing = sorted(set(range(channels)) - set(files))
+        if missing:
             raise MedsegError(f"case '{case}' lacks channel(s) {missing} of {channels}",
                               next(iter(files.values())).parent)
         grouped.append(tuple(files[k] for k in range(channels)))
     return grouped
+
+
+def _note_further_channels(paths: list[Path]) -> None:
+    """`CASE_0001` beside `CASE_0000` is a second channel by nnU-Net's naming, which a model
+    of one channel does not take: it is predicted as a case of its own (a name such as
+    `patient_0001` alone is just a name)."""
+    names = {strip_image_suffix(path.name) for path in paths}
+    for path in paths:
+        match = CHANNEL_SUFFIX.fullmatch(strip_image_suffix(path.name))
+        if match and match.group(2) != "0000" and f"{match.group(1)}_0000" in names:
+            tqdm.write(f"medseg: note: {path.name} looks like channel {int(match.group(2))} "
+                       f"of case '{match.group(1)}' (nnU-Net's naming), but the model takes one "
+                       f"channel: it is predicted as a case of its own", file=sys.stderr)
 
 
 @dataclass

@@ -80,3 +80,46 @@ def test_channel_grouping_needs_every_channel(tmp_path):
     with pytest.raises(MedsegError, match=r"a_0001.nii.gz and .*other/a_0001.nrrd are both "
                                           r"channel 1 of case 'a'"):
         group_channels([*files[:2], elsewhere], 2)
+
+
+def test_channels_beyond_the_model_are_named_and_one_channel_models_note_them(tmp_path,
+                                                                              capsys):
+    """A third channel gave "lacks channel(s) [] of 2"; a one-channel model segmented a
+    case's second channel as a case of its own without a word."""
+    files = [tmp_path / f"a_{k:04d}.nii.gz" for k in range(3)]
+    with pytest.raises(MedsegError, match=r"a_0002.nii.gz: channel 2 of case 'a' is beyond "
+                                          r"the model's 2 channels"):
+        group_channels(files, 2)
+    patients = [tmp_path / "patient_0001.nii.gz", tmp_path / "patient_0002.nii.gz"]
+    assert group_channels([*files[:2], *patients], 1) == [(f,) for f in [*files[:2], *patients]]
+    err = capsys.readouterr().err
+    assert "a_0001.nii.gz looks like channel 1 of case 'a'" in err
+    assert "patient" not in err  # names that only end in four digits
+
+
+def test_a_resume_on_other_channels_and_gaps_in_channel_numbers_are_refused(tmp_path,
+                                                                            capsys):
+    """A resume on a dataset of three channels dropped the third without a word, and one of
+    one channel died on a KeyError; channels 0 and 10 trained, and predict then refused the
+    training's own files."""
+    data = tmp_path / "data"
+    write_two_channel_dataset(data)
+    run = tmp_path / "run"
+    assert main(["train", str(REPO / "workflows" / "demo.yaml"), "--out", str(run),
+                 *as_sets([f"dataset.path={data}", "dataset.layout=nnunet", *TINY_TRAINING,
+                           "train.max_minutes=0.00001"])]) == 0
+    description = json.loads((data / "dataset.json").read_text(encoding="utf-8"))
+    description["channel_names"] = {"0": "T2", "1": "CT"}  # swapped
+    (data / "dataset.json").write_text(json.dumps(description), encoding="utf-8")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "plan.json: the dataset's channels ['MR', 'CT'] differ from the run's ['CT', 'MR']: "
+        "resume on the dataset the run was trained on")
+    description["channel_names"] = {"0": "CT", "10": "T2"}
+    (data / "dataset.json").write_text(json.dumps(description), encoding="utf-8")
+    with pytest.raises(MedsegError, match=r"dataset.json: 'channel_names' must number its "
+                                          r"channels 0, 1, ... without a gap, got 0, 10"):
+        from medseg.datasets import load_dataset
+
+        load_dataset(data)

@@ -19,8 +19,9 @@ from medseg.report_figures import PREDICTION_HEX, REFERENCE_HEX, boxplots_png, m
 
 TABLE_METRICS = (("dice", "Dice", 3), ("iou", "IoU", 3), ("nsd", "NSD", 3),
                  ("hd95_mm", "HD95 (mm)", 2), ("assd_mm", "ASSD (mm)", 2),
-                 ("ref_ml", "reference volume (ml)", 1),
-                 ("diff_ml", "volume difference (ml)", 1))
+                 # 0.01 ml: a hippocampus is 1.5-2 ml, its volume errors a few hundredths
+                 ("ref_ml", "reference volume (ml)", 2),
+                 ("diff_ml", "volume difference (ml)", 2))
 TINTED = ("dice", "iou", "nsd")  # cells tinted from red (0) to green (1) by their mean
 
 STYLE = """
@@ -175,7 +176,8 @@ def _case_table(results: list[CaseScores], shown: list[str]) -> str:
     for result in results:
         if result.error:
             status = f'<span class="fail">{escape(result.error)}</span>'
-            cells = '<td>&ndash;</td><td>&ndash;</td><td class="name">&ndash;</td>'
+            # scored as the summary scores it: Dice and NSD 0 for every structure
+            cells = '<td>0.000</td><td>0.000</td><td class="name">every structure (0)</td>'
         else:
             present = [n for n in shown if is_present(result.scores[n])]
             worst = min(present, key=lambda n: result.scores[n]["dice"], default=None)
@@ -209,14 +211,17 @@ def _boxplots(results: list[CaseScores], shown: list[str], summary: dict) -> str
 
 def _montages(results: list[CaseScores], labels: dict[int, str] | None,
               shown: list[str]) -> str:
-    head = ('<h2 id="montages">Overlays: best, median and worst cases</h2>\n'
+    head = ('<h2 id="montages">Overlays: best, median and worst scored cases</h2>\n'
             f'<p class="meta"><span class="swatch" style="background:{REFERENCE_HEX}"></span>'
             f'reference contour<span class="swatch" style="background:{PREDICTION_HEX}">'
-            "</span>prediction contour &nbsp; (grey: labelled reference structures; the "
+            "</span>prediction contour &nbsp; (the reference's drawn just inside it, the "
+            "prediction's just outside it, so that both show: where they agree, the two "
+            "rings touch; grey: labelled reference structures; the "
             "structure shown in lighter grey). Each structure: axial, coronal and sagittal "
             "slices through its largest cross-sections, zoomed on it; axial and coronal in "
             "radiological view (patient's right on the left), sagittal with anterior on the "
-            "left. Cases ranked by mean Dice; failed cases have no overlay.</p>")
+            "left. Cases ranked by mean Dice; failed cases (Dice 0, listed at the top) "
+            "have no overlay.</p>")
     if labels is None:
         return (head + '\n<p class="note">No label map was given to the report writer, so no '
                 "overlays were drawn.</p>")

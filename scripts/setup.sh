@@ -1,38 +1,64 @@
 #!/usr/bin/env bash
 # Create .venv (if needed) and install medseg into it, torch first.
 #
-# torch: 2.13.0 is installed unless the environment already has a torch; on Linux the CPU
-# build from PyTorch's own index when that can be reached, else what the configured index
-# offers (a user with a GPU installs their CUDA build into .venv first, or sets MEDSEG_TORCH
-# to the pip requirement they want, e.g. MEDSEG_TORCH="torch==2.13.0" with their own index).
+# torch: 2.13.0 is installed unless the environment already has a torch. On Linux x86_64 it
+# is the CPU build (torch==2.13.0+cpu, from PyTorch's own index when that can be reached, else
+# from the configured index or wheelhouse): PyPI's plain Linux wheel is the CUDA build, several
+# GB. A user with a GPU installs their CUDA build into .venv first, or sets MEDSEG_TORCH to the
+# pip requirement they want (with PIP_EXTRA_INDEX_URL naming its index); either is kept.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-PYTHON="${PYTHON:-python3}"
+PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3 || echo python3)}"
 VENV="${MEDSEG_VENV:-.venv}"
-TORCH_SPEC="${MEDSEG_TORCH:-torch==2.13.0}"
+PY="$VENV/bin/python"
 
-if [ ! -x "$VENV/bin/python" ]; then
-  echo "setup: creating $VENV with $($PYTHON --version)"
+# a .venv is reused only when its Python runs, is 3.10 or newer and has pip: one left half
+# built (an interrupted setup, a system without ensurepip) or made by an old Python is rebuilt
+if [ -e "$VENV" ] && ! "$PY" -c "import sys, pip; sys.exit(sys.version_info < (3, 10))" \
+    2>/dev/null; then
+  echo "setup: $VENV is unusable (no working Python >= 3.10 with pip in it): rebuilding it"
+  rm -rf "$VENV"
+fi
+if [ ! -x "$PY" ]; then
+  if ! "$PYTHON" -c "import sys; sys.exit(sys.version_info < (3, 10))" 2>/dev/null; then
+    echo "setup: $PYTHON is not Python 3.10 or newer; install Python 3.11 or set PYTHON" >&2
+    exit 1
+  fi
+  echo "setup: creating $VENV with $("$PYTHON" --version)"
   "$PYTHON" -m venv "$VENV"
 fi
-PY="$VENV/bin/python"
-if "$PY" -c "import torch" 2>/dev/null; then
-  echo "setup: using the installed torch $("$PY" -c 'import torch; print(torch.__version__)')"
-else
-  # PyPI's Linux torch wheel is the CUDA build (several GB of CUDA packages): on Linux, take
-  # the CPU build from PyTorch's own index when it can be reached (a machine that reaches
-  # only a package mirror gets what the mirror offers, as before)
-  TORCH_INDEX=()
-  if [ -z "${MEDSEG_TORCH:-}" ] && [ "$(uname -s)" = Linux ] && "$PY" -c "
+
+install_torch() {
+  local spec="$1"
+  local index=()
+  # PyTorch's CPU index as the only index for this step, which installs torch and its own
+  # dependencies: mixing it with PyPI (--extra-index-url) would let a name on either win
+  if [ "$spec" = "torch==2.13.0+cpu" ] && "$PY" -c "
 import urllib.request
 urllib.request.urlopen('https://download.pytorch.org/whl/cpu/', timeout=5)" 2>/dev/null; then
-    # the only index for this step, which installs torch and its own dependencies: mixing
-    # it with PyPI (--extra-index-url) would let a name on either index win
-    TORCH_INDEX=(--index-url https://download.pytorch.org/whl/cpu)
+    index=(--index-url https://download.pytorch.org/whl/cpu)
   fi
-  echo "setup: installing $TORCH_SPEC ${TORCH_INDEX[*]:-}"
-  "$PY" -m pip install --quiet ${TORCH_INDEX[@]+"${TORCH_INDEX[@]}"} "$TORCH_SPEC"
+  echo "setup: installing $spec ${index[*]:-}"
+  if ! "$PY" -m pip install --quiet ${index[@]+"${index[@]}"} "$spec"; then
+    echo "setup: could not install $spec; set MEDSEG_TORCH to the torch requirement your" \
+      "index offers (e.g. MEDSEG_TORCH=torch==2.13.0 for PyPI's CUDA build)" >&2
+    exit 1
+  fi
+}
+
+if [ -n "${MEDSEG_TORCH:-}" ]; then
+  install_torch "$MEDSEG_TORCH"  # a no-op when .venv already has it
+elif "$PY" -c "import torch" 2>/dev/null; then
+  echo "setup: using the installed torch $("$PY" -c 'import torch; print(torch.__version__)')"
+elif [ "$(uname -s)" = Linux ] && [ "$(uname -m)" = x86_64 ]; then
+  install_torch "torch==2.13.0+cpu"
+else
+  install_torch "torch==2.13.0"  # macOS and Linux on ARM: PyPI's wheel is the CPU build
 fi
+
 echo "setup: installing medseg and its dependencies"
-"$PY" -m pip install --quiet -e ".[test]"
+# the installed torch pinned, so that no dependency's range can replace it (a newer release
+# from an index is a CUDA build on Linux, and a user's own CUDA build must stay)
+TORCH_VERSION="$("$PY" -c 'import importlib.metadata as m; print(m.version("torch"))')"
+"$PY" -m pip install --quiet -e ".[test]" "torch==$TORCH_VERSION"

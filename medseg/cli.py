@@ -15,6 +15,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 import traceback
@@ -28,6 +29,7 @@ from medseg.errors import MedsegError, one_line, unwrap_transform_error
 DEMO_MARKER = ".medseg-demo"
 FOLDS_FILE = "folds.json"  # the folds `train` was asked for, which `--resume` continues
 EXIT_USER_ERROR = 2
+EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a process SIGTERM killed
 # what a resumed run may change: not its course (a moved dataset must hold the same cases,
 # which resume checks)
 RESUME_OVERRIDES = ("train.max_minutes", "dataset.path")
@@ -40,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # under torchrun, a user's mistake or Ctrl-C reaches every rank alike: rank 0 says it
     other_rank = int(os.environ.get("RANK", "0") or 0) != 0
+    _terminate_like_interrupt()
     try:
         return int(args.handler(args) or 0)
     except MedsegError as exc:
@@ -49,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"medseg: error: {exc}", file=sys.stderr)
         _tell_torchrun(f"medseg: error: {exc}")
         return EXIT_USER_ERROR
+    except Terminated:
+        if not other_rank:
+            print("medseg: stopped (SIGTERM)", file=sys.stderr)
+        return EXIT_TERMINATED
     except KeyboardInterrupt:
         if not other_rank:
             print("medseg: interrupted", file=sys.stderr)
@@ -63,9 +70,44 @@ def main(argv: list[str] | None = None) -> int:
             _tell_torchrun(f"medseg: error: {cause}")
             return EXIT_USER_ERROR
         rank = f" (rank {os.environ['RANK']})" if other_rank else ""
-        print(f"medseg: error{rank}: {type(cause).__name__}: {one_line(str(cause))} (rerun "
-              f"with --debug for the traceback)", file=sys.stderr)
+        if _lost_another_process(cause):
+            # its partner's failure, not this process's: the cause is the other's line
+            print(f"medseg: error{rank}: another process of this torchrun run failed (its "
+                  f"error is in torchrun's summary); this one lost its connection: "
+                  f"{one_line(str(cause))}", file=sys.stderr)
+            return 1
+        line = (f"medseg: error{rank}: {type(cause).__name__}: {one_line(str(cause))} (rerun "
+                f"with --debug for the traceback)")
+        print(line, file=sys.stderr)
+        _tell_torchrun(line)
         return 1
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a job scheduler's stop, `timeout`, torchrun stopping the other processes when
+    one fails) raised as an exception, so that lock files and temporary outputs are removed
+    on the way out as after Ctrl-C; the default action ends the process on the spot."""
+
+
+def _terminate_like_interrupt() -> None:
+    def raise_terminated(signum: int, frame: object) -> None:
+        raise Terminated
+
+    with contextlib.suppress(ValueError):  # not the main thread (an embedding program)
+        signal.signal(signal.SIGTERM, raise_terminated)
+
+
+def _lost_another_process(exc: BaseException) -> bool:
+    """A torchrun worker whose partner exited sees its collective fail: gloo's "Connection
+    closed by peer", NCCL's "remote process exited", or torch's DistError family."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return False
+    distributed = sys.modules.get("torch.distributed")
+    dist_error = getattr(distributed, "DistError", None)
+    if dist_error is not None and isinstance(exc, dist_error):
+        return True
+    text = str(exc).lower()
+    return any(sign in text for sign in ("gloo", "nccl", "closed by peer", "reset by peer"))
 
 
 def _tell_torchrun(line: str) -> None:
@@ -97,6 +139,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Phantoms -> train -> predict the held-out cases -> evaluate."""
     from medseg.phantoms import write_phantom_dataset
 
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise MedsegError("demo runs in one process: under torchrun, run `medseg train` "
+                          "(then predict and evaluate in one process)")
     out = Path(args.out)
     workflow_path = _demo_workflow_path()
     workflow = load_workflow(workflow_path, args.overrides)  # a bad --set before any work

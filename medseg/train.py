@@ -218,49 +218,51 @@ def train_fold(
     bar = tqdm(total=total_steps, initial=first_epoch * cfg.iterations_per_epoch,
                desc=f"train {fold_dir.name}", unit="it", dynamic_ncols=True,
                disable=not ranks.main)
-    for epoch in range(first_epoch, cfg.epochs):
-        epoch_start = time.monotonic()
-        _reseed(cfg.seed, epoch, train_data, loader, ranks.rank)
-        train_loss = _mean_over_ranks(
-            _train_epoch(net, loader, optimizer, scheduler, scaler, loss_fn, device,
-                         autocast_dtype, plan, bar, ema), ranks, device)
-        epochs_run = epoch + 1
-        record = {"epoch": epoch, "train_loss": train_loss,
-                  "lr": optimizer.param_groups[0]["lr"],
-                  "epoch_seconds": round(time.monotonic() - epoch_start, 2)}
-        # rank 0's clock decides for everyone, so that no rank waits for one that stopped
-        out_of_time = _from_main(time.monotonic() > deadline, ranks, device)
-        # not at a budget stop between validations: that extra score could become the best,
-        # and a resumed run would then not repeat the uninterrupted one
-        if validating and ((epoch + 1) % cfg.val_every == 0 or epoch == cfg.epochs - 1):
-            # every rank scores its share and gets all the scores: the same best on each
-            dice = _mean_dice(_gather_in_case_order(
-                _case_scores(scored, val_data, plan, workflow, device), ranks))
-            mean_dice = _mean_over_structures(dice)
-            record.update({"val_dice": dice, "val_mean_dice": mean_dice})
-            if mean_dice > best["mean"]:  # never for NaN
-                best = {"epoch": epoch, "mean": mean_dice, "dice": dice}
-                if ranks.main:
-                    best_weights = weight_snapshot(scored)
-                    save_weight_tensors(best_weights, checkpoints / BEST_WEIGHTS)
-            bar.set_postfix(loss=f"{train_loss:.3f}", dice=f"{mean_dice:.3f}")
-        # the whole run so far, validation included
-        record["elapsed_seconds"] = round(elapsed_before + time.monotonic() - started, 2)
-        if ranks.main:
-            _log(writer, metrics_path, record)
-            save_weights(scored, checkpoints / LAST_WEIGHTS)
-            _save_state(checkpoints / TRAIN_STATE, model, optimizer, scheduler, scaler, epoch,
-                        best, ema, settings={"precision": PRECISION_NAMES[autocast_dtype],
-                                             "world_size": ranks.world_size},
-                        best_weights=best_weights, budget_stop=out_of_time)
-        if out_of_time:
+    try:  # closed on the way out of an interrupt too, before its message is printed
+        for epoch in range(first_epoch, cfg.epochs):
+            epoch_start = time.monotonic()
+            _reseed(cfg.seed, epoch, train_data, loader, ranks.rank)
+            train_loss = _mean_over_ranks(
+                _train_epoch(net, loader, optimizer, scheduler, scaler, loss_fn, device,
+                             autocast_dtype, plan, bar, ema), ranks, device)
+            epochs_run = epoch + 1
+            record = {"epoch": epoch, "train_loss": train_loss,
+                      "lr": optimizer.param_groups[0]["lr"],
+                      "epoch_seconds": round(time.monotonic() - epoch_start, 2)}
+            # rank 0's clock decides for everyone, so that no rank waits for one that stopped
+            out_of_time = _from_main(time.monotonic() > deadline, ranks, device)
+            # not at a budget stop between validations: that extra score could become the best,
+            # and a resumed run would then not repeat the uninterrupted one
+            if validating and ((epoch + 1) % cfg.val_every == 0 or epoch == cfg.epochs - 1):
+                # every rank scores its share and gets all the scores: the same best on each
+                dice = _mean_dice(_gather_in_case_order(
+                    _case_scores(scored, val_data, plan, workflow, device), ranks))
+                mean_dice = _mean_over_structures(dice)
+                record.update({"val_dice": dice, "val_mean_dice": mean_dice})
+                if mean_dice > best["mean"]:  # never for NaN
+                    best = {"epoch": epoch, "mean": mean_dice, "dice": dice}
+                    if ranks.main:
+                        best_weights = weight_snapshot(scored)
+                        save_weight_tensors(best_weights, checkpoints / BEST_WEIGHTS)
+                bar.set_postfix(loss=f"{train_loss:.3f}", dice=f"{mean_dice:.3f}")
+            # the whole run so far, validation included
+            record["elapsed_seconds"] = round(elapsed_before + time.monotonic() - started, 2)
             if ranks.main:
-                tqdm.write(f"train.max_minutes={cfg.max_minutes} reached after {epoch + 1} "
-                           f"epoch{'s' if epoch else ''}")
-            break
-    bar.close()
-    if writer is not None:
-        writer.close()
+                _log(writer, metrics_path, record)
+                save_weights(scored, checkpoints / LAST_WEIGHTS)
+                _save_state(checkpoints / TRAIN_STATE, model, optimizer, scheduler, scaler, epoch,
+                            best, ema, settings={"precision": PRECISION_NAMES[autocast_dtype],
+                                                 "world_size": ranks.world_size},
+                            best_weights=best_weights, budget_stop=out_of_time)
+            if out_of_time:
+                if ranks.main:
+                    tqdm.write(f"train.max_minutes={cfg.max_minutes} reached after {epoch + 1} "
+                               f"epoch{'s' if epoch else ''}")
+                break
+    finally:
+        bar.close()
+        if writer is not None:
+            writer.close()
     if not validating or best["mean"] == -math.inf:
         # no validation cases, none with a structure to score, or a budget stop before the
         # first validation: keep the last weights

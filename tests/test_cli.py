@@ -233,3 +233,47 @@ def test_a_refusal_reaches_torchruns_failure_summary_from_any_rank(tmp_path, cap
     # torchrun reads it as it reads its own error files (the summary prints py_callstack)
     failure = ProcessFailure(local_rank=1, pid=1, exitcode=2, error_file=str(error_file))
     assert failure.message["extraInfo"]["py_callstack"] == line + "\n"
+
+
+def test_an_unexpected_error_reaches_torchruns_summary_and_a_lost_peer_says_so(
+        tmp_path, capsys, monkeypatch):
+    """An unexpected error on rank 1 left torchrun's summary without a cause, and rank 0,
+    whose collective then failed, printed gloo's "Connection closed by peer" as its error."""
+    import medseg.cli
+
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+
+    def fails(_args):
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(medseg.cli, "cmd_check", fails)
+    monkeypatch.setenv("RANK", "1")
+    assert main(["check", str(tmp_path)]) == 1
+    line = "medseg: error (rank 1): ValueError: a bug (rerun with --debug for the traceback)"
+    assert capsys.readouterr().err.strip() == line
+    assert json.loads(error_file.read_text(encoding="utf-8"))["message"]["message"] == line
+
+    def loses_its_peer(_args):
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection "
+                           "closed by peer [127.0.0.1]:29500")
+
+    error_file.unlink()
+    monkeypatch.setattr(medseg.cli, "cmd_check", loses_its_peer)
+    monkeypatch.setenv("RANK", "0")
+    assert main(["check", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("medseg: error: another process of this torchrun run failed (its "
+                          "error is in torchrun's summary); this one lost its connection: ")
+    assert not error_file.exists()  # the root cause stays the process that failed
+
+
+def test_demo_under_torchrun_is_refused(tmp_path, capsys, monkeypatch):
+    """Each process ran a whole demo into the same folder, and each scored half the
+    cases (the other shard's) as missing."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 2
+    assert "demo runs in one process: under torchrun, run `medseg train`" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()

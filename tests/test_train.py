@@ -573,3 +573,35 @@ def test_a_run_folder_in_a_new_folder_is_locked_and_a_refused_one_leaves_none(
     assert not lock.exists()
     assert train(tmp_path / "new" / "run", tmp_path / "no_dataset") == 2  # refused
     assert not (tmp_path / "new").exists()  # nothing left behind
+
+
+def test_sigterm_ends_training_like_ctrl_c_and_removes_the_lock(tmp_path, phantom_dataset):
+    """SIGTERM (a scheduler's stop, `timeout`, torchrun ending the other processes) killed
+    the trainer on the spot: its lock file stayed beside the run folder."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    sets = as_sets([f"dataset.path={phantom_dataset}", *TINY_TRAINING, "train.epochs=1000",
+                    "train.num_workers=0"])
+    process = subprocess.Popen([sys.executable, "-m", "medseg.cli", "train",
+                                str(REPO / "workflows" / "demo.yaml"), "--out", str(run),
+                                *sets], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True, cwd=REPO)
+    try:
+        deadline = time.monotonic() + 180
+        while not (run / "fold_0" / "metrics.jsonl").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (run / "fold_0" / "metrics.jsonl").exists(), "training never started"
+        assert (tmp_path / ".run.medseg-lock").exists()
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 143
+    assert err.strip().splitlines()[-1] == "medseg: stopped (SIGTERM)"
+    assert not (tmp_path / ".run.medseg-lock").exists()
+    assert main(["train", "--resume", str(run), "--set", "train.max_minutes=0.00001"]) == 0

@@ -89,11 +89,28 @@ def augmentation(plan: Plan, augment: AugmentConfig, foreground_fraction: float)
         mt.RandGaussianNoised(IMAGE, prob=augment.noise_prob, std=augment.noise_std),
         mt.RandGaussianSmoothd(IMAGE, prob=augment.smooth_prob, sigma_x=(0.5, 1.0),
                                sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
-        mt.RandScaleIntensityd(IMAGE, prob=augment.contrast_prob, factors=0.25),
-        mt.RandShiftIntensityd(IMAGE, prob=augment.intensity_shift_prob, offsets=0.1),
-        mt.RandAdjustContrastd(IMAGE, prob=augment.gamma_prob, gamma=(0.7, 1.5)),
+        # a factor and an offset of its own per channel (MR sequences vary independently,
+        # as nnU-Net draws them); one channel draws exactly what it drew before
+        mt.RandScaleIntensityd(IMAGE, prob=augment.contrast_prob, factors=0.25,
+                               channel_wise=True),
+        mt.RandShiftIntensityd(IMAGE, prob=augment.intensity_shift_prob, offsets=0.1,
+                               channel_wise=True),
+        *_gamma_per_channel(plan.in_channels, augment.gamma_prob),
         mt.EnsureTyped(keys, track_meta=False),
     ])
+
+
+def _gamma_per_channel(channels: int, prob: float) -> list[mt.MapTransform]:
+    """Gamma per channel: RandAdjustContrastd has no channel-wise mode, and over several
+    channels it would scale all of them by one intensity range and one gamma."""
+    if channels == 1:
+        return [mt.RandAdjustContrastd(IMAGE, prob=prob, gamma=(0.7, 1.5))]
+    keys = [f"{IMAGE}_gamma_{c}" for c in range(channels)]
+    return [mt.SplitDimd(IMAGE, output_postfixes=[k.removeprefix(IMAGE + "_") for k in keys],
+                         dim=0, keepdim=True, update_meta=False),
+            *[mt.RandAdjustContrastd(key, prob=prob, gamma=(0.7, 1.5)) for key in keys],
+            mt.ConcatItemsd(keys, IMAGE, dim=0),
+            mt.DeleteItemsd(keys)]
 
 
 def _elastic(keys: list[str], augment: AugmentConfig) -> list[mt.MapTransform]:

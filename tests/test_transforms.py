@@ -119,3 +119,26 @@ def test_float_labels_a_rounding_error_off_are_whole_numbers(plan, phantom_datas
     label = preprocessing(plan, with_label=True)(case_dict(case.images,
                                                            tmp_path / "noisy.nii.gz"))[LABEL]
     assert set(torch.unique(label).tolist()) == set(np.unique(stored.dataobj).tolist())
+
+
+@pytest.mark.parametrize("which", ["contrast_prob", "intensity_shift_prob", "gamma_prob"])
+def test_intensity_augmentation_draws_per_channel(plan, which):
+    """Two channels were scaled, shifted and gamma-corrected by one draw (gamma over their
+    joint intensity range), where nnU-Net draws each channel's own."""
+    import dataclasses
+
+    rng = np.random.default_rng(0)
+    channel = rng.normal(size=(1, *plan.patch_size)).astype(np.float32)
+    label = np.zeros((1, *plan.patch_size), np.float32)
+    two_channels = dataclasses.replace(plan, in_channels=2, modalities=["MR", "MR"])
+    none = {"flip_prob": 0, "rotate_prob": 0, "scale_prob": 0, "noise_prob": 0,
+            "smooth_prob": 0, "contrast_prob": 0, "intensity_shift_prob": 0, "gamma_prob": 0}
+    chain = augmentation(two_channels, AugmentConfig(**{**none, which: 1.0}),
+                         foreground_fraction=0.0)
+    chain.set_random_state(seed=1)
+    image = torch.from_numpy(np.concatenate([channel, channel]))  # two identical channels
+    out = chain({IMAGE: image, LABEL: torch.from_numpy(label)})[0][IMAGE].numpy()
+    assert out.shape == (2, *plan.patch_size)
+    assert not np.allclose(out[0], out[1])  # each its own draw
+    assert not np.allclose(out[0], channel[0])  # and each changed
+    assert not np.allclose(out[1], channel[0])

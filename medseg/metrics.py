@@ -198,13 +198,9 @@ def _edge_distances(source: np.ndarray, target: np.ndarray, scale: np.ndarray) -
 def _union_box(a: np.ndarray, b: np.ndarray, margin: int) -> Box:
     """Bounding box of a | b, grown by `margin` voxels within the array."""
     union = a | b
-    box = []
-    for axis in range(union.ndim):
-        other = tuple(i for i in range(union.ndim) if i != axis)
-        hits = np.flatnonzero(union.any(axis=other))
-        box.append(slice(max(int(hits[0]) - margin, 0),
-                         min(int(hits[-1]) + 1 + margin, union.shape[axis])))
-    return tuple(box)
+    (box,) = ndimage.find_objects(union.astype(np.uint8))
+    return tuple(slice(max(s.start - margin, 0), min(s.stop + margin, n))
+                 for s, n in zip(box, union.shape, strict=True))
 
 
 def _merge_boxes(a: Box | None, b: Box | None, shape: tuple[int, ...], margin: int = 1

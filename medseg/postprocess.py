@@ -1,5 +1,7 @@
 """Per-structure clean-up of a predicted label map: keep the largest connected component,
-drop components under a size. Connected components come from connected-components-3d."""
+drop components under a size. Connected components come from connected-components-3d:
+MONAI's KeepLargestConnectedComponent and RemoveSmallObjects need scikit-image (not a
+dependency) and label the whole volume, where cc3d labels each structure's box only."""
 
 from __future__ import annotations
 
@@ -29,8 +31,9 @@ def keep_largest_component(labels: np.ndarray, label_ids: list[int]) -> np.ndarr
     import cc3d
 
     out = labels.copy()
+    boxes = _boxes_by_label(out)
     for label_id in label_ids:
-        box = _bounding_box(out == label_id)
+        box = boxes.get(label_id)
         if box is None:
             continue
         mask = out[box] == label_id
@@ -45,8 +48,9 @@ def remove_small_components(labels: np.ndarray, min_voxels: dict[int, int]) -> n
     import cc3d
 
     out = labels.copy()
+    boxes = _boxes_by_label(out)
     for label_id, threshold in min_voxels.items():
-        box = _bounding_box(out == label_id)
+        box = boxes.get(label_id)
         if box is None or threshold <= 1:
             continue
         mask = out[box] == label_id
@@ -68,12 +72,10 @@ def postprocess(labels: np.ndarray, spacing: tuple[float, float, float],
     return labels
 
 
-def _bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
-    if not mask.any():
-        return None
-    box = []
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        hits = np.flatnonzero(mask.any(axis=other))
-        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
-    return tuple(box)
+def _boxes_by_label(labels: np.ndarray) -> dict[int, tuple[slice, ...]]:
+    """Each label's bounding box (one pass over the map; removing one label's components
+    leaves the others' boxes as they were)."""
+    from scipy import ndimage
+
+    boxes = ndimage.find_objects(labels.astype(np.int64, copy=False))
+    return {label_id: box for label_id, box in enumerate(boxes, start=1) if box is not None}

@@ -7,7 +7,7 @@ voxel indices (column, row, slice) to RAS millimetres, as NIfTI does.
 
 Why not SimpleITK's ImageSeriesReader or MONAI's PydicomReader: both stack whatever slices
 they are given, with the first gap as the spacing for all of them. A gantry tilt, a missing
-slice or uneven gaps then yield a volume that is silently wrong in millimetres; these
+slice or uneven gaps then yield a volume wrong in millimetres (ITK only warns); these
 checks, series selection among several and enhanced multi-frame files need the per-slice
 headers read here.
 """

@@ -69,6 +69,11 @@ class AugmentConfig:
     contrast_prob: float = 0.15
     intensity_shift_prob: float = 0.15
     gamma_prob: float = 0.15
+    # nnU-Net's other intensity transforms, off unless asked: gamma keeping each patch's mean
+    # and sd, gamma of the inverted image, and low resolution simulated by zooming out and in
+    gamma_retain_stats: bool = False
+    gamma_invert_prob: float = 0.0
+    lowres_prob: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -392,6 +397,8 @@ _RANGES = {
     ("augment", "contrast_prob"): _PROBABILITY,
     ("augment", "intensity_shift_prob"): _PROBABILITY,
     ("augment", "gamma_prob"): _PROBABILITY,
+    ("augment", "gamma_invert_prob"): _PROBABILITY,
+    ("augment", "lowres_prob"): _PROBABILITY,
     ("train", "epochs"): _POSITIVE_INT,
     ("train", "iterations_per_epoch"): _POSITIVE_INT,
     ("train", "learning_rate"): _POSITIVE,

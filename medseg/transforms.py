@@ -3,6 +3,8 @@ inference, so that inference inverts exactly what training saw) and training aug
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from monai import transforms as mt
@@ -95,20 +97,37 @@ def augmentation(plan: Plan, augment: AugmentConfig, foreground_fraction: float)
                                channel_wise=True),
         mt.RandShiftIntensityd(IMAGE, prob=augment.intensity_shift_prob, offsets=0.1,
                                channel_wise=True),
-        *_gamma_per_channel(plan.in_channels, augment.gamma_prob),
+        *_optional_intensity(augment),
+        *_gamma_per_channel(plan.in_channels, augment),
         mt.EnsureTyped(keys, track_meta=False),
     ])
 
 
-def _gamma_per_channel(channels: int, prob: float) -> list[mt.MapTransform]:
+def _optional_intensity(augment: AugmentConfig) -> list[mt.MapTransform]:
+    """nnU-Net's low-resolution simulation and inverted gamma, only when asked for: even a
+    transform of probability 0 draws, which would change every later transform's draws."""
+    steps: list[mt.MapTransform] = []
+    if augment.lowres_prob > 0:
+        steps.append(mt.RandSimulateLowResolutiond(IMAGE, prob=augment.lowres_prob,
+                                                   zoom_range=(0.5, 1.0)))
+    if augment.gamma_invert_prob > 0:
+        steps.append(mt.RandAdjustContrastd(IMAGE, prob=augment.gamma_invert_prob,
+                                            gamma=(0.7, 1.5), invert_image=True,
+                                            retain_stats=True))
+    return steps
+
+
+def _gamma_per_channel(channels: int, augment: AugmentConfig) -> list[mt.MapTransform]:
     """Gamma per channel: RandAdjustContrastd has no channel-wise mode, and over several
     channels it would scale all of them by one intensity range and one gamma."""
+    gamma = functools.partial(mt.RandAdjustContrastd, prob=augment.gamma_prob,
+                              gamma=(0.7, 1.5), retain_stats=augment.gamma_retain_stats)
     if channels == 1:
-        return [mt.RandAdjustContrastd(IMAGE, prob=prob, gamma=(0.7, 1.5))]
+        return [gamma(IMAGE)]
     keys = [f"{IMAGE}_gamma_{c}" for c in range(channels)]
     return [mt.SplitDimd(IMAGE, output_postfixes=[k.removeprefix(IMAGE + "_") for k in keys],
                          dim=0, keepdim=True, update_meta=False),
-            *[mt.RandAdjustContrastd(key, prob=prob, gamma=(0.7, 1.5)) for key in keys],
+            *[gamma(key) for key in keys],
             mt.ConcatItemsd(keys, IMAGE, dim=0),
             mt.DeleteItemsd(keys)]
 

@@ -142,3 +142,24 @@ def test_intensity_augmentation_draws_per_channel(plan, which):
     assert not np.allclose(out[0], out[1])  # each its own draw
     assert not np.allclose(out[0], channel[0])  # and each changed
     assert not np.allclose(out[1], channel[0])
+
+
+@pytest.mark.parametrize("asked", [{"lowres_prob": 1.0}, {"gamma_invert_prob": 1.0},
+                                   {"gamma_prob": 1.0, "gamma_retain_stats": True}],
+                         ids=["lowres", "inverted_gamma", "gamma_retaining_stats"])
+def test_nnunets_other_intensity_transforms_apply_when_asked(plan, asked):
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(1, *plan.patch_size)).astype(np.float32)
+    label = np.zeros((1, *plan.patch_size), np.float32)
+    none = {"flip_prob": 0, "rotate_prob": 0, "scale_prob": 0, "noise_prob": 0,
+            "smooth_prob": 0, "contrast_prob": 0, "intensity_shift_prob": 0, "gamma_prob": 0}
+    chain = augmentation(plan, AugmentConfig(**{**none, **asked}), foreground_fraction=0.0)
+    chain.set_random_state(seed=2)
+    out = chain({IMAGE: torch.from_numpy(image.copy()),
+                 LABEL: torch.from_numpy(label)})[0][IMAGE].numpy()
+    assert not np.allclose(out, image)
+    if "lowres_prob" in asked:  # zoomed out and back: smoother, so a smaller spread
+        assert out.std() < 0.95 * image.std()
+    else:  # both gammas keep the patch's mean and sd, as nnU-Net's
+        assert out.mean() == pytest.approx(image.mean(), abs=1e-4)
+        assert out.std() == pytest.approx(image.std(), rel=1e-4)

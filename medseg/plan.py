@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from medseg.config import PlanConfig
-from medseg.datasets import Dataset
+from medseg.datasets import Dataset, label_gaps
 from medseg.errors import MedsegError
 from medseg.fileio import atomic_write_json
 from medseg.io import grid_mismatch, read_label_map, read_volume
@@ -76,6 +76,7 @@ class Plan:
 def fingerprint(dataset: Dataset, seed: int = 0, progress: bool = True) -> Fingerprint:
     """Read every case once: spacing, shape, foreground intensities, class frequencies.
     `progress` shows a bar (torchrun's other ranks pass False)."""
+    refuse_label_gaps(dataset.labels, dataset.root)  # a label map's gap, before any reading
     rng = np.random.default_rng(seed)
     spacings, shapes, class_voxels = [], [], {}
     samples: list[list[np.ndarray]] = [[] for _ in dataset.modalities]
@@ -100,6 +101,8 @@ def fingerprint(dataset: Dataset, seed: int = 0, progress: bool = True) -> Finge
                 class_voxels[label_id] = class_voxels.get(label_id, 0) + count
     if any(case.label for case in dataset.cases):
         _refuse_no_foreground(class_voxels, dataset.root)
+        if not dataset.labels:  # ids read from the label files (a map was checked above)
+            refuse_label_gaps(class_voxels, dataset.root)
     intensity = [_intensity_stats(np.concatenate(s) if s else np.zeros(1)) for s in samples]
     labels = dataset.labels or {k: ("background" if k == 0 else f"label_{k}")
                                 for k in sorted(class_voxels)}
@@ -321,6 +324,15 @@ def _check_label_values(label, labels: dict[int, str]) -> None:
     if unknown:
         raise MedsegError(f"label values {unknown} are not in the dataset's label map",
                           label.path)
+
+
+def refuse_label_gaps(ids, where: Path) -> None:
+    missing = label_gaps(ids)
+    if missing:
+        raise MedsegError(f"label ids must run 0, 1, 2, ... without a gap for training (as "
+                          f"nnU-Net requires): {', '.join(map(str, missing))} missing from "
+                          f"{', '.join(map(str, sorted(int(i) for i in ids)))}; renumber the "
+                          f"label files and the label map", where)
 
 
 def _refuse_no_foreground(class_voxels: dict[int, int], root: Path) -> None:

@@ -21,6 +21,7 @@ from medseg.datasets import (
     Case,
     Dataset,
     is_spare_label,
+    label_gaps,
     leaves_folder,
     list_dataset,
     strip_image_suffix,
@@ -97,6 +98,12 @@ def check_dataset(path: str | Path, layout: str = "auto") -> CheckReport:
     if not dataset.cases:
         problems.append(Problem("error", "-", listing.description or dataset.root,
                                 "the dataset lists no cases: training would refuse it"))
+    missing_ids = label_gaps(dataset.labels)
+    if missing_ids:
+        problems.append(Problem("error", "-", listing.description or dataset.root,
+                                f"label ids {', '.join(map(str, missing_ids))} are missing "
+                                f"from the label map: training needs ids 0, 1, 2, ... "
+                                f"without a gap"))
     facts = []
     for case in tqdm(dataset.cases, desc="check", unit="case", leave=False):
         found, case_facts = _check_case(case, dataset)

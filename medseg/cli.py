@@ -142,6 +142,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
         raise MedsegError("demo runs in one process: under torchrun, run `medseg train` "
                           "(then predict and evaluate in one process)")
+    if not 0 <= args.seed < 2**32:  # NumPy's seed range
+        raise MedsegError(f"--seed must be between 0 and {2**32 - 1}, got {args.seed}")
     out = Path(args.out)
     workflow_path = _demo_workflow_path()
     workflow = load_workflow(workflow_path, args.overrides)  # a bad --set before any work
@@ -613,8 +615,11 @@ def _stdout_of_main_rank_only(main: bool) -> Iterator[None]:
 
 
 def _check_run_folder(run_dir: Path, overwrite: bool) -> None:
+    from medseg.fileio import refuse_unwritable_place
+
     if run_dir.exists() and not run_dir.is_dir():
         raise MedsegError("run folder path is a file", run_dir)
+    refuse_unwritable_place(run_dir)  # before the dataset is read, not after
     if run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
             raise MedsegError("run folder exists and is not empty; pass --overwrite to "
@@ -641,8 +646,11 @@ def _parse_predict_folds(text: str | None) -> list[int] | None:
 
 def _claim_demo_folder(out: Path) -> None:
     """The demo replaces its own earlier output, and nothing else."""
+    from medseg.fileio import refuse_unwritable_place
+
     if out.exists() and not out.is_dir():
         raise MedsegError("output folder path is a file", out)
+    refuse_unwritable_place(out)
     if out.exists() and any(out.iterdir()):
         if not (out / DEMO_MARKER).exists():
             raise MedsegError("folder exists and was not made by `medseg demo`; choose "

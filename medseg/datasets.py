@@ -140,6 +140,13 @@ def label_names_from_json(path: str | Path) -> dict[int, str]:
     return {0: "background", **labels}  # a labels.json may leave background unnamed
 
 
+def label_gaps(ids) -> list[int]:
+    """The ids missing from 0, 1, ..., max(ids): the network's classes are 0..N-1, so a
+    gapped map (BraTS's 0, 1, 2, 4) would train a class no voxel has, and masks holding it."""
+    present = {int(i) for i in ids}
+    return sorted(set(range(max(present, default=0) + 1)) - present - {0})
+
+
 def _label_id(value: object, name: str, path: Path) -> int:
     """An nnU-Net id: a whole number (2 or "2", not 1.9, true, NaN or "--1")."""
     if isinstance(value, str) and _WHOLE_NUMBER.fullmatch(value.strip()):

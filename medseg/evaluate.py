@@ -88,10 +88,15 @@ def infer_labels(pairs: list[Pair]) -> dict[int, str]:
     unknown label. An unreadable prediction is left for its case to report as failed."""
     ids: set[int] = {0}
     for _, prediction, reference in pairs:
-        ids |= label_values(read_label_map(reference).data)
+        values = label_values(read_label_map(reference).data)
+        negative = sorted(v for v in values if v < 0)
+        if negative:  # as training refuses them: labels are class numbers
+            raise MedsegError(f"label values {negative} are negative: labels are class "
+                              f"numbers 0, 1, 2, ... (or give --labels)", reference)
+        ids |= values
         if prediction is not None:
-            try:
-                ids |= label_values(read_label_map(prediction).data)
+            try:  # a negative value stays unknown, failing its case
+                ids |= {v for v in label_values(read_label_map(prediction).data) if v >= 0}
             except MedsegError:
                 pass
     return {k: ("background" if k == 0 else f"label_{k}") for k in sorted(ids)}

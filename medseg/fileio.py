@@ -57,6 +57,23 @@ def make_writable_folder(folder: Path) -> None:
                           folder) from exc
 
 
+def refuse_unwritable_place(path: Path) -> None:
+    """Before any work, without creating anything: the nearest existing folder at or above
+    `path` must take a file. A path under a file, a read-only mount or another user's
+    folder would otherwise fail only when the results are written."""
+    place = path
+    while not place.exists() and not place.is_symlink() and place != place.parent:
+        place = place.parent
+    if not place.is_dir():
+        raise MedsegError(f"cannot make the output folder: {place} is not a folder", path)
+    try:
+        with tempfile.TemporaryFile(dir=place):
+            pass
+    except OSError as exc:
+        raise MedsegError(f"cannot write in the output folder ({exc.strerror or exc}, in "
+                          f"{place})", path) from exc
+
+
 def _read_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

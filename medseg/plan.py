@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from medseg.config import PlanConfig
-from medseg.datasets import Dataset
+from medseg.datasets import Dataset, label_gaps
 from medseg.errors import MedsegError
 from medseg.fileio import atomic_write_json
 from medseg.io import grid_mismatch, read_label_map, read_volume
@@ -68,6 +69,13 @@ class Plan:
 
     @staticmethod
     def from_json(data: dict) -> Plan:
+        """A plan.json's content, checked: a hand-edited value of the wrong type or length
+        is named here rather than failing deep in the network or the transforms."""
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        problem = _plan_problem(data)
+        if problem:
+            raise ValueError(problem)
         data = dict(data)
         data["labels"] = {int(k): v for k, v in data["labels"].items()}
         return Plan(**data)
@@ -76,6 +84,7 @@ class Plan:
 def fingerprint(dataset: Dataset, seed: int = 0, progress: bool = True) -> Fingerprint:
     """Read every case once: spacing, shape, foreground intensities, class frequencies.
     `progress` shows a bar (torchrun's other ranks pass False)."""
+    refuse_label_gaps(dataset.labels, dataset.root)  # a label map's gap, before any reading
     rng = np.random.default_rng(seed)
     spacings, shapes, class_voxels = [], [], {}
     samples: list[list[np.ndarray]] = [[] for _ in dataset.modalities]
@@ -100,6 +109,8 @@ def fingerprint(dataset: Dataset, seed: int = 0, progress: bool = True) -> Finge
                 class_voxels[label_id] = class_voxels.get(label_id, 0) + count
     if any(case.label for case in dataset.cases):
         _refuse_no_foreground(class_voxels, dataset.root)
+        if not dataset.labels:  # ids read from the label files (a map was checked above)
+            refuse_label_gaps(class_voxels, dataset.root)
     intensity = [_intensity_stats(np.concatenate(s) if s else np.zeros(1)) for s in samples]
     labels = dataset.labels or {k: ("background" if k == 0 else f"label_{k}")
                                 for k in sorted(class_voxels)}
@@ -223,6 +234,87 @@ def kernels_and_strides(patch: list[int], spacing: list[float]
     return kernels, strides
 
 
+def _is_int(value, low: int = 1) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _is_positive_number(value) -> bool:
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value) and value > 0)
+
+
+def _ints3(value) -> bool:
+    return isinstance(value, list) and len(value) == 3 and all(_is_int(v) for v in value)
+
+
+_PLAN_KEYS = {  # key -> (check, what it must be); mirror_axes, res_block, network optional
+    "target_spacing": (lambda v: isinstance(v, list) and len(v) == 3
+                       and all(_is_positive_number(x) for x in v), "3 positive numbers (mm)"),
+    "patch_size": (_ints3, "3 positive integers"),
+    "median_shape": (_ints3, "3 positive integers"),
+    "batch_size": (_is_int, "a positive integer"),
+    "kernels": (lambda v: isinstance(v, list) and len(v) >= 3 and all(map(_ints3, v)),
+                "a list of at least 3 lists of 3 positive integers"),
+    "strides": (lambda v: isinstance(v, list) and len(v) >= 3 and all(map(_ints3, v)),
+                "a list of at least 3 lists of 3 positive integers"),
+    "filters": (lambda v: isinstance(v, list) and v and all(_is_int(x) for x in v),
+                "a list of positive integers"),
+    "deep_supervision": (lambda v: isinstance(v, bool), "true or false"),
+    "res_block": (lambda v: isinstance(v, bool), "true or false"),
+    "in_channels": (_is_int, "a positive integer"),
+    "num_classes": (lambda v: _is_int(v, low=2), "an integer of at least 2"),
+    "labels": (lambda v: isinstance(v, dict) and v
+               and all(_WHOLE.fullmatch(str(k)) and isinstance(n, str) for k, n in v.items()),
+               "a mapping of label ids to names"),
+    "modalities": (lambda v: isinstance(v, list) and all(m in ("CT", "MR") for m in v),
+                   "a list of 'CT' or 'MR', one per channel"),
+    "normalization": (lambda v: isinstance(v, list) and all(map(_valid_normalization, v)),
+                      "a list of {'scheme': 'zscore_nonzero'} or {'scheme': 'ct', 'clip': "
+                      "[low, high], 'mean': m, 'std': s > 0}, one per channel"),
+    "mirror_axes": (lambda v: isinstance(v, list) and len(set(v)) == len(v)
+                    and all(_is_int(a, low=0) and a <= 2 for a in v),
+                    "a list of distinct axes among 0, 1, 2"),
+    "network": (lambda v: v in ("dynunet", "segresnet"), "'dynunet' or 'segresnet'"),
+}
+_OPTIONAL_PLAN_KEYS = {"mirror_axes", "res_block", "network"}
+_WHOLE = re.compile(r"0|[1-9][0-9]*")
+
+
+def _valid_normalization(norm) -> bool:
+    if not isinstance(norm, dict):
+        return False
+    if norm.get("scheme") == "zscore_nonzero":
+        return True
+    clip = norm.get("clip")
+    return (norm.get("scheme") == "ct" and isinstance(clip, list) and len(clip) == 2
+            and all(isinstance(c, int | float) and math.isfinite(c) for c in clip)
+            and isinstance(norm.get("mean"), int | float) and _is_positive_number(norm.get("std")))
+
+
+def _plan_problem(data: dict) -> str | None:
+    """The first thing wrong with a plan.json's content, or None."""
+    for key, (check, meaning) in _PLAN_KEYS.items():
+        if key not in data:
+            if key in _OPTIONAL_PLAN_KEYS:
+                continue
+            return f"'{key}' is missing"
+        if not check(data[key]):
+            return f"'{key}' must be {meaning}, not {json.dumps(data[key])}"
+    unknown = sorted(set(data) - set(_PLAN_KEYS))
+    if unknown:
+        return f"unknown key(s) {', '.join(map(repr, unknown))}"
+    channels = data["in_channels"]
+    if len(data["modalities"]) != channels or len(data["normalization"]) != channels:
+        return (f"'modalities' and 'normalization' must have one entry per channel "
+                f"(in_channels {channels})")
+    if not len(data["kernels"]) == len(data["strides"]) == len(data["filters"]):
+        return "'kernels', 'strides' and 'filters' must have one entry per network level"
+    ids = [int(k) for k in data["labels"]]
+    if max(ids) >= data["num_classes"]:
+        return f"label id {max(ids)} is beyond 'num_classes' {data['num_classes']}"
+    return None
+
+
 def save_plan(plan: Plan, path: Path) -> None:
     atomic_write_json(path, plan.to_json())
 
@@ -231,12 +323,13 @@ def load_plan(path: Path) -> Plan:
     if not path.is_file():
         raise MedsegError("plan.json not found (is this a medseg run folder?)", path)
     try:
-        return Plan.from_json(json.loads(path.read_text(encoding="utf-8")))
-    except json.JSONDecodeError as exc:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise MedsegError(f"not valid JSON ({exc})", path) from exc
-    except (TypeError, KeyError, ValueError, AttributeError) as exc:
-        raise MedsegError(f"not a plan medseg can read ({type(exc).__name__}: {exc})",
-                          path) from exc
+    problem = _plan_problem(data) if isinstance(data, dict) else "not a JSON object"
+    if problem:
+        raise MedsegError(f"not a plan medseg can read: {problem}", path)
+    return Plan.from_json(data)
 
 
 def save_fingerprint(fp: Fingerprint, path: Path) -> None:
@@ -321,6 +414,15 @@ def _check_label_values(label, labels: dict[int, str]) -> None:
     if unknown:
         raise MedsegError(f"label values {unknown} are not in the dataset's label map",
                           label.path)
+
+
+def refuse_label_gaps(ids, where: Path) -> None:
+    missing = label_gaps(ids)
+    if missing:
+        raise MedsegError(f"label ids must run 0, 1, 2, ... without a gap for training (as "
+                          f"nnU-Net requires): {', '.join(map(str, missing))} missing from "
+                          f"{', '.join(map(str, sorted(int(i) for i in ids)))}; renumber the "
+                          f"label files and the label map", where)
 
 
 def _refuse_no_foreground(class_voxels: dict[int, int], root: Path) -> None:

@@ -167,7 +167,10 @@ def collect_inputs(inputs: list[str | Path]) -> list[Path]:
     paths: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            found = sorted(p for p in item.iterdir() if p.is_file()
+            # a link to nowhere (a share not mounted) is a case that fails naming it, not
+            # a file silently left out
+            found = sorted(p for p in item.iterdir()
+                           if (p.is_file() or (p.is_symlink() and not p.exists()))
                            and not p.name.startswith(".")
                            and p.name.lower().endswith(VOLUME_SUFFIXES))
             if found:
@@ -391,7 +394,10 @@ def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
     for position, files in enumerate(cases):
         target = output_dir / output_name(files[0])
         _remove_partial_outputs(target)
-        if target.exists() and not overwrite:
+        if target.exists() and not target.is_file():  # not a mask an earlier run wrote
+            results[position] = _failure(files[0], time.monotonic(), MedsegError(
+                "a folder (not a mask) lies where this case's mask goes", target))
+        elif target.exists() and not overwrite:
             results[position] = PredictionResult(files[0], target, 0.0, skipped=True)
         else:
             todo.append((position, files, target))
@@ -456,6 +462,12 @@ def _refuse_writing_onto_inputs(cases: list[tuple[Path, ...]], output_dir: Path)
         if path.resolve() in outputs:
             raise MedsegError(f"--output {output_dir} would write a mask over this input; "
                               f"choose another output folder", path)
+        if output_dir.resolve() == path.resolve().parent and path.is_file() \
+                and path.name.lower().endswith(VOLUME_SUFFIXES):
+            # `case_0000.nii.gz` gets `case.nii.gz` beside it, a scan to the next run
+            raise MedsegError(f"--output {output_dir} is this scan's own folder, where its "
+                              f"mask would be read as another scan next time; choose "
+                              f"another output folder", path)
         if output_dir.resolve() == _dicom_folder(path):
             # the next run would take the folder for one of volume files: the mask its scan
             raise MedsegError(f"--output {output_dir} is this DICOM series' folder, where a "

@@ -212,3 +212,32 @@ def test_a_sheared_scan_is_a_warning_since_predict_refuses_it(tmp_path):
     assert [(p.severity, p.case) for p in report.problems] == [("warning", "tilted")]
     assert "voxel axes sheared by up to 26.6 degrees" in report.problems[0].message
     assert "predict refuses such a scan, and evaluate" in report.problems[0].message
+
+
+def test_label_ids_with_a_gap_are_refused_for_training_and_flagged_by_check(tmp_path):
+    """BraTS's ids 0, 1, 2, 4 planned a fifth class (3) that the masks then held, and every
+    case failed its evaluation: "label values [3] are not in the label map"."""
+    from medseg.datasets import load_dataset
+    from medseg.plan import fingerprint
+
+    gapped = tmp_path / "gapped"
+    entries = [write_case(gapped, f"c{k}", label_data=label(4 if k else 2), seed=k)
+               for k in range(2)]
+    msd(gapped, entries)
+    description = json.loads((gapped / "dataset.json").read_text(encoding="utf-8"))
+    description["labels"] = {"0": "background", "1": "a", "2": "b", "4": "d"}
+    (gapped / "dataset.json").write_text(json.dumps(description), encoding="utf-8")
+    report = check_dataset(gapped)
+    assert [(p.file.name, p.message) for p in report.problems] == [
+        ("dataset.json", "label ids 3 are missing from the label map: training needs ids "
+                         "0, 1, 2, ... without a gap")]
+    with pytest.raises(MedsegError, match=r"label ids must run 0, 1, 2, \.\.\. without a gap "
+                                          r"for training \(as nnU-Net requires\): 3 missing "
+                                          r"from 0, 1, 2, 4; renumber"):
+        fingerprint(load_dataset(gapped), progress=False)
+
+    pairs = tmp_path / "pairs"  # no label map: the ids come from the label files
+    save(pairs / "images" / "a.nii.gz", image(1))
+    save(pairs / "labels" / "a.nii.gz", label(3))
+    with pytest.raises(MedsegError, match="1, 2 missing from 0, 3"):
+        fingerprint(load_dataset(pairs), progress=False)

@@ -277,3 +277,24 @@ def test_demo_under_torchrun_is_refused(tmp_path, capsys, monkeypatch):
     assert "demo runs in one process: under torchrun, run `medseg train`" in \
         capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
+
+
+def test_an_unwritable_run_folder_is_refused_before_the_dataset_is_read(tmp_path, capsys):
+    """`--out` under a file (or on a read-only mount) failed with a NotADirectoryError after
+    the whole dataset had been read and fingerprinted."""
+    blocker = tmp_path / "afile"
+    blocker.write_text("x", encoding="utf-8")
+    workflow = str(REPO / "workflows" / "demo.yaml")
+    args = ["train", workflow, "--out", str(blocker / "run"), "--set",
+            f"dataset.path={tmp_path / 'no_dataset'}"]  # named only if it were read first
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"medseg: error: {blocker / 'run'}: cannot make the output folder: {blocker} is not "
+        f"a folder")
+    assert main(["demo", "--out", str(blocker / "demo")]) == 2
+    assert f"cannot make the output folder: {blocker} is not a folder" in \
+        capsys.readouterr().err
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--seed", "-1"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "medseg: error: --seed must be between 0 and 4294967295, got -1")
+    assert not (tmp_path / "demo").exists()

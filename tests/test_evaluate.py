@@ -465,3 +465,20 @@ def test_the_same_grid_stored_in_another_voxel_order_is_scored_without_resamplin
     save(folders / "pred" / "c1.nii.gz", np.flip(reference, axis=1), shifted)
     results = evaluate_pairs(pair_cases(folders / "pred", folders / "ref"), LABELS)
     assert "not on the same grid" in results[0].error
+
+
+def test_negative_label_values_without_a_label_map_are_not_dropped(folders, capsys):
+    """Without --labels a -1 region was neither refused nor scored (background)."""
+    negative = phantom().astype(np.int16)
+    negative[0, 0, :] = -1
+    image = nib.Nifti1Image(negative, AFFINE)
+    nib.save(image, folders / "pred" / "c1.nii.gz")  # in a prediction: its case fails
+    results = evaluate_pairs(pair_cases(folders / "pred", folders / "ref"),
+                             infer_labels(pair_cases(folders / "pred", folders / "ref")))
+    assert results[0].error.endswith("c1.nii.gz: label values [-1] are not in the label map")
+    nib.save(image, folders / "ref" / "c2.nii.gz")  # in a reference: the evaluation stops
+    assert main(["evaluate", "--pred", str(folders / "pred"), "--ref",
+                 str(folders / "ref")]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "c2.nii.gz: label values [-1] are negative: labels are class numbers 0, 1, 2, ... "
+        "(or give --labels)")

@@ -204,3 +204,43 @@ def test_ct_normalization_of_a_foreground_of_one_intensity_is_bounded():
     image = torch.linspace(-1000, 1000, 512).reshape(1, 8, 8, 8)
     out = _normalize("image", norm)({"image": image})["image"]
     assert torch.equal(torch.as_tensor(out), torch.zeros_like(image))
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("target_spacing", "3", "'target_spacing' must be 3 positive numbers (mm), not \"3\""),
+    ("target_spacing", [3, 3], "'target_spacing' must be 3 positive numbers"),
+    ("target_spacing", [3, -3, 3], "'target_spacing' must be 3 positive numbers"),
+    ("patch_size", [24, 24], "'patch_size' must be 3 positive integers, not [24, 24]"),
+    ("num_classes", "4", "'num_classes' must be an integer of at least 2, not \"4\""),
+    ("num_classes", 2, "label id 2 is beyond 'num_classes' 2"),
+    ("filters", [4, 8], "'kernels', 'strides' and 'filters' must have one entry per network"),
+    ("normalization", [{"scheme": "ct"}], "'normalization' must be a list of"),
+    ("normalization", [{"scheme": "foo"}], "'normalization' must be a list of"),
+    ("normalization", [], "'modalities' and 'normalization' must have one entry per channel"),
+    ("modalities", [], "'modalities' and 'normalization' must have one entry per channel"),
+    ("mirror_axes", [5], "'mirror_axes' must be a list of distinct axes among 0, 1, 2"),
+    ("deep_supervision", "yes", "'deep_supervision' must be true or false, not \"yes\""),
+    ("network", "unet", "'network' must be 'dynunet' or 'segresnet'"),
+    ("batch_size", None, "'batch_size' is missing"),
+    ("extra", 1, "unknown key(s) 'extra'"),
+])
+def test_an_edited_plan_json_is_refused_naming_the_key(tmp_path, key, value, expected):
+    """A hand-edited plan.json failed deep in the code (UFuncTypeError, IndexError, KeyError
+    'clip', a string-formatting TypeError) or was taken silently (2 spacings, axis 5)."""
+    import json
+
+    from medseg.plan import load_plan, save_plan
+
+    path = tmp_path / "plan.json"
+    save_plan(make_plan(synthetic_fingerprint([[1.0, 1.0, 1.0]] * 3, [[64, 64, 64]] * 3),
+                        PlanConfig()), path)
+    assert load_plan(path).num_classes == 3  # as written, it loads
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if value is None:
+        del data[key]
+    else:
+        data[key] = value
+    path.write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(MedsegError) as caught:
+        load_plan(path)
+    assert str(caught.value).startswith(f"{path}: not a plan medseg can read: {expected}")

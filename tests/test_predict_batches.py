@@ -257,3 +257,21 @@ def test_only_fold_k_folders_are_folds(trained_run, tmp_path, capsys):
     (run / "folds.json").unlink()  # a run from before folds.json
     assert main(["train", "--resume", str(run)]) == 0
     assert "fold_0: finished already" in capsys.readouterr().out
+
+
+def test_a_dangling_link_and_a_folder_in_the_way_are_failed_cases(trained_run, three_cases,
+                                                                   tmp_path, capsys):
+    """A link to an unmounted share inside an --input folder was silently left out, and a
+    folder where a mask goes counted as that mask, already written."""
+    (three_cases / "b.nii.gz").unlink()
+    (three_cases / "d.nii.gz").symlink_to(tmp_path / "unmounted" / "d.nii.gz")
+    out = tmp_path / "out"
+    (out / "c.nii.gz").mkdir(parents=True)
+    assert main(["predict", "--model", str(trained_run), "--input", str(three_cases),
+                 "--output", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "predicted 1 of 3 cases" in captured.out
+    assert f"{out / 'c.nii.gz'}: a folder (not a mask) lies where this case's mask goes" \
+        in captured.err
+    assert "d.nii.gz" in captured.err
+    assert (out / "a.nii.gz").is_file() and (out / "c.nii.gz").is_dir()

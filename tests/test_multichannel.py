@@ -49,10 +49,14 @@ def test_train_and_predict_two_channels(tmp_path, capsys):
     source = nib.load(inputs / "case0_0000.nii.gz")
     assert mask.shape == source.shape
     np.testing.assert_allclose(mask.affine, source.affine, atol=1e-5)
-    # beside its channel files, the mask (case0.nii.gz) replaces none of them
+    # beside its channel files, the mask (case0.nii.gz) would be a scan to the next run on
+    # the folder: refused before any work
+    capsys.readouterr()
     assert main(["predict", "--model", str(run), "--input", str(inputs), "--output",
-                 str(inputs)]) == 0
-    assert (inputs / "case0.nii.gz").is_file()
+                 str(inputs)]) == 2
+    assert f"--output {inputs} is this scan's own folder" in capsys.readouterr().err
+    assert sorted(p.name for p in inputs.iterdir()) == ["case0_0000.nii.gz",
+                                                        "case0_0001.nii.gz"]
     # a second channel that lies elsewhere in the patient is refused, naming it
     moved = tmp_path / "moved"
     moved.mkdir()

@@ -163,7 +163,6 @@ def train_fold(
     deterministic mode on the CPU). Under torchrun every rank runs this function; rank 0
     writes the files."""
     from monai.utils import set_determinism
-    from torch.utils.tensorboard import SummaryWriter
 
     cfg = workflow.train
     ranks = current_ranks()
@@ -180,14 +179,7 @@ def train_fold(
     scored = ema.module if ema is not None else model  # the weights validated and saved
     # read once: its settings decide the precision (and so the scaler) it is applied to
     state = _resume_state(fold_dir / "checkpoints" / TRAIN_STATE) if resume else None
-    saved = _settings_of(state)
-    autocast_dtype = _resumed_precision(cfg.precision, device, saved.get("precision"), ranks)
-    _note_world_size(saved.get("world_size"), ranks)
-    if cfg.precision == "amp" and device.type != "cuda" and ranks.main:
-        tqdm.write("medseg: note: train.precision amp is fp16 on CUDA only; this CPU trains "
-                   "in fp32 (bf16 is train.precision bf16)")
-    # fp16 gradients underflow without loss scaling (bf16 has fp32's range and needs none)
-    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
+    autocast_dtype, scaler = _precision_and_scaler(cfg, device, _settings_of(state), ranks)
 
     checkpoints = fold_dir / "checkpoints"
     metrics_path = fold_dir / "metrics.jsonl"
@@ -198,17 +190,7 @@ def train_fold(
         first_epoch, best = _apply_state(state, checkpoints / TRAIN_STATE, model, optimizer,
                                          scheduler, scaler, ema)
         best_weights = _saved_best_weights(state) if ranks.main else None
-    writer = None
-    if ranks.main:
-        checkpoints.mkdir(parents=True, exist_ok=True)
-        if best_weights is not None:
-            # a run stopped between a new best.safetensors and its state left that file one
-            # epoch ahead of the state; where the epoch then redone does not score the same
-            # (CUDA is not bit-exact), the file would no longer be the state's best
-            save_weight_tensors(best_weights, checkpoints / BEST_WEIGHTS)
-        # from scratch, a fold killed before its first saved state starts a new curve
-        _truncate_metrics(metrics_path, first_epoch)
-        writer = SummaryWriter(str(fold_dir / "tensorboard"), purge_step=first_epoch)
+    writer = _open_fold_files(fold_dir, first_epoch, best_weights) if ranks.main else None
     net = _distributed(model, ranks, device)
     # the run's clock goes on from where the resumed run stopped (the budget is per session)
     elapsed_before = last_elapsed_seconds(metrics_path) if resume and ranks.main else 0.0
@@ -234,10 +216,7 @@ def train_fold(
             # not at a budget stop between validations: that extra score could become the best,
             # and a resumed run would then not repeat the uninterrupted one
             if validating and ((epoch + 1) % cfg.val_every == 0 or epoch == cfg.epochs - 1):
-                # every rank scores its share and gets all the scores: the same best on each
-                dice = _mean_dice(_gather_in_case_order(
-                    _case_scores(scored, val_data, plan, workflow, device), ranks))
-                mean_dice = _mean_over_structures(dice)
+                dice, mean_dice = _validate(scored, val_data, plan, workflow, device, ranks)
                 record.update({"val_dice": dice, "val_mean_dice": mean_dice})
                 if mean_dice > best["mean"]:  # never for NaN
                     best = {"epoch": epoch, "mean": mean_dice, "dice": dice}
@@ -264,19 +243,65 @@ def train_fold(
         if writer is not None:
             writer.close()
     if not validating or best["mean"] == -math.inf:
-        # no validation cases, none with a structure to score, or a budget stop before the
-        # first validation: keep the last weights
         if ranks.main:
-            save_weights(scored, checkpoints / BEST_WEIGHTS)
-            if validating and epochs_run < cfg.epochs:
-                tqdm.write(f"medseg: note: stopped before the first validation (every "
-                           f"{cfg.val_every} epochs): best.safetensors holds the last weights")
+            _keep_last_weights_as_best(scored, checkpoints, cfg, validating, epochs_run)
         best["epoch"] = epochs_run - 1
     if ranks.distributed:  # also a barrier: every rank returns once rank 0 has written
         _check_replicas(model, ranks)
     return TrainResult(fold_dir, best["epoch"],
                        None if best["mean"] == -math.inf else best["mean"], best["dice"],
                        epochs_run, elapsed_before + time.monotonic() - started)
+
+
+def _precision_and_scaler(cfg: TrainConfig, device: torch.device, saved: dict, ranks: Ranks
+                          ) -> tuple[torch.dtype | None, torch.amp.GradScaler]:
+    """The autocast dtype (a resumed run keeps the one it started with) and the gradient
+    scaler, enabled for fp16 only: its gradients underflow without loss scaling, where bf16
+    has fp32's range and needs none."""
+    autocast_dtype = _resumed_precision(cfg.precision, device, saved.get("precision"), ranks)
+    _note_world_size(saved.get("world_size"), ranks)
+    if cfg.precision == "amp" and device.type != "cuda" and ranks.main:
+        tqdm.write("medseg: note: train.precision amp is fp16 on CUDA only; this CPU trains "
+                   "in fp32 (bf16 is train.precision bf16)")
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype == torch.float16)
+    return autocast_dtype, scaler
+
+
+def _open_fold_files(fold_dir: Path, first_epoch: int, best_weights: dict | None):
+    """Rank 0's files before the first epoch: the checkpoint folder, best.safetensors as the
+    resumed state has it, metrics.jsonl cut to the epochs before `first_epoch`, and the
+    TensorBoard writer (returned) that continues from there."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    checkpoints = fold_dir / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    if best_weights is not None:
+        # a run stopped between a new best.safetensors and its state left that file one
+        # epoch ahead of the state; where the epoch then redone does not score the same
+        # (CUDA is not bit-exact), the file would no longer be the state's best
+        save_weight_tensors(best_weights, checkpoints / BEST_WEIGHTS)
+    # from scratch, a fold killed before its first saved state starts a new curve
+    _truncate_metrics(fold_dir / "metrics.jsonl", first_epoch)
+    return SummaryWriter(str(fold_dir / "tensorboard"), purge_step=first_epoch)
+
+
+def _validate(scored: torch.nn.Module, val_data, plan: Plan, workflow: Workflow,
+              device: torch.device, ranks: Ranks) -> tuple[dict[str, float], float]:
+    """Every rank scores its share of the validation cases and gets all the scores, so
+    that each takes the same best: per-structure mean Dice, and their mean."""
+    dice = _mean_dice(_gather_in_case_order(
+        _case_scores(scored, val_data, plan, workflow, device), ranks))
+    return dice, _mean_over_structures(dice)
+
+
+def _keep_last_weights_as_best(scored: torch.nn.Module, checkpoints: Path, cfg: TrainConfig,
+                               validating: bool, epochs_run: int) -> None:
+    """No validation cases, none with a structure to score, or a budget stop before the
+    first validation: best.safetensors holds the last weights."""
+    save_weights(scored, checkpoints / BEST_WEIGHTS)
+    if validating and epochs_run < cfg.epochs:
+        tqdm.write(f"medseg: note: stopped before the first validation (every "
+                   f"{cfg.val_every} epochs): best.safetensors holds the last weights")
 
 
 def loss_function(plan: Plan, cfg: TrainConfig) -> torch.nn.Module:

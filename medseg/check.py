@@ -82,6 +82,7 @@ class _CaseFacts:
     case: Case
     geometry: Geometry | None = None
     digest: str | None = None  # of all the case's channels together; None if one is unread
+    label_ids: frozenset[int] = frozenset()  # the values its label file holds
 
 
 def check_dataset(path: str | Path, layout: str = "auto") -> CheckReport:
@@ -109,6 +110,8 @@ def check_dataset(path: str | Path, layout: str = "auto") -> CheckReport:
         found, case_facts = _check_case(case, dataset)
         problems += found
         facts.append(case_facts)
+    if not dataset.labels:  # no label map: training takes the ids its label files hold
+        problems += _gapped_label_ids(facts, listing.description or dataset.root)
     problems += _duplicates(facts)
     problems += _outliers([f for f in facts if f.geometry is not None])
     return CheckReport(dataset.root, listing.layout, len(dataset.cases), tuple(problems))
@@ -152,7 +155,7 @@ def _check_case(case: Case, dataset: Dataset) -> tuple[list[Problem], _CaseFacts
         # the whole case: two cases may share one channel (an all-zero missing sequence)
         facts.digest = "+".join(digests)
     if case.label in geometries:
-        _check_label_voxels(case.label, dataset.labels, add)
+        facts.label_ids = _check_label_voxels(case.label, dataset.labels, add)
     return problems, facts
 
 
@@ -167,12 +170,13 @@ def _check_image_voxels(file: Path, add) -> str | None:
                           + data.tobytes()).hexdigest()
 
 
-def _check_label_voxels(file: Path, labels: dict[int, str], add) -> None:
+def _check_label_voxels(file: Path, labels: dict[int, str], add) -> frozenset[int]:
+    """Label values outside the map, or an empty label; returns the values found."""
     try:
         data = read_label_map(file).data
     except MedsegError as exc:
         add(file, _message(exc))
-        return
+        return frozenset()
     values = set(np.unique(data).tolist())
     known = set(labels) if labels else {v for v in values if v >= 0}
     unknown = sorted(values - known)
@@ -181,6 +185,17 @@ def _check_label_voxels(file: Path, labels: dict[int, str], add) -> None:
                   f"{sorted(labels) if labels else '(non-negative integers)'}")
     if not values - {0}:
         add(file, "label is empty (background only)", "warning")
+    return frozenset(values)
+
+
+def _gapped_label_ids(facts: list[_CaseFacts], where: Path) -> list[Problem]:
+    ids = frozenset().union(*(f.label_ids for f in facts))
+    missing = label_gaps(v for v in ids if v >= 0)
+    if not missing:
+        return []
+    return [Problem("error", "-", where, f"the label files hold ids "
+                    f"{', '.join(map(str, sorted(ids)))}; {', '.join(map(str, missing))} "
+                    f"missing: training needs ids 0, 1, 2, ... without a gap")]
 
 
 def _duplicates(facts: list[_CaseFacts]) -> list[Problem]:

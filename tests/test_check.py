@@ -241,3 +241,6 @@ def test_label_ids_with_a_gap_are_refused_for_training_and_flagged_by_check(tmp_
     save(pairs / "labels" / "a.nii.gz", label(3))
     with pytest.raises(MedsegError, match="1, 2 missing from 0, 3"):
         fingerprint(load_dataset(pairs), progress=False)
+    assert [(p.severity, p.message) for p in check_dataset(pairs).problems] == [
+        ("error", "the label files hold ids 0, 3; 1, 2 missing: training needs ids 0, 1, 2, "
+                  "... without a gap")]

@@ -21,7 +21,7 @@ from medseg.datasets import (
     Case,
     Dataset,
     is_spare_label,
-    label_gaps,
+    label_id_problem,
     leaves_folder,
     list_dataset,
     strip_image_suffix,
@@ -99,11 +99,10 @@ def check_dataset(path: str | Path, layout: str = "auto") -> CheckReport:
     if not dataset.cases:
         problems.append(Problem("error", "-", listing.description or dataset.root,
                                 "the dataset lists no cases: training would refuse it"))
-    missing_ids = label_gaps(dataset.labels)
-    if missing_ids:
+    problem = label_id_problem(dataset.labels)
+    if problem:
         problems.append(Problem("error", "-", listing.description or dataset.root,
-                                f"label ids {', '.join(map(str, missing_ids))} are missing "
-                                f"from the label map: training needs ids 0, 1, 2, ... "
+                                f"label map ids: {problem}; training needs ids 0, 1, 2, ... "
                                 f"without a gap"))
     facts = []
     for case in tqdm(dataset.cases, desc="check", unit="case", leave=False):
@@ -190,12 +189,11 @@ def _check_label_voxels(file: Path, labels: dict[int, str], add) -> frozenset[in
 
 def _gapped_label_ids(facts: list[_CaseFacts], where: Path) -> list[Problem]:
     ids = frozenset().union(*(f.label_ids for f in facts))
-    missing = label_gaps(v for v in ids if v >= 0)
-    if not missing:
+    problem = label_id_problem(v for v in ids if v >= 0)  # negatives have rows of their own
+    if not problem:
         return []
-    return [Problem("error", "-", where, f"the label files hold ids "
-                    f"{', '.join(map(str, sorted(ids)))}; {', '.join(map(str, missing))} "
-                    f"missing: training needs ids 0, 1, 2, ... without a gap")]
+    return [Problem("error", "-", where, f"label file ids: {problem}; training needs ids 0, "
+                                         f"1, 2, ... without a gap")]
 
 
 def _duplicates(facts: list[_CaseFacts]) -> list[Problem]:

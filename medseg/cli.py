@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # under torchrun, a user's mistake or Ctrl-C reaches every rank alike: rank 0 says it
     other_rank = int(os.environ.get("RANK", "0") or 0) != 0
-    _terminate_like_interrupt()
+    previous_handler = _terminate_like_interrupt()
     try:
         return int(args.handler(args) or 0)
     except MedsegError as exc:
@@ -71,16 +71,22 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_USER_ERROR
         rank = f" (rank {os.environ['RANK']})" if other_rank else ""
         if _lost_another_process(cause):
-            # its partner's failure, not this process's: the cause is the other's line
-            print(f"medseg: error{rank}: another process of this torchrun run failed (its "
-                  f"error is in torchrun's summary); this one lost its connection: "
-                  f"{one_line(str(cause))}", file=sys.stderr)
+            # its partner's failure, not this process's: torchrun's summary shows the
+            # earliest error file, the partner's
+            line = (f"medseg: error{rank}: another process of this torchrun run failed (its "
+                    f"error is in torchrun's summary); this one lost its connection: "
+                    f"{one_line(str(cause))}")
+            print(line, file=sys.stderr)
+            _tell_torchrun(line)
             return 1
         line = (f"medseg: error{rank}: {type(cause).__name__}: {one_line(str(cause))} (rerun "
                 f"with --debug for the traceback)")
         print(line, file=sys.stderr)
         _tell_torchrun(line)
         return 1
+    finally:
+        if previous_handler is not None:  # a program calling main() keeps its own
+            signal.signal(signal.SIGTERM, previous_handler)
 
 
 class Terminated(KeyboardInterrupt):
@@ -89,25 +95,31 @@ class Terminated(KeyboardInterrupt):
     on the way out as after Ctrl-C; the default action ends the process on the spot."""
 
 
-def _terminate_like_interrupt() -> None:
+def _terminate_like_interrupt():
+    """Raise Terminated on SIGTERM; returns the handler it replaces (None where signals
+    cannot be set: not the main thread of an embedding program)."""
     def raise_terminated(signum: int, frame: object) -> None:
+        # a process group's SIGTERM also ends DataLoader workers: torch's SIGCHLD handler
+        # would then raise "worker killed" over this stop's one line
+        with contextlib.suppress(ValueError, AttributeError):
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         raise Terminated
 
-    with contextlib.suppress(ValueError):  # not the main thread (an embedding program)
-        signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        return signal.signal(signal.SIGTERM, raise_terminated)
+    except ValueError:
+        return None
 
 
 def _lost_another_process(exc: BaseException) -> bool:
-    """A torchrun worker whose partner exited sees its collective fail: gloo's "Connection
-    closed by peer", NCCL's "remote process exited", or torch's DistError family."""
+    """A torchrun worker whose partner exited sees its collective fail on the broken
+    connection: gloo's "Connection closed by peer" / "reset by peer", NCCL's "remote
+    process exited". A timeout or a local backend error is this process's own."""
     if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
         return False
-    distributed = sys.modules.get("torch.distributed")
-    dist_error = getattr(distributed, "DistError", None)
-    if dist_error is not None and isinstance(exc, dist_error):
-        return True
     text = str(exc).lower()
-    return any(sign in text for sign in ("gloo", "nccl", "closed by peer", "reset by peer"))
+    return any(sign in text for sign in ("closed by peer", "reset by peer",
+                                         "remote process exited"))
 
 
 def _tell_torchrun(line: str) -> None:

@@ -140,11 +140,26 @@ def label_names_from_json(path: str | Path) -> dict[int, str]:
     return {0: "background", **labels}  # a labels.json may leave background unnamed
 
 
-def label_gaps(ids) -> list[int]:
-    """The ids missing from 0, 1, ..., max(ids): the network's classes are 0..N-1, so a
-    gapped map (BraTS's 0, 1, 2, 4) would train a class no voxel has, and masks holding it."""
-    present = {int(i) for i in ids}
-    return sorted(set(range(max(present, default=0) + 1)) - present - {0})
+def label_id_problem(ids) -> str | None:
+    """Why training cannot take these label ids as its classes 0..N-1 (None when it can):
+    a negative id, or a gap (BraTS's 0, 1, 2, 4 would train a class 3 no voxel has, and
+    masks holding it). Works from the ids present, whatever their size."""
+    present = sorted({int(i) for i in ids} | {0})
+    negative = [i for i in present if i < 0]
+    if negative:
+        return f"{_ids_text(negative)} negative"
+    gaps = [(a + 1, b - 1) for a, b in zip(present, present[1:], strict=False) if b > a + 1]
+    if gaps:
+        return f"{_ids_text(gaps)} missing from {_ids_text(present)}"
+    return None
+
+
+def _ids_text(items: list, most: int = 12) -> str:
+    """Ids (or (first, last) runs of ids) as text, at most `most` of them."""
+    texts = [(f"{i[0]}" if i[0] == i[1] else f"{i[0]}, {i[1]}" if i[1] == i[0] + 1
+              else f"{i[0]}-{i[1]}") if isinstance(i, tuple) else str(i) for i in items]
+    more = f", ... ({len(texts) - most} more)" if len(texts) > most else ""
+    return ", ".join(texts[:most]) + more
 
 
 def _label_id(value: object, name: str, path: Path) -> int:

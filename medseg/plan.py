@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from medseg.config import PlanConfig
-from medseg.datasets import Dataset, label_gaps
+from medseg.datasets import Dataset, label_id_problem
 from medseg.errors import MedsegError
 from medseg.fileio import atomic_write_json
 from medseg.io import grid_mismatch, read_label_map, read_volume
@@ -417,12 +417,11 @@ def _check_label_values(label, labels: dict[int, str]) -> None:
 
 
 def refuse_label_gaps(ids, where: Path) -> None:
-    missing = label_gaps(ids)
-    if missing:
+    problem = label_id_problem(ids)
+    if problem:
         raise MedsegError(f"label ids must run 0, 1, 2, ... without a gap for training (as "
-                          f"nnU-Net requires): {', '.join(map(str, missing))} missing from "
-                          f"{', '.join(map(str, sorted(int(i) for i in ids)))}; renumber the "
-                          f"label files and the label map", where)
+                          f"nnU-Net requires): {problem}; renumber the label files and the "
+                          f"label map", where)
 
 
 def _refuse_no_foreground(class_voxels: dict[int, int], root: Path) -> None:

@@ -3,8 +3,6 @@ inference, so that inference inverts exactly what training saw) and training aug
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import torch
 from monai import transforms as mt
@@ -104,30 +102,34 @@ def augmentation(plan: Plan, augment: AugmentConfig, foreground_fraction: float)
 
 
 def _optional_intensity(augment: AugmentConfig) -> list[mt.MapTransform]:
-    """nnU-Net's low-resolution simulation and inverted gamma, only when asked for: even a
-    transform of probability 0 draws, which would change every later transform's draws."""
-    steps: list[mt.MapTransform] = []
-    if augment.lowres_prob > 0:
-        steps.append(mt.RandSimulateLowResolutiond(IMAGE, prob=augment.lowres_prob,
-                                                   zoom_range=(0.5, 1.0)))
-    if augment.gamma_invert_prob > 0:
-        steps.append(mt.RandAdjustContrastd(IMAGE, prob=augment.gamma_invert_prob,
-                                            gamma=(0.7, 1.5), invert_image=True,
-                                            retain_stats=True))
-    return steps
+    """nnU-Net's low-resolution simulation, only when asked for: even a transform of
+    probability 0 draws, which would change every later transform's draws."""
+    if augment.lowres_prob == 0:
+        return []
+    return [mt.RandSimulateLowResolutiond(IMAGE, prob=augment.lowres_prob,
+                                          zoom_range=(0.5, 1.0))]
 
 
 def _gamma_per_channel(channels: int, augment: AugmentConfig) -> list[mt.MapTransform]:
-    """Gamma per channel: RandAdjustContrastd has no channel-wise mode, and over several
-    channels it would scale all of them by one intensity range and one gamma."""
-    gamma = functools.partial(mt.RandAdjustContrastd, prob=augment.gamma_prob,
-                              gamma=(0.7, 1.5), retain_stats=augment.gamma_retain_stats)
+    """Inverted gamma (when asked for) and gamma, per channel: RandAdjustContrastd has no
+    channel-wise mode, and over several channels it would scale all of them by one
+    intensity range and one gamma."""
+    def gammas(key: str) -> list[mt.MapTransform]:
+        steps = []
+        if augment.gamma_invert_prob > 0:  # not even at probability 0: it would draw
+            steps.append(mt.RandAdjustContrastd(key, prob=augment.gamma_invert_prob,
+                                                gamma=(0.7, 1.5), invert_image=True,
+                                                retain_stats=True))
+        steps.append(mt.RandAdjustContrastd(key, prob=augment.gamma_prob, gamma=(0.7, 1.5),
+                                            retain_stats=augment.gamma_retain_stats))
+        return steps
+
     if channels == 1:
-        return [gamma(IMAGE)]
+        return gammas(IMAGE)
     keys = [f"{IMAGE}_gamma_{c}" for c in range(channels)]
     return [mt.SplitDimd(IMAGE, output_postfixes=[k.removeprefix(IMAGE + "_") for k in keys],
                          dim=0, keepdim=True, update_meta=False),
-            *[gamma(key) for key in keys],
+            *[step for key in keys for step in gammas(key)],
             mt.ConcatItemsd(keys, IMAGE, dim=0),
             mt.DeleteItemsd(keys)]
 

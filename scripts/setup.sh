@@ -13,11 +13,12 @@ PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3 || echo python3)
 VENV="${MEDSEG_VENV:-.venv}"
 PY="$VENV/bin/python"
 
-# a .venv is reused only when its Python runs, is 3.10 or newer and has pip: one left half
-# built (an interrupted setup, a system without ensurepip) or made by an old Python is rebuilt
-if [ -e "$VENV" ] && ! "$PY" -c "import sys, pip; sys.exit(sys.version_info < (3, 10))" \
+# a .venv is reused when its Python runs and is 3.10 or newer (one made by an old Python,
+# or left without a working Python, is rebuilt); one without pip (`uv venv`, an interrupted
+# setup) gets pip, keeping what it holds, such as a user's CUDA torch
+if [ -e "$VENV" ] && ! "$PY" -c "import sys; sys.exit(sys.version_info < (3, 10))" \
     2>/dev/null; then
-  echo "setup: $VENV is unusable (no working Python >= 3.10 with pip in it): rebuilding it"
+  echo "setup: $VENV has no working Python 3.10 or newer: rebuilding it"
   rm -rf "$VENV"
 fi
 if [ ! -x "$PY" ]; then
@@ -27,6 +28,13 @@ if [ ! -x "$PY" ]; then
   fi
   echo "setup: creating $VENV with $("$PYTHON" --version)"
   "$PYTHON" -m venv "$VENV"
+fi
+if ! "$PY" -c "import pip" 2>/dev/null; then
+  echo "setup: $VENV has no pip: adding it"
+  if ! "$PY" -m ensurepip --upgrade --default-pip >/dev/null; then
+    echo "setup: cannot add pip to $VENV (on Debian/Ubuntu: apt install python3.11-venv)" >&2
+    exit 1
+  fi
 fi
 
 install_torch() {

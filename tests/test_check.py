@@ -229,7 +229,7 @@ def test_label_ids_with_a_gap_are_refused_for_training_and_flagged_by_check(tmp_
     (gapped / "dataset.json").write_text(json.dumps(description), encoding="utf-8")
     report = check_dataset(gapped)
     assert [(p.file.name, p.message) for p in report.problems] == [
-        ("dataset.json", "label ids 3 are missing from the label map: training needs ids "
+        ("dataset.json", "label map ids: 3 missing from 0, 1, 2, 4; training needs ids "
                          "0, 1, 2, ... without a gap")]
     with pytest.raises(MedsegError, match=r"label ids must run 0, 1, 2, \.\.\. without a gap "
                                           r"for training \(as nnU-Net requires\): 3 missing "
@@ -242,5 +242,26 @@ def test_label_ids_with_a_gap_are_refused_for_training_and_flagged_by_check(tmp_
     with pytest.raises(MedsegError, match="1, 2 missing from 0, 3"):
         fingerprint(load_dataset(pairs), progress=False)
     assert [(p.severity, p.message) for p in check_dataset(pairs).problems] == [
-        ("error", "the label files hold ids 0, 3; 1, 2 missing: training needs ids 0, 1, 2, "
-                  "... without a gap")]
+        ("error", "label file ids: 1, 2 missing from 0, 3; training needs ids 0, 1, 2, ... "
+                  "without a gap")]
+
+    # a negative id in the label map: training wrote a plan.json its own predict refused
+    description["labels"] = {"-1": "out", "0": "background", "1": "a", "2": "b", "3": "c",
+                             "4": "d"}
+    (gapped / "dataset.json").write_text(json.dumps(description), encoding="utf-8")
+    assert [p.message for p in check_dataset(gapped).problems] == [
+        "label map ids: -1 negative; training needs ids 0, 1, 2, ... without a gap"]
+    with pytest.raises(MedsegError, match=r"without a gap for training \(as nnU-Net "
+                                          r"requires\): -1 negative; renumber"):
+        fingerprint(load_dataset(gapped), progress=False)
+
+
+def test_label_id_problems_are_found_from_the_ids_present_whatever_their_size():
+    """The gaps were found by listing range(max + 1): one voxel of 2**31 - 1 in a label file
+    needed hundreds of GiB."""
+    from medseg.datasets import label_id_problem
+
+    assert label_id_problem([0, 1, 2]) is None
+    assert label_id_problem([0, 2**31 - 1]) == "1-2147483646 missing from 0, 2147483647"
+    assert label_id_problem(range(0, 100, 2)).startswith(
+        "1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, ... (37 more) missing from 0, 2, 4")

@@ -266,7 +266,30 @@ def test_an_unexpected_error_reaches_torchruns_summary_and_a_lost_peer_says_so(
     err = capsys.readouterr().err.strip()
     assert err.startswith("medseg: error: another process of this torchrun run failed (its "
                           "error is in torchrun's summary); this one lost its connection: ")
-    assert not error_file.exists()  # the root cause stays the process that failed
+    # written too: torchrun shows the earliest error file, the process that failed first
+    assert json.loads(error_file.read_text(encoding="utf-8"))["message"]["message"] == err
+
+    def times_out(_args):  # every process alive, one hung: this one's own error
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Timed out "
+                           "waiting 1800000ms for recv operation to complete")
+
+    monkeypatch.setattr(medseg.cli, "cmd_check", times_out)
+    assert main(["check", str(tmp_path)]) == 1
+    assert capsys.readouterr().err.startswith("medseg: error: RuntimeError: [../third_party")
+
+
+def test_main_gives_back_the_sigterm_handler_it_found(tmp_path):
+    import signal
+
+    def own_handler(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, own_handler)
+    try:
+        assert main(["check", str(tmp_path / "missing")]) == 2
+        assert signal.getsignal(signal.SIGTERM) is own_handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_demo_under_torchrun_is_refused(tmp_path, capsys, monkeypatch):

@@ -121,7 +121,8 @@ def test_float_labels_a_rounding_error_off_are_whole_numbers(plan, phantom_datas
     assert set(torch.unique(label).tolist()) == set(np.unique(stored.dataobj).tolist())
 
 
-@pytest.mark.parametrize("which", ["contrast_prob", "intensity_shift_prob", "gamma_prob"])
+@pytest.mark.parametrize("which", ["contrast_prob", "intensity_shift_prob", "gamma_prob",
+                                   "gamma_invert_prob"])
 def test_intensity_augmentation_draws_per_channel(plan, which):
     """Two channels were scaled, shifted and gamma-corrected by one draw (gamma over their
     joint intensity range), where nnU-Net draws each channel's own."""

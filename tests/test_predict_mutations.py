@@ -70,6 +70,15 @@ def test_tta_averages_mirrored_predictions_mirrored_back(plan):
     assert (not_back - expected).abs().max() > 0.05
 
 
+def test_without_tta_one_forward_pass_is_all(plan):
+    """Kills: mirroring applied whatever `tta` says (`if True else [()]`)."""
+    predictor = Predictor(plan, (RampModel(),), ("fold_0",), CPU)
+    batch = torch.randn(2, 1, 8, 6, 4, generator=torch.Generator().manual_seed(0))
+    got = _window_probabilities(predictor, batch, PredictConfig(tta=False, precision="fp32"))
+    torch.testing.assert_close(got, torch.softmax(RampModel()(batch), dim=1), atol=1e-6,
+                               rtol=1e-6)
+
+
 def constant_fold(plan, run_dir, fold: int, probabilities: list[float]) -> None:
     """fold_K whose network gives the same class probabilities everywhere: the output
     convolution's weights zero and its bias the log-probabilities."""

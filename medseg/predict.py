@@ -462,7 +462,9 @@ def _refuse_writing_onto_inputs(cases: list[tuple[Path, ...]], output_dir: Path)
         if path.resolve() in outputs:
             raise MedsegError(f"--output {output_dir} would write a mask over this input; "
                               f"choose another output folder", path)
-        if output_dir.resolve() == path.resolve().parent and path.is_file() \
+        # the folder it is listed in and, for a link, the folder of the file it leads to
+        folders = {path.parent.resolve(), path.resolve().parent}
+        if output_dir.resolve() in folders and path.is_file() \
                 and path.name.lower().endswith(VOLUME_SUFFIXES):
             # `case_0000.nii.gz` gets `case.nii.gz` beside it, a scan to the next run
             raise MedsegError(f"--output {output_dir} is this scan's own folder, where its "

@@ -275,3 +275,18 @@ def test_a_dangling_link_and_a_folder_in_the_way_are_failed_cases(trained_run, t
         in captured.err
     assert "d.nii.gz" in captured.err
     assert (out / "a.nii.gz").is_file() and (out / "c.nii.gz").is_dir()
+
+
+def test_an_output_beside_a_linked_scan_is_refused(trained_run, three_cases, tmp_path,
+                                                   capsys):
+    """A folder of links to scans elsewhere, as its own --output: the masks would lie beside
+    the links, scans to the next run on that folder (the check looked only at the folder
+    the links lead to)."""
+    links = tmp_path / "links"
+    links.mkdir()
+    (links / "a_0000.nii.gz").symlink_to(three_cases / "a.nii.gz")
+    for output in (links, three_cases):  # where the link lies, and where it leads
+        assert main(["predict", "--model", str(trained_run), "--input",
+                     str(links / "a_0000.nii.gz"), "--output", str(output)]) == 2
+        assert f"--output {output} is this scan's own folder" in capsys.readouterr().err
+    assert sorted(p.name for p in links.iterdir()) == ["a_0000.nii.gz"]

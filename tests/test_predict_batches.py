@@ -284,9 +284,10 @@ def test_an_output_beside_a_linked_scan_is_refused(trained_run, three_cases, tmp
     the links lead to)."""
     links = tmp_path / "links"
     links.mkdir()
-    (links / "a_0000.nii.gz").symlink_to(three_cases / "a.nii.gz")
+    (links / "x_0000.nii.gz").symlink_to(three_cases / "a.nii.gz")
     for output in (links, three_cases):  # where the link lies, and where it leads
         assert main(["predict", "--model", str(trained_run), "--input",
-                     str(links / "a_0000.nii.gz"), "--output", str(output)]) == 2
+                     str(links / "x_0000.nii.gz"), "--output", str(output)]) == 2
         assert f"--output {output} is this scan's own folder" in capsys.readouterr().err
-    assert sorted(p.name for p in links.iterdir()) == ["a_0000.nii.gz"]
+    assert sorted(p.name for p in links.iterdir()) == ["x_0000.nii.gz"]
+    assert not (three_cases / "x.nii.gz").exists()

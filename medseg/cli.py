@@ -115,11 +115,16 @@ def _lost_another_process(exc: BaseException) -> bool:
     """A torchrun worker whose partner exited sees its collective fail on the broken
     connection: gloo's "Connection closed by peer" / "reset by peer", NCCL's "remote
     process exited". A timeout or a local backend error is this process's own."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+    if _world_size() <= 1:
         return False
     text = str(exc).lower()
     return any(sign in text for sign in ("closed by peer", "reset by peer",
                                          "remote process exited"))
+
+
+def _world_size() -> int:
+    """torchrun's process count (1 outside torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
 def _tell_torchrun(line: str) -> None:
@@ -151,7 +156,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Phantoms -> train -> predict the held-out cases -> evaluate."""
     from medseg.phantoms import write_phantom_dataset
 
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+    if _world_size() > 1:
         raise MedsegError("demo runs in one process: under torchrun, run `medseg train` "
                           "(then predict and evaluate in one process)")
     if not 0 <= args.seed < 2**32:  # NumPy's seed range
@@ -218,6 +223,8 @@ def _one_trainer(run_dir: Path, main_rank: bool) -> Iterator[None]:
     """Refuse a second `medseg train` on a run folder that one is training: two would both
     write its checkpoints and metrics. The lock file lies beside the folder (a fresh run
     replaces the folder), and goes when the run ends."""
+    from medseg.fileio import missing_folders
+
     try:
         import fcntl
     except ImportError:  # not a POSIX system: no lock
@@ -226,7 +233,7 @@ def _one_trainer(run_dir: Path, main_rank: bool) -> Iterator[None]:
     handle = None
     # `--out runs/x` in a fresh clone: the lock's folder is made now (and removed again if
     # the run leaves it empty), or a second trainer would not be refused
-    made = _missing_folders(run_dir.parent) if main_rank else []
+    made = missing_folders(run_dir.parent) if main_rank else []
     if main_rank and fcntl is not None:
         with contextlib.suppress(OSError):  # an unwritable place fails later, naming it
             run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -249,15 +256,6 @@ def _one_trainer(run_dir: Path, main_rank: bool) -> Iterator[None]:
         for folder in made:  # innermost first; a run that wrote its folder keeps them
             with contextlib.suppress(OSError):
                 folder.rmdir()
-
-
-def _missing_folders(folder: Path) -> list[Path]:
-    """`folder` and those of its parents that do not exist, innermost first."""
-    missing = []
-    while not folder.exists() and folder != folder.parent:
-        missing.append(folder)
-        folder = folder.parent
-    return missing
 
 
 def _report_fold(result, planned_epochs: int) -> None:
@@ -780,7 +778,7 @@ def _exit(code: int) -> None:
     interpreter's teardown once its output is flushed: with the gloo process group already
     destroyed, that teardown now and then ended a finished run in "terminate called without
     an active exception" (SIGABRT), and torchrun then failed the whole run."""
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+    if _world_size() > 1:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -18,6 +18,9 @@ import yaml
 from medseg.errors import MedsegError
 from medseg.fileio import atomic_write_text, read_user_text
 
+# the networks medseg.model.NETWORKS builds (named here, where workflows are checked)
+NETWORK_NAMES = ("dynunet", "segresnet")
+
 
 @dataclass(frozen=True)
 class DatasetConfig:
@@ -336,7 +339,7 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
 _CHOICES = {
     ("dataset", "layout"): ("auto", "msd", "nnunet", "folders", "csv"),
     ("dataset", "modality"): ("auto", "CT", "MR"),
-    ("plan", "network"): ("dynunet", "segresnet"),  # medseg.model.NETWORKS
+    ("plan", "network"): NETWORK_NAMES,
     ("train", "optimizer"): ("sgd", "adamw"),
     ("train", "schedule"): ("poly", "cosine", "constant"),
     ("train", "precision"): ("auto", "bf16", "fp32", "amp"),

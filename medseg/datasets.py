@@ -155,11 +155,16 @@ def label_id_problem(ids) -> str | None:
 
 
 def _ids_text(items: list, most: int = 12) -> str:
-    """Ids (or (first, last) runs of ids) as text, at most `most` of them."""
-    texts = [(f"{i[0]}" if i[0] == i[1] else f"{i[0]}, {i[1]}" if i[1] == i[0] + 1
-              else f"{i[0]}-{i[1]}") if isinstance(i, tuple) else str(i) for i in items]
+    """Ids, or (first, last) runs of ids, as text: at most `most` of them."""
+    texts = [_run_text(*item) if isinstance(item, tuple) else str(item) for item in items]
     more = f", ... ({len(texts) - most} more)" if len(texts) > most else ""
     return ", ".join(texts[:most]) + more
+
+
+def _run_text(first: int, last: int) -> str:
+    if first == last:
+        return str(first)
+    return f"{first}, {last}" if last == first + 1 else f"{first}-{last}"
 
 
 def _label_id(value: object, name: str, path: Path) -> int:

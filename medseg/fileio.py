@@ -57,13 +57,22 @@ def make_writable_folder(folder: Path) -> None:
                           folder) from exc
 
 
+def missing_folders(folder: Path) -> list[Path]:
+    """`folder` and those of its parents that do not exist (nor are links), innermost
+    first."""
+    missing = []
+    while not folder.exists() and not folder.is_symlink() and folder != folder.parent:
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
 def refuse_unwritable_place(path: Path) -> None:
     """Before any work, without creating anything: the nearest existing folder at or above
     `path` must take a file. A path under a file, a read-only mount or another user's
     folder would otherwise fail only when the results are written."""
-    place = path
-    while not place.exists() and not place.is_symlink() and place != place.parent:
-        place = place.parent
+    missing = missing_folders(path)
+    place = missing[-1].parent if missing else path
     if not place.is_dir():
         raise MedsegError(f"cannot make the output folder: {place} is not a folder", path)
     try:

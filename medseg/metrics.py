@@ -198,7 +198,7 @@ def _edge_distances(source: np.ndarray, target: np.ndarray, scale: np.ndarray) -
 def _union_box(a: np.ndarray, b: np.ndarray, margin: int) -> Box:
     """Bounding box of a | b, grown by `margin` voxels within the array."""
     union = a | b
-    (box,) = ndimage.find_objects(union.astype(np.uint8))
+    (box,) = ndimage.find_objects(union.view(np.uint8))  # no copy: bool is one byte
     return tuple(slice(max(s.start - margin, 0), min(s.stop + margin, n))
                  for s, n in zip(box, union.shape, strict=True))
 

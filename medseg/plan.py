@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from medseg.config import PlanConfig
+from medseg.config import NETWORK_NAMES, PlanConfig
 from medseg.datasets import Dataset, label_id_problem
 from medseg.errors import MedsegError
 from medseg.fileio import atomic_write_json
@@ -71,9 +71,7 @@ class Plan:
     def from_json(data: dict) -> Plan:
         """A plan.json's content, checked: a hand-edited value of the wrong type or length
         is named here rather than failing deep in the network or the transforms."""
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-        problem = _plan_problem(data)
+        problem = _plan_problem(data) if isinstance(data, dict) else "not a JSON object"
         if problem:
             raise ValueError(problem)
         data = dict(data)
@@ -274,7 +272,7 @@ _PLAN_KEYS = {  # key -> (check, what it must be); mirror_axes, res_block, netwo
     "mirror_axes": (lambda v: isinstance(v, list) and len(set(v)) == len(v)
                     and all(_is_int(a, low=0) and a <= 2 for a in v),
                     "a list of distinct axes among 0, 1, 2"),
-    "network": (lambda v: v in ("dynunet", "segresnet"), "'dynunet' or 'segresnet'"),
+    "network": (lambda v: v in NETWORK_NAMES, " or ".join(map(repr, NETWORK_NAMES))),
 }
 _OPTIONAL_PLAN_KEYS = {"mirror_axes", "res_block", "network"}
 _WHOLE = re.compile(r"0|[1-9][0-9]*")
@@ -326,10 +324,10 @@ def load_plan(path: Path) -> Plan:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise MedsegError(f"not valid JSON ({exc})", path) from exc
-    problem = _plan_problem(data) if isinstance(data, dict) else "not a JSON object"
-    if problem:
-        raise MedsegError(f"not a plan medseg can read: {problem}", path)
-    return Plan.from_json(data)
+    try:
+        return Plan.from_json(data)
+    except ValueError as exc:  # what _plan_problem found
+        raise MedsegError(f"not a plan medseg can read: {exc}", path) from exc
 
 
 def save_fingerprint(fp: Fingerprint, path: Path) -> None:

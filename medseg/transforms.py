@@ -95,13 +95,13 @@ def augmentation(plan: Plan, augment: AugmentConfig, foreground_fraction: float)
                                channel_wise=True),
         mt.RandShiftIntensityd(IMAGE, prob=augment.intensity_shift_prob, offsets=0.1,
                                channel_wise=True),
-        *_optional_intensity(augment),
+        *_low_resolution(augment),
         *_gamma_per_channel(plan.in_channels, augment),
         mt.EnsureTyped(keys, track_meta=False),
     ])
 
 
-def _optional_intensity(augment: AugmentConfig) -> list[mt.MapTransform]:
+def _low_resolution(augment: AugmentConfig) -> list[mt.MapTransform]:
     """nnU-Net's low-resolution simulation, only when asked for: even a transform of
     probability 0 draws, which would change every later transform's draws."""
     if augment.lowres_prob == 0:

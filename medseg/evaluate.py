@@ -26,7 +26,8 @@ class CaseScores:
     """Scores of one case; `error` is set when the case could not be scored (a failure).
 
     `prediction` and `reference` are the files scored (for the report's pictures);
-    `resampled` tells that the prediction was resampled onto the reference grid.
+    `resampled` tells that the prediction was resampled onto the reference grid;
+    `spacing` is the reference's voxel size in mm along its file axes (None when unknown).
     """
 
     case: str
@@ -35,6 +36,7 @@ class CaseScores:
     prediction: Path | None = None
     reference: Path | None = None
     resampled: bool = False
+    spacing: tuple[float, float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -135,7 +137,7 @@ def evaluate_case(case: str, prediction: Path | None, reference: Path, labels: d
     except MedsegError as exc:
         return failed_case(case, labels, str(exc), prediction, reference, reference_read=ref)
     scores = score_case(pair.prediction, pair.reference, labels, pair.spacing, tolerance_mm)
-    return CaseScores(case, scores, None, prediction, reference, pair.resampled)
+    return CaseScores(case, scores, None, prediction, reference, pair.resampled, pair.spacing)
 
 
 class Reference(NamedTuple):
@@ -219,12 +221,14 @@ def failed_case(case: str, labels: dict[int, str], error: str, prediction: Path 
     NaN; the reference volumes where `reference_read` gives them (a structure in a failed
     case's reference is still present in the collection)."""
     scores = {name: dict(FAILED_SCORES) for k, name in sorted(labels.items()) if k > 0}
+    spacing = None
     if reference_read is not None:
-        voxel_ml = float(np.prod(reference_read.volume.spacing)) / 1000.0
+        spacing = reference_read.volume.spacing
+        voxel_ml = float(np.prod(spacing)) / 1000.0
         for k, name in labels.items():
             if k > 0:
                 scores[name]["ref_ml"] = reference_read.voxels.get(k, 0) * voxel_ml
-    return CaseScores(case, scores, error, prediction, reference)
+    return CaseScores(case, scores, error, prediction, reference, spacing=spacing)
 
 
 def _evaluate_parallel(tasks: list[tuple], jobs: int, bar: tqdm) -> list[CaseScores]:

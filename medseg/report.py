@@ -161,15 +161,21 @@ def write_reports(results: list[CaseScores], out_dir: Path, labels: dict[int, st
     return summary
 
 
+SPACING_COLUMNS = ("spacing_i_mm", "spacing_j_mm", "spacing_k_mm")
+
+
 def scores_csv(results: list[CaseScores]) -> str:
-    """CSV text: case, structure, METRICS..., error (NaN empty, infinity as inf)."""
+    """CSV text: case, structure, METRICS..., the reference's voxel size along its three file
+    axes (to group cases by resolution, e.g. slice thickness), error (NaN empty, infinity as
+    inf, an unknown spacing empty)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["case", "structure", *METRICS, "error"])
+    writer.writerow(["case", "structure", *METRICS, *SPACING_COLUMNS, "error"])
     for result in results:
+        spacing = [_fmt(s) for s in result.spacing] if result.spacing else [""] * 3
         for name, scores in result.scores.items():
             writer.writerow([result.case, name, *(_fmt(scores[m]) for m in METRICS),
-                             result.error or ""])
+                             *spacing, result.error or ""])
     return buffer.getvalue()
 
 

@@ -1,4 +1,5 @@
 import base64
+import csv
 import io
 import json
 import math
@@ -55,7 +56,17 @@ def test_summary_leaves_out_inf_and_nan_and_counts_inf():
 
 def test_csv_writes_inf_and_leaves_nan_empty():
     text = scores_csv([CaseScores("a", {"s": dict(FAILED_SCORES)}, "boom")])
-    assert text.splitlines()[1] == "a,s,0,0,inf,inf,0,,,,boom"
+    assert text.splitlines()[1] == "a,s,0,0,inf,inf,0,,,,,,,boom"  # spacing unknown: empty
+
+
+def test_csv_gives_each_case_its_reference_spacing():
+    results = [CaseScores("thin", {"s": scores(0.9, 1.0), "t": scores(0.8, 1.0)},
+                          spacing=(0.78125, 0.78125, 1.25)),
+               CaseScores("thick", {"s": scores(0.7, 1.0), "t": scores(0.6, 1.0)},
+                          spacing=(0.5, 0.5, 5.0))]
+    rows = list(csv.DictReader(io.StringIO(scores_csv(results))))
+    assert [(r["case"], r["spacing_i_mm"], r["spacing_j_mm"], r["spacing_k_mm"]) for r in rows] \
+        == [("thin", "0.78125", "0.78125", "1.25")] * 2 + [("thick", "0.5", "0.5", "5")] * 2
 
 
 def test_summary_json_is_strict_json(tmp_path):

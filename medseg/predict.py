@@ -48,11 +48,11 @@ from medseg.postprocess import check_postprocess_labels, postprocess
 from medseg.train import (
     BEST_WEIGHTS,
     TRAIN_STATE,
-    finished_fold,
+    SavedProgress,
     fold_folders,
     last_metrics_record,
+    saved_progress,
     select_precision,
-    stopped_by_budget,
 )
 from medseg.transforms import IMAGE, case_dict, preprocessing
 
@@ -141,19 +141,20 @@ def _note_unfinished_folds(run_dir: Path, fold_dirs: list[Path]) -> None:
     for fold_dir in fold_dirs:
         if not (fold_dir / "checkpoints" / TRAIN_STATE).is_file():
             continue  # shipped without its training state: nothing tells
-        if finished_fold(fold_dir, cfg.epochs) is None and not _budget_stop(fold_dir, cfg):
+        progress = saved_progress(fold_dir)
+        finished = progress is not None and progress.epochs_done >= cfg.epochs
+        if not finished and not _budget_stop(fold_dir, cfg, progress):
             tqdm.write(f"medseg: note: {fold_dir.name} has not finished its {cfg.epochs} "
                        f"epochs (interrupted, or still training); its best weights so far are "
                        f"used (--folds chooses the folds)", file=sys.stderr)
 
 
-def _budget_stop(fold_dir: Path, cfg) -> bool:
+def _budget_stop(fold_dir: Path, cfg, progress: SavedProgress | None) -> bool:
     """Whether the fold's last session ended at its budget: its state says so; a state from
-    before that was recorded is judged by its clock (which, across resumed sessions, counts
-    more than the last session's budget)."""
-    recorded = stopped_by_budget(fold_dir)
-    if recorded is not None:
-        return recorded
+    before that was recorded (or unreadable) is judged by its clock (which, across resumed
+    sessions, counts more than the last session's budget)."""
+    if progress is not None and progress.budget_stop is not None:
+        return progress.budget_stop
     # the budget stop is decided after the epoch's record: allow that epoch's time
     last = last_metrics_record(fold_dir / "metrics.jsonl")
     elapsed = last.get("elapsed_seconds", 0.0) + last.get("epoch_seconds", 0.0)

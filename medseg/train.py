@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -718,15 +719,24 @@ def finished_fold(fold_dir: Path, epochs: int) -> TrainResult | None:
                        done, last_elapsed_seconds(fold_dir / "metrics.jsonl"))
 
 
-def stopped_by_budget(fold_dir: Path) -> bool | None:
-    """Whether the fold's last session ended at its train.max_minutes (None: its state does
-    not say, from before it was recorded, or cannot be read)."""
+class SavedProgress(NamedTuple):
+    """How far a fold's saved state got: epochs done, and whether its last session ended at
+    its train.max_minutes (None: a state from before that was recorded)."""
+
+    epochs_done: int
+    budget_stop: bool | None
+
+
+def saved_progress(fold_dir: Path) -> SavedProgress | None:
+    """The fold's saved progress, read once (None when its state cannot be read)."""
     try:
         state = _read_state(fold_dir / "checkpoints" / TRAIN_STATE, mmap=True)
+        if not isinstance(state, dict):  # a foreign file
+            return None
+        done, flag = int(state["epoch"]) + 1, state.get("budget_stop")
     except STATE_ERRORS:
         return None
-    flag = state.get("budget_stop") if isinstance(state, dict) else None
-    return bool(flag) if isinstance(flag, bool) else None
+    return SavedProgress(done, flag if isinstance(flag, bool) else None)
 
 
 def fold_folders(run_dir: Path) -> list[tuple[int, Path]]:

@@ -256,3 +256,18 @@ def test_train_fold_reseeds_each_epoch_with_its_rank(monkeypatch, tmp_path, prep
     assert result.epochs_run == 2
     assert seen == [(0, 1), (1, 1)]
     assert not fold_dir.exists()  # rank 1 writes nothing
+
+
+def test_saved_progress_reads_epochs_and_budget_stop_and_tolerates_foreign_files(tmp_path):
+    from medseg.train import TRAIN_STATE, SavedProgress, saved_progress
+
+    checkpoints = tmp_path / "fold_0" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    assert saved_progress(tmp_path / "fold_0") is None  # no state at all
+    torch.save({"epoch": 4, "budget_stop": True}, checkpoints / TRAIN_STATE)
+    assert saved_progress(tmp_path / "fold_0") == SavedProgress(5, True)
+    torch.save({"epoch": 0}, checkpoints / TRAIN_STATE)  # from before budget_stop was saved
+    assert saved_progress(tmp_path / "fold_0") == SavedProgress(1, None)
+    for foreign in ([1, 2], torch.zeros(3), {"budget_stop": False}):
+        torch.save(foreign, checkpoints / TRAIN_STATE)
+        assert saved_progress(tmp_path / "fold_0") is None

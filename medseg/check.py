@@ -28,9 +28,11 @@ from medseg.datasets import (
 )
 from medseg.errors import MedsegError
 from medseg.io import (
+    NO_ORIENTATION,
     SHEAR_TOLERANCE_DEGREES,
     Geometry,
     grid_mismatch,
+    orientation_unknown,
     read_geometry,
     read_label_map,
     read_volume,
@@ -140,6 +142,8 @@ def _check_case(case: Case, dataset: Dataset) -> tuple[list[Problem], _CaseFacts
             add(file, _message(exc))
     reference = geometries.get(case.images[0])
     for file, geometry in geometries.items():
+        if file in case.images and orientation_unknown(geometry):
+            add(file, NO_ORIENTATION, "warning")
         if reference is not None and file != case.images[0]:
             mismatch = grid_mismatch(geometry, reference)
             if mismatch:

@@ -335,11 +335,21 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from medseg.io import convert_volume
+    from medseg.io import (
+        NO_ORIENTATION,
+        convert_volume,
+        is_nifti,
+        orientation_unknown,
+        read_geometry,
+    )
 
     written = convert_volume(Path(args.input), Path(args.output), args.series,
                              args.resample_irregular)
     print(f"wrote {written}")
+    if (is_nifti(args.input) and not is_nifti(written)
+            and orientation_unknown(read_geometry(args.input))):
+        print(f"medseg: note: {args.input}: {NO_ORIENTATION}; {written.name} holds medseg's "
+              f"reading", file=sys.stderr)
     return 0
 
 

@@ -56,6 +56,21 @@ class Geometry:
         return self.affine[:3, :3] / np.linalg.norm(self.affine[:3, :3], axis=0)
 
 
+# Neither nibabel's reading (which medseg and MONAI share) nor ITK's is more right: such a
+# header has no orientation, and the tools disagree about the second voxel axis.
+NO_ORIENTATION = ("its NIfTI header gives no orientation (qform and sform codes 0): medseg "
+                  "reads it as nibabel and MONAI do (voxel axes towards left, anterior, "
+                  "superior), ITK tools (SimpleITK, 3D Slicer, ITK-SNAP) with anterior and "
+                  "posterior swapped; check which is right")
+
+
+def orientation_unknown(geometry: Geometry) -> bool:
+    """A NIfTI header whose qform and sform codes are both 0 (ANALYZE-style)."""
+    header = geometry.nifti_header
+    return (header is not None and int(header["qform_code"]) == 0
+            and int(header["sform_code"]) == 0)
+
+
 def grid_mismatch(geometry: Geometry, reference: Geometry) -> str | None:
     """Why `geometry` is not `reference`'s voxel grid (the shape, or the affines beyond
     GRID_TOLERANCE_MM), or None when it is."""

@@ -35,9 +35,11 @@ from medseg.inference import (
 )
 from medseg.io import (
     MAX_VOXELS,
+    NO_ORIENTATION,
     VOLUME_SUFFIXES,
     Geometry,
     Volume,
+    orientation_unknown,
     read_volume,
     refuse_sheared_axes,
     write_mask,
@@ -309,6 +311,8 @@ def prepare_case(plan: Plan, volume: Volume | Path | list[Volume | Path],
                                                             resample_irregular)
                 for c in channels]
     geometry = channels[0].geometry
+    if orientation_unknown(geometry):  # the model may see it upside down (front to back)
+        tqdm.write(f"medseg: note: {channels[0].path}: {NO_ORIENTATION}", file=sys.stderr)
     refuse_sheared_axes(geometry, channels[0].path, "and the mask goes back onto the input "
                         "grid by permuting, flipping and scaling axes")
     _refuse_huge_network_grid(geometry, plan, channels[0].path)

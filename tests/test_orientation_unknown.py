@@ -63,7 +63,8 @@ def test_check_warns_about_an_image_without_orientation(tmp_path):
     unoriented(root / "labelsTr" / "a.nii.gz", data)
     (root / "dataset.json").write_text(json.dumps({
         "labels": {"0": "background", "1": "x"}, "modality": {"0": "CT"},
-        "training": [{"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/a.nii.gz"}]}))
+        "training": [{"image": "./imagesTr/a.nii.gz", "label": "./labelsTr/a.nii.gz"}]}),
+        encoding="utf-8")
     report = check_dataset(root)
     flagged = [(p.severity, p.file.name) for p in report.problems if p.message == NO_ORIENTATION]
     assert flagged == [("warning", "a.nii.gz")]

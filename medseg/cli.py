@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -85,8 +86,26 @@ def main(argv: list[str] | None = None) -> int:
         _tell_torchrun(line)
         return 1
     finally:
+        _let_pool_threads_finish()
         if previous_handler is not None:  # a program calling main() keeps its own
             signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _let_pool_threads_finish(timeout_s: float = 120.0) -> None:
+    """Wait for thread-pool workers (MONAI CacheDataset fills its cache in a ThreadPool) to
+    end their current task. A ThreadPool left by an interrupt or an error stops giving them
+    work but does not join them, and a worker still inside torch when Python exits is
+    unwound through C++ code that cannot be: the process aborts (exit 134) instead of
+    exiting 130, 143 or 2. A second Ctrl-C gives up waiting."""
+    from multiprocessing.dummy import DummyProcess
+
+    deadline = time.monotonic() + timeout_s
+    try:
+        for thread in threading.enumerate():
+            if isinstance(thread, DummyProcess) and thread.is_alive():
+                thread.join(max(0.0, deadline - time.monotonic()))
+    except KeyboardInterrupt:
+        pass
 
 
 class Terminated(KeyboardInterrupt):

@@ -410,8 +410,9 @@ def _data(workflow: Workflow, dataset: Dataset, plan: Plan, split: dict, ranks: 
     chain = preprocessing(plan, with_label=True)
     train_transform = _compose(chain, augmentation(plan, workflow.augment,
                                                    cfg.foreground_fraction))
+    # MONAI's own bar ("Loading dataset"): preprocessing a large CT collection takes minutes
     train_data = CacheDataset(_dicts(train_cases), train_transform, num_workers=cfg.num_workers,
-                              progress=False)
+                              progress=ranks.main)
     sampler = EpochSampler(len(train_data), cfg.iterations_per_epoch * plan.batch_size,
                            cfg.seed, ranks.rank, ranks.world_size)
     # workers are not persistent: each epoch's workers are seeded from the reseeded main
@@ -419,7 +420,7 @@ def _data(workflow: Workflow, dataset: Dataset, plan: Plan, split: dict, ranks: 
     loader = DataLoader(train_data, batch_size=plan.batch_size, sampler=sampler,
                         num_workers=cfg.num_workers, persistent_workers=False)
     val_data = CacheDataset(_dicts(val_cases), chain, num_workers=cfg.num_workers,
-                            progress=False) if val_cases else None
+                            progress=ranks.main) if val_cases else None
     return train_data, loader, val_data
 
 

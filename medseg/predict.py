@@ -166,7 +166,7 @@ def _budget_stop(fold_dir: Path, cfg, progress: SavedProgress | None) -> bool:
 def collect_inputs(inputs: list[str | Path]) -> list[Path]:
     """Files as given; a folder of volume files expands to them (sorted; hidden files such as
     macOS `._x.nii.gz` left out), any other folder is one DICOM series input. A file named
-    twice (itself and through its folder) counts once."""
+    twice (itself and through its folder) counts once; two links to one file are two inputs."""
     paths: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
@@ -186,7 +186,9 @@ def collect_inputs(inputs: list[str | Path]) -> list[Path]:
             raise MedsegError("input not found", item)
     unique: dict[Path, Path] = {}
     for path in paths:
-        unique.setdefault(path.resolve(), path)
+        # by the name in its (real) folder, not the file it leads to: two links to one scan
+        # (an nnU-Net folder of links, one file as two channels) are two inputs
+        unique.setdefault(Path(os.path.realpath(path.parent)) / path.name, path)
     _note_dicom_files_given_one_by_one(list(unique.values()))
     return list(unique.values())
 

@@ -69,11 +69,15 @@ def read_header(path: Path) -> Dataset:
 def frames_of(header: Dataset, path: Path) -> list[Frame]:
     """The image frames a file holds; none for files without an image or its geometry."""
     if "Rows" not in header or "Columns" not in header:
-        if _image_storage(header):
+        sop_classes = _sop_classes(header)
+        if not sop_classes or _meta_cut_short(header, path):
+            raise MedsegError("DICOM file without a whole file meta or SOP class (file cut "
+                              "short?)", path)
+        if any(_image_storage(uid) for uid in sop_classes):
             # an image whose header is cut short: dropping it would shorten the volume
             raise MedsegError("DICOM image header without Rows and Columns (file cut short?)",
                               path)
-        return []
+        return []  # a DICOMDIR, a structured report, a presentation state
     try:
         if "PerFrameFunctionalGroupsSequence" in header:
             return _enhanced_frames(header, path)
@@ -86,10 +90,36 @@ def frames_of(header: Dataset, path: Path) -> list[Frame]:
         raise MedsegError(f"DICOM geometry cannot be read ({_one_line(exc)})", path) from exc
 
 
-def _image_storage(header: Dataset) -> bool:
-    """Whether the SOP class is an image storage class (CT, MR, ... Image Storage)."""
-    name = pydicom.uid.UID(str(header.get("SOPClassUID", "") or "")).name
-    return "Image Storage" in name
+def _image_storage(sop_class: str) -> bool:
+    """Whether a SOP class UID is an image storage class (CT, MR, ... Image Storage)."""
+    with warnings.catch_warnings():  # pydicom's on a UID cut short ("1.2.")
+        warnings.simplefilter("ignore")
+        return "Image Storage" in pydicom.uid.UID(sop_class).name
+
+
+def _meta_cut_short(header: Dataset, path: Path) -> bool:
+    """Whether the file ends before the end its file meta's group length gives: preamble and
+    'DICM' (132 bytes), the group length element (12), then the rest of the group."""
+    file_meta = getattr(header, "file_meta", None)
+    length = file_meta.get("FileMetaInformationGroupLength") if file_meta is not None else None
+    try:
+        return length is not None and path.stat().st_size < 132 + 12 + int(length)
+    except (OSError, TypeError, ValueError):
+        return False
+
+
+def _sop_classes(header: Dataset) -> list[str]:
+    """The SOP classes (CT Image Storage, ...) the data set and its file meta name: the file
+    meta's is all that is left of a file cut short early, and may be whole where the data
+    set's is cut ("1.2.")."""
+    file_meta = getattr(header, "file_meta", None)
+    with warnings.catch_warnings():  # pydicom decodes a value when first used: "1.2." warns
+        warnings.simplefilter("ignore")
+        values = [str(source.get(keyword, "") or "").strip()
+                  for source, keyword in ((header, "SOPClassUID"),
+                                          (file_meta, "MediaStorageSOPClassUID"))
+                  if source is not None]
+    return [value for value in values if value]
 
 
 def decode_file(path: Path) -> tuple[np.ndarray, bool]:

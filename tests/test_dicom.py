@@ -525,3 +525,27 @@ def test_linked_subfolders_are_searched_once_each(tmp_path):
     (study / "loop").symlink_to(study, target_is_directory=True)
     volume = read_volume(study)
     np.testing.assert_array_equal(volume.data, as_volume(stored))
+
+
+def _cut_points(path) -> dict[str, int]:
+    """Lengths that cut a Part 10 file: right after 'DICM', inside its file meta, and inside
+    the data set's SOPClassUID value (the file meta's still whole)."""
+    data = path.read_bytes()
+    meta_end = 132 + 12 + int.from_bytes(data[140:144], "little")  # (0002,0000) group length
+    sop_class = data.index(b"\x08\x00\x16\x00", meta_end)  # (0008,0016) SOPClassUID
+    return {"after DICM": 132, "inside the file meta": 132 + 40,
+            "inside SOPClassUID": sop_class + 8 + 3}
+
+
+@pytest.mark.parametrize("where", ["after DICM", "inside the file meta", "inside SOPClassUID"])
+def test_a_slice_cut_short_in_its_header_is_refused_not_left_out(tmp_path, where):
+    import warnings
+
+    paths = write_series(tmp_path, stored_values(), axial_positions(SLICES))
+    paths[0].write_bytes(paths[0].read_bytes()[:_cut_points(paths[0])[where]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no pydicom warning on the value cut short either
+        with pytest.raises(MedsegError, match="IM0000.dcm: DICOM .*file cut short"):
+            read_volume(tmp_path)
+        with pytest.raises(MedsegError, match="IM0000.dcm: DICOM .*file cut short"):
+            read_volume(tmp_path, resample_irregular=True)

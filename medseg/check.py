@@ -1,8 +1,8 @@
 """`medseg check`: everything wrong with a dataset, found before training, in one table.
 
 Every listed file is read once. Errors stop training (missing or unreadable files, grids that
-disagree, bad label values, NaN/Inf voxels, paths that leave the dataset folder, duplicate
-cases); warnings deserve a look (empty labels, spacing and orientation outliers). Any row makes
+disagree, bad label values, NaN/Inf voxels, duplicate cases); warnings deserve a look (empty
+labels, spacing and orientation outliers, paths that leave the dataset folder). Any row makes
 the exit status 1; a dataset description that cannot be read at all raises MedsegError (2).
 """
 
@@ -108,7 +108,7 @@ def check_dataset(path: str | Path, layout: str = "auto") -> CheckReport:
                                 f"without a gap"))
     facts = []
     for case in tqdm(dataset.cases, desc="check", unit="case", leave=False):
-        found, case_facts = _check_case(case, dataset)
+        found, case_facts = _check_case(case, dataset, listing.layout)
         problems += found
         facts.append(case_facts)
     if not dataset.labels:  # no label map: training takes the ids its label files hold
@@ -118,7 +118,7 @@ def check_dataset(path: str | Path, layout: str = "auto") -> CheckReport:
     return CheckReport(dataset.root, listing.layout, len(dataset.cases), tuple(problems))
 
 
-def _check_case(case: Case, dataset: Dataset) -> tuple[list[Problem], _CaseFacts]:
+def _check_case(case: Case, dataset: Dataset, layout: str) -> tuple[list[Problem], _CaseFacts]:
     problems: list[Problem] = []
     facts = _CaseFacts(case)
 
@@ -127,8 +127,10 @@ def _check_case(case: Case, dataset: Dataset) -> tuple[list[Problem], _CaseFacts
 
     files = [*case.images, *([case.label] if case.label else [])]
     for file in files:
-        if leaves_folder(file, dataset.root):
-            add(file, "path leaves the dataset folder")
+        # training takes such a path; a CSV exists to list files anywhere
+        if layout != "csv" and leaves_folder(file, dataset.root):
+            add(file, "path leaves the dataset folder (moving or sharing the folder will "
+                      "break it)", "warning")
     missing = [f for f in files if not f.exists()]
     for file in missing:
         add(file, "label missing" if file == case.label else "image missing")

@@ -265,3 +265,22 @@ def test_label_id_problems_are_found_from_the_ids_present_whatever_their_size():
     assert label_id_problem([0, 2**31 - 1]) == "1-2147483646 missing from 0, 2147483647"
     assert label_id_problem(range(0, 100, 2)).startswith(
         "1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, ... (37 more) missing from 0, 2, 4")
+
+
+def test_a_path_outside_the_folder_is_a_warning_and_no_row_at_all_in_a_csv(tmp_path):
+    """Training takes such paths: `check` may not call them errors; a CSV lists files
+    anywhere by design."""
+    store = tmp_path / "store"
+    entries = [write_case(store, f"ok{k}", seed=k) for k in range(3)]
+    absolute = [(str(store / i), str(store / lab)) for i, lab in entries]
+    folder = tmp_path / "msd"
+    folder.mkdir()
+    report = check_dataset(msd(folder, absolute))
+    assert {(p.severity, p.message.split(" (")[0]) for p in report.problems} == {
+        ("warning", "path leaves the dataset folder")}
+    assert len(report.problems) == 6  # every image and label
+    listing = tmp_path / "cases.csv"
+    listing.write_text("image,label\n" + "".join(f"{i},{lab}\n" for i, lab in absolute),
+                       encoding="utf-8")
+    clean = check_dataset(listing)
+    assert clean.layout == "csv" and clean.problems == () and clean.exit_code == 0

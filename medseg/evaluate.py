@@ -9,13 +9,18 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
 from scipy import ndimage
 from tqdm import tqdm
 
 from medseg.datasets import IMAGE_SUFFIXES, strip_image_suffix
 from medseg.errors import MedsegError
-from medseg.io import Geometry, Volume, grid_mismatch, read_label_map, refuse_sheared_axes
+from medseg.io import (
+    Volume,
+    grid_mismatch,
+    read_label_map,
+    refuse_sheared_axes,
+    reorder_onto,
+)
 from medseg.metrics import FAILED_SCORES, label_counts, label_values, score_case
 
 Pair = tuple[str, Path | None, Path]
@@ -188,19 +193,6 @@ def _refuse_unknown_labels(values: set[int], labels: dict[int, str], path: Path)
     unknown = sorted(values - set(labels))
     if unknown:
         raise MedsegError(f"label values {unknown} are not in the label map", path)
-
-
-def reorder_onto(data: np.ndarray, affine: np.ndarray, target: Geometry) -> np.ndarray | None:
-    """`data` transposed and flipped (nibabel's orientation tools) onto `target` when both
-    grids hold the same voxel centres in another axis order or direction (one DICOM
-    converter stores rows top-down, another bottom-up); None when they do not. Exact, unlike
-    a resampling, and needs no --resample."""
-    transform = ornt_transform(io_orientation(affine), io_orientation(target.affine))
-    reordered = apply_orientation(data, transform)
-    moved = Geometry(reordered.shape, affine @ inv_ornt_aff(transform, data.shape))
-    if grid_mismatch(moved, target) is not None:
-        return None
-    return np.ascontiguousarray(reordered)
 
 
 def resample_nearest(data: np.ndarray, affine: np.ndarray, shape: tuple[int, int, int],

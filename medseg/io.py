@@ -82,6 +82,22 @@ def grid_mismatch(geometry: Geometry, reference: Geometry) -> str | None:
     return None
 
 
+def reorder_onto(data: np.ndarray, affine: np.ndarray, target: Geometry) -> np.ndarray | None:
+    """`data` transposed and flipped (nibabel's orientation tools) onto `target` when both
+    grids hold the same voxel centres in another axis order or direction (one DICOM
+    converter stores rows top-down, another bottom-up); None when they do not. Exact, unlike
+    a resampling."""
+    orientations = nib.orientations
+    transform = orientations.ornt_transform(orientations.io_orientation(affine),
+                                            orientations.io_orientation(target.affine))
+    reordered = orientations.apply_orientation(data, transform)
+    moved = Geometry(reordered.shape[:3],
+                     affine @ orientations.inv_ornt_aff(transform, data.shape[:3]))
+    if grid_mismatch(moved, target) is not None:
+        return None
+    return np.ascontiguousarray(reordered)
+
+
 @dataclass(frozen=True, eq=False)
 class Volume:
     """Voxel data (file voxel order) and where it lies."""
@@ -101,6 +117,19 @@ class Volume:
     @property
     def spatial_shape(self) -> tuple[int, int, int]:
         return self.geometry.shape
+
+
+def on_grid_of(volume: Volume, reference: Volume) -> Volume:
+    """`volume` (a label) on `reference`'s grid: itself, or its voxels reordered onto it when
+    it stores the same voxels in another axis order or direction; refused in one line
+    otherwise."""
+    mismatch = grid_mismatch(volume.geometry, reference.geometry)
+    if mismatch is None:
+        return volume
+    reordered = reorder_onto(volume.data, volume.affine, reference.geometry)
+    if reordered is None:
+        raise MedsegError(f"not on the grid of {reference.path.name}: {mismatch}", volume.path)
+    return Volume(reordered, Geometry(reference.geometry.shape, reference.affine), volume.path)
 
 
 def is_nifti(path: str | Path) -> bool:

@@ -21,7 +21,7 @@ from medseg.config import NETWORK_NAMES, PlanConfig
 from medseg.datasets import Dataset, label_id_problem
 from medseg.errors import MedsegError
 from medseg.fileio import atomic_write_json
-from medseg.io import grid_mismatch, read_label_map, read_volume
+from medseg.io import grid_mismatch, on_grid_of, read_label_map, read_volume
 
 SAMPLES_PER_CASE = 10_000
 MAX_LEVELS = 6  # resolution levels of the U-Net, bottleneck included
@@ -92,7 +92,7 @@ def fingerprint(dataset: Dataset, seed: int = 0, progress: bool = True) -> Finge
         for channel, image_path in enumerate(case.images):
             image = read_volume(image_path)
             if label is not None:
-                _check_same_grid(image, label)
+                label = _label_on_grid(image, label)
             if channel == 0:
                 spacings.append(_ras_ordered(image.affine, image.spacing))
                 shapes.append(_ras_ordered(image.affine, image.spatial_shape))
@@ -393,11 +393,15 @@ def _check_network(network: str, strides: list[list[int]]) -> None:
                           "patch); use dynunet")
 
 
-def _check_same_grid(image, label) -> None:
-    mismatch = grid_mismatch(label.geometry, image.geometry)
-    if mismatch:
+def _label_on_grid(image, label):
+    """The label on the image's grid (reordered when it stores the same voxels in another
+    axis order or direction), so that its voxels pair with the image's."""
+    try:
+        return on_grid_of(label, image)
+    except MedsegError:
+        mismatch = grid_mismatch(label.geometry, image.geometry)
         raise MedsegError(f"label {label.path.name} is not on the image's grid: {mismatch}",
-                          image.path)
+                          image.path) from None
 
 
 def _check_label_values(label, labels: dict[int, str]) -> None:

@@ -16,7 +16,7 @@ from monai.transforms import MapTransform
 from monai.utils import ImageMetaKey, MetaKeys, SpaceKeys
 
 from medseg.errors import MedsegError
-from medseg.io import VOLUME_SUFFIXES, Volume, grid_mismatch, read_volume
+from medseg.io import VOLUME_SUFFIXES, Volume, grid_mismatch, on_grid_of, read_volume
 
 
 class MedsegReader(ImageReader):
@@ -92,8 +92,10 @@ class LoadVolumed(MapTransform):
             first = volume[0] if isinstance(volume, list) else volume
             if reference is None:
                 reference = first
-            else:
+            elif isinstance(volume, list):
                 refuse_other_grid(first, reference)
+            else:  # a label stored in another axis order: its voxels put in the image's
+                volume = on_grid_of(volume, reference)
             array, meta = self.reader.get_data(volume)
             out[key] = MetaTensor.ensure_torch_and_prune_meta(np.asarray(array, self.dtype),
                                                               meta)

@@ -144,13 +144,12 @@ class Workflow:
 def load_workflow(path: str | Path | None, overrides: list[str] | None = None) -> Workflow:
     """Read a YAML workflow (or start from defaults when `path` is None), apply overrides."""
     raw: dict[str, Any] = {}
-    source = str(path) if path is not None else "<defaults>"
+    source: str = str(path) if path is not None else "<defaults>"
     if path is not None:
         raw = _read_yaml(Path(path))
     for item in overrides or []:
         _apply_override(raw, item)
-    if overrides:  # a bad value may come from either: name both
-        source = f"{source} with --set {' '.join(overrides)}"
+    source = _Source(source, overrides or [])
     workflow = _build(Workflow, raw, source, prefix="")
     _check_values(workflow, source)
     return _resolve_paths(workflow)
@@ -262,18 +261,41 @@ def _hint_at(keys: list[str]) -> Any:
     return hint
 
 
+class _Source(str):
+    """The workflow file's name that also knows the `--set` options: a bad value is blamed on
+    the option that set it, anything else on the file."""
+
+    overrides: dict[str, str]
+
+    def __new__(cls, file: str, overrides: list[str]) -> _Source:
+        source = super().__new__(cls, file)
+        source.overrides = {override_key(item): item for item in overrides}
+        return source
+
+    def of(self, key: str) -> str:
+        for overridden, item in self.overrides.items():  # the key or a section holding it
+            if key == overridden or key.startswith(f"{overridden}."):
+                return f"--set {item}"
+        return str(self)
+
+
+def _origin(source: str, key: str) -> str:
+    """Where workflow key `key` got its value: `source`, or the --set option over it."""
+    return source.of(key) if isinstance(source, _Source) else source
+
+
 def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
     if not isinstance(raw, dict):
         raise MedsegError(f"section '{prefix.rstrip('.') or 'top level'}' must be a mapping",
-                          source)
+                          _origin(source, prefix.rstrip(".")))
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - known, key=str)  # `3:` is a key of the file, too
     if unknown:
         where = f"{prefix}{unknown[0]}"
         raise MedsegError(
-            f"unknown workflow key '{where}' (known here: {', '.join(sorted(known))})", source
-        )
+            f"unknown workflow key '{where}' (known here: {', '.join(sorted(known))})",
+            _origin(source, where))
     values = {}
     for name, value in raw.items():
         hint = hints[name]
@@ -288,6 +310,7 @@ def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
 
 
 def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    where = _origin(source, key)
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
@@ -297,41 +320,41 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         return _coerce(value, inner[0], key, source)
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise MedsegError(f"'{key}' must be a list, got {value!r}", source)
+            raise MedsegError(f"'{key}' must be a list, got {value!r}", where)
         return [_coerce(v, args[0], key, source) for v in value]
     if origin is dict:
         if not isinstance(value, dict):
-            raise MedsegError(f"'{key}' must be a mapping, got {value!r}", source)
+            raise MedsegError(f"'{key}' must be a mapping, got {value!r}", where)
         return {_coerce(k, args[0], key, source): _coerce(v, args[1], key, source)
                 for k, v in value.items()}
     if hint is bool:
         if isinstance(value, bool):
             return value
-        raise MedsegError(f"'{key}' must be true or false, got {value!r}", source)
+        raise MedsegError(f"'{key}' must be true or false, got {value!r}", where)
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise MedsegError(f"'{key}' must be an integer, got {value!r}", source)
+            raise MedsegError(f"'{key}' must be an integer, got {value!r}", where)
         try:
             return int(value)
         except ValueError as exc:
-            raise MedsegError(f"'{key}' must be an integer, got {value!r}", source) from exc
+            raise MedsegError(f"'{key}' must be an integer, got {value!r}", where) from exc
     if hint is float:
         # YAML 1.1 reads 3e-5 (no dot) as a string: a number written so is still a number
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise MedsegError(f"'{key}' must be a number, got {value!r}", source)
+            raise MedsegError(f"'{key}' must be a number, got {value!r}", where)
         try:
             number = float(value)
         except ValueError as exc:
-            raise MedsegError(f"'{key}' must be a number, got {value!r}", source) from exc
+            raise MedsegError(f"'{key}' must be a number, got {value!r}", where) from exc
         if not math.isfinite(number):
-            raise MedsegError(f"'{key}' must be a finite number, got {value!r}", source)
+            raise MedsegError(f"'{key}' must be a finite number, got {value!r}", where)
         return number
     if hint is str:
         if isinstance(value, float):  # YAML read `path: 2024.10` as 2024.1
             raise MedsegError(f"'{key}' must be text, got the number {value!r}; put it in "
-                              f"quotes", source)
+                              f"quotes", where)
         if isinstance(value, bool) or not isinstance(value, (str, int)):
-            raise MedsegError(f"'{key}' must be a string, got {value!r}", source)
+            raise MedsegError(f"'{key}' must be a string, got {value!r}", where)
         return str(value)
     return value
 
@@ -430,7 +453,7 @@ def check_in_range(key: str, value: float | list | None, source: str) -> None:
     allowed = _RANGES[tuple(key.split("."))]
     for item in value if isinstance(value, list) else [value]:
         if item is not None and not allowed.admits(item):
-            raise MedsegError(f"'{key}' must be {allowed}, got {value}", source)
+            raise MedsegError(f"'{key}' must be {allowed}, got {value}", _origin(source, key))
 
 
 def _check_values(workflow: Workflow, source: str) -> None:
@@ -438,12 +461,12 @@ def _check_values(workflow: Workflow, source: str) -> None:
         value = getattr(getattr(workflow, section), key)
         if value not in allowed:
             raise MedsegError(
-                f"'{section}.{key}' is {value!r}; choose one of {', '.join(allowed)}", source
-            )
+                f"'{section}.{key}' is {value!r}; choose one of {', '.join(allowed)}",
+                _origin(source, f"{section}.{key}"))
     axes = workflow.plan.mirror_axes
     if any(axis not in (0, 1, 2) for axis in axes) or len(set(axes)) != len(axes):
         raise MedsegError(f"'plan.mirror_axes' must be distinct axes among 0, 1, 2, got {axes}",
-                          source)
+                          _origin(source, "plan.mirror_axes"))
     for section, key in _RANGES:
         if (section, key) == ("train", "folds") and workflow.train.splits_file:
             continue  # the splits file decides, and one train/val split is a fine one
@@ -452,14 +475,15 @@ def _check_values(workflow: Workflow, source: str) -> None:
         value = getattr(getattr(workflow, section), key)
         if value is not None and len(value) != length:
             raise MedsegError(f"'{section}.{key}' must list {length} values (one per axis), "
-                              f"got {value}", source)
+                              f"got {value}", _origin(source, f"{section}.{key}"))
     for label, ml in workflow.predict.min_component_ml.items():
         if not (_POSITIVE_INT.admits(label) and _NOT_NEGATIVE.admits(ml)):
             raise MedsegError("'predict.min_component_ml' maps label ids (at least 1) to ml "
-                              f"(at least 0), got {label}: {ml}", source)
+                              f"(at least 0), got {label}: {ml}",
+                              _origin(source, "predict.min_component_ml"))
     if workflow.train.fold >= workflow.train.folds and not workflow.train.splits_file:
         raise MedsegError(f"'train.fold' must be below 'train.folds' ({workflow.train.folds}), "
-                          f"got {workflow.train.fold}", source)
+                          f"got {workflow.train.fold}", _origin(source, "train.fold"))
 
 
 def _resolve_paths(workflow: Workflow) -> Workflow:

@@ -47,9 +47,25 @@ def test_bad_values(override, message):
 
 def test_a_bad_override_is_named(tmp_path):
     path = write(tmp_path, "train:\n  epochs: 3\n")
-    with pytest.raises(MedsegError, match=r"wf.yaml with --set train.epochs=abc: "
+    with pytest.raises(MedsegError, match=r"^--set train.epochs=abc: "
                                           r"'train.epochs' must be an integer, got 'abc'"):
-        load_workflow(path, ["train.epochs=abc"])
+        load_workflow(path, ["train.val_every=2", "train.epochs=abc"])
+
+
+def test_a_bad_value_of_the_file_names_the_file_not_the_good_overrides(tmp_path):
+    path = write(tmp_path, "augment:\n  rotate_prob: 3\ntrain:\n  epochs: 3\n")
+    with pytest.raises(MedsegError) as caught:
+        load_workflow(path, ["train.iterations_per_epoch=1"])
+    assert str(caught.value).startswith(f"{path}: 'augment.rotate_prob' must be")
+    with pytest.raises(MedsegError, match=r"^--set train.spoch=1: unknown workflow key "
+                                          r"'train.spoch'"):
+        load_workflow(None, ["train.epochs=4", "train.spoch=1"])
+    unknown = write(tmp_path, "train:\n  epoch: 3\n")
+    with pytest.raises(MedsegError) as caught:
+        load_workflow(unknown, ["train.epochs=4"])
+    assert str(caught.value).startswith(f"{unknown}: unknown workflow key 'train.epoch'")
+    with pytest.raises(MedsegError, match=r"^--set train.fold=7: 'train.fold' must be below"):
+        load_workflow(None, ["train.fold=7"])
 
 
 def test_invalid_yaml_names_line(tmp_path):

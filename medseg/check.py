@@ -73,7 +73,8 @@ class CheckReport:
                  for r in rows] if self.problems else []
         errors = sum(p.severity == "error" for p in self.problems)
         warnings = len(self.problems) - errors
-        verdict = "clean" if not self.problems else f"{errors} errors, {warnings} warnings"
+        verdict = ("clean" if not self.problems
+                   else f"{_count(errors, 'error')}, {_count(warnings, 'warning')}")
         lines.append(f"{self.root} ({self.layout} layout, {self.n_cases} cases): {verdict}")
         return "\n".join(lines)
 
@@ -264,6 +265,10 @@ def _ras_spacing(geometry: Geometry) -> list[float]:
     for voxel_axis, world_axis in enumerate(order):
         ras[world_axis] = geometry.spacing[voxel_axis]
     return ras
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _mm(values) -> str:

@@ -54,10 +54,12 @@ def main(argv: list[str] | None = None) -> int:
         _tell_torchrun(f"medseg: error: {exc}")
         return EXIT_USER_ERROR
     except Terminated:
+        _close_progress_bars()
         if not other_rank:
             print("medseg: stopped (SIGTERM)", file=sys.stderr)
         return EXIT_TERMINATED
     except KeyboardInterrupt:
+        _close_progress_bars()
         if not other_rank:
             print("medseg: interrupted", file=sys.stderr)
         return 130
@@ -89,6 +91,17 @@ def main(argv: list[str] | None = None) -> int:
         _let_pool_threads_finish()
         if previous_handler is not None:  # a program calling main() keeps its own
             signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _close_progress_bars() -> None:
+    """End the bars an interrupt left open (MONAI's caching bar, a bar whose generator was
+    not exhausted), so that the stop's line starts a line of its own instead of following
+    the bar's last draw."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        with contextlib.suppress(Exception):
+            bar.close()
 
 
 def _let_pool_threads_finish(timeout_s: float = 120.0) -> None:

@@ -334,8 +334,8 @@ def _one_folder_each_hint(groups: dict[str, list[Frame]]) -> str:
     give it as one."""
     folders = [{frame.path.parent for frame in frames} for frames in groups.values()]
     if all(len(f) == 1 for f in folders) and len(set.union(*folders)) == len(groups):
-        return ("; each series is in its own folder: to predict them all, give those folders "
-                "as separate inputs (--input FOLDER/*)")
+        return ("; each series is in its own folder: give one of those folders (convert), or "
+                "each as an input of its own to predict them all (--input FOLDER/*)")
     return ""
 
 

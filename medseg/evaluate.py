@@ -59,7 +59,8 @@ def pair_cases(pred_dir: Path, ref_dir: Path) -> list[Pair]:
     """(case, prediction or None, reference) for every reference volume."""
     for folder in (pred_dir, ref_dir):
         if not folder.is_dir():
-            raise MedsegError("folder not found", folder)
+            raise MedsegError("not a folder (give the folder that holds the volumes)"
+                              if folder.exists() else "folder not found", folder)
     predictions = volumes_by_case(pred_dir)
     references = volumes_by_case(ref_dir)
     if not references:

@@ -484,3 +484,8 @@ def test_negative_label_values_without_a_label_map_are_not_dropped(folders, caps
     assert capsys.readouterr().err.strip().endswith(
         "c2.nii.gz: label values [-1] are negative: labels are class numbers 0, 1, 2, ... "
         "(or give --labels)")
+
+
+def test_a_file_given_for_a_folder_is_named_as_not_a_folder(folders):
+    with pytest.raises(MedsegError, match=r"c1.nii.gz: not a folder \(give the folder"):
+        pair_cases(folders / "pred" / "c1.nii.gz", folders / "ref")

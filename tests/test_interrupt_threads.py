@@ -29,8 +29,10 @@ def busy(i):
 
 def stopped_while_caching(args):
     threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.{signal})).start()
-    with ThreadPool(1) as pool:  # as MONAI fills its cache: a bar over the pool's results
-        list(tqdm(pool.imap(busy, range(100)), total=100, desc="Loading dataset"))
+    bar = tqdm(total=100, desc="caching")  # a bar that nothing closes on the way out
+    with ThreadPool(1) as pool:
+        for _ in pool.imap(busy, range(100)):
+            bar.update(1)
 
 cli.cmd_check = stopped_while_caching
 sys.exit(cli.main(["check", "anything"]))

@@ -508,8 +508,11 @@ def _resume_run(run_dir: Path, fold_text: str | None, overrides: list[str] | Non
     try:
         dataset = load_dataset(ds.path, ds.layout, ds.modality, ds.labels)
     except MedsegError as exc:  # moved since: say where the path came from, and the way out
-        raise MedsegError(f"{exc} (the dataset of {run_dir / 'workflow.yaml'}; if it has moved, "
-                          f"--set dataset.path=NEW_PATH resumes from there)") from exc
+        given = any(override_key(item) == "dataset.path" for item in overrides or [])
+        origin = ("the dataset.path given with --set" if given else
+                  f"the dataset of {run_dir / 'workflow.yaml'}; if it has moved, "
+                  f"--set dataset.path=NEW_PATH resumes from there")
+        raise MedsegError(f"{exc} ({origin})") from exc
     requested = _requested_folds(run_dir, workflow.train.fold)
     if fold_text is None:
         folds = requested
@@ -726,8 +729,23 @@ def _parse_folds(text: str | None, n_folds: int, default: int) -> list[int]:
     return [fold]
 
 
+def _versions() -> str:
+    """medseg's version and those of the libraries that decide its results (a bug report
+    needs them), read from the installed packages' metadata without importing them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = []
+    for package in ("medseg", "torch", "monai", "nibabel", "pydicom", "SimpleITK"):
+        try:
+            found.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
+            found.append(f"{package} (not installed)")
+    return ", ".join(found)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medseg", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=_versions())
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     dicom = argparse.ArgumentParser(add_help=False)

@@ -321,3 +321,13 @@ def test_an_unwritable_run_folder_is_refused_before_the_dataset_is_read(tmp_path
     assert capsys.readouterr().err.strip() == (
         "medseg: error: --seed must be between 0 and 4294967295, got -1")
     assert not (tmp_path / "demo").exists()
+
+
+def test_version_names_medseg_and_the_libraries_behind_its_results(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as stopped:
+        main(["--version"])
+    assert stopped.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.startswith(f"medseg {version('medseg')}, torch {version('torch')}, monai ")

@@ -527,6 +527,10 @@ def test_a_run_whose_dataset_moved_resumes_with_its_new_path(tmp_path, phantom_d
     assert main(["train", "--resume", str(run)]) == 2
     assert f"(the dataset of {run / 'workflow.yaml'}; if it has moved, --set dataset.path=" \
         in capsys.readouterr().err
+    # a wrong new path is the option's fault: no advice to give the option
+    assert main(["train", "--resume", str(run), "--set", f"dataset.path={tmp_path / 'x'}"]) == 2
+    err = capsys.readouterr().err
+    assert "(the dataset.path given with --set)" in err and "if it has moved" not in err
     assert main(["train", "--resume", str(run), "--set", f"dataset.path={moved}"]) == 0
     assert [r["epoch"] for r in metrics(run)] == [0, 1]
 

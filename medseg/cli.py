@@ -44,8 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     # under torchrun, a user's mistake or Ctrl-C reaches every rank alike: rank 0 says it
     other_rank = int(os.environ.get("RANK", "0") or 0) != 0
     previous_handler = _terminate_like_interrupt()
+    threads_before = set(threading.enumerate())
+    finished = False
     try:
-        return int(args.handler(args) or 0)
+        code = int(args.handler(args) or 0)
+        finished = True
+        return code
     except MedsegError as exc:
         if args.debug:  # the traceback, and the same exit status as without --debug
             traceback.print_exc()
@@ -88,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         _tell_torchrun(line)
         return 1
     finally:
-        _let_pool_threads_finish()
+        if not finished:
+            _let_pool_threads_finish(threads_before)
         if previous_handler is not None:  # a program calling main() keeps its own
             signal.signal(signal.SIGTERM, previous_handler)
 
@@ -104,18 +109,21 @@ def _close_progress_bars() -> None:
             bar.close()
 
 
-def _let_pool_threads_finish(timeout_s: float = 120.0) -> None:
-    """Wait for thread-pool workers (MONAI CacheDataset fills its cache in a ThreadPool) to
-    end their current task. A ThreadPool left by an interrupt or an error stops giving them
-    work but does not join them, and a worker still inside torch when Python exits is
-    unwound through C++ code that cannot be: the process aborts (exit 134) instead of
-    exiting 130, 143 or 2. A second Ctrl-C gives up waiting."""
+def _let_pool_threads_finish(existing: set[threading.Thread], timeout_s: float = 120.0
+                             ) -> None:
+    """Wait for the thread-pool workers this command started (MONAI CacheDataset fills its
+    cache in a ThreadPool) to end their current task. A ThreadPool left by an interrupt or an
+    error stops giving them work but does not join them, and a worker still inside torch when
+    Python exits is unwound through C++ code that cannot be: the process aborts (exit 134)
+    instead of exiting 130, 143 or 2. A caller's own pools (`existing`) are not waited for;
+    a second Ctrl-C gives up waiting."""
     from multiprocessing.dummy import DummyProcess
 
     deadline = time.monotonic() + timeout_s
     try:
         for thread in threading.enumerate():
-            if isinstance(thread, DummyProcess) and thread.is_alive():
+            if (isinstance(thread, DummyProcess) and thread not in existing
+                    and thread.is_alive()):
                 thread.join(max(0.0, deadline - time.monotonic()))
     except KeyboardInterrupt:
         pass

@@ -272,16 +272,18 @@ class _Source(str):
         source.overrides = {override_key(item): item for item in overrides}
         return source
 
-    def of(self, key: str) -> str:
-        for overridden, item in self.overrides.items():  # the key or a section holding it
-            if key == overridden or key.startswith(f"{overridden}."):
-                return f"--set {item}"
-        return str(self)
+    def of(self, *keys: str) -> str:
+        """The --set options that gave `keys` (the key itself, a section holding it, or an
+        entry of its mapping), else the file."""
+        items = [item for overridden, item in self.overrides.items()
+                 if any(overridden == key or key.startswith(f"{overridden}.")
+                        or overridden.startswith(f"{key}.") for key in keys)]
+        return " ".join(f"--set {item}" for item in items) if items else str(self)
 
 
-def _origin(source: str, key: str) -> str:
-    """Where workflow key `key` got its value: `source`, or the --set option over it."""
-    return source.of(key) if isinstance(source, _Source) else source
+def _origin(source: str, *keys: str) -> str:
+    """Where workflow keys got their values: `source`, or the --set options over them."""
+    return source.of(*keys) if isinstance(source, _Source) else source
 
 
 def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
@@ -483,7 +485,8 @@ def _check_values(workflow: Workflow, source: str) -> None:
                               _origin(source, "predict.min_component_ml"))
     if workflow.train.fold >= workflow.train.folds and not workflow.train.splits_file:
         raise MedsegError(f"'train.fold' must be below 'train.folds' ({workflow.train.folds}), "
-                          f"got {workflow.train.fold}", _origin(source, "train.fold"))
+                          f"got {workflow.train.fold}",
+                          _origin(source, "train.fold", "train.folds"))
 
 
 def _resolve_paths(workflow: Workflow) -> Workflow:

@@ -70,9 +70,11 @@ def frames_of(header: Dataset, path: Path) -> list[Frame]:
     """The image frames a file holds; none for files without an image or its geometry."""
     if "Rows" not in header or "Columns" not in header:
         sop_classes = _sop_classes(header)
-        if not sop_classes or _meta_cut_short(header, path):
-            raise MedsegError("DICOM file without a whole file meta or SOP class (file cut "
-                              "short?)", path)
+        # nothing after the file meta: cut short within it or right after it (a whole file
+        # without a SOP class but with a data set, a private object, is skipped below)
+        if len(header) == 0 and (not sop_classes or _meta_cut_short(header, path)):
+            raise MedsegError("DICOM file that ends in or right after its file meta (file "
+                              "cut short?)", path)
         if any(_image_storage(uid) for uid in sop_classes):
             # an image whose header is cut short: dropping it would shorten the volume
             raise MedsegError("DICOM image header without Rows and Columns (file cut short?)",

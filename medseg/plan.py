@@ -91,8 +91,10 @@ def fingerprint(dataset: Dataset, seed: int = 0, progress: bool = True) -> Finge
         label = read_label_map(case.label) if case.label else None
         for channel, image_path in enumerate(case.images):
             image = read_volume(image_path)
-            if label is not None:
+            if label is not None and channel == 0:
                 label = _label_on_grid(image, label)
+            elif label is not None:
+                _check_same_grid(image, label)
             if channel == 0:
                 spacings.append(_ras_ordered(image.affine, image.spacing))
                 shapes.append(_ras_ordered(image.affine, image.spatial_shape))
@@ -393,15 +395,21 @@ def _check_network(network: str, strides: list[list[int]]) -> None:
                           "patch); use dynunet")
 
 
+def _check_same_grid(image, label) -> None:
+    mismatch = grid_mismatch(label.geometry, image.geometry)
+    if mismatch:
+        raise MedsegError(f"label {label.path.name} is not on the image's grid: {mismatch}",
+                          image.path)
+
+
 def _label_on_grid(image, label):
     """The label on the image's grid (reordered when it stores the same voxels in another
     axis order or direction), so that its voxels pair with the image's."""
     try:
         return on_grid_of(label, image)
     except MedsegError:
-        mismatch = grid_mismatch(label.geometry, image.geometry)
-        raise MedsegError(f"label {label.path.name} is not on the image's grid: {mismatch}",
-                          image.path) from None
+        _check_same_grid(image, label)
+        raise
 
 
 def _check_label_values(label, labels: dict[int, str]) -> None:

@@ -74,12 +74,17 @@ def volume_meta(volume: Volume) -> dict:
 
 class LoadVolumed(MapTransform):
     """Load each key's path (or an already read Volume) as a MetaTensor; every key must lie
-    on the first key's grid. Unlike LoadImaged, a MedsegError is never swallowed by a
-    fallback to other readers."""
+    on the first key's grid (a `reorderable` key may store its voxels in another axis
+    order). Unlike LoadImaged, a MedsegError is never swallowed by a fallback to other
+    readers."""
 
     def __init__(self, keys: KeysCollection, dtype: type = np.float32,
-                 series_uid: str | None = None, resample_irregular: bool = False) -> None:
+                 series_uid: str | None = None, resample_irregular: bool = False,
+                 reorderable: Sequence[str] = ()) -> None:
         super().__init__(keys)
+        # keys (the label) whose voxels may be stored in another axis order than the first
+        # key's: reordered onto its grid; channels must share the grid as stored
+        self.reorderable = frozenset(reorderable)
         self.dtype = dtype
         self.reader = MedsegReader(series_uid, resample_irregular, dtype)
 
@@ -92,10 +97,10 @@ class LoadVolumed(MapTransform):
             first = volume[0] if isinstance(volume, list) else volume
             if reference is None:
                 reference = first
-            elif isinstance(volume, list):
-                refuse_other_grid(first, reference)
-            else:  # a label stored in another axis order: its voxels put in the image's
+            elif key in self.reorderable and not isinstance(volume, list):
                 volume = on_grid_of(volume, reference)
+            else:
+                refuse_other_grid(first, reference)
             array, meta = self.reader.get_data(volume)
             out[key] = MetaTensor.ensure_torch_and_prune_meta(np.asarray(array, self.dtype),
                                                               meta)

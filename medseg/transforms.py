@@ -42,7 +42,7 @@ def preprocessing(plan: Plan, with_label: bool, series_uid: str | None = None,
     modes = ["bilinear"] * len(image_keys) + (["nearest"] if with_label else [])
     steps: list = [
         LoadVolumed(all_keys, dtype=np.float32, series_uid=series_uid,
-                    resample_irregular=resample_irregular),
+                    resample_irregular=resample_irregular, reorderable=[LABEL]),
         mt.EnsureChannelFirstd(all_keys),
         mt.Orientationd(all_keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         # float32 resampling: MONAI's float64 default doubles the peak memory on large CTs

@@ -45,7 +45,8 @@ sys.exit(cli.main(["check", "anything"]))
 def test_a_stop_while_a_thread_pool_works_exits_with_its_status(signal_name, status, line):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run([sys.executable, "-c", SCRIPT.format(signal=signal_name)],
-                          capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+                          capture_output=True, encoding="utf-8", errors="replace", timeout=300,
+                          env=env, cwd=REPO)
     assert done.returncode == status, done.stderr[-500:]
     assert "terminate called" not in done.stderr
     assert f"\n{line}\n" in done.stderr  # a line of its own, not after the bar's last draw

@@ -37,7 +37,7 @@ def test_review_bad_dict_entry_override_is_blamed_on_its_set_option(tmp_path, ov
 def test_review_fold_beyond_overridden_folds_names_the_override(tmp_path):
     from medseg.config import load_workflow
     wf = tmp_path / "wf.yaml"
-    wf.write_text("train:\n  fold: 3\n")
+    wf.write_text("train:\n  fold: 3\n", encoding="utf-8")
     with pytest.raises(MedsegError) as info:
         load_workflow(wf, ["train.folds=2"])
     assert "train.folds=2" in str(info.value), str(info.value)
@@ -69,7 +69,7 @@ def test_review_channel_in_other_axis_order_treated_alike_by_check_and_training(
         entries.append({"image": f"./imagesTr/c{k}.nii.gz", "label": f"./labelsTr/c{k}.nii.gz"})
     (root / "dataset.json").write_text(json.dumps({
         "labels": {"0": "background", "1": "a"}, "modality": {"0": "MR", "1": "MR"},
-        "training": entries}))
+        "training": entries}), encoding="utf-8")
     check_errors = [p for p in check_dataset(root).problems if p.severity == "error"]
     load = LoadVolumed(["image_0", "image_1", "label"])
     try:

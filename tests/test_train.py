@@ -593,7 +593,7 @@ def test_sigterm_ends_training_like_ctrl_c_and_removes_the_lock(tmp_path, phanto
     process = subprocess.Popen([sys.executable, "-m", "medseg.cli", "train",
                                 str(REPO / "workflows" / "demo.yaml"), "--out", str(run),
                                 *sets], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               text=True, cwd=REPO)
+                               encoding="utf-8", errors="replace", cwd=REPO)
     try:
         deadline = time.monotonic() + 180
         while not (run / "fold_0" / "metrics.jsonl").exists() and time.monotonic() < deadline:

@@ -582,6 +582,7 @@ def test_a_run_folder_in_a_new_folder_is_locked_and_a_refused_one_leaves_none(
 def test_sigterm_ends_training_like_ctrl_c_and_removes_the_lock(tmp_path, phantom_dataset):
     """SIGTERM (a scheduler's stop, `timeout`, torchrun ending the other processes) killed
     the trainer on the spot: its lock file stayed beside the run folder."""
+    import os
     import signal
     import subprocess
     import sys
@@ -590,10 +591,12 @@ def test_sigterm_ends_training_like_ctrl_c_and_removes_the_lock(tmp_path, phanto
     run = tmp_path / "run"
     sets = as_sets([f"dataset.path={phantom_dataset}", *TINY_TRAINING, "train.epochs=1000",
                     "train.num_workers=0"])
+    # faulthandler: should it hang after the stop, SIGABRT shows where every thread is
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1"}
     process = subprocess.Popen([sys.executable, "-m", "medseg.cli", "train",
                                 str(REPO / "workflows" / "demo.yaml"), "--out", str(run),
                                 *sets], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               encoding="utf-8", errors="replace", cwd=REPO)
+                               encoding="utf-8", errors="replace", cwd=REPO, env=env)
     try:
         deadline = time.monotonic() + 180
         while not (run / "fold_0" / "metrics.jsonl").exists() and time.monotonic() < deadline:
@@ -601,7 +604,12 @@ def test_sigterm_ends_training_like_ctrl_c_and_removes_the_lock(tmp_path, phanto
         assert (run / "fold_0" / "metrics.jsonl").exists(), "training never started"
         assert (tmp_path / ".run.medseg-lock").exists()
         process.send_signal(signal.SIGTERM)
-        _, err = process.communicate(timeout=120)
+        try:
+            _, err = process.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGABRT)
+            _, err = process.communicate(timeout=30)
+            pytest.fail(f"no exit within 120 s of SIGTERM; the threads then:\n{err[-6000:]}")
     finally:
         process.kill()
         process.wait()

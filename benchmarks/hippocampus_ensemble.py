@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -26,8 +28,20 @@ from medseg.transforms import IMAGE, LABEL, case_dict, preprocessing
 REPO = Path(__file__).resolve().parent.parent
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+class Fold0Runs(NamedTuple):
+    """Trained fold-0 runs, their plans and best models, and the validation cases as
+    (name, preprocessed image (1, C, ...), reference label) in the first run's preprocessing."""
+
+    runs: list[Path]
+    plans: list
+    models: list
+    cases: Iterator[tuple[str, torch.Tensor, np.ndarray]]
+
+
+def fold0_runs(description: str) -> Fold0Runs:
+    """Parse `RUN ... [--data DIR]` and load the runs: the runs must preprocess alike and
+    share fold 0's validation cases."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--data", type=Path,
                         default=REPO.parent / "shared" / "data" / "Task04_Hippocampus")
@@ -47,20 +61,31 @@ def main() -> None:
               for run in args.runs]
     if any(split != splits[0] for split in splits):
         raise SystemExit("the runs have different fold-0 validation cases")
-    chain = preprocessing(plans[0], with_label=True)
+    return Fold0Runs(args.runs, plans, models,
+                     _validation_cases(args.data, splits[0], plans[0]))
+
+
+def _validation_cases(data: Path, names: list[str], plan
+                      ) -> Iterator[tuple[str, torch.Tensor, np.ndarray]]:
+    chain = preprocessing(plan, with_label=True)
+    for name in names:
+        item = chain(case_dict([data / "imagesTr" / f"{name}.nii.gz"],
+                               data / "labelsTr" / f"{name}.nii.gz"))
+        yield (name, item[IMAGE].as_tensor()[None],
+               item[LABEL].as_tensor()[0].numpy().astype(np.int64))
+
+
+def main() -> None:
+    runs, plans, models, cases = fold0_runs(__doc__.splitlines()[0])
     labels = plans[0].labels
     dice: dict[str, list[list[float]]] = {}
     with torch.no_grad():
-        for name in splits[0]:
-            item = chain(case_dict([args.data / "imagesTr" / f"{name}.nii.gz"],
-                                   args.data / "labelsTr" / f"{name}.nii.gz"))
-            image = item[IMAGE].as_tensor()[None]
-            reference = item[LABEL].as_tensor()[0].numpy().astype(np.int64)
+        for _, image, reference in cases:
             probabilities = [
                 sliding_window_logits(model, image, plan, 0.5, 4, None,
                                       torch.device("cpu")).softmax(1)
                 for model, plan in zip(models, plans, strict=True)]
-            candidates = {run.parent.name: p for run, p in zip(args.runs, probabilities,
+            candidates = {run.parent.name: p for run, p in zip(runs, probabilities,
                                                                strict=True)}
             candidates["ensemble"] = torch.stack(probabilities).mean(0)
             for key, p in candidates.items():

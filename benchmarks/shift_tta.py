@@ -9,22 +9,16 @@ the runs given averaged. Scored in the preprocessed space, as training validatio
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from hippocampus_ensemble import fold0_runs
 
 from medseg.metrics import score_case
-from medseg.model import create_model, load_weights
-from medseg.plan import load_plan
 from medseg.train import sliding_window_logits
-from medseg.transforms import IMAGE, LABEL, case_dict, preprocessing
 
-REPO = Path(__file__).resolve().parent.parent
 SHIFTS = {
     "none": [(0, 0, 0)],
     "0/1 voxel": list(itertools.product([0, 1], repeat=3)),
@@ -46,26 +40,12 @@ def shifted_probabilities(model, plan, image: torch.Tensor, shift) -> torch.Tens
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", type=Path)
-    parser.add_argument("--data", type=Path,
-                        default=REPO.parent / "shared" / "data" / "Task04_Hippocampus")
-    args = parser.parse_args()
-    plans = [load_plan(run / "plan.json") for run in args.runs]
-    models = [load_weights(create_model(plan), run / "fold_0" / "checkpoints" /
-                           "best.safetensors").eval() for run, plan in zip(args.runs, plans,
-                                                                           strict=True)]
-    names = json.loads((args.runs[0] / "splits.json").read_text(encoding="utf-8"))[0]["val"]
-    chain = preprocessing(plans[0], with_label=True)
+    _, plans, models, cases = fold0_runs(__doc__.splitlines()[0])
     labels = plans[0].labels
     dice: dict[str, list[list[float]]] = {}
     groups = {"first model": [0], f"{len(models)} models": list(range(len(models)))}
     with torch.no_grad():
-        for name in names:
-            item = chain(case_dict([args.data / "imagesTr" / f"{name}.nii.gz"],
-                                   args.data / "labelsTr" / f"{name}.nii.gz"))
-            image = item[IMAGE].as_tensor()[None]
-            reference = item[LABEL].as_tensor()[0].numpy().astype(np.int64)
+        for _, image, reference in cases:
             cache: dict = {}
             for group, members in groups.items():
                 for shift_name, shifts in SHIFTS.items():

@@ -478,6 +478,13 @@ def _check_values(workflow: Workflow, source: str) -> None:
         if value is not None and len(value) != length:
             raise MedsegError(f"'{section}.{key}' must list {length} values (one per axis), "
                               f"got {value}", _origin(source, f"{section}.{key}"))
+    if workflow.dataset.labels:
+        from medseg.datasets import label_name_problem
+
+        # as training reads it: background may go unnamed
+        problem = label_name_problem({0: "background", **workflow.dataset.labels})
+        if problem:
+            raise MedsegError(f"'dataset.labels': {problem}", _origin(source, "dataset.labels"))
     for label, ml in workflow.predict.min_component_ml.items():
         if not (_POSITIVE_INT.admits(label) and _NOT_NEGATIVE.admits(ml)):
             raise MedsegError("'predict.min_component_ml' maps label ids (at least 1) to ml "

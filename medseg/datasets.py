@@ -133,11 +133,24 @@ def label_names_from_json(path: str | Path) -> dict[int, str]:
     if "ignore" in labels.values():
         raise MedsegError("nnU-Net's 'ignore' label (voxels left out of the loss) is not "
                           "supported: it would be trained as a structure", path)
-    names = list(labels.values())
+    labels = {0: "background", **labels}  # a labels.json may leave background unnamed
+    problem = label_name_problem(labels)
+    if problem:
+        raise MedsegError(problem, path)
+    return labels
+
+
+def label_name_problem(labels: dict[int, str]) -> str | None:
+    """Why these names cannot name the structures (None when they can): two ids of one name
+    would be scored, validated and reported as one structure, an empty name as none."""
+    names = [str(name).strip() for name in labels.values()]
+    if "" in names:
+        empty = sorted(k for k, name in labels.items() if not str(name).strip())
+        return f"label names must not be empty (id {', '.join(map(str, empty))})"
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
-        raise MedsegError(f"label names must be unique; repeated: {', '.join(repeated)}", path)
-    return {0: "background", **labels}  # a labels.json may leave background unnamed
+        return f"label names must be unique; repeated: {', '.join(repeated)}"
+    return None
 
 
 def label_id_problem(ids) -> str | None:

@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from medseg.config import NETWORK_NAMES, PlanConfig
-from medseg.datasets import Dataset, label_id_problem
+from medseg.datasets import Dataset, label_id_problem, label_name_problem
 from medseg.errors import MedsegError
 from medseg.fileio import atomic_write_json
 from medseg.io import grid_mismatch, on_grid_of, read_label_map, read_volume
@@ -312,7 +312,8 @@ def _plan_problem(data: dict) -> str | None:
     ids = [int(k) for k in data["labels"]]
     if max(ids) >= data["num_classes"]:
         return f"label id {max(ids)} is beyond 'num_classes' {data['num_classes']}"
-    return None
+    names = label_name_problem({int(k): n for k, n in data["labels"].items()})
+    return f"'labels': {names}" if names else None
 
 
 def save_plan(plan: Plan, path: Path) -> None:

@@ -241,3 +241,18 @@ def test_malformed_workflows_are_refused_naming_the_file(tmp_path, text, message
     path = write(tmp_path, text)
     with pytest.raises(MedsegError, match=message):
         load_workflow(path)
+
+
+@pytest.mark.parametrize(("labels", "message"), [
+    ("{1: A, 2: A}", "label names must be unique; repeated: A"),
+    ("{1: '', 2: P}", "label names must not be empty \\(id 1\\)"),
+    ("{1: background}", "label names must be unique; repeated: background"),  # id 0's
+])
+def test_workflow_label_names_must_name_one_structure_each(labels, message):
+    """Two ids of one name were trained, validated and scored as one structure (the mean
+    Dice that picks the best checkpoint was the second id's alone)."""
+    with pytest.raises(MedsegError, match=f"^--set dataset.labels=.*'dataset.labels': "
+                                          f"{message}"):
+        load_workflow(None, [f"dataset.labels={labels}"])
+    assert load_workflow(None, ["dataset.labels={1: A, 2: P}"]).dataset.labels == {1: "A",
+                                                                                   2: "P"}

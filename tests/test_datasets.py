@@ -234,6 +234,8 @@ def test_nnunet_label_kinds_medseg_cannot_train_are_named(tmp_path, labels, mess
     ('{"labels": {"background": 0, "liver": NaN}}', "label ids must be integers"),
     ('{"labels": {"background": 0, "liver": Infinity}}', "label ids must be integers"),
     ('{"labels": {"\u00b2": "liver"}}', "label ids must be integers"),
+    ('{"labels": {"0": "background", "1": " ", "2": "kidney"}}',
+     "label names must not be empty \\(id 1\\)"),
 ])
 def test_label_maps_that_would_misname_structures_are_refused(tmp_path, text, message):
     path = tmp_path / "labels.json"

@@ -223,6 +223,8 @@ def test_ct_normalization_of_a_foreground_of_one_intensity_is_bounded():
     ("network", "unet", "'network' must be 'dynunet' or 'segresnet'"),
     ("batch_size", None, "'batch_size' is missing"),
     ("extra", 1, "unknown key(s) 'extra'"),
+    ("labels", {"0": "background", "1": "liver", "2": "liver"},
+     "'labels': label names must be unique; repeated: liver"),
 ])
 def test_an_edited_plan_json_is_refused_naming_the_key(tmp_path, key, value, expected):
     """A hand-edited plan.json failed deep in the code (UFuncTypeError, IndexError, KeyError

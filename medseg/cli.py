@@ -400,8 +400,14 @@ def _train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool) -> li
     """dataset -> fingerprint -> plan -> splits -> train each fold; all saved in run_dir."""
     from medseg.config import save_workflow
     from medseg.datasets import load_dataset, make_splits
-    from medseg.fileio import atomic_write_json
-    from medseg.plan import fingerprint, make_plan, save_fingerprint, save_plan
+    from medseg.fileio import atomic_write_json, physical_memory
+    from medseg.plan import (
+        fingerprint,
+        make_plan,
+        refuse_unaffordable_spacing,
+        save_fingerprint,
+        save_plan,
+    )
     from medseg.train import current_ranks, train_fold
 
     # under torchrun every rank plans the same run from the same seed; rank 0 alone checks
@@ -426,6 +432,7 @@ def _train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool) -> li
     if not dataset.labels:
         _check_postprocessing_of(workflow, fp.labels)
     plan = make_plan(fp, workflow.plan)
+    refuse_unaffordable_spacing(fp, plan, physical_memory())
     print(f"plan: spacing {plan.target_spacing}, patch {plan.patch_size}, batch "
           f"{plan.batch_size}, {len(plan.strides)} levels, filters {plan.filters}")
     if main_rank:

@@ -21,7 +21,7 @@ from medseg.config import NETWORK_NAMES, PlanConfig
 from medseg.datasets import Dataset, label_id_problem, label_name_problem
 from medseg.errors import MedsegError
 from medseg.fileio import atomic_write_json
-from medseg.io import grid_mismatch, on_grid_of, read_label_map, read_volume
+from medseg.io import MAX_VOXELS, grid_mismatch, on_grid_of, read_label_map, read_volume
 
 SAMPLES_PER_CASE = 10_000
 MAX_LEVELS = 6  # resolution levels of the U-Net, bottleneck included
@@ -122,6 +122,27 @@ def fingerprint(dataset: Dataset, seed: int = 0, progress: bool = True) -> Finge
         modalities=list(dataset.modalities),
         labels=labels,
     )
+
+
+def refuse_unaffordable_spacing(fp: Fingerprint, plan: Plan, memory_bytes: int | None) -> None:
+    """A target spacing far finer than the data's (0.01 mm for 1 mm voxels) makes the
+    resampled cases too large to allocate: refuse it in one line, naming the key, before
+    caching fails on a multi-terabyte allocation. The cache holds every case as float32
+    channels and label; only more than twice the machine's memory is refused, since cropping
+    to the foreground makes the cache smaller than this estimate."""
+    target = np.asarray(plan.target_spacing, dtype=float)
+    voxels = [float(np.prod(np.asarray(shape, float) * np.asarray(spacing, float) / target))
+              for shape, spacing in zip(fp.shapes, fp.spacings, strict=True)]
+    largest = max(voxels, default=0.0)
+    cached = sum(voxels) * 4 * (plan.in_channels + 1)
+    too_large = largest > MAX_VOXELS
+    too_much = memory_bytes is not None and cached > 2 * memory_bytes
+    if too_large or too_much:
+        memory = f"; this machine has {memory_bytes / 2**30:.3g} GB" if memory_bytes else ""
+        raise MedsegError(f"'plan.target_spacing' {plan.target_spacing} mm would resample the "
+                          f"largest case to {largest:.3g} voxels and cache the dataset in about "
+                          f"{cached / 2**30:.3g} GB{memory}: choose a coarser spacing (the "
+                          f"median spacing of the data is planned when none is given)")
 
 
 def make_plan(fp: Fingerprint, config: PlanConfig) -> Plan:

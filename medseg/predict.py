@@ -24,7 +24,7 @@ from tqdm import tqdm
 from medseg.config import PredictConfig, load_workflow
 from medseg.datasets import strip_image_suffix
 from medseg.errors import MedsegError, one_line, unwrap_transform_error
-from medseg.fileio import make_writable_folder
+from medseg.fileio import make_writable_folder, physical_memory
 from medseg.inference import (
     accumulator_bytes,
     axis_maps,
@@ -329,20 +329,13 @@ def _refuse_huge_network_grid(geometry: Geometry, plan: Plan, path: Path | None)
     extent = np.prod(np.asarray(geometry.shape, float) * np.asarray(geometry.spacing))
     voxels = float(extent / np.prod(plan.target_spacing))
     needed = voxels * PREDICTION_BYTES_PER_VOXEL * plan.in_channels
-    memory = _physical_memory()
+    memory = physical_memory()
     if voxels > MAX_VOXELS or (memory is not None and needed > memory):
         spacing = ", ".join(f"{s:g}" for s in geometry.spacing)
         raise MedsegError(f"at the model's spacing this volume would have {voxels:.3g} voxels "
                           f"(about {needed / 2**30:.0f} GB to predict; this machine has "
                           f"{(memory or 0) / 2**30:.0f} GB): is its voxel spacing ({spacing} mm) "
                           f"right?", path)
-
-
-def _physical_memory() -> int | None:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # not a POSIX system
-        return None
 
 
 def predict_volume(predictor: Predictor, volume: Volume | Path | list[Volume | Path],

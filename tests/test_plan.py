@@ -246,3 +246,21 @@ def test_an_edited_plan_json_is_refused_naming_the_key(tmp_path, key, value, exp
     with pytest.raises(MedsegError) as caught:
         load_plan(path)
     assert str(caught.value).startswith(f"{path}: not a plan medseg can read: {expected}")
+
+
+def test_a_target_spacing_far_finer_than_the_data_is_refused_naming_the_key():
+    """0.01 mm for 1 mm voxels made caching try a 151 TB allocation (a RuntimeError, exit 1,
+    a run folder left without fold_0)."""
+    from medseg.plan import refuse_unaffordable_spacing
+
+    fp = synthetic_fingerprint([[1.0, 1.0, 1.0]] * 4, [[128, 128, 64]] * 4)
+    fine = make_plan(fp, PlanConfig(target_spacing=[0.01, 0.01, 0.01]))
+    with pytest.raises(MedsegError, match=r"'plan.target_spacing' \[0.01, 0.01, 0.01\] mm would "
+                                          r"resample the largest case to 1.05e\+12 voxels"):
+        refuse_unaffordable_spacing(fp, fine, memory_bytes=None)  # beyond 2^31 voxels anyway
+    half = make_plan(fp, PlanConfig(target_spacing=[0.5, 0.5, 0.5]))
+    refuse_unaffordable_spacing(fp, half, memory_bytes=None)  # 8.4 M voxels a case: fine
+    # 4 cases x 8.4 M voxels x 2 float32 arrays: 0.25 GB, more than twice 0.1 GB
+    with pytest.raises(MedsegError, match="this machine has 0.1 GB: choose a coarser spacing"):
+        refuse_unaffordable_spacing(fp, half, memory_bytes=int(0.1 * 2**30))
+    refuse_unaffordable_spacing(fp, half, memory_bytes=2**30)

@@ -316,9 +316,9 @@ def test_a_network_grid_beyond_this_machines_memory_is_refused(trained_run, monk
     # 1e8 voxels on the plan's grid: about 4.5 GB to predict
     extent = np.cbrt(1e8 * np.prod(plan.target_spacing))
     geometry = Geometry((100, 100, 100), np.diag([extent / 100] * 3 + [1.0]))
-    monkeypatch.setattr(predict_module, "_physical_memory", lambda: 64 * 2**30)
+    monkeypatch.setattr(predict_module, "physical_memory", lambda: 64 * 2**30)
     predict_module._refuse_huge_network_grid(geometry, plan, Path("x.nii.gz"))
-    monkeypatch.setattr(predict_module, "_physical_memory", lambda: 2 * 2**30)
+    monkeypatch.setattr(predict_module, "physical_memory", lambda: 2 * 2**30)
     with pytest.raises(MedsegError, match=r"x.nii.gz: .*1e\+08 voxels \(about 4 GB to predict; "
                                           r"this machine has 2 GB\)"):
         predict_module._refuse_huge_network_grid(geometry, plan, Path("x.nii.gz"))

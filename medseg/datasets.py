@@ -526,8 +526,15 @@ def _read_csv(path: Path) -> tuple[list[dict[str, str]], list[str]]:
     try:
         reader = csv.DictReader(io.StringIO(text, newline=""))
         columns = [c.strip() for c in (reader.fieldnames or [])]
-        rows = [{(k or "").strip(): (v or "").strip() if isinstance(v, str) else ""
-                 for k, v in row.items()} for row in reader]
+        rows = []
+        for row in reader:
+            extra = [cell for cell in row.get(None) or [] if cell.strip()]
+            if extra:  # DictReader files them under None, and they would be dropped unsaid
+                raise MedsegError(f"line {reader.line_num} has more cells than the header "
+                                  f"names ({extra[0]!r} has no column; a header name "
+                                  f"missing?)", path)
+            rows.append({(k or "").strip(): (v or "").strip() if isinstance(v, str) else ""
+                         for k, v in row.items() if k is not None})
     except csv.Error as exc:
         raise MedsegError(f"not a readable CSV file ({exc})", path) from exc
     unnamed = [number for number, column in enumerate(columns, start=1) if not column]

@@ -270,6 +270,9 @@ def test_descriptions_that_do_not_describe_a_dataset_are_named(tmp_path, descrip
 @pytest.mark.parametrize(("header", "message"), [
     ("image,label,image", "column 'image' appears twice in the header"),
     ("image,t2,label,", "column 4 of the header has no name"),
+    # a header that forgot the second channel's column: that channel was dropped unsaid
+    ("image,label", "line 2 has more cells than the header names \\('c.nii.gz' has no "
+                    "column; a header name missing\\?\\)"),
 ])
 def test_csv_headers_that_would_drop_a_channel_are_refused(tmp_path, header, message):
     csv_path = tmp_path / "dataset.csv"

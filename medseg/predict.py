@@ -141,10 +141,15 @@ def _note_unfinished_folds(run_dir: Path, fold_dirs: list[Path]) -> None:
     except MedsegError:  # a model folder shipped without its workflow: no note, no refusal
         return
     for fold_dir in fold_dirs:
-        if not (fold_dir / "checkpoints" / TRAIN_STATE).is_file():
-            continue  # shipped without its training state: nothing tells
-        progress = saved_progress(fold_dir)
-        finished = progress is not None and progress.epochs_done >= cfg.epochs
+        if (fold_dir / "checkpoints" / TRAIN_STATE).is_file():
+            progress = saved_progress(fold_dir)
+            finished = progress is not None and progress.epochs_done >= cfg.epochs
+        elif (fold_dir / "metrics.jsonl").is_file():  # stopped before its first state
+            progress = None
+            record = last_metrics_record(fold_dir / "metrics.jsonl")
+            finished = int(record.get("epoch", -1)) + 1 >= cfg.epochs
+        else:
+            continue  # shipped without its training state or metrics: nothing tells
         if not finished and not _budget_stop(fold_dir, cfg, progress):
             tqdm.write(f"medseg: note: {fold_dir.name} has not finished its {cfg.epochs} "
                        f"epochs (interrupted, or still training); its best weights so far are "

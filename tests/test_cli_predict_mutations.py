@@ -328,3 +328,24 @@ def test_predict_precision_fp32_is_float32_on_a_bf16_cpu(monkeypatch):
         expected = torch.softmax(logits.float(), dim=1)
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_a_fold_stopped_before_its_first_saved_state_is_noted(trained_run, tmp_path, capsys):
+    """A fold killed after its first best weights but before its first training state was
+    taken for a finished model shipped without its state: no note."""
+    from medseg.predict import load_predictor
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "fold_0" / "checkpoints" / "last_state.pt").unlink()
+    metrics = run / "fold_0" / "metrics.jsonl"
+    lines = metrics.read_text(encoding="utf-8").splitlines()
+    assert len(lines) >= 2
+    load_predictor(run)  # every epoch recorded: finished
+    assert "has not finished" not in capsys.readouterr().err
+    metrics.write_text(lines[0] + "\n", encoding="utf-8")  # one epoch of two
+    load_predictor(run)
+    assert f"fold_0 has not finished its {len(lines)} epochs" in capsys.readouterr().err
+    metrics.unlink()  # neither state nor metrics: a model shipped as weights
+    load_predictor(run)
+    assert "has not finished" not in capsys.readouterr().err

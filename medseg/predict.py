@@ -250,9 +250,13 @@ def output_name(path: Path) -> str:
     return f"{stem}.nii.gz"
 
 
-def group_channels(paths: list[Path], channels: int) -> list[tuple[Path, ...]]:
+def group_channels(paths: list[Path], channels: int,
+                   incomplete: list[tuple[Path, MedsegError]] | None = None
+                   ) -> list[tuple[Path, ...]]:
     """One tuple of channel files per case. With several channels, files follow nnU-Net's
-    naming (`CASE_0000.nii.gz`, `CASE_0001.nii.gz`, ...) and every case needs all of them."""
+    naming (`CASE_0000.nii.gz`, `CASE_0001.nii.gz`, ...) and every case needs all of them:
+    a case that lacks one, or has one beyond the model's, is refused, or with `incomplete`
+    left out and listed there (its first file and why) for the batch to report."""
     if channels == 1:
         _note_further_channels(paths)
         return [(path,) for path in paths]
@@ -270,16 +274,26 @@ def group_channels(paths: list[Path], channels: int) -> list[tuple[Path, ...]]:
         files_of_case[channel] = path
     grouped = []
     for case, files in sorted(cases.items()):
-        for channel, path in sorted(files.items()):
-            if channel >= channels:
-                raise MedsegError(f"channel {channel} of case '{case}' is beyond the model's "
-                                  f"{channels} channels", path)
-        missing = sorted(set(range(channels)) - set(files))
-        if missing:
-            raise MedsegError(f"case '{case}' lacks channel(s) {missing} of {channels}",
-                              next(iter(files.values())).parent)
-        grouped.append(tuple(files[k] for k in range(channels)))
+        problem = _channel_problem(case, files, channels)
+        if problem is None:
+            grouped.append(tuple(files[k] for k in range(channels)))
+        elif incomplete is None:
+            raise problem
+        else:
+            incomplete.append((files[min(files)], problem))
     return grouped
+
+
+def _channel_problem(case: str, files: dict[int, Path], channels: int) -> MedsegError | None:
+    for channel, path in sorted(files.items()):
+        if channel >= channels:
+            return MedsegError(f"channel {channel} of case '{case}' is beyond the model's "
+                               f"{channels} channels", path)
+    missing = sorted(set(range(channels)) - set(files))
+    if missing:
+        return MedsegError(f"case '{case}' lacks channel(s) {missing} of {channels}",
+                           files[min(files)])
+    return None
 
 
 def _note_further_channels(paths: list[Path]) -> None:
@@ -383,11 +397,13 @@ def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
     each mask is post-processed and written in another."""
     index, count = shard
     # sorted, so that processes given the same files in any order share them out alike
-    cases = sorted(group_channels(inputs, predictor.plan.in_channels),
+    incomplete: list[tuple[Path, MedsegError]] = []  # a case without all its channels
+    cases = sorted(group_channels(inputs, predictor.plan.in_channels, incomplete),
                    key=lambda files: str(files[0]))
     _refuse_clashing_outputs(cases)
     _refuse_writing_onto_inputs(cases, output_dir)
     cases = cases[index::count]
+    incomplete = sorted(incomplete, key=lambda item: str(item[0]))[index::count]
     check_postprocess_labels(config.largest_component, config.min_component_ml,
                              predictor.plan.labels, "model's")
     if config.tta and not predictor.plan.mirror_axes:
@@ -444,7 +460,8 @@ def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
             except CASE_ERRORS as exc:
                 results[position] = _failure(path, started, exc)
     bar.close()
-    return [r for r in results if r is not None]
+    failed = [_failure(path, time.monotonic(), problem) for path, problem in incomplete]
+    return [r for r in results if r is not None] + failed
 
 
 def _refuse_clashing_outputs(cases: list[tuple[Path, ...]]) -> None:

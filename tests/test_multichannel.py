@@ -71,6 +71,14 @@ def test_train_and_predict_two_channels(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "case0_0001.nii.gz: not on the grid of case0_0000.nii.gz: affines differ" in err
     assert not (tmp_path / "pred_moved" / "case0.nii.gz").exists()
+    # a case without its second channel fails alone, named; the batch goes on (it stopped)
+    shutil.copy(tmp_path / "data" / "imagesTr" / "case1_0000.nii.gz", inputs)
+    assert main(["predict", "--model", str(run), "--input", str(inputs), "--output",
+                 str(tmp_path / "pred_partial")]) == 1
+    err = capsys.readouterr().err
+    assert f"{inputs / 'case1_0000.nii.gz'}: case 'case1' lacks channel(s) [1] of 2" in err
+    assert (tmp_path / "pred_partial" / "case0.nii.gz").is_file()
+    assert not (tmp_path / "pred_partial" / "case1.nii.gz").exists()
 
 
 def test_channel_grouping_needs_every_channel(tmp_path):

@@ -201,6 +201,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
                           "(then predict and evaluate in one process)")
     if not 0 <= args.seed < 2**32:  # NumPy's seed range
         raise MedsegError(f"--seed must be between 0 and {2**32 - 1}, got {args.seed}")
+    given = [item for item in args.overrides or []
+             if override_key(item).split(".")[0] == "dataset"]
+    if given:
+        raise MedsegError(f"--set {given[0]}: the demo writes and trains its own phantom "
+                          f"dataset; to train on yours, run `medseg train`")
     out = Path(args.out)
     workflow_path = _demo_workflow_path()
     workflow = load_workflow(workflow_path, args.overrides)  # a bad --set before any work
@@ -417,7 +422,8 @@ def _train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool) -> li
     _check_run_folder(run_dir, overwrite)
     ds = workflow.dataset
     dataset = load_dataset(ds.path, ds.layout, ds.modality, ds.labels)
-    print(f"dataset: {len(dataset.cases)} cases, labels {dataset.labels}, "
+    labels = dataset.labels or "from the label files"
+    print(f"dataset: {len(dataset.cases)} cases, labels {labels}, "
           f"modalities {list(dataset.modalities)}")
     # here, not after hours of training when predict would first read them (a dataset that
     # names no labels, folders or CSV without labels.json: once its label files are read)

@@ -478,6 +478,10 @@ def _check_values(workflow: Workflow, source: str) -> None:
         if value is not None and len(value) != length:
             raise MedsegError(f"'{section}.{key}' must list {length} values (one per axis), "
                               f"got {value}", _origin(source, f"{section}.{key}"))
+    if workflow.plan.max_filters < workflow.plan.base_filters:
+        raise MedsegError(f"'plan.max_filters' ({workflow.plan.max_filters}) is below "
+                          f"'plan.base_filters' ({workflow.plan.base_filters})",
+                          _origin(source, "plan.max_filters", "plan.base_filters"))
     if workflow.dataset.labels:
         from medseg.datasets import label_name_problem
 

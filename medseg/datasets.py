@@ -91,7 +91,8 @@ def list_dataset(path: str | Path, layout: str = "auto") -> Listing:
         return _list_csv(path)
     root = path.parent if path.is_file() and path.name == "dataset.json" else path
     if not root.is_dir():
-        raise MedsegError("dataset folder not found", root)
+        raise MedsegError("not a dataset folder, dataset.json or CSV file" if root.exists()
+                          else "dataset folder not found", root)
     root = Path(os.path.abspath(root))
     layout = _detect_layout(root) if layout == "auto" else layout
     if layout == "msd":
@@ -320,7 +321,8 @@ def _nnunet_v1_files(root: Path, entries: object) -> bool:
 
 def _read_json(path: Path) -> object:
     if not path.is_file():
-        raise MedsegError("file not found", path)
+        raise MedsegError("a folder, not a JSON file" if path.is_dir() else "file not found",
+                          path)
     try:
         return json.loads(read_user_text(path), object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as exc:
@@ -368,7 +370,9 @@ def _list_msd(root: Path) -> Listing:
     data = _read_description(description)
     entries = data.get("training")
     if not isinstance(entries, list):
-        raise MedsegError("'training' must be a list of {image, label}", description)
+        hint = (" (an nnU-Net dataset? set dataset.layout to nnunet or auto)"
+                if "channel_names" in data else "")
+        raise MedsegError(f"'training' must be a list of {{image, label}}{hint}", description)
     cases = []
     for entry in entries:
         if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:

@@ -220,8 +220,8 @@ def _montages(results: list[CaseScores], labels: dict[int, str] | None,
             "structure shown in lighter grey). Each structure: axial, coronal and sagittal "
             "slices through its largest cross-sections, zoomed on it; axial and coronal in "
             "radiological view (patient's right on the left), sagittal with anterior on the "
-            "left. Cases ranked by mean Dice; failed cases (Dice 0, listed at the top) "
-            "have no overlay.</p>")
+            "left. Cases ranked by mean Dice; failed cases (Dice 0, named at the top of the "
+            "report) have no overlay.</p>")
     if labels is None:
         return (head + '\n<p class="note">No label map was given to the report writer, so no '
                 "overlays were drawn.</p>")

@@ -290,3 +290,17 @@ def test_the_verdict_counts_in_words(tmp_path):
     entries = [write_case(tmp_path, f"ok{k}", seed=k) for k in range(3)]
     entries.append(("imagesTr/gone.nii.gz", "labelsTr/ok0.nii.gz"))
     assert "1 error, 0 warnings" in check_dataset(msd(tmp_path, entries)).format_table()
+
+
+def test_a_file_or_a_wrong_layout_is_named_for_what_it_is(tmp_path):
+    labels = tmp_path / "labels.json"
+    labels.write_text('{"1": "a"}', encoding="utf-8")
+    with pytest.raises(MedsegError, match="labels.json: not a dataset folder, dataset.json or "
+                                          "CSV file"):
+        check_dataset(labels)
+    (tmp_path / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "CT"}, "labels": {"background": 0, "a": 1},
+        "file_ending": ".nii.gz"}), encoding="utf-8")
+    with pytest.raises(MedsegError, match=r"'training' must be a list of \{image, label\} "
+                                          r"\(an nnU-Net dataset\? set dataset.layout"):
+        check_dataset(tmp_path, layout="msd")

@@ -203,6 +203,11 @@ def test_demo_refuses_a_bad_override_before_any_work(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "'train.epoch'" in err
     assert not (tmp_path / "demo").exists()
+    # the demo's dataset is its own: a dataset.path given to it was silently ignored
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--set",
+                 f"dataset.path={tmp_path}"]) == 2
+    assert "the demo writes and trains its own phantom dataset" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
 
 
 def test_under_torchrun_only_rank_0_reports_a_refusal(tmp_path, capsys, monkeypatch):

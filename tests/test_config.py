@@ -256,3 +256,11 @@ def test_workflow_label_names_must_name_one_structure_each(labels, message):
         load_workflow(None, [f"dataset.labels={labels}"])
     assert load_workflow(None, ["dataset.labels={1: A, 2: P}"]).dataset.labels == {1: "A",
                                                                                    2: "P"}
+
+
+def test_max_filters_below_base_filters_is_refused():
+    """plan.max_filters=4 with 8 base filters silently gave filters [4, 4, 4, 4]."""
+    with pytest.raises(MedsegError, match=r"^--set plan.base_filters=8 --set plan.max_filters=4: "
+                                          r"'plan.max_filters' \(4\) "
+                                          r"is below 'plan.base_filters' \(8\)"):
+        load_workflow(None, ["plan.base_filters=8", "plan.max_filters=4"])

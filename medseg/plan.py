@@ -430,7 +430,7 @@ def _label_on_grid(image, label):
     try:
         return on_grid_of(label, image)
     except MedsegError:
-        _check_same_grid(image, label)
+        _check_same_grid(image, label)  # refuses: training's message names label and image
         raise
 
 

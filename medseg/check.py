@@ -36,8 +36,8 @@ from medseg.io import (
     read_geometry,
     read_label_map,
     read_volume,
-    reorder_onto,
     shear_degrees,
+    storage_reordering,
 )
 
 SPACING_OUTLIER_FACTOR = 2.0
@@ -150,7 +150,8 @@ def _check_case(case: Case, dataset: Dataset, layout: str) -> tuple[list[Problem
             add(file, NO_ORIENTATION, "warning")
         if reference is not None and file != case.images[0]:
             mismatch = grid_mismatch(geometry, reference)
-            if mismatch and file == case.label and _reorders_onto(geometry, reference):
+            if (mismatch and file == case.label
+                    and storage_reordering(geometry, reference) is not None):
                 mismatch = None  # training reorders its voxels onto the image's grid
             if mismatch:
                 add(file, f"not on the grid of {case.images[0].name}: {mismatch}")
@@ -166,12 +167,6 @@ def _check_case(case: Case, dataset: Dataset, layout: str) -> tuple[list[Problem
     if case.label in geometries:
         facts.label_ids = _check_label_voxels(case.label, dataset.labels, add)
     return problems, facts
-
-
-def _reorders_onto(geometry: Geometry, reference: Geometry) -> bool:
-    """Whether `geometry` holds `reference`'s voxel centres in another storage order."""
-    index_grid = np.zeros(tuple(geometry.shape), dtype=np.uint8)  # no voxels needed, a shape
-    return reorder_onto(index_grid, geometry.affine, reference) is not None
 
 
 def _check_image_voxels(file: Path, add) -> str | None:

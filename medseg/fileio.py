@@ -114,7 +114,6 @@ def json_safe(data: Any) -> Any:
     return data
 
 
-
 def physical_memory() -> int | None:
     """This machine's memory in bytes (None where the system does not say)."""
     try:

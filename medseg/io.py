@@ -82,20 +82,29 @@ def grid_mismatch(geometry: Geometry, reference: Geometry) -> str | None:
     return None
 
 
-def reorder_onto(data: np.ndarray, affine: np.ndarray, target: Geometry) -> np.ndarray | None:
-    """`data` transposed and flipped (nibabel's orientation tools) onto `target` when both
-    grids hold the same voxel centres in another axis order or direction (one DICOM
-    converter stores rows top-down, another bottom-up); None when they do not. Exact, unlike
-    a resampling."""
+def storage_reordering(geometry: Geometry, target: Geometry) -> np.ndarray | None:
+    """The nibabel orientation transform that puts `geometry`'s voxels onto `target` when both
+    grids hold the same voxel centres in another axis order or direction (one DICOM converter
+    stores rows top-down, another bottom-up); None when they do not. From the headers alone."""
     orientations = nib.orientations
-    transform = orientations.ornt_transform(orientations.io_orientation(affine),
+    transform = orientations.ornt_transform(orientations.io_orientation(geometry.affine),
                                             orientations.io_orientation(target.affine))
-    reordered = orientations.apply_orientation(data, transform)
-    moved = Geometry(reordered.shape[:3],
-                     affine @ orientations.inv_ornt_aff(transform, data.shape[:3]))
-    if grid_mismatch(moved, target) is not None:
+    moved_shape = [0, 0, 0]
+    for axis, size in zip(transform[:, 0].astype(int), geometry.shape, strict=True):
+        moved_shape[axis] = size
+    moved = Geometry(tuple(moved_shape),
+                     geometry.affine @ orientations.inv_ornt_aff(transform, geometry.shape))
+    return transform if grid_mismatch(moved, target) is None else None
+
+
+def reorder_onto(data: np.ndarray, affine: np.ndarray, target: Geometry) -> np.ndarray | None:
+    """`data` transposed and flipped onto `target` when it holds the same voxels in another
+    storage order (see storage_reordering); None when it does not. Exact, unlike a
+    resampling."""
+    transform = storage_reordering(Geometry(tuple(data.shape[:3]), affine), target)
+    if transform is None:
         return None
-    return np.ascontiguousarray(reordered)
+    return np.ascontiguousarray(nib.orientations.apply_orientation(data, transform))
 
 
 @dataclass(frozen=True, eq=False)

@@ -141,29 +141,31 @@ def _note_unfinished_folds(run_dir: Path, fold_dirs: list[Path]) -> None:
     except MedsegError:  # a model folder shipped without its workflow: no note, no refusal
         return
     for fold_dir in fold_dirs:
+        last = None  # the last metrics.jsonl record, when needed
         if (fold_dir / "checkpoints" / TRAIN_STATE).is_file():
             progress = saved_progress(fold_dir)
             finished = progress is not None and progress.epochs_done >= cfg.epochs
         elif (fold_dir / "metrics.jsonl").is_file():  # stopped before its first state
-            progress = None
-            record = last_metrics_record(fold_dir / "metrics.jsonl")
-            finished = int(record.get("epoch", -1)) + 1 >= cfg.epochs
+            progress, last = None, last_metrics_record(fold_dir / "metrics.jsonl")
+            finished = int(last.get("epoch", -1)) + 1 >= cfg.epochs
         else:
             continue  # shipped without its training state or metrics: nothing tells
-        if not finished and not _budget_stop(fold_dir, cfg, progress):
+        if not finished and not _budget_stop(fold_dir, cfg, progress, last):
             tqdm.write(f"medseg: note: {fold_dir.name} has not finished its {cfg.epochs} "
                        f"epochs (interrupted, or still training); its best weights so far are "
                        f"used (--folds chooses the folds)", file=sys.stderr)
 
 
-def _budget_stop(fold_dir: Path, cfg, progress: SavedProgress | None) -> bool:
+def _budget_stop(fold_dir: Path, cfg, progress: SavedProgress | None,
+                 last: dict | None = None) -> bool:
     """Whether the fold's last session ended at its budget: its state says so; a state from
     before that was recorded (or unreadable) is judged by its clock (which, across resumed
     sessions, counts more than the last session's budget)."""
     if progress is not None and progress.budget_stop is not None:
         return progress.budget_stop
     # the budget stop is decided after the epoch's record: allow that epoch's time
-    last = last_metrics_record(fold_dir / "metrics.jsonl")
+    if last is None:
+        last = last_metrics_record(fold_dir / "metrics.jsonl")
     elapsed = last.get("elapsed_seconds", 0.0) + last.get("epoch_seconds", 0.0)
     return bool(cfg.max_minutes and elapsed >= cfg.max_minutes * 60)
 
@@ -332,7 +334,7 @@ def prepare_case(plan: Plan, volume: Volume | Path | list[Volume | Path],
                                                             resample_irregular)
                 for c in channels]
     geometry = channels[0].geometry
-    if orientation_unknown(geometry):  # the model may see it upside down (front to back)
+    if orientation_unknown(geometry):  # the model may see front and back swapped
         tqdm.write(f"medseg: note: {channels[0].path}: {NO_ORIENTATION}", file=sys.stderr)
     refuse_sheared_axes(geometry, channels[0].path, "and the mask goes back onto the input "
                         "grid by permuting, flipping and scaling axes")

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from medseg.datasets import (
     Case,
     Dataset,
+    id_past_a_gap,
     is_spare_label,
     label_id_problem,
     leaves_folder,
@@ -36,6 +37,7 @@ from medseg.io import (
     read_geometry,
     read_label_map,
     read_volume,
+    refuse_out_of_range,
     shear_degrees,
     storage_reordering,
 )
@@ -128,38 +130,9 @@ def _check_case(case: Case, dataset: Dataset, layout: str) -> tuple[list[Problem
         problems.append(Problem(severity, case.name, file, message))
 
     files = [*case.images, *([case.label] if case.label else [])]
-    for file in files:
-        # training takes such a path; a CSV exists to list files anywhere
-        if layout != "csv" and leaves_folder(file, dataset.root):
-            add(file, "path leaves the dataset folder (moving or sharing the folder will "
-                      "break it)", "warning")
-    missing = [f for f in files if not f.exists()]
-    for file in missing:
-        add(file, "label missing" if file == case.label else "image missing")
-    geometries = {}
-    for file in files:
-        if file in missing:
-            continue
-        try:
-            geometries[file] = read_geometry(file)
-        except MedsegError as exc:
-            add(file, _message(exc))
-    reference = geometries.get(case.images[0])
-    for file, geometry in geometries.items():
-        if file in case.images and orientation_unknown(geometry):
-            add(file, NO_ORIENTATION, "warning")
-        if reference is not None and file != case.images[0]:
-            mismatch = grid_mismatch(geometry, reference)
-            if (mismatch and file == case.label
-                    and storage_reordering(geometry, reference) is not None):
-                mismatch = None  # training reorders its voxels onto the image's grid
-            if mismatch:
-                add(file, f"not on the grid of {case.images[0].name}: {mismatch}")
-    facts.geometry = reference
-    if reference is not None and shear_degrees(reference) > SHEAR_TOLERANCE_DEGREES:
-        add(case.images[0], f"voxel axes sheared by up to {shear_degrees(reference):.3g} "
-                            f"degrees: training resamples it, but predict refuses such a "
-                            f"scan, and evaluate such a reference", "warning")
+    geometries = _read_geometries(_existing_files(files, case, dataset.root, layout, add), add)
+    facts.geometry = geometries.get(case.images[0])
+    _check_grids(case, geometries, add)
     digests = [_check_image_voxels(file, add) for file in case.images if file in geometries]
     if len(digests) == len(case.images) and all(digests):
         # the whole case: two cases may share one channel (an all-zero missing sequence)
@@ -169,12 +142,61 @@ def _check_case(case: Case, dataset: Dataset, layout: str) -> tuple[list[Problem
     return problems, facts
 
 
+def _existing_files(files: list[Path], case: Case, root: Path, layout: str, add
+                    ) -> list[Path]:
+    for file in files:
+        # training takes such a path; a CSV exists to list files anywhere
+        if layout != "csv" and leaves_folder(file, root):
+            add(file, "path leaves the dataset folder (moving or sharing the folder will "
+                      "break it)", "warning")
+    missing = [file for file in files if not file.exists()]
+    for file in missing:
+        add(file, "label missing" if file == case.label else "image missing")
+    return [file for file in files if file not in missing]
+
+
+def _read_geometries(files: list[Path], add) -> dict[Path, Geometry]:
+    geometries = {}
+    for file in files:
+        try:
+            geometries[file] = read_geometry(file)
+        except MedsegError as exc:
+            add(file, _message(exc))
+    return geometries
+
+
+def _check_grids(case: Case, geometries: dict[Path, Geometry], add) -> None:
+    """Every file on the first image's grid (a label may store it in another axis order),
+    and no image whose orientation is unknown or whose axes are sheared."""
+    first = case.images[0]
+    reference = geometries.get(first)
+    for file, geometry in geometries.items():
+        if file in case.images and orientation_unknown(geometry):
+            add(file, NO_ORIENTATION, "warning")
+        if reference is None or file == first:
+            continue
+        mismatch = grid_mismatch(geometry, reference)
+        if (mismatch and file == case.label
+                and storage_reordering(geometry, reference) is not None):
+            mismatch = None  # training reorders its voxels onto the image's grid
+        if mismatch:
+            add(file, f"not on the grid of {first.name}: {mismatch}")
+    if reference is not None and shear_degrees(reference) > SHEAR_TOLERANCE_DEGREES:
+        add(first, f"voxel axes sheared by up to {shear_degrees(reference):.3g} "
+                   f"degrees: training resamples it, but predict refuses such a "
+                   f"scan, and evaluate such a reference", "warning")
+
+
 def _check_image_voxels(file: Path, add) -> str | None:
     try:
         volume = read_volume(file, dtype=None)
     except MedsegError as exc:
         add(file, _message(exc))
         return None
+    try:  # training and predict read images as float32
+        refuse_out_of_range(volume.data, np.dtype(np.float32), file)
+    except MedsegError as exc:
+        add(file, _message(exc))
     data = np.ascontiguousarray(volume.data)
     return hashlib.sha256(str(data.shape).encode() + str(data.dtype).encode()
                           + data.tobytes()).hexdigest()
@@ -199,12 +221,19 @@ def _check_label_voxels(file: Path, labels: dict[int, str], add) -> frozenset[in
 
 
 def _gapped_label_ids(facts: list[_CaseFacts], where: Path) -> list[Problem]:
-    ids = frozenset().union(*(f.label_ids for f in facts))
-    problem = label_id_problem(v for v in ids if v >= 0)  # negatives have rows of their own
+    ids = [v for v in frozenset().union(*(f.label_ids for f in facts))
+           if v >= 0]  # negatives have rows of their own
+    problem = label_id_problem(ids)
     if not problem:
         return []
-    return [Problem("error", "-", where, f"label file ids: {problem}; training needs ids 0, "
-                                         f"1, 2, ... without a gap")]
+    past_gap = id_past_a_gap(ids)
+    first = next((f.case for f in facts if past_gap in f.label_ids), None)
+    if first is None:
+        return [Problem("error", "-", where, f"label file ids: {problem}; training needs ids "
+                                             f"0, 1, 2, ... without a gap")]
+    return [Problem("error", first.name, first.label,
+                    f"holds label id {past_gap}, past a gap in the label files' ids: "
+                    f"{problem}; training needs ids 0, 1, 2, ... without a gap")]
 
 
 def _duplicates(facts: list[_CaseFacts]) -> list[Problem]:

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from medseg.config import check_in_range, load_workflow, override_key
+from medseg.config import Workflow, check_in_range, load_workflow, override_key
 from medseg.errors import MedsegError, one_line, unwrap_transform_error
 
 DEMO_MARKER = ".medseg-demo"
@@ -39,6 +39,7 @@ RESUME_OVERRIDES = ("train.max_minutes", "dataset.path")
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _tolerate_narrow_consoles()
+    _quiet_libraries()
     parser = _parser()
     args = parser.parse_args(argv)
     # under torchrun, a user's mistake or Ctrl-C reaches every rank alike: rank 0 says it
@@ -53,49 +54,49 @@ def main(argv: list[str] | None = None) -> int:
     except MedsegError as exc:
         if args.debug:  # the traceback, and the same exit status as without --debug
             traceback.print_exc()
-        if not other_rank:
-            print(f"medseg: error: {exc}", file=sys.stderr)
-        _tell_torchrun(f"medseg: error: {exc}")
-        return EXIT_USER_ERROR
-    except Terminated:
+        return _user_error(exc, other_rank)
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM as Terminated
         _close_progress_bars()
         if not other_rank:
-            print("medseg: stopped (SIGTERM)", file=sys.stderr)
-        return EXIT_TERMINATED
-    except KeyboardInterrupt:
-        _close_progress_bars()
-        if not other_rank:
-            print("medseg: interrupted", file=sys.stderr)
-        return 130
+            print("medseg: stopped (SIGTERM)" if isinstance(stop, Terminated)
+                  else "medseg: interrupted", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(stop, Terminated) else 130
     except Exception as exc:  # one line for the user; the traceback is behind --debug
         if args.debug:
             traceback.print_exc()
-        cause = unwrap_transform_error(exc)
-        if isinstance(cause, MedsegError):
-            if not other_rank:
-                print(f"medseg: error: {cause}", file=sys.stderr)
-            _tell_torchrun(f"medseg: error: {cause}")
-            return EXIT_USER_ERROR
-        rank = f" (rank {os.environ['RANK']})" if other_rank else ""
-        if _lost_another_process(cause):
-            # its partner's failure, not this process's: torchrun's summary shows the
-            # earliest error file, the partner's
-            line = (f"medseg: error{rank}: another process of this torchrun run failed (its "
-                    f"error is in torchrun's summary); this one lost its connection: "
-                    f"{one_line(str(cause))}")
-            print(line, file=sys.stderr)
-            _tell_torchrun(line)
-            return 1
-        line = (f"medseg: error{rank}: {type(cause).__name__}: {one_line(str(cause))} (rerun "
-                f"with --debug for the traceback)")
-        print(line, file=sys.stderr)
-        _tell_torchrun(line)
-        return 1
+        return _unexpected_error(exc, other_rank)
     finally:
         if not finished:
             _let_pool_threads_finish(threads_before)
         if previous_handler is not None:  # a program calling main() keeps its own
             signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _user_error(exc: MedsegError, other_rank: bool) -> int:
+    if not other_rank:
+        print(f"medseg: error: {exc}", file=sys.stderr)
+    _tell_torchrun(f"medseg: error: {exc}")
+    return EXIT_USER_ERROR
+
+
+def _unexpected_error(exc: Exception, other_rank: bool) -> int:
+    """One line for an error that is not a MedsegError (unless a transform wrapped one)."""
+    cause = unwrap_transform_error(exc)
+    if isinstance(cause, MedsegError):
+        return _user_error(cause, other_rank)
+    rank = f" (rank {os.environ['RANK']})" if other_rank else ""
+    if _lost_another_process(cause):
+        # its partner's failure, not this process's: torchrun's summary shows the
+        # earliest error file, the partner's
+        line = (f"medseg: error{rank}: another process of this torchrun run failed (its "
+                f"error is in torchrun's summary); this one lost its connection: "
+                f"{one_line(str(cause))}")
+    else:
+        line = (f"medseg: error{rank}: {type(cause).__name__}: {one_line(str(cause))} (rerun "
+                f"with --debug for the traceback)")
+    print(line, file=sys.stderr)
+    _tell_torchrun(line)
+    return 1
 
 
 def _close_progress_bars() -> None:
@@ -180,6 +181,14 @@ def _tell_torchrun(line: str) -> None:
                                                          "timestamp": str(int(time.time()))}}}
     with contextlib.suppress(OSError):
         Path(error_file).write_text(json.dumps(record), encoding="utf-8")
+
+
+def _quiet_libraries() -> None:
+    """nibabel logs what it mends in a header ("pixdim[1,2,3] should be non-zero") to the
+    console, past medseg's own one-line messages about the same file."""
+    import logging
+
+    logging.getLogger("nibabel").setLevel(logging.ERROR)
 
 
 def _tolerate_narrow_consoles() -> None:
@@ -510,10 +519,10 @@ def _resume_run(run_dir: Path, fold_text: str | None, overrides: list[str] | Non
     trained from the beginning). `overrides` may give each fold a new wall-clock budget;
     it is saved in the run's workflow.yaml."""
     from medseg.config import save_workflow
-    from medseg.datasets import load_dataset, read_splits
+    from medseg.datasets import read_splits
     from medseg.fileio import atomic_write_json
     from medseg.plan import load_plan
-    from medseg.train import TRAIN_STATE, current_ranks, finished_fold, train_fold
+    from medseg.train import current_ranks
 
     if not run_dir.is_dir():
         raise MedsegError("run folder not found", run_dir)
@@ -525,15 +534,7 @@ def _resume_run(run_dir: Path, fold_text: str | None, overrides: list[str] | Non
     if not splits_path.is_file():
         raise MedsegError("splits.json not found (is this a medseg run folder?)", splits_path)
     splits = read_splits(splits_path)
-    ds = workflow.dataset
-    try:
-        dataset = load_dataset(ds.path, ds.layout, ds.modality, ds.labels)
-    except MedsegError as exc:  # moved since: say where the path came from, and the way out
-        given = any(override_key(item) == "dataset.path" for item in overrides or [])
-        origin = ("the dataset.path given with --set" if given else
-                  f"the dataset of {run_dir / 'workflow.yaml'}; if it has moved, "
-                  f"--set dataset.path=NEW_PATH resumes from there")
-        raise MedsegError(f"{exc} ({origin})") from exc
+    dataset = _resumed_dataset(workflow, run_dir, overrides)
     requested = _requested_folds(run_dir, workflow.train.fold)
     if fold_text is None:
         folds = requested
@@ -547,6 +548,28 @@ def _resume_run(run_dir: Path, fold_text: str | None, overrides: list[str] | Non
             save_workflow(workflow, run_dir / "workflow.yaml")
         if not set(folds) <= set(requested):  # a later plain --resume continues these too
             atomic_write_json(run_dir / FOLDS_FILE, sorted(set(requested) | set(folds)))
+    return _continue_folds(run_dir, folds, workflow, dataset, plan, splits)
+
+
+def _resumed_dataset(workflow: Workflow, run_dir: Path, overrides: list[str] | None):
+    from medseg.datasets import load_dataset
+
+    ds = workflow.dataset
+    try:
+        return load_dataset(ds.path, ds.layout, ds.modality, ds.labels)
+    except MedsegError as exc:  # moved since: say where the path came from, and the way out
+        given = any(override_key(item) == "dataset.path" for item in overrides or [])
+        origin = ("the dataset.path given with --set" if given else
+                  f"the dataset of {run_dir / 'workflow.yaml'}; if it has moved, "
+                  f"--set dataset.path=NEW_PATH resumes from there")
+        raise MedsegError(f"{exc} ({origin})") from exc
+
+
+def _continue_folds(run_dir: Path, folds: list[int], workflow: Workflow, dataset, plan,
+                    splits: list) -> list:
+    """Train each fold on from its saved state, from the beginning where it has none."""
+    from medseg.train import TRAIN_STATE, finished_fold, train_fold
+
     # decided before any training, so that every torchrun rank decides the same
     resumes = [(run_dir / f"fold_{fold}" / "checkpoints" / TRAIN_STATE).is_file()
                for fold in folds]

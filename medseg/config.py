@@ -312,7 +312,6 @@ def _build(cls: type, raw: Any, source: str, prefix: str) -> Any:
 
 
 def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
-    where = _origin(source, key)
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
@@ -322,43 +321,69 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         return _coerce(value, inner[0], key, source)
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise MedsegError(f"'{key}' must be a list, got {value!r}", where)
+            raise MedsegError(f"'{key}' must be a list, got {value!r}", _origin(source, key))
         return [_coerce(v, args[0], key, source) for v in value]
     if origin is dict:
         if not isinstance(value, dict):
-            raise MedsegError(f"'{key}' must be a mapping, got {value!r}", where)
+            raise MedsegError(f"'{key}' must be a mapping, got {value!r}", _origin(source, key))
         return {_coerce(k, args[0], key, source): _coerce(v, args[1], key, source)
                 for k, v in value.items()}
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise MedsegError(f"'{key}' must be true or false, got {value!r}", where)
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise MedsegError(f"'{key}' must be an integer, got {value!r}", where)
-        try:
-            return int(value)
-        except ValueError as exc:
-            raise MedsegError(f"'{key}' must be an integer, got {value!r}", where) from exc
-    if hint is float:
-        # YAML 1.1 reads 3e-5 (no dot) as a string: a number written so is still a number
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise MedsegError(f"'{key}' must be a number, got {value!r}", where)
-        try:
-            number = float(value)
-        except ValueError as exc:
-            raise MedsegError(f"'{key}' must be a number, got {value!r}", where) from exc
-        if not math.isfinite(number):
-            raise MedsegError(f"'{key}' must be a finite number, got {value!r}", where)
-        return number
-    if hint is str:
-        if isinstance(value, float):  # YAML read `path: 2024.10` as 2024.1
-            raise MedsegError(f"'{key}' must be text, got the number {value!r}; put it in "
-                              f"quotes", where)
-        if isinstance(value, bool) or not isinstance(value, (str, int)):
-            raise MedsegError(f"'{key}' must be a string, got {value!r}", where)
-        return str(value)
-    return value
+    scalar = _SCALARS.get(hint)
+    if scalar is None:
+        return value
+    try:
+        return scalar(value)
+    except _Unfit as unfit:
+        raise MedsegError(f"'{key}' must be {unfit}, got {unfit.what}{value!r}{unfit.hint}",
+                          _origin(source, key)) from None
+
+
+class _Unfit(ValueError):
+    """A scalar of the wrong kind: says what the key must be, and how to mend it."""
+
+    def __init__(self, must_be: str, what: str = "", hint: str = ""):
+        super().__init__(must_be)
+        self.what = what
+        self.hint = hint
+
+
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise _Unfit("true or false")
+
+
+def _as_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise _Unfit("an integer")
+    try:
+        return int(value)
+    except ValueError:
+        raise _Unfit("an integer") from None
+
+
+def _as_float(value: Any) -> float:
+    # YAML 1.1 reads 3e-5 (no dot) as a string: a number written so is still a number
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise _Unfit("a number")
+    try:
+        number = float(value)
+    except ValueError:
+        raise _Unfit("a number") from None
+    if not math.isfinite(number):
+        raise _Unfit("a finite number")
+    return number
+
+
+def _as_str(value: Any) -> str:
+    if isinstance(value, float):  # YAML read `path: 2024.10` as 2024.1
+        raise _Unfit("text", what="the number ", hint="; put it in quotes")
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise _Unfit("a string")
+    return str(value)
+
+
+_SCALARS = {bool: _as_bool, int: _as_int, float: _as_float, str: _as_str}
 
 
 _CHOICES = {
@@ -459,6 +484,13 @@ def check_in_range(key: str, value: float | list | None, source: str) -> None:
 
 
 def _check_values(workflow: Workflow, source: str) -> None:
+    _check_choices(workflow, source)
+    _check_numbers(workflow, source)
+    _check_labels(workflow, source)
+    _check_relations(workflow, source)
+
+
+def _check_choices(workflow: Workflow, source: str) -> None:
     for (section, key), allowed in _CHOICES.items():
         value = getattr(getattr(workflow, section), key)
         if value not in allowed:
@@ -469,6 +501,9 @@ def _check_values(workflow: Workflow, source: str) -> None:
     if any(axis not in (0, 1, 2) for axis in axes) or len(set(axes)) != len(axes):
         raise MedsegError(f"'plan.mirror_axes' must be distinct axes among 0, 1, 2, got {axes}",
                           _origin(source, "plan.mirror_axes"))
+
+
+def _check_numbers(workflow: Workflow, source: str) -> None:
     for section, key in _RANGES:
         if (section, key) == ("train", "folds") and workflow.train.splits_file:
             continue  # the splits file decides, and one train/val split is a fine one
@@ -478,10 +513,9 @@ def _check_values(workflow: Workflow, source: str) -> None:
         if value is not None and len(value) != length:
             raise MedsegError(f"'{section}.{key}' must list {length} values (one per axis), "
                               f"got {value}", _origin(source, f"{section}.{key}"))
-    if workflow.plan.max_filters < workflow.plan.base_filters:
-        raise MedsegError(f"'plan.max_filters' ({workflow.plan.max_filters}) is below "
-                          f"'plan.base_filters' ({workflow.plan.base_filters})",
-                          _origin(source, "plan.max_filters", "plan.base_filters"))
+
+
+def _check_labels(workflow: Workflow, source: str) -> None:
     if workflow.dataset.labels:
         from medseg.datasets import label_name_problem
 
@@ -494,6 +528,14 @@ def _check_values(workflow: Workflow, source: str) -> None:
             raise MedsegError("'predict.min_component_ml' maps label ids (at least 1) to ml "
                               f"(at least 0), got {label}: {ml}",
                               _origin(source, "predict.min_component_ml"))
+
+
+def _check_relations(workflow: Workflow, source: str) -> None:
+    """Values that are fine alone but not together."""
+    if workflow.plan.max_filters < workflow.plan.base_filters:
+        raise MedsegError(f"'plan.max_filters' ({workflow.plan.max_filters}) is below "
+                          f"'plan.base_filters' ({workflow.plan.base_filters})",
+                          _origin(source, "plan.max_filters", "plan.base_filters"))
     if workflow.train.fold >= workflow.train.folds and not workflow.train.splits_file:
         raise MedsegError(f"'train.fold' must be below 'train.folds' ({workflow.train.folds}), "
                           f"got {workflow.train.fold}",

@@ -168,6 +168,15 @@ def label_id_problem(ids) -> str | None:
     return None
 
 
+def id_past_a_gap(ids) -> int | None:
+    """The id that makes label_id_problem object: the lowest negative one, else the lowest
+    one above a gap (None when there is no problem)."""
+    present = sorted({int(i) for i in ids} | {0})
+    if present[0] < 0:
+        return present[0]
+    return next((b for a, b in zip(present, present[1:], strict=False) if b > a + 1), None)
+
+
 def _ids_text(items: list, most: int = 12) -> str:
     """Ids, or (first, last) runs of ids, as text: at most `most` of them."""
     texts = [_run_text(*item) if isinstance(item, tuple) else str(item) for item in items]

@@ -243,37 +243,91 @@ def _scan(path: Path) -> tuple[dict[str, list[Frame]], dict[str, list[_Unread]]]
     unplaced: list[Path] = []  # DICOM files with no image that has a place in space
     multiframe: list[Path] = []  # classic multi-frame: one position for many frames
     left_out: dict[str, list[_Unread]] = {}
+    not_dicom: list[Path] = []  # named or begun like DICOM files, yet not ones
     for file in files:
         if not is_dicom_file(file):
-            uid = _raw_dicom_image_series(file)
-            if uid is not None:
-                left_out.setdefault(uid, []).append(_Unread(file, RAW_IMAGE_REASON, None))
+            _note_non_part10_file(file, left_out, not_dicom)
             continue
         header = read_header(file)
         frames = frames_of(header, file)
         if not frames:
             many = int(header.get("NumberOfFrames", 1) or 1) > 1
             (multiframe if many else unplaced).append(file)
-            if "Rows" in header:  # an image (not a DICOMDIR, report or presentation state)
-                uid = str(header.get("SeriesInstanceUID", "") or "")
-                kind = (str(header.get("SOPClassUID", "") or ""), int(header.Rows),
-                        int(header.get("Columns", 0) or 0))
-                left_out.setdefault(uid, []).append(
-                    _Unread(file, MULTIFRAME_REASON if many else UNPLACED_REASON, kind))
+            unread = _unread_image(header, file, many)
+            if unread is not None:
+                left_out.setdefault(unread[0], []).append(unread[1])
         for frame in frames:
             groups.setdefault(frame.series_uid, []).append(frame)
     if not groups:
-        detail = (f"; {len(unplaced)} DICOM file(s) hold no image with ImagePositionPatient "
-                  f"and ImageOrientationPatient, e.g. {unplaced[0].name}" if unplaced else "")
-        if multiframe:
-            detail += (f"; {len(multiframe)} multi-frame file(s) without per-frame positions "
-                       f"(their frames cannot be placed in space), e.g. {multiframe[0].name}")
-        raw = [unread.file for unreads in left_out.values() for unread in unreads
-               if unread.reason == RAW_IMAGE_REASON]
-        if raw:
-            detail += f"; {len(raw)} DICOM image(s) {RAW_IMAGE}, e.g. {raw[0].name}"
-        raise MedsegError(f"no DICOM image found ({len(files)} files looked at{detail})", path)
+        raise MedsegError(f"no DICOM image found ({len(files)} files looked at"
+                          f"{_why_no_image(unplaced, multiframe, left_out, not_dicom)})", path)
+    if not_dicom:
+        # a slice cut short before its 'DICM' marker: left out, the volume would be a slice
+        # short without a word where it lay at the end of the series
+        raise MedsegError(f"not a DICOM file, though named or begun like one "
+                          f"({not_dicom[0].stat().st_size} bytes: a slice cut short?); the "
+                          f"series beside it may lack a slice: restore the file, or move it "
+                          f"out of the folder if it is not part of the series", not_dicom[0])
     return groups, left_out
+
+
+DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+
+
+def _note_non_part10_file(file: Path, left_out: dict[str, list[_Unread]],
+                          not_dicom: list[Path]) -> None:
+    """A file without the 'DICM' marker: an old raw DICOM image (left out of its series), a
+    DICOM file cut short (`not_dicom`), or another file (skipped)."""
+    uid = _raw_dicom_image_series(file)
+    if uid is not None:
+        left_out.setdefault(uid, []).append(_Unread(file, RAW_IMAGE_REASON, None))
+    elif _like_a_dicom_file(file):
+        not_dicom.append(file)
+
+
+def _like_a_dicom_file(file: Path) -> bool:
+    """A file that is not DICOM but is named like a slice (.dcm, .dicom, .ima), or has a name
+    without a suffix (IM0001) or a UID's number for one and is empty or begins with a
+    DICOM preamble's zeros: a slice cut short, not a notes file."""
+    suffix = file.suffix.lower()
+    if suffix in DICOM_SUFFIXES:
+        return True
+    if suffix and not suffix[1:].isdigit():
+        return False
+    try:
+        with open(file, "rb") as handle:
+            head = handle.read(128)
+    except OSError:
+        return False
+    return not head.strip(b"\0")
+
+
+def _unread_image(header, file: Path, many: bool) -> tuple[str, _Unread] | None:
+    """An image without a frame that can be placed, with its series UID; None for a file that
+    is no image (a DICOMDIR, report or presentation state)."""
+    if "Rows" not in header:
+        return None
+    uid = str(header.get("SeriesInstanceUID", "") or "")
+    kind = (str(header.get("SOPClassUID", "") or ""), int(header.Rows),
+            int(header.get("Columns", 0) or 0))
+    return uid, _Unread(file, MULTIFRAME_REASON if many else UNPLACED_REASON, kind)
+
+
+def _why_no_image(unplaced: list[Path], multiframe: list[Path],
+                  left_out: dict[str, list[_Unread]], not_dicom: list[Path]) -> str:
+    detail = (f"; {len(unplaced)} DICOM file(s) hold no image with ImagePositionPatient "
+              f"and ImageOrientationPatient, e.g. {unplaced[0].name}" if unplaced else "")
+    if multiframe:
+        detail += (f"; {len(multiframe)} multi-frame file(s) without per-frame positions "
+                   f"(their frames cannot be placed in space), e.g. {multiframe[0].name}")
+    raw = [unread.file for unreads in left_out.values() for unread in unreads
+           if unread.reason == RAW_IMAGE_REASON]
+    if raw:
+        detail += f"; {len(raw)} DICOM image(s) {RAW_IMAGE}, e.g. {raw[0].name}"
+    if not_dicom:
+        detail += (f"; {len(not_dicom)} file(s) named or begun like DICOM files are not "
+                   f"DICOM (cut short?), e.g. {not_dicom[0].name}")
+    return detail
 
 
 def _files_below(folder: Path) -> list[Path]:

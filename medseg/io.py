@@ -167,18 +167,33 @@ def read_volume(path: str | Path, dtype: type | None = np.float32, series_uid: s
     values for DICOM). `series_uid` and `resample_irregular` apply to DICOM only."""
     path = Path(path)
     kind = _kind(path)
-    if kind == "nifti":
-        volume = _read_nifti(path, dtype)
-    elif kind == "itk":
-        from medseg.itkio import read_itk
+    with np.errstate(over="ignore"):  # a value beyond float32 is named below, not warned of
+        if kind == "nifti":
+            volume = _read_nifti(path, dtype)
+        elif kind == "itk":
+            from medseg.itkio import read_itk
 
-        data, affine = read_itk(path, dtype)
-        volume = Volume(data, Geometry(tuple(data.shape[:3]), affine), path)
-    else:
-        volume = _read_dicom(path, dtype, series_uid, resample_irregular)
+            data, affine = read_itk(path, dtype)
+            volume = Volume(data, Geometry(tuple(data.shape[:3]), affine), path)
+        else:
+            volume = _read_dicom(path, dtype, series_uid, resample_irregular)
     if volume.data.dtype.kind == "f" and not np.all(np.isfinite(volume.data)):
+        if dtype is not None:  # finite as stored, and too large for `dtype`?
+            refuse_out_of_range(read_volume(path, None, series_uid, resample_irregular).data,
+                                np.dtype(dtype), path)
         raise MedsegError("voxel data contains NaN or Inf", path)
     return volume
+
+
+def refuse_out_of_range(data: np.ndarray, dtype: np.dtype, path: Path) -> None:
+    """Refuse floating-point voxels beyond what `dtype` (float32, as training and predict
+    read images) can hold: they would become infinite."""
+    if data.dtype.kind != "f" or dtype.kind != "f" or not data.size:
+        return
+    largest = float(np.abs(data).max())
+    if largest > float(np.finfo(dtype).max):
+        raise MedsegError(f"voxel values up to {largest:.3g} are beyond {dtype.name}'s range "
+                          f"(±{float(np.finfo(dtype).max):.3g})", path)
 
 
 SHEAR_TOLERANCE_DEGREES = 0.01
@@ -292,10 +307,7 @@ def _unscaled(volume: Volume) -> np.ndarray:
 def load_nifti(path: str | Path) -> nib.Nifti1Image:
     """Open a NIfTI header with checks; voxels are read lazily."""
     path = Path(path)
-    if not path.is_file():
-        raise MedsegError("file not found", path)
-    if path.stat().st_size == 0:
-        raise MedsegError("file is empty", path)
+    refuse_missing_or_empty(path)
     try:
         image = _open_nifti(path)
     except Exception as exc:  # nibabel raises many types for broken headers
@@ -327,14 +339,22 @@ def nifti_affine_mm(image: nib.Nifti1Image) -> np.ndarray:
     return affine
 
 
+def refuse_missing_or_empty(path: Path) -> None:
+    """Refuse a path that is not a regular file with content; a pipe or a device is never
+    opened (reading a pipe would wait for a writer, a device would never end)."""
+    if not path.is_file():
+        if path.exists():
+            raise MedsegError("not a regular file (a pipe, socket or device)", path)
+        raise MedsegError("file not found", path)
+    if path.stat().st_size == 0:
+        raise MedsegError("file is empty", path)
+
+
 def _kind(path: Path) -> str:
     """'nifti', 'itk' or 'dicom'; refuses what is missing, empty or of unknown format."""
     if path.is_dir():
         return "dicom"
-    if not path.is_file():
-        raise MedsegError("file not found", path)
-    if path.stat().st_size == 0:
-        raise MedsegError("file is empty", path)
+    refuse_missing_or_empty(path)
     name = path.name.lower()
     if name.endswith(NIFTI_SUFFIXES):
         return "nifti"
@@ -351,13 +371,35 @@ def _kind(path: Path) -> str:
 def _read_nifti(path: Path, dtype: type | None) -> Volume:
     image = load_nifti(path)
     try:
-        data = np.asarray(image.dataobj) if dtype is None else np.asarray(image.dataobj,
-                                                                            dtype=dtype)
+        if path.name.lower().endswith(".gz"):
+            data = _gzip_voxels_checked(path, type(image), dtype)
+        else:
+            data = _voxels(image, dtype)
     except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
         raise MedsegError(f"cannot read voxel data ({exc})", path) from exc
     data = data.reshape(image.shape[:3])  # a 4D file holding a single volume
     return Volume(data, Geometry(tuple(image.shape[:3]), nifti_affine_mm(image),
                                  image.header.copy()), path)
+
+
+def _voxels(image: nib.Nifti1Image, dtype: type | None) -> np.ndarray:
+    return np.asarray(image.dataobj) if dtype is None else np.asarray(image.dataobj, dtype=dtype)
+
+
+def _gzip_voxels_checked(path: Path, image_class: type[nib.Nifti1Image], dtype: type | None
+                         ) -> np.ndarray:
+    """The voxels of a .nii.gz, with gzip's CRC and length checked: nibabel reads the stream
+    only as far as the voxels go, and gzip checks the trailer at the end of the stream
+    alone, so a damaged file (a flipped bit, a copy cut short by its last bytes) would
+    otherwise be read without a word. One pass: the rest of the stream is read after the
+    voxels."""
+    with gzip.open(path, "rb") as stream:
+        holder = nib.FileHolder(filename=str(path), fileobj=stream)
+        image = image_class.from_file_map({"image": holder, "header": holder}, mmap=False)
+        data = _voxels(image, dtype)
+        while stream.read(1 << 20):  # extensions or padding after the voxels, rarely any
+            pass
+    return data
 
 
 def _dicom_geometry(path: Path, series_uid: str | None, resample_irregular: bool) -> Geometry:

@@ -7,13 +7,18 @@ checked before any voxel is, so a file that claims too many voxels is refused un
 
 from __future__ import annotations
 
+import os
 import re
+import zlib
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
 
 from medseg.errors import MedsegError
+
+# ITK's warnings go to the console past medseg's messages (which say what went wrong)
+sitk.ProcessObject_SetGlobalWarningDisplay(False)
 
 MAX_VOXELS = 2**31
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -32,6 +37,8 @@ def read_itk(path: Path, dtype: np.dtype | None) -> tuple[np.ndarray, np.ndarray
     """Voxels in (i, j, k) order and the voxel -> RAS affine."""
     reader = _open(path)
     shape, affine = _header_geometry(reader, path)
+    if path.suffix.lower() in (".mha", ".mhd"):
+        _check_metaimage_data(path, _voxel_bytes(reader))
     try:
         image = reader.Execute()
     except RuntimeError as exc:
@@ -44,6 +51,73 @@ def read_itk(path: Path, dtype: np.dtype | None) -> tuple[np.ndarray, np.ndarray
                           path) from exc
     data = sitk.GetArrayViewFromImage(image).reshape(shape[::-1]).transpose(2, 1, 0)
     return np.array(data, dtype=dtype or data.dtype), affine
+
+
+def _voxel_bytes(reader: sitk.ImageFileReader) -> int:
+    itemsize = sitk.GetArrayViewFromImage(sitk.Image([1, 1, 1], reader.GetPixelID())).itemsize
+    return int(np.prod(reader.GetSize(), dtype=np.int64)) * itemsize
+
+
+def _check_metaimage_data(path: Path, expected: int) -> None:
+    """Refuse a MetaImage whose voxel data is missing, short or damaged, naming the data
+    file. ITK reads a short file after printing to the console, and inflates compressed data
+    without checking zlib's checksum, so a damaged file would be read without a word."""
+    fields, data_offset = _metaimage_header(path)
+    element_file = fields.get("ElementDataFile", "LOCAL")
+    if element_file == "LOCAL":
+        data_path = path
+    elif element_file.upper().startswith("LIST") or "%" in element_file:
+        return  # one file per slice: ITK checks each
+    else:
+        data_path = path.parent / element_file
+        data_offset = 0
+        if not data_path.is_file():
+            raise MedsegError(f"cannot read voxel data: the header's data file {element_file} "
+                              f"is missing", path)
+    with open(data_path, "rb") as handle:
+        handle.seek(data_offset)
+        if fields.get("CompressedData", "False").lower() == "true":
+            found = _inflated_size(handle, data_path)
+        else:
+            # a HeaderSize skips bytes (or, -1, takes the file's last bytes): ITK checks
+            found = (os.fstat(handle.fileno()).st_size - data_offset
+                     if fields.get("HeaderSize") is None else None)
+    if found is not None and found < expected:
+        raise MedsegError(f"cannot read voxel data: {found} bytes where the header's size "
+                          f"needs {expected} (cut short)", data_path)
+
+
+def _metaimage_header(path: Path) -> tuple[dict[str, str], int]:
+    """The header's `key = value` fields up to ElementDataFile (the last one), and the byte
+    where the voxels start when they follow in the same file."""
+    fields: dict[str, str] = {}
+    offset = 0
+    with open(path, "rb") as handle:
+        for line in handle:
+            offset += len(line)
+            key, _, value = line.decode("latin-1").partition("=")
+            fields[key.strip()] = value.strip()
+            if key.strip() == "ElementDataFile":
+                break
+    return fields, offset
+
+
+def _inflated_size(handle, path: Path) -> int:
+    """The size of zlib-compressed data read to its end, with zlib's checksum checked."""
+    inflater = zlib.decompressobj()
+    size = 0
+    try:
+        while chunk := handle.read(1 << 22):
+            size += len(inflater.decompress(chunk))
+            if inflater.eof:
+                break
+        size += len(inflater.flush())
+    except zlib.error as exc:
+        raise MedsegError(f"cannot read voxel data: the compressed data is damaged ({exc})",
+                          path) from exc
+    if not inflater.eof:
+        raise MedsegError("cannot read voxel data: the compressed data is cut short", path)
+    return size
 
 
 def write_itk(data: np.ndarray, affine: np.ndarray, path: Path) -> None:

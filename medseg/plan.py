@@ -18,10 +18,17 @@ import numpy as np
 from tqdm import tqdm
 
 from medseg.config import NETWORK_NAMES, PlanConfig
-from medseg.datasets import Dataset, label_id_problem, label_name_problem
+from medseg.datasets import Dataset, id_past_a_gap, label_id_problem, label_name_problem
 from medseg.errors import MedsegError
 from medseg.fileio import atomic_write_json
-from medseg.io import MAX_VOXELS, grid_mismatch, on_grid_of, read_label_map, read_volume
+from medseg.io import (
+    MAX_VOXELS,
+    Volume,
+    grid_mismatch,
+    on_grid_of,
+    read_label_map,
+    read_volume,
+)
 
 SAMPLES_PER_CASE = 10_000
 MAX_LEVELS = 6  # resolution levels of the U-Net, bottleneck included
@@ -85,32 +92,30 @@ def fingerprint(dataset: Dataset, seed: int = 0, progress: bool = True) -> Finge
     refuse_label_gaps(dataset.labels, dataset.root)  # a label map's gap, before any reading
     rng = np.random.default_rng(seed)
     spacings, shapes, class_voxels = [], [], {}
+    holder: dict[int, Path] = {}  # the first label file that holds each id
     samples: list[list[np.ndarray]] = [[] for _ in dataset.modalities]
     for case in tqdm(dataset.cases, desc="fingerprint", unit="case", leave=False,
                      disable=not progress):
         label = read_label_map(case.label) if case.label else None
         for channel, image_path in enumerate(case.images):
             image = read_volume(image_path)
-            if label is not None and channel == 0:
-                label = _label_on_grid(image, label)
-            elif label is not None:
-                _check_same_grid(image, label)
             if channel == 0:
+                label = _label_on_grid(image, label) if label is not None else None
                 spacings.append(_ras_ordered(image.affine, image.spacing))
                 shapes.append(_ras_ordered(image.affine, image.spatial_shape))
-            values = image.data[label.data > 0] if label is not None else image.data.ravel()
-            if values.size:
-                take = min(SAMPLES_PER_CASE, values.size)
-                samples[channel].append(rng.choice(values, size=take, replace=False))
+            elif label is not None:
+                _check_same_grid(image, label)
+            _sample_intensities(image, label, rng, samples[channel])
         if label is not None:
             _check_label_values(label, dataset.labels)
-            ids, counts = np.unique(label.data, return_counts=True)
-            for label_id, count in zip(ids.tolist(), counts.tolist(), strict=True):
-                class_voxels[label_id] = class_voxels.get(label_id, 0) + count
+            _count_classes(label, class_voxels)
+            for label_id in class_voxels:
+                holder.setdefault(label_id, case.label)
     if any(case.label for case in dataset.cases):
         _refuse_no_foreground(class_voxels, dataset.root)
         if not dataset.labels:  # ids read from the label files (a map was checked above)
-            refuse_label_gaps(class_voxels, dataset.root)
+            refuse_label_gaps(class_voxels, holder.get(id_past_a_gap(class_voxels),
+                                                       dataset.root))
     intensity = [_intensity_stats(np.concatenate(s) if s else np.zeros(1)) for s in samples]
     labels = dataset.labels or {k: ("background" if k == 0 else f"label_{k}")
                                 for k in sorted(class_voxels)}
@@ -122,6 +127,21 @@ def fingerprint(dataset: Dataset, seed: int = 0, progress: bool = True) -> Finge
         modalities=list(dataset.modalities),
         labels=labels,
     )
+
+
+def _sample_intensities(image: Volume, label: Volume | None, rng: np.random.Generator,
+                        samples: list[np.ndarray]) -> None:
+    """Up to SAMPLES_PER_CASE voxels of the image's foreground (of all of it, unlabelled)."""
+    values = image.data[label.data > 0] if label is not None else image.data.ravel()
+    if values.size:
+        take = min(SAMPLES_PER_CASE, values.size)
+        samples.append(rng.choice(values, size=take, replace=False))
+
+
+def _count_classes(label: Volume, class_voxels: dict[int, int]) -> None:
+    ids, counts = np.unique(label.data, return_counts=True)
+    for label_id, count in zip(ids.tolist(), counts.tolist(), strict=True):
+        class_voxels[label_id] = class_voxels.get(label_id, 0) + count
 
 
 def refuse_unaffordable_spacing(fp: Fingerprint, plan: Plan, memory_bytes: int | None) -> None:
@@ -449,11 +469,14 @@ def _check_label_values(label, labels: dict[int, str]) -> None:
 
 
 def refuse_label_gaps(ids, where: Path) -> None:
+    """Refuse ids that do not run 0, 1, 2, ..., naming `where`: the label map, or the first
+    label file that holds the id past the gap."""
     problem = label_id_problem(ids)
     if problem:
-        raise MedsegError(f"label ids must run 0, 1, 2, ... without a gap for training (as "
-                          f"nnU-Net requires): {problem}; renumber the label files and the "
-                          f"label map", where)
+        holds = "" if where.is_dir() else f"holds id {id_past_a_gap(ids)}; "
+        raise MedsegError(f"{holds}label ids must run 0, 1, 2, ... without a gap for training "
+                          f"(as nnU-Net requires): {problem}; renumber the label files and "
+                          f"the label map", where)
 
 
 def _refuse_no_foreground(class_voxels: dict[int, int], root: Path) -> None:

@@ -6,6 +6,7 @@ mask lies on the input's exact grid (for DICOM, the series' grid in the same pat
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import itertools
 import os
@@ -177,17 +178,16 @@ def collect_inputs(inputs: list[str | Path]) -> list[Path]:
     paths: list[Path] = []
     for item in map(Path, inputs):
         if item.is_dir():
-            # a link to nowhere (a share not mounted) is a case that fails naming it, not
-            # a file silently left out
+            # a link to nowhere (a share not mounted), a pipe or a device named like a scan
+            # is a case that fails naming it, not a file silently left out
             found = sorted(p for p in item.iterdir()
-                           if (p.is_file() or (p.is_symlink() and not p.exists()))
-                           and not p.name.startswith(".")
+                           if not p.is_dir() and not p.name.startswith(".")
                            and p.name.lower().endswith(VOLUME_SUFFIXES))
             if found:
                 _note_skipped_subfolders(item)
                 _note_skipped_dicom_files(item)
             paths.extend(found or [item])
-        elif item.is_file():
+        elif item.exists():  # a pipe or a device fails as a case, naming what it is
             paths.append(item)
         else:
             raise MedsegError("input not found", item)
@@ -411,7 +411,29 @@ def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
     if config.tta and not predictor.plan.mirror_axes:
         tqdm.write("medseg: note: --tta has nothing to average: the model was trained without "
                    "mirroring (plan.mirror_axes is empty)", file=sys.stderr)
+    # not with shards: another process may be about to write into the folder
+    created = not output_dir.exists() and count == 1
     make_writable_folder(output_dir)
+    try:
+        results, todo = _outputs_to_write(cases, output_dir, overwrite)
+        bar = tqdm(total=len(cases), initial=len(cases) - len(todo), desc="predict",
+                   unit="case", dynamic_ncols=True)
+        read = partial(prepare_case, predictor.plan, series_uid=series_uid,
+                       resample_irregular=resample_irregular)
+        _predict_streaming(predictor, todo, read, config, results, bar)
+        bar.close()
+    finally:  # every case failed, or Ctrl-C before the first mask: no empty folder is left
+        if created:
+            with contextlib.suppress(OSError):
+                output_dir.rmdir()
+    failed = [_failure(path, time.monotonic(), problem) for path, problem in incomplete]
+    return [r for r in results if r is not None] + failed
+
+
+def _outputs_to_write(cases: list[tuple[Path, ...]], output_dir: Path, overwrite: bool
+                      ) -> tuple[list[PredictionResult | None], list]:
+    """Per case, its result where it is settled already (a mask kept, a folder in the way)
+    and else a place in the work to do: (position, files, target)."""
     results: list[PredictionResult | None] = [None] * len(cases)
     todo = []
     for position, files in enumerate(cases):
@@ -424,12 +446,15 @@ def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
             results[position] = PredictionResult(files[0], target, 0.0, skipped=True)
         else:
             todo.append((position, files, target))
-    bar = tqdm(total=len(cases), initial=len(cases) - len(todo), desc="predict", unit="case",
-               dynamic_ncols=True)
+    return results, todo
+
+
+def _predict_streaming(predictor: Predictor, todo: list, read, config: PredictConfig,
+                       results: list[PredictionResult | None], bar) -> None:
+    """Predict the cases of `todo` into `results`: the next case is read in one thread
+    while the network runs, each mask is written in another."""
     with ThreadPoolExecutor(1, "medseg-read") as reader, \
             ThreadPoolExecutor(1, "medseg-write") as writer:
-        read = partial(prepare_case, predictor.plan, series_uid=series_uid,
-                       resample_irregular=resample_irregular)
         upcoming = reader.submit(read, list(todo[0][1])) if todo else None
         writes = []
         for number, (position, files, target) in enumerate(todo):
@@ -461,9 +486,6 @@ def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
                 results[position] = PredictionResult(path, target, written_at - started)
             except CASE_ERRORS as exc:
                 results[position] = _failure(path, started, exc)
-    bar.close()
-    failed = [_failure(path, time.monotonic(), problem) for path, problem in incomplete]
-    return [r for r in results if r is not None] + failed
 
 
 def _refuse_clashing_outputs(cases: list[tuple[Path, ...]]) -> None:

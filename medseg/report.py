@@ -41,12 +41,7 @@ def run_evaluation(pred_dir: Path, ref_dir: Path, labels_path: Path | None,
     `only_cases` scores those cases alone (predict --reference: its batch)."""
     from medseg.datasets import label_names_from_json
 
-    if jobs < 1:
-        raise MedsegError(f"--jobs must be at least 1, got {jobs}")
-    if not math.isfinite(tolerance_mm) or tolerance_mm < 0:
-        raise MedsegError(f"--tolerance-mm must be a finite number >= 0, got {tolerance_mm}")
-    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
-        raise MedsegError("output folder path is a file", out_dir)
+    _refuse_bad_options(jobs, tolerance_mm, out_dir)
     pairs = pair_cases(pred_dir, ref_dir)
     if only_cases is not None:
         pairs = _pairs_of(pairs, only_cases, ref_dir)
@@ -58,19 +53,48 @@ def run_evaluation(pred_dir: Path, ref_dir: Path, labels_path: Path | None,
         why = (f"{labels_path} names no structure" if labels_path is not None else
                f"the references in {ref_dir} and their predictions hold only background")
         print(f"medseg: note: nothing to score: {why}", file=sys.stderr)
+    results = _scored_into(out_dir, pairs, labels, tolerance_mm, jobs, resample)
+    summary = summarize(results, tolerance_mm)
+    print(format_table(summary))  # first: the scores are shown even if writing them fails
+    _print_notes(results, summary, pred_dir, ref_dir, pairs, only_cases)
+    if out_dir is not None:
+        write_reports(results, out_dir, labels=labels, tolerance_mm=tolerance_mm,
+                      summary=summary)
+        print(f"wrote {out_dir / 'scores.csv'}, {out_dir / 'summary.json'} and "
+              f"{out_dir / 'report.html'}")
+    return summary
+
+
+def _refuse_bad_options(jobs: int, tolerance_mm: float, out_dir: Path | None) -> None:
+    if jobs < 1:
+        raise MedsegError(f"--jobs must be at least 1, got {jobs}")
+    if not math.isfinite(tolerance_mm) or tolerance_mm < 0:
+        raise MedsegError(f"--tolerance-mm must be a finite number >= 0, got {tolerance_mm}")
+    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
+        raise MedsegError("output folder path is a file", out_dir)
+
+
+def _scored_into(out_dir: Path | None, pairs: list, labels: dict[int, str],
+                 tolerance_mm: float, jobs: int, resample: bool) -> list[CaseScores]:
+    """Score the pairs once `out_dir` is known to be writable (made before the scoring, not
+    after it); a folder made here is removed again if the scoring stops."""
     created = out_dir is not None and not out_dir.exists()
     if out_dir is not None:
-        make_writable_folder(out_dir)  # before the scoring, not after it
+        make_writable_folder(out_dir)
     try:
-        results = evaluate_pairs(pairs, labels, tolerance_mm=tolerance_mm, jobs=jobs,
-                                 resample=resample)
+        return evaluate_pairs(pairs, labels, tolerance_mm=tolerance_mm, jobs=jobs,
+                              resample=resample)
     except BaseException:  # a bad reference (exit 2), Ctrl-C: leave no empty folder behind
         if created:
             with contextlib.suppress(OSError):
                 out_dir.rmdir()
         raise
-    summary = summarize(results, tolerance_mm)
-    print(format_table(summary))  # first: the scores are shown even if writing them fails
+
+
+def _print_notes(results: list[CaseScores], summary: dict, pred_dir: Path, ref_dir: Path,
+                 pairs: list, only_cases: set[str] | None) -> None:
+    """Below the table: why each failed case failed, predictions left unscored, and the
+    cases resampled onto their reference's grid."""
     for result in results:
         if result.error:
             print(f"  {result.case}: {result.error}", file=sys.stderr)
@@ -83,12 +107,6 @@ def run_evaluation(pred_dir: Path, ref_dir: Path, labels_path: Path | None,
     if summary["resampled_cases"]:
         print(f"resampled onto the reference grid (nearest neighbour): "
               f"{', '.join(summary['resampled_cases'])}")
-    if out_dir is not None:
-        write_reports(results, out_dir, labels=labels, tolerance_mm=tolerance_mm,
-                      summary=summary)
-        print(f"wrote {out_dir / 'scores.csv'}, {out_dir / 'summary.json'} and "
-              f"{out_dir / 'report.html'}")
-    return summary
 
 
 def _pairs_of(pairs: list, cases: set[str], ref_dir: Path) -> list:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -46,11 +47,15 @@ def _pyplot():
 
 def _plain_text(draw: Callable[..., bytes]) -> Callable[..., bytes]:
     """Draw with matplotlib's mathtext off: case and structure names are text, and a `$` in
-    one ("pt_$1_$2") would otherwise be parsed as a formula and fail the report."""
+    one ("pt_$1_$2") would otherwise be parsed as a formula and fail the report. Glyphs the
+    font lacks are not warned of."""
 
     @functools.wraps(draw)
     def wrapper(*args, **kwargs) -> bytes:
-        with _pyplot().rc_context({"text.parse_math": False}):
+        with _pyplot().rc_context({"text.parse_math": False}), warnings.catch_warnings():
+            # a name in a script the font lacks (Chinese, say) is drawn as boxes; the
+            # report's tables give it in full, and the console stays free of the warning
+            warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from")
             return draw(*args, **kwargs)
 
     return wrapper

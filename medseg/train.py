@@ -17,7 +17,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -171,69 +171,44 @@ def train_fold(
     set_determinism(seed=cfg.seed, use_deterministic_algorithms=cfg.deterministic or None)
     train_data, loader, val_data = _data(workflow, dataset, plan, split, ranks)
     validating = bool(_val_names(split, workflow))
-    model = create_model(plan).to(device, memory_format=MEMORY_FORMAT)
-    optimizer = _optimizer(model, workflow)
-    total_steps = cfg.epochs * cfg.iterations_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg.schedule, total_steps))
-    loss_fn = loss_function(plan, cfg)
-    ema = weight_average(model, cfg.ema_decay)
-    scored = ema.module if ema is not None else model  # the weights validated and saved
-    # read once: its settings decide the precision (and so the scaler) it is applied to
-    state = _resume_state(fold_dir / "checkpoints" / TRAIN_STATE) if resume else None
-    autocast_dtype, scaler = _precision_and_scaler(cfg, device, _settings_of(state), ranks)
-
+    run = _set_up(workflow, plan, fold_dir, device, ranks, resume)
     checkpoints = fold_dir / "checkpoints"
     metrics_path = fold_dir / "metrics.jsonl"
-    best = {"epoch": -1, "mean": -math.inf, "dice": {}}
-    best_weights = None  # rank 0's copy of best.safetensors, kept in the state
-    first_epoch = 0
-    if state is not None:  # every rank loads the state
-        first_epoch, best = _apply_state(state, checkpoints / TRAIN_STATE, model, optimizer,
-                                         scheduler, scaler, ema)
-        best_weights = _saved_best_weights(state) if ranks.main else None
-    writer = _open_fold_files(fold_dir, first_epoch, best_weights) if ranks.main else None
-    net = _distributed(model, ranks, device)
+    writer = _open_fold_files(fold_dir, run.first_epoch, run.best_weights) if ranks.main else None
+    net = _distributed(run.model, ranks, device)
     # the run's clock goes on from where the resumed run stopped (the budget is per session)
     elapsed_before = last_elapsed_seconds(metrics_path) if resume and ranks.main else 0.0
     started = time.monotonic()
     deadline = started + cfg.max_minutes * 60 if cfg.max_minutes else math.inf
-    epochs_run = first_epoch
-    bar = tqdm(total=total_steps, initial=first_epoch * cfg.iterations_per_epoch,
+    epochs_run = run.first_epoch
+    bar = tqdm(total=cfg.epochs * cfg.iterations_per_epoch,
+               initial=run.first_epoch * cfg.iterations_per_epoch,
                desc=f"train {fold_dir.name}", unit="it", dynamic_ncols=True,
                disable=not ranks.main)
     try:  # closed on the way out of an interrupt too, before its message is printed
-        for epoch in range(first_epoch, cfg.epochs):
+        for epoch in range(run.first_epoch, cfg.epochs):
             epoch_start = time.monotonic()
             _reseed(cfg.seed, epoch, train_data, loader, ranks.rank)
             train_loss = _mean_over_ranks(
-                _train_epoch(net, loader, optimizer, scheduler, scaler, loss_fn, device,
-                             autocast_dtype, plan, bar, ema), ranks, device)
+                _train_epoch(net, loader, run.optimizer, run.scheduler, run.scaler, run.loss_fn,
+                             device, run.autocast_dtype, plan, bar, run.ema), ranks, device)
             epochs_run = epoch + 1
             record = {"epoch": epoch, "train_loss": train_loss,
-                      "lr": optimizer.param_groups[0]["lr"],
+                      "lr": run.optimizer.param_groups[0]["lr"],
                       "epoch_seconds": round(time.monotonic() - epoch_start, 2)}
             # rank 0's clock decides for everyone, so that no rank waits for one that stopped
             out_of_time = _from_main(time.monotonic() > deadline, ranks, device)
             # not at a budget stop between validations: that extra score could become the best,
             # and a resumed run would then not repeat the uninterrupted one
             if validating and ((epoch + 1) % cfg.val_every == 0 or epoch == cfg.epochs - 1):
-                dice, mean_dice = _validate(scored, val_data, plan, workflow, device, ranks)
-                record.update({"val_dice": dice, "val_mean_dice": mean_dice})
-                if mean_dice > best["mean"]:  # never for NaN
-                    best = {"epoch": epoch, "mean": mean_dice, "dice": dice}
-                    if ranks.main:
-                        best_weights = weight_snapshot(scored)
-                        save_weight_tensors(best_weights, checkpoints / BEST_WEIGHTS)
-                bar.set_postfix(loss=f"{train_loss:.3f}", dice=f"{mean_dice:.3f}")
+                _validate_epoch(run, epoch, record, val_data, plan, workflow, device, ranks,
+                                checkpoints)
+                bar.set_postfix(loss=f"{train_loss:.3f}", dice=f"{record['val_mean_dice']:.3f}")
             # the whole run so far, validation included
             record["elapsed_seconds"] = round(elapsed_before + time.monotonic() - started, 2)
             if ranks.main:
                 _log(writer, metrics_path, record)
-                save_weights(scored, checkpoints / LAST_WEIGHTS)
-                _save_state(checkpoints / TRAIN_STATE, model, optimizer, scheduler, scaler, epoch,
-                            best, ema, settings={"precision": PRECISION_NAMES[autocast_dtype],
-                                                 "world_size": ranks.world_size},
-                            best_weights=best_weights, budget_stop=out_of_time)
+                _save_epoch(run, checkpoints, epoch, ranks, budget_stop=out_of_time)
             if out_of_time:
                 if ranks.main:
                     tqdm.write(f"train.max_minutes={cfg.max_minutes} reached after {epoch + 1} "
@@ -243,15 +218,84 @@ def train_fold(
         bar.close()
         if writer is not None:
             writer.close()
+    best = run.best
     if not validating or best["mean"] == -math.inf:
         if ranks.main:
-            _keep_last_weights_as_best(scored, checkpoints, cfg, validating, epochs_run)
+            _keep_last_weights_as_best(run.scored, checkpoints, cfg, validating, epochs_run)
         best["epoch"] = epochs_run - 1
     if ranks.distributed:  # also a barrier: every rank returns once rank 0 has written
-        _check_replicas(model, ranks)
+        _check_replicas(run.model, ranks)
     return TrainResult(fold_dir, best["epoch"],
                        None if best["mean"] == -math.inf else best["mean"], best["dice"],
                        epochs_run, elapsed_before + time.monotonic() - started)
+
+
+@dataclass
+class _FoldRun:
+    """What a fold's training carries from epoch to epoch. `scored` is the module validated
+    and saved (the weight average when there is one); `best_weights` is rank 0's copy of
+    best.safetensors, kept in the state."""
+
+    model: torch.nn.Module
+    scored: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    ema: torch.nn.Module | None
+    loss_fn: torch.nn.Module
+    autocast_dtype: torch.dtype | None
+    first_epoch: int = 0
+    best: dict = field(
+        default_factory=lambda: {"epoch": -1, "mean": -math.inf, "dice": {}})
+    best_weights: dict | None = None
+
+
+def _set_up(workflow: Workflow, plan: Plan, fold_dir: Path, device: torch.device, ranks: Ranks,
+            resume: bool) -> _FoldRun:
+    """The network, optimizer, schedule, loss and precision; with `resume`, their saved
+    state (every rank loads it)."""
+    cfg = workflow.train
+    model = create_model(plan).to(device, memory_format=MEMORY_FORMAT)
+    optimizer = _optimizer(model, workflow)
+    total_steps = cfg.epochs * cfg.iterations_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg.schedule, total_steps))
+    loss_fn = loss_function(plan, cfg)
+    ema = weight_average(model, cfg.ema_decay)
+    # read once: its settings decide the precision (and so the scaler) it is applied to
+    state_path = fold_dir / "checkpoints" / TRAIN_STATE
+    state = _resume_state(state_path) if resume else None
+    autocast_dtype, scaler = _precision_and_scaler(cfg, device, _settings_of(state), ranks)
+    run = _FoldRun(model, ema.module if ema is not None else model, optimizer, scheduler,
+                   scaler, ema, loss_fn, autocast_dtype)
+    if state is not None:
+        run.first_epoch, run.best = _apply_state(state, state_path, model, optimizer,
+                                                 scheduler, scaler, ema)
+        run.best_weights = _saved_best_weights(state) if ranks.main else None
+    return run
+
+
+def _validate_epoch(run: _FoldRun, epoch: int, record: dict, val_data, plan: Plan,
+                    workflow: Workflow, device: torch.device, ranks: Ranks,
+                    checkpoints: Path) -> None:
+    """Score the validation cases into `record`; a new best is kept (and saved by rank 0)."""
+    dice, mean_dice = _validate(run.scored, val_data, plan, workflow, device, ranks)
+    record.update({"val_dice": dice, "val_mean_dice": mean_dice})
+    if mean_dice > run.best["mean"]:  # never for NaN
+        run.best = {"epoch": epoch, "mean": mean_dice, "dice": dice}
+        if ranks.main:
+            run.best_weights = weight_snapshot(run.scored)
+            save_weight_tensors(run.best_weights, checkpoints / BEST_WEIGHTS)
+
+
+def _save_epoch(run: _FoldRun, checkpoints: Path, epoch: int, ranks: Ranks,
+                budget_stop: bool) -> None:
+    """Rank 0's last weights and training state after each epoch."""
+    save_weights(run.scored, checkpoints / LAST_WEIGHTS)
+    _save_state(checkpoints / TRAIN_STATE, run.model, run.optimizer, run.scheduler, run.scaler,
+                epoch, run.best, run.ema,
+                settings={"precision": PRECISION_NAMES[run.autocast_dtype],
+                          "world_size": ranks.world_size},
+                best_weights=run.best_weights, budget_stop=budget_stop)
 
 
 def _precision_and_scaler(cfg: TrainConfig, device: torch.device, saved: dict, ranks: Ranks

@@ -238,12 +238,17 @@ def test_label_ids_with_a_gap_are_refused_for_training_and_flagged_by_check(tmp_
 
     pairs = tmp_path / "pairs"  # no label map: the ids come from the label files
     save(pairs / "images" / "a.nii.gz", image(1))
-    save(pairs / "labels" / "a.nii.gz", label(3))
-    with pytest.raises(MedsegError, match="1, 2 missing from 0, 3"):
+    save(pairs / "labels" / "a.nii.gz", label(1))
+    save(pairs / "images" / "b.nii.gz", image(2))
+    save(pairs / "labels" / "b.nii.gz", label(4))  # the file to renumber is named
+    with pytest.raises(MedsegError, match=r"labels/b\.nii\.gz: holds id 4; label ids must run "
+                                          r".*: 2, 3 missing from 0, 1, 4"):
         fingerprint(load_dataset(pairs), progress=False)
-    assert [(p.severity, p.message) for p in check_dataset(pairs).problems] == [
-        ("error", "label file ids: 1, 2 missing from 0, 3; training needs ids 0, 1, 2, ... "
-                  "without a gap")]
+    assert [(p.severity, p.case, p.file.name, p.message)
+            for p in check_dataset(pairs).problems] == [
+        ("error", "b", "b.nii.gz", "holds label id 4, past a gap in the label files' ids: 2, 3 "
+                                   "missing from 0, 1, 4; training needs ids 0, 1, 2, ... "
+                                   "without a gap")]
 
     # a negative id in the label map: training wrote a plan.json its own predict refused
     description["labels"] = {"-1": "out", "0": "background", "1": "a", "2": "b", "3": "c",

@@ -15,7 +15,6 @@ import io
 import json
 import os
 import shutil
-import signal
 import sys
 import threading
 import time
@@ -24,8 +23,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from medseg import stopping
 from medseg.config import Workflow, check_in_range, load_workflow, override_key
 from medseg.errors import MedsegError, one_line, unwrap_transform_error
+from medseg.stopping import Terminated
 
 DEMO_MARKER = ".medseg-demo"
 FOLDS_FILE = "folds.json"  # the folds `train` was asked for, which `--resume` continues
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # under torchrun, a user's mistake or Ctrl-C reaches every rank alike: rank 0 says it
     other_rank = int(os.environ.get("RANK", "0") or 0) != 0
-    previous_handler = _terminate_like_interrupt()
+    restore_signals = stopping.install()
     threads_before = set(threading.enumerate())
     finished = False
     try:
@@ -68,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not finished:
             _let_pool_threads_finish(threads_before)
-        if previous_handler is not None:  # a program calling main() keeps its own
-            signal.signal(signal.SIGTERM, previous_handler)
+        restore_signals()  # a program calling main() keeps its own handlers
 
 
 def _user_error(exc: MedsegError, other_rank: bool) -> int:
@@ -128,28 +128,6 @@ def _let_pool_threads_finish(existing: set[threading.Thread], timeout_s: float =
                 thread.join(max(0.0, deadline - time.monotonic()))
     except KeyboardInterrupt:
         pass
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a job scheduler's stop, `timeout`, torchrun stopping the other processes when
-    one fails) raised as an exception, so that lock files and temporary outputs are removed
-    on the way out as after Ctrl-C; the default action ends the process on the spot."""
-
-
-def _terminate_like_interrupt():
-    """Raise Terminated on SIGTERM; returns the handler it replaces (None where signals
-    cannot be set: not the main thread of an embedding program)."""
-    def raise_terminated(signum: int, frame: object) -> None:
-        # a process group's SIGTERM also ends DataLoader workers: torch's SIGCHLD handler
-        # would then raise "worker killed" over this stop's one line
-        with contextlib.suppress(ValueError, AttributeError):
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        raise Terminated
-
-    try:
-        return signal.signal(signal.SIGTERM, raise_terminated)
-    except ValueError:
-        return None
 
 
 def _lost_another_process(exc: BaseException) -> bool:
@@ -568,16 +546,24 @@ def _resumed_dataset(workflow: Workflow, run_dir: Path, overrides: list[str] | N
 def _continue_folds(run_dir: Path, folds: list[int], workflow: Workflow, dataset, plan,
                     splits: list) -> list:
     """Train each fold on from its saved state, from the beginning where it has none."""
-    from medseg.train import TRAIN_STATE, finished_fold, train_fold
+    from medseg.train import (
+        BEST_WEIGHTS,
+        current_ranks,
+        finished_fold,
+        restore_best_weights,
+        train_fold,
+    )
 
     # decided before any training, so that every torchrun rank decides the same
-    resumes = [(run_dir / f"fold_{fold}" / "checkpoints" / TRAIN_STATE).is_file()
-               for fold in folds]
+    resumes = [_has_state(run_dir / f"fold_{fold}") for fold in folds]
     results = []
     for fold, resume in zip(folds, resumes, strict=True):
         fold_dir = run_dir / f"fold_{fold}"
         finished = finished_fold(fold_dir, workflow.train.epochs) if resume else None
         if finished is not None:
+            if current_ranks().main and restore_best_weights(fold_dir):
+                print(f"{fold_dir.name}: checkpoints/{BEST_WEIGHTS} was missing; restored "
+                      f"from the training state")
             print(f"{fold_dir.name}: finished already; nothing to resume")
             results.append(finished)
         else:
@@ -586,6 +572,24 @@ def _continue_folds(run_dir: Path, folds: list[int], workflow: Workflow, dataset
                                       resume=resume))
         _report_fold(results[-1], workflow.train.epochs)
     return results
+
+
+def _has_state(fold_dir: Path) -> bool:
+    """Whether the fold has a training state to resume from. A fold without one starts from
+    the beginning only if it never got past its first epoch (killed before its first state
+    was written): a state deleted later would otherwise restart a trained fold without a
+    word, and overwrite its checkpoints."""
+    from medseg.train import TRAIN_STATE, last_metrics_record
+
+    state = fold_dir / "checkpoints" / TRAIN_STATE
+    if state.is_file():
+        return True
+    epoch = last_metrics_record(fold_dir / "metrics.jsonl").get("epoch")
+    if isinstance(epoch, int) and epoch >= 1:
+        raise MedsegError(f"has no training state, but metrics.jsonl records {epoch + 1} "
+                          f"epochs: restore the state file, or train the fold again with "
+                          f"`medseg train ... --overwrite`", state)
+    return False
 
 
 def _requested_folds(run_dir: Path, default_fold: int) -> list[int]:

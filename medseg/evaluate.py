@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import multiprocessing
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -22,6 +21,7 @@ from medseg.io import (
     reorder_onto,
 )
 from medseg.metrics import FAILED_SCORES, label_counts, label_values, score_case
+from medseg.stopping import interrupts_ignored_by_new_processes, raise_if_stopped
 
 Pair = tuple[str, Path | None, Path]
 
@@ -123,6 +123,7 @@ def evaluate_pairs(pairs: list[Pair], labels: dict[int, str], tolerance_mm: floa
         if jobs == 1:
             results = []
             for task in tasks:
+                raise_if_stopped()
                 results.append(evaluate_case(*task))
                 bar.update(1)
             return results
@@ -225,13 +226,29 @@ def failed_case(case: str, labels: dict[int, str], error: str, prediction: Path 
 
 
 def _evaluate_parallel(tasks: list[tuple], jobs: int, bar: tqdm) -> list[CaseScores]:
+    """Score the tasks in `jobs` processes. The workers ignore Ctrl-C (a terminal sends it to
+    the whole process group): the main process alone stops, and ends them. Left to stop on
+    their own, they printed tracebacks, and one could die holding the result queue's lock,
+    so that the main process waited for it forever."""
     # spawn, not fork: the parent may hold torch/OpenMP threads that a fork would copy broken
     context = multiprocessing.get_context("spawn")
     results: list[CaseScores | None] = [None] * len(tasks)
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-        futures = {pool.submit(evaluate_case, *task): i for i, task in enumerate(tasks)}
-        for future in as_completed(futures):
-            results[futures[future]] = future.result()
+    with interrupts_ignored_by_new_processes():
+        pool = context.Pool(jobs)
+    try:
+        for index, result in pool.imap_unordered(_evaluate_numbered, list(enumerate(tasks))):
+            results[index] = result
             bar.update(1)
+        pool.close()
+    except BaseException:  # a bad reference (MedsegError), Ctrl-C, SIGTERM
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
     return [r for r in results if r is not None]
+
+
+def _evaluate_numbered(numbered: tuple[int, tuple]) -> tuple[int, CaseScores]:
+    index, task = numbered
+    return index, evaluate_case(*task)
 

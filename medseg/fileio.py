@@ -29,6 +29,15 @@ def read_user_text(path: Path) -> str:
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
     target = Path(path)
+    with _temporary_beside(target) as tmp:
+        yield tmp
+        os.replace(tmp, target)
+
+
+@contextlib.contextmanager
+def _temporary_beside(target: Path) -> Iterator[Path]:
+    """A temporary file beside `target` with the usual mode, removed on the way out unless
+    renamed by then."""
     target.parent.mkdir(parents=True, exist_ok=True)
     # keep the suffixes, lower case, so that writers that pick a format by extension still
     # work: ITK writes a "D.MHA" as a header plus a separate data file, as if it were .mhd
@@ -38,11 +47,27 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp_name)
     try:
-        yield tmp
         os.chmod(tmp, 0o666 & ~PROCESS_UMASK)  # mkstemp makes 0600; outputs get the usual mode
-        os.replace(tmp, target)
+        yield tmp
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_write_texts(files: dict[Path, str]) -> None:
+    """Write files that belong together (scores.csv, summary.json, report.html) as one: each
+    to a temporary name first, then all renamed with Ctrl-C and SIGTERM held back, so that
+    a stop leaves the old set or the new one, never a mix."""
+    from medseg.stopping import signals_held
+
+    with contextlib.ExitStack() as temporaries:
+        written = {}
+        for path, text in files.items():
+            tmp = temporaries.enter_context(_temporary_beside(Path(path)))
+            tmp.write_text(text, encoding="utf-8")
+            written[tmp] = Path(path)
+        with signals_held():
+            for tmp, path in written.items():
+                os.replace(tmp, path)
 
 
 def make_writable_folder(folder: Path) -> None:
@@ -55,6 +80,21 @@ def make_writable_folder(folder: Path) -> None:
     except OSError as exc:
         raise MedsegError(f"cannot write in the output folder ({exc.strerror or exc})",
                           folder) from exc
+
+
+@contextlib.contextmanager
+def output_folder(folder: Path, remove_if_empty: bool = True) -> Iterator[Path]:
+    """Make an output folder (and check that it can be written) for the block; a folder made
+    here that the block leaves empty (every case failed, or a stop before the first output)
+    is removed again."""
+    created = not folder.exists()
+    make_writable_folder(folder)
+    try:
+        yield folder
+    finally:
+        if created and remove_if_empty:
+            with contextlib.suppress(OSError):  # not empty: the outputs stay
+                folder.rmdir()
 
 
 def missing_folders(folder: Path) -> list[Path]:

@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import partial
@@ -25,7 +26,7 @@ from tqdm import tqdm
 from medseg.config import PredictConfig, load_workflow
 from medseg.datasets import strip_image_suffix
 from medseg.errors import MedsegError, one_line, unwrap_transform_error
-from medseg.fileio import make_writable_folder, physical_memory
+from medseg.fileio import output_folder, physical_memory
 from medseg.inference import (
     accumulator_bytes,
     axis_maps,
@@ -48,6 +49,7 @@ from medseg.io import (
 from medseg.model import create_model, load_weights
 from medseg.plan import Plan, load_plan
 from medseg.postprocess import check_postprocess_labels, postprocess
+from medseg.stopping import raise_if_stopped
 from medseg.train import (
     BEST_WEIGHTS,
     TRAIN_STATE,
@@ -412,9 +414,8 @@ def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
         tqdm.write("medseg: note: --tta has nothing to average: the model was trained without "
                    "mirroring (plan.mirror_axes is empty)", file=sys.stderr)
     # not with shards: another process may be about to write into the folder
-    created = not output_dir.exists() and count == 1
-    make_writable_folder(output_dir)
-    try:
+    with output_folder(output_dir, remove_if_empty=count == 1), \
+            _one_predictor(output_dir, shard):
         results, todo = _outputs_to_write(cases, output_dir, overwrite)
         bar = tqdm(total=len(cases), initial=len(cases) - len(todo), desc="predict",
                    unit="case", dynamic_ncols=True)
@@ -422,12 +423,63 @@ def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
                        resample_irregular=resample_irregular)
         _predict_streaming(predictor, todo, read, config, results, bar)
         bar.close()
-    finally:  # every case failed, or Ctrl-C before the first mask: no empty folder is left
-        if created:
-            with contextlib.suppress(OSError):
-                output_dir.rmdir()
     failed = [_failure(path, time.monotonic(), problem) for path, problem in incomplete]
     return [r for r in results if r is not None] + failed
+
+
+PREDICT_LOCK = ".medseg-predict.lock"
+
+
+@contextlib.contextmanager
+def _one_predictor(output_dir: Path, shard: tuple[int, int]) -> Iterator[None]:
+    """Refuse a second `medseg predict` writing into the same folder: it took the first one's
+    half-written masks for stale leftovers and deleted them, and wrote its own (another
+    model's, say) beside or over the first one's. Shards of one batch (`--shard I/N`,
+    torchrun) share the folder; the same shard twice does not. The lock files are hidden,
+    so no command takes them for masks, and go when the run ends."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no lock
+        yield
+        return
+    index, count = shard
+    folder_lock = output_dir / PREDICT_LOCK
+    with contextlib.ExitStack() as held:
+        # called last, once this process's own locks are gone
+        held.callback(_remove_if_unused, folder_lock)
+        busy = "another `medseg predict` is writing into this folder"
+        _lock(held, folder_lock, fcntl.LOCK_SH if count > 1 else fcntl.LOCK_EX, output_dir,
+              busy)
+        if count > 1:
+            _lock(held, output_dir / f"{PREDICT_LOCK}.{index}-of-{count}", fcntl.LOCK_EX,
+                  output_dir, f"{busy} as shard {index}/{count}", remove=True)
+        yield
+
+
+def _lock(held: contextlib.ExitStack, path: Path, mode: int, output_dir: Path, busy: str,
+          remove: bool = False) -> None:
+    import fcntl
+
+    handle = held.enter_context(path.open("a", encoding="utf-8"))
+    try:
+        fcntl.flock(handle, mode | fcntl.LOCK_NB)
+    except OSError as exc:
+        raise MedsegError(f"{busy}; wait for it to end, or choose another --output",
+                          output_dir) from exc
+    if remove:  # before the handle closes, so that no other process has locked it since
+        held.callback(path.unlink, missing_ok=True)
+
+
+def _remove_if_unused(path: Path) -> None:
+    """Remove the folder's lock file unless another shard still holds it."""
+    import fcntl
+
+    with path.open("a", encoding="utf-8") as probe:
+        try:
+            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return
+        path.unlink(missing_ok=True)
 
 
 def _outputs_to_write(cases: list[tuple[Path, ...]], output_dir: Path, overwrite: bool
@@ -458,6 +510,7 @@ def _predict_streaming(predictor: Predictor, todo: list, read, config: PredictCo
         upcoming = reader.submit(read, list(todo[0][1])) if todo else None
         writes = []
         for number, (position, files, target) in enumerate(todo):
+            raise_if_stopped()
             started = time.monotonic()
             current = upcoming
             following = list(todo[number + 1][1]) if number + 1 < len(todo) else None

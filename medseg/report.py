@@ -23,7 +23,7 @@ from medseg.evaluate import (
     pair_cases,
     unpaired_predictions,
 )
-from medseg.fileio import atomic_write_text, json_safe, make_writable_folder
+from medseg.fileio import atomic_write_texts, json_safe, output_folder
 from medseg.metrics import METRICS, is_present
 
 # metrics whose mean over structures is given in the summary and in the console table
@@ -53,15 +53,18 @@ def run_evaluation(pred_dir: Path, ref_dir: Path, labels_path: Path | None,
         why = (f"{labels_path} names no structure" if labels_path is not None else
                f"the references in {ref_dir} and their predictions hold only background")
         print(f"medseg: note: nothing to score: {why}", file=sys.stderr)
-    results = _scored_into(out_dir, pairs, labels, tolerance_mm, jobs, resample)
-    summary = summarize(results, tolerance_mm)
-    print(format_table(summary))  # first: the scores are shown even if writing them fails
-    _print_notes(results, summary, pred_dir, ref_dir, pairs, only_cases)
-    if out_dir is not None:
-        write_reports(results, out_dir, labels=labels, tolerance_mm=tolerance_mm,
-                      summary=summary)
-        print(f"wrote {out_dir / 'scores.csv'}, {out_dir / 'summary.json'} and "
-              f"{out_dir / 'report.html'}")
+    # made before the scoring, not after it; removed again if nothing is written in it
+    with output_folder(out_dir) if out_dir is not None else contextlib.nullcontext():
+        results = evaluate_pairs(pairs, labels, tolerance_mm=tolerance_mm, jobs=jobs,
+                                 resample=resample)
+        summary = summarize(results, tolerance_mm)
+        print(format_table(summary))  # first: the scores are shown even if writing them fails
+        _print_notes(results, summary, pred_dir, ref_dir, pairs, only_cases)
+        if out_dir is not None:
+            write_reports(results, out_dir, labels=labels, tolerance_mm=tolerance_mm,
+                          summary=summary)
+            print(f"wrote {out_dir / 'scores.csv'}, {out_dir / 'summary.json'} and "
+                  f"{out_dir / 'report.html'}")
     return summary
 
 
@@ -72,23 +75,6 @@ def _refuse_bad_options(jobs: int, tolerance_mm: float, out_dir: Path | None) ->
         raise MedsegError(f"--tolerance-mm must be a finite number >= 0, got {tolerance_mm}")
     if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
         raise MedsegError("output folder path is a file", out_dir)
-
-
-def _scored_into(out_dir: Path | None, pairs: list, labels: dict[int, str],
-                 tolerance_mm: float, jobs: int, resample: bool) -> list[CaseScores]:
-    """Score the pairs once `out_dir` is known to be writable (made before the scoring, not
-    after it); a folder made here is removed again if the scoring stops."""
-    created = out_dir is not None and not out_dir.exists()
-    if out_dir is not None:
-        make_writable_folder(out_dir)
-    try:
-        return evaluate_pairs(pairs, labels, tolerance_mm=tolerance_mm, jobs=jobs,
-                              resample=resample)
-    except BaseException:  # a bad reference (exit 2), Ctrl-C: leave no empty folder behind
-        if created:
-            with contextlib.suppress(OSError):
-                out_dir.rmdir()
-        raise
 
 
 def _print_notes(results: list[CaseScores], summary: dict, pred_dir: Path, ref_dir: Path,
@@ -171,11 +157,10 @@ def write_reports(results: list[CaseScores], out_dir: Path, labels: dict[int, st
              "summary.json": json.dumps(json_safe(summary), indent=2) + "\n"}
     if page is not None:
         files["report.html"] = page
-    for name, text in files.items():
-        try:
-            atomic_write_text(out_dir / name, text)
-        except OSError as exc:
-            raise MedsegError(f"cannot write ({exc.strerror or exc})", out_dir / name) from exc
+    try:
+        atomic_write_texts({out_dir / name: text for name, text in files.items()})
+    except OSError as exc:
+        raise MedsegError(f"cannot write the reports ({exc.strerror or exc})", out_dir) from exc
     return summary
 
 

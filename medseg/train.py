@@ -38,6 +38,7 @@ from medseg.model import (
     weight_snapshot,
 )
 from medseg.plan import Plan
+from medseg.stopping import raise_if_stopped
 from medseg.transforms import IMAGE, LABEL, augmentation, case_dict, preprocessing
 
 BEST_WEIGHTS = "best.safetensors"
@@ -187,6 +188,7 @@ def train_fold(
                disable=not ranks.main)
     try:  # closed on the way out of an interrupt too, before its message is printed
         for epoch in range(run.first_epoch, cfg.epochs):
+            raise_if_stopped()
             epoch_start = time.monotonic()
             _reseed(cfg.seed, epoch, train_data, loader, ranks.rank)
             train_loss = _mean_over_ranks(
@@ -553,6 +555,7 @@ def _train_epoch(model, loader, optimizer, scheduler, scaler, loss_fn, device, a
     model.train()
     losses = []
     for batch in loader:
+        raise_if_stopped()  # a Ctrl-C that Python dropped inside a finalizer
         image = batch[IMAGE].to(device, memory_format=MEMORY_FORMAT)
         label = batch[LABEL].to(device)
         optimizer.zero_grad(set_to_none=True)
@@ -762,6 +765,21 @@ def finished_fold(fold_dir: Path, epochs: int) -> TrainResult | None:
     return TrainResult(fold_dir, int(best["epoch"]) if scored else done - 1,
                        float(best["mean"]) if scored else None, dict(best.get("dice", {})),
                        done, last_elapsed_seconds(fold_dir / "metrics.jsonl"))
+
+
+def restore_best_weights(fold_dir: Path) -> bool:
+    """Write checkpoints/best.safetensors again from the training state's copy when the file
+    is missing (deleted by hand: `predict` cannot use the fold without it); True if it did.
+    Refused when the state holds no copy (a state from before the copy was kept)."""
+    path = fold_dir / "checkpoints" / BEST_WEIGHTS
+    if path.is_file():
+        return False
+    weights = _saved_best_weights(_resume_state(fold_dir / "checkpoints" / TRAIN_STATE))
+    if weights is None:
+        raise MedsegError("missing, and the training state holds no copy of it: train the "
+                          "fold again", path)
+    save_weight_tensors(weights, path)
+    return True
 
 
 class SavedProgress(NamedTuple):

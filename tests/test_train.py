@@ -347,9 +347,44 @@ def test_a_fold_restarted_from_scratch_starts_a_new_curve(tmp_path, phantom_data
 
     run = tmp_path / "run"
     assert train(run, phantom_dataset) == 0
-    shutil.rmtree(run / "fold_0" / "checkpoints")  # killed before its first saved state
+    # killed before its first saved state: epoch 0's metrics line at most
+    shutil.rmtree(run / "fold_0" / "checkpoints")
+    lines = (run / "fold_0" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    (run / "fold_0" / "metrics.jsonl").write_text(lines[0] + "\n", encoding="utf-8")
     assert main(["train", "--resume", str(run)]) == 0
     assert [m["epoch"] for m in metrics(run)] == [0, 1]
+
+
+def test_a_trained_fold_whose_state_was_deleted_is_not_retrained_by_resume(
+        tmp_path, phantom_dataset, capsys):
+    """It printed "fold_0: starting", trained from scratch and overwrote the checkpoints."""
+    run = tmp_path / "run"
+    assert train(run, phantom_dataset) == 0
+    checkpoints = run / "fold_0" / "checkpoints"
+    (checkpoints / "last_state.pt").unlink()
+    best = (checkpoints / "best.safetensors").read_bytes()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 2
+    assert ("last_state.pt: has no training state, but metrics.jsonl records 2 epochs"
+            in capsys.readouterr().err)
+    assert (checkpoints / "best.safetensors").read_bytes() == best
+    assert [m["epoch"] for m in metrics(run)] == [0, 1]
+
+
+def test_resume_of_a_finished_fold_restores_a_deleted_best_checkpoint(
+        tmp_path, phantom_dataset, capsys):
+    """It said "finished already" and left a fold that predict could not use."""
+    run = tmp_path / "run"
+    assert train(run, phantom_dataset) == 0
+    best = run / "fold_0" / "checkpoints" / "best.safetensors"
+    saved = best.read_bytes()
+    best.unlink()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "best.safetensors was missing; restored from the training state" in out
+    assert "finished already" in out
+    assert best.read_bytes() == saved
 
 
 def test_a_dataset_with_no_structure_is_refused_before_the_run_folder(tmp_path, capsys):

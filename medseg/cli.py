@@ -562,8 +562,8 @@ def _continue_folds(run_dir: Path, folds: list[int], workflow: Workflow, dataset
         finished = finished_fold(fold_dir, workflow.train.epochs) if resume else None
         if finished is not None:
             if current_ranks().main and restore_best_weights(fold_dir):
-                print(f"{fold_dir.name}: checkpoints/{BEST_WEIGHTS} was missing; restored "
-                      f"from the training state")
+                print(f"{fold_dir.name}: checkpoints/{BEST_WEIGHTS} was missing; written "
+                      f"again from the saved weights")
             print(f"{fold_dir.name}: finished already; nothing to resume")
             results.append(finished)
         else:
@@ -579,13 +579,13 @@ def _has_state(fold_dir: Path) -> bool:
     the beginning only if it never got past its first epoch (killed before its first state
     was written): a state deleted later would otherwise restart a trained fold without a
     word, and overwrite its checkpoints."""
-    from medseg.train import TRAIN_STATE, last_metrics_record
+    from medseg.train import TRAIN_STATE, last_epoch_recorded
 
     state = fold_dir / "checkpoints" / TRAIN_STATE
     if state.is_file():
         return True
-    epoch = last_metrics_record(fold_dir / "metrics.jsonl").get("epoch")
-    if isinstance(epoch, int) and epoch >= 1:
+    epoch = last_epoch_recorded(fold_dir / "metrics.jsonl")
+    if epoch is not None and epoch >= 1:
         raise MedsegError(f"has no training state, but metrics.jsonl records {epoch + 1} "
                           f"epochs: restore the state file, or train the fold again with "
                           f"`medseg train ... --overwrite`", state)

@@ -272,6 +272,8 @@ def _scan(path: Path) -> tuple[dict[str, list[Frame]], dict[str, list[_Unread]]]
 
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+# the first tag of a data set without the preamble, or of its file meta (little endian)
+RAW_DATA_SET_STARTS = (b"\x08\x00", b"\x02\x00")
 
 
 def _note_non_part10_file(file: Path, left_out: dict[str, list[_Unread]],
@@ -286,20 +288,22 @@ def _note_non_part10_file(file: Path, left_out: dict[str, list[_Unread]],
 
 
 def _like_a_dicom_file(file: Path) -> bool:
-    """A file that is not DICOM but is named like a slice (.dcm, .dicom, .ima), or has a name
-    without a suffix (IM0001) or a UID's number for one and is empty or begins with a
-    DICOM preamble's zeros: a slice cut short, not a notes file."""
-    suffix = file.suffix.lower()
-    if suffix in DICOM_SUFFIXES:
-        return True
-    if suffix and not suffix[1:].isdigit():
-        return False
+    """A file that is not DICOM but looks like a slice cut short before its 'DICM' marker:
+    named like a slice (.dcm, .dicom, .ima) and not a data set without the preamble (an old
+    raw file, skipped), or with no suffix (IM0001) or a UID's number for one and beginning
+    with a preamble's zeros. An empty file without a suffix (a CD's LOCKFILE) and notes are
+    not slices."""
     try:
         with open(file, "rb") as handle:
             head = handle.read(128)
     except OSError:
         return False
-    return not head.strip(b"\0")
+    suffix = file.suffix.lower()
+    if suffix in DICOM_SUFFIXES:
+        return not head.startswith(RAW_DATA_SET_STARTS)
+    if suffix and not suffix[1:].isdigit():
+        return False
+    return bool(head) and not head.strip(b"\0")
 
 
 def _unread_image(header, file: Path, many: bool) -> tuple[str, _Unread] | None:
@@ -355,7 +359,7 @@ def _raw_dicom_image_series(path: Path) -> str | None:
             start = handle.read(2)
     except OSError:
         return None
-    if start not in (b"\x08\x00", b"\x02\x00"):  # a data set or its file meta, little endian
+    if start not in RAW_DATA_SET_STARTS:
         return None
     try:
         with warnings.catch_warnings():

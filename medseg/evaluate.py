@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -229,26 +231,31 @@ def _evaluate_parallel(tasks: list[tuple], jobs: int, bar: tqdm) -> list[CaseSco
     """Score the tasks in `jobs` processes. The workers ignore Ctrl-C (a terminal sends it to
     the whole process group): the main process alone stops, and ends them. Left to stop on
     their own, they printed tracebacks, and one could die holding the result queue's lock,
-    so that the main process waited for it forever."""
+    so that the main process waited for it forever. A worker that dies (the OOM killer)
+    breaks the pool, which raises rather than waits."""
     # spawn, not fork: the parent may hold torch/OpenMP threads that a fork would copy broken
     context = multiprocessing.get_context("spawn")
     results: list[CaseScores | None] = [None] * len(tasks)
-    with interrupts_ignored_by_new_processes():
-        pool = context.Pool(jobs)
+    pool = ProcessPoolExecutor(max_workers=jobs, mp_context=context)
     try:
-        for index, result in pool.imap_unordered(_evaluate_numbered, list(enumerate(tasks))):
-            results[index] = result
+        with interrupts_ignored_by_new_processes():  # the workers start at the first submit
+            futures = {pool.submit(evaluate_case, *task): i for i, task in enumerate(tasks)}
+        for future in as_completed(futures):
+            results[futures[future]] = future.result()
             bar.update(1)
-        pool.close()
-    except BaseException:  # a bad reference (MedsegError), Ctrl-C, SIGTERM
-        pool.terminate()
+    except BaseException:  # a bad reference (MedsegError), Ctrl-C, SIGTERM, a dead worker
+        _end_workers(pool)
         raise
     finally:
-        pool.join()
+        pool.shutdown(wait=True, cancel_futures=True)
     return [r for r in results if r is not None]
 
 
-def _evaluate_numbered(numbered: tuple[int, tuple]) -> tuple[int, CaseScores]:
-    index, task = numbered
-    return index, evaluate_case(*task)
-
+def _end_workers(pool: ProcessPoolExecutor) -> None:
+    """Stop the workers now rather than after their current case (a large one takes
+    seconds). The executor has no public call for it: its process table is read."""
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        with contextlib.suppress(Exception):
+            process.terminate()

@@ -4,6 +4,7 @@ the one way user text files are read."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
 import os
@@ -62,9 +63,15 @@ def atomic_write_texts(files: dict[Path, str]) -> None:
     with contextlib.ExitStack() as temporaries:
         written = {}
         for path, text in files.items():
-            tmp = temporaries.enter_context(_temporary_beside(Path(path)))
-            tmp.write_text(text, encoding="utf-8")
-            written[tmp] = Path(path)
+            path = Path(path)
+            if path.is_dir():  # found before any rename, not between two of them
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+            try:
+                tmp = temporaries.enter_context(_temporary_beside(path))
+                tmp.write_text(text, encoding="utf-8")
+            except OSError as exc:  # named by the file it was for, not its temporary name
+                raise OSError(exc.errno, exc.strerror, str(path)) from exc
+            written[tmp] = path
         with signals_held():
             for tmp, path in written.items():
                 os.replace(tmp, path)

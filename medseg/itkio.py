@@ -63,8 +63,10 @@ def _check_metaimage_data(path: Path, expected: int) -> None:
     file. ITK reads a short file after printing to the console, and inflates compressed data
     without checking zlib's checksum, so a damaged file would be read without a word."""
     fields, data_offset = _metaimage_header(path)
+    if fields.get("BinaryData", "True").lower() != "true":
+        return  # voxels written as text: ITK parses them
     element_file = fields.get("ElementDataFile", "LOCAL")
-    if element_file == "LOCAL":
+    if element_file.upper() == "LOCAL":
         data_path = path
     elif element_file.upper().startswith("LIST") or "%" in element_file:
         return  # one file per slice: ITK checks each
@@ -104,7 +106,7 @@ def _metaimage_header(path: Path) -> tuple[dict[str, str], int]:
 
 def _inflated_size(handle, path: Path) -> int:
     """The size of zlib-compressed data read to its end, with zlib's checksum checked."""
-    inflater = zlib.decompressobj()
+    inflater = zlib.decompressobj(zlib.MAX_WBITS | 32)  # a zlib or a gzip stream, as ITK takes
     size = 0
     try:
         while chunk := handle.read(1 << 22):

@@ -458,16 +458,37 @@ def _one_predictor(output_dir: Path, shard: tuple[int, int]) -> Iterator[None]:
 
 def _lock(held: contextlib.ExitStack, path: Path, mode: int, output_dir: Path, busy: str,
           remove: bool = False) -> None:
+    """Take the lock on `path` for the block. A file unlinked by the run that held it, after
+    this one opened it, is opened again: a lock on it would lock nothing. A filesystem
+    without locks (some network mounts) goes without one."""
+    import errno
     import fcntl
 
-    handle = held.enter_context(path.open("a", encoding="utf-8"))
-    try:
-        fcntl.flock(handle, mode | fcntl.LOCK_NB)
-    except OSError as exc:
-        raise MedsegError(f"{busy}; wait for it to end, or choose another --output",
-                          output_dir) from exc
+    for _ in range(10):
+        handle = path.open("a", encoding="utf-8")
+        try:
+            fcntl.flock(handle, mode | fcntl.LOCK_NB)
+        except OSError as exc:
+            handle.close()
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise MedsegError(f"{busy}; wait for it to end, or choose another --output",
+                                  output_dir) from exc
+            return  # no locks here
+        if _same_file(handle, path):
+            break
+        handle.close()
+    else:
+        return  # unlinked under it again and again: go without
+    held.enter_context(handle)
     if remove:  # before the handle closes, so that no other process has locked it since
         held.callback(path.unlink, missing_ok=True)
+
+
+def _same_file(handle, path: Path) -> bool:
+    try:
+        return os.fstat(handle.fileno()).st_ino == path.stat().st_ino
+    except OSError:
+        return False
 
 
 def _remove_if_unused(path: Path) -> None:

@@ -160,7 +160,8 @@ def write_reports(results: list[CaseScores], out_dir: Path, labels: dict[int, st
     try:
         atomic_write_texts({out_dir / name: text for name, text in files.items()})
     except OSError as exc:
-        raise MedsegError(f"cannot write the reports ({exc.strerror or exc})", out_dir) from exc
+        raise MedsegError(f"cannot write ({exc.strerror or exc})",
+                          exc.filename or out_dir) from exc
     return summary
 
 

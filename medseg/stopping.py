@@ -30,16 +30,20 @@ def install() -> Callable[[], None]:
     _stop = None
     if threading.current_thread() is not threading.main_thread():
         return lambda: None
-    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {signal.SIGINT: _on_interrupt, signal.SIGTERM: _on_terminate}
+    # a signal the process was started ignoring (`cmd &` from a script ignores SIGINT) stays
+    # ignored: the caller chose that
+    previous = {number: signal.getsignal(number) for number in handlers
+                if signal.getsignal(number) != signal.SIG_IGN}
     previous_hook = threading.excepthook
-    signal.signal(signal.SIGINT, _on_interrupt)
-    signal.signal(signal.SIGTERM, _on_terminate)
+    for number in previous:
+        signal.signal(number, handlers[number])
     threading.excepthook = _quiet_after_a_stop(previous_hook)
 
     def restore() -> None:
         global _stop
         for number, handler in previous.items():
-            signal.signal(number, handler)
+            _put_back(number, handler)
         threading.excepthook = previous_hook
         _stop = None
 
@@ -68,8 +72,7 @@ def signals_held() -> Iterator[None]:
         yield
     finally:
         for number, handler in previous.items():
-            # None: a handler set outside Python, which cannot be put back from here
-            signal.signal(number, signal.SIG_DFL if handler is None else handler)
+            _put_back(number, handler)
         if caught:
             _deliver(caught[0], previous[caught[0]])
 
@@ -97,7 +100,13 @@ def interrupts_ignored_by_new_processes() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        _put_back(signal.SIGINT, previous)
+
+
+def _put_back(number: int, handler) -> None:
+    """Restore a handler; None stands for one set outside Python, which cannot be put back
+    from here: the default action is."""
+    signal.signal(number, signal.SIG_DFL if handler is None else handler)
 
 
 def _on_interrupt(signum: int, frame: object) -> None:

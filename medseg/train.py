@@ -13,6 +13,7 @@ import math
 import os
 import pickle
 import re
+import shutil
 import time
 import warnings
 from collections.abc import Iterator
@@ -774,7 +775,15 @@ def restore_best_weights(fold_dir: Path) -> bool:
     path = fold_dir / "checkpoints" / BEST_WEIGHTS
     if path.is_file():
         return False
-    weights = _saved_best_weights(_resume_state(fold_dir / "checkpoints" / TRAIN_STATE))
+    state = _resume_state(fold_dir / "checkpoints" / TRAIN_STATE)
+    weights = _saved_best_weights(state)
+    last = fold_dir / "checkpoints" / LAST_WEIGHTS
+    never_scored = dict(state.get("best", {})).get("mean", -math.inf) == -math.inf
+    if weights is None and never_scored and last.is_file():
+        # no validation scored: best.safetensors held the last weights
+        with atomic_path(path) as tmp:
+            shutil.copyfile(last, tmp)
+        return True
     if weights is None:
         raise MedsegError("missing, and the training state holds no copy of it: train the "
                           "fold again", path)
@@ -826,6 +835,15 @@ def last_metrics_record(path: Path) -> dict:
             continue
         return record
     return {}
+
+
+def last_epoch_recorded(path: Path) -> int | None:
+    """The highest epoch of metrics.jsonl's whole lines (None without one)."""
+    if not path.is_file():
+        return None
+    epochs = [_metrics_epoch(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    finite = [int(epoch) for epoch in epochs if epoch != math.inf]
+    return max(finite, default=None)
 
 
 def _metrics_epoch(line: str) -> float:

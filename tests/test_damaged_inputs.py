@@ -113,9 +113,10 @@ def test_a_dicom_slice_cut_before_its_marker_at_the_end_of_the_series_is_refused
 def test_a_slice_without_a_suffix_cut_short_is_refused_but_a_notes_file_is_not(tmp_path):
     paths = write_series(tmp_path, np.zeros((8, 8, 3), np.int16), axial_positions(3))
     (tmp_path / "README").write_text("series exported by the scanner", encoding="utf-8")
+    (tmp_path / "LOCKFILE").write_bytes(b"")  # as some DICOM CDs carry
     assert read_volume(tmp_path).data.shape == (8, 8, 3)
     cut = tmp_path / "IM0099"
-    cut.write_bytes(b"")  # an empty slice file, named like a slice without a suffix
+    cut.write_bytes(bytes(60))  # a slice without a suffix, cut inside its preamble
     with pytest.raises(MedsegError, match="IM0099: not a DICOM file"):
         read_volume(tmp_path)
     cut.unlink()
@@ -197,3 +198,46 @@ def test_predict_with_every_case_failing_leaves_no_output_folder(tmp_path, train
     assert "pipe.nii.gz: not a regular file" in result.stderr + result.stdout
     assert "failed 2" in result.stdout
     assert not output.exists()
+
+
+def test_valid_metaimage_variants_read_as_itk_reads_them(tmp_path):
+    """A review found the data check refusing files ITK reads: 'ElementDataFile = Local',
+    gzip-framed compressed data, voxels written as text."""
+    import gzip
+    import zlib
+
+    data = noisy((6, 7, 8))
+    whole = metaimage(tmp_path / "z.mha", data).read_bytes()
+    header, _, body = whole.partition(b"ElementDataFile = LOCAL\n")
+    (tmp_path / "local.mha").write_bytes(header + b"ElementDataFile = Local\n" + body)
+    framed = gzip.compress(zlib.decompress(body))
+    header = header.replace(b"CompressedDataSize = %d" % len(body),
+                            b"CompressedDataSize = %d" % len(framed))
+    (tmp_path / "gzip.mha").write_bytes(header + b"ElementDataFile = LOCAL\n" + framed)
+    (tmp_path / "text.mha").write_bytes(
+        b"ObjectType = Image\nNDims = 3\nBinaryData = False\nDimSize = 2 2 2\n"
+        b"ElementType = MET_SHORT\nElementDataFile = LOCAL\n1 2 3 4 5 6 7 8\n")
+    for name in ("local.mha", "gzip.mha"):
+        np.testing.assert_array_equal(read_volume(tmp_path / name, dtype=None).data,
+                                      data.transpose(2, 1, 0))
+    assert read_volume(tmp_path / "text.mha", dtype=None).data.sum() == 36
+
+
+def test_bytes_after_a_whole_nifti_gz_are_ignored_as_gzip_does(tmp_path):
+    data = noisy()
+    raw = nifti(tmp_path / "x.nii.gz", data).read_bytes()
+    (tmp_path / "junk.nii.gz").write_bytes(raw + b"JUNK AFTER THE STREAM")
+    np.testing.assert_array_equal(read_volume(tmp_path / "junk.nii.gz", dtype=None).data, data)
+
+
+def test_a_raw_non_image_data_set_named_dcm_is_skipped_as_before(tmp_path):
+    import pydicom
+    from pydicom.dataset import Dataset
+
+    write_series(tmp_path, np.zeros((8, 8, 3), np.int16), axial_positions(3))
+    report = Dataset()  # a structured report without the Part 10 preamble
+    report.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+    report.SeriesInstanceUID = "1.2.3.4"
+    report.is_little_endian, report.is_implicit_VR = True, True
+    pydicom.dcmwrite(tmp_path / "report.dcm", report, enforce_file_format=False)
+    assert read_volume(tmp_path).data.shape == (8, 8, 3)

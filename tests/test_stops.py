@@ -157,3 +157,47 @@ def test_a_second_predict_into_the_same_folder_is_refused(tmp_path, trained_run,
                      "--output", str(output), "--shard", "0/2"]) == 2
     assert len(list(output.glob("*.nii.gz"))) == 1  # shard 1/2's case
     assert not list(output.glob(f"{PREDICT_LOCK}*"))  # the lock files go with the runs
+
+
+def test_a_signal_the_process_was_started_ignoring_stays_ignored():
+    """`cmd &` from a script starts it ignoring SIGINT; install() made Ctrl-C stop it."""
+    from medseg import stopping
+
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        restore = stopping.install()
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) != signal.SIG_DFL  # handled as before
+        restore()
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_reports_are_not_renamed_at_all_when_one_cannot_be(tmp_path):
+    """report.html a folder: scores.csv and summary.json were replaced, then the error named
+    the output folder."""
+    from medseg.errors import MedsegError
+    from medseg.report import write_reports
+
+    (tmp_path / "scores.csv").write_text("old", encoding="utf-8")
+    (tmp_path / "report.html").mkdir()
+    with pytest.raises(MedsegError, match=r"report\.html: cannot write \(Is a directory\)"):
+        write_reports([], tmp_path)
+    assert (tmp_path / "scores.csv").read_text(encoding="utf-8") == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html", "scores.csv"]
+
+
+@pytest.mark.slow
+def test_predict_goes_on_without_a_lock_where_the_filesystem_has_none(
+        tmp_path, trained_run, phantom_dataset, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(handle, mode) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    assert main(["predict", "--model", str(trained_run), "--input",
+                 str(phantom_dataset / "imagesTs"), "--output", str(tmp_path / "masks")]) == 0
+    assert len(list((tmp_path / "masks").glob("*.nii.gz"))) == 2

@@ -382,7 +382,7 @@ def test_resume_of_a_finished_fold_restores_a_deleted_best_checkpoint(
     capsys.readouterr()
     assert main(["train", "--resume", str(run)]) == 0
     out = capsys.readouterr().out
-    assert "best.safetensors was missing; restored from the training state" in out
+    assert "best.safetensors was missing; written again from the saved weights" in out
     assert "finished already" in out
     assert best.read_bytes() == saved
 
@@ -652,3 +652,16 @@ def test_sigterm_ends_training_like_ctrl_c_and_removes_the_lock(tmp_path, phanto
     assert err.strip().splitlines()[-1] == "medseg: stopped (SIGTERM)"
     assert not (tmp_path / ".run.medseg-lock").exists()
     assert main(["train", "--resume", str(run), "--set", "train.max_minutes=0.00001"]) == 0
+
+
+def test_resume_restores_best_weights_of_a_fold_trained_without_validation(
+        tmp_path, phantom_dataset, capsys):
+    """Its state holds no copy of best.safetensors (the last weights): resume refused it."""
+    run = tmp_path / "run"
+    assert train(run, phantom_dataset, "train.val_max_cases=0") == 0
+    checkpoints = run / "fold_0" / "checkpoints"
+    (checkpoints / "best.safetensors").unlink()
+    assert main(["train", "--resume", str(run)]) == 0
+    assert "best.safetensors was missing; written again" in capsys.readouterr().out
+    assert ((checkpoints / "best.safetensors").read_bytes()
+            == (checkpoints / "last.safetensors").read_bytes())

@@ -238,6 +238,6 @@ def test_a_raw_non_image_data_set_named_dcm_is_skipped_as_before(tmp_path):
     report = Dataset()  # a structured report without the Part 10 preamble
     report.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
     report.SeriesInstanceUID = "1.2.3.4"
-    report.is_little_endian, report.is_implicit_VR = True, True
-    pydicom.dcmwrite(tmp_path / "report.dcm", report, enforce_file_format=False)
+    pydicom.dcmwrite(tmp_path / "report.dcm", report, enforce_file_format=False,
+                     little_endian=True, implicit_vr=True)
     assert read_volume(tmp_path).data.shape == (8, 8, 3)

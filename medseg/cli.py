@@ -255,35 +255,25 @@ def _one_trainer(run_dir: Path, main_rank: bool) -> Iterator[None]:
     """Refuse a second `medseg train` on a run folder that one is training: two would both
     write its checkpoints and metrics. The lock file lies beside the folder (a fresh run
     replaces the folder), and goes when the run ends."""
-    from medseg.fileio import missing_folders
+    from medseg.fileio import hold_lock, missing_folders
 
     try:
         import fcntl
     except ImportError:  # not a POSIX system: no lock
         fcntl = None
     lock = run_dir.parent / f".{run_dir.name}.medseg-lock"
-    handle = None
     # `--out runs/x` in a fresh clone: the lock's folder is made now (and removed again if
     # the run leaves it empty), or a second trainer would not be refused
     made = missing_folders(run_dir.parent) if main_rank else []
-    if main_rank and fcntl is not None:
-        with contextlib.suppress(OSError):  # an unwritable place fails later, naming it
-            run_dir.parent.mkdir(parents=True, exist_ok=True)
-            handle = lock.open("a", encoding="utf-8")
     try:
-        if handle is None:
+        with contextlib.ExitStack() as held:
+            if main_rank and fcntl is not None:
+                with contextlib.suppress(OSError):  # an unwritable place fails later
+                    run_dir.parent.mkdir(parents=True, exist_ok=True)
+                hold_lock(held, lock, fcntl.LOCK_EX, MedsegError(
+                    "another `medseg train` is training this run folder; wait for it to "
+                    "end (or stop it) first", run_dir), remove=True)
             yield
-            return
-        with handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as exc:
-                raise MedsegError("another `medseg train` is training this run folder; wait "
-                                  "for it to end (or stop it) first", run_dir) from exc
-            try:
-                yield
-            finally:
-                lock.unlink(missing_ok=True)
     finally:
         for folder in made:  # innermost first; a run that wrote its folder keeps them
             with contextlib.suppress(OSError):

@@ -167,3 +167,42 @@ def physical_memory() -> int | None:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):  # not a POSIX system
         return None
+
+
+def hold_lock(held: contextlib.ExitStack, path: Path, mode: int, busy: MedsegError,
+              remove: bool = False) -> bool:
+    """Take an flock on `path` (made if missing) until `held` closes; raise `busy` when
+    another process holds it. A file unlinked by the run that held it, after this one opened
+    it, is opened again: a lock on it would lock nothing. A filesystem without locks (some
+    network mounts) goes without one (False). With `remove`, the file is unlinked while
+    still locked, on the way out."""
+    import fcntl
+
+    for _ in range(10):
+        try:
+            handle = path.open("a", encoding="utf-8")
+        except OSError:  # a place this process cannot write: what needs writing fails later
+            return False
+        try:
+            fcntl.flock(handle, mode | fcntl.LOCK_NB)
+        except OSError as exc:
+            handle.close()
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise busy from exc
+            return False
+        if _same_file(handle, path):
+            break
+        handle.close()
+    else:
+        return False  # unlinked under it again and again: go without
+    held.enter_context(handle)
+    if remove:
+        held.callback(path.unlink, missing_ok=True)
+    return True
+
+
+def _same_file(handle, path: Path) -> bool:
+    try:
+        return os.fstat(handle.fileno()).st_ino == path.stat().st_ino
+    except OSError:
+        return False

@@ -7,6 +7,7 @@ mask lies on the input's exact grid (for DICOM, the series' grid in the same pat
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import itertools
 import os
@@ -26,7 +27,7 @@ from tqdm import tqdm
 from medseg.config import PredictConfig, load_workflow
 from medseg.datasets import strip_image_suffix
 from medseg.errors import MedsegError, one_line, unwrap_transform_error
-from medseg.fileio import output_folder, physical_memory
+from medseg.fileio import hold_lock, output_folder, physical_memory
 from medseg.inference import (
     accumulator_bytes,
     axis_maps,
@@ -448,47 +449,14 @@ def _one_predictor(output_dir: Path, shard: tuple[int, int]) -> Iterator[None]:
         # called last, once this process's own locks are gone
         held.callback(_remove_if_unused, folder_lock)
         busy = "another `medseg predict` is writing into this folder"
-        _lock(held, folder_lock, fcntl.LOCK_SH if count > 1 else fcntl.LOCK_EX, output_dir,
-              busy)
+        hold_lock(held, folder_lock, fcntl.LOCK_SH if count > 1 else fcntl.LOCK_EX,
+                  MedsegError(f"{busy}; wait for it to end, or choose another --output",
+                              output_dir))
         if count > 1:
-            _lock(held, output_dir / f"{PREDICT_LOCK}.{index}-of-{count}", fcntl.LOCK_EX,
-                  output_dir, f"{busy} as shard {index}/{count}", remove=True)
+            hold_lock(held, output_dir / f"{PREDICT_LOCK}.{index}-of-{count}", fcntl.LOCK_EX,
+                      MedsegError(f"{busy} as shard {index}/{count}; wait for it to end, or "
+                                  f"choose another --output", output_dir), remove=True)
         yield
-
-
-def _lock(held: contextlib.ExitStack, path: Path, mode: int, output_dir: Path, busy: str,
-          remove: bool = False) -> None:
-    """Take the lock on `path` for the block. A file unlinked by the run that held it, after
-    this one opened it, is opened again: a lock on it would lock nothing. A filesystem
-    without locks (some network mounts) goes without one."""
-    import errno
-    import fcntl
-
-    for _ in range(10):
-        handle = path.open("a", encoding="utf-8")
-        try:
-            fcntl.flock(handle, mode | fcntl.LOCK_NB)
-        except OSError as exc:
-            handle.close()
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise MedsegError(f"{busy}; wait for it to end, or choose another --output",
-                                  output_dir) from exc
-            return  # no locks here
-        if _same_file(handle, path):
-            break
-        handle.close()
-    else:
-        return  # unlinked under it again and again: go without
-    held.enter_context(handle)
-    if remove:  # before the handle closes, so that no other process has locked it since
-        held.callback(path.unlink, missing_ok=True)
-
-
-def _same_file(handle, path: Path) -> bool:
-    try:
-        return os.fstat(handle.fileno()).st_ino == path.stat().st_ino
-    except OSError:
-        return False
 
 
 def _remove_if_unused(path: Path) -> None:
@@ -498,8 +466,9 @@ def _remove_if_unused(path: Path) -> None:
     with path.open("a", encoding="utf-8") as probe:
         try:
             fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            return
+        except OSError as exc:
+            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                return  # held: the last shard to end removes it
         path.unlink(missing_ok=True)
 
 

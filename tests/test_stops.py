@@ -201,3 +201,4 @@ def test_predict_goes_on_without_a_lock_where_the_filesystem_has_none(
     assert main(["predict", "--model", str(trained_run), "--input",
                  str(phantom_dataset / "imagesTs"), "--output", str(tmp_path / "masks")]) == 0
     assert len(list((tmp_path / "masks").glob("*.nii.gz"))) == 2
+    assert not list((tmp_path / "masks").glob(".medseg-predict.lock*"))

@@ -188,8 +188,9 @@ def read_volume(path: str | Path, dtype: type | None = np.float32, series_uid: s
 def refuse_out_of_range(data: np.ndarray, dtype: np.dtype, path: Path) -> None:
     """Refuse floating-point voxels beyond what `dtype` (float32, as training and predict
     read images) can hold: they would become infinite."""
-    if data.dtype.kind != "f" or dtype.kind != "f" or not data.size:
-        return
+    if (data.dtype.kind != "f" or dtype.kind != "f" or data.dtype.itemsize <= dtype.itemsize
+            or not data.size):
+        return  # only a wider float can hold what `dtype` cannot: no pass over the voxels
     largest = float(np.abs(data).max())
     if largest > float(np.finfo(dtype).max):
         raise MedsegError(f"voxel values up to {largest:.3g} are beyond {dtype.name}'s range "

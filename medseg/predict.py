@@ -7,7 +7,6 @@ mask lies on the input's exact grid (for DICOM, the series' grid in the same pat
 from __future__ import annotations
 
 import contextlib
-import errno
 import glob
 import itertools
 import os
@@ -460,16 +459,13 @@ def _one_predictor(output_dir: Path, shard: tuple[int, int]) -> Iterator[None]:
 
 
 def _remove_if_unused(path: Path) -> None:
-    """Remove the folder's lock file unless another shard still holds it."""
+    """Remove the folder's lock file unless another shard still holds it (the last shard to
+    end removes it); where the filesystem has no locks, remove it all the same."""
     import fcntl
 
-    with path.open("a", encoding="utf-8") as probe:
-        try:
-            fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                return  # held: the last shard to end removes it
-        path.unlink(missing_ok=True)
+    with contextlib.ExitStack() as probe, contextlib.suppress(MedsegError):
+        if not hold_lock(probe, path, fcntl.LOCK_EX, MedsegError("held"), remove=True):
+            path.unlink(missing_ok=True)
 
 
 def _outputs_to_write(cases: list[tuple[Path, ...]], output_dir: Path, overwrite: bool

@@ -29,10 +29,10 @@ from medseg.datasets import (
 )
 from medseg.errors import MedsegError
 from medseg.io import (
-    NO_ORIENTATION,
     SHEAR_TOLERANCE_DEGREES,
     Geometry,
     grid_mismatch,
+    header_note,
     orientation_unknown,
     read_geometry,
     read_label_map,
@@ -171,8 +171,9 @@ def _check_grids(case: Case, geometries: dict[Path, Geometry], add) -> None:
     first = case.images[0]
     reference = geometries.get(first)
     for file, geometry in geometries.items():
-        if file in case.images and orientation_unknown(geometry):
-            add(file, NO_ORIENTATION, "warning")
+        note = header_note(geometry)
+        if note and (file in case.images or not orientation_unknown(geometry)):
+            add(file, note, "warning")
         if reference is None or file == first:
             continue
         mismatch = grid_mismatch(geometry, reference)

@@ -357,21 +357,15 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from medseg.io import (
-        NO_ORIENTATION,
-        convert_volume,
-        is_nifti,
-        orientation_unknown,
-        read_geometry,
-    )
+    from medseg.io import convert_volume, header_note, is_nifti, read_geometry
 
     written = convert_volume(Path(args.input), Path(args.output), args.series,
                              args.resample_irregular)
     print(f"wrote {written}")
-    if (is_nifti(args.input) and not is_nifti(written)
-            and orientation_unknown(read_geometry(args.input))):
-        print(f"medseg: note: {args.input}: {NO_ORIENTATION}; {written.name} holds medseg's "
-              f"reading", file=sys.stderr)
+    note = header_note(read_geometry(args.input)) if is_nifti(args.input) else None
+    if note and not is_nifti(written):
+        print(f"medseg: note: {args.input}: {note}; {written.name} holds medseg's reading",
+              file=sys.stderr)
     return 0
 
 

@@ -64,6 +64,26 @@ NO_ORIENTATION = ("its NIfTI header gives no orientation (qform and sform codes 
                   "posterior swapped; check which is right")
 
 
+def header_note(geometry: Geometry) -> str | None:
+    """What a reader of this NIfTI header should be told before trusting where medseg puts
+    it: no orientation at all, or a qform and an sform that place the voxels differently
+    (medseg, nibabel and MONAI read the sform; ITK tools may read the qform, so the scan and
+    its mask would lie elsewhere there). None for any other header."""
+    if orientation_unknown(geometry):
+        return NO_ORIENTATION
+    header = geometry.nifti_header
+    if header is None or int(header["qform_code"]) == 0 or int(header["sform_code"]) == 0:
+        return None
+    corners = np.array([[0, 0, 0, 1]] + [[*(np.asarray(geometry.shape) - 1) * axis, 1]
+                                         for axis in np.eye(3)], dtype=float).T
+    apart = float(np.abs((header.get_qform() - header.get_sform()) @ corners).max())
+    if apart <= GRID_TOLERANCE_MM:
+        return None
+    return (f"its NIfTI qform and sform place the voxels up to {apart:.3g} mm apart: medseg "
+            f"reads the sform, as nibabel and MONAI do, ITK tools (SimpleITK, 3D Slicer, "
+            f"ITK-SNAP) may read the qform; check which is right")
+
+
 def orientation_unknown(geometry: Geometry) -> bool:
     """A NIfTI header whose qform and sform codes are both 0 (ANALYZE-style)."""
     header = geometry.nifti_header
@@ -197,7 +217,10 @@ def refuse_out_of_range(data: np.ndarray, dtype: np.dtype, path: Path) -> None:
                           f"(±{float(np.finfo(dtype).max):.3g})", path)
 
 
-SHEAR_TOLERANCE_DEGREES = 0.01
+# DICOM writers that round direction cosines to 3 decimals shear the axes by up to 0.1
+# degrees; 0.2 degrees changes a distance or volume in mm by under 0.4 %, and predict maps
+# voxels by index, so the mask lies on the scan's grid whatever its shear
+SHEAR_TOLERANCE_DEGREES = 0.2
 
 
 def shear_degrees(geometry: Geometry) -> float:
@@ -469,14 +492,22 @@ def _nifti_image(data: np.ndarray, geometry: Geometry, label_map: bool) -> nib.N
 
 
 def _check_raw_spacing(path: Path, header_class: type[nib.Nifti1Header]) -> None:
-    """nibabel quietly turns a zero pixdim into 1 on load; a zero or NaN spacing in the
-    file is refused instead when the affine depends on it (no sform). `header_class` is the
-    loaded image's (NIfTI-1 or NIfTI-2: their layouts differ)."""
+    """nibabel quietly turns a zero pixdim into 1, and a negative one positive, on load: a
+    negative spacing in a qform, and a zero or NaN one when the affine depends on it (no
+    sform), are refused instead. `header_class` is the loaded image's (NIfTI-1 or NIfTI-2:
+    their layouts differ)."""
     with nib.openers.ImageOpener(str(path)) as handle:
         raw = header_class.from_fileobj(handle, check=False)
+    pixdim = np.asarray(raw["pixdim"][1:4], dtype=float)
+    if int(raw["qform_code"]) > 0 and np.any(pixdim < 0):
+        # nibabel loads the qform with the spacing's absolute value, ITK with its sign: the
+        # scan would lie mirrored in one of them, and so would its mask
+        stored = [float(f"{v:.6g}") for v in pixdim]
+        raise MedsegError(f"voxel spacing (pixdim) {stored} is negative: nibabel and "
+                          f"MONAI read this qform with the spacing made positive, ITK tools "
+                          f"(SimpleITK, 3D Slicer) mirror that axis; fix the header", path)
     if int(raw["sform_code"]) > 0:
         return
-    pixdim = np.asarray(raw["pixdim"][1:4], dtype=float)
     if not np.all(np.isfinite(pixdim)) or np.any(pixdim <= 0):
         raise MedsegError(f"voxel spacing {pixdim.tolist()} is zero, negative or NaN", path)
 

@@ -37,11 +37,10 @@ from medseg.inference import (
 )
 from medseg.io import (
     MAX_VOXELS,
-    NO_ORIENTATION,
     VOLUME_SUFFIXES,
     Geometry,
     Volume,
-    orientation_unknown,
+    header_note,
     read_volume,
     refuse_sheared_axes,
     write_mask,
@@ -336,8 +335,9 @@ def prepare_case(plan: Plan, volume: Volume | Path | list[Volume | Path],
                                                             resample_irregular)
                 for c in channels]
     geometry = channels[0].geometry
-    if orientation_unknown(geometry):  # the model may see front and back swapped
-        tqdm.write(f"medseg: note: {channels[0].path}: {NO_ORIENTATION}", file=sys.stderr)
+    note = header_note(geometry)  # the model may see front and back swapped
+    if note:
+        tqdm.write(f"medseg: note: {channels[0].path}: {note}", file=sys.stderr)
     refuse_sheared_axes(geometry, channels[0].path, "and the mask goes back onto the input "
                         "grid by permuting, flipping and scaling axes")
     _refuse_huge_network_grid(geometry, plan, channels[0].path)

@@ -159,7 +159,7 @@ def test_axes_a_rounding_error_off_a_right_angle_are_mapped_others_refused():
     sheared[0, 2] = 9e-5  # the 3 mm slice axis leans towards x
     maps = axis_maps(affine(sheared @ np.diag([1.0, 1.0, 3.0])), network, (32, 32, 20))
     assert [(m.input_axis, m.network_axis) for m in maps] == [(0, 0), (1, 1), (2, 2)]
-    # 0.01 degrees (predict's shear limit) over a long CT: 1000 slices of 1.5 mm onto 0.8 mm
+    # 0.01 degrees over a long CT: 1000 slices of 1.5 mm onto 0.8 mm
     sheared[0, 2] = np.sin(np.deg2rad(0.01))
     axis_maps(affine(sheared @ np.diag([0.8, 0.8, 1.5])), affine(np.diag([0.8] * 3)),
               (512, 512, 1000))

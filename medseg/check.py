@@ -102,6 +102,9 @@ def check_dataset(path: str | Path, layout: str = "auto") -> CheckReport:
     # a label without its image: training leaves it out, so it deserves a look, no more
     problems += [Problem("warning", _name_of(file), file, reason)
                  for file, reason in listing.orphans if is_spare_label(file)]
+    if listing.count_mismatch:
+        problems.append(Problem(listing.count_mismatch[0], "-", listing.description,
+                                listing.count_mismatch[1]))
     if not dataset.cases:
         problems.append(Problem("error", "-", listing.description or dataset.root,
                                 "the dataset lists no cases: training would refuse it"))

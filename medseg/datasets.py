@@ -23,6 +23,10 @@ from medseg.fileio import read_user_text
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 LAYOUTS = ("msd", "nnunet", "folders", "csv")
 CSV_NAME = "dataset.csv"
+# a channel's modality decides its normalization: CT and MR as medseg plans them, and
+# nnU-Net's channel names that ask for none or for a fixed rescaling
+MODALITIES = ("CT", "MR", "noNorm", "rescale_to_0_1", "rgb_to_0_1")
+_NORMALIZING_NAMES = {m.casefold(): m for m in MODALITIES if m != "MR"}
 CSV_RESERVED = ("case", "label")
 # keys of an MSD or nnU-Net dataset.json other than its label table
 DESCRIPTION_KEYS = {"training", "channel_names", "modality", "file_ending", "numTraining"}
@@ -46,7 +50,7 @@ class Dataset:
     root: Path
     cases: tuple[Case, ...]
     labels: dict[int, str]
-    modalities: tuple[str, ...]  # one per channel: "CT" or "MR"
+    modalities: tuple[str, ...]  # one per channel: one of MODALITIES
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,8 @@ class Listing:
     description: Path | None  # dataset.json or the CSV file; None for folder pairs
     orphans: tuple[tuple[Path, str], ...] = ()
     clashes: tuple[tuple[Path, str], ...] = ()  # two files of one case (`a.nii`, `a.nii.gz`)
+    # the description's numTraining against the cases found: (severity, message) or None
+    count_mismatch: tuple[str, str] | None = None
 
 
 def load_dataset(
@@ -266,6 +272,8 @@ def _require_files(listing: Listing) -> None:
                                   f"{_nnunet_v1_hint(listing, path)}", where)
     for path, reason in listing.clashes:
         raise MedsegError(reason, path)
+    if listing.count_mismatch and listing.count_mismatch[0] == "error":
+        raise MedsegError(listing.count_mismatch[1], listing.description)
     for path, reason in listing.orphans:
         if not is_spare_label(path):  # a spare label is only reported
             raise MedsegError(reason, path)
@@ -309,10 +317,10 @@ def _detect_layout(root: Path) -> str:
         if "training" not in data:
             return "nnunet"
         return "nnunet" if _nnunet_v1_files(root, data["training"]) else "msd"
+    if (root / CSV_NAME).is_file():  # it says more than the folders do (channels, names)
+        return "csv"
     if (root / "images").is_dir() and (root / "labels").is_dir():
         return "folders"
-    if (root / CSV_NAME).is_file():
-        return "csv"
     raise MedsegError(f"no dataset.json, no images/ + labels/ folders and no {CSV_NAME}", root)
 
 
@@ -363,7 +371,9 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
 
 
 def _modality_name(text: str) -> str:
-    return "CT" if str(text).strip().upper() == "CT" else "MR"
+    """nnU-Net's channel names that choose a normalization (in any case); any other name
+    (MRI, T2, FLAIR, zscore, ...) is a z-scored MR channel."""
+    return _NORMALIZING_NAMES.get(str(text).strip().casefold(), "MR")
 
 
 def _listed(root: Path, entry: object, description: Path) -> Path:
@@ -399,7 +409,10 @@ def _list_msd(root: Path) -> Listing:
                           f"images are not split into channels yet; list one file per channel "
                           f"with the CSV or nnU-Net layout", description)
     dataset = Dataset(root, tuple(cases), label_names_from_json(description), modalities)
-    return Listing(dataset, "msd", description)
+    # MSD's own tools never check it, and a trimmed 'training' list is a dataset too
+    mismatch = _count_mismatch(data, len(cases), "'training' lists")
+    return Listing(dataset, "msd", description,
+                   count_mismatch=("warning", mismatch) if mismatch else None)
 
 
 def _list_nnunet(root: Path) -> Listing:
@@ -409,6 +422,9 @@ def _list_nnunet(root: Path) -> Listing:
     if not isinstance(channels, dict):
         raise MedsegError("'channel_names' is missing", description)
     ending = str(data.get("file_ending", ".nii.gz"))
+    if not ending.startswith("."):
+        raise MedsegError(f"'file_ending' must start with a dot ('.{ending}'), not {ending!r}",
+                          description)
     channel_ids = _channel_numbers(channels, "channel_names", description)
     _refuse_unmatched_ending(root / "labelsTr", ending, description)
     cases = []
@@ -420,7 +436,33 @@ def _list_nnunet(root: Path) -> Listing:
                              [int(k) for k in channel_ids])
     modalities = tuple(_modality_name(channels[k]) for k in channel_ids)
     dataset = Dataset(root, tuple(cases), label_names_from_json(description), modalities)
-    return Listing(dataset, "nnunet", description, orphans)
+    # nnU-Net refuses it too: a case whose files lost their file_ending would drop out
+    mismatch = _count_mismatch(data, len(cases), f"labelsTr holds {ending} labels for")
+    orphans += _off_ending(root / "labelsTr", ending)
+    return Listing(dataset, "nnunet", description, orphans,
+                   count_mismatch=("error", mismatch) if mismatch else None)
+
+
+def _count_mismatch(data: dict, found: int, where: str) -> str | None:
+    """Why dataset.json's numTraining does not count the cases found, or None."""
+    if "numTraining" not in data:
+        return None
+    stated = data["numTraining"]
+    if isinstance(stated, bool) or not isinstance(stated, int):
+        return f"'numTraining' must be a whole number, not {json.dumps(stated)}"
+    if stated != found:
+        return f"'numTraining' is {stated}, but {where} {found} cases"
+    return None
+
+
+def _off_ending(folder: Path, ending: str) -> tuple[tuple[Path, str], ...]:
+    """Volume files of a folder named with another ending than dataset.json's file_ending:
+    no case reads them."""
+    if not folder.is_dir():
+        return ()
+    return tuple((path, f"not of dataset.json's file_ending {ending!r}, so no case reads it")
+                 for path in _visible(sorted(folder.iterdir()))
+                 if path.name.lower().endswith(IMAGE_SUFFIXES) and not path.name.endswith(ending))
 
 
 def _nnunet_strays(images_folder: Path, ending: str, labelled: set[str],
@@ -430,6 +472,7 @@ def _nnunet_strays(images_folder: Path, ending: str, labelled: set[str],
     a name not of nnU-Net's CASE_XXXX form."""
     strays = []
     listed = ", ".join(f"{c:04d}" for c in channels)
+    strays += _off_ending(images_folder, ending)
     for image in _visible(sorted(images_folder.glob(f"*{ending}"))):
         stem = image.name[: -len(ending)]
         case, _, channel = stem.rpartition("_")

@@ -7,6 +7,7 @@ saved as JSON in the run folder so a person can read them and later stages reuse
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import re
@@ -18,11 +19,18 @@ import numpy as np
 from tqdm import tqdm
 
 from medseg.config import NETWORK_NAMES, PlanConfig
-from medseg.datasets import Dataset, id_past_a_gap, label_id_problem, label_name_problem
+from medseg.datasets import (
+    MODALITIES,
+    Dataset,
+    id_past_a_gap,
+    label_id_problem,
+    label_name_problem,
+)
 from medseg.errors import MedsegError
 from medseg.fileio import atomic_write_json
 from medseg.io import (
     MAX_VOXELS,
+    Geometry,
     Volume,
     grid_mismatch,
     on_grid_of,
@@ -94,18 +102,23 @@ def fingerprint(dataset: Dataset, seed: int = 0, progress: bool = True) -> Finge
     spacings, shapes, class_voxels = [], [], {}
     holder: dict[int, Path] = {}  # the first label file that holds each id
     samples: list[list[np.ndarray]] = [[] for _ in dataset.modalities]
+    first_with_voxels: dict[str, str] = {}
     for case in tqdm(dataset.cases, desc="fingerprint", unit="case", leave=False,
                      disable=not progress):
         label = read_label_map(case.label) if case.label else None
+        digest = hashlib.sha256()
         for channel, image_path in enumerate(case.images):
             image = read_volume(image_path)
+            digest.update(str(image.data.shape).encode() + _contiguous_bytes(image.data))
             if channel == 0:
                 label = _label_on_grid(image, label) if label is not None else None
                 spacings.append(_ras_ordered(image.affine, image.spacing))
                 shapes.append(_ras_ordered(image.affine, image.spatial_shape))
-            elif label is not None:
-                _check_same_grid(image, label)
+                first = (image.path, image.geometry)  # not its voxels: memory
+            else:  # the label lies on channel 0's grid already
+                _check_channel_grid(image, first)
             _sample_intensities(image, label, rng, samples[channel])
+        _refuse_duplicate(first_with_voxels, digest.hexdigest(), case)
         if label is not None:
             _check_label_values(label, dataset.labels)
             _count_classes(label, class_voxels)
@@ -136,6 +149,20 @@ def _sample_intensities(image: Volume, label: Volume | None, rng: np.random.Gene
     if values.size:
         take = min(SAMPLES_PER_CASE, values.size)
         samples.append(rng.choice(values, size=take, replace=False))
+
+
+def _contiguous_bytes(data: np.ndarray) -> memoryview:
+    return memoryview(np.ascontiguousarray(data)).cast("B")
+
+
+def _refuse_duplicate(first_with_voxels: dict[str, str], digest: str, case) -> None:
+    """The same voxels in every channel as an earlier case (`medseg check`'s duplicate case):
+    one copy could be trained on and the other validated on."""
+    first = first_with_voxels.setdefault(digest, case.name)
+    if first != case.name:
+        raise MedsegError(f"same voxels as case {first} in every channel: a duplicate case "
+                          f"(one copy could be trained on and the other validated on); "
+                          f"remove one", case.images[0])
 
 
 def _count_classes(label: Volume, class_voxels: dict[int, int]) -> None:
@@ -178,6 +205,7 @@ def make_plan(fp: Fingerprint, config: PlanConfig) -> Plan:
         kernels, strides = kernels_and_strides(patch, spacing)
         patch = list(patch)
     _check_patch(patch, strides)
+    _refuse_huge_patch(patch, config)
     _check_network(config.network, strides)
     # SegResNetDS doubles its width at every level with no cap: the plan says what is built
     cap = config.max_filters if config.network == "dynunet" else math.inf
@@ -307,11 +335,13 @@ _PLAN_KEYS = {  # key -> (check, what it must be); mirror_axes, res_block, netwo
     "labels": (lambda v: isinstance(v, dict) and v
                and all(_WHOLE.fullmatch(str(k)) and isinstance(n, str) for k, n in v.items()),
                "a mapping of label ids to names"),
-    "modalities": (lambda v: isinstance(v, list) and all(m in ("CT", "MR") for m in v),
-                   "a list of 'CT' or 'MR', one per channel"),
+    "modalities": (lambda v: isinstance(v, list) and all(m in MODALITIES for m in v),
+                   f"a list of {', '.join(map(repr, MODALITIES))}, one per channel"),
     "normalization": (lambda v: isinstance(v, list) and all(map(_valid_normalization, v)),
-                      "a list of {'scheme': 'zscore_nonzero'} or {'scheme': 'ct', 'clip': "
-                      "[low, high], 'mean': m, 'std': s > 0}, one per channel"),
+                      "a list of {'scheme': 'zscore_nonzero'}, {'scheme': 'ct', 'clip': "
+                      "[low, high], 'mean': m, 'std': s > 0}, {'scheme': 'none'}, "
+                      "{'scheme': 'rescale_to_0_1'} or {'scheme': 'rgb_to_0_1'}, one per "
+                      "channel"),
     "mirror_axes": (lambda v: isinstance(v, list) and len(set(v)) == len(v)
                     and all(_is_int(a, low=0) and a <= 2 for a in v),
                     "a list of distinct axes among 0, 1, 2"),
@@ -324,7 +354,7 @@ _WHOLE = re.compile(r"0|[1-9][0-9]*")
 def _valid_normalization(norm) -> bool:
     if not isinstance(norm, dict):
         return False
-    if norm.get("scheme") == "zscore_nonzero":
+    if norm.get("scheme") in FIXED_SCHEMES.values():
         return True
     clip = norm.get("clip")
     return (norm.get("scheme") == "ct" and isinstance(clip, list) and len(clip) == 2
@@ -381,11 +411,16 @@ def save_fingerprint(fp: Fingerprint, path: Path) -> None:
     atomic_write_json(path, data)
 
 
+# the normalization of every modality but CT, whose scheme holds the dataset's statistics
+FIXED_SCHEMES = {"MR": "zscore_nonzero", "noNorm": "none", "rescale_to_0_1": "rescale_to_0_1",
+                 "rgb_to_0_1": "rgb_to_0_1"}
+
+
 def _normalization(modality: str, stats: dict[str, float]) -> dict:
     if modality == "CT":
         return {"scheme": "ct", "clip": [stats["p00_5"], stats["p99_5"]],
                 "mean": stats["mean"], "std": stats["std"]}
-    return {"scheme": "zscore_nonzero"}
+    return {"scheme": FIXED_SCHEMES[modality]}
 
 
 def _intensity_stats(values: np.ndarray) -> dict[str, float]:
@@ -428,6 +463,18 @@ def _check_patch(patch: list[int], strides: list[list[int]]) -> None:
                           f"down-sampling {[int(f) for f in factors]}; try {good}")
 
 
+def _refuse_huge_patch(patch: list[int], config: PlanConfig) -> None:
+    """A batch of patches beyond 2^31 voxels asks for hundreds of GB of activations: refuse
+    it naming the key, before the run folder is trained into (torch's own error is a
+    failed allocation of so many bytes)."""
+    voxels = math.prod(patch) * config.batch_size
+    if voxels > MAX_VOXELS:
+        raise MedsegError(f"plan.patch_size {patch} (batch {config.batch_size}) makes "
+                          f"{voxels:.3g} voxels per training step, beyond 2^31: the planned "
+                          f"patch holds at most plan.max_patch_voxels "
+                          f"({config.max_patch_voxels})")
+
+
 def _check_network(network: str, strides: list[list[int]]) -> None:
     """SegResNetDS halves every axis at every level; the plan's strides must too."""
     if network == "segresnet" and any(2 ** (len(strides) - 1) != f
@@ -442,6 +489,13 @@ def _check_same_grid(image, label) -> None:
     if mismatch:
         raise MedsegError(f"label {label.path.name} is not on the image's grid: {mismatch}",
                           image.path)
+
+
+def _check_channel_grid(image, first: tuple[Path, Geometry]) -> None:
+    mismatch = grid_mismatch(image.geometry, first[1])
+    if mismatch:
+        raise MedsegError(f"not on the grid of {first[0].name}, the case's first channel: "
+                          f"{mismatch}", image.path)
 
 
 def _label_on_grid(image, label):

@@ -157,4 +157,11 @@ def _normalize(key: str, norm: dict) -> mt.MapTransform:
                                            b_max=constant, clip=True)
         return mt.ScaleIntensityRanged(key, a_min=low, a_max=high, b_min=(low - mean) / std,
                                        b_max=(high - mean) / std, clip=True)
+    if norm["scheme"] == "none":  # nnU-Net's noNorm: a mask or a map already scaled
+        return mt.Identityd(key)
+    if norm["scheme"] == "rescale_to_0_1":  # each image's own minimum and maximum
+        return mt.ScaleIntensityd(key, minv=0.0, maxv=1.0)
+    if norm["scheme"] == "rgb_to_0_1":
+        return mt.ScaleIntensityRanged(key, a_min=0.0, a_max=255.0, b_min=0.0, b_max=1.0,
+                                       clip=True)
     return mt.NormalizeIntensityd(key, nonzero=True)

@@ -1,0 +1,142 @@
+"""What a layouts-and-planning trial found: a dataset.csv beside images/ + labels/ was
+ignored (its further channels dropped), nnU-Net's numTraining was never checked and a case
+whose files lost the file_ending vanished, nnU-Net's noNorm / rescale_to_0_1 channels were
+z-scored (a 0/1 mask became all zeros), train took a duplicate case that check calls an
+error, a channel off its case's grid was blamed on the label, and a huge plan.patch_size
+crashed in an allocation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from helpers import synthetic_fingerprint
+from test_multichannel import write_two_channel_dataset
+
+from medseg.check import check_dataset
+from medseg.config import PlanConfig
+from medseg.datasets import list_dataset, load_dataset
+from medseg.errors import MedsegError
+from medseg.plan import Plan, fingerprint, make_plan
+from medseg.transforms import IMAGE, case_dict, preprocessing
+
+
+def test_auto_layout_reads_a_dataset_csv_before_the_folders(tmp_path):
+    for folder in ("images", "t2", "labels"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "c0.nii.gz").write_bytes(b"x")
+    (tmp_path / "dataset.csv").write_text("image,t2,label\nimages/c0.nii.gz,t2/c0.nii.gz,"
+                                          "labels/c0.nii.gz\n", encoding="utf-8")
+    listing = list_dataset(tmp_path)
+    assert listing.layout == "csv" and len(listing.dataset.cases[0].images) == 2
+    assert list_dataset(tmp_path, "folders").layout == "folders"  # still there when asked
+
+
+def test_nnunet_num_training_is_checked(tmp_path):
+    write_two_channel_dataset(tmp_path, n_cases=3)
+    description = json.loads((tmp_path / "dataset.json").read_text(encoding="utf-8"))
+    description["numTraining"] = 4
+    (tmp_path / "dataset.json").write_text(json.dumps(description), encoding="utf-8")
+    message = "'numTraining' is 4, but labelsTr holds .nii.gz labels for 3 cases"
+    with pytest.raises(MedsegError, match=f"dataset.json: {message}"):
+        load_dataset(tmp_path)
+    rows = [(p.severity, p.message) for p in check_dataset(tmp_path).problems]
+    assert ("error", message) in rows
+
+
+def test_an_nnunet_case_whose_files_lost_the_file_ending_is_named(tmp_path):
+    write_two_channel_dataset(tmp_path, n_cases=3)
+    for path in [*tmp_path.glob("imagesTr/case2_*.nii.gz"), tmp_path / "labelsTr/case2.nii.gz"]:
+        nib.save(nib.load(path), str(path).removesuffix(".gz"))
+        path.unlink()
+    with pytest.raises(MedsegError, match="'numTraining' is 3, but labelsTr holds .nii.gz "
+                                          "labels for 2 cases"):
+        load_dataset(tmp_path)
+    rows = {(p.severity, p.file.name) for p in check_dataset(tmp_path).problems
+            if "not of dataset.json's file_ending '.nii.gz'" in p.message}
+    assert rows == {("error", "case2_0000.nii"), ("error", "case2_0001.nii"),
+                    ("warning", "case2.nii")}
+
+
+def test_an_msd_num_training_off_its_list_is_only_a_warning(phantom_dataset, tmp_path):
+    root = tmp_path / "msd"
+    shutil.copytree(phantom_dataset, root)
+    description = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
+    description["numTraining"] = 99
+    (root / "dataset.json").write_text(json.dumps(description), encoding="utf-8")
+    assert len(load_dataset(root).cases) == 6
+    rows = [(p.severity, p.message) for p in check_dataset(root).problems]
+    assert ("warning", "'numTraining' is 99, but 'training' lists 6 cases") in rows
+
+
+def test_nnunet_channel_names_choose_the_normalization(tmp_path):
+    write_two_channel_dataset(tmp_path, n_cases=2)
+    description = json.loads((tmp_path / "dataset.json").read_text(encoding="utf-8"))
+    assert load_dataset(tmp_path).modalities == ("CT", "MR")
+    description["channel_names"] = {"0": "rescale_to_0_1", "1": "noNorm"}
+    (tmp_path / "dataset.json").write_text(json.dumps(description), encoding="utf-8")
+    assert load_dataset(tmp_path).modalities == ("rescale_to_0_1", "noNorm")
+    single = synthetic_fingerprint([[1.0, 1.0, 1.0]], [[32, 32, 32]])
+    fp = dataclasses.replace(single, modalities=["noNorm", "rescale_to_0_1"],
+                             intensity=single.intensity * 2)
+    plan = make_plan(fp, PlanConfig())
+    assert plan.normalization == [{"scheme": "none"}, {"scheme": "rescale_to_0_1"}]
+    assert Plan.from_json(json.loads(json.dumps(plan.to_json()))) == plan
+    mask = np.zeros((8, 8, 8), np.float32)
+    mask[2:5, 2:5, 2:5] = 1.0  # z-scored over its nonzero voxels, it became all zeros
+    for channel in range(2):
+        nib.save(nib.Nifti1Image(mask * 7.0 if channel else mask + 3.0, np.eye(4)),
+                 str(tmp_path / f"c{channel}.nii.gz"))
+    plan = Plan(**{**plan.to_json(), "target_spacing": [1.0, 1.0, 1.0]})
+    image = preprocessing(plan, with_label=False)(case_dict([tmp_path / "c1.nii.gz",
+                                                             tmp_path / "c0.nii.gz"]))[IMAGE]
+    assert torch.equal(torch.unique(image[0]), torch.tensor([0.0, 7.0]))  # noNorm: as is
+    assert torch.equal(torch.unique(image[1]), torch.tensor([0.0, 1.0]))  # 3..4 -> 0..1
+
+
+def test_training_refuses_a_duplicate_case_naming_it(tmp_path):
+    write_two_channel_dataset(tmp_path, n_cases=3)
+    for channel in (0, 1):
+        shutil.copy(tmp_path / f"imagesTr/case0_{channel:04d}.nii.gz",
+                    tmp_path / f"imagesTr/case3_{channel:04d}.nii.gz")
+    shutil.copy(tmp_path / "labelsTr/case0.nii.gz", tmp_path / "labelsTr/case3.nii.gz")
+    description = json.loads((tmp_path / "dataset.json").read_text(encoding="utf-8"))
+    (tmp_path / "dataset.json").write_text(json.dumps({**description, "numTraining": 4}),
+                                           encoding="utf-8")
+    with pytest.raises(MedsegError, match=r"case3_0000.nii.gz: same voxels as case case0 in "
+                                          r"every channel: a duplicate case"):
+        fingerprint(load_dataset(tmp_path), progress=False)
+
+
+def test_a_channel_off_its_cases_grid_is_named_against_channel_0(tmp_path):
+    write_two_channel_dataset(tmp_path, n_cases=2)
+    path = tmp_path / "imagesTr" / "case1_0001.nii.gz"
+    image = nib.load(path)
+    moved = image.affine.copy()
+    moved[2, 2] *= 1.5
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj), moved), str(path))
+    with pytest.raises(MedsegError, match=r"case1_0001.nii.gz: not on the grid of "
+                                          r"case1_0000.nii.gz, the case's first channel"):
+        fingerprint(load_dataset(tmp_path), progress=False)
+
+
+def test_a_patch_beyond_2_to_the_31_voxels_is_refused_naming_the_key():
+    fp = synthetic_fingerprint([[1.0, 1.0, 1.0]], [[64, 64, 64]])
+    with pytest.raises(MedsegError, match=r"plan.patch_size \[4000, 4000, 4000\] \(batch 2\) "
+                                          r"makes 1.28e\+11 voxels per training step"):
+        make_plan(fp, PlanConfig(patch_size=[4000, 4000, 4000]))
+
+
+def test_a_file_ending_without_its_dot_is_named(tmp_path):
+    write_two_channel_dataset(tmp_path, n_cases=2)
+    description = json.loads((tmp_path / "dataset.json").read_text(encoding="utf-8"))
+    (tmp_path / "dataset.json").write_text(json.dumps({**description, "file_ending": "nii.gz"}),
+                                           encoding="utf-8")
+    with pytest.raises(MedsegError, match=r"dataset.json: 'file_ending' must start with a dot "
+                                          r"\('.nii.gz'\), not 'nii.gz'"):
+        load_dataset(tmp_path)

@@ -335,10 +335,24 @@ def load_nifti(path: str | Path) -> nib.Nifti1Image:
     try:
         image = _open_nifti(path)
     except Exception as exc:  # nibabel raises many types for broken headers
-        raise MedsegError(f"not a readable NIfTI file ({exc})", path) from exc
+        why = _compression_misnamed(path) or f"not a readable NIfTI file ({exc})"
+        raise MedsegError(why, path) from exc
     _check_header(image, path)
     _check_raw_spacing(path, type(image.header))
     return image
+
+
+def _compression_misnamed(path: Path) -> str | None:
+    """A NIfTI whose name and compression disagree (nibabel's own message says only that it
+    cannot tell the file's type, or that it is not a gzip file)."""
+    with open(path, "rb") as stream:
+        gzipped = stream.read(2) == b"\x1f\x8b"
+    named_gz = path.name.lower().endswith(".gz")
+    if gzipped and not named_gz:
+        return f"gzip-compressed data in a file named {path.suffix}: rename it {path.name}.gz"
+    if named_gz and not gzipped:
+        return "not gzip-compressed, although named .gz: rename it without the .gz"
+    return None
 
 
 def _open_nifti(path: Path) -> nib.Nifti1Image:

@@ -122,3 +122,17 @@ def test_a_shear_from_cosines_rounded_to_three_decimals_is_accepted(tmp_path):
              str(tmp_path / "b.nii.gz"))
     with pytest.raises(MedsegError, match=r"b.nii.gz: the voxel axes are sheared \(up to 0.50"):
         refuse_sheared_axes(read_geometry(tmp_path / "b.nii.gz"), tmp_path / "b.nii.gz", "why")
+
+
+def test_a_nifti_named_against_its_compression_says_how_to_rename_it(tmp_path):
+    image = nib.Nifti1Image(np.zeros((4, 4, 4), np.int16), np.eye(4))
+    nib.save(image, str(tmp_path / "a.nii.gz"))
+    (tmp_path / "a.nii.gz").rename(tmp_path / "gzipped.nii")
+    with pytest.raises(MedsegError, match=r"gzipped.nii: gzip-compressed data in a file named "
+                                          r"\.nii: rename it gzipped\.nii\.gz"):
+        read_volume(tmp_path / "gzipped.nii")
+    nib.save(image, str(tmp_path / "b.nii"))
+    (tmp_path / "b.nii").rename(tmp_path / "plain.nii.gz")
+    with pytest.raises(MedsegError, match=r"plain.nii.gz: not gzip-compressed, although named "
+                                          r"\.gz"):
+        read_volume(tmp_path / "plain.nii.gz")

@@ -154,7 +154,8 @@ def _existing_files(files: list[Path], case: Case, root: Path, layout: str, add
                       "break it)", "warning")
     missing = [file for file in files if not file.exists()]
     for file in missing:
-        add(file, "label missing" if file == case.label else "image missing")
+        add(file, ("label missing" if file == case.label else "image missing")
+            + (": a link to a file that is not there" if file.is_symlink() else ""))
     return [file for file in files if file not in missing]
 
 

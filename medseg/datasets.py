@@ -268,7 +268,8 @@ def _require_files(listing: Listing) -> None:
         for path in (*case.images, case.label):
             if path is not None and not path.exists():
                 where = listing.description or path
-                raise MedsegError(f"listed in {where.name} but missing: {path}"
+                link = " (a link to a file that is not there)" if path.is_symlink() else ""
+                raise MedsegError(f"listed in {where.name} but missing: {path}{link}"
                                   f"{_nnunet_v1_hint(listing, path)}", where)
     for path, reason in listing.clashes:
         raise MedsegError(reason, path)

@@ -140,3 +140,16 @@ def test_a_file_ending_without_its_dot_is_named(tmp_path):
     with pytest.raises(MedsegError, match=r"dataset.json: 'file_ending' must start with a dot "
                                           r"\('.nii.gz'\), not 'nii.gz'"):
         load_dataset(tmp_path)
+
+
+def test_a_link_to_nowhere_is_named_as_one(phantom_dataset, tmp_path):
+    root = tmp_path / "msd"
+    shutil.copytree(phantom_dataset, root)
+    label = root / "labelsTr" / "phantom_001.nii.gz"
+    label.unlink()
+    label.symlink_to(tmp_path / "elsewhere.nii.gz")
+    with pytest.raises(MedsegError, match=r"missing: .*phantom_001.nii.gz \(a link to a file "
+                                          r"that is not there\)"):
+        load_dataset(root)
+    rows = [p.message for p in check_dataset(root).problems if p.file == label]
+    assert rows == ["label missing: a link to a file that is not there"]

@@ -14,6 +14,7 @@ import math
 import os
 import random
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -549,7 +550,9 @@ def _volumes_by_name(folder: Path) -> tuple[dict[str, Path], list[tuple[Path, st
         if path.name.startswith("."):
             continue
         if path.is_dir() or path.name.lower().endswith(IMAGE_SUFFIXES):
-            name = strip_image_suffix(path.name)
+            # one spelling of accented names: macOS writes 'café' decomposed (NFD), most
+            # other tools composed (NFC), and the two would not pair
+            name = unicodedata.normalize("NFC", strip_image_suffix(path.name))
             if name in found:
                 clashes.append((path, f"{found[name].name} and {path.name} are both case "
                                       f"'{name}'; keep one"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import unicodedata
 
 import nibabel as nib
 import numpy as np
@@ -153,3 +154,13 @@ def test_a_link_to_nowhere_is_named_as_one(phantom_dataset, tmp_path):
         load_dataset(root)
     rows = [p.message for p in check_dataset(root).problems if p.file == label]
     assert rows == ["label missing: a link to a file that is not there"]
+
+
+def test_folder_pairs_match_accented_names_in_either_unicode_form(tmp_path):
+    for folder, form in (("images", "NFD"), ("labels", "NFC")):
+        (tmp_path / folder).mkdir()
+        name = unicodedata.normalize(form, "caf\u00e9")
+        (tmp_path / folder / f"{name}.nii.gz").write_bytes(b"x")
+    listing = list_dataset(tmp_path)
+    assert [case.name for case in listing.dataset.cases] == ["caf\u00e9"]
+    assert listing.orphans == ()

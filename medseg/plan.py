@@ -247,10 +247,14 @@ def target_spacing(spacings: list[list[float]], shapes: list[list[int]]) -> list
 
 
 def initial_patch_size(median_shape: list[int], spacing: list[float], budget: int) -> list[int]:
-    """Start from the median shape (at least MIN_PATCH_AXIS voxels per axis; smaller cases are
-    padded); shrink the physically longest axis of those still above that until within
-    budget, or until none is left."""
-    patch = [max(MIN_PATCH_AXIS, int(s)) for s in median_shape]
+    """Start from the median shape; shrink the physically longest axis of those above
+    MIN_PATCH_AXIS until within budget, or until none is left. An axis shorter than that
+    stays as it is (a slab of 3 slices is not padded to 16 and pooled into its padding, as
+    nnU-Net plans it), unless every axis is: DynUNet's two down-samplings need one axis of
+    MIN_PATCH_AXIS, so such small cases are padded."""
+    patch = [max(1, int(s)) for s in median_shape]
+    if max(patch) < MIN_PATCH_AXIS:
+        patch = [max(MIN_PATCH_AXIS, p) for p in patch]
     while math.prod(patch) > budget:
         shrinkable = [i for i in range(3) if patch[i] > MIN_PATCH_AXIS]
         if not shrinkable:

@@ -67,7 +67,7 @@ def augmentation(plan: Plan, augment: AugmentConfig, foreground_fraction: float)
     # structure then still gets a (random) patch instead of all-zero ratios, a NaN in MONAI
     background = max(1.0 - foreground_fraction, 1e-6)
     ratios = [background] + [foreground_fraction / (classes - 1)] * (classes - 1)
-    radians = float(np.deg2rad(augment.rotate_degrees))
+    rotate_range, scale_range = _spatial_ranges(patch, augment)
     return mt.Compose([
         mt.SpatialPadd(keys, spatial_size=[p + 2 * augment.shift_voxels for p in patch]),
         # voxel locations of each class, found once per case (this step is still
@@ -79,8 +79,7 @@ def augmentation(plan: Plan, augment: AugmentConfig, foreground_fraction: float)
                                    indices_key=LABEL + INDICES_POSTFIX),
         mt.DeleteItemsd(LABEL + INDICES_POSTFIX),
         mt.RandAffined(keys, prob=max(augment.rotate_prob, augment.scale_prob),
-                       rotate_range=[radians] * 3 if augment.rotate_prob > 0 else None,
-                       scale_range=[augment.scale_range] * 3 if augment.scale_prob > 0 else None,
+                       rotate_range=rotate_range, scale_range=scale_range,
                        mode=["bilinear", "nearest"], padding_mode="zeros",
                        spatial_size=patch),
         *_elastic(keys, augment),
@@ -99,6 +98,28 @@ def augmentation(plan: Plan, augment: AugmentConfig, foreground_fraction: float)
         *_gamma_per_channel(plan.in_channels, augment),
         mt.EnsureTyped(keys, track_meta=False),
     ])
+
+
+# nnU-Net's threshold for augmenting an anisotropic patch in its plane only
+IN_PLANE_PATCH_RATIO = 3.0
+
+
+def _spatial_ranges(patch: list[int], augment: AugmentConfig
+                    ) -> tuple[list[float] | None, list[float] | None]:
+    """RandAffine's rotation (radians about each axis) and scaling ranges. A patch more
+    than 3 times longer along one axis than along its shortest (thick slices) is rotated
+    about that short axis only and scaled in its plane only, as nnU-Net's "dummy 2D"
+    augmentation does: a tilt would interpolate across the thick slices and bring in
+    padding."""
+    radians = float(np.deg2rad(augment.rotate_degrees))
+    rotate = [radians] * 3
+    scale = [augment.scale_range] * 3
+    thin = int(np.argmin(patch))
+    if max(patch) / patch[thin] > IN_PLANE_PATCH_RATIO:
+        rotate = [radians if axis == thin else 0.0 for axis in range(3)]
+        scale[thin] = 0.0
+    return (rotate if augment.rotate_prob > 0 else None,
+            scale if augment.scale_prob > 0 else None)
 
 
 def _low_resolution(augment: AugmentConfig) -> list[mt.MapTransform]:

@@ -138,7 +138,7 @@ def test_thick_slices_under_a_small_budget_plan_in_finite_time():
     from medseg.plan import initial_patch_size
 
     patch = initial_patch_size([100, 100, 12], [1.0, 1.0, 12.0], 40000)
-    assert patch[2] == 16 and patch[0] * patch[1] * patch[2] <= 40000
+    assert patch[2] == 12 and patch[0] * patch[1] * patch[2] <= 40000  # not padded to 16
     assert initial_patch_size([100, 100, 100], [1.0, 1.0, 1.0], 4096) == [16, 16, 16]
 
 
@@ -264,3 +264,21 @@ def test_a_target_spacing_far_finer_than_the_data_is_refused_naming_the_key():
     with pytest.raises(MedsegError, match="this machine has 0.1 GB: choose a coarser spacing"):
         refuse_unaffordable_spacing(fp, half, memory_bytes=int(0.1 * 2**30))
     refuse_unaffordable_spacing(fp, half, memory_bytes=2**30)
+
+
+@pytest.mark.parametrize(("spacing", "shape", "patch", "z_strides"), [
+    ([0.7, 0.7, 5.0], [64, 64, 12], [64, 64, 12], [1, 1, 1, 2, 1]),  # z pooled once
+    ([1.0, 1.0, 1.0], [256, 256, 3], [256, 256, 3], [1, 1, 1, 1, 1, 1]),  # a slab: never
+    ([1.25, 1.25, 10.0], [200, 200, 10], [224, 224, 10], [1, 1, 1, 2, 1, 1]),
+])
+def test_a_short_axis_is_planned_as_nnunet_plans_it_not_padded_to_16(spacing, shape, patch,
+                                                                      z_strides):
+    """A layouts trial found 12-slice cases padded to 16 and pooled twice, and a 3-slice
+    slab padded to 16 (5x the data) and pooled into its padding, where nnU-Net keeps the
+    slices it has."""
+    from medseg.model import create_model
+
+    plan = make_plan(synthetic_fingerprint([spacing] * 3, [shape] * 3), PlanConfig())
+    assert plan.patch_size == patch
+    assert [stride[2] for stride in plan.strides] == z_strides
+    create_model(plan)

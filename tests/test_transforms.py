@@ -1,3 +1,4 @@
+import monai
 import numpy as np
 import pytest
 import torch
@@ -164,3 +165,23 @@ def test_nnunets_other_intensity_transforms_apply_when_asked(plan, asked):
     else:  # both gammas keep the patch's mean and sd, as nnU-Net's
         assert out.mean() == pytest.approx(image.mean(), abs=1e-4)
         assert out.std() == pytest.approx(image.std(), rel=1e-4)
+
+
+def test_a_patch_of_thick_slices_is_rotated_and_scaled_in_its_plane_only():
+    """nnU-Net's "dummy 2D" augmentation: a tilt would interpolate across thick slices."""
+    from medseg.transforms import _spatial_ranges
+
+    augment = AugmentConfig(rotate_degrees=30.0, scale_range=0.2, rotate_prob=0.2,
+                            scale_prob=0.2)
+    radians = float(np.deg2rad(30.0))
+    assert _spatial_ranges([192, 192, 28], augment) == ([0.0, 0.0, radians], [0.2, 0.2, 0.0])
+    assert _spatial_ranges([28, 160, 192], augment) == ([radians, 0.0, 0.0], [0.0, 0.2, 0.2])
+    assert _spatial_ranges([40, 56, 40], augment) == ([radians] * 3, [0.2] * 3)
+    labels = torch.arange(1, 9, dtype=torch.float32).expand(1, 64, 64, 8).clone()
+    rotate, scale = _spatial_ranges([64, 64, 8], augment)
+    moved = monai.transforms.RandAffine(prob=1.0, rotate_range=rotate, scale_range=scale,
+                                        mode="nearest", padding_mode="zeros")
+    moved.set_random_state(0)
+    out = moved(labels)
+    for z in range(8):  # each slice keeps its own label (or the padding), none of another's
+        assert set(torch.unique(out[0, :, :, z]).tolist()) <= {0.0, float(z + 1)}

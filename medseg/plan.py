@@ -109,7 +109,8 @@ def fingerprint(dataset: Dataset, seed: int = 0, progress: bool = True) -> Finge
         digest = hashlib.sha256()
         for channel, image_path in enumerate(case.images):
             image = read_volume(image_path)
-            digest.update(str(image.data.shape).encode() + _contiguous_bytes(image.data))
+            digest.update(str(image.data.shape).encode())
+            digest.update(_contiguous_bytes(image.data))
             if channel == 0:
                 label = _label_on_grid(image, label) if label is not None else None
                 spacings.append(_ras_ordered(image.affine, image.spacing))

@@ -240,7 +240,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         workflow = _folds_of_splits_file(workflow)
         folds = _parse_folds(args.fold, workflow.train.folds, workflow.train.fold)
         run = functools.partial(_train_run, workflow, Path(args.out), folds,
-                                overwrite=args.overwrite)
+                                overwrite=args.overwrite, workflow_file=Path(args.workflow))
     from medseg.train import distributed_session
 
     run_dir = Path(args.resume or args.out)
@@ -372,7 +372,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- wiring
 
 
-def _train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool) -> list:
+def _train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool,
+               workflow_file: Path | None = None) -> list:
     """dataset -> fingerprint -> plan -> splits -> train each fold; all saved in run_dir."""
     from medseg.config import save_workflow
     from medseg.datasets import load_dataset, make_splits
@@ -391,6 +392,8 @@ def _train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool) -> li
     main_rank = current_ranks().main
     # every rank: a refusal must stop them all before any work, not rank 0 alone
     _check_run_folder(run_dir, overwrite)
+    if overwrite:
+        _refuse_inputs_inside(run_dir, workflow, workflow_file)
     ds = workflow.dataset
     dataset = load_dataset(ds.path, ds.layout, ds.modality, ds.labels)
     labels = dataset.labels or "from the label files"
@@ -714,6 +717,20 @@ def _check_run_folder(run_dir: Path, overwrite: bool) -> None:
         if not (run_dir / "plan.json").exists():
             raise MedsegError("refusing to overwrite a folder that is not a medseg run",
                               run_dir)
+
+
+def _refuse_inputs_inside(run_dir: Path, workflow, workflow_file: Path | None) -> None:
+    """--overwrite deletes the whole run folder: a dataset, workflow or splits file kept in
+    it would go with it (and training would then fail on the files it just deleted)."""
+    if not run_dir.is_dir():
+        return
+    inside = run_dir.resolve()
+    inputs = {"dataset.path": workflow.dataset.path, "train.splits_file":
+              workflow.train.splits_file, "the workflow file": workflow_file}
+    for what, path in inputs.items():
+        if path and Path(path).resolve().is_relative_to(inside):
+            raise MedsegError(f"--overwrite would delete {what} {path}, which lies inside the "
+                              f"run folder: move it out first", run_dir)
 
 
 def _replace_run_folder(run_dir: Path) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -191,11 +192,46 @@ class _UniqueKeySafeLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# YAML 1.1 reads `010` as 8, `0x10` as 16 and `1:30` as 90 (octal, hex, base 60): a workflow
+# reads whole numbers as written in decimal, and anything else as text (that an integer key
+# then refuses, and a text key keeps as written)
+_INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+_UniqueKeySafeLoader.yaml_implicit_resolvers = {
+    first: [(tag, pattern) for tag, pattern in resolvers if tag not in (_INT_TAG, _FLOAT_TAG)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_UniqueKeySafeLoader.add_implicit_resolver(
+    _INT_TAG, re.compile(r"^[-+]?(?:0|[1-9][0-9]*)$"), list("-+0123456789"))
+_UniqueKeySafeLoader.add_implicit_resolver(  # YAML 1.1's floats without the base-60 form
+    _FLOAT_TAG, re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?
+                    |\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+
+
+def _load_yaml(text: str) -> Any:
+    """Safe YAML, with the errors that PyYAML lets through as Python's own made YAML
+    errors: a number of thousands of digits, or lists nested thousands deep."""
+    try:
+        return yaml.load(text, Loader=_UniqueKeySafeLoader)
+    except ValueError as exc:  # int() of more than 4300 digits, a date such as 2024-13-45
+        raise _plain_yaml_error(f"cannot read a value ({str(exc).split(':')[0]})") from exc
+    except RecursionError:
+        raise _plain_yaml_error("nested too deeply") from None
+
+
+def _plain_yaml_error(problem: str) -> yaml.YAMLError:
+    error = yaml.YAMLError(problem)
+    error.problem = problem
+    return error
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
+    if path.is_dir():
+        raise MedsegError("a folder, not a workflow file", path)
+    if not path.exists():
         raise MedsegError("workflow file not found", path)
     try:
-        data = yaml.load(read_user_text(path), Loader=_UniqueKeySafeLoader)
+        data = _load_yaml(read_user_text(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
@@ -226,7 +262,12 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         node = node[key]
         if not isinstance(node, dict):
             raise MedsegError(f"override '{item}': '{key}' is not a section")
-    node[keys[-1]] = _override_value(text, _hint_at(keys), item)
+    value = _override_value(text, _hint_at(keys), item)
+    existing = node.get(keys[-1])
+    if (dataclasses.is_dataclass(_hint_at(keys)) and isinstance(value, dict)
+            and isinstance(existing, dict)):
+        value = {**existing, **value}  # `train={seed: 1}` sets a key, as `train.seed=1` does
+    node[keys[-1]] = value
 
 
 # what YAML reads as null: an optional text key given one of these is unset
@@ -241,9 +282,11 @@ def _override_value(text: str, hint: Any, item: str) -> Any:
     if _takes_text(hint) and stripped[:1] not in ("'", '"'):
         return None if stripped in _YAML_NULLS else stripped
     try:
-        return yaml.load(text, Loader=_UniqueKeySafeLoader)
+        return _load_yaml(text)
     except yaml.YAMLError as exc:
-        raise MedsegError(f"override '{item}': value is not valid YAML") from exc
+        problem = getattr(exc, "problem", None)
+        raise MedsegError(f"override '{item}': value is not valid YAML"
+                          f"{': ' + problem if problem else ''}") from exc
 
 
 def _takes_text(hint: Any) -> bool:
@@ -326,16 +369,26 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise MedsegError(f"'{key}' must be a mapping, got {value!r}", _origin(source, key))
-        return {_coerce(k, args[0], key, source): _coerce(v, args[1], key, source)
-                for k, v in value.items()}
+        coerced = {_coerce(k, args[0], key, source): _coerce(v, args[1], key, source)
+                   for k, v in value.items()}
+        if len(coerced) < len(value):  # `1:` and `"1":` are one label id
+            raise MedsegError(f"'{key}' gives one key twice, spelled two ways: "
+                              f"{list(value)!r}", _origin(source, key))
+        return coerced
     scalar = _SCALARS.get(hint)
     if scalar is None:
         return value
     try:
         return scalar(value)
     except _Unfit as unfit:
-        raise MedsegError(f"'{key}' must be {unfit}, got {unfit.what}{value!r}{unfit.hint}",
-                          _origin(source, key)) from None
+        raise MedsegError(f"'{key}' must be {unfit}, got {unfit.what}{_shown(value)}"
+                          f"{unfit.hint}", _origin(source, key)) from None
+
+
+def _shown(value: Any, most: int = 60) -> str:
+    """A value as a message quotes it: a number of 400 digits is cut short."""
+    text = repr(value)
+    return text if len(text) <= most else f"{text[:most]}... ({len(text)} characters)"
 
 
 class _Unfit(ValueError):
@@ -368,7 +421,7 @@ def _as_float(value: Any) -> float:
         raise _Unfit("a number")
     try:
         number = float(value)
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: an integer of 400 digits
         raise _Unfit("a number") from None
     if not math.isfinite(number):
         raise _Unfit("a finite number")
@@ -426,6 +479,12 @@ _NOT_NEGATIVE = _Range(low=0)
 _POSITIVE = _Range(low=0, low_open=True)
 _PROBABILITY = _Range(low=0, high=1)
 _SEED = _Range(low=0, high=2**32 - 1)  # NumPy's seeds
+# upper bounds far beyond any real use, that catch a typo before it costs the machine: 100 000
+# loader processes, a patch padded by 2000 voxels, 10^8 filters, 10^12 iterations
+_WORKERS = _Range(low=0, high=256)
+_SHIFT = _Range(low=0, high=256)
+_FILTERS = _Range(low=1, high=4096)
+_COUNT = _Range(low=1, high=10**7)
 
 # every numeric key, so that a bad value stops at loading with the file named, not deep in
 # training with a library's traceback (None, where a key allows it, is not checked)
@@ -434,10 +493,10 @@ _RANGES = {
     ("plan", "patch_size"): _POSITIVE_INT,
     ("plan", "batch_size"): _POSITIVE_INT,
     ("plan", "max_patch_voxels"): _Range(low=16**3),  # plan.MIN_PATCH_AXIS along each axis
-    ("plan", "base_filters"): _POSITIVE_INT,
-    ("plan", "max_filters"): _POSITIVE_INT,
+    ("plan", "base_filters"): _FILTERS,
+    ("plan", "max_filters"): _FILTERS,
     ("augment", "flip_prob"): _PROBABILITY,
-    ("augment", "shift_voxels"): _NOT_NEGATIVE,
+    ("augment", "shift_voxels"): _SHIFT,
     ("augment", "rotate_prob"): _PROBABILITY,
     ("augment", "rotate_degrees"): _Range(low=0, high=180),
     ("augment", "scale_prob"): _PROBABILITY,
@@ -452,8 +511,8 @@ _RANGES = {
     ("augment", "gamma_prob"): _PROBABILITY,
     ("augment", "gamma_invert_prob"): _PROBABILITY,
     ("augment", "lowres_prob"): _PROBABILITY,
-    ("train", "epochs"): _POSITIVE_INT,
-    ("train", "iterations_per_epoch"): _POSITIVE_INT,
+    ("train", "epochs"): _COUNT,
+    ("train", "iterations_per_epoch"): _COUNT,
     ("train", "learning_rate"): _POSITIVE,
     ("train", "weight_decay"): _NOT_NEGATIVE,
     ("train", "val_every"): _POSITIVE_INT,
@@ -462,7 +521,7 @@ _RANGES = {
     ("train", "label_smoothing"): _Range(low=0, high=1, high_open=True),
     ("train", "ema_decay"): _Range(low=0, high=1, high_open=True),
     ("train", "max_minutes"): _POSITIVE,
-    ("train", "num_workers"): _NOT_NEGATIVE,
+    ("train", "num_workers"): _WORKERS,
     ("train", "folds"): _Range(low=2),
     ("train", "fold"): _NOT_NEGATIVE,
     ("train", "seed"): _SEED,
@@ -517,10 +576,14 @@ def _check_numbers(workflow: Workflow, source: str) -> None:
 
 def _check_labels(workflow: Workflow, source: str) -> None:
     if workflow.dataset.labels:
-        from medseg.datasets import label_name_problem
+        from medseg.datasets import label_id_problem, label_name_problem
 
         # as training reads it: background may go unnamed
-        problem = label_name_problem({0: "background", **workflow.dataset.labels})
+        labels = {0: "background", **workflow.dataset.labels}
+        problem = label_name_problem(labels)
+        gap = label_id_problem(labels)
+        if gap:  # training's classes are 0..N-1
+            problem = f"label ids must run 0, 1, 2, ... without a gap: {gap}"
         if problem:
             raise MedsegError(f"'dataset.labels': {problem}", _origin(source, "dataset.labels"))
     for label, ml in workflow.predict.min_component_ml.items():

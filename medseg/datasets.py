@@ -52,6 +52,7 @@ class Dataset:
     cases: tuple[Case, ...]
     labels: dict[int, str]
     modalities: tuple[str, ...]  # one per channel: one of MODALITIES
+    labels_from: Path | None = None  # the file that named the labels (dataset.json, ...)
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ def load_dataset(
                           dataset.modalities)
     if modality != "auto":
         dataset = Dataset(dataset.root, dataset.cases, dataset.labels,
-                          tuple(modality for _ in dataset.modalities))
+                          tuple(modality for _ in dataset.modalities), dataset.labels_from)
     if not dataset.cases:
         raise MedsegError("the dataset lists no training cases", dataset.root)
     return dataset
@@ -410,7 +411,8 @@ def _list_msd(root: Path) -> Listing:
         raise MedsegError(f"'modality' lists {len(modalities)} channels: MSD's 4D multi-channel "
                           f"images are not split into channels yet; list one file per channel "
                           f"with the CSV or nnU-Net layout", description)
-    dataset = Dataset(root, tuple(cases), label_names_from_json(description), modalities)
+    dataset = Dataset(root, tuple(cases), label_names_from_json(description), modalities,
+                      description)
     # MSD's own tools never check it, and a trimmed 'training' list is a dataset too
     mismatch = _count_mismatch(data, len(cases), "'training' lists")
     return Listing(dataset, "msd", description,
@@ -437,7 +439,8 @@ def _list_nnunet(root: Path) -> Listing:
     orphans = _nnunet_strays(root / "imagesTr", ending, {c.name for c in cases},
                              [int(k) for k in channel_ids])
     modalities = tuple(_modality_name(channels[k]) for k in channel_ids)
-    dataset = Dataset(root, tuple(cases), label_names_from_json(description), modalities)
+    dataset = Dataset(root, tuple(cases), label_names_from_json(description), modalities,
+                      description)
     # nnU-Net refuses it too: a case whose files lost their file_ending would drop out
     mismatch = _count_mismatch(data, len(cases), f"labelsTr holds {ending} labels for")
     orphans += _off_ending(root / "labelsTr", ending)
@@ -534,7 +537,8 @@ def _list_folder_pairs(root: Path) -> Listing:
                 for name, label in labels.items() if name not in images]
     labels_json = root / "labels.json"
     label_map = label_names_from_json(labels_json) if labels_json.is_file() else {}
-    return Listing(Dataset(root, tuple(cases), label_map, ("MR",)), "folders", None,
+    return Listing(Dataset(root, tuple(cases), label_map, ("MR",),
+                           labels_json if label_map else None), "folders", None,
                    tuple(orphans), tuple(image_clashes + label_clashes))
 
 
@@ -575,7 +579,8 @@ def _list_csv(path: Path) -> Listing:
         cases.append(Case(name, images, label))
     labels_json = root / "labels.json"
     label_map = label_names_from_json(labels_json) if labels_json.is_file() else {}
-    dataset = Dataset(root, tuple(cases), label_map, tuple("MR" for _ in channels))
+    dataset = Dataset(root, tuple(cases), label_map, tuple("MR" for _ in channels),
+                      labels_json if label_map else None)
     return Listing(dataset, "csv", path)
 
 

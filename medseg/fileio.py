@@ -24,6 +24,8 @@ def read_user_text(path: Path) -> str:
     except UnicodeDecodeError as exc:
         raise MedsegError(f"not UTF-8 text ({exc.reason} at byte {exc.start}); save it as "
                           f"UTF-8", path) from exc
+    except PermissionError as exc:
+        raise MedsegError("cannot be read: permission denied", path) from exc
 
 
 @contextlib.contextmanager

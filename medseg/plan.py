@@ -97,7 +97,8 @@ class Plan:
 def fingerprint(dataset: Dataset, seed: int = 0, progress: bool = True) -> Fingerprint:
     """Read every case once: spacing, shape, foreground intensities, class frequencies.
     `progress` shows a bar (torchrun's other ranks pass False)."""
-    refuse_label_gaps(dataset.labels, dataset.root)  # a label map's gap, before any reading
+    # a label map's gap, before any reading, naming the file that gave the map
+    refuse_label_gaps(dataset.labels, dataset.labels_from or dataset.root)
     rng = np.random.default_rng(seed)
     spacings, shapes, class_voxels = [], [], {}
     holder: dict[int, Path] = {}  # the first label file that holds each id

@@ -120,7 +120,13 @@ def test_ema_decay_outside_0_to_1_names_the_workflow(tmp_path, decay):
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("train.epochs", "0", "'train.epochs' must be at least 1, got 0"),
+    ("train.epochs", "0", "'train.epochs' must be at least 1 and at most 1e\\+07, got 0"),
+    ("train.num_workers", "100000", "'train.num_workers' must be at least 0 and at most 256, "
+                                    "got 100000"),
+    ("augment.shift_voxels", "2000", "'augment.shift_voxels' must be at least 0 and at most "
+                                     "256, got 2000"),
+    ("plan.base_filters", "100000000", "'plan.base_filters' must be at least 1 and at most "
+                                       "4096, got 100000000"),
     ("plan.batch_size", "0", "'plan.batch_size' must be at least 1, got 0"),
     ("train.learning_rate", "-1", "'train.learning_rate' must be above 0, got -1.0"),
     ("train.max_minutes", ".nan", "'train.max_minutes' must be a finite number, got nan"),

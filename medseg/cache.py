@@ -394,7 +394,7 @@ def disk_estimates(shapes: list[list[float]] | None, cases: list[Case], all_case
         shape = by_name.get(case.name, plan.median_shape)
         voxels = math.prod(max(math.ceil(s), p) for s, p in zip(shape, pad_size, strict=True))
         total += voxels * (4 * plan.in_channels + label_bytes)
-        total += plan.num_classes * SAMPLES_PER_CLASS * 8
+        total += min(voxels, plan.num_classes * SAMPLES_PER_CLASS) * 8  # a class a voxel
     return total
 
 

@@ -158,9 +158,10 @@ def refuse_unaffordable_spacing(fp: Fingerprint, plan: Plan, memory_bytes: int |
     shapes = resampled_shapes(fp.spacings, fp.shapes, plan.target_spacing)
     largest = max((float(np.prod(shape)) for shape in shapes), default=0.0)
     cached = memory_cache_bytes(shapes, plan.in_channels)
-    spacing = (f"'plan.target_spacing' {plan.target_spacing} mm" if spacing_given else
-               f"the data's own spacing {plan.target_spacing} mm (planned from its median "
-               f"spacing; 'plan.target_spacing' is not set)")
+    mm = "[" + ", ".join(f"{s:.4g}" for s in plan.target_spacing) + "] mm"
+    spacing = (f"'plan.target_spacing' {mm}" if spacing_given else
+               f"the data's own spacing {mm} (planned from its median spacing; "
+               f"'plan.target_spacing' is not set)")
     if largest > MAX_VOXELS:
         fix = "choose a coarser spacing" if spacing_given else \
             "set a coarser 'plan.target_spacing'"

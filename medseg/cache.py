@@ -327,7 +327,10 @@ class DiskCache:
         if absent:
             raise MedsegError(f"lists no cached case {absent[0]} (of {len(absent)}); delete "
                               f"{self.folder} to rebuild it", self.manifest)
-        return [self._cached(entries[case.name]) for case in cases]
+        cached = [self._cached(entries[case.name]) for case in cases]
+        for case in cached:  # every header read here, in this process: a damaged file is
+            case.mapped()  # named now, not from inside a loader worker during training
+        return cached
 
     def _cached(self, entry: dict) -> CachedCase:
         stem = entry["stem"]

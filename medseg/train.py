@@ -451,14 +451,16 @@ def _val_names(split: dict, workflow: Workflow) -> list[str]:
 
 
 def _data(workflow: Workflow, dataset: Dataset, plan: Plan, split: dict, ranks: Ranks,
-          run_dir: Path, device: torch.device):
+          run_dir: Path | None = None, device: torch.device | None = None):
     """The training samples (the random part of the chain re-run every time), their loader,
     and this rank's share of the preprocessed validation cases (None when it has none):
-    held in memory, or read from RUN_DIR/cache (`train.cache`)."""
+    held in memory, or read from RUN_DIR/cache (`train.cache`; without a run folder, the
+    cases are held in memory)."""
+    device = device or torch.device("cpu")
     by_name = {case.name: case for case in dataset.cases}
     train_cases = [by_name[name] for name in split["train"]]
     val_cases = [by_name[name] for name in _val_names(split, workflow)]
-    if _cache_mode(workflow, plan, run_dir, ranks, device) == "disk":
+    if run_dir is not None and _cache_mode(workflow, plan, run_dir, ranks, device) == "disk":
         return _disk_data(workflow, dataset, plan, train_cases, val_cases, ranks, run_dir,
                           device)
     return _memory_data(workflow, plan, train_cases, val_cases, ranks)

@@ -412,7 +412,8 @@ def _train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool,
     if not dataset.labels:
         _check_postprocessing_of(workflow, fp.labels)
     plan = make_plan(fp, workflow.plan)
-    refuse_unaffordable_spacing(fp, plan, physical_memory())
+    refuse_unaffordable_spacing(fp, plan, physical_memory(), workflow.train.cache,
+                                spacing_given=workflow.plan.target_spacing is not None)
     print(f"plan: spacing {plan.target_spacing}, patch {plan.patch_size}, batch "
           f"{plan.batch_size}, {len(plan.strides)} levels, filters {plan.filters}")
     if main_rank:

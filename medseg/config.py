@@ -107,6 +107,8 @@ class TrainConfig:
     max_minutes: float | None = None
     num_workers: int = 1
     precision: str = "auto"  # auto | bf16 | fp32 | amp
+    # where the preprocessed training cases are kept: auto | memory | disk (RUN_DIR/cache)
+    cache: str = "auto"
     folds: int = 5
     fold: int = 0
     # shuffles the cases into folds; apart from `seed`, so that runs with another seed are
@@ -446,6 +448,7 @@ _CHOICES = {
     ("train", "optimizer"): ("sgd", "adamw"),
     ("train", "schedule"): ("poly", "cosine", "constant"),
     ("train", "precision"): ("auto", "bf16", "fp32", "amp"),
+    ("train", "cache"): ("auto", "memory", "disk"),
     ("predict", "precision"): ("auto", "bf16", "fp32", "amp"),
 }
 

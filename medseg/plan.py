@@ -173,25 +173,35 @@ def _count_classes(label: Volume, class_voxels: dict[int, int]) -> None:
         class_voxels[label_id] = class_voxels.get(label_id, 0) + count
 
 
-def refuse_unaffordable_spacing(fp: Fingerprint, plan: Plan, memory_bytes: int | None) -> None:
+def refuse_unaffordable_spacing(fp: Fingerprint, plan: Plan, memory_bytes: int | None,
+                                cache: str = "memory", spacing_given: bool = True) -> None:
     """A target spacing far finer than the data's (0.01 mm for 1 mm voxels) makes the
-    resampled cases too large to allocate: refuse it in one line, naming the key, before
-    caching fails on a multi-terabyte allocation. The cache holds every case as float32
-    channels and label; only more than twice the machine's memory is refused, since cropping
-    to the foreground makes the cache smaller than this estimate."""
-    target = np.asarray(plan.target_spacing, dtype=float)
-    voxels = [float(np.prod(np.asarray(shape, float) * np.asarray(spacing, float) / target))
-              for shape, spacing in zip(fp.shapes, fp.spacings, strict=True)]
-    largest = max(voxels, default=0.0)
-    cached = sum(voxels) * 4 * (plan.in_channels + 1)
-    too_large = largest > MAX_VOXELS
-    too_much = memory_bytes is not None and cached > 2 * memory_bytes
-    if too_large or too_much:
-        memory = f"; this machine has {memory_bytes / 2**30:.3g} GB" if memory_bytes else ""
-        raise MedsegError(f"'plan.target_spacing' {plan.target_spacing} mm would resample the "
-                          f"largest case to {largest:.3g} voxels and cache the dataset in about "
-                          f"{cached / 2**30:.3g} GB{memory}: choose a coarser spacing (the "
-                          f"median spacing of the data is planned when none is given)")
+    resampled cases too large to allocate: a case beyond 2^31 voxels is refused in one line
+    whatever `cache` (train.cache) is. The memory cache holds every case as float32 channels
+    and label; with `cache` memory, more than twice the machine's memory is refused too (auto
+    and disk keep a large dataset on disk instead, whose free space is checked when the
+    cache is built). `spacing_given`: the workflow set plan.target_spacing; otherwise the
+    message names the data's own spacing, which no coarser setting of it is to blame for."""
+    from medseg.cache import GB, memory_cache_bytes, resampled_shapes
+
+    shapes = resampled_shapes(fp.spacings, fp.shapes, plan.target_spacing)
+    largest = max((float(np.prod(shape)) for shape in shapes), default=0.0)
+    cached = memory_cache_bytes(shapes, plan.in_channels)
+    mm = "[" + ", ".join(f"{s:.4g}" for s in plan.target_spacing) + "] mm"
+    spacing = (f"'plan.target_spacing' {mm}" if spacing_given else
+               f"the data's own spacing {mm} (planned from its median spacing; "
+               f"'plan.target_spacing' is not set)")
+    if largest > MAX_VOXELS:
+        fix = "choose a coarser spacing" if spacing_given else \
+            "set a coarser 'plan.target_spacing'"
+        raise MedsegError(f"{spacing} would resample the largest case to {largest:.3g} voxels, "
+                          f"more than 2^31: {fix}")
+    if cache == "memory" and memory_bytes is not None and cached > 2 * memory_bytes:
+        fix = "choose a coarser spacing, or " if spacing_given else ""
+        raise MedsegError(f"{spacing} would resample the largest case to {largest:.3g} voxels "
+                          f"and cache the dataset in about {cached / GB:.3g} GB; this machine "
+                          f"has {memory_bytes / GB:.3g} GB: {fix}set 'train.cache' to disk "
+                          f"(or auto) to keep the cases on disk")
 
 
 def make_plan(fp: Fingerprint, config: PlanConfig) -> Plan:

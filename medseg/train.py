@@ -171,7 +171,8 @@ def train_fold(
     ranks = current_ranks()
     device = device or _default_device(ranks)
     set_determinism(seed=cfg.seed, use_deterministic_algorithms=cfg.deterministic or None)
-    train_data, loader, val_data = _data(workflow, dataset, plan, split, ranks)
+    train_data, loader, val_data = _data(workflow, dataset, plan, split, ranks,
+                                         fold_dir.parent, device)
     validating = bool(_val_names(split, workflow))
     run = _set_up(workflow, plan, fold_dir, device, ranks, resume)
     checkpoints = fold_dir / "checkpoints"
@@ -403,11 +404,16 @@ def _distributed(model: torch.nn.Module, ranks: Ranks, device: torch.device) -> 
 
 def _from_main(flag: bool, ranks: Ranks, device: torch.device) -> bool:
     """Rank 0's value of `flag`, on every rank."""
+    return bool(_int_from_main(int(flag), ranks, device))
+
+
+def _int_from_main(number: int, ranks: Ranks, device: torch.device) -> int:
+    """Rank 0's value of `number`, on every rank."""
     if not ranks.distributed:
-        return flag
-    value = torch.tensor([int(flag)], device=device)
+        return number
+    value = torch.tensor([number], dtype=torch.int64, device=device)
     dist.broadcast(value, src=0)
-    return bool(value.item())
+    return int(value.item())
 
 
 def _mean_over_ranks(value: float, ranks: Ranks, device: torch.device) -> float:
@@ -444,15 +450,28 @@ def _val_names(split: dict, workflow: Workflow) -> list[str]:
     return split["val"][: workflow.train.val_max_cases]
 
 
-def _data(workflow: Workflow, dataset: Dataset, plan: Plan, split: dict, ranks: Ranks):
-    """Cached training patches (random part re-run every time), their loader, and this
-    rank's share of the cached preprocessed validation cases (None when it has none)."""
-    from monai.data import CacheDataset, DataLoader
-
-    cfg = workflow.train
+def _data(workflow: Workflow, dataset: Dataset, plan: Plan, split: dict, ranks: Ranks,
+          run_dir: Path | None = None, device: torch.device | None = None):
+    """The training samples (the random part of the chain re-run every time), their loader,
+    and this rank's share of the preprocessed validation cases (None when it has none):
+    held in memory, or read from RUN_DIR/cache (`train.cache`; without a run folder, the
+    cases are held in memory)."""
+    device = device or torch.device("cpu")
     by_name = {case.name: case for case in dataset.cases}
     train_cases = [by_name[name] for name in split["train"]]
     val_cases = [by_name[name] for name in _val_names(split, workflow)]
+    if run_dir is not None and _cache_mode(workflow, plan, run_dir, ranks, device) == "disk":
+        return _disk_data(workflow, dataset, plan, train_cases, val_cases, ranks, run_dir,
+                          device)
+    return _memory_data(workflow, plan, train_cases, val_cases, ranks)
+
+
+def _memory_data(workflow: Workflow, plan: Plan, train_cases: list[Case],
+                 val_cases: list[Case], ranks: Ranks):
+    """Every preprocessed case held in memory (MONAI's CacheDataset)."""
+    from monai.data import CacheDataset
+
+    cfg = workflow.train
     val_cases = val_cases[ranks.rank::ranks.world_size]
     chain = preprocessing(plan, with_label=True)
     train_transform = _compose(chain, augmentation(plan, workflow.augment,
@@ -460,15 +479,98 @@ def _data(workflow: Workflow, dataset: Dataset, plan: Plan, split: dict, ranks: 
     # MONAI's own bar ("Loading dataset"): preprocessing a large CT collection takes minutes
     train_data = CacheDataset(_dicts(train_cases), train_transform, num_workers=cfg.num_workers,
                               progress=ranks.main)
+    val_data = CacheDataset(_dicts(val_cases), chain, num_workers=cfg.num_workers,
+                            progress=ranks.main) if val_cases else None
+    return train_data, _loader(train_data, workflow, plan, ranks), val_data
+
+
+def _disk_data(workflow: Workflow, dataset: Dataset, plan: Plan, train_cases: list[Case],
+               val_cases: list[Case], ranks: Ranks, run_dir: Path, device: torch.device):
+    """The cases in RUN_DIR/cache (built first where missing or stale): training reads a
+    patch from a case's memory-mapped files, validation one case at a time."""
+    from medseg.cache import (
+        CACHE_FOLDER,
+        DiskCache,
+        DiskCases,
+        DiskPatches,
+        cache_key,
+        patches_from_files,
+        split_chain,
+    )
+
+    deterministic, random_part = split_chain(
+        augmentation(plan, workflow.augment, workflow.train.foreground_fraction))
+    pad_size = [p + 2 * workflow.augment.shift_voxels for p in plan.patch_size]
+    cache = DiskCache(run_dir / CACHE_FOLDER, cache_key(plan, deterministic, pad_size),
+                      dataset.root)
+    needed = list({case.name: case for case in [*train_cases, *val_cases]}.values())
+    _fill_disk_cache(cache, needed, dataset, plan, workflow, deterministic, pad_size, ranks,
+                     device)
+    train_data = DiskPatches(cache.cached(train_cases), patches_from_files(random_part))
+    mine = val_cases[ranks.rank::ranks.world_size]
+    val_data = DiskCases(cache.cached(mine)) if mine else None
+    return train_data, _loader(train_data, workflow, plan, ranks), val_data
+
+
+def _fill_disk_cache(cache, cases: list[Case], dataset: Dataset, plan: Plan,
+                     workflow: Workflow, deterministic, pad_size: list[int], ranks: Ranks,
+                     device: torch.device) -> None:
+    """Rank 0 writes the cases the cache lacks, after checking the free space; the other
+    ranks wait for it case by case (a barrier per case: one barrier for a build of hours
+    would pass the process group's timeout), then all read the finished cache."""
+    from medseg.cache import case_preparer, disk_estimates, fingerprint_shapes
+
+    missing: list[Case] = []
+    if ranks.main:
+        cache.tidy()
+        missing = cache.missing(cases)
+        if missing:
+            shapes = fingerprint_shapes(cache.folder.parent, plan)
+            cache.refuse_without_space(disk_estimates(shapes, missing, list(dataset.cases),
+                                                      plan, pad_size), len(missing))
+    count = _int_from_main(len(missing), ranks, device)
+    barrier = dist.barrier if ranks.distributed else None
+    if ranks.main and missing:
+        prepare = case_preparer(preprocessing(plan, with_label=True), deterministic,
+                                plan.num_classes)
+        cache.build(missing, prepare, workflow.train.num_workers, barrier)
+    elif not ranks.main:
+        for _ in range(count):
+            dist.barrier()
+
+
+def _cache_mode(workflow: Workflow, plan: Plan, run_dir: Path, ranks: Ranks,
+                device: torch.device) -> str:
+    """`train.cache`, with `auto` resolved by rank 0 from the run's fingerprint (the other
+    ranks may start before rank 0 has written it) for every rank."""
+    from medseg.cache import CACHE_FOLDER, choose_cache, fingerprint_shapes, memory_cache_bytes
+    from medseg.fileio import physical_memory
+
+    if workflow.train.cache != "auto":
+        return workflow.train.cache
+    disk = False
+    if ranks.main:
+        shapes = fingerprint_shapes(run_dir, plan)
+        estimate = None if shapes is None else memory_cache_bytes(shapes, plan.in_channels)
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", ranks.world_size))
+        mode, why = choose_cache("auto", estimate, physical_memory(), processes)
+        disk = mode == "disk"
+        if disk:
+            tqdm.write(f"medseg: train.cache auto chose disk: {why}; the preprocessed cases "
+                       f"go to {run_dir / CACHE_FOLDER}")
+    return "disk" if _from_main(disk, ranks, device) else "memory"
+
+
+def _loader(train_data, workflow: Workflow, plan: Plan, ranks: Ranks):
+    from monai.data import DataLoader
+
+    cfg = workflow.train
     sampler = EpochSampler(len(train_data), cfg.iterations_per_epoch * plan.batch_size,
                            cfg.seed, ranks.rank, ranks.world_size)
     # workers are not persistent: each epoch's workers are seeded from the reseeded main
     # process, which makes an epoch's patches a function of (seed, epoch, rank) alone
-    loader = DataLoader(train_data, batch_size=plan.batch_size, sampler=sampler,
-                        num_workers=cfg.num_workers, persistent_workers=False)
-    val_data = CacheDataset(_dicts(val_cases), chain, num_workers=cfg.num_workers,
-                            progress=ranks.main) if val_cases else None
-    return train_data, loader, val_data
+    return DataLoader(train_data, batch_size=plan.batch_size, sampler=sampler,
+                      num_workers=cfg.num_workers, persistent_workers=False)
 
 
 def _epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
@@ -505,16 +607,21 @@ def _case_scores(model, val_data, plan: Plan, workflow: Workflow, device) -> lis
     model.eval()
     with torch.no_grad():
         for item in val_data or []:
-            logits = sliding_window_logits(model, item[IMAGE].as_tensor()[None], plan,
+            logits = sliding_window_logits(model, _plain(item[IMAGE])[None], plan,
                                            workflow.predict.step, workflow.predict.sw_batch_size,
                                            select_precision(workflow.train.precision, device),
                                            device)
             prediction = logits.argmax(1)[0].numpy()
-            reference = item[LABEL].as_tensor()[0].numpy().astype(np.int64)
+            reference = _plain(item[LABEL])[0].numpy().astype(np.int64)
             per_case.append(score_case(prediction, reference, labels,
                                        tuple(plan.target_spacing), surface=False))
     model.train()
     return per_case
+
+
+def _plain(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor without MONAI's metadata (the memory cache's cases are MetaTensors)."""
+    return tensor.as_tensor() if hasattr(tensor, "as_tensor") else tensor
 
 
 def _mean_dice(per_case: list[dict]) -> dict[str, float]:

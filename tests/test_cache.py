@@ -1,0 +1,296 @@
+"""train.cache: the on-disk cache of preprocessed training cases trains the same weights as
+the memory cache, is reused by later folds and resumes, rebuilt when its plan or a case
+changes, and reads a patch, not a case."""
+
+from __future__ import annotations
+
+import json
+import os
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import REPO, TINY_TRAINING, as_sets, synthetic_fingerprint
+
+from medseg.cli import main
+from medseg.errors import MedsegError
+
+# a patch deeper than the 24-slice phantoms, and shifts: the cases are padded, so that the
+# validation cases must be cut back out of the padded arrays
+DETERMINISTIC = [*TINY_TRAINING, "train.deterministic=true", "train.num_workers=0",
+                 "train.seed=3", "plan.patch_size=[32,32,32]", "augment.shift_voxels=2"]
+
+
+def train(out: Path, dataset: Path, *extra: str) -> int:
+    return main(["train", str(REPO / "workflows" / "demo.yaml"), "--out", str(out),
+                 *as_sets([f"dataset.path={dataset}", *DETERMINISTIC, *extra])])
+
+
+def final_state(run: Path, fold: int = 0) -> dict:
+    return torch.load(run / f"fold_{fold}" / "checkpoints" / "last_state.pt",
+                      weights_only=True)
+
+
+def metrics(run: Path) -> list[dict]:
+    lines = (run / "fold_0" / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def cache_times(run: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in (run / "cache").iterdir()
+            if p.suffix == ".npy"}
+
+
+def assert_same_weights(one: Path, other: Path) -> None:
+    a, b = final_state(one), final_state(other)
+    assert a["epoch"] == b["epoch"]
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    for weights in ("last.safetensors", "best.safetensors"):
+        assert (one / "fold_0" / "checkpoints" / weights).read_bytes() == \
+            (other / "fold_0" / "checkpoints" / weights).read_bytes(), weights
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_memory_and_disk_caches_train_identical_weights(tmp_path, phantom_dataset, workers):
+    """The same patches in the same order: the crop from the files draws what MONAI's crop
+    of the cached case draws, and validation scores the same (unpadded) cases."""
+    runs = {}
+    for mode in ("memory", "disk"):
+        runs[mode] = tmp_path / mode
+        assert train(runs[mode], phantom_dataset, f"train.cache={mode}",
+                     f"train.num_workers={workers}") == 0
+    assert not (runs["memory"] / "cache").exists()
+    assert (runs["disk"] / "cache" / "manifest.json").is_file()
+    assert_same_weights(runs["memory"], runs["disk"])
+    for memory, disk in zip(metrics(runs["memory"]), metrics(runs["disk"]), strict=True):
+        assert memory["train_loss"] == disk["train_loss"]
+        assert memory["val_dice"] == disk["val_dice"]
+
+
+def test_resume_in_disk_mode_repeats_the_uninterrupted_run_and_reuses_the_cache(
+        tmp_path, phantom_dataset):
+    assert train(tmp_path / "straight", phantom_dataset, "train.cache=disk") == 0
+    assert train(tmp_path / "split", phantom_dataset, "train.cache=disk",
+                 "train.max_minutes=0.00001") == 0
+    assert [r["epoch"] for r in metrics(tmp_path / "split")] == [0]
+    built = cache_times(tmp_path / "split")
+    assert len(built) == 3 * 6  # image, label and indices of the 6 cases of fold 0
+    assert main(["train", "--resume", str(tmp_path / "split")]) == 0
+    assert_same_weights(tmp_path / "straight", tmp_path / "split")
+    assert cache_times(tmp_path / "split") == built  # read again, not written again
+    # another fold of the run: the same cases, the same files
+    assert main(["train", "--resume", str(tmp_path / "split"), "--fold", "1"]) == 0
+    assert (tmp_path / "split" / "fold_1" / "checkpoints" / "best.safetensors").is_file()
+    assert cache_times(tmp_path / "split") == built
+
+
+def test_a_changed_plan_or_case_file_rebuilds_what_it_changed(tmp_path, phantom_dataset):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dataset, data)
+    run = tmp_path / "run"
+    assert train(run, data, "train.cache=disk", "train.max_minutes=0.00001",
+                 "train.epochs=3") == 0  # an epoch a session: each resume reads the cache
+    built = cache_times(run)
+    manifest = json.loads((run / "cache" / "manifest.json").read_text(encoding="utf-8"))
+    # one case's image rewritten (a newer time): that case alone is prepared again
+    image = data / "imagesTr" / "phantom_002.nii.gz"
+    os.utime(image, ns=(image.stat().st_atime_ns, image.stat().st_mtime_ns + 10**9))
+    assert main(["train", "--resume", str(run), "--set", "train.max_minutes=0.00001"]) == 0
+    rebuilt = {name for name, time in cache_times(run).items() if time != built[name]}
+    stem = manifest["cases"]["phantom_002"]["stem"]
+    assert rebuilt == {f"{stem}.{part}.npy" for part in ("image", "label", "indices")}
+    # another normalization in plan.json: every case again, under a new key
+    plan_path = run / "plan.json"
+    plan = json.loads(plan_path.read_text(encoding="utf-8"))
+    plan["normalization"][0]["mean"] += 10.0
+    plan_path.write_text(json.dumps(plan), encoding="utf-8")
+    before = cache_times(run)
+    assert main(["train", "--resume", str(run)]) == 0
+    after = json.loads((run / "cache" / "manifest.json").read_text(encoding="utf-8"))
+    assert after["key"] != manifest["key"]
+    assert all(time != before[name] for name, time in cache_times(run).items())
+
+
+def test_a_stale_temporary_or_a_cut_file_is_not_read(tmp_path, phantom_dataset):
+    """A build killed while writing leaves a temporary file (never listed: removed) or, had a
+    file been cut short, one of another size than the manifest's (that case is rebuilt)."""
+    run = tmp_path / "run"
+    assert train(run, phantom_dataset, "train.cache=disk", "train.max_minutes=0.00001") == 0
+    cache = run / "cache"
+    manifest = json.loads((cache / "manifest.json").read_text(encoding="utf-8"))
+    stem = manifest["cases"]["phantom_001"]["stem"]
+    stale = cache / f".{stem}.image.npy.k3x9a.part.npy"
+    stale.write_bytes(b"\x93NUMPY half of a header")
+    orphan = cache / "gone_case.0badf00d.image.npy"
+    orphan.write_bytes(b"left by a case the dataset no longer has")
+    cut = cache / f"{stem}.label.npy"
+    cut.write_bytes(cut.read_bytes()[:100])
+    built = cache_times(run)
+    assert main(["train", "--resume", str(run)]) == 0
+    assert not stale.exists() and not orphan.exists()
+    rebuilt = {name for name, time in cache_times(run).items() if time != built.get(name)}
+    assert rebuilt == {f"{stem}.{part}.npy" for part in ("image", "label", "indices")}
+    assert np.load(cut, allow_pickle=False).shape[1:] == (36, 36, 36)
+
+
+def _large_cached_case(tmp_path: Path, shape=(1, 160, 160, 160)):
+    from medseg.cache import CachedCase
+
+    image = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
+    label = np.zeros(shape, dtype=np.uint8)
+    label[0, 60:100, 60:100, 60:100] = 1
+    indices = [np.flatnonzero(label[0] == c)[:20_000] for c in range(2)]
+    paths = [tmp_path / f"case.{part}.npy" for part in ("image", "label", "indices")]
+    for path, array in zip(paths, (image, label, np.concatenate(indices)), strict=True):
+        np.save(path, array, allow_pickle=False)
+    box = ((10, 150), (0, 160), (0, 160))
+    return CachedCase(*paths, shape, tuple(len(i) for i in indices), box), image, label
+
+
+def test_a_patch_from_the_disk_cache_costs_a_patch_not_a_case(tmp_path):
+    from monai import transforms as mt
+
+    from medseg.cache import INDICES_KEY, PatchFromFilesd
+    from medseg.transforms import IMAGE, LABEL
+
+    case, image, label = _large_cached_case(tmp_path)  # 16 MB of image
+    del image
+    arrays = case.mapped()
+    assert isinstance(arrays[IMAGE], np.memmap) and isinstance(arrays[LABEL], np.memmap)
+    crop = PatchFromFilesd(mt.RandCropByLabelClassesd(
+        [IMAGE, LABEL], label_key=LABEL, spatial_size=[32, 32, 32], ratios=[0.5, 0.5],
+        num_classes=2, num_samples=1, warn=False, indices_key=INDICES_KEY))
+    crop.set_random_state(seed=0)
+    tracemalloc.start()
+    try:
+        (patch,) = crop(case.mapped())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert tuple(patch[IMAGE].shape) == tuple(patch[LABEL].shape) == (1, 32, 32, 32)
+    assert patch[IMAGE].dtype == patch[LABEL].dtype == torch.float32
+    patch_bytes = 2 * 4 * 32**3  # image and label patches, float32
+    assert peak < 2 * patch_bytes + 2**20, peak  # a case would be 16 MB
+    # the patch is where MONAI's own crop of the whole case puts it, value for value
+    reference = mt.RandCropByLabelClassesd(
+        [IMAGE, LABEL], label_key=LABEL, spatial_size=[32, 32, 32], ratios=[0.5, 0.5],
+        num_classes=2, num_samples=1, warn=False, indices_key=INDICES_KEY)
+    reference.set_random_state(seed=0)
+    whole = {key: torch.from_numpy(np.array(value)) if key != INDICES_KEY else value
+             for key, value in case.mapped().items()}
+    (expected,) = reference(whole)
+    assert torch.equal(expected[IMAGE].as_tensor(), patch[IMAGE])
+    assert torch.equal(expected[LABEL].as_tensor().float(), patch[LABEL])
+
+
+def test_validation_reads_the_unpadded_case(tmp_path):
+    case, image, label = _large_cached_case(tmp_path)
+    whole = case.whole()
+    assert np.array_equal(whole["image"].numpy(), image[:, 10:150])
+    assert np.array_equal(whole["label"].numpy(), label[:, 10:150])
+
+
+def test_auto_chooses_memory_under_half_the_machine_and_disk_past_it():
+    from medseg.cache import choose_cache
+
+    gb = 2**30
+    assert choose_cache("auto", 5 * gb, 24 * gb)[0] == "memory"
+    mode, why = choose_cache("auto", 230 * gb, 24 * gb)
+    assert mode == "disk" and why == ("the cases would take about 230 GB of memory, more than "
+                                      "50% of this machine's 24 GB")
+    assert choose_cache("auto", 5 * gb, 24 * gb, processes=4)[0] == "disk"  # a copy each
+    assert choose_cache("auto", None, 24 * gb)[0] == "memory"  # nothing to go by: as before
+    assert choose_cache("disk", 1.0, 24 * gb)[0] == "disk"
+    assert choose_cache("memory", 230 * gb, 24 * gb)[0] == "memory"
+
+
+def test_auto_goes_to_disk_on_a_small_machine_and_says_why(tmp_path, phantom_dataset,
+                                                         monkeypatch, capsys):
+    import medseg.fileio
+
+    monkeypatch.setattr(medseg.fileio, "physical_memory", lambda: 2**18)  # 256 KB
+    assert train(tmp_path / "memory", phantom_dataset, "train.cache=memory") == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
+    assert last.startswith("medseg: error: the data's own spacing [4, 4, 8] mm (planned from "
+                           "its median spacing; 'plan.target_spacing' is not set) would ")
+    assert last.endswith("set 'train.cache' to disk (or auto) to keep the cases on disk")
+    assert train(tmp_path / "auto", phantom_dataset, "train.max_minutes=0.00001") == 0
+    out = capsys.readouterr().out
+    assert ("train.cache auto chose disk: the cases would take about 0.0011 GB of memory, "
+            "more than 50% of this machine's 0.000244 GB; the preprocessed cases go to "
+            f"{tmp_path / 'auto' / 'cache'}") in out
+    assert (tmp_path / "auto" / "cache" / "manifest.json").is_file()
+
+
+def test_a_disk_without_room_for_the_cache_is_refused_naming_the_folder(
+        tmp_path, phantom_dataset, monkeypatch, capsys):
+    import shutil
+
+    import medseg.cache
+
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(medseg.cache.shutil, "disk_usage",
+                        lambda path: usage._replace(free=100_000))
+    assert train(tmp_path / "run", phantom_dataset, "train.cache=disk") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert err == [f"medseg: error: {tmp_path / 'run' / 'cache'}: the disk cache of 6 case(s) "
+                   f"needs about 0.00339 GB and its disk has 9.31e-05 GB free: free some space "
+                   f"or put the run folder on a larger disk"]
+
+
+def test_an_unknown_cache_is_refused_naming_the_key():
+    from medseg.config import load_workflow
+
+    with pytest.raises(MedsegError) as caught:
+        load_workflow(None, ["train.cache=ssd"])
+    assert str(caught.value) == ("--set train.cache=ssd: 'train.cache' is 'ssd'; choose one of "
+                                 "auto, memory, disk")
+
+
+def test_the_data_s_own_spacing_is_not_blamed_on_the_key():
+    from medseg.config import PlanConfig
+    from medseg.plan import make_plan, refuse_unaffordable_spacing
+
+    # 300 CTs of 512 x 512 x 400 at their own spacing: about 230 GB in memory
+    fp = synthetic_fingerprint([[0.8, 0.8, 1.5]] * 300, [[512, 512, 400]] * 300, "CT")
+    plan = make_plan(fp, PlanConfig())
+    memory = 24 * 2**30
+    with pytest.raises(MedsegError) as caught:
+        refuse_unaffordable_spacing(fp, plan, memory, "memory", spacing_given=False)
+    message = str(caught.value)
+    assert message.startswith("the data's own spacing [0.8, 0.8, 1.5] mm (planned from its "
+                              "median spacing; 'plan.target_spacing' is not set)")
+    assert message.endswith("this machine has 24 GB: set 'train.cache' to disk (or auto) to "
+                            "keep the cases on disk")
+    assert "coarser" not in message
+    refuse_unaffordable_spacing(fp, plan, memory, "auto", spacing_given=False)  # disk then
+    refuse_unaffordable_spacing(fp, plan, memory, "disk", spacing_given=False)
+    # a case beyond 2^31 voxels is refused whatever the cache
+    fine = make_plan(fp, PlanConfig(target_spacing=[0.1, 0.1, 0.1]))
+    for cache in ("memory", "auto", "disk"):
+        with pytest.raises(MedsegError, match=r"more than 2\^31: choose a coarser spacing"):
+            refuse_unaffordable_spacing(fp, fine, memory, cache, spacing_given=True)
+
+
+def test_under_torchrun_rank_0_builds_the_cache_and_both_train_on_it(tmp_path,
+                                                                     phantom_dataset):
+    """Rank 0 writes the cache while rank 1 waits; both then read it, and the run ends with
+    the weights of the same run on the memory cache."""
+    from test_ddp import run_files, torchrun
+
+    runs = {}
+    for mode in ("memory", "disk"):
+        runs[mode] = tmp_path / mode
+        done = torchrun(str(REPO / "workflows" / "demo.yaml"), "--out", str(runs[mode]),
+                        *as_sets([f"dataset.path={phantom_dataset}", *DETERMINISTIC,
+                                  f"train.cache={mode}"]))
+        assert done.returncode == 0, done.stderr[-3000:]
+    cached = {name for name in run_files(runs["disk"]) if name.startswith("cache/")}
+    assert len(cached) == 1 + 3 * 6  # the manifest and each case's three files, once
+    assert run_files(runs["disk"]) - cached == run_files(runs["memory"])
+    assert_same_weights(runs["memory"], runs["disk"])

@@ -34,7 +34,9 @@ EXIT_USER_ERROR = 2
 EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a process SIGTERM killed
 # what a resumed run may change: not its course (a moved dataset must hold the same cases,
 # which resume checks)
-RESUME_OVERRIDES = ("train.max_minutes", "dataset.path")
+# what a resumed run may change: its budget, where its dataset lies, and where its cases are
+# cached (memory and disk give the same patches, so the run goes on as it began)
+RESUME_OVERRIDES = ("train.max_minutes", "dataset.path", "train.cache")
 
 
 def main(argv: list[str] | None = None) -> int:

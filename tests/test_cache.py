@@ -87,6 +87,17 @@ def test_resume_in_disk_mode_repeats_the_uninterrupted_run_and_reuses_the_cache(
     assert cache_times(tmp_path / "split") == built
 
 
+def test_a_resume_may_move_the_cases_to_disk_and_ends_as_the_straight_run(tmp_path,
+                                                                          phantom_dataset):
+    assert train(tmp_path / "straight", phantom_dataset, "train.cache=memory") == 0
+    assert train(tmp_path / "split", phantom_dataset, "train.cache=memory",
+                 "train.max_minutes=0.00001") == 0
+    assert main(["train", "--resume", str(tmp_path / "split"), "--set",
+                 "train.cache=disk"]) == 0
+    assert (tmp_path / "split" / "cache" / "manifest.json").is_file()
+    assert_same_weights(tmp_path / "straight", tmp_path / "split")
+
+
 def test_a_changed_plan_or_case_file_rebuilds_what_it_changed(tmp_path, phantom_dataset):
     import shutil
 

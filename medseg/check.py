@@ -8,7 +8,6 @@ the exit status 1; a dataset description that cannot be read at all raises Medse
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +39,7 @@ from medseg.io import (
     refuse_out_of_range,
     shear_degrees,
     storage_reordering,
+    voxels_digest,
 )
 
 SPACING_OUTLIER_FACTOR = 2.0
@@ -88,6 +88,7 @@ class _CaseFacts:
     case: Case
     geometry: Geometry | None = None
     digest: str | None = None  # of all the case's channels together; None if one is unread
+    label_digest: str | None = None  # of its label; None without one, or if unread
     label_ids: frozenset[int] = frozenset()  # the values its label file holds
 
 
@@ -141,7 +142,8 @@ def _check_case(case: Case, dataset: Dataset, layout: str) -> tuple[list[Problem
         # the whole case: two cases may share one channel (an all-zero missing sequence)
         facts.digest = "+".join(digests)
     if case.label in geometries:
-        facts.label_ids = _check_label_voxels(case.label, dataset.labels, add)
+        facts.label_ids, facts.label_digest = _check_label_voxels(case.label, dataset.labels,
+                                                                  add)
     return problems, facts
 
 
@@ -176,6 +178,8 @@ def _check_grids(case: Case, geometries: dict[Path, Geometry], add) -> None:
     reference = geometries.get(first)
     for file, geometry in geometries.items():
         note = header_note(geometry)
+        # a label without orientation is read as its image is (the image's row says it);
+        # a label whose qform and sform disagree shows elsewhere in ITK tools on its own
         if note and (file in case.images or not orientation_unknown(geometry)):
             add(file, note, "warning")
         if reference is None or file == first:
@@ -202,18 +206,19 @@ def _check_image_voxels(file: Path, add) -> str | None:
         refuse_out_of_range(volume.data, np.dtype(np.float32), file)
     except MedsegError as exc:
         add(file, _message(exc))
-    data = np.ascontiguousarray(volume.data)
-    return hashlib.sha256(str(data.shape).encode() + str(data.dtype).encode()
-                          + data.tobytes()).hexdigest()
+        return None  # no float32 copy to compare
+    return voxels_digest(volume.data)  # as training's: a float32 copy of an int16 case is one
 
 
-def _check_label_voxels(file: Path, labels: dict[int, str], add) -> frozenset[int]:
-    """Label values outside the map, or an empty label; returns the values found."""
+def _check_label_voxels(file: Path, labels: dict[int, str], add
+                        ) -> tuple[frozenset[int], str | None]:
+    """Label values outside the map, or an empty label; returns the values found and the
+    label's digest."""
     try:
         data = read_label_map(file).data
     except MedsegError as exc:
         add(file, _message(exc))
-        return frozenset()
+        return frozenset(), None
     values = set(np.unique(data).tolist())
     known = set(labels) if labels else {v for v in values if v >= 0}
     unknown = sorted(values - known)
@@ -222,7 +227,7 @@ def _check_label_voxels(file: Path, labels: dict[int, str], add) -> frozenset[in
                   f"{sorted(labels) if labels else '(non-negative integers)'}")
     if not values - {0}:
         add(file, "label is empty (background only)", "warning")
-    return frozenset(values)
+    return frozenset(values), voxels_digest(data)
 
 
 def _gapped_label_ids(facts: list[_CaseFacts], where: Path) -> list[Problem]:
@@ -258,11 +263,24 @@ def _duplicates(facts: list[_CaseFacts]) -> list[Problem]:
                 problems.append(Problem("error", case.name, file,
                                         f"same file as case {other.name}"))
         if fact.digest is not None:
-            other = first_by_digest.setdefault(fact.digest, case)
-            if other is not case:
-                problems.append(Problem("error", case.name, image,
-                                        f"same voxels as case {other.name} (duplicate case)"))
+            other = first_by_digest.setdefault(fact.digest, fact)
+            if other is not fact:
+                problems.append(_same_image(fact, other))
     return problems
+
+
+def _same_image(fact: _CaseFacts, other: _CaseFacts) -> Problem:
+    """Two cases with the same image voxels: a duplicate (training refuses it), or, with
+    another label, one scan annotated twice (several raters)."""
+    case = fact.case
+    if fact.label_digest == other.label_digest:
+        return Problem("error", case.name, case.images[0],
+                       f"same voxels as case {other.case.name} in every channel and the label "
+                       f"(duplicate case)")
+    return Problem("warning", case.name, case.images[0],
+                   f"same image voxels as case {other.case.name}, with another label (two "
+                   f"raters?): keep them in one fold (train.splits_file), or one may be "
+                   f"trained on and the other validated on")
 
 
 def _outliers(facts: list[_CaseFacts]) -> list[Problem]:

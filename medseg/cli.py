@@ -378,7 +378,7 @@ def _train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool,
                workflow_file: Path | None = None) -> list:
     """dataset -> fingerprint -> plan -> splits -> train each fold; all saved in run_dir."""
     from medseg.config import save_workflow
-    from medseg.datasets import load_dataset, make_splits
+    from medseg.datasets import list_dataset, load_dataset, make_splits
     from medseg.fileio import atomic_write_json, physical_memory
     from medseg.plan import (
         fingerprint,
@@ -398,6 +398,11 @@ def _train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool,
         _refuse_inputs_inside(run_dir, workflow, workflow_file)
     ds = workflow.dataset
     dataset = load_dataset(ds.path, ds.layout, ds.modality, ds.labels)
+    if overwrite:  # a CSV's or dataset.json's files may lie anywhere, the run folder too
+        _refuse_inputs_inside(run_dir, workflow, None, dataset)
+    if ds.layout == "auto":  # saved as found: a resume must read the dataset the same way
+        workflow = dataclasses.replace(workflow, dataset=dataclasses.replace(
+            ds, layout=list_dataset(ds.path).layout))
     labels = dataset.labels or "from the label files"
     print(f"dataset: {len(dataset.cases)} cases, labels {labels}, "
           f"modalities {list(dataset.modalities)}")
@@ -632,8 +637,15 @@ def _refuse_changed_labels(dataset, plan, plan_path: Path) -> None:
 
 
 def _refuse_changed_channels(dataset, plan, plan_path: Path) -> None:
-    """The network's inputs are the plan's channels, each normalized as its modality."""
-    if list(dataset.modalities) != list(plan.modalities):
+    """The network's inputs are the plan's channels, each normalized as its modality (the
+    plan's normalization goes on as it began). A run planned before nnU-Net's noNorm,
+    rescale_to_0_1 and rgb_to_0_1 were told apart read them as MR: still the same channels."""
+    def same(ours: str, planned: str) -> bool:
+        return ours == planned or (planned == "MR" and ours != "CT")
+
+    if len(dataset.modalities) != len(plan.modalities) or not all(
+            same(ours, planned) for ours, planned in zip(dataset.modalities, plan.modalities,
+                                                         strict=True)):
         raise MedsegError(f"the dataset's channels {list(dataset.modalities)} differ from the "
                           f"run's {list(plan.modalities)}: resume on the dataset the run was "
                           f"trained on", plan_path)
@@ -722,15 +734,21 @@ def _check_run_folder(run_dir: Path, overwrite: bool) -> None:
                               run_dir)
 
 
-def _refuse_inputs_inside(run_dir: Path, workflow, workflow_file: Path | None) -> None:
+def _refuse_inputs_inside(run_dir: Path, workflow, workflow_file: Path | None,
+                          dataset=None) -> None:
     """--overwrite deletes the whole run folder: a dataset, workflow or splits file kept in
-    it would go with it (and training would then fail on the files it just deleted)."""
+    it, or a case file the dataset lists from there, would go with it (and training would
+    then fail on the files it just deleted)."""
     if not run_dir.is_dir():
         return
     inside = run_dir.resolve()
-    inputs = {"dataset.path": workflow.dataset.path, "train.splits_file":
-              workflow.train.splits_file, "the workflow file": workflow_file}
-    for what, path in inputs.items():
+    inputs = [("dataset.path", workflow.dataset.path),
+              ("train.splits_file", workflow.train.splits_file),
+              ("the workflow file", workflow_file)]
+    for case in dataset.cases if dataset is not None else ():
+        inputs += [(f"a file of case {case.name}", path)
+                   for path in (*case.images, case.label) if path is not None]
+    for what, path in inputs:
         if path and Path(path).resolve().is_relative_to(inside):
             raise MedsegError(f"--overwrite would delete {what} {path}, which lies inside the "
                               f"run folder: move it out first", run_dir)

@@ -43,6 +43,11 @@ class Case:
     images: tuple[Path, ...]
     label: Path | None = None
 
+    def __post_init__(self) -> None:
+        # one spelling of accented names: macOS writes 'café' decomposed (NFD), most other
+        # tools composed (NFC); splits name cases the same way (read_splits)
+        object.__setattr__(self, "name", unicodedata.normalize("NFC", self.name))
+
 
 @dataclass(frozen=True)
 class Dataset:
@@ -246,6 +251,8 @@ def read_splits(path: Path) -> list[dict]:
             raise MedsegError(f"fold {number} needs 'train' and 'val' lists of case names", path)
         if not fold["train"]:
             raise MedsegError(f"fold {number} has no training case", path)
+        for part in ("train", "val"):  # spelled as Case spells names
+            fold[part] = [unicodedata.normalize("NFC", name) for name in fold[part]]
         shared = sorted(set(fold["train"]) & set(fold["val"]))
         if shared:
             raise MedsegError(f"fold {number} validates on its own training case(s) "
@@ -320,11 +327,24 @@ def _detect_layout(root: Path) -> str:
         if "training" not in data:
             return "nnunet"
         return "nnunet" if _nnunet_v1_files(root, data["training"]) else "msd"
-    if (root / CSV_NAME).is_file():  # it says more than the folders do (channels, names)
+    folders = (root / "images").is_dir() and (root / "labels").is_dir()
+    # a dataset.csv of cases says more than the folders do (channels, names); one of other
+    # columns beside the folders (the patients' age and sex) is not a description
+    if (root / CSV_NAME).is_file() and (not folders or _lists_cases(root / CSV_NAME)):
         return "csv"
-    if (root / "images").is_dir() and (root / "labels").is_dir():
+    if folders:
         return "folders"
     raise MedsegError(f"no dataset.json, no images/ + labels/ folders and no {CSV_NAME}", root)
+
+
+def _lists_cases(path: Path) -> bool:
+    """Whether a CSV's header has the columns of the csv layout (image and label); its rows
+    are checked when it is read as the dataset."""
+    try:
+        header = next(csv.reader(io.StringIO(read_user_text(path), newline="")), [])
+    except (MedsegError, csv.Error):
+        return False
+    return {"image", "label"} <= {column.strip() for column in header}
 
 
 def _nnunet_v1_files(root: Path, entries: object) -> bool:
@@ -554,8 +574,8 @@ def _volumes_by_name(folder: Path) -> tuple[dict[str, Path], list[tuple[Path, st
         if path.name.startswith("."):
             continue
         if path.is_dir() or path.name.lower().endswith(IMAGE_SUFFIXES):
-            # one spelling of accented names: macOS writes 'café' decomposed (NFD), most
-            # other tools composed (NFC), and the two would not pair
+            # one spelling of accented names (as Case's), or an image and its label would
+            # not pair
             name = unicodedata.normalize("NFC", strip_image_suffix(path.name))
             if name in found:
                 clashes.append((path, f"{found[name].name} and {path.name} are both case "

@@ -31,7 +31,8 @@ WindowPredictor = Callable[[torch.Tensor], torch.Tensor]
 FLUSH_PLANES = 4
 WINDOW_BATCH_BYTES = 128 * 2**20  # float32 class scores of one batch of windows
 # an input axis may map onto a network axis with its far end this far (network voxels) off:
-# predict's shear limit (0.01 degrees) stays within it up to ~2900 network voxels per axis
+# the mask goes back axis by axis, so a scan sheared by 0.1 degrees (cosines rounded to 3
+# decimals) stays within it up to ~290 network voxels along an axis, 0.01 degrees to ~2900
 MAX_NEGLECTED_SHIFT_VOXELS = 0.5
 
 

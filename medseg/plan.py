@@ -7,7 +7,6 @@ saved as JSON in the run folder so a person can read them and later stages reuse
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import re
@@ -21,6 +20,7 @@ from tqdm import tqdm
 from medseg.config import NETWORK_NAMES, PlanConfig
 from medseg.datasets import (
     MODALITIES,
+    Case,
     Dataset,
     id_past_a_gap,
     label_id_problem,
@@ -36,6 +36,7 @@ from medseg.io import (
     on_grid_of,
     read_label_map,
     read_volume,
+    voxels_digest,
 )
 
 SAMPLES_PER_CASE = 10_000
@@ -107,11 +108,10 @@ def fingerprint(dataset: Dataset, seed: int = 0, progress: bool = True) -> Finge
     for case in tqdm(dataset.cases, desc="fingerprint", unit="case", leave=False,
                      disable=not progress):
         label = read_label_map(case.label) if case.label else None
-        digest = hashlib.sha256()
+        digests = []
         for channel, image_path in enumerate(case.images):
             image = read_volume(image_path)
-            digest.update(str(image.data.shape).encode())
-            digest.update(_contiguous_bytes(image.data))
+            digests.append(voxels_digest(image.data))
             if channel == 0:
                 label = _label_on_grid(image, label) if label is not None else None
                 spacings.append(_ras_ordered(image.affine, image.spacing))
@@ -120,7 +120,9 @@ def fingerprint(dataset: Dataset, seed: int = 0, progress: bool = True) -> Finge
             else:  # the label lies on channel 0's grid already
                 _check_channel_grid(image, first)
             _sample_intensities(image, label, rng, samples[channel])
-        _refuse_duplicate(first_with_voxels, digest.hexdigest(), case)
+        if label is not None:
+            digests.append(voxels_digest(label.data))
+        _refuse_duplicate(first_with_voxels, "+".join(digests), case)
         if label is not None:
             _check_label_values(label, dataset.labels)
             _count_classes(label, class_voxels)
@@ -153,18 +155,15 @@ def _sample_intensities(image: Volume, label: Volume | None, rng: np.random.Gene
         samples.append(rng.choice(values, size=take, replace=False))
 
 
-def _contiguous_bytes(data: np.ndarray) -> memoryview:
-    return memoryview(np.ascontiguousarray(data)).cast("B")
-
-
-def _refuse_duplicate(first_with_voxels: dict[str, str], digest: str, case) -> None:
-    """The same voxels in every channel as an earlier case (`medseg check`'s duplicate case):
-    one copy could be trained on and the other validated on."""
+def _refuse_duplicate(first_with_voxels: dict[str, str], digest: str, case: Case) -> None:
+    """The same voxels in every channel and label as an earlier case (`medseg check`'s
+    duplicate case): one copy could be trained on and the other validated on. One image
+    with two raters' labels is two cases."""
     first = first_with_voxels.setdefault(digest, case.name)
     if first != case.name:
-        raise MedsegError(f"same voxels as case {first} in every channel: a duplicate case "
-                          f"(one copy could be trained on and the other validated on); "
-                          f"remove one", case.images[0])
+        raise MedsegError(f"same voxels as case {first} in every channel and the label: a "
+                          f"duplicate case (one copy could be trained on and the other "
+                          f"validated on); remove one", case.images[0])
 
 
 def _count_classes(label: Volume, class_voxels: dict[int, int]) -> None:
@@ -485,10 +484,9 @@ def _refuse_huge_patch(patch: list[int], config: PlanConfig) -> None:
     failed allocation of so many bytes)."""
     voxels = math.prod(patch) * config.batch_size
     if voxels > MAX_VOXELS:
-        raise MedsegError(f"plan.patch_size {patch} (batch {config.batch_size}) makes "
-                          f"{voxels:.3g} voxels per training step, beyond 2^31: the planned "
-                          f"patch holds at most plan.max_patch_voxels "
-                          f"({config.max_patch_voxels})")
+        key = "plan.patch_size" if config.patch_size else "plan.max_patch_voxels"
+        raise MedsegError(f"'{key}' makes patches of {patch} (batch {config.batch_size}): "
+                          f"{voxels:.3g} voxels per training step, beyond 2^31")
 
 
 def _check_network(network: str, strides: list[list[int]]) -> None:

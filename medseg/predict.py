@@ -335,7 +335,7 @@ def prepare_case(plan: Plan, volume: Volume | Path | list[Volume | Path],
                                                             resample_irregular)
                 for c in channels]
     geometry = channels[0].geometry
-    note = header_note(geometry)  # the model may see front and back swapped
+    note = header_note(geometry)  # where the scan lies is open to doubt: say so
     if note:
         tqdm.write(f"medseg: note: {channels[0].path}: {note}", file=sys.stderr)
     refuse_sheared_axes(geometry, channels[0].path, "and the mask goes back onto the input "

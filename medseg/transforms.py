@@ -110,15 +110,13 @@ def _spatial_ranges(patch: list[int], augment: AugmentConfig
     than 3 times longer along one axis than along its shortest (thick slices) is rotated
     about that short axis only and scaled in its plane only, as nnU-Net's "dummy 2D"
     augmentation does: a tilt would interpolate across the thick slices and bring in
-    padding."""
+    padding. Two such short axes are not rotated at all."""
     radians = float(np.deg2rad(augment.rotate_degrees))
-    rotate = [radians] * 3
-    scale = [augment.scale_range] * 3
-    thin = int(np.argmin(patch))
-    if max(patch) / patch[thin] > IN_PLANE_PATCH_RATIO:
-        rotate = [radians if axis == thin else 0.0 for axis in range(3)]
-        scale[thin] = 0.0
-    return (rotate if augment.rotate_prob > 0 else None,
+    thin = [axis for axis in range(3) if max(patch) / patch[axis] > IN_PLANE_PATCH_RATIO]
+    # about the thin axis only; with two thin axes (a rod) any rotation tilts one of them
+    rotate = [radians if not thin or thin == [axis] else 0.0 for axis in range(3)]
+    scale = [0.0 if axis in thin else augment.scale_range for axis in range(3)]
+    return (rotate if augment.rotate_prob > 0 and len(thin) < 2 else None,
             scale if augment.scale_prob > 0 else None)
 
 

@@ -191,7 +191,8 @@ def test_cases_sharing_one_channel_are_not_duplicates(tmp_path):
         "file_ending": ".nii.gz"}), encoding="utf-8")
     duplicates = [(p.case, p.message) for p in check_dataset(tmp_path).problems
                   if "duplicate" in p.message]
-    assert duplicates == [("d", "same voxels as case a (duplicate case)")]
+    assert duplicates == [("d", "same voxels as case a in every channel and the label "
+                                "(duplicate case)")]
 
 
 def test_two_files_of_one_label_are_still_an_error(tmp_path):

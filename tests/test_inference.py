@@ -163,6 +163,11 @@ def test_axes_a_rounding_error_off_a_right_angle_are_mapped_others_refused():
     sheared[0, 2] = np.sin(np.deg2rad(0.01))
     axis_maps(affine(sheared @ np.diag([0.8, 0.8, 1.5])), affine(np.diag([0.8] * 3)),
               (512, 512, 1000))
+    # 0.1 degrees (cosines rounded to 3 decimals): 200 voxels are mapped, 400 are not
+    sheared[0, 2] = np.sin(np.deg2rad(0.1))
+    axis_maps(affine(sheared), affine(np.eye(3)), (200, 200, 200))
+    with pytest.raises(MedsegError, match=r"\(0.70 network voxels off at the far end\)"):
+        axis_maps(affine(sheared), affine(np.eye(3)), (400, 400, 400))
     sheared[0, 2] = 0.1  # 5.7 degrees: the far end of 20 slices lands 1.4 voxels off
     with pytest.raises(MedsegError, match=r"too far from right angles .* \(1.4\d network "
                                           r"voxels off at the far end\)"):

@@ -17,10 +17,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import synthetic_fingerprint
+from helpers import REPO, TINY_TRAINING, as_sets, synthetic_fingerprint
 from test_multichannel import write_two_channel_dataset
 
 from medseg.check import check_dataset
+from medseg.cli import main
 from medseg.config import PlanConfig
 from medseg.datasets import list_dataset, load_dataset
 from medseg.errors import MedsegError
@@ -37,6 +38,17 @@ def test_auto_layout_reads_a_dataset_csv_before_the_folders(tmp_path):
     listing = list_dataset(tmp_path)
     assert listing.layout == "csv" and len(listing.dataset.cases[0].images) == 2
     assert list_dataset(tmp_path, "folders").layout == "folders"  # still there when asked
+    # a review: a dataset.csv of the patients' data beside the folders is not a description
+    (tmp_path / "dataset.csv").write_text("case,age,sex\nc0,61,F\n", encoding="utf-8")
+    assert list_dataset(tmp_path).layout == "folders"
+
+
+def test_the_layout_found_is_saved_for_a_resume(phantom_dataset, tmp_path):
+    run = tmp_path / "run"
+    assert main(["train", str(REPO / "workflows" / "demo.yaml"), "--out", str(run),
+                 *as_sets([f"dataset.path={phantom_dataset}", "dataset.layout=auto",
+                           *TINY_TRAINING])]) == 0
+    assert "layout: msd" in (run / "workflow.yaml").read_text(encoding="utf-8")
 
 
 def test_nnunet_num_training_is_checked(tmp_path):
@@ -99,6 +111,11 @@ def test_nnunet_channel_names_choose_the_normalization(tmp_path):
                                                              tmp_path / "c0.nii.gz"]))[IMAGE]
     assert torch.equal(torch.unique(image[0]), torch.tensor([0.0, 7.0]))  # noNorm: as is
     assert torch.equal(torch.unique(image[1]), torch.tensor([0.0, 1.0]))  # 3..4 -> 0..1
+    rgb = Plan(**{**plan.to_json(), "in_channels": 1, "modalities": ["rgb_to_0_1"],
+                  "normalization": [{"scheme": "rgb_to_0_1"}]})
+    nib.save(nib.Nifti1Image(mask * 255.0, np.eye(4)), str(tmp_path / "rgb.nii.gz"))
+    image = preprocessing(rgb, with_label=False)(case_dict([tmp_path / "rgb.nii.gz"]))[IMAGE]
+    assert torch.equal(torch.unique(image[0]), torch.tensor([0.0, 1.0]))  # 0..255 -> 0..1
 
 
 def test_training_refuses_a_duplicate_case_naming_it(tmp_path):
@@ -111,8 +128,36 @@ def test_training_refuses_a_duplicate_case_naming_it(tmp_path):
     (tmp_path / "dataset.json").write_text(json.dumps({**description, "numTraining": 4}),
                                            encoding="utf-8")
     with pytest.raises(MedsegError, match=r"case3_0000.nii.gz: same voxels as case case0 in "
-                                          r"every channel: a duplicate case"):
+                                          r"every channel and the label: a duplicate case"):
         fingerprint(load_dataset(tmp_path), progress=False)
+
+
+def test_one_scan_with_two_raters_labels_is_two_cases_that_check_points_out(tmp_path):
+    """A review: the duplicate refusal stopped multi-rater collections (LIDC, QUBIQ), and
+    check hashed the stored type where training hashes float32 (an int16 case beside its
+    float32 copy: training refused, check passed)."""
+    write_two_channel_dataset(tmp_path, n_cases=3)
+    for channel in (0, 1):  # case0 again, as float64, with another rater's label
+        image = nib.load(tmp_path / f"imagesTr/case0_{channel:04d}.nii.gz")
+        nib.save(nib.Nifti1Image(np.asarray(image.dataobj, np.float64), image.affine),
+                 str(tmp_path / f"imagesTr/case3_{channel:04d}.nii.gz"))
+    label = nib.load(tmp_path / "labelsTr/case0.nii.gz")
+    other_rater = np.asarray(label.dataobj).copy()
+    other_rater[other_rater == 2] = 0
+    nib.save(nib.Nifti1Image(other_rater, label.affine), str(tmp_path / "labelsTr/case3.nii.gz"))
+    description = json.loads((tmp_path / "dataset.json").read_text(encoding="utf-8"))
+    (tmp_path / "dataset.json").write_text(json.dumps({**description, "numTraining": 4}),
+                                           encoding="utf-8")
+    fingerprint(load_dataset(tmp_path), progress=False)  # not refused
+    rows = [(p.severity, p.case, p.message) for p in check_dataset(tmp_path).problems
+            if "case0" in p.message]
+    assert rows == [("warning", "case3", "same image voxels as case case0, with another label "
+                                         "(two raters?): keep them in one fold "
+                                         "(train.splits_file), or one may be trained on and the "
+                                         "other validated on")]
+    nib.save(label, str(tmp_path / "labelsTr/case3.nii.gz"))  # the same label: a duplicate
+    assert [p.severity for p in check_dataset(tmp_path).problems
+            if "case0" in p.message] == ["error"]
 
 
 def test_a_channel_off_its_cases_grid_is_named_against_channel_0(tmp_path):
@@ -129,8 +174,9 @@ def test_a_channel_off_its_cases_grid_is_named_against_channel_0(tmp_path):
 
 def test_a_patch_beyond_2_to_the_31_voxels_is_refused_naming_the_key():
     fp = synthetic_fingerprint([[1.0, 1.0, 1.0]], [[64, 64, 64]])
-    with pytest.raises(MedsegError, match=r"plan.patch_size \[4000, 4000, 4000\] \(batch 2\) "
-                                          r"makes 1.28e\+11 voxels per training step"):
+    with pytest.raises(MedsegError, match=r"'plan.patch_size' makes patches of \[4000, 4000, "
+                                          r"4000\] \(batch 2\): 1.28e\+11 voxels per training "
+                                          r"step"):
         make_plan(fp, PlanConfig(patch_size=[4000, 4000, 4000]))
 
 
@@ -167,3 +213,35 @@ def test_folder_pairs_match_accented_names_in_either_unicode_form(tmp_path, monk
     listing = list_dataset(tmp_path)
     assert [case.name for case in listing.dataset.cases] == ["caf\u00e9"]
     assert listing.orphans == ()
+
+
+def test_a_run_planned_when_nonorm_read_as_mr_resumes(tmp_path, capsys):
+    """A review: a run whose plan.json says MR for a channel the dataset now names noNorm
+    (every non-CT name was MR before) was refused as another dataset on --resume."""
+    data = tmp_path / "data"
+    write_two_channel_dataset(data)
+    run = tmp_path / "run"
+    assert main(["train", str(REPO / "workflows" / "demo.yaml"), "--out", str(run),
+                 *as_sets([f"dataset.path={data}", "dataset.layout=nnunet", *TINY_TRAINING,
+                           "train.max_minutes=0.00001"])]) == 0
+    description = json.loads((data / "dataset.json").read_text(encoding="utf-8"))
+    description["channel_names"] = {"0": "CT", "1": "noNorm"}
+    (data / "dataset.json").write_text(json.dumps(description), encoding="utf-8")
+    assert main(["train", "--resume", str(run)]) == 0
+    description["channel_names"] = {"0": "noNorm", "1": "T2"}  # CT is another channel
+    (data / "dataset.json").write_text(json.dumps(description), encoding="utf-8")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--fold", "1"]) == 2
+    assert "differ from the run's ['CT', 'MR']" in capsys.readouterr().err
+
+
+def test_splits_and_cases_name_accented_cases_alike(tmp_path):
+    """A review: with folder names made NFC, a splits file of macOS (NFD) names no longer
+    matched its cases."""
+    from medseg.datasets import Case, read_splits
+
+    decomposed = unicodedata.normalize("NFD", "caf\u00e9")
+    assert Case(decomposed, ()).name == "caf\u00e9"
+    path = tmp_path / "splits.json"
+    path.write_text(json.dumps([{"train": [decomposed], "val": ["b"]}]), encoding="utf-8")
+    assert read_splits(path)[0]["train"] == ["caf\u00e9"]

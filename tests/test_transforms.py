@@ -177,6 +177,7 @@ def test_a_patch_of_thick_slices_is_rotated_and_scaled_in_its_plane_only():
     assert _spatial_ranges([192, 192, 28], augment) == ([0.0, 0.0, radians], [0.2, 0.2, 0.0])
     assert _spatial_ranges([28, 160, 192], augment) == ([radians, 0.0, 0.0], [0.0, 0.2, 0.2])
     assert _spatial_ranges([40, 56, 40], augment) == ([radians] * 3, [0.2] * 3)
+    assert _spatial_ranges([28, 28, 192], augment) == (None, [0.0, 0.0, 0.2])  # a rod
     labels = torch.arange(1, 9, dtype=torch.float32).expand(1, 64, 64, 8).clone()
     rotate, scale = _spatial_ranges([64, 64, 8], augment)
     moved = monai.transforms.RandAffine(prob=1.0, rotate_range=rotate, scale_range=scale,

@@ -108,3 +108,22 @@ def test_overwrite_refuses_a_dataset_inside_the_run_folder(phantom_dataset, tmp_
     assert main(["train", str(workflow), "--out", str(run), "--overwrite"]) == 2
     assert "--overwrite would delete the workflow file" in capsys.readouterr().err
     assert workflow.is_file()
+
+
+def test_overwrite_refuses_a_case_file_a_csv_lists_from_the_run_folder(phantom_dataset,
+                                                                      tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "plan.json").write_text("{}", encoding="utf-8")
+    scan = run / "kept.nii.gz"
+    shutil.copy(phantom_dataset / "imagesTr" / "phantom_000.nii.gz", scan)
+    rows = [f"{scan},{phantom_dataset / 'labelsTr' / 'phantom_000.nii.gz'}"]
+    rows += [f"{phantom_dataset / 'imagesTr' / name},{phantom_dataset / 'labelsTr' / name}"
+             for name in (f"phantom_00{k}.nii.gz" for k in range(1, 6))]
+    table = tmp_path / "cases.csv"
+    table.write_text("image,label\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    assert main(["train", str(REPO / "workflows" / "demo.yaml"), "--out", str(run),
+                 "--overwrite", "--set", f"dataset.path={table}", "--set",
+                 "dataset.layout=csv"]) == 2
+    assert "--overwrite would delete a file of case kept" in capsys.readouterr().err
+    assert scan.is_file()

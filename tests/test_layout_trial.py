@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import REPO, TINY_TRAINING, as_sets, synthetic_fingerprint
-from test_multichannel import write_two_channel_dataset
+from test_multichannel import stopped_two_channel_run, write_two_channel_dataset
 
 from medseg.check import check_dataset
 from medseg.cli import main
@@ -218,12 +218,7 @@ def test_folder_pairs_match_accented_names_in_either_unicode_form(tmp_path, monk
 def test_a_run_planned_when_nonorm_read_as_mr_resumes(tmp_path, capsys):
     """A review: a run whose plan.json says MR for a channel the dataset now names noNorm
     (every non-CT name was MR before) was refused as another dataset on --resume."""
-    data = tmp_path / "data"
-    write_two_channel_dataset(data)
-    run = tmp_path / "run"
-    assert main(["train", str(REPO / "workflows" / "demo.yaml"), "--out", str(run),
-                 *as_sets([f"dataset.path={data}", "dataset.layout=nnunet", *TINY_TRAINING,
-                           "train.max_minutes=0.00001"])]) == 0
+    data, run = stopped_two_channel_run(tmp_path)
     description = json.loads((data / "dataset.json").read_text(encoding="utf-8"))
     description["channel_names"] = {"0": "CT", "1": "noNorm"}
     (data / "dataset.json").write_text(json.dumps(description), encoding="utf-8")

@@ -31,6 +31,17 @@ def write_two_channel_dataset(root, n_cases=5):
         "numTraining": n_cases}), encoding="utf-8")
 
 
+def stopped_two_channel_run(tmp_path):
+    """A two-channel dataset and a run of it stopped by its budget after one epoch."""
+    data = tmp_path / "data"
+    write_two_channel_dataset(data)
+    run = tmp_path / "run"
+    assert main(["train", str(REPO / "workflows" / "demo.yaml"), "--out", str(run),
+                 *as_sets([f"dataset.path={data}", "dataset.layout=nnunet", *TINY_TRAINING,
+                           "train.max_minutes=0.00001"])]) == 0
+    return data, run
+
+
 def test_train_and_predict_two_channels(tmp_path, capsys):
     write_two_channel_dataset(tmp_path / "data")
     run = tmp_path / "run"
@@ -114,12 +125,7 @@ def test_a_resume_on_other_channels_and_gaps_in_channel_numbers_are_refused(tmp_
     """A resume on a dataset of three channels dropped the third without a word, and one of
     one channel died on a KeyError; channels 0 and 10 trained, and predict then refused the
     training's own files."""
-    data = tmp_path / "data"
-    write_two_channel_dataset(data)
-    run = tmp_path / "run"
-    assert main(["train", str(REPO / "workflows" / "demo.yaml"), "--out", str(run),
-                 *as_sets([f"dataset.path={data}", "dataset.layout=nnunet", *TINY_TRAINING,
-                           "train.max_minutes=0.00001"])]) == 0
+    data, run = stopped_two_channel_run(tmp_path)
     description = json.loads((data / "dataset.json").read_text(encoding="utf-8"))
     description["channel_names"] = {"0": "T2", "1": "CT"}  # swapped
     (data / "dataset.json").write_text(json.dumps(description), encoding="utf-8")

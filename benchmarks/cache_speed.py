@@ -18,6 +18,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,12 +32,14 @@ def train(run: Path, data: Path, mode: str, epochs: int, iterations: int) -> dic
     command = [sys.executable, "-m", "medseg.cli", "train", str(REPO / "workflows" / "demo.yaml"),
                "--out", str(run), "--overwrite", *[a for s in sets for a in ("--set", s)]]
     started = time.monotonic()
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, encoding="utf-8", errors="replace")
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.monotonic() - started
-    err = process.stderr.read()
-    process.stderr.close()
+    # stderr to a file, not a pipe: wait4 before reading would block a child whose progress
+    # bar filled the pipe
+    with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as log:
+        process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log)
+        _, status, usage = os.wait4(process.pid, 0)
+        wall = time.monotonic() - started
+        log.seek(0)
+        err = log.read()
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{mode}: training failed\n{err[-3000:]}")
     records = [json.loads(line) for line in

@@ -52,6 +52,11 @@ MEMORY_SHARE = 0.5
 INDICES_KEY = LABEL + INDICES_POSTFIX
 GB = 2**30
 ENTRY_KEYS = {"sources", "stem", "files", "shape", "counts", "box"}  # of a manifest's case
+SPARE_SHARE = 0.1  # free space kept beyond the cache's estimate
+# what a cached case passes through: a change in any of them prepares the cases again
+PREPROCESSING_MODULES = ("transforms.py", "reader.py", "io.py", "itkio.py", "dicom.py",
+                         "dicom_frames.py", "dicom_resample.py", "cache.py")
+PREPROCESSING_LIBRARIES = ("monai", "torch", "numpy", "nibabel", "SimpleITK", "pydicom")
 
 
 def resampled_shapes(spacings: list[list[float]], shapes: list[list[int]],
@@ -82,6 +87,23 @@ def choose_cache(requested: str, estimate: float | None, memory: int | None,
         return "memory", f"the cases take about {need / GB:.3g} GB{each}"
     return "disk", (f"the cases would take about {need / GB:.3g} GB of memory{each}, more "
                     f"than {MEMORY_SHARE:.0%} of this machine's {memory / GB:.3g} GB")
+
+
+# about how many copies of a case (float32 channels and label at the plan's spacing) a thread
+# holds while it prepares one: the read volume, its resampled and padded forms, the indices
+COPIES_WHILE_PREPARING = 4
+
+
+def build_threads(requested: int, shapes: list[list[float]] | None, channels: int,
+                  memory: int | None) -> int:
+    """How many cases to prepare at once: `requested` (train.num_workers), fewer when that
+    many large cases would not fit in MEMORY_SHARE of the machine's memory: disk mode is
+    chosen when memory is short, and each thread holds a case while it prepares it."""
+    if not shapes or memory is None:
+        return max(1, requested)
+    largest = max(float(np.prod(shape)) for shape in shapes) * 4 * (channels + 1)
+    fitting = int(MEMORY_SHARE * memory // (COPIES_WHILE_PREPARING * largest))
+    return max(1, min(requested, fitting))
 
 
 def fingerprint_shapes(run_dir: Path, plan: Plan) -> list[list[float]] | None:
@@ -251,7 +273,7 @@ class DiskCache:
     def _current(self, entry: dict | None, case: Case) -> bool:
         if not isinstance(entry, dict) or not ENTRY_KEYS <= entry.keys():
             return False
-        if entry["sources"] != _sources(case, self.root):
+        if entry["sources"] != _sources(case, self.root) or not _well_formed(entry, case):
             return False
         try:
             return all((self.folder / name).stat().st_size == size
@@ -275,7 +297,7 @@ class DiskCache:
     def refuse_without_space(self, needed: float, count: int) -> None:
         """Refuse, naming the folder, when its disk has less free space than `needed`."""
         free = shutil.disk_usage(self.folder).free
-        if needed > free:
+        if needed * (1 + SPARE_SHARE) > free:  # checkpoints and the rest need room too
             raise MedsegError(f"the disk cache of {count} case(s) needs about "
                               f"{needed / GB:.3g} GB and its disk has {free / GB:.3g} GB free: "
                               f"free some space or put the run folder on a larger disk",
@@ -295,7 +317,7 @@ class DiskCache:
                 done, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
                 raise_if_stopped()
                 for future in done:
-                    name, entry = future.result()
+                    name, entry = self._written(future)
                     entries[name] = entry
                     atomic_write_json(self.manifest, {"format": FORMAT, "key": self.key,
                                                       "cases": entries})
@@ -305,6 +327,15 @@ class DiskCache:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             bar.close()
+
+    def _written(self, future) -> tuple[str, dict]:
+        """A case's manifest entry, once written; a disk that filled up (or any other
+        failure to write) is named with the cache folder."""
+        try:
+            return future.result()
+        except OSError as exc:
+            raise MedsegError(f"cannot write the disk cache ({exc.strerror or exc}); the "
+                              f"cases written so far are kept", self.folder) from exc
 
     def _write_case(self, case: Case, prepare: Callable[[Case], dict]) -> tuple[str, dict]:
         sources = _sources(case, self.root)  # before reading: a file changed meanwhile rebuilds
@@ -341,13 +372,31 @@ class DiskCache:
 
 def cache_key(plan: Plan, deterministic: mt.Compose, pad_size: list[int]) -> str:
     """What the cached arrays depend on: the plan, the deterministic steps after
-    preprocessing, the padded size, the indices kept per class, MONAI and the format."""
-    import monai
-
+    preprocessing, the padded size, the indices kept per class, the format, the code that
+    reads and preprocesses a case (medseg's own modules, hashed: a fix there must not leave
+    a resumed run on arrays the memory cache would no longer make), and the versions of the
+    libraries under it."""
     what = {"format": FORMAT, "plan": plan.to_json(), "pad": list(pad_size),
             "steps": [type(t).__name__ for t in deterministic.transforms],
-            "samples_per_class": SAMPLES_PER_CLASS, "monai": monai.__version__}
+            "samples_per_class": SAMPLES_PER_CLASS, "code": _code_digest(),
+            "libraries": _library_versions()}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()
+
+
+def _code_digest() -> str:
+    """SHA-256 of the medseg modules a cached case passes through."""
+    import medseg
+
+    digest = hashlib.sha256()
+    for module in PREPROCESSING_MODULES:
+        digest.update((Path(medseg.__file__).parent / module).read_bytes())
+    return digest.hexdigest()
+
+
+def _library_versions() -> dict[str, str]:
+    import importlib.metadata
+
+    return {name: importlib.metadata.version(name) for name in PREPROCESSING_LIBRARIES}
 
 
 def case_preparer(preprocess: mt.Compose, deterministic: mt.Compose, num_classes: int
@@ -374,6 +423,24 @@ def case_preparer(preprocess: mt.Compose, deterministic: mt.Compose, num_classes
                 "box": [[int(a), int(a + n)] for a, n in zip(start, own, strict=True)]}
 
     return prepare
+
+
+def _well_formed(entry: dict, case: Case) -> bool:
+    """A manifest entry as _write_case writes it for this case: its files named from the
+    case (a hand-edited stem cannot point elsewhere), a 4-D shape, a count per class, a box
+    of three [start, end] pairs."""
+    stem = _stem(case.name)
+    files = entry["files"]
+    return (entry["stem"] == stem and isinstance(files, dict)
+            and set(files) == {f"{stem}.{part}.npy" for part in ("image", "label", "indices")}
+            and _whole_numbers(entry["shape"], 4) and _whole_numbers(entry["counts"])
+            and isinstance(entry["box"], list) and len(entry["box"]) == 3
+            and all(_whole_numbers(pair, 2) for pair in entry["box"]))
+
+
+def _whole_numbers(values, length: int | None = None) -> bool:
+    return (isinstance(values, list) and (length is None or len(values) == length)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values))
 
 
 def _numpy(value) -> np.ndarray:
@@ -419,10 +486,12 @@ def _size_and_time(path: Path) -> tuple[int, int]:
                 for name in names:
                     status = os.stat(os.path.join(folder, name))
                     sizes.append(status.st_size)
-                    times.append(status.st_mtime_ns)
+                    times.append(max(status.st_mtime_ns, status.st_ctime_ns))
             return sum(sizes), max(times, default=0)
         status = path.stat()
-        return status.st_size, status.st_mtime_ns
+        # the change time too: `cp -p` and `rsync -a` put back the modification time of a
+        # file they rewrote, and an uncompressed label keeps its size
+        return status.st_size, max(status.st_mtime_ns, status.st_ctime_ns)
     return -1, -1
 
 

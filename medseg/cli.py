@@ -263,7 +263,8 @@ def _one_trainer(run_dir: Path, main_rank: bool) -> Iterator[None]:
         import fcntl
     except ImportError:  # not a POSIX system: no lock
         fcntl = None
-    lock = run_dir.parent / f".{run_dir.name}.medseg-lock"
+    real = run_dir.resolve()  # one run reached through a link has one lock
+    lock = real.parent / f".{real.name}.medseg-lock"
     # `--out runs/x` in a fresh clone: the lock's folder is made now (and removed again if
     # the run leaves it empty), or a second trainer would not be refused
     made = missing_folders(run_dir.parent) if main_rank else []
@@ -271,7 +272,7 @@ def _one_trainer(run_dir: Path, main_rank: bool) -> Iterator[None]:
         with contextlib.ExitStack() as held:
             if main_rank and fcntl is not None:
                 with contextlib.suppress(OSError):  # an unwritable place fails later
-                    run_dir.parent.mkdir(parents=True, exist_ok=True)
+                    real.parent.mkdir(parents=True, exist_ok=True)
                 hold_lock(held, lock, fcntl.LOCK_EX, MedsegError(
                     "another `medseg train` is training this run folder; wait for it to "
                     "end (or stop it) first", run_dir), remove=True)

@@ -163,12 +163,24 @@ def json_safe(data: Any) -> Any:
     return data
 
 
+# where a container's memory limit is (cgroup v2, then v1): Docker, Kubernetes and SLURM
+# jobs see the whole host in sysconf and are killed at their limit
+CGROUP_MEMORY_LIMITS = (Path("/sys/fs/cgroup/memory.max"),
+                        Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
+
+
 def physical_memory() -> int | None:
-    """This machine's memory in bytes (None where the system does not say)."""
+    """The memory this process may use, in bytes: the machine's, or its container's limit
+    when lower (None where the system does not say)."""
     try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        machine = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (AttributeError, ValueError, OSError):  # not a POSIX system
         return None
+    limits = [machine]
+    for path in CGROUP_MEMORY_LIMITS:
+        with contextlib.suppress(OSError, ValueError):
+            limits.append(int(path.read_text(encoding="ascii").strip()))  # "max": no limit
+    return min(limits)
 
 
 def hold_lock(held: contextlib.ExitStack, path: Path, mode: int, busy: MedsegError,

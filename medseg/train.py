@@ -518,9 +518,11 @@ def _fill_disk_cache(cache, cases: list[Case], dataset: Dataset, plan: Plan,
     """Rank 0 writes the cases the cache lacks, after checking the free space; the other
     ranks wait for it case by case (a barrier per case: one barrier for a build of hours
     would pass the process group's timeout), then all read the finished cache."""
-    from medseg.cache import case_preparer, disk_estimates, fingerprint_shapes
+    from medseg.cache import build_threads, case_preparer, disk_estimates, fingerprint_shapes
+    from medseg.fileio import physical_memory
 
     missing: list[Case] = []
+    shapes = None
     if ranks.main:
         cache.tidy()
         missing = cache.missing(cases)
@@ -533,7 +535,9 @@ def _fill_disk_cache(cache, cases: list[Case], dataset: Dataset, plan: Plan,
     if ranks.main and missing:
         prepare = case_preparer(preprocessing(plan, with_label=True), deterministic,
                                 plan.num_classes)
-        cache.build(missing, prepare, workflow.train.num_workers, barrier)
+        threads = build_threads(workflow.train.num_workers, shapes, plan.in_channels,
+                                physical_memory())
+        cache.build(missing, prepare, threads, barrier)
     elif not ranks.main:
         for _ in range(count):
             dist.barrier()
@@ -546,6 +550,8 @@ def _cache_mode(workflow: Workflow, plan: Plan, run_dir: Path, ranks: Ranks,
     from medseg.cache import CACHE_FOLDER, choose_cache, fingerprint_shapes, memory_cache_bytes
     from medseg.fileio import physical_memory
 
+    if workflow.train.cache == "memory":
+        _refuse_memory_cache_beyond_memory(run_dir, plan)
     if workflow.train.cache != "auto":
         return workflow.train.cache
     disk = False
@@ -559,6 +565,22 @@ def _cache_mode(workflow: Workflow, plan: Plan, run_dir: Path, ranks: Ranks,
             tqdm.write(f"medseg: train.cache auto chose disk: {why}; the preprocessed cases "
                        f"go to {run_dir / CACHE_FOLDER}")
     return "disk" if _from_main(disk, ranks, device) else "memory"
+
+
+def _refuse_memory_cache_beyond_memory(run_dir: Path, plan: Plan) -> None:
+    """`train.cache: memory` (a new run's, or one a resume set) for cases that would take
+    more than twice this machine's memory: refused in one line rather than killed later."""
+    from medseg.cache import GB, fingerprint_shapes, memory_cache_bytes
+    from medseg.fileio import physical_memory
+
+    shapes, memory = fingerprint_shapes(run_dir, plan), physical_memory()
+    if shapes is None or memory is None:
+        return
+    need = memory_cache_bytes(shapes, plan.in_channels)
+    if need > 2 * memory:
+        raise MedsegError(f"'train.cache' memory would hold the cases in about "
+                          f"{need / GB:.3g} GB; this machine has {memory / GB:.3g} GB: set "
+                          f"'train.cache' to disk (or auto)", run_dir / "workflow.yaml")
 
 
 def _loader(train_data, workflow: Workflow, plan: Plan, ranks: Ranks):

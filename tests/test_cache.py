@@ -305,3 +305,173 @@ def test_under_torchrun_rank_0_builds_the_cache_and_both_train_on_it(tmp_path,
     assert len(cached) == 1 + 3 * 6  # the manifest and each case's three files, once
     assert run_files(runs["disk"]) - cached == run_files(runs["memory"])
     assert_same_weights(runs["memory"], runs["disk"])
+
+
+def two_channel_csv_dataset(root: Path) -> Path:
+    """Six two-channel cases of several sizes, some smaller than the patch (padded)."""
+    import csv
+
+    import nibabel as nib
+
+    from medseg.phantoms import make_phantom
+
+    root.mkdir(parents=True)
+    rows = []
+    for index, shape in enumerate([(32, 32, 24), (20, 18, 6), (40, 36, 30), (16, 16, 4),
+                                   (32, 28, 20), (24, 24, 12)]):
+        phantom = make_phantom(100 + index, shape=shape, spacing=(4.0, 4.0, 8.0))
+        noise = np.random.default_rng(index).standard_normal(shape).astype(np.float32)
+        for channel, data in enumerate((phantom.image, phantom.image + 37.0 * noise)):
+            nib.save(nib.Nifti1Image(data.astype(np.float32), phantom.affine),
+                     str(root / f"c{index}_{channel}.nii.gz"))
+        nib.save(nib.Nifti1Image(phantom.label.astype(np.uint8), phantom.affine),
+                 str(root / f"c{index}_label.nii.gz"))
+        rows.append({"case": f"case{index}", "image": f"c{index}_0.nii.gz",
+                     "t2": f"c{index}_1.nii.gz", "label": f"c{index}_label.nii.gz"})
+    with open(root / "dataset.csv", "w", newline="", encoding="utf-8") as table:
+        writer = csv.DictWriter(table, fieldnames=["case", "image", "t2", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return root
+
+
+def test_memory_and_disk_caches_give_identical_batches_with_every_augmentation(tmp_path):
+    """Loader batches compared directly (a review's check, seconds instead of trainings):
+    two channels, cases smaller than the patch, shifts, a thick-slice patch (in-plane
+    rotation), elastic deformation, low resolution and inverted gamma all drawn."""
+    import dataclasses
+
+    from medseg.config import load_workflow
+    from medseg.datasets import load_dataset
+    from medseg.plan import fingerprint, make_plan, save_fingerprint
+    from medseg.train import Ranks, _data, _reseed
+
+    data = two_channel_csv_dataset(tmp_path / "data")
+    workflow = load_workflow(None, [
+        f"dataset.path={data}", "plan.patch_size=[32,32,8]", "augment.shift_voxels=3",
+        "augment.elastic_prob=0.5", "augment.lowres_prob=0.5", "augment.gamma_invert_prob=0.5",
+        "augment.rotate_prob=0.5", "augment.scale_prob=0.5", "train.iterations_per_epoch=4",
+        "plan.base_filters=4", "plan.max_filters=8"])
+    dataset = load_dataset(workflow.dataset.path, "csv")
+    fp = fingerprint(dataset, progress=False)
+    plan = make_plan(fp, workflow.plan)
+    names = [case.name for case in dataset.cases]
+    split = {"train": names[:5], "val": names[5:]}
+    run = tmp_path / "run"
+    run.mkdir()
+    save_fingerprint(fp, run / "fingerprint.json")
+    drawn = {}
+    for mode in ("memory", "disk"):
+        chosen = dataclasses.replace(workflow, train=dataclasses.replace(
+            workflow.train, cache=mode, num_workers=0))
+        train_data, loader, val_data = _data(chosen, dataset, plan, split, Ranks(), run)
+        batches = []
+        for epoch in range(2):
+            _reseed(workflow.train.seed, epoch, train_data, loader)
+            batches += [(torch.as_tensor(b["image"]), torch.as_tensor(b["label"]).float())
+                        for b in loader]
+        batches += [(torch.as_tensor(v["image"]), torch.as_tensor(v["label"]).float())
+                    for v in val_data]
+        drawn[mode] = batches
+    assert len(drawn["memory"]) == len(drawn["disk"]) == 2 * 4 + 1
+    for (image, label), (disk_image, disk_label) in zip(*drawn.values(), strict=True):
+        assert torch.equal(image, disk_image) and torch.equal(label, disk_label)
+
+
+def test_the_key_follows_medseg_s_own_preprocessing_code(monkeypatch):
+    """A review: a fix in the reading or preprocessing code left a resumed run on the old
+    arrays (the memory cache would make new ones)."""
+    from monai import transforms as mt
+
+    import medseg.cache as cache
+    from medseg.config import PlanConfig
+    from medseg.plan import make_plan
+
+    plan = make_plan(synthetic_fingerprint([[1.0, 1.0, 1.0]], [[32, 32, 32]]), PlanConfig())
+    steps = mt.Compose([mt.Identityd("image")])
+    before = cache.cache_key(plan, steps, [32, 32, 32])
+    monkeypatch.setattr(cache, "_code_digest", lambda: "another")
+    assert cache.cache_key(plan, steps, [32, 32, 32]) != before
+    assert set(cache._library_versions()) == set(cache.PREPROCESSING_LIBRARIES)
+
+
+def test_fewer_cases_are_prepared_at_once_than_memory_holds():
+    from medseg.cache import build_threads
+
+    case = [[512.0, 512.0, 400.0]]  # 0.8 GB of float32 image and label
+    assert build_threads(6, case, 1, 64 * 2**30) == 6
+    assert build_threads(6, case, 1, 8 * 2**30) == 1
+    assert build_threads(0, None, 1, None) == 1
+
+
+def test_a_container_s_memory_limit_is_the_machine_s_memory(tmp_path, monkeypatch):
+    import medseg.fileio as fileio
+
+    machine = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    unlimited, limited = tmp_path / "max", tmp_path / "limit"
+    unlimited.write_text("max\n", encoding="ascii")
+    limited.write_text(f"{2**30}\n", encoding="ascii")
+    monkeypatch.setattr(fileio, "CGROUP_MEMORY_LIMITS", (unlimited, tmp_path / "absent"))
+    assert fileio.physical_memory() == machine
+    monkeypatch.setattr(fileio, "CGROUP_MEMORY_LIMITS", (unlimited, limited))
+    assert fileio.physical_memory() == 2**30
+
+
+def test_a_memory_cache_a_resume_sets_beyond_memory_is_refused(tmp_path, phantom_dataset,
+                                                              monkeypatch, capsys):
+    import medseg.fileio as fileio
+
+    run = tmp_path / "run"
+    assert train(run, phantom_dataset, "train.cache=disk", "train.max_minutes=0.00001") == 0
+    monkeypatch.setattr(fileio, "physical_memory", lambda: 2**10)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--set", "train.cache=memory"]) == 2
+    assert "workflow.yaml: 'train.cache' memory would hold the cases in about " in \
+        capsys.readouterr().err
+
+
+def test_a_full_disk_names_the_cache_folder_and_a_hand_edited_entry_is_rebuilt(
+        tmp_path, phantom_dataset, monkeypatch, capsys):
+    import medseg.cache as cache
+
+    run = tmp_path / "run"
+    real_save = np.save
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(cache.np, "save", full)
+    assert train(run, phantom_dataset, "train.cache=disk") == 2
+    assert f"{run / 'cache'}: cannot write the disk cache (No space left on device)" in \
+        capsys.readouterr().err
+    monkeypatch.setattr(cache.np, "save", real_save)
+    run2 = tmp_path / "run2"
+    assert train(run2, phantom_dataset, "train.cache=disk", "train.max_minutes=0.00001") == 0
+    manifest = run2 / "cache" / "manifest.json"
+    data = json.loads(manifest.read_text(encoding="utf-8"))
+    name = sorted(data["cases"])[0]
+    data["cases"][name]["stem"] = "../elsewhere"
+    manifest.write_text(json.dumps(data), encoding="utf-8")
+    built = cache_times(run2)
+    assert main(["train", "--resume", str(run2), "--set", "train.max_minutes=0.00001"]) == 0
+    changed = {file for file, time in cache_times(run2).items() if built.get(file) != time}
+    assert len(changed) == 3  # that case's image, label and indices, written again
+
+
+def test_a_case_rewritten_with_its_time_put_back_is_built_again(tmp_path, phantom_dataset):
+    """`cp -p` and `rsync -a` keep the modification time, and an uncompressed label its
+    size: the change time tells."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(phantom_dataset, data)
+    run = tmp_path / "run"
+    assert train(run, data, "train.cache=disk", "train.max_minutes=0.00001") == 0
+    built = cache_times(run)
+    image = data / "imagesTr" / "phantom_002.nii.gz"
+    status = image.stat()
+    image.write_bytes(image.read_bytes())
+    os.utime(image, ns=(status.st_atime_ns, status.st_mtime_ns))
+    assert main(["train", "--resume", str(run), "--set", "train.max_minutes=0.00001"]) == 0
+    changed = {file for file, time in cache_times(run).items() if built.get(file) != time}
+    assert len(changed) == 3

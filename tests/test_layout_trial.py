@@ -240,3 +240,16 @@ def test_splits_and_cases_name_accented_cases_alike(tmp_path):
     path = tmp_path / "splits.json"
     path.write_text(json.dumps([{"train": [decomposed], "val": ["b"]}]), encoding="utf-8")
     assert read_splits(path)[0]["train"] == ["caf\u00e9"]
+
+
+def test_the_digest_is_one_for_one_voxels_however_stored_and_chunked(monkeypatch):
+    import medseg.io as io
+
+    values = np.random.default_rng(0).integers(-1000, 2000, (7, 5, 3)).astype(np.int16)
+    fortran = np.asfortranarray(values)
+    digest = io.voxels_digest(fortran)
+    assert io.voxels_digest(fortran.astype(np.float32)) == digest  # int16 and its float copy
+    monkeypatch.setattr(io, "DIGEST_CHUNK_BYTES", 1)  # a slab per row
+    assert io.voxels_digest(fortran) == digest
+    assert io.voxels_digest(values) == io.voxels_digest(values.astype(np.float32))
+    assert io.voxels_digest(values + 1) != io.voxels_digest(values)

@@ -295,8 +295,8 @@ def _divisible_topology(patch: list[int], spacing: list[float]
 def kernels_and_strides(patch: list[int], spacing: list[float]
                         ) -> tuple[list[list[int]], list[list[int]]]:
     """DynUNet topology as nnU-Net plans it: at each level, pool the axes that still have at
-    least 8 voxels and are not coarser than twice the finest of those; a kernel is 3 wide
-    along an axis from the level where that axis is within twice the finest spacing on."""
+    least 8 voxels and are finer than twice the finest of those; a kernel is 3 wide along an
+    axis from the level where that axis is finer than twice the finest spacing on."""
     sizes, spacings = [float(p) for p in patch], list(spacing)
     kernel = [1, 1, 1]
     kernels, strides = [], [[1, 1, 1]]
@@ -307,8 +307,8 @@ def kernels_and_strides(patch: list[int], spacing: list[float]
         # the finest of the axes that can still pool: an axis that ran out of voxels keeps
         # its fine spacing and would otherwise stop the others early
         finest = min(spacings[i] for i in poolable)
-        stride = [2 if i in poolable and spacings[i] / finest <= 2 else 1 for i in range(3)]
-        kernel = [3 if k == 3 or sp / min(spacings) <= 2 else 1
+        stride = [2 if i in poolable and spacings[i] / finest < 2 else 1 for i in range(3)]
+        kernel = [3 if k == 3 or sp / min(spacings) < 2 else 1
                   for k, sp in zip(kernel, spacings, strict=True)]
         kernels.append(list(kernel))
         sizes = [size / s for size, s in zip(sizes, stride, strict=True)]

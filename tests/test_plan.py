@@ -269,7 +269,7 @@ def test_a_target_spacing_far_finer_than_the_data_is_refused_naming_the_key():
 @pytest.mark.parametrize(("spacing", "shape", "patch", "z_strides"), [
     ([0.7, 0.7, 5.0], [64, 64, 12], [64, 64, 12], [1, 1, 1, 2, 1]),  # z pooled once
     ([1.0, 1.0, 1.0], [256, 256, 3], [256, 256, 3], [1, 1, 1, 1, 1, 1]),  # a slab: never
-    ([1.25, 1.25, 10.0], [200, 200, 10], [224, 224, 10], [1, 1, 1, 2, 1, 1]),
+    ([1.25, 1.25, 10.0], [200, 200, 10], [224, 224, 10], [1, 1, 1, 1, 2, 1]),  # z waits for 10 mm
 ])
 def test_a_short_axis_is_planned_as_nnunet_plans_it_not_padded_to_16(spacing, shape, patch,
                                                                       z_strides):

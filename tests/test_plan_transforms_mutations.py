@@ -245,15 +245,17 @@ def test_patch_shrinks_the_physically_longest_axis():
     assert initial_patch_size([64, 128, 128], [4.0, 1.0, 1.0], 128 * 128 * 32) == [32, 128, 128]
 
 
-def test_an_axis_exactly_twice_the_finest_spacing_is_pooled_and_convolved():
-    """Kills the stride rule `spacing / finest <= 2` -> `< 2` (and the kernel rule's alike):
-    the boundary ratio 2 counts as fine enough."""
+def test_an_axis_exactly_twice_the_finest_spacing_waits_a_level_as_in_nnunet():
+    """nnU-Net's get_pool_and_conv_props pools and convolves an axis only while its spacing
+    is below twice the finest (`< 2`): at 1, 1, 2 mm the thick axis waits one level, after
+    which the feature map is isotropic (2, 2, 2 mm) and every axis pools."""
     kernels, strides = kernels_and_strides([64, 64, 32], [1.0, 1.0, 2.0])
-    assert strides[1] == [2, 2, 2]
-    assert kernels[0] == [3, 3, 3]
-    kernels, strides = kernels_and_strides([64, 64, 32], [1.0, 1.0, 2.01])
-    assert strides[1] == [2, 2, 1]  # just above: waits a level
+    assert strides[1] == [2, 2, 1]
     assert kernels[0] == [3, 3, 1]
+    assert strides[2] == [2, 2, 2] and kernels[1] == [3, 3, 3]
+    kernels, strides = kernels_and_strides([64, 64, 32], [1.0, 1.0, 1.99])
+    assert strides[1] == [2, 2, 2]  # just below: pooled at once
+    assert kernels[0] == [3, 3, 3]
 
 
 # 9. console table ------------------------------------------------------------------------

@@ -134,8 +134,13 @@ def label_names_from_json(path: str | Path) -> dict[int, str]:
     if any(isinstance(value, list | tuple) for value in table.values()):
         raise MedsegError("region-based labels (a name mapped to a list of ids, nnU-Net's "
                           "regions) are not supported: map each name to one id", path)
-    if all(_WHOLE_NUMBER.fullmatch(str(key)) for key in table):
+    odd_keys = [key for key in table if not _WHOLE_NUMBER.fullmatch(str(key))]
+    if not odd_keys:
         pairs = [(int(key), name) for key, name in table.items()]
+    elif len(odd_keys) < len(table) and not any(map(_an_id, table.values())):
+        # an id -> name table (its values are names) with keys that are not ids
+        raise MedsegError(f"label ids must be whole numbers; "
+                          f"{', '.join(repr(key) for key in odd_keys)} is not", path)
     else:  # nnU-Net: name -> id
         pairs = [(_label_id(value, name, path), name) for name, value in table.items()]
     ids = [label for label, _ in pairs]
@@ -201,6 +206,12 @@ def _run_text(first: int, last: int) -> str:
     if first == last:
         return str(first)
     return f"{first}, {last}" if last == first + 1 else f"{first}-{last}"
+
+
+def _an_id(value: object) -> bool:
+    """Whether a table value reads as a label id (nnU-Net's name -> id), not a name."""
+    return (isinstance(value, int | float) and not isinstance(value, bool)) or (
+        isinstance(value, str) and bool(_WHOLE_NUMBER.fullmatch(value.strip())))
 
 
 def _label_id(value: object, name: str, path: Path) -> int:

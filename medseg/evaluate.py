@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -213,17 +214,21 @@ def resample_nearest(data: np.ndarray, affine: np.ndarray, shape: tuple[int, int
 def failed_case(case: str, labels: dict[int, str], error: str, prediction: Path | None = None,
                 reference: Path | None = None, reference_read: Reference | None = None
                 ) -> CaseScores:
-    """A case that could not be scored: Dice, IoU and NSD 0, distances inf, predicted volumes
-    NaN; the reference volumes where `reference_read` gives them (a structure in a failed
-    case's reference is still present in the collection)."""
+    """A case that could not be scored. Each structure of its reference is missed: Dice, IoU
+    and NSD 0, distances inf, the reference's volume, predicted volume NaN. A structure its
+    reference lacks is scored as absent from both (NaN, out of the structure's `n`), as a
+    correctly empty prediction would be: a 0 there would lower the mean of every structure
+    that other cases have. Without the reference read, every structure is missed."""
     scores = {name: dict(FAILED_SCORES) for k, name in sorted(labels.items()) if k > 0}
     spacing = None
     if reference_read is not None:
         spacing = reference_read.volume.spacing
         voxel_ml = float(np.prod(spacing)) / 1000.0
         for k, name in labels.items():
-            if k > 0:
-                scores[name]["ref_ml"] = reference_read.voxels.get(k, 0) * voxel_ml
+            if k > 0 and reference_read.voxels.get(k, 0) > 0:
+                scores[name]["ref_ml"] = reference_read.voxels[k] * voxel_ml
+            elif k > 0:
+                scores[name] = {**dict.fromkeys(FAILED_SCORES, math.nan), "ref_ml": 0.0}
     return CaseScores(case, scores, error, prediction, reference, spacing=spacing)
 
 

@@ -95,15 +95,23 @@ def make_writable_folder(folder: Path) -> None:
 def output_folder(folder: Path, remove_if_empty: bool = True) -> Iterator[Path]:
     """Make an output folder (and check that it can be written) for the block; a folder made
     here that the block leaves empty (every case failed, or a stop before the first output)
-    is removed again."""
-    created = not folder.exists()
+    is removed again, with the parents made for it."""
+    created = missing_folders(folder)
     make_writable_folder(folder)
     try:
         yield folder
     finally:
-        if created and remove_if_empty:
-            with contextlib.suppress(OSError):  # not empty: the outputs stay
-                folder.rmdir()
+        if remove_if_empty:
+            _remove_empty(created)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders (innermost first) while they are empty."""
+    for made in folders:
+        try:
+            made.rmdir()
+        except OSError:  # not empty: the outputs, and the folders above them, stay
+            return
 
 
 def missing_folders(folder: Path) -> list[Path]:

@@ -131,15 +131,34 @@ def is_present(scores: dict[str, float]) -> bool:
     return any(math.isfinite(scores[k]) and scores[k] > 0 for k in ("ref_ml", "pred_ml"))
 
 
+# find_objects makes a list as long as the largest id: beyond this, ids are numbered 1..n first
+_DIRECT_BOX_IDS = 1 << 16
+
+
 def structure_boxes(label_map: np.ndarray, ids: list[int]) -> dict[int, Box | None]:
-    """Bounding box (slices) of every label id in one pass; None where the label is absent."""
-    if not ids:
-        return {}
+    """Bounding box (slices) of every label id in one pass; None where the label is absent
+    (and for ids below 1, which are not structures)."""
+    wanted = sorted({k for k in ids if k > 0})
+    if not wanted:
+        return {k: None for k in ids}
     data = label_map if label_map.dtype.kind in "iu" else label_map.astype(np.int64)
     if data.dtype.kind == "i" and data.size and data.min() < 0:
         data = np.where(data < 0, 0, data)  # find_objects ignores 0; negative ids are not labels
-    found = ndimage.find_objects(data, max_label=max(ids))
-    return {k: found[k - 1] for k in ids}
+    if wanted[-1] < _DIRECT_BOX_IDS:
+        found = ndimage.find_objects(data, max_label=wanted[-1])
+        boxes = {k: found[k - 1] for k in wanted}
+    else:
+        found = ndimage.find_objects(_numbered(data, np.asarray(wanted)), max_label=len(wanted))
+        boxes = dict(zip(wanted, found, strict=True))
+    return {k: boxes.get(k) for k in ids}
+
+
+def _numbered(data: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+    """The map with the sorted ids `wanted` numbered 1..n and every other value 0 (a label id
+    of 2e9 would otherwise make find_objects list 2e9 boxes)."""
+    position = np.searchsorted(wanted, data)
+    hit = wanted[np.minimum(position, len(wanted) - 1)] == data
+    return np.where(hit, position + 1, 0).astype(np.int32)
 
 
 def label_values(label_map: np.ndarray) -> set[int]:

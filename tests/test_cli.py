@@ -336,3 +336,12 @@ def test_version_names_medseg_and_the_libraries_behind_its_results(capsys):
     assert stopped.value.code == 0
     out = " ".join(capsys.readouterr().out.split())
     assert out.startswith(f"medseg {version('medseg')}, torch {version('torch')}, monai ")
+
+
+def test_python_dash_m_medseg_runs_the_command():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "medseg", "--version"], capture_output=True,
+                          text=True, check=False, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("medseg "), done.stderr

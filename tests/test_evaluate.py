@@ -448,6 +448,44 @@ def test_a_refused_evaluation_leaves_no_output_folder_behind(folders):
     assert not (folders / "out").exists()
 
 
+def test_a_failed_case_misses_only_the_structures_its_reference_holds(folders):
+    """A missing prediction scored Dice 0 for every structure, also those its reference lacks:
+    one failed case lowered the mean of every structure other cases have, and a structure
+    in no case at all (listed as absent) got a mean Dice of 0."""
+    only_a = phantom()
+    only_a[only_a == 2] = 0
+    save(folders / "ref" / "c3.nii.gz", only_a)  # c3 has no prediction
+    labels = folders / "labels.json"
+    labels.write_text(json.dumps({"1": "a", "2": "b", "3": "c"}), encoding="utf-8")
+    summary = run_evaluation(folders / "pred", folders / "ref", labels, folders / "out")
+    assert summary["failed_cases"] == ["c3"] and summary["absent_structures"] == ["c"]
+    structures = summary["structures"]
+    assert structures["b"]["dice"]["n"] == 2 and structures["b"]["dice"]["mean"] > 0.5
+    assert structures["a"]["dice"]["n"] == 3 and structures["a"]["hd95_mm"]["n_inf"] == 1
+    written = json.loads((folders / "out" / "summary.json").read_text(encoding="utf-8"))
+    assert written["structures"]["c"]["dice"]["n"] == 0
+    assert written["structures"]["c"]["dice"]["mean"] is None
+    rows = (folders / "out" / "scores.csv").read_text(encoding="utf-8").splitlines()
+    c3_b = next(row for row in rows if row.startswith("c3,b,"))
+    assert c3_b.split(",")[2:5] == ["", "", ""]  # dice, iou, hd95 undefined, not 0 / inf
+    c3_a = next(row for row in rows if row.startswith("c3,a,"))
+    assert c3_a.split(",")[2:5] == ["0", "0", "inf"]
+
+
+def test_a_refused_evaluation_removes_the_parent_folders_it_made_for_out(folders):
+    """--out a/b/c made a and b too, and a refusal removed only c."""
+    reference = phantom()
+    reference[0, 0, 0] = 7
+    save(folders / "ref" / "c3.nii.gz", reference)
+    labels = folders / "labels.json"
+    labels.write_text(json.dumps({"1": "a", "2": "b"}), encoding="utf-8")
+    (folders / "kept").mkdir()
+    with pytest.raises(MedsegError, match="c3.nii.gz: label values"):
+        run_evaluation(folders / "pred", folders / "ref", labels,
+                       folders / "kept" / "new" / "deeper" / "out")
+    assert (folders / "kept").is_dir() and not any((folders / "kept").iterdir())
+
+
 def test_the_same_grid_stored_in_another_voxel_order_is_scored_without_resampling(folders):
     """A DICOM converter's mask (rows bottom-up) against medseg's of the same series failed
     as "affines differ by up to 499 mm", and predict --reference has no --resample."""
@@ -489,3 +527,16 @@ def test_negative_label_values_without_a_label_map_are_not_dropped(folders, caps
 def test_a_file_given_for_a_folder_is_named_as_not_a_folder(folders):
     with pytest.raises(MedsegError, match=r"c1.nii.gz: not a folder \(give the folder"):
         pair_cases(folders / "pred" / "c1.nii.gz", folders / "ref")
+
+
+@pytest.mark.parametrize(("table", "named"), [
+    ({"0": "background", "1.5": "liver"}, "'1.5' is not"),
+    ({"1": "liver", "2": "spleen", "2.0": "x"}, "'2.0' is not"),
+])
+def test_a_label_id_that_is_not_a_whole_number_is_named(tmp_path, table, named):
+    """The table was read again as name -> id, and the message named '0' or '1', which were
+    fine."""
+    path = tmp_path / "labels.json"
+    path.write_text(json.dumps(table), encoding="utf-8")
+    with pytest.raises(MedsegError, match=f"label ids must be whole numbers; {named}"):
+        label_names_from_json(path)

@@ -180,3 +180,29 @@ def test_scores_match_monai_metrics_on_random_masks(seed):
         for k in range(1, n + 1):
             assert ours[f"s{k}"][metric] == pytest.approx(float(values[0, k - 1]), rel=1e-4,
                                                           abs=1e-5), (metric, k)
+
+
+def test_boxes_of_a_huge_label_id_are_found_without_a_list_as_long_as_the_id(monkeypatch):
+    """A stray voxel of 2e9 in a prediction made find_objects list 2e9 boxes (a MemoryError
+    naming no file, or the machine swapping); large ids are numbered 1..n first."""
+    from scipy import ndimage
+
+    from medseg import metrics
+
+    seen = []
+    real = ndimage.find_objects
+
+    def recording(data, max_label=0):
+        seen.append(max_label)
+        assert max_label <= 3, f"find_objects asked for {max_label} boxes"
+        return real(data, max_label=max_label)
+
+    monkeypatch.setattr(metrics.ndimage, "find_objects", recording)
+    label_map = np.zeros((6, 7, 8), np.int64)
+    label_map[1:3, 2:5, 4] = 2_000_000_000
+    label_map[4, 6, 0:2] = 1
+    boxes = metrics.structure_boxes(label_map, [1, 7, 2_000_000_000, 0])
+    assert boxes[2_000_000_000] == (slice(1, 3), slice(2, 5), slice(4, 5))
+    assert boxes[1] == (slice(4, 5), slice(6, 7), slice(0, 2))
+    assert boxes[7] is None and boxes[0] is None
+    assert seen

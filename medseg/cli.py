@@ -32,8 +32,6 @@ DEMO_MARKER = ".medseg-demo"
 FOLDS_FILE = "folds.json"  # the folds `train` was asked for, which `--resume` continues
 EXIT_USER_ERROR = 2
 EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a process SIGTERM killed
-# what a resumed run may change: not its course (a moved dataset must hold the same cases,
-# which resume checks)
 # what a resumed run may change: its budget, where its dataset lies, and where its cases are
 # cached (memory and disk give the same patches, so the run goes on as it began)
 RESUME_OVERRIDES = ("train.max_minutes", "dataset.path", "train.cache")
@@ -846,8 +844,8 @@ def _parser() -> argparse.ArgumentParser:
                        "train.fold of the workflow)")
     train.add_argument("--set", dest="overrides", action="append", default=[],
                        metavar="KEY=VALUE", help="override a workflow key (repeatable); "
-                       "with --resume only train.max_minutes (a new budget) and "
-                       "dataset.path (a moved dataset)")
+                       "with --resume only train.max_minutes (a new budget), "
+                       "dataset.path (a moved dataset) and train.cache")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run")
     train.set_defaults(handler=cmd_train)
 

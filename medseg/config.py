@@ -408,13 +408,18 @@ def _as_bool(value: Any) -> bool:
     raise _Unfit("true or false")
 
 
+_DECIMAL = re.compile(r"[-+]?(?:0|[1-9][0-9]*)")  # the loader's whole numbers
+
+
 def _as_int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise _Unfit("an integer")
-    try:
+    # text other than the loader's decimal form (a quoted key, '1') is another form: `010`
+    # (YAML 1.1's octal 8) or `1_000`, which int() would read one way and YAML another
+    if isinstance(value, str) and _DECIMAL.fullmatch(value):
         return int(value)
-    except ValueError:
-        raise _Unfit("an integer") from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _Unfit("an integer (written in decimal, without leading zeros)"
+                     if isinstance(value, str) and value[:1].isdigit() else "an integer")
+    return value
 
 
 def _as_float(value: Any) -> float:
@@ -482,8 +487,8 @@ _NOT_NEGATIVE = _Range(low=0)
 _POSITIVE = _Range(low=0, low_open=True)
 _PROBABILITY = _Range(low=0, high=1)
 _SEED = _Range(low=0, high=2**32 - 1)  # NumPy's seeds
-# upper bounds far beyond any real use, that catch a typo before it costs the machine: 100 000
-# loader processes, a patch padded by 2000 voxels, 10^8 filters, 10^12 iterations
+# upper bounds far beyond any real use, that catch a typo (100 000 loader processes, 10^8
+# filters, 10^12 iterations) before it costs the machine
 _WORKERS = _Range(low=0, high=256)
 _SHIFT = _Range(low=0, high=256)
 _FILTERS = _Range(low=1, high=4096)

@@ -345,3 +345,12 @@ def test_python_dash_m_medseg_runs_the_command():
     done = subprocess.run([sys.executable, "-m", "medseg", "--version"], capture_output=True,
                           text=True, check=False, timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("medseg "), done.stderr
+
+
+def test_train_help_names_every_key_a_resume_may_set():
+    """The --help text listed two of the three keys --resume takes (train.cache was left out)."""
+    from medseg.cli import RESUME_OVERRIDES, _parser
+
+    train = _parser()._subparsers._group_actions[0].choices["train"]
+    help_text = " ".join(train.format_help().split())
+    assert all(key in help_text for key in RESUME_OVERRIDES), help_text

@@ -363,8 +363,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
     written = convert_volume(Path(args.input), Path(args.output), args.series,
                              args.resample_irregular)
     print(f"wrote {written}")
-    note = header_note(read_geometry(args.input)) if is_nifti(args.input) else None
-    if note and not is_nifti(written):
+    header_file = Path(args.input).suffix.lower() in (".nii", ".gz", ".nrrd", ".nhdr")
+    note = header_note(read_geometry(args.input)) if header_file else None
+    if note and not (is_nifti(args.input) and is_nifti(written)):
         print(f"medseg: note: {args.input}: {note}; {written.name} holds medseg's reading",
               file=sys.stderr)
     return 0

@@ -228,3 +228,53 @@ def _same_file(handle, path: Path) -> bool:
         return os.fstat(handle.fileno()).st_ino == path.stat().st_ino
     except OSError:
         return False
+
+
+# what a file's first bytes say it holds, and the name a reader needs for it
+_NAMES_FOR = {"NIfTI": ".nii", "gzip-compressed NIfTI": ".nii.gz", "NRRD": ".nrrd",
+              "MetaImage": ".mha", "DICOM": ".dcm"}
+
+
+def content_format(path: Path) -> str | None:
+    """The format a file's opening bytes show (a NIfTI, NRRD, MetaImage or DICOM file, or a
+    gzip-compressed NIfTI), whatever its name says; None when none of them."""
+    import gzip
+    import zlib
+
+    try:
+        with open(path, "rb") as stream:
+            head = stream.read(352)
+        if head[:2] == b"\x1f\x8b":
+            with gzip.open(path, "rb") as stream:
+                inner = stream.read(352)
+            return "gzip-compressed NIfTI" if _nifti_header(inner) else None
+    except (OSError, EOFError, zlib.error):
+        return None
+    if _nifti_header(head):
+        return "NIfTI"
+    if head.startswith(b"NRRD000"):
+        return "NRRD"
+    if head[128:132] == b"DICM":
+        return "DICOM"
+    first_key = head.split(b"=", 1)[0].strip() if b"=" in head[:40] else b""
+    if first_key in (b"ObjectType", b"NDims"):
+        return "MetaImage"
+    return None
+
+
+def _nifti_header(head: bytes) -> bool:
+    sizes = {int.from_bytes(head[:4], order) for order in ("little", "big")}
+    return ((348 in sizes and head[344:348] in (b"n+1\0", b"ni1\0"))
+            or (540 in sizes and head[4:8] in (b"n+2\0", b"ni2\0")))
+
+
+def misnamed_format(path: Path, expected: str) -> str | None:
+    """'this is a NRRD file, not NIfTI: name it .nrrd' where the file's content is another
+    format than its name (`expected`) says; None otherwise."""
+    found = content_format(path)
+    if found is None or found == expected or found.endswith(expected):
+        return None
+    advice = f"name it {_NAMES_FOR[found]}"
+    if found == "DICOM":
+        advice += " or give the folder of its series"
+    return f"this is a {found} file, not {expected}: {advice}"

@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 
 from medseg.errors import MedsegError
-from medseg.fileio import atomic_path
+from medseg.fileio import atomic_path, misnamed_format, refuse_unwritable_place
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -41,6 +41,8 @@ class Geometry:
     shape: tuple[int, int, int]
     affine: np.ndarray
     nifti_header: nib.Nifti1Header | None = None
+    # what the reader of another format found doubtful about where the voxels lie
+    orientation_note: str | None = None
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -88,25 +90,59 @@ def voxels_digest(*arrays: np.ndarray) -> str:
 
 def header_note(geometry: Geometry) -> str | None:
     """What a reader of this NIfTI header should be told before trusting where medseg puts
-    it: no orientation at all, or a qform and an sform that place the voxels differently
-    (medseg, nibabel and MONAI read the sform; ITK tools may read the qform, so the scan and
-    its mask would lie elsewhere there). None for any other header."""
+    it: no orientation at all, a qform and an sform that place the voxels differently, or an
+    sform alone whose voxel size is not the header's pixdim (medseg, nibabel and MONAI read
+    the sform; ITK tools may read the qform, or the sform's directions with pixdim's voxel
+    size, so the scan and its mask would lie elsewhere there). None for any other header."""
+    if geometry.orientation_note:
+        return geometry.orientation_note
     if orientation_unknown(geometry):
         return NO_ORIENTATION
     header = geometry.nifti_header
-    if header is None or int(header["qform_code"]) == 0 or int(header["sform_code"]) == 0:
+    if header is None or int(header["sform_code"]) == 0:
         return None
-    corners = np.array([[0, 0, 0, 1]] + [[*(np.asarray(geometry.shape) - 1) * axis, 1]
-                                         for axis in np.eye(3)], dtype=float).T
-    apart = float(np.abs((header.get_qform() - header.get_sform()) @ corners).max())
-    # the qform is a float32 quaternion and cannot shear: on a large oblique scan it lies a
-    # few hundredths of a mm off the sform, which no viewer shows; half a voxel is a place
-    if apart <= 0.5 * min(geometry.spacing):
+    if int(header["qform_code"]) == 0:
+        return _sform_pixdim_note(geometry, header)
+    apart = _apart(header.get_qform(), header.get_sform(), geometry)
+    if apart is None:
         return None
     return (f"its NIfTI qform and sform place the voxels up to {apart:.3g} mm apart (more "
             f"than half a voxel): medseg "
             f"reads the sform, as nibabel and MONAI do, ITK tools (SimpleITK, 3D Slicer, "
             f"ITK-SNAP) may read the qform; check which is right")
+
+
+def _sform_pixdim_note(geometry: Geometry, header) -> str | None:
+    """An sform without a qform whose axes are not pixdim long: ITK takes the sform's
+    directions and origin with pixdim's voxel size (nibabel's set_sform leaves pixdim 1)."""
+    sform = header.get_sform()
+    lengths = np.linalg.norm(sform[:3, :3], axis=0)
+    pixdim = np.asarray(header["pixdim"][1:4], dtype=float)
+    if np.any(lengths <= 0) or np.any(~np.isfinite(pixdim)) or np.any(pixdim <= 0):
+        return None
+    itk_read = sform.copy()
+    itk_read[:3, :3] = sform[:3, :3] / lengths * pixdim
+    apart = _apart(itk_read, sform, geometry)
+    if apart is None:
+        return None
+    return (f"its NIfTI sform gives voxels of {_mm(lengths)} mm but its pixdim says "
+            f"{_mm(pixdim)} mm (no qform): medseg reads the sform, as nibabel and MONAI do, "
+            f"ITK tools (SimpleITK, 3D Slicer, ITK-SNAP) may take pixdim's size, placing "
+            f"voxels up to {apart:.3g} mm apart; check which is right")
+
+
+def _apart(one: np.ndarray, other: np.ndarray, geometry: Geometry) -> float | None:
+    """How far (mm) two affines place the grid's corner voxels, if more than half a voxel:
+    the qform is a float32 quaternion and cannot shear, so on a large oblique scan it lies a
+    few hundredths of a mm off the sform, which no viewer shows; half a voxel is a place."""
+    corners = np.array([[0, 0, 0, 1]] + [[*(np.asarray(geometry.shape) - 1) * axis, 1]
+                                         for axis in np.eye(3)], dtype=float).T
+    apart = float(np.abs((one - other) @ corners).max())
+    return apart if apart > 0.5 * min(geometry.spacing) else None
+
+
+def _mm(values: np.ndarray) -> str:
+    return " x ".join(f"{v:.4g}" for v in values)
 
 
 def orientation_unknown(geometry: Geometry) -> bool:
@@ -199,10 +235,10 @@ def read_geometry(path: str | Path, series_uid: str | None = None,
         image = load_nifti(path)
         return Geometry(tuple(image.shape[:3]), nifti_affine_mm(image), image.header.copy())
     if kind == "itk":
-        from medseg.itkio import read_itk_header
+        from medseg.itkio import orientation_note, read_itk_header
 
         shape, affine = read_itk_header(path)
-        return Geometry(shape, affine)
+        return Geometry(shape, affine, orientation_note=orientation_note(path))
     return _dicom_geometry(path, series_uid, resample_irregular)
 
 
@@ -216,10 +252,11 @@ def read_volume(path: str | Path, dtype: type | None = np.float32, series_uid: s
         if kind == "nifti":
             volume = _read_nifti(path, dtype)
         elif kind == "itk":
-            from medseg.itkio import read_itk
+            from medseg.itkio import orientation_note, read_itk
 
             data, affine = read_itk(path, dtype)
-            volume = Volume(data, Geometry(tuple(data.shape[:3]), affine), path)
+            volume = Volume(data, Geometry(tuple(data.shape[:3]), affine,
+                                           orientation_note=orientation_note(path)), path)
         else:
             volume = _read_dicom(path, dtype, series_uid, resample_irregular)
     if volume.data.dtype.kind == "f" and not np.all(np.isfinite(volume.data)):
@@ -331,6 +368,8 @@ def convert_volume(input: str | Path, output: str | Path, series_uid: str | None
                           output)
     if output.resolve() == Path(input).resolve():
         raise MedsegError("output would overwrite the input", output)
+    if not output.exists():  # before the read: a path under a file, a read-only folder
+        refuse_unwritable_place(output)
     volume = read_volume(input, dtype=None, series_uid=series_uid,
                          resample_irregular=resample_irregular)
     return write_volume(_unscaled(volume), volume.geometry, output)
@@ -360,7 +399,8 @@ def load_nifti(path: str | Path) -> nib.Nifti1Image:
     try:
         image = _open_nifti(path)
     except Exception as exc:  # nibabel raises many types for broken headers
-        why = _compression_misnamed(path) or f"not a readable NIfTI file ({exc})"
+        why = (misnamed_format(path, "NIfTI") or _compression_misnamed(path)
+               or f"not a readable NIfTI file ({exc})")
         raise MedsegError(why, path) from exc
     _check_header(image, path)
     _check_raw_spacing(path, type(image.header))

@@ -16,6 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from medseg.errors import MedsegError
+from medseg.fileio import misnamed_format
 
 # ITK's warnings go to the console past medseg's messages (which say what went wrong)
 sitk.ProcessObject_SetGlobalWarningDisplay(False)
@@ -136,6 +137,8 @@ def write_itk(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
 
 
 def _open(path: Path) -> sitk.ImageFileReader:
+    if path.suffix.lower() in (".mha", ".mhd"):
+        _refuse_headerless_metaimage(path)
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     reader.SetImageIO(IMAGE_IOS.get(path.suffix.lower(), ""))
@@ -143,8 +146,54 @@ def _open(path: Path) -> sitk.ImageFileReader:
         reader.ReadImageInformation()
     except RuntimeError as exc:
         kind = FORMAT_NAMES.get(path.suffix.lower(), "image")
-        raise MedsegError(f"not a readable {kind} file ({itk_message(exc)})", path) from exc
+        why = misnamed_format(path, kind) or f"not a readable {kind} file ({itk_message(exc)})"
+        raise MedsegError(why, path) from exc
     return reader
+
+
+def _refuse_headerless_metaimage(path: Path) -> None:
+    """A file named .mha/.mhd without MetaImage's NDims key: ITK's MetaImage library prints
+    its parse errors straight to the console (no ITK switch silences them), then fails with a
+    stale system error as its reason."""
+    with open(path, "rb") as stream:
+        head = stream.read(1 << 16)
+    if not re.search(rb"^[ \t]*NDims[ \t]*=", head, re.MULTILINE):
+        raise MedsegError(misnamed_format(path, "MetaImage")
+                          or "not a readable MetaImage file (its header has no NDims)", path)
+
+
+# the NRRD spaces ITK places as they say; it reads any other (scanner-xyz, 3D-right-handed)
+# or none as LPS, which the file does not say
+_PLACED_NRRD_SPACES = {"left-posterior-superior", "lps", "right-anterior-superior", "ras",
+                       "left-anterior-superior", "las"}
+
+
+def orientation_note(path: Path) -> str | None:
+    """A NRRD header that names no anatomical space: where its voxels lie in the patient is
+    not said (None for any other file)."""
+    if path.suffix.lower() not in (".nrrd", ".nhdr"):
+        return None
+    space = _nrrd_fields(path).get("space")
+    if space is not None and space.lower().removesuffix("-time") in _PLACED_NRRD_SPACES:
+        return None
+    named = f"its NRRD space is '{space}'" if space else "its NRRD header names no space"
+    return (f"{named}, not an anatomical one (left-posterior-superior, right-anterior-superior"
+            f" or left-anterior-superior): medseg reads it as ITK does, as LPS; other tools may"
+            f" not; check which is right")
+
+
+def _nrrd_fields(path: Path) -> dict[str, str]:
+    """A NRRD header's `field: value` lines (up to the blank line that ends it)."""
+    fields: dict[str, str] = {}
+    with open(path, "rb") as stream:
+        head = stream.read(1 << 16)
+    for line in head.decode("latin-1").splitlines()[1:]:
+        if not line.strip():
+            break
+        key, colon, value = line.partition(":")
+        if colon and not value.startswith("="):  # key:=value is a key/value pair, not a field
+            fields[key.strip().lower()] = value.strip()
+    return fields
 
 
 def _header_geometry(reader: sitk.ImageFileReader,
@@ -177,8 +226,10 @@ def itk_message(exc: Exception) -> str:
     path and source location it repeats."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     # "Reason: Success" is ITK printing a stale errno: no reason at all
+    # ITK's "Reason:" line is the C library's last error, often one of an earlier call
+    # ("Success", "Resource temporarily unavailable"): a reason only where nothing else is
     useful = [line for line in lines if not line.startswith(
-        ("Exception thrown", "/", "itk::", "Reason: Success"))]
+        ("Exception thrown", "/", "itk::", "Reason: "))]
     text = (useful or lines or [type(exc).__name__])[-1]
     text = re.sub(r"^ITK ERROR: \w+\(0x[0-9a-f]+\): ", "", text)  # the reader's address
     return text.removeprefix("sitk::ERROR: ").removeprefix("[nrrd] ")

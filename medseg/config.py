@@ -414,11 +414,12 @@ _DECIMAL = re.compile(r"[-+]?(?:0|[1-9][0-9]*)")  # the loader's whole numbers
 def _as_int(value: Any) -> int:
     # text other than the loader's decimal form (a quoted key, '1') is another form: `010`
     # (YAML 1.1's octal 8) or `1_000`, which int() would read one way and YAML another
-    if isinstance(value, str) and _DECIMAL.fullmatch(value):
+    if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
         return int(value)
     if isinstance(value, bool) or not isinstance(value, int):
+        numeric = isinstance(value, str) and value.strip().lstrip("+-")[:1].isdigit()
         raise _Unfit("an integer (written in decimal, without leading zeros)"
-                     if isinstance(value, str) and value[:1].isdigit() else "an integer")
+                     if numeric else "an integer")
     return value
 
 

@@ -96,13 +96,29 @@ def output_folder(folder: Path, remove_if_empty: bool = True) -> Iterator[Path]:
     """Make an output folder (and check that it can be written) for the block; a folder made
     here that the block leaves empty (every case failed, or a stop before the first output)
     is removed again, with the parents made for it."""
-    created = missing_folders(folder)
+    created = _make_folders(folder)
     make_writable_folder(folder)
     try:
         yield folder
     finally:
         if remove_if_empty:
             _remove_empty(created)
+
+
+def _make_folders(folder: Path) -> list[Path]:
+    """Make `folder` and its missing parents one at a time; the ones this call made,
+    innermost first (not one another process made meanwhile, nor the parent that a `..` in
+    the path names again)."""
+    made = []
+    for missing in reversed(missing_folders(folder)):
+        try:
+            missing.mkdir()
+        except FileExistsError:
+            continue
+        except OSError:  # make_writable_folder names the problem
+            break
+        made.append(missing)
+    return made[::-1]
 
 
 def _remove_empty(folders: list[Path]) -> None:

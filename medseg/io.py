@@ -103,7 +103,8 @@ def header_note(geometry: Geometry) -> str | None:
         return None
     if int(header["qform_code"]) == 0:
         return _sform_pixdim_note(geometry, header)
-    apart = _apart(header.get_qform(), header.get_sform(), geometry)
+    mm = _mm_per_unit(header)
+    apart = _apart(header.get_qform() * mm, header.get_sform() * mm, geometry)
     if apart is None:
         return None
     return (f"its NIfTI qform and sform place the voxels up to {apart:.3g} mm apart (more "
@@ -115,9 +116,10 @@ def header_note(geometry: Geometry) -> str | None:
 def _sform_pixdim_note(geometry: Geometry, header) -> str | None:
     """An sform without a qform whose axes are not pixdim long: ITK takes the sform's
     directions and origin with pixdim's voxel size (nibabel's set_sform leaves pixdim 1)."""
-    sform = header.get_sform()
+    mm = _mm_per_unit(header)
+    sform = header.get_sform() * mm
     lengths = np.linalg.norm(sform[:3, :3], axis=0)
-    pixdim = np.asarray(header["pixdim"][1:4], dtype=float)
+    pixdim = np.abs(np.asarray(header["pixdim"][1:4], dtype=float)) * float(mm[0, 0])
     if np.any(lengths <= 0) or np.any(~np.isfinite(pixdim)) or np.any(pixdim <= 0):
         return None
     itk_read = sform.copy()
@@ -129,6 +131,14 @@ def _sform_pixdim_note(geometry: Geometry, header) -> str | None:
             f"{_mm(pixdim)} mm (no qform): medseg reads the sform, as nibabel and MONAI do, "
             f"ITK tools (SimpleITK, 3D Slicer, ITK-SNAP) may take pixdim's size, placing "
             f"voxels up to {apart:.3g} mm apart; check which is right")
+
+
+def _mm_per_unit(header) -> np.ndarray:
+    """A scale for a header's affines that puts their rotation-zoom and offset in mm (the
+    bottom row stays 0 0 0 1)."""
+    scale = np.ones((4, 1))
+    scale[:3] = MM_PER_UNIT.get(header.get_xyzt_units()[0], 1.0)
+    return scale
 
 
 def _apart(one: np.ndarray, other: np.ndarray, geometry: Geometry) -> float | None:
@@ -368,7 +378,7 @@ def convert_volume(input: str | Path, output: str | Path, series_uid: str | None
                           output)
     if output.resolve() == Path(input).resolve():
         raise MedsegError("output would overwrite the input", output)
-    if not output.exists():  # before the read: a path under a file, a read-only folder
+    if not output.exists() and not output.is_symlink():  # a path under a file, say
         refuse_unwritable_place(output)
     volume = read_volume(input, dtype=None, series_uid=series_uid,
                          resample_irregular=resample_irregular)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -155,17 +156,31 @@ def _refuse_headerless_metaimage(path: Path) -> None:
     """A file named .mha/.mhd without MetaImage's NDims key: ITK's MetaImage library prints
     its parse errors straight to the console (no ITK switch silences them), then fails with a
     stale system error as its reason."""
-    with open(path, "rb") as stream:
-        head = stream.read(1 << 16)
-    if not re.search(rb"^[ \t]*NDims[ \t]*=", head, re.MULTILINE):
+    if not any(key == "ndims" for key in _header_keys(path, "=:", "elementdatafile")):
         raise MedsegError(misnamed_format(path, "MetaImage")
                           or "not a readable MetaImage file (its header has no NDims)", path)
 
 
-# the NRRD spaces ITK places as they say; it reads any other (scanner-xyz, 3D-right-handed)
-# or none as LPS, which the file does not say
-_PLACED_NRRD_SPACES = {"left-posterior-superior", "lps", "right-anterior-superior", "ras",
-                       "left-anterior-superior", "las"}
+_HEADER_BYTES = 1 << 22  # a text header ends long before: further bytes are voxels
+
+
+def _header_keys(path: Path, separators: str, last_key: str) -> Iterator[str]:
+    """The lower-case keys of a text header's `key = value` or `key: value` lines, up to
+    `last_key`, within its first _HEADER_BYTES (read a line of at most 64 KiB at a time: a
+    binary file may hold no line break for megabytes)."""
+    with open(path, "rb") as stream:
+        while stream.tell() < _HEADER_BYTES and (raw := stream.readline(1 << 16)):
+            line = raw.decode("latin-1").strip()
+            key = re.split(f"[{re.escape(separators)}]", line, maxsplit=1)[0].strip().lower()
+            yield key
+            if key == last_key:
+                return
+
+
+# the NRRD spaces ITK places as they say (Teem reads them without case, "-" or spaces); it
+# reads any other (scanner-xyz, 3D-right-handed) or none as LPS, which the file does not say
+_PLACED_NRRD_SPACES = {"leftposteriorsuperior", "lps", "rightanteriorsuperior", "ras",
+                       "leftanteriorsuperior", "las"}
 
 
 def orientation_note(path: Path) -> str | None:
@@ -174,7 +189,8 @@ def orientation_note(path: Path) -> str | None:
     if path.suffix.lower() not in (".nrrd", ".nhdr"):
         return None
     space = _nrrd_fields(path).get("space")
-    if space is not None and space.lower().removesuffix("-time") in _PLACED_NRRD_SPACES:
+    plain = re.sub("[^a-z]", "", (space or "").lower()).removesuffix("time")
+    if plain in _PLACED_NRRD_SPACES:
         return None
     named = f"its NRRD space is '{space}'" if space else "its NRRD header names no space"
     return (f"{named}, not an anatomical one (left-posterior-superior, right-anterior-superior"
@@ -186,13 +202,14 @@ def _nrrd_fields(path: Path) -> dict[str, str]:
     """A NRRD header's `field: value` lines (up to the blank line that ends it)."""
     fields: dict[str, str] = {}
     with open(path, "rb") as stream:
-        head = stream.read(1 << 16)
-    for line in head.decode("latin-1").splitlines()[1:]:
-        if not line.strip():
-            break
-        key, colon, value = line.partition(":")
-        if colon and not value.startswith("="):  # key:=value is a key/value pair, not a field
-            fields[key.strip().lower()] = value.strip()
+        stream.readline(1 << 16)  # NRRD000X
+        while stream.tell() < _HEADER_BYTES and (raw := stream.readline(1 << 16)):
+            line = raw.decode("latin-1")
+            if not line.strip():
+                break
+            key, colon, value = line.partition(":")
+            if colon and not value.startswith("="):  # key:=value is a key/value pair
+                fields[key.strip().lower()] = value.strip()
     return fields
 
 

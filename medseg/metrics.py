@@ -148,8 +148,13 @@ def structure_boxes(label_map: np.ndarray, ids: list[int]) -> dict[int, Box | No
         found = ndimage.find_objects(data, max_label=wanted[-1])
         boxes = {k: found[k - 1] for k in wanted}
     else:
-        found = ndimage.find_objects(_numbered(data, np.asarray(wanted)), max_label=len(wanted))
-        boxes = dict(zip(wanted, found, strict=True))
+        # ids the map's type can hold, in that type (searchsorted would compare uint64 ids
+        # beyond 2^53 as float64, which merges neighbours)
+        info = np.iinfo(data.dtype)
+        held = [k for k in wanted if info.min <= k <= info.max]
+        found = ndimage.find_objects(_numbered(data, np.asarray(held, dtype=data.dtype)),
+                                     max_label=len(held)) if held else []
+        boxes = dict(zip(held, found, strict=True))
     return {k: boxes.get(k) for k in ids}
 
 

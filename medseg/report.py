@@ -207,7 +207,8 @@ def format_table(summary: dict) -> str:
         lines.append(f"not shown, absent from every reference and prediction: {len(absent)} "
                      f"structure{'s' if len(absent) > 1 else ''} (listed in summary.json)")
     if summary["failed_cases"]:
-        lines.append(f"failed cases (scored Dice 0, distances inf): "
+        lines.append(f"failed cases (each structure of their references missed: Dice 0, "
+                     f"distances inf): "
                      f"{', '.join(summary['failed_cases'])}")
     return "\n".join(lines)
 

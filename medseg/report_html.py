@@ -109,7 +109,8 @@ def _header(results: list[CaseScores], summary: dict) -> str:
         f"by medseg evaluate</p>",
     ]
     if failed:
-        lines.append(f'<p class="fail">Failed cases (scored Dice 0, distances inf): '
+        lines.append(f'<p class="fail">Failed cases (each structure of their references '
+                     f'missed: Dice 0, distances inf): '
                      f'{escape(", ".join(failed))}</p>')
     return "\n".join(lines)
 
@@ -167,28 +168,33 @@ def _conventions(summary: dict) -> str:
         "both masks: every score undefined, left out of the statistics and of n (as nnU-Net). "
         "Absent from one mask: Dice, IoU and NSD 0, HD95 and ASSD infinite (counted as "
         "<span class=\"inf\">inf</span>, left out of mean, sd, median and IQR). A case with "
-        "no usable prediction scores Dice, IoU and NSD 0 and infinite distances for every "
-        "structure.</p>")
+        "no usable prediction misses each structure of its reference (Dice, IoU and NSD 0, "
+        "infinite distances); a structure its reference lacks is undefined there, as one "
+        "absent from both masks.</p>")
 
 
 def _case_table(results: list[CaseScores], shown: list[str]) -> str:
     rows = []
     for result in results:
+        # a failed case as the summary scores it: Dice and NSD 0 for each structure of its
+        # reference, the others left out
+        present = [n for n in shown if is_present(result.scores[n])]
+        worst = min(present, key=lambda n: result.scores[n]["dice"], default=None)
+        nsd = [result.scores[n]["nsd"] for n in present]
+        if worst is None:
+            worst_text = "&ndash;"
+        elif result.error:
+            worst_text = "every structure of its reference (0)"
+        else:
+            worst_text = f"{escape(worst)} ({result.scores[worst]['dice']:.3f})"
         if result.error:
             status = f'<span class="fail">{escape(result.error)}</span>'
-            # scored as the summary scores it: Dice and NSD 0 for every structure
-            cells = '<td>0.000</td><td>0.000</td><td class="name">every structure (0)</td>'
         else:
-            present = [n for n in shown if is_present(result.scores[n])]
-            worst = min(present, key=lambda n: result.scores[n]["dice"], default=None)
-            nsd = [result.scores[n]["nsd"] for n in present]
-            worst_text = (f"{escape(worst)} ({result.scores[worst]['dice']:.3f})"
-                          if worst else "&ndash;")
             status = ('<span class="note">prediction resampled onto the reference grid</span>'
                       if result.resampled else "ok")
-            cells = (f"<td>{_fmt(case_mean_dice(result, shown), 3)}</td>"
-                     f"<td>{_fmt(float(np.mean(nsd)) if nsd else math.nan, 3)}</td>"
-                     f'<td class="name">{worst_text}</td>')
+        cells = (f"<td>{_fmt(case_mean_dice(result, shown), 3)}</td>"
+                 f"<td>{_fmt(float(np.mean(nsd)) if nsd else math.nan, 3)}</td>"
+                 f'<td class="name">{worst_text}</td>')
         rows.append(f'<tr><td class="name">{escape(result.case)}</td>{cells}'
                     f'<td class="name">{status}</td></tr>')
     return ('<h2 id="cases">Cases</h2>\n<p class="meta">Means over the structures present in '
@@ -220,8 +226,8 @@ def _montages(results: list[CaseScores], labels: dict[int, str] | None,
             "structure shown in lighter grey). Each structure: axial, coronal and sagittal "
             "slices through its largest cross-sections, zoomed on it; axial and coronal in "
             "radiological view (patient's right on the left), sagittal with anterior on the "
-            "left. Cases ranked by mean Dice; failed cases (Dice 0, named at the top of the "
-            "report) have no overlay.</p>")
+            "left. Cases ranked by mean Dice; failed cases (named at the top of the report) have "
+            "no overlay.</p>")
     if labels is None:
         return (head + '\n<p class="note">No label map was given to the report writer, so no '
                 "overlays were drawn.</p>")

@@ -540,3 +540,32 @@ def test_a_label_id_that_is_not_a_whole_number_is_named(tmp_path, table, named):
     path.write_text(json.dumps(table), encoding="utf-8")
     with pytest.raises(MedsegError, match=f"label ids must be whole numbers; {named}"):
         label_names_from_json(path)
+
+
+def test_a_refused_evaluation_removes_a_parent_named_again_by_dot_dot(folders, monkeypatch):
+    """--out new/../out made new, and removing 'new/..' failed, which kept new."""
+    monkeypatch.chdir(folders)
+    reference = phantom()
+    reference[0, 0, 0] = 7
+    save(folders / "ref" / "c3.nii.gz", reference)
+    labels = folders / "labels.json"
+    labels.write_text(json.dumps({"1": "a", "2": "b"}), encoding="utf-8")
+    before = sorted(p.name for p in folders.iterdir())
+    with pytest.raises(MedsegError, match="c3.nii.gz: label values"):
+        run_evaluation(folders / "pred", folders / "ref", labels,
+                       folders / "new" / ".." / "out")
+    assert sorted(p.name for p in folders.iterdir()) == before
+
+
+def test_the_console_and_report_say_a_failed_case_misses_its_references_structures(folders):
+    labels = folders / "labels.json"
+    labels.write_text(json.dumps({"1": "a", "2": "b"}), encoding="utf-8")
+    empty = np.zeros((10, 10, 10), np.uint8)
+    save(folders / "ref" / "c3.nii.gz", empty)  # no prediction, nothing to miss
+    summary = run_evaluation(folders / "pred", folders / "ref", labels, folders / "out")
+    assert summary["failed_cases"] == ["c3"]
+    assert "failed cases (each structure of their references missed" in format_table(summary)
+    html = (folders / "out" / "report.html").read_text(encoding="utf-8")
+    assert "every structure (0)" not in html and "scored Dice 0" not in html
+    row = next(line for line in html.splitlines() if '<td class="name">c3</td>' in line)
+    assert "<td>0.000</td>" not in row  # no structure to score: undefined, not 0

@@ -128,3 +128,53 @@ def test_convert_to_a_path_under_a_file_says_so(tmp_path, capsys):
     (tmp_path / "afile").write_text("x", encoding="utf-8")
     assert main(["convert", str(source), str(tmp_path / "afile" / "b.nii.gz")]) == 2
     assert "afile is not a folder" in capsys.readouterr().err
+
+
+def metaimage(path, header_lines: list[str]):
+    """A MetaImage of 2 x 3 x 4 shorts with these header lines before its data."""
+    text = "\n".join(header_lines + ["DimSize = 2 3 4", "ElementType = MET_SHORT",
+                                     "ElementDataFile = LOCAL"]) + "\n"
+    path.write_bytes(text.encode() + np.arange(24, dtype="<i2").tobytes())
+    return path
+
+
+@pytest.mark.parametrize("lines", [
+    ["ObjectType = Image", "NDims: 3"],
+    ["ObjectType = Image", "NDims : 3"],
+    ["ObjectType = Image"] + [f"Comment = {'x' * 200}"] * 400 + ["NDims = 3"],
+])
+def test_a_metaimage_header_as_itk_reads_it_is_not_refused(tmp_path, lines):
+    """The header check wanted 'NDims =' in the first 64 KiB; ITK also takes ':' and a
+    header past 64 KiB."""
+    path = metaimage(tmp_path / "a.mha", lines)
+    assert read_volume(path).data.shape == (2, 3, 4)
+
+
+@pytest.mark.parametrize("space", ["right anterior superior", "RightAnteriorSuperior",
+                                   "left posterior superior", "LPS", "right-anterior-superior"])
+def test_nrrd_spaces_spelled_as_teem_reads_them_are_not_noted(tmp_path, space):
+    path = nrrd(tmp_path / "scan.nrrd", space)
+    assert header_note(read_volume(path).geometry) is None
+
+
+def test_a_micron_nifti_is_compared_in_mm(tmp_path):
+    """Distances in microns were compared with half a voxel in mm (and printed as mm)."""
+    image = nib.Nifti1Image(np.zeros((200, 200, 100), np.float32), None)
+    image.set_sform(np.diag([1500.0, 1500.0, 1500.0, 1.0]), code=2)
+    image.header["pixdim"][1:4] = 1500.1
+    image.header.set_xyzt_units("micron")
+    nib.save(image, tmp_path / "microns.nii.gz")
+    assert header_note(read_geometry(tmp_path / "microns.nii.gz")) is None  # 0.02 mm apart
+    image.header["pixdim"][1:4] = 1000.0
+    nib.save(image, tmp_path / "off.nii.gz")
+    note = header_note(read_geometry(tmp_path / "off.nii.gz"))
+    assert note is not None and "voxels of 1.5 x 1.5 x 1.5 mm but its pixdim says 1 x 1 x 1 mm" \
+        in note
+
+
+def test_convert_onto_a_dangling_link_replaces_the_link(tmp_path):
+    source = nifti(tmp_path / "a.nii.gz")
+    link = tmp_path / "link.nii.gz"
+    link.symlink_to(tmp_path / "nowhere.nii.gz")
+    assert main(["convert", str(source), str(link)]) == 0
+    assert read_volume(link).data.shape == (4, 5, 6)

@@ -206,3 +206,13 @@ def test_boxes_of_a_huge_label_id_are_found_without_a_list_as_long_as_the_id(mon
     assert boxes[1] == (slice(4, 5), slice(6, 7), slice(0, 2))
     assert boxes[7] is None and boxes[0] is None
     assert seen
+
+
+def test_boxes_of_neighbouring_uint64_ids_beyond_float64_precision_stay_apart():
+    from medseg.metrics import structure_boxes
+
+    label_map = np.zeros((3, 3, 3), np.uint64)
+    label_map[0, 0, 0], label_map[1, 1, 1] = 2**60, 2**60 + 1
+    boxes = structure_boxes(label_map, [2**60, 2**60 + 1, 5])
+    assert boxes[2**60 + 1] == (slice(1, 2),) * 3 and boxes[2**60] == (slice(0, 1),) * 3
+    assert boxes[5] is None

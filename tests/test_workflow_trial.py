@@ -129,3 +129,11 @@ def test_overwrite_refuses_a_case_file_a_csv_lists_from_the_run_folder(phantom_d
                  "dataset.layout=csv"]) == 2
     assert "--overwrite would delete a file of case kept" in capsys.readouterr().err
     assert scan.is_file()
+
+
+def test_a_quoted_label_id_with_spaces_still_loads_and_a_signed_octal_gets_the_hint(tmp_path):
+    workflow = load_workflow(write(tmp_path, "dataset:\n  labels: {' 1': liver, '2 ': kidney}\n"))
+    assert workflow.dataset.labels == {1: "liver", 2: "kidney"}
+    with pytest.raises(MedsegError, match=r"must be an integer \(written in decimal, without "
+                                          r"leading zeros\), got '\+010'"):
+        load_workflow(write(tmp_path, "train:\n  epochs: '+010'\n"))

@@ -8,6 +8,7 @@ import errno
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -259,7 +260,7 @@ def content_format(path: Path) -> str | None:
 
     try:
         with open(path, "rb") as stream:
-            head = stream.read(352)
+            head = stream.read(4096)
         if head[:2] == b"\x1f\x8b":
             with gzip.open(path, "rb") as stream:
                 inner = stream.read(352)
@@ -272,8 +273,7 @@ def content_format(path: Path) -> str | None:
         return "NRRD"
     if head[128:132] == b"DICM":
         return "DICOM"
-    first_key = head.split(b"=", 1)[0].strip() if b"=" in head[:40] else b""
-    if first_key in (b"ObjectType", b"NDims"):
+    if re.search(rb"^[ \t]*(?:ObjectType|NDims)[ \t]*[=:]", head, re.MULTILINE):
         return "MetaImage"
     return None
 

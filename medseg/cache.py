@@ -311,22 +311,31 @@ class DiskCache:
         entries = self.entries()
         bar = tqdm(total=len(cases), desc="disk cache", unit="case", disable=not progress)
         pool = ThreadPoolExecutor(max_workers=max(1, workers))
+        pending: set = set()
         try:
             pending = {pool.submit(self._write_case, case, prepare) for case in cases}
             while pending:
                 done, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
-                raise_if_stopped()
                 for future in done:
-                    name, entry = self._written(future)
-                    entries[name] = entry
-                    atomic_write_json(self.manifest, {"format": FORMAT, "key": self.key,
-                                                      "cases": entries})
+                    self._record(entries, *self._written(future))
                     bar.update(1)
                     if after_each is not None:
                         after_each()
+                raise_if_stopped()  # after recording: a case written by then is kept
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             bar.close()
+            self._record_finished(entries, pending)
+
+    def _record(self, entries: dict, name: str, entry: dict) -> None:
+        entries[name] = entry
+        atomic_write_json(self.manifest, {"format": FORMAT, "key": self.key, "cases": entries})
+
+    def _record_finished(self, entries: dict, futures: set) -> None:
+        """After a stop: the cases that finished while the pool wound down are kept too."""
+        for future in futures:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self._record(entries, *future.result())
 
     def _written(self, future) -> tuple[str, dict]:
         """A case's manifest entry, once written; a disk that filled up (or any other

@@ -222,6 +222,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """One process, or one of several started by torchrun (DistributedDataParallel)."""
+    if int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") or 0) > 0:
+        # a restarted worker runs the same command again: `--out` is refused as existing,
+        # and the restarted processes were seen to hang
+        raise MedsegError("torchrun --max-restarts is not supported: a stopped run continues "
+                          "with `medseg train --resume RUN_DIR`")
     if args.resume:
         if args.workflow or args.out:
             raise MedsegError("--resume takes the run folder alone (its saved workflow is used)")
@@ -245,16 +250,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.resume or args.out)
     with distributed_session() as ranks, _stdout_of_main_rank_only(ranks.main), \
-            _one_trainer(run_dir, ranks.main):
+            _one_trainer(run_dir, ranks):
         run()
     return 0
 
 
 @contextlib.contextmanager
-def _one_trainer(run_dir: Path, main_rank: bool) -> Iterator[None]:
+def _one_trainer(run_dir: Path, ranks) -> Iterator[None]:
     """Refuse a second `medseg train` on a run folder that one is training: two would both
     write its checkpoints and metrics. The lock file lies beside the folder (a fresh run
-    replaces the folder), and goes when the run ends."""
+    replaces the folder), and goes when the run ends. Rank 0 takes it; every rank of a
+    torchrun run is refused with it, before any work."""
     from medseg.fileio import hold_lock, missing_folders
 
     try:
@@ -265,20 +271,45 @@ def _one_trainer(run_dir: Path, main_rank: bool) -> Iterator[None]:
     lock = real.parent / f".{real.name}.medseg-lock"
     # `--out runs/x` in a fresh clone: the lock's folder is made now (and removed again if
     # the run leaves it empty), or a second trainer would not be refused
+    main_rank = ranks.main
     made = missing_folders(run_dir.parent) if main_rank else []
+    refusal = MedsegError("another `medseg train` is training this run folder; wait for it "
+                          "to end (or stop it) first", run_dir)
     try:
         with contextlib.ExitStack() as held:
+            locked = True
             if main_rank and fcntl is not None:
                 with contextlib.suppress(OSError):  # an unwritable place fails later
                     real.parent.mkdir(parents=True, exist_ok=True)
-                hold_lock(held, lock, fcntl.LOCK_EX, MedsegError(
-                    "another `medseg train` is training this run folder; wait for it to "
-                    "end (or stop it) first", run_dir), remove=True)
+                try:
+                    hold_lock(held, lock, fcntl.LOCK_EX, refusal, remove=True)
+                except MedsegError:
+                    locked = False
+            if not _main_rank_says(locked, ranks):
+                raise refusal
             yield
     finally:
         for folder in made:  # innermost first; a run that wrote its folder keeps them
             with contextlib.suppress(OSError):
                 folder.rmdir()
+
+
+def _main_rank_says(flag: bool, ranks) -> bool:
+    """Rank 0's `flag` on every rank of a torchrun run (as is, in one process)."""
+    if not ranks.distributed:
+        return flag
+    import torch
+    import torch.distributed as dist
+
+    from medseg.train import _from_main
+
+    device = (torch.device("cuda", ranks.local_rank) if torch.cuda.is_available()
+              else torch.device("cpu"))
+    said = _from_main(flag, ranks, device)
+    # every rank has the answer before any leaves: rank 0's broadcast may return before
+    # rank 1 has read it, and a rank that ends its group then cuts the other's receive
+    dist.barrier()
+    return said
 
 
 def _report_fold(result, planned_epochs: int) -> None:

@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_file
+from safetensors.torch import load_model, save
 
 from medseg.errors import MedsegError
 from medseg.fileio import atomic_path
@@ -83,7 +83,9 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
 def save_weight_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """What save_weights writes, from a snapshot of it (weight_snapshot)."""
     with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        # safetensors' save_file renames a temporary file of its own (mode 0600) onto `tmp`:
+        # the bytes are written into the one atomic_path made, with the umask's mode
+        tmp.write_bytes(save(tensors, metadata={"format": "pt"}))
 
 
 def weight_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:

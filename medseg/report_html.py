@@ -178,7 +178,7 @@ def _case_table(results: list[CaseScores], shown: list[str]) -> str:
     for result in results:
         # a failed case as the summary scores it: Dice and NSD 0 for each structure of its
         # reference, the others left out
-        present = [n for n in shown if is_present(result.scores[n])]
+        present = _scored_structures(result, shown)
         worst = min(present, key=lambda n: result.scores[n]["dice"], default=None)
         nsd = [result.scores[n]["nsd"] for n in present]
         if worst is None:
@@ -192,7 +192,8 @@ def _case_table(results: list[CaseScores], shown: list[str]) -> str:
         else:
             status = ('<span class="note">prediction resampled onto the reference grid</span>'
                       if result.resampled else "ok")
-        cells = (f"<td>{_fmt(case_mean_dice(result, shown), 3)}</td>"
+        dice = [result.scores[n]["dice"] for n in present]
+        cells = (f"<td>{_fmt(float(np.mean(dice)) if dice else math.nan, 3)}</td>"
                  f"<td>{_fmt(float(np.mean(nsd)) if nsd else math.nan, 3)}</td>"
                  f'<td class="name">{worst_text}</td>')
         rows.append(f'<tr><td class="name">{escape(result.case)}</td>{cells}'
@@ -202,6 +203,15 @@ def _case_table(results: list[CaseScores], shown: list[str]) -> str:
             '<table class="cases"><thead><tr><th class="name">case</th><th>mean Dice</th>'
             '<th>mean NSD</th><th class="name">lowest Dice</th><th class="name">status</th>'
             "</tr></thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody></table>")
+
+
+def _scored_structures(result: CaseScores, shown: list[str]) -> list[str]:
+    """The structures a case is scored on: those in its reference or prediction; for a
+    failed case, those scored as missed (Dice 0: in its reference, or every one when its
+    reference could not be read)."""
+    if result.error:
+        return [n for n in shown if not math.isnan(result.scores[n]["dice"])]
+    return [n for n in shown if is_present(result.scores[n])]
 
 
 def _boxplots(results: list[CaseScores], shown: list[str], summary: dict) -> str:

@@ -475,3 +475,34 @@ def test_a_case_rewritten_with_its_time_put_back_is_built_again(tmp_path, phanto
     assert main(["train", "--resume", str(run), "--set", "train.max_minutes=0.00001"]) == 0
     changed = {file for file, time in cache_times(run).items() if built.get(file) != time}
     assert len(changed) == 3
+
+
+def test_a_stop_during_the_build_keeps_the_cases_written_by_then(tmp_path, phantom_dataset,
+                                                                   monkeypatch):
+    """The stop was checked before the finished cases were recorded: Ctrl-C left a case's
+    three files without a manifest entry, and the resume built it again."""
+    import medseg.cache as cache
+
+    def stop_at_once():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cache, "raise_if_stopped", stop_at_once)
+    run = tmp_path / "run"
+    assert train(run, phantom_dataset, "train.cache=disk") == 130
+    data = json.loads((run / "cache" / "manifest.json").read_text(encoding="utf-8"))
+    assert len(data["cases"]) >= 1
+
+
+def test_weights_are_written_with_the_umasks_mode(tmp_path):
+    """safetensors' save_file wrote best/last.safetensors 0600 (its own temporary file),
+    which colleagues on a shared machine could not read."""
+    import torch
+
+    from medseg.model import save_weight_tensors
+
+    previous = os.umask(0o022)
+    try:
+        save_weight_tensors({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o644

@@ -354,3 +354,12 @@ def test_train_help_names_every_key_a_resume_may_set():
     train = _parser()._subparsers._group_actions[0].choices["train"]
     help_text = " ".join(train.format_help().split())
     assert all(key in help_text for key in RESUME_OVERRIDES), help_text
+
+
+def test_torchrun_max_restarts_is_refused_in_one_line(monkeypatch, capsys, tmp_path):
+    """A restarted worker ran `train --out RUN` again, and the restarted processes hung."""
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "1")
+    assert main(["train", "--resume", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "torchrun --max-restarts is not supported: a stopped run continues with "
+        "`medseg train --resume RUN_DIR`")

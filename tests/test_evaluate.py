@@ -433,12 +433,18 @@ def test_an_empty_prediction_folder_is_refused(folders, tmp_path):
         run_evaluation(tmp_path / "empty", folders / "ref", None, None)
 
 
-def test_a_refused_evaluation_leaves_no_output_folder_behind(folders):
+def reference_with_an_unknown_label(folders):
+    """c3's reference holds 7, which labels.json (returned) does not name: a refusal."""
     reference = phantom()
     reference[0, 0, 0] = 7
     save(folders / "ref" / "c3.nii.gz", reference)
     labels = folders / "labels.json"
     labels.write_text(json.dumps({"1": "a", "2": "b"}), encoding="utf-8")
+    return labels
+
+
+def test_a_refused_evaluation_leaves_no_output_folder_behind(folders):
+    labels = reference_with_an_unknown_label(folders)
     with pytest.raises(MedsegError, match="c3.nii.gz: label values"):
         run_evaluation(folders / "pred", folders / "ref", labels, folders / "out")
     assert not (folders / "out").exists()
@@ -474,11 +480,7 @@ def test_a_failed_case_misses_only_the_structures_its_reference_holds(folders):
 
 def test_a_refused_evaluation_removes_the_parent_folders_it_made_for_out(folders):
     """--out a/b/c made a and b too, and a refusal removed only c."""
-    reference = phantom()
-    reference[0, 0, 0] = 7
-    save(folders / "ref" / "c3.nii.gz", reference)
-    labels = folders / "labels.json"
-    labels.write_text(json.dumps({"1": "a", "2": "b"}), encoding="utf-8")
+    labels = reference_with_an_unknown_label(folders)
     (folders / "kept").mkdir()
     with pytest.raises(MedsegError, match="c3.nii.gz: label values"):
         run_evaluation(folders / "pred", folders / "ref", labels,
@@ -545,11 +547,7 @@ def test_a_label_id_that_is_not_a_whole_number_is_named(tmp_path, table, named):
 def test_a_refused_evaluation_removes_a_parent_named_again_by_dot_dot(folders, monkeypatch):
     """--out new/../out made new, and removing 'new/..' failed, which kept new."""
     monkeypatch.chdir(folders)
-    reference = phantom()
-    reference[0, 0, 0] = 7
-    save(folders / "ref" / "c3.nii.gz", reference)
-    labels = folders / "labels.json"
-    labels.write_text(json.dumps({"1": "a", "2": "b"}), encoding="utf-8")
+    labels = reference_with_an_unknown_label(folders)
     before = sorted(p.name for p in folders.iterdir())
     with pytest.raises(MedsegError, match="c3.nii.gz: label values"):
         run_evaluation(folders / "pred", folders / "ref", labels,

@@ -164,17 +164,22 @@ def _refuse_headerless_metaimage(path: Path) -> None:
 _HEADER_BYTES = 1 << 22  # a text header ends long before: further bytes are voxels
 
 
-def _header_keys(path: Path, separators: str, last_key: str) -> Iterator[str]:
-    """The lower-case keys of a text header's `key = value` or `key: value` lines, up to
-    `last_key`, within its first _HEADER_BYTES (read a line of at most 64 KiB at a time: a
-    binary file may hold no line break for megabytes)."""
+def _header_lines(path: Path) -> Iterator[str]:
+    """A text header's lines, within its first _HEADER_BYTES, read at most 64 KiB at a time
+    (a binary file may hold no line break for megabytes)."""
     with open(path, "rb") as stream:
         while stream.tell() < _HEADER_BYTES and (raw := stream.readline(1 << 16)):
-            line = raw.decode("latin-1").strip()
-            key = re.split(f"[{re.escape(separators)}]", line, maxsplit=1)[0].strip().lower()
-            yield key
-            if key == last_key:
-                return
+            yield raw.decode("latin-1")
+
+
+def _header_keys(path: Path, separators: str, last_key: str) -> Iterator[str]:
+    """The lower-case keys of a text header's `key = value` or `key: value` lines, up to
+    `last_key`."""
+    for line in _header_lines(path):
+        key = re.split(f"[{re.escape(separators)}]", line.strip(), maxsplit=1)[0]
+        yield key.strip().lower()
+        if key.strip().lower() == last_key:
+            return
 
 
 # the NRRD spaces ITK places as they say (Teem reads them without case, "-" or spaces); it
@@ -201,15 +206,14 @@ def orientation_note(path: Path) -> str | None:
 def _nrrd_fields(path: Path) -> dict[str, str]:
     """A NRRD header's `field: value` lines (up to the blank line that ends it)."""
     fields: dict[str, str] = {}
-    with open(path, "rb") as stream:
-        stream.readline(1 << 16)  # NRRD000X
-        while stream.tell() < _HEADER_BYTES and (raw := stream.readline(1 << 16)):
-            line = raw.decode("latin-1")
-            if not line.strip():
-                break
-            key, colon, value = line.partition(":")
-            if colon and not value.startswith("="):  # key:=value is a key/value pair
-                fields[key.strip().lower()] = value.strip()
+    lines = _header_lines(path)
+    next(lines, None)  # NRRD000X
+    for line in lines:
+        if not line.strip():
+            break
+        key, colon, value = line.partition(":")
+        if colon and not value.startswith("="):  # key:=value is a key/value pair
+            fields[key.strip().lower()] = value.strip()
     return fields
 
 

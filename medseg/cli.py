@@ -201,9 +201,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"[1/4] writing 12 synthetic CT phantoms to {out / 'data'}")
     write_phantom_dataset(out / "data", n_train=8, n_test=4, seed=args.seed)
     print(f"[2/4] training with {workflow_path}")
-    # set on the workflow, not as an override: YAML would read " #" in a path as a comment
+    # set on the workflow, not as an override: YAML would read " #" in a path as a comment;
+    # absolute, as load_workflow makes paths, so that a resume from elsewhere finds it
+    data = os.path.abspath(out / "data")
     workflow = dataclasses.replace(
-        workflow, dataset=dataclasses.replace(workflow.dataset, path=str(out / "data")))
+        workflow, dataset=dataclasses.replace(workflow.dataset, path=data))
     run_dir = out / "run"
     _train_run(workflow, run_dir, folds=[workflow.train.fold], overwrite=True)
     print(f"[3/4] segmenting the 4 held-out phantoms into {out / 'predictions'}")
@@ -230,6 +232,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         if args.workflow or args.out:
             raise MedsegError("--resume takes the run folder alone (its saved workflow is used)")
+        if args.overwrite:
+            raise MedsegError("--resume continues a run and --overwrite starts it again: give "
+                              "one (to start again: medseg train WORKFLOW --out RUN_DIR "
+                              "--overwrite)")
         for override in args.overrides or []:
             if override_key(override) not in RESUME_OVERRIDES:
                 raise MedsegError(f"--resume continues the saved workflow: of its keys, --set "
@@ -339,7 +345,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     options = _PredictOptions(folds=folds, overwrite=args.overwrite, tta=args.tta,
                               step=args.step, device=args.device, series_uid=args.series,
                               resample_irregular=args.resample_irregular, shard=args.shard,
-                              debug=args.debug)
+                              debug=args.debug, dicom_seg=args.dicom_seg)
     if args.reference:
         _check_reference_without_shards(args.shard, args.output, args.reference)
         if not Path(args.reference).is_dir():  # before the batch, not after it
@@ -515,6 +521,7 @@ class _PredictOptions:
     resample_irregular: bool = False
     shard: str | None = None
     debug: bool = False  # each failed case's traceback
+    dicom_seg: bool = False  # a DICOM SEG beside the mask of each DICOM series
 
 
 def _resume_run(run_dir: Path, fold_text: str | None, overrides: list[str] | None = None
@@ -526,7 +533,7 @@ def _resume_run(run_dir: Path, fold_text: str | None, overrides: list[str] | Non
     from medseg.datasets import read_splits
     from medseg.fileio import atomic_write_json
     from medseg.plan import load_plan
-    from medseg.train import current_ranks
+    from medseg.train import check_resumable, current_ranks
 
     if not run_dir.is_dir():
         raise MedsegError("run folder not found", run_dir)
@@ -547,12 +554,19 @@ def _resume_run(run_dir: Path, fold_text: str | None, overrides: list[str] | Non
     _refuse_changed_dataset(dataset, splits, folds, splits_path)
     _refuse_changed_labels(dataset, plan, run_dir / "plan.json")
     _refuse_changed_channels(dataset, plan, run_dir / "plan.json")
+    # decided before any training, so that every torchrun rank decides the same; every
+    # state read before any caching or training: a damaged one of fold 2 is not found
+    # after folds 0 and 1 have trained
+    resumes = [_has_state(run_dir / f"fold_{fold}") for fold in folds]
+    for fold, resume in zip(folds, resumes, strict=True):
+        if resume:
+            check_resumable(run_dir / f"fold_{fold}")
     if current_ranks().main:  # only once the resume is known to go ahead
         if overrides:
             save_workflow(workflow, run_dir / "workflow.yaml")
         if not set(folds) <= set(requested):  # a later plain --resume continues these too
             atomic_write_json(run_dir / FOLDS_FILE, sorted(set(requested) | set(folds)))
-    return _continue_folds(run_dir, folds, workflow, dataset, plan, splits)
+    return _continue_folds(run_dir, folds, resumes, workflow, dataset, plan, splits)
 
 
 def _resumed_dataset(workflow: Workflow, run_dir: Path, overrides: list[str] | None):
@@ -569,9 +583,10 @@ def _resumed_dataset(workflow: Workflow, run_dir: Path, overrides: list[str] | N
         raise MedsegError(f"{exc} ({origin})") from exc
 
 
-def _continue_folds(run_dir: Path, folds: list[int], workflow: Workflow, dataset, plan,
-                    splits: list) -> list:
-    """Train each fold on from its saved state, from the beginning where it has none."""
+def _continue_folds(run_dir: Path, folds: list[int], resumes: list[bool], workflow: Workflow,
+                    dataset, plan, splits: list) -> list:
+    """Train each fold on from its saved state (where `resumes` says it has one), from the
+    beginning where it has none."""
     from medseg.train import (
         BEST_WEIGHTS,
         current_ranks,
@@ -580,8 +595,6 @@ def _continue_folds(run_dir: Path, folds: list[int], workflow: Workflow, dataset
         train_fold,
     )
 
-    # decided before any training, so that every torchrun rank decides the same
-    resumes = [_has_state(run_dir / f"fold_{fold}") for fold in folds]
     results = []
     for fold, resume in zip(folds, resumes, strict=True):
         fold_dir = run_dir / f"fold_{fold}"
@@ -697,7 +710,8 @@ def _predict(model: Path, inputs: list[str], output: Path, options: _PredictOpti
     started = time.monotonic()
     results = predict_paths(predictor, paths, output, config, overwrite=options.overwrite,
                             series_uid=options.series_uid,
-                            resample_irregular=options.resample_irregular, shard=shard)
+                            resample_irregular=options.resample_irregular, shard=shard,
+                            dicom_seg=options.dicom_seg)
     done = [r for r in results if r.output and not r.skipped]
     skipped = [r for r in results if r.skipped]
     failed = [r for r in results if r.error]
@@ -733,11 +747,13 @@ def _evaluate_predictions(model: Path, output: Path, reference: Path, batch: set
 
 
 def _demo_workflow_path() -> Path:
-    path = Path(__file__).resolve().parent.parent / "workflows" / "demo.yaml"
-    if not path.is_file():
-        raise MedsegError("the demo workflow is missing (install medseg from its source "
-                          "folder with `pip install -e .`)", path)
-    return path
+    """workflows/demo.yaml of the checkout, or the copy an installed wheel holds."""
+    package = Path(__file__).resolve().parent
+    for path in (package.parent / "workflows" / "demo.yaml",
+                 package / "workflows" / "demo.yaml"):
+        if path.is_file():
+            return path
+    raise MedsegError("the demo workflow is missing: reinstall medseg", path)
 
 
 @contextlib.contextmanager
@@ -836,7 +852,8 @@ def _versions() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     found = []
-    for package in ("medseg", "torch", "monai", "nibabel", "pydicom", "SimpleITK"):
+    for package in ("medseg", "torch", "monai", "nibabel", "pydicom", "SimpleITK",
+                    "highdicom"):
         try:
             found.append(f"{package} {version(package)}")
         except PackageNotFoundError:
@@ -844,9 +861,23 @@ def _versions() -> str:
     return ", ".join(found)
 
 
+class _PrintVersions(argparse.Action):
+    """--version: the versions on one line, whatever the terminal's width (argparse's own
+    version action wraps its text to it, splitting a bug report's line)."""
+
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the versions of medseg and the libraries behind its "
+                              "results, and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(_versions())
+        parser.exit()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medseg", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=_versions())
+    parser.add_argument("--version", action=_PrintVersions)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     dicom = argparse.ArgumentParser(add_help=False)
@@ -896,6 +927,9 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default=None,
                          help="cpu, cuda or cuda:N (default: cuda if found)")
     predict.add_argument("--overwrite", action="store_true", help="redo existing outputs")
+    predict.add_argument("--dicom-seg", action="store_true",
+                         help="for each DICOM series input, also write CASE.seg.dcm: a DICOM "
+                              "Segmentation on the series' own images")
     predict.add_argument("--shard", default=None, metavar="I/N",
                          help="predict every N-th case from the I-th (0-based), so that N "
                               "processes share a batch; under torchrun, RANK/WORLD_SIZE")

@@ -71,7 +71,7 @@ def atomic_write_texts(files: dict[Path, str]) -> None:
                 raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
             try:
                 tmp = temporaries.enter_context(_temporary_beside(path))
-                tmp.write_text(text, encoding="utf-8")
+                tmp.write_text(readable(text), encoding="utf-8")
             except OSError as exc:  # named by the file it was for, not its temporary name
                 raise OSError(exc.errno, exc.strerror, str(path)) from exc
             written[tmp] = path
@@ -170,7 +170,17 @@ PROCESS_UMASK = _read_umask()
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+        tmp.write_text(readable(text), encoding="utf-8")
+
+
+def readable(text: str) -> str:
+    """`text` as valid Unicode: the bytes of a file name that are not UTF-8 (a Latin-1 'é',
+    kept by Python as lone surrogates) shown as \\xNN escapes, so that UTF-8 files and
+    figures can hold the name."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that no file name byte made
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def atomic_write_json(path: str | Path, data: Any) -> None:

@@ -77,7 +77,10 @@ def foreground_box(image: torch.Tensor, patch: tuple[int, ...],
                    background: torch.Tensor) -> tuple[slice, ...]:
     """Bounding box of voxels that differ from their channel's `background` value in any
     channel (nnU-Net's crop to the nonzero region; for CT the air floor), widened by a quarter
-    patch of context."""
+    patch of context, and to a whole patch where the axis has one: a box smaller than the
+    patch would be padded with zeros (the normalized mean, not the background the scan has
+    there), an input training never showed the network (it pads only whole images smaller
+    than a patch)."""
     mask = ((image - background.reshape(-1, 1, 1, 1)).abs() > 1e-4).any(0)
     box = []
     for axis, size in enumerate(mask.shape):
@@ -86,8 +89,18 @@ def foreground_box(image: torch.Tensor, patch: tuple[int, ...],
         if hits.numel() == 0:
             return tuple(slice(0, 0) for _ in mask.shape)
         margin = patch[axis] // 4
-        box.append(slice(max(int(hits[0]) - margin, 0), min(int(hits[-1]) + 1 + margin, size)))
+        start, stop = max(int(hits[0]) - margin, 0), min(int(hits[-1]) + 1 + margin, size)
+        box.append(_widened(start, stop, min(patch[axis], size), size))
     return tuple(box)
+
+
+def _widened(start: int, stop: int, length: int, size: int) -> slice:
+    """[start, stop) widened about its middle to `length` voxels, kept within 0..size."""
+    missing = length - (stop - start)
+    if missing <= 0:
+        return slice(start, stop)
+    start = min(max(start - missing // 2, 0), size - length)
+    return slice(start, start + length)
 
 
 def accumulator_bytes(num_classes: int, shape: tuple[int, ...], patch: tuple[int, ...],

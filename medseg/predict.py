@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from medseg.config import PredictConfig, load_workflow
 from medseg.datasets import strip_image_suffix
+from medseg.dicom_seg import SegSource, build_seg, seg_path, seg_source, write_seg
 from medseg.errors import MedsegError, one_line, unwrap_transform_error
 from medseg.fileio import hold_lock, output_folder, physical_memory
 from medseg.inference import (
@@ -319,6 +320,7 @@ class PreparedCase:
     image: torch.Tensor  # (channels, X, Y, Z) on the network grid
     network_affine: np.ndarray
     geometry: Geometry  # the (first) input volume's grid: the mask is written on it
+    seg_source: SegSource | None = None  # the DICOM images a SEG of the mask refers to
 
 
 def prepare_case(plan: Plan, volume: Volume | Path | list[Volume | Path],
@@ -390,10 +392,11 @@ def predict_prepared(predictor: Predictor, case: PreparedCase,
 
 def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
                   config: PredictConfig, overwrite: bool = False, series_uid: str | None = None,
-                  resample_irregular: bool = False, shard: tuple[int, int] = (0, 1)
-                  ) -> list[PredictionResult]:
-    """Predict each input, writing `<case>.nii.gz` in output_dir; a failing case is reported
-    and the batch goes on. `series_uid` and `resample_irregular` apply to DICOM inputs.
+                  resample_irregular: bool = False, shard: tuple[int, int] = (0, 1),
+                  dicom_seg: bool = False) -> list[PredictionResult]:
+    """Predict each input, writing `<case>.nii.gz` in output_dir (and, with `dicom_seg`,
+    `<case>.seg.dcm` for a DICOM input); a failing case is reported and the batch goes on.
+    `series_uid` and `resample_irregular` apply to DICOM inputs.
     `shard=(i, n)` takes every n-th case from the i-th, so n processes write each case once.
 
     The batch streams: the next case is read and preprocessed in a background thread while
@@ -410,17 +413,19 @@ def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
     incomplete = sorted(incomplete, key=lambda item: str(item[0]))[index::count]
     check_postprocess_labels(config.largest_component, config.min_component_ml,
                              predictor.plan.labels, "model's")
+    if dicom_seg:
+        _note_inputs_without_seg(cases)
     if config.tta and not predictor.plan.mirror_axes:
         tqdm.write("medseg: note: --tta has nothing to average: the model was trained without "
                    "mirroring (plan.mirror_axes is empty)", file=sys.stderr)
     # not with shards: another process may be about to write into the folder
     with output_folder(output_dir, remove_if_empty=count == 1), \
             _one_predictor(output_dir, shard):
-        results, todo = _outputs_to_write(cases, output_dir, overwrite)
+        results, todo = _outputs_to_write(cases, output_dir, overwrite, dicom_seg)
         bar = tqdm(total=len(cases), initial=len(cases) - len(todo), desc="predict",
                    unit="case", dynamic_ncols=True)
-        read = partial(prepare_case, predictor.plan, series_uid=series_uid,
-                       resample_irregular=resample_irregular)
+        read = partial(_read_case, predictor.plan, series_uid=series_uid,
+                       resample_irregular=resample_irregular, dicom_seg=dicom_seg)
         _predict_streaming(predictor, todo, read, config, results, bar)
         bar.close()
     failed = [_failure(path, time.monotonic(), problem) for path, problem in incomplete]
@@ -468,23 +473,50 @@ def _remove_if_unused(path: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def _outputs_to_write(cases: list[tuple[Path, ...]], output_dir: Path, overwrite: bool
-                      ) -> tuple[list[PredictionResult | None], list]:
+def _outputs_to_write(cases: list[tuple[Path, ...]], output_dir: Path, overwrite: bool,
+                      dicom_seg: bool = False) -> tuple[list[PredictionResult | None], list]:
     """Per case, its result where it is settled already (a mask kept, a folder in the way)
     and else a place in the work to do: (position, files, target)."""
     results: list[PredictionResult | None] = [None] * len(cases)
     todo = []
     for position, files in enumerate(cases):
         target = output_dir / output_name(files[0])
-        _remove_partial_outputs(target)
-        if target.exists() and not target.is_file():  # not a mask an earlier run wrote
+        outputs = [target, seg_path(target)] if dicom_seg and _is_dicom_input(files[0]) \
+            else [target]
+        for output in outputs:
+            _remove_partial_outputs(output)
+        in_the_way = next((o for o in outputs if o.exists() and not o.is_file()), None)
+        if in_the_way is not None:  # not a mask an earlier run wrote
             results[position] = _failure(files[0], time.monotonic(), MedsegError(
-                "a folder (not a mask) lies where this case's mask goes", target))
-        elif target.exists() and not overwrite:
+                "a folder (not a mask) lies where this case's mask goes", in_the_way))
+        elif all(output.exists() for output in outputs) and not overwrite:
             results[position] = PredictionResult(files[0], target, 0.0, skipped=True)
         else:
             todo.append((position, files, target))
     return results, todo
+
+
+def _read_case(plan: Plan, files: list[Path], series_uid: str | None,
+               resample_irregular: bool, dicom_seg: bool) -> PreparedCase:
+    """prepare_case, and for a DICOM series whose mask is to be a SEG too, the images the
+    SEG refers to (a series it cannot refer to is refused before any prediction)."""
+    source = (seg_source(files[0], series_uid, resample_irregular)
+              if dicom_seg and _is_dicom_input(files[0]) else None)
+    case = prepare_case(plan, list(files), series_uid, resample_irregular)
+    case.seg_source = source
+    return case
+
+
+def _is_dicom_input(path: Path) -> bool:
+    return _dicom_folder(path) is not None
+
+
+def _note_inputs_without_seg(cases: list[tuple[Path, ...]]) -> None:
+    volumes = [files[0] for files in cases if not _is_dicom_input(files[0])]
+    if volumes:
+        tqdm.write(f"medseg: note: --dicom-seg: {len(volumes)} input(s) are volume files, "
+                   f"not DICOM series ({volumes[0].name}, ...): they get a NIfTI mask only",
+                   file=sys.stderr)
 
 
 def _predict_streaming(predictor: Predictor, todo: list, read, config: PredictConfig,
@@ -510,7 +542,8 @@ def _predict_streaming(predictor: Predictor, todo: list, read, config: PredictCo
                 # the previous mask is written before this one is queued: when writing (gzip)
                 # is slower than predicting, masks do not pile up in memory
                 wait([w[-1] for w in writes])
-                future = writer.submit(_finish_mask, mask, case.geometry, target, config)
+                future = writer.submit(_finish_mask, mask, case.geometry, target, config,
+                                       case.seg_source, predictor.plan.labels)
                 future.add_done_callback(lambda _: bar.update(1))  # as each mask is on disk
                 writes.append((position, files[0], target, started, future))
                 del case, mask
@@ -583,12 +616,21 @@ def _read_ahead_fits(case: PreparedCase, plan: Plan) -> bool:
         <= READ_AHEAD_BYTES
 
 
-def _finish_mask(mask: np.ndarray, geometry: Geometry, target: Path,
-                 config: PredictConfig) -> float:
-    """Post-process and write a mask; returns when it was written (time.monotonic)."""
+def _finish_mask(mask: np.ndarray, geometry: Geometry, target: Path, config: PredictConfig,
+                 source: SegSource | None = None, labels: dict[int, str] | None = None
+                 ) -> float:
+    """Post-process and write a mask (and its DICOM SEG when `source` is given); returns
+    when it was written (time.monotonic)."""
     mask = postprocess(mask, geometry.spacing, config.largest_component,
                        config.min_component_ml)
+    seg = build_seg(mask, source, labels or {}) if source is not None else None
     write_mask(mask, geometry, target)
+    if seg is not None:
+        try:
+            write_seg(seg, seg_path(target))
+        except BaseException:
+            target.unlink(missing_ok=True)  # a case is done when both are written
+            raise
     return time.monotonic()
 
 

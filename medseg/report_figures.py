@@ -17,6 +17,7 @@ import numpy as np
 from scipy import ndimage
 
 from medseg.evaluate import CaseScores, LoadedPair
+from medseg.fileio import readable
 from medseg.metrics import structure_boxes
 
 REFERENCE_RGB = (31, 214, 85)  # green: reference contour (inside the reference)
@@ -103,13 +104,13 @@ def boxplots_png(results: list[CaseScores], structures: list[str], tolerance_mm:
                     alpha=0.6, markersize=4)
         if metric == "nsd" and tolerance_mm is not None:
             title = f"surface Dice at {tolerance_mm:g} mm"
-        ax.set_title(title, fontsize=11)
+        ax.set_title(readable(title), fontsize=11)
         ax.grid(axis="x", alpha=0.3)
         if metric in ("dice", "nsd"):
             ax.set_xlim(-0.02, 1.02)
         if metric == "diff_ml":
             ax.axvline(0.0, color="#7f8c8d", linewidth=0.8)
-    axes[0].set_yticks(positions, structures, fontsize=9)
+    axes[0].set_yticks(positions, [readable(s) for s in structures], fontsize=9)
     axes[0].set_ylim(-0.7, len(structures) - 0.3)
     return png_bytes(fig)
 
@@ -247,7 +248,7 @@ def _label_montage(canvas: np.ndarray, names: list[tuple[str, float]], title: st
     fig.figimage(canvas, xo=0, yo=0, origin="upper")
 
     def text(x: float, y: float, words: str, **style) -> None:  # canvas pixels, y downwards
-        fig.text(x / width, 1.0 - y / height, words, va="center", **style)
+        fig.text(x / width, 1.0 - y / height, readable(words), va="center", **style)
 
     text(4, HEADER_H / 2, title, fontsize=11, fontweight="bold")
     legend_x = width - 420

@@ -118,11 +118,18 @@ def _on_interrupt(signum: int, frame: object) -> None:
 def _on_terminate(signum: int, frame: object) -> None:
     global _stop
     # a process group's SIGTERM also ends DataLoader workers: torch's SIGCHLD handler would
-    # then raise "worker killed" over this stop's one line
+    # then raise "worker killed" over this stop's one line. Replaced by a Python handler
+    # that does nothing, not by SIG_DFL: a SIGCHLD that came in with the SIGTERM, still
+    # pending for Python, would find no Python handler and be printed as "Signal 17 ignored
+    # due to race condition"
     with contextlib.suppress(ValueError, AttributeError):
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        signal.signal(signal.SIGCHLD, _child_ended)
     _stop = Terminated
     raise Terminated
+
+
+def _child_ended(signum: int, frame: object) -> None:
+    """A worker that ended after a stop: the stop is what is reported."""
 
 
 def _quiet_after_a_stop(previous: Callable) -> Callable:

@@ -200,14 +200,17 @@ def train_fold(
             record = {"epoch": epoch, "train_loss": train_loss,
                       "lr": run.optimizer.param_groups[0]["lr"],
                       "epoch_seconds": round(time.monotonic() - epoch_start, 2)}
-            # rank 0's clock decides for everyone, so that no rank waits for one that stopped
-            out_of_time = _from_main(time.monotonic() > deadline, ranks, device)
             # not at a budget stop between validations: that extra score could become the best,
             # and a resumed run would then not repeat the uninterrupted one
             if validating and ((epoch + 1) % cfg.val_every == 0 or epoch == cfg.epochs - 1):
                 _validate_epoch(run, epoch, record, val_data, plan, workflow, device, ranks,
                                 checkpoints)
                 bar.set_postfix(loss=f"{train_loss:.3f}", dice=f"{record['val_mean_dice']:.3f}")
+            # after validation, which the budget counts too; rank 0's clock decides for
+            # everyone, so that no rank waits for one that stopped. The last epoch ends the
+            # run whatever the clock says: that is no budget stop
+            out_of_time = _from_main(time.monotonic() > deadline, ranks, device) \
+                and epoch + 1 < cfg.epochs
             # the whole run so far, validation included
             record["elapsed_seconds"] = round(elapsed_before + time.monotonic() - started, 2)
             if ranks.main:
@@ -288,18 +291,38 @@ def _validate_epoch(run: _FoldRun, epoch: int, record: dict, val_data, plan: Pla
         run.best = {"epoch": epoch, "mean": mean_dice, "dice": dice}
         if ranks.main:
             run.best_weights = weight_snapshot(run.scored)
-            save_weight_tensors(run.best_weights, checkpoints / BEST_WEIGHTS)
+            with checkpoint_writing(checkpoints / BEST_WEIGHTS):
+                save_weight_tensors(run.best_weights, checkpoints / BEST_WEIGHTS)
 
 
 def _save_epoch(run: _FoldRun, checkpoints: Path, epoch: int, ranks: Ranks,
                 budget_stop: bool) -> None:
     """Rank 0's last weights and training state after each epoch."""
-    save_weights(run.scored, checkpoints / LAST_WEIGHTS)
-    _save_state(checkpoints / TRAIN_STATE, run.model, run.optimizer, run.scheduler, run.scaler,
-                epoch, run.best, run.ema,
-                settings={"precision": PRECISION_NAMES[run.autocast_dtype],
-                          "world_size": ranks.world_size},
-                best_weights=run.best_weights, budget_stop=budget_stop)
+    with checkpoint_writing(checkpoints / LAST_WEIGHTS):
+        save_weights(run.scored, checkpoints / LAST_WEIGHTS)
+    with checkpoint_writing(checkpoints / TRAIN_STATE):
+        _save_state(checkpoints / TRAIN_STATE, run.model, run.optimizer, run.scheduler,
+                    run.scaler, epoch, run.best, run.ema,
+                    settings={"precision": PRECISION_NAMES[run.autocast_dtype],
+                              "world_size": ranks.world_size},
+                    best_weights=run.best_weights, budget_stop=budget_stop)
+
+
+@contextmanager
+def checkpoint_writing(path: Path) -> Iterator[None]:
+    """A checkpoint that cannot be written (a full disk: torch says "unexpected pos 737344
+    vs 737236", or errno 28) in one line naming it; the temporary file is gone already."""
+    try:
+        yield
+    except OSError as exc:
+        raise MedsegError(f"cannot write this checkpoint ({exc.strerror or exc})", path) \
+            from exc
+    except RuntimeError as exc:  # torch's zip writer reports a failed write so
+        if "inline_container" not in str(exc) and "unexpected pos" not in str(exc):
+            raise
+        free = shutil.disk_usage(path.parent).free
+        raise MedsegError(f"cannot write this checkpoint (the write failed; "
+                          f"{free / 2**20:.0f} MB free on its disk)", path) from exc
 
 
 def _precision_and_scaler(cfg: TrainConfig, device: torch.device, saved: dict, ranks: Ranks
@@ -324,6 +347,8 @@ def _open_fold_files(fold_dir: Path, first_epoch: int, best_weights: dict | None
 
     checkpoints = fold_dir / "checkpoints"
     checkpoints.mkdir(parents=True, exist_ok=True)
+    for stale in checkpoints.glob(".*.part*"):  # a process killed while writing left it
+        stale.unlink(missing_ok=True)
     if best_weights is not None:
         # a run stopped between a new best.safetensors and its state left that file one
         # epoch ahead of the state; where the epoch then redone does not score the same
@@ -793,12 +818,19 @@ def _load_state(path: Path, model, optimizer, scheduler, scaler, ema=None
     return _apply_state(_resume_state(path), path, model, optimizer, scheduler, scaler, ema)
 
 
-def _resume_state(path: Path) -> dict:
+def check_resumable(fold_dir: Path) -> None:
+    """Refuse, in one line, a fold whose training state cannot be read: before a resume
+    caches its dataset, rewrites workflow.yaml or trains an earlier fold. Memory-mapped:
+    only the file's index is read."""
+    _resume_state(fold_dir / "checkpoints" / TRAIN_STATE, mmap=True)
+
+
+def _resume_state(path: Path, mmap: bool = False) -> dict:
     """The saved training state to resume from, refused in one line when unreadable."""
     if not path.is_file():
         raise MedsegError("no training state to resume from", path)
     try:
-        state = _read_state(path)
+        state = _read_state(path, mmap=mmap)
     except STATE_ERRORS as exc:
         raise MedsegError(f"cannot resume from this training state ({_state_problem(exc)})",
                           path) from exc
@@ -842,7 +874,10 @@ def _state_problem(exc: BaseException) -> str:
     off (running a file's pickled code is not the fix for a damaged state)."""
     if isinstance(exc, pickle.UnpicklingError):
         return "not a medseg training state, or a damaged one"
-    return one_line(str(exc))[:200] or type(exc).__name__
+    if isinstance(exc, EOFError):
+        return "the file is empty or cut short"
+    # the first sentence: torch goes on with advice about weights_only
+    return one_line(str(exc)).split(". ")[0] or type(exc).__name__
 
 
 def _settings_of(state: dict | None) -> dict:

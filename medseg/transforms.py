@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from monai import transforms as mt
+from monai.transforms.utils import map_classes_to_indices
 
 from medseg.config import AugmentConfig
 from medseg.io import Volume
@@ -63,10 +64,6 @@ def augmentation(plan: Plan, augment: AugmentConfig, foreground_fraction: float)
     keys = [IMAGE, LABEL]
     patch = plan.patch_size
     classes = plan.num_classes
-    # background keeps a sliver of weight even at foreground_fraction 1: a case with no
-    # structure then still gets a (random) patch instead of all-zero ratios, a NaN in MONAI
-    background = max(1.0 - foreground_fraction, 1e-6)
-    ratios = [background] + [foreground_fraction / (classes - 1)] * (classes - 1)
     rotate_range, scale_range = _spatial_ranges(patch, augment)
     return mt.Compose([
         mt.SpatialPadd(keys, spatial_size=[p + 2 * augment.shift_voxels for p in patch]),
@@ -74,9 +71,8 @@ def augmentation(plan: Plan, augment: AugmentConfig, foreground_fraction: float)
         # deterministic, so CacheDataset keeps it) instead of once per patch
         mt.ClassesToIndicesd(LABEL, num_classes=classes, indices_postfix=INDICES_POSTFIX,
                              max_samples_per_class=SAMPLES_PER_CLASS),
-        mt.RandCropByLabelClassesd(keys, label_key=LABEL, spatial_size=patch, ratios=ratios,
-                                   num_classes=classes, num_samples=1, warn=False,
-                                   indices_key=LABEL + INDICES_POSTFIX),
+        ForegroundOversampledCropd(keys, foreground_fraction, spatial_size=patch,
+                                   num_classes=classes, indices_key=LABEL + INDICES_POSTFIX),
         mt.DeleteItemsd(LABEL + INDICES_POSTFIX),
         mt.RandAffined(keys, prob=max(augment.rotate_prob, augment.scale_prob),
                        rotate_range=rotate_range, scale_range=scale_range,
@@ -98,6 +94,37 @@ def augmentation(plan: Plan, augment: AugmentConfig, foreground_fraction: float)
         *_gamma_per_channel(plan.in_channels, augment),
         mt.EnsureTyped(keys, track_meta=False),
     ])
+
+
+class ForegroundOversampledCropd(mt.RandCropByLabelClassesd):
+    """MONAI's class-balanced crop with `foreground_fraction` of the patches centred on a
+    foreground voxel in every case, of a structure drawn evenly among those the case has
+    (nnU-Net's oversampling). MONAI's fixed per-class ratios drop the classes a case lacks
+    and renormalize: a case with 1 of 4 structures got ff/4 / (1 - ff + ff/4) foreground
+    patches (11 % for 33 %)."""
+
+    def __init__(self, keys: list[str], foreground_fraction: float, spatial_size: list[int],
+                 num_classes: int, indices_key: str) -> None:
+        self.foreground_fraction = foreground_fraction
+        super().__init__(keys, label_key=LABEL, spatial_size=spatial_size,
+                         ratios=[1.0] * num_classes, num_classes=num_classes, num_samples=1,
+                         warn=False, indices_key=indices_key)
+
+    def randomize(self, label: torch.Tensor, indices=None, image: torch.Tensor | None = None
+                  ) -> None:
+        if indices is None:  # as MONAI does without ClassesToIndicesd
+            indices = map_classes_to_indices(label, self.cropper.num_classes)
+        self.cropper.ratios = self.case_ratios(indices)
+        super().randomize(label, indices, image)
+
+    def case_ratios(self, indices) -> list[float]:
+        """Background, then each structure: the case's structures share the foreground
+        fraction; background keeps a sliver even at 1, so a case with no structure still
+        gets a (random) patch instead of all-zero ratios, a NaN in MONAI."""
+        present = [len(found) > 0 for found in indices[1:]]
+        share = self.foreground_fraction / max(sum(present), 1)
+        return [max(1.0 - self.foreground_fraction, 1e-6)] + [share if p else 0.0
+                                                             for p in present]
 
 
 # nnU-Net's threshold for augmenting an anisotropic patch in its plane only

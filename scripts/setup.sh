@@ -15,13 +15,23 @@ PY="$VENV/bin/python"
 
 # a .venv is reused when its Python runs and is 3.10 or newer (one made by an old Python,
 # or left without a working Python, is rebuilt); one without pip (`uv venv`, an interrupted
-# setup) gets pip, keeping what it holds, such as a user's CUDA torch
+# setup) gets pip, keeping what it holds, such as a user's CUDA torch. Only a virtual
+# environment (its pyvenv.cfg) is ever removed: MEDSEG_VENV may name any folder by mistake.
 if [ -e "$VENV" ] && ! "$PY" -c "import sys; sys.exit(sys.version_info < (3, 10))" \
     2>/dev/null; then
+  if [ ! -f "$VENV/pyvenv.cfg" ]; then
+    echo "setup: $VENV exists and is not a Python virtual environment (no pyvenv.cfg):" \
+      "move it away, or set MEDSEG_VENV to another place" >&2
+    exit 1
+  fi
   echo "setup: $VENV has no working Python 3.10 or newer: rebuilding it"
   rm -rf "$VENV"
 fi
 if [ ! -x "$PY" ]; then
+  if ! command -v "$PYTHON" >/dev/null; then
+    echo "setup: $PYTHON not found; install Python 3.11 or set PYTHON" >&2
+    exit 1
+  fi
   if ! "$PYTHON" -c "import sys; sys.exit(sys.version_info < (3, 10))" 2>/dev/null; then
     echo "setup: $PYTHON is not Python 3.10 or newer; install Python 3.11 or set PYTHON" >&2
     exit 1
@@ -65,8 +75,25 @@ else
   install_torch "torch==2.13.0"  # macOS and Linux on ARM: PyPI's wheel is the CPU build
 fi
 
-echo "setup: installing medseg and its dependencies"
 # the installed torch pinned, so that no dependency's range can replace it (a newer release
 # from an index is a CUDA build on Linux, and a user's own CUDA build must stay)
 TORCH_VERSION="$("$PY" -c 'import importlib.metadata as m; print(m.version("torch"))')"
+# pip takes half a minute to find that nothing is to be done: skip it when this checkout's
+# pyproject.toml was installed with this torch and medseg's dependencies all import
+STAMP="$VENV/.medseg-setup"
+WANTED="$(cksum < pyproject.toml) $(pwd) torch $TORCH_VERSION"
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANTED" ] && "$PY" -c "
+import importlib.metadata as m, medseg, sys
+for requirement in m.requires('medseg') or []:
+    name = requirement.split(';')[0].split('[')[0]
+    for mark in '<>=!~ ':
+        name = name.split(mark)[0]
+    m.version(name)
+sys.exit(medseg.__file__ is None)" 2>/dev/null; then
+  echo "setup: medseg and its dependencies are installed"
+  exit 0
+fi
+echo "setup: installing medseg and its dependencies"
+rm -f "$STAMP"
 "$PY" -m pip install --quiet -e ".[test]" "torch==$TORCH_VERSION"
+echo "$WANTED" > "$STAMP"

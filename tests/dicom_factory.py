@@ -30,6 +30,7 @@ def slice_dataset(pixels: np.ndarray, position: Sequence[float],
     ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
     ds.Modality = "CT"
     ds.StudyInstanceUID = "1.2.3"
+    ds.FrameOfReferenceUID = "1.2.3.9"
     ds.SeriesInstanceUID = series_uid
     ds.SeriesDescription = description
     ds.InstanceNumber = instance

@@ -328,14 +328,35 @@ def test_an_unwritable_run_folder_is_refused_before_the_dataset_is_read(tmp_path
     assert not (tmp_path / "demo").exists()
 
 
-def test_version_names_medseg_and_the_libraries_behind_its_results(capsys):
+def test_the_demo_saves_an_absolute_dataset_path(tmp_path, monkeypatch):
+    """`medseg demo --out rel` saved `path: rel/data` in the run's workflow.yaml, so the
+    resume it suggests failed from any other folder."""
+    import medseg.cli
+
+    seen = {}
+
+    def stop_before_training(workflow, run_dir, folds, **kwargs):
+        seen["path"] = workflow.dataset.path
+        raise KeyboardInterrupt
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(medseg.cli, "_train_run", stop_before_training)
+    main(["demo", "--out", "rel"])
+    assert seen["path"] == str(tmp_path / "rel" / "data")
+
+
+def test_version_names_medseg_and_the_libraries_behind_its_results(capsys, monkeypatch):
+    """On one line even in a narrow terminal or a CI log (argparse's version action wrapped
+    it at 80 columns)."""
     from importlib.metadata import version
 
+    monkeypatch.setenv("COLUMNS", "40")
     with pytest.raises(SystemExit) as stopped:
         main(["--version"])
     assert stopped.value.code == 0
-    out = " ".join(capsys.readouterr().out.split())
+    out = capsys.readouterr().out
     assert out.startswith(f"medseg {version('medseg')}, torch {version('torch')}, monai ")
+    assert out.count("\n") == 1 and "highdicom" in out
 
 
 def test_python_dash_m_medseg_runs_the_command():

@@ -56,6 +56,29 @@ def test_resume_refuses_a_workflow_as_well(tmp_path, capsys):
     assert "--resume takes the run folder alone" in capsys.readouterr().err
 
 
+def test_resume_refuses_overwrite(tmp_path, capsys):
+    """`--resume RUN --overwrite` was accepted and the --overwrite silently ignored."""
+    assert main(["train", "--resume", str(tmp_path), "--overwrite"]) == 2
+    assert "--resume continues a run and --overwrite starts it again" in \
+        capsys.readouterr().err
+
+
+def test_a_damaged_state_is_refused_before_caching_or_saving_the_workflow(
+        trained_run, tmp_path, capsys):
+    """A state cut short was found only after every case was cached (into cache/ with
+    train.cache=disk) and after workflow.yaml took the --set values."""
+    run = copy_run(trained_run, tmp_path)
+    state = run / "fold_0" / "checkpoints" / "last_state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    saved = (run / "workflow.yaml").read_text()
+    assert main(["train", "--resume", str(run), "--set", "train.max_minutes=5",
+                 "--set", "train.cache=disk"]) == 2
+    err = capsys.readouterr().err
+    assert f"{state}: cannot resume from this training state (" in err
+    assert (run / "workflow.yaml").read_text() == saved
+    assert not (run / "cache").exists()
+
+
 def test_resume_may_not_change_other_dataset_keys(tmp_path, capsys):
     """Kills: any `dataset.*` key let through with --resume (only dataset.path may change:
     another layout or label map is another dataset)."""

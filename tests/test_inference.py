@@ -139,7 +139,31 @@ def test_foreground_box_has_a_margin_and_respects_the_edges():
     image = torch.full((1, 40, 40, 40), -2.0)
     image[0, 10:20, 30:35, 0:5] = 1.0
     box = foreground_box(image, (16, 16, 16), torch.tensor([-2.0]))
-    assert box == (slice(6, 24), slice(26, 39), slice(0, 9))
+    # the margin gives 6:24, 26:39 and 0:9; the last two are widened to a patch within the
+    # image, so that no window is padded where the scan has its own background
+    assert box == (slice(6, 24), slice(24, 40), slice(0, 16))
+
+
+def test_a_body_smaller_than_a_patch_is_seen_in_its_own_air_not_in_padding():
+    """A CT body smaller than half a patch: its box with the margin was smaller than the
+    patch, so the windows were padded with 0 (the normalized foreground mean) where the scan
+    has air (-3 here): tissue-like input the network was never trained on."""
+    from medseg.inference import stream_probabilities
+
+    image = torch.full((1, 96, 96, 96), -3.0)
+    image[0, 38:58, 38:58, 38:58] = 0.5
+    box = foreground_box(image, (64, 64, 64), torch.tensor([-3.0]))
+    seen = []
+
+    def record(batch: torch.Tensor) -> torch.Tensor:
+        seen.append(batch.clone())
+        return torch.ones((batch.shape[0], 2, *batch.shape[2:]))
+
+    for _ in stream_probabilities(record, image[(slice(None), *box)], 2, (64, 64, 64), 0.5, 1):
+        pass
+    windows = torch.cat(seen)
+    assert int((windows == 0.0).sum()) == 0, "no padding inside any window"
+    assert all(b.stop - b.start == 64 for b in box)
 
 
 def test_an_oblique_relation_between_grids_is_refused():

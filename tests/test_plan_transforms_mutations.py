@@ -115,6 +115,23 @@ def test_spacing_outliers_are_judged_in_ras_order_whatever_the_stored_axis_order
 
 # 2. foreground oversampling ratios -------------------------------------------------------
 
+def _foreground_centre_rate(plan, label: np.ndarray, foreground_fraction: float, n: int
+                            ) -> float:
+    """The share of `n` seeded patches whose centre voxel is foreground."""
+    chain = augmentation(plan, quiet_augment(), foreground_fraction)
+    # the deterministic steps (padding, the class indices) once, as CacheDataset does
+    first_random = chain.get_index_of_first(lambda t: isinstance(t, Randomizable))
+    cached = chain({IMAGE: torch.from_numpy(label * 10.0), LABEL: torch.from_numpy(label)},
+                   end=first_random)
+    centre = tuple(p // 2 for p in plan.patch_size)
+    hits = 0
+    for seed in range(n):
+        chain.set_random_state(seed=seed)
+        out = chain(dict(cached), start=first_random)[0]
+        hits += int(out[LABEL][(0, *centre)] > 0)
+    return hits / n
+
+
 @pytest.mark.parametrize("foreground_fraction", [0.33, 0.9])
 def test_patch_centres_are_foreground_at_the_configured_rate(foreground_fraction):
     """Kills the background and foreground ratios of RandCropByLabelClassesd being swapped
@@ -126,25 +143,30 @@ def test_patch_centres_are_foreground_at_the_configured_rate(foreground_fraction
     # MONAI moves a centre into [8, 32] on each axis (the patch must fit): both cubes lie
     # strictly inside that range, so a background centre is never moved onto foreground
     # and a patch's centre voxel is foreground exactly when a foreground class was drawn
-    chain = augmentation(plan, quiet_augment(), foreground_fraction)
-    # the deterministic steps (padding, the class indices) once, as CacheDataset does
-    first_random = chain.get_index_of_first(lambda t: isinstance(t, Randomizable))
-    cached = chain({IMAGE: torch.from_numpy(label * 10.0), LABEL: torch.from_numpy(label)},
-                   end=first_random)
-    centre = tuple(p // 2 for p in plan.patch_size)
     n = 300
-    hits = 0
-    for seed in range(n):
-        chain.set_random_state(seed=seed)
-        out = chain(dict(cached), start=first_random)[0]
-        hits += int(out[LABEL][(0, *centre)] > 0)
+    rate = _foreground_centre_rate(plan, label, foreground_fraction, n)
     # hits ~ Binomial(n, p): a 5-sd band is left by chance with probability < 1e-6, while
     # the swapped ratios put the expected rate 1 - p outside it by more than 5 of their sds
     p = foreground_fraction
     sd = math.sqrt(p * (1 - p) / n)
     tolerance = 5 * sd
     assert abs((1 - p) - p) > tolerance + 5 * sd
-    assert abs(hits / n - p) <= tolerance, (hits / n, p, tolerance)
+    assert abs(rate - p) <= tolerance, (rate, p, tolerance)
+
+
+def test_a_case_with_one_of_four_structures_gets_the_whole_foreground_fraction():
+    """MONAI's fixed class ratios drop the classes a case lacks and renormalize: with 1 of
+    4 structures present, 0.33 became 0.0825 / (0.67 + 0.0825) = 11 % foreground patches
+    (nnU-Net draws the class among those present and keeps 33 %)."""
+    plan = small_plan(num_classes=5, labels={k: f"s{k}" for k in range(5)})
+    label = np.zeros((1, 40, 40, 40), np.float32)
+    label[0, 18:21, 18:21, 18:21] = 3
+    n = 400
+    rate = _foreground_centre_rate(plan, label, 0.33, n)
+    tolerance = 5 * math.sqrt(0.33 * 0.67 / n)
+    old = 0.0825 / (0.67 + 0.0825)
+    assert abs(old - 0.33) > tolerance + 5 * math.sqrt(old * (1 - old) / n)
+    assert abs(rate - 0.33) <= tolerance, (rate, tolerance)
 
 
 # 3. labels resampled with nearest neighbour ---------------------------------------------

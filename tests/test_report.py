@@ -220,6 +220,22 @@ def test_dollar_signs_in_case_and_structure_names_are_text(tmp_path):
     assert "pt_$1_$2" in html and "L_$^$" in html and len(inline_pngs(html)) >= 2
 
 
+def test_a_file_name_that_is_not_utf8_is_written_escaped(tmp_path):
+    """A case named with a Latin-1 byte (0xE9, 'é'): Python keeps it as a lone surrogate,
+    which matplotlib and UTF-8 files refuse, so the evaluation wrote no report at all."""
+    rng = np.random.default_rng(6)
+    reference, prediction = blob_case(rng)
+    name = os.fsdecode(b"caf\xe9_01.nii.gz")
+    for folder, data in (("ref", reference), ("pred", prediction)):
+        (tmp_path / folder).mkdir()
+        nib.save(nib.Nifti1Image(data, SPACING_AFFINE), tmp_path / folder / name)
+    results = evaluate_pairs(pair_cases(tmp_path / "pred", tmp_path / "ref"), LABELS)
+    write_reports(results, tmp_path / "out", labels=LABELS, tolerance_mm=2.0)
+    html = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
+    assert "caf\\xe9_01" in html and len(inline_pngs(html)) >= 2
+    assert "caf\\xe9_01" in (tmp_path / "out" / "scores.csv").read_text(encoding="utf-8")
+
+
 def test_one_case_has_no_sd_and_the_csv_keeps_eight_digits():
     results = [CaseScores("a", {"s": scores(0.99999983, 1.0)})]
     assert math.isnan(summarize(results)["structures"]["s"]["dice"]["sd"])

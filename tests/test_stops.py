@@ -202,3 +202,33 @@ def test_predict_goes_on_without_a_lock_where_the_filesystem_has_none(
                  str(phantom_dataset / "imagesTs"), "--output", str(tmp_path / "masks")]) == 0
     assert len(list((tmp_path / "masks").glob("*.nii.gz"))) == 2
     assert not list((tmp_path / "masks").glob(".medseg-predict.lock*"))
+
+
+RACE_SCRIPT = """
+import os, signal
+from medseg import stopping
+signal.signal(signal.SIGCHLD, lambda *a: None)  # torch's DataLoader handler stands in
+stopping.install()
+both = {signal.SIGTERM, signal.SIGCHLD}
+signal.pthread_sigmask(signal.SIG_BLOCK, both)
+os.kill(os.getpid(), signal.SIGCHLD)
+os.kill(os.getpid(), signal.SIGTERM)
+try:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, both)
+    sum(range(1000))
+except stopping.Terminated:
+    sum(range(1000))  # the pending SIGCHLD is handled here
+    print("stopped")
+"""
+
+
+def test_a_worker_ending_with_the_sigterm_adds_nothing_to_the_stop(tmp_path):
+    """A process group's SIGTERM ends the DataLoader workers too: their SIGCHLD, pending
+    when the SIGTERM handler set SIGCHLD to SIG_DFL, was printed by Python as "OSError:
+    Signal 17 ignored due to race condition" with a traceback, over the stop's one line."""
+    script = tmp_path / "race.py"
+    script.write_text(RACE_SCRIPT)
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert done.stdout.strip() == "stopped"
+    assert done.stderr == ""

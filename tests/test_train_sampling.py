@@ -4,6 +4,7 @@ names is broken (a mutation audit found these unguarded)."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -15,6 +16,7 @@ import torch
 from helpers import REPO, TINY_TRAINING
 
 import medseg.train
+from medseg.errors import MedsegError
 from medseg.train import (
     EpochSampler,
     Ranks,
@@ -128,6 +130,79 @@ def test_max_minutes_is_minutes_on_the_runs_clock(monkeypatch, tmp_path, prepare
     assert [r["elapsed_seconds"] for r in records] == [25.0, 50.0, 75.0]
     state = torch.load(fold_dir / "checkpoints" / "last_state.pt", weights_only=True)
     assert state["epoch"] == 2 and state["budget_stop"] is True
+
+
+def test_max_minutes_counts_the_validation_of_the_epoch(monkeypatch, tmp_path, prepared,
+                                                        phantom_dataset):
+    """The budget was checked before the epoch's validation: an epoch of 10 s whose
+    validation takes 100 s passed a one-minute budget, yet the next epoch trained and
+    validated too (200 s of a 60 s budget). The last epoch is no budget stop."""
+    _, dataset, plan, split = prepared
+    workflow = _workflow(phantom_dataset, "train.epochs=4", "train.iterations_per_epoch=1",
+                         "train.max_minutes=1", "train.val_every=1")
+    clock = SimpleNamespace(now=1000.0)
+    monkeypatch.setattr(medseg.train, "time", SimpleNamespace(monotonic=lambda: clock.now))
+    train_epoch, validate_epoch = medseg.train._train_epoch, medseg.train._validate_epoch
+
+    def epoch_of_10_seconds(*args, **kwargs):
+        clock.now += 10.0
+        return train_epoch(*args, **kwargs)
+
+    def validation_of_100_seconds(*args, **kwargs):
+        clock.now += 100.0
+        return validate_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(medseg.train, "_train_epoch", epoch_of_10_seconds)
+    monkeypatch.setattr(medseg.train, "_validate_epoch", validation_of_100_seconds)
+    fold_dir = tmp_path / "fold_0"
+    assert train_fold(workflow, dataset, plan, split, fold_dir).epochs_run == 1
+    assert [r["elapsed_seconds"] for r in _metrics(fold_dir)] == [110.0]
+    state = torch.load(fold_dir / "checkpoints" / "last_state.pt", weights_only=True)
+    assert state["budget_stop"] is True
+
+    one_epoch = _workflow(phantom_dataset, "train.epochs=1", "train.iterations_per_epoch=1",
+                          "train.max_minutes=1", "train.val_every=1")
+    last_dir = tmp_path / "one"
+    assert train_fold(one_epoch, dataset, plan, split, last_dir).epochs_run == 1
+    state = torch.load(last_dir / "checkpoints" / "last_state.pt", weights_only=True)
+    assert state["budget_stop"] is False, "all its epochs ran: not stopped by the budget"
+
+
+def test_a_full_disk_while_saving_a_checkpoint_names_the_file(monkeypatch, tmp_path,
+                                                              prepared, phantom_dataset):
+    """torch's zip writer reports a full disk as "unexpected pos 737344 vs 737236", a
+    RuntimeError naming no file."""
+    _, dataset, plan, split = prepared
+    workflow = _workflow(phantom_dataset, "train.epochs=1", "train.iterations_per_epoch=1",
+                         NO_VALIDATION)
+
+    def full_disk(obj, path, *args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos "
+                           "737344 vs 737236")
+
+    monkeypatch.setattr(medseg.train.torch, "save", full_disk)
+    fold_dir = tmp_path / "fold_0"
+    with pytest.raises(MedsegError, match=r"last_state.pt: cannot write this checkpoint "
+                                          r"\(the write failed; \d+ MB free on its disk\)"):
+        train_fold(workflow, dataset, plan, split, fold_dir)
+    assert not list((fold_dir / "checkpoints").glob(".*part*"))
+
+
+def test_a_resume_removes_what_a_killed_save_left_behind(tmp_path, prepared,
+                                                         phantom_dataset):
+    """A SIGKILL while the state was written left .last_state.pt.XXXX.part.pt (tens of MB)
+    that no resume removed, one more per kill."""
+    _, dataset, plan, split = prepared
+    workflow = _workflow(phantom_dataset, "train.epochs=2", "train.iterations_per_epoch=1",
+                         NO_VALIDATION)
+    fold_dir = tmp_path / "fold_0"
+    train_fold(dataclasses.replace(workflow, train=dataclasses.replace(workflow.train,
+                                                                       epochs=1)),
+               dataset, plan, split, fold_dir)
+    leftover = fold_dir / "checkpoints" / ".last_state.pt.51x_k9pl.part.pt"
+    leftover.write_bytes(b"half a state")
+    train_fold(workflow, dataset, plan, split, fold_dir, resume=True)
+    assert not leftover.exists()
 
 
 def test_a_state_save_that_fails_halfway_leaves_the_previous_state(monkeypatch, tmp_path,

@@ -1,0 +1,210 @@
+"""DICOM SEG output (`medseg predict --dicom-seg`): each SEG frame lies on the source image
+it refers to and holds the NIfTI mask's slice; series a SEG cannot refer to are refused."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import highdicom as hd
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from dicom_factory import axial_positions, enhanced_file, write_series, write_volume_as_dicom
+from helpers import SMALL_SHAPE, SMALL_SPACING, requires_shared
+from pydicom.uid import EnhancedCTImageStorage
+
+from medseg.cli import main
+from medseg.config import PredictConfig
+from medseg.dicom_seg import build_seg, seg_path, seg_source, write_seg
+from medseg.errors import MedsegError
+from medseg.phantoms import make_phantom
+from medseg.predict import load_predictor, predict_paths
+
+LABELS = {0: "background", 1: "liver", 2: "kidney", 3: "spine"}
+
+
+def _labels_by_source_image(seg_file: Path, folder: Path) -> dict[str, np.ndarray]:
+    """The SEG's label map of each source image, by SOPInstanceUID: (rows, columns)."""
+    seg = hd.seg.segread(seg_file)
+    uids = [pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID
+            for f in sorted(folder.iterdir())]
+    pixels = seg.get_pixels_by_source_instance(uids, combine_segments=True,
+                                               skip_overlap_checks=True)
+    return dict(zip(uids, pixels, strict=True))
+
+
+def _mask_by_source_image(mask: np.ndarray, folder: Path) -> dict[str, np.ndarray]:
+    """The mask's slice through each source image: a slice lies where its position puts it
+    along the normal, so slice k of the volume is the k-th image by depth."""
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in sorted(folder.iterdir())]
+    normal = np.cross(*np.reshape(np.asarray(headers[0].ImageOrientationPatient, float),
+                                  (2, 3)))
+    by_depth = sorted(headers, key=lambda h: np.asarray(h.ImagePositionPatient, float) @ normal)
+    return {h.SOPInstanceUID: mask[:, :, k].T for k, h in enumerate(by_depth)}
+
+
+@pytest.fixture(scope="module")
+def dicom_case(tmp_path_factory) -> Path:
+    """A phantom as an oblique, flipped CT series whose file names run against its slices."""
+    from test_predict import lps_oblique
+
+    phantom = make_phantom(11, shape=SMALL_SHAPE, spacing=SMALL_SPACING)
+    folder = tmp_path_factory.mktemp("dicom") / "ct_case"
+    write_volume_as_dicom(folder, phantom.image, lps_oblique(SMALL_SPACING))
+    files = sorted(folder.iterdir())
+    for file, name in zip(files, reversed(files), strict=True):  # names against the order
+        file.rename(file.with_name(f"tmp_{name.name}"))
+    for file in folder.iterdir():
+        file.rename(file.with_name(file.name.removeprefix("tmp_")))
+    return folder
+
+
+def test_predict_writes_a_seg_whose_frames_are_the_mask_on_each_source_image(
+        trained_run, dicom_case, tmp_path):
+    out = tmp_path / "out"
+    results = predict_paths(load_predictor(trained_run), [dicom_case], out, PredictConfig(),
+                            dicom_seg=True)
+    assert [r.error for r in results] == [None]
+    mask = np.asarray(nib.load(out / "ct_case.nii.gz").dataobj)
+    assert len(np.unique(mask)) > 1, "the tiny model segments something"
+    seg_file = out / "ct_case.seg.dcm"
+    found = _labels_by_source_image(seg_file, dicom_case)
+    expected = _mask_by_source_image(mask, dicom_case)
+    assert found.keys() == expected.keys()
+    for uid, labels in expected.items():
+        np.testing.assert_array_equal(found[uid], labels)
+    seg = pydicom.dcmread(seg_file)
+    source = pydicom.dcmread(next(dicom_case.iterdir()), stop_before_pixels=True)
+    assert seg.Modality == "SEG"
+    assert seg.StudyInstanceUID == source.StudyInstanceUID
+    assert seg.FrameOfReferenceUID == source.FrameOfReferenceUID
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == source.SeriesInstanceUID
+    assert [(s.SegmentNumber, s.SegmentLabel) for s in seg.SegmentSequence] == \
+        [(1, "liver"), (2, "kidney"), (3, "spine")]
+    assert not list(out.glob(".*part*")), "no temporary file is left"
+
+
+def test_a_case_is_done_only_when_its_seg_is_written_too(trained_run, dicom_case, tmp_path):
+    out = tmp_path / "out"
+    predictor = load_predictor(trained_run)
+    predict_paths(predictor, [dicom_case], out, PredictConfig())
+    assert not seg_path(out / "ct_case.nii.gz").exists()
+    again = predict_paths(predictor, [dicom_case], out, PredictConfig(), dicom_seg=True)
+    assert not again[0].skipped and again[0].error is None
+    assert (out / "ct_case.seg.dcm").is_file()
+    third = predict_paths(predictor, [dicom_case], out, PredictConfig(), dicom_seg=True)
+    assert third[0].skipped
+
+
+def test_a_series_without_a_frame_of_reference_is_refused_before_any_prediction(
+        trained_run, dicom_case, tmp_path, capsys):
+    folder = tmp_path / "anonymized"
+    shutil.copytree(dicom_case, folder)
+    for file in folder.iterdir():
+        header = pydicom.dcmread(file)
+        del header.FrameOfReferenceUID
+        header.save_as(file)
+    out = tmp_path / "out"
+    results = predict_paths(load_predictor(trained_run), [folder], out, PredictConfig(),
+                            dicom_seg=True)
+    assert "no DICOM SEG: the image has no FrameOfReferenceUID" in results[0].error
+    assert str(folder) in results[0].error
+    assert not out.exists() or not any(out.iterdir()), "nothing is written for the case"
+    assert "\n" not in results[0].error
+
+
+def test_volume_inputs_get_a_nifti_mask_and_a_note(trained_run, tmp_path, capsys):
+    phantom = make_phantom(3, shape=SMALL_SHAPE, spacing=SMALL_SPACING)
+    scan = tmp_path / "scan.nii.gz"
+    nib.save(nib.Nifti1Image(phantom.image.astype(np.int16), np.diag([*SMALL_SPACING, 1])),
+             scan)
+    out = tmp_path / "out"
+    results = predict_paths(load_predictor(trained_run), [scan], out, PredictConfig(),
+                            dicom_seg=True)
+    assert results[0].error is None
+    assert sorted(p.name for p in out.iterdir()) == ["scan.nii.gz"]
+    assert "--dicom-seg: 1 input(s) are volume files" in capsys.readouterr().err
+
+
+def test_cli_dicom_seg(trained_run, dicom_case, tmp_path):
+    out = tmp_path / "out"
+    assert main(["predict", "--model", str(trained_run), "--input", str(dicom_case),
+                 "--output", str(out), "--dicom-seg"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["ct_case.nii.gz", "ct_case.seg.dcm"]
+
+
+def test_a_multiframe_source_gets_one_seg_frame_per_source_frame(tmp_path):
+    rng = np.random.default_rng(0)
+    positions = axial_positions(5)[::-1]  # frames stored from the top down
+    source_file = enhanced_file(tmp_path / "enhanced.dcm",
+                                rng.integers(0, 2000, (6, 7, 5)).astype(np.uint16), positions)
+    header = pydicom.dcmread(source_file)  # the factory's file is a CT Image, as older tests need
+    header.SOPClassUID = header.file_meta.MediaStorageSOPClassUID = EnhancedCTImageStorage
+    header.save_as(source_file)
+    source = seg_source(source_file, None, False)
+    mask = np.zeros((7, 6, 5), np.uint8)  # (columns, rows, slices), slices by depth
+    for k in range(5):
+        mask[k, :, k] = 1 + k % 3
+    target = tmp_path / "enhanced.seg.dcm"
+    write_seg(build_seg(mask, source, LABELS), target)
+    seg = hd.seg.segread(target)
+    uid = pydicom.dcmread(source_file, stop_before_pixels=True).SOPInstanceUID
+    frames = seg.get_pixels_by_source_frame(uid, list(range(1, 6)), combine_segments=True,
+                                            skip_overlap_checks=True)
+    for frame_number in range(5):  # frame f lies at positions[f]: slice 4 - f by depth
+        np.testing.assert_array_equal(frames[frame_number], mask[:, :, 4 - frame_number].T)
+
+
+def test_a_mask_of_another_shape_is_refused(tmp_path):
+    write_series(tmp_path / "s", np.zeros((6, 7, 3), np.uint16), axial_positions(3))
+    source = seg_source(tmp_path / "s", None, False)
+    with pytest.raises(MedsegError, match=r"mask shape \(6, 7, 3\) is not the series'"):
+        build_seg(np.zeros((6, 7, 3), np.uint8), source, LABELS)
+
+
+def test_real_series_seg_round_trip_and_anonymized_refusal(tmp_path):
+    """A real GE MR series: its anonymized copy has no FrameOfReferenceUID and is refused;
+    with one added (to a copy), the SEG's frames hold the mask on each image."""
+    original = requires_shared("dicom", "ge_mr")
+    with pytest.raises(MedsegError, match="has no FrameOfReferenceUID"):
+        seg_source(original, None, False)
+    folder = tmp_path / "ge_mr"
+    folder.mkdir()
+    for file in sorted(original.rglob("*")):
+        if not file.is_file() or file.name.startswith("reference"):
+            continue
+        header = pydicom.dcmread(file)
+        header.FrameOfReferenceUID = "1.2.826.0.1.3680043.10.511.9"
+        header.save_as(folder / file.name)
+    source = seg_source(folder, None, False)
+    rng = np.random.default_rng(1)
+    shape = (source.columns, source.rows, len(source.slices))
+    mask = rng.integers(0, 3, shape).astype(np.uint8)
+    target = tmp_path / "ge_mr.seg.dcm"
+    write_seg(build_seg(mask, source, {0: "background", 1: "a", 2: "b"}), target)
+    found = _labels_by_source_image(target, folder)
+    for uid, labels in _mask_by_source_image(mask, folder).items():
+        np.testing.assert_array_equal(found[uid], labels)
+
+
+def test_real_multiframe_series_seg_round_trip(tmp_path):
+    """A real Siemens enhanced MR file (FrameOfReferenceUID added to a copy): one SEG frame
+    per source frame, each the mask's slice at that frame's depth."""
+    original = requires_shared("dicom", "siemens_multiframe")
+    file = next(f for f in original.rglob("*") if f.is_file() and "reference" not in f.name)
+    copy = tmp_path / "mf.dcm"
+    header = pydicom.dcmread(file)
+    header.FrameOfReferenceUID = "1.2.826.0.1.3680043.10.511.8"
+    header.save_as(copy)
+    source = seg_source(copy, None, False)
+    shape = (source.columns, source.rows, len(source.slices))
+    mask = np.random.default_rng(2).integers(0, 2, shape).astype(np.uint8)
+    target = tmp_path / "mf.seg.dcm"
+    write_seg(build_seg(mask, source, {0: "background", 1: "a"}), target)
+    frames = hd.seg.segread(target).get_pixels_by_source_frame(
+        header.SOPInstanceUID, list(range(1, len(source.slices) + 1)), combine_segments=True,
+        skip_overlap_checks=True)
+    for k, (_, frame) in enumerate(source.slices):
+        np.testing.assert_array_equal(frames[frame], mask[:, :, k].T)

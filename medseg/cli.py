@@ -307,11 +307,11 @@ def _main_rank_says(flag: bool, ranks) -> bool:
     import torch
     import torch.distributed as dist
 
-    from medseg.train import _from_main
+    from medseg.train import flag_from_main_rank
 
     device = (torch.device("cuda", ranks.local_rank) if torch.cuda.is_available()
               else torch.device("cpu"))
-    said = _from_main(flag, ranks, device)
+    said = flag_from_main_rank(flag, ranks, device)
     # every rank has the answer before any leaves: rank 0's broadcast may return before
     # rank 1 has read it, and a rank that ends its group then cuts the other's receive
     dist.barrier()

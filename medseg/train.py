@@ -209,7 +209,7 @@ def train_fold(
             # after validation, which the budget counts too; rank 0's clock decides for
             # everyone, so that no rank waits for one that stopped. The last epoch ends the
             # run whatever the clock says: that is no budget stop
-            out_of_time = _from_main(time.monotonic() > deadline, ranks, device) \
+            out_of_time = flag_from_main_rank(time.monotonic() > deadline, ranks, device) \
                 and epoch + 1 < cfg.epochs
             # the whole run so far, validation included
             record["elapsed_seconds"] = round(elapsed_before + time.monotonic() - started, 2)
@@ -427,7 +427,7 @@ def _distributed(model: torch.nn.Module, ranks: Ranks, device: torch.device) -> 
     return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
 
-def _from_main(flag: bool, ranks: Ranks, device: torch.device) -> bool:
+def flag_from_main_rank(flag: bool, ranks: Ranks, device: torch.device) -> bool:
     """Rank 0's value of `flag`, on every rank."""
     return bool(_int_from_main(int(flag), ranks, device))
 
@@ -589,7 +589,7 @@ def _cache_mode(workflow: Workflow, plan: Plan, run_dir: Path, ranks: Ranks,
         if disk:
             tqdm.write(f"medseg: train.cache auto chose disk: {why}; the preprocessed cases "
                        f"go to {run_dir / CACHE_FOLDER}")
-    return "disk" if _from_main(disk, ranks, device) else "memory"
+    return "disk" if flag_from_main_rank(disk, ranks, device) else "memory"
 
 
 def _refuse_memory_cache_beyond_memory(run_dir: Path, plan: Plan) -> None:

@@ -228,7 +228,8 @@ def test_a_state_save_that_fails_halfway_leaves_the_previous_state(monkeypatch, 
 
     monkeypatch.setattr(torch, "save", disk_full_on_the_second_save)
     fold_dir = tmp_path / "fold_0"
-    with pytest.raises(OSError, match="No space left on device"):
+    with pytest.raises(MedsegError, match=r"last_state.pt: cannot write this checkpoint "
+                                          r"\(No space left on device\)"):
         train_fold(workflow, dataset, plan, split, fold_dir)
     assert len(saves) == 2
     checkpoints = fold_dir / "checkpoints"

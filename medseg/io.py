@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import traceback
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -362,6 +363,9 @@ def write_volume(data: np.ndarray, geometry: Geometry, path: str | Path,
             else:
                 write_itk(data, geometry.affine, tmp)
     except OSError as exc:  # a read-only folder, a full disk
+        # the writer's open file lives on in the traceback's frames, and with it the disk
+        # space of the deleted temporary: every later case of a batch found the disk full
+        traceback.clear_frames(exc.__traceback__)
         raise MedsegError(f"cannot write ({exc.strerror or exc})", path) from exc
     except RuntimeError as exc:  # ITK's writers
         raise MedsegError(f"cannot write ({itk_message(exc)})", path) from exc

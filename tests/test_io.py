@@ -396,3 +396,28 @@ def test_a_big_endian_nifti_converts_to_itk_formats(tmp_path, suffix):
     converted = read_volume(tmp_path / f"out{suffix}")
     np.testing.assert_array_equal(converted.data, voxels.astype(np.int16))
     np.testing.assert_allclose(converted.affine, affine, atol=1e-6)
+
+
+def test_a_failed_write_lets_go_of_its_file(tmp_path, monkeypatch):
+    """A full disk: the writer's open file lived on in the error's traceback, holding the
+    deleted temporary's space, so every later mask of a predict batch failed too."""
+    import weakref
+
+    import medseg.io
+
+    opened = []
+
+    def full_disk(image, filename):
+        handle = open(filename, "wb")  # left open, as a failing writer leaves it
+        handle.write(b"x" * 100)
+        opened.append(weakref.ref(handle))
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(medseg.io.nib, "save", full_disk)
+    with pytest.raises(MedsegError, match="cannot write \\(No space left on device\\)") as err:
+        medseg.io.write_volume(np.zeros((4, 4, 4), np.uint8),
+                               medseg.io.Geometry((4, 4, 4), np.eye(4)),
+                               tmp_path / "mask.nii.gz")
+    assert err.value.__cause__ is not None
+    assert opened[0]() is None, "the file is closed once the error is raised"
+    assert list(tmp_path.iterdir()) == []

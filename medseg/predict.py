@@ -502,7 +502,8 @@ def _read_case(plan: Plan, files: list[Path], series_uid: str | None,
     SEG refers to (a series it cannot refer to is refused before any prediction)."""
     source = (seg_source(files[0], series_uid, resample_irregular)
               if dicom_seg and _is_dicom_input(files[0]) else None)
-    case = prepare_case(plan, list(files), series_uid, resample_irregular)
+    case = prepare_case(plan, list(files), series_uid=series_uid,
+                        resample_irregular=resample_irregular)
     case.seg_source = source
     return case
 

@@ -70,12 +70,12 @@ def test_a_damaged_state_is_refused_before_caching_or_saving_the_workflow(
     run = copy_run(trained_run, tmp_path)
     state = run / "fold_0" / "checkpoints" / "last_state.pt"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
-    saved = (run / "workflow.yaml").read_text()
+    saved = (run / "workflow.yaml").read_text(encoding="utf-8")
     assert main(["train", "--resume", str(run), "--set", "train.max_minutes=5",
                  "--set", "train.cache=disk"]) == 2
     err = capsys.readouterr().err
     assert f"{state}: cannot resume from this training state (" in err
-    assert (run / "workflow.yaml").read_text() == saved
+    assert (run / "workflow.yaml").read_text(encoding="utf-8") == saved
     assert not (run / "cache").exists()
 
 

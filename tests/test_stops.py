@@ -227,7 +227,7 @@ def test_a_worker_ending_with_the_sigterm_adds_nothing_to_the_stop(tmp_path):
     when the SIGTERM handler set SIGCHLD to SIG_DFL, was printed by Python as "OSError:
     Signal 17 ignored due to race condition" with a traceback, over the stop's one line."""
     script = tmp_path / "race.py"
-    script.write_text(RACE_SCRIPT)
+    script.write_text(RACE_SCRIPT, encoding="utf-8")
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
     assert done.stdout.strip() == "stopped"

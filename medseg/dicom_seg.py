@@ -112,8 +112,8 @@ def build_seg(mask: np.ndarray, source: SegSource, labels: dict[int, str]) -> Da
     from pydicom.sr.codedict import codes
 
     if mask.shape != (source.columns, source.rows, len(source.slices)):
-        raise MedsegError(f"mask shape {mask.shape} is not the series' "
-                          f"{(source.columns, source.rows, len(source.slices))}")
+        raise MedsegError(f"no DICOM SEG: mask shape {mask.shape} is not the series' "
+                          f"{(source.columns, source.rows, len(source.slices))}", source.path)
     algorithm = hd.AlgorithmIdentificationSequence(
         name="medseg", family=codes.cid7162.ArtificialIntelligence, version=__version__)
     segments = [hd.seg.SegmentDescription(

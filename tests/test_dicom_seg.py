@@ -160,7 +160,8 @@ def test_a_multiframe_source_gets_one_seg_frame_per_source_frame(tmp_path):
 def test_a_mask_of_another_shape_is_refused(tmp_path):
     write_series(tmp_path / "s", np.zeros((6, 7, 3), np.uint16), axial_positions(3))
     source = seg_source(tmp_path / "s", None, False)
-    with pytest.raises(MedsegError, match=r"mask shape \(6, 7, 3\) is not the series'"):
+    with pytest.raises(MedsegError, match=r"/s: no DICOM SEG: mask shape \(6, 7, 3\) is "
+                                          r"not the series'"):
         build_seg(np.zeros((6, 7, 3), np.uint8), source, LABELS)
 
 

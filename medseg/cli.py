@@ -440,8 +440,7 @@ def _train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool,
     if ds.layout == "auto":  # saved as found: a resume must read the dataset the same way
         workflow = dataclasses.replace(workflow, dataset=dataclasses.replace(
             ds, layout=list_dataset(ds.path).layout))
-    labels = dataset.labels or "from the label files"
-    print(f"dataset: {len(dataset.cases)} cases, labels {labels}, "
+    print(f"dataset: {len(dataset.cases)} cases, labels {_labels_in_brief(dataset.labels)}, "
           f"modalities {list(dataset.modalities)}")
     # here, not after hours of training when predict would first read them (a dataset that
     # names no labels, folders or CSV without labels.json: once its label files are read)
@@ -560,13 +559,25 @@ def _resume_run(run_dir: Path, fold_text: str | None, overrides: list[str] | Non
     resumes = [_has_state(run_dir / f"fold_{fold}") for fold in folds]
     for fold, resume in zip(folds, resumes, strict=True):
         if resume:
-            check_resumable(run_dir / f"fold_{fold}")
+            check_resumable(run_dir / f"fold_{fold}", plan)
     if current_ranks().main:  # only once the resume is known to go ahead
         if overrides:
             save_workflow(workflow, run_dir / "workflow.yaml")
         if not set(folds) <= set(requested):  # a later plain --resume continues these too
             atomic_write_json(run_dir / FOLDS_FILE, sorted(set(requested) | set(folds)))
     return _continue_folds(run_dir, folds, resumes, workflow, dataset, plan, splits)
+
+
+def _labels_in_brief(labels: dict[int, str] | None) -> str:
+    """The label map for a line of the console: whole when short, else its size and ends
+    (118 TotalSegmentator names made a line of 3000 characters)."""
+    if not labels:
+        return "from the label files"
+    if len(labels) <= 8:
+        return str(labels)
+    items = list(labels.items())
+    head = ", ".join(f"{k}: {v!r}" for k, v in items[:3])
+    return f"{{{head}, ..., {items[-1][0]}: {items[-1][1]!r}}} ({len(labels)} ids)"
 
 
 def _resumed_dataset(workflow: Workflow, run_dir: Path, overrides: list[str] | None):
@@ -891,18 +902,20 @@ def _parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", parents=[common],
                           help="train, segment and score synthetic CT phantoms")
-    demo.add_argument("--out", default="medseg_demo", help="output folder (default: %(default)s)")
+    demo.add_argument("--out", default="medseg_demo", type=_path_text,
+                      help="output folder (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0, help="phantom seed")
     demo.add_argument("--set", dest="overrides", action="append", default=[],
                       metavar="KEY=VALUE", help="override a workflow key, e.g. train.epochs=5")
     demo.set_defaults(handler=cmd_demo)
 
     train = sub.add_parser("train", parents=[common], help="train on a labelled dataset")
-    train.add_argument("workflow", nargs="?", help="workflow YAML file")
-    train.add_argument("--out", help="run folder to create")
-    train.add_argument("--resume", metavar="RUN_DIR",
-                       help="continue a run from its last checkpoint (optimizer, scheduler, "
-                            "epoch and random streams included)")
+    train.add_argument("workflow", nargs="?", type=_path_text, help="workflow YAML file")
+    train.add_argument("--out", type=_path_text, help="run folder to create")
+    train.add_argument("--resume", metavar="RUN_DIR", type=_path_text,
+                       help="continue a run from its last checkpoint (weights, optimizer, "
+                            "scheduler and epoch; random streams drawn again from the seed "
+                            "and epoch)")
     train.add_argument("--fold", default=None, help="fold index, or 'all' (default: "
                        "train.fold of the workflow)")
     train.add_argument("--set", dest="overrides", action="append", default=[],
@@ -913,9 +926,11 @@ def _parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=cmd_train)
 
     predict = sub.add_parser("predict", parents=[common, dicom], help="segment new volumes")
-    predict.add_argument("--model", required=True, help="run folder made by medseg train")
-    predict.add_argument("--input", required=True, nargs="+", help="files or folders")
-    predict.add_argument("--output", required=True, help="folder for the masks")
+    predict.add_argument("--model", required=True, type=_path_text,
+                         help="run folder made by medseg train")
+    predict.add_argument("--input", required=True, nargs="+", type=_path_text,
+                         help="files or folders")
+    predict.add_argument("--output", required=True, type=_path_text, help="folder for the masks")
     predict.add_argument("--folds", default=None, help="comma-separated folds (default: all "
                          "trained)")
     predict.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
@@ -933,16 +948,18 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--shard", default=None, metavar="I/N",
                          help="predict every N-th case from the I-th (0-based), so that N "
                               "processes share a batch; under torchrun, RANK/WORLD_SIZE")
-    predict.add_argument("--reference", default=None, metavar="DIR",
+    predict.add_argument("--reference", default=None, metavar="DIR", type=_path_text,
                          help="folder of reference masks: score the predictions at once "
                               "into OUTPUT/evaluation")
     predict.set_defaults(handler=cmd_predict)
 
     evaluate = sub.add_parser("evaluate", parents=[common], help="score masks against labels")
-    evaluate.add_argument("--pred", required=True, help="folder of predicted masks")
-    evaluate.add_argument("--ref", required=True, help="folder of reference masks")
-    evaluate.add_argument("--labels", default=None, help="dataset.json or labels.json")
-    evaluate.add_argument("--out", default=None,
+    evaluate.add_argument("--pred", required=True, type=_path_text,
+                          help="folder of predicted masks")
+    evaluate.add_argument("--ref", required=True, type=_path_text, help="folder of reference masks")
+    evaluate.add_argument("--labels", default=None, type=_path_text,
+                          help="dataset.json or labels.json")
+    evaluate.add_argument("--out", default=None, type=_path_text,
                           help="folder for scores.csv, summary.json and report.html")
     evaluate.add_argument("--tolerance-mm", type=float, default=2.0,
                           help="surface Dice tolerance in mm (default: %(default)s)")
@@ -955,17 +972,27 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", parents=[common],
                            help="report every problem of a dataset before training")
-    check.add_argument("dataset", help="dataset folder, its dataset.json, or a CSV file")
+    check.add_argument("dataset", type=_path_text,
+                       help="dataset folder, its dataset.json, or a CSV file")
     check.add_argument("--layout", default="auto",
                        choices=["auto", "msd", "nnunet", "folders", "csv"])
     check.set_defaults(handler=cmd_check)
 
     convert = sub.add_parser("convert", parents=[common, dicom],
                              help="convert a scan to NIfTI, NRRD or MHA")
-    convert.add_argument("input", help="volume file, DICOM file or DICOM folder")
-    convert.add_argument("output", help="output file: .nii.gz, .nii, .nrrd or .mha")
+    convert.add_argument("input", type=_path_text, help="volume file, DICOM file or DICOM folder")
+    convert.add_argument("output", type=_path_text,
+                         help="output file: .nii.gz, .nii, .nrrd or .mha")
     convert.set_defaults(handler=cmd_convert)
     return parser
+
+
+def _path_text(text: str) -> str:
+    """A path argument: an empty one (`--output ""`, an unset shell variable) would mean the
+    current folder, not what the user meant."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path (an unset shell variable?)")
+    return text
 
 
 def _exit(code: int) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
+import traceback
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -70,16 +72,19 @@ def seg_source(path: Path, series_uid: str | None, resample_irregular: bool) -> 
 def _seg_ready_header(file: Path, slice_gap: float) -> Dataset:
     """The image's header as highdicom needs it; the file itself is not touched."""
     header = pydicom.dcmread(file, stop_before_pixels=True)
-    if not header.get("SOPClassUID"):  # some anonymizers blank it; the file meta keeps it
+    # some anonymizers blank these; the file meta keeps them
+    if not header.get("SOPClassUID"):
         header.SOPClassUID = header.file_meta.get("MediaStorageSOPClassUID", "")
+    if not str(header.get("SOPInstanceUID", "")).strip():
+        header.SOPInstanceUID = header.file_meta.get("MediaStorageSOPInstanceUID", "")
     if "PerFrameFunctionalGroupsSequence" in header:
         _share_frame_geometry(header)
     elif header.get("SliceThickness") in (None, ""):
         header.SliceThickness = round(slice_gap, 6)
-    for keyword in _REQUIRED_UIDS:
-        if not str(header.get(keyword, "")).strip():
-            raise MedsegError(f"no DICOM SEG: the image has no {keyword} (removed by an "
-                              f"anonymizer?), which a SEG must refer to", file)
+    missing = [k for k in _REQUIRED_UIDS if not str(header.get(k, "")).strip()]
+    if missing:
+        raise MedsegError(f"no DICOM SEG: the image has no {' or '.join(missing)} (removed by "
+                          f"an anonymizer?), which a SEG must refer to", file)
     for keyword in _TYPE2_COPIED:
         if keyword not in header:
             setattr(header, keyword, None)
@@ -116,27 +121,49 @@ def build_seg(mask: np.ndarray, source: SegSource, labels: dict[int, str]) -> Da
                           f"{(source.columns, source.rows, len(source.slices))}", source.path)
     algorithm = hd.AlgorithmIdentificationSequence(
         name="medseg", family=codes.cid7162.ArtificialIntelligence, version=__version__)
+    names = segment_labels(labels)
+    images, frames = list(source.images), _source_frames(mask, source)
+    if not mask.any() and len(images) > 1:
+        # highdicom keeps every frame of an all-empty mask (a SEG needs one): 42 segments x
+        # 150 slices of blank frames took 195 MB; one blank frame says as much
+        images, frames = images[:1], frames[:1]
     segments = [hd.seg.SegmentDescription(
-        segment_number=label, segment_label=_segment_label(name),
+        segment_number=label, segment_label=names[label],
         # medseg knows structures by name only: generic codes, the name says which
         segmented_property_category=codes.SCT.AnatomicalStructure,
         segmented_property_type=codes.SCT.AnatomicalStructure,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=algorithm) for label, name in sorted(labels.items()) if label]
+        algorithm_identification=algorithm) for label in sorted(names)]
+    if not mask.any():
+        segments = segments[:1]  # nothing found: one segment, one blank frame
     _silence_highdicom()
     with _highdicom_refusal(source.path):
-        return hd.seg.Segmentation(
-            source_images=list(source.images), pixel_array=_source_frames(mask, source),
+        seg = hd.seg.Segmentation(
+            source_images=images, pixel_array=frames,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=segments, series_instance_uid=hd.UID(),
             series_number=SEG_SERIES_NUMBER, sop_instance_uid=hd.UID(), instance_number=1,
             manufacturer="medseg", manufacturer_model_name="medseg",
             software_versions=__version__, device_serial_number="none",
             series_description="medseg segmentation", omit_empty_frames=True)
+    if not all(name.isascii() for name in names.values()):
+        # the source's character set (often ISO_IR 100, Latin-1) turned other letters into
+        # '?': UTF-8 holds every name
+        seg.SpecificCharacterSet = "ISO_IR 192"
+    return seg
 
 
-def _segment_label(name: str) -> str:
-    return name[:64]  # SegmentLabel is a LO: 64 characters at most
+def segment_labels(labels: dict[int, str]) -> dict[int, str]:
+    """Each foreground label's SegmentLabel: a LO value (at most 64 characters, no control
+    characters, no backslash, which would split it in two values), distinct from the others
+    (two long names alike in their first 64 characters get their ids)."""
+    names = {label: re.sub(r"[\x00-\x1f\x7f]", " ", name).replace("\\", "/").strip()
+             for label, name in sorted(labels.items()) if label}
+    cut = {label: name[:64] for label, name in names.items()}
+    shared = {name for name in cut.values() if list(cut.values()).count(name) > 1}
+    return {label: name if name not in shared else
+            f"{names[label][:64 - len(f' ({label})')]} ({label})"
+            for label, name in cut.items()}
 
 
 def _source_frames(mask: np.ndarray, source: SegSource) -> np.ndarray:
@@ -151,8 +178,16 @@ def _source_frames(mask: np.ndarray, source: SegSource) -> np.ndarray:
 
 
 def write_seg(seg: Dataset, path: Path) -> None:
-    with atomic_path(path) as temporary:
-        seg.save_as(temporary, enforce_file_format=True)
+    try:
+        with atomic_path(path) as temporary:
+            seg.save_as(temporary, enforce_file_format=True)
+    except OSError as exc:  # a full disk: pydicom folds the cause and a traceback into one
+        cause = exc
+        while cause.strerror is None and isinstance(cause.__cause__, OSError):
+            cause = cause.__cause__
+        traceback.clear_frames(exc.__traceback__)  # the open file would live on in them
+        raise MedsegError(f"cannot write ({cause.strerror or one_line(str(cause))})",
+                          path) from None
 
 
 @contextlib.contextmanager

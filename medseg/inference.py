@@ -5,7 +5,8 @@ resamples the whole classes x input-grid array; for a 42-class model on a 512 x 
 that is tens of GB of float32. No library streams both, so this module does it in planes:
 
 1. windows run in the order of their start along the network grid's last axis; their
-   Gaussian-weighted class probabilities accumulate in a float16 buffer only one window
+   Gaussian-weighted class probabilities accumulate in a buffer (float16 when float32 would
+   be large, see `accumulation_dtype`) only one window
    (plus one step) deep along that axis;
 2. each plane that no later window touches leaves the buffer as float32 probabilities;
 3. each plane of the input grid is interpolated (linearly, class scores, not labels) from the
@@ -34,6 +35,7 @@ WINDOW_BATCH_BYTES = 128 * 2**20  # float32 class scores of one batch of windows
 # the mask goes back axis by axis, so a scan sheared by 0.1 degrees (cosines rounded to 3
 # decimals) stays within it up to ~290 network voxels along an axis, 0.01 degrees to ~2900
 MAX_NEGLECTED_SHIFT_VOXELS = 0.5
+FLOAT32_ACCUMULATOR_BYTES = 512 * 2**20
 
 
 def window_batch_size(requested: int, num_classes: int, patch: tuple[int, ...]) -> int:
@@ -52,6 +54,12 @@ class AxisMap:
     network_axis: int
     scale: float
     offset: float
+
+
+def window_count(shape: tuple[int, ...], patch: tuple[int, ...], step: float) -> int:
+    """How many windows `stream_probabilities` runs over an image of `shape`."""
+    return int(np.prod([len(window_starts(max(s, p), p, step))
+                        for s, p in zip(shape, patch, strict=True)]))
 
 
 def window_starts(size: int, patch: int, step: float) -> list[int]:
@@ -111,15 +119,28 @@ def accumulator_bytes(num_classes: int, shape: tuple[int, ...], patch: tuple[int
     return num_classes * x * y * patch[2] * torch.tensor([], dtype=accumulate).element_size()
 
 
+def accumulation_dtype(num_classes: int, shape: tuple[int, ...], patch: tuple[int, ...]
+                       ) -> torch.dtype:
+    """float32 class-score sums where their buffer stays small (most models and scans),
+    float16 only where float32 would pass FLOAT32_ACCUMULATOR_BYTES (many classes on a large
+    CT): float16 sums drift by a few units in the last place per window, enough to flip
+    voxels whose classes are within 0.02 of each other when windows overlap densely."""
+    if accumulator_bytes(num_classes, shape, patch, torch.float32) <= FLOAT32_ACCUMULATOR_BYTES:
+        return torch.float32
+    return torch.float16
+
+
 def stream_probabilities(predict_windows: WindowPredictor, image: torch.Tensor,
                          num_classes: int, patch: tuple[int, int, int], step: float,
-                         batch_size: int, accumulate: torch.dtype = torch.float16
+                         batch_size: int, accumulate: torch.dtype = torch.float16,
+                         on_windows: Callable[[int], object] | None = None
                          ) -> Iterator[tuple[int, torch.Tensor]]:
     """Gaussian-weighted sliding window over a (C, X, Y, Z) image, yielding `(z, planes)`:
     the class probabilities (classes, X, Y, n) float32 of planes z..z+n-1, in order.
 
-    `predict_windows` maps a (B, C, *patch) batch to (B, classes, *patch) probabilities.
-    Memory: one float16 buffer of classes x X x Y x patch depth."""
+    `predict_windows` maps a (B, C, *patch) batch to (B, classes, *patch) probabilities;
+    `on_windows` hears how many windows each batch ran (for a progress bar).
+    Memory: one `accumulate` buffer of classes x X x Y x patch depth."""
     shape = tuple(image.shape[1:])
     padded_shape = tuple(max(s, p) for s, p in zip(shape, patch, strict=True))
     before = [(p - s) // 2 for s, p in zip(shape, padded_shape, strict=True)]
@@ -147,9 +168,11 @@ def stream_probabilities(predict_windows: WindowPredictor, image: torch.Tensor,
             for (x0, y0), window in zip(chunk, probabilities, strict=True):
                 scores[:, x0:x0 + px, y0:y0 + py].index_add_(3, ring, window.to(accumulate))
                 weights[x0:x0 + px, y0:y0 + py].index_add_(2, ring, importance)
+            if on_windows is not None:
+                on_windows(len(chunk))
         done = starts[2][index + 1] if index + 1 < len(starts[2]) else padded_shape[2]
         # finished planes leave in small groups: float32 copies of a whole step would be as
-        # large as the float16 buffer itself
+        # large as a float16 buffer itself
         for lo in range(max(z0, before[2]), min(done, before[2] + shape[2]), FLUSH_PLANES):
             kept = torch.arange(lo, min(lo + FLUSH_PLANES, done, before[2] + shape[2])) % pz
             planes = scores[:, plane_box[0], plane_box[1]].index_select(3, kept).float()

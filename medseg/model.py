@@ -6,9 +6,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_model, save
 
-from medseg.errors import MedsegError
+from medseg.errors import MedsegError, one_line
 from medseg.fileio import atomic_path
 from medseg.plan import Plan
 
@@ -112,10 +113,38 @@ def load_weights(model: torch.nn.Module, path: Path) -> torch.nn.Module:
     if not path.is_file():
         raise MedsegError("weights file not found", path)
     try:
-        missing, unexpected = load_model(model, str(path), strict=False, device="cpu")
+        with safe_open(str(path), framework="pt") as stored:
+            shapes = {name: tuple(stored.get_slice(name).get_shape()) for name in stored.keys()}
     except Exception as exc:  # safetensors raises its own error types
-        raise MedsegError(f"not readable as this plan's weights ({exc})", path) from exc
+        raise MedsegError(f"not readable as this plan's weights ({one_line(str(exc))})",
+                          path) from exc
+    problem = network_mismatch(model, shapes)
+    if problem:
+        raise MedsegError(f"weights do not fit the plan's network: {problem} (trained with "
+                          f"another plan.json?)", path)
+    try:
+        missing, unexpected = load_model(model, str(path), strict=False, device="cpu")
+    except Exception as exc:
+        raise MedsegError(f"not readable as this plan's weights ({one_line(str(exc))})",
+                          path) from exc
     if missing or unexpected:
         raise MedsegError(f"weights do not fit the plan's network (missing {len(missing)}, "
                           f"unexpected {len(unexpected)} tensors)", path)
     return model
+
+
+def network_mismatch(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """How saved tensor shapes (by name) differ from the model's, in a few words (None when
+    they fit): safetensors' and torch's own errors list every tensor, kilobytes on one line."""
+    expected = {name: tuple(t.shape) for name, t in _unaliased_state(model).items()}
+    aliases = set(model.state_dict()) - set(expected)
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected) - aliases)
+    wrong = [name for name in sorted(set(expected) & set(shapes)) if expected[name] != shapes[name]]
+    if wrong:
+        first = wrong[0]
+        return (f"{len(wrong)} tensor(s) of another shape ({first}: {list(shapes[first])} "
+                f"saved, {list(expected[first])} expected)")
+    if missing or unexpected:
+        return f"{len(missing)} tensor(s) missing, {len(unexpected)} unexpected"
+    return None

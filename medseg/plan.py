@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +105,7 @@ def fingerprint(dataset: Dataset, seed: int = 0, progress: bool = True) -> Finge
     spacings, shapes, class_voxels = [], [], {}
     holder: dict[int, Path] = {}  # the first label file that holds each id
     samples: list[list[np.ndarray]] = [[] for _ in dataset.modalities]
+    ranges: list[list[tuple[float, float]]] = [[] for _ in dataset.modalities]
     first_with_voxels: dict[str, str] = {}
     for case in tqdm(dataset.cases, desc="fingerprint", unit="case", leave=False,
                      disable=not progress):
@@ -120,6 +122,7 @@ def fingerprint(dataset: Dataset, seed: int = 0, progress: bool = True) -> Finge
             else:  # the label lies on channel 0's grid already
                 _check_channel_grid(image, first)
             _sample_intensities(image, label, rng, samples[channel])
+            ranges[channel].append((float(image.data.min()), float(image.data.max())))
         if label is not None:
             digests.append(voxels_digest(label.data))
         _refuse_duplicate(first_with_voxels, "+".join(digests), case)
@@ -130,9 +133,11 @@ def fingerprint(dataset: Dataset, seed: int = 0, progress: bool = True) -> Finge
                 holder.setdefault(label_id, case.label)
     if any(case.label for case in dataset.cases):
         _refuse_no_foreground(class_voxels, dataset.root)
+        _note_structures_without_voxels(dataset.labels, class_voxels, progress)
         if not dataset.labels:  # ids read from the label files (a map was checked above)
             refuse_label_gaps(class_voxels, holder.get(id_past_a_gap(class_voxels),
                                                        dataset.root))
+    _note_modality_doubts(dataset, ranges, progress)
     intensity = [_intensity_stats(np.concatenate(s) if s else np.zeros(1)) for s in samples]
     labels = dataset.labels or {k: ("background" if k == 0 else f"label_{k}")
                                 for k in sorted(class_voxels)}
@@ -144,6 +149,42 @@ def fingerprint(dataset: Dataset, seed: int = 0, progress: bool = True) -> Finge
         modalities=list(dataset.modalities),
         labels=labels,
     )
+
+
+# CT in Hounsfield units has air (-1000) around the body and fat (-100) within it; MR
+# magnitudes are never far below 0
+CT_AIR_BELOW = -500.0
+CT_LOWEST_ABOVE = -100.0
+
+
+def intensity_doubt(modality: str, lowest: float, highest: float) -> str | None:
+    """Why an image of this value range looks unlike its channel's modality (None: it
+    does not): a CT read as MR (the folders layout defaults to MR) is z-scored over its
+    nonzero voxels, and an MR given to a CT model is clipped as if it were HU."""
+    if lowest == highest:
+        return f"every voxel is {lowest:g}"
+    if modality == "MR" and lowest <= CT_AIR_BELOW:
+        return f"values down to {lowest:g} look like CT Hounsfield units, not MR"
+    if modality == "CT" and lowest > CT_LOWEST_ABOVE:
+        return (f"no value below {CT_LOWEST_ABOVE:g} (its lowest is {lowest:g}): not a CT in "
+                f"Hounsfield units?")
+    return None
+
+
+def _note_modality_doubts(dataset: Dataset, ranges: list[list[tuple[float, float]]],
+                          progress: bool) -> None:
+    """One note per channel whose images look unlike its modality, before a plan
+    normalizes them so (torchrun's other ranks, `progress` False, stay quiet)."""
+    for channel, (modality, found) in enumerate(zip(dataset.modalities, ranges, strict=True)):
+        doubts = [(case, doubt) for case, (low, high) in zip(dataset.cases, found, strict=False)
+                  if (doubt := intensity_doubt(modality, low, high))]
+        if doubts and progress:
+            case, doubt = doubts[0]
+            hint = " (set dataset.modality to what the images are)" if modality in ("CT", "MR") \
+                else ""
+            tqdm.write(f"medseg: note: channel {channel} is planned as {modality}, but "
+                       f"{len(doubts)} of {len(found)} cases look otherwise ({case.name}: "
+                       f"{doubt}){hint}", file=sys.stderr)
 
 
 def _sample_intensities(image: Volume, label: Volume | None, rng: np.random.Generator,
@@ -545,6 +586,20 @@ def refuse_label_gaps(ids, where: Path) -> None:
         raise MedsegError(f"{holds}label ids must run 0, 1, 2, ... without a gap for training "
                           f"(as nnU-Net requires): {problem}; renumber the label files and "
                           f"the label map", where)
+
+
+def _note_structures_without_voxels(labels: dict[int, str], class_voxels: dict[int, int],
+                                    progress: bool) -> None:
+    """Structures of the label map that no label file holds (a TotalSegmentator map of 118
+    names for a dataset of 41): the network still has an output for each, which it never
+    learns to leave empty."""
+    empty = [name for label_id, name in sorted(labels.items())
+             if label_id != 0 and not class_voxels.get(label_id)]
+    if empty and progress:
+        more = f" and {len(empty) - 3} more" if len(empty) > 3 else ""
+        tqdm.write(f"medseg: note: {len(empty)} of {len(labels) - 1} structures of the label "
+                   f"map have no voxel in any case ({', '.join(empty[:3])}{more}): the network "
+                   f"cannot learn them", file=sys.stderr)
 
 
 def _refuse_no_foreground(class_voxels: dict[int, int], root: Path) -> None:

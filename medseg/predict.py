@@ -29,12 +29,14 @@ from medseg.dicom_seg import SegSource, build_seg, seg_path, seg_source, write_s
 from medseg.errors import MedsegError, one_line, unwrap_transform_error
 from medseg.fileio import hold_lock, output_folder, physical_memory
 from medseg.inference import (
+    accumulation_dtype,
     accumulator_bytes,
     axis_maps,
     foreground_box,
     labels_on_input_grid,
     stream_probabilities,
     window_batch_size,
+    window_count,
 )
 from medseg.io import (
     MAX_VOXELS,
@@ -47,7 +49,7 @@ from medseg.io import (
     write_mask,
 )
 from medseg.model import create_model, load_weights
-from medseg.plan import Plan, load_plan
+from medseg.plan import Plan, intensity_doubt, load_plan
 from medseg.postprocess import check_postprocess_labels, postprocess
 from medseg.stopping import raise_if_stopped
 from medseg.train import (
@@ -70,6 +72,13 @@ READ_AHEAD_BYTES = 512 * 2**20
 # peak process memory per network-grid voxel of one channel (measured 2026-11-22: 2.94 GB peak
 # RSS for a 6.2e7-voxel grid, the hippocampus model; a 9.8e8-voxel grid was killed at 24 GB)
 PREDICTION_BYTES_PER_VOXEL = 48
+# peak per input voxel of one channel while it is read and resampled, with a margin
+# (measured 2026-11-23: 1.59 GB for 512 x 512 x 400, 2.81 GB for 512 x 512 x 800, 15.2 and
+# 13.4 bytes per voxel, at a 1.5 mm model's spacing)
+PREPROCESSING_BYTES_PER_INPUT_VOXEL = 16
+# cases of at least this many windows get a bar of their own (a whole-body CT at 1.5 mm with
+# 96^3 windows at step 0.5 runs about 500)
+WINDOW_BAR_MIN = 64
 
 
 @dataclass(frozen=True)
@@ -336,6 +345,7 @@ def prepare_case(plan: Plan, volume: Volume | Path | list[Volume | Path],
     channels = [c if isinstance(c, Volume) else read_volume(c, np.float32, series_uid,
                                                             resample_irregular)
                 for c in channels]
+    _note_unlike_training(channels, plan)
     geometry = channels[0].geometry
     note = header_note(geometry)  # where the scan lies is open to doubt: say so
     if note:
@@ -347,20 +357,38 @@ def prepare_case(plan: Plan, volume: Volume | Path | list[Volume | Path],
     return PreparedCase(image.as_tensor(), image.affine.numpy().astype(np.float64), geometry)
 
 
+def _note_unlike_training(channels: list[Volume], plan: Plan) -> None:
+    """An MR given to a CT model (or the reverse, or a blank image) is segmented all the
+    same, into nonsense: say why the masks may be so."""
+    for volume, modality in zip(channels, plan.modalities, strict=True):
+        doubt = intensity_doubt(modality, float(volume.data.min()), float(volume.data.max()))
+        if doubt:
+            tqdm.write(f"medseg: note: {volume.path}: {doubt} (the model was trained on "
+                       f"{modality})", file=sys.stderr)
+
+
 def _refuse_huge_network_grid(geometry: Geometry, plan: Plan, path: Path | None) -> None:
-    """A header whose spacing is far off (25 mm for 1 mm, say) would make resampling to the
-    plan's spacing allocate tens of GB: refuse it before, in one line, when the network grid
-    would pass 2^31 voxels or need more than this machine's memory."""
+    """Refuse, in one line and before preprocessing, a case that would need more than this
+    machine's memory: a header whose spacing is far off (25 mm for 1 mm, say) makes
+    resampling to the plan's spacing allocate tens of GB, and a huge scan at a coarse
+    model's spacing peaks while it is resampled (13 to 15 bytes per input voxel)."""
     extent = np.prod(np.asarray(geometry.shape, float) * np.asarray(geometry.spacing))
     voxels = float(extent / np.prod(plan.target_spacing))
     needed = voxels * PREDICTION_BYTES_PER_VOXEL * plan.in_channels
+    input_voxels = float(np.prod(geometry.shape))
+    reading = input_voxels * PREPROCESSING_BYTES_PER_INPUT_VOXEL * plan.in_channels
     memory = physical_memory()
-    if voxels > MAX_VOXELS or (memory is not None and needed > memory):
+    if voxels > MAX_VOXELS or (memory is not None and needed > memory and needed >= reading):
         spacing = ", ".join(f"{s:g}" for s in geometry.spacing)
         raise MedsegError(f"at the model's spacing this volume would have {voxels:.3g} voxels "
                           f"(about {needed / 2**30:.0f} GB to predict; this machine has "
                           f"{(memory or 0) / 2**30:.0f} GB): is its voxel spacing ({spacing} mm) "
                           f"right?", path)
+    if memory is not None and reading > memory:
+        raise MedsegError(f"this volume's {input_voxels:.3g} voxels need about "
+                          f"{reading / 2**30:.0f} GB to preprocess; this machine has "
+                          f"{memory / 2**30:.0f} GB: crop or downsample it first, or predict "
+                          f"on a machine with more memory", path)
 
 
 def predict_volume(predictor: Predictor, volume: Volume | Path | list[Volume | Path],
@@ -373,7 +401,7 @@ def predict_volume(predictor: Predictor, volume: Volume | Path | list[Volume | P
 def predict_prepared(predictor: Predictor, case: PreparedCase,
                      config: PredictConfig) -> np.ndarray:
     """Sliding window over the foreground box, back to the input grid plane by plane. Memory
-    stays bounded (see `medseg.inference`): float16 probabilities a window deep, never a
+    stays bounded (see `medseg.inference`): probabilities a window deep, never a
     classes x volume array."""
     plan = predictor.plan
     maps = axis_maps(case.geometry.affine, case.network_affine, case.geometry.shape)
@@ -382,12 +410,30 @@ def predict_prepared(predictor: Predictor, case: PreparedCase,
     if region.numel() == 0:
         return np.zeros(case.geometry.shape, np.uint8 if plan.num_classes <= 256 else np.uint16)
     patch = tuple(plan.patch_size)
-    planes = stream_probabilities(
-        lambda batch: _window_probabilities(predictor, batch, config), region,
-        plan.num_classes, patch, config.step,
-        window_batch_size(config.sw_batch_size, plan.num_classes, patch))
-    return labels_on_input_grid(planes, tuple(case.image.shape[1:]), box, plan.num_classes,
-                                maps, tuple(case.geometry.shape))
+    with _window_bar(window_count(tuple(region.shape[1:]), patch, config.step)) as bar:
+        planes = stream_probabilities(
+            lambda batch: _window_probabilities(predictor, batch, config), region,
+            plan.num_classes, patch, config.step,
+            window_batch_size(config.sw_batch_size, plan.num_classes, patch),
+            accumulation_dtype(plan.num_classes, tuple(region.shape[1:]), patch),
+            on_windows=bar.update if bar is not None else None)
+        return labels_on_input_grid(planes, tuple(case.image.shape[1:]), box,
+                                    plan.num_classes, maps, tuple(case.geometry.shape))
+
+
+@contextlib.contextmanager
+def _window_bar(windows: int) -> Iterator[tqdm | None]:
+    """A second bar, under the per-case one, for a case of many windows (a large CT takes
+    minutes on a CPU, with the case bar standing still); gone once the case is done."""
+    if windows < WINDOW_BAR_MIN:
+        yield None
+        return
+    bar = tqdm(total=windows, desc="  windows", unit="window", leave=False,
+               dynamic_ncols=True)
+    try:
+        yield bar
+    finally:
+        bar.close()
 
 
 def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
@@ -607,11 +653,12 @@ def _dicom_folder(path: Path) -> Path | None:
 
 def _read_ahead_fits(case: PreparedCase, plan: Plan) -> bool:
     """Whether the next case may be read while this one runs: only when this one's network
-    image, float16 probability buffer (see `stream_probabilities`) and float32 input grid are
+    image, probability buffer (see `stream_probabilities`) and float32 input grid are
     small, so that two large CTs never overlap (reading one peaks near its float32 voxels x
     3; a coarse network grid alone would let a 512 x 512 x 600 CT read ahead)."""
-    buffer = accumulator_bytes(plan.num_classes, tuple(case.image.shape[1:]),
-                               tuple(plan.patch_size))
+    shape, patch = tuple(case.image.shape[1:]), tuple(plan.patch_size)
+    buffer = accumulator_bytes(plan.num_classes, shape, patch,
+                               accumulation_dtype(plan.num_classes, shape, patch))
     input_grid = int(np.prod(case.geometry.shape)) * 4
     return case.image.numel() * case.image.element_size() + buffer + input_grid \
         <= READ_AHEAD_BYTES
@@ -630,7 +677,10 @@ def _finish_mask(mask: np.ndarray, geometry: Geometry, target: Path, config: Pre
         try:
             write_seg(seg, seg_path(target))
         except BaseException:
-            target.unlink(missing_ok=True)  # a case is done when both are written
+            # a case is done when both are written; an older SEG (--overwrite) is not this
+            # mask's
+            target.unlink(missing_ok=True)
+            seg_path(target).unlink(missing_ok=True)
             raise
     return time.monotonic()
 

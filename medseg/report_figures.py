@@ -151,7 +151,8 @@ def _union(a, b) -> tuple[slice, ...]:
 
 def _structure_tiles(pred: np.ndarray, ref: np.ndarray, tissue: np.ndarray, label: int,
                      spacing: np.ndarray, box: tuple[slice, ...]) -> list[np.ndarray]:
-    """Three RGB tiles (axial, coronal, sagittal) through the structure's largest slices."""
+    """Three RGB tiles (axial, coronal, sagittal) through the reference structure's largest
+    slices."""
     crop = _grow(box, spacing, ref.shape)
     p, r, t = pred[crop] == label, ref[crop] == label, tissue[crop]
     tiles = []
@@ -166,10 +167,13 @@ def _structure_tiles(pred: np.ndarray, ref: np.ndarray, tissue: np.ndarray, labe
 
 
 def largest_slice(prediction: np.ndarray, reference: np.ndarray, axis: int) -> int:
-    """The slice along `axis` where the two masks together cover most; of equally large ones,
-    the one where both show most (the first of them could hold one mask's outline only)."""
+    """The slice along `axis` where the reference covers most (the prediction, where the
+    reference is empty): by the two masks together, a large false positive took all three
+    views away from the structure, and no view showed the reference at all. Of equally large
+    ones, the one where both show most (the first of them could hold one mask's outline
+    only)."""
     other = tuple(i for i in range(3) if i != axis)
-    areas = (prediction | reference).sum(axis=other)
+    areas = (reference if reference.any() else prediction).sum(axis=other)
     largest = np.flatnonzero(areas == areas.max())
     return int(largest[np.argmax((prediction & reference).sum(axis=other)[largest])])
 

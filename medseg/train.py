@@ -33,6 +33,7 @@ from medseg.errors import MedsegError, one_line
 from medseg.fileio import atomic_path, atomic_write_text, json_safe
 from medseg.model import (
     create_model,
+    network_mismatch,
     save_weight_tensors,
     save_weights,
     supervised_outputs,
@@ -818,11 +819,22 @@ def _load_state(path: Path, model, optimizer, scheduler, scaler, ema=None
     return _apply_state(_resume_state(path), path, model, optimizer, scheduler, scaler, ema)
 
 
-def check_resumable(fold_dir: Path) -> None:
-    """Refuse, in one line, a fold whose training state cannot be read: before a resume
-    caches its dataset, rewrites workflow.yaml or trains an earlier fold. Memory-mapped:
-    only the file's index is read."""
-    _resume_state(fold_dir / "checkpoints" / TRAIN_STATE, mmap=True)
+def check_resumable(fold_dir: Path, plan: Plan) -> None:
+    """Refuse, in one line, a fold whose training state cannot be read or holds another
+    network than the plan's (a fold copied from another run): before a resume caches its
+    dataset, rewrites workflow.yaml or trains an earlier fold. Memory-mapped: only the
+    file's index is read."""
+    path = fold_dir / "checkpoints" / TRAIN_STATE
+    weights = _resume_state(path, mmap=True).get("model")
+    if not isinstance(weights, dict):
+        raise MedsegError("cannot resume from this training state (it holds no network "
+                          "weights)", path)
+    problem = network_mismatch(create_model(plan), {
+        name: tuple(tensor.shape) for name, tensor in weights.items()
+        if isinstance(tensor, torch.Tensor)})
+    if problem:
+        raise MedsegError(f"cannot resume from this training state: its network is not "
+                          f"plan.json's ({problem}; copied from another run?)", path)
 
 
 def _resume_state(path: Path, mmap: bool = False) -> dict:
@@ -991,7 +1003,7 @@ def last_metrics_record(path: Path) -> dict:
     """The last complete metrics.jsonl line with an elapsed time ({} without one)."""
     if not path.is_file():
         return {}
-    for line in reversed(path.read_text(encoding="utf-8").splitlines()):
+    for line in reversed(_metrics_lines(path)):
         try:
             record = json.loads(line)
             float(record["elapsed_seconds"])
@@ -1005,9 +1017,16 @@ def last_epoch_recorded(path: Path) -> int | None:
     """The highest epoch of metrics.jsonl's whole lines (None without one)."""
     if not path.is_file():
         return None
-    epochs = [_metrics_epoch(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    epochs = [_metrics_epoch(line) for line in _metrics_lines(path)]
     finite = [int(epoch) for epoch in epochs if epoch != math.inf]
     return max(finite, default=None)
+
+
+def _metrics_lines(path: Path) -> list[str]:
+    """metrics.jsonl's lines, less those holding bytes that are not UTF-8 (a damaged disk
+    block), which are dropped like a half-written line."""
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    return [line for line in text.splitlines() if "\ufffd" not in line]
 
 
 def _metrics_epoch(line: str) -> float:
@@ -1023,6 +1042,5 @@ def _truncate_metrics(path: Path, next_epoch: int) -> None:
     """Drop metric lines of epochs after the saved state (written just before a crash)."""
     if not path.is_file():
         return
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines()
-             if _metrics_epoch(line) < next_epoch]
+    lines = [line for line in _metrics_lines(path) if _metrics_epoch(line) < next_epoch]
     atomic_write_text(path, "".join(f"{line}\n" for line in lines))

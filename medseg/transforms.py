@@ -65,6 +65,10 @@ def augmentation(plan: Plan, augment: AugmentConfig, foreground_fraction: float)
     patch = plan.patch_size
     classes = plan.num_classes
     rotate_range, scale_range = _spatial_ranges(patch, augment)
+    # the crop is as large as a rotated and scaled patch reaches, and cut to the patch after
+    # the spatial transform (nnU-Net's order): rotating a cut patch fills its corners with
+    # zero padding, 14 % of an augmented patch at 15 degrees and 15 %
+    crop = rotation_crop_size(patch, rotate_range, scale_range)
     return mt.Compose([
         mt.SpatialPadd(keys, spatial_size=[p + 2 * augment.shift_voxels for p in patch]),
         # voxel locations of each class, found once per case (this step is still
@@ -72,12 +76,13 @@ def augmentation(plan: Plan, augment: AugmentConfig, foreground_fraction: float)
         mt.ClassesToIndicesd(LABEL, num_classes=classes, indices_postfix=INDICES_POSTFIX,
                              max_samples_per_class=SAMPLES_PER_CLASS),
         ForegroundOversampledCropd(keys, foreground_fraction, spatial_size=patch,
-                                   num_classes=classes, indices_key=LABEL + INDICES_POSTFIX),
+                                   num_classes=classes, indices_key=LABEL + INDICES_POSTFIX,
+                                   crop_size=crop),
         mt.DeleteItemsd(LABEL + INDICES_POSTFIX),
         mt.RandAffined(keys, prob=max(augment.rotate_prob, augment.scale_prob),
                        rotate_range=rotate_range, scale_range=scale_range,
-                       mode=["bilinear", "nearest"], padding_mode="zeros",
-                       spatial_size=patch),
+                       mode=["bilinear", "nearest"], padding_mode="zeros"),
+        mt.CenterSpatialCropd(keys, roi_size=patch),
         *_elastic(keys, augment),
         *[mt.RandFlipd(keys, prob=augment.flip_prob, spatial_axis=axis)
           for axis in plan.mirror_axes],
@@ -104,11 +109,27 @@ class ForegroundOversampledCropd(mt.RandCropByLabelClassesd):
     patches (11 % for 33 %)."""
 
     def __init__(self, keys: list[str], foreground_fraction: float, spatial_size: list[int],
-                 num_classes: int, indices_key: str) -> None:
+                 num_classes: int, indices_key: str, crop_size: list[int] | None = None
+                 ) -> None:
         self.foreground_fraction = foreground_fraction
+        self.crop_size = list(crop_size or spatial_size)
         super().__init__(keys, label_key=LABEL, spatial_size=spatial_size,
                          ratios=[1.0] * num_classes, num_classes=num_classes, num_samples=1,
                          warn=False, indices_key=indices_key)
+
+    def __call__(self, data, lazy: bool | None = None) -> list[dict]:
+        """A patch-sized crop as MONAI draws it, or with `crop_size` a larger crop about the
+        same centre, padded with zeros where it passes the image (nnU-Net pads so too): its
+        central patch is the patch MONAI would have cut, voxel for voxel."""
+        if self.crop_size == list(self.cropper.spatial_size):
+            return super().__call__(data, lazy)
+        d = dict(data)
+        self.randomize(d.get(self.label_key), d.pop(self.indices_key, None),
+                       d.get(self.image_key))
+        center = [int(c) for c in self.cropper.centers[0]]
+        for key in self.key_iterator(d):
+            d[key] = _crop_with_zero_padding(d[key], center, self.crop_size)
+        return [d]
 
     def randomize(self, label: torch.Tensor, indices=None, image: torch.Tensor | None = None
                   ) -> None:
@@ -125,6 +146,22 @@ class ForegroundOversampledCropd(mt.RandCropByLabelClassesd):
         share = self.foreground_fraction / max(sum(present), 1)
         return [max(1.0 - self.foreground_fraction, 1e-6)] + [share if p else 0.0
                                                              for p in present]
+
+
+def _crop_with_zero_padding(image: torch.Tensor, center: list[int], size: list[int]
+                            ) -> torch.Tensor:
+    """The `size` box about `center` (starting at center - size // 2, as MONAI's SpatialCrop
+    places it), zeros where it lies outside the image."""
+    starts = [c - s // 2 for c, s in zip(center, size, strict=True)]
+    inside = [(max(start, 0), min(start + s, extent))
+              for start, s, extent in zip(starts, size, image.shape[1:], strict=True)]
+    cropped = mt.SpatialCrop(roi_start=[lo for lo, _ in inside],
+                             roi_end=[hi for _, hi in inside])(image)
+    border = []
+    for start, s, (lo, hi) in zip(starts, size, inside, strict=True):
+        border += [lo - start, start + s - hi]
+    return mt.BorderPad(spatial_border=border, mode="constant", value=0)(cropped) \
+        if any(border) else cropped
 
 
 # nnU-Net's threshold for augmenting an anisotropic patch in its plane only
@@ -145,6 +182,35 @@ def _spatial_ranges(patch: list[int], augment: AugmentConfig
     scale = [0.0 if axis in thin else augment.scale_range for axis in range(3)]
     return (rotate if augment.rotate_prob > 0 and len(thin) < 2 else None,
             scale if augment.scale_prob > 0 else None)
+
+
+def rotation_crop_size(patch: list[int], rotate_range: list[float] | None,
+                       scale_range: list[float] | None) -> list[int]:
+    """The region a patch rotated and scaled by RandAffine (at most `rotate_range` radians
+    about each axis, scaled by up to 1 + `scale_range`) samples, as a crop that many voxels
+    larger than the patch along each axis as is even (so that its centre patch is the patch
+    cut about the same centre). nnU-Net's get_patch_size does the same from the largest
+    angles only; the extent along an axis can peak at a smaller angle."""
+    from monai.transforms.utils import create_rotate, create_scale
+
+    if rotate_range is None and scale_range is None:
+        return list(patch)
+    half = (np.asarray(patch, float) - 1) / 2
+    corners = np.array([[sx, sy, sz, 1.0] for sx in (-1, 1) for sy in (-1, 1)
+                        for sz in (-1, 1)]) * np.append(half, 1.0)
+    scale = create_scale(3, [1 + s for s in (scale_range or [0.0] * 3)], backend="numpy")
+    angles = [np.linspace(-r, r, 9) for r in (rotate_range or [0.0] * 3)]
+    reach = half.copy()
+    for rx in angles[0]:
+        for ry in angles[1]:
+            for rz in angles[2]:
+                moved = corners @ (create_rotate(3, (rx, ry, rz), backend="numpy") @ scale).T
+                reach = np.maximum(reach, np.abs(moved[:, :3]).max(0))
+    crop = []
+    for size, extent in zip(patch, reach, strict=True):
+        needed = int(np.ceil(2 * extent - 1e-6)) + 1
+        crop.append(needed + (needed - size) % 2)
+    return crop
 
 
 def _low_resolution(augment: AugmentConfig) -> list[mt.MapTransform]:

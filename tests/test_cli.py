@@ -384,3 +384,24 @@ def test_torchrun_max_restarts_is_refused_in_one_line(monkeypatch, capsys, tmp_p
     assert capsys.readouterr().err.strip().endswith(
         "torchrun --max-restarts is not supported: a stopped run continues with "
         "`medseg train --resume RUN_DIR`")
+
+
+@pytest.mark.parametrize("argv", [
+    ["predict", "--model", "run", "--input", "scans", "--output", ""],
+    ["predict", "--model", "run", "--input", "scans", " ", "--output", "masks"],
+    ["train", "workflow.yaml", "--out", ""],
+    ["train", "--resume", ""],
+    ["evaluate", "--pred", "", "--ref", "labels"],
+    ["convert", "scan.nii.gz", ""],
+    ["demo", "--out", ""],
+], ids=["predict-output", "predict-input", "train-out", "resume", "evaluate", "convert",
+        "demo"])
+def test_an_empty_path_is_refused_not_taken_for_the_current_folder(argv, tmp_path, capsys,
+                                                                     monkeypatch):
+    """`--output "$OUT"` with OUT unset wrote the masks into the current folder."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    assert "an empty path" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -209,3 +209,60 @@ def test_real_multiframe_series_seg_round_trip(tmp_path):
         skip_overlap_checks=True)
     for k, (_, frame) in enumerate(source.slices):
         np.testing.assert_array_equal(frames[frame], mask[:, :, k].T)
+
+
+def test_an_empty_mask_gets_one_blank_frame_not_one_per_segment_and_slice(tmp_path):
+    """highdicom keeps every frame of an all-empty mask: 42 structures x 150 slices of
+    blank frames were 195 MB."""
+    write_series(tmp_path / "s", np.zeros((6, 7, 5), np.uint16), axial_positions(5))
+    source = seg_source(tmp_path / "s", None, False)
+    seg = build_seg(np.zeros((7, 6, 5), np.uint8), source, LABELS)
+    assert int(seg.NumberOfFrames) == 1
+    assert [s.SegmentNumber for s in seg.SegmentSequence] == [1]
+    write_seg(seg, tmp_path / "empty.seg.dcm")
+    assert hd.seg.segread(tmp_path / "empty.seg.dcm").number_of_frames == 1
+
+
+def test_segment_labels_are_valid_distinct_lo_values_in_any_script(tmp_path):
+    """Non-Latin-1 names turned into '?' in the source's character set; a backslash split a
+    name into two values; long names alike in 64 characters came out the same."""
+    write_series(tmp_path / "s", np.zeros((6, 7, 3), np.uint16), axial_positions(3))
+    source = seg_source(tmp_path / "s", None, False)
+    names = {0: "background", 1: "Leber – foie 肝臓", 2: "kidney\\left", 3: "x" * 70,
+             4: "x" * 70 + "y", 5: "two\nlines"}
+    mask = np.zeros((7, 6, 3), np.uint8)
+    mask[1:3, 1:3, 1] = 1
+    write_seg(build_seg(mask, source, names), tmp_path / "names.seg.dcm")
+    seg = pydicom.dcmread(tmp_path / "names.seg.dcm")
+    labels = [s.SegmentLabel for s in seg.SegmentSequence]
+    assert labels[:2] == ["Leber – foie 肝臓", "kidney/left"]
+    assert labels[2].endswith(" (3)") and labels[3].endswith(" (4)")
+    assert len(labels[2]) == len(labels[3]) == 64 and labels[4] == "two lines"
+
+
+def test_a_seg_that_cannot_be_written_is_one_line_and_takes_the_old_one_with_it(
+        trained_run, dicom_case, tmp_path, monkeypatch):
+    """A full disk gave a flattened pydicom traceback naming the series; with --overwrite,
+    the previous run's SEG stayed without its NIfTI."""
+    import errno
+
+    out = tmp_path / "out"
+    predictor = load_predictor(trained_run)
+    predict_paths(predictor, [dicom_case], out, PredictConfig(), dicom_seg=True)
+    assert (out / "ct_case.seg.dcm").is_file()
+
+    def disk_full(self, filename, **kwargs):
+        with open(filename, "wb") as handle:
+            handle.write(b"partial")
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError as exc:  # as pydicom's tag context re-raises it
+            raise OSError(f"With tag (7FE0,0010) got exception: {exc}\nTraceback ...") \
+                from exc
+
+    monkeypatch.setattr(pydicom.Dataset, "save_as", disk_full)
+    results = predict_paths(predictor, [dicom_case], out, PredictConfig(), overwrite=True,
+                            dicom_seg=True)
+    assert results[0].error == f"{out / 'ct_case.seg.dcm'}: cannot write (No space left on " \
+                               f"device)"
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".medseg")) == []

@@ -282,3 +282,22 @@ def test_a_short_axis_is_planned_as_nnunet_plans_it_not_padded_to_16(spacing, sh
     assert plan.patch_size == patch
     assert [stride[2] for stride in plan.strides] == z_strides
     create_model(plan)
+
+
+def test_ct_images_planned_as_mr_get_a_note(phantom_dataset, capsys):
+    """The folders layout defaults to MR: a CT dataset was z-scored over its nonzero voxels
+    without a word."""
+    from medseg.datasets import load_dataset
+    from medseg.plan import fingerprint, intensity_doubt
+
+    fingerprint(load_dataset(phantom_dataset, modality="CT"))
+    assert "medseg: note" not in capsys.readouterr().err
+    fingerprint(load_dataset(phantom_dataset, modality="MR"))
+    note = capsys.readouterr().err.strip().splitlines()[-1]
+    assert note.startswith("medseg: note: channel 0 is planned as MR, but 6 of 6 cases look "
+                           "otherwise (")
+    assert "look like CT Hounsfield units, not MR) (set dataset.modality" in note
+    assert intensity_doubt("MR", 0.0, 900.0) is None
+    assert intensity_doubt("CT", -1024.0, 3000.0) is None
+    assert intensity_doubt("CT", 0.0, 4095.0).startswith("no value below -100")
+    assert intensity_doubt("noNorm", 1.0, 1.0) == "every voxel is 1"

@@ -324,6 +324,25 @@ def test_a_network_grid_beyond_this_machines_memory_is_refused(trained_run, monk
         predict_module._refuse_huge_network_grid(geometry, plan, Path("x.nii.gz"))
 
 
+def test_a_scan_too_large_to_preprocess_is_refused_before_it_is_resampled(trained_run,
+                                                                          monkeypatch):
+    """The guard counted network voxels only, while the peak follows the input's (a fine
+    scan at a coarse model's spacing)."""
+    import medseg.predict as predict_module
+    from medseg.io import Geometry
+
+    plan = load_predictor(trained_run).plan
+    # 4e8 input voxels, a thousandth of that on the plan's grid
+    geometry = Geometry((1000, 1000, 400),
+                        np.diag([s / 10 for s in plan.target_spacing] + [1.0]))
+    monkeypatch.setattr(predict_module, "physical_memory", lambda: 2 * 2**30)
+    with pytest.raises(MedsegError, match=r"x.nii.gz: this volume's 4e\+08 voxels need about "
+                                          r"6 GB to preprocess; this machine has 2 GB"):
+        predict_module._refuse_huge_network_grid(geometry, plan, Path("x.nii.gz"))
+    monkeypatch.setattr(predict_module, "physical_memory", lambda: 16 * 2**30)
+    predict_module._refuse_huge_network_grid(geometry, plan, Path("x.nii.gz"))
+
+
 def test_sheared_voxel_axes_are_named_and_cpu_0_is_a_device(trained_run, inputs, tmp_path):
     import torch
 
@@ -360,3 +379,47 @@ def test_under_torchrun_each_process_predicts_on_its_own_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert resolve_device(None) == torch.device("cuda", 1)
+
+
+def test_a_case_of_many_windows_shows_them_in_a_bar_of_its_own(trained_run, inputs, tmp_path,
+                                                                 capsys, monkeypatch):
+    """A large CT ran for minutes with the per-case bar at 0/1."""
+    import medseg.predict
+    from medseg.inference import window_count
+
+    predictor = load_predictor(trained_run)
+    config = PredictConfig(step=0.25)
+    case = medseg.predict.prepare_case(predictor.plan, inputs / "ras_qform_only.nii.gz")
+    box = medseg.predict._prediction_box(case.image, predictor.plan, config)
+    windows = window_count(tuple(case.image[(slice(None), *box)].shape[1:]),
+                           tuple(predictor.plan.patch_size), config.step)
+    assert windows > 1
+    monkeypatch.setattr(medseg.predict, "WINDOW_BAR_MIN", windows)
+    capsys.readouterr()
+    mask = medseg.predict.predict_prepared(predictor, case, config)
+    err = capsys.readouterr().err
+    assert "  windows:" in err and f" 0/{windows} [" in err
+    monkeypatch.setattr(medseg.predict, "WINDOW_BAR_MIN", windows + 1)
+    assert np.array_equal(medseg.predict.predict_prepared(predictor, case, config), mask)
+    assert "window" not in capsys.readouterr().err
+
+
+def test_a_scan_unlike_the_training_modality_gets_a_note(trained_run, inputs, tmp_path,
+                                                          capsys):
+    """An MR given to a CT model was segmented into 20 'organs' without a word."""
+    source = nib.load(inputs / "ras_qform_only.nii.gz")
+    mr_like = np.clip(np.asarray(source.dataobj, np.float32) + 1000, 0, None) / 10
+    nib.save(nib.Nifti1Image(mr_like, source.affine), tmp_path / "mr_like.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros(source.shape, np.int16), source.affine),
+             tmp_path / "blank.nii.gz")
+    capsys.readouterr()
+    results = predict_paths(load_predictor(trained_run),
+                            [inputs / "ras_qform_only.nii.gz", tmp_path / "mr_like.nii.gz",
+                             tmp_path / "blank.nii.gz"], tmp_path / "out", PredictConfig())
+    assert all(result.error is None for result in results)
+    notes = [line for line in capsys.readouterr().err.splitlines() if "trained on CT" in line]
+    assert len(notes) == 2, notes
+    assert any("mr_like.nii.gz: no value below -100 (its lowest is 0): not a CT in Hounsfield "
+               "units? (the model was trained on CT)" in n for n in notes)
+    assert any("blank.nii.gz: every voxel is 0 (the model was trained on CT)" in n
+               for n in notes)

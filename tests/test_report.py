@@ -206,6 +206,20 @@ def test_the_drawn_slice_shows_both_masks_when_sizes_tie():
     assert largest_slice(prediction, reference, axis=2) == 2
 
 
+def test_a_large_false_positive_does_not_take_the_views_away_from_the_reference():
+    """The slices were chosen by both masks together: with a false positive much larger
+    than the structure, none of the three views cut the reference."""
+    from medseg.report_figures import largest_slice
+
+    prediction = np.zeros((30, 30, 30), bool)
+    reference = np.zeros((30, 30, 30), bool)
+    reference[2:5, 2:5, 2:5] = True
+    prediction[15:28, 15:28, 15:28] = True  # a false positive, 80 times the structure
+    for axis in range(3):
+        assert largest_slice(prediction, reference, axis) in (2, 3, 4)
+    assert largest_slice(prediction, np.zeros_like(reference), 2) in range(15, 28)
+
+
 def test_dollar_signs_in_case_and_structure_names_are_text(tmp_path):
     """matplotlib would parse "$1_$" as a formula and fail the whole report."""
     rng = np.random.default_rng(5)

@@ -665,3 +665,38 @@ def test_resume_restores_best_weights_of_a_fold_trained_without_validation(
     assert "best.safetensors was missing; written again" in capsys.readouterr().out
     assert ((checkpoints / "best.safetensors").read_bytes()
             == (checkpoints / "last.safetensors").read_bytes())
+
+
+def test_a_fold_copied_from_a_run_of_another_plan_is_refused_in_one_line(
+        tmp_path, trained_run, phantom_dataset, capsys):
+    """A finished fold of another network was taken as finished by resume, and predict
+    then failed with a line of several kilobytes listing every tensor."""
+    import shutil
+
+    other = tmp_path / "other"
+    assert train(other, phantom_dataset, "plan.base_filters=8", "train.epochs=1") == 0
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    shutil.rmtree(run / "fold_0")
+    shutil.copytree(other / "fold_0", run / "fold_0")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and len(err) < 400, err
+    assert "last_state.pt" in err and "its network is not plan.json's" in err
+    assert main(["predict", "--model", str(run), "--input",
+                 str(phantom_dataset / "imagesTs"), "--output", str(tmp_path / "masks")]) != 0
+    # (a note first: the copied fold trained 1 of the run's 2 epochs)
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and len(err[0]) < 400, err
+    err = err[0]
+    assert "best.safetensors" in err and "weights do not fit the plan's network" in err
+
+
+def test_a_metrics_line_that_is_not_utf8_is_dropped_on_resume(tmp_path, phantom_dataset):
+    run = tmp_path / "run"
+    assert train(run, phantom_dataset, "train.max_minutes=0.00001") == 0
+    path = run / "fold_0" / "metrics.jsonl"
+    path.write_bytes(path.read_bytes() + b'{"epoch": 1, "\xff\xfe": 0}\n')
+    assert main(["train", "--resume", str(run)]) == 0
+    assert [record["epoch"] for record in metrics(run)] == [0, 1]

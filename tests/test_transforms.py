@@ -186,3 +186,50 @@ def test_a_patch_of_thick_slices_is_rotated_and_scaled_in_its_plane_only():
     out = moved(labels)
     for z in range(8):  # each slice keeps its own label (or the padding), none of another's
         assert set(torch.unique(out[0, :, :, z]).tolist()) <= {0.0, float(z + 1)}
+
+
+QUIET = dict(flip_prob=0, noise_prob=0, smooth_prob=0, contrast_prob=0,
+             intensity_shift_prob=0, gamma_prob=0)
+
+
+def _uniform_case(shape=(80, 80, 64)) -> dict:
+    """An image of 1 everywhere (no zero voxel to pad with), its label a block in the
+    middle, far enough from the edges for any crop centred in it."""
+    label = torch.zeros((1, *shape))
+    label[0, 30:50, 30:50, 24:40] = 1
+    return {IMAGE: torch.ones((1, *shape)), LABEL: label}
+
+
+def test_a_rotated_patch_is_cut_from_a_larger_crop_so_its_corners_are_image(plan):
+    """RandAffine rotated an already cut patch: its corners were zero padding (14 % of the
+    voxels of a patch at 15 degrees and 15 % scaling), zero being the foreground mean."""
+    rotate_all = AugmentConfig(rotate_prob=1.0, scale_prob=1.0, **QUIET)
+    chain = augmentation(plan, rotate_all, foreground_fraction=1.0)
+    for seed in range(6):
+        chain.set_random_state(seed=seed)
+        out = chain(_uniform_case())[0]
+        assert tuple(out[IMAGE].shape[1:]) == tuple(plan.patch_size)
+        assert float(out[IMAGE].min()) > 0.99, seed
+
+
+def test_a_patch_left_unrotated_is_the_patch_monai_cuts(plan):
+    """The larger crop changes nothing for the patches RandAffine leaves alone: the same
+    draws give the same voxels as cutting the patch directly."""
+    from medseg.transforms import ForegroundOversampledCropd
+
+    case = _uniform_case()
+    case[IMAGE] = torch.arange(case[LABEL].numel(), dtype=torch.float32).reshape(
+        case[LABEL].shape)
+    patch = list(plan.patch_size)
+    for crop in ([patch[0] + 20, patch[1] + 30, patch[2] + 40], [90, 90, 60]):
+        larger = ForegroundOversampledCropd([IMAGE, LABEL], 0.5, patch, 2, "none",
+                                            crop_size=crop)
+        direct = ForegroundOversampledCropd([IMAGE, LABEL], 0.5, patch, 2, "none")
+        for seed in range(8):
+            larger.set_random_state(seed)
+            direct.set_random_state(seed)
+            big, small = larger(dict(case))[0], direct(dict(case))[0]
+            assert tuple(big[IMAGE].shape[1:]) == tuple(crop)
+            centre = monai.transforms.CenterSpatialCrop(patch)
+            for key in (IMAGE, LABEL):
+                assert torch.equal(centre(big[key]).as_tensor(), small[key].as_tensor())

@@ -41,6 +41,7 @@ from medseg.io import (
     storage_reordering,
     voxels_digest,
 )
+from medseg.plan import intensity_doubt
 
 SPACING_OUTLIER_FACTOR = 2.0
 
@@ -137,7 +138,9 @@ def _check_case(case: Case, dataset: Dataset, layout: str) -> tuple[list[Problem
     geometries = _read_geometries(_existing_files(files, case, dataset.root, layout, add), add)
     facts.geometry = geometries.get(case.images[0])
     _check_grids(case, geometries, add)
-    digests = [_check_image_voxels(file, add) for file in case.images if file in geometries]
+    digests = [_check_image_voxels(file, modality, add)
+               for file, modality in zip(case.images, dataset.modalities, strict=True)
+               if file in geometries]
     if len(digests) == len(case.images) and all(digests):
         # the whole case: two cases may share one channel (an all-zero missing sequence)
         facts.digest = "+".join(digests)
@@ -196,12 +199,15 @@ def _check_grids(case: Case, geometries: dict[Path, Geometry], add) -> None:
                    f"scan, and evaluate such a reference", "warning")
 
 
-def _check_image_voxels(file: Path, add) -> str | None:
+def _check_image_voxels(file: Path, modality: str, add) -> str | None:
     try:
         volume = read_volume(file, dtype=None)
     except MedsegError as exc:
         add(file, _message(exc))
         return None
+    doubt = intensity_doubt(modality, float(volume.data.min()), float(volume.data.max()))
+    if doubt:  # normalized as its modality, which it does not look like
+        add(file, f"{doubt} (the channel is {modality}; dataset.modality sets it)", "warning")
     try:  # training and predict read images as float32
         refuse_out_of_range(volume.data, np.dtype(np.float32), file)
     except MedsegError as exc:

@@ -20,7 +20,11 @@ def save(path, data, affine=None):
 
 
 def image(seed):
-    return np.random.default_rng(seed).normal(size=SHAPE).astype(np.float32)
+    """Soft tissue in Hounsfield units with fat (-200) at one corner: unlike neither CT nor
+    MR (check notes a CT without values below -100 and an MR with values down to -500)."""
+    data = np.random.default_rng(seed).normal(40.0, 30.0, size=SHAPE).astype(np.float32)
+    data[0, 0, 0] = -200.0
+    return data
 
 
 def label(value=1, dtype=np.uint8):
@@ -310,3 +314,22 @@ def test_a_file_or_a_wrong_layout_is_named_for_what_it_is(tmp_path):
     with pytest.raises(MedsegError, match=r"'training' must be a list of \{image, label\} "
                                           r"\(an nnU-Net dataset\? set dataset.layout"):
         check_dataset(tmp_path, layout="msd")
+
+
+def test_an_image_unlike_its_channels_modality_is_a_warning(tmp_path):
+    """A CT dataset in the folders layout (MR by default) was z-scored as MR without a word;
+    a blank image was not mentioned either."""
+    ct = image(0)
+    ct[0, 0, 0] = -1024.0
+    entries = [write_case(tmp_path, "ct", seed=0), write_case(tmp_path, "blank", seed=1)]
+    save(tmp_path / "imagesTr" / "ct.nii.gz", ct)
+    save(tmp_path / "imagesTr" / "blank.nii.gz", np.zeros(SHAPE, np.float32))
+    root = msd(tmp_path, entries)
+    description = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
+    description["modality"] = {"0": "MR"}
+    (root / "dataset.json").write_text(json.dumps(description), encoding="utf-8")
+    problems = sorted(check_dataset(root).problems, key=lambda p: p.case)
+    assert [(p.severity, p.case) for p in problems] == [("warning", "blank"), ("warning", "ct")]
+    messages = [p.message for p in problems]
+    assert messages[0] == "every voxel is 0 (the channel is MR; dataset.modality sets it)"
+    assert messages[1].startswith("values down to -1024 look like CT Hounsfield units, not MR")

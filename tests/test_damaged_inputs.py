@@ -140,7 +140,8 @@ def test_values_beyond_float32_are_named_as_such_by_read_and_by_check(tmp_path, 
     (root / "labels").mkdir()
     label = np.zeros((16, 16, 16), np.uint8)
     label[4:8, 4:8, 4:8] = 1
-    for name, image in (("a", data), ("b", np.ones((16, 16, 16)))):
+    ramp = np.linspace(0.0, 1.0, 16 ** 3).reshape((16, 16, 16))  # not constant: no warning
+    for name, image in (("a", data), ("b", ramp)):
         nifti(root / "images" / f"{name}.nii.gz", image)
         nifti(root / "labels" / f"{name}.nii.gz", label)
     problems = check_dataset(root, layout="folders").problems

@@ -36,7 +36,14 @@ from tqdm import tqdm
 from medseg.errors import MedsegError, one_line
 from medseg.fileio import atomic_path, atomic_write_json
 from medseg.stopping import raise_if_stopped
-from medseg.transforms import IMAGE, INDICES_POSTFIX, LABEL, SAMPLES_PER_CLASS, case_dict
+from medseg.transforms import (
+    IMAGE,
+    INDICES_POSTFIX,
+    LABEL,
+    SAMPLES_PER_CLASS,
+    case_dict,
+    padded_crop_box,
+)
 
 if TYPE_CHECKING:
     from medseg.datasets import Case
@@ -153,12 +160,21 @@ class PatchFromFilesd(mt.Randomizable, mt.MapTransform):
         rest = {key: value for key, value in data.items() if key != self.crop.indices_key}
         shape = data[self.crop.label_key].shape[1:]
         roi = fall_back_tuple(self.crop.cropper.spatial_size, shape)
+        # the larger crop a rotation needs (ForegroundOversampledCropd), padded as in memory
+        size = list(getattr(self.crop, "crop_size", roi))
         patches = []
         for center in self.crop.cropper.centers:
-            box = (slice(None), *mt.SpatialCrop(roi_center=tuple(center), roi_size=roi).slices)
+            if size == list(roi):
+                box = mt.SpatialCrop(roi_center=tuple(center), roi_size=roi).slices
+                border = None
+            else:
+                box, border = padded_crop_box([int(c) for c in center], size, shape)
             patch = dict(rest)
             for key in self.key_iterator(rest):
-                patch[key] = torch.from_numpy(np.array(rest[key][box], dtype=np.float32))
+                voxels = np.array(rest[key][(slice(None), *box)], dtype=np.float32)
+                if border is not None and any(map(any, border)):
+                    voxels = np.pad(voxels, [(0, 0), *border])
+                patch[key] = torch.from_numpy(voxels)
             patches.append(patch)
         return patches
 

@@ -79,7 +79,9 @@ def load_dataset(
     labels: dict[int, str] | None = None,
 ) -> Dataset:
     """Read a dataset description; every listed file must exist."""
-    listing = list_dataset(path, layout)
+    # a workflow's dataset.labels replaces the description's map, which need not be one
+    # medseg can read (nnU-Net's regions or 'ignore', over label files of plain ids)
+    listing = list_dataset(path, layout, read_labels=not labels)
     dataset = listing.dataset
     _require_files(listing)
     _refuse_repeated_names(listing)
@@ -94,14 +96,15 @@ def load_dataset(
     return dataset
 
 
-def list_dataset(path: str | Path, layout: str = "auto") -> Listing:
+def list_dataset(path: str | Path, layout: str = "auto", read_labels: bool = True) -> Listing:
     """Read a dataset description without requiring its files to exist; a description that
-    cannot be read (no folder, bad JSON or CSV, unknown layout) raises MedsegError."""
+    cannot be read (no folder, bad JSON or CSV, unknown layout) raises MedsegError. Without
+    `read_labels` its label map is left unread (empty)."""
     path = Path(path)
     if path.is_file() and path.suffix.lower() == ".csv":
         if layout not in ("auto", "csv"):
             raise MedsegError(f"a CSV file is the 'csv' layout, not '{layout}'", path)
-        return _list_csv(path)
+        return _list_csv(path, read_labels)
     root = path.parent if path.is_file() and path.name == "dataset.json" else path
     if not root.is_dir():
         raise MedsegError("not a dataset folder, dataset.json or CSV file" if root.exists()
@@ -109,13 +112,13 @@ def list_dataset(path: str | Path, layout: str = "auto") -> Listing:
     root = Path(os.path.abspath(root))
     layout = _detect_layout(root) if layout == "auto" else layout
     if layout == "msd":
-        return _list_msd(root)
+        return _list_msd(root, read_labels)
     if layout == "nnunet":
-        return _list_nnunet(root)
+        return _list_nnunet(root, read_labels)
     if layout == "folders":
-        return _list_folder_pairs(root)
+        return _list_folder_pairs(root, read_labels)
     if layout == "csv":
-        return _list_csv(root / CSV_NAME)
+        return _list_csv(root / CSV_NAME, read_labels)
     raise MedsegError(f"unknown dataset layout '{layout}' (expected one of "
                       f"{', '.join(LAYOUTS)} or auto)", root)
 
@@ -133,7 +136,8 @@ def label_names_from_json(path: str | Path) -> dict[int, str]:
         raise MedsegError("no 'labels' mapping found", path)
     if any(isinstance(value, list | tuple) for value in table.values()):
         raise MedsegError("region-based labels (a name mapped to a list of ids, nnU-Net's "
-                          "regions) are not supported: map each name to one id", path)
+                          "regions) are not supported: map each name to one id (or name the "
+                          "ids in a workflow's dataset.labels)", path)
     odd_keys = [key for key in table if not _WHOLE_NUMBER.fullmatch(str(key))]
     if not odd_keys:
         pairs = [(int(key), name) for key, name in table.items()]
@@ -150,13 +154,18 @@ def label_names_from_json(path: str | Path) -> dict[int, str]:
                           f"{', '.join(map(str, repeated_ids))}", path)
     labels = {label: str(name) for label, name in pairs}
     if "ignore" in labels.values():
-        raise MedsegError("nnU-Net's 'ignore' label (voxels left out of the loss) is not "
-                          "supported: it would be trained as a structure", path)
+        raise MedsegError("nnU-Net's 'ignore' label (voxels left out of the loss and the "
+                          "scores) is not supported: medseg would take it for a structure; "
+                          "a workflow's dataset.labels may name the structures instead", path)
     labels = {0: "background", **labels}  # a labels.json may leave background unnamed
     problem = label_name_problem(labels)
     if problem:
         raise MedsegError(problem, path)
     return labels
+
+
+def _map_of(path: Path, read_labels: bool) -> dict[int, str]:
+    return label_names_from_json(path) if read_labels else {}
 
 
 def label_name_problem(labels: dict[int, str]) -> str | None:
@@ -418,7 +427,7 @@ def _listed(root: Path, entry: object, description: Path) -> Path:
     return Path(os.path.normpath(root / entry.strip()))
 
 
-def _list_msd(root: Path) -> Listing:
+def _list_msd(root: Path, read_labels: bool = True) -> Listing:
     description = root / "dataset.json"
     data = _read_description(description)
     entries = data.get("training")
@@ -442,7 +451,7 @@ def _list_msd(root: Path) -> Listing:
         raise MedsegError(f"'modality' lists {len(modalities)} channels: MSD's 4D multi-channel "
                           f"images are not split into channels yet; list one file per channel "
                           f"with the CSV or nnU-Net layout", description)
-    dataset = Dataset(root, tuple(cases), label_names_from_json(description), modalities,
+    dataset = Dataset(root, tuple(cases), _map_of(description, read_labels), modalities,
                       description)
     # MSD's own tools never check it, and a trimmed 'training' list is a dataset too
     mismatch = _count_mismatch(data, len(cases), "'training' lists")
@@ -450,17 +459,28 @@ def _list_msd(root: Path) -> Listing:
                    count_mismatch=("warning", mismatch) if mismatch else None)
 
 
-def _list_nnunet(root: Path) -> Listing:
+def _list_nnunet(root: Path, read_labels: bool = True) -> Listing:
     description = root / "dataset.json"
     data = _read_description(description)
     channels = data.get("channel_names") or data.get("modality")
-    if not isinstance(channels, dict):
+    if channels is None:
         raise MedsegError("'channel_names' is missing", description)
+    if not isinstance(channels, dict):
+        raise MedsegError("'channel_names' must map channel numbers (\"0\", \"1\", ...) to "
+                          "names", description)
     ending = str(data.get("file_ending", ".nii.gz"))
     if not ending.startswith("."):
         raise MedsegError(f"'file_ending' must start with a dot ('.{ending}'), not {ending!r}",
                           description)
     channel_ids = _channel_numbers(channels, "channel_names", description)
+    modalities = tuple(_modality_name(channels[k]) for k in channel_ids)
+    if "dataset" in data:  # nnU-Net v2's own list of each case's files, used instead of a scan
+        cases = _nnunet_listed_cases(data["dataset"], root, len(channel_ids), description)
+        dataset = Dataset(root, cases, _map_of(description, read_labels), modalities,
+                          description)
+        mismatch = _count_mismatch(data, len(cases), "'dataset' lists")
+        return Listing(dataset, "nnunet", description,
+                       count_mismatch=("error", mismatch) if mismatch else None)
     _refuse_unmatched_ending(root / "labelsTr", ending, description)
     cases = []
     for label in _visible(sorted((root / "labelsTr").glob(f"*{ending}"))):
@@ -469,14 +489,42 @@ def _list_nnunet(root: Path) -> Listing:
         cases.append(Case(name, images, label))
     orphans = _nnunet_strays(root / "imagesTr", ending, {c.name for c in cases},
                              [int(k) for k in channel_ids])
-    modalities = tuple(_modality_name(channels[k]) for k in channel_ids)
-    dataset = Dataset(root, tuple(cases), label_names_from_json(description), modalities,
+    dataset = Dataset(root, tuple(cases), _map_of(description, read_labels), modalities,
                       description)
     # nnU-Net refuses it too: a case whose files lost their file_ending would drop out
     mismatch = _count_mismatch(data, len(cases), f"labelsTr holds {ending} labels for")
     orphans += _off_ending(root / "labelsTr", ending)
     return Listing(dataset, "nnunet", description, orphans,
                    count_mismatch=("error", mismatch) if mismatch else None)
+
+
+def _nnunet_listed_cases(listed, root: Path, channels: int, description: Path
+                         ) -> tuple[Case, ...]:
+    """The cases of dataset.json's 'dataset' entry ({case: {"images": [...], "label": ...}}),
+    paths relative to the dataset folder unless absolute, environment variables expanded, as
+    nnU-Net v2 reads them."""
+    if not isinstance(listed, dict):
+        raise MedsegError("'dataset' must map case names to {\"images\": [...], \"label\": "
+                          "...}", description)
+    cases = []
+    for name, entry in sorted(listed.items()):
+        images = entry.get("images") if isinstance(entry, dict) else None
+        label = entry.get("label") if isinstance(entry, dict) else None
+        if not (isinstance(images, list) and all(isinstance(i, str) for i in images)
+                and isinstance(label, str)):
+            raise MedsegError(f"'dataset' entry {name!r} needs \"images\" (a list of paths) and "
+                              f"\"label\" (a path)", description)
+        if len(images) != channels:
+            raise MedsegError(f"'dataset' entry {name!r} lists {len(images)} image(s) for "
+                              f"{channels} channel(s) of channel_names", description)
+        cases.append(Case(str(name), tuple(_listed_path(root, i) for i in images),
+                          _listed_path(root, label)))
+    return tuple(cases)
+
+
+def _listed_path(root: Path, text: str) -> Path:
+    expanded = Path(os.path.expandvars(text))
+    return expanded if expanded.is_absolute() else root / expanded
 
 
 def _count_mismatch(data: dict, found: int, where: str) -> str | None:
@@ -557,7 +605,7 @@ def _channel_numbers(channels: dict, key: str, description: Path) -> list[str]:
     return numbers
 
 
-def _list_folder_pairs(root: Path) -> Listing:
+def _list_folder_pairs(root: Path, read_labels: bool = True) -> Listing:
     images, image_clashes = _volumes_by_name(root / "images")
     labels, label_clashes = _volumes_by_name(root / "labels")
     cases = [Case(name, (image,), labels[name]) for name, image in images.items()
@@ -567,7 +615,7 @@ def _list_folder_pairs(root: Path) -> Listing:
     orphans += [(label, f"no image with the same name in {root / 'images'}")
                 for name, label in labels.items() if name not in images]
     labels_json = root / "labels.json"
-    label_map = label_names_from_json(labels_json) if labels_json.is_file() else {}
+    label_map = _map_of(labels_json, read_labels) if labels_json.is_file() else {}
     return Listing(Dataset(root, tuple(cases), label_map, ("MR",),
                            labels_json if label_map else None), "folders", None,
                    tuple(orphans), tuple(image_clashes + label_clashes))
@@ -596,7 +644,7 @@ def _volumes_by_name(folder: Path) -> tuple[dict[str, Path], list[tuple[Path, st
     return found, clashes
 
 
-def _list_csv(path: Path) -> Listing:
+def _list_csv(path: Path, read_labels: bool = True) -> Listing:
     """`image,label` columns (an optional `case` column names the case); every further
     column is one more image channel, in column order. Paths are relative to the CSV."""
     root = Path(os.path.abspath(path.parent))
@@ -609,7 +657,7 @@ def _list_csv(path: Path) -> Listing:
         name = (row.get("case") or "").strip() or strip_image_suffix(images[0].name)
         cases.append(Case(name, images, label))
     labels_json = root / "labels.json"
-    label_map = label_names_from_json(labels_json) if labels_json.is_file() else {}
+    label_map = _map_of(labels_json, read_labels) if labels_json.is_file() else {}
     dataset = Dataset(root, tuple(cases), label_map, tuple("MR" for _ in channels),
                       labels_json if label_map else None)
     return Listing(dataset, "csv", path)

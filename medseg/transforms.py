@@ -152,16 +152,24 @@ def _crop_with_zero_padding(image: torch.Tensor, center: list[int], size: list[i
                             ) -> torch.Tensor:
     """The `size` box about `center` (starting at center - size // 2, as MONAI's SpatialCrop
     places it), zeros where it lies outside the image."""
-    starts = [c - s // 2 for c, s in zip(center, size, strict=True)]
-    inside = [(max(start, 0), min(start + s, extent))
-              for start, s, extent in zip(starts, size, image.shape[1:], strict=True)]
-    cropped = mt.SpatialCrop(roi_start=[lo for lo, _ in inside],
-                             roi_end=[hi for _, hi in inside])(image)
-    border = []
-    for start, s, (lo, hi) in zip(starts, size, inside, strict=True):
-        border += [lo - start, start + s - hi]
-    return mt.BorderPad(spatial_border=border, mode="constant", value=0)(cropped) \
-        if any(border) else cropped
+    inside, border = padded_crop_box(center, size, tuple(image.shape[1:]))
+    cropped = mt.SpatialCrop(roi_start=[s.start for s in inside],
+                             roi_end=[s.stop for s in inside])(image)
+    return mt.BorderPad(spatial_border=[b for pair in border for b in pair], mode="constant",
+                        value=0)(cropped) if any(map(any, border)) else cropped
+
+
+def padded_crop_box(center: list[int], size: list[int], shape: tuple[int, ...]
+                    ) -> tuple[list[slice], list[tuple[int, int]]]:
+    """The part of the `size` box about `center` inside an image of `shape`, and the zero
+    padding (before, after) per axis that makes it the whole box."""
+    inside, border = [], []
+    for c, s, extent in zip(center, size, shape, strict=True):
+        start = c - s // 2
+        lo, hi = max(start, 0), min(start + s, extent)
+        inside.append(slice(lo, hi))
+        border.append((lo - start, start + s - hi))
+    return inside, border
 
 
 # nnU-Net's threshold for augmenting an anisotropic patch in its plane only

@@ -39,6 +39,38 @@ def test_nnunet_layout(tmp_path):
     assert dataset.labels == {0: "background", 1: "tumor"}
 
 
+def test_nnunet_dataset_entry_lists_each_cases_files(tmp_path, monkeypatch):
+    """nnU-Net v2 reads the files of 'dataset' instead of scanning imagesTr/labelsTr: medseg
+    scanned, and trained on the labels the entry had replaced."""
+    (tmp_path / "imagesTr").mkdir()
+    (tmp_path / "labelsTr").mkdir()
+    (tmp_path / "refined").mkdir()
+    for case in ("a", "b"):
+        (tmp_path / "imagesTr" / f"{case}_0000.nii.gz").write_bytes(b"x")
+        (tmp_path / "labelsTr" / f"{case}.nii.gz").write_bytes(b"x")
+        (tmp_path / "refined" / f"{case}.nii.gz").write_bytes(b"x")
+    monkeypatch.setenv("MEDSEG_TEST_IMAGES", str(tmp_path / "imagesTr"))
+    description = {
+        "channel_names": {"0": "CT"}, "labels": {"background": 0, "tumor": 1},
+        "numTraining": 2, "file_ending": ".nii.gz",
+        "dataset": {"b": {"images": ["$MEDSEG_TEST_IMAGES/b_0000.nii.gz"],
+                          "label": "refined/b.nii.gz"},
+                    "a": {"images": ["imagesTr/a_0000.nii.gz"], "label": "refined/a.nii.gz"}}}
+    (tmp_path / "dataset.json").write_text(json.dumps(description), encoding="utf-8")
+    dataset = load_dataset(tmp_path)
+    assert [(c.name, c.images, c.label) for c in dataset.cases] == [
+        ("a", (tmp_path / "imagesTr" / "a_0000.nii.gz",), tmp_path / "refined" / "a.nii.gz"),
+        ("b", (tmp_path / "imagesTr" / "b_0000.nii.gz",), tmp_path / "refined" / "b.nii.gz")]
+    description["dataset"]["a"]["images"].append("imagesTr/a_0001.nii.gz")
+    (tmp_path / "dataset.json").write_text(json.dumps(description), encoding="utf-8")
+    with pytest.raises(MedsegError, match="'dataset' entry 'a' lists 2 image"):
+        load_dataset(tmp_path)
+    description["channel_names"] = ["CT"]
+    (tmp_path / "dataset.json").write_text(json.dumps(description), encoding="utf-8")
+    with pytest.raises(MedsegError, match="'channel_names' must map channel numbers"):
+        load_dataset(tmp_path)
+
+
 def test_folder_pairs_need_matching_labels(tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "labels").mkdir()
@@ -218,6 +250,22 @@ def test_nnunet_label_kinds_medseg_cannot_train_are_named(tmp_path, labels, mess
     path.write_text(json.dumps({"labels": labels}), encoding="utf-8")
     with pytest.raises(MedsegError, match=f"dataset.json: {message}"):
         label_names_from_json(path)
+
+
+@pytest.mark.parametrize("labels", [{"background": 0, "whole": [1, 2], "core": 2},
+                                    {"background": 0, "liver": 1, "ignore": 2}])
+def test_a_workflows_labels_replace_a_map_medseg_cannot_read(tmp_path, labels):
+    """BraTS in nnU-Net's layout has regions in dataset.json over label files of plain ids:
+    the workflow's dataset.labels, which the docs say replaces the map, was refused too."""
+    write_phantom_dataset(tmp_path, n_train=2, n_test=0, shape=(16, 16, 8))
+    description = tmp_path / "dataset.json"
+    data = json.loads(description.read_text(encoding="utf-8"))
+    data["labels"] = labels
+    description.write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(MedsegError):
+        load_dataset(tmp_path)
+    dataset = load_dataset(tmp_path, labels={1: "liver", 2: "kidney", 3: "spine"})
+    assert dataset.labels == {0: "background", 1: "liver", 2: "kidney", 3: "spine"}
 
 
 @pytest.mark.parametrize("text, message", [

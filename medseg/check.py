@@ -41,7 +41,7 @@ from medseg.io import (
     storage_reordering,
     voxels_digest,
 )
-from medseg.plan import intensity_doubt
+from medseg.plan import intensity_doubt, modality_hint
 
 SPACING_OUTLIER_FACTOR = 2.0
 
@@ -138,7 +138,8 @@ def _check_case(case: Case, dataset: Dataset, layout: str) -> tuple[list[Problem
     geometries = _read_geometries(_existing_files(files, case, dataset.root, layout, add), add)
     facts.geometry = geometries.get(case.images[0])
     _check_grids(case, geometries, add)
-    digests = [_check_image_voxels(file, modality, add)
+    hint = modality_hint(len(dataset.modalities))
+    digests = [_check_image_voxels(file, modality, hint, add)
                for file, modality in zip(case.images, dataset.modalities, strict=True)
                if file in geometries]
     if len(digests) == len(case.images) and all(digests):
@@ -199,7 +200,7 @@ def _check_grids(case: Case, geometries: dict[Path, Geometry], add) -> None:
                    f"scan, and evaluate such a reference", "warning")
 
 
-def _check_image_voxels(file: Path, modality: str, add) -> str | None:
+def _check_image_voxels(file: Path, modality: str, hint: str, add) -> str | None:
     try:
         volume = read_volume(file, dtype=None)
     except MedsegError as exc:
@@ -207,7 +208,7 @@ def _check_image_voxels(file: Path, modality: str, add) -> str | None:
         return None
     doubt = intensity_doubt(modality, float(volume.data.min()), float(volume.data.max()))
     if doubt:  # normalized as its modality, which it does not look like
-        add(file, f"{doubt} (the channel is {modality}; dataset.modality sets it)", "warning")
+        add(file, f"{doubt} (the channel is {modality}: {hint})", "warning")
     try:  # training and predict read images as float32
         refuse_out_of_range(volume.data, np.dtype(np.float32), file)
     except MedsegError as exc:

@@ -123,9 +123,11 @@ def build_seg(mask: np.ndarray, source: SegSource, labels: dict[int, str]) -> Da
         name="medseg", family=codes.cid7162.ArtificialIntelligence, version=__version__)
     names = segment_labels(labels)
     images, frames = list(source.images), _source_frames(mask, source)
-    if not mask.any() and len(images) > 1:
+    empty = not mask.any()
+    if empty and len(images) > 1:
         # highdicom keeps every frame of an all-empty mask (a SEG needs one): 42 segments x
-        # 150 slices of blank frames took 195 MB; one blank frame says as much
+        # 150 slices of blank frames took 195 MB; a blank frame per segment on the first
+        # image says as much (each structure was looked for and not found)
         images, frames = images[:1], frames[:1]
     segments = [hd.seg.SegmentDescription(
         segment_number=label, segment_label=names[label],
@@ -134,8 +136,9 @@ def build_seg(mask: np.ndarray, source: SegSource, labels: dict[int, str]) -> Da
         segmented_property_type=codes.SCT.AnatomicalStructure,
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm) for label in sorted(names)]
-    if not mask.any():
-        segments = segments[:1]  # nothing found: one segment, one blank frame
+    if empty and len(source.images) == 1 and len(source.slices) > 1:
+        # one multi-frame source: highdicom needs all of its frames, for each segment
+        segments = segments[:1]
     _silence_highdicom()
     with _highdicom_refusal(source.path):
         seg = hd.seg.Segmentation(

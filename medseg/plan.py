@@ -171,6 +171,15 @@ def intensity_doubt(modality: str, lowest: float, highest: float) -> str | None:
     return None
 
 
+def modality_hint(channels: int) -> str:
+    """Where a channel's modality is set: dataset.modality sets every channel alike, which
+    would turn a dataset's noNorm or CT channels into MR ones."""
+    if channels == 1:
+        return "set dataset.modality to what the images are"
+    return ("name the channel's modality in dataset.json (channel_names or modality); "
+            "dataset.modality would set every channel alike")
+
+
 def _note_modality_doubts(dataset: Dataset, ranges: list[list[tuple[float, float]]],
                           progress: bool) -> None:
     """One note per channel whose images look unlike its modality, before a plan
@@ -180,8 +189,7 @@ def _note_modality_doubts(dataset: Dataset, ranges: list[list[tuple[float, float
                   if (doubt := intensity_doubt(modality, low, high))]
         if doubts and progress:
             case, doubt = doubts[0]
-            hint = " (set dataset.modality to what the images are)" if modality in ("CT", "MR") \
-                else ""
+            hint = f" ({modality_hint(len(dataset.modalities))})"
             tqdm.write(f"medseg: note: channel {channel} is planned as {modality}, but "
                        f"{len(doubts)} of {len(found)} cases look otherwise ({case.name}: "
                        f"{doubt}){hint}", file=sys.stderr)

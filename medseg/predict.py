@@ -363,8 +363,9 @@ def _note_unlike_training(channels: list[Volume], plan: Plan) -> None:
     for volume, modality in zip(channels, plan.modalities, strict=True):
         doubt = intensity_doubt(modality, float(volume.data.min()), float(volume.data.max()))
         if doubt:
-            tqdm.write(f"medseg: note: {volume.path}: {doubt} (the model was trained on "
-                       f"{modality})", file=sys.stderr)
+            where = f"{volume.path}: " if volume.path else ""
+            tqdm.write(f"medseg: note: {where}{doubt} (the model was trained on {modality})",
+                       file=sys.stderr)
 
 
 def _refuse_huge_network_grid(geometry: Geometry, plan: Plan, path: Path | None) -> None:

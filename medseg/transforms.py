@@ -79,10 +79,9 @@ def augmentation(plan: Plan, augment: AugmentConfig, foreground_fraction: float)
                                    num_classes=classes, indices_key=LABEL + INDICES_POSTFIX,
                                    crop_size=crop),
         mt.DeleteItemsd(LABEL + INDICES_POSTFIX),
-        mt.RandAffined(keys, prob=max(augment.rotate_prob, augment.scale_prob),
-                       rotate_range=rotate_range, scale_range=scale_range,
-                       mode=["bilinear", "nearest"], padding_mode="zeros"),
-        mt.CenterSpatialCropd(keys, roi_size=patch),
+        AffinePatchd(keys, patch, prob=max(augment.rotate_prob, augment.scale_prob),
+                     rotate_range=rotate_range, scale_range=scale_range,
+                     mode=["bilinear", "nearest"], padding_mode="zeros"),
         *_elastic(keys, augment),
         *[mt.RandFlipd(keys, prob=augment.flip_prob, spatial_axis=axis)
           for axis in plan.mirror_axes],
@@ -148,6 +147,35 @@ class ForegroundOversampledCropd(mt.RandCropByLabelClassesd):
                                                              for p in present]
 
 
+class AffinePatchd(mt.RandAffined):
+    """MONAI's RandAffined from a crop larger than the patch to the patch about its centre:
+    a rotated or scaled patch is resampled on the patch's grid only (resampling the whole
+    crop and cutting it after cost 3 to 7 times as much), and a patch left alone (most of
+    them) is cut out without resampling. The random draws are RandAffined's own."""
+
+    def __init__(self, keys: list[str], patch: list[int], **kwargs) -> None:
+        super().__init__(keys, spatial_size=patch, **kwargs)
+        self.patch = tuple(patch)
+
+    def __call__(self, data, lazy: bool | None = None) -> dict:
+        d = dict(data)
+        self.randomize(None)
+        self.rand_affine.randomize()
+        if not self._do_transform:
+            centre = mt.CenterSpatialCrop(self.patch)
+            for key in self.key_iterator(d):
+                d[key] = centre(d[key])
+            return d
+        grid = self.rand_affine.rand_affine_grid(
+            self.patch, grid=self.rand_affine.get_identity_grid(self.patch, lazy=False),
+            lazy=False)
+        for key, mode, padding_mode in self.key_iterator(d, self.mode, self.padding_mode):
+            # randomize=True as RandAffined calls it: the grid is given, so the draws go
+            # unused, but they advance the random state as RandAffined's do
+            d[key] = self.rand_affine(d[key], None, mode, padding_mode, True, grid, lazy=False)
+        return d
+
+
 def _crop_with_zero_padding(image: torch.Tensor, center: list[int], size: list[int]
                             ) -> torch.Tensor:
     """The `size` box about `center` (starting at center - size // 2, as MONAI's SpatialCrop
@@ -207,13 +235,20 @@ def rotation_crop_size(patch: list[int], rotate_range: list[float] | None,
     corners = np.array([[sx, sy, sz, 1.0] for sx in (-1, 1) for sy in (-1, 1)
                         for sz in (-1, 1)]) * np.append(half, 1.0)
     scale = create_scale(3, [1 + s for s in (scale_range or [0.0] * 3)], backend="numpy")
-    angles = [np.linspace(-r, r, 9) for r in (rotate_range or [0.0] * 3)]
+    rotations = list(rotate_range or [0.0] * 3)
+    angles = [np.linspace(-r, r, 9) for r in rotations]
     reach = half.copy()
     for rx in angles[0]:
         for ry in angles[1]:
             for rz in angles[2]:
                 moved = corners @ (create_rotate(3, (rx, ry, rz), backend="numpy") @ scale).T
                 reach = np.maximum(reach, np.abs(moved[:, :3]).max(0))
+    # the extent can peak between the sampled angles: by at most 0.5 % with 9 angles over
+    # up to 45 degrees; past that, an axis the rotation moves reaches the scaled diagonal
+    diagonal = np.linalg.norm((corners @ scale.T)[0, :3])
+    rotated = reach > half * np.diag(scale)[:3] + 1e-6
+    widened = np.minimum(reach * 1.005, diagonal) if max(rotations) < np.pi / 4 else diagonal
+    reach = np.where(rotated, widened, reach)
     crop = []
     for size, extent in zip(patch, reach, strict=True):
         needed = int(np.ceil(2 * extent - 1e-6)) + 1

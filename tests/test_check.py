@@ -331,5 +331,6 @@ def test_an_image_unlike_its_channels_modality_is_a_warning(tmp_path):
     problems = sorted(check_dataset(root).problems, key=lambda p: p.case)
     assert [(p.severity, p.case) for p in problems] == [("warning", "blank"), ("warning", "ct")]
     messages = [p.message for p in problems]
-    assert messages[0] == "every voxel is 0 (the channel is MR; dataset.modality sets it)"
+    assert messages[0] == "every voxel is 0 (the channel is MR: set dataset.modality to what " \
+                          "the images are)"
     assert messages[1].startswith("values down to -1024 look like CT Hounsfield units, not MR")

@@ -217,10 +217,11 @@ def test_an_empty_mask_gets_one_blank_frame_not_one_per_segment_and_slice(tmp_pa
     write_series(tmp_path / "s", np.zeros((6, 7, 5), np.uint16), axial_positions(5))
     source = seg_source(tmp_path / "s", None, False)
     seg = build_seg(np.zeros((7, 6, 5), np.uint8), source, LABELS)
-    assert int(seg.NumberOfFrames) == 1
-    assert [s.SegmentNumber for s in seg.SegmentSequence] == [1]
+    # a blank frame per segment, on the first image: every structure was looked for
+    assert int(seg.NumberOfFrames) == 3
+    assert [s.SegmentNumber for s in seg.SegmentSequence] == [1, 2, 3]
     write_seg(seg, tmp_path / "empty.seg.dcm")
-    assert hd.seg.segread(tmp_path / "empty.seg.dcm").number_of_frames == 1
+    assert hd.seg.segread(tmp_path / "empty.seg.dcm").number_of_frames == 3
 
 
 def test_segment_labels_are_valid_distinct_lo_values_in_any_script(tmp_path):

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
 from helpers import REPO, SMALL_SHAPE, SMALL_SPACING, TINY_TRAINING, as_sets
 
 from medseg.phantoms import write_phantom_dataset
+
+# a suite started in the background by a shell without job control (`pytest &` in a script)
+# has SIGINT ignored (POSIX), and so would every process the stop tests start: Python then
+# never raises KeyboardInterrupt, and those tests fail for the shell's sake
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")

@@ -405,3 +405,15 @@ def test_an_empty_path_is_refused_not_taken_for_the_current_folder(argv, tmp_pat
     assert stopped.value.code == 2
     assert "an empty path" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_long_label_map_is_printed_in_brief():
+    """TotalSegmentator's 118 names made the dataset line 3000 characters long."""
+    from medseg.cli import _labels_in_brief
+
+    labels = {k: f"structure_{k}" for k in range(118)}
+    brief = _labels_in_brief(labels)
+    assert brief == "{0: 'structure_0', 1: 'structure_1', 2: 'structure_2', ..., " \
+                    "117: 'structure_117'} (118 ids)"
+    assert _labels_in_brief({0: "background", 1: "liver"}) == "{0: 'background', 1: 'liver'}"
+    assert _labels_in_brief(None) == "from the label files"

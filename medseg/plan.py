@@ -185,7 +185,7 @@ def _note_modality_doubts(dataset: Dataset, ranges: list[list[tuple[float, float
     """One note per channel whose images look unlike its modality, before a plan
     normalizes them so (torchrun's other ranks, `progress` False, stay quiet)."""
     for channel, (modality, found) in enumerate(zip(dataset.modalities, ranges, strict=True)):
-        doubts = [(case, doubt) for case, (low, high) in zip(dataset.cases, found, strict=False)
+        doubts = [(case, doubt) for case, (low, high) in zip(dataset.cases, found, strict=True)
                   if (doubt := intensity_doubt(modality, low, high))]
         if doubts and progress:
             case, doubt = doubts[0]

@@ -424,11 +424,11 @@ def _library_versions() -> dict[str, str]:
     return {name: importlib.metadata.version(name) for name in PREPROCESSING_LIBRARIES}
 
 
-def case_preparer(preprocess: mt.Compose, deterministic: mt.Compose, num_classes: int
+def case_preparer(preprocess: mt.Compose, deterministic: mt.Compose, label_ids: int
                   ) -> Callable[[Case], dict]:
     """The function that runs a case through preprocessing and the deterministic steps and
     returns its arrays as the cache stores them, with where the case lies in its padding."""
-    label_type = np.uint8 if num_classes <= 2**8 else np.uint16 if num_classes <= 2**16 \
+    label_type = np.uint8 if label_ids <= 2**8 else np.uint16 if label_ids <= 2**16 \
         else np.int32
 
     def prepare(case: Case) -> dict:
@@ -479,7 +479,7 @@ def disk_estimates(shapes: list[list[float]] | None, cases: list[Case], all_case
     """About how many bytes the cache files of `cases` take: each case padded to the patch,
     float32 channels, a byte or two of label, the class indices. From the fingerprint's
     shapes (in the dataset's case order), or the plan's median shape without them."""
-    label_bytes = 1 if plan.num_classes <= 2**8 else 2
+    label_bytes = 1 if plan.label_id_count <= 2**8 else 2
     if shapes is None or len(shapes) != len(all_cases):
         by_name = {}
     else:

@@ -146,8 +146,7 @@ def _check_case(case: Case, dataset: Dataset, layout: str) -> tuple[list[Problem
         # the whole case: two cases may share one channel (an all-zero missing sequence)
         facts.digest = "+".join(digests)
     if case.label in geometries:
-        facts.label_ids, facts.label_digest = _check_label_voxels(case.label, dataset.labels,
-                                                                  add)
+        facts.label_ids, facts.label_digest = _check_label_voxels(case.label, dataset, add)
     return problems, facts
 
 
@@ -217,23 +216,25 @@ def _check_image_voxels(file: Path, modality: str, hint: str, add) -> str | None
     return voxels_digest(volume.data)  # as training's: a float32 copy of an int16 case is one
 
 
-def _check_label_voxels(file: Path, labels: dict[int, str], add
+def _check_label_voxels(file: Path, dataset: Dataset, add
                         ) -> tuple[frozenset[int], str | None]:
-    """Label values outside the map, or an empty label; returns the values found and the
-    label's digest."""
+    """Label values outside the map (the 'ignore' id is in it), or an empty label; returns
+    the values found and the label's digest."""
     try:
         data = read_label_map(file).data
     except MedsegError as exc:
         add(file, _message(exc))
         return frozenset(), None
     values = set(np.unique(data).tolist())
-    known = set(labels) if labels else {v for v in values if v >= 0}
+    labels, ignore = dataset.labels, dataset.ignore_label
+    known = set(labels) | {ignore} if labels else {v for v in values if v >= 0}
     unknown = sorted(values - known)
     if unknown:
         add(file, f"label values {unknown[:10]} are not in the label map "
                   f"{sorted(labels) if labels else '(non-negative integers)'}")
-    if not values - {0}:
-        add(file, "label is empty (background only)", "warning")
+    if not values - {0, ignore}:
+        add(file, "label is empty (background only)" if ignore not in values else
+                  "label holds no structure (background and 'ignore' only)", "warning")
     return frozenset(values), voxels_digest(data)
 
 

@@ -440,8 +440,10 @@ def _train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool,
     if ds.layout == "auto":  # saved as found: a resume must read the dataset the same way
         workflow = dataclasses.replace(workflow, dataset=dataclasses.replace(
             ds, layout=list_dataset(ds.path).layout))
-    print(f"dataset: {len(dataset.cases)} cases, labels {_labels_in_brief(dataset.labels)}, "
-          f"modalities {list(dataset.modalities)}")
+    ignored = ("" if dataset.ignore_label is None else
+               f" (id {dataset.ignore_label} 'ignore': left out of the loss and the scores)")
+    print(f"dataset: {len(dataset.cases)} cases, labels {_labels_in_brief(dataset.labels)}"
+          f"{ignored}, modalities {list(dataset.modalities)}")
     # here, not after hours of training when predict would first read them (a dataset that
     # names no labels, folders or CSV without labels.json: once its label files are read)
     if dataset.labels:
@@ -689,6 +691,14 @@ def _refuse_changed_labels(dataset, plan, plan_path: Path) -> None:
         raise MedsegError(f"the dataset's label ids {sorted(dataset.labels)} differ from the "
                           f"run's {sorted(plan.labels)}: resume on the dataset the run was "
                           f"trained on", plan_path)
+    if dataset.ignore_label != plan.ignore_label:
+        raise MedsegError(f"the dataset's 'ignore' label is {_ignore_text(dataset)}, the "
+                          f"run's {_ignore_text(plan)}: resume on the dataset the run was "
+                          f"trained on", plan_path)
+
+
+def _ignore_text(labelled) -> str:
+    return "none" if labelled.ignore_label is None else f"id {labelled.ignore_label}"
 
 
 def _refuse_changed_channels(dataset, plan, plan_path: Path) -> None:
@@ -752,9 +762,10 @@ def _evaluate_predictions(model: Path, output: Path, reference: Path, batch: set
     from medseg.plan import load_plan
     from medseg.report import run_evaluation
 
-    labels = load_plan(model / "plan.json").labels
-    return run_evaluation(output, reference, None, output / "evaluation", label_names=labels,
-                          only_cases=batch)
+    plan = load_plan(model / "plan.json")
+    return run_evaluation(output, reference, None, output / "evaluation",
+                          label_names=plan.labels, only_cases=batch,
+                          ignore_label=plan.ignore_label)
 
 
 def _demo_workflow_path() -> Path:

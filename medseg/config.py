@@ -585,11 +585,11 @@ def _check_numbers(workflow: Workflow, source: str) -> None:
 
 def _check_labels(workflow: Workflow, source: str) -> None:
     if workflow.dataset.labels:
-        from medseg.datasets import label_id_problem, label_name_problem
+        from medseg.datasets import ignore_label_problem, label_id_problem, label_name_problem
 
         # as training reads it: background may go unnamed
         labels = {0: "background", **workflow.dataset.labels}
-        problem = label_name_problem(labels)
+        problem = label_name_problem(labels) or ignore_label_problem(labels)
         gap = label_id_problem(labels)
         if gap:  # training's classes are 0..N-1
             problem = f"label ids must run 0, 1, 2, ... without a gap: {gap}"

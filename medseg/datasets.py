@@ -15,7 +15,7 @@ import os
 import random
 import re
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from medseg.errors import MedsegError
@@ -32,6 +32,9 @@ CSV_RESERVED = ("case", "label")
 # keys of an MSD or nnU-Net dataset.json other than its label table
 DESCRIPTION_KEYS = {"training", "channel_names", "modality", "file_ending", "numTraining"}
 _WHOLE_NUMBER = re.compile(r"-?[0-9]+")  # ASCII digits: "²".isdigit() is true, int("²") fails
+# nnU-Net's name for the label of voxels no one annotated (sparse labels): they are left out
+# of the loss, of validation and of the scores, and no network output stands for them
+IGNORE_NAME = "ignore"
 
 
 @dataclass(frozen=True)
@@ -55,9 +58,18 @@ class Dataset:
 
     root: Path
     cases: tuple[Case, ...]
-    labels: dict[int, str]
+    labels: dict[int, str]  # the structures and background; never 'ignore'
     modalities: tuple[str, ...]  # one per channel: one of MODALITIES
     labels_from: Path | None = None  # the file that named the labels (dataset.json, ...)
+    ignore_label: int | None = None  # the id of unannotated voxels (nnU-Net's 'ignore')
+
+    def __post_init__(self) -> None:
+        # a map that names 'ignore' (dataset.json, labels.json, a workflow's dataset.labels)
+        # gives its id here and the structures to `labels`
+        structures, ignore = split_ignore_label(self.labels)
+        if ignore is not None:
+            object.__setattr__(self, "labels", structures)
+            object.__setattr__(self, "ignore_label", ignore)
 
 
 @dataclass(frozen=True)
@@ -89,8 +101,7 @@ def load_dataset(
         dataset = Dataset(dataset.root, dataset.cases, {0: "background", **labels},
                           dataset.modalities)
     if modality != "auto":
-        dataset = Dataset(dataset.root, dataset.cases, dataset.labels,
-                          tuple(modality for _ in dataset.modalities), dataset.labels_from)
+        dataset = replace(dataset, modalities=tuple(modality for _ in dataset.modalities))
     if not dataset.cases:
         raise MedsegError("the dataset lists no training cases", dataset.root)
     return dataset
@@ -153,15 +164,34 @@ def label_names_from_json(path: str | Path) -> dict[int, str]:
         raise MedsegError(f"label ids must be unique; repeated: "
                           f"{', '.join(map(str, repeated_ids))}", path)
     labels = {label: str(name) for label, name in pairs}
-    if "ignore" in labels.values():
-        raise MedsegError("nnU-Net's 'ignore' label (voxels left out of the loss and the "
-                          "scores) is not supported: medseg would take it for a structure; "
-                          "a workflow's dataset.labels may name the structures instead", path)
     labels = {0: "background", **labels}  # a labels.json may leave background unnamed
-    problem = label_name_problem(labels)
+    problem = label_name_problem(labels) or ignore_label_problem(labels)
     if problem:
         raise MedsegError(problem, path)
     return labels
+
+
+def split_ignore_label(labels: dict[int, str]) -> tuple[dict[int, str], int | None]:
+    """The structures (with background) and the id named 'ignore' (None without one)."""
+    ignore = next((k for k, name in labels.items() if name == IGNORE_NAME), None)
+    if ignore is None:
+        return labels, None
+    return {k: name for k, name in labels.items() if k != ignore}, ignore
+
+
+def ignore_label_problem(labels: dict[int, str]) -> str | None:
+    """Why a map's 'ignore' label cannot be one (None when it can, or there is none):
+    nnU-Net's rule, the id one past every structure's, keeps the network's classes 0..N-1."""
+    structures, ignore = split_ignore_label(labels)
+    if ignore is None:
+        return None
+    highest = max((k for k in structures if k > 0), default=None)
+    if highest is None:
+        return "the label map names 'ignore' but no structure"
+    if ignore != highest + 1:
+        return (f"'ignore' must be the id one past the structures' ({highest + 1}, as "
+                f"nnU-Net requires), not {ignore}")
+    return None
 
 
 def _map_of(path: Path, read_labels: bool) -> dict[int, str]:

@@ -23,7 +23,13 @@ from medseg.io import (
     refuse_sheared_axes,
     reorder_onto,
 )
-from medseg.metrics import FAILED_SCORES, label_counts, label_values, score_case
+from medseg.metrics import (
+    FAILED_SCORES,
+    label_counts,
+    label_values,
+    leave_out_ignored,
+    score_case,
+)
 from medseg.stopping import interrupts_ignored_by_new_processes, raise_if_stopped
 
 Pair = tuple[str, Path | None, Path]
@@ -114,11 +120,13 @@ def infer_labels(pairs: list[Pair]) -> dict[int, str]:
 
 
 def evaluate_pairs(pairs: list[Pair], labels: dict[int, str], tolerance_mm: float = 2.0,
-                   jobs: int = 1, resample: bool = False) -> list[CaseScores]:
-    """Score every pair (in order); `jobs` > 1 scores cases in that many processes."""
+                   jobs: int = 1, resample: bool = False, ignore_label: int | None = None
+                   ) -> list[CaseScores]:
+    """Score every pair (in order); `jobs` > 1 scores cases in that many processes. The
+    voxels a reference labels `ignore_label` are left out of every score."""
     if tolerance_mm < 0:
         raise MedsegError(f"the surface Dice tolerance must be >= 0 mm, got {tolerance_mm}")
-    tasks = [(case, prediction, reference, labels, tolerance_mm, resample)
+    tasks = [(case, prediction, reference, labels, tolerance_mm, resample, ignore_label)
              for case, prediction, reference in pairs]
     jobs = max(1, min(int(jobs), len(tasks)))
     bar = tqdm(total=len(tasks), desc="evaluate", unit="case", dynamic_ncols=True)
@@ -134,11 +142,12 @@ def evaluate_pairs(pairs: list[Pair], labels: dict[int, str], tolerance_mm: floa
 
 
 def evaluate_case(case: str, prediction: Path | None, reference: Path, labels: dict[int, str],
-                  tolerance_mm: float = 2.0, resample: bool = False) -> CaseScores:
+                  tolerance_mm: float = 2.0, resample: bool = False,
+                  ignore_label: int | None = None) -> CaseScores:
     """Scores of one case; a missing or unusable prediction is a failure, never an exception.
     An unreadable or unusable reference is the user's error (MedsegError): it is read and
     checked first, whatever its prediction, so that it is never scored as a failed case."""
-    ref = read_reference(reference, labels)
+    ref = read_reference(reference, labels, ignore_label)
     if prediction is None:
         return failed_case(case, labels, "no prediction for this case", reference=reference,
                            reference_read=ref)
@@ -146,7 +155,8 @@ def evaluate_case(case: str, prediction: Path | None, reference: Path, labels: d
         pair = load_pair(prediction, ref, labels, resample)
     except MedsegError as exc:
         return failed_case(case, labels, str(exc), prediction, reference, reference_read=ref)
-    scores = score_case(pair.prediction, pair.reference, labels, pair.spacing, tolerance_mm)
+    scores = score_case(*leave_out_ignored(pair.prediction, pair.reference, ignore_label),
+                        labels, pair.spacing, tolerance_mm)
     return CaseScores(case, scores, None, prediction, reference, pair.resampled, pair.spacing)
 
 
@@ -157,14 +167,16 @@ class Reference(NamedTuple):
     voxels: dict[int, int]
 
 
-def read_reference(reference: Path, labels: dict[int, str]) -> Reference:
-    """A reference label map on an orthogonal grid whose values are all in `labels`."""
+def read_reference(reference: Path, labels: dict[int, str], ignore_label: int | None = None
+                   ) -> Reference:
+    """A reference label map on an orthogonal grid whose values are all in `labels` (or
+    are `ignore_label`)."""
     ref = read_label_map(reference)
     # volumes (voxel count x spacing product) and surface distances (voxel index x spacing)
     refuse_sheared_axes(ref.geometry, reference, "so volumes and distances in mm would be "
                         "wrong")
     voxels = label_counts(ref.data)
-    _refuse_unknown_labels(set(voxels), labels, reference)
+    _refuse_unknown_labels(set(voxels) - {ignore_label}, labels, reference)
     return Reference(ref, voxels)
 
 

@@ -103,6 +103,20 @@ def score_structure(prediction: np.ndarray, reference: np.ndarray, spacing: Spac
     return scores
 
 
+def leave_out_ignored(prediction: np.ndarray, reference: np.ndarray, ignore_label: int | None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Both maps with the voxels the reference labels `ignore_label` (nnU-Net's 'ignore':
+    no one annotated them) set to background in both (copies; the inputs without one): a
+    prediction there is neither a true nor a false positive, as in nnU-Net's scores.
+    Surface metrics then see the annotated part's boundary."""
+    if ignore_label is None:
+        return prediction, reference
+    ignored = reference == ignore_label
+    if not ignored.any():
+        return prediction, reference
+    return np.where(ignored, 0, prediction), np.where(ignored, 0, reference)
+
+
 def score_case(prediction: np.ndarray, reference: np.ndarray, labels: dict[int, str],
                spacing: Spacing, tolerance_mm: float = 2.0, surface: bool = True
                ) -> dict[str, dict[str, float]]:

@@ -56,6 +56,7 @@ class Fingerprint:
     class_voxels: dict[int, int]
     modalities: list[str]
     labels: dict[int, str]
+    ignore_label: int | None = None  # unannotated voxels, counted in no class
 
 
 @dataclass(frozen=True)
@@ -78,10 +79,20 @@ class Plan:
     mirror_axes: list[int] = dataclasses.field(default_factory=lambda: [0, 1, 2])
     res_block: bool = False
     network: str = "dynunet"
+    # nnU-Net's 'ignore' label: voxels of this id (num_classes) are left out of the loss
+    # and of validation; the network has no output for it
+    ignore_label: int | None = None
+
+    @property
+    def label_id_count(self) -> int:
+        """How many ids a training label map holds: the classes, and 'ignore' past them."""
+        return self.num_classes + (self.ignore_label is not None)
 
     def to_json(self) -> dict:
         data = dataclasses.asdict(self)
         data["labels"] = {str(k): v for k, v in self.labels.items()}
+        if self.ignore_label is None:  # the plan.json of a dataset without one is unchanged
+            del data["ignore_label"]
         return data
 
     @staticmethod
@@ -127,8 +138,8 @@ def fingerprint(dataset: Dataset, seed: int = 0, progress: bool = True) -> Finge
             digests.append(voxels_digest(label.data))
         _refuse_duplicate(first_with_voxels, "+".join(digests), case)
         if label is not None:
-            _check_label_values(label, dataset.labels)
-            _count_classes(label, class_voxels)
+            _check_label_values(label, dataset.labels, dataset.ignore_label)
+            _count_classes(label, class_voxels, dataset.ignore_label)
             for label_id in class_voxels:
                 holder.setdefault(label_id, case.label)
     if any(case.label for case in dataset.cases):
@@ -148,6 +159,7 @@ def fingerprint(dataset: Dataset, seed: int = 0, progress: bool = True) -> Finge
         class_voxels={int(k): int(v) for k, v in sorted(class_voxels.items())},
         modalities=list(dataset.modalities),
         labels=labels,
+        ignore_label=dataset.ignore_label,
     )
 
 
@@ -215,10 +227,12 @@ def _refuse_duplicate(first_with_voxels: dict[str, str], digest: str, case: Case
                           f"validated on); remove one", case.images[0])
 
 
-def _count_classes(label: Volume, class_voxels: dict[int, int]) -> None:
+def _count_classes(label: Volume, class_voxels: dict[int, int], ignore_label: int | None
+                   ) -> None:
     ids, counts = np.unique(label.data, return_counts=True)
     for label_id, count in zip(ids.tolist(), counts.tolist(), strict=True):
-        class_voxels[label_id] = class_voxels.get(label_id, 0) + count
+        if label_id != ignore_label:
+            class_voxels[label_id] = class_voxels.get(label_id, 0) + count
 
 
 def refuse_unaffordable_spacing(fp: Fingerprint, plan: Plan, memory_bytes: int | None,
@@ -289,6 +303,7 @@ def make_plan(fp: Fingerprint, config: PlanConfig) -> Plan:
         mirror_axes=sorted(config.mirror_axes),  # checked with the workflow
         res_block=config.res_block,
         network=config.network,
+        ignore_label=fp.ignore_label,
     )
 
 
@@ -410,8 +425,9 @@ _PLAN_KEYS = {  # key -> (check, what it must be); mirror_axes, res_block, netwo
                     and all(_is_int(a, low=0) and a <= 2 for a in v),
                     "a list of distinct axes among 0, 1, 2"),
     "network": (lambda v: v in NETWORK_NAMES, " or ".join(map(repr, NETWORK_NAMES))),
+    "ignore_label": (lambda v: v is None or _is_int(v), "null or a positive integer"),
 }
-_OPTIONAL_PLAN_KEYS = {"mirror_axes", "res_block", "network"}
+_OPTIONAL_PLAN_KEYS = {"mirror_axes", "res_block", "network", "ignore_label"}
 _WHOLE = re.compile(r"0|[1-9][0-9]*")
 
 
@@ -447,6 +463,9 @@ def _plan_problem(data: dict) -> str | None:
     ids = [int(k) for k in data["labels"]]
     if max(ids) >= data["num_classes"]:
         return f"label id {max(ids)} is beyond 'num_classes' {data['num_classes']}"
+    if data.get("ignore_label") not in (None, data["num_classes"]):
+        return (f"'ignore_label' must be 'num_classes' ({data['num_classes']}), the id past "
+                f"the classes, not {data['ignore_label']}")
     names = label_name_problem({int(k): n for k, n in data["labels"].items()})
     return f"'labels': {names}" if names else None
 
@@ -571,8 +590,9 @@ def _label_on_grid(image, label):
         raise
 
 
-def _check_label_values(label, labels: dict[int, str]) -> None:
-    values = set(np.unique(label.data).tolist())
+def _check_label_values(label, labels: dict[int, str], ignore_label: int | None = None
+                        ) -> None:
+    values = set(np.unique(label.data).tolist()) - {ignore_label}
     if not labels:  # ids taken from the data: class indices, so never negative
         negative = sorted(v for v in values if v < 0)
         if negative:

@@ -33,20 +33,22 @@ HEADLINE = ("dice", "nsd")
 def run_evaluation(pred_dir: Path, ref_dir: Path, labels_path: Path | None,
                    out_dir: Path | None, tolerance_mm: float = 2.0, jobs: int = 1,
                    resample: bool = False, label_names: dict[int, str] | None = None,
-                   only_cases: set[str] | None = None) -> dict:
+                   only_cases: set[str] | None = None, ignore_label: int | None = None
+                   ) -> dict:
     """Score every reference against the prediction of the same name, print a table and,
     with `out_dir`, write scores.csv, summary.json and report.html. Returns the summary
     (its `failed_cases` is non-empty when some case could not be scored). Label names come
     from `labels_path`, else `label_names`, else the values found in the references.
-    `only_cases` scores those cases alone (predict --reference: its batch)."""
-    from medseg.datasets import label_names_from_json
+    `only_cases` scores those cases alone (predict --reference: its batch). Reference voxels
+    of the 'ignore' label (`labels_path`'s, else `ignore_label`) are left out of the scores."""
+    from medseg.datasets import label_names_from_json, split_ignore_label
 
     _refuse_bad_options(jobs, tolerance_mm, out_dir)
     pairs = pair_cases(pred_dir, ref_dir)
     if only_cases is not None:
         pairs = _pairs_of(pairs, only_cases, ref_dir)
     if labels_path is not None:
-        labels = label_names_from_json(labels_path)
+        labels, ignore_label = split_ignore_label(label_names_from_json(labels_path))
     else:
         labels = dict(label_names) if label_names else infer_labels(pairs)
     if not any(k > 0 for k in labels):
@@ -56,7 +58,7 @@ def run_evaluation(pred_dir: Path, ref_dir: Path, labels_path: Path | None,
     # made before the scoring, not after it; removed again if nothing is written in it
     with output_folder(out_dir) if out_dir is not None else contextlib.nullcontext():
         results = evaluate_pairs(pairs, labels, tolerance_mm=tolerance_mm, jobs=jobs,
-                                 resample=resample)
+                                 resample=resample, ignore_label=ignore_label)
         summary = summarize(results, tolerance_mm)
         print(format_table(summary))  # first: the scores are shown even if writing them fails
         _print_notes(results, summary, pred_dir, ref_dir, pairs, only_cases)
@@ -214,18 +216,25 @@ def format_table(summary: dict) -> str:
 
 
 def _stats(values: list[float]) -> dict:
+    """Mean, sd and IQR of the finite values; the median of every value but NaN, infinite
+    distances (a structure missed) included: two misses of three cases make an HD95 median
+    of inf, not the one hit's 0 mm."""
     finite = np.asarray([v for v in values if math.isfinite(v)], dtype=float)
-    n_inf = sum(1 for v in values if math.isinf(v))
+    scored = [v for v in values if not math.isnan(v)]
+    n_inf = len(scored) - finite.size
+    median = float(np.median(scored)) if scored else float("nan")
     if finite.size == 0:
-        return {"mean": float("nan"), "sd": float("nan"), "median": float("nan"),
+        return {"mean": float("nan"), "sd": float("nan"), "median": median,
                 "iqr": float("nan"), "n": 0, "n_inf": n_inf}
     q1, q3 = np.percentile(finite, [25, 75])
     return {"mean": float(finite.mean()), "sd": float(finite.std(ddof=1)) if finite.size > 1
-            else float("nan"), "median": float(np.median(finite)), "iqr": float(q3 - q1),
+            else float("nan"), "median": median, "iqr": float(q3 - q1),
             "n": int(finite.size), "n_inf": n_inf}
 
 
 def _num(value: float, digits: int = 4) -> str:
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
     return f"{value:.{digits}f}" if math.isfinite(value) else "-"
 
 

@@ -82,7 +82,8 @@ def png_bytes(fig) -> bytes:
 def boxplots_png(results: list[CaseScores], structures: list[str], tolerance_mm: float | None
                  ) -> bytes:
     """One panel per metric (BOX_METRICS), one horizontal box per structure; each case a dot.
-    Infinite and undefined values are left out (the summary table counts them)."""
+    Infinite and undefined values are left out; each structure's infinite ones are counted
+    at the right edge."""
     plt = _pyplot()
     height = 1.2 + 0.25 * len(structures)
     fig, axes = plt.subplots(1, len(BOX_METRICS), figsize=(15, height), sharey=True, dpi=80)
@@ -102,6 +103,11 @@ def boxplots_png(results: list[CaseScores], structures: list[str], tolerance_mm:
             ys = np.concatenate([np.full(len(data[i]), positions[i], float) for i in filled])
             ax.plot(xs, ys + rng.uniform(-0.18, 0.18, ys.size), ".", color="#2c3e50",
                     alpha=0.6, markersize=4)
+        for i, structure in enumerate(structures):  # a miss is no dot: say how many
+            misses = sum(1 for r in results if math.isinf(r.scores[structure][metric]))
+            if misses:
+                ax.text(0.99, positions[i], f"{misses} inf", transform=ax.get_yaxis_transform(),
+                        ha="right", va="center", fontsize=8, color="#c0392b")
         if metric == "nsd" and tolerance_mm is not None:
             title = f"surface Dice at {tolerance_mm:g} mm"
         ax.set_title(readable(title), fontsize=11)

@@ -134,15 +134,17 @@ def _summary_table(summary: dict, shown: list[str]) -> str:
             '<p class="meta">Each cell: mean &plusmn; sd over the cases; below it the median, '
             "the interquartile range (IQR) and n, the number of finite values; "
             '<span class="inf">inf</span> counts cases where the structure is missing from one '
-            "mask, or failed. Volume difference: predicted &minus; reference.</p>\n"
+            "mask, or failed (the median counts them too). Volume difference: predicted "
+            "&minus; reference.</p>\n"
             f'<div class="scroll"><table class="summary"><thead><tr><th class="name">structure'
             f"</th>{head}</tr></thead>\n<tbody>\n" + "\n".join(rows)
             + f"\n</tbody></table></div>\n{note}")
 
 
 def _stat_cell(stats: dict, digits: int, tinted: bool = False) -> str:
-    if stats["n"] == 0:
-        main, detail = "&ndash;", "n 0"
+    if stats["n"] == 0:  # every value infinite (or none): the median says which
+        main, detail = "&ndash;", ("n 0" if math.isnan(stats["median"]) else
+                                   f"median {_fmt(stats['median'], digits)} &middot; n 0")
     else:
         main = f"{_fmt(stats['mean'], digits)} &plusmn; {_fmt(stats['sd'], digits)}"
         detail = (f"median {_fmt(stats['median'], digits)}<br>IQR "
@@ -167,7 +169,8 @@ def _conventions(summary: dict) -> str:
         "in ml; difference = predicted &minus; reference. <b>Empty structures.</b> Absent from "
         "both masks: every score undefined, left out of the statistics and of n (as nnU-Net). "
         "Absent from one mask: Dice, IoU and NSD 0, HD95 and ASSD infinite (counted as "
-        "<span class=\"inf\">inf</span>, left out of mean, sd, median and IQR). A case with "
+        "<span class=\"inf\">inf</span>, left out of mean, sd and IQR; the median counts "
+        "them, so half the cases or more missed make it infinite). A case with "
         "no usable prediction misses each structure of its reference (Dice, IoU and NSD 0, "
         "infinite distances); a structure its reference lacks is undefined there, as one "
         "absent from both masks.</p>")
@@ -220,9 +223,10 @@ def _boxplots(results: list[CaseScores], shown: list[str], summary: dict) -> str
         return '<h2 id="boxplots">Box plots</h2>\n<p class="fail">No case could be scored.</p>'
     png = boxplots_png(scored, shown, summary.get("tolerance_mm"))
     return ('<h2 id="boxplots">Box plots per structure</h2>\n<p class="meta">Scored cases only '
-            "(each dot a case; infinite distances left out). Boxes: quartiles and median "
-            "(red).</p>\n" + _img(png, "box plots of Dice, surface Dice, HD95 and volume "
-                                  "difference per structure"))
+            "(each dot a case; infinite distances are left out and counted at the right "
+            "edge). Boxes: quartiles and median (red).</p>\n"
+            + _img(png, "box plots of Dice, surface Dice, HD95 and volume difference per "
+                        "structure"))
 
 
 def _montages(results: list[CaseScores], labels: dict[int, str] | None,
@@ -264,6 +268,8 @@ def _img(png: bytes, alt: str) -> str:
 
 
 def _fmt(value: float, digits: int) -> str:
-    if not math.isfinite(value):
+    if math.isinf(value):
+        return "inf" if value > 0 else "&minus;inf"
+    if math.isnan(value):
         return "&ndash;"
     return f"{round(value, digits) + 0.0:.{digits}f}"  # + 0.0: no "-0.0"

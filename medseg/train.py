@@ -382,12 +382,20 @@ def _keep_last_weights_as_best(scored: torch.nn.Module, checkpoints: Path, cfg: 
 def loss_function(plan: Plan, cfg: TrainConfig) -> torch.nn.Module:
     """Dice + cross-entropy (Dice over the whole batch by default, nnU-Net's batch Dice),
     summed over the deep supervision heads with MONAI's halving weights when the plan has
-    them."""
+    them. Voxels of the plan's ignore label are left out (the heads' targets are cut
+    by nearest neighbour, which keeps them ignored)."""
     from monai.losses import DeepSupervisionLoss, DiceCELoss
 
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=cfg.batch_dice,
-                         include_background=cfg.dice_include_background,
-                         label_smoothing=cfg.label_smoothing)
+    from medseg.losses import DiceCELossIgnoring
+
+    if plan.ignore_label is None:
+        loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, batch=cfg.batch_dice,
+                             include_background=cfg.dice_include_background,
+                             label_smoothing=cfg.label_smoothing)
+    else:
+        loss_fn = DiceCELossIgnoring(plan.ignore_label, batch=cfg.batch_dice,
+                                     include_background=cfg.dice_include_background,
+                                     label_smoothing=cfg.label_smoothing)
     return DeepSupervisionLoss(loss_fn) if plan.deep_supervision else loss_fn
 
 
@@ -560,7 +568,7 @@ def _fill_disk_cache(cache, cases: list[Case], dataset: Dataset, plan: Plan,
     barrier = dist.barrier if ranks.distributed else None
     if ranks.main and missing:
         prepare = case_preparer(preprocessing(plan, with_label=True), deterministic,
-                                plan.num_classes)
+                                plan.label_id_count)
         threads = build_threads(workflow.train.num_workers, shapes, plan.in_channels,
                                 physical_memory())
         cache.build(missing, prepare, threads, barrier)
@@ -647,7 +655,7 @@ def validate(model, val_data, plan: Plan, workflow: Workflow, device) -> dict[st
 
 def _case_scores(model, val_data, plan: Plan, workflow: Workflow, device) -> list[dict]:
     """score_case's per-structure scores of each validation case (none for None)."""
-    from medseg.metrics import score_case
+    from medseg.metrics import leave_out_ignored, score_case
 
     # the named labels only: an id the dataset skips ({0, 1, 3}) has nothing to score
     labels = dict(plan.labels)
@@ -661,6 +669,7 @@ def _case_scores(model, val_data, plan: Plan, workflow: Workflow, device) -> lis
                                            device)
             prediction = logits.argmax(1)[0].numpy()
             reference = _plain(item[LABEL])[0].numpy().astype(np.int64)
+            prediction, reference = leave_out_ignored(prediction, reference, plan.ignore_label)
             per_case.append(score_case(prediction, reference, labels,
                                        tuple(plan.target_spacing), surface=False))
     model.train()

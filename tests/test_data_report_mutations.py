@@ -14,6 +14,7 @@ import re
 import nibabel as nib
 import numpy as np
 import pytest
+from PIL import Image
 
 from medseg.check import check_dataset
 from medseg.config import load_workflow
@@ -361,4 +362,9 @@ def test_infinite_distances_are_left_out_of_the_box_plots():
     lost = {**dict.fromkeys(("dice", "iou", "nsd", "diff_ml"), math.nan), "hd95_mm": math.inf,
             "assd_mm": math.inf, "ref_ml": 1.0, "pred_ml": 0.0}
     with_inf = boxplots_png([*cases, CaseScores("b", {"s": lost})], ["s"], 2.0)
-    assert with_inf == boxplots_png(cases, ["s"], 2.0)
+    pictures = [np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+                for png in (with_inf, boxplots_png(cases, ["s"], 2.0))]
+    rows, cols = np.nonzero(np.abs(pictures[0] - pictures[1]).sum(axis=-1))
+    # what differs is the "1 inf" count at the right edge of the HD95 panel: a small patch
+    # of text, not a box drawn anew
+    assert rows.size > 0 and np.ptp(rows) < 20 and np.ptp(cols) < 40

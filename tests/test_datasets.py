@@ -241,7 +241,9 @@ def test_folder_pairs_labels_json_may_leave_out_background(tmp_path):
 
 @pytest.mark.parametrize("labels, message", [
     ({"background": 0, "whole": [1, 2], "core": 2}, "region-based labels .* are not supported"),
-    ({"background": 0, "liver": 1, "ignore": 2}, "nnU-Net's 'ignore' label .* is not supported"),
+    ({"background": 0, "liver": 1, "ignore": 5},
+     r"'ignore' must be the id one past the structures' \(2, as nnU-Net requires\), not 5"),
+    ({"background": 0, "ignore": 1}, "the label map names 'ignore' but no structure"),
 ])
 def test_nnunet_label_kinds_medseg_cannot_train_are_named(tmp_path, labels, message):
     from medseg.datasets import label_names_from_json
@@ -253,7 +255,7 @@ def test_nnunet_label_kinds_medseg_cannot_train_are_named(tmp_path, labels, mess
 
 
 @pytest.mark.parametrize("labels", [{"background": 0, "whole": [1, 2], "core": 2},
-                                    {"background": 0, "liver": 1, "ignore": 2}])
+                                    {"background": 0, "liver": 1, "ignore": 5}])
 def test_a_workflows_labels_replace_a_map_medseg_cannot_read(tmp_path, labels):
     """BraTS in nnU-Net's layout has regions in dataset.json over label files of plain ids:
     the workflow's dataset.labels, which the docs say replaces the map, was refused too."""

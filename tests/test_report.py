@@ -40,7 +40,8 @@ def test_summary_leaves_out_inf_and_nan_and_counts_inf():
     ]
     summary = summarize(results, tolerance_mm=2.0)
     hd95 = summary["structures"]["s"]["hd95_mm"]
-    assert hd95 == {"mean": 2.0, "sd": pytest.approx(math.sqrt(8)), "median": 2.0,
+    # the median counts the two misses: 0, 4, inf, inf
+    assert hd95 == {"mean": 2.0, "sd": pytest.approx(math.sqrt(8)), "median": math.inf,
                     "iqr": 2.0, "n": 2, "n_inf": 2}
     assert summary["structures"]["s"]["dice"]["n"] == 4  # the failed case counts as Dice 0
     assert summary["structures"]["s"]["dice"]["mean"] == pytest.approx(1.5 / 4)
@@ -266,3 +267,26 @@ def test_a_case_without_any_structure_is_not_ranked_best():
     assert math.isnan(case_mean_dice(results[0], ["s"]))
     roles = [(role, r.case) for role, r in rank_cases(results, ["s"])]
     assert roles == [("best", "b"), ("median, worst", "a")]
+
+
+def test_a_structure_missed_in_most_cases_has_an_infinite_median_hd95(tmp_path):
+    """The median left the misses out: one hit at 0 mm and two misses read 'hd95 median
+    0.00' in the table, the HTML and summary.json."""
+    hit = {**dict.fromkeys(FAILED_SCORES, 0.0), "dice": 1.0, "nsd": 1.0}
+    miss = {**dict(FAILED_SCORES), "ref_ml": 1.0, "pred_ml": 0.0, "diff_ml": -1.0}
+    results = [CaseScores("a", {"gallbladder": hit}), CaseScores("b", {"gallbladder": miss}),
+               CaseScores("c", {"gallbladder": dict(miss)})]
+    summary = summarize(results, 2.0)
+    hd95 = summary["structures"]["gallbladder"]["hd95_mm"]
+    assert math.isinf(hd95["median"]) and hd95["n"] == 1 and hd95["n_inf"] == 2
+    assert hd95["mean"] == 0.0  # the mean stays over the finite values
+    row = next(line for line in format_table(summary).splitlines()
+               if line.startswith("gallbladder"))
+    assert row.split()[4] == "inf"
+    write_reports(results, tmp_path, labels={0: "background", 1: "gallbladder"},
+                  tolerance_mm=2.0, summary=summary)
+    assert "median inf" in (tmp_path / "report.html").read_text(encoding="utf-8")
+    saved = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
+    assert saved["structures"]["gallbladder"]["hd95_mm"]["median"] is None
+    two_hits = summarize(results[:1] + [results[0], results[1]], 2.0)
+    assert two_hits["structures"]["gallbladder"]["hd95_mm"]["median"] == 0.0

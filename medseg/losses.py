@@ -1,0 +1,38 @@
+"""Dice + cross-entropy that leaves out nnU-Net's 'ignore' voxels (sparse annotations).
+
+MONAI's DiceCELoss takes no mask. Its parts do: MaskedDiceLoss masks the softmax and the
+one-hot target, and torch's cross-entropy skips `ignore_index`; this module only joins them
+as DiceCELoss joins DiceLoss and CrossEntropyLoss (each weighted 1).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.losses import MaskedDiceLoss
+
+_SKIPPED = -100  # torch's default ignore_index
+
+
+class DiceCELossIgnoring(torch.nn.Module):
+    """DiceCELoss(to_onehot_y=True, softmax=True) over the voxels whose target is not
+    `ignore_label`; a patch of ignored voxels only adds nothing (not NaN) to the loss."""
+
+    def __init__(self, ignore_label: int, batch: bool, include_background: bool,
+                 label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.ignore_label = ignore_label
+        self.label_smoothing = label_smoothing
+        self.dice = MaskedDiceLoss(include_background=include_background, to_onehot_y=True,
+                                   softmax=True, batch=batch)
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        annotated = target != self.ignore_label
+        classes = torch.where(annotated, target, torch.zeros_like(target))
+        dice = self.dice(logits, classes, mask=annotated)
+        if not bool(annotated.any()):  # cross-entropy's mean over no voxel is NaN
+            return dice + 0.0 * logits.sum()
+        skipped = torch.where(annotated, target, torch.full_like(target, _SKIPPED))
+        cross_entropy = F.cross_entropy(logits, skipped[:, 0].long(), ignore_index=_SKIPPED,
+                                        label_smoothing=self.label_smoothing)
+        return dice + cross_entropy

@@ -1,7 +1,5 @@
 """`python -m medseg`: the `medseg` command."""
-import sys
-
-from medseg.cli import main
+from medseg.cli import run
 
 if __name__ == "__main__":  # spawned worker processes import this module again
-    sys.exit(main())
+    run()

@@ -1018,5 +1018,10 @@ def _exit(code: int) -> None:
     sys.exit(code)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `medseg` console script and `python -m medseg`: main's exit code, by `_exit`."""
     _exit(main())
+
+
+if __name__ == "__main__":
+    run()

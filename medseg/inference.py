@@ -112,7 +112,7 @@ def _widened(start: int, stop: int, length: int, size: int) -> slice:
 
 
 def accumulator_bytes(num_classes: int, shape: tuple[int, ...], patch: tuple[int, ...],
-                      accumulate: torch.dtype = torch.float16) -> int:
+                      accumulate: torch.dtype = torch.float32) -> int:
     """Bytes of the class-score ring buffer `stream_probabilities` keeps for an image of
     `shape` (X, Y, Z): classes x X x Y x patch depth, each axis at least a patch."""
     x, y = (max(s, p) for s, p in zip(shape[:2], patch[:2], strict=True))
@@ -132,7 +132,7 @@ def accumulation_dtype(num_classes: int, shape: tuple[int, ...], patch: tuple[in
 
 def stream_probabilities(predict_windows: WindowPredictor, image: torch.Tensor,
                          num_classes: int, patch: tuple[int, int, int], step: float,
-                         batch_size: int, accumulate: torch.dtype = torch.float16,
+                         batch_size: int, accumulate: torch.dtype = torch.float32,
                          on_windows: Callable[[int], object] | None = None
                          ) -> Iterator[tuple[int, torch.Tensor]]:
     """Gaussian-weighted sliding window over a (C, X, Y, Z) image, yielding `(z, planes)`:

@@ -191,6 +191,8 @@ def format_table(summary: dict) -> str:
     nsd_head = f"nsd@{tolerance:g}mm" if tolerance is not None else "nsd"
     rows = [("structure", "mean dice", "sd", nsd_head, "hd95 median mm", "n", "inf")]
     absent = set(summary.get("absent_structures", []))
+    if absent >= set(summary["structures"]):  # as summarize and the HTML: show them all
+        absent = set()
     for name, stats in summary["structures"].items():
         if name in absent:
             continue

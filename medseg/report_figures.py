@@ -32,7 +32,6 @@ GAP = 4
 TITLE_H = 22
 HEADER_H = 34
 PER_ROW = 3  # structures per montage row
-VIEWS = ("axial", "coronal", "sagittal")
 BOX_METRICS = (("dice", "Dice"), ("nsd", "surface Dice (NSD)"), ("hd95_mm", "HD95 (mm)"),
                ("diff_ml", "volume difference (ml)"))
 

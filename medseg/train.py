@@ -647,12 +647,6 @@ def _reseed(seed: int, epoch: int, train_data, loader, rank: int = 0) -> None:
     loader.sampler.set_epoch(epoch)
 
 
-def validate(model, val_data, plan: Plan, workflow: Workflow, device) -> dict[str, float]:
-    """Mean Dice per structure over the validation cases, in the preprocessed space, with the
-    same per-structure scoring (and empty-structure conventions) as `medseg evaluate`."""
-    return _mean_dice(_case_scores(model, val_data, plan, workflow, device))
-
-
 def _case_scores(model, val_data, plan: Plan, workflow: Workflow, device) -> list[dict]:
     """score_case's per-structure scores of each validation case (none for None)."""
     from medseg.metrics import leave_out_ignored, score_case

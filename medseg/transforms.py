@@ -16,7 +16,10 @@ from medseg.reader import LoadVolumed
 IMAGE = "image"
 LABEL = "label"
 INDICES_POSTFIX = "_class_indices"
-SAMPLES_PER_CLASS = 20_000  # patch centres kept per class and case, as nnU-Net's 10k
+# patch centres kept per class and case, spread evenly over its voxels (nnU-Net keeps
+# 10 000; medseg has kept twice that since its first cache, which holds them: a change
+# would rebuild every cache)
+SAMPLES_PER_CLASS = 20_000
 
 
 def channel_keys(plan: Plan) -> list[str]:
@@ -33,17 +36,15 @@ def case_dict(images, label=None) -> dict:
     return data
 
 
-def preprocessing(plan: Plan, with_label: bool, series_uid: str | None = None,
-                  resample_irregular: bool = False) -> mt.Compose:
-    """Load (any format `read_volume` reads; the DICOM options apply to DICOM inputs), RAS
-    orientation, resampling to the target spacing, per-channel normalization, channels
-    stacked into `image`."""
+def preprocessing(plan: Plan, with_label: bool) -> mt.Compose:
+    """Load (any format `read_volume` reads, a DICOM series folder too), RAS orientation,
+    resampling to the target spacing, per-channel normalization, channels stacked into
+    `image`."""
     image_keys = channel_keys(plan)
     all_keys = image_keys + ([LABEL] if with_label else [])
     modes = ["bilinear"] * len(image_keys) + (["nearest"] if with_label else [])
     steps: list = [
-        LoadVolumed(all_keys, dtype=np.float32, series_uid=series_uid,
-                    resample_irregular=resample_irregular, reorderable=[LABEL]),
+        LoadVolumed(all_keys, dtype=np.float32, reorderable=[LABEL]),
         mt.EnsureChannelFirstd(all_keys),
         mt.Orientationd(all_keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         # float32 resampling: MONAI's float64 default doubles the peak memory on large CTs

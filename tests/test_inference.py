@@ -202,8 +202,10 @@ def test_axes_a_rounding_error_off_a_right_angle_are_mapped_others_refused():
 def test_accumulator_bytes_count_the_padded_float16_ring_buffer():
     patch = (16, 16, 12)
     # (classes x X x Y x patch depth) float16; axes smaller than a patch are padded to it
-    assert accumulator_bytes(CLASSES, (30, 10, 41), patch) == CLASSES * 30 * 16 * 12 * 2
-    assert accumulator_bytes(42, (273, 273, 400), (96, 96, 96)) == 42 * 273 * 273 * 96 * 2
+    half = torch.float16
+    assert accumulator_bytes(CLASSES, (30, 10, 41), patch, half) == CLASSES * 30 * 16 * 12 * 2
+    assert accumulator_bytes(42, (273, 273, 400), (96, 96, 96), half) == 42 * 273 * 273 * 96 * 2
+    assert accumulator_bytes(42, (273, 273, 400), (96, 96, 96)) == 42 * 273 * 273 * 96 * 4
 
 
 def test_class_scores_accumulate_in_float32_unless_the_buffer_would_be_large():

@@ -290,3 +290,12 @@ def test_a_structure_missed_in_most_cases_has_an_infinite_median_hd95(tmp_path):
     assert saved["structures"]["gallbladder"]["hd95_mm"]["median"] is None
     two_hits = summarize(results[:1] + [results[0], results[1]], 2.0)
     assert two_hits["structures"]["gallbladder"]["hd95_mm"]["median"] == 0.0
+
+
+def test_the_console_table_lists_every_structure_when_all_are_absent():
+    """summary.json and the HTML fall back to every structure; the table had no row."""
+    empty = dict.fromkeys(FAILED_SCORES, math.nan)
+    results = [CaseScores("a", {"liver": dict(empty), "spleen": dict(empty)})]
+    table = format_table(summarize(results, 2.0))
+    assert [line.split()[0] for line in table.splitlines()[2:4]] == ["liver", "spleen"]
+    assert "not shown" not in table

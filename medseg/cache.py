@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 from medseg.errors import MedsegError, one_line
 from medseg.fileio import atomic_path, atomic_write_json
+from medseg.plan import GB, resampled_shapes
 from medseg.stopping import raise_if_stopped
 from medseg.transforms import (
     IMAGE,
@@ -57,26 +58,12 @@ FORMAT = 1  # of the files and the manifest; another number rebuilds the cache
 # validation's sliding window and everything else running there
 MEMORY_SHARE = 0.5
 INDICES_KEY = LABEL + INDICES_POSTFIX
-GB = 2**30
 ENTRY_KEYS = {"sources", "stem", "files", "shape", "counts", "box"}  # of a manifest's case
 SPARE_SHARE = 0.1  # free space kept beyond the cache's estimate
 # what a cached case passes through: a change in any of them prepares the cases again
 PREPROCESSING_MODULES = ("transforms.py", "reader.py", "io.py", "itkio.py", "dicom.py",
                          "dicom_frames.py", "dicom_resample.py", "cache.py")
 PREPROCESSING_LIBRARIES = ("monai", "torch", "numpy", "nibabel", "SimpleITK", "pydicom")
-
-
-def resampled_shapes(spacings: list[list[float]], shapes: list[list[int]],
-                     target: list[float]) -> list[list[float]]:
-    """Each case's shape at the target spacing (voxels per axis, not rounded)."""
-    goal = np.asarray(target, dtype=float)
-    return [list(np.asarray(shape, float) * np.asarray(spacing, float) / goal)
-            for shape, spacing in zip(shapes, spacings, strict=True)]
-
-
-def memory_cache_bytes(shapes: list[list[float]], channels: int) -> float:
-    """What caching every case in memory takes: float32 channels and label per voxel."""
-    return sum(float(np.prod(shape)) for shape in shapes) * 4 * (channels + 1)
 
 
 def choose_cache(requested: str, estimate: float | None, memory: int | None,

@@ -235,6 +235,22 @@ def _count_classes(label: Volume, class_voxels: dict[int, int], ignore_label: in
             class_voxels[label_id] = class_voxels.get(label_id, 0) + count
 
 
+GB = 2**30
+
+
+def resampled_shapes(spacings: list[list[float]], shapes: list[list[int]],
+                     target: list[float]) -> list[list[float]]:
+    """Each case's shape at the target spacing (voxels per axis, not rounded)."""
+    goal = np.asarray(target, dtype=float)
+    return [list(np.asarray(shape, float) * np.asarray(spacing, float) / goal)
+            for shape, spacing in zip(shapes, spacings, strict=True)]
+
+
+def memory_cache_bytes(shapes: list[list[float]], channels: int) -> float:
+    """What caching every case in memory takes: float32 channels and label per voxel."""
+    return sum(float(np.prod(shape)) for shape in shapes) * 4 * (channels + 1)
+
+
 def refuse_unaffordable_spacing(fp: Fingerprint, plan: Plan, memory_bytes: int | None,
                                 cache: str = "memory", spacing_given: bool = True) -> None:
     """A target spacing far finer than the data's (0.01 mm for 1 mm voxels) makes the
@@ -244,8 +260,6 @@ def refuse_unaffordable_spacing(fp: Fingerprint, plan: Plan, memory_bytes: int |
     and disk keep a large dataset on disk instead, whose free space is checked when the
     cache is built). `spacing_given`: the workflow set plan.target_spacing; otherwise the
     message names the data's own spacing, which no coarser setting of it is to blame for."""
-    from medseg.cache import GB, memory_cache_bytes, resampled_shapes
-
     shapes = resampled_shapes(fp.spacings, fp.shapes, plan.target_spacing)
     largest = max((float(np.prod(shape)) for shape in shapes), default=0.0)
     cached = memory_cache_bytes(shapes, plan.in_channels)

@@ -39,7 +39,7 @@ from medseg.model import (
     supervised_outputs,
     weight_snapshot,
 )
-from medseg.plan import Plan
+from medseg.plan import GB, Plan, memory_cache_bytes
 from medseg.stopping import raise_if_stopped
 from medseg.transforms import IMAGE, LABEL, augmentation, case_dict, preprocessing
 
@@ -581,7 +581,7 @@ def _cache_mode(workflow: Workflow, plan: Plan, run_dir: Path, ranks: Ranks,
                 device: torch.device) -> str:
     """`train.cache`, with `auto` resolved by rank 0 from the run's fingerprint (the other
     ranks may start before rank 0 has written it) for every rank."""
-    from medseg.cache import CACHE_FOLDER, choose_cache, fingerprint_shapes, memory_cache_bytes
+    from medseg.cache import CACHE_FOLDER, choose_cache, fingerprint_shapes
     from medseg.fileio import physical_memory
 
     if workflow.train.cache == "memory":
@@ -604,7 +604,7 @@ def _cache_mode(workflow: Workflow, plan: Plan, run_dir: Path, ranks: Ranks,
 def _refuse_memory_cache_beyond_memory(run_dir: Path, plan: Plan) -> None:
     """`train.cache: memory` (a new run's, or one a resume set) for cases that would take
     more than twice this machine's memory: refused in one line rather than killed later."""
-    from medseg.cache import GB, fingerprint_shapes, memory_cache_bytes
+    from medseg.cache import fingerprint_shapes
     from medseg.fileio import physical_memory
 
     shapes, memory = fingerprint_shapes(run_dir, plan), physical_memory()

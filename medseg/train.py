@@ -14,6 +14,7 @@ import os
 import pickle
 import re
 import shutil
+import sys
 import time
 import warnings
 from collections.abc import Iterator
@@ -1045,5 +1046,14 @@ def _truncate_metrics(path: Path, next_epoch: int) -> None:
     """Drop metric lines of epochs after the saved state (written just before a crash)."""
     if not path.is_file():
         return
+    text = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    # a half-written last line is what a kill leaves; an unreadable line before others is
+    # damage, and its epoch's record is lost: said, not dropped in silence
+    damaged = sum(1 for line in text[:-1] if line.strip() and
+                  ("\ufffd" in line or math.isinf(_metrics_epoch(line))))
+    if damaged:
+        tqdm.write(f"medseg: note: {path}: {damaged} damaged line{'s' if damaged > 1 else ''} "
+                   f"before the last could not be read and {'are' if damaged > 1 else 'is'} "
+                   f"left out (their epochs' records are lost)", file=sys.stderr)
     lines = [line for line in _metrics_lines(path) if _metrics_epoch(line) < next_epoch]
     atomic_write_text(path, "".join(f"{line}\n" for line in lines))

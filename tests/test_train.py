@@ -184,6 +184,24 @@ def test_a_half_written_metrics_line_is_dropped_on_resume(tmp_path):
         '{"epoch": 0, "train_loss": 1.0}', '{"epoch": 1, "train_loss": 0.9}']
 
 
+def test_a_damaged_metrics_line_before_others_is_named_on_resume(tmp_path, capsys):
+    """A half-written last line is a kill's; one before others is damage, and its epoch's
+    record vanished without a word."""
+    from medseg.train import _truncate_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(b'{"epoch": 0, "train_loss": 1.0}\n{"epoch": 1, "tr\xff\xfe\n'
+                     b'{"epoch": 2, "train_loss": 0.8}\n{"epoch": 3, "tra')
+    _truncate_metrics(path, next_epoch=3)
+    assert path.read_text(encoding="utf-8").splitlines() == [
+        '{"epoch": 0, "train_loss": 1.0}', '{"epoch": 2, "train_loss": 0.8}']
+    err = capsys.readouterr().err
+    assert f"{path}: 1 damaged line before the last could not be read" in err
+    path.write_text('{"epoch": 0}\n{"epoch": 1, "tra', encoding="utf-8")
+    _truncate_metrics(path, next_epoch=1)
+    assert "damaged" not in capsys.readouterr().err  # a kill's half line is no news
+
+
 def test_resume_after_fold_all_trains_the_folds_never_started(tmp_path, phantom_dataset,
                                                               capsys):
     import shutil

@@ -132,7 +132,7 @@ def fingerprint(dataset: Dataset, seed: int = 0, progress: bool = True) -> Finge
                 first = (image.path, image.geometry)  # not its voxels: memory
             else:  # the label lies on channel 0's grid already
                 _check_channel_grid(image, first)
-            _sample_intensities(image, label, rng, samples[channel])
+            _sample_intensities(image, label, rng, samples[channel], dataset.ignore_label)
             ranges[channel].append((float(image.data.min()), float(image.data.max())))
         if label is not None:
             digests.append(voxels_digest(label.data))
@@ -208,9 +208,16 @@ def _note_modality_doubts(dataset: Dataset, ranges: list[list[tuple[float, float
 
 
 def _sample_intensities(image: Volume, label: Volume | None, rng: np.random.Generator,
-                        samples: list[np.ndarray]) -> None:
-    """Up to SAMPLES_PER_CASE voxels of the image's foreground (of all of it, unlabelled)."""
-    values = image.data[label.data > 0] if label is not None else image.data.ravel()
+                        samples: list[np.ndarray], ignore_label: int | None = None) -> None:
+    """Up to SAMPLES_PER_CASE voxels of the image's foreground (of all of it, unlabelled).
+    Unannotated voxels ('ignore') are not foreground: they may be air or anything else."""
+    if label is None:
+        values = image.data.ravel()
+    else:
+        foreground = label.data > 0
+        if ignore_label is not None:
+            foreground &= label.data != ignore_label
+        values = image.data[foreground]
     if values.size:
         take = min(SAMPLES_PER_CASE, values.size)
         samples.append(rng.choice(values, size=take, replace=False))

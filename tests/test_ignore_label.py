@@ -161,3 +161,13 @@ def test_check_takes_the_ignore_id_as_a_label_value(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "not in the label map" not in out
     assert "case1" in out and "holds no structure (background and 'ignore' only)" in out
+
+
+def test_unannotated_voxels_are_not_foreground_for_the_intensity_statistics(tmp_path):
+    """The CT clip range comes from the structures' voxels: the ignored slices hold air
+    (-1000 HU) too, and counting them as foreground widened it to the air's values."""
+    from medseg.plan import fingerprint
+
+    write_sparse_dataset(tmp_path, n_cases=2)
+    stats = fingerprint(load_dataset(tmp_path), progress=False).intensity[0]
+    assert stats["p00_5"] > -200

@@ -352,7 +352,7 @@ def prepare_case(plan: Plan, volume: Volume | Path | list[Volume | Path],
         tqdm.write(f"medseg: note: {channels[0].path}: {note}", file=sys.stderr)
     refuse_sheared_axes(geometry, channels[0].path, "and the mask goes back onto the input "
                         "grid by permuting, flipping and scaling axes")
-    _refuse_huge_network_grid(geometry, plan, channels[0].path)
+    _refuse_beyond_memory(geometry, plan, channels[0].path)
     image = preprocessing(plan, with_label=False)(case_dict(channels))[IMAGE]
     return PreparedCase(image.as_tensor(), image.affine.numpy().astype(np.float64), geometry)
 
@@ -368,7 +368,7 @@ def _note_unlike_training(channels: list[Volume], plan: Plan) -> None:
                        file=sys.stderr)
 
 
-def _refuse_huge_network_grid(geometry: Geometry, plan: Plan, path: Path | None) -> None:
+def _refuse_beyond_memory(geometry: Geometry, plan: Plan, path: Path | None) -> None:
     """Refuse, in one line and before preprocessing, a case that would need more than this
     machine's memory: a header whose spacing is far off (25 mm for 1 mm, say) makes
     resampling to the plan's spacing allocate tens of GB, and a huge scan at a coarse

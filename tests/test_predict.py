@@ -317,11 +317,11 @@ def test_a_network_grid_beyond_this_machines_memory_is_refused(trained_run, monk
     extent = np.cbrt(1e8 * np.prod(plan.target_spacing))
     geometry = Geometry((100, 100, 100), np.diag([extent / 100] * 3 + [1.0]))
     monkeypatch.setattr(predict_module, "physical_memory", lambda: 64 * 2**30)
-    predict_module._refuse_huge_network_grid(geometry, plan, Path("x.nii.gz"))
+    predict_module._refuse_beyond_memory(geometry, plan, Path("x.nii.gz"))
     monkeypatch.setattr(predict_module, "physical_memory", lambda: 2 * 2**30)
     with pytest.raises(MedsegError, match=r"x.nii.gz: .*1e\+08 voxels \(about 4 GB to predict; "
                                           r"this machine has 2 GB\)"):
-        predict_module._refuse_huge_network_grid(geometry, plan, Path("x.nii.gz"))
+        predict_module._refuse_beyond_memory(geometry, plan, Path("x.nii.gz"))
 
 
 def test_a_scan_too_large_to_preprocess_is_refused_before_it_is_resampled(trained_run,
@@ -338,9 +338,9 @@ def test_a_scan_too_large_to_preprocess_is_refused_before_it_is_resampled(traine
     monkeypatch.setattr(predict_module, "physical_memory", lambda: 2 * 2**30)
     with pytest.raises(MedsegError, match=r"x.nii.gz: this volume's 4e\+08 voxels need about "
                                           r"6 GB to preprocess; this machine has 2 GB"):
-        predict_module._refuse_huge_network_grid(geometry, plan, Path("x.nii.gz"))
+        predict_module._refuse_beyond_memory(geometry, plan, Path("x.nii.gz"))
     monkeypatch.setattr(predict_module, "physical_memory", lambda: 16 * 2**30)
-    predict_module._refuse_huge_network_grid(geometry, plan, Path("x.nii.gz"))
+    predict_module._refuse_beyond_memory(geometry, plan, Path("x.nii.gz"))
 
 
 def test_sheared_voxel_axes_are_named_and_cpu_0_is_a_device(trained_run, inputs, tmp_path):

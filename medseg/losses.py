@@ -2,7 +2,9 @@
 
 MONAI's DiceCELoss takes no mask. Its parts do: MaskedDiceLoss masks the softmax and the
 one-hot target, and torch's cross-entropy skips `ignore_index`; this module only joins them
-as DiceCELoss joins DiceLoss and CrossEntropyLoss (each weighted 1).
+as DiceCELoss joins DiceLoss and CrossEntropyLoss (each weighted 1). The target goes to
+MaskedDiceLoss one-hot already: given class indices, it masks them before its own one-hot,
+which turns every ignored voxel into background (a perfect prediction then lost 0.25).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from monai.losses import MaskedDiceLoss
+from monai.networks.utils import one_hot
 
 _SKIPPED = -100  # torch's default ignore_index
 
@@ -23,13 +26,13 @@ class DiceCELossIgnoring(torch.nn.Module):
         super().__init__()
         self.ignore_label = ignore_label
         self.label_smoothing = label_smoothing
-        self.dice = MaskedDiceLoss(include_background=include_background, to_onehot_y=True,
-                                   softmax=True, batch=batch)
+        self.dice = MaskedDiceLoss(include_background=include_background, softmax=True,
+                                   batch=batch)
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         annotated = target != self.ignore_label
         classes = torch.where(annotated, target, torch.zeros_like(target))
-        dice = self.dice(logits, classes, mask=annotated)
+        dice = self.dice(logits, one_hot(classes, logits.shape[1]), mask=annotated)
         if not bool(annotated.any()):  # cross-entropy's mean over no voxel is NaN
             return dice + 0.0 * logits.sum()
         skipped = torch.where(annotated, target, torch.full_like(target, _SKIPPED))

@@ -6,6 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import REPO, SMALL_SHAPE, SMALL_SPACING, TINY_TRAINING, as_sets
 from monai.losses import DiceCELoss
 
@@ -75,6 +76,20 @@ def test_the_loss_without_ignored_voxels_is_dice_ce():
             found = DiceCELossIgnoring(4, batch=batch, include_background=background)(logits,
                                                                                       target)
             assert torch.allclose(found, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_a_perfect_prediction_of_a_sparse_target_loses_nothing(background):
+    """MaskedDiceLoss one-hot encoded the masked indices: every ignored voxel became
+    background, so a perfect prediction lost 0.25 with background in the Dice."""
+    generator = torch.Generator().manual_seed(2)
+    target = torch.randint(0, 3, (2, 1, 16, 16, 12), generator=generator)
+    logits = 20.0 * F.one_hot(target[:, 0], 3).movedim(-1, 1).float()
+    sparse = target.clone()
+    sparse[..., 1::3] = 3
+    sparse[..., 2::3] = 3
+    loss = DiceCELossIgnoring(3, batch=True, include_background=background)(logits, sparse)
+    assert float(loss) < 1e-4
 
 
 def test_ignored_voxels_give_no_gradient_and_an_all_ignored_patch_no_nan():

@@ -216,6 +216,14 @@ def _check_image_voxels(file: Path, modality: str, hint: str, add) -> str | None
     return voxels_digest(volume.data)  # as training's: a float32 copy of an int16 case is one
 
 
+def _no_structure(values: set, ignore: int | None) -> str:
+    if ignore not in values:
+        return "label is empty (background only)"
+    if 0 not in values:
+        return "label holds no structure ('ignore' only: no voxel is annotated)"
+    return "label holds no structure (background and 'ignore' only)"
+
+
 def _check_label_voxels(file: Path, dataset: Dataset, add
                         ) -> tuple[frozenset[int], str | None]:
     """Label values outside the map (the 'ignore' id is in it), or an empty label; returns
@@ -230,11 +238,11 @@ def _check_label_voxels(file: Path, dataset: Dataset, add
     known = set(labels) | {ignore} if labels else {v for v in values if v >= 0}
     unknown = sorted(values - known)
     if unknown:
-        add(file, f"label values {unknown[:10]} are not in the label map "
-                  f"{sorted(labels) if labels else '(non-negative integers)'}")
+        known_ids = sorted(labels) if labels else "(non-negative integers)"
+        also = f" and 'ignore' {ignore}" if ignore is not None else ""
+        add(file, f"label values {unknown[:10]} are not in the label map {known_ids}{also}")
     if not values - {0, ignore}:
-        add(file, "label is empty (background only)" if ignore not in values else
-                  "label holds no structure (background and 'ignore' only)", "warning")
+        add(file, _no_structure(values, ignore), "warning")
     return frozenset(values), voxels_digest(data)
 
 

@@ -181,11 +181,12 @@ def read_reference(reference: Path, labels: dict[int, str], ignore_label: int | 
 
 
 def load_pair(prediction: Path, reference: Path | Reference, labels: dict[int, str],
-              resample: bool = False) -> LoadedPair:
+              resample: bool = False, ignore_label: int | None = None) -> LoadedPair:
     """Read both label maps (or the prediction, given `read_reference`'s); check (or with
-    `resample`, make) a shared grid and known labels."""
+    `resample`, make) a shared grid and known labels (the reference may hold
+    `ignore_label`: the maps are returned as read, before `leave_out_ignored`)."""
     if not isinstance(reference, Reference):
-        reference = read_reference(reference, labels)
+        reference = read_reference(reference, labels, ignore_label)
     ref = reference.volume
     pred = read_label_map(prediction)
     pred_data = pred.data.reshape(pred.spatial_shape)

@@ -60,6 +60,8 @@ def run_evaluation(pred_dir: Path, ref_dir: Path, labels_path: Path | None,
         results = evaluate_pairs(pairs, labels, tolerance_mm=tolerance_mm, jobs=jobs,
                                  resample=resample, ignore_label=ignore_label)
         summary = summarize(results, tolerance_mm)
+        if ignore_label is not None:  # for the report's overlays, and for the record
+            summary["ignore_label"] = ignore_label
         print(format_table(summary))  # first: the scores are shown even if writing them fails
         _print_notes(results, summary, pred_dir, ref_dir, pairs, only_cases)
         if out_dir is not None:

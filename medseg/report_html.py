@@ -7,6 +7,7 @@ montages of the best, median and worst cases.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime
 import math
 from html import escape
@@ -14,7 +15,7 @@ from html import escape
 import numpy as np
 
 from medseg.evaluate import CaseScores, load_pair
-from medseg.metrics import is_present
+from medseg.metrics import is_present, leave_out_ignored
 from medseg.report_figures import PREDICTION_HEX, REFERENCE_HEX, boxplots_png, montage_png
 
 TABLE_METRICS = (("dice", "Dice", 3), ("iou", "IoU", 3), ("nsd", "NSD", 3),
@@ -54,7 +55,7 @@ def render_report(results: list[CaseScores], summary: dict,
     shown = shown_structures(summary)
     parts = [_header(results, summary), _summary_table(summary, shown), _conventions(summary),
              _case_table(results, shown), _boxplots(results, shown, summary),
-             _montages(results, labels, shown)]
+             _montages(results, labels, shown, summary.get("ignore_label"))]
     body = "\n".join(parts)
     return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
             f"<title>medseg evaluation report</title>\n<style>{STYLE}</style>\n</head>\n"
@@ -173,7 +174,17 @@ def _conventions(summary: dict) -> str:
         "them, so half the cases or more missed make it infinite). A case with "
         "no usable prediction misses each structure of its reference (Dice, IoU and NSD 0, "
         "infinite distances); a structure its reference lacks is undefined there, as one "
-        "absent from both masks.</p>")
+        f"absent from both masks.{_ignored_voxels(summary)}</p>")
+
+
+def _ignored_voxels(summary: dict) -> str:
+    ignore = summary.get("ignore_label")
+    if ignore is None:
+        return ""
+    return (f" <b>Unannotated voxels.</b> Where a reference holds id {ignore} ('ignore'), both "
+            "masks count as background: a prediction there is neither right nor wrong. "
+            "Surfaces cut by such voxels meet in both masks, so surface scores measure the "
+            "annotated part only and are not comparable with those of dense references.")
 
 
 def _case_table(results: list[CaseScores], shown: list[str]) -> str:
@@ -230,7 +241,7 @@ def _boxplots(results: list[CaseScores], shown: list[str], summary: dict) -> str
 
 
 def _montages(results: list[CaseScores], labels: dict[int, str] | None,
-              shown: list[str]) -> str:
+              shown: list[str], ignore_label: int | None = None) -> str:
     head = ('<h2 id="montages">Overlays: best, median and worst scored cases</h2>\n'
             f'<p class="meta"><span class="swatch" style="background:{REFERENCE_HEX}"></span>'
             f'reference contour<span class="swatch" style="background:{PREDICTION_HEX}">'
@@ -250,10 +261,15 @@ def _montages(results: list[CaseScores], labels: dict[int, str] | None,
         title = f"{role}: {result.case} (mean Dice {case_mean_dice(result, shown):.3f})"
         parts.append(f"<h3>{escape(title)}</h3>")
         try:
-            pair = load_pair(result.prediction, result.reference, labels, result.resampled)
+            pair = load_pair(result.prediction, result.reference, labels, result.resampled,
+                             ignore_label)
         except Exception as exc:  # the files changed since scoring: say so, keep the report
             parts.append(f'<p class="fail">cannot draw this case: {escape(str(exc))}</p>')
             continue
+        # drawn as scored: unannotated voxels are background in both
+        prediction, reference = leave_out_ignored(pair.prediction, pair.reference,
+                                                  ignore_label)
+        pair = dataclasses.replace(pair, prediction=prediction, reference=reference)
         parts.append(_img(montage_png(pair, labels, result.scores, title),
                           f"overlay montage of case {result.case}"))
     if len(parts) == 1:

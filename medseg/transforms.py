@@ -3,6 +3,8 @@ inference, so that inference inverts exactly what training saw) and training aug
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from monai import transforms as mt
@@ -135,6 +137,10 @@ class ForegroundOversampledCropd(mt.RandCropByLabelClassesd):
                   ) -> None:
         if indices is None:  # as MONAI does without ClassesToIndicesd
             indices = map_classes_to_indices(label, self.cropper.num_classes)
+        if not any(len(found) for found in indices):
+            # no voxel of any class, background included (a label of nnU-Net's 'ignore'
+            # only): a centre anywhere, where MONAI would draw from no class at all (NaN)
+            indices = [np.arange(math.prod(label.shape[1:])), *indices[1:]]
         self.cropper.ratios = self.case_ratios(indices)
         super().randomize(label, indices, image)
 

@@ -55,11 +55,13 @@ def test_an_ignore_label_that_is_not_the_next_id_is_refused(tmp_path, labels):
     assert error.value.args and "dataset.json" in str(error.value)
 
 
-def test_a_workflow_ignore_label_that_is_not_the_next_id_is_refused(tmp_path, capsys):
+@pytest.mark.parametrize("labels", ["{1: liver, 2: ignore, 3: spine}",
+                                    "{1: liver, 2: spine, 5: ignore}"])  # past a gap
+def test_a_workflow_ignore_label_that_is_not_the_next_id_is_refused(tmp_path, capsys, labels):
     write_sparse_dataset(tmp_path / "data", n_cases=1)
     code = main(["train", str(REPO / "workflows" / "demo.yaml"), "--out", str(tmp_path / "run"),
                  *as_sets([f"dataset.path={tmp_path / 'data'}", "dataset.layout=nnunet",
-                           "dataset.labels={1: liver, 2: ignore, 3: spine}"])])
+                           f"dataset.labels={labels}"])])
     err = capsys.readouterr().err
     assert code == 2 and "'dataset.labels'" in err and "'ignore' must be the id" in err
     assert not (tmp_path / "run").exists()
@@ -163,19 +165,24 @@ def test_train_predict_and_evaluate_with_an_ignore_label(tmp_path, capsys):
         assert summary["structures"][name]["dice"]["mean"] == pytest.approx(expected)
         counted_ignored.append(np.count_nonzero(mask == label_id) != np.count_nonzero(p))
     assert any(counted_ignored)  # the mask has structure voxels on the ignored slices
-    assert "ignore" not in summary["structures"]
+    assert "ignore" not in summary["structures"] and summary["ignore_label"] == 4
+    page = (tmp_path / "scores" / "report.html").read_text(encoding="utf-8")
+    assert "cannot draw" not in page and page.count("<img") >= 2  # box plots and an overlay
+    assert "Unannotated voxels" in page
 
 
 def test_check_takes_the_ignore_id_as_a_label_value(tmp_path, capsys):
     write_sparse_dataset(tmp_path / "data", n_cases=2)
-    label = tmp_path / "data" / "labelsTr" / "case1.nii.gz"
-    image = nib.load(label)
-    nib.save(nib.Nifti1Image(np.where(np.asarray(image.dataobj) > 0, 4, 0).astype(np.uint8),
-                             image.affine), label)
+    for case, outside in (("case0", 4), ("case1", 0)):
+        label = tmp_path / "data" / "labelsTr" / f"{case}.nii.gz"
+        image = nib.load(label)
+        nib.save(nib.Nifti1Image(np.where(np.asarray(image.dataobj) > 0, 4, outside)
+                                 .astype(np.uint8), image.affine), label)
     assert main(["check", str(tmp_path / "data")]) == 1  # a warning, no error
     out = capsys.readouterr().out
     assert "not in the label map" not in out
-    assert "case1" in out and "holds no structure (background and 'ignore' only)" in out
+    assert "holds no structure (background and 'ignore' only)" in out
+    assert "holds no structure ('ignore' only: no voxel is annotated)" in out
 
 
 def test_unannotated_voxels_are_not_foreground_for_the_intensity_statistics(tmp_path):
@@ -186,3 +193,18 @@ def test_unannotated_voxels_are_not_foreground_for_the_intensity_statistics(tmp_
     write_sparse_dataset(tmp_path, n_cases=2)
     stats = fingerprint(load_dataset(tmp_path), progress=False).intensity[0]
     assert stats["p00_5"] > -200
+
+
+@pytest.mark.parametrize("crop_size", [None, [20, 20, 20]])
+def test_a_case_labelled_ignore_everywhere_still_gives_a_patch(crop_size):
+    """No background and no structure voxel: MONAI drew from no class ('probabilities
+    contain NaN', a ValueError naming no file) once the padding brought no background."""
+    from medseg.transforms import IMAGE, LABEL, ForegroundOversampledCropd
+
+    case = {IMAGE: torch.rand(1, 16, 16, 16), LABEL: torch.full((1, 16, 16, 16), 3.0)}
+    crop = ForegroundOversampledCropd([IMAGE, LABEL], 0.33, [16, 16, 16], 3, "none",
+                                      crop_size=crop_size)
+    for seed in range(4):
+        crop.set_random_state(seed)
+        patch = crop(dict(case))[0]
+        assert tuple(patch[IMAGE].shape[1:]) == tuple(crop_size or [16, 16, 16])

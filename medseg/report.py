@@ -64,6 +64,8 @@ def run_evaluation(pred_dir: Path, ref_dir: Path, labels_path: Path | None,
             summary["ignore_label"] = ignore_label
         print(format_table(summary))  # first: the scores are shown even if writing them fails
         _print_notes(results, summary, pred_dir, ref_dir, pairs, only_cases)
+        if labels_path is None and not label_names:
+            _note_never_predicted(results)
         if out_dir is not None:
             write_reports(results, out_dir, labels=labels, tolerance_mm=tolerance_mm,
                           summary=summary)
@@ -97,6 +99,20 @@ def _print_notes(results: list[CaseScores], summary: dict, pred_dir: Path, ref_d
     if summary["resampled_cases"]:
         print(f"resampled onto the reference grid (nearest neighbour): "
               f"{', '.join(summary['resampled_cases'])}")
+
+
+def _note_never_predicted(results: list[CaseScores]) -> None:
+    """Ids found in the references (labels read from the files, no map given) that no
+    prediction holds: often an unannotated id (nnU-Net's 'ignore'), scored as a structure
+    every case misses, which halves the mean Dice."""
+    scored = [r for r in results if not r.error]
+    never = [name for name in (scored[0].scores if scored else {})
+             if any(r.scores[name]["ref_ml"] > 0 for r in scored)
+             and all(r.scores[name]["pred_ml"] == 0 for r in scored)]
+    if never:
+        print(f"medseg: note: {', '.join(never)} in the references but in no prediction: if "
+              f"such an id marks unannotated voxels, give --labels a map that names it "
+              f"'ignore' (nnU-Net's) to leave them out", file=sys.stderr)
 
 
 def _pairs_of(pairs: list, cases: set[str], ref_dir: Path) -> list:

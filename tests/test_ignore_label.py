@@ -169,6 +169,11 @@ def test_train_predict_and_evaluate_with_an_ignore_label(tmp_path, capsys):
     page = (tmp_path / "scores" / "report.html").read_text(encoding="utf-8")
     assert "cannot draw" not in page and page.count("<img") >= 2  # box plots and an overlay
     assert "Unannotated voxels" in page
+    capsys.readouterr()
+    # without the map, id 4 is a structure no prediction has: a note points to 'ignore'
+    assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--ref",
+                 str(reference_dir)]) == 0
+    assert "label_4 in the references but in no prediction" in capsys.readouterr().err
 
 
 def test_check_takes_the_ignore_id_as_a_label_value(tmp_path, capsys):

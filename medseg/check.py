@@ -348,7 +348,9 @@ def _message(exc: MedsegError) -> str:
 def _name_of(file: Path) -> str:
     """Case name of an orphan file (an nnU-Net channel suffix _0000 dropped)."""
     name = strip_image_suffix(file.name)
-    return name[:-5] if len(name) > 5 and name[-5] == "_" and name[-4:].isdigit() else name
+    channel = name[-4:]
+    return name[:-5] if len(name) > 5 and name[-5] == "_" and channel.isascii() \
+        and channel.isdigit() else name
 
 
 def _relative(file: Path, root: Path) -> str:

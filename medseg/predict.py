@@ -66,7 +66,7 @@ from medseg.transforms import IMAGE, case_dict, preprocessing
 # what one bad case can raise (an unreadable or odd volume, a full disk): reported, and the
 # batch goes on; anything else is a bug and stops it
 CASE_ERRORS = (MedsegError, OSError, RuntimeError, ValueError)
-CHANNEL_SUFFIX = re.compile(r"(.+)_(\d{4})")
+CHANNEL_SUFFIX = re.compile(r"(.+)_([0-9]{4})")  # ASCII digits, as datasets reads them
 # the next case is read during this one's sliding window only while this one needs less
 READ_AHEAD_BYTES = 512 * 2**20
 # peak process memory per network-grid voxel of one channel (measured 2026-11-22: 2.94 GB peak
@@ -110,7 +110,7 @@ def resolve_device(device: str | None) -> torch.device:
         local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     kind, _, index = device.partition(":")
-    if kind not in ("cpu", "cuda") or (index and not index.isdigit()):
+    if kind not in ("cpu", "cuda") or (index and not (index.isascii() and index.isdigit())):
         raise MedsegError(f"--device takes cpu, cuda or cuda:N, got {device!r}")
     if kind == "cuda" and not torch.cuda.is_available():
         raise MedsegError(f"--device {device}: this torch sees no CUDA GPU (torch "

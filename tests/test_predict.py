@@ -423,3 +423,16 @@ def test_a_scan_unlike_the_training_modality_gets_a_note(trained_run, inputs, tm
                "units? (the model was trained on CT)" in n for n in notes)
     assert any("blank.nii.gz: every voxel is 0 (the model was trained on CT)" in n
                for n in notes)
+
+
+def test_channel_suffixes_are_four_ascii_digits_as_the_dataset_reads_them():
+    """`\\d` took Arabic-Indic digits (`case_١٢٣٤`) for a channel number, where the
+    dataset layouts take ASCII digits only; check's orphan names took them too."""
+    from medseg.check import _name_of
+    from medseg.predict import CHANNEL_SUFFIX
+
+    digits = "\u0661\u0662\u0663\u0664"
+    assert CHANNEL_SUFFIX.fullmatch("case_0001")
+    assert not CHANNEL_SUFFIX.fullmatch(f"case_{digits}")
+    assert _name_of(Path("case_0001.nii.gz")) == "case"
+    assert _name_of(Path(f"case_{digits}.nii.gz")) == f"case_{digits}"

@@ -1,7 +1,7 @@
 """Sparse annotations (nnU-Net's 'ignore' label) against dense ones on MSD Task04 Hippocampus.
 
-Writes an nnU-Net v2 copy of the dataset whose labels keep only every --every-th axial
-(superior-inferior) slice, every other voxel 'ignore'; trains fold 0 of the dense dataset
+Writes an nnU-Net v2 copy of the dataset whose labels keep only one axial (superior-inferior)
+slice in --every, all the other slices' voxels 'ignore'; trains fold 0 of the dense dataset
 and of that copy with workflows/hippocampus.yaml (plus any --set), predicts the same 40
 validation images with each model and scores both against the DENSE labels.
 

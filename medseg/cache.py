@@ -411,12 +411,12 @@ def _library_versions() -> dict[str, str]:
     return {name: importlib.metadata.version(name) for name in PREPROCESSING_LIBRARIES}
 
 
-def case_preparer(preprocess: mt.Compose, deterministic: mt.Compose, label_ids: int
+def case_preparer(preprocess: mt.Compose, deterministic: mt.Compose, label_id_count: int
                   ) -> Callable[[Case], dict]:
     """The function that runs a case through preprocessing and the deterministic steps and
     returns its arrays as the cache stores them, with where the case lies in its padding."""
-    label_type = np.uint8 if label_ids <= 2**8 else np.uint16 if label_ids <= 2**16 \
-        else np.int32
+    label_type = (np.uint8 if label_id_count <= 2**8 else
+                  np.uint16 if label_id_count <= 2**16 else np.int32)
 
     def prepare(case: Case) -> dict:
         item = preprocess(case_dict(case.images, case.label))

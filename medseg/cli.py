@@ -241,7 +241,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 raise MedsegError(f"--resume continues the saved workflow: of its keys, --set "
                                   f"may only change {', '.join(RESUME_OVERRIDES)}, not "
                                   f"'{override}'")
-        run = functools.partial(_resume_run, Path(args.resume), args.fold, args.overrides)
+        job = functools.partial(_resume_run, Path(args.resume), args.fold, args.overrides)
     else:
         if not args.workflow or not args.out:
             raise MedsegError("train needs a WORKFLOW and --out RUN_DIR (or --resume RUN_DIR)")
@@ -250,14 +250,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise MedsegError("dataset.path is not set", args.workflow)
         workflow = _folds_of_splits_file(workflow)
         folds = _parse_folds(args.fold, workflow.train.folds, workflow.train.fold)
-        run = functools.partial(_train_run, workflow, Path(args.out), folds,
+        job = functools.partial(_train_run, workflow, Path(args.out), folds,
                                 overwrite=args.overwrite, workflow_file=Path(args.workflow))
     from medseg.train import distributed_session
 
     run_dir = Path(args.resume or args.out)
     with distributed_session() as ranks, _stdout_of_main_rank_only(ranks.main), \
             _one_trainer(run_dir, ranks):
-        run()
+        job()
     return 0
 
 
@@ -687,6 +687,15 @@ def _cases_not_in(dataset, folds: list[dict]) -> str:
 def _refuse_changed_labels(dataset, plan, plan_path: Path) -> None:
     """The network's outputs are the plan's labels: a dataset relabelled since (or given
     other dataset.labels) cannot continue that training."""
+    from medseg.datasets import IGNORE_NAME
+
+    if plan.ignore_label is None and IGNORE_NAME in plan.labels.values():
+        # before medseg read nnU-Net's 'ignore', a workflow could name a class so
+        label_id = _id_named(plan.labels, IGNORE_NAME)
+        raise MedsegError(f"this run trained id {label_id}, named 'ignore', as a structure; "
+                          f"medseg now reads that name as nnU-Net's unannotated label: to "
+                          f"resume, give id {label_id} another name in 'dataset.labels'",
+                          plan_path)
     if dataset.labels and set(dataset.labels) != set(plan.labels):
         raise MedsegError(f"the dataset's label ids {sorted(dataset.labels)} differ from the "
                           f"run's {sorted(plan.labels)}: resume on the dataset the run was "
@@ -695,6 +704,10 @@ def _refuse_changed_labels(dataset, plan, plan_path: Path) -> None:
         raise MedsegError(f"the dataset's 'ignore' label is {_ignore_text(dataset)}, the "
                           f"run's {_ignore_text(plan)}: resume on the dataset the run was "
                           f"trained on", plan_path)
+
+
+def _id_named(labels: dict[int, str], name: str) -> int:
+    return next(k for k, label_name in labels.items() if label_name == name)
 
 
 def _ignore_text(labelled) -> str:

@@ -589,12 +589,11 @@ def _check_labels(workflow: Workflow, source: str) -> None:
 
         # as training reads it: background may go unnamed
         labels = {0: "background", **workflow.dataset.labels}
-        problem = label_name_problem(labels)
         gap = label_id_problem(labels)
-        if gap:  # training's classes are 0..N-1
-            problem = f"label ids must run 0, 1, 2, ... without a gap: {gap}"
-        # an 'ignore' past a gap ({1: a, 2: b, 5: ignore}) is misplaced rather than gapped
-        problem = ignore_label_problem(labels) or problem
+        # names first; an 'ignore' past a gap ({1: a, 2: b, 5: ignore}) is misplaced rather
+        # than gapped; a gap otherwise (training's classes are 0..N-1)
+        problem = (label_name_problem(labels) or ignore_label_problem(labels)
+                   or (gap and f"label ids must run 0, 1, 2, ... without a gap: {gap}"))
         if problem:
             raise MedsegError(f"'dataset.labels': {problem}", _origin(source, "dataset.labels"))
     for label, ml in workflow.predict.min_component_ml.items():

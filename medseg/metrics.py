@@ -103,6 +103,12 @@ def score_structure(prediction: np.ndarray, reference: np.ndarray, spacing: Spac
     return scores
 
 
+def present_or_all(names: list[str], absent) -> list[str]:
+    """The structures some case has (the summary's rows and headline means), or all of them
+    when none is: a table without rows would say nothing."""
+    return [name for name in names if name not in set(absent)] or list(names)
+
+
 def leave_out_ignored(prediction: np.ndarray, reference: np.ndarray, ignore_label: int | None
                       ) -> tuple[np.ndarray, np.ndarray]:
     """Both maps with the voxels the reference labels `ignore_label` (nnU-Net's 'ignore':

@@ -44,6 +44,7 @@ SAMPLES_PER_CASE = 10_000
 MAX_LEVELS = 6  # resolution levels of the U-Net, bottleneck included
 ANISOTROPY_RATIO = 3.0
 MIN_PATCH_AXIS = 16  # voxels: two down-samplings (DynUNet needs them) of an axis at least 8
+GB = 2**30
 
 
 @dataclass(frozen=True)
@@ -242,9 +243,6 @@ def _count_classes(label: Volume, class_voxels: dict[int, int], ignore_label: in
             class_voxels[label_id] = class_voxels.get(label_id, 0) + count
 
 
-GB = 2**30
-
-
 def resampled_shapes(spacings: list[list[float]], shapes: list[list[int]],
                      target: list[float]) -> list[list[float]]:
     """Each case's shape at the target spacing (voxels per axis, not rounded)."""
@@ -416,7 +414,7 @@ def _ints3(value) -> bool:
     return isinstance(value, list) and len(value) == 3 and all(_is_int(v) for v in value)
 
 
-_PLAN_KEYS = {  # key -> (check, what it must be); mirror_axes, res_block, network optional
+_PLAN_KEYS = {  # key -> (check, what it must be); the _OPTIONAL_PLAN_KEYS may be absent
     "target_spacing": (lambda v: isinstance(v, list) and len(v) == 3
                        and all(_is_positive_number(x) for x in v), "3 positive numbers (mm)"),
     "patch_size": (_ints3, "3 positive integers"),

@@ -24,7 +24,7 @@ from medseg.evaluate import (
     unpaired_predictions,
 )
 from medseg.fileio import atomic_write_texts, json_safe, output_folder
-from medseg.metrics import METRICS, is_present
+from medseg.metrics import METRICS, is_present, present_or_all
 
 # metrics whose mean over structures is given in the summary and in the console table
 HEADLINE = ("dice", "nsd")
@@ -144,7 +144,7 @@ def summarize(results: list[CaseScores], tolerance_mm: float | None = None) -> d
         }
     absent = absent_structures(results)
     summary["absent_structures"] = absent
-    shown = [name for name in structures if name not in absent] or structures
+    shown = present_or_all(structures, absent)
     for metric in HEADLINE:
         means = [summary["structures"][name][metric]["mean"] for name in shown]
         finite = [m for m in means if math.isfinite(m)]
@@ -208,12 +208,10 @@ def format_table(summary: dict) -> str:
     tolerance = summary.get("tolerance_mm")
     nsd_head = f"nsd@{tolerance:g}mm" if tolerance is not None else "nsd"
     rows = [("structure", "mean dice", "sd", nsd_head, "hd95 median mm", "n", "inf")]
-    absent = set(summary.get("absent_structures", []))
-    if absent >= set(summary["structures"]):  # as summarize and the HTML: show them all
-        absent = set()
-    for name, stats in summary["structures"].items():
-        if name in absent:
-            continue
+    shown = present_or_all(list(summary["structures"]), summary.get("absent_structures", []))
+    absent = [name for name in summary["structures"] if name not in shown]
+    for name in shown:
+        stats = summary["structures"][name]
         rows.append((name, _num(stats["dice"]["mean"]), _num(stats["dice"]["sd"]),
                      _num(stats["nsd"]["mean"]), _num(stats["hd95_mm"]["median"], 2),
                      str(stats["dice"]["n"]), str(stats["hd95_mm"]["n_inf"])))

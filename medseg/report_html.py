@@ -15,7 +15,7 @@ from html import escape
 import numpy as np
 
 from medseg.evaluate import CaseScores, load_pair
-from medseg.metrics import is_present, leave_out_ignored
+from medseg.metrics import is_present, leave_out_ignored, present_or_all
 from medseg.report_figures import PREDICTION_HEX, REFERENCE_HEX, boxplots_png, montage_png
 
 TABLE_METRICS = (("dice", "Dice", 3), ("iou", "IoU", 3), ("nsd", "NSD", 3),
@@ -64,9 +64,7 @@ def render_report(results: list[CaseScores], summary: dict,
 
 def shown_structures(summary: dict) -> list[str]:
     """Structures present in some case (all of them when none is)."""
-    absent = set(summary.get("absent_structures", []))
-    names = list(summary["structures"])
-    return [n for n in names if n not in absent] or names
+    return present_or_all(list(summary["structures"]), summary.get("absent_structures", []))
 
 
 def rank_cases(results: list[CaseScores], shown: list[str]) -> list[tuple[str, CaseScores]]:

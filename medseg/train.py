@@ -1026,11 +1026,12 @@ def last_epoch_recorded(path: Path) -> int | None:
     return max(finite, default=None)
 
 
-def _metrics_lines(path: Path) -> list[str]:
+def _metrics_lines(path: Path, all_lines: bool = False) -> list[str]:
     """metrics.jsonl's lines, less those holding bytes that are not UTF-8 (a damaged disk
-    block), which are dropped like a half-written line."""
-    text = path.read_bytes().decode("utf-8", errors="replace")
-    return [line for line in text.splitlines() if "\ufffd" not in line]
+    block), which are dropped like a half-written line (`all_lines`: every line, such bytes
+    replaced by U+FFFD)."""
+    lines = path.read_bytes().decode("utf-8", errors="replace").splitlines()
+    return lines if all_lines else [line for line in lines if "\ufffd" not in line]
 
 
 def _metrics_epoch(line: str) -> float:
@@ -1046,14 +1047,18 @@ def _truncate_metrics(path: Path, next_epoch: int) -> None:
     """Drop metric lines of epochs after the saved state (written just before a crash)."""
     if not path.is_file():
         return
-    text = path.read_bytes().decode("utf-8", errors="replace").splitlines()
-    # a half-written last line is what a kill leaves; an unreadable line before others is
-    # damage, and its epoch's record is lost: said, not dropped in silence
-    damaged = sum(1 for line in text[:-1] if line.strip() and
+    lines = _metrics_lines(path, all_lines=True)
+    _note_damaged_lines(path, lines)
+    kept = [line for line in lines if "\ufffd" not in line and _metrics_epoch(line) < next_epoch]
+    atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+
+
+def _note_damaged_lines(path: Path, lines: list[str]) -> None:
+    """A half-written last line is what a kill leaves; an unreadable line before others is
+    damage, and its epoch's record is lost: said, not dropped in silence."""
+    damaged = sum(1 for line in lines[:-1] if line.strip() and
                   ("\ufffd" in line or math.isinf(_metrics_epoch(line))))
     if damaged:
         tqdm.write(f"medseg: note: {path}: {damaged} damaged line{'s' if damaged > 1 else ''} "
                    f"before the last could not be read and {'are' if damaged > 1 else 'is'} "
                    f"left out (their epochs' records are lost)", file=sys.stderr)
-    lines = [line for line in _metrics_lines(path) if _metrics_epoch(line) < next_epoch]
-    atomic_write_text(path, "".join(f"{line}\n" for line in lines))

@@ -55,16 +55,40 @@ def test_an_ignore_label_that_is_not_the_next_id_is_refused(tmp_path, labels):
     assert error.value.args and "dataset.json" in str(error.value)
 
 
-@pytest.mark.parametrize("labels", ["{1: liver, 2: ignore, 3: spine}",
-                                    "{1: liver, 2: spine, 5: ignore}"])  # past a gap
-def test_a_workflow_ignore_label_that_is_not_the_next_id_is_refused(tmp_path, capsys, labels):
+@pytest.mark.parametrize("labels, message", [
+    ("{1: liver, 2: ignore, 3: spine}", "'ignore' must be the id"),
+    ("{1: liver, 2: spine, 5: ignore}", "'ignore' must be the id"),  # past a gap: misplaced
+    ("{1: liver, 2: ignore, 3: ignore}", "label names must be unique; repeated: ignore"),
+])
+def test_a_workflow_ignore_label_that_is_not_the_next_id_is_refused(tmp_path, capsys, labels,
+                                                                    message):
     write_sparse_dataset(tmp_path / "data", n_cases=1)
     code = main(["train", str(REPO / "workflows" / "demo.yaml"), "--out", str(tmp_path / "run"),
                  *as_sets([f"dataset.path={tmp_path / 'data'}", "dataset.layout=nnunet",
                            f"dataset.labels={labels}"])])
     err = capsys.readouterr().err
-    assert code == 2 and "'dataset.labels'" in err and "'ignore' must be the id" in err
+    assert code == 2 and "'dataset.labels'" in err and message in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_resume_refuses_a_changed_ignore_label_and_an_old_run_that_trained_one(tmp_path):
+    from types import SimpleNamespace
+
+    from medseg.cli import _refuse_changed_labels
+
+    labels = {0: "background", 1: "liver"}
+    sparse = SimpleNamespace(labels=labels, ignore_label=2)
+    dense = SimpleNamespace(labels=labels, ignore_label=None)
+    plan_path = tmp_path / "plan.json"
+    _refuse_changed_labels(sparse, sparse, plan_path)
+    with pytest.raises(MedsegError, match=r"plan.json: the dataset's 'ignore' label is id 2, "
+                                          r"the run's none"):
+        _refuse_changed_labels(sparse, dense, plan_path)
+    # a run from before: a workflow named class 2 'ignore', and it was trained as one
+    old = SimpleNamespace(labels={**labels, 2: "ignore"}, ignore_label=None)
+    with pytest.raises(MedsegError, match=r"this run trained id 2, named 'ignore', as a "
+                                          r"structure; .* give id 2 another name"):
+        _refuse_changed_labels(sparse, old, plan_path)
 
 
 def test_the_loss_without_ignored_voxels_is_dice_ce():
@@ -169,6 +193,12 @@ def test_train_predict_and_evaluate_with_an_ignore_label(tmp_path, capsys):
     page = (tmp_path / "scores" / "report.html").read_text(encoding="utf-8")
     assert "cannot draw" not in page and page.count("<img") >= 2  # box plots and an overlay
     assert "Unannotated voxels" in page
+    # predict --reference scores with the plan's ignore label, as evaluate with the map
+    assert main(["predict", "--model", str(run), "--input", str(inputs), "--output",
+                 str(tmp_path / "pred2"), "--reference", str(reference_dir)]) == 0
+    scored = json.loads((tmp_path / "pred2" / "evaluation" / "summary.json")
+                        .read_text(encoding="utf-8"))
+    assert scored["ignore_label"] == 4 and scored["structures"] == summary["structures"]
     capsys.readouterr()
     # without the map, id 4 is a structure no prediction has: a note points to 'ignore'
     assert main(["evaluate", "--pred", str(tmp_path / "pred"), "--ref",

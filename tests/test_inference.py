@@ -199,7 +199,7 @@ def test_axes_a_rounding_error_off_a_right_angle_are_mapped_others_refused():
         axis_maps(affine(sheared @ np.diag([1.0, 1.0, 3.0])), network, (32, 32, 20))
 
 
-def test_accumulator_bytes_count_the_padded_float16_ring_buffer():
+def test_accumulator_bytes_count_the_padded_ring_buffer_float32_unless_told():
     patch = (16, 16, 12)
     # (classes x X x Y x patch depth) float16; axes smaller than a patch are padded to it
     half = torch.float16

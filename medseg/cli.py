@@ -444,6 +444,8 @@ def _train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool,
                f" (id {dataset.ignore_label} 'ignore': left out of the loss and the scores)")
     print(f"dataset: {len(dataset.cases)} cases, labels {_labels_in_brief(dataset.labels)}"
           f"{ignored}, modalities {list(dataset.modalities)}")
+    if main_rank:
+        _note_ignore_spelt_otherwise(dataset.labels)
     # here, not after hours of training when predict would first read them (a dataset that
     # names no labels, folders or CSV without labels.json: once its label files are read)
     if dataset.labels:
@@ -704,6 +706,18 @@ def _refuse_changed_labels(dataset, plan, plan_path: Path) -> None:
         raise MedsegError(f"the dataset's 'ignore' label is {_ignore_text(dataset)}, the "
                           f"run's {_ignore_text(plan)}: resume on the dataset the run was "
                           f"trained on", plan_path)
+
+
+def _note_ignore_spelt_otherwise(labels: dict[int, str]) -> None:
+    """nnU-Net reads only 'ignore' as its unannotated label; 'Ignore' is a structure there
+    and here, which is rarely what was meant."""
+    from medseg.datasets import IGNORE_NAME
+
+    for label_id, name in labels.items():
+        if name.strip().casefold() == IGNORE_NAME and name != IGNORE_NAME:
+            print(f"medseg: note: label {label_id} {name!r} is trained as a structure; "
+                  f"unannotated voxels are nnU-Net's '{IGNORE_NAME}', in lower case",
+                  file=sys.stderr)
 
 
 def _id_named(labels: dict[int, str], name: str) -> int:

@@ -11,7 +11,7 @@ from helpers import REPO, SMALL_SHAPE, SMALL_SPACING, TINY_TRAINING, as_sets
 from monai.losses import DiceCELoss
 
 from medseg.cli import main
-from medseg.datasets import load_dataset
+from medseg.datasets import load_dataset, split_ignore_label
 from medseg.errors import MedsegError
 from medseg.losses import DiceCELossIgnoring
 from medseg.metrics import leave_out_ignored
@@ -243,3 +243,14 @@ def test_a_case_labelled_ignore_everywhere_still_gives_a_patch(crop_size):
         crop.set_random_state(seed)
         patch = crop(dict(case))[0]
         assert tuple(patch[IMAGE].shape[1:]) == tuple(crop_size or [16, 16, 16])
+
+
+def test_ignore_spelt_otherwise_is_a_structure_with_a_note(capsys):
+    from medseg.cli import _note_ignore_spelt_otherwise
+
+    labels = {0: "background", 1: "liver", 2: "Ignore"}
+    assert split_ignore_label(labels) == (labels, None)  # nnU-Net's rule: lower case only
+    _note_ignore_spelt_otherwise(labels)
+    assert "label 2 'Ignore' is trained as a structure" in capsys.readouterr().err
+    _note_ignore_spelt_otherwise({0: "background", 1: "liver"})
+    assert capsys.readouterr().err == ""

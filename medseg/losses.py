@@ -19,7 +19,8 @@ _SKIPPED = -100  # torch's default ignore_index
 
 class DiceCELossIgnoring(torch.nn.Module):
     """DiceCELoss(to_onehot_y=True, softmax=True) over the voxels whose target is not
-    `ignore_label`; a patch of ignored voxels only adds nothing (not NaN) to the loss."""
+    `ignore_label`. A batch with no annotated voxel gives the Dice term alone (a mean
+    cross-entropy over no voxel is NaN)."""
 
     def __init__(self, ignore_label: int, batch: bool, include_background: bool,
                  label_smoothing: float = 0.0) -> None:

@@ -15,6 +15,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import sys
 import threading
 import time
@@ -1042,6 +1043,11 @@ def _exit(code: int) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
+    if code in (130, EXIT_TERMINATED):
+        # stopped: a second Ctrl-C while the interpreter joins pool threads at exit
+        # (concurrent.futures' atexit hook) printed "Exception ignored in: <module
+        # 'threading'> ... KeyboardInterrupt" after "medseg: interrupted"
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     sys.exit(code)
 
 

@@ -417,3 +417,21 @@ def test_a_long_label_map_is_printed_in_brief():
                     "117: 'structure_117'} (118 ids)"
     assert _labels_in_brief({0: "background", 1: "liver"}) == "{0: 'background', 1: 'liver'}"
     assert _labels_in_brief(None) == "from the label files"
+
+
+@pytest.mark.parametrize("code, ignored", [(130, True), (143, True), (0, False), (2, False)])
+def test_a_stopped_command_ignores_a_second_ctrl_c_while_the_process_exits(code, ignored):
+    """After "medseg: interrupted" a second Ctrl-C during the interpreter's teardown (the
+    pools' atexit joins) printed "Exception ignored ... KeyboardInterrupt"."""
+    import signal
+
+    from medseg.cli import _exit
+
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            _exit(code)
+        assert stop.value.code == code
+        assert (signal.getsignal(signal.SIGINT) is signal.SIG_IGN) == ignored
+    finally:
+        signal.signal(signal.SIGINT, before)

@@ -119,7 +119,8 @@ def _summary_table(summary: dict, shown: list[str]) -> str:
     rows = []
     for name in shown:
         stats = summary["structures"][name]
-        cells = "".join(_stat_cell(stats[m], d, m in TINTED) for m, _, d in TABLE_METRICS)
+        cells = "".join(_stat_cell(stats[m], _volume_digits(stats[m], d) if m.endswith("_ml")
+                                   else d, m in TINTED) for m, _, d in TABLE_METRICS)
         rows.append(f'<tr><td class="name">{escape(name)}</td>{cells}</tr>')
     means = {"dice": summary["mean_dice"], "nsd": summary.get("mean_nsd", math.nan)}
     mean_cells = "".join(f"<td>{_fmt(means[m], d) if m in means else ''}</td>"
@@ -138,6 +139,16 @@ def _summary_table(summary: dict, shown: list[str]) -> str:
             f'<div class="scroll"><table class="summary"><thead><tr><th class="name">structure'
             f"</th>{head}</tr></thead>\n<tbody>\n" + "\n".join(rows)
             + f"\n</tbody></table></div>\n{note}")
+
+
+def _volume_digits(stats: dict, digits: int) -> int:
+    """Decimals that give the smallest volume statistic two significant digits (up to 5):
+    a lesion of 0.008 ml read "0.00 &plusmn; 0.00" at the hippocampus's 0.01 ml."""
+    values = [abs(stats[k]) for k in ("mean", "sd", "median", "iqr")
+              if math.isfinite(stats[k]) and stats[k] != 0]
+    if not values:
+        return digits
+    return max(digits, min(5, 1 - math.floor(math.log10(min(values)))))
 
 
 def _stat_cell(stats: dict, digits: int, tinted: bool = False) -> str:

@@ -299,3 +299,18 @@ def test_the_console_table_lists_every_structure_when_all_are_absent():
     table = format_table(summarize(results, 2.0))
     assert [line.split()[0] for line in table.splitlines()[2:4]] == ["liver", "spleen"]
     assert "not shown" not in table
+
+
+def test_small_volumes_keep_two_significant_digits_in_the_report(tmp_path):
+    """A lesion of 0.008 ml showed as "0.00 ± 0.00" at the 0.01 ml suited to a
+    hippocampus; larger volumes keep two decimals."""
+    def case(name, ref_ml, diff_ml):
+        return CaseScores(name, {"nodule": {**scores(0.8, 1.0, ref_ml), "diff_ml": diff_ml},
+                                 "liver": scores(0.9, 2.0, 1500.0)})
+
+    results = [case("a", 0.008, 0.002), case("b", 0.012, -0.001)]
+    write_reports(results, tmp_path, labels={0: "background", 1: "nodule", 2: "liver"},
+                  tolerance_mm=2.0)
+    page = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "0.0100 &plusmn; 0.0028" in page  # the nodule's reference volume
+    assert "1500.00 &plusmn; 0.00" in page  # the liver's, as before

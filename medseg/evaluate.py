@@ -41,7 +41,8 @@ class CaseScores:
 
     `prediction` and `reference` are the files scored (for the report's pictures);
     `resampled` tells that the prediction was resampled onto the reference grid;
-    `spacing` is the reference's voxel size in mm along its file axes (None when unknown).
+    `spacing` is the reference's voxel size in mm along its file axes (None when unknown);
+    `unlisted` are the prediction's label ids that the label map does not name (not scored).
     """
 
     case: str
@@ -51,6 +52,7 @@ class CaseScores:
     reference: Path | None = None
     resampled: bool = False
     spacing: tuple[float, float, float] | None = None
+    unlisted: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class LoadedPair:
     affine: np.ndarray
     spacing: tuple[float, float, float]
     resampled: bool
+    unlisted: tuple[int, ...] = ()
 
 
 def pair_cases(pred_dir: Path, ref_dir: Path) -> list[Pair]:
@@ -157,7 +160,8 @@ def evaluate_case(case: str, prediction: Path | None, reference: Path, labels: d
         return failed_case(case, labels, str(exc), prediction, reference, reference_read=ref)
     scores = score_case(*leave_out_ignored(pair.prediction, pair.reference, ignore_label),
                         labels, pair.spacing, tolerance_mm)
-    return CaseScores(case, scores, None, prediction, reference, pair.resampled, pair.spacing)
+    return CaseScores(case, scores, None, prediction, reference, pair.resampled, pair.spacing,
+                      pair.unlisted)
 
 
 class Reference(NamedTuple):
@@ -184,7 +188,9 @@ def load_pair(prediction: Path, reference: Path | Reference, labels: dict[int, s
               resample: bool = False, ignore_label: int | None = None) -> LoadedPair:
     """Read both label maps (or the prediction, given `read_reference`'s); check (or with
     `resample`, make) a shared grid and known labels (the reference may hold
-    `ignore_label`: the maps are returned as read, before `leave_out_ignored`)."""
+    `ignore_label`: the maps are returned as read, before `leave_out_ignored`). Prediction
+    ids the map does not name are left unscored, as nnU-Net scores the listed labels only
+    (one model's 104 structures against a reference of 5); a negative one fails the case."""
     if not isinstance(reference, Reference):
         reference = read_reference(reference, labels, ignore_label)
     ref = reference.volume
@@ -202,9 +208,10 @@ def load_pair(prediction: Path, reference: Path | Reference, labels: dict[int, s
                               f"`medseg evaluate --resample` "
                               f"resamples it by nearest neighbour", prediction)
         pred_data = resample_nearest(pred_data, pred.affine, ref.spatial_shape, ref.affine)
-    _refuse_unknown_labels(label_values(pred_data), labels, prediction)
+    values = label_values(pred_data)
+    _refuse_unknown_labels({v for v in values if v < 0}, labels, prediction)
     return LoadedPair(pred_data, ref.data.reshape(ref.spatial_shape), ref.affine, ref.spacing,
-                      resampled)
+                      resampled, tuple(sorted(values - set(labels))))
 
 
 def _refuse_unknown_labels(values: set[int], labels: dict[int, str], path: Path) -> None:

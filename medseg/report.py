@@ -64,6 +64,7 @@ def run_evaluation(pred_dir: Path, ref_dir: Path, labels_path: Path | None,
             summary["ignore_label"] = ignore_label
         print(format_table(summary))  # first: the scores are shown even if writing them fails
         _print_notes(results, summary, pred_dir, ref_dir, pairs, only_cases)
+        _note_unlisted(results, labels_path)
         if labels_path is None and not label_names:
             _note_never_predicted(results)
         if out_dir is not None:
@@ -99,6 +100,19 @@ def _print_notes(results: list[CaseScores], summary: dict, pred_dir: Path, ref_d
     if summary["resampled_cases"]:
         print(f"resampled onto the reference grid (nearest neighbour): "
               f"{', '.join(summary['resampled_cases'])}")
+
+
+def _note_unlisted(results: list[CaseScores], labels_path: Path | None) -> None:
+    """Prediction ids the label map does not name: left unscored (nnU-Net's rule), but said,
+    since a map of another numbering would score every structure as missed."""
+    holding = [r for r in results if r.unlisted]
+    if holding:
+        ids = sorted({v for r in holding for v in r.unlisted})
+        cases = [r.case for r in holding]
+        more = f" and {len(cases) - 5} more" if len(cases) > 5 else ""
+        source = f"the label map {labels_path}" if labels_path is not None else "the label map"
+        print(f"medseg: note: label ids {ids} of {len(cases)} prediction(s) are not in "
+              f"{source} and were not scored: {', '.join(cases[:5])}{more}", file=sys.stderr)
 
 
 def _note_never_predicted(results: list[CaseScores]) -> None:

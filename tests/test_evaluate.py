@@ -95,10 +95,11 @@ def test_resample_from_a_finer_grid(tmp_path):
     assert pair.resampled and np.array_equal(pair.prediction, reference)
 
 
-def test_unknown_label_in_prediction_is_a_failure(folders):
+def test_a_prediction_of_an_unknown_label_only_misses_every_structure(folders):
     save(folders / "pred" / "c3.nii.gz", np.full((10, 10, 10), 7))
     results = evaluate_pairs(pair_cases(folders / "pred", folders / "ref"), LABELS)
-    assert "[7]" in results[2].error and "label map" in results[2].error
+    assert results[2].error is None and results[2].unlisted == (7,)
+    assert results[2].scores["a"]["dice"] == 0.0 and results[2].scores["b"]["pred_ml"] == 0.0
 
 
 def test_parallel_jobs_give_the_serial_scores(folders):
@@ -568,3 +569,29 @@ def test_the_console_and_report_say_a_failed_case_misses_its_references_structur
     assert "every structure (0)" not in html and "scored Dice 0" not in html
     row = next(line for line in html.splitlines() if '<td class="name">c3</td>' in line)
     assert "<td>0.000</td>" not in row  # no structure to score: undefined, not 0
+
+
+def test_prediction_ids_the_label_map_does_not_name_are_noted_not_failed(folders, capsys):
+    """A prediction with an id past the map (a 104-structure model scored against a reference
+    of two) failed its whole case; nnU-Net scores the listed labels only. A negative value
+    still fails the case: it is no class number."""
+    labels = folders / "labels.json"
+    labels.write_text(json.dumps({"1": "a", "2": "b"}), encoding="utf-8")
+    extra = phantom()
+    extra[0:2, 0:2, 0:2] = 9
+    save(folders / "pred" / "c1.nii.gz", extra)
+    summary = run_evaluation(folders / "pred", folders / "ref", labels, None)
+    assert summary["failed_cases"] == ["c3"]  # no prediction
+    results = evaluate_pairs(pair_cases(folders / "pred", folders / "ref"),
+                             label_names_from_json(labels))
+    assert results[0].error is None and results[0].unlisted == (9,)
+    assert results[0].scores["a"]["dice"] == results[0].scores["b"]["dice"] == 1.0
+    err = capsys.readouterr().err
+    assert (f"medseg: note: label ids [9] of 1 prediction(s) are not in the label map {labels} "
+            f"and were not scored: c1") in err
+    negative = phantom().astype(np.int16)
+    negative[0, 0, 0] = -3
+    nib.save(nib.Nifti1Image(negative, AFFINE), folders / "pred" / "c1.nii.gz")
+    results = evaluate_pairs(pair_cases(folders / "pred", folders / "ref"),
+                             label_names_from_json(labels))
+    assert results[0].error.endswith("c1.nii.gz: label values [-3] are not in the label map")

@@ -580,8 +580,9 @@ def test_prediction_ids_the_label_map_does_not_name_are_noted_not_failed(folders
     extra = phantom()
     extra[0:2, 0:2, 0:2] = 9
     save(folders / "pred" / "c1.nii.gz", extra)
-    summary = run_evaluation(folders / "pred", folders / "ref", labels, None)
+    summary = run_evaluation(folders / "pred", folders / "ref", labels, folders / "ev")
     assert summary["failed_cases"] == ["c3"]  # no prediction
+    assert "c1" in (folders / "ev" / "report.html").read_text(encoding="utf-8")
     results = evaluate_pairs(pair_cases(folders / "pred", folders / "ref"),
                              label_names_from_json(labels))
     assert results[0].error is None and results[0].unlisted == (9,)

@@ -1,13 +1,15 @@
 """Per-structure scores of one predicted label map against its reference (pure functions).
 
-Dice, IoU, HD95, average symmetric surface distance (ASSD) and surface Dice (NSD) at a
-tolerance in mm, all in physical units (voxel spacing respected), plus volumes in ml.
+Dice, IoU, HD95, the Hausdorff distance (HD, the largest surface distance: one far stray
+island shows here, where HD95 and ASSD can hide it), average symmetric surface distance
+(ASSD) and surface Dice (NSD) at a tolerance in mm, all in physical units (voxel spacing
+respected), plus volumes in ml.
 
 Conventions for empty structures (docs/formats.md):
 
 - both masks empty: every score NaN (nothing to score; left out of means and of n), as
   nnU-Net does: a Dice of 1 for each case without the structure would inflate its mean;
-- one mask empty: Dice 0, IoU 0, NSD 0; HD95 and ASSD inf (counted as failures).
+- one mask empty: Dice 0, IoU 0, NSD 0; HD95, HD and ASSD inf (counted as failures).
 
 Speed: every structure is cropped to the bounding box of prediction and reference (one
 `scipy.ndimage.find_objects` pass over each label map gives all boxes), plus a margin of one
@@ -25,10 +27,12 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import KDTree
 
-SURFACE_METRICS = ("hd95_mm", "assd_mm", "nsd")
-METRICS = ("dice", "iou", "hd95_mm", "assd_mm", "nsd", "ref_ml", "pred_ml", "diff_ml")
-FAILED_SCORES = {"dice": 0.0, "iou": 0.0, "hd95_mm": math.inf, "assd_mm": math.inf,
-                 "nsd": 0.0, "ref_ml": math.nan, "pred_ml": math.nan, "diff_ml": math.nan}
+SURFACE_METRICS = ("hd95_mm", "hd_mm", "assd_mm", "nsd")
+METRICS = ("dice", "iou", "hd95_mm", "hd_mm", "assd_mm", "nsd", "ref_ml", "pred_ml",
+           "diff_ml")
+FAILED_SCORES = {"dice": 0.0, "iou": 0.0, "hd95_mm": math.inf, "hd_mm": math.inf,
+                 "assd_mm": math.inf, "nsd": 0.0, "ref_ml": math.nan, "pred_ml": math.nan,
+                 "diff_ml": math.nan}
 
 Spacing = tuple[float, float, float]
 # a distance of exactly the tolerance (5 voxels of 0.4 mm at 2 mm) counts as within it,
@@ -66,9 +70,9 @@ def volume_ml(mask: np.ndarray, spacing: Spacing) -> float:
 
 def surface_scores(prediction: np.ndarray, reference: np.ndarray, spacing: Spacing,
                    tolerance_mm: float = 2.0) -> dict[str, float]:
-    """HD95 and ASSD in mm, and surface Dice at `tolerance_mm`, of two boolean masks.
+    """HD95, HD and ASSD in mm, and surface Dice at `tolerance_mm`, of two boolean masks.
 
-    Same definitions as MONAI's HausdorffDistanceMetric(percentile=95),
+    Same definitions as MONAI's HausdorffDistanceMetric(percentile=95) and (percentile=None),
     SurfaceDistanceMetric(symmetric=True) and SurfaceDiceMetric (edges are the mask voxels
     removed by one binary erosion; distances from each edge voxel to the nearest edge voxel
     of the other mask, by a KD-tree over physical coordinates, as MONAI does on CPU). Written
@@ -79,9 +83,9 @@ def surface_scores(prediction: np.ndarray, reference: np.ndarray, spacing: Spaci
     prediction, reference = prediction.astype(bool, copy=False), reference.astype(bool, copy=False)
     pred_any, ref_any = bool(prediction.any()), bool(reference.any())
     if not pred_any and not ref_any:
-        return {"hd95_mm": math.nan, "assd_mm": math.nan, "nsd": math.nan}
+        return dict.fromkeys(SURFACE_METRICS, math.nan)
     if not pred_any or not ref_any:
-        return {"hd95_mm": math.inf, "assd_mm": math.inf, "nsd": 0.0}
+        return {"hd95_mm": math.inf, "hd_mm": math.inf, "assd_mm": math.inf, "nsd": 0.0}
     box = _union_box(prediction, reference, margin=1)
     pred_edges, ref_edges = edges(prediction[box]), edges(reference[box])
     scale = np.asarray(spacing, dtype=np.float64)
@@ -205,11 +209,12 @@ def label_counts(label_map: np.ndarray) -> dict[int, int]:
 
 def _distance_summary(pred_to_ref: np.ndarray, ref_to_pred: np.ndarray,
                       tolerance_mm: float) -> dict[str, float]:
-    """HD95 as MONAI computes it (95th percentile of each directed set, the larger one),
-    ASSD (mean of both sets together) and NSD (share of both edge sets within tolerance)."""
+    """HD95 as MONAI computes it (95th percentile of each directed set, the larger one), HD
+    (the largest distance of either set), ASSD (mean of both sets together) and NSD (share
+    of both edge sets within tolerance)."""
     hd95 = max(float(np.percentile(pred_to_ref, 95)), float(np.percentile(ref_to_pred, 95)))
     both = np.concatenate([pred_to_ref, ref_to_pred])
-    return {"hd95_mm": hd95, "assd_mm": float(both.mean()),
+    return {"hd95_mm": hd95, "hd_mm": float(both.max()), "assd_mm": float(both.mean()),
             "nsd": float(np.count_nonzero(both <= tolerance_mm + TOLERANCE_SLACK_MM))
             / both.size}
 

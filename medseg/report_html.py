@@ -19,7 +19,8 @@ from medseg.metrics import is_present, leave_out_ignored, present_or_all
 from medseg.report_figures import PREDICTION_HEX, REFERENCE_HEX, boxplots_png, montage_png
 
 TABLE_METRICS = (("dice", "Dice", 3), ("iou", "IoU", 3), ("nsd", "NSD", 3),
-                 ("hd95_mm", "HD95 (mm)", 2), ("assd_mm", "ASSD (mm)", 2),
+                 ("hd95_mm", "HD95 (mm)", 2), ("hd_mm", "HD (mm)", 2),
+                 ("assd_mm", "ASSD (mm)", 2),
                  # 0.01 ml: a hippocampus is 1.5-2 ml, its volume errors a few hundredths
                  ("ref_ml", "reference volume (ml)", 2),
                  ("diff_ml", "volume difference (ml)", 2))
@@ -174,11 +175,13 @@ def _conventions(summary: dict) -> str:
     return (
         '<p class="conv"><b>Definitions.</b> Distances are in mm on the reference grid with its '
         "voxel spacing. HD95: 95th percentile of the surface distances, the larger of the two "
-        "directions. ASSD: mean of the surface distances of both directions together. NSD "
+        "directions. HD: the largest surface distance either way (a far stray island shows "
+        "here, not in HD95). ASSD: mean of the surface distances of both directions together. "
+        "NSD "
         f"(surface Dice): share of both surfaces within {tol} of the other surface. Volumes "
         "in ml; difference = predicted &minus; reference. <b>Empty structures.</b> Absent from "
         "both masks: every score undefined, left out of the statistics and of n (as nnU-Net). "
-        "Absent from one mask: Dice, IoU and NSD 0, HD95 and ASSD infinite (counted as "
+        "Absent from one mask: Dice, IoU and NSD 0, HD95, HD and ASSD infinite (counted as "
         "<span class=\"inf\">inf</span>, left out of mean, sd and IQR; the median counts "
         "them, so half the cases or more missed make it infinite). A case with "
         "no usable prediction misses each structure of its reference (Dice, IoU and NSD 0, "

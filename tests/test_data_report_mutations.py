@@ -247,11 +247,12 @@ def test_the_tolerance_reaches_the_surface_dice(tmp_path):
 
 
 def scored(dice, hd95=1.0, ref_ml=1.0, pred_ml=1.0):
-    return {"dice": dice, "iou": dice, "hd95_mm": hd95, "assd_mm": hd95, "nsd": dice,
+    return {"dice": dice, "iou": dice, "hd95_mm": hd95, "hd_mm": hd95, "assd_mm": hd95,
+            "nsd": dice,
             "ref_ml": ref_ml, "pred_ml": pred_ml, "diff_ml": pred_ml - ref_ml}
 
 
-BOTH_EMPTY = {**dict.fromkeys(("dice", "iou", "hd95_mm", "assd_mm", "nsd"), math.nan),
+BOTH_EMPTY = {**dict.fromkeys(("dice", "iou", "hd95_mm", "hd_mm", "assd_mm", "nsd"), math.nan),
               "ref_ml": 0.0, "pred_ml": 0.0, "diff_ml": 0.0}
 
 

@@ -57,12 +57,12 @@ def test_reports(folders, tmp_path):
     results = evaluate_pairs(pair_cases(folders / "pred", folders / "ref"), LABELS)
     summary = write_reports(results, tmp_path / "out")
     rows = (tmp_path / "out" / "scores.csv").read_text(encoding="utf-8").splitlines()
-    assert rows[0] == ("case,structure,dice,iou,hd95_mm,assd_mm,nsd,ref_ml,pred_ml,diff_ml,"
+    assert rows[0] == ("case,structure,dice,iou,hd95_mm,hd_mm,assd_mm,nsd,ref_ml,pred_ml,diff_ml,"
                        "spacing_i_mm,spacing_j_mm,spacing_k_mm,error")
     assert len(rows) == 1 + 3 * 2
-    assert rows[1].startswith("c1,a,1,1,0,0,1,") and rows[1].endswith(",2,2,3,")
+    assert rows[1].startswith("c1,a,1,1,0,0,0,1,") and rows[1].endswith(",2,2,3,")
     # a failed case keeps its reference volume and spacing
-    assert rows[-1].startswith("c3,b,0,0,inf,inf,0,0.324,,,2,2,3,no prediction")
+    assert rows[-1].startswith("c3,b,0,0,inf,inf,inf,0,0.324,,,2,2,3,no prediction")
     saved = json.loads((tmp_path / "out" / "summary.json").read_text(encoding="utf-8"))
     assert saved["failed_cases"] == ["c3"]
     dice_a = saved["structures"]["a"]["dice"]

@@ -93,7 +93,8 @@ def test_empty_structure_conventions():
     empty = np.zeros((6, 6, 6), dtype=bool)
     some = cube((6, 6, 6), (1, 1, 1), 2)
     both_empty = score_structure(empty, empty, (1.0, 1.0, 1.0))
-    assert all(math.isnan(both_empty[k]) for k in ("dice", "iou", "hd95_mm", "assd_mm", "nsd"))
+    assert all(math.isnan(both_empty[k]) for k in ("dice", "iou", "hd95_mm", "hd_mm", "assd_mm",
+                                                    "nsd"))
     for pred, ref in ((some, empty), (empty, some)):
         one_empty = score_structure(pred, ref, (1.0, 1.0, 1.0))
         assert one_empty["dice"] == 0.0 and one_empty["iou"] == 0.0 and one_empty["nsd"] == 0.0
@@ -171,6 +172,7 @@ def test_scores_match_monai_metrics_on_random_masks(seed):
         "iou": MeanIoU(include_background=False)(pred, ref),
         "hd95_mm": HausdorffDistanceMetric(include_background=False, percentile=95)(
             pred, ref, spacing=spacing),
+        "hd_mm": HausdorffDistanceMetric(include_background=False)(pred, ref, spacing=spacing),
         "assd_mm": SurfaceDistanceMetric(include_background=False, symmetric=True)(
             pred, ref, spacing=spacing),
         "nsd": SurfaceDiceMetric([tolerance] * n, include_background=False)(
@@ -216,3 +218,16 @@ def test_boxes_of_neighbouring_uint64_ids_beyond_float64_precision_stay_apart():
     boxes = structure_boxes(label_map, [2**60, 2**60 + 1, 5])
     assert boxes[2**60 + 1] == (slice(1, 2),) * 3 and boxes[2**60] == (slice(0, 1),) * 3
     assert boxes[5] is None
+
+
+def test_a_far_stray_voxel_shows_in_the_hausdorff_distance_not_in_hd95():
+    """A one-voxel false positive 40 mm away: HD95 and ASSD barely move (the surface has
+    hundreds of points), so without the maximum it was invisible in the scores."""
+    reference = cube((60, 20, 20), (2, 2, 2), 12)
+    prediction = reference.copy()
+    prediction[55, 8, 8] = True
+    clean = surface_scores(reference, reference, (1.0, 1.0, 1.0))
+    stray = surface_scores(prediction, reference, (1.0, 1.0, 1.0))
+    assert clean["hd_mm"] == clean["hd95_mm"] == 0.0
+    assert stray["hd_mm"] == pytest.approx(55 - 13)  # to the cube's nearest face voxel (x 13)
+    assert stray["hd95_mm"] == 0.0 and stray["assd_mm"] < 0.1

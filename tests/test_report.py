@@ -27,8 +27,8 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 
 
 def scores(dice, hd95, ref_ml=1.0):
-    return {"dice": dice, "iou": dice, "hd95_mm": hd95, "assd_mm": hd95, "nsd": dice,
-            "ref_ml": ref_ml, "pred_ml": ref_ml, "diff_ml": 0.0}
+    return {"dice": dice, "iou": dice, "hd95_mm": hd95, "hd_mm": hd95, "assd_mm": hd95,
+            "nsd": dice, "ref_ml": ref_ml, "pred_ml": ref_ml, "diff_ml": 0.0}
 
 
 def test_summary_leaves_out_inf_and_nan_and_counts_inf():
@@ -57,7 +57,7 @@ def test_summary_leaves_out_inf_and_nan_and_counts_inf():
 
 def test_csv_writes_inf_and_leaves_nan_empty():
     text = scores_csv([CaseScores("a", {"s": dict(FAILED_SCORES)}, "boom")])
-    assert text.splitlines()[1] == "a,s,0,0,inf,inf,0,,,,,,,boom"  # spacing unknown: empty
+    assert text.splitlines()[1] == "a,s,0,0,inf,inf,inf,0,,,,,,,boom"  # spacing unknown: empty
 
 
 def test_csv_gives_each_case_its_reference_spacing():
@@ -260,7 +260,8 @@ def test_one_case_has_no_sd_and_the_csv_keeps_eight_digits():
 def test_a_case_without_any_structure_is_not_ranked_best():
     from medseg.report_html import case_mean_dice
 
-    empty = {"dice": math.nan, "iou": math.nan, "hd95_mm": math.nan, "assd_mm": math.nan,
+    empty = {"dice": math.nan, "iou": math.nan, "hd95_mm": math.nan, "hd_mm": math.nan,
+             "assd_mm": math.nan,
              "nsd": math.nan, "ref_ml": 0.0, "pred_ml": 0.0, "diff_ml": 0.0}
     results = [CaseScores("empty", {"s": empty}), CaseScores("a", {"s": scores(0.6, 1.0)}),
                CaseScores("b", {"s": scores(0.8, 1.0)})]

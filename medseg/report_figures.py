@@ -83,12 +83,20 @@ def boxplots_png(results: list[CaseScores], structures: list[str], tolerance_mm:
     """One panel per metric (BOX_METRICS), one horizontal box per structure; each case a dot.
     Infinite and undefined values are left out; each structure's infinite ones are counted
     at the right edge."""
+    return png_bytes(boxplots_figure(results, structures, tolerance_mm))
+
+
+def boxplots_figure(results: list[CaseScores], structures: list[str],
+                    tolerance_mm: float | None):
+    """The matplotlib figure of `boxplots_png`."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     height = 1.2 + 0.25 * len(structures)
     fig, axes = plt.subplots(1, len(BOX_METRICS), figsize=(15, height), sharey=True, dpi=80)
     left = min(0.4, 0.025 + 0.0055 * max((len(s) for s in structures), default=8))
     fig.subplots_adjust(left=left, right=0.99, top=1 - 0.45 / height, bottom=0.45 / height,
-                        wspace=0.06)
+                        wspace=0.12)
     rng = np.random.default_rng(0)  # jitter of the dots, fixed so the report is reproducible
     positions = np.arange(len(structures))[::-1]
     for ax, (metric, title) in zip(axes, BOX_METRICS, strict=True):
@@ -111,13 +119,17 @@ def boxplots_png(results: list[CaseScores], structures: list[str], tolerance_mm:
             title = f"surface Dice at {tolerance_mm:g} mm"
         ax.set_title(readable(title), fontsize=11)
         ax.grid(axis="x", alpha=0.3)
+        # at most six ticks: with long structure names the panels narrow, and the default
+        # count ran labels such as 0.0025 into one another
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=5, steps=[1, 2, 5, 10]))
         if metric in ("dice", "nsd"):
             ax.set_xlim(-0.02, 1.02)
+            ax.set_xticks([0, 0.2, 0.4, 0.6, 0.8, 1], ["0", "0.2", "0.4", "0.6", "0.8", "1"])
         if metric == "diff_ml":
             ax.axvline(0.0, color="#7f8c8d", linewidth=0.8)
     axes[0].set_yticks(positions, [readable(s) for s in structures], fontsize=9)
     axes[0].set_ylim(-0.7, len(structures) - 0.3)
-    return png_bytes(fig)
+    return fig
 
 
 def montage_png(pair: LoadedPair, labels: dict[int, str], scores: dict[str, dict[str, float]],

@@ -315,3 +315,27 @@ def test_small_volumes_keep_two_significant_digits_in_the_report(tmp_path):
     page = (tmp_path / "report.html").read_text(encoding="utf-8")
     assert "0.0100 &plusmn; 0.0028" in page  # the nodule's reference volume
     assert "1500.00 &plusmn; 0.00" in page  # the liver's, as before
+
+
+def test_box_plot_tick_labels_do_not_run_into_one_another():
+    """A long structure name narrows the panels; the default tick count then printed the
+    volume differences as one string ("0.00000.00250.0050..."), and Dice's "1.0" touched the
+    next panel's "0.0"."""
+    from medseg.report_figures import boxplots_figure
+
+    def case(name, diff):
+        values = {"dice": 0.9, "iou": 0.8, "hd95_mm": 1.0, "hd_mm": 1.0, "assd_mm": 0.5,
+                  "nsd": 0.95, "ref_ml": 1.0, "pred_ml": 1.0, "diff_ml": diff}
+        return CaseScores(name, {"a_very_long_structure_name_of_the_atlas_left": values,
+                                 "b": dict(values)})
+
+    figure = boxplots_figure([case("c1", 0.0), case("c2", 0.0123456)],
+                             ["a_very_long_structure_name_of_the_atlas_left", "b"], 2.0)
+    renderer = figure.canvas.get_renderer()
+    boxes = [label.get_window_extent(renderer) for ax in figure.axes
+             for label in ax.get_xticklabels()
+             if min(ax.get_xlim()) <= label.get_position()[0] <= max(ax.get_xlim())]
+    boxes.sort(key=lambda box: box.x0)
+    assert len(boxes) > 8
+    for left, right in zip(boxes, boxes[1:], strict=False):
+        assert left.x1 < right.x0, (left, right)

@@ -61,10 +61,12 @@ class CheckReport:
     n_cases: int
     problems: tuple[Problem, ...]
 
-    @property
-    def exit_code(self) -> int:
-        """0 when clean, 1 when any problem was found."""
-        return 1 if self.problems else 0
+    def exit_code(self, strict: bool = False) -> int:
+        """1 when an error was found (or, `strict`, any problem), else 0: warnings alone do
+        not stop `medseg check DATA && medseg train ...`, as training does not refuse them."""
+        counted = self.problems if strict else [p for p in self.problems
+                                                if p.severity == "error"]
+        return 1 if counted else 0
 
     def format_table(self) -> str:
         """The problems as an aligned text table, then a summary line."""

@@ -392,7 +392,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     report = check_dataset(Path(args.dataset), args.layout)
     print(report.format_table())
-    return report.exit_code
+    return report.exit_code(args.strict)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
@@ -1015,6 +1015,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="dataset folder, its dataset.json, or a CSV file")
     check.add_argument("--layout", default="auto",
                        choices=["auto", "msd", "nnunet", "folders", "csv"])
+    check.add_argument("--strict", action="store_true",
+                       help="exit 1 on warnings too (without it, on errors only)")
     check.set_defaults(handler=cmd_check)
 
     convert = sub.add_parser("convert", parents=[common, dicom],

@@ -52,7 +52,7 @@ def write_case(root, name, image_data=None, label_data=None, image_affine=None,
 def test_clean_dataset(tmp_path):
     entries = [write_case(tmp_path, f"ok{k}", seed=k) for k in range(3)]
     report = check_dataset(msd(tmp_path, entries))
-    assert report.problems == () and report.exit_code == 0
+    assert report.problems == () and report.exit_code() == 0
     assert report.format_table().endswith("(msd layout, 3 cases): clean")
 
 
@@ -100,7 +100,7 @@ def test_every_problem_is_a_row_naming_the_case_file(tmp_path):
     has("gone", "gone.nii.gz", "image missing")
     has("outside", "outside.nii.gz", "path leaves the dataset folder")
     assert not any(p.case.startswith("ok") for p in report.problems)
-    assert report.exit_code == 1
+    assert report.exit_code() == 1
     table = report.format_table()
     assert "imagesTr/nan.nii.gz" in table and "labelsTr/empty.nii.gz" in table
     assert table.splitlines()[0].split() == ["severity", "case", "file", "problem"]
@@ -158,7 +158,7 @@ def test_check_agrees_with_training_on_spare_labels_hidden_files_and_no_cases(tm
     (empty / "dataset.json").write_text(json.dumps({
         "labels": {"0": "background", "1": "x"}, "training": []}), encoding="utf-8")
     report = check_dataset(empty)
-    assert report.exit_code == 1
+    assert report.exit_code() == 1
     assert [p.message for p in report.problems] == [
         "the dataset lists no cases: training would refuse it"]
 
@@ -293,7 +293,7 @@ def test_a_path_outside_the_folder_is_a_warning_and_no_row_at_all_in_a_csv(tmp_p
     listing.write_text("image,label\n" + "".join(f"{i},{lab}\n" for i, lab in absolute),
                        encoding="utf-8")
     clean = check_dataset(listing)
-    assert clean.layout == "csv" and clean.problems == () and clean.exit_code == 0
+    assert clean.layout == "csv" and clean.problems == () and clean.exit_code() == 0
 
 
 def test_the_verdict_counts_in_words(tmp_path):

@@ -213,7 +213,8 @@ def test_check_takes_the_ignore_id_as_a_label_value(tmp_path, capsys):
         image = nib.load(label)
         nib.save(nib.Nifti1Image(np.where(np.asarray(image.dataobj) > 0, 4, outside)
                                  .astype(np.uint8), image.affine), label)
-    assert main(["check", str(tmp_path / "data")]) == 1  # a warning, no error
+    assert main(["check", str(tmp_path / "data")]) == 0  # warnings, no error
+    assert main(["check", str(tmp_path / "data"), "--strict"]) == 1
     out = capsys.readouterr().out
     assert "not in the label map" not in out
     assert "holds no structure (background and 'ignore' only)" in out

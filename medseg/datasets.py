@@ -163,6 +163,10 @@ def label_names_from_json(path: str | Path) -> dict[int, str]:
     if repeated_ids:
         raise MedsegError(f"label ids must be unique; repeated: "
                           f"{', '.join(map(str, repeated_ids))}", path)
+    not_text = [(label, name) for label, name in pairs if not isinstance(name, str)]
+    if not_text:  # str() would name a structure "None", "True" or "{'name': 'liver'}"
+        raise MedsegError(f"label names must be text; id {not_text[0][0]} is named "
+                          f"{json.dumps(not_text[0][1])}", path)
     labels = {label: str(name) for label, name in pairs}
     labels = {0: "background", **labels}  # a labels.json may leave background unnamed
     problem = label_name_problem(labels) or ignore_label_problem(labels)

@@ -315,7 +315,12 @@ def read_label_map(path: str | Path) -> Volume:
     """A label map as int32. Labels stored as floats must hold whole numbers: a probability
     map, or a mask resampled with linear interpolation, is refused instead of truncated."""
     volume = read_volume(path, dtype=None)
-    data = volume.data
+    return Volume(whole_label_values(volume.data, volume.path), volume.geometry, volume.path)
+
+
+def whole_label_values(data: np.ndarray, path: Path) -> np.ndarray:
+    """`data` (a label map read from `path`) as int32, or a MedsegError naming the file:
+    values a rounding error off whole numbers are those numbers; others are refused."""
     if data.dtype.kind == "f":
         rounded = np.round(data)
         # a scaled header (scl_slope 1.0000001) leaves whole numbers a rounding error off;
@@ -324,13 +329,13 @@ def read_label_map(path: str | Path) -> Volume:
         if fractional.any():
             raise MedsegError(f"label has non-integer values (e.g. "
                               f"{float(data[fractional].flat[0]):.7g}); a label map holds "
-                              f"whole numbers", volume.path)
+                              f"whole numbers", path)
         data = rounded
     int32 = np.iinfo(np.int32)
     if data.size and (data.min() < int32.min or data.max() > int32.max):
         raise MedsegError(f"label values up to {data.max():.0f} (or down to {data.min():.0f}) "
-                          f"are beyond any label id", volume.path)
-    return Volume(data.astype(np.int32, copy=False), volume.geometry, volume.path)
+                          f"are beyond any label id", path)
+    return data.astype(np.int32, copy=False)
 
 
 def write_mask(mask: np.ndarray, reference: Geometry | Volume | str | Path,

@@ -5,7 +5,7 @@ Spacingd and Invertd behave exactly as they do for NIfTI."""
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Collection, Hashable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +16,14 @@ from monai.transforms import MapTransform
 from monai.utils import ImageMetaKey, MetaKeys, SpaceKeys
 
 from medseg.errors import MedsegError
-from medseg.io import VOLUME_SUFFIXES, Volume, grid_mismatch, on_grid_of, read_volume
+from medseg.io import (
+    VOLUME_SUFFIXES,
+    Volume,
+    grid_mismatch,
+    on_grid_of,
+    read_volume,
+    whole_label_values,
+)
 
 
 class MedsegReader(ImageReader):
@@ -75,25 +82,32 @@ def volume_meta(volume: Volume) -> dict:
 class LoadVolumed(MapTransform):
     """Load each key's path (or an already read Volume) as a MetaTensor; every key must lie
     on the first key's grid (a `reorderable` key may store its voxels in another axis
-    order). Unlike LoadImaged, a MedsegError is never swallowed by a fallback to other
-    readers."""
+    order). A `label_key`'s values must be whole numbers among `label_ids`. Unlike
+    LoadImaged, a MedsegError is never swallowed by a fallback to other readers."""
 
     def __init__(self, keys: KeysCollection, dtype: type = np.float32,
                  series_uid: str | None = None, resample_irregular: bool = False,
-                 reorderable: Sequence[str] = ()) -> None:
+                 reorderable: Sequence[str] = (), label_key: str | None = None,
+                 label_ids: Collection[int] = ()) -> None:
         super().__init__(keys)
         # keys (the label) whose voxels may be stored in another axis order than the first
         # key's: reordered onto its grid; channels must share the grid as stored
         self.reorderable = frozenset(reorderable)
         self.dtype = dtype
         self.reader = MedsegReader(series_uid, resample_irregular, dtype)
+        self.label_key, self.label_ids = label_key, frozenset(label_ids)
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         out = dict(data)
         reference = None
         for key in self.key_iterator(out):
             item = out[key]
-            volume = item if isinstance(item, Volume) else self.reader.read(str(item))
+            if isinstance(item, Volume):
+                volume = item
+            elif key == self.label_key:
+                volume = self._read_label(str(item))
+            else:
+                volume = self.reader.read(str(item))
             first = volume[0] if isinstance(volume, list) else volume
             if reference is None:
                 reference = first
@@ -105,3 +119,19 @@ class LoadVolumed(MapTransform):
             out[key] = MetaTensor.ensure_torch_and_prune_meta(np.asarray(array, self.dtype),
                                                               meta)
         return out
+
+    def _read_label(self, path: str) -> Volume:
+        """The label checked as the fingerprint checks it: a resumed run reads its cases
+        again without that pass, and a value past the classes failed deep in the loss ("index
+        7 is out of bounds", no file named) or a fractional one was rounded into a class."""
+        volume = read_volume(path, None, self.reader.series_uid, self.reader.resample_irregular)
+        data = whole_label_values(volume.data, volume.path)
+        if self.label_ids and data.size and (data.min() < min(self.label_ids)
+                                             or data.max() > max(self.label_ids)
+                                             or len(self.label_ids) <= max(self.label_ids)):
+            unknown = sorted(set(np.unique(data).tolist()) - self.label_ids)
+            if unknown:
+                raise MedsegError(f"label values {unknown[:10]} are not in the run's label "
+                                  f"map (ids {', '.join(map(str, sorted(self.label_ids)))})",
+                                  volume.path)
+        return Volume(data, volume.geometry, volume.path)

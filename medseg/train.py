@@ -17,6 +17,7 @@ import shutil
 import sys
 import time
 import warnings
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -845,6 +846,10 @@ def _resume_state(path: Path, mmap: bool = False) -> dict:
     """The saved training state to resume from, refused in one line when unreadable."""
     if not path.is_file():
         raise MedsegError("no training state to resume from", path)
+    if not zipfile.is_zipfile(path):  # torch.save's archive; torch's own error (with mmap)
+        # advised saving with _use_new_zipfile_serialization instead
+        raise MedsegError("cannot resume from this training state (the file is empty, cut "
+                          "short or not a torch checkpoint)", path)
     try:
         state = _read_state(path, mmap=mmap)
     except STATE_ERRORS as exc:

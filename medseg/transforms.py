@@ -46,14 +46,13 @@ def preprocessing(plan: Plan, with_label: bool) -> mt.Compose:
     all_keys = image_keys + ([LABEL] if with_label else [])
     modes = ["bilinear"] * len(image_keys) + (["nearest"] if with_label else [])
     steps: list = [
-        LoadVolumed(all_keys, dtype=np.float32, reorderable=[LABEL]),
+        LoadVolumed(all_keys, dtype=np.float32, reorderable=[LABEL], label_key=LABEL,
+                    label_ids=range(plan.label_id_count)),
         mt.EnsureChannelFirstd(all_keys),
         mt.Orientationd(all_keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         # float32 resampling: MONAI's float64 default doubles the peak memory on large CTs
         mt.Spacingd(all_keys, pixdim=plan.target_spacing, mode=modes, dtype=torch.float32),
     ]
-    if with_label:  # float labels a rounding error off a whole number (read_label_map's rule)
-        steps.append(mt.AsDiscreted(LABEL, rounding="torchrounding"))
     steps += [_normalize(key, norm) for key, norm in zip(image_keys, plan.normalization,
                                                          strict=True)]
     steps.append(mt.ConcatItemsd(image_keys, IMAGE, dim=0))

@@ -74,9 +74,16 @@ def test_a_damaged_state_is_refused_before_caching_or_saving_the_workflow(
     assert main(["train", "--resume", str(run), "--set", "train.max_minutes=5",
                  "--set", "train.cache=disk"]) == 2
     err = capsys.readouterr().err
-    assert f"{state}: cannot resume from this training state (" in err
+    assert f"{state}: cannot resume from this training state (the file is empty, cut short " \
+        "or not a torch checkpoint)" in err
     assert (run / "workflow.yaml").read_text(encoding="utf-8") == saved
     assert not (run / "cache").exists()
+    for damaged in (b"", b"not a checkpoint at all"):  # torch's message advised re-saving
+        state.write_bytes(damaged)
+        assert main(["train", "--resume", str(run)]) == 2
+        assert capsys.readouterr().err.strip().endswith(
+            "cannot resume from this training state (the file is empty, cut short or not a "
+            "torch checkpoint)")
 
 
 def test_resume_may_not_change_other_dataset_keys(tmp_path, capsys):

@@ -286,6 +286,11 @@ def test_a_workflows_labels_replace_a_map_medseg_cannot_read(tmp_path, labels):
     ('{"labels": {"\u00b2": "liver"}}', "label ids must be integers"),
     ('{"labels": {"0": "background", "1": " ", "2": "kidney"}}',
      "label names must not be empty \\(id 1\\)"),
+    # str() named the structures "None" (written so into plan.json) and "{'name': 'liver'}"
+    ('{"labels": {"0": "background", "1": "liver", "2": null}}',
+     "label names must be text; id 2 is named null"),
+    ('{"labels": {"1": {"name": "liver"}}}',
+     'label names must be text; id 1 is named {"name": "liver"}'),
 ])
 def test_label_maps_that_would_misname_structures_are_refused(tmp_path, text, message):
     path = tmp_path / "labels.json"

@@ -1,3 +1,5 @@
+import re
+
 import monai
 import numpy as np
 import pytest
@@ -120,6 +122,32 @@ def test_float_labels_a_rounding_error_off_are_whole_numbers(plan, phantom_datas
     label = preprocessing(plan, with_label=True)(case_dict(case.images,
                                                            tmp_path / "noisy.nii.gz"))[LABEL]
     assert set(torch.unique(label).tolist()) == set(np.unique(stored.dataobj).tolist())
+
+
+@pytest.mark.parametrize("change", ["past_the_classes", "negative", "fractional"])
+def test_a_label_the_plan_cannot_train_is_refused_naming_its_file(plan, phantom_dataset,
+                                                                  tmp_path, change):
+    """`train --resume --set dataset.path=...` reads its cases again without the
+    fingerprint's checks: a value past the classes failed in the loss ("index 7 is out of
+    bounds for dimension 1 with size 4", no file named) and a 0.5 was rounded into a class."""
+    import nibabel as nib
+
+    from medseg.errors import MedsegError, unwrap_transform_error
+
+    case = load_dataset(phantom_dataset).cases[0]
+    stored = nib.load(case.label)
+    data = np.asarray(stored.dataobj).astype(np.float32)
+    value = {"past_the_classes": plan.num_classes, "negative": -1, "fractional": 0.5}[change]
+    data[data == 1] = value
+    bad = tmp_path / "bad.nii.gz"
+    nib.save(nib.Nifti1Image(data, stored.affine), bad)
+    expected = (r"label has non-integer values \(e.g. 0.5\)" if change == "fractional" else
+                rf"label values \[{value}\] are not in the run's label map \(ids 0, 1, ")
+    with pytest.raises(RuntimeError) as refusal:  # MONAI's Compose wraps it
+        preprocessing(plan, with_label=True)(case_dict(case.images, bad))
+    error = unwrap_transform_error(refusal.value)
+    assert isinstance(error, MedsegError) and error.path == bad
+    assert re.search(expected, str(error)), str(error)
 
 
 @pytest.mark.parametrize("which", ["contrast_prob", "intensity_shift_prob", "gamma_prob",

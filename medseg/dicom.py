@@ -382,16 +382,18 @@ def _choose_series(groups: dict[str, list[Frame]], series_uid: str | None,
     if len(groups) > 1:
         raise MedsegError(f"the folder holds {len(groups)} DICOM series; choose one with "
                           f"--series UID (convert, predict) or keep one series per folder: "
-                          f"{_listing(groups)}{_one_folder_each_hint(groups)}",
+                          f"{_listing(groups)}{_one_folder_each_hint(groups, path)}",
                           path)
     return next(iter(groups.values()))
 
 
-def _one_folder_each_hint(groups: dict[str, list[Frame]]) -> str:
-    """A folder of series folders (one per patient) is a batch, not one series: say how to
-    give it as one."""
+def _one_folder_each_hint(groups: dict[str, list[Frame]], path: Path) -> str:
+    """A folder (`path`) of series folders (one per patient) is a batch, not one series: say
+    how to give it as one. Not when a series lies in `path` itself: FOLDER/* would then
+    give its files one by one."""
     folders = [{frame.path.parent for frame in frames} for frames in groups.values()]
-    if all(len(f) == 1 for f in folders) and len(set.union(*folders)) == len(groups):
+    separate = all(len(f) == 1 for f in folders) and len(set.union(*folders)) == len(groups)
+    if separate and Path(path) not in set.union(*folders):
         return ("; each series is in its own folder: give one of those folders (convert), or "
                 "each as an input of its own to predict them all (--input FOLDER/*)")
     return ""

@@ -80,6 +80,10 @@ def frames_of(header: Dataset, path: Path) -> list[Frame]:
             raise MedsegError("DICOM image header without Rows and Columns (file cut short?)",
                               path)
         return []  # a DICOMDIR, a structured report, a presentation state
+    if _known_non_image(_sop_classes(header)):
+        # a DICOM SEG (medseg's own --dicom-seg output written into a subfolder of the
+        # series, say), a parametric map, an RT dose: pixel data, but not an image of a series
+        return []
     try:
         if "PerFrameFunctionalGroupsSequence" in header:
             return _enhanced_frames(header, path)
@@ -97,6 +101,14 @@ def _image_storage(sop_class: str) -> bool:
     with warnings.catch_warnings():  # pydicom's on a UID cut short ("1.2.")
         warnings.simplefilter("ignore")
         return "Image Storage" in pydicom.uid.UID(sop_class).name
+
+
+def _known_non_image(sop_classes: list[str]) -> bool:
+    """Whether the file names a SOP class pydicom knows that is not an image storage class."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        known = [uid for uid in sop_classes if pydicom.uid.UID(uid).name != uid]
+    return bool(known) and not any(_image_storage(uid) for uid in known)
 
 
 def _meta_cut_short(header: Dataset, path: Path) -> bool:

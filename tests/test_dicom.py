@@ -86,6 +86,11 @@ def test_several_series_are_listed_and_one_can_be_chosen(tmp_path):
     with pytest.raises(MedsegError, match="no series 9.9"):
         read_volume(tmp_path, series_uid="9.9")
     assert sorted(s.uid for s in list_series(tmp_path)) == ["1.2.3.4.1", "1.2.3.4.2"]
+    # one series in the folder itself: FOLDER/* would give its files one by one
+    write_series(tmp_path, stored_values(4), axial_positions(SLICES), series_uid="1.2.3.4.3")
+    with pytest.raises(MedsegError, match="3 DICOM series") as caught:
+        read_volume(tmp_path)
+    assert "each series is in its own folder" not in str(caught.value)
     # a folder with one series is read as it is: --series picks among several
     only = read_volume(tmp_path / "a", series_uid="1.2.3.4.2")
     assert only.spatial_shape == (COLUMNS, ROWS, SLICES)

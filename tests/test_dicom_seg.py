@@ -267,3 +267,21 @@ def test_a_seg_that_cannot_be_written_is_one_line_and_takes_the_old_one_with_it(
     assert results[0].error == f"{out / 'ct_case.seg.dcm'}: cannot write (No space left on " \
                                f"device)"
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".medseg")) == []
+
+
+def test_a_seg_written_into_a_subfolder_of_its_series_leaves_the_series_readable(
+        trained_run, dicom_case, tmp_path):
+    """formats.md allows --output inside the series; the SEG written there was then read as
+    a second, 'enhanced' series of the folder, and the series could no longer be predicted
+    or converted ("the folder holds 2 DICOM series"). A SEG, like a report, is no image."""
+    from medseg.io import read_volume
+
+    series = tmp_path / "series"
+    shutil.copytree(dicom_case, series)
+    before = read_volume(series)
+    results = predict_paths(load_predictor(trained_run), [series], series / "masks",
+                            PredictConfig(), dicom_seg=True)
+    assert [r.error for r in results] == [None] and (series / "masks" / "series.seg.dcm").is_file()
+    after = read_volume(series)
+    np.testing.assert_array_equal(after.data, before.data)
+    np.testing.assert_array_equal(after.affine, before.affine)

@@ -258,9 +258,13 @@ def _scan(path: Path) -> tuple[dict[str, list[Frame]], dict[str, list[_Unread]]]
                 left_out.setdefault(unread[0], []).append(unread[1])
         for frame in frames:
             groups.setdefault(frame.series_uid, []).append(frame)
+    if not files:
+        raise MedsegError("empty folder: no volume file or DICOM series in it", path)
     if not groups:
-        raise MedsegError(f"no DICOM image found ({len(files)} files looked at"
-                          f"{_why_no_image(unplaced, multiframe, left_out, not_dicom)})", path)
+        looked_at = f"{len(files)} file{'s' if len(files) > 1 else ''} looked at"
+        raise MedsegError(f"no DICOM image found ({looked_at}"
+                          f"{_why_no_image(unplaced, multiframe, left_out, not_dicom)}"
+                          f"{_volumes_below_hint(files, path)})", path)
     if not_dicom:
         # a slice cut short before its 'DICM' marker: left out, the volume would be a slice
         # short without a word where it lay at the end of the series
@@ -332,6 +336,20 @@ def _why_no_image(unplaced: list[Path], multiframe: list[Path],
         detail += (f"; {len(not_dicom)} file(s) named or begun like DICOM files are not "
                    f"DICOM (cut short?), e.g. {not_dicom[0].name}")
     return detail
+
+
+def _volumes_below_hint(files: list[Path], folder: Path) -> str:
+    """Volume files in subfolders (one per patient) are read as such only when named: say
+    so, rather than only that no DICOM image was found."""
+    from medseg.io import VOLUME_SUFFIXES
+
+    volumes = [f for f in files if f.name.lower().endswith(VOLUME_SUFFIXES)]
+    if not volumes:
+        return ""
+    example = volumes[0].relative_to(folder) if folder in volumes[0].parents else volumes[0]
+    suffix = next(s for s in VOLUME_SUFFIXES if example.name.lower().endswith(s))
+    return (f"; {len(volumes)} volume file(s) in its subfolders, e.g. {example}: give them "
+            f"as inputs themselves ({folder}/*/*{suffix})")
 
 
 def _files_below(folder: Path) -> list[Path]:

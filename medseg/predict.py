@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from medseg.config import PredictConfig, load_workflow
 from medseg.datasets import strip_image_suffix
+from medseg.dicom import DICOM_SUFFIXES
 from medseg.dicom_seg import SegSource, build_seg, seg_path, seg_source, write_seg
 from medseg.errors import MedsegError, one_line, unwrap_transform_error
 from medseg.fileio import hold_lock, output_folder, physical_memory
@@ -125,6 +126,12 @@ def load_predictor(run_dir: str | Path, folds: list[int] | None = None,
     """Read plan.json and the best weights of the chosen folds (all trained folds by default)."""
     torch_device = resolve_device(device)
     run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise MedsegError("model folder not found (give the run folder `medseg train --out` "
+                          "wrote)", run_dir)
+    if not run_dir.is_dir():
+        raise MedsegError("not a folder: --model takes the run folder (the one holding "
+                          "plan.json), not a file in it", run_dir)
     plan = load_plan(run_dir / "plan.json")
     fold_dirs = [p for _, p in fold_folders(run_dir)
                  if (p / "checkpoints" / BEST_WEIGHTS).is_file()]
@@ -254,10 +261,12 @@ def _note_skipped_dicom_files(folder: Path) -> None:
 
 def output_name(path: Path) -> str:
     """`case_0000.nii.gz` (nnU-Net channel 0) and `case.nii.gz` both give `case.nii.gz`; a
-    DICOM folder `case/` or file `case.dcm` gives `case.nii.gz` (`.` names the folder it is)."""
+    DICOM folder `case/` or file `case.dcm` (`.dicom`, `.ima`) gives `case.nii.gz` (`.`
+    names the folder it is)."""
     stem = strip_image_suffix(Path(os.path.abspath(path)).name)
-    if stem.lower().endswith(".dcm"):
-        stem = stem[: -len(".dcm")]
+    dicom_suffix = next((s for s in DICOM_SUFFIXES if stem.lower().endswith(s)), None)
+    if dicom_suffix:
+        stem = stem[: -len(dicom_suffix)]
     if stem.endswith("_0000"):
         stem = stem[: -len("_0000")]
     return f"{stem}.nii.gz"

@@ -1,6 +1,7 @@
 """DICOM series on synthetic files: ordering, rescaling, series choice, traps, codecs."""
 
 import io
+import os
 
 import nibabel as nib
 import numpy as np
@@ -554,3 +555,21 @@ def test_a_slice_cut_short_in_its_header_is_refused_not_left_out(tmp_path, where
             read_volume(tmp_path)
         with pytest.raises(MedsegError, match="IM0000.dcm: DICOM .*file cut short"):
             read_volume(tmp_path, resample_irregular=True)
+
+
+def test_an_empty_folder_and_volumes_in_subfolders_are_named_as_such(tmp_path):
+    """Both read "no DICOM image found (0 files looked at)" / "(2 files looked at)": nothing
+    said that the folder was empty, or that it held volume files one level down."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(MedsegError, match="empty: empty folder: no volume file or DICOM series"):
+        read_volume(empty)
+    for patient in ("p1", "p2"):
+        (tmp_path / "nested" / patient).mkdir(parents=True)
+        (tmp_path / "nested" / patient / "scan.nii.gz").write_bytes(b"not read")
+    with pytest.raises(MedsegError) as caught:
+        read_volume(tmp_path / "nested")
+    assert str(caught.value).endswith(
+        f"no DICOM image found (2 files looked at; 2 volume file(s) in its subfolders, e.g. "
+        f"p1{os.sep}scan.nii.gz: give them as inputs themselves "
+        f"({tmp_path / 'nested'}/*/*.nii.gz))")

@@ -116,6 +116,20 @@ def test_tta_and_output_names(trained_run, inputs, tmp_path):
     assert results[0].error is None
     assert output_name(inputs / "case_0000.nii.gz") == "case.nii.gz"
     assert output_name(inputs / "case.nii") == "case.nii.gz"
+    # every DICOM slice suffix formats.md names (.IMA and .dicom were kept in the name)
+    for name in ("IM0001.IMA", "IM0001.dicom", "IM0001.DCM"):
+        assert output_name(inputs / name) == "IM0001.nii.gz"
+
+
+def test_a_model_path_that_is_no_run_folder_is_named_as_such(tmp_path):
+    """"--model /tmp/nonexist" read "/tmp/nonexist/plan.json: plan.json not found" and
+    "--model run/plan.json" "run/plan.json/plan.json: plan.json not found"."""
+    with pytest.raises(MedsegError, match="missing: model folder not found"):
+        load_predictor(tmp_path / "missing")
+    (tmp_path / "plan.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(MedsegError, match="plan.json: not a folder: --model takes the run "
+                                          "folder"):
+        load_predictor(tmp_path / "plan.json")
 
 
 def test_tta_without_mirror_axes_says_it_averages_nothing(trained_run, inputs, tmp_path,

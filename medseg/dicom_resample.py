@@ -59,10 +59,12 @@ def regular_grid(stack: Stack, path: Path) -> RegularGrid:
 
 
 def resample_stack(stack: Stack, path: Path, dtype: np.dtype) -> tuple[np.ndarray, RegularGrid]:
-    """The stack's voxels on its regular grid; outside every slice, the series' minimum."""
+    """The stack's voxels on its regular grid; outside every slice, the series' minimum.
+    Within the series' value range: the cubic spline overshoots at sharp edges (air against
+    bone read -1072 HU where no slice holds less than -1024)."""
     grid = regular_grid(stack, path)
     slices = read_pixels(stack, np.dtype(np.float32))
-    fill = float(slices.min())
+    fill, highest = float(slices.min()), float(slices.max())
     placed = [_placed(slices[:, :, k], grid, k, fill) for k in range(slices.shape[2])]
     del slices
     out = np.empty(grid.shape, dtype=dtype)
@@ -72,7 +74,7 @@ def resample_stack(stack: Stack, path: Path, dtype: np.dtype) -> tuple[np.ndarra
         gap = stack.depths[below + 1] - stack.depths[below]
         weight = float(np.clip((depth - stack.depths[below]) / gap, 0.0, 1.0))
         values = (1.0 - weight) * placed[below] + weight * placed[below + 1]
-        out[:, :, plane] = _fitted(values, dtype)
+        out[:, :, plane] = _fitted(np.clip(values, fill, highest), dtype)
     return out, grid
 
 

@@ -123,6 +123,17 @@ def test_gantry_tilt_is_refused_then_resampled_where_each_slice_belongs(tmp_path
                                    atol=1e-3)
 
 
+def test_resampling_a_tilted_stack_stays_within_the_series_values(tmp_path):
+    """Half-pixel shifts put the cubic spline between pixels, where it overshot sharp edges:
+    -1072 HU from a series whose lowest value is -1024."""
+    stored = stored_values(7)
+    positions = axial_positions(SLICES, shift_per_slice=(0.0, SPACING[0] / 2))
+    write_series(tmp_path, stored, positions, spacing=SPACING)
+    volume = read_volume(tmp_path, resample_irregular=True)
+    hu = as_volume(stored)
+    assert hu.min() <= volume.data.min() and volume.data.max() <= hu.max()
+
+
 def test_missing_slice_is_refused_then_resampled(tmp_path):
     stored = stored_values(5)
     positions = [[0.0, 0.0, z] for z in (0.0, 2.5, 5.0, 10.0)]

@@ -79,6 +79,10 @@ def pair_cases(pred_dir: Path, ref_dir: Path) -> list[Pair]:
         raise MedsegError("no reference volumes found", ref_dir)
     if not predictions:
         raise MedsegError("no prediction volumes found", pred_dir)
+    if not predictions.keys() & references.keys():  # each case a miss: the wrong folder
+        raise MedsegError(f"no prediction has the name of a reference in {ref_dir} (cases "
+                          f"are paired by file name: {min(predictions)} here, "
+                          f"{min(references)} there)", pred_dir)
     return [(case, predictions.get(case), references[case]) for case in sorted(references)]
 
 

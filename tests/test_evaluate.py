@@ -429,6 +429,17 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_scoring(folde
         f"medseg: error: {blocker / 'sub'}: cannot write in the output folder")
 
 
+def test_predictions_of_which_none_pairs_with_a_reference_are_refused(folders, tmp_path):
+    """The wrong --pred folder (or another naming) scored every case as missed, wrote the
+    three files and exited 1, as if the model had failed on all of them."""
+    save(tmp_path / "other" / "x1.nii.gz", phantom())
+    with pytest.raises(MedsegError, match=r"other: no prediction has the name of a reference "
+                                          r"in .*ref \(cases are paired by file name: x1 here, "
+                                          r"c1 there\)"):
+        run_evaluation(tmp_path / "other", folders / "ref", None, tmp_path / "ev")
+    assert not (tmp_path / "ev").exists()
+
+
 def test_an_empty_prediction_folder_is_refused(folders, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(MedsegError, match="empty: no prediction volumes found"):

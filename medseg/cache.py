@@ -210,8 +210,9 @@ def _mapped(path: Path) -> np.ndarray:
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise MedsegError(f"cannot read this file of the disk cache "
-                          f"({one_line(str(exc))[:200] or type(exc).__name__}); delete "
+        # numpy's first sentence: it goes on to advise loading pickled data "unsafely"
+        why = one_line(str(exc)).split(". ")[0][:200] or type(exc).__name__
+        raise MedsegError(f"cannot read this file of the disk cache ({why}); delete "
                           f"{path.parent} to rebuild it", path) from exc
 
 

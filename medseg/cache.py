@@ -210,8 +210,10 @@ def _mapped(path: Path) -> np.ndarray:
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as exc:
-        # numpy's first sentence: it goes on to advise loading pickled data "unsafely"
         why = one_line(str(exc)).split(". ")[0][:200] or type(exc).__name__
+        if "pickled" in why:  # numpy's reading of any file without the .npy magic, with
+            # advice to load it "unsafely" (pickle), against the project's rule
+            why = "not a NumPy array file: damaged or overwritten"
         raise MedsegError(f"cannot read this file of the disk cache ({why}); delete "
                           f"{path.parent} to rebuild it", path) from exc
 

@@ -2,8 +2,9 @@
 
 Every listed file is read once. Errors stop training (missing or unreadable files, grids that
 disagree, bad label values, NaN/Inf voxels, duplicate cases); warnings deserve a look (empty
-labels, spacing and orientation outliers, paths that leave the dataset folder). Any row makes
-the exit status 1; a dataset description that cannot be read at all raises MedsegError (2).
+labels, spacing and orientation outliers, paths that leave the dataset folder). An error
+makes the exit status 1 (with --strict, any row); a dataset description that cannot be read
+at all raises MedsegError (2).
 """
 
 from __future__ import annotations
@@ -303,13 +304,16 @@ def _same_image(fact: _CaseFacts, other: _CaseFacts) -> Problem:
 
 def _outliers(facts: list[_CaseFacts]) -> list[Problem]:
     """Spacing beyond a factor 2 of the dataset median on some axis (R, A, S order), and
-    orientations other than the most common one."""
+    orientations other than the one most cases share (none when no orientation is shared by
+    more than half: orientations that vary by design, which training reorients anyway)."""
     if len(facts) < 3:
         return []
     spacings = np.array([_ras_spacing(f.geometry) for f in facts])
     median = np.median(spacings, axis=0)
     codes = ["".join(nib.aff2axcodes(f.geometry.affine)) for f in facts]
-    usual = Counter(codes).most_common(1)[0][0]
+    usual, count = Counter(codes).most_common(1)[0]
+    if 2 * count <= len(codes):
+        usual = None
     problems = []
     for fact, spacing, code in zip(facts, spacings, codes, strict=True):
         ratio = spacing / median
@@ -318,7 +322,7 @@ def _outliers(facts: list[_CaseFacts]) -> list[Problem]:
                 "warning", fact.case.name, fact.case.images[0],
                 f"spacing {_mm(spacing)} mm is an outlier: dataset median {_mm(median)} mm "
                 f"(beyond a factor {SPACING_OUTLIER_FACTOR:g})"))
-        if code != usual:
+        if usual is not None and code != usual:
             problems.append(Problem("warning", fact.case.name, fact.case.images[0],
                                     f"orientation {code} differs from the usual {usual}"))
     return problems

@@ -182,6 +182,15 @@ def test_three_cases_are_enough_for_the_orientation_check(tmp_path):
         ("c", "orientation LPS differs from the usual RAS")]
 
 
+def test_orientations_that_no_majority_shares_are_not_outliers(tmp_path):
+    """The demo's phantoms (oblique and flipped by design) had 5 of 8 cases 'differ from the
+    usual RPS', 3 of 8; a 2-2 tie flagged both cases of whichever came first."""
+    lps, las = np.diag([-1.0, -1, 1, 1]), np.diag([-1.0, 1, 1, 1])
+    entries = [checked_case(tmp_path, "a", np.eye(4), 0), checked_case(tmp_path, "b", np.eye(4), 1),
+               checked_case(tmp_path, "c", lps, 2), checked_case(tmp_path, "d", las, 3)]
+    assert checked(tmp_path, entries).problems == ()
+
+
 def test_two_cases_of_one_name_are_a_check_error(tmp_path):
     """Bug: the duplicate-name row dropped from `medseg check` (training refuses such a
     dataset). formats.md: duplicate case: same name, ..."""

@@ -292,6 +292,10 @@ def _same_image(fact: _CaseFacts, other: _CaseFacts) -> Problem:
     """Two cases with the same image voxels: a duplicate (training refuses it), or, with
     another label, one scan annotated twice (several raters)."""
     case = fact.case
+    if (fact.label_digest is None) != (other.label_digest is None):  # one label unread
+        return Problem("warning", case.name, case.images[0],
+                       f"same image voxels as case {other.case.name} (a duplicate, or one scan "
+                       f"annotated twice: the labels could not both be read to tell)")
     if fact.label_digest == other.label_digest:
         return Problem("error", case.name, case.images[0],
                        f"same voxels as case {other.case.name} in every channel and the label "

@@ -158,6 +158,13 @@ def test_one_scan_with_two_raters_labels_is_two_cases_that_check_points_out(tmp_
     nib.save(label, str(tmp_path / "labelsTr/case3.nii.gz"))  # the same label: a duplicate
     assert [p.severity for p in check_dataset(tmp_path).problems
             if "case0" in p.message] == ["error"]
+    # no label to compare (a CSV's empty label cell): neither a duplicate nor 'another label'
+    (tmp_path / "labelsTr/case3.nii.gz").write_bytes(b"")
+    rows = [(p.severity, p.message) for p in check_dataset(tmp_path).problems
+            if p.case == "case3"]
+    assert ("warning", "same image voxels as case case0 (a duplicate, or one scan annotated "
+                       "twice: the labels could not both be read to tell)") in rows, rows
+    assert not any("another label" in message for _, message in rows)
 
 
 def test_a_channel_off_its_cases_grid_is_named_against_channel_0(tmp_path):

@@ -419,14 +419,14 @@ def test_resampling_fills_outside_the_slices_with_the_series_minimum(tmp_path):
 
 def test_integer_resampling_clips_the_cubic_overshoot(tmp_path):
     """A tilt of half a row per slice samples between pixels, where the cubic spline
-    overshoots 0 / 65535 edges: in uint16 the overshoot is clipped, never wrapped around.
-    Kills: dicom_resample._fitted's `np.clip(...)` dropped."""
+    overshoots 0 / 65535 edges: the overshoot is clipped to the series' range (in float32
+    too, since 2026-11-24), and in uint16 never wrapped around."""
     stored = np.zeros((ROWS, COLUMNS, SLICES), dtype=np.uint16)
     stored[ROWS // 2:] = 65535  # a step edge across the rows
     positions = axial_positions(SLICES, shift_per_slice=(0.0, SPACING[0] / 2))
     write_series(tmp_path, stored, positions, spacing=SPACING, intercept=0.0)
     as_float = read_volume(tmp_path, resample_irregular=True).data
-    assert as_float.min() < -1 and as_float.max() > 65536  # there is an overshoot to clip
+    assert as_float.min() == 0 and as_float.max() == 65535  # the overshoot clipped
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a mutant's invalid cast
         native = read_volume(tmp_path, dtype=None, resample_irregular=True).data

@@ -209,7 +209,7 @@ class CachedCase:
 def _mapped(path: Path) -> np.ndarray:
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, EOFError) as exc:  # EOFError: emptied since it was listed
         why = one_line(str(exc)).split(". ")[0][:200] or type(exc).__name__
         if "pickled" in why:  # numpy's reading of any file without the .npy magic, with
             # advice to load it "unsafely" (pickle), against the project's rule

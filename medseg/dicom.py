@@ -31,6 +31,7 @@ from medseg.dicom_frames import (
     decode_file,
     frame_note,
     frames_of,
+    is_not_an_image,
     read_header,
 )
 from medseg.errors import MedsegError
@@ -244,13 +245,16 @@ def _scan(path: Path) -> tuple[dict[str, list[Frame]], dict[str, list[_Unread]]]
     multiframe: list[Path] = []  # classic multi-frame: one position for many frames
     left_out: dict[str, list[_Unread]] = {}
     not_dicom: list[Path] = []  # named or begun like DICOM files, yet not ones
+    not_images: list[Path] = []  # segmentations and doses: pixel data, but no image
     for file in files:
         if not is_dicom_file(file):
             _note_non_part10_file(file, left_out, not_dicom)
             continue
         header = read_header(file)
         frames = frames_of(header, file)
-        if not frames:
+        if not frames and is_not_an_image(header):
+            not_images.append(file)
+        elif not frames:
             many = int(header.get("NumberOfFrames", 1) or 1) > 1
             (multiframe if many else unplaced).append(file)
             unread = _unread_image(header, file, many)
@@ -258,13 +262,9 @@ def _scan(path: Path) -> tuple[dict[str, list[Frame]], dict[str, list[_Unread]]]
                 left_out.setdefault(unread[0], []).append(unread[1])
         for frame in frames:
             groups.setdefault(frame.series_uid, []).append(frame)
-    if not files:
-        raise MedsegError("empty folder: no volume file or DICOM series in it", path)
     if not groups:
-        looked_at = f"{len(files)} file{'s' if len(files) > 1 else ''} looked at"
-        raise MedsegError(f"no DICOM image found ({looked_at}"
-                          f"{_why_no_image(unplaced, multiframe, left_out, not_dicom)}"
-                          f"{_volumes_below_hint(files, path)})", path)
+        why = _why_no_image(unplaced, multiframe, left_out, not_dicom) + _not_images(not_images)
+        raise _no_image_error(path, files, why)
     if not_dicom:
         # a slice cut short before its 'DICM' marker: left out, the volume would be a slice
         # short without a word where it lay at the end of the series
@@ -338,6 +338,21 @@ def _why_no_image(unplaced: list[Path], multiframe: list[Path],
     return detail
 
 
+def _no_image_error(path: Path, files: list[Path], why: str) -> MedsegError:
+    if not files:
+        return MedsegError("empty folder: no volume file or DICOM series in it", path)
+    looked_at = f"{len(files)} file{'s' if len(files) > 1 else ''} looked at"
+    return MedsegError(f"no DICOM image found ({looked_at}{why}"
+                       f"{_volumes_below_hint(files, path)})", path)
+
+
+def _not_images(files: list[Path]) -> str:
+    if not files:
+        return ""
+    return (f"; {len(files)} DICOM file(s) that are no image (a segmentation or dose object, "
+            f"such as medseg's own --dicom-seg output), e.g. {files[0].name}")
+
+
 def _volumes_below_hint(files: list[Path], folder: Path) -> str:
     """Volume files in subfolders (one per patient) are read as such only when named: say
     so, rather than only that no DICOM image was found."""
@@ -346,10 +361,13 @@ def _volumes_below_hint(files: list[Path], folder: Path) -> str:
     volumes = [f for f in files if f.name.lower().endswith(VOLUME_SUFFIXES)]
     if not volumes:
         return ""
-    example = volumes[0].relative_to(folder) if folder in volumes[0].parents else volumes[0]
+    example = volumes[0]
+    if example.parent == folder:  # convert, check and train take one volume file per image
+        return f"; it holds volume file(s), e.g. {example.name}: give the file itself"
     suffix = next(s for s in VOLUME_SUFFIXES if example.name.lower().endswith(s))
-    return (f"; {len(volumes)} volume file(s) in its subfolders, e.g. {example}: give them "
-            f"as inputs themselves ({folder}/*/*{suffix})")
+    return (f"; {len(volumes)} volume file(s) in its subfolders, e.g. "
+            f"{example.relative_to(folder)}: give them as inputs themselves "
+            f"({folder}/*/*{suffix})")
 
 
 def _files_below(folder: Path) -> list[Path]:

@@ -80,9 +80,9 @@ def frames_of(header: Dataset, path: Path) -> list[Frame]:
             raise MedsegError("DICOM image header without Rows and Columns (file cut short?)",
                               path)
         return []  # a DICOMDIR, a structured report, a presentation state
-    if _known_non_image(_sop_classes(header)):
+    if is_not_an_image(header):
         # a DICOM SEG (medseg's own --dicom-seg output written into a subfolder of the
-        # series, say), a parametric map, an RT dose: pixel data, but not an image of a series
+        # series, say) or an RT dose: pixel data and geometry, but no image of the series
         return []
     try:
         if "PerFrameFunctionalGroupsSequence" in header:
@@ -103,12 +103,16 @@ def _image_storage(sop_class: str) -> bool:
         return "Image Storage" in pydicom.uid.UID(sop_class).name
 
 
-def _known_non_image(sop_classes: list[str]) -> bool:
-    """Whether the file names a SOP class pydicom knows that is not an image storage class."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        known = [uid for uid in sop_classes if pydicom.uid.UID(uid).name != uid]
-    return bool(known) and not any(_image_storage(uid) for uid in known)
+# Segmentation, Label Map Segmentation, RT Dose: named, not inferred from pydicom's names,
+# where Enhanced US Volume or Parametric Map Storage (an ADC map) also lack "Image Storage"
+NOT_IMAGES = {"1.2.840.10008.5.1.4.1.1.66.4": "a DICOM SEG",
+              "1.2.840.10008.5.1.4.1.1.66.7": "a DICOM label map SEG",
+              "1.2.840.10008.5.1.4.1.1.481.2": "an RT dose"}
+
+
+def is_not_an_image(header: Dataset) -> bool:
+    """Whether the file is a segmentation or dose object (NOT_IMAGES), not an image."""
+    return any(uid in NOT_IMAGES for uid in _sop_classes(header))
 
 
 def _meta_cut_short(header: Dataset, path: Path) -> bool:

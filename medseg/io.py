@@ -318,24 +318,33 @@ def read_label_map(path: str | Path) -> Volume:
     return Volume(whole_label_values(volume.data, volume.path), volume.geometry, volume.path)
 
 
-def whole_label_values(data: np.ndarray, path: Path) -> np.ndarray:
-    """`data` (a label map read from `path`) as int32, or a MedsegError naming the file:
+def whole_label_values(data: np.ndarray, path: Path, dtype: type = np.int32) -> np.ndarray:
+    """`data` (a label map read from `path`) as `dtype`, or a MedsegError naming the file:
     values a rounding error off whole numbers are those numbers; others are refused."""
     if data.dtype.kind == "f":
-        rounded = np.round(data)
-        # a scaled header (scl_slope 1.0000001) leaves whole numbers a rounding error off;
-        # anything further off is a probability map or a linearly resampled mask
-        fractional = np.abs(data - rounded) > LABEL_ROUNDING
-        if fractional.any():
-            raise MedsegError(f"label has non-integer values (e.g. "
-                              f"{float(data[fractional].flat[0]):.7g}); a label map holds "
-                              f"whole numbers", path)
-        data = rounded
+        refuse_fractional_labels(data, path)
     int32 = np.iinfo(np.int32)
     if data.size and (data.min() < int32.min or data.max() > int32.max):
         raise MedsegError(f"label values up to {data.max():.0f} (or down to {data.min():.0f}) "
                           f"are beyond any label id", path)
-    return data.astype(np.int32, copy=False)
+    if data.dtype.kind != "f":
+        return data.astype(dtype, copy=False)
+    # rounded straight into the result: no full-size float64 temporaries
+    return np.rint(data, out=np.empty(data.shape, dtype), casting="unsafe")
+
+
+def refuse_fractional_labels(data: np.ndarray, path: Path, slab_voxels: int = 2**22) -> None:
+    """A scaled header (scl_slope 1.0000001) leaves whole numbers a rounding error off;
+    anything further off is a probability map or a linearly resampled mask: refused. Checked
+    a slab at a time, so a float64 CT label needs no full-size temporaries."""
+    flat = data.reshape(-1)
+    for start in range(0, flat.size, slab_voxels):
+        slab = flat[start:start + slab_voxels]
+        fractional = np.abs(slab - np.rint(slab)) > LABEL_ROUNDING
+        if fractional.any():
+            raise MedsegError(f"label has non-integer values (e.g. "
+                              f"{float(slab[fractional][0]):.7g}); a label map holds whole "
+                              f"numbers", path)
 
 
 def write_mask(mask: np.ndarray, reference: Geometry | Volume | str | Path,

@@ -125,11 +125,11 @@ class LoadVolumed(MapTransform):
         again without that pass, and a value past the classes failed deep in the loss ("index
         7 is out of bounds", no file named) or a fractional one was rounded into a class."""
         volume = read_volume(path, None, self.reader.series_uid, self.reader.resample_irregular)
-        data = whole_label_values(volume.data, volume.path)
+        # float32 at once (what this step returns): no int32 copy on the way
+        data = whole_label_values(volume.data, volume.path, self.dtype)
         if self.label_ids and data.size and (data.min() < min(self.label_ids)
-                                             or data.max() > max(self.label_ids)
-                                             or len(self.label_ids) <= max(self.label_ids)):
-            unknown = sorted(set(np.unique(data).tolist()) - self.label_ids)
+                                             or data.max() > max(self.label_ids)):
+            unknown = sorted({int(v) for v in np.unique(data)} - self.label_ids)
             if unknown:
                 raise MedsegError(f"label values {unknown[:10]} are not in the run's label "
                                   f"map (ids {', '.join(map(str, sorted(self.label_ids)))})",

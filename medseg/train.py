@@ -846,8 +846,14 @@ def _resume_state(path: Path, mmap: bool = False) -> dict:
     """The saved training state to resume from, refused in one line when unreadable."""
     if not path.is_file():
         raise MedsegError("no training state to resume from", path)
-    if not zipfile.is_zipfile(path):  # torch.save's archive; torch's own error (with mmap)
-        # advised saving with _use_new_zipfile_serialization instead
+    try:
+        with open(path, "rb") as handle:  # is_zipfile alone would call an unreadable file
+            archive = zipfile.is_zipfile(handle)  # "not a checkpoint"
+    except OSError as exc:
+        raise MedsegError(f"cannot read this training state ({exc.strerror or exc})",
+                          path) from exc
+    if not archive:  # torch.save's archive; torch's own error (with mmap) advised saving
+        # with _use_new_zipfile_serialization instead
         raise MedsegError("cannot resume from this training state (the file is empty, cut "
                           "short or not a torch checkpoint)", path)
     try:

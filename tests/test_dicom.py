@@ -584,3 +584,7 @@ def test_an_empty_folder_and_volumes_in_subfolders_are_named_as_such(tmp_path):
         f"no DICOM image found (2 files looked at; 2 volume file(s) in its subfolders, e.g. "
         f"p1{os.sep}scan.nii.gz: give them as inputs themselves "
         f"({tmp_path / 'nested'}/*/*.nii.gz))")
+    with pytest.raises(MedsegError) as caught:  # a volume in the folder itself (convert)
+        read_volume(tmp_path / "nested" / "p1")
+    assert str(caught.value).endswith("no DICOM image found (1 file looked at; it holds volume "
+                                      "file(s), e.g. scan.nii.gz: give the file itself)")

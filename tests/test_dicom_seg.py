@@ -285,3 +285,20 @@ def test_a_seg_written_into_a_subfolder_of_its_series_leaves_the_series_readable
     after = read_volume(series)
     np.testing.assert_array_equal(after.data, before.data)
     np.testing.assert_array_equal(after.affine, before.affine)
+
+
+def test_a_folder_of_segs_only_is_named_as_holding_no_image(trained_run, dicom_case, tmp_path):
+    """Pointing predict or convert at a --dicom-seg output folder read: "1 multi-frame
+    file(s) without per-frame positions (their frames cannot be placed in space)"."""
+    from medseg.io import read_volume
+
+    out = tmp_path / "masks"
+    predict_paths(load_predictor(trained_run), [dicom_case], out, PredictConfig(),
+                  dicom_seg=True)
+    (out / "ct_case.nii.gz").unlink()
+    with pytest.raises(MedsegError) as refusal:
+        read_volume(out)
+    assert str(refusal.value).endswith(
+        "no DICOM image found (1 file looked at; 1 DICOM file(s) that are no image (a "
+        "segmentation or dose object, such as medseg's own --dicom-seg output), e.g. "
+        "ct_case.seg.dcm)")

@@ -1,12 +1,12 @@
 """Cost of reading a training case's label, against an earlier revision of medseg, in one run.
 
     .venv/bin/python benchmarks/label_loading.py [--baseline df7b582] [--shape 512 512 300]
-        [--repeats 3]
+        [--repeats 3] [--label-dtype uint8|float32]
 
 Since 2026-11-24 training's preprocessing reads the label as `read_label_map` does (whole
 numbers checked, ids checked against the plan's, then float32) instead of as float32 rounded
 by MONAI's AsDiscreted after resampling; a resumed run had no other check of its labels.
-This script writes one synthetic 41-structure CT and its label (uint8, gzip NIfTI) of
+This script writes one synthetic 41-structure CT and its label (`--label-dtype`, gzip NIfTI) of
 `--shape` at 0.8 x 0.8 x 1.5 mm, checks out `--baseline` into a temporary git worktree, and
 times `preprocessing(plan, with_label=True)` on the case (reading, reorienting, resampling to
 1.5 mm, normalizing) in fresh processes, alternating the two revisions; it prints the median
@@ -24,7 +24,6 @@ import tempfile
 from pathlib import Path
 
 import nibabel as nib
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 MEASURE = r"""
@@ -53,13 +52,14 @@ print(json.dumps({"seconds": seconds, "peak_gb": peak,
 """
 
 
-def _write_case(folder: Path, shape: tuple[int, int, int]) -> None:
+def _write_case(folder: Path, shape: tuple[int, int, int], label_dtype: str) -> None:
     from medseg.phantoms import make_many_structure_ct
 
     spacing = (0.8, 0.8, 1.5)
     case = make_many_structure_ct(0, shape, spacing)
     nib.save(nib.Nifti1Image(case.image, case.affine), folder / "ct.nii.gz")
-    nib.save(nib.Nifti1Image(case.label.astype(np.uint8), case.affine), folder / "label.nii.gz")
+    nib.save(nib.Nifti1Image(case.label.astype(label_dtype), case.affine),
+             folder / "label.nii.gz")
 
 
 def _measure(code: Path, folder: Path) -> dict:
@@ -77,10 +77,11 @@ def main() -> None:
     parser.add_argument("--baseline", default="df7b582", help="git revision to compare with")
     parser.add_argument("--shape", type=int, nargs=3, default=[512, 512, 300])
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--label-dtype", default="uint8", choices=["uint8", "float32"])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         scratch_path = Path(scratch)
-        _write_case(scratch_path, tuple(args.shape))
+        _write_case(scratch_path, tuple(args.shape), args.label_dtype)
         baseline = scratch_path / "baseline"
         subprocess.run(["git", "worktree", "add", "-q", "--detach", str(baseline),
                         args.baseline], cwd=REPO, check=True)

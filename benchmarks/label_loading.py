@@ -1,7 +1,7 @@
 """Cost of reading a training case's label, against an earlier revision of medseg, in one run.
 
     .venv/bin/python benchmarks/label_loading.py [--baseline df7b582] [--shape 512 512 300]
-        [--repeats 3] [--label-dtype uint8|float32]
+        [--repeats 3] [--label-dtype uint8|float32|scaled]
 
 Since 2026-11-24 training's preprocessing reads the label as `read_label_map` does (whole
 numbers checked, ids checked against the plan's, then float32) instead of as float32 rounded
@@ -58,8 +58,11 @@ def _write_case(folder: Path, shape: tuple[int, int, int], label_dtype: str) -> 
     spacing = (0.8, 0.8, 1.5)
     case = make_many_structure_ct(0, shape, spacing)
     nib.save(nib.Nifti1Image(case.image, case.affine), folder / "ct.nii.gz")
-    nib.save(nib.Nifti1Image(case.label.astype(label_dtype), case.affine),
-             folder / "label.nii.gz")
+    scaled = label_dtype == "scaled"  # uint8 with scl_slope 1.0000001: read as float64
+    label = nib.Nifti1Image(case.label.astype("uint8" if scaled else label_dtype), case.affine)
+    if scaled:
+        label.header.set_slope_inter(1.0000001, 0.0)
+    nib.save(label, folder / "label.nii.gz")
 
 
 def _measure(code: Path, folder: Path) -> dict:
@@ -77,7 +80,7 @@ def main() -> None:
     parser.add_argument("--baseline", default="df7b582", help="git revision to compare with")
     parser.add_argument("--shape", type=int, nargs=3, default=[512, 512, 300])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--label-dtype", default="uint8", choices=["uint8", "float32"])
+    parser.add_argument("--label-dtype", default="uint8", choices=["uint8", "float32", "scaled"])
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         scratch_path = Path(scratch)

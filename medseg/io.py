@@ -329,6 +329,8 @@ def whole_label_values(data: np.ndarray, path: Path, dtype: type = np.int32) -> 
                           f"are beyond any label id", path)
     if data.dtype.kind != "f":
         return data.astype(dtype, copy=False)
+    if data.dtype == dtype and data.flags.writeable and data.flags.owndata:
+        return np.rint(data, out=data)  # an array read for this: rounded where it lies
     # rounded straight into the result: no full-size float64 temporaries
     return np.rint(data, out=np.empty(data.shape, dtype), casting="unsafe")
 

@@ -125,8 +125,13 @@ class LoadVolumed(MapTransform):
         again without that pass, and a value past the classes failed deep in the loss ("index
         7 is out of bounds", no file named) or a fractional one was rounded into a class."""
         volume = read_volume(path, None, self.reader.series_uid, self.reader.resample_irregular)
-        # float32 at once (what this step returns): no int32 copy on the way
-        data = whole_label_values(volume.data, volume.path, self.dtype)
+        stored = volume.data
+        if stored.dtype.kind == "f" and stored.dtype != self.dtype:
+            # float32 before the checks (ids below 2^24 are exact in it): a scaled header's
+            # float64, kept through them, doubled the label's memory
+            stored = stored.astype(self.dtype)
+            volume = Volume(stored, volume.geometry, volume.path)
+        data = whole_label_values(stored, volume.path, self.dtype)
         if self.label_ids and data.size and (data.min() < min(self.label_ids)
                                              or data.max() > max(self.label_ids)):
             unknown = sorted({int(v) for v in np.unique(data)} - self.label_ids)

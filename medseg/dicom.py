@@ -35,6 +35,7 @@ from medseg.dicom_frames import (
     read_header,
 )
 from medseg.errors import MedsegError
+from medseg.io import VOLUME_SUFFIXES
 
 MAX_VOXELS = 2**31
 # MONOCHROME1 values are kept as stored (modality values); the inversion is for display only
@@ -356,8 +357,6 @@ def _not_images(files: list[Path]) -> str:
 def _volumes_below_hint(files: list[Path], folder: Path) -> str:
     """Volume files in subfolders (one per patient) are read as such only when named: say
     so, rather than only that no DICOM image was found."""
-    from medseg.io import VOLUME_SUFFIXES
-
     volumes = [f for f in files if f.name.lower().endswith(VOLUME_SUFFIXES)]
     if not volumes:
         return ""

@@ -12,6 +12,7 @@ import gzip
 import hashlib
 import traceback
 import zlib
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -318,21 +319,35 @@ def read_label_map(path: str | Path) -> Volume:
     return Volume(whole_label_values(volume.data, volume.path), volume.geometry, volume.path)
 
 
-def whole_label_values(data: np.ndarray, path: Path, dtype: type = np.int32) -> np.ndarray:
+def whole_label_values(data: np.ndarray, path: Path, dtype: type = np.int32,
+                       ids: Collection[int] | None = None) -> np.ndarray:
     """`data` (a label map read from `path`) as `dtype`, or a MedsegError naming the file:
-    values a rounding error off whole numbers are those numbers; others are refused."""
+    values a rounding error off whole numbers are those numbers; others are refused, as are
+    values outside `ids` (a run's label map) or, without it, beyond int32."""
     if data.dtype.kind == "f":
         refuse_fractional_labels(data, path)
-    int32 = np.iinfo(np.int32)
-    if data.size and (data.min() < int32.min or data.max() > int32.max):
-        raise MedsegError(f"label values up to {data.max():.0f} (or down to {data.min():.0f}) "
-                          f"are beyond any label id", path)
+    if data.size:
+        _refuse_values_beyond(data, ids, path)
     if data.dtype.kind != "f":
         return data.astype(dtype, copy=False)
     if data.dtype == dtype and data.flags.writeable and data.flags.owndata:
         return np.rint(data, out=data)  # an array read for this: rounded where it lies
     # rounded straight into the result: no full-size float64 temporaries
     return np.rint(data, out=np.empty(data.shape, dtype), casting="unsafe")
+
+
+def _refuse_values_beyond(data: np.ndarray, ids: Collection[int] | None, path: Path) -> None:
+    lowest, highest = data.min(), data.max()
+    if ids is None:
+        int32 = np.iinfo(np.int32)
+        if lowest < int32.min or highest > int32.max:
+            raise MedsegError(f"label values up to {highest:.0f} (or down to {lowest:.0f}) "
+                              f"are beyond any label id", path)
+    elif lowest < min(ids) or highest > max(ids):  # the values themselves only then
+        unknown = sorted({int(np.rint(v)) for v in np.unique(data)} - set(ids))
+        if unknown:
+            raise MedsegError(f"label values {unknown[:10]} are not in the run's label map "
+                              f"(ids {', '.join(map(str, sorted(ids)))})", path)
 
 
 def refuse_fractional_labels(data: np.ndarray, path: Path, slab_voxels: int = 2**22) -> None:

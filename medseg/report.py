@@ -145,12 +145,15 @@ def _pairs_of(pairs: list, cases: set[str], ref_dir: Path) -> list:
 def summarize(results: list[CaseScores], tolerance_mm: float | None = None) -> dict:
     """Per structure and metric: mean, sd, median, IQR and n over the finite values, and
     n_inf, the number of infinite distances (a structure missing from one mask, or a
-    failed case). `mean_dice` and `mean_nsd` average the structures present in some case."""
+    failed case). `unscored_label_ids`: per case, its prediction's ids that the label map
+    does not name. `mean_dice` and `mean_nsd` average the structures present in some case."""
     structures = list(results[0].scores) if results else []
     summary: dict = {"n_cases": len(results),
                      "failed_cases": [r.case for r in results if r.error],
                      "resampled_cases": [r.case for r in results if r.resampled],
                      "tolerance_mm": tolerance_mm,
+                     "unscored_label_ids": {r.case: list(r.unlisted)
+                                            for r in results if r.unlisted},
                      "structures": {}}
     for name in structures:
         summary["structures"][name] = {

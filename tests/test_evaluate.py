@@ -594,6 +594,8 @@ def test_prediction_ids_the_label_map_does_not_name_are_noted_not_failed(folders
     summary = run_evaluation(folders / "pred", folders / "ref", labels, folders / "ev")
     assert summary["failed_cases"] == ["c3"]  # no prediction
     assert "c1" in (folders / "ev" / "report.html").read_text(encoding="utf-8")
+    saved = json.loads((folders / "ev" / "summary.json").read_text(encoding="utf-8"))
+    assert saved["unscored_label_ids"] == {"c1": [9]}
     results = evaluate_pairs(pair_cases(folders / "pred", folders / "ref"),
                              label_names_from_json(labels))
     assert results[0].error is None and results[0].unlisted == (9,)

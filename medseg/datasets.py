@@ -690,11 +690,26 @@ def _list_csv(path: Path, read_labels: bool = True) -> Listing:
         label = _cell_path(root, path, row, number, "label")
         name = (row.get("case") or "").strip() or strip_image_suffix(images[0].name)
         cases.append(Case(name, images, label))
+    _refuse_columns_of_no_file(channels[1:], cases, path)
     labels_json = root / "labels.json"
     label_map = _map_of(labels_json, read_labels) if labels_json.is_file() else {}
     dataset = Dataset(root, tuple(cases), label_map, tuple("MR" for _ in channels),
                       labels_json if label_map else None)
     return Listing(dataset, "csv", path)
+
+
+def _refuse_columns_of_no_file(extra_channels: list[str], cases: list[Case], path: Path
+                               ) -> None:
+    """A further column (a 'note', a 'site') is an image channel; one whose cells name no
+    file at all is not meant as one, and would be reported as an image missing per case
+    (not said when the first channel's files are gone too: the dataset has moved)."""
+    if not any(case.images[0].exists() for case in cases):
+        return
+    for index, column in enumerate(extra_channels, start=1):
+        if not any(case.images[index].exists() for case in cases):
+            raise MedsegError(f"no cell of column '{column}' names an existing file (every "
+                              f"column but case, image and label is one more image channel: "
+                              f"notes belong in another file)", path)
 
 
 def _read_csv(path: Path) -> tuple[list[dict[str, str]], list[str]]:

@@ -135,6 +135,26 @@ def test_csv_errors_name_the_file(tmp_path):
         load_dataset(tmp_path)
 
 
+def test_a_csv_column_of_notes_is_named_not_reported_as_images_missing(tmp_path):
+    """Every further column is a channel: a 'note' column gave 'image missing' for each case
+    (and 'same file as case a' for the others) without naming the column."""
+    for name in ("a.nii.gz", "a_seg.nii.gz", "b.nii.gz", "b_seg.nii.gz"):
+        (tmp_path / name).write_bytes(b"x")
+    csv_path = tmp_path / "dataset.csv"
+    csv_path.write_text("image,label,note\na.nii.gz,a_seg.nii.gz,left side\n"
+                        "b.nii.gz,b_seg.nii.gz,left side\n", encoding="utf-8")
+    with pytest.raises(MedsegError, match=r"dataset.csv: no cell of column 'note' names an "
+                                          r"existing file \(every column but case"):
+        load_dataset(tmp_path)
+    csv_path.write_text("image,label,t2\na.nii.gz,a_seg.nii.gz,b.nii.gz\n"
+                        "b.nii.gz,b_seg.nii.gz,gone.nii.gz\n", encoding="utf-8")
+    with pytest.raises(MedsegError, match="listed in dataset.csv but missing: .*gone.nii.gz"):
+        load_dataset(tmp_path)  # one file missing: that file named
+    csv_path.write_text("image,label,note\nmoved/a.nii.gz,a_seg.nii.gz,x\n", encoding="utf-8")
+    with pytest.raises(MedsegError, match="listed in dataset.csv but missing"):
+        load_dataset(tmp_path)  # the dataset moved: not blamed on the note column
+
+
 def test_folder_pairs_match_by_name_across_formats_and_dicom_folders(tmp_path):
     (tmp_path / "images" / "dicom_case").mkdir(parents=True)
     (tmp_path / "labels").mkdir()

@@ -80,6 +80,8 @@ PREPROCESSING_BYTES_PER_INPUT_VOXEL = 16
 # cases of at least this many windows get a bar of their own (a whole-body CT at 1.5 mm with
 # 96^3 windows at step 0.5 runs about 500)
 WINDOW_BAR_MIN = 64
+# voxels this many times finer or coarser than the plan's: a doubtful header, said in a note
+SPACING_FAR_OFF = 8
 
 
 @dataclass(frozen=True)
@@ -362,8 +364,24 @@ def prepare_case(plan: Plan, volume: Volume | Path | list[Volume | Path],
     refuse_sheared_axes(geometry, channels[0].path, "and the mask goes back onto the input "
                         "grid by permuting, flipping and scaling axes")
     _refuse_beyond_memory(geometry, plan, channels[0].path)
+    _note_spacing_far_off(geometry, plan, channels[0].path)
     image = preprocessing(plan, with_label=False)(case_dict(channels))[IMAGE]
     return PreparedCase(image.as_tensor(), image.affine.numpy().astype(np.float64), geometry)
+
+
+def _note_spacing_far_off(geometry: Geometry, plan: Plan, path: Path | None) -> None:
+    """A voxel size many times finer or coarser than the model's (a header in cm or in m, or
+    0.01 mm voxels) is resampled all the same, into a few voxels or a huge grid: say so.
+    Compared finest to finest and coarsest to coarsest, whatever the file's axis order."""
+    spacing, target = sorted(geometry.spacing), sorted(plan.target_spacing)
+    if spacing[0] * SPACING_FAR_OFF >= target[0] and spacing[-1] <= target[-1] * SPACING_FAR_OFF:
+        return
+    where = f"{path}: " if path else ""
+    shown = ", ".join(f"{s:.3g}" for s in geometry.spacing)
+    planned = ", ".join(f"{s:.3g}" for s in plan.target_spacing)
+    tqdm.write(f"medseg: note: {where}its voxel spacing ({shown} mm) is more than "
+               f"{SPACING_FAR_OFF} times finer or coarser than the model's ({planned} mm): is "
+               f"the header right (one in cm or m reads 10 or 1000 times off)?", file=sys.stderr)
 
 
 def _note_unlike_training(channels: list[Volume], plan: Plan) -> None:

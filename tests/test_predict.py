@@ -230,6 +230,23 @@ def test_a_volume_whose_spacing_is_far_off_is_refused_in_one_line(trained_run, t
     assert "x.nii.gz" in results[0].error and "\n" not in results[0].error
 
 
+def test_a_voxel_spacing_far_from_the_models_gets_a_note(trained_run, inputs, tmp_path,
+                                                         capsys):
+    """A header of 0.05 mm voxels (one in other units) was resampled into a few voxels and
+    segmented without a word; the usual inputs, permuted and anisotropic, get no note."""
+    source = nib.load(inputs / "ras_qform_only.nii.gz")
+    nib.save(nib.Nifti1Image(np.asarray(source.dataobj), np.diag([0.05, 0.05, 0.1, 1.0])),
+             tmp_path / "tiny.nii.gz")
+    capsys.readouterr()
+    results = predict_paths(load_predictor(trained_run),
+                            [inputs / "permuted.nii.gz", inputs / "lps_oblique.nii.gz",
+                             tmp_path / "tiny.nii.gz"], tmp_path / "out", PredictConfig())
+    assert all(result.error is None for result in results)
+    notes = [line for line in capsys.readouterr().err.splitlines() if "is the header" in line]
+    assert len(notes) == 1 and "tiny.nii.gz: its voxel spacing (0.05, 0.05, 0.1 mm) is more " \
+        "than 8 times finer or coarser than the model's (" in notes[0], notes
+
+
 def test_masks_are_labelled_as_such_in_their_header(trained_run, inputs, tmp_path):
     source = nib.load(inputs / "ras_qform_only.nii.gz")
     windowed = nib.Nifti1Image(np.asarray(source.dataobj), source.affine, source.header)

@@ -33,7 +33,11 @@ TITLE_H = 22
 HEADER_H = 34
 PER_ROW = 3  # structures per montage row
 BOX_METRICS = (("dice", "Dice"), ("nsd", "surface Dice (NSD)"), ("hd95_mm", "HD95 (mm)"),
-               ("diff_ml", "volume difference (ml)"))
+               ("diff_pct", "volume difference (% of reference)"))
+# panels whose values can be infinite: a band at the right edge, off the scale, holds the
+# count of each structure's infinite values, so that no count hides a dot
+COUNTED = ("hd95_mm", "diff_pct")
+BAND = 0.2  # the band's share of such a panel's width
 
 
 def _pyplot():
@@ -90,7 +94,6 @@ def boxplots_figure(results: list[CaseScores], structures: list[str],
                     tolerance_mm: float | None):
     """The matplotlib figure of `boxplots_png`."""
     plt = _pyplot()
-    from matplotlib.ticker import MaxNLocator
 
     height = 1.2 + 0.25 * len(structures)
     fig, axes = plt.subplots(1, len(BOX_METRICS), figsize=(15, height), sharey=True, dpi=80)
@@ -100,36 +103,74 @@ def boxplots_figure(results: list[CaseScores], structures: list[str],
     rng = np.random.default_rng(0)  # jitter of the dots, fixed so the report is reproducible
     positions = np.arange(len(structures))[::-1]
     for ax, (metric, title) in zip(axes, BOX_METRICS, strict=True):
-        data = [[v for r in results if math.isfinite(v := r.scores[s][metric])]
-                for s in structures]
-        filled = [i for i, d in enumerate(data) if d]
-        if filled:
-            ax.boxplot([data[i] for i in filled], positions=positions[filled], widths=0.6,
-                       showfliers=False, medianprops={"color": "#c0392b"}, **_horizontal())
-            xs = np.concatenate([data[i] for i in filled])
-            ys = np.concatenate([np.full(len(data[i]), positions[i], float) for i in filled])
-            ax.plot(xs, ys + rng.uniform(-0.18, 0.18, ys.size), ".", color="#2c3e50",
-                    alpha=0.6, markersize=4)
-        for i, structure in enumerate(structures):  # a miss is no dot: say how many
-            misses = sum(1 for r in results if math.isinf(r.scores[structure][metric]))
-            if misses:
-                ax.text(0.99, positions[i], f"{misses} inf", transform=ax.get_yaxis_transform(),
-                        ha="right", va="center", fontsize=8, color="#c0392b")
+        values = [[box_value(r.scores[s], metric) for r in results] for s in structures]
+        _draw_panel(ax, [[v for v in row if math.isfinite(v)] for row in values], positions,
+                    rng)
         if metric == "nsd" and tolerance_mm is not None:
             title = f"surface Dice at {tolerance_mm:g} mm"
         ax.set_title(readable(title), fontsize=11)
-        ax.grid(axis="x", alpha=0.3)
-        # at most six ticks: with long structure names the panels narrow, and the default
-        # count ran labels such as 0.0025 into one another
-        ax.xaxis.set_major_locator(MaxNLocator(nbins=5, steps=[1, 2, 5, 10]))
-        if metric in ("dice", "nsd"):
-            ax.set_xlim(-0.02, 1.02)
-            ax.set_xticks([0, 0.2, 0.4, 0.6, 0.8, 1], ["0", "0.2", "0.4", "0.6", "0.8", "1"])
-        if metric == "diff_ml":
-            ax.axvline(0.0, color="#7f8c8d", linewidth=0.8)
+        _x_axis(ax, metric)
+        if metric in COUNTED:  # a miss is no dot: say how many, beside the scale
+            _count_band(ax, [sum(1 for v in row if math.isinf(v)) for row in values],
+                        positions)
     axes[0].set_yticks(positions, [readable(s) for s in structures], fontsize=9)
     axes[0].set_ylim(-0.7, len(structures) - 0.3)
     return fig
+
+
+def box_value(scores: dict[str, float], metric: str) -> float:
+    """The value a box plot shows: the score, or for `diff_pct` the volume difference in %
+    of the reference volume (structures of 0.03 and 1500 ml share one axis): infinite where
+    only the prediction holds the structure."""
+    if metric != "diff_pct":
+        return scores[metric]
+    diff, ref = scores["diff_ml"], scores["ref_ml"]
+    if math.isnan(diff) or math.isnan(ref) or (ref == 0 and diff == 0):
+        return math.nan
+    return 100.0 * diff / ref if ref > 0 else math.inf
+
+
+def _draw_panel(ax, data: list[list[float]], positions: np.ndarray,
+                rng: np.random.Generator) -> None:
+    """A horizontal box per structure with finite values, each value a jittered dot."""
+    filled = [i for i, d in enumerate(data) if d]
+    if not filled:
+        return
+    ax.boxplot([data[i] for i in filled], positions=positions[filled], widths=0.6,
+               showfliers=False, medianprops={"color": "#c0392b"}, **_horizontal())
+    xs = np.concatenate([data[i] for i in filled])
+    ys = np.concatenate([np.full(len(data[i]), positions[i], float) for i in filled])
+    ax.plot(xs, ys + rng.uniform(-0.18, 0.18, ys.size), ".", color="#2c3e50",
+            alpha=0.6, markersize=4)
+
+
+def _x_axis(ax, metric: str) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.grid(axis="x", alpha=0.3)
+    # at most six ticks: with long structure names the panels narrow, and the default
+    # count ran labels such as 0.0025 into one another
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=5, steps=[1, 2, 5, 10]))
+    if metric in ("dice", "nsd"):
+        ax.set_xlim(-0.02, 1.02)
+        ax.set_xticks([0, 0.2, 0.4, 0.6, 0.8, 1], ["0", "0.2", "0.4", "0.6", "0.8", "1"])
+    if metric == "diff_pct":
+        ax.axvline(0.0, color="#7f8c8d", linewidth=0.8)
+
+
+def _count_band(ax, counts: list[int], positions: np.ndarray) -> None:
+    """Widen the panel by a band right of its data, shaded, with each structure's count of
+    infinite values in it (drawn over the data, the count hid the farthest dots)."""
+    low, high = ax.get_xlim()
+    ticks = [t for t in ax.get_xticks() if low <= t <= high]
+    edge = high + (high - low) * BAND / (1 - BAND)
+    ax.set_xlim(low, edge)
+    ax.set_xticks(ticks)  # no tick inside the band: it is off the scale
+    ax.axvspan(high, edge, color="#f4f6f6", zorder=0)
+    for position, misses in zip(positions, counts, strict=True):
+        if misses:
+            ax.text(edge - (edge - high) * 0.05, position, f"{misses} inf", ha="right",
+                    va="center", fontsize=8, color="#c0392b")
 
 
 def montage_png(pair: LoadedPair, labels: dict[int, str], scores: dict[str, dict[str, float]],

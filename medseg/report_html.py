@@ -246,9 +246,12 @@ def _boxplots(results: list[CaseScores], shown: list[str], summary: dict) -> str
         return '<h2 id="boxplots">Box plots</h2>\n<p class="fail">No case could be scored.</p>'
     png = boxplots_png(scored, shown, summary.get("tolerance_mm"))
     return ('<h2 id="boxplots">Box plots per structure</h2>\n<p class="meta">Scored cases only '
-            "(each dot a case; infinite distances are left out and counted at the right "
-            "edge). Boxes: quartiles and median (red).</p>\n"
-            + _img(png, "box plots of Dice, surface Dice, HD95 and volume difference per "
+            "(each dot a case; infinite values are left out and counted in the shaded band at "
+            "the right, off the scale). Volume difference: predicted &minus; reference in % of "
+            "the reference volume (infinite where only the prediction holds the structure), "
+            "so that small and large structures share one axis; the tables give it in ml. "
+            "Boxes: quartiles and median (red).</p>\n"
+            + _img(png, "box plots of Dice, surface Dice, HD95 and volume difference (%) per "
                         "structure"))
 
 

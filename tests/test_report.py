@@ -339,3 +339,49 @@ def test_box_plot_tick_labels_do_not_run_into_one_another():
     assert len(boxes) > 8
     for left, right in zip(boxes, boxes[1:], strict=False):
         assert left.x1 < right.x0, (left, right)
+
+
+def volume_case(name, values):
+    """A case of structures given as (reference ml, predicted ml, HD95)."""
+    return CaseScores(name, {s: {**scores(0.8, hd95, ref), "pred_ml": pred, "diff_ml": pred - ref}
+                             for s, (ref, pred, hd95) in values.items()})
+
+
+def test_infinite_counts_do_not_hide_the_farthest_dots():
+    """The "1 inf" count was written over the right edge of the HD95 panel, where the largest
+    finite distance is drawn: a 177 mm HD95 (two structures' ids swapped) was hidden under
+    the count of the case that missed the structure."""
+    from medseg.report_figures import boxplots_figure
+
+    results = [volume_case("a", {"spleen": (250.0, 250.0, 3.0)}),
+               volume_case("b", {"spleen": (250.0, 100.0, 177.0)}),
+               volume_case("c", {"spleen": (250.0, 0.0, math.inf)})]
+    figure = boxplots_figure(results, ["spleen"], 2.0)
+    renderer = figure.canvas.get_renderer()
+    hd95 = figure.axes[2]
+    counts = [t.get_window_extent(renderer).expanded(1.1, 1.5) for t in hd95.texts]
+    assert [t.get_text() for t in hd95.texts] == ["1 inf"]
+    dots = np.concatenate([line.get_transform().transform(line.get_xydata())
+                           for line in hd95.lines if line.get_marker() == "."])
+    assert len(dots) == 2
+    for box in counts:
+        assert not any(box.contains(x, y) for x, y in dots), (box, dots)
+    assert max(hd95.get_xticks()) <= 200  # no tick in the band of the counts
+
+
+def test_the_volume_panel_shows_percent_of_the_reference():
+    """In ml, one liver missed by 1000 ml set the scale, and the other 40 structures of a
+    TotalSegmentator CT (errors of a few ml) were drawn as one line at 0."""
+    from medseg.report_figures import box_value, boxplots_figure
+
+    results = [volume_case("a", {"liver": (1500.0, 500.0, 5.0), "nodule": (0.010, 0.015, 1.0)}),
+               volume_case("b", {"liver": (1500.0, 1500.0, 0.0), "nodule": (0.0, 0.02, 9.0)})]
+    assert box_value(results[0].scores["liver"], "diff_pct") == pytest.approx(-66.6667)
+    assert box_value(results[0].scores["nodule"], "diff_pct") == pytest.approx(50.0)
+    assert box_value(results[1].scores["nodule"], "diff_pct") == math.inf  # no reference
+    figure = boxplots_figure(results, ["liver", "nodule"], 2.0)
+    volume = figure.axes[3]
+    assert "%" in volume.get_title()
+    low, high = volume.get_xlim()
+    assert -100 < low < -66 and 50 < high < 200
+    assert [t.get_text() for t in volume.texts] == ["1 inf"]

@@ -146,22 +146,27 @@ def _volume_digits(stats: dict, digits: int) -> int:
     """Decimals that give the smallest volume statistic two significant digits (up to 5):
     a lesion of 0.008 ml read "0.00 &plusmn; 0.00" at the hippocampus's 0.01 ml."""
     values = [abs(stats[k]) for k in ("mean", "sd", "median", "iqr")
-              if math.isfinite(stats[k]) and stats[k] != 0]
+              if math.isfinite(stats[k])]
+    # rounding noise is no value: the sd of five equal 0.027 ml is 3.9e-18, not a volume
+    values = [v for v in values if v > 1e-9 * max(values, default=0.0)]
     if not values:
         return digits
     return max(digits, min(5, 1 - math.floor(math.log10(min(values)))))
 
 
 def _stat_cell(stats: dict, digits: int, tinted: bool = False) -> str:
+    # each "word value" pair held together (&nbsp;): a narrow column broke "n 175" and
+    # "25 inf" across lines, leaving the number apart from what it counts
     if stats["n"] == 0:  # every value infinite (or none): the median says which
-        main, detail = "&ndash;", ("n 0" if math.isnan(stats["median"]) else
-                                   f"median {_fmt(stats['median'], digits)} &middot; n 0")
+        main, detail = "&ndash;", ("n&nbsp;0" if math.isnan(stats["median"]) else
+                                   f"median&nbsp;{_fmt(stats['median'], digits)} &middot; "
+                                   "n&nbsp;0")
     else:
         main = f"{_fmt(stats['mean'], digits)} &plusmn; {_fmt(stats['sd'], digits)}"
-        detail = (f"median {_fmt(stats['median'], digits)}<br>IQR "
-                  f"{_fmt(stats['iqr'], digits)} &middot; n {stats['n']}")
+        detail = (f"median&nbsp;{_fmt(stats['median'], digits)}<br>IQR&nbsp;"
+                  f"{_fmt(stats['iqr'], digits)} &middot; n&nbsp;{stats['n']}")
     if stats.get("n_inf"):
-        detail += f' &middot; <span class="inf">{stats["n_inf"]} inf</span>'
+        detail += f' &middot; <span class="inf">{stats["n_inf"]}&nbsp;inf</span>'
     style = ""
     if tinted and math.isfinite(stats["mean"]):
         hue = int(round(120 * min(max(stats["mean"], 0.0), 1.0)))

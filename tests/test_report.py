@@ -17,7 +17,7 @@ from medseg.evaluate import CaseScores, evaluate_pairs, pair_cases
 from medseg.metrics import FAILED_SCORES
 from medseg.report import format_table, scores_csv, summarize, write_reports
 from medseg.report_figures import PREDICTION_RGB, REFERENCE_RGB
-from medseg.report_html import rank_cases
+from medseg.report_html import rank_cases, render_report
 
 LABELS = {0: "background", 1: "liver", 2: "kidney & <left>", 3: "absent"}
 SPACING_AFFINE = np.diag([1.5, 1.5, 4.0, 1.0])
@@ -133,7 +133,7 @@ def test_html_report_is_self_contained_and_complete(report_dir):
     assert '<table class="summary">' in html and '<table class="cases">' in html
     assert "kidney &amp; &lt;left&gt;" in html and "kidney & <left>" not in html
     assert "absent" in html and "missing" in html and "no prediction for this case" in html
-    assert "&plusmn;" in html and "IQR" in html and "n 4" in html
+    assert "&plusmn;" in html and "IQR" in html and "n&nbsp;4" in html
     pngs = inline_pngs(html)
     assert len(pngs) == 1 + 3  # box plots, then the best, median and worst cases
     for png in pngs:
@@ -286,7 +286,7 @@ def test_a_structure_missed_in_most_cases_has_an_infinite_median_hd95(tmp_path):
     assert row.split()[4] == "inf"
     write_reports(results, tmp_path, labels={0: "background", 1: "gallbladder"},
                   tolerance_mm=2.0, summary=summary)
-    assert "median inf" in (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "median&nbsp;inf" in (tmp_path / "report.html").read_text(encoding="utf-8")
     saved = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
     assert saved["structures"]["gallbladder"]["hd95_mm"]["median"] is None
     two_hits = summarize(results[:1] + [results[0], results[1]], 2.0)
@@ -385,3 +385,33 @@ def test_the_volume_panel_shows_percent_of_the_reference():
     low, high = volume.get_xlim()
     assert -100 < low < -66 and 50 < high < 200
     assert [t.get_text() for t in volume.texts] == ["1 inf"]
+
+
+def summary_cell(page, name, column):
+    """The summary table's cell `column` (0: Dice, ... 7: volume difference) of a structure."""
+    row = re.search(rf'<tr><td class="name">{name}</td>(.*?)</tr>', page).group(1)
+    return re.findall(r"<td[^>]*>(.*?)</td>", row)[column]
+
+
+def test_rounding_noise_does_not_add_decimals_to_a_volume():
+    """Five cases of one 0.027 ml structure: its sd came out as 3.9e-18 ml, which asked for
+    five decimals, "0.02700 ± 0.00000"."""
+    results = [CaseScores(name, {"lobe": scores(1.0, 0.0, 0.027)}) for name in "abcde"]
+    summary = summarize(results, 2.0)
+    assert 0 < summary["structures"]["lobe"]["ref_ml"]["sd"] < 1e-15  # the noise
+    page = render_report(results, summary, None)
+    assert "0.027 &plusmn; 0.000" in summary_cell(page, "lobe", 6)
+
+
+def test_a_count_is_never_broken_from_its_number():
+    """In a narrow column (laptop width) "n 175" and "25 inf" broke across two lines."""
+    hit = scores(0.9, 2.0)
+    miss = {**dict(FAILED_SCORES), "ref_ml": 1.0, "pred_ml": 0.0, "diff_ml": -1.0}
+    results = [CaseScores("a", {"s": hit}), CaseScores("b", {"s": dict(hit)}),
+               CaseScores("c", {"s": miss})]
+    page = render_report(results, summarize(results, 2.0), None)
+    detail = re.search(r'<span class="d">(.*?)</span></td>', summary_cell(page, "s", 3) + "</td>"
+                       ).group(1)
+    assert "median&nbsp;2.00" in detail and "IQR&nbsp;0.00" in detail
+    assert "n&nbsp;2" in detail and "1&nbsp;inf" in detail
+    assert not re.search(r"(median|IQR|n) [\d&]|\d inf", detail), detail

@@ -309,11 +309,17 @@ def _label_montage(canvas: np.ndarray, names: list[tuple[str, float]], title: st
     fig = plt.figure(figsize=(width / dpi, height / dpi), dpi=dpi)
     fig.figimage(canvas, xo=0, yo=0, origin="upper")
 
-    def text(x: float, y: float, words: str, **style) -> None:  # canvas pixels, y downwards
-        fig.text(x / width, 1.0 - y / height, readable(words), va="center", **style)
+    renderer = fig.canvas.get_renderer()
 
-    text(4, HEADER_H / 2, title, fontsize=11, fontweight="bold")
+    def text(x: float, y: float, words: str, room: float | None = None, **style) -> None:
+        """Text at canvas pixels (y downwards); with `room`, shortened to fit that width."""
+        label = fig.text(x / width, 1.0 - y / height, readable(words), va="center", **style)
+        if room is not None:
+            fit_text(label, renderer, room)
+
     legend_x = width - 420
+    # a long case name (BIDS: sub-001_ses-baseline_acq-..._dseg) ran into the legend
+    text(4, HEADER_H / 2, title, room=legend_x - 16, fontsize=11, fontweight="bold")
     text(legend_x, HEADER_H / 2, "\u2014 reference", color=REFERENCE_HEX, fontsize=10,
          fontweight="bold")
     text(legend_x + 105, HEADER_H / 2, "\u2014 prediction", color=PREDICTION_HEX, fontsize=10,
@@ -323,7 +329,19 @@ def _label_montage(canvas: np.ndarray, names: list[tuple[str, float]], title: st
     for i, (name, dice) in enumerate(names):
         top, left = _block_origin(i)
         label = name if not math.isfinite(dice) else f"{name}   Dice {dice:.3f}"
-        text(left + 1, top + TITLE_H / 2 + 2, label, fontsize=9)
+        text(left + 1, top + TITLE_H / 2 + 2, label, room=3 * TILE + 2 * GAP, fontsize=9)
     if not names:
         text(4, HEADER_H + 40, "no structure in the reference or the prediction", fontsize=10)
     return png_bytes(fig)
+
+
+def fit_text(label, renderer, room: float) -> None:
+    """Shorten a matplotlib text to at most `room` pixels wide: its middle is replaced by an
+    ellipsis (the start and the end, such as "(mean Dice 0.854)", are kept; the report's
+    heading above the picture and its tables give the name in full)."""
+    words = label.get_text()
+    cut = 0
+    while label.get_window_extent(renderer).width > room and cut < len(words) - 8:
+        cut += max(1, (len(words) - cut) // 12)
+        middle = (len(words) - cut) // 2
+        label.set_text(words[:middle] + "\u2026" + words[middle + cut:])

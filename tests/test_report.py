@@ -415,3 +415,23 @@ def test_a_count_is_never_broken_from_its_number():
     assert "median&nbsp;2.00" in detail and "IQR&nbsp;0.00" in detail
     assert "n&nbsp;2" in detail and "1&nbsp;inf" in detail
     assert not re.search(r"(median|IQR|n) [\d&]|\d inf", detail), detail
+
+
+def test_a_long_case_name_does_not_run_into_the_montage_legend():
+    """A BIDS-style case name (66 characters) wrote "(mean Dice 0.826)" under the legend's
+    "— reference" in the montage's header."""
+    from medseg.evaluate import LoadedPair
+    from medseg.report_figures import HEADER_H, montage_png
+
+    label = np.zeros((30, 30, 20), np.uint8)
+    label[10:20, 10:20, 5:15] = 1
+    pair = LoadedPair(label, label.copy(), np.eye(4), (1.0, 1.0, 1.0), False)
+    title = ("median: sub-001_ses-baseline_acq-highres_run-01_desc-totalsegmentator_dseg "
+             "(mean Dice 0.826)")
+    png = montage_png(pair, {0: "background", 1: "liver"}, {"liver": scores(0.826, 1.0)},
+                      title)
+    picture = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    header = picture[:HEADER_H]
+    black = (header < 60).all(axis=-1)  # the title's glyphs; the legend is coloured or grey
+    legend_x = picture.shape[1] - 420
+    assert black[:, :legend_x].any() and not black[:, legend_x - 6:].any()

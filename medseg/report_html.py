@@ -40,6 +40,8 @@ td .d { display: block; color: #626567; font-size: 11px; }
 table.summary td { width: 118px; } table.summary th { width: 118px; }
 table.summary td.name, table.summary th.name { width: auto; }
 .scroll { overflow-x: auto; }
+td.status, th.status { text-align: left; min-width: 14em; max-width: 44em;
+                       overflow-wrap: anywhere; }
 .inf { color: #b03a2e; font-weight: 600; }
 tr.mean td { background: #f8f9f9; font-weight: 600; }
 .fail { color: #b03a2e; } .note { color: #7d6608; }
@@ -218,22 +220,33 @@ def _case_table(results: list[CaseScores], shown: list[str]) -> str:
             worst_text = "every structure of its reference (0)"
         else:
             worst_text = f"{escape(worst)} ({result.scores[worst]['dice']:.3f})"
-        if result.error:
-            status = f'<span class="fail">{escape(result.error)}</span>'
-        else:
-            status = ('<span class="note">prediction resampled onto the reference grid</span>'
-                      if result.resampled else "ok")
+        status = _status(result)
         dice = [result.scores[n]["dice"] for n in present]
         cells = (f"<td>{_fmt(float(np.mean(dice)) if dice else math.nan, 3)}</td>"
                  f"<td>{_fmt(float(np.mean(nsd)) if nsd else math.nan, 3)}</td>"
                  f'<td class="name">{worst_text}</td>')
         rows.append(f'<tr><td class="name">{escape(result.case)}</td>{cells}'
-                    f'<td class="name">{status}</td></tr>')
+                    f'<td class="status">{status}</td></tr>')
     return ('<h2 id="cases">Cases</h2>\n<p class="meta">Means over the structures present in '
             "the case's reference or prediction.</p>\n"
             '<table class="cases"><thead><tr><th class="name">case</th><th>mean Dice</th>'
-            '<th>mean NSD</th><th class="name">lowest Dice</th><th class="name">status</th>'
+            '<th>mean NSD</th><th class="name">lowest Dice</th><th class="status">status</th>'
             "</tr></thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody></table>")
+
+
+def _status(result: CaseScores) -> str:
+    """The case's status cell: its error, or ok, with what was done to or left out of it."""
+    if result.error:
+        return f'<span class="fail">{escape(result.error)}</span>'
+    notes = []
+    if result.resampled:
+        notes.append("prediction resampled onto the reference grid")
+    if result.unlisted:  # the console says so; the page said "ok"
+        ids = ", ".join(str(v) for v in result.unlisted[:10]) + (
+            f" and {len(result.unlisted) - 10} more" if len(result.unlisted) > 10 else "")
+        notes.append(f"label id{'s' if len(result.unlisted) > 1 else ''} {ids} of the "
+                     "prediction not in the label map, not scored")
+    return "; ".join(f'<span class="note">{n}</span>' for n in notes) or "ok"
 
 
 def _scored_structures(result: CaseScores, shown: list[str]) -> list[str]:

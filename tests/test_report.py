@@ -435,3 +435,38 @@ def test_a_long_case_name_does_not_run_into_the_montage_legend():
     black = (header < 60).all(axis=-1)  # the title's glyphs; the legend is coloured or grey
     legend_x = picture.shape[1] - 420
     assert black[:, :legend_x].any() and not black[:, legend_x - 6:].any()
+
+
+def page_width(chromium, html_file, tmp_path, width):
+    """The page's scroll width in a `width`-pixel window (measured by a script added to a
+    copy: the report itself holds none)."""
+    probe = tmp_path / "probe.html"
+    script = ("<script>addEventListener('load', () => document.body.setAttribute('data-w', "
+              "document.documentElement.scrollWidth + '/' + innerWidth));</script>")
+    probe.write_text(html_file.read_text(encoding="utf-8").replace("</body>", script + "</body>"),
+                     encoding="utf-8")
+    dom = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
+                          f"--window-size={width},900", "--dump-dom", probe.as_uri()],
+                         capture_output=True, timeout=180, check=False).stdout.decode("utf-8")
+    return [int(v) for v in re.search(r'data-w="(\d+)/(\d+)"', dom).groups()]
+
+
+def test_a_long_error_does_not_widen_the_page_and_unlisted_ids_are_said(tmp_path):
+    """A failed case's message (a path and a shape, 200 characters) was kept on one line:
+    the case table ran 800 px past a 1280 px window. A prediction holding an id the label
+    map does not name (left unscored) read "ok"."""
+    error = ("/data/project/predictions/nnunet_3d_fullres/fold_0/hippocampus_035.nii.gz: not "
+             "on the same grid as the reference (shape (33, 47, 37) differs from (35, 47, 37)); "
+             "`medseg evaluate --resample` resamples it by nearest neighbour")
+    results = [CaseScores("a", {"s": scores(0.9, 1.0)}),
+               CaseScores("b", {"s": scores(0.8, 1.0)}, unlisted=(7, 9)),
+               CaseScores("c", {"s": dict(FAILED_SCORES)}, error)]
+    write_reports(results, tmp_path / "out", tolerance_mm=2.0)
+    page = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
+    row = re.search(r'<tr><td class="name">b</td>(.*?)</tr>', page).group(1)
+    assert "label ids 7, 9 of the prediction not in the label map, not scored" in row
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.skip("headless Chromium is not available to measure the page")
+    scroll, window = page_width(chromium, tmp_path / "out" / "report.html", tmp_path, 1280)
+    assert scroll <= window, (scroll, window)

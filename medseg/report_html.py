@@ -40,6 +40,8 @@ td .d { display: block; color: #626567; font-size: 11px; }
 table.summary td { width: 118px; } table.summary th { width: 118px; }
 table.summary td.name, table.summary th.name { width: auto; }
 .scroll { overflow-x: auto; }
+.scroll td.name, .scroll th.name { position: sticky; left: 0; z-index: 1; }
+.scroll td.name { background: #ffffff; } .scroll tr.mean td.name { background: #f8f9f9; }
 td.status, th.status { text-align: left; min-width: 14em; max-width: 44em;
                        overflow-wrap: anywhere; }
 .inf { color: #b03a2e; font-weight: 600; }

@@ -470,3 +470,29 @@ def test_a_long_error_does_not_widen_the_page_and_unlisted_ids_are_said(tmp_path
         pytest.skip("headless Chromium is not available to measure the page")
     scroll, window = page_width(chromium, tmp_path / "out" / "report.html", tmp_path, 1280)
     assert scroll <= window, (scroll, window)
+
+
+def test_structure_names_stay_in_view_when_the_summary_scrolls(tmp_path):
+    """At 1024 px the summary table (nine columns) scrolls sideways; the volume columns
+    came into view without the structure names, so a row of 41 could not be read."""
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.skip("headless Chromium is not available to measure the page")
+    names = [f"structure_with_a_long_name_{k}" for k in range(3)]
+    results = [CaseScores(c, {n: scores(0.9, 1.0, 250.0) for n in names}) for c in "ab"]
+    write_reports(results, tmp_path / "out", tolerance_mm=2.0)
+    probe = tmp_path / "probe.html"
+    script = ("<script>addEventListener('load', () => { const box = "
+              "document.querySelector('.scroll'); const cell = box.querySelector('td.name'); "
+              "const before = cell.getBoundingClientRect().left; box.scrollLeft = 300; "
+              "document.body.setAttribute('data-x', before + '/' + "
+              "cell.getBoundingClientRect().left + '/' + box.scrollLeft); });</script>")
+    html = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
+    probe.write_text(html.replace("</body>", script + "</body>"), encoding="utf-8")
+    dom = subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
+                          "--window-size=900,900", "--dump-dom", probe.as_uri()],
+                         capture_output=True, timeout=180, check=False).stdout.decode("utf-8")
+    before, after, scrolled = (float(v) for v in
+                               re.search(r'data-x="([\d.]+)/([\d.-]+)/([\d.]+)"', dom).groups())
+    assert scrolled > 100  # the table is wider than the window: it did scroll
+    assert after == pytest.approx(before, abs=1)

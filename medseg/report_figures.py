@@ -25,6 +25,8 @@ PREDICTION_RGB = (255, 61, 240)  # magenta: prediction contour (just outside the
 REFERENCE_HEX = "#1fd655"
 PREDICTION_HEX = "#ff3df0"
 BACKGROUND_RGB = (12, 12, 12)
+ISLAND_RGB = (150, 40, 140)  # dark magenta fill: stray predicted islands, projected
+ISLAND_HEX = "#96288c"
 TISSUE_RGB = (62, 62, 62)  # any labelled structure of the reference
 STRUCTURE_RGB = (105, 105, 105)  # the structure shown, in the reference
 TILE = 128  # pixels per view
@@ -213,6 +215,7 @@ def _structure_tiles(pred: np.ndarray, ref: np.ndarray, tissue: np.ndarray, labe
     slices."""
     crop = _grow(box, spacing, ref.shape)
     p, r, t = pred[crop] == label, ref[crop] == label, tissue[crop]
+    islands = stray_islands(p, r)
     tiles = []
     for axis in (2, 1, 0):  # axial (S), coronal (A), sagittal (R)
         other = tuple(i for i in range(3) if i != axis)
@@ -220,8 +223,22 @@ def _structure_tiles(pred: np.ndarray, ref: np.ndarray, tissue: np.ndarray, labe
         cut = [slice(None)] * 3
         cut[axis] = index
         pixel_spacing = (spacing[other[1]], spacing[other[0]])  # rows, columns
-        tiles.append(_tile(*(_display(m[tuple(cut)]) for m in (p, r, t)), pixel_spacing))
+        tiles.append(_tile(*(_display(m[tuple(cut)]) for m in (p, r, t)), pixel_spacing,
+                           _display(islands.any(axis=axis))))
     return tiles
+
+
+def stray_islands(prediction: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Parts of the prediction (26-connected) that do not touch the reference: a stray
+    island far off the structure's largest slices was in no view, while its HD and ASSD
+    showed it, so the overlay looked perfect."""
+    if not reference.any():  # every predicted voxel is a false positive, drawn as such
+        return np.zeros_like(prediction)
+    parts, count = ndimage.label(prediction, structure=np.ones((3, 3, 3), bool))
+    if count == 0:
+        return np.zeros_like(prediction)
+    touching = np.unique(parts[ndimage.binary_dilation(reference) & (parts > 0)])
+    return (parts > 0) & ~np.isin(parts, touching)
 
 
 def largest_slice(prediction: np.ndarray, reference: np.ndarray, axis: int) -> int:
@@ -254,8 +271,11 @@ def _display(plane: np.ndarray) -> np.ndarray:
 
 
 def _tile(pred: np.ndarray, ref: np.ndarray, tissue: np.ndarray,
-          pixel_spacing: tuple[float, float]) -> np.ndarray:
-    """A TILE x TILE RGB picture of one plane at equal mm per pixel in both directions."""
+          pixel_spacing: tuple[float, float], islands: np.ndarray | None = None
+          ) -> np.ndarray:
+    """A TILE x TILE RGB picture of one plane at equal mm per pixel in both directions;
+    `islands` (the projection of the prediction's stray islands) drawn filled, in the
+    prediction's colour."""
     extent = (pred.shape[0] * pixel_spacing[0], pred.shape[1] * pixel_spacing[1])
     scale = TILE / max(extent)  # pixels per mm
     size = [max(1, min(TILE, int(round(e * scale)))) for e in extent]
@@ -269,6 +289,8 @@ def _tile(pred: np.ndarray, ref: np.ndarray, tissue: np.ndarray,
     image[:] = BACKGROUND_RGB
     image[t] = TISSUE_RGB
     image[r] = STRUCTURE_RGB
+    if islands is not None:
+        image[islands[pick]] = ISLAND_RGB
     image[r & ~ndimage.binary_erosion(r, iterations=2)] = REFERENCE_RGB
     image[ndimage.binary_dilation(p, iterations=2) & ~p] = PREDICTION_RGB
     tile = np.empty((TILE, TILE, 3), np.uint8)

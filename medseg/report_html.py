@@ -16,7 +16,13 @@ import numpy as np
 
 from medseg.evaluate import CaseScores, load_pair
 from medseg.metrics import is_present, leave_out_ignored, present_or_all
-from medseg.report_figures import PREDICTION_HEX, REFERENCE_HEX, boxplots_png, montage_png
+from medseg.report_figures import (
+    ISLAND_HEX,
+    PREDICTION_HEX,
+    REFERENCE_HEX,
+    boxplots_png,
+    montage_png,
+)
 
 TABLE_METRICS = (("dice", "Dice", 3), ("iou", "IoU", 3), ("nsd", "NSD", 3),
                  ("hd95_mm", "HD95 (mm)", 2), ("hd_mm", "HD (mm)", 2),
@@ -282,8 +288,11 @@ def _montages(results: list[CaseScores], labels: dict[int, str] | None,
             f'reference contour<span class="swatch" style="background:{PREDICTION_HEX}">'
             "</span>prediction contour &nbsp; (the reference's drawn just inside it, the "
             "prediction's just outside it, so that both show: where they agree, the two "
-            "rings touch; grey: labelled reference structures; the "
-            "structure shown in lighter grey). Each structure: axial, coronal and sagittal "
+            "rings touch; grey: labelled reference structures; the structure shown in "
+            'lighter grey; <span class="swatch" style="height: 10px; '
+            f'background:{ISLAND_HEX}"></span>filled: parts of the prediction that do not '
+            "touch the reference structure, projected through the whole view, so that a "
+            "stray island off the slice shows). Each structure: axial, coronal and sagittal "
             "slices through its largest cross-sections, zoomed on it; axial and coronal in "
             "radiological view (patient's right on the left), sagittal with anterior on the "
             "left. Cases ranked by mean Dice; failed cases (named at the top of the report) have "

@@ -14,6 +14,7 @@ from html import escape
 
 import numpy as np
 
+from medseg import __version__
 from medseg.evaluate import CaseScores, load_pair
 from medseg.metrics import is_present, leave_out_ignored, present_or_all
 from medseg.report_figures import (
@@ -115,8 +116,10 @@ def _header(results: list[CaseScores], summary: dict) -> str:
         + (f" at {tolerance:g} mm" if tolerance is not None else "") + "</p>",
         f'<p class="meta">predictions: {escape(", ".join(sorted(preds)) or "none")}; '
         f'references: {escape(", ".join(sorted(refs)) or "none")}</p>',
-        f'<p class="meta">written {datetime.datetime.now().isoformat(timespec="seconds")} '
-        f"by medseg evaluate</p>",
+        # the version and the time zone: a page shown months later says what made it
+        f'<p class="meta">written '
+        f'{datetime.datetime.now().astimezone().isoformat(timespec="seconds")} '
+        f"by medseg {escape(__version__)} evaluate</p>",
     ]
     if failed:
         lines.append(f'<p class="fail">Failed cases (each structure of their references '

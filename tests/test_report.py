@@ -523,3 +523,15 @@ def test_a_stray_island_off_the_drawn_slices_shows_in_the_montage():
     png = montage_png(pair, {0: "background", 1: "a"}, {"a": scores(1.0, 0.0)}, "none")
     picture = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
     assert not (picture == ISLAND_RGB).all(axis=-1).any()
+
+
+def test_the_page_names_the_medseg_version_and_time_zone():
+    """The page said "written 2026-11-24T05:32:05 by medseg evaluate": no version to tell
+    which scoring conventions made it, and a time without its zone."""
+    from medseg import __version__
+
+    results = [CaseScores("a", {"s": scores(0.9, 1.0)})]
+    page = render_report(results, summarize(results, 2.0), None)
+    written = re.search(r"written (\S+) by medseg (\S+) evaluate", page)
+    assert written and written.group(2) == __version__
+    assert re.search(r"T\d\d:\d\d:\d\d[+-]\d\d:\d\d$", written.group(1))

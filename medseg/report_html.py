@@ -180,11 +180,16 @@ def _stat_cell(stats: dict, digits: int, tinted: bool = False) -> str:
                   f"{_fmt(stats['iqr'], digits)} &middot; n&nbsp;{stats['n']}")
     if stats.get("n_inf"):
         detail += f' &middot; <span class="inf">{stats["n_inf"]}&nbsp;inf</span>'
-    style = ""
-    if tinted and math.isfinite(stats["mean"]):
-        hue = int(round(120 * min(max(stats["mean"], 0.0), 1.0)))
-        style = f' style="background: hsl({hue}, 65%, 93%)"'
+    style = _tint(stats["mean"]) if tinted else ""
     return f'<td{style}><span class="m">{main}</span><span class="d">{detail}</span></td>'
+
+
+def _tint(value: float) -> str:
+    """A cell's background from red (0) to green (1) for a score in [0, 1]; none for NaN."""
+    if not math.isfinite(value):
+        return ""
+    hue = int(round(120 * min(max(value, 0.0), 1.0)))
+    return f' style="background: hsl({hue}, 65%, 93%)"'
 
 
 def _conventions(summary: dict) -> str:
@@ -233,9 +238,10 @@ def _case_table(results: list[CaseScores], shown: list[str]) -> str:
             worst_text = f"{escape(worst)} ({result.scores[worst]['dice']:.3f})"
         status = _status(result)
         dice = [result.scores[n]["dice"] for n in present]
-        cells = (f"<td>{_fmt(float(np.mean(dice)) if dice else math.nan, 3)}</td>"
-                 f"<td>{_fmt(float(np.mean(nsd)) if nsd else math.nan, 3)}</td>"
-                 f'<td class="name">{worst_text}</td>')
+        # tinted as the summary is: in 200 rows the poor cases stand out
+        means = [float(np.mean(v)) if v else math.nan for v in (dice, nsd)]
+        cells = ("".join(f"<td{_tint(m)}>{_fmt(m, 3)}</td>" for m in means)
+                 + f'<td class="name">{worst_text}</td>')
         rows.append(f'<tr><td class="name">{escape(result.case)}</td>{cells}'
                     f'<td class="status">{status}</td></tr>')
     return ('<h2 id="cases">Cases</h2>\n<p class="meta">Means over the structures present in '

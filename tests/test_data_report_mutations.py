@@ -336,7 +336,8 @@ def test_a_failed_case_row_shows_the_zero_it_is_scored_with():
     results = [CaseScores("ok", {"s": scored(0.8)}),
                CaseScores("lost", {"s": dict(FAILED_SCORES)}, "no prediction for this case")]
     row = re.search(r'<tr><td class="name">lost</td>(.*?)</tr>', html_report(results)).group(1)
-    assert row.startswith("<td>0.000</td><td>0.000</td>")
+    assert re.findall(r"<td[^>]*>([^<]*)</td>", row)[:2] == ["0.000", "0.000"]
+    assert row.count("hsl(0, ") == 2  # tinted red, as the summary tints a 0
     assert "no prediction for this case" in row
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medseg import __version__
 from medseg.errors import MedsegError
 from medseg.evaluate import (
     CaseScores,
@@ -60,6 +61,7 @@ def run_evaluation(pred_dir: Path, ref_dir: Path, labels_path: Path | None,
         results = evaluate_pairs(pairs, labels, tolerance_mm=tolerance_mm, jobs=jobs,
                                  resample=resample, ignore_label=ignore_label)
         summary = summarize(results, tolerance_mm)
+        summary["labels"] = {str(k): name for k, name in sorted(labels.items())}
         if ignore_label is not None:  # for the report's overlays, and for the record
             summary["ignore_label"] = ignore_label
         print(format_table(summary))  # first: the scores are shown even if writing them fails
@@ -146,14 +148,19 @@ def summarize(results: list[CaseScores], tolerance_mm: float | None = None) -> d
     """Per structure and metric: mean, sd, median, IQR and n over the finite values, and
     n_inf, the number of infinite distances (a structure missing from one mask, or a
     failed case). `unscored_label_ids`: per case, its prediction's ids that the label map
-    does not name. `mean_dice` and `mean_nsd` average the structures present in some case."""
+    does not name; `files`: per case, the prediction and reference scored. `mean_dice` and
+    `mean_nsd` average the structures present in some case."""
     structures = list(results[0].scores) if results else []
-    summary: dict = {"n_cases": len(results),
+    summary: dict = {"medseg_version": __version__,
+                     "n_cases": len(results),
                      "failed_cases": [r.case for r in results if r.error],
                      "resampled_cases": [r.case for r in results if r.resampled],
                      "tolerance_mm": tolerance_mm,
                      "unscored_label_ids": {r.case: list(r.unlisted)
                                             for r in results if r.unlisted},
+                     "files": {r.case: {"prediction": _absolute(r.prediction),
+                                        "reference": _absolute(r.reference)}
+                               for r in results},
                      "structures": {}}
     for name in structures:
         summary["structures"][name] = {
@@ -167,6 +174,10 @@ def summarize(results: list[CaseScores], tolerance_mm: float | None = None) -> d
         finite = [m for m in means if math.isfinite(m)]
         summary[f"mean_{metric}"] = float(np.mean(finite)) if finite else float("nan")
     return summary
+
+
+def _absolute(path: Path | None) -> str | None:
+    return None if path is None else str(path.absolute())
 
 
 def absent_structures(results: list[CaseScores]) -> list[str]:

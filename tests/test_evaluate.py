@@ -596,6 +596,10 @@ def test_prediction_ids_the_label_map_does_not_name_are_noted_not_failed(folders
     assert "c1" in (folders / "ev" / "report.html").read_text(encoding="utf-8")
     saved = json.loads((folders / "ev" / "summary.json").read_text(encoding="utf-8"))
     assert saved["unscored_label_ids"] == {"c1": [9]}
+    assert saved["labels"] == {"0": "background", "1": "a", "2": "b"} and saved["medseg_version"]
+    assert saved["files"]["c1"] == {"prediction": str((folders / "pred" / "c1.nii.gz").absolute()),
+                                    "reference": str((folders / "ref" / "c1.nii.gz").absolute())}
+    assert saved["files"]["c3"]["prediction"] is None  # no prediction
     results = evaluate_pairs(pair_cases(folders / "pred", folders / "ref"),
                              label_names_from_json(labels))
     assert results[0].error is None and results[0].unlisted == (9,)

@@ -1,6 +1,8 @@
 """The verbs: demo, train, predict, evaluate, check, convert.
 
-Only this module wires the stages together.
+Only this module and runs.py wire the stages together: this one parses the command line,
+runs the command, and turns its errors into one line and an exit code; runs.py starts,
+resumes and continues a training run's folder.
 
 Heavy imports (torch, MONAI) stay inside the commands so that `--help` is instant.
 """
@@ -24,18 +26,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from medseg import stopping
-from medseg.config import Workflow, check_in_range, load_workflow, override_key
+from medseg import runs, stopping
+from medseg.config import check_in_range, load_workflow, override_key
 from medseg.errors import MedsegError, one_line, unwrap_transform_error
 from medseg.stopping import Terminated
 
 DEMO_MARKER = ".medseg-demo"
-FOLDS_FILE = "folds.json"  # the folds `train` was asked for, which `--resume` continues
 EXIT_USER_ERROR = 2
 EXIT_TERMINATED = 143  # 128 + SIGTERM, what a shell reports for a process SIGTERM killed
-# what a resumed run may change: its budget, where its dataset lies, and where its cases are
-# cached (memory and disk give the same patches, so the run goes on as it began)
-RESUME_OVERRIDES = ("train.max_minutes", "dataset.path", "train.cache")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,7 +206,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     workflow = dataclasses.replace(
         workflow, dataset=dataclasses.replace(workflow.dataset, path=data))
     run_dir = out / "run"
-    _train_run(workflow, run_dir, folds=[workflow.train.fold], overwrite=True)
+    runs.train_run(workflow, run_dir, folds=[workflow.train.fold], overwrite=True)
     print(f"[3/4] segmenting the 4 held-out phantoms into {out / 'predictions'}")
     results = _predict(run_dir, [str(out / "data" / "imagesTs")], out / "predictions",
                        _PredictOptions(overwrite=True))
@@ -238,106 +236,28 @@ def cmd_train(args: argparse.Namespace) -> int:
                               "one (to start again: medseg train WORKFLOW --out RUN_DIR "
                               "--overwrite)")
         for override in args.overrides or []:
-            if override_key(override) not in RESUME_OVERRIDES:
+            if override_key(override) not in runs.RESUME_OVERRIDES:
                 raise MedsegError(f"--resume continues the saved workflow: of its keys, --set "
-                                  f"may only change {', '.join(RESUME_OVERRIDES)}, not "
+                                  f"may only change {', '.join(runs.RESUME_OVERRIDES)}, not "
                                   f"'{override}'")
-        job = functools.partial(_resume_run, Path(args.resume), args.fold, args.overrides)
+        job = functools.partial(runs.resume_run, Path(args.resume), args.fold, args.overrides)
     else:
         if not args.workflow or not args.out:
             raise MedsegError("train needs a WORKFLOW and --out RUN_DIR (or --resume RUN_DIR)")
         workflow = load_workflow(Path(args.workflow), args.overrides)
         if not workflow.dataset.path:
             raise MedsegError("dataset.path is not set", args.workflow)
-        workflow = _folds_of_splits_file(workflow)
-        folds = _parse_folds(args.fold, workflow.train.folds, workflow.train.fold)
-        job = functools.partial(_train_run, workflow, Path(args.out), folds,
+        workflow = runs.folds_of_splits_file(workflow)
+        folds = runs.parse_folds(args.fold, workflow.train.folds, workflow.train.fold)
+        job = functools.partial(runs.train_run, workflow, Path(args.out), folds,
                                 overwrite=args.overwrite, workflow_file=Path(args.workflow))
     from medseg.train import distributed_session
 
     run_dir = Path(args.resume or args.out)
     with distributed_session() as ranks, _stdout_of_main_rank_only(ranks.main), \
-            _one_trainer(run_dir, ranks):
+            runs.one_trainer(run_dir, ranks):
         job()
     return 0
-
-
-@contextlib.contextmanager
-def _one_trainer(run_dir: Path, ranks) -> Iterator[None]:
-    """Refuse a second `medseg train` on a run folder that one is training: two would both
-    write its checkpoints and metrics. The lock file lies beside the folder (a fresh run
-    replaces the folder), and goes when the run ends. Rank 0 takes it; every rank of a
-    torchrun run is refused with it, before any work."""
-    from medseg.fileio import hold_lock, missing_folders
-
-    try:
-        import fcntl
-    except ImportError:  # not a POSIX system: no lock
-        fcntl = None
-    real = run_dir.resolve()  # one run reached through a link has one lock
-    lock = real.parent / f".{real.name}.medseg-lock"
-    # `--out runs/x` in a fresh clone: the lock's folder is made now (and removed again if
-    # the run leaves it empty), or a second trainer would not be refused
-    main_rank = ranks.main
-    made = missing_folders(run_dir.parent) if main_rank else []
-    refusal = MedsegError("another `medseg train` is training this run folder; wait for it "
-                          "to end (or stop it) first", run_dir)
-    try:
-        with contextlib.ExitStack() as held:
-            locked = True
-            if main_rank and fcntl is not None:
-                with contextlib.suppress(OSError):  # an unwritable place fails later
-                    real.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    hold_lock(held, lock, fcntl.LOCK_EX, refusal, remove=True)
-                except MedsegError:
-                    locked = False
-            if not _main_rank_says(locked, ranks):
-                raise refusal
-            yield
-    finally:
-        for folder in made:  # innermost first; a run that wrote its folder keeps them
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-
-
-def _main_rank_says(flag: bool, ranks) -> bool:
-    """Rank 0's `flag` on every rank of a torchrun run (as is, in one process)."""
-    if not ranks.distributed:
-        return flag
-    import torch
-    import torch.distributed as dist
-
-    from medseg.train import flag_from_main_rank
-
-    device = (torch.device("cuda", ranks.local_rank) if torch.cuda.is_available()
-              else torch.device("cpu"))
-    said = flag_from_main_rank(flag, ranks, device)
-    # every rank has the answer before any leaves: rank 0's broadcast may return before
-    # rank 1 has read it, and a rank that ends its group then cuts the other's receive
-    dist.barrier()
-    return said
-
-
-def _report_fold(result, planned_epochs: int) -> None:
-    """A fold's closing line, printed as soon as it ends (other ranks' stdout is silenced)."""
-    dice = "n/a" if result.best_mean_dice is None else f"{result.best_mean_dice:.4f}"
-    ran = f"{result.epochs_run} of {_epochs(planned_epochs)}"
-    if result.epochs_run < planned_epochs:
-        from medseg.train import current_ranks
-
-        processes = current_ranks().world_size
-        launcher = (f"torchrun --nproc_per_node {processes} -m medseg.cli" if processes > 1
-                    else "medseg")  # as many processes, or the curve changes course
-        ran += (f", stopped by train.max_minutes ({launcher} train --resume "
-                f"{result.fold_dir.parent} continues)")
-    # counted, not numbered: metrics.jsonl numbers epochs from 0
-    print(f"{result.fold_dir.name}: best mean Dice {dice}, reached after "
-          f"{_epochs(result.best_epoch + 1)}; {ran}; {result.seconds / 60:.1f} min")
-
-
-def _epochs(count: int) -> str:
-    return f"{count} epoch{'' if count == 1 else 's'}"
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -412,108 +332,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- wiring
 
 
-def _train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool,
-               workflow_file: Path | None = None) -> list:
-    """dataset -> fingerprint -> plan -> splits -> train each fold; all saved in run_dir."""
-    from medseg.config import save_workflow
-    from medseg.datasets import list_dataset, load_dataset, make_splits
-    from medseg.fileio import atomic_write_json, physical_memory
-    from medseg.plan import (
-        fingerprint,
-        make_plan,
-        refuse_unaffordable_spacing,
-        save_fingerprint,
-        save_plan,
-    )
-    from medseg.train import current_ranks, train_fold
-
-    # under torchrun every rank plans the same run from the same seed; rank 0 alone checks
-    # and writes the run folder (the others never read it)
-    main_rank = current_ranks().main
-    # every rank: a refusal must stop them all before any work, not rank 0 alone
-    _check_run_folder(run_dir, overwrite)
-    if overwrite:
-        _refuse_inputs_inside(run_dir, workflow, workflow_file)
-    ds = workflow.dataset
-    dataset = load_dataset(ds.path, ds.layout, ds.modality, ds.labels)
-    if overwrite:  # a CSV's or dataset.json's files may lie anywhere, the run folder too
-        _refuse_inputs_inside(run_dir, workflow, None, dataset)
-    if ds.layout == "auto":  # saved as found: a resume must read the dataset the same way
-        workflow = dataclasses.replace(workflow, dataset=dataclasses.replace(
-            ds, layout=list_dataset(ds.path).layout))
-    ignored = ("" if dataset.ignore_label is None else
-               f" (id {dataset.ignore_label} 'ignore': left out of the loss and the scores)")
-    print(f"dataset: {len(dataset.cases)} cases, labels {_labels_in_brief(dataset.labels)}"
-          f"{ignored}, modalities {list(dataset.modalities)}")
-    if main_rank:
-        _note_ignore_spelt_otherwise(dataset.labels)
-    # here, not after hours of training when predict would first read them (a dataset that
-    # names no labels, folders or CSV without labels.json: once its label files are read)
-    if dataset.labels:
-        _check_postprocessing_of(workflow, dataset.labels)
-    if workflow.train.splits_file:
-        splits = _splits_of_file(Path(workflow.train.splits_file), dataset)
-    else:
-        splits = make_splits([c.name for c in dataset.cases], workflow.train.folds,
-                             workflow.train.split_seed, source=dataset.root)
-    fp = fingerprint(dataset, seed=workflow.train.seed, progress=main_rank)
-    if not dataset.labels:
-        _check_postprocessing_of(workflow, fp.labels)
-    plan = make_plan(fp, workflow.plan)
-    refuse_unaffordable_spacing(fp, plan, physical_memory(), workflow.train.cache,
-                                spacing_given=workflow.plan.target_spacing is not None)
-    print(f"plan: spacing {plan.target_spacing}, patch {plan.patch_size}, batch "
-          f"{plan.batch_size}, {len(plan.strides)} levels, filters {plan.filters}")
-    if main_rank:
-        _replace_run_folder(run_dir)  # only now that the dataset has been read without error
-        # plan.json first (what --overwrite recognizes a run folder by), workflow.yaml last
-        # (what --resume does): a folder cut short in between is overwritten, not resumed
-        save_plan(plan, run_dir / "plan.json")
-        save_fingerprint(fp, run_dir / "fingerprint.json")
-        atomic_write_json(run_dir / "splits.json", splits)
-        atomic_write_json(run_dir / FOLDS_FILE, folds)  # what --resume continues
-        save_workflow(workflow, run_dir / "workflow.yaml")
-    results = []
-    for k in folds:
-        results.append(train_fold(workflow, dataset, plan, splits[k], run_dir / f"fold_{k}"))
-        _report_fold(results[-1], workflow.train.epochs)
-    return results
-
-
-def _check_postprocessing_of(workflow, labels: dict[int, str]) -> None:
-    from medseg.postprocess import check_postprocess_labels
-
-    check_postprocess_labels(workflow.predict.largest_component,
-                             workflow.predict.min_component_ml, labels, "dataset's")
-
-
-def _folds_of_splits_file(workflow):
-    """With `train.splits_file`, the number of folds is the file's, and `train.fold` must be
-    one of them."""
-    from medseg.datasets import read_splits
-
-    path = workflow.train.splits_file
-    if not path:
-        return workflow
-    n_folds = len(read_splits(Path(path)))
-    if workflow.train.fold >= n_folds:
-        raise MedsegError(f"'train.fold' is {workflow.train.fold}, but the file holds "
-                          f"{n_folds} fold(s)", path)
-    return dataclasses.replace(workflow, train=dataclasses.replace(workflow.train,
-                                                                   folds=n_folds))
-
-
-def _splits_of_file(path: Path, dataset) -> list[dict]:
-    """One's own folds (`train.splits_file`); every case they name must be in the dataset."""
-    from medseg.datasets import read_splits
-
-    splits = read_splits(path)
-    unknown = _cases_not_in(dataset, splits)
-    if unknown:
-        raise MedsegError(f"names case(s) {unknown} that the dataset does not have", path)
-    return splits
-
-
 @dataclass(frozen=True)
 class _PredictOptions:
     folds: list[int] | None = None
@@ -526,222 +344,6 @@ class _PredictOptions:
     shard: str | None = None
     debug: bool = False  # each failed case's traceback
     dicom_seg: bool = False  # a DICOM SEG beside the mask of each DICOM series
-
-
-def _resume_run(run_dir: Path, fold_text: str | None, overrides: list[str] | None = None
-                ) -> list:
-    """Continue the fold(s) of a run from their last saved state (a fold never started is
-    trained from the beginning). `overrides` may give each fold a new wall-clock budget;
-    it is saved in the run's workflow.yaml."""
-    from medseg.config import save_workflow
-    from medseg.datasets import read_splits
-    from medseg.fileio import atomic_write_json
-    from medseg.plan import load_plan
-    from medseg.train import check_resumable, current_ranks
-
-    if not run_dir.is_dir():
-        raise MedsegError("run folder not found", run_dir)
-    if not (run_dir / "workflow.yaml").is_file():
-        raise MedsegError("not a medseg run folder (no workflow.yaml)", run_dir)
-    workflow = load_workflow(run_dir / "workflow.yaml", overrides)
-    plan = load_plan(run_dir / "plan.json")
-    splits_path = run_dir / "splits.json"
-    if not splits_path.is_file():
-        raise MedsegError("splits.json not found (is this a medseg run folder?)", splits_path)
-    splits = read_splits(splits_path)
-    dataset = _resumed_dataset(workflow, run_dir, overrides)
-    requested = _requested_folds(run_dir, workflow.train.fold)
-    if fold_text is None:
-        folds = requested
-    else:
-        folds = _parse_folds(fold_text, workflow.train.folds, workflow.train.fold)
-    _refuse_changed_dataset(dataset, splits, folds, splits_path)
-    _refuse_changed_labels(dataset, plan, run_dir / "plan.json")
-    _refuse_changed_channels(dataset, plan, run_dir / "plan.json")
-    # decided before any training, so that every torchrun rank decides the same; every
-    # state read before any caching or training: a damaged one of fold 2 is not found
-    # after folds 0 and 1 have trained
-    resumes = [_has_state(run_dir / f"fold_{fold}") for fold in folds]
-    for fold, resume in zip(folds, resumes, strict=True):
-        if resume:
-            check_resumable(run_dir / f"fold_{fold}", plan)
-    if current_ranks().main:  # only once the resume is known to go ahead
-        if overrides:
-            save_workflow(workflow, run_dir / "workflow.yaml")
-        if not set(folds) <= set(requested):  # a later plain --resume continues these too
-            atomic_write_json(run_dir / FOLDS_FILE, sorted(set(requested) | set(folds)))
-    return _continue_folds(run_dir, folds, resumes, workflow, dataset, plan, splits)
-
-
-def _labels_in_brief(labels: dict[int, str] | None) -> str:
-    """The label map for a line of the console: whole when short, else its size and ends
-    (118 TotalSegmentator names made a line of 3000 characters)."""
-    if not labels:
-        return "from the label files"
-    if len(labels) <= 8:
-        return str(labels)
-    items = list(labels.items())
-    head = ", ".join(f"{k}: {v!r}" for k, v in items[:3])
-    return f"{{{head}, ..., {items[-1][0]}: {items[-1][1]!r}}} ({len(labels)} ids)"
-
-
-def _resumed_dataset(workflow: Workflow, run_dir: Path, overrides: list[str] | None):
-    from medseg.datasets import load_dataset
-
-    ds = workflow.dataset
-    try:
-        return load_dataset(ds.path, ds.layout, ds.modality, ds.labels)
-    except MedsegError as exc:  # moved since: say where the path came from, and the way out
-        given = any(override_key(item) == "dataset.path" for item in overrides or [])
-        origin = ("the dataset.path given with --set" if given else
-                  f"the dataset of {run_dir / 'workflow.yaml'}; if it has moved, "
-                  f"--set dataset.path=NEW_PATH resumes from there")
-        raise MedsegError(f"{exc} ({origin})") from exc
-
-
-def _continue_folds(run_dir: Path, folds: list[int], resumes: list[bool], workflow: Workflow,
-                    dataset, plan, splits: list) -> list:
-    """Train each fold on from its saved state (where `resumes` says it has one), from the
-    beginning where it has none."""
-    from medseg.train import (
-        BEST_WEIGHTS,
-        current_ranks,
-        finished_fold,
-        restore_best_weights,
-        train_fold,
-    )
-
-    results = []
-    for fold, resume in zip(folds, resumes, strict=True):
-        fold_dir = run_dir / f"fold_{fold}"
-        finished = finished_fold(fold_dir, workflow.train.epochs) if resume else None
-        if finished is not None:
-            if current_ranks().main and restore_best_weights(fold_dir):
-                print(f"{fold_dir.name}: checkpoints/{BEST_WEIGHTS} was missing; written "
-                      f"again from the saved weights")
-            print(f"{fold_dir.name}: finished already; nothing to resume")
-            results.append(finished)
-        else:
-            print(f"{fold_dir.name}: {'resuming' if resume else 'starting'}")
-            results.append(train_fold(workflow, dataset, plan, splits[fold], fold_dir,
-                                      resume=resume))
-        _report_fold(results[-1], workflow.train.epochs)
-    return results
-
-
-def _has_state(fold_dir: Path) -> bool:
-    """Whether the fold has a training state to resume from. A fold without one starts from
-    the beginning only if it never got past its first epoch (killed before its first state
-    was written): a state deleted later would otherwise restart a trained fold without a
-    word, and overwrite its checkpoints."""
-    from medseg.train import TRAIN_STATE, last_epoch_recorded
-
-    state = fold_dir / "checkpoints" / TRAIN_STATE
-    if state.is_file():
-        return True
-    epoch = last_epoch_recorded(fold_dir / "metrics.jsonl")
-    if epoch is not None and epoch >= 1:
-        raise MedsegError(f"has no training state, but metrics.jsonl records {epoch + 1} "
-                          f"epochs: restore the state file, or train the fold again with "
-                          f"`medseg train ... --overwrite`", state)
-    return False
-
-
-def _requested_folds(run_dir: Path, default_fold: int) -> list[int]:
-    """The folds `medseg train` was asked for (all of them after `--fold all`, started or
-    not); for a run folder from before folds.json, the folds with a saved state."""
-    from medseg.train import TRAIN_STATE, fold_folders
-
-    path = run_dir / FOLDS_FILE
-    if path.is_file():
-        try:
-            folds = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise MedsegError(f"not valid JSON ({exc})", path) from exc
-        if not (isinstance(folds, list) and folds
-                and all(isinstance(k, int) and k >= 0 for k in folds)):
-            raise MedsegError(f"expected a list of fold numbers, got {folds!r}", path)
-        return folds
-    started = [k for k, p in fold_folders(run_dir) if (p / "checkpoints" / TRAIN_STATE).is_file()]
-    return started or [default_fold]
-
-
-def _refuse_changed_dataset(dataset, splits: list, folds: list[int], splits_path: Path) -> None:
-    """Resuming needs every case of the run's splits still in the dataset."""
-    if any(k >= len(splits) for k in folds):
-        raise MedsegError(f"holds {len(splits)} folds; fold {max(folds)} was asked for",
-                          splits_path)
-    missing = _cases_not_in(dataset, [splits[k] for k in folds])
-    if missing:
-        raise MedsegError(f"the dataset no longer has case(s) {missing} of these splits: "
-                          f"resume on the dataset the run was trained on", splits_path)
-
-
-def _cases_not_in(dataset, folds: list[dict]) -> str:
-    """The case names of `folds` (train and val) that the dataset lacks, the first three
-    named ('' when none)."""
-    names = {case.name for case in dataset.cases}
-    missing = sorted({n for fold in folds for part in ("train", "val") for n in fold[part]}
-                     - names)
-    more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-    return f"{', '.join(missing[:3])}{more}" if missing else ""
-
-
-def _refuse_changed_labels(dataset, plan, plan_path: Path) -> None:
-    """The network's outputs are the plan's labels: a dataset relabelled since (or given
-    other dataset.labels) cannot continue that training."""
-    from medseg.datasets import IGNORE_NAME
-
-    if plan.ignore_label is None and IGNORE_NAME in plan.labels.values():
-        # before medseg read nnU-Net's 'ignore', a workflow could name a class so
-        label_id = _id_named(plan.labels, IGNORE_NAME)
-        raise MedsegError(f"this run trained id {label_id}, named 'ignore', as a structure; "
-                          f"medseg now reads that name as nnU-Net's unannotated label: to "
-                          f"resume, give id {label_id} another name in 'dataset.labels'",
-                          plan_path)
-    if dataset.labels and set(dataset.labels) != set(plan.labels):
-        raise MedsegError(f"the dataset's label ids {sorted(dataset.labels)} differ from the "
-                          f"run's {sorted(plan.labels)}: resume on the dataset the run was "
-                          f"trained on", plan_path)
-    if dataset.ignore_label != plan.ignore_label:
-        raise MedsegError(f"the dataset's 'ignore' label is {_ignore_text(dataset)}, the "
-                          f"run's {_ignore_text(plan)}: resume on the dataset the run was "
-                          f"trained on", plan_path)
-
-
-def _note_ignore_spelt_otherwise(labels: dict[int, str]) -> None:
-    """nnU-Net reads only 'ignore' as its unannotated label; 'Ignore' is a structure there
-    and here, which is rarely what was meant."""
-    from medseg.datasets import IGNORE_NAME
-
-    for label_id, name in labels.items():
-        if name.strip().casefold() == IGNORE_NAME and name != IGNORE_NAME:
-            print(f"medseg: note: label {label_id} {name!r} is trained as a structure; "
-                  f"unannotated voxels are nnU-Net's '{IGNORE_NAME}', in lower case",
-                  file=sys.stderr)
-
-
-def _id_named(labels: dict[int, str], name: str) -> int:
-    return next(k for k, label_name in labels.items() if label_name == name)
-
-
-def _ignore_text(labelled) -> str:
-    return "none" if labelled.ignore_label is None else f"id {labelled.ignore_label}"
-
-
-def _refuse_changed_channels(dataset, plan, plan_path: Path) -> None:
-    """The network's inputs are the plan's channels, each normalized as its modality (the
-    plan's normalization goes on as it began). A run planned before nnU-Net's noNorm,
-    rescale_to_0_1 and rgb_to_0_1 were told apart read them as MR: still the same channels."""
-    def same(ours: str, planned: str) -> bool:
-        return ours == planned or (planned == "MR" and ours != "CT")
-
-    if len(dataset.modalities) != len(plan.modalities) or not all(
-            same(ours, planned) for ours, planned in zip(dataset.modalities, plan.modalities,
-                                                         strict=True)):
-        raise MedsegError(f"the dataset's channels {list(dataset.modalities)} differ from the "
-                          f"run's {list(plan.modalities)}: resume on the dataset the run was "
-                          f"trained on", plan_path)
 
 
 def _predict(model: Path, inputs: list[str], output: Path, options: _PredictOptions) -> list:
@@ -816,47 +418,6 @@ def _stdout_of_main_rank_only(main: bool) -> Iterator[None]:
         yield
 
 
-def _check_run_folder(run_dir: Path, overwrite: bool) -> None:
-    from medseg.fileio import refuse_unwritable_place
-
-    if run_dir.exists() and not run_dir.is_dir():
-        raise MedsegError("run folder path is a file", run_dir)
-    refuse_unwritable_place(run_dir)  # before the dataset is read, not after
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise MedsegError("run folder exists and is not empty; pass --overwrite to "
-                              "replace it", run_dir)
-        if not (run_dir / "plan.json").exists():
-            raise MedsegError("refusing to overwrite a folder that is not a medseg run",
-                              run_dir)
-
-
-def _refuse_inputs_inside(run_dir: Path, workflow, workflow_file: Path | None,
-                          dataset=None) -> None:
-    """--overwrite deletes the whole run folder: a dataset, workflow or splits file kept in
-    it, or a case file the dataset lists from there, would go with it (and training would
-    then fail on the files it just deleted)."""
-    if not run_dir.is_dir():
-        return
-    inside = run_dir.resolve()
-    inputs = [("dataset.path", workflow.dataset.path),
-              ("train.splits_file", workflow.train.splits_file),
-              ("the workflow file", workflow_file)]
-    for case in dataset.cases if dataset is not None else ():
-        inputs += [(f"a file of case {case.name}", path)
-                   for path in (*case.images, case.label) if path is not None]
-    for what, path in inputs:
-        if path and Path(path).resolve().is_relative_to(inside):
-            raise MedsegError(f"--overwrite would delete {what} {path}, which lies inside the "
-                              f"run folder: move it out first", run_dir)
-
-
-def _replace_run_folder(run_dir: Path) -> None:
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
-
-
 def _parse_predict_folds(text: str | None) -> list[int] | None:
     if not text:
         return None
@@ -880,20 +441,6 @@ def _claim_demo_folder(out: Path) -> None:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / DEMO_MARKER).write_text(json.dumps({"made_by": "medseg demo"}) + "\n", encoding="utf-8")
-
-
-def _parse_folds(text: str | None, n_folds: int, default: int) -> list[int]:
-    if text is None:
-        return [default]
-    if text == "all":
-        return list(range(n_folds))
-    try:
-        fold = int(text)
-    except ValueError as exc:
-        raise MedsegError(f"--fold must be an integer or 'all', got {text!r}") from exc
-    if not 0 <= fold < n_folds:
-        raise MedsegError(f"--fold {fold} is outside 0..{n_folds - 1}")
-    return [fold]
 
 
 def _versions() -> str:

@@ -331,7 +331,7 @@ def test_an_unwritable_run_folder_is_refused_before_the_dataset_is_read(tmp_path
 def test_the_demo_saves_an_absolute_dataset_path(tmp_path, monkeypatch):
     """`medseg demo --out rel` saved `path: rel/data` in the run's workflow.yaml, so the
     resume it suggests failed from any other folder."""
-    import medseg.cli
+    import medseg.runs
 
     seen = {}
 
@@ -340,7 +340,7 @@ def test_the_demo_saves_an_absolute_dataset_path(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(medseg.cli, "_train_run", stop_before_training)
+    monkeypatch.setattr(medseg.runs, "train_run", stop_before_training)
     main(["demo", "--out", "rel"])
     assert seen["path"] == str(tmp_path / "rel" / "data")
 
@@ -370,7 +370,8 @@ def test_python_dash_m_medseg_runs_the_command():
 
 def test_train_help_names_every_key_a_resume_may_set():
     """The --help text listed two of the three keys --resume takes (train.cache was left out)."""
-    from medseg.cli import RESUME_OVERRIDES, _parser
+    from medseg.cli import _parser
+    from medseg.runs import RESUME_OVERRIDES
 
     train = _parser()._subparsers._group_actions[0].choices["train"]
     help_text = " ".join(train.format_help().split())
@@ -409,14 +410,14 @@ def test_an_empty_path_is_refused_not_taken_for_the_current_folder(argv, tmp_pat
 
 def test_a_long_label_map_is_printed_in_brief():
     """TotalSegmentator's 118 names made the dataset line 3000 characters long."""
-    from medseg.cli import _labels_in_brief
+    from medseg.runs import labels_in_brief
 
     labels = {k: f"structure_{k}" for k in range(118)}
-    brief = _labels_in_brief(labels)
+    brief = labels_in_brief(labels)
     assert brief == "{0: 'structure_0', 1: 'structure_1', 2: 'structure_2', ..., " \
                     "117: 'structure_117'} (118 ids)"
-    assert _labels_in_brief({0: "background", 1: "liver"}) == "{0: 'background', 1: 'liver'}"
-    assert _labels_in_brief(None) == "from the label files"
+    assert labels_in_brief({0: "background", 1: "liver"}) == "{0: 'background', 1: 'liver'}"
+    assert labels_in_brief(None) == "from the label files"
 
 
 @pytest.mark.parametrize("code, ignored", [(130, True), (143, True), (0, False), (2, False)])

@@ -74,21 +74,21 @@ def test_a_workflow_ignore_label_that_is_not_the_next_id_is_refused(tmp_path, ca
 def test_a_resume_refuses_a_changed_ignore_label_and_an_old_run_that_trained_one(tmp_path):
     from types import SimpleNamespace
 
-    from medseg.cli import _refuse_changed_labels
+    from medseg.runs import refuse_changed_labels
 
     labels = {0: "background", 1: "liver"}
     sparse = SimpleNamespace(labels=labels, ignore_label=2)
     dense = SimpleNamespace(labels=labels, ignore_label=None)
     plan_path = tmp_path / "plan.json"
-    _refuse_changed_labels(sparse, sparse, plan_path)
+    refuse_changed_labels(sparse, sparse, plan_path)
     with pytest.raises(MedsegError, match=r"plan.json: the dataset's 'ignore' label is id 2, "
                                           r"the run's none"):
-        _refuse_changed_labels(sparse, dense, plan_path)
+        refuse_changed_labels(sparse, dense, plan_path)
     # a run from before: a workflow named class 2 'ignore', and it was trained as one
     old = SimpleNamespace(labels={**labels, 2: "ignore"}, ignore_label=None)
     with pytest.raises(MedsegError, match=r"this run trained id 2, named 'ignore', as a "
                                           r"structure; .* give id 2 another name"):
-        _refuse_changed_labels(sparse, old, plan_path)
+        refuse_changed_labels(sparse, old, plan_path)
 
 
 def test_the_loss_without_ignored_voxels_is_dice_ce():
@@ -247,11 +247,11 @@ def test_a_case_labelled_ignore_everywhere_still_gives_a_patch(crop_size):
 
 
 def test_ignore_spelt_otherwise_is_a_structure_with_a_note(capsys):
-    from medseg.cli import _note_ignore_spelt_otherwise
+    from medseg.runs import note_ignore_spelt_otherwise
 
     labels = {0: "background", 1: "liver", 2: "Ignore"}
     assert split_ignore_label(labels) == (labels, None)  # nnU-Net's rule: lower case only
-    _note_ignore_spelt_otherwise(labels)
+    note_ignore_spelt_otherwise(labels)
     assert "label 2 'Ignore' is trained as a structure" in capsys.readouterr().err
-    _note_ignore_spelt_otherwise({0: "background", 1: "liver"})
+    note_ignore_spelt_otherwise({0: "background", 1: "liver"})
     assert capsys.readouterr().err == ""

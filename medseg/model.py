@@ -109,6 +109,17 @@ def _unaliased_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: state[name].detach().cpu().contiguous() for name in first_name.values()}
 
 
+def weights_file_problem(path: Path) -> str | None:
+    """Why a safetensors file cannot be opened (cut short, emptied, not safetensors), from its
+    header alone; None when it opens."""
+    try:
+        with safe_open(str(path), framework="pt") as stored:
+            stored.keys()
+    except Exception as exc:  # safetensors raises its own error types
+        return one_line(str(exc))
+    return None
+
+
 def load_weights(model: torch.nn.Module, path: Path) -> torch.nn.Module:
     if not path.is_file():
         raise MedsegError("weights file not found", path)

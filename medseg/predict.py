@@ -49,7 +49,7 @@ from medseg.io import (
     refuse_sheared_axes,
     write_mask,
 )
-from medseg.model import create_model, load_weights
+from medseg.model import create_model, load_weights, weights_file_problem
 from medseg.plan import Plan, intensity_doubt, load_plan
 from medseg.postprocess import check_postprocess_labels, postprocess
 from medseg.stopping import raise_if_stopped
@@ -148,9 +148,21 @@ def load_predictor(run_dir: str | Path, folds: list[int] | None = None,
     _note_unfinished_folds(run_dir, fold_dirs)
     models = []
     for fold_dir in fold_dirs:
-        model = load_weights(create_model(plan), fold_dir / "checkpoints" / BEST_WEIGHTS)
+        model = _fold_weights(plan, fold_dir)
         models.append(model.to(torch_device, memory_format=torch.channels_last_3d).eval())
     return Predictor(plan, tuple(models), tuple(p.name for p in fold_dirs), torch_device)
+
+
+def _fold_weights(plan: Plan, fold_dir: Path) -> torch.nn.Module:
+    """The fold's network with its best weights; a file cut short says how to write it again
+    (the training state keeps a copy)."""
+    path = fold_dir / "checkpoints" / BEST_WEIGHTS
+    problem = weights_file_problem(path)
+    if problem and (fold_dir / "checkpoints" / TRAIN_STATE).is_file():
+        raise MedsegError(f"not readable ({problem}): `medseg train "
+                          f"--resume {fold_dir.parent}` writes it again from the training "
+                          f"state", path)
+    return load_weights(create_model(plan), path)
 
 
 def _note_unfinished_folds(run_dir: Path, fold_dirs: list[Path]) -> None:

@@ -468,9 +468,11 @@ def _continue_folds(run_dir: Path, folds: list[int], resumes: list[bool], workfl
         fold_dir = run_dir / f"fold_{fold}"
         finished = finished_fold(fold_dir, workflow.train.epochs) if resume else None
         if finished is not None:
-            if current_ranks().main and restore_best_weights(fold_dir):
-                print(f"{fold_dir.name}: checkpoints/{BEST_WEIGHTS} was missing; written "
-                      f"again from the saved weights")
+            problem = restore_best_weights(fold_dir) if current_ranks().main else None
+            if problem:
+                was = "was missing" if problem == "missing" else f"was {problem}"
+                print(f"{fold_dir.name}: checkpoints/{BEST_WEIGHTS} {was}; written again from "
+                      f"the saved weights")
             print(f"{fold_dir.name}: finished already; nothing to resume")
             results.append(finished)
         else:

@@ -40,6 +40,7 @@ from medseg.model import (
     save_weights,
     supervised_outputs,
     weight_snapshot,
+    weights_file_problem,
 )
 from medseg.plan import GB, Plan, memory_cache_bytes
 from medseg.stopping import raise_if_stopped
@@ -959,27 +960,32 @@ def finished_fold(fold_dir: Path, epochs: int) -> TrainResult | None:
                        done, last_elapsed_seconds(fold_dir / "metrics.jsonl"))
 
 
-def restore_best_weights(fold_dir: Path) -> bool:
+def restore_best_weights(fold_dir: Path) -> str | None:
     """Write checkpoints/best.safetensors again from the training state's copy when the file
-    is missing (deleted by hand: `predict` cannot use the fold without it); True if it did.
-    Refused when the state holds no copy (a state from before the copy was kept)."""
+    is missing (deleted by hand) or cannot be opened (cut short by a full disk or a copy):
+    `predict` cannot use the fold without it. Returns what was wrong with the file ("missing"
+    or "unreadable (why)"), None when nothing was. Refused when the state holds no copy (a
+    state from before the copy was kept)."""
     path = fold_dir / "checkpoints" / BEST_WEIGHTS
-    if path.is_file():
-        return False
+    problem = weights_file_problem(path) if path.is_file() else "missing"
+    if problem is None:
+        return None
+    if problem != "missing":
+        problem = f"unreadable ({problem})"
     state = _resume_state(fold_dir / "checkpoints" / TRAIN_STATE)
     weights = _saved_best_weights(state)
     last = fold_dir / "checkpoints" / LAST_WEIGHTS
     never_scored = dict(state.get("best", {})).get("mean", -math.inf) == -math.inf
-    if weights is None and never_scored and last.is_file():
+    if weights is None and never_scored and last.is_file() and weights_file_problem(last) is None:
         # no validation scored: best.safetensors held the last weights
         with atomic_path(path) as tmp:
             shutil.copyfile(last, tmp)
-        return True
+        return problem
     if weights is None:
-        raise MedsegError("missing, and the training state holds no copy of it: train the "
-                          "fold again", path)
+        raise MedsegError(f"{problem}, and the training state holds no copy of it: train the "
+                          f"fold again", path)
     save_weight_tensors(weights, path)
-    return True
+    return problem
 
 
 class SavedProgress(NamedTuple):

@@ -1,12 +1,15 @@
 """Training loop guarantees: exact resume, clean wall-clock stop."""
 
 import json
+import re
 
 import pytest
 import torch
 from helpers import REPO, TINY_TRAINING, as_sets
 
 from medseg.cli import main
+from medseg.errors import MedsegError
+from medseg.predict import load_predictor
 
 DETERMINISTIC = [*TINY_TRAINING, "train.deterministic=true", "train.num_workers=0",
                  "train.seed=3"]
@@ -402,6 +405,17 @@ def test_resume_of_a_finished_fold_restores_a_deleted_best_checkpoint(
     out = capsys.readouterr().out
     assert "best.safetensors was missing; written again from the saved weights" in out
     assert "finished already" in out
+    assert best.read_bytes() == saved
+    best.write_bytes(saved[: len(saved) // 2])  # cut short: a full disk, a copy stopped
+    with pytest.raises(MedsegError, match=re.escape(
+            f"best.safetensors: not readable (Error while deserializing header: incomplete "
+            f"metadata, file not fully covered): `medseg train --resume {run}` writes it "
+            f"again from the training state")):
+        load_predictor(run)
+    assert main(["train", "--resume", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert ("best.safetensors was unreadable (Error while deserializing header: "
+            in out and "; written again from the saved weights" in out)
     assert best.read_bytes() == saved
 
 

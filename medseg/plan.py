@@ -58,6 +58,7 @@ class Fingerprint:
     modalities: list[str]
     labels: dict[int, str]
     ignore_label: int | None = None  # unannotated voxels, counted in no class
+    cases: list[str] = dataclasses.field(default_factory=list)  # names, in spacings' order
 
 
 @dataclass(frozen=True)
@@ -161,6 +162,7 @@ def fingerprint(dataset: Dataset, seed: int = 0, progress: bool = True) -> Finge
         modalities=list(dataset.modalities),
         labels=labels,
         ignore_label=dataset.ignore_label,
+        cases=[case.name for case in dataset.cases],
     )
 
 
@@ -532,6 +534,12 @@ def _intensity_stats(values: np.ndarray) -> dict[str, float]:
         "mean": float(values.mean()),
         "std": float(max(values.std(), 1e-8)),
     }
+
+
+def ras_grid(geometry) -> tuple[list[int], list[float]]:
+    """A volume's shape and spacing in R, A, S order, as the fingerprint records them."""
+    return (_ras_ordered(geometry.affine, tuple(int(v) for v in geometry.shape)),
+            _ras_ordered(geometry.affine, geometry.spacing))
 
 
 def _ras_ordered(affine: np.ndarray, values: tuple) -> list:

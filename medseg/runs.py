@@ -309,6 +309,7 @@ def resume_run(run_dir: Path, fold_text: str | None, overrides: list[str] | None
     _refuse_changed_dataset(dataset, splits, folds, splits_path)
     refuse_changed_labels(dataset, plan, run_dir / "plan.json")
     _refuse_changed_channels(dataset, plan, run_dir / "plan.json")
+    _refuse_other_scans(dataset, [splits[k] for k in folds], run_dir / "fingerprint.json")
     # decided before any training, so that every torchrun rank decides the same; every
     # state read before any caching or training: a damaged one of fold 2 is not found
     # after folds 0 and 1 have trained
@@ -414,6 +415,48 @@ def _id_named(labels: dict[int, str], name: str) -> int:
 def _ignore_text(labelled) -> str:
     return "none" if labelled.ignore_label is None else f"id {labelled.ignore_label}"
 
+
+
+def _refuse_other_scans(dataset, folds: list[dict], fingerprint_path: Path) -> None:
+    """Cases are found again by name: another collection named alike (case_001, ...) would
+    go on training the run without a word. Each case of `folds` is checked, from its header
+    alone, against the grid the fingerprint recorded for it (runs from before the
+    fingerprint named its cases are not checked)."""
+    import math
+
+    from medseg.io import read_geometry
+    from medseg.plan import ras_grid
+
+    recorded = _recorded_grids(fingerprint_path)
+    names = {n for fold in folds for part in ("train", "val") for n in fold[part]}
+    for case in dataset.cases:
+        if case.name not in names or case.name not in recorded:
+            continue
+        shape, spacing = ras_grid(read_geometry(case.images[0]))
+        old_shape, old_spacing = recorded[case.name]
+        if list(shape) != list(old_shape) or not all(
+                math.isclose(a, b, rel_tol=1e-4) for a, b in zip(spacing, old_spacing,
+                                                                  strict=True)):
+            raise MedsegError(f"case '{case.name}' is {_grid_text(shape, spacing)} now, but "
+                              f"was {_grid_text(old_shape, old_spacing)} when the run was "
+                              f"planned: resume on the dataset the run was trained on",
+                              case.images[0])
+
+
+def _recorded_grids(path: Path) -> dict[str, tuple[list, list]]:
+    """Case name -> (shape, spacing) in R, A, S order, from the run's fingerprint.json; empty
+    when it names no cases (or cannot be read: the cache's estimates go without it too)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return {name: (shape, spacing) for name, shape, spacing
+                in zip(data["cases"], data["shapes"], data["spacings"], strict=True)}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def _grid_text(shape: list, spacing: list) -> str:
+    return (f"{' x '.join(str(int(v)) for v in shape)} voxels of "
+            f"{' x '.join(f'{float(v):.4g}' for v in spacing)} mm")
 
 
 def _refuse_changed_channels(dataset, plan, plan_path: Path) -> None:

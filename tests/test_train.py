@@ -264,6 +264,31 @@ def test_resume_on_a_changed_dataset_is_refused(tmp_path, phantom_dataset, capsy
     assert message in capsys.readouterr().err
 
 
+def test_resume_on_another_collection_of_the_same_case_names_is_refused(
+        tmp_path, phantom_dataset, capsys):
+    """Cases are found again by name: a --set dataset.path to another collection named
+    alike (phantom_000, ...) went on training the run on other scans without a word."""
+    import shutil
+
+    from medseg.phantoms import write_phantom_dataset
+
+    dataset = tmp_path / "data"
+    shutil.copytree(phantom_dataset, dataset)
+    run = tmp_path / "run"
+    assert train(run, dataset, "train.max_minutes=0.00001") == 0
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--set", "train.max_minutes=0.00001"]) == 0
+    other = write_phantom_dataset(tmp_path / "other", n_train=6, n_test=0, seed=9,
+                                  shape=(32, 28, 24), spacing=(4.0, 4.0, 6.0))
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--set", f"dataset.path={other}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("case 'phantom_000' is 32 x 28 x 24 voxels of 4 x 4 x 6 mm now, but "
+                        "was 32 x 32 x 24 voxels of 4 x 4 x 8 mm when the run was planned: "
+                        "resume on the dataset the run was trained on"), err
+    assert "phantom_000.nii.gz: " in err and "\n" not in err
+
+
 def test_label_smoothing_reaches_the_cross_entropy_term():
     import dataclasses
 

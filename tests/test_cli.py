@@ -120,11 +120,12 @@ def test_bad_fold(tmp_path, phantom_dataset, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["predict", "--model", "/nonexistent", "--input", "/nonexistent.nii.gz", "--output",
-      "/tmp/x"], "input not found"),
+      "OUT"], "input not found"),
     (["evaluate", "--pred", "/nonexistent", "--ref", "/nonexistent"], "folder not found"),
 ])
-def test_predict_and_evaluate_errors(args, message, capsys):
-    assert main(args) == 2
+def test_predict_and_evaluate_errors(args, message, capsys, tmp_path):
+    # OUT in tmp_path: a fixed /tmp/x was a file on a machine, another error
+    assert main([str(tmp_path / a) if a == "OUT" else a for a in args]) == 2
     assert message in capsys.readouterr().err
 
 

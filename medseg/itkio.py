@@ -73,6 +73,9 @@ def _check_metaimage_data(path: Path, expected: int) -> None:
     elif element_file.upper().startswith("LIST") or "%" in element_file:
         return  # one file per slice: ITK checks each
     else:
+        # the header was decoded as Latin-1 (any byte reads); ITK takes the name's bytes as
+        # the file system's (UTF-8 `patiënt.raw` is that file, not `patiÃ«nt.raw`)
+        element_file = os.fsdecode(element_file.encode("latin-1"))
         data_path = path.parent / element_file
         data_offset = 0
         if not data_path.is_file():

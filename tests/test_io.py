@@ -95,6 +95,18 @@ def test_truncated_compressed_metaimage_is_called_truncated(tmp_path):
         read_volume(tmp_path / "cut.mha")
 
 
+def test_metaimage_with_a_non_ascii_data_file_name_is_read(tmp_path):
+    """ITK writes and reads the header's ElementDataFile as the file system's bytes (UTF-8):
+    `patiënt.mhd` with `patiënt.raw` beside it is a whole MetaImage, not one whose data file
+    is missing."""
+    sitk = pytest.importorskip("SimpleITK")
+    data = np.arange(4 * 5 * 6, dtype=np.int16).reshape(6, 5, 4)
+    sitk.WriteImage(sitk.GetImageFromArray(data), str(tmp_path / "patiënt ü.mhd"))
+    assert (tmp_path / "patiënt ü.raw").is_file()
+    volume = read_volume(tmp_path / "patiënt ü.mhd", dtype=None)
+    np.testing.assert_array_equal(volume.data, data.transpose(2, 1, 0))
+
+
 def test_truncated_gzip(tmp_path):
     good = save(tmp_path / "good.nii.gz", np.random.default_rng(0).random((40, 40, 40),
                 np.float32), np.eye(4))

@@ -373,7 +373,26 @@ def _predict(model: Path, inputs: list[str], output: Path, options: _PredictOpti
     print(f"predicted {len(done)} of {len(results)} cases{shard_note} with "
           f"{', '.join(predictor.folds)} in {time.monotonic() - started:.1f} s; "
           f"skipped {len(skipped)} existing (--overwrite to redo); failed {len(failed)}")
+    if failed:
+        _list_failures([r.input for r in failed], output)
     return results
+
+
+def _list_failures(inputs: list[Path], output: Path) -> None:
+    """The failed inputs once more at the end (their reasons lie among the progress lines of
+    a long batch), and those whose mask in OUTPUT is an earlier run's: nothing in the folder
+    tells a stale mask from a fresh one."""
+    from medseg.predict import output_name
+
+    def listed(paths: list) -> str:
+        more = f" and {len(paths) - 5} more" if len(paths) > 5 else ""
+        return ", ".join(str(p) for p in paths[:5]) + more
+
+    print(f"failed: {listed(inputs)}", file=sys.stderr)
+    stale = [output_name(path) for path in inputs if (output / output_name(path)).is_file()]
+    if stale:
+        print(f"medseg: note: {len(stale)} failed case(s) keep a mask in {output} from an "
+              f"earlier run, not from this one: {listed(stale)}", file=sys.stderr)
 
 
 def _evaluate(pred: Path, ref: Path, labels_path: Path | None, out: Path | None,

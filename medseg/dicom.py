@@ -363,6 +363,12 @@ def _volumes_below_hint(files: list[Path], folder: Path) -> str:
     example = volumes[0]
     if example.parent == folder:  # convert, check and train take one volume file per image
         return f"; it holds volume file(s), e.g. {example.name}: give the file itself"
+    name, count = Counter(f.name for f in volumes).most_common(1)[0]
+    if count > 1:  # p1/scan.nii.gz, p2/scan.nii.gz: one mask name, refused as inputs
+        return (f"; {len(volumes)} volume file(s) in its subfolders, e.g. "
+                f"{example.relative_to(folder)}, {count} of them named {name}: masks are "
+                f"named after their files, so give each file a name of its own (the "
+                f"patient's) and then give them as inputs")
     suffix = next(s for s in VOLUME_SUFFIXES if example.name.lower().endswith(s))
     return (f"; {len(volumes)} volume file(s) in its subfolders, e.g. "
             f"{example.relative_to(folder)}: give them as inputs themselves "

@@ -575,7 +575,9 @@ def _outputs_to_write(cases: list[tuple[Path, ...]], output_dir: Path, overwrite
         if in_the_way is not None:  # not a mask an earlier run wrote
             results[position] = _failure(files[0], time.monotonic(), MedsegError(
                 "a folder (not a mask) lies where this case's mask goes", in_the_way))
-        elif all(output.exists() for output in outputs) and not overwrite:
+        # an empty file (a copy cut short, a full disk) is no finished mask: medseg's own
+        # are written whole under another name first
+        elif all(o.exists() and o.stat().st_size > 0 for o in outputs) and not overwrite:
             results[position] = PredictionResult(files[0], target, 0.0, skipped=True)
         else:
             todo.append((position, files, target))
@@ -655,8 +657,18 @@ def _refuse_clashing_outputs(cases: list[tuple[Path, ...]]) -> None:
         name = output_name(files[0])
         if name in first_with:
             raise MedsegError(f"inputs {first_with[name]} and {files[0]} would both be written "
-                              f"as {name}; predict them into different --output folders")
+                              f"as {name}; {_clash_advice(first_with[name], files[0])}")
         first_with[name] = files[0]
+
+
+def _clash_advice(first: Path, second: Path) -> str:
+    """How to give two inputs of one mask name. Series folders named alike (PATIENT/CT) can
+    be given by their parent folders, which are searched through and name the masks."""
+    if first.is_dir() and second.is_dir() and first.parent.name != second.parent.name:
+        return (f"give their parent folders instead ({first.parent.name}, "
+                f"{second.parent.name}, ...): a DICOM folder is searched through its "
+                f"subfolders, and the mask is named after the folder given")
+    return "give the files names of their own, or predict them into different --output folders"
 
 
 def _refuse_writing_onto_inputs(cases: list[tuple[Path, ...]], output_dir: Path) -> None:

@@ -580,6 +580,15 @@ def test_an_empty_folder_and_volumes_in_subfolders_are_named_as_such(tmp_path):
         (tmp_path / "nested" / patient / "scan.nii.gz").write_bytes(b"not read")
     with pytest.raises(MedsegError) as caught:
         read_volume(tmp_path / "nested")
+    # the files' one name would give one mask name: 'nested/*/*.nii.gz' was refused next
+    assert str(caught.value).endswith(
+        f"no DICOM image found (2 files looked at; 2 volume file(s) in its subfolders, e.g. "
+        f"p1{os.sep}scan.nii.gz, 2 of them named scan.nii.gz: masks are named after their "
+        f"files, so give each file a name of its own (the patient's) and then give them as "
+        f"inputs)")
+    (tmp_path / "nested" / "p2" / "scan.nii.gz").rename(tmp_path / "nested" / "p2" / "p2.nii.gz")
+    with pytest.raises(MedsegError) as caught:
+        read_volume(tmp_path / "nested")
     assert str(caught.value).endswith(
         f"no DICOM image found (2 files looked at; 2 volume file(s) in its subfolders, e.g. "
         f"p1{os.sep}scan.nii.gz: give them as inputs themselves "

@@ -109,6 +109,17 @@ def test_one_corrupt_case_among_three(trained_run, three_cases, tmp_path, capsys
     captured = capsys.readouterr()
     assert "skipped 2 existing" in captured.out and "failed 1" in captured.out
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == written
+    (out / "c.nii.gz").write_bytes(b"")  # emptied by a copy cut short: no finished mask
+    assert main(args) == 1
+    assert "predicted 1 of 3 cases" in capsys.readouterr().out
+    assert (out / "c.nii.gz").stat().st_size > 0
+    # listed again at the end; a mask an earlier run left for it is said to be stale
+    assert f"failed: {three_cases / 'b.nii.gz'}" in captured.err
+    assert "keep a mask" not in captured.err
+    (out / "b.nii.gz").write_bytes((out / "a.nii.gz").read_bytes())
+    assert main([*args, "--overwrite"]) == 1
+    assert (f"medseg: note: 1 failed case(s) keep a mask in {out} from an earlier run, not "
+            f"from this one: b.nii.gz") in capsys.readouterr().err
 
 
 def test_inputs_whose_masks_would_share_a_name_are_refused(trained_run, three_cases,
@@ -122,7 +133,17 @@ def test_inputs_whose_masks_would_share_a_name_are_refused(trained_run, three_ca
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "a.nii.gz and " in err and "a.nrrd would both be written as a.nii.gz" in err
+    assert err.endswith("give the files names of their own, or predict them into different "
+                        "--output folders")
     assert not (tmp_path / "out").exists()  # refused before any work
+    for patient in ("p1", "p2"):  # PATIENT/CT: 'predict into different folders' for 200?
+        (tmp_path / patient / "CT").mkdir(parents=True)
+    args[-2:] = [str(tmp_path / "p1" / "CT"), str(tmp_path / "p2" / "CT")]
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "would both be written as CT.nii.gz; give their parent folders instead (p1, p2, ...): "
+        "a DICOM folder is searched through its subfolders, and the mask is named after the "
+        "folder given")
 
 
 def test_a_file_named_twice_is_predicted_once(trained_run, three_cases, tmp_path, capsys):

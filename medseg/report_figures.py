@@ -40,6 +40,8 @@ BOX_METRICS = (("dice", "Dice"), ("nsd", "surface Dice (NSD)"), ("hd95_mm", "HD9
 # count of each structure's infinite values, so that no count hides a dot
 COUNTED = ("hd95_mm", "diff_pct")
 BAND = 0.2  # the band's share of such a panel's width
+BOX_DPI = 80  # the box plots' layout: 1200 px wide at this density, as the page shows them
+BOX_DENSITY = 2  # pixels per displayed pixel: crisp when presented, zoomed or on HiDPI
 
 
 def _pyplot():
@@ -98,7 +100,8 @@ def boxplots_figure(results: list[CaseScores], structures: list[str],
     plt = _pyplot()
 
     height = 1.2 + 0.25 * len(structures)
-    fig, axes = plt.subplots(1, len(BOX_METRICS), figsize=(15, height), sharey=True, dpi=80)
+    fig, axes = plt.subplots(1, len(BOX_METRICS), figsize=(15, height), sharey=True,
+                             dpi=BOX_DPI * BOX_DENSITY)
     left = min(0.4, 0.025 + 0.0055 * max((len(s) for s in structures), default=8))
     fig.subplots_adjust(left=left, right=0.99, top=1 - 0.45 / height, bottom=0.45 / height,
                         wspace=0.12)

@@ -10,6 +10,7 @@ import base64
 import dataclasses
 import datetime
 import math
+import struct
 from html import escape
 
 import numpy as np
@@ -18,6 +19,7 @@ from medseg import __version__
 from medseg.evaluate import CaseScores, load_pair
 from medseg.metrics import is_present, leave_out_ignored, present_or_all
 from medseg.report_figures import (
+    BOX_DENSITY,
     ISLAND_HEX,
     PREDICTION_HEX,
     REFERENCE_HEX,
@@ -287,7 +289,7 @@ def _boxplots(results: list[CaseScores], shown: list[str], summary: dict) -> str
             "so that small and large structures share one axis; the tables give it in ml. "
             "Boxes: quartiles and median (red).</p>\n"
             + _img(png, "box plots of Dice, surface Dice, HD95 and volume difference (%) per "
-                        "structure"))
+                        "structure", density=BOX_DENSITY))
 
 
 def _montages(results: list[CaseScores], labels: dict[int, str] | None,
@@ -331,9 +333,15 @@ def _montages(results: list[CaseScores], labels: dict[int, str] | None,
     return "\n".join(parts)
 
 
-def _img(png: bytes, alt: str) -> str:
+def _img(png: bytes, alt: str, density: int = 1) -> str:
+    """An inline picture; one of `density` pixels per displayed pixel is given its displayed
+    size (the CSS keeps it within the page)."""
     data = base64.b64encode(png).decode("ascii")
-    return f'<p><img alt="{escape(alt)}" src="data:image/png;base64,{data}"></p>'
+    size = ""
+    if density > 1:
+        width, height = struct.unpack(">II", png[16:24])  # the PNG header's IHDR chunk
+        size = f' width="{round(width / density)}" height="{round(height / density)}"'
+    return f'<p><img alt="{escape(alt)}"{size} src="data:image/png;base64,{data}"></p>'
 
 
 def _fmt(value: float, digits: int) -> str:

@@ -26,6 +26,7 @@ from medseg.evaluate import (
 )
 from medseg.fileio import atomic_write_texts, json_safe, output_folder
 from medseg.metrics import METRICS, is_present, present_or_all
+from medseg.report_scans import Scans
 
 # metrics whose mean over structures is given in the summary and in the console table
 HEADLINE = ("dice", "nsd")
@@ -34,17 +35,21 @@ HEADLINE = ("dice", "nsd")
 def run_evaluation(pred_dir: Path, ref_dir: Path, labels_path: Path | None,
                    out_dir: Path | None, tolerance_mm: float = 2.0, jobs: int = 1,
                    resample: bool = False, label_names: dict[int, str] | None = None,
-                   only_cases: set[str] | None = None, ignore_label: int | None = None
-                   ) -> dict:
+                   only_cases: set[str] | None = None, ignore_label: int | None = None,
+                   scans: Scans | None = None) -> dict:
     """Score every reference against the prediction of the same name, print a table and,
     with `out_dir`, write scores.csv, summary.json and report.html. Returns the summary
     (its `failed_cases` is non-empty when some case could not be scored). Label names come
     from `labels_path`, else `label_names`, else the values found in the references.
     `only_cases` scores those cases alone (predict --reference: its batch). Reference voxels
-    of the 'ignore' label (`labels_path`'s, else `ignore_label`) are left out of the scores."""
+    of the 'ignore' label (`labels_path`'s, else `ignore_label`) are left out of the scores.
+    `scans` are drawn under the report's overlays."""
     from medseg.datasets import label_names_from_json, split_ignore_label
 
     _refuse_bad_options(jobs, tolerance_mm, out_dir)
+    if scans is not None and out_dir is None:
+        print("medseg: note: the scans are drawn in report.html, which is written with --out "
+              "only", file=sys.stderr)
     pairs = pair_cases(pred_dir, ref_dir)
     if only_cases is not None:
         pairs = _pairs_of(pairs, only_cases, ref_dir)
@@ -71,7 +76,7 @@ def run_evaluation(pred_dir: Path, ref_dir: Path, labels_path: Path | None,
             _note_never_predicted(results)
         if out_dir is not None:
             write_reports(results, out_dir, labels=labels, tolerance_mm=tolerance_mm,
-                          summary=summary)
+                          summary=summary, scans=scans)
             print(f"wrote {out_dir / 'scores.csv'}, {out_dir / 'summary.json'} and "
                   f"{out_dir / 'report.html'}")
     return summary
@@ -190,17 +195,17 @@ def absent_structures(results: list[CaseScores]) -> list[str]:
 
 def write_reports(results: list[CaseScores], out_dir: Path, labels: dict[int, str] | None = None,
                   tolerance_mm: float | None = None, html: bool = True,
-                  summary: dict | None = None) -> dict:
+                  summary: dict | None = None, scans: Scans | None = None) -> dict:
     """Write scores.csv (a row per case and structure), summary.json and (with `html`)
     report.html into out_dir; return the summary (`summary`: summarize's, already made).
-    `labels` (id -> name) lets the report draw the overlay montages."""
+    `labels` (id -> name) lets the report draw the overlay montages, on `scans` if given."""
     if summary is None:
         summary = summarize(results, tolerance_mm)
     page = None
     if html:  # rendered first, so that a failure leaves no new CSV beside an old report
         from medseg.report_html import render_report
 
-        page = render_report(results, summary, labels)
+        page = render_report(results, summary, labels, scans)
     files = {"scores.csv": scores_csv(results),
              "summary.json": json.dumps(json_safe(summary), indent=2) + "\n"}
     if page is not None:

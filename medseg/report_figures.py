@@ -19,12 +19,15 @@ from scipy import ndimage
 from medseg.evaluate import CaseScores, LoadedPair
 from medseg.fileio import readable
 from medseg.metrics import structure_boxes
+from medseg.report_scans import Underlay, grey_levels, viewing_window
 
 REFERENCE_RGB = (31, 214, 85)  # green: reference contour (inside the reference)
 PREDICTION_RGB = (255, 61, 240)  # magenta: prediction contour (just outside the prediction)
 REFERENCE_HEX = "#1fd655"
 PREDICTION_HEX = "#ff3df0"
 BACKGROUND_RGB = (12, 12, 12)
+# a tile's margin beyond the volume, on a scan: blue-grey, so that it is not taken for air
+MARGIN_ON_SCAN_RGB = (34, 44, 64)
 ISLAND_RGB = (150, 40, 140)  # dark magenta fill: stray predicted islands, projected
 ISLAND_HEX = "#96288c"
 TISSUE_RGB = (62, 62, 62)  # any labelled structure of the reference
@@ -179,16 +182,20 @@ def _count_band(ax, counts: list[int], positions: np.ndarray) -> None:
 
 
 def montage_png(pair: LoadedPair, labels: dict[int, str], scores: dict[str, dict[str, float]],
-                title: str) -> bytes:
+                title: str, underlay: Underlay | None = None) -> bytes:
     """Axial, coronal and sagittal slices through every structure present in the case, zoomed
-    on it, with the reference contour (green) and the prediction contour (magenta)."""
+    on it, with the reference contour (green) and the prediction contour (magenta); drawn on
+    the case's scan (`underlay`, on the reference grid), or without it on flat greys."""
     pred, ref, spacing = _to_ras(pair)
+    scan = None
+    if underlay is not None:
+        scan = underlay._replace(data=_as_ras(underlay.data, pair.affine))
     ids = [k for k in sorted(labels) if k > 0]
     pred_boxes, ref_boxes = structure_boxes(pred, ids), structure_boxes(ref, ids)
     present = [k for k in ids if pred_boxes[k] is not None or ref_boxes[k] is not None]
     tissue = ref > 0
     tiles = [(labels[k], _structure_tiles(pred, ref, tissue, k, spacing,
-                                          _union(pred_boxes[k], ref_boxes[k])))
+                                          _union(pred_boxes[k], ref_boxes[k]), scan))
              for k in present]
     canvas = _compose([t for _, t in tiles])
     return _label_montage(canvas, [(name, scores.get(name, {}).get("dice", math.nan))
@@ -202,8 +209,14 @@ def _to_ras(pair: LoadedPair) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     ornt = nib.orientations.io_orientation(pair.affine)
     spacing = np.empty(3)
     spacing[ornt[:, 0].astype(int)] = pair.spacing
-    return (nib.orientations.apply_orientation(pair.prediction, ornt),
-            nib.orientations.apply_orientation(pair.reference, ornt), spacing)
+    return _as_ras(pair.prediction, pair.affine), _as_ras(pair.reference, pair.affine), spacing
+
+
+def _as_ras(data: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """A volume of the grid `affine` in the closest RAS+ voxel order (a view, not a copy)."""
+    import nibabel as nib
+
+    return nib.orientations.apply_orientation(data, nib.orientations.io_orientation(affine))
 
 
 def _union(a, b) -> tuple[slice, ...]:
@@ -213,11 +226,15 @@ def _union(a, b) -> tuple[slice, ...]:
 
 
 def _structure_tiles(pred: np.ndarray, ref: np.ndarray, tissue: np.ndarray, label: int,
-                     spacing: np.ndarray, box: tuple[slice, ...]) -> list[np.ndarray]:
+                     spacing: np.ndarray, box: tuple[slice, ...],
+                     scan: Underlay | None = None) -> list[np.ndarray]:
     """Three RGB tiles (axial, coronal, sagittal) through the reference structure's largest
-    slices."""
+    slices; on the scan (RAS voxel order, as the label maps) windowed within the crop."""
     crop = _grow(box, spacing, ref.shape)
     p, r, t = pred[crop] == label, ref[crop] == label, tissue[crop]
+    grey = None
+    if scan is not None:
+        grey = grey_levels(scan.data[crop], viewing_window(scan.data[crop], scan.hounsfield))
     islands = stray_islands(p, r)
     tiles = []
     for axis in (2, 1, 0):  # axial (S), coronal (A), sagittal (R)
@@ -227,7 +244,8 @@ def _structure_tiles(pred: np.ndarray, ref: np.ndarray, tissue: np.ndarray, labe
         cut[axis] = index
         pixel_spacing = (spacing[other[1]], spacing[other[0]])  # rows, columns
         tiles.append(_tile(*(_display(m[tuple(cut)]) for m in (p, r, t)), pixel_spacing,
-                           _display(islands.any(axis=axis))))
+                           _display(islands.any(axis=axis)),
+                           None if grey is None else _display(grey[tuple(cut)])))
     return tiles
 
 
@@ -274,11 +292,12 @@ def _display(plane: np.ndarray) -> np.ndarray:
 
 
 def _tile(pred: np.ndarray, ref: np.ndarray, tissue: np.ndarray,
-          pixel_spacing: tuple[float, float], islands: np.ndarray | None = None
-          ) -> np.ndarray:
-    """A TILE x TILE RGB picture of one plane at equal mm per pixel in both directions;
-    `islands` (the projection of the prediction's stray islands) drawn filled, in the
-    prediction's colour."""
+          pixel_spacing: tuple[float, float], islands: np.ndarray | None = None,
+          scan: np.ndarray | None = None) -> np.ndarray:
+    """A TILE x TILE RGB picture of one plane at equal mm per pixel in both directions, on
+    the scan's grey levels (`scan`, uint8) or else on flat greys for the reference's
+    structures; `islands` (the projection of the prediction's stray islands) drawn filled,
+    in the prediction's colour."""
     extent = (pred.shape[0] * pixel_spacing[0], pred.shape[1] * pixel_spacing[1])
     scale = TILE / max(extent)  # pixels per mm
     size = [max(1, min(TILE, int(round(e * scale)))) for e in extent]
@@ -287,17 +306,20 @@ def _tile(pred: np.ndarray, ref: np.ndarray, tissue: np.ndarray,
     cols = np.minimum((np.arange(size[1]) / (scale * pixel_spacing[1])).astype(int),
                       pred.shape[1] - 1)
     pick = np.ix_(rows, cols)
-    p, r, t = pred[pick], ref[pick], tissue[pick]
-    image = np.empty((*p.shape, 3), np.uint8)
-    image[:] = BACKGROUND_RGB
-    image[t] = TISSUE_RGB
-    image[r] = STRUCTURE_RGB
+    p, r = pred[pick], ref[pick]
+    if scan is None:
+        image = np.empty((*p.shape, 3), np.uint8)
+        image[:] = BACKGROUND_RGB
+        image[tissue[pick]] = TISSUE_RGB
+        image[r] = STRUCTURE_RGB
+    else:
+        image = np.repeat(scan[pick][..., None], 3, axis=-1)
     if islands is not None:
         image[islands[pick]] = ISLAND_RGB
     image[r & ~ndimage.binary_erosion(r, iterations=2)] = REFERENCE_RGB
     image[ndimage.binary_dilation(p, iterations=2) & ~p] = PREDICTION_RGB
     tile = np.empty((TILE, TILE, 3), np.uint8)
-    tile[:] = BACKGROUND_RGB
+    tile[:] = BACKGROUND_RGB if scan is None else MARGIN_ON_SCAN_RGB
     top, left = (TILE - size[0]) // 2, (TILE - size[1]) // 2
     tile[top:top + size[0], left:left + size[1]] = image
     return tile

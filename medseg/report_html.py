@@ -11,12 +11,15 @@ import dataclasses
 import datetime
 import math
 import struct
+import sys
 from html import escape
 
 import numpy as np
 
 from medseg import __version__
-from medseg.evaluate import CaseScores, load_pair
+from medseg.errors import MedsegError
+from medseg.evaluate import CaseScores, LoadedPair, load_pair
+from medseg.io import Geometry
 from medseg.metrics import is_present, leave_out_ignored, present_or_all
 from medseg.report_figures import (
     BOX_DENSITY,
@@ -26,6 +29,7 @@ from medseg.report_figures import (
     boxplots_png,
     montage_png,
 )
+from medseg.report_scans import Scans, Underlay, load_underlay, window_text
 
 TABLE_METRICS = (("dice", "Dice", 3), ("iou", "IoU", 3), ("nsd", "NSD", 3),
                  ("hd95_mm", "HD95 (mm)", 2), ("hd_mm", "HD (mm)", 2),
@@ -64,12 +68,12 @@ p.conv { font-size: 13px; color: #424949; max-width: 1100px; }
 
 
 def render_report(results: list[CaseScores], summary: dict,
-                  labels: dict[int, str] | None) -> str:
-    """The whole page as a string."""
+                  labels: dict[int, str] | None, scans: Scans | None = None) -> str:
+    """The whole page as a string; with `scans`, the overlays are drawn on the cases' scans."""
     shown = shown_structures(summary)
     parts = [_header(results, summary), _summary_table(summary, shown), _conventions(summary),
              _case_table(results, shown), _boxplots(results, shown, summary),
-             _montages(results, labels, shown, summary.get("ignore_label"))]
+             _montages(results, labels, shown, summary.get("ignore_label"), scans)]
     body = "\n".join(parts)
     return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
             f"<title>medseg evaluation report</title>\n<style>{STYLE}</style>\n</head>\n"
@@ -293,21 +297,9 @@ def _boxplots(results: list[CaseScores], shown: list[str], summary: dict) -> str
 
 
 def _montages(results: list[CaseScores], labels: dict[int, str] | None,
-              shown: list[str], ignore_label: int | None = None) -> str:
-    head = ('<h2 id="montages">Overlays: best, median and worst scored cases</h2>\n'
-            f'<p class="meta"><span class="swatch" style="background:{REFERENCE_HEX}"></span>'
-            f'reference contour<span class="swatch" style="background:{PREDICTION_HEX}">'
-            "</span>prediction contour &nbsp; (the reference's drawn just inside it, the "
-            "prediction's just outside it, so that both show: where they agree, the two "
-            "rings touch; grey: labelled reference structures; the structure shown in "
-            'lighter grey; <span class="swatch" style="height: 10px; '
-            f'background:{ISLAND_HEX}"></span>filled: parts of the prediction that do not '
-            "touch the reference structure, projected through the whole view, so that a "
-            "stray island off the slice shows). Each structure: axial, coronal and sagittal "
-            "slices through its largest cross-sections, zoomed on it; axial and coronal in "
-            "radiological view (patient's right on the left), sagittal with anterior on the "
-            "left. Cases ranked by mean Dice; failed cases (named at the top of the report) have "
-            "no overlay.</p>")
+              shown: list[str], ignore_label: int | None = None,
+              scans: Scans | None = None) -> str:
+    head = _montages_head(scans)
     if labels is None:
         return (head + '\n<p class="note">No label map was given to the report writer, so no '
                 "overlays were drawn.</p>")
@@ -325,12 +317,56 @@ def _montages(results: list[CaseScores], labels: dict[int, str] | None,
         prediction, reference = leave_out_ignored(pair.prediction, pair.reference,
                                                   ignore_label)
         pair = dataclasses.replace(pair, prediction=prediction, reference=reference)
-        parts.append(_img(montage_png(pair, labels, result.scores, title),
+        underlay, note = _underlay(scans, result.case, pair)
+        parts.extend([note] if note else [])
+        parts.append(_img(montage_png(pair, labels, result.scores, title, underlay),
                           f"overlay montage of case {result.case}"))
+        del underlay  # freed before the next case's files are read: one large CT at a time
     if len(parts) == 1:
         parts.append('<p class="fail">No case could be scored, so there is nothing to draw.'
                      "</p>")
     return "\n".join(parts)
+
+
+def _montages_head(scans: Scans | None) -> str:
+    if scans is None:
+        background = ("grey: labelled reference structures; the structure shown in lighter "
+                      "grey")
+    else:
+        background = (f"drawn on the case's scan: a CT in its {window_text(True)}, any other "
+                      f"scan in a {window_text(False)}; a case without its scan (a note says "
+                      "why) on flat greys")
+    return ('<h2 id="montages">Overlays: best, median and worst scored cases</h2>\n'
+            f'<p class="meta"><span class="swatch" style="background:{REFERENCE_HEX}"></span>'
+            f'reference contour<span class="swatch" style="background:{PREDICTION_HEX}">'
+            "</span>prediction contour &nbsp; (the reference's drawn just inside it, the "
+            "prediction's just outside it, so that both show: where they agree, the two "
+            f"rings touch; {background}; "
+            '<span class="swatch" style="height: 10px; '
+            f'background:{ISLAND_HEX}"></span>filled: parts of the prediction that do not '
+            "touch the reference structure, projected through the whole view, so that a "
+            "stray island off the slice shows). Each structure: axial, coronal and sagittal "
+            "slices through its largest cross-sections, zoomed on it; axial and coronal in "
+            "radiological view (patient's right on the left), sagittal with anterior on the "
+            "left. Cases ranked by mean Dice; failed cases (named at the top of the report) have "
+            "no overlay.</p>")
+
+
+def _underlay(scans: Scans | None, case: str, pair: LoadedPair
+              ) -> tuple[Underlay | None, str | None]:
+    """The case's scan for its montage and the page's line about it; without one (none
+    given, or it cannot be drawn: the note says why) the montage keeps its flat greys."""
+    if scans is None:
+        return None, None
+    try:
+        underlay = load_underlay(scans, case, Geometry(pair.reference.shape, pair.affine))
+    except MedsegError as exc:
+        print(f"medseg: note: report.html: case {case} drawn without its scan: {exc}",
+              file=sys.stderr)
+        return None, f'<p class="note">Drawn without its scan: {escape(str(exc))}</p>'
+    kind = "a CT in Hounsfield units: " if underlay.hounsfield else ""
+    return underlay, (f'<p class="meta">On the scan {escape(str(underlay.path))} '
+                      f"({kind}{window_text(underlay.hounsfield)}).</p>")
 
 
 def _img(png: bytes, alt: str, density: int = 1) -> str:

@@ -25,11 +25,15 @@ import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from medseg import runs, stopping
 from medseg.config import check_in_range, load_workflow, override_key
 from medseg.errors import MedsegError, one_line, unwrap_transform_error
 from medseg.stopping import Terminated
+
+if TYPE_CHECKING:
+    from medseg.report_scans import Scans
 
 DEMO_MARKER = ".medseg-demo"
 EXIT_USER_ERROR = 2
@@ -211,8 +215,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     results = _predict(run_dir, [str(out / "data" / "imagesTs")], out / "predictions",
                        _PredictOptions(overwrite=True))
     print(f"[4/4] scoring against {out / 'data' / 'labelsTs'}")
+    from medseg.report_scans import scans_in_folder
+
     summary = _evaluate(out / "predictions", out / "data" / "labelsTs",
-                        out / "data" / "dataset.json", out / "evaluation")
+                        out / "data" / "dataset.json", out / "evaluation",
+                        scans=scans_in_folder(out / "data" / "imagesTs"))
     print(f"report: {out / 'evaluation' / 'report.html'}")
     minutes = (time.monotonic() - started) / 60
     print(f"demo finished in {minutes:.1f} min; run folder {run_dir} "
@@ -280,9 +287,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         from medseg.predict import output_name
 
         # a case that failed now is not scored: its mask, if any, is an earlier run's
-        batch = {strip_image_suffix(output_name(r.input)) for r in results if not r.error}
+        batch = {strip_image_suffix(output_name(r.input)): r.input for r in results
+                 if not r.error}
         summary = _evaluate_predictions(Path(args.model), Path(args.output),
-                                        Path(args.reference), batch)
+                                        Path(args.reference), batch, options)
         if summary["failed_cases"]:
             return 1
     return 1 if failed else 0
@@ -300,10 +308,13 @@ def _check_reference_without_shards(shard: str | None, output: str, reference: s
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from medseg.report_scans import scans_in_folder
+
+    scans = scans_in_folder(Path(args.images)) if args.images else None  # before any scoring
     summary = _evaluate(Path(args.pred), Path(args.ref),
                         Path(args.labels) if args.labels else None,
                         Path(args.out) if args.out else None, tolerance_mm=args.tolerance_mm,
-                        jobs=args.jobs, resample=args.resample)
+                        jobs=args.jobs, resample=args.resample, scans=scans)
     return 1 if summary["failed_cases"] else 0
 
 
@@ -396,25 +407,29 @@ def _list_failures(inputs: list[Path], output: Path) -> None:
 
 
 def _evaluate(pred: Path, ref: Path, labels_path: Path | None, out: Path | None,
-              tolerance_mm: float = 2.0, jobs: int = 1, resample: bool = False) -> dict:
+              tolerance_mm: float = 2.0, jobs: int = 1, resample: bool = False,
+              scans: Scans | None = None) -> dict:
     from medseg.report import run_evaluation
 
     return run_evaluation(pred, ref, labels_path, out, tolerance_mm=tolerance_mm, jobs=jobs,
-                          resample=resample)
+                          resample=resample, scans=scans)
 
 
-def _evaluate_predictions(model: Path, output: Path, reference: Path, batch: set[str]
-                          ) -> dict:
-    """`medseg predict --reference`: score this batch's masks (its cases: masks of earlier
-    runs in OUTPUT, or references of other cases, are left out) at once, with the model's
-    label names, into OUTPUT/evaluation (the same code as `medseg evaluate`)."""
+def _evaluate_predictions(model: Path, output: Path, reference: Path, batch: dict[str, Path],
+                          options: _PredictOptions) -> dict:
+    """`medseg predict --reference`: score this batch's masks (its cases, each with its input
+    scan, channel 0's file: masks of earlier runs in OUTPUT, or references of other cases,
+    are left out) at once, with the model's label names, into OUTPUT/evaluation (the same
+    code as `medseg evaluate`), the report's overlays drawn on the batch's own scans."""
     from medseg.plan import load_plan
     from medseg.report import run_evaluation
+    from medseg.report_scans import scans_of_inputs
 
     plan = load_plan(model / "plan.json")
+    scans = scans_of_inputs(batch, options.series_uid, options.resample_irregular)
     return run_evaluation(output, reference, None, output / "evaluation",
-                          label_names=plan.labels, only_cases=batch,
-                          ignore_label=plan.ignore_label)
+                          label_names=plan.labels, only_cases=set(batch),
+                          ignore_label=plan.ignore_label, scans=scans)
 
 
 def _demo_workflow_path() -> Path:
@@ -573,6 +588,9 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--resample", action="store_true",
                           help="resample a prediction that is not on its reference's grid "
                                "(nearest neighbour) instead of failing the case")
+    evaluate.add_argument("--images", default=None, metavar="DIR", type=_path_text,
+                          help="folder of the scans (CASE or CASE_0000), drawn under the "
+                               "report's overlays")
     evaluate.set_defaults(handler=cmd_evaluate)
 
     check = sub.add_parser("check", parents=[common],

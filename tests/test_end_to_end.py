@@ -97,6 +97,28 @@ def test_predict_with_reference_scores_this_batch_alone(trained_run, phantom_dat
     assert "of cases not in this batch were not scored" in capsys.readouterr().err
 
 
+def test_predict_with_reference_draws_the_overlays_on_the_batch_scans(trained_run,
+                                                                     phantom_dataset, tmp_path):
+    """The montages of predict --reference were drawn on flat grey: the inputs predicted (here
+    named as nnU-Net's channel 0) are the scans under them now, in a CT window."""
+    import html
+    import shutil
+
+    batch = tmp_path / "batch"
+    batch.mkdir()
+    for image in sorted((phantom_dataset / "imagesTs").iterdir()):
+        shutil.copy(image, batch / image.name.replace(".nii.gz", "_0000.nii.gz"))
+    out = tmp_path / "pred"
+    assert main(["predict", "--model", str(trained_run), "--input", str(batch), "--output",
+                 str(out), "--reference", str(phantom_dataset / "labelsTs")]) == 0
+    page = html.unescape((out / "evaluation" / "report.html").read_text(encoding="utf-8"))
+    drawn = sorted(line.split(" (")[0] for line in page.splitlines()
+                   if line.startswith('<p class="meta">On the scan '))
+    assert drawn == sorted(f'<p class="meta">On the scan {path}' for path in batch.iterdir())
+    assert "(a CT in Hounsfield units: soft-tissue window, level 40 HU, width 400 HU)" in page
+    assert "Drawn without its scan" not in page
+
+
 def test_another_seed_holds_out_the_same_cases(trained_run, phantom_dataset, tmp_path):
     def splits_of(run, *extra):
         assert main(["train", str(REPO / "workflows" / "demo.yaml"), "--out", str(run),

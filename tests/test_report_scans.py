@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from medseg.cli import main
 from medseg.errors import MedsegError
 from medseg.evaluate import LoadedPair, evaluate_pairs, pair_cases
 from medseg.report import write_reports
@@ -234,3 +235,26 @@ def test_the_scan_of_each_montage_case_is_read_once(tmp_path, monkeypatch):
     assert sorted(reads) == sorted(f"{case}.nii.gz" for case in montages)
     assert len(reads) == 3 and "case2" in montages
     assert all(line.startswith('<p class="meta">On the scan') for line, _ in montages.values())
+
+
+def test_evaluate_images_draws_the_scans_and_refuses_a_missing_folder(tmp_path, capsys):
+    write_cases(tmp_path, 2)
+    images = tmp_path / "images"
+    images.mkdir()
+    for k in range(2):
+        nib.save(nib.Nifti1Image(mr_scan(), AFFINE), images / f"case{k}_0000.nii.gz")
+    args = ["evaluate", "--pred", str(tmp_path / "pred"), "--ref", str(tmp_path / "ref"),
+            "--out", str(tmp_path / "out")]
+    assert main([*args, "--images", str(tmp_path / "typo")]) == 2
+    assert capsys.readouterr().err.strip().endswith("typo: folder not found")
+    assert not (tmp_path / "out").exists()  # refused before any scoring
+    assert main([*args, "--images", str(images)]) == 0
+    html = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
+    montages = montages_by_case(html)
+    assert len(montages) == 2 and "drawn on the case's scan" in html
+    assert all("On the scan" in line and not flat(m) for line, m in montages.values())
+    # without --images: the label-only look, and no line about scans
+    assert main(args) == 0
+    html = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
+    assert all(line == "" and flat(m) for line, m in montages_by_case(html).values())
+    assert "On the scan" not in html and "drawn on the case's scan" not in html

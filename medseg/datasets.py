@@ -702,14 +702,23 @@ def _refuse_columns_of_no_file(extra_channels: list[str], cases: list[Case], pat
                                ) -> None:
     """A further column (a 'note', a 'site') is an image channel; one whose cells name no
     file at all is not meant as one, and would be reported as an image missing per case
-    (not said when the first channel's files are gone too: the dataset has moved)."""
-    if not any(case.images[0].exists() for case in cases):
+    (not said when the first channel's files are gone too: the dataset has moved, nor when
+    a cell names an image file: a channel whose files are all missing, which `medseg check`
+    lists per case and training names)."""
+    if not any(_exists(case.images[0]) for case in cases):
         return
     for index, column in enumerate(extra_channels, start=1):
-        if not any(case.images[index].exists() for case in cases):
-            raise MedsegError(f"no cell of column '{column}' names an existing file (every "
-                              f"column but case, image and label is one more image channel: "
-                              f"notes belong in another file)", path)
+        cells = [case.images[index] for case in cases]
+        if any(_exists(cell) or cell.name.lower().endswith(IMAGE_SUFFIXES) for cell in cells):
+            continue
+        raise MedsegError(f"no cell of column '{column}' names an existing file (such as "
+                          f"'{cells[0].name}'; every column but case, image and label is one "
+                          f"more image channel: notes belong in another file)", path)
+
+
+def _exists(path: Path) -> bool:
+    """Whether a listed file exists; a cell of text too long for a file name is none."""
+    return os.path.exists(path)  # Path.exists raises on a name of over 255 bytes
 
 
 def _read_csv(path: Path) -> tuple[list[dict[str, str]], list[str]]:

@@ -144,7 +144,8 @@ def test_a_csv_column_of_notes_is_named_not_reported_as_images_missing(tmp_path)
     csv_path.write_text("image,label,note\na.nii.gz,a_seg.nii.gz,left side\n"
                         "b.nii.gz,b_seg.nii.gz,left side\n", encoding="utf-8")
     with pytest.raises(MedsegError, match=r"dataset.csv: no cell of column 'note' names an "
-                                          r"existing file \(every column but case"):
+                                          r"existing file \(such as 'left side'; every "
+                                          r"column but case"):
         load_dataset(tmp_path)
     csv_path.write_text("image,label,t2\na.nii.gz,a_seg.nii.gz,b.nii.gz\n"
                         "b.nii.gz,b_seg.nii.gz,gone.nii.gz\n", encoding="utf-8")
@@ -153,6 +154,28 @@ def test_a_csv_column_of_notes_is_named_not_reported_as_images_missing(tmp_path)
     csv_path.write_text("image,label,note\nmoved/a.nii.gz,a_seg.nii.gz,x\n", encoding="utf-8")
     with pytest.raises(MedsegError, match="listed in dataset.csv but missing"):
         load_dataset(tmp_path)  # the dataset moved: not blamed on the note column
+
+
+def test_a_csv_channel_whose_files_are_all_missing_is_not_called_a_note(tmp_path):
+    """A t2 column whose files were not copied yet (every cell an image file name) was
+    refused as a column of notes, naming no file, and `medseg check` listed nothing; a note
+    longer than a file name may be was an OSError ('File name too long'), not the column."""
+    from medseg.check import check_dataset
+
+    for name in ("a.nii.gz", "a_seg.nii.gz", "b.nii.gz", "b_seg.nii.gz"):
+        (tmp_path / name).write_bytes(b"x")
+    csv_path = tmp_path / "dataset.csv"
+    csv_path.write_text("image,label,t2\na.nii.gz,a_seg.nii.gz,t2/a.nii.gz\n"
+                        "b.nii.gz,b_seg.nii.gz,t2/b.nii.gz\n", encoding="utf-8")
+    with pytest.raises(MedsegError, match=r"listed in dataset.csv but missing: .*a.nii.gz$"):
+        load_dataset(tmp_path)
+    missing = [p for p in check_dataset(tmp_path).problems if p.message == "image missing"]
+    assert [p.file.name for p in missing] == ["a.nii.gz", "b.nii.gz"]
+    note = "the patient moved during the scan; " * 10  # 350 characters, no file name
+    csv_path.write_text(f"image,label,note\na.nii.gz,a_seg.nii.gz,{note}\n"
+                        f"b.nii.gz,b_seg.nii.gz,short\n", encoding="utf-8")
+    with pytest.raises(MedsegError, match=r"no cell of column 'note' names an existing file"):
+        load_dataset(tmp_path)
 
 
 def test_folder_pairs_match_by_name_across_formats_and_dicom_folders(tmp_path):

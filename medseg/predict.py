@@ -664,10 +664,12 @@ def _refuse_clashing_outputs(cases: list[tuple[Path, ...]]) -> None:
 def _clash_advice(first: Path, second: Path) -> str:
     """How to give two inputs of one mask name. Series folders named alike (PATIENT/CT) can
     be given by their parent folders, which are searched through and name the masks."""
-    if first.is_dir() and second.is_dir() and first.parent.name != second.parent.name:
-        return (f"give their parent folders instead ({first.parent.name}, "
-                f"{second.parent.name}, ...): a DICOM folder is searched through its "
-                f"subfolders, and the mask is named after the folder given")
+    # as given, `CT` (the current folder's) has a parent without a name
+    parents = [Path(os.path.abspath(path)).parent.name for path in (first, second)]
+    if first.is_dir() and second.is_dir() and all(parents) and parents[0] != parents[1]:
+        return (f"give their parent folders instead ({parents[0]}, {parents[1]}, ...): a "
+                f"DICOM folder is searched through its subfolders, and the mask is named "
+                f"after the folder given")
     return "give the files names of their own, or predict them into different --output folders"
 
 

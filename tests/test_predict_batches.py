@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -15,6 +16,7 @@ from helpers import SMALL_SHAPE, SMALL_SPACING
 
 from medseg.cli import main
 from medseg.config import Workflow, save_workflow
+from medseg.errors import MedsegError
 from medseg.model import create_model, save_weights
 from medseg.phantoms import make_many_structure_ct, make_phantom
 from medseg.plan import Plan, save_plan
@@ -144,6 +146,20 @@ def test_inputs_whose_masks_would_share_a_name_are_refused(trained_run, three_ca
         "would both be written as CT.nii.gz; give their parent folders instead (p1, p2, ...): "
         "a DICOM folder is searched through its subfolders, and the mask is named after the "
         "folder given")
+
+
+def test_the_clash_advice_names_the_parents_of_series_given_from_their_folder(
+        tmp_path, monkeypatch):
+    """`--input CT ../p2/CT` from p1: the advice read "give their parent folders instead
+    (, p2, ...)", the current folder's name left out."""
+    from medseg.predict import _refuse_clashing_outputs
+
+    for patient in ("p1", "p2"):
+        (tmp_path / patient / "CT").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "p1")
+    with pytest.raises(MedsegError, match=r"CT.nii.gz; give their parent folders instead "
+                                          r"\(p1, p2, \.\.\.\)"):
+        _refuse_clashing_outputs([(Path("CT"),), (Path("../p2/CT"),)])
 
 
 def test_a_file_named_twice_is_predicted_once(trained_run, three_cases, tmp_path, capsys):

@@ -400,7 +400,9 @@ def _list_failures(inputs: list[Path], output: Path) -> None:
         return ", ".join(str(p) for p in paths[:5]) + more
 
     print(f"failed: {listed(inputs)}", file=sys.stderr)
-    stale = [output_name(path) for path in inputs if (output / output_name(path)).is_file()]
+    stale = [output_name(path) for path in inputs
+             if (output / output_name(path)).is_file()
+             and (output / output_name(path)).stat().st_size > 0]  # an empty one is no mask
     if stale:
         print(f"medseg: note: {len(stale)} failed case(s) keep a mask in {output} from an "
               f"earlier run, not from this one: {listed(stale)}", file=sys.stderr)

@@ -50,7 +50,7 @@ from medseg.io import (
     write_mask,
 )
 from medseg.model import create_model, load_weights, weights_file_problem
-from medseg.plan import Plan, intensity_doubt, load_plan
+from medseg.plan import Plan, intensity_doubt, load_plan, ras_grid
 from medseg.postprocess import check_postprocess_labels, postprocess
 from medseg.stopping import raise_if_stopped
 from medseg.train import (
@@ -161,7 +161,7 @@ def _fold_weights(plan: Plan, fold_dir: Path) -> torch.nn.Module:
     if problem and (fold_dir / "checkpoints" / TRAIN_STATE).is_file():
         raise MedsegError(f"not readable ({problem}): `medseg train "
                           f"--resume {fold_dir.parent}` writes it again from the training "
-                          f"state", path)
+                          f"state (and trains on a fold that has not finished)", path)
     return load_weights(create_model(plan), path)
 
 
@@ -389,7 +389,7 @@ def _note_spacing_far_off(geometry: Geometry, plan: Plan, path: Path | None) -> 
     if spacing[0] * SPACING_FAR_OFF >= target[0] and spacing[-1] <= target[-1] * SPACING_FAR_OFF:
         return
     where = f"{path}: " if path else ""
-    shown = ", ".join(f"{s:.3g}" for s in geometry.spacing)
+    shown = ", ".join(f"{s:.3g}" for s in ras_grid(geometry)[1])  # R, A, S as the plan's
     planned = ", ".join(f"{s:.3g}" for s in plan.target_spacing)
     tqdm.write(f"medseg: note: {where}its voxel spacing ({shown} mm) is more than "
                f"{SPACING_FAR_OFF} times finer or coarser than the model's ({planned} mm): is "
@@ -670,7 +670,7 @@ def _clash_advice(first: Path, second: Path) -> str:
         return (f"give their parent folders instead ({parents[0]}, {parents[1]}, ...): a "
                 f"DICOM folder is searched through its subfolders, and the mask is named "
                 f"after the folder given")
-    return "give the files names of their own, or predict them into different --output folders"
+    return "give them names of their own, or predict them into different --output folders"
 
 
 def _refuse_writing_onto_inputs(cases: list[tuple[Path, ...]], output_dir: Path) -> None:

@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -182,7 +183,7 @@ def summarize(results: list[CaseScores], tolerance_mm: float | None = None) -> d
 
 
 def _absolute(path: Path | None) -> str | None:
-    return None if path is None else str(path.absolute())
+    return None if path is None else os.path.abspath(path)  # `../preds` resolved
 
 
 def absent_structures(results: list[CaseScores]) -> list[str]:

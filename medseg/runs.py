@@ -68,7 +68,6 @@ def one_trainer(run_dir: Path, ranks) -> Iterator[None]:
                 folder.rmdir()
 
 
-
 def _main_rank_says(flag: bool, ranks) -> bool:
     """Rank 0's `flag` on every rank of a torchrun run (as is, in one process)."""
     if not ranks.distributed:
@@ -85,7 +84,6 @@ def _main_rank_says(flag: bool, ranks) -> bool:
     # rank 1 has read it, and a rank that ends its group then cuts the other's receive
     dist.barrier()
     return said
-
 
 
 def train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool,
@@ -156,7 +154,6 @@ def train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool,
     return results
 
 
-
 def _check_run_folder(run_dir: Path, overwrite: bool) -> None:
     from medseg.fileio import refuse_unwritable_place
 
@@ -170,7 +167,6 @@ def _check_run_folder(run_dir: Path, overwrite: bool) -> None:
         if not (run_dir / "plan.json").exists():
             raise MedsegError("refusing to overwrite a folder that is not a medseg run",
                               run_dir)
-
 
 
 def _refuse_inputs_inside(run_dir: Path, workflow, workflow_file: Path | None,
@@ -193,12 +189,10 @@ def _refuse_inputs_inside(run_dir: Path, workflow, workflow_file: Path | None,
                               f"run folder: move it out first", run_dir)
 
 
-
 def _replace_run_folder(run_dir: Path) -> None:
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)
-
 
 
 def labels_in_brief(labels: dict[int, str] | None) -> str:
@@ -213,7 +207,6 @@ def labels_in_brief(labels: dict[int, str] | None) -> str:
     return f"{{{head}, ..., {items[-1][0]}: {items[-1][1]!r}}} ({len(labels)} ids)"
 
 
-
 def note_ignore_spelt_otherwise(labels: dict[int, str]) -> None:
     """nnU-Net reads only 'ignore' as its unannotated label; 'Ignore' is a structure there
     and here, which is rarely what was meant."""
@@ -226,13 +219,11 @@ def note_ignore_spelt_otherwise(labels: dict[int, str]) -> None:
                   file=sys.stderr)
 
 
-
 def _check_postprocessing_of(workflow, labels: dict[int, str]) -> None:
     from medseg.postprocess import check_postprocess_labels
 
     check_postprocess_labels(workflow.predict.largest_component,
                              workflow.predict.min_component_ml, labels, "dataset's")
-
 
 
 def folds_of_splits_file(workflow):
@@ -251,7 +242,6 @@ def folds_of_splits_file(workflow):
                                                                    folds=n_folds))
 
 
-
 def _splits_of_file(path: Path, dataset) -> list[dict]:
     """One's own folds (`train.splits_file`); every case they name must be in the dataset."""
     from medseg.datasets import read_splits
@@ -261,7 +251,6 @@ def _splits_of_file(path: Path, dataset) -> list[dict]:
     if unknown:
         raise MedsegError(f"names case(s) {unknown} that the dataset does not have", path)
     return splits
-
 
 
 def parse_folds(text: str | None, n_folds: int, default: int) -> list[int]:
@@ -276,7 +265,6 @@ def parse_folds(text: str | None, n_folds: int, default: int) -> list[int]:
     if not 0 <= fold < n_folds:
         raise MedsegError(f"--fold {fold} is outside 0..{n_folds - 1}")
     return [fold]
-
 
 
 def resume_run(run_dir: Path, fold_text: str | None, overrides: list[str] | None = None
@@ -325,7 +313,6 @@ def resume_run(run_dir: Path, fold_text: str | None, overrides: list[str] | None
     return _continue_folds(run_dir, folds, resumes, workflow, dataset, plan, splits)
 
 
-
 def _resumed_dataset(workflow: Workflow, run_dir: Path, overrides: list[str] | None):
     from medseg.datasets import load_dataset
 
@@ -338,7 +325,6 @@ def _resumed_dataset(workflow: Workflow, run_dir: Path, overrides: list[str] | N
                   f"the dataset of {run_dir / 'workflow.yaml'}; if it has moved, "
                   f"--set dataset.path=NEW_PATH resumes from there")
         raise MedsegError(f"{exc} ({origin})") from exc
-
 
 
 def _requested_folds(run_dir: Path, default_fold: int) -> list[int]:
@@ -360,7 +346,6 @@ def _requested_folds(run_dir: Path, default_fold: int) -> list[int]:
     return started or [default_fold]
 
 
-
 def _refuse_changed_dataset(dataset, splits: list, folds: list[int], splits_path: Path) -> None:
     """Resuming needs every case of the run's splits still in the dataset."""
     if any(k >= len(splits) for k in folds):
@@ -372,7 +357,6 @@ def _refuse_changed_dataset(dataset, splits: list, folds: list[int], splits_path
                           f"resume on the dataset the run was trained on", splits_path)
 
 
-
 def _cases_not_in(dataset, folds: list[dict]) -> str:
     """The case names of `folds` (train and val) that the dataset lacks, the first three
     named ('' when none)."""
@@ -381,7 +365,6 @@ def _cases_not_in(dataset, folds: list[dict]) -> str:
                      - names)
     more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
     return f"{', '.join(missing[:3])}{more}" if missing else ""
-
 
 
 def refuse_changed_labels(dataset, plan, plan_path: Path) -> None:
@@ -406,15 +389,12 @@ def refuse_changed_labels(dataset, plan, plan_path: Path) -> None:
                           f"trained on", plan_path)
 
 
-
 def _id_named(labels: dict[int, str], name: str) -> int:
     return next(k for k, label_name in labels.items() if label_name == name)
 
 
-
 def _ignore_text(labelled) -> str:
     return "none" if labelled.ignore_label is None else f"id {labelled.ignore_label}"
-
 
 
 def _refuse_other_scans(dataset, folds: list[dict], fingerprint_path: Path) -> None:
@@ -474,7 +454,6 @@ def _refuse_changed_channels(dataset, plan, plan_path: Path) -> None:
                           f"trained on", plan_path)
 
 
-
 def _has_state(fold_dir: Path) -> bool:
     """Whether the fold has a training state to resume from. A fold without one starts from
     the beginning only if it never got past its first epoch (killed before its first state
@@ -491,7 +470,6 @@ def _has_state(fold_dir: Path) -> bool:
                           f"epochs: restore the state file, or train the fold again with "
                           f"`medseg train ... --overwrite`", state)
     return False
-
 
 
 def _continue_folds(run_dir: Path, folds: list[int], resumes: list[bool], workflow: Workflow,
@@ -526,7 +504,6 @@ def _continue_folds(run_dir: Path, folds: list[int], resumes: list[bool], workfl
     return results
 
 
-
 def _report_fold(result, planned_epochs: int) -> None:
     """A fold's closing line, printed as soon as it ends (other ranks' stdout is silenced)."""
     dice = "n/a" if result.best_mean_dice is None else f"{result.best_mean_dice:.4f}"
@@ -542,7 +519,6 @@ def _report_fold(result, planned_epochs: int) -> None:
     # counted, not numbered: metrics.jsonl numbers epochs from 0
     print(f"{result.fold_dir.name}: best mean Dice {dice}, reached after "
           f"{_epochs(result.best_epoch + 1)}; {ran}; {result.seconds / 60:.1f} min")
-
 
 
 def _epochs(count: int) -> str:

@@ -122,6 +122,9 @@ def test_one_corrupt_case_among_three(trained_run, three_cases, tmp_path, capsys
     assert main([*args, "--overwrite"]) == 1
     assert (f"medseg: note: 1 failed case(s) keep a mask in {out} from an earlier run, not "
             f"from this one: b.nii.gz") in capsys.readouterr().err
+    (out / "b.nii.gz").write_bytes(b"")  # an empty file is no mask, stale or not
+    assert main(args) == 1
+    assert "keep a mask" not in capsys.readouterr().err
 
 
 def test_inputs_whose_masks_would_share_a_name_are_refused(trained_run, three_cases,
@@ -135,7 +138,7 @@ def test_inputs_whose_masks_would_share_a_name_are_refused(trained_run, three_ca
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "a.nii.gz and " in err and "a.nrrd would both be written as a.nii.gz" in err
-    assert err.endswith("give the files names of their own, or predict them into different "
+    assert err.endswith("give them names of their own, or predict them into different "
                         "--output folders")
     assert not (tmp_path / "out").exists()  # refused before any work
     for patient in ("p1", "p2"):  # PATIENT/CT: 'predict into different folders' for 200?

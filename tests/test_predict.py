@@ -237,12 +237,9 @@ def test_a_voxel_spacing_far_from_the_models_gets_a_note(trained_run, inputs, tm
     source = nib.load(inputs / "ras_qform_only.nii.gz")
     nib.save(nib.Nifti1Image(np.asarray(source.dataobj), np.diag([0.05, 0.05, 0.1, 1.0])),
              tmp_path / "tiny.nii.gz")
-    capsys.readouterr()
-    results = predict_paths(load_predictor(trained_run),
-                            [inputs / "permuted.nii.gz", inputs / "lps_oblique.nii.gz",
-                             tmp_path / "tiny.nii.gz"], tmp_path / "out", PredictConfig())
-    assert all(result.error is None for result in results)
-    notes = [line for line in capsys.readouterr().err.splitlines() if "is the header" in line]
+    notes = _notes_of_batch(trained_run, [inputs / "permuted.nii.gz",
+                                          inputs / "lps_oblique.nii.gz", tmp_path / "tiny.nii.gz"],
+                            tmp_path / "out", capsys, "is the header")
     assert len(notes) == 1 and "tiny.nii.gz: its voxel spacing (0.05, 0.05, 0.1 mm) is more " \
         "than 8 times finer or coarser than the model's (" in notes[0], notes
 
@@ -443,17 +440,22 @@ def test_a_scan_unlike_the_training_modality_gets_a_note(trained_run, inputs, tm
     nib.save(nib.Nifti1Image(mr_like, source.affine), tmp_path / "mr_like.nii.gz")
     nib.save(nib.Nifti1Image(np.zeros(source.shape, np.int16), source.affine),
              tmp_path / "blank.nii.gz")
-    capsys.readouterr()
-    results = predict_paths(load_predictor(trained_run),
-                            [inputs / "ras_qform_only.nii.gz", tmp_path / "mr_like.nii.gz",
-                             tmp_path / "blank.nii.gz"], tmp_path / "out", PredictConfig())
-    assert all(result.error is None for result in results)
-    notes = [line for line in capsys.readouterr().err.splitlines() if "trained on CT" in line]
+    notes = _notes_of_batch(trained_run, [inputs / "ras_qform_only.nii.gz",
+                                          tmp_path / "mr_like.nii.gz", tmp_path / "blank.nii.gz"],
+                            tmp_path / "out", capsys, "trained on CT")
     assert len(notes) == 2, notes
     assert any("mr_like.nii.gz: no value below -100 (its lowest is 0): not a CT in Hounsfield "
                "units? (the model was trained on CT)" in n for n in notes)
     assert any("blank.nii.gz: every voxel is 0 (the model was trained on CT)" in n
                for n in notes)
+
+
+def _notes_of_batch(run: Path, paths: list[Path], out: Path, capsys, marker: str) -> list[str]:
+    """Predict `paths` (each must succeed) and return the stderr lines holding `marker`."""
+    capsys.readouterr()
+    results = predict_paths(load_predictor(run), paths, out, PredictConfig())
+    assert all(result.error is None for result in results)
+    return [line for line in capsys.readouterr().err.splitlines() if marker in line]
 
 
 def test_channel_suffixes_are_four_ascii_digits_as_the_dataset_reads_them():

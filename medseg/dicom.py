@@ -344,7 +344,20 @@ def _no_image_error(path: Path, files: list[Path], why: str) -> MedsegError:
         return MedsegError("empty folder: no volume file or DICOM series in it", path)
     looked_at = f"{len(files)} file{'s' if len(files) > 1 else ''} looked at"
     return MedsegError(f"no DICOM image found ({looked_at}{why}"
-                       f"{_volumes_below_hint(files, path)})", path)
+                       f"{_volumes_below_hint(files, path)}{archives_hint(files)})", path)
+
+
+def archives_hint(files: list[Path]) -> str:
+    """Archives (a PACS export as .zip) are not opened: say so, rather than leave them out
+    unsaid."""
+    archives = [f for f in files if f.name.lower().endswith(ARCHIVE_SUFFIXES)]
+    if not archives:
+        return ""
+    return (f"; {len(archives)} archive(s), e.g. {archives[0].name}: medseg does not open "
+            f"archives, unpack them first")
+
+
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".7z", ".rar")
 
 
 def _not_images(files: list[Path]) -> str:

@@ -218,6 +218,7 @@ def collect_inputs(inputs: list[str | Path]) -> list[Path]:
             if found:
                 _note_skipped_subfolders(item)
                 _note_skipped_dicom_files(item)
+                _note_skipped_archives(item)
             paths.extend(found or [item])
         elif item.exists():  # a pipe or a device fails as a case, naming what it is
             paths.append(item)
@@ -258,6 +259,16 @@ def _note_skipped_subfolders(folder: Path) -> None:
         tqdm.write(f"medseg: note: {folder} holds volume files, so its subfolders are not "
                    f"read ({', '.join(subfolders[:3])}{more}); give a DICOM series folder as "
                    f"an input of its own", file=sys.stderr)
+
+
+def _note_skipped_archives(folder: Path) -> None:
+    """A folder of volume files is a batch of those files; a .zip beside them is not opened."""
+    from medseg.dicom import archives_hint
+
+    hint = archives_hint([p for p in sorted(folder.iterdir())
+                          if p.is_file() and not p.name.startswith(".")])
+    if hint:
+        tqdm.write(f"medseg: note: {folder} holds{hint[1:]}", file=sys.stderr)
 
 
 def _note_skipped_dicom_files(folder: Path) -> None:

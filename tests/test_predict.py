@@ -7,6 +7,7 @@ from helpers import SMALL_SHAPE, SMALL_SPACING
 
 from medseg.config import PredictConfig
 from medseg.errors import MedsegError
+from medseg.io import read_volume
 from medseg.phantoms import make_phantom
 from medseg.predict import collect_inputs, load_predictor, output_name, predict_paths
 
@@ -210,6 +211,14 @@ def test_hidden_files_are_left_out_and_subfolders_noted(inputs, tmp_path, capsys
     (folder / "._case.nii.gz").write_bytes(b"macOS resource fork")
     assert [p.name for p in collect_inputs([folder])] == ["case.nii.gz"]
     assert "patient_dicom" in capsys.readouterr().err
+    (folder / "pacs_export.zip").write_bytes(b"PK")  # was left out without a word
+    collect_inputs([folder])
+    assert (f"medseg: note: {folder} holds 1 archive(s), e.g. pacs_export.zip: medseg does "
+            f"not open archives, unpack them first") in capsys.readouterr().err
+    (folder / "case.nii.gz").unlink()
+    (folder / "._case.nii.gz").unlink()
+    with pytest.raises(MedsegError, match="pacs_export.zip: medseg does not open archives"):
+        read_volume(folder)  # a folder of archives alone: read as a series, none found
 
 
 def test_output_name_of_the_current_folder(tmp_path, monkeypatch):

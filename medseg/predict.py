@@ -13,7 +13,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import partial
@@ -523,7 +523,20 @@ def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
                    unit="case", dynamic_ncols=True)
         read = partial(_read_case, predictor.plan, series_uid=series_uid,
                        resample_irregular=resample_irregular, dicom_seg=dicom_seg)
-        _predict_streaming(predictor, todo, read, config, results, bar)
+        finished = [0]  # cases of `todo` done (a mask on disk, or failed)
+
+        def advance() -> None:
+            finished[0] += 1
+            bar.update(1)
+
+        try:
+            _predict_streaming(predictor, todo, read, config, results, advance)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what is kept, and how to go on
+            bar.close()
+            tqdm.write(f"medseg: note: stopped with {finished[0]} of the {len(todo)} case(s) to "
+                       f"do finished (their masks are kept); the same command goes on with "
+                       f"the rest", file=sys.stderr)
+            raise
         bar.close()
     failed = [_failure(path, time.monotonic(), problem) for path, problem in incomplete]
     return [r for r in results if r is not None] + failed
@@ -620,9 +633,11 @@ def _note_inputs_without_seg(cases: list[tuple[Path, ...]]) -> None:
 
 
 def _predict_streaming(predictor: Predictor, todo: list, read, config: PredictConfig,
-                       results: list[PredictionResult | None], bar) -> None:
+                       results: list[PredictionResult | None],
+                       advance: Callable[[], None]) -> None:
     """Predict the cases of `todo` into `results`: the next case is read in one thread
-    while the network runs, each mask is written in another."""
+    while the network runs, each mask is written in another; `advance` is called as each
+    case is done (its mask on disk, or failed)."""
     with ThreadPoolExecutor(1, "medseg-read") as reader, \
             ThreadPoolExecutor(1, "medseg-write") as writer:
         upcoming = reader.submit(read, list(todo[0][1])) if todo else None
@@ -644,12 +659,12 @@ def _predict_streaming(predictor: Predictor, todo: list, read, config: PredictCo
                 wait([w[-1] for w in writes])
                 future = writer.submit(_finish_mask, mask, case.geometry, target, config,
                                        case.seg_source, predictor.plan.labels)
-                future.add_done_callback(lambda _: bar.update(1))  # as each mask is on disk
+                future.add_done_callback(lambda _: advance())  # as each mask is on disk
                 writes.append((position, files[0], target, started, future))
                 del case, mask
             except CASE_ERRORS as exc:
                 results[position] = _failure(files[0], started, exc)
-                bar.update(1)
+                advance()
             if upcoming is None and following is not None:
                 upcoming = reader.submit(read, following)
         for position, path, target, started, future in writes:

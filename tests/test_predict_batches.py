@@ -127,6 +127,36 @@ def test_one_corrupt_case_among_three(trained_run, three_cases, tmp_path, capsys
     assert "keep a mask" not in capsys.readouterr().err
 
 
+def test_a_stopped_batch_says_what_it_finished_and_how_to_go_on(trained_run, three_cases,
+                                                                tmp_path, monkeypatch, capsys):
+    """Ctrl-C or SIGTERM printed only 'medseg: interrupted': how many masks were kept, and
+    that the same command goes on, were left to guess."""
+    import medseg.predict
+
+    predict_prepared = medseg.predict.predict_prepared
+    calls = []
+
+    def stop_at_the_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return predict_prepared(*args, **kwargs)
+
+    monkeypatch.setattr(medseg.predict, "predict_prepared", stop_at_the_third)
+    (three_cases / "b.nii.gz").write_bytes((three_cases / "a.nii.gz").read_bytes())
+    out = tmp_path / "out"
+    args = ["predict", "--model", str(trained_run), "--input", str(three_cases),
+            "--output", str(out)]
+    assert main(args) == 130
+    err = capsys.readouterr().err
+    assert ("medseg: note: stopped with 2 of the 3 case(s) to do finished (their masks are "
+            "kept); the same command goes on with the rest") in err
+    assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz", "b.nii.gz"]
+    monkeypatch.setattr(medseg.predict, "predict_prepared", predict_prepared)
+    assert main(args) == 0
+    assert "skipped 2 existing" in capsys.readouterr().out
+
+
 def test_inputs_whose_masks_would_share_a_name_are_refused(trained_run, three_cases,
                                                              tmp_path, capsys):
     other = tmp_path / "other"

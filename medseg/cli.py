@@ -329,6 +329,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from medseg.io import convert_volume, header_note, is_nifti, read_geometry
 
+    if args.series:
+        _refuse_another_series(Path(args.input), args.series)
     written = convert_volume(Path(args.input), Path(args.output), args.series,
                              args.resample_irregular)
     print(f"wrote {written}")
@@ -338,6 +340,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print(f"medseg: note: {args.input}: {note}; {written.name} holds medseg's reading",
               file=sys.stderr)
     return 0
+
+
+def _refuse_another_series(path: Path, series_uid: str) -> None:
+    """A folder of one series is read as it is whatever --series says (predict's batches
+    mix such folders); convert reads one input, so a --series it does not hold is a mistake."""
+    from medseg.dicom import list_series
+
+    if not path.is_dir():
+        return
+    series = list_series(path)
+    if len(series) == 1 and series[0].uid != series_uid:
+        raise MedsegError(f"no series {series_uid}; the folder holds one, {series[0].uid} "
+                          f"'{series[0].description}' ({series[0].n_images} images): leave "
+                          f"out --series to convert it", path)
 
 
 # ---------------------------------------------------------------- wiring

@@ -266,6 +266,24 @@ def test_convert_dicom_to_nifti_and_nrrd(tmp_path):
     np.testing.assert_array_equal(nrrd.data, as_volume(stored))
 
 
+def test_convert_of_a_one_series_folder_refuses_another_series_uid(tmp_path, capsys):
+    """It converted the folder's one series whatever --series said (a UID copied from
+    another folder's listing), without a word."""
+    from medseg.cli import main
+
+    write_series(tmp_path / "dcm", stored_values(13), axial_positions(SLICES))
+    uid = list_series(tmp_path / "dcm")[0].uid
+    assert main(["convert", str(tmp_path / "dcm"), str(tmp_path / "a.nii.gz"),
+                 "--series", "1.2.3.999"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"medseg: error: {tmp_path / 'dcm'}: no series 1.2.3.999; the folder "
+                          f"holds one, {uid} '")
+    assert err.endswith("images): leave out --series to convert it")
+    assert not (tmp_path / "a.nii.gz").exists()
+    assert main(["convert", str(tmp_path / "dcm"), str(tmp_path / "a.nii.gz"),
+                 "--series", uid]) == 0
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"spacing": (0.0, 0.7)}, "PixelSpacing [0.0, 0.7] is not two finite numbers > 0"),
     ({"orientation": (0, 0, 0, 0, 0, 0)}, "is not two orthogonal unit vectors"),

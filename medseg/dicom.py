@@ -347,6 +347,9 @@ def _no_image_error(path: Path, files: list[Path], why: str) -> MedsegError:
                        f"{_volumes_below_hint(files, path)}{archives_hint(files)})", path)
 
 
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".7z", ".rar")
+
+
 def archives_hint(files: list[Path]) -> str:
     """Archives (a PACS export as .zip) are not opened: say so, rather than leave them out
     unsaid."""
@@ -355,9 +358,6 @@ def archives_hint(files: list[Path]) -> str:
         return ""
     return (f"; {len(archives)} archive(s), e.g. {archives[0].name}: medseg does not open "
             f"archives, unpack them first")
-
-
-ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".7z", ".rar")
 
 
 def _not_images(files: list[Path]) -> str:

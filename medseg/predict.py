@@ -533,8 +533,8 @@ def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
             _predict_streaming(predictor, todo, read, config, results, advance)
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what is kept, and how to go on
             bar.close()
-            tqdm.write(f"medseg: note: stopped with {finished[0]} of the {len(todo)} case(s) to "
-                       f"do finished (their masks are kept); the same command goes on with "
+            tqdm.write(f"medseg: note: stopped after {finished[0]} of the {len(todo)} case(s) "
+                       f"to do; the masks written are kept, and the same command goes on with "
                        f"the rest", file=sys.stderr)
             raise
         bar.close()

@@ -149,8 +149,8 @@ def test_a_stopped_batch_says_what_it_finished_and_how_to_go_on(trained_run, thr
             "--output", str(out)]
     assert main(args) == 130
     err = capsys.readouterr().err
-    assert ("medseg: note: stopped with 2 of the 3 case(s) to do finished (their masks are "
-            "kept); the same command goes on with the rest") in err
+    assert ("medseg: note: stopped after 2 of the 3 case(s) to do; the masks written are "
+            "kept, and the same command goes on with the rest") in err
     assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz", "b.nii.gz"]
     monkeypatch.setattr(medseg.predict, "predict_prepared", predict_prepared)
     assert main(args) == 0

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import shutil
 import sys
 from collections.abc import Iterator
@@ -402,8 +403,6 @@ def _refuse_other_scans(dataset, folds: list[dict], fingerprint_path: Path) -> N
     go on training the run without a word. Each case of `folds` is checked, from its header
     alone, against the grid the fingerprint recorded for it (runs from before the
     fingerprint named its cases are not checked)."""
-    import math
-
     from medseg.io import read_geometry
     from medseg.plan import ras_grid
 

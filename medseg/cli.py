@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from medseg import runs, stopping
-from medseg.config import check_in_range, load_workflow, override_key
+from medseg.config import PredictConfig, check_in_range, load_workflow, override_key
 from medseg.errors import MedsegError, one_line, unwrap_transform_error
 from medseg.stopping import Terminated
 
@@ -278,7 +278,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         _check_reference_without_shards(args.shard, args.output, args.reference)
         if not Path(args.reference).is_dir():  # before the batch, not after it
             raise MedsegError("reference folder not found", args.reference)
-    results = _predict(Path(args.model), args.input, Path(args.output), options)
+    models = [Path(model) for model in args.model]
+    results = _predict(models, args.input, Path(args.output), options)
     failed = sum(1 for r in results if r.error)
     if failed and failed == len(results):
         return EXIT_USER_ERROR  # nothing could be done with the inputs given
@@ -289,7 +290,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         # a case that failed now is not scored: its mask, if any, is an earlier run's
         batch = {strip_image_suffix(output_name(r.input)): r.input for r in results
                  if not r.error}
-        summary = _evaluate_predictions(Path(args.model), Path(args.output),
+        summary = _evaluate_predictions(models[0], Path(args.output),
                                         Path(args.reference), batch, options)
         if summary["failed_cases"]:
             return 1
@@ -373,15 +374,16 @@ class _PredictOptions:
     dicom_seg: bool = False  # a DICOM SEG beside the mask of each DICOM series
 
 
-def _predict(model: Path, inputs: list[str], output: Path, options: _PredictOptions) -> list:
+def _predict(models: list[Path], inputs: list[str], output: Path,
+             options: _PredictOptions) -> list:
     from medseg.predict import collect_inputs, load_predictor, parse_shard, predict_paths
 
     shard = parse_shard(options.shard)
     if output.exists() and not output.is_dir():
         raise MedsegError("output folder path is a file", output)
     paths = collect_inputs(inputs)
-    predictor = load_predictor(model, options.folds, options.device)
-    config = load_workflow(model / "workflow.yaml").predict
+    predictor = load_predictor(models, options.folds, options.device)
+    config = _ensemble_predict_config(models)
     config = dataclasses.replace(
         config, tta=config.tta if options.tta is None else options.tta,
         step=options.step if options.step is not None else config.step)
@@ -403,6 +405,21 @@ def _predict(model: Path, inputs: list[str], output: Path, options: _PredictOpti
     if failed:
         _list_failures([r.input for r in failed], output)
     return results
+
+
+def _ensemble_predict_config(models: list[Path]) -> PredictConfig:
+    """The first run's predict section (window step, TTA, precision, post-processing); a
+    further run whose section differs gets a note, since its own is not used."""
+    config = load_workflow(models[0] / "workflow.yaml").predict
+    for model in models[1:]:
+        other = load_workflow(model / "workflow.yaml").predict
+        differing = [f.name for f in dataclasses.fields(config)
+                     if getattr(config, f.name) != getattr(other, f.name)]
+        if differing:
+            keys = ", ".join(f"predict.{name}" for name in differing)
+            print(f"medseg: note: {model} sets {keys} otherwise than {models[0]}: the "
+                  f"ensemble uses the first run's predict settings", file=sys.stderr)
+    return config
 
 
 def _list_failures(inputs: list[Path], output: Path) -> None:
@@ -564,8 +581,9 @@ def _parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=cmd_train)
 
     predict = sub.add_parser("predict", parents=[common, dicom], help="segment new volumes")
-    predict.add_argument("--model", required=True, type=_path_text,
-                         help="run folder made by medseg train")
+    predict.add_argument("--model", required=True, nargs="+", type=_path_text,
+                         help="run folder made by medseg train; several: an ensemble (the "
+                              "mean of their probabilities, each run weighing the same)")
     predict.add_argument("--input", required=True, nargs="+", type=_path_text,
                          help="files or folders")
     predict.add_argument("--output", required=True, type=_path_text, help="folder for the masks")

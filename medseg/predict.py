@@ -1,5 +1,5 @@
 """Segment new volumes with a trained run: preprocess as the plan says, sliding window,
-average folds (and mirrored copies), back to the input grid, argmax, write NIfTI.
+average folds, runs and mirrored copies, back to the input grid, argmax, write NIfTI.
 
 Inputs are any volume `read_volume` reads (NIfTI, NRRD, MetaImage, DICOM series folders); the
 mask lies on the input's exact grid (for DICOM, the series' grid in the same patient space)."""
@@ -13,7 +13,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import partial
@@ -82,16 +82,23 @@ PREPROCESSING_BYTES_PER_INPUT_VOXEL = 16
 WINDOW_BAR_MIN = 64
 # voxels this many times finer or coarser than the plan's: a doubtful header, said in a note
 SPACING_FAR_OFF = 8
+# what the runs of an ensemble share: one preprocessing, one window, one label map
+ENSEMBLE_PLAN_KEYS = ("target_spacing", "normalization", "in_channels", "modalities",
+                      "patch_size", "mirror_axes", "num_classes", "labels", "ignore_label")
 
 
 @dataclass(frozen=True)
 class Predictor:
-    """A plan and the fold networks that share it."""
+    """A plan and the networks that share it: the folds of one run, or those of several runs
+    whose plans preprocess alike (an ensemble)."""
 
     plan: Plan
     models: tuple[torch.nn.Module, ...]
     folds: tuple[str, ...]
     device: torch.device
+    # each model's share of the mean when the shares differ (runs of unlike fold counts each
+    # weigh the same, as nnU-Net's ensembles of configurations do); empty: equal shares
+    weights: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -123,11 +130,34 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
-def load_predictor(run_dir: str | Path, folds: list[int] | None = None,
+def load_predictor(run_dirs: str | Path | Sequence[str | Path], folds: list[int] | None = None,
                    device: str | None = None) -> Predictor:
-    """Read plan.json and the best weights of the chosen folds (all trained folds by default)."""
+    """Read plan.json and the best weights of the chosen folds (all trained folds by default)
+    of one run folder, or of several: their plans must preprocess alike and predict the same
+    labels, and each run weighs the same in the mean whatever its number of folds."""
     torch_device = resolve_device(device)
-    run_dir = Path(run_dir)
+    runs = [Path(run_dirs)] if isinstance(run_dirs, str | Path) else [Path(p) for p in run_dirs]
+    _refuse_repeated_runs(runs)
+    members = [_trained_folds(run_dir, folds) for run_dir in runs]
+    plan = members[0][0]
+    for run_dir, (other, _) in zip(runs[1:], members[1:], strict=True):
+        _refuse_unlike_plan(runs[0], plan, run_dir, other)
+    models, names, weights = [], [], []
+    for run_dir, (run_plan, fold_dirs) in zip(runs, members, strict=True):
+        named = [p.name if len(runs) == 1 else f"{run_dir}/{p.name}" for p in fold_dirs]
+        _note_unfinished_folds(run_dir, fold_dirs, named)
+        for fold_dir, name in zip(fold_dirs, named, strict=True):
+            model = _fold_weights(run_plan, fold_dir)
+            models.append(model.to(torch_device, memory_format=torch.channels_last_3d).eval())
+            names.append(name)
+            weights.append(1 / (len(runs) * len(fold_dirs)))
+    equal_shares = len({len(fold_dirs) for _, fold_dirs in members}) == 1
+    return Predictor(plan, tuple(models), tuple(names), torch_device,
+                     () if equal_shares else tuple(weights))
+
+
+def _trained_folds(run_dir: Path, folds: list[int] | None) -> tuple[Plan, list[Path]]:
+    """A run folder's plan and the folds of it to predict with."""
     if not run_dir.exists():
         raise MedsegError("model folder not found (give the run folder `medseg train --out` "
                           "wrote)", run_dir)
@@ -145,12 +175,39 @@ def load_predictor(run_dir: str | Path, folds: list[int] | None = None,
         fold_dirs = [p for p in fold_dirs if p.name in wanted]
     if not fold_dirs:
         raise MedsegError("no trained fold with checkpoints/best.safetensors", run_dir)
-    _note_unfinished_folds(run_dir, fold_dirs)
-    models = []
-    for fold_dir in fold_dirs:
-        model = _fold_weights(plan, fold_dir)
-        models.append(model.to(torch_device, memory_format=torch.channels_last_3d).eval())
-    return Predictor(plan, tuple(models), tuple(p.name for p in fold_dirs), torch_device)
+    return plan, fold_dirs
+
+
+def _refuse_repeated_runs(runs: list[Path]) -> None:
+    """The same run twice would count twice in the mean: a slip, not a choice."""
+    seen: dict[Path, Path] = {}
+    for run_dir in runs:
+        key = run_dir.resolve()
+        if key in seen:
+            raise MedsegError(f"given twice to --model (also as {seen[key]})", run_dir)
+        seen[key] = run_dir
+
+
+def _refuse_unlike_plan(first_dir: Path, first: Plan, run_dir: Path, plan: Plan) -> None:
+    """The runs of an ensemble share one preprocessing of each case and one sliding window
+    (the mean is taken window by window, so memory stays bounded): what shapes the networks'
+    input and output must agree; widths, depths and network kinds may differ."""
+    for key in ENSEMBLE_PLAN_KEYS:
+        mine, theirs = getattr(first, key), getattr(plan, key)
+        if key == "target_spacing":
+            alike = np.allclose(mine, theirs, rtol=1e-6, atol=1e-9)
+        else:
+            alike = mine == theirs
+        if not alike:
+            raise MedsegError(f"plan.json's {key} is {_brief(theirs)}, {first_dir}'s is "
+                              f"{_brief(mine)}: the runs of an ensemble must preprocess "
+                              f"alike and predict the same labels (train them on one dataset "
+                              f"with the same plan keys)", run_dir)
+
+
+def _brief(value: object, width: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def _fold_weights(plan: Plan, fold_dir: Path) -> torch.nn.Module:
@@ -165,7 +222,7 @@ def _fold_weights(plan: Plan, fold_dir: Path) -> torch.nn.Module:
     return load_weights(create_model(plan), path)
 
 
-def _note_unfinished_folds(run_dir: Path, fold_dirs: list[Path]) -> None:
+def _note_unfinished_folds(run_dir: Path, fold_dirs: list[Path], names: list[str]) -> None:
     """A fold interrupted (or still training) has best weights too, from fewer epochs than
     planned: say so, since nnU-Net would use finished folds only. A fold stopped by its
     train.max_minutes budget is finished."""
@@ -173,7 +230,7 @@ def _note_unfinished_folds(run_dir: Path, fold_dirs: list[Path]) -> None:
         cfg = load_workflow(run_dir / "workflow.yaml").train
     except MedsegError:  # a model folder shipped without its workflow: no note, no refusal
         return
-    for fold_dir in fold_dirs:
+    for fold_dir, name in zip(fold_dirs, names, strict=True):
         last = None  # the last metrics.jsonl record, when needed
         if (fold_dir / "checkpoints" / TRAIN_STATE).is_file():
             progress = saved_progress(fold_dir)
@@ -184,7 +241,7 @@ def _note_unfinished_folds(run_dir: Path, fold_dirs: list[Path]) -> None:
         else:
             continue  # shipped without its training state or metrics: nothing tells
         if not finished and not _budget_stop(fold_dir, cfg, progress, last):
-            tqdm.write(f"medseg: note: {fold_dir.name} has not finished its {cfg.epochs} "
+            tqdm.write(f"medseg: note: {name} has not finished its {cfg.epochs} "
                        f"epochs (interrupted, or still training); its best weights so far are "
                        f"used (--folds chooses the folds)", file=sys.stderr)
 
@@ -815,9 +872,9 @@ def _prediction_box(image: torch.Tensor, plan: Plan, config: PredictConfig
 
 def _window_probabilities(predictor: Predictor, batch: torch.Tensor,
                           config: PredictConfig) -> torch.Tensor:
-    """Mean softmax of a batch of windows over the folds and, with TTA, over the mirrored
-    copies of each window along the plan's mirror axes (8 for all three; nnU-Net mirrors per
-    window, too)."""
+    """Mean softmax of a batch of windows over the folds (of each run, runs weighing the
+    same) and, with TTA, over the mirrored copies of each window along the plan's mirror axes
+    (8 for all three; nnU-Net mirrors per window, too)."""
     flips = _mirror_combinations(predictor.plan.mirror_axes) if config.tta else [()]
     autocast_dtype = select_precision(config.precision, predictor.device)
     batch = batch.to(predictor.device).contiguous(memory_format=torch.channels_last_3d)
@@ -825,12 +882,14 @@ def _window_probabilities(predictor: Predictor, batch: torch.Tensor,
     with torch.no_grad(), torch.autocast(
             predictor.device.type, dtype=autocast_dtype or torch.float32,
             enabled=autocast_dtype is not None):
-        for model in predictor.models:
+        for index, model in enumerate(predictor.models):
             for axes in flips:
                 probabilities = _softmax_(model(torch.flip(batch, axes) if axes else batch))
                 probabilities = torch.flip(probabilities, axes) if axes else probabilities
+                if predictor.weights:
+                    probabilities.mul_(predictor.weights[index])
                 total = probabilities if total is None else total.add_(probabilities)
-    copies = len(predictor.models) * len(flips)
+    copies = len(flips) * (1 if predictor.weights else len(predictor.models))
     return (total if copies == 1 else total.div_(copies)).cpu()
 
 

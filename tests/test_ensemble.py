@@ -1,0 +1,154 @@
+"""`medseg predict --model RUN RUN ...`: several runs averaged window by window."""
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+from helpers import SMALL_SHAPE, SMALL_SPACING
+from safetensors.torch import load_file, save_file
+
+from medseg.cli import main
+from medseg.config import PredictConfig
+from medseg.errors import MedsegError
+from medseg.phantoms import make_phantom
+from medseg.predict import _window_probabilities, load_predictor
+
+BEST = Path("checkpoints") / "best.safetensors"
+
+
+def _copy_run(source: Path, target: Path, seed: int, folds: tuple[int, ...] = (0,)) -> Path:
+    """A run folder of the same plan whose folds hold other weights (the source's, each
+    tensor moved by seeded noise), as another seed's training would give."""
+    target.mkdir(parents=True)
+    for name in ("plan.json", "workflow.yaml"):
+        shutil.copy(source / name, target / name)
+    tensors = load_file(source / "fold_0" / BEST)
+    for fold in folds:
+        generator = torch.Generator().manual_seed(seed * 100 + fold)
+        moved = {key: value + 0.05 * torch.randn(value.shape, generator=generator)
+                 if value.is_floating_point() else value for key, value in tensors.items()}
+        (target / f"fold_{fold}" / "checkpoints").mkdir(parents=True)
+        save_file(moved, target / f"fold_{fold}" / BEST)
+    return target
+
+
+@pytest.fixture(scope="module")
+def other_runs(trained_run, tmp_path_factory) -> tuple[Path, Path]:
+    """A run of one fold and a run of two folds, unlike `trained_run`'s weights."""
+    root = tmp_path_factory.mktemp("ensemble")
+    return (_copy_run(trained_run, root / "one", seed=1),
+            _copy_run(trained_run, root / "two", seed=2, folds=(0, 1)))
+
+
+@pytest.fixture(scope="module")
+def windows() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn((2, 1, 32, 32, 16), generator=generator)
+
+
+def _mean_of(run: Path, batch: torch.Tensor) -> torch.Tensor:
+    predictor = load_predictor(run, device="cpu")
+    return _window_probabilities(predictor, batch, PredictConfig(precision="fp32"))
+
+
+def test_each_run_weighs_the_same_whatever_its_folds(trained_run, other_runs, windows):
+    one, two = other_runs
+    predictor = load_predictor([trained_run, two], device="cpu")
+    assert predictor.folds == (f"{trained_run}/fold_0", f"{two}/fold_0", f"{two}/fold_1")
+    assert predictor.weights == pytest.approx((0.5, 0.25, 0.25))
+    ensemble = _window_probabilities(predictor, windows, PredictConfig(precision="fp32"))
+    expected = (_mean_of(trained_run, windows) + _mean_of(two, windows)) / 2
+    torch.testing.assert_close(ensemble, expected, rtol=1e-5, atol=1e-6)
+    # the plain mean of the three networks would be another figure
+    assert not torch.allclose(ensemble, (_mean_of(trained_run, windows)
+                                         + 2 * _mean_of(two, windows)) / 3, atol=1e-4)
+
+
+def test_runs_of_equal_folds_average_as_one_run_of_their_folds(trained_run, other_runs,
+                                                                windows):
+    one, _ = other_runs
+    predictor = load_predictor([trained_run, one], device="cpu")
+    assert predictor.weights == ()
+    ensemble = _window_probabilities(predictor, windows, PredictConfig(precision="fp32"))
+    expected = (_mean_of(trained_run, windows) + _mean_of(one, windows)) / 2
+    torch.testing.assert_close(ensemble, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(ensemble, _mean_of(trained_run, windows), atol=1e-3)
+
+
+def test_folds_choose_in_every_run(trained_run, other_runs):
+    _, two = other_runs
+    predictor = load_predictor([two, trained_run], folds=[0], device="cpu")
+    assert predictor.folds == (f"{two}/fold_0", f"{trained_run}/fold_0")
+    with pytest.raises(MedsegError, match="no trained weights for fold_1") as caught:
+        load_predictor([two, trained_run], folds=[1], device="cpu")
+    assert str(trained_run) in str(caught.value)
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("patch_size", [16, 16, 16]), ("target_spacing", [1.0, 1.0, 1.0]),
+    ("labels", {"0": "background", "1": "liver", "2": "spleen", "3": "lesion"}),
+])
+def test_a_run_that_preprocesses_otherwise_is_refused(trained_run, tmp_path, key, value):
+    other = _copy_run(trained_run, tmp_path / "other", seed=3)
+    plan = json.loads((other / "plan.json").read_text(encoding="utf-8"))
+    assert plan[key] != value
+    plan[key] = value
+    (other / "plan.json").write_text(json.dumps(plan), encoding="utf-8")
+    with pytest.raises(MedsegError) as caught:
+        load_predictor([trained_run, other], device="cpu")
+    message = str(caught.value)
+    assert str(other) in message and f"plan.json's {key} is" in message
+    assert str(trained_run) in message and "\n" not in message
+
+
+def test_a_run_of_another_width_joins(trained_run, tmp_path, windows):
+    """Networks may differ in width: only what shapes their input and output must agree."""
+    other = tmp_path / "wide"
+    other.mkdir()
+    shutil.copy(trained_run / "workflow.yaml", other / "workflow.yaml")
+    plan = json.loads((trained_run / "plan.json").read_text(encoding="utf-8"))
+    plan["filters"] = [2 * width for width in plan["filters"]]
+    (other / "plan.json").write_text(json.dumps(plan), encoding="utf-8")
+    from medseg.model import create_model, save_weights
+    from medseg.plan import load_plan
+
+    torch.manual_seed(0)
+    (other / "fold_0" / "checkpoints").mkdir(parents=True)
+    save_weights(create_model(load_plan(other / "plan.json")), other / "fold_0" / BEST)
+    predictor = load_predictor([trained_run, other], device="cpu")
+    assert len(predictor.models) == 2
+    ensemble = _window_probabilities(predictor, windows, PredictConfig(precision="fp32"))
+    expected = (_mean_of(trained_run, windows) + _mean_of(other, windows)) / 2
+    torch.testing.assert_close(ensemble, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_run_named_twice_is_refused(trained_run):
+    with pytest.raises(MedsegError, match="given twice to --model"):
+        load_predictor([trained_run, trained_run / ".." / trained_run.name], device="cpu")
+
+
+def test_cli_predicts_with_an_ensemble_and_notes_other_settings(trained_run, other_runs,
+                                                                tmp_path, capsys):
+    one, _ = other_runs
+    edited = tmp_path / "edited"
+    shutil.copytree(one, edited)
+    workflow = yaml.safe_load((edited / "workflow.yaml").read_text(encoding="utf-8"))
+    workflow.setdefault("predict", {})["step"] = 0.75
+    (edited / "workflow.yaml").write_text(yaml.safe_dump(workflow), encoding="utf-8")
+    phantom = make_phantom(5, shape=SMALL_SHAPE, spacing=SMALL_SPACING)
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    nib.save(nib.Nifti1Image(phantom.image.astype(np.int16), np.diag([*SMALL_SPACING, 1.0])),
+             scans / "case.nii.gz")
+    code = main(["predict", "--model", str(trained_run), str(edited), "--input", str(scans),
+                 "--output", str(tmp_path / "masks")])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert (tmp_path / "masks" / "case.nii.gz").is_file()
+    assert f"with {trained_run}/fold_0, {edited}/fold_0" in captured.out
+    assert f"{edited} sets predict.step otherwise than {trained_run}" in captured.err

@@ -274,6 +274,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                               step=args.step, device=args.device, series_uid=args.series,
                               resample_irregular=args.resample_irregular, shard=args.shard,
                               debug=args.debug, dicom_seg=args.dicom_seg)
+    if args.statistics:
+        _check_statistics_without_shards(args.shard)
     if args.reference:
         _check_reference_without_shards(args.shard, args.output, args.reference)
         if not Path(args.reference).is_dir():  # before the batch, not after it
@@ -283,6 +285,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     failed = sum(1 for r in results if r.error)
     if failed and failed == len(results):
         return EXIT_USER_ERROR  # nothing could be done with the inputs given
+    if args.statistics:
+        _write_statistics(models[0], results, Path(args.output), options)
     if args.reference:
         from medseg.datasets import strip_image_suffix
         from medseg.predict import output_name
@@ -295,6 +299,34 @@ def cmd_predict(args: argparse.Namespace) -> int:
         if summary["failed_cases"]:
             return 1
     return 1 if failed else 0
+
+
+def _check_statistics_without_shards(shard: str | None) -> None:
+    """statistics.csv covers the batch, which one shard has only part of."""
+    from medseg.predict import parse_shard
+
+    if parse_shard(shard)[1] > 1:
+        raise MedsegError("--statistics writes one table for the whole batch, and this "
+                          "process predicts one shard of it: once every shard has finished, "
+                          "run the command again in one process (no --shard, no torchrun) "
+                          "with --statistics; the masks written are kept, not redone")
+
+
+def _write_statistics(model: Path, results: list, output: Path,
+                      options: _PredictOptions) -> None:
+    """OUTPUT/statistics.csv: volume and scan intensity of each structure of each case of
+    this batch (those that failed now left out), with the model's label names."""
+    from medseg.datasets import strip_image_suffix
+    from medseg.plan import load_plan
+    from medseg.predict import output_name
+    from medseg.volumetry import STATISTICS_FILE, CaseInputs, write_statistics
+
+    items = [CaseInputs(strip_image_suffix(output_name(r.input)), r.output, r.input)
+             for r in results if not r.error and r.output is not None]
+    target = output / STATISTICS_FILE
+    count = write_statistics(items, load_plan(model / "plan.json").labels, target,
+                             options.series_uid, options.resample_irregular)
+    print(f"wrote {target} ({count} case(s))")
 
 
 def _check_reference_without_shards(shard: str | None, output: str, reference: str) -> None:
@@ -604,6 +636,9 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--shard", default=None, metavar="I/N",
                          help="predict every N-th case from the I-th (0-based), so that N "
                               "processes share a batch; under torchrun, RANK/WORLD_SIZE")
+    predict.add_argument("--statistics", action="store_true",
+                         help="also write OUTPUT/statistics.csv: each structure's volume (ml) "
+                              "and the scan's mean and sd inside it, per case")
     predict.add_argument("--reference", default=None, metavar="DIR", type=_path_text,
                          help="folder of reference masks: score the predictions at once "
                               "into OUTPUT/evaluation")

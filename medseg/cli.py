@@ -212,8 +212,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     run_dir = out / "run"
     runs.train_run(workflow, run_dir, folds=[workflow.train.fold], overwrite=True)
     print(f"[3/4] segmenting the 4 held-out phantoms into {out / 'predictions'}")
-    results = _predict(run_dir, [str(out / "data" / "imagesTs")], out / "predictions",
+    results = _predict([run_dir], [str(out / "data" / "imagesTs")], out / "predictions",
                        _PredictOptions(overwrite=True))
+    _write_statistics(run_dir, results, out / "predictions", _PredictOptions())
     print(f"[4/4] scoring against {out / 'data' / 'labelsTs'}")
     from medseg.report_scans import scans_in_folder
 

@@ -255,14 +255,16 @@ def read_geometry(path: str | Path, series_uid: str | None = None,
 
 
 def read_volume(path: str | Path, dtype: type | None = np.float32, series_uid: str | None = None,
-                resample_irregular: bool = False) -> Volume:
+                resample_irregular: bool = False, channel: int | None = None) -> Volume:
     """Read a volume's voxels and geometry. `dtype=None` keeps the stored type (modality
-    values for DICOM). `series_uid` and `resample_irregular` apply to DICOM only."""
+    values for DICOM). `series_uid` and `resample_irregular` apply to DICOM only. A NIfTI of
+    several volumes (MSD's multi-channel scans, X x Y x Z x C) is refused unless `channel`
+    picks one of them (see `channel_count`); any other file is its only channel."""
     path = Path(path)
     kind = _kind(path)
     with np.errstate(over="ignore"):  # a value beyond float32 is named below, not warned of
         if kind == "nifti":
-            volume = _read_nifti(path, dtype)
+            volume = _read_nifti(path, dtype, channel)
         elif kind == "itk":
             from medseg.itkio import orientation_note, read_itk
 
@@ -273,10 +275,19 @@ def read_volume(path: str | Path, dtype: type | None = np.float32, series_uid: s
             volume = _read_dicom(path, dtype, series_uid, resample_irregular)
     if volume.data.dtype.kind == "f" and not np.all(np.isfinite(volume.data)):
         if dtype is not None:  # finite as stored, and too large for `dtype`?
-            refuse_out_of_range(read_volume(path, None, series_uid, resample_irregular).data,
-                                np.dtype(dtype), path)
+            refuse_out_of_range(read_volume(path, None, series_uid, resample_irregular,
+                                            channel).data, np.dtype(dtype), path)
         raise MedsegError("voxel data contains NaN or Inf", path)
     return volume
+
+
+def channel_count(path: str | Path) -> int:
+    """How many volumes a NIfTI holds along its 4th and later axes (MSD's channels, or a
+    time axis); 1 for a 3D NIfTI and for any other file. From the header alone."""
+    path = Path(path)
+    if _kind(path) != "nifti":
+        return 1
+    return int(np.prod(load_nifti(path, channels=True).shape[3:], dtype=np.int64))
 
 
 def refuse_out_of_range(data: np.ndarray, dtype: np.dtype, path: Path) -> None:
@@ -437,8 +448,9 @@ def _unscaled(volume: Volume) -> np.ndarray:
     return data
 
 
-def load_nifti(path: str | Path) -> nib.Nifti1Image:
-    """Open a NIfTI header with checks; voxels are read lazily."""
+def load_nifti(path: str | Path, channels: bool = False) -> nib.Nifti1Image:
+    """Open a NIfTI header with checks; voxels are read lazily. A file of several volumes
+    (4th and later axes longer than 1) is refused unless `channels`."""
     path = Path(path)
     refuse_missing_or_empty(path)
     try:
@@ -447,7 +459,7 @@ def load_nifti(path: str | Path) -> nib.Nifti1Image:
         why = (misnamed_format(path, "NIfTI") or _compression_misnamed(path)
                or f"not a readable NIfTI file ({exc})")
         raise MedsegError(why, path) from exc
-    _check_header(image, path)
+    _check_header(image, path, channels)
     _check_raw_spacing(path, type(image.header))
     return image
 
@@ -516,13 +528,15 @@ def _kind(path: Path) -> str:
                       f"file or a DICOM folder)", path)
 
 
-def _read_nifti(path: Path, dtype: type | None) -> Volume:
-    image = load_nifti(path)
+def _read_nifti(path: Path, dtype: type | None, channel: int | None = None) -> Volume:
+    image = load_nifti(path, channels=channel is not None)
+    pick = None if channel is None or len(image.shape) == 3 else _channel_slicer(
+        image.shape, channel, path)
     try:
         if path.name.lower().endswith(".gz"):
-            data = _gzip_voxels_checked(path, type(image), dtype)
+            data = _gzip_voxels_checked(path, type(image), dtype, pick)
         else:
-            data = _voxels(image, dtype)
+            data = _voxels(image, dtype, pick)
     except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
         raise MedsegError(f"cannot read voxel data ({exc})", path) from exc
     data = data.reshape(image.shape[:3])  # a 4D file holding a single volume
@@ -530,12 +544,25 @@ def _read_nifti(path: Path, dtype: type | None) -> Volume:
                                  image.header.copy()), path)
 
 
-def _voxels(image: nib.Nifti1Image, dtype: type | None) -> np.ndarray:
-    return np.asarray(image.dataobj) if dtype is None else np.asarray(image.dataobj, dtype=dtype)
+def _channel_slicer(shape: tuple[int, ...], channel: int, path: Path) -> tuple:
+    """The index of volume `channel` of a NIfTI's 4th and later axes, numbered as stored
+    (the first of these axes fastest)."""
+    count = int(np.prod(shape[3:], dtype=np.int64))
+    if not 0 <= channel < count:
+        raise MedsegError(f"no channel {channel}: the file holds {count} (shape {shape})", path)
+    extra = np.unravel_index(channel, shape[3:], order="F")
+    return (slice(None),) * 3 + tuple(int(i) for i in extra)
 
 
-def _gzip_voxels_checked(path: Path, image_class: type[nib.Nifti1Image], dtype: type | None
-                         ) -> np.ndarray:
+def _voxels(image: nib.Nifti1Image, dtype: type | None, pick: tuple | None = None
+            ) -> np.ndarray:
+    """The voxels, or those of `pick` alone (read from the file without the others)."""
+    source = image.dataobj if pick is None else image.dataobj[pick]
+    return np.asarray(source) if dtype is None else np.asarray(source, dtype=dtype)
+
+
+def _gzip_voxels_checked(path: Path, image_class: type[nib.Nifti1Image], dtype: type | None,
+                         pick: tuple | None = None) -> np.ndarray:
     """The voxels of a .nii.gz, with gzip's CRC and length checked: nibabel reads the stream
     only as far as the voxels go, and gzip checks the trailer at the end of the stream
     alone, so a damaged file (a flipped bit, a copy cut short by its last bytes) would
@@ -544,7 +571,7 @@ def _gzip_voxels_checked(path: Path, image_class: type[nib.Nifti1Image], dtype: 
     with gzip.open(path, "rb") as stream:
         holder = nib.FileHolder(filename=str(path), fileobj=stream)
         image = image_class.from_file_map({"image": holder, "header": holder}, mmap=False)
-        data = _voxels(image, dtype)
+        data = _voxels(image, dtype, pick)
         try:
             while stream.read(1 << 20):  # extensions or padding after the voxels, rarely any
                 pass
@@ -636,9 +663,9 @@ def _check_raw_spacing(path: Path, header_class: type[nib.Nifti1Header]) -> None
         raise MedsegError(f"voxel spacing {pixdim.tolist()} is zero, negative or NaN", path)
 
 
-def _check_header(image: nib.Nifti1Image, path: Path) -> None:
+def _check_header(image: nib.Nifti1Image, path: Path, channels: bool = False) -> None:
     shape = image.shape
-    if len(shape) < 3 or (len(shape) > 3 and int(np.prod(shape[3:])) != 1):
+    if len(shape) < 3 or (len(shape) > 3 and int(np.prod(shape[3:])) != 1 and not channels):
         raise MedsegError(f"expected a 3D volume, got shape {shape}", path)
     if min(shape) < 0:
         raise MedsegError(f"header dimensions {shape} are negative: a corrupt header", path)

@@ -29,7 +29,7 @@ from medseg.report_figures import (
     boxplots_png,
     montage_png,
 )
-from medseg.report_scans import Scans, Underlay, load_underlay, window_text
+from medseg.report_scans import Scans, Underlay, channel_text, load_underlay, window_text
 
 TABLE_METRICS = (("dice", "Dice", 3), ("iou", "IoU", 3), ("nsd", "NSD", 3),
                  ("hd95_mm", "HD95 (mm)", 2), ("hd_mm", "HD (mm)", 2),
@@ -334,8 +334,9 @@ def _montages_head(scans: Scans | None) -> str:
                       "grey")
     else:
         background = (f"drawn on the case's scan: a CT in its {window_text(True)}, any other "
-                      f"scan in a {window_text(False)}; a case without its scan (a note says "
-                      "why) on flat greys")
+                      f"scan in a {window_text(False)}; of a scan of several channels in one "
+                      "file, the first; a case without its scan (a note says why) on flat "
+                      "greys")
     return ('<h2 id="montages">Overlays: best, median and worst scored cases</h2>\n'
             f'<p class="meta"><span class="swatch" style="background:{REFERENCE_HEX}"></span>'
             f'reference contour<span class="swatch" style="background:{PREDICTION_HEX}">'
@@ -365,8 +366,9 @@ def _underlay(scans: Scans | None, case: str, pair: LoadedPair
               file=sys.stderr)
         return None, f'<p class="note">Drawn without its scan: {escape(str(exc))}</p>'
     kind = "a CT in Hounsfield units: " if underlay.hounsfield else ""
+    channel = f"{shown}; " if (shown := channel_text(underlay)) else ""
     return underlay, (f'<p class="meta">On the scan {escape(str(underlay.path))} '
-                      f"({kind}{window_text(underlay.hounsfield)}).</p>")
+                      f"({channel}{kind}{window_text(underlay.hounsfield)}).</p>")
 
 
 def _img(png: bytes, alt: str, density: int = 1) -> str:

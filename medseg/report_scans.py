@@ -1,8 +1,9 @@
 """The scans drawn under report.html's overlay montages.
 
 Found by case name (`evaluate --images DIR`, or the inputs of `predict --reference`), read for
-the montages' cases alone (three at most, one at a time), and windowed for viewing. A scan
-that cannot be drawn is a note on the page, never a failure of the evaluation.
+the montages' cases alone (three at most, one at a time), and windowed for viewing; of a
+multi-channel scan (MSD's 4D NIfTI), its first channel. A scan that cannot be drawn is a note
+on the page, never a failure of the evaluation.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ import numpy as np
 
 from medseg.datasets import IMAGE_SUFFIXES, strip_image_suffix
 from medseg.errors import MedsegError
-from medseg.io import Geometry, grid_mismatch, read_volume, storage_reordering
+from medseg.io import Geometry, channel_count, grid_mismatch, read_volume, storage_reordering
 from medseg.plan import CT_AIR_BELOW
 
+SHOWN_CHANNEL = 0  # of a file holding several channels (MSD's X x Y x Z x C NIfTI)
 CHANNEL_0 = "_0000"  # nnU-Net's name for a case's first channel: case_0000.nii.gz
 # a soft-tissue window (level 40 HU, width 400 HU): organs, vessels and fat told apart
 CT_WINDOW = (40.0 - 200.0, 40.0 + 200.0)
@@ -39,11 +41,13 @@ class Scans:
 
 class Underlay(NamedTuple):
     """A case's scan on its reference's grid (file voxel order), and whether its values are
-    Hounsfield units (windowed as soft tissue) or not (windowed by percentiles)."""
+    Hounsfield units (windowed as soft tissue) or not (windowed by percentiles); of a file
+    of several `channels`, the first (SHOWN_CHANNEL)."""
 
     data: np.ndarray
     hounsfield: bool
     path: Path | None = None
+    channels: int = 1
 
 
 def scans_in_folder(folder: Path) -> Scans:
@@ -88,10 +92,12 @@ def load_underlay(scans: Scans, case: str, reference: Geometry) -> Underlay:
     when there is none, it cannot be read or it lies on another grid."""
     path = scan_file(scans, case)
     try:
-        volume = read_volume(path, np.float32, scans.series_uid, scans.resample_irregular)
+        channels = channel_count(path)
+        volume = read_volume(path, np.float32, scans.series_uid, scans.resample_irregular,
+                             channel=SHOWN_CHANNEL)
     except MedsegError:
         raise
-    except Exception as exc:  # a 4D file of several volumes, a damaged header: a note only
+    except Exception as exc:  # a damaged header, a reader's own failure: a note only
         raise MedsegError(f"cannot read the scan ({type(exc).__name__}: {exc})", path) from exc
     data = volume.data
     mismatch = grid_mismatch(volume.geometry, reference)
@@ -100,7 +106,8 @@ def load_underlay(scans: Scans, case: str, reference: Geometry) -> Underlay:
         if transform is None:
             raise MedsegError(f"the scan is not on its reference's grid ({mismatch})", path)
         data = nib.orientations.apply_orientation(data, transform)  # a view, not a copy
-    return Underlay(data, bool(data.size) and float(data.min()) <= CT_AIR_BELOW, path)
+    return Underlay(data, bool(data.size) and float(data.min()) <= CT_AIR_BELOW, path,
+                    channels)
 
 
 def viewing_window(crop: np.ndarray, hounsfield: bool) -> tuple[float, float]:
@@ -117,6 +124,13 @@ def grey_levels(crop: np.ndarray, window: tuple[float, float]) -> np.ndarray:
     low, high = window
     scaled = (crop - np.float32(low)) * np.float32(255.0 / (high - low))
     return np.clip(scaled, 0, 255).astype(np.uint8)
+
+
+def channel_text(underlay: Underlay) -> str:
+    """Which channel of the scan is shown, in words ("" for a scan of one)."""
+    if underlay.channels <= 1:
+        return ""
+    return f"channel {SHOWN_CHANNEL} of {underlay.channels}"
 
 
 def window_text(hounsfield: bool) -> str:

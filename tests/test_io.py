@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from medseg.errors import MedsegError
-from medseg.io import read_volume, write_mask
+from medseg.io import channel_count, read_volume, write_mask
 
 
 def oblique_lps_affine() -> np.ndarray:
@@ -139,6 +139,35 @@ def test_4d_volume_refused(tmp_path):
     path = save(tmp_path / "4d.nii.gz", np.zeros((4, 4, 4, 2), np.float32), np.eye(4))
     with pytest.raises(MedsegError, match="expected a 3D volume"):
         read_volume(path)
+
+
+@pytest.mark.parametrize("name", ["4d.nii.gz", "4d.nii"])
+def test_one_channel_of_a_multichannel_nifti_is_read_on_request(tmp_path, name):
+    """MSD's multi-channel scans (X x Y x Z x C, or NIfTI's vector shape X x Y x Z x 1 x C):
+    `channel` picks one volume, numbered as stored; a .nii.gz cut short past that channel is
+    still refused (gzip's check reads the rest)."""
+    rng = np.random.default_rng(0)
+    data = rng.random((5, 4, 3, 3)).astype(np.float32)
+    path = save(tmp_path / name, data, np.diag([2.0, 2.0, 3.0, 1.0]))
+    assert channel_count(path) == 3
+    for channel in range(3):
+        volume = read_volume(path, channel=channel)
+        assert volume.spatial_shape == (5, 4, 3) and volume.spacing == (2.0, 2.0, 3.0)
+        np.testing.assert_array_equal(volume.data, data[..., channel])
+    with pytest.raises(MedsegError, match=r"no channel 3: the file holds 3"):
+        read_volume(path, channel=3)
+    vector = save(tmp_path / "5d.nii.gz", data[:, :, :, None, :], np.eye(4))
+    assert channel_count(vector) == 3
+    np.testing.assert_array_equal(read_volume(vector, channel=2).data, data[..., 2])
+    single = save(tmp_path / "time.nii.gz", data[..., :1], np.eye(4))  # one time point
+    assert channel_count(single) == 1
+    np.testing.assert_array_equal(read_volume(single, channel=0).data, data[..., 0])
+    assert channel_count(save(tmp_path / "3d.nii.gz", data[..., 0], np.eye(4))) == 1
+    if name.endswith(".gz"):
+        cut = tmp_path / "cut.nii.gz"
+        cut.write_bytes(path.read_bytes()[:-40])
+        with pytest.raises(MedsegError, match="cannot read voxel data"):
+            read_volume(cut, channel=0)
 
 
 def test_empty_volume_refused(tmp_path):

@@ -258,3 +258,43 @@ def test_evaluate_images_draws_the_scans_and_refuses_a_missing_folder(tmp_path, 
     html = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
     assert all(line == "" and flat(m) for line, m in montages_by_case(html).values())
     assert "On the scan" not in html and "drawn on the case's scan" not in html
+
+
+def test_a_multichannel_scan_is_drawn_by_its_first_channel(tmp_path, capsys):
+    """MSD's 4D scans (X x Y x Z x C) are drawn by channel 0, which the page names; a 4D
+    file of one volume (a time axis of 1) is drawn as a 3D one; nnU-Net's other channel
+    files (`case_0001`) are not the case's scan; a 4D file cut short is a note only."""
+    write_cases(tmp_path, 4)
+    images = tmp_path / "images"
+    images.mkdir()
+    first = mr_scan()
+    others = [mr_scan()[::-1] * (k + 2) for k in range(3)]  # unlike channel 0 in every view
+    nib.save(nib.Nifti1Image(np.stack([first, *others], axis=-1), AFFINE),
+             images / "case0.nii.gz")
+    nib.save(nib.Nifti1Image(first[..., None], AFFINE), images / "case2.nii.gz")
+    nib.save(nib.Nifti1Image(first, AFFINE), images / "case3_0000.nii.gz")
+    nib.save(nib.Nifti1Image(others[0], AFFINE), images / "case3_0001.nii.gz")
+    _, html = report_with_scans(tmp_path)
+    montages = montages_by_case(html)
+    for case, file in (("case2", "case2.nii.gz"), ("case3", "case3_0000.nii.gz")):
+        line, montage = montages[case]
+        assert line.startswith('<p class="meta">On the scan ') and file in line, case
+        assert "(channel" not in line and not flat(montage), case
+    line, montage = montages["case0"]
+    assert line.startswith('<p class="meta">On the scan ') and "(channel 0 of 4; " in line
+    # the same case drawn on channel 0 alone, as a 3D file: the same picture
+    nib.save(nib.Nifti1Image(first, AFFINE), images / "case0.nii.gz")
+    _, html = report_with_scans(tmp_path)
+    assert np.array_equal(montages_by_case(html)["case0"][1], montage)
+    assert not flat(montage)
+    # a multi-channel file cut short within channel 0: a note, the montage flat, the report
+    # written
+    raw = nib.Nifti1Image(np.stack([first, *others], axis=-1), AFFINE).to_bytes()
+    (images / "case0.nii").write_bytes(raw[:len(raw) // 8])
+    (images / "case0.nii.gz").unlink()
+    capsys.readouterr()
+    _, html = report_with_scans(tmp_path)
+    line, montage = montages_by_case(html)["case0"]
+    assert line.startswith('<p class="note">Drawn without its scan: ') and "case0.nii" in line
+    assert flat(montage)
+    assert "case case0 drawn without its scan" in capsys.readouterr().err

@@ -32,11 +32,14 @@ ISLAND_RGB = (150, 40, 140)  # dark magenta fill: stray predicted islands, proje
 ISLAND_HEX = "#96288c"
 TISSUE_RGB = (62, 62, 62)  # any labelled structure of the reference
 STRUCTURE_RGB = (105, 105, 105)  # the structure shown, in the reference
+# the montage's layout in displayed pixels; drawn at MONTAGE_DENSITY pixels per displayed one
 TILE = 128  # pixels per view
 GAP = 4
 TITLE_H = 22
 HEADER_H = 34
 PER_ROW = 3  # structures per montage row
+RING = 2  # width of the contours
+MONTAGE_DENSITY = 2  # as BOX_DENSITY: sharp contours and text on HiDPI screens and zoomed in
 BOX_METRICS = (("dice", "Dice"), ("nsd", "surface Dice (NSD)"), ("hd95_mm", "HD95 (mm)"),
                ("diff_pct", "volume difference (% of reference)"))
 # panels whose values can be infinite: a band at the right edge, off the scale, holds the
@@ -81,10 +84,25 @@ def _horizontal() -> dict:
 
 
 def png_bytes(fig) -> bytes:
-    """The figure as PNG, without the software tag (the report holds no URL at all)."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=fig.dpi, metadata={"Software": None})
+    """The figure as PNG (see `rgb_png`)."""
+    return rgb_png(_rendered(fig))
+
+
+def _rendered(fig) -> np.ndarray:
+    """The figure's pixels, RGB (its background is opaque), and the figure closed."""
+    fig.canvas.draw()
+    pixels = np.array(fig.canvas.buffer_rgba())[..., :3]
     _pyplot().close(fig)
+    return pixels
+
+
+def rgb_png(pixels: np.ndarray) -> bytes:
+    """RGB pixels as PNG, with no alpha channel (a tenth smaller than matplotlib's RGBA)
+    and no text chunk (matplotlib's software tag is a URL; the report holds none)."""
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, "RGB").save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -294,13 +312,15 @@ def _display(plane: np.ndarray) -> np.ndarray:
 def _tile(pred: np.ndarray, ref: np.ndarray, tissue: np.ndarray,
           pixel_spacing: tuple[float, float], islands: np.ndarray | None = None,
           scan: np.ndarray | None = None) -> np.ndarray:
-    """A TILE x TILE RGB picture of one plane at equal mm per pixel in both directions, on
-    the scan's grey levels (`scan`, uint8) or else on flat greys for the reference's
-    structures; `islands` (the projection of the prediction's stray islands) drawn filled,
-    in the prediction's colour."""
+    """A square RGB picture of one plane (TILE displayed pixels a side, MONTAGE_DENSITY
+    times as many drawn) at equal mm per pixel in both directions, on the scan's grey levels
+    (`scan`, uint8) or else on flat greys for the reference's structures; `islands` (the
+    projection of the prediction's stray islands) drawn filled, in the prediction's
+    colour."""
+    side = TILE * MONTAGE_DENSITY
     extent = (pred.shape[0] * pixel_spacing[0], pred.shape[1] * pixel_spacing[1])
-    scale = TILE / max(extent)  # pixels per mm
-    size = [max(1, min(TILE, int(round(e * scale)))) for e in extent]
+    scale = side / max(extent)  # pixels per mm
+    size = [max(1, min(side, int(round(e * scale)))) for e in extent]
     rows = np.minimum((np.arange(size[0]) / (scale * pixel_spacing[0])).astype(int),
                       pred.shape[0] - 1)
     cols = np.minimum((np.arange(size[1]) / (scale * pixel_spacing[1])).astype(int),
@@ -316,11 +336,12 @@ def _tile(pred: np.ndarray, ref: np.ndarray, tissue: np.ndarray,
         image = np.repeat(scan[pick][..., None], 3, axis=-1)
     if islands is not None:
         image[islands[pick]] = ISLAND_RGB
-    image[r & ~ndimage.binary_erosion(r, iterations=2)] = REFERENCE_RGB
-    image[ndimage.binary_dilation(p, iterations=2) & ~p] = PREDICTION_RGB
-    tile = np.empty((TILE, TILE, 3), np.uint8)
+    ring = RING * MONTAGE_DENSITY
+    image[r & ~ndimage.binary_erosion(r, iterations=ring)] = REFERENCE_RGB
+    image[ndimage.binary_dilation(p, iterations=ring) & ~p] = PREDICTION_RGB
+    tile = np.empty((side, side, 3), np.uint8)
     tile[:] = BACKGROUND_RGB if scan is None else MARGIN_ON_SCAN_RGB
-    top, left = (TILE - size[0]) // 2, (TILE - size[1]) // 2
+    top, left = (side - size[0]) // 2, (side - size[1]) // 2
     tile[top:top + size[0], left:left + size[1]] = image
     return tile
 
@@ -331,16 +352,18 @@ def _compose(structures: list[list[np.ndarray]]) -> np.ndarray:
     block_w = 3 * TILE + 2 * GAP
     width = PER_ROW * block_w + (PER_ROW - 1) * 4 * GAP
     height = HEADER_H + n_rows * (TITLE_H + TILE + 2 * GAP)
-    canvas = np.full((height, width, 4), 255, np.uint8)  # RGBA draws faster in matplotlib
+    d = MONTAGE_DENSITY
+    canvas = np.full((height * d, width * d, 3), 255, np.uint8)
     for i, views in enumerate(structures):
         top, left = _block_origin(i)
         for j, tile in enumerate(views):
-            x = left + j * (TILE + GAP)
-            canvas[top + TITLE_H:top + TITLE_H + TILE, x:x + TILE, :3] = tile
+            y, x = (top + TITLE_H) * d, (left + j * (TILE + GAP)) * d
+            canvas[y:y + tile.shape[0], x:x + tile.shape[1]] = tile
     return canvas
 
 
 def _block_origin(i: int) -> tuple[int, int]:
+    """The top left of structure `i`'s block, in displayed pixels."""
     row, col = divmod(i, PER_ROW)
     return (HEADER_H + row * (TITLE_H + TILE + 2 * GAP),
             col * (3 * TILE + 2 * GAP + 4 * GAP))
@@ -348,21 +371,22 @@ def _block_origin(i: int) -> tuple[int, int]:
 
 @_plain_text
 def _label_montage(canvas: np.ndarray, names: list[tuple[str, float]], title: str) -> bytes:
-    """Put the canvas pixels straight into a figure of the same size (no resampling) and
-    add the text."""
+    """The canvas with its text: drawn by matplotlib on a white figure of the canvas's size
+    and density, and the darker of the two pixels kept (text and tiles never meet;
+    matplotlib's compositing of the canvas itself, at twice the density, took seconds)."""
     plt = _pyplot()
-    height, width = canvas.shape[:2]
-    dpi = 100
-    fig = plt.figure(figsize=(width / dpi, height / dpi), dpi=dpi)
-    fig.figimage(canvas, xo=0, yo=0, origin="upper")
+    dpi = 100 * MONTAGE_DENSITY
+    fig = plt.figure(figsize=(canvas.shape[1] / dpi, canvas.shape[0] / dpi), dpi=dpi)
+    height, width = (n / MONTAGE_DENSITY for n in canvas.shape[:2])  # displayed pixels
 
     renderer = fig.canvas.get_renderer()
 
     def text(x: float, y: float, words: str, room: float | None = None, **style) -> None:
-        """Text at canvas pixels (y downwards); with `room`, shortened to fit that width."""
+        """Text at displayed pixels (y downwards); with `room`, shortened to fit that
+        width."""
         label = fig.text(x / width, 1.0 - y / height, readable(words), va="center", **style)
         if room is not None:
-            fit_text(label, renderer, room)
+            fit_text(label, renderer, room * MONTAGE_DENSITY)
 
     legend_x = width - 420
     # a long case name (BIDS: sub-001_ses-baseline_acq-..._dseg) ran into the legend
@@ -379,7 +403,16 @@ def _label_montage(canvas: np.ndarray, names: list[tuple[str, float]], title: st
         text(left + 1, top + TITLE_H / 2 + 2, label, room=3 * TILE + 2 * GAP, fontsize=9)
     if not names:
         text(4, HEADER_H + 40, "no structure in the reference or the prediction", fontsize=10)
-    return png_bytes(fig)
+    return rgb_png(np.minimum(canvas, _white_padded(_rendered(fig), canvas.shape)))
+
+
+def _white_padded(pixels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """`pixels` cut or padded with white to `shape` (a figure's size in inches times its dpi
+    may round down a pixel)."""
+    padded = np.full(shape, 255, np.uint8)
+    rows, cols = min(shape[0], pixels.shape[0]), min(shape[1], pixels.shape[1])
+    padded[:rows, :cols] = pixels[:rows, :cols]
+    return padded
 
 
 def fit_text(label, renderer, room: float) -> None:

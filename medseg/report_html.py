@@ -24,6 +24,7 @@ from medseg.metrics import is_present, leave_out_ignored, present_or_all
 from medseg.report_figures import (
     BOX_DENSITY,
     ISLAND_HEX,
+    MONTAGE_DENSITY,
     PREDICTION_HEX,
     REFERENCE_HEX,
     boxplots_png,
@@ -320,7 +321,7 @@ def _montages(results: list[CaseScores], labels: dict[int, str] | None,
         underlay, note = _underlay(scans, result.case, pair)
         parts.extend([note] if note else [])
         parts.append(_img(montage_png(pair, labels, result.scores, title, underlay),
-                          f"overlay montage of case {result.case}"))
+                          f"overlay montage of case {result.case}", density=MONTAGE_DENSITY))
         del underlay  # freed before the next case's files are read: one large CT at a time
     if len(parts) == 1:
         parts.append('<p class="fail">No case could be scored, so there is nothing to draw.'

@@ -349,16 +349,25 @@ def test_montage_views_are_radiological_with_anterior_and_superior_up():
     from PIL import Image
 
     from medseg.evaluate import LoadedPair
-    from medseg.report_figures import GAP, HEADER_H, REFERENCE_RGB, TILE, TITLE_H, montage_png
+    from medseg.report_figures import (
+        GAP,
+        HEADER_H,
+        MONTAGE_DENSITY,
+        REFERENCE_RGB,
+        TILE,
+        TITLE_H,
+        montage_png,
+    )
 
     label = np.zeros((40, 40, 40), np.uint8)
     label[34:, 34:, 34:] = 1  # highest R, A and S indices
     pair = LoadedPair(label, label.copy(), np.eye(4), (1.0, 1.0, 1.0), False)
     png = montage_png(pair, ONE_LABEL, {"a": scored(1.0)}, "corner")
     picture = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    d = MONTAGE_DENSITY
     for view, name in enumerate(("axial", "coronal", "sagittal")):
-        left = view * (TILE + GAP)
-        tile = picture[HEADER_H + TITLE_H:HEADER_H + TITLE_H + TILE, left:left + TILE]
+        top, left = (HEADER_H + TITLE_H) * d, view * (TILE + GAP) * d
+        tile = picture[top:top + TILE * d:d, left:left + TILE * d:d]
         rows, cols = np.nonzero((tile == REFERENCE_RGB).all(axis=-1))
         assert rows.size > 50, name
         assert rows.mean() < TILE / 2 and cols.mean() < TILE / 2, (name, rows.mean(), cols.mean())

@@ -150,6 +150,21 @@ def test_montage_shows_both_contours(report_dir):
     assert montage.shape[1] > 1000
 
 
+def test_pictures_are_drawn_at_twice_the_density_they_are_shown_at(report_dir):
+    """The montages were drawn at one pixel per displayed pixel, blurred on HiDPI screens
+    beside the box plots: now each PNG holds twice the pixels its img tag shows (1208 px
+    wide), in RGB (matplotlib's alpha channel was a tenth of the page's size)."""
+    html = (report_dir / "report.html").read_text(encoding="utf-8")
+    tags = re.findall(r'<img alt="([^"]*)" width="(\d+)" height="(\d+)" '
+                      r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
+    assert [alt.split(" ")[0] for alt, *_ in tags] == ["box", "overlay", "overlay", "overlay"]
+    for alt, width, height, data in tags:
+        picture = Image.open(io.BytesIO(base64.b64decode(data)))
+        assert picture.size == (2 * int(width), 2 * int(height)), alt
+        assert picture.mode == "RGB", alt
+    assert {int(width) for alt, width, *_ in tags if alt.startswith("overlay")} == {1208}
+
+
 def find_chromium() -> str | None:
     for name in ("chromium", "chromium-browser", "google-chrome"):
         if shutil.which(name):
@@ -421,7 +436,7 @@ def test_a_long_case_name_does_not_run_into_the_montage_legend():
     """A BIDS-style case name (66 characters) wrote "(mean Dice 0.826)" under the legend's
     "— reference" in the montage's header."""
     from medseg.evaluate import LoadedPair
-    from medseg.report_figures import HEADER_H, montage_png
+    from medseg.report_figures import HEADER_H, MONTAGE_DENSITY, montage_png
 
     label = np.zeros((30, 30, 20), np.uint8)
     label[10:20, 10:20, 5:15] = 1
@@ -431,10 +446,11 @@ def test_a_long_case_name_does_not_run_into_the_montage_legend():
     png = montage_png(pair, {0: "background", 1: "liver"}, {"liver": scores(0.826, 1.0)},
                       title)
     picture = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
-    header = picture[:HEADER_H]
+    d = MONTAGE_DENSITY
+    header = picture[:HEADER_H * d]
     black = (header < 60).all(axis=-1)  # the title's glyphs; the legend is coloured or grey
-    legend_x = picture.shape[1] - 420
-    assert black[:, :legend_x].any() and not black[:, legend_x - 6:].any()
+    legend_x = picture.shape[1] - 420 * d
+    assert black[:, :legend_x].any() and not black[:, legend_x - 6 * d:].any()
 
 
 def page_width(chromium, html_file, tmp_path, width):
@@ -503,7 +519,15 @@ def test_a_stray_island_off_the_drawn_slices_shows_in_the_montage():
     of the three slices through the structure's largest cross-sections: the overlay looked
     perfect. Islands are now drawn filled, projected through each view."""
     from medseg.evaluate import LoadedPair
-    from medseg.report_figures import GAP, HEADER_H, ISLAND_RGB, TILE, TITLE_H, montage_png
+    from medseg.report_figures import (
+        GAP,
+        HEADER_H,
+        ISLAND_RGB,
+        MONTAGE_DENSITY,
+        TILE,
+        TITLE_H,
+        montage_png,
+    )
 
     reference = np.zeros((40, 40, 40), np.uint8)
     reference[24:34, 24:34, 24:34] = 1  # high R, A and S: the upper left of every view
@@ -512,9 +536,10 @@ def test_a_stray_island_off_the_drawn_slices_shows_in_the_montage():
     pair = LoadedPair(prediction, reference, np.eye(4), (1.0, 1.0, 1.0), False)
     png = montage_png(pair, {0: "background", 1: "a"}, {"a": scores(0.97, 1.0)}, "island")
     picture = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    d = MONTAGE_DENSITY
     for view in range(3):
-        left = view * (TILE + GAP)
-        tile = picture[HEADER_H + TITLE_H:HEADER_H + TITLE_H + TILE, left:left + TILE]
+        top, left = (HEADER_H + TITLE_H) * d, view * (TILE + GAP) * d
+        tile = picture[top:top + TILE * d:d, left:left + TILE * d:d]
         rows, cols = np.nonzero((tile == ISLAND_RGB).all(axis=-1))
         assert rows.size > 20, view
         assert rows.min() > TILE / 2 and cols.min() > TILE / 2, view

@@ -18,6 +18,7 @@ from medseg.report_figures import (
     BACKGROUND_RGB,
     GAP,
     HEADER_H,
+    MONTAGE_DENSITY,
     PREDICTION_RGB,
     REFERENCE_RGB,
     STRUCTURE_RGB,
@@ -43,9 +44,11 @@ def picture(png):
 
 
 def view(montage, number):
-    """The first structure's tile of view `number` (axial, coronal, sagittal)."""
-    left = number * (TILE + GAP)
-    return montage[HEADER_H + TITLE_H:HEADER_H + TITLE_H + TILE, left:left + TILE]
+    """The first structure's tile of view `number` (axial, coronal, sagittal), a pixel per
+    displayed pixel (the montage is drawn at MONTAGE_DENSITY)."""
+    d = MONTAGE_DENSITY
+    top, left = (HEADER_H + TITLE_H) * d, number * (TILE + GAP) * d
+    return montage[top:top + TILE * d:d, left:left + TILE * d:d]
 
 
 def touch(folder, *names):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import io
 import math
+import re
 import warnings
 from collections.abc import Callable
 
@@ -48,6 +49,9 @@ COUNTED = ("hd95_mm", "diff_pct")
 BAND = 0.2  # the band's share of such a panel's width
 BOX_DPI = 80  # the box plots' layout: 1200 px wide at this density, as the page shows them
 BOX_DENSITY = 2  # pixels per displayed pixel: crisp when presented, zoomed or on HiDPI
+# kana, CJK ideographs and hangul: matplotlib's own fonts have none of them
+CJK = re.compile("[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
+CJK_PROBE = 0x4E2D  # 中: a font holding it is taken for a CJK one
 
 
 def _pyplot():
@@ -61,18 +65,45 @@ def _pyplot():
 
 def _plain_text(draw: Callable[..., bytes]) -> Callable[..., bytes]:
     """Draw with matplotlib's mathtext off: case and structure names are text, and a `$` in
-    one ("pt_$1_$2") would otherwise be parsed as a formula and fail the report. Glyphs the
-    font lacks are not warned of."""
+    one ("pt_$1_$2") would otherwise be parsed as a formula and fail the report. Names in a
+    CJK script (among the string arguments) fall back to an installed CJK font, if any.
+    Glyphs the fonts lack are not warned of."""
 
     @functools.wraps(draw)
     def wrapper(*args, **kwargs) -> bytes:
-        with _pyplot().rc_context({"text.parse_math": False}), warnings.catch_warnings():
+        settings: dict = {"text.parse_math": False}
+        if _holds_cjk(args) and (font := cjk_font()) is not None:
+            settings["font.family"] = [*_pyplot().rcParams["font.family"], font]
+        with _pyplot().rc_context(settings), warnings.catch_warnings():
             # a name in a script the font lacks (Chinese, say) is drawn as boxes; the
             # report's tables give it in full, and the console stays free of the warning
             warnings.filterwarnings("ignore", message=r"Glyph \d+ .*missing from")
             return draw(*args, **kwargs)
 
     return wrapper
+
+
+def _holds_cjk(values) -> bool:
+    """Whether a string among `values`, or in their lists and tuples, has CJK characters."""
+    return any(CJK.search(value) if isinstance(value, str) else
+               isinstance(value, list | tuple) and _holds_cjk(value) for value in values)
+
+
+@functools.cache
+def cjk_font() -> str | None:
+    """The family of an installed font with CJK glyphs (found by matplotlib), or None. Looked
+    for only when a name needs one: it opens each font file."""
+    from matplotlib import font_manager, ft2font
+
+    for entry in font_manager.fontManager.ttflist:
+        if entry.name.startswith("Last Resort"):  # matplotlib's: a box for every character
+            continue
+        try:
+            if CJK_PROBE in ft2font.FT2Font(entry.fname).get_charmap():
+                return entry.name
+        except (OSError, RuntimeError, ValueError):  # a font FreeType cannot open
+            continue
+    return None
 
 
 def _horizontal() -> dict:

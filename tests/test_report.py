@@ -560,3 +560,61 @@ def test_the_page_names_the_medseg_version_and_time_zone():
     written = re.search(r"written (\S+) by medseg (\S+) evaluate", page)
     assert written and written.group(2) == __version__
     assert re.search(r"T\d\d:\d\d:\d\d[+-]\d\d:\d\d$", written.group(1))
+
+
+def write_cjk_font(path):
+    """A TrueType font of one glyph, 中 as a solid block (DejaVu draws it as an empty box)."""
+    from fontTools.fontBuilder import FontBuilder
+    from fontTools.pens.ttGlyphPen import TTGlyphPen
+
+    def glyph(solid):
+        pen = TTGlyphPen(None)
+        if solid:
+            for point in ((100, 0), (100, 700), (900, 700), (900, 0)):
+                (pen.lineTo if point != (100, 0) else pen.moveTo)(point)
+            pen.closePath()
+        return pen.glyph()
+
+    font = FontBuilder(1000, isTTF=True)
+    font.setupGlyphOrder([".notdef", "zhong"])
+    font.setupCharacterMap({0x4E2D: "zhong"})
+    font.setupGlyf({".notdef": glyph(False), "zhong": glyph(True)})
+    font.setupHorizontalMetrics({".notdef": (500, 0), "zhong": (1000, 100)})
+    font.setupHorizontalHeader(ascent=800, descent=-200)
+    font.setupNameTable({"familyName": "medseg test CJK", "styleName": "Regular"})
+    font.setupOS2()
+    font.setupPost()
+    font.save(str(path))
+    return path
+
+
+def test_cjk_names_fall_back_to_an_installed_cjk_font(tmp_path, monkeypatch):
+    """Structure and case names in Chinese were drawn as empty boxes (matplotlib's DejaVu
+    has no CJK glyphs): a font with them that matplotlib finds is now their fallback;
+    without one they stay boxes, and the report is drawn all the same."""
+    from matplotlib import font_manager
+
+    import medseg.report_figures as figures
+
+    label = np.zeros((30, 30, 20), np.uint8)
+    label[10:20, 10:20, 5:15] = 1
+    pair = figures.LoadedPair(label, label.copy(), np.eye(4), (1.0, 1.0, 1.0), False)
+
+    def dark_pixels():
+        png = figures.montage_png(pair, {0: "background", 1: "中中中中"},
+                                  {"中中中中": scores(1.0, 0.0)}, "case 中中中中")
+        return int((np.asarray(Image.open(io.BytesIO(png)).convert("L")) < 100).sum())
+
+    monkeypatch.setattr(font_manager.fontManager, "ttflist",
+                        list(font_manager.fontManager.ttflist))
+    figures.cjk_font.cache_clear()
+    try:
+        with monkeypatch.context() as patched:
+            patched.setattr(figures, "cjk_font", lambda: None)
+            boxes = dark_pixels()
+        font_manager.fontManager.addfont(str(write_cjk_font(tmp_path / "cjk.ttf")))
+        assert figures.cjk_font() is not None
+        assert dark_pixels() > boxes + 1000  # solid blocks, not the boxes' outlines
+        assert figures.boxplots_png([], ["中"], None).startswith(b"\x89PNG")
+    finally:
+        figures.cjk_font.cache_clear()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -67,6 +68,18 @@ def create_model(plan: Plan) -> torch.nn.Module:
     return NETWORKS[plan.network](plan)
 
 
+# the layers that map features to class scores: DynUNet's output block and deep-supervision
+# heads, SegResNetDS's head at each decoder level. Fine-tuning (medseg.pretrained) leaves them
+# out, as nnU-Net does, so that the number of classes may differ
+SEGMENTATION_HEADS = re.compile(
+    r"(output_block|deep_supervision_heads\.\d+|up_layers\.\d+\.head)\.")
+
+
+def is_segmentation_head(name: str) -> bool:
+    """Whether a state-dict tensor (by its name) belongs to a segmentation head."""
+    return SEGMENTATION_HEADS.match(name) is not None
+
+
 def supervised_outputs(output: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:
     """A training forward's outputs with deep supervision, full resolution first, in fp32:
     DynUNet stacks its heads (upsampled) along dim 1, SegResNetDS returns a list."""
@@ -100,13 +113,22 @@ def _unaliased_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     refuses. load_model matches the aliases up again from the model. (save_model does this
     too, but records the aliases in an order that changes from run to run.)"""
     state = model.state_dict()
+    return {name: state[name].detach().cpu().contiguous()
+            for name in sorted(set(canonical_names(model).values()))}
+
+
+def canonical_names(model: torch.nn.Module) -> dict[str, str]:
+    """Each state-dict name of the model -> the name save_weights stores its tensor under
+    (DynUNet's aliases -> the first name in sorted order)."""
+    state = model.state_dict()
     first_name: dict[tuple, str] = {}
+    names = {}
     for name in sorted(state):
         tensor = state[name]
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
                tuple(tensor.shape), tensor.stride())
-        first_name.setdefault(key, name)
-    return {name: state[name].detach().cpu().contiguous() for name in first_name.values()}
+        names[name] = first_name.setdefault(key, name)
+    return names
 
 
 def weights_file_problem(path: Path) -> str | None:

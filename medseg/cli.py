@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from medseg import runs, stopping
-from medseg.config import PredictConfig, check_in_range, load_workflow, override_key
+from medseg.config import PredictConfig, check_in_range, keys_given, load_workflow, override_key
 from medseg.errors import MedsegError, one_line, unwrap_transform_error
 from medseg.stopping import Terminated
 
@@ -237,6 +237,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise MedsegError("torchrun --max-restarts is not supported: a stopped run continues "
                           "with `medseg train --resume RUN_DIR`")
     if args.resume:
+        if args.init:
+            raise MedsegError("--init starts a new run from trained weights; --resume goes on "
+                              "from the run's own checkpoint (it never loads its train.init "
+                              "weights again): give one")
         if args.workflow or args.out:
             raise MedsegError("--resume takes the run folder alone (its saved workflow is used)")
         if args.overwrite:
@@ -252,13 +256,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         if not args.workflow or not args.out:
             raise MedsegError("train needs a WORKFLOW and --out RUN_DIR (or --resume RUN_DIR)")
-        workflow = load_workflow(Path(args.workflow), args.overrides)
+        # --init SOURCE is train.init, over the workflow's and any --set of it
+        overrides = [*args.overrides, *([f"train.init={args.init}"] if args.init else [])]
+        workflow = load_workflow(Path(args.workflow), overrides)
         if not workflow.dataset.path:
             raise MedsegError("dataset.path is not set", args.workflow)
         workflow = runs.folds_of_splits_file(workflow)
         folds = runs.parse_folds(args.fold, workflow.train.folds, workflow.train.fold)
         job = functools.partial(runs.train_run, workflow, Path(args.out), folds,
-                                overwrite=args.overwrite, workflow_file=Path(args.workflow))
+                                overwrite=args.overwrite, workflow_file=Path(args.workflow),
+                                given=keys_given(Path(args.workflow), overrides))
     from medseg.train import distributed_session
 
     run_dir = Path(args.resume or args.out)
@@ -606,6 +613,10 @@ def _parser() -> argparse.ArgumentParser:
                             "and epoch)")
     train.add_argument("--fold", default=None, help="fold index, or 'all' (default: "
                        "train.fold of the workflow)")
+    train.add_argument("--init", metavar="SOURCE", type=_path_text,
+                       help="fine-tune: start from the weights of a trained run (RUN_DIR: its "
+                            "fold_0's best; RUN_DIR/fold_K; or a .safetensors file), all but "
+                            "the segmentation heads; sets train.init")
     train.add_argument("--set", dest="overrides", action="append", default=[],
                        metavar="KEY=VALUE", help="override a workflow key (repeatable); "
                        "with --resume only train.max_minutes (a new budget), "

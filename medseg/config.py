@@ -117,6 +117,10 @@ class TrainConfig:
     # folds of one's own instead of seeded ones: a JSON file shaped as nnU-Net's
     # splits_final.json ([{"train": [...], "val": [...]}, ...]); `folds` is then its length
     splits_file: str | None = None
+    # fine-tuning (nnU-Net's -pretrained_weights): the weights a new run starts from, a run
+    # folder (its fold_0's best weights), RUN/fold_K or a .safetensors file; every tensor but
+    # the segmentation heads is loaded (medseg.pretrained), a resume never loads it again
+    init: str | None = None
 
 
 @dataclass(frozen=True)
@@ -156,6 +160,22 @@ def load_workflow(path: str | Path | None, overrides: list[str] | None = None) -
     workflow = _build(Workflow, raw, source, prefix="")
     _check_values(workflow, source)
     return _resolve_paths(workflow)
+
+
+def keys_given(path: str | Path | None, overrides: list[str] | None = None) -> frozenset[str]:
+    """The dotted keys (`plan.patch_size`) that a workflow file and its overrides give, null
+    ones included: what the workflow says rather than leaves to a default. A section given
+    whole counts as its keys."""
+    raw: dict[str, Any] = _read_yaml(Path(path)) if path is not None else {}
+    for item in overrides or []:
+        _apply_override(raw, item)
+    given: set[str] = set()
+    for section, values in raw.items():
+        if isinstance(values, dict):
+            given.update(f"{section}.{key}" for key in values)
+        else:
+            given.add(str(section))
+    return frozenset(given)
 
 
 def workflow_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Workflow:
@@ -616,13 +636,14 @@ def _check_relations(workflow: Workflow, source: str) -> None:
 
 
 def _resolve_paths(workflow: Workflow) -> Workflow:
-    """Relative dataset and splits paths are taken from the current working directory."""
+    """Relative dataset, splits and init paths are taken from the current working directory."""
     if workflow.dataset.path:
         workflow = dataclasses.replace(workflow, dataset=dataclasses.replace(
             workflow.dataset, path=_absolute(workflow.dataset.path)))
-    if workflow.train.splits_file:
-        workflow = dataclasses.replace(workflow, train=dataclasses.replace(
-            workflow.train, splits_file=_absolute(workflow.train.splits_file)))
+    for key in ("splits_file", "init"):
+        if getattr(workflow.train, key):
+            workflow = dataclasses.replace(workflow, train=dataclasses.replace(
+                workflow.train, **{key: _absolute(getattr(workflow.train, key))}))
     return workflow
 
 

@@ -88,8 +88,13 @@ def _main_rank_says(flag: bool, ranks) -> bool:
 
 
 def train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool,
-               workflow_file: Path | None = None) -> list:
-    """dataset -> fingerprint -> plan -> splits -> train each fold; all saved in run_dir."""
+               workflow_file: Path | None = None, given: frozenset[str] | None = None
+               ) -> list:
+    """dataset -> fingerprint -> plan -> splits -> train each fold; all saved in run_dir.
+    With train.init, the plan keys that shape the network and that the workflow does not
+    give (`given`: the keys its file and --set options give; None: take none) follow the
+    source run's plan, and a source that does not fit the plan is refused before the run
+    folder is written."""
     from medseg.config import save_workflow
     from medseg.datasets import list_dataset, load_dataset, make_splits
     from medseg.fileio import atomic_write_json, physical_memory
@@ -100,15 +105,15 @@ def train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool,
         save_fingerprint,
         save_plan,
     )
+    from medseg.pretrained import refuse_unfit
     from medseg.train import current_ranks, train_fold
 
     # under torchrun every rank plans the same run from the same seed; rank 0 alone checks
     # and writes the run folder (the others never read it)
     main_rank = current_ranks().main
     # every rank: a refusal must stop them all before any work, not rank 0 alone
-    _check_run_folder(run_dir, overwrite)
-    if overwrite:
-        _refuse_inputs_inside(run_dir, workflow, workflow_file)
+    workflow, init = _check_start(run_dir, workflow, overwrite, workflow_file, given,
+                                  main_rank)
     ds = workflow.dataset
     dataset = load_dataset(ds.path, ds.layout, ds.modality, ds.labels)
     if overwrite:  # a CSV's or dataset.json's files may lie anywhere, the run folder too
@@ -139,6 +144,8 @@ def train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool,
                                 spacing_given=workflow.plan.target_spacing is not None)
     print(f"plan: spacing {plan.target_spacing}, patch {plan.patch_size}, batch "
           f"{plan.batch_size}, {len(plan.strides)} levels, filters {plan.filters}")
+    if init is not None:
+        refuse_unfit(init, plan)
     if main_rank:
         _replace_run_folder(run_dir)  # only now that the dataset has been read without error
         # plan.json first (what --overwrite recognizes a run folder by), workflow.yaml last
@@ -153,6 +160,22 @@ def train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool,
         results.append(train_fold(workflow, dataset, plan, splits[k], run_dir / f"fold_{k}"))
         _report_fold(results[-1], workflow.train.epochs)
     return results
+
+
+def _check_start(run_dir: Path, workflow, overwrite: bool, workflow_file: Path | None,
+                 given: frozenset[str] | None, main_rank: bool):
+    """The checks before a new run reads its dataset: the run folder, and train.init's
+    source (refused in one line when missing or unreadable). Returns the workflow, with the
+    source's network keys where it leaves them unset, and the source (None without one)."""
+    from medseg.pretrained import adopt_source_network, resolve_init
+
+    _check_run_folder(run_dir, overwrite)
+    init = resolve_init(workflow.train.init) if workflow.train.init else None
+    if overwrite:
+        _refuse_inputs_inside(run_dir, workflow, workflow_file, init=init)
+    if init is not None:
+        workflow = adopt_source_network(workflow, init, given, note=main_rank)
+    return workflow, init
 
 
 def _check_run_folder(run_dir: Path, overwrite: bool) -> None:
@@ -171,16 +194,17 @@ def _check_run_folder(run_dir: Path, overwrite: bool) -> None:
 
 
 def _refuse_inputs_inside(run_dir: Path, workflow, workflow_file: Path | None,
-                          dataset=None) -> None:
-    """--overwrite deletes the whole run folder: a dataset, workflow or splits file kept in
-    it, or a case file the dataset lists from there, would go with it (and training would
-    then fail on the files it just deleted)."""
+                          dataset=None, init=None) -> None:
+    """--overwrite deletes the whole run folder: a dataset, workflow, splits or train.init
+    weights file kept in it, or a case file the dataset lists from there, would go with it
+    (and training would then fail on the files it just deleted)."""
     if not run_dir.is_dir():
         return
     inside = run_dir.resolve()
     inputs = [("dataset.path", workflow.dataset.path),
               ("train.splits_file", workflow.train.splits_file),
-              ("the workflow file", workflow_file)]
+              ("the workflow file", workflow_file),
+              ("the train.init weights", init.weights if init is not None else None)]
     for case in dataset.cases if dataset is not None else ():
         inputs += [(f"a file of case {case.name}", path)
                    for path in (*case.images, case.label) if path is not None]
@@ -277,7 +301,7 @@ def resume_run(run_dir: Path, fold_text: str | None, overrides: list[str] | None
     from medseg.datasets import read_splits
     from medseg.fileio import atomic_write_json
     from medseg.plan import load_plan
-    from medseg.train import check_resumable, current_ranks
+    from medseg.train import current_ranks
 
     if not run_dir.is_dir():
         raise MedsegError("run folder not found", run_dir)
@@ -303,15 +327,28 @@ def resume_run(run_dir: Path, fold_text: str | None, overrides: list[str] | None
     # state read before any caching or training: a damaged one of fold 2 is not found
     # after folds 0 and 1 have trained
     resumes = [_has_state(run_dir / f"fold_{fold}") for fold in folds]
-    for fold, resume in zip(folds, resumes, strict=True):
-        if resume:
-            check_resumable(run_dir / f"fold_{fold}", plan)
+    _check_fold_starts(run_dir, folds, resumes, workflow, plan)
     if current_ranks().main:  # only once the resume is known to go ahead
         if overrides:
             save_workflow(workflow, run_dir / "workflow.yaml")
         if not set(folds) <= set(requested):  # a later plain --resume continues these too
             atomic_write_json(run_dir / FOLDS_FILE, sorted(set(requested) | set(folds)))
     return _continue_folds(run_dir, folds, resumes, workflow, dataset, plan, splits)
+
+
+def _check_fold_starts(run_dir: Path, folds: list[int], resumes: list[bool], workflow,
+                       plan) -> None:
+    """What each fold goes on from: its training state, or (a fold that starts now) the
+    weights of train.init, read again only then."""
+    from medseg.train import check_resumable
+
+    for fold, resume in zip(folds, resumes, strict=True):
+        if resume:
+            check_resumable(run_dir / f"fold_{fold}", plan)
+    if workflow.train.init and not all(resumes):
+        from medseg.pretrained import refuse_unfit, resolve_init
+
+        refuse_unfit(resolve_init(workflow.train.init), plan)
 
 
 def _resumed_dataset(workflow: Workflow, run_dir: Path, overrides: list[str] | None):

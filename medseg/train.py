@@ -43,6 +43,8 @@ from medseg.model import (
     weights_file_problem,
 )
 from medseg.plan import GB, Plan, memory_cache_bytes
+from medseg.pretrained import describe as describe_init
+from medseg.pretrained import load_init
 from medseg.stopping import raise_if_stopped
 from medseg.transforms import IMAGE, LABEL, augmentation, case_dict, preprocessing
 
@@ -204,6 +206,8 @@ def train_fold(
             record = {"epoch": epoch, "train_loss": train_loss,
                       "lr": run.optimizer.param_groups[0]["lr"],
                       "epoch_seconds": round(time.monotonic() - epoch_start, 2)}
+            record.update(run.first_record)  # the first epoch's: the weights it started from
+            run.first_record = {}
             # not at a budget stop between validations: that extra score could become the best,
             # and a resumed run would then not repeat the uninterrupted one
             if validating and ((epoch + 1) % cfg.val_every == 0 or epoch == cfg.epochs - 1):
@@ -259,14 +263,20 @@ class _FoldRun:
     best: dict = field(
         default_factory=lambda: {"epoch": -1, "mean": -math.inf, "dice": {}})
     best_weights: dict | None = None
+    # what the first epoch's metrics record adds: the train.init weights it started from
+    first_record: dict = field(default_factory=dict)
 
 
 def _set_up(workflow: Workflow, plan: Plan, fold_dir: Path, device: torch.device, ranks: Ranks,
             resume: bool) -> _FoldRun:
     """The network, optimizer, schedule, loss and precision; with `resume`, their saved
-    state (every rank loads it)."""
+    state (every rank loads it); otherwise, with train.init, the network starts from those
+    weights (heads aside), read before the weight average copies the network."""
     cfg = workflow.train
     model = create_model(plan).to(device, memory_format=MEMORY_FORMAT)
+    init = load_init(model, plan, cfg.init) if cfg.init and not resume else None
+    if init is not None and ranks.main:
+        print(f"{fold_dir.name}: {describe_init(init)}")
     optimizer = _optimizer(model, workflow)
     total_steps = cfg.epochs * cfg.iterations_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg.schedule, total_steps))
@@ -277,7 +287,8 @@ def _set_up(workflow: Workflow, plan: Plan, fold_dir: Path, device: torch.device
     state = _resume_state(state_path) if resume else None
     autocast_dtype, scaler = _precision_and_scaler(cfg, device, _settings_of(state), ranks)
     run = _FoldRun(model, ema.module if ema is not None else model, optimizer, scheduler,
-                   scaler, ema, loss_fn, autocast_dtype)
+                   scaler, ema, loss_fn, autocast_dtype,
+                   first_record={"init": init} if init is not None else {})
     if state is not None:
         run.first_epoch, run.best = _apply_state(state, state_path, model, optimizer,
                                                  scheduler, scaler, ema)

@@ -95,7 +95,7 @@ def test_init_from_a_run_folder_or_its_file_starts_from_its_weights(
 
 
 def test_init_with_another_class_count_leaves_the_heads_out(
-        tmp_path, trained_run, phantom_dataset, step_0_weights):
+        tmp_path, trained_run, phantom_dataset, step_0_weights, capsys):
     data = tmp_path / "two_structures"
     shutil.copytree(phantom_dataset, data)
     for path in (data / "labelsTr").iterdir():  # the spine is background here
@@ -106,11 +106,25 @@ def test_init_with_another_class_count_leaves_the_heads_out(
     listing = json.loads((data / "dataset.json").read_text(encoding="utf-8"))
     listing["labels"] = {"0": "background", "1": "liver", "2": "kidney"}
     (data / "dataset.json").write_text(json.dumps(listing), encoding="utf-8")
+    # a workflow that leaves the network to the plan: the source run's keys are taken
+    workflow = tmp_path / "mine.yaml"
+    workflow.write_text("dataset:\n  layout: msd\nplan:\n  batch_size: 2\n", encoding="utf-8")
     run = tmp_path / "run"
-    assert train(run, data, "predict.largest_component=[1,2]", init=trained_run) == 0
+    capsys.readouterr()
+    not_the_plan = [item for item in QUICK if not item.startswith("plan.")]
+    assert main(["train", str(workflow), "--out", str(run), "--init", str(trained_run),
+                 *as_sets([f"dataset.path={data}", *not_the_plan])]) == 0
     assert_started_from(step_0_weights.pop(), load_file(best_weights(trained_run)))
     assert load_file(best_weights(run))["output_block.conv.conv.weight"].shape[0] == 3
     assert load_file(best_weights(trained_run))["output_block.conv.conv.weight"].shape[0] == 4
+    note = next(line for line in capsys.readouterr().err.splitlines() if "train.init" in line)
+    assert (", plan.patch_size=[32,32,16], plan.base_filters=4, plan.max_filters=16 taken from "
+            f"{trained_run / 'plan.json'} so that its weights fit") in note
+    plan = json.loads((run / "plan.json").read_text(encoding="utf-8"))
+    assert plan["filters"] == [4, 8, 16, 16] and plan["num_classes"] == 3
+    saved = yaml.safe_load((run / "workflow.yaml").read_text(encoding="utf-8"))["plan"]
+    assert (saved["patch_size"], saved["base_filters"], saved["max_filters"]) == \
+        ([32, 32, 16], 4, 16)
 
 
 def test_another_network_is_refused_naming_the_file_and_the_fix(

@@ -253,6 +253,17 @@ def refuse_unfit(source: InitSource, plan: Plan) -> None:
     _refuse_misfit(source, shapes, _transfer(create_model(plan), shapes), plan)
 
 
+def note_other_modalities(source: InitSource, plan: Plan, quiet: bool = False) -> None:
+    """A note when the source run was trained on other modalities (an MR model fine-tuned on
+    CT): its first layers learned another normalization's intensities, which fit, but from
+    further away than nnU-Net's fine-tuning assumes."""
+    if not quiet and source.plan is not None and source.plan.modalities != plan.modalities:
+        print(f"medseg: note: train.init: {source.plan_path} was trained on "
+              f"{', '.join(source.plan.modalities)}, this run on "
+              f"{', '.join(plan.modalities)}: the weights load, but expect less from them",
+              file=sys.stderr)
+
+
 def _refuse_misfit(source: InitSource, shapes: dict[str, tuple], transfer: _Transfer,
                    plan: Plan) -> None:
     misfit = transfer.misfit()

@@ -105,7 +105,7 @@ def train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool,
         save_fingerprint,
         save_plan,
     )
-    from medseg.pretrained import refuse_unfit
+    from medseg.pretrained import note_other_modalities, refuse_unfit
     from medseg.train import current_ranks, train_fold
 
     # under torchrun every rank plans the same run from the same seed; rank 0 alone checks
@@ -146,6 +146,7 @@ def train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool,
           f"{plan.batch_size}, {len(plan.strides)} levels, filters {plan.filters}")
     if init is not None:
         refuse_unfit(init, plan)
+        note_other_modalities(init, plan, quiet=not main_rank)
     if main_rank:
         _replace_run_folder(run_dir)  # only now that the dataset has been read without error
         # plan.json first (what --overwrite recognizes a run folder by), workflow.yaml last

@@ -220,3 +220,16 @@ def test_a_missing_or_unreadable_source_is_one_line_naming_it(
     assert train(run, phantom_dataset, init=run, overwrite=True) == 2
     assert "--overwrite would delete the train.init weights" in capsys.readouterr().err
     assert best_weights(run).is_file()
+
+
+def test_a_source_of_another_modality_is_noted(tmp_path, trained_run, phantom_dataset,
+                                               capsys):
+    """The phantoms read as MR (z-score over nonzero voxels) from a CT run's weights."""
+    capsys.readouterr()
+    assert train(tmp_path / "mr", phantom_dataset, "dataset.modality=MR", init=trained_run) == 0
+    err = capsys.readouterr().err
+    assert (f"medseg: note: train.init: {trained_run / 'plan.json'} was trained on CT, this "
+            f"run on MR: the weights load, but expect less from them") in err
+    capsys.readouterr()
+    assert train(tmp_path / "ct", phantom_dataset, init=trained_run) == 0
+    assert "was trained on" not in capsys.readouterr().err

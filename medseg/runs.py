@@ -136,7 +136,9 @@ def train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool,
     else:
         splits = make_splits([c.name for c in dataset.cases], workflow.train.folds,
                              workflow.train.split_seed, source=dataset.root)
-    fp = fingerprint(dataset, seed=workflow.train.seed, progress=main_rank)
+    # sampled with a seed of its own, not train.seed: runs of other seeds on one dataset get
+    # one plan (a CT's normalization is drawn from sampled voxels), as an ensemble needs
+    fp = fingerprint(dataset, seed=0, progress=main_rank)
     if not dataset.labels:
         _check_postprocessing_of(workflow, fp.labels)
     plan = make_plan(fp, workflow.plan)

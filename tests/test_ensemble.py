@@ -152,3 +152,22 @@ def test_cli_predicts_with_an_ensemble_and_notes_other_settings(trained_run, oth
     assert (tmp_path / "masks" / "case.nii.gz").is_file()
     assert f"with {trained_run}/fold_0, {edited}/fold_0" in captured.out
     assert f"{edited} sets predict.step otherwise than {trained_run}" in captured.err
+
+
+def test_runs_of_other_seeds_on_a_ct_dataset_make_an_ensemble(trained_run, phantom_dataset,
+                                                              tmp_path, windows):
+    """The fingerprint sampled a CT's voxels with train.seed: a run of another seed had
+    another normalization in plan.json, and the ensemble the docs suggest (`--set
+    train.seed=1`) was refused."""
+    from helpers import REPO, TINY_TRAINING, as_sets
+
+    seeded = tmp_path / "seed1"
+    assert main(["train", str(REPO / "workflows" / "demo.yaml"), "--out", str(seeded),
+                 *as_sets([f"dataset.path={phantom_dataset}", *TINY_TRAINING,
+                           "train.seed=1"])]) == 0
+    plans = [json.loads((run / "plan.json").read_text(encoding="utf-8"))
+             for run in (trained_run, seeded)]
+    assert plans[0]["normalization"][0]["scheme"] == "ct"
+    assert plans[0] == plans[1]
+    predictor = load_predictor([trained_run, seeded], device="cpu")
+    assert len(predictor.models) == 2

@@ -423,7 +423,7 @@ def _predict(models: list[Path], inputs: list[str], output: Path,
         raise MedsegError("output folder path is a file", output)
     paths = collect_inputs(inputs)
     predictor = load_predictor(models, options.folds, options.device)
-    config = _ensemble_predict_config(models)
+    config = _ensemble_predict_config(models, options)
     config = dataclasses.replace(
         config, tta=config.tta if options.tta is None else options.tta,
         step=options.step if options.step is not None else config.step)
@@ -447,14 +447,16 @@ def _predict(models: list[Path], inputs: list[str], output: Path,
     return results
 
 
-def _ensemble_predict_config(models: list[Path]) -> PredictConfig:
+def _ensemble_predict_config(models: list[Path], options: _PredictOptions) -> PredictConfig:
     """The first run's predict section (window step, TTA, precision, post-processing); a
-    further run whose section differs gets a note, since its own is not used."""
+    further run whose section differs gets a note, since its own is not used (keys the
+    command line sets are no one's)."""
     config = load_workflow(models[0] / "workflow.yaml").predict
+    given = {"step": options.step is not None, "tta": options.tta is not None}
     for model in models[1:]:
         other = load_workflow(model / "workflow.yaml").predict
-        differing = [f.name for f in dataclasses.fields(config)
-                     if getattr(config, f.name) != getattr(other, f.name)]
+        differing = [f.name for f in dataclasses.fields(config) if not given.get(f.name)
+                     and getattr(config, f.name) != getattr(other, f.name)]
         if differing:
             keys = ", ".join(f"predict.{name}" for name in differing)
             print(f"medseg: note: {model} sets {keys} otherwise than {models[0]}: the "

@@ -171,3 +171,20 @@ def test_runs_of_other_seeds_on_a_ct_dataset_make_an_ensemble(trained_run, phant
     assert plans[0] == plans[1]
     predictor = load_predictor([trained_run, seeded], device="cpu")
     assert len(predictor.models) == 2
+
+
+def test_no_note_for_settings_the_command_line_gives(trained_run, other_runs, tmp_path, capsys):
+    one, _ = other_runs
+    edited = tmp_path / "edited"
+    shutil.copytree(one, edited)
+    workflow = yaml.safe_load((edited / "workflow.yaml").read_text(encoding="utf-8"))
+    workflow.setdefault("predict", {})["step"] = 0.75
+    (edited / "workflow.yaml").write_text(yaml.safe_dump(workflow), encoding="utf-8")
+    phantom = make_phantom(6, shape=SMALL_SHAPE, spacing=SMALL_SPACING)
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    nib.save(nib.Nifti1Image(phantom.image.astype(np.int16), np.diag([*SMALL_SPACING, 1.0])),
+             scans / "case.nii.gz")
+    assert main(["predict", "--model", str(trained_run), str(edited), "--input", str(scans),
+                 "--output", str(tmp_path / "masks"), "--step", "0.75"]) == 0
+    assert "otherwise than" not in capsys.readouterr().err

@@ -184,7 +184,9 @@ def _refuse_repeated_runs(runs: list[Path]) -> None:
     for run_dir in runs:
         key = run_dir.resolve()
         if key in seen:
-            raise MedsegError(f"given twice to --model (also as {seen[key]})", run_dir)
+            spelt = f" (also as {seen[key]})" if str(seen[key]) != str(run_dir) else ""
+            raise MedsegError(f"given twice to --model{spelt}: each run would count twice "
+                              f"in the ensemble's mean", run_dir)
         seen[key] = run_dir
 
 

@@ -128,8 +128,12 @@ def test_a_run_of_another_width_joins(trained_run, tmp_path, windows):
 
 
 def test_a_run_named_twice_is_refused(trained_run):
-    with pytest.raises(MedsegError, match="given twice to --model"):
+    with pytest.raises(MedsegError, match="given twice to --model") as caught:
         load_predictor([trained_run, trained_run / ".." / trained_run.name], device="cpu")
+    assert f"(also as {trained_run})" in str(caught.value)
+    with pytest.raises(MedsegError, match="given twice to --model: each run") as caught:
+        load_predictor([trained_run, Path(f"{trained_run}/")], device="cpu")
+    assert "also as" not in str(caught.value)
 
 
 def test_cli_predicts_with_an_ensemble_and_notes_other_settings(trained_run, other_runs,

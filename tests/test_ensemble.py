@@ -136,11 +136,12 @@ def test_a_run_named_twice_is_refused(trained_run):
     assert "also as" not in str(caught.value)
 
 
-def test_cli_predicts_with_an_ensemble_and_notes_other_settings(trained_run, other_runs,
-                                                                tmp_path, capsys):
-    one, _ = other_runs
+@pytest.fixture
+def step_075_run_and_scan(other_runs, tmp_path) -> tuple[Path, Path]:
+    """A copy of the one-fold run whose workflow sets predict.step 0.75, and a folder of
+    one phantom scan."""
     edited = tmp_path / "edited"
-    shutil.copytree(one, edited)
+    shutil.copytree(other_runs[0], edited)
     workflow = yaml.safe_load((edited / "workflow.yaml").read_text(encoding="utf-8"))
     workflow.setdefault("predict", {})["step"] = 0.75
     (edited / "workflow.yaml").write_text(yaml.safe_dump(workflow), encoding="utf-8")
@@ -149,6 +150,13 @@ def test_cli_predicts_with_an_ensemble_and_notes_other_settings(trained_run, oth
     scans.mkdir()
     nib.save(nib.Nifti1Image(phantom.image.astype(np.int16), np.diag([*SMALL_SPACING, 1.0])),
              scans / "case.nii.gz")
+    return edited, scans
+
+
+def test_cli_predicts_with_an_ensemble_and_notes_other_settings(trained_run,
+                                                                step_075_run_and_scan,
+                                                                tmp_path, capsys):
+    edited, scans = step_075_run_and_scan
     code = main(["predict", "--model", str(trained_run), str(edited), "--input", str(scans),
                  "--output", str(tmp_path / "masks")])
     captured = capsys.readouterr()
@@ -177,18 +185,9 @@ def test_runs_of_other_seeds_on_a_ct_dataset_make_an_ensemble(trained_run, phant
     assert len(predictor.models) == 2
 
 
-def test_no_note_for_settings_the_command_line_gives(trained_run, other_runs, tmp_path, capsys):
-    one, _ = other_runs
-    edited = tmp_path / "edited"
-    shutil.copytree(one, edited)
-    workflow = yaml.safe_load((edited / "workflow.yaml").read_text(encoding="utf-8"))
-    workflow.setdefault("predict", {})["step"] = 0.75
-    (edited / "workflow.yaml").write_text(yaml.safe_dump(workflow), encoding="utf-8")
-    phantom = make_phantom(6, shape=SMALL_SHAPE, spacing=SMALL_SPACING)
-    scans = tmp_path / "scans"
-    scans.mkdir()
-    nib.save(nib.Nifti1Image(phantom.image.astype(np.int16), np.diag([*SMALL_SPACING, 1.0])),
-             scans / "case.nii.gz")
+def test_no_note_for_settings_the_command_line_gives(trained_run, step_075_run_and_scan,
+                                                     tmp_path, capsys):
+    edited, scans = step_075_run_and_scan
     assert main(["predict", "--model", str(trained_run), str(edited), "--input", str(scans),
                  "--output", str(tmp_path / "masks"), "--step", "0.75"]) == 0
     assert "otherwise than" not in capsys.readouterr().err

@@ -155,6 +155,8 @@ def adopt_source_network(workflow: Workflow, source: InitSource,
         values["max_filters"] = max(plan.filters)
     taken = {key: value for key, value in values.items()
              if f"plan.{key}" not in given and getattr(workflow.plan, key) != value}
+    if note:
+        _note_automatic_keys(workflow, source, given, values)
     base = taken.get("base_filters", workflow.plan.base_filters)
     if taken.get("max_filters", base) < base:  # the workflow's base_filters is above it
         del taken["max_filters"]
@@ -166,6 +168,20 @@ def adopt_source_network(workflow: Workflow, source: InitSource,
               f"its weights fit (give a key in the workflow to plan it otherwise; `null` "
               f"for the automatic plan)", file=sys.stderr)
     return dataclasses.replace(workflow, plan=dataclasses.replace(workflow.plan, **taken))
+
+
+def _note_automatic_keys(workflow: Workflow, source: InitSource, given: frozenset[str],
+                         values: dict) -> None:
+    """A workflow that gives a network key as null (a run's saved workflow.yaml lists every
+    key so) plans it from the new data: say so, since the source's weights may then not
+    fit, and the refusal that follows would not tell why."""
+    automatic = [key for key in ("target_spacing", "patch_size") if f"plan.{key}" in given
+                 and getattr(workflow.plan, key) is None and values.get(key) is not None]
+    if automatic:
+        keys = " and ".join(f"plan.{key}: null" for key in automatic)
+        print(f"medseg: note: train.init: the workflow gives {keys} (as a run's saved "
+              f"workflow.yaml does), so this dataset's plan decides, not {source.plan_path}; "
+              f"leave the key out of the workflow to take the source's", file=sys.stderr)
 
 
 def _yaml(value) -> str:

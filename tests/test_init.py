@@ -233,3 +233,23 @@ def test_a_source_of_another_modality_is_noted(tmp_path, trained_run, phantom_da
     capsys.readouterr()
     assert train(tmp_path / "ct", phantom_dataset, init=trained_run) == 0
     assert "was trained on" not in capsys.readouterr().err
+
+
+def test_a_workflow_giving_network_keys_as_null_is_told_why_they_are_not_taken(
+        trained_run, capsys):
+    """A run's saved workflow.yaml lists plan.patch_size: null: that key is planned from the
+    new data (the source's weights may then not fit), and a note says so."""
+    from medseg.config import keys_given, load_workflow
+    from medseg.pretrained import adopt_source_network, resolve_init
+
+    overrides = ["plan.patch_size=null"]
+    workflow = load_workflow(None, overrides)
+    adopted = adopt_source_network(workflow, resolve_init(str(trained_run)),
+                                   keys_given(None, overrides))
+    assert adopted.plan.patch_size is None
+    err = capsys.readouterr().err
+    assert (f"medseg: note: train.init: the workflow gives plan.patch_size: null (as a run's "
+            f"saved workflow.yaml does), so this dataset's plan decides, not "
+            f"{trained_run / 'plan.json'}; leave the key out") in err
+    adopt_source_network(load_workflow(None), resolve_init(str(trained_run)), frozenset())
+    assert "gives plan." not in capsys.readouterr().err

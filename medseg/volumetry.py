@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from medseg.errors import MedsegError, one_line
 from medseg.fileio import atomic_write_text
-from medseg.io import grid_mismatch, read_label_map, read_volume, reorder_onto
+from medseg.io import Volume, on_grid_of, read_label_map, read_volume
 
 STATISTICS_FILE = "statistics.csv"
 COLUMNS = ("case", "label", "structure", "voxels", "volume_ml", "intensity_mean",
@@ -102,21 +102,20 @@ def case_rows(item: CaseInputs, labels: dict[int, str], series_uid: str | None =
     return rows
 
 
-def _scan_on_grid(item: CaseInputs, mask, series_uid: str | None,
+def _scan_on_grid(item: CaseInputs, mask: Volume, series_uid: str | None,
                   resample_irregular: bool) -> tuple[np.ndarray | None, str | None]:
+    """The scan's voxels on the mask's grid (the same voxels stored in another axis order
+    are reordered, as converters differ), or None and why not."""
     try:
         scan = read_volume(item.scan, np.float32, series_uid, resample_irregular)
     except (MedsegError, OSError, RuntimeError, ValueError) as exc:
         return None, f"scan not read: {one_line(str(exc))}"
     if scan.data.size != math.prod(scan.spatial_shape):
         return None, f"scan not measured: it holds {scan.data.shape} values, not one volume"
-    data = scan.data.reshape(scan.spatial_shape)
-    mismatch = grid_mismatch(scan.geometry, mask.geometry)
-    if mismatch is not None:  # the same voxels in another storage order? (converters differ)
-        data = reorder_onto(data, scan.affine, mask.geometry)
-        if data is None:
-            return None, f"scan not measured: not on the mask's grid ({mismatch})"
-    return data, None
+    try:
+        return on_grid_of(scan, mask).data.reshape(mask.spatial_shape), None
+    except MedsegError as exc:
+        return None, f"scan not measured: {exc}"
 
 
 def write_statistics(items: list[CaseInputs], labels: dict[int, str], target: Path,

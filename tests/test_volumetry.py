@@ -78,7 +78,8 @@ def test_a_scan_elsewhere_keeps_the_volumes_and_says_why(tmp_path):
                       _write(tmp_path / "s.nii.gz", np.zeros((4, 4, 5), np.float32)))
     liver = case_rows(item, LABELS)[0]
     assert liver["voxels"] == 64 and liver["intensity_mean"] == ""
-    assert liver["note"].startswith("scan not measured: not on the mask's grid (shape")
+    assert liver["note"].startswith(f"scan not measured: {tmp_path / 's.nii.gz'}: not on the "
+                                    f"grid of m.nii.gz: shape")
     missing = CaseInputs("a", tmp_path / "m.nii.gz", tmp_path / "gone.nii.gz")
     assert case_rows(missing, LABELS)[0]["note"].startswith("scan not read:")
 

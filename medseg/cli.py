@@ -1,8 +1,9 @@
-"""The verbs: demo, train, predict, evaluate, check, convert.
+"""The verbs: demo, train, predict, evaluate, crossval, check, convert.
 
-Only this module and runs.py wire the stages together: this one parses the command line,
-runs the command, and turns its errors into one line and an exit code; runs.py starts,
-resumes and continues a training run's folder.
+Only this module, runs.py and crossval.py wire the stages together: this one parses the
+command line, runs the command, and turns its errors into one line and an exit code; runs.py
+starts, resumes and continues a training run's folder; crossval.py predicts and scores a
+run's held-out cases.
 
 Heavy imports (torch, MONAI) stay inside the commands so that `--help` is instant.
 """
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from medseg import runs, stopping
-from medseg.config import PredictConfig, check_in_range, keys_given, load_workflow, override_key
+from medseg.config import check_in_range, keys_given, load_workflow, override_key
 from medseg.errors import MedsegError, one_line, unwrap_transform_error
 from medseg.stopping import Terminated
 
@@ -281,7 +282,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     options = _PredictOptions(folds=folds, overwrite=args.overwrite, tta=args.tta,
                               step=args.step, device=args.device, series_uid=args.series,
                               resample_irregular=args.resample_irregular, shard=args.shard,
-                              debug=args.debug, dicom_seg=args.dicom_seg)
+                              debug=args.debug, dicom_seg=args.dicom_seg,
+                              overrides=tuple(args.overrides))
     if args.statistics:
         _check_statistics_without_shards(args.shard)
     if args.reference:
@@ -359,6 +361,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 1 if summary["failed_cases"] else 0
 
 
+def cmd_crossval(args: argparse.Namespace) -> int:
+    from medseg.crossval import CrossvalRequest, cross_validate, default_out
+
+    folds = _parse_predict_folds(args.folds)
+    check_in_range("predict.step", args.step, "--step")
+    runs_given = [Path(run) for run in args.runs]
+    out = Path(args.out) if args.out else default_out(runs_given)
+    summary = cross_validate(CrossvalRequest(
+        tuple(runs_given), out, tuple(folds) if folds is not None else None, args.dataset,
+        tuple(args.overrides), args.tta, args.step, args.device, args.overwrite,
+        args.tolerance_mm, args.jobs))
+    return 1 if summary["failed_cases"] else 0
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from medseg.check import check_dataset
 
@@ -412,21 +428,25 @@ class _PredictOptions:
     shard: str | None = None
     debug: bool = False  # each failed case's traceback
     dicom_seg: bool = False  # a DICOM SEG beside the mask of each DICOM series
+    overrides: tuple[str, ...] = ()  # --set predict.KEY=VALUE
 
 
 def _predict(models: list[Path], inputs: list[str], output: Path,
              options: _PredictOptions) -> list:
-    from medseg.predict import collect_inputs, load_predictor, parse_shard, predict_paths
+    from medseg.predict import (
+        collect_inputs,
+        load_predictor,
+        parse_shard,
+        predict_paths,
+        predict_settings,
+    )
 
     shard = parse_shard(options.shard)
     if output.exists() and not output.is_dir():
         raise MedsegError("output folder path is a file", output)
     paths = collect_inputs(inputs)
     predictor = load_predictor(models, options.folds, options.device)
-    config = _ensemble_predict_config(models, options)
-    config = dataclasses.replace(
-        config, tta=config.tta if options.tta is None else options.tta,
-        step=options.step if options.step is not None else config.step)
+    config = predict_settings(models, options.overrides, options.tta, options.step)
     started = time.monotonic()
     results = predict_paths(predictor, paths, output, config, overwrite=options.overwrite,
                             series_uid=options.series_uid,
@@ -445,23 +465,6 @@ def _predict(models: list[Path], inputs: list[str], output: Path,
     if failed:
         _list_failures([r.input for r in failed], output)
     return results
-
-
-def _ensemble_predict_config(models: list[Path], options: _PredictOptions) -> PredictConfig:
-    """The first run's predict section (window step, TTA, precision, post-processing); a
-    further run whose section differs gets a note, since its own is not used (keys the
-    command line sets are no one's)."""
-    config = load_workflow(models[0] / "workflow.yaml").predict
-    given = {"step": options.step is not None, "tta": options.tta is not None}
-    for model in models[1:]:
-        other = load_workflow(model / "workflow.yaml").predict
-        differing = [f.name for f in dataclasses.fields(config) if not given.get(f.name)
-                     and getattr(config, f.name) != getattr(other, f.name)]
-        if differing:
-            keys = ", ".join(f"predict.{name}" for name in differing)
-            print(f"medseg: note: {model} sets {keys} otherwise than {models[0]}: the "
-                  f"ensemble uses the first run's predict settings", file=sys.stderr)
-    return config
 
 
 def _list_failures(inputs: list[Path], output: Path) -> None:
@@ -656,7 +659,43 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--reference", default=None, metavar="DIR", type=_path_text,
                          help="folder of reference masks: score the predictions at once "
                               "into OUTPUT/evaluation")
+    predict.add_argument("--set", dest="overrides", action="append", default=[],
+                         metavar="predict.KEY=VALUE",
+                         help="override a key of the run's predict section (repeatable), e.g. "
+                              "predict.largest_component=[1,2]")
     predict.set_defaults(handler=cmd_predict)
+
+    crossval = sub.add_parser("crossval", parents=[common],
+                              help="segment and score each fold's held-out cases")
+    crossval.add_argument("runs", nargs="+", metavar="RUN_DIR", type=_path_text,
+                          help="run folder made by medseg train; several: an ensemble "
+                               "(their splits must agree)")
+    crossval.add_argument("--out", default=None, type=_path_text,
+                          help="folder for the masks and scores (default: RUN_DIR/crossval; "
+                               "needed for an ensemble)")
+    crossval.add_argument("--folds", default=None,
+                          help="comma-separated folds (default: those trained in every run)")
+    crossval.add_argument("--dataset", default=None, metavar="PATH", type=_path_text,
+                          help="the run's dataset where it lies now (default: the workflow's "
+                               "dataset.path)")
+    crossval.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                          help="average over mirrored copies, or not (default: the run's "
+                               "predict.tta)")
+    crossval.add_argument("--step", type=float, default=None,
+                          help="window step as a fraction of the patch (default: the run's "
+                               "predict.step)")
+    crossval.add_argument("--set", dest="overrides", action="append", default=[],
+                          metavar="predict.KEY=VALUE",
+                          help="override a key of the run's predict section (repeatable)")
+    crossval.add_argument("--device", default=None,
+                          help="cpu, cuda or cuda:N (default: cuda if found)")
+    crossval.add_argument("--tolerance-mm", type=float, default=2.0,
+                          help="surface Dice tolerance in mm (default: %(default)s)")
+    crossval.add_argument("--jobs", type=int, default=1,
+                          help="cases scored in parallel processes (default: %(default)s)")
+    crossval.add_argument("--overwrite", action="store_true",
+                          help="predict and score an earlier cross-validation's folder again")
+    crossval.set_defaults(handler=cmd_crossval)
 
     evaluate = sub.add_parser("evaluate", parents=[common], help="score masks against labels")
     evaluate.add_argument("--pred", required=True, type=_path_text,

@@ -7,6 +7,7 @@ mask lies on the input's exact grid (for DICOM, the series' grid in the same pat
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import itertools
 import os
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from medseg.config import PredictConfig, load_workflow
+from medseg.config import PredictConfig, load_workflow, override_key
 from medseg.datasets import strip_image_suffix
 from medseg.dicom import DICOM_SUFFIXES
 from medseg.dicom_seg import SegSource, build_seg, seg_path, seg_source, write_seg
@@ -154,6 +155,31 @@ def load_predictor(run_dirs: str | Path | Sequence[str | Path], folds: list[int]
     equal_shares = len({len(fold_dirs) for _, fold_dirs in members}) == 1
     return Predictor(plan, tuple(models), tuple(names), torch_device,
                      () if equal_shares else tuple(weights))
+
+
+def predict_settings(runs: Sequence[Path], overrides: Sequence[str] = (),
+                     tta: bool | None = None, step: float | None = None) -> PredictConfig:
+    """The first run's predict section (window step, TTA, precision, post-processing) with
+    the command line's over it: `overrides` (`--set predict.KEY=VALUE`), `tta`, `step`. A
+    further run whose section differs in a key not given gets a note, since its own is not
+    used."""
+    for item in overrides:
+        if override_key(item).split(".")[0] != "predict":
+            raise MedsegError(f"--set {item}: only keys of the predict section can be set "
+                              f"here (the rest is the trained run's)")
+    config = load_workflow(Path(runs[0]) / "workflow.yaml", list(overrides)).predict
+    given = {override_key(item).partition(".")[2] for item in overrides}
+    given |= {name for name, value in (("tta", tta), ("step", step)) if value is not None}
+    for run in runs[1:]:
+        other = load_workflow(Path(run) / "workflow.yaml").predict
+        differing = [f.name for f in dataclasses.fields(config) if f.name not in given
+                     and getattr(config, f.name) != getattr(other, f.name)]
+        if differing:
+            keys = ", ".join(f"predict.{name}" for name in differing)
+            print(f"medseg: note: {run} sets {keys} otherwise than {runs[0]}: the "
+                  f"ensemble uses the first run's predict settings", file=sys.stderr)
+    return dataclasses.replace(config, tta=config.tta if tta is None else tta,
+                               step=config.step if step is None else step)
 
 
 def _trained_folds(run_dir: Path, folds: list[int] | None) -> tuple[Plan, list[Path]]:
@@ -563,25 +589,50 @@ def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
     incomplete: list[tuple[Path, MedsegError]] = []  # a case without all its channels
     cases = sorted(group_channels(inputs, predictor.plan.in_channels, incomplete),
                    key=lambda files: str(files[0]))
-    _refuse_clashing_outputs(cases)
-    _refuse_writing_onto_inputs(cases, output_dir)
-    cases = cases[index::count]
+    named = [(output_name(files[0]), files) for files in cases]
+    _refuse_clashing_outputs(named)
+    _refuse_writing_onto_inputs(named, output_dir)
+    named = named[index::count]
     incomplete = sorted(incomplete, key=lambda item: str(item[0]))[index::count]
+    if dicom_seg:
+        _note_inputs_without_seg(named)
+    results = _predict_named(predictor, named, output_dir, config, overwrite, shard,
+                             partial(_read_case, predictor.plan, series_uid=series_uid,
+                                     resample_irregular=resample_irregular,
+                                     dicom_seg=dicom_seg), dicom_seg)
+    failed = [_failure(path, time.monotonic(), problem) for path, problem in incomplete]
+    return results + failed
+
+
+def predict_cases(predictor: Predictor, cases: Sequence[tuple[str, tuple[Path, ...]]],
+                  output_dir: Path, config: PredictConfig, overwrite: bool = False
+                  ) -> list[PredictionResult]:
+    """Predict dataset cases, (name, channel files) each, into `output_dir/<name>.nii.gz`:
+    named by the case, not by its first file (a CSV dataset's scans may all be `ct.nii.gz`
+    in folders of their own). Streams as `predict_paths` does."""
+    named = [(f"{name}.nii.gz", tuple(files)) for name, files in cases]
+    _refuse_clashing_outputs(named)
+    _refuse_writing_onto_inputs(named, output_dir)
+    read = partial(_read_case, predictor.plan, series_uid=None, resample_irregular=False,
+                   dicom_seg=False)
+    return _predict_named(predictor, named, output_dir, config, overwrite, (0, 1), read, False)
+
+
+def _predict_named(predictor: Predictor, named: list[tuple[str, tuple[Path, ...]]],
+                   output_dir: Path, config: PredictConfig, overwrite: bool,
+                   shard: tuple[int, int], read, dicom_seg: bool) -> list[PredictionResult]:
+    """The masks of `named` (mask file name, channel files) written into output_dir."""
     check_postprocess_labels(config.largest_component, config.min_component_ml,
                              predictor.plan.labels, "model's")
-    if dicom_seg:
-        _note_inputs_without_seg(cases)
     if config.tta and not predictor.plan.mirror_axes:
         tqdm.write("medseg: note: --tta has nothing to average: the model was trained without "
                    "mirroring (plan.mirror_axes is empty)", file=sys.stderr)
     # not with shards: another process may be about to write into the folder
-    with output_folder(output_dir, remove_if_empty=count == 1), \
+    with output_folder(output_dir, remove_if_empty=shard[1] == 1), \
             _one_predictor(output_dir, shard):
-        results, todo = _outputs_to_write(cases, output_dir, overwrite, dicom_seg)
-        bar = tqdm(total=len(cases), initial=len(cases) - len(todo), desc="predict",
+        results, todo = _outputs_to_write(named, output_dir, overwrite, dicom_seg)
+        bar = tqdm(total=len(named), initial=len(named) - len(todo), desc="predict",
                    unit="case", dynamic_ncols=True)
-        read = partial(_read_case, predictor.plan, series_uid=series_uid,
-                       resample_irregular=resample_irregular, dicom_seg=dicom_seg)
         finished = [0]  # cases of `todo` done (a mask on disk, or failed)
 
         def advance() -> None:
@@ -597,8 +648,7 @@ def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
                        f"the rest", file=sys.stderr)
             raise
         bar.close()
-    failed = [_failure(path, time.monotonic(), problem) for path, problem in incomplete]
-    return [r for r in results if r is not None] + failed
+    return [r for r in results if r is not None]
 
 
 PREDICT_LOCK = ".medseg-predict.lock"
@@ -642,14 +692,15 @@ def _remove_if_unused(path: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def _outputs_to_write(cases: list[tuple[Path, ...]], output_dir: Path, overwrite: bool,
-                      dicom_seg: bool = False) -> tuple[list[PredictionResult | None], list]:
-    """Per case, its result where it is settled already (a mask kept, a folder in the way)
-    and else a place in the work to do: (position, files, target)."""
-    results: list[PredictionResult | None] = [None] * len(cases)
+def _outputs_to_write(named: list[tuple[str, tuple[Path, ...]]], output_dir: Path,
+                      overwrite: bool, dicom_seg: bool = False
+                      ) -> tuple[list[PredictionResult | None], list]:
+    """Per case (mask name, files), its result where it is settled already (a mask kept, a
+    folder in the way) and else a place in the work to do: (position, files, target)."""
+    results: list[PredictionResult | None] = [None] * len(named)
     todo = []
-    for position, files in enumerate(cases):
-        target = output_dir / output_name(files[0])
+    for position, (name, files) in enumerate(named):
+        target = output_dir / name
         outputs = [target, seg_path(target)] if dicom_seg and _is_dicom_input(files[0]) \
             else [target]
         for output in outputs:
@@ -683,8 +734,8 @@ def _is_dicom_input(path: Path) -> bool:
     return _dicom_folder(path) is not None
 
 
-def _note_inputs_without_seg(cases: list[tuple[Path, ...]]) -> None:
-    volumes = [files[0] for files in cases if not _is_dicom_input(files[0])]
+def _note_inputs_without_seg(named: list[tuple[str, tuple[Path, ...]]]) -> None:
+    volumes = [files[0] for _, files in named if not _is_dicom_input(files[0])]
     if volumes:
         tqdm.write(f"medseg: note: --dicom-seg: {len(volumes)} input(s) are volume files, "
                    f"not DICOM series ({volumes[0].name}, ...): they get a NIfTI mask only",
@@ -734,12 +785,11 @@ def _predict_streaming(predictor: Predictor, todo: list, read, config: PredictCo
                 results[position] = _failure(path, started, exc)
 
 
-def _refuse_clashing_outputs(cases: list[tuple[Path, ...]]) -> None:
+def _refuse_clashing_outputs(named: list[tuple[str, tuple[Path, ...]]]) -> None:
     """Two inputs whose masks would have one name (`a.nii.gz` and `b/a.nrrd`): the second
     would replace the first, so refuse before any work."""
     first_with: dict[str, Path] = {}
-    for files in cases:
-        name = output_name(files[0])
+    for name, files in named:
         if name in first_with:
             raise MedsegError(f"inputs {first_with[name]} and {files[0]} would both be written "
                               f"as {name}; {_clash_advice(first_with[name], files[0])}")
@@ -758,11 +808,12 @@ def _clash_advice(first: Path, second: Path) -> str:
     return "give them names of their own, or predict them into different --output folders"
 
 
-def _refuse_writing_onto_inputs(cases: list[tuple[Path, ...]], output_dir: Path) -> None:
+def _refuse_writing_onto_inputs(named: list[tuple[str, tuple[Path, ...]]],
+                                output_dir: Path) -> None:
     """A mask named as its scan (`case.nii.gz`) in the scan's folder would replace it (with
     --overwrite) or be taken for a finished output: refuse before any work."""
-    outputs = {(output_dir / output_name(files[0])).resolve() for files in cases}
-    for path in (path for files in cases for path in files):
+    outputs = {(output_dir / name).resolve() for name, _ in named}
+    for path in (path for _, files in named for path in files):
         if path.resolve() in outputs:
             raise MedsegError(f"--output {output_dir} would write a mask over this input; "
                               f"choose another output folder", path)

@@ -192,7 +192,8 @@ def test_the_clash_advice_names_the_parents_of_series_given_from_their_folder(
     monkeypatch.chdir(tmp_path / "p1")
     with pytest.raises(MedsegError, match=r"CT.nii.gz; give their parent folders instead "
                                           r"\(p1, p2, \.\.\.\)"):
-        _refuse_clashing_outputs([(Path("CT"),), (Path("../p2/CT"),)])
+        _refuse_clashing_outputs([("CT.nii.gz", (Path("CT"),)),
+                                  ("CT.nii.gz", (Path("../p2/CT"),))])
 
 
 def test_a_file_named_twice_is_predicted_once(trained_run, three_cases, tmp_path, capsys):

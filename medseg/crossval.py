@@ -1,0 +1,341 @@
+"""Cross-validation of trained runs, as nnU-Net's final validation and
+`nnUNetv2_find_best_configuration` give it: each fold's held-out cases segmented by that
+fold's network (or by the same fold of several runs: an ensemble) on their original grids,
+scored against their labels, summed up per fold and over all, and the post-processing that
+the scores support (nnU-Net's "keep the largest component" test, structure by structure).
+
+Validation during training scores the network grid, every few epochs, without surface
+metrics; this scores what `medseg predict` writes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from medseg.config import PredictConfig, Workflow, load_workflow
+from medseg.datasets import Case, Dataset, load_dataset, read_splits
+from medseg.errors import MedsegError
+from medseg.evaluate import CaseScores, evaluate_pairs, load_pair
+from medseg.fileio import atomic_write_json
+from medseg.metrics import leave_out_ignored, score_case
+from medseg.plan import Plan, load_plan
+from medseg.postprocess import keep_largest_component
+from medseg.predict import Predictor, load_predictor, predict_cases, predict_settings
+from medseg.report import format_table, summarize, write_reports
+from medseg.runs import refuse_changed_labels
+from medseg.stopping import raise_if_stopped
+
+CROSSVAL_FOLDER = "crossval"
+REQUEST_FILE = "crossval.json"  # what was asked: marks the folder as a cross-validation's
+POSTPROCESSING_FILE = "postprocessing.json"
+PREDICTIONS = "predictions"
+
+
+@dataclass(frozen=True)
+class CrossvalRequest:
+    runs: tuple[Path, ...]
+    out: Path
+    folds: tuple[int, ...] | None = None  # None: the folds every run has trained
+    dataset_path: str | None = None  # the dataset moved since training
+    overrides: tuple[str, ...] = ()  # predict.KEY=VALUE over the first run's predict section
+    tta: bool | None = None  # None: the run's predict.tta
+    step: float | None = None
+    device: str | None = None
+    overwrite: bool = False
+    tolerance_mm: float = 2.0
+    jobs: int = 1
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """The cases to score: each fold's validation cases of the dataset."""
+
+    plan: Plan
+    folds: tuple[int, ...]
+    cases_by_fold: dict[int, tuple[Case, ...]]
+
+    def all_cases(self) -> list[Case]:
+        return [case for fold in self.folds for case in self.cases_by_fold[fold]]
+
+
+def default_out(runs: list[Path]) -> Path:
+    """RUN_DIR/crossval for one run; an ensemble's results belong to none of its runs."""
+    if len(runs) > 1:
+        raise MedsegError("several runs (an ensemble) need --out DIR: their cross-validation "
+                          "belongs to none of them")
+    return runs[0] / CROSSVAL_FOLDER
+
+
+def cross_validate(request: CrossvalRequest) -> dict:
+    """Predict, score and sum up; returns the summary (with its `crossval` section)."""
+    held_out = _held_out_cases(request)
+    # the first fold's networks read (and the runs' plans compared) before the folder is
+    first = load_predictor(list(request.runs), [held_out.folds[0]], request.device)
+    config = predict_settings(request.runs, request.overrides, request.tta, request.step)
+    _claim_out_folder(request)
+    atomic_write_json(request.out / REQUEST_FILE, _request_record(request, held_out, config))
+    predictions = request.out / PREDICTIONS
+    failed = _predict_folds(request, held_out, predictions, first, config)
+    plan = held_out.plan
+    pairs = [(case.name, _mask_or_none(predictions, case, failed), case.label)
+             for case in held_out.all_cases()]
+    results = evaluate_pairs(pairs, plan.labels, tolerance_mm=request.tolerance_mm,
+                             jobs=request.jobs, ignore_label=plan.ignore_label)
+    summary = summarize(results, request.tolerance_mm)
+    summary["labels"] = {str(k): name for k, name in sorted(plan.labels.items())}
+    postprocessing = largest_component_test(results, plan)
+    summary["crossval"] = {"runs": [str(run.resolve()) for run in request.runs],
+                           "folds": _fold_means(results, held_out),
+                           "postprocessing": postprocessing}
+    print(format_table(summary))
+    _print_folds(summary["crossval"]["folds"])
+    _print_postprocessing(postprocessing, plan)
+    from medseg.report_scans import scans_of_inputs
+
+    scans = scans_of_inputs({case.name: case.images[0] for case in held_out.all_cases()})
+    write_reports(results, request.out, labels=plan.labels, tolerance_mm=request.tolerance_mm,
+                  summary=summary, scans=scans)
+    atomic_write_json(request.out / POSTPROCESSING_FILE, postprocessing)
+    print(f"wrote {request.out / 'scores.csv'}, summary.json, report.html and "
+          f"{POSTPROCESSING_FILE}; masks in {predictions}")
+    return summary
+
+
+def _held_out_cases(request: CrossvalRequest) -> HeldOut:
+    """Each asked fold's validation cases, checked before any work: the runs share their
+    splits and plans, the dataset still holds the cases and their labels."""
+    workflows = [_run_workflow(run) for run in request.runs]
+    splits = _shared_splits(request.runs)
+    folds = _folds_to_score(request, len(splits))
+    plan = load_plan(request.runs[0] / "plan.json")
+    dataset = _run_dataset(workflows[0], request.runs[0], request.dataset_path)
+    refuse_changed_labels(dataset, plan, request.runs[0] / "plan.json")
+    by_name = {case.name: case for case in dataset.cases}
+    cases_by_fold: dict[int, tuple[Case, ...]] = {}
+    seen: dict[str, int] = {}
+    for fold in folds:
+        names = splits[fold]["val"]
+        _refuse_unusable_cases(names, by_name, fold, seen, dataset)
+        cases_by_fold[fold] = tuple(by_name[name] for name in names)
+    return HeldOut(plan, folds, cases_by_fold)
+
+
+def _run_workflow(run: Path) -> Workflow:
+    if not run.is_dir():
+        raise MedsegError("run folder not found" if not run.exists() else
+                          "not a folder: give the run folder (the one holding plan.json)", run)
+    if not (run / "workflow.yaml").is_file():
+        raise MedsegError("not a medseg run folder (no workflow.yaml)", run)
+    return load_workflow(run / "workflow.yaml")
+
+
+def _shared_splits(runs: tuple[Path, ...]) -> list[dict]:
+    """The first run's splits.json; an ensemble's runs must hold the same validation cases
+    per fold, or a fold's network would score cases it was trained on."""
+    paths = [run / "splits.json" for run in runs]
+    for path in paths:
+        if not path.is_file():
+            raise MedsegError("splits.json not found (is this a medseg run folder?)", path)
+    first = read_splits(paths[0])
+    for path in paths[1:]:
+        other = read_splits(path)
+        if [sorted(f["val"]) for f in other] != [sorted(f["val"]) for f in first]:
+            raise MedsegError(f"holds other folds than {paths[0]}: an ensemble's runs must "
+                              f"share their splits (train them with the same "
+                              f"train.splits_file or seed)", path)
+    return first
+
+
+def _folds_to_score(request: CrossvalRequest, n_splits: int) -> tuple[int, ...]:
+    """The asked folds, or those with best weights in every run."""
+    from medseg.train import BEST_WEIGHTS, fold_folders
+
+    trained = [{k for k, p in fold_folders(run) if (p / "checkpoints" / BEST_WEIGHTS).is_file()}
+               for run in request.runs]
+    if request.folds is not None:
+        beyond = [k for k in request.folds if k >= n_splits]
+        if beyond:
+            raise MedsegError(f"splits.json holds {n_splits} folds; fold {beyond[0]} was asked "
+                              f"for", request.runs[0] / "splits.json")
+        for run, folds in zip(request.runs, trained, strict=True):
+            missing = sorted(set(request.folds) - folds)
+            if missing:
+                raise MedsegError(f"no trained weights for fold(s) {missing}", run)
+        return tuple(sorted(set(request.folds)))
+    common = set.intersection(*trained) & set(range(n_splits))
+    if not common:
+        raise MedsegError("no fold trained in every run given (each fold needs "
+                          "fold_K/checkpoints/best.safetensors)" if len(request.runs) > 1
+                          else "no trained fold (fold_K/checkpoints/best.safetensors)",
+                          request.runs[0])
+    untrained = n_splits - len(common)
+    if untrained:
+        print(f"medseg: note: {len(common)} of the {n_splits} folds are trained: "
+              f"the cross-validation covers their held-out cases only", file=sys.stderr)
+    return tuple(sorted(common))
+
+
+def _run_dataset(workflow: Workflow, run: Path, dataset_path: str | None) -> Dataset:
+    ds = workflow.dataset
+    path = dataset_path if dataset_path is not None else ds.path
+    try:
+        return load_dataset(path, ds.layout, ds.modality, ds.labels)
+    except MedsegError as exc:  # moved since: say where the path came from, and the way out
+        origin = ("the --dataset given" if dataset_path is not None else
+                  f"the dataset of {run / 'workflow.yaml'}; if it has moved, --dataset "
+                  f"NEW_PATH scores it there")
+        raise MedsegError(f"{exc} ({origin})") from exc
+
+
+def _refuse_unusable_cases(names: list[str], by_name: dict[str, Case], fold: int,
+                           seen: dict[str, int], dataset: Dataset) -> None:
+    """Each case once, in the dataset, with a label to score against."""
+    missing = [name for name in names if name not in by_name]
+    if missing:
+        raise MedsegError(f"fold {fold}'s validation case(s) {', '.join(missing[:3])} are not "
+                          f"in the dataset (score the dataset the run was trained on)",
+                          dataset.root)
+    for name in names:
+        if name in seen:
+            raise MedsegError(f"case {name} is held out by fold {seen[name]} and fold {fold}: "
+                              f"each case can be scored by one fold's network only; give "
+                              f"--folds")
+        seen[name] = fold
+        if by_name[name].label is None:
+            raise MedsegError(f"validation case {name} has no label to score against",
+                              dataset.root)
+
+
+def _claim_out_folder(request: CrossvalRequest) -> None:
+    """An empty (or new) folder, or an earlier cross-validation's with --overwrite; any other
+    folder's files are not ours to replace."""
+    out = request.out
+    if out.exists() and not out.is_dir():
+        raise MedsegError("output folder path is a file", out)
+    if not out.is_dir() or not any(out.iterdir()):
+        out.mkdir(parents=True, exist_ok=True)
+        return
+    if not (out / REQUEST_FILE).is_file():
+        raise MedsegError(f"is not empty and holds no earlier cross-validation "
+                          f"({REQUEST_FILE}): choose an empty --out", out)
+    if not request.overwrite:
+        raise MedsegError("holds an earlier cross-validation: --overwrite predicts and scores "
+                          "it again", out)
+
+
+def _request_record(request: CrossvalRequest, held_out: HeldOut, config: PredictConfig
+                    ) -> dict:
+    return {"runs": [str(run.resolve()) for run in request.runs],
+            "folds": list(held_out.folds),
+            "cases": {str(k): [c.name for c in v] for k, v in held_out.cases_by_fold.items()},
+            "predict": dataclasses.asdict(config)}
+
+
+def _predict_folds(request: CrossvalRequest, held_out: HeldOut, predictions: Path,
+                   first: Predictor | None, config: PredictConfig) -> set[str]:
+    """Each fold's held-out cases by that fold's network(s) (`first`: the first fold's),
+    masks written raw (without the run's post-processing, which `largest_component_test`
+    weighs); the names that failed."""
+    config = dataclasses.replace(config, largest_component=[], min_component_ml={})
+    failed: set[str] = set()
+    for fold in held_out.folds:
+        raise_if_stopped()
+        cases = held_out.cases_by_fold[fold]
+        print(f"fold {fold}: segmenting its {len(cases)} held-out case(s)")
+        predictor = first if first is not None else \
+            load_predictor(list(request.runs), [fold], request.device)
+        first = None  # its networks freed with the fold's
+        results = predict_cases(predictor, [(c.name, c.images) for c in cases], predictions,
+                                config, overwrite=True)
+        failed |= {case.name for case, result in zip(cases, results, strict=True)
+                   if result.error}
+        del predictor
+    return failed
+
+
+def _mask_or_none(predictions: Path, case: Case, failed: set[str]) -> Path | None:
+    """A failed case's mask is none, even if an earlier cross-validation left one."""
+    return None if case.name in failed else predictions / f"{case.name}.nii.gz"
+
+
+def _fold_means(results: list[CaseScores], held_out: HeldOut) -> dict[str, dict]:
+    """Per fold: its case count and the mean Dice per structure and over them."""
+    by_case = {r.case: r for r in results}
+    folds = {}
+    for fold in held_out.folds:
+        fold_results = [by_case[c.name] for c in held_out.cases_by_fold[fold]]
+        summary = summarize(fold_results)
+        folds[str(fold)] = {
+            "cases": len(fold_results),
+            "failed_cases": summary["failed_cases"],
+            "mean_dice": summary["mean_dice"],
+            "dice": {name: stats["dice"]["mean"]
+                     for name, stats in summary["structures"].items()},
+        }
+    return folds
+
+
+def largest_component_test(results: list[CaseScores], plan: Plan) -> dict:
+    """nnU-Net's post-processing choice: per structure, whether keeping only its largest
+    26-connected component raises its mean Dice over the held-out cases (strictly, as
+    nnU-Net decides). Cases that failed are left out of both means."""
+    ids = {name: label for label, name in plan.labels.items() if label > 0}
+    before: dict[str, list[float]] = {name: [] for name in ids}
+    after: dict[str, list[float]] = {name: [] for name in ids}
+    scored = [r for r in results if not r.error]
+    for result in tqdm(scored, desc="largest component", unit="case", dynamic_ncols=True):
+        raise_if_stopped()
+        pair = load_pair(result.prediction, result.reference, plan.labels, resample=False,
+                         ignore_label=plan.ignore_label)
+        prediction, reference = leave_out_ignored(pair.prediction, pair.reference,
+                                                  plan.ignore_label)
+        kept = keep_largest_component(prediction, sorted(ids.values()))
+        scores = score_case(kept, reference, plan.labels, pair.spacing, surface=False)
+        for name in ids:
+            before[name].append(result.scores[name]["dice"])
+            after[name].append(scores[name]["dice"])
+    structures = {}
+    for name, label in ids.items():
+        mean_before, mean_after = _finite_mean(before[name]), _finite_mean(after[name])
+        structures[name] = {"id": label, "dice": mean_before,
+                            "dice_largest_component": mean_after,
+                            "apply": bool(mean_after > mean_before)}
+    return {"largest_component": [s["id"] for s in structures.values() if s["apply"]],
+            "cases": len(scored), "structures": structures}
+
+
+def _finite_mean(values: list[float]) -> float:
+    finite = [v for v in values if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else math.nan
+
+
+def _print_folds(folds: dict[str, dict]) -> None:
+    for fold, entry in folds.items():
+        dice = ", ".join(f"{name} {value:.4f}" for name, value in entry["dice"].items()
+                         if math.isfinite(value))
+        print(f"fold {fold} ({entry['cases']} cases): mean Dice {entry['mean_dice']:.4f}"
+              f"{f' ({dice})' if dice else ''}")
+
+
+def _print_postprocessing(result: dict, plan: Plan) -> None:
+    """What keeping the largest component does to each structure, and how to use it."""
+    lines = [f"  {name}: {s['dice']:.4f} -> {s['dice_largest_component']:.4f}"
+             f"{' (raises it)' if s['apply'] else ''}"
+             for name, s in result["structures"].items() if math.isfinite(s["dice"])]
+    if not lines:
+        return
+    print("keeping only the largest component (mean Dice, raw -> kept):")
+    print("\n".join(lines))
+    chosen = result["largest_component"]
+    if chosen:
+        print(f"to use it: medseg predict ... --set predict.largest_component="
+              f"{json.dumps(chosen).replace(' ', '')}")
+    else:
+        print("it raises no structure's Dice: predict without it")

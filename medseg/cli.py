@@ -273,6 +273,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     with distributed_session() as ranks, _stdout_of_main_rank_only(ranks.main), \
             runs.one_trainer(run_dir, ranks):
         job()
+        print(f"to score each fold's held-out cases on their own grids: medseg crossval "
+              f"{run_dir}")
     return 0
 
 

@@ -231,3 +231,22 @@ def test_predict_set_changes_the_runs_predict_section(trained_run, phantom_datas
     assert main(["predict", "--model", str(trained_run), "--input", *scans, "--output",
                  str(tmp_path / "bad"), "--set", "plan.batch_size=3"]) == 2
     assert "only keys of the predict section" in capsys.readouterr().err
+
+
+def test_a_run_of_every_fold_scores_every_case_once(phantom_dataset, tmp_path, capsys):
+    from helpers import REPO, TINY_TRAINING, as_sets
+
+    run = tmp_path / "all"
+    assert main(["train", str(REPO / "workflows" / "demo.yaml"), "--out", str(run), "--fold",
+                 "all", *as_sets([f"dataset.path={phantom_dataset}", *TINY_TRAINING,
+                                  "train.epochs=1"])]) == 0
+    assert f"medseg crossval {run}" in capsys.readouterr().out
+    assert main(["crossval", str(run)]) == 0
+    captured = capsys.readouterr()
+    assert "folds are trained" not in captured.err
+    summary = json.loads((run / "crossval" / "summary.json").read_text(encoding="utf-8"))
+    cases = sorted(p.name[: -len(".nii.gz")] for p in (phantom_dataset / "labelsTr").iterdir())
+    assert sorted(summary["files"]) == cases and summary["n_cases"] == len(cases)
+    folds = summary["crossval"]["folds"]
+    assert sorted(folds) == ["0", "1", "2", "3", "4"]
+    assert sum(entry["cases"] for entry in folds.values()) == len(cases)

@@ -1,4 +1,4 @@
-"""The verbs: demo, train, predict, evaluate, crossval, check, convert.
+"""The verbs: demo, train, predict, evaluate, crossval, check, convert, convert-msd.
 
 Only this module, runs.py and crossval.py wire the stages together: this one parses the
 command line, runs the command, and turns its errors into one line and an exit code; runs.py
@@ -401,6 +401,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_msd(args: argparse.Namespace) -> int:
+    from medseg.msd import convert_msd, print_conversion
+
+    print_conversion(convert_msd(Path(args.task), Path(args.out), args.jobs))
+    return 0
+
+
 def _refuse_another_series(path: Path, series_uid: str) -> None:
     """A folder of one series is read as it is whatever --series says (predict's batches
     mix such folders); convert reads one input, so a --series it does not hold is a mistake."""
@@ -735,6 +742,16 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("output", type=_path_text,
                          help="output file: .nii.gz, .nii, .nrrd or .mha")
     convert.set_defaults(handler=cmd_convert)
+
+    convert_msd = sub.add_parser("convert-msd", parents=[common],
+                                 help="write an MSD task in nnU-Net's layout, one file per "
+                                      "channel")
+    convert_msd.add_argument("task", type=_path_text,
+                             help="MSD task folder (holding dataset.json, imagesTr, labelsTr)")
+    convert_msd.add_argument("out", type=_path_text, help="new (or empty) folder to write")
+    convert_msd.add_argument("--jobs", type=int, default=1,
+                             help="files written in parallel threads (default: %(default)s)")
+    convert_msd.set_defaults(handler=cmd_convert_msd)
     return parser
 
 

@@ -461,7 +461,20 @@ def _listed(root: Path, entry: object, description: Path) -> Path:
     return Path(os.path.normpath(root / entry.strip()))
 
 
-def _list_msd(root: Path, read_labels: bool = True) -> Listing:
+@dataclass(frozen=True)
+class MsdTask:
+    """An MSD task's dataset.json as listed: (case, image, label) per training entry, the
+    test images, and the channel names in channel order (MSD's 'modality')."""
+
+    description: Path
+    data: dict
+    training: tuple[tuple[str, Path, Path], ...]
+    test: tuple[Path, ...]
+    channel_names: tuple[str, ...]
+
+
+def read_msd_task(root: Path) -> MsdTask:
+    """Parse an MSD task's dataset.json; listed files are not checked here."""
     description = root / "dataset.json"
     data = _read_description(description)
     entries = data.get("training")
@@ -469,26 +482,38 @@ def _list_msd(root: Path, read_labels: bool = True) -> Listing:
         hint = (" (an nnU-Net dataset? set dataset.layout to nnunet or auto)"
                 if "channel_names" in data else "")
         raise MedsegError(f"'training' must be a list of {{image, label}}{hint}", description)
-    cases = []
+    training = []
     for entry in entries:
         if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
             raise MedsegError(f"training entry {entry!r} needs 'image' and 'label'", description)
         image = _listed(root, entry["image"], description)
-        label = _listed(root, entry["label"], description)
-        cases.append(Case(strip_image_suffix(image.name), (image,), label))
+        training.append((strip_image_suffix(image.name), image,
+                         _listed(root, entry["label"], description)))
+    test = data.get("test", [])
+    if not isinstance(test, list):
+        raise MedsegError("'test' must be a list of image paths", description)
     modality = data.get("modality", {"0": "MR"})
     if not isinstance(modality, dict):
         raise MedsegError("'modality' must map channel numbers to names", description)
-    modalities = tuple(_modality_name(modality[k])
-                       for k in _channel_numbers(modality, "modality", description))
+    names = tuple(str(modality[k]) for k in _channel_numbers(modality, "modality", description))
+    return MsdTask(description, data, tuple(training),
+                   tuple(_listed(root, entry, description) for entry in test), names)
+
+
+def _list_msd(root: Path, read_labels: bool = True) -> Listing:
+    task = read_msd_task(root)
+    description = task.description
+    cases = [Case(name, (image,), label) for name, image, label in task.training]
+    modalities = tuple(_modality_name(name) for name in task.channel_names)
     if len(modalities) > 1:
-        raise MedsegError(f"'modality' lists {len(modalities)} channels: MSD's 4D multi-channel "
-                          f"images are not split into channels yet; list one file per channel "
-                          f"with the CSV or nnU-Net layout", description)
+        raise MedsegError(f"'modality' lists {len(modalities)} channels, which MSD stores "
+                          f"together in 4D images: write the task in nnU-Net's layout, one "
+                          f"file per channel, with `medseg convert-msd {root} NEW_FOLDER`, and "
+                          f"train on that", description)
     dataset = Dataset(root, tuple(cases), _map_of(description, read_labels), modalities,
                       description)
     # MSD's own tools never check it, and a trimmed 'training' list is a dataset too
-    mismatch = _count_mismatch(data, len(cases), "'training' lists")
+    mismatch = _count_mismatch(task.data, len(cases), "'training' lists")
     return Listing(dataset, "msd", description,
                    count_mismatch=("warning", mismatch) if mismatch else None)
 

@@ -239,12 +239,13 @@ def is_nifti(path: str | Path) -> bool:
 
 
 def read_geometry(path: str | Path, series_uid: str | None = None,
-                  resample_irregular: bool = False) -> Geometry:
-    """The geometry of a volume from its header(s) alone, with every header check applied."""
+                  resample_irregular: bool = False, channels: bool = False) -> Geometry:
+    """The geometry of a volume from its header(s) alone, with every header check applied;
+    with `channels`, a NIfTI of several volumes (MSD's 4D images) gives their grid."""
     path = Path(path)
     kind = _kind(path)
     if kind == "nifti":
-        image = load_nifti(path)
+        image = load_nifti(path, channels=channels)
         return Geometry(tuple(image.shape[:3]), nifti_affine_mm(image), image.header.copy())
     if kind == "itk":
         from medseg.itkio import orientation_note, read_itk_header
@@ -428,10 +429,10 @@ def convert_volume(input: str | Path, output: str | Path, series_uid: str | None
         refuse_unwritable_place(output)
     volume = read_volume(input, dtype=None, series_uid=series_uid,
                          resample_irregular=resample_irregular)
-    return write_volume(_unscaled(volume), volume.geometry, output)
+    return write_volume(compact_voxels(volume), volume.geometry, output)
 
 
-def _unscaled(volume: Volume) -> np.ndarray:
+def compact_voxels(volume: Volume) -> np.ndarray:
     """Integers stored with a NIfTI scl_slope/inter come out of nibabel as float64: when the
     scaled values are whole numbers (HU from uint16 and an intercept of -1024), the smallest
     integer type that holds them keeps the converted file a quarter of that size."""

@@ -45,6 +45,7 @@ from medseg.io import (
     VOLUME_SUFFIXES,
     Geometry,
     Volume,
+    channel_count,
     header_note,
     read_volume,
     refuse_sheared_axes,
@@ -388,16 +389,23 @@ def group_channels(paths: list[Path], channels: int,
     """One tuple of channel files per case. With several channels, files follow nnU-Net's
     naming (`CASE_0000.nii.gz`, `CASE_0001.nii.gz`, ...) and every case needs all of them:
     a case that lacks one, or has one beyond the model's, is refused, or with `incomplete`
-    left out and listed there (its first file and why) for the batch to report."""
+    left out and listed there (its first file and why) for the batch to report. A NIfTI
+    named otherwise that holds as many volumes as the model's channels (MSD's 4D images) is
+    a case of its own."""
     if channels == 1:
         _note_further_channels(paths)
         return [(path,) for path in paths]
     cases: dict[str, dict[int, Path]] = {}
+    packed = []  # MSD's way: one 4D NIfTI holding every channel
     for path in paths:
         match = CHANNEL_SUFFIX.fullmatch(strip_image_suffix(path.name))
+        if match is None and path.is_file() and channel_count(path) == channels:
+            packed.append((path,))
+            continue
         if match is None:
             raise MedsegError(f"the model takes {channels} channels: name the files "
-                              f"CASE_0000 ... CASE_{channels - 1:04d}", path)
+                              f"CASE_0000 ... CASE_{channels - 1:04d}, or give one 4D NIfTI "
+                              f"of {channels} volumes per case", path)
         case, channel = match.group(1), int(match.group(2))
         files_of_case = cases.setdefault(case, {})
         if channel in files_of_case:
@@ -413,7 +421,7 @@ def group_channels(paths: list[Path], channels: int,
             raise problem
         else:
             incomplete.append((files[min(files)], problem))
-    return grouped
+    return grouped + packed
 
 
 def _channel_problem(case: str, files: dict[int, Path], channels: int) -> MedsegError | None:
@@ -457,6 +465,10 @@ def prepare_case(plan: Plan, volume: Volume | Path | list[Volume | Path],
     """Read (if given paths) and preprocess one case as training did; only the preprocessed
     image is kept, not the input voxels."""
     channels = volume if isinstance(volume, list) else [volume]
+    if len(channels) == 1 and plan.in_channels > 1 and isinstance(channels[0], Path) \
+            and channel_count(channels[0]) == plan.in_channels:  # one 4D NIfTI, as MSD's
+        channels = [read_volume(channels[0], np.float32, channel=k)
+                    for k in range(plan.in_channels)]
     if len(channels) != plan.in_channels:
         first = channels[0].path if isinstance(channels[0], Volume) else channels[0]
         raise MedsegError(f"the model expects {plan.in_channels} channel(s), got "

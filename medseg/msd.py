@@ -1,0 +1,203 @@
+"""`medseg convert-msd TASK OUT`: an MSD task written in nnU-Net v2's raw layout, one file
+per channel (as nnU-Net's `nnUNetv2_convert_MSD_dataset`), so that a task whose images hold
+several channels in one 4D file (BrainTumour, Prostate) can be trained.
+
+Written here because neither MONAI nor nnU-Net (not a dependency) offers it as a function:
+MONAI's DecathlonDataset reads the 4D files as they are. Each channel keeps its voxel values
+and the file's header (qform/sform, codes and units): it is read and written with medseg's own
+NIfTI reader and writer, as `medseg convert` does."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from medseg.datasets import MsdTask, read_msd_task, strip_image_suffix
+from medseg.errors import MedsegError
+from medseg.fileio import atomic_path, atomic_write_text
+from medseg.io import (
+    channel_count,
+    compact_voxels,
+    read_geometry,
+    read_volume,
+    write_volume,
+)
+from medseg.stopping import raise_if_stopped
+
+ENDING = ".nii.gz"
+# dataset.json keys copied as they are (nnU-Net v2 keeps these too)
+KEPT_KEYS = ("name", "description", "reference", "licence", "release", "tensorImageSize")
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """What convert_msd wrote."""
+
+    out: Path
+    training: int
+    test: int
+    channels: int
+
+
+def convert_msd(task_dir: Path, out: Path, jobs: int = 1) -> Conversion:
+    """Write `out` (a new or empty folder) from the MSD task in `task_dir`: imagesTr/
+    CASE_000K.nii.gz per channel K, labelsTr/CASE.nii.gz (copied byte for byte),
+    imagesTs/CASE_000K.nii.gz, and a dataset.json with channel_names, labels (name -> id),
+    numTraining and file_ending. The task's files are only read."""
+    if jobs < 1:
+        raise MedsegError(f"--jobs must be at least 1, got {jobs}")
+    task_dir = Path(task_dir)
+    if not (task_dir / "dataset.json").is_file():
+        raise MedsegError("no dataset.json: give the MSD task folder (Task01_BrainTumour, ...)",
+                          task_dir)
+    task = read_msd_task(task_dir)
+    labels = _labels_by_name(task)
+    _refuse_unusable_out(out, task_dir)
+    channels = len(task.channel_names)
+    work = _work_items(task, out, channels)
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        for folder in ("imagesTr", "labelsTr", "imagesTs"):
+            (out / folder).mkdir(exist_ok=True)
+        _run(work, jobs)
+        atomic_write_text(out / "dataset.json", json.dumps(
+            _nnunet_description(task, labels), indent=2, ensure_ascii=False) + "\n")
+    except BaseException:
+        # nothing half-converted left: the folder was new or empty
+        shutil.rmtree(out) if made else _empty(out)
+        raise
+    return Conversion(out, len(task.training), len(task.test), channels)
+
+
+def _labels_by_name(task: MsdTask) -> dict[str, int]:
+    """MSD's labels ({"0": "background", ...}) as nnU-Net v2's ({"background": 0, ...})."""
+    table = task.data.get("labels")
+    if not isinstance(table, dict) or not table:
+        raise MedsegError("no 'labels' mapping found", task.description)
+    by_name: dict[str, int] = {}
+    for key, name in table.items():
+        try:
+            label = int(key)
+        except (TypeError, ValueError) as exc:
+            raise MedsegError(f"'labels' must map ids (\"0\", \"1\", ...) to names, got key "
+                              f"{key!r}", task.description) from exc
+        if not isinstance(name, str) or not name.strip():
+            raise MedsegError(f"label {key} needs a name", task.description)
+        if name in by_name:
+            raise MedsegError(f"labels {by_name[name]} and {label} are both named {name!r}: "
+                              f"nnU-Net's layout maps names to ids", task.description)
+        by_name[name] = label
+    return by_name
+
+
+def _refuse_unusable_out(out: Path, task_dir: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise MedsegError("output folder path is a file", out)
+    if out.is_dir() and any(out.iterdir()):
+        raise MedsegError("output folder is not empty: give a new folder", out)
+    resolved, task = out.resolve(), task_dir.resolve()
+    if resolved == task or task in resolved.parents:
+        raise MedsegError("output folder lies inside the task folder: give one beside it", out)
+
+
+def _work_items(task: MsdTask, out: Path, channels: int) -> list[tuple]:
+    """(kind, case, source, target folder) per case, each image checked for its channel
+    count and each label for its grid before anything is written."""
+    items = []
+    for name, image, label in task.training:
+        _check_image(image, channels, task)
+        _check_label(label, image)
+        items.append(("image", name, image, out / "imagesTr", channels))
+        items.append(("label", name, label, out / "labelsTr", channels))
+    seen = {name for name, _, _ in task.training}
+    for image in task.test:
+        name = strip_image_suffix(image.name)
+        if name in seen:
+            raise MedsegError(f"case name {name!r} is listed twice (training and test, or twice "
+                              f"in one)", image)
+        seen.add(name)
+        _check_image(image, channels, task)
+        items.append(("image", name, image, out / "imagesTs", channels))
+    return items
+
+
+def _check_image(image: Path, channels: int, task: MsdTask) -> None:
+    if not image.is_file():
+        raise MedsegError("listed in dataset.json but not found", image)
+    found = channel_count(image)
+    if found != channels:
+        raise MedsegError(f"holds {found} volume(s), and dataset.json's 'modality' names "
+                          f"{channels} channel(s) ({', '.join(task.channel_names)})", image)
+
+
+def _check_label(label: Path, image: Path) -> None:
+    if not label.is_file():
+        raise MedsegError("listed in dataset.json but not found", label)
+    if channel_count(label) != 1:
+        raise MedsegError("a label map must hold one volume", label)
+    label_shape = read_geometry(label).shape
+    image_shape = read_geometry(image, channels=True).shape
+    if tuple(label_shape) != tuple(image_shape):
+        raise MedsegError(f"label shape {tuple(label_shape)} differs from its image's "
+                          f"{tuple(image_shape)} ({image.name})", label)
+
+
+def _run(work: list[tuple], jobs: int) -> None:
+    """Convert every item, `jobs` at a time (gzip runs outside the GIL: threads suffice)."""
+    bar = tqdm(total=len(work), desc="convert", unit="file", dynamic_ncols=True)
+    pool = ThreadPoolExecutor(jobs, "medseg-convert")
+    try:
+        for _ in pool.map(_convert_item, work):
+            bar.update(1)
+    finally:  # on an error or Ctrl-C, the items not started are dropped, not run
+        pool.shutdown(wait=True, cancel_futures=True)
+        bar.close()
+
+
+def _convert_item(item: tuple) -> None:
+    raise_if_stopped()
+    kind, name, source, folder, channels = item
+    if kind == "label":
+        target = folder / f"{name}{ENDING}"
+        if source.name.lower().endswith(ENDING):
+            with atomic_path(target) as tmp:
+                shutil.copyfile(source, tmp)
+        else:  # a .nii label: written compressed, as the layout's file_ending says
+            write_volume(compact_voxels(read_volume(source, dtype=None)),
+                         read_geometry(source), target, label_map=True)
+        return
+    for channel in range(channels):
+        volume = read_volume(source, dtype=None, channel=channel if channels > 1 else None)
+        target = folder / f"{name}_{channel:04d}{ENDING}"
+        write_volume(compact_voxels(volume), volume.geometry, target)
+
+
+def _nnunet_description(task: MsdTask, labels: dict[str, int]) -> dict:
+    description = {key: task.data[key] for key in KEPT_KEYS if key in task.data}
+    description.update({
+        "channel_names": {str(k): name for k, name in enumerate(task.channel_names)},
+        "labels": labels,
+        "numTraining": len(task.training),
+        "file_ending": ENDING,
+        "converted_from": os.path.abspath(task.description),
+    })
+    return description
+
+
+def _empty(folder: Path) -> None:
+    for child in folder.iterdir():
+        shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+
+
+def print_conversion(result: Conversion) -> None:
+    print(f"wrote {result.out}: {result.training} training and {result.test} test case(s), "
+          f"{result.channels} channel(s) each, in nnU-Net's layout; train on it with "
+          f"dataset.path: {result.out}", file=sys.stdout)

@@ -174,3 +174,22 @@ def test_a_broken_file_leaves_no_half_conversion(msd_task, tmp_path, capsys):
               if line.startswith("medseg: error:")]
     assert len(errors) == 1 and "phantom_007.nii.gz: cannot read voxel data" in errors[0]
     assert not out.exists()
+
+
+def test_the_real_hippocampus_task_converts_case_for_case(tmp_path):
+    from helpers import requires_shared
+
+    task = requires_shared("Task04_Hippocampus")
+    out = tmp_path / "Dataset004_Hippocampus"
+    assert main(["convert-msd", str(task), str(out), "--jobs", "2"]) == 0
+    original, converted = load_dataset(task), load_dataset(out)
+    assert [c.name for c in converted.cases] == sorted(c.name for c in original.cases)
+    assert converted.labels == original.labels
+    assert converted.modalities == original.modalities
+    for case in original.cases[:5]:
+        before = read_volume(case.images[0], dtype=None)
+        after = read_volume(out / "imagesTr" / f"{case.name}_0000.nii.gz", dtype=None)
+        np.testing.assert_array_equal(before.data, after.data)
+        np.testing.assert_array_equal(before.geometry.affine, after.geometry.affine)
+        assert (out / "labelsTr" / f"{case.name}.nii.gz").read_bytes() == \
+            case.label.read_bytes()

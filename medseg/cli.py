@@ -1,4 +1,4 @@
-"""The verbs: demo, train, predict, evaluate, crossval, check, convert, convert-msd.
+"""The verbs: demo, train, predict, evaluate, crossval, export, check, convert, convert-msd.
 
 Only this module, runs.py and crossval.py wire the stages together: this one parses the
 command line, runs the command, and turns its errors into one line and an exit code; runs.py
@@ -292,7 +292,33 @@ def cmd_predict(args: argparse.Namespace) -> int:
         _check_reference_without_shards(args.shard, args.output, args.reference)
         if not Path(args.reference).is_dir():  # before the batch, not after it
             raise MedsegError("reference folder not found", args.reference)
-    models = [Path(model) for model in args.model]
+    _refuse_repeated_archives(args.model)
+    with contextlib.ExitStack() as archives:
+        models = [_run_folder_of(Path(model), archives) for model in args.model]
+        return _predict_and_report(args, models, options)
+
+
+def _refuse_repeated_archives(models: list[str]) -> None:
+    """Each archive is unpacked into a folder of its own, where predict's check of runs
+    named twice would no longer see one given twice."""
+    from medseg.archive import is_archive
+
+    archives = [os.path.realpath(model) for model in models if is_archive(Path(model))]
+    twice = next((path for path in archives if archives.count(path) > 1), None)
+    if twice is not None:
+        raise MedsegError("given twice to --model: each run would count twice in the mean",
+                          twice)
+
+
+def _run_folder_of(model: Path, archives: contextlib.ExitStack) -> Path:
+    """A run folder as given, or a model archive of `medseg export` unpacked for the command."""
+    from medseg.archive import is_archive, opened_model
+
+    return archives.enter_context(opened_model(model)) if is_archive(model) else model
+
+
+def _predict_and_report(args: argparse.Namespace, models: list[Path],
+                        options: _PredictOptions) -> int:
     results = _predict(models, args.input, Path(args.output), options)
     failed = sum(1 for r in results if r.error)
     if failed and failed == len(results):
@@ -375,6 +401,17 @@ def cmd_crossval(args: argparse.Namespace) -> int:
         tuple(args.overrides), args.tta, args.step, args.device, args.overwrite,
         args.tolerance_mm, args.jobs))
     return 1 if summary["failed_cases"] else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from medseg.archive import export_run
+
+    folds = _parse_predict_folds(args.folds)
+    exported = export_run(Path(args.run), Path(args.archive), folds, args.overwrite)
+    print(f"wrote {exported.path} ({exported.size / 2**20:.1f} MB: "
+          f"{', '.join(f'fold_{k}' for k in exported.folds)}); segment with it: medseg predict "
+          f"--model {exported.path} --input ... --output ...")
+    return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -640,8 +677,9 @@ def _parser() -> argparse.ArgumentParser:
 
     predict = sub.add_parser("predict", parents=[common, dicom], help="segment new volumes")
     predict.add_argument("--model", required=True, nargs="+", type=_path_text,
-                         help="run folder made by medseg train; several: an ensemble (the "
-                              "mean of their probabilities, each run weighing the same)")
+                         help="run folder made by medseg train, or a model .zip of medseg "
+                              "export; several: an ensemble (the mean of their "
+                              "probabilities, each run weighing the same)")
     predict.add_argument("--input", required=True, nargs="+", type=_path_text,
                          help="files or folders")
     predict.add_argument("--output", required=True, type=_path_text, help="folder for the masks")
@@ -725,6 +763,17 @@ def _parser() -> argparse.ArgumentParser:
                           help="folder of the scans (CASE or CASE_0000), drawn under the "
                                "report's overlays")
     evaluate.set_defaults(handler=cmd_evaluate)
+
+    export = sub.add_parser("export", parents=[common],
+                            help="pack a trained run into one zip file for another site")
+    export.add_argument("run", metavar="RUN_DIR", type=_path_text,
+                        help="run folder made by medseg train")
+    export.add_argument("archive", metavar="MODEL_ZIP", type=_path_text,
+                        help="the .zip file to write")
+    export.add_argument("--folds", default=None,
+                        help="comma-separated folds (default: every trained fold)")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing archive")
+    export.set_defaults(handler=cmd_export)
 
     check = sub.add_parser("check", parents=[common],
                            help="report every problem of a dataset before training")

@@ -1,0 +1,184 @@
+"""A trained run packed into one zip file to hand to another site (`medseg export`), and
+opened again by `medseg predict --model MODEL.zip`, as nnU-Net's
+`nnUNetv2_export_model_to_zip` and `nnUNetv2_install_pretrained_model_from_zip` do.
+
+The archive holds what prediction needs and nothing that names the training cases or the
+training machine: plan.json, workflow.yaml with its local paths removed, each chosen fold's
+best.safetensors (no pickle) and metrics.jsonl, and medseg_model.json, a manifest with each
+file's SHA-256. fingerprint.json and splits.json (case names), the training states and the
+cache stay behind. Opening checks every member against the manifest before anything is
+read from it; a name outside the expected set (`../x`, an absolute path) is refused."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import re
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from medseg import __version__
+from medseg.errors import MedsegError
+from medseg.fileio import atomic_path
+
+MANIFEST = "medseg_model.json"
+FORMAT = 1
+BEST = "best.safetensors"
+CHUNK = 1 << 20
+MEMBER = re.compile(r"plan\.json|workflow\.yaml|fold_[0-9]+/(checkpoints/best\.safetensors"
+                    r"|metrics\.jsonl)")
+# workflow keys that name files of the training machine: no use elsewhere, and they may
+# name a person (/home/jdoe/...)
+LOCAL_PATHS = {("dataset", "path"): "", ("train", "init"): None, ("train", "splits_file"): None}
+
+
+@dataclass(frozen=True)
+class Exported:
+    path: Path
+    folds: tuple[int, ...]
+    size: int
+
+
+def export_run(run_dir: Path, target: Path, folds: list[int] | None = None,
+               overwrite: bool = False) -> Exported:
+    """Write `target` (a .zip) from the run folder: the chosen folds (default: every fold
+    with best weights)."""
+    from medseg.train import fold_folders
+
+    if not target.name.lower().endswith(".zip"):
+        raise MedsegError("the model archive must be named .zip", target)
+    if target.exists() and not overwrite:
+        raise MedsegError("exists: --overwrite replaces it", target)
+    for name in ("plan.json", "workflow.yaml"):
+        if not (run_dir / name).is_file():
+            raise MedsegError(f"not a medseg run folder (no {name})", run_dir)
+    trained = {k: p for k, p in fold_folders(run_dir) if (p / "checkpoints" / BEST).is_file()}
+    chosen = sorted(trained) if folds is None else sorted(set(folds))
+    missing = [k for k in chosen if k not in trained]
+    if missing or not chosen:
+        raise MedsegError(f"no trained weights for fold(s) {missing}" if missing else
+                          "no trained fold with checkpoints/best.safetensors", run_dir)
+    sources = {"plan.json": run_dir / "plan.json"}
+    for k in chosen:
+        for part in (f"checkpoints/{BEST}", "metrics.jsonl"):
+            if (trained[k] / part).is_file():
+                sources[f"fold_{k}/{part}"] = trained[k] / part
+    workflow = _shareable_workflow(run_dir / "workflow.yaml")
+    digests = {name: _sha256_of_file(path) for name, path in sources.items()}
+    digests["workflow.yaml"] = hashlib.sha256(workflow).hexdigest()
+    manifest = {"format": FORMAT, "medseg_version": __version__, "folds": chosen,
+                "files": dict(sorted(digests.items()))}
+    with atomic_path(target) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("workflow.yaml", workflow)
+        for name, path in sorted(sources.items()):
+            zf.write(path, name)
+        zf.writestr(MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    return Exported(target, tuple(chosen), target.stat().st_size)
+
+
+def _shareable_workflow(path: Path) -> bytes:
+    """The run's workflow.yaml with the paths of the training machine emptied."""
+    from medseg.config import load_workflow  # checks it as any reader would
+
+    load_workflow(path)
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    for (section, key), empty in LOCAL_PATHS.items():
+        if isinstance(data.get(section), dict) and data[section].get(key):
+            data[section][key] = empty
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True).encode("utf-8")
+
+
+def is_archive(path: Path) -> bool:
+    return path.is_file() and path.name.lower().endswith(".zip")
+
+
+@contextlib.contextmanager
+def opened_model(archive: Path) -> Iterator[Path]:
+    """The archive checked and unpacked into a temporary run folder (named as the archive),
+    removed when the block ends."""
+    with tempfile.TemporaryDirectory(prefix="medseg-model-") as folder:
+        run_dir = Path(folder) / _stem(archive)
+        unpack(archive, run_dir)
+        yield run_dir
+
+
+def unpack(archive: Path, run_dir: Path) -> None:
+    """Every member checked (name, manifest, SHA-256) before it is written under run_dir."""
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            manifest = _manifest(zf, archive)
+            names = [info.filename for info in zf.infolist() if not info.is_dir()]
+            _refuse_unexpected_members(names, manifest, archive)
+            for name, expected in manifest["files"].items():
+                target = run_dir / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                if _copy_hashed(zf, name, target) != expected:
+                    raise MedsegError(f"{name} does not match its SHA-256 in {MANIFEST}: the "
+                                      f"archive is damaged or was changed", archive)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as exc:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise MedsegError(f"not a readable model archive ({exc})", archive) from exc
+    except MedsegError:
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _sha256_of_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _copy_hashed(zf: zipfile.ZipFile, name: str, target: Path) -> str:
+    """Write a member to `target` in blocks; its SHA-256."""
+    digest = hashlib.sha256()
+    with zf.open(name) as source, open(target, "wb") as sink:
+        for block in iter(lambda: source.read(CHUNK), b""):
+            digest.update(block)
+            sink.write(block)
+    return digest.hexdigest()
+
+
+def _manifest(zf: zipfile.ZipFile, archive: Path) -> dict:
+    try:
+        manifest = json.loads(zf.read(MANIFEST).decode("utf-8"))
+    except KeyError as exc:
+        raise MedsegError(f"no {MANIFEST}: not a model archive of `medseg export`",
+                          archive) from exc
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MedsegError(f"{MANIFEST} is not valid JSON ({exc})", archive) from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT \
+            or not isinstance(manifest.get("files"), dict):
+        raise MedsegError(f"{MANIFEST} is not of format {FORMAT} (an archive of another "
+                          f"medseg version?)", archive)
+    return manifest
+
+
+def _refuse_unexpected_members(names: list[str], manifest: dict, archive: Path) -> None:
+    listed = set(manifest["files"])
+    for name in [*names, *listed]:
+        if name != MANIFEST and not MEMBER.fullmatch(name):
+            raise MedsegError(f"holds {name!r}, which no model archive holds", archive)
+    unlisted = sorted(set(names) - listed - {MANIFEST})
+    absent = sorted(listed - set(names))
+    if unlisted or absent:
+        raise MedsegError(f"{MANIFEST} does not list the archive's files (unlisted: "
+                          f"{unlisted}, absent: {absent})", archive)
+    if len(names) != len(set(names)):
+        raise MedsegError("holds a file twice", archive)
+    for name in ("plan.json", "workflow.yaml"):
+        if name not in listed:
+            raise MedsegError(f"holds no {name}", archive)
+
+
+def _stem(archive: Path) -> str:
+    return archive.name[: -len(".zip")] or "model"

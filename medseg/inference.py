@@ -183,6 +183,38 @@ def stream_probabilities(predict_windows: WindowPredictor, image: torch.Tensor,
         weights.index_fill_(2, finished, 0)
 
 
+def merged_planes(streams: list[Iterator[tuple[int, torch.Tensor]]], shares: list[float]
+                  ) -> Iterator[tuple[int, torch.Tensor]]:
+    """The share-weighted sum of several `stream_probabilities` over one region (windows of
+    other sizes flush planes in other groups: they are met plane by plane, so each stream
+    holds at most one flush group beyond the merged planes), in groups of FLUSH_PLANES."""
+    singles = [_single_planes(stream) for stream in streams]
+    pending: list[torch.Tensor] = []
+    first = 0
+    for parts in zip(*singles, strict=True):
+        z = parts[0][0]
+        if any(other != z for other, _ in parts[1:]):  # the streams cover one region
+            raise RuntimeError(f"window groups out of step at plane {z}")
+        plane = parts[0][1].mul(shares[0])
+        for (_, other), share in zip(parts[1:], shares[1:], strict=True):
+            plane.add_(other, alpha=share)
+        if not pending:
+            first = z
+        pending.append(plane)
+        if len(pending) == FLUSH_PLANES:
+            yield first, torch.stack(pending, dim=3)
+            pending = []
+    if pending:
+        yield first, torch.stack(pending, dim=3)
+
+
+def _single_planes(stream: Iterator[tuple[int, torch.Tensor]]
+                   ) -> Iterator[tuple[int, torch.Tensor]]:
+    for z, planes in stream:
+        for offset in range(planes.shape[3]):
+            yield z + offset, planes[..., offset]
+
+
 def axis_maps(input_affine: np.ndarray, network_affine: np.ndarray,
               input_shape: tuple[int, int, int]) -> list[AxisMap]:
     """How each input axis maps onto the network grid; refuses grids that are not

@@ -36,6 +36,7 @@ from medseg.inference import (
     axis_maps,
     foreground_box,
     labels_on_input_grid,
+    merged_planes,
     stream_probabilities,
     window_batch_size,
     window_count,
@@ -84,9 +85,10 @@ PREPROCESSING_BYTES_PER_INPUT_VOXEL = 16
 WINDOW_BAR_MIN = 64
 # voxels this many times finer or coarser than the plan's: a doubtful header, said in a note
 SPACING_FAR_OFF = 8
-# what the runs of an ensemble share: one preprocessing, one window, one label map
+# what the runs of an ensemble share: one preprocessing and one label map (runs of other
+# patch sizes or mirror axes slide windows of their own over the same planes)
 ENSEMBLE_PLAN_KEYS = ("target_spacing", "normalization", "in_channels", "modalities",
-                      "patch_size", "mirror_axes", "num_classes", "labels", "ignore_label")
+                      "num_classes", "labels", "ignore_label")
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,30 @@ class Predictor:
     # each model's share of the mean when the shares differ (runs of unlike fold counts each
     # weigh the same, as nnU-Net's ensembles of configurations do); empty: equal shares
     weights: tuple[float, ...] = ()
+    # each model's run's plan where runs differ in patch size or mirror axes; empty: `plan`
+    member_plans: tuple[Plan, ...] = ()
+
+    def window_groups(self) -> list[tuple[Predictor, float]]:
+        """The models by the window they slide (patch size, mirror axes), each group as a
+        predictor of its own with its share of the ensemble's mean; one group (self, 1.0)
+        when every model slides the plan's."""
+        if not self.member_plans:
+            return [(self, 1.0)]
+        shares = self.weights or tuple(1 / len(self.models) for _ in self.models)
+        groups: dict[tuple, list[int]] = {}
+        for index, plan in enumerate(self.member_plans):
+            key = (tuple(plan.patch_size), tuple(plan.mirror_axes))
+            groups.setdefault(key, []).append(index)
+        result = []
+        for members in groups.values():
+            share = sum(shares[i] for i in members)
+            first = self.member_plans[members[0]]
+            plan = dataclasses.replace(self.plan, patch_size=list(first.patch_size),
+                                       mirror_axes=list(first.mirror_axes))
+            result.append((Predictor(plan, tuple(self.models[i] for i in members),
+                                     tuple(self.folds[i] for i in members), self.device,
+                                     tuple(shares[i] / share for i in members)), share))
+        return result
 
 
 @dataclass(frozen=True)
@@ -144,7 +170,7 @@ def load_predictor(run_dirs: str | Path | Sequence[str | Path], folds: list[int]
     plan = members[0][0]
     for run_dir, (other, _) in zip(runs[1:], members[1:], strict=True):
         _refuse_unlike_plan(runs[0], plan, run_dir, other)
-    models, names, weights = [], [], []
+    models, names, weights, plans = [], [], [], []
     for run_dir, (run_plan, fold_dirs) in zip(runs, members, strict=True):
         named = [p.name if len(runs) == 1 else f"{run_dir}/{p.name}" for p in fold_dirs]
         _note_unfinished_folds(run_dir, fold_dirs, named)
@@ -153,9 +179,12 @@ def load_predictor(run_dirs: str | Path | Sequence[str | Path], folds: list[int]
             models.append(model.to(torch_device, memory_format=torch.channels_last_3d).eval())
             names.append(name)
             weights.append(1 / (len(runs) * len(fold_dirs)))
+            plans.append(run_plan)
     equal_shares = len({len(fold_dirs) for _, fold_dirs in members}) == 1
+    one_window = len({(tuple(p.patch_size), tuple(p.mirror_axes)) for p in plans}) == 1
     return Predictor(plan, tuple(models), tuple(names), torch_device,
-                     () if equal_shares else tuple(weights))
+                     () if equal_shares else tuple(weights),
+                     () if one_window else tuple(plans))
 
 
 def predict_settings(runs: Sequence[Path], overrides: Sequence[str] = (),
@@ -553,20 +582,39 @@ def predict_prepared(predictor: Predictor, case: PreparedCase,
     classes x volume array."""
     plan = predictor.plan
     maps = axis_maps(case.geometry.affine, case.network_affine, case.geometry.shape)
-    box = _prediction_box(case.image, plan, config)
+    groups = predictor.window_groups()
+    box = _prediction_box(case.image, _widest_window(plan, groups), config)
     region = case.image[(slice(None), *box)]
     if region.numel() == 0:
         return np.zeros(case.geometry.shape, np.uint8 if plan.num_classes <= 256 else np.uint16)
-    patch = tuple(plan.patch_size)
-    with _window_bar(window_count(tuple(region.shape[1:]), patch, config.step)) as bar:
-        planes = stream_probabilities(
-            lambda batch: _window_probabilities(predictor, batch, config), region,
-            plan.num_classes, patch, config.step,
-            window_batch_size(config.sw_batch_size, plan.num_classes, patch),
-            accumulation_dtype(plan.num_classes, tuple(region.shape[1:]), patch),
-            on_windows=bar.update if bar is not None else None)
+    shape = tuple(region.shape[1:])
+    windows = sum(window_count(shape, tuple(g.plan.patch_size), config.step) for g, _ in groups)
+    with _window_bar(windows) as bar:
+        streams = [_group_planes(group, region, config, bar) for group, _ in groups]
+        planes = streams[0] if len(streams) == 1 else \
+            merged_planes(streams, [share for _, share in groups])
         return labels_on_input_grid(planes, tuple(case.image.shape[1:]), box,
                                     plan.num_classes, maps, tuple(case.geometry.shape))
+
+
+def _group_planes(predictor: Predictor, region: torch.Tensor, config: PredictConfig,
+                  bar: tqdm | None) -> Iterator[tuple[int, torch.Tensor]]:
+    """The probability planes of one window group over the region."""
+    plan, patch = predictor.plan, tuple(predictor.plan.patch_size)
+    return stream_probabilities(
+        lambda batch: _window_probabilities(predictor, batch, config), region,
+        plan.num_classes, patch, config.step,
+        window_batch_size(config.sw_batch_size, plan.num_classes, patch),
+        accumulation_dtype(plan.num_classes, tuple(region.shape[1:]), patch),
+        on_windows=bar.update if bar is not None else None)
+
+
+def _widest_window(plan: Plan, groups: list[tuple[Predictor, float]]) -> Plan:
+    """The plan with the largest patch of every group along each axis: the region the
+    windows cover must hold a window of each."""
+    widest = [max(sizes) for sizes in zip(*(g.plan.patch_size for g, _ in groups),
+                                           strict=True)]
+    return dataclasses.replace(plan, patch_size=widest)
 
 
 @contextlib.contextmanager
@@ -636,7 +684,7 @@ def _predict_named(predictor: Predictor, named: list[tuple[str, tuple[Path, ...]
     """The masks of `named` (mask file name, channel files) written into output_dir."""
     check_postprocess_labels(config.largest_component, config.min_component_ml,
                              predictor.plan.labels, "model's")
-    if config.tta and not predictor.plan.mirror_axes:
+    if config.tta and not any(g.plan.mirror_axes for g, _ in predictor.window_groups()):
         tqdm.write("medseg: note: --tta has nothing to average: the model was trained without "
                    "mirroring (plan.mirror_axes is empty)", file=sys.stderr)
     # not with shards: another process may be about to write into the folder
@@ -773,7 +821,7 @@ def _predict_streaming(predictor: Predictor, todo: list, read, config: PredictCo
             try:
                 case = current.result()
                 del current  # the future would keep the image alive
-                if following is not None and _read_ahead_fits(case, predictor.plan):
+                if following is not None and _read_ahead_fits(case, predictor):
                     upcoming = reader.submit(read, following)
                 mask = predict_prepared(predictor, case, config)
                 # the previous mask is written before this one is queued: when writing (gzip)
@@ -853,14 +901,17 @@ def _dicom_folder(path: Path) -> Path | None:
     return None
 
 
-def _read_ahead_fits(case: PreparedCase, plan: Plan) -> bool:
+def _read_ahead_fits(case: PreparedCase, predictor: Predictor) -> bool:
     """Whether the next case may be read while this one runs: only when this one's network
     image, probability buffer (see `stream_probabilities`) and float32 input grid are
     small, so that two large CTs never overlap (reading one peaks near its float32 voxels x
     3; a coarse network grid alone would let a 512 x 512 x 600 CT read ahead)."""
-    shape, patch = tuple(case.image.shape[1:]), tuple(plan.patch_size)
-    buffer = accumulator_bytes(plan.num_classes, shape, patch,
-                               accumulation_dtype(plan.num_classes, shape, patch))
+    shape, plan = tuple(case.image.shape[1:]), predictor.plan
+    buffer = 0
+    for group, _ in predictor.window_groups():  # a buffer per window group
+        patch = tuple(group.plan.patch_size)
+        buffer += accumulator_bytes(plan.num_classes, shape, patch,
+                                    accumulation_dtype(plan.num_classes, shape, patch))
     input_grid = int(np.prod(case.geometry.shape)) * 4
     return case.image.numel() * case.image.element_size() + buffer + input_grid \
         <= READ_AHEAD_BYTES

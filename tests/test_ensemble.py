@@ -90,7 +90,7 @@ def test_folds_choose_in_every_run(trained_run, other_runs):
 
 
 @pytest.mark.parametrize(("key", "value"), [
-    ("patch_size", [16, 16, 16]), ("target_spacing", [1.0, 1.0, 1.0]),
+    ("target_spacing", [1.0, 1.0, 1.0]),
     ("labels", {"0": "background", "1": "liver", "2": "spleen", "3": "lesion"}),
 ])
 def test_a_run_that_preprocesses_otherwise_is_refused(trained_run, tmp_path, key, value):
@@ -191,3 +191,69 @@ def test_no_note_for_settings_the_command_line_gives(trained_run, step_075_run_a
     assert main(["predict", "--model", str(trained_run), str(edited), "--input", str(scans),
                  "--output", str(tmp_path / "masks"), "--step", "0.75"]) == 0
     assert "otherwise than" not in capsys.readouterr().err
+
+
+def _with_plan(source: Path, target: Path, seed: int, **changes) -> Path:
+    run = _copy_run(source, target, seed=seed)
+    plan = json.loads((run / "plan.json").read_text(encoding="utf-8"))
+    plan.update(changes)
+    (run / "plan.json").write_text(json.dumps(plan), encoding="utf-8")
+    return run
+
+
+def test_merged_planes_add_streams_that_flush_in_other_groups():
+    from medseg.inference import merged_planes
+
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.rand((3, 4, 5, 11), generator=generator) for _ in range(2))
+
+    def chunked(volume, sizes):
+        z = 0
+        for size in sizes:
+            yield z, volume[..., z:z + size]
+            z += size
+
+    merged = list(merged_planes([chunked(a, [4, 4, 3]), chunked(b, [1, 2, 4, 4])],
+                                [0.25, 0.75]))
+    assert [z for z, _ in merged] == [0, 4, 8]
+    torch.testing.assert_close(torch.cat([planes for _, planes in merged], dim=3),
+                               0.25 * a + 0.75 * b)
+
+
+def test_runs_of_other_patches_and_mirror_axes_make_an_ensemble(trained_run, tmp_path):
+    """Each run slides its own window (patch, mirror axes) over the same planes; the mean
+    is taken plane by plane, each run weighing the same."""
+    from medseg.inference import axis_maps, labels_on_input_grid
+    from medseg.predict import (
+        _group_planes,
+        _prediction_box,
+        _widest_window,
+        predict_prepared,
+        prepare_case,
+    )
+
+    other = _with_plan(trained_run, tmp_path / "small", seed=4, patch_size=[16, 16, 16],
+                       mirror_axes=[0])
+    predictor = load_predictor([trained_run, other], device="cpu")
+    groups = predictor.window_groups()
+    assert [g.plan.patch_size for g, _ in groups] == [[32, 32, 16], [16, 16, 16]]
+    assert [share for _, share in groups] == [0.5, 0.5]
+    phantom = make_phantom(7, shape=SMALL_SHAPE, spacing=SMALL_SPACING)
+    scan = tmp_path / "case.nii.gz"
+    nib.save(nib.Nifti1Image(phantom.image.astype(np.int16), np.diag([*SMALL_SPACING, 1.0])),
+             scan)
+    case = prepare_case(predictor.plan, scan)
+    config = PredictConfig(precision="fp32", tta=True)
+    mask = predict_prepared(predictor, case, config)
+    box = _prediction_box(case.image, _widest_window(predictor.plan, groups), config)
+    region = case.image[(slice(None), *box)]
+    whole = [torch.cat([p for _, p in _group_planes(g, region, config, None)], dim=3)
+             for g, _ in groups]
+    expected = labels_on_input_grid(
+        iter([(0, 0.5 * whole[0] + 0.5 * whole[1])]), tuple(case.image.shape[1:]), box,
+        predictor.plan.num_classes,
+        axis_maps(case.geometry.affine, case.network_affine, case.geometry.shape),
+        tuple(case.geometry.shape))
+    np.testing.assert_array_equal(mask, expected)
+    alone = predict_prepared(load_predictor(trained_run, device="cpu"), case, config)
+    assert not np.array_equal(mask, alone)  # the second run counts

@@ -294,9 +294,10 @@ def largest_component_test(results: list[CaseScores], plan: Plan) -> dict:
         raise_if_stopped()
         pair = load_pair(result.prediction, result.reference, plan.labels, resample=False,
                          ignore_label=plan.ignore_label)
-        prediction, reference = leave_out_ignored(pair.prediction, pair.reference,
-                                                  plan.ignore_label)
-        kept = keep_largest_component(prediction, sorted(ids.values()))
+        # as predict keeps it: the largest component of the whole mask, unannotated voxels
+        # included; the scores then leave those out
+        kept = keep_largest_component(pair.prediction, sorted(ids.values()))
+        kept, reference = leave_out_ignored(kept, pair.reference, plan.ignore_label)
         scores = score_case(kept, reference, plan.labels, pair.spacing, surface=False)
         for name in ids:
             before[name].append(result.scores[name]["dice"])

@@ -1,0 +1,42 @@
+"""Review of `medseg crossval`: problems found, each pinned by a test."""
+
+import dataclasses
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from medseg.crossval import largest_component_test
+from medseg.evaluate import evaluate_case
+from medseg.plan import load_plan
+
+
+def _write(path: Path, data: np.ndarray) -> Path:
+    nib.save(nib.Nifti1Image(data.astype(np.uint8), np.eye(4)), path)
+    return path
+
+
+def test_largest_component_test_keeps_the_component_predict_would_keep(trained_run, tmp_path):
+    """With an `ignore` label, `medseg predict` keeps the largest component of the whole
+    prediction, then the scores leave out the unannotated voxels. The test must weigh that,
+    not the largest component of what is left once the ignored voxels are gone: here the
+    largest blob of structure 1 lies in the unannotated part, so keeping it drops the true
+    one and Dice falls to 0."""
+    plan = load_plan(trained_run / "plan.json")
+    ignore = max(plan.labels) + 1
+    plan = dataclasses.replace(plan, ignore_label=ignore)
+    reference = np.zeros((32, 32, 32), np.uint8)
+    reference[2:6, 2:6, 2:6] = 1
+    reference[14:30, 14:30, 14:30] = ignore
+    prediction = np.zeros_like(reference)
+    prediction[2:6, 2:6, 2:6] = 1  # the true blob
+    prediction[10:12, 2:4, 2:4] = 1  # a small false one, in the annotated part
+    prediction[16:28, 16:28, 16:28] = 1  # a large blob where no one annotated
+    result = evaluate_case("a", _write(tmp_path / "pred.nii.gz", prediction),
+                           _write(tmp_path / "ref.nii.gz", reference), plan.labels,
+                           ignore_label=ignore)
+    chosen = largest_component_test([result], plan)
+    first = chosen["structures"][plan.labels[1]]
+    assert first["dice"] < 1.0
+    assert first["dice_largest_component"] == 0.0
+    assert not first["apply"] and 1 not in chosen["largest_component"]

@@ -75,6 +75,8 @@ def default_out(runs: list[Path]) -> Path:
 
 def cross_validate(request: CrossvalRequest) -> dict:
     """Predict, score and sum up; returns the summary (with its `crossval` section)."""
+    if request.tolerance_mm < 0:  # evaluate_pairs says so too, but after every prediction
+        raise MedsegError(f"--tolerance-mm must be >= 0 mm, got {request.tolerance_mm}")
     held_out = _held_out_cases(request)
     # the first fold's networks read (and the runs' plans compared) before the folder is
     first = load_predictor(list(request.runs), [held_out.folds[0]], request.device)

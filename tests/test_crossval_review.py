@@ -5,8 +5,10 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 
-from medseg.crossval import largest_component_test
+from medseg.cli import main
+from medseg.crossval import POSTPROCESSING_FILE, largest_component_test
 from medseg.evaluate import evaluate_case
 from medseg.plan import load_plan
 
@@ -40,3 +42,35 @@ def test_largest_component_test_keeps_the_component_predict_would_keep(trained_r
     assert first["dice"] < 1.0
     assert first["dice_largest_component"] == 0.0
     assert not first["apply"] and 1 not in chosen["largest_component"]
+
+
+def test_a_negative_tolerance_is_refused_before_any_case_is_predicted(trained_run, tmp_path,
+                                                                      capsys):
+    out = tmp_path / "cv"
+    assert main(["crossval", str(trained_run), "--out", str(out), "--tolerance-mm", "-1"]) == 2
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("medseg: error:")]
+    assert len(errors) == 1 and "tolerance" in errors[0]
+    assert "segmenting" not in captured.out
+    assert not out.exists()
+
+
+def test_overwrite_leaves_no_earlier_results_beside_a_new_request(trained_run, tmp_path,
+                                                                  monkeypatch, capsys):
+    """An --overwrite cut short (Ctrl-C, a crash) must not leave the earlier summary.json,
+    scores.csv, report.html and postprocessing.json beside the new crossval.json, where
+    they read as this request's results."""
+    import medseg.crossval as crossval
+
+    out = tmp_path / "cv"
+    assert main(["crossval", str(trained_run), "--out", str(out)]) == 0
+    assert (out / "summary.json").is_file()
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(crossval, "predict_cases", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        crossval.cross_validate(crossval.CrossvalRequest((trained_run,), out, overwrite=True))
+    left = sorted(p.name for p in out.iterdir())
+    assert not {"summary.json", "scores.csv", "report.html", POSTPROCESSING_FILE} & set(left)

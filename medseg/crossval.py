@@ -36,6 +36,7 @@ CROSSVAL_FOLDER = "crossval"
 REQUEST_FILE = "crossval.json"  # what was asked: marks the folder as a cross-validation's
 POSTPROCESSING_FILE = "postprocessing.json"
 PREDICTIONS = "predictions"
+RESULT_FILES = ("summary.json", "scores.csv", "report.html", POSTPROCESSING_FILE)
 
 
 @dataclass(frozen=True)
@@ -230,6 +231,9 @@ def _claim_out_folder(request: CrossvalRequest) -> None:
     if not request.overwrite:
         raise MedsegError("holds an earlier cross-validation: --overwrite predicts and scores "
                           "it again", out)
+    # the earlier results go now: one cut short would leave them beside the new request
+    for name in RESULT_FILES:
+        (out / name).unlink(missing_ok=True)
 
 
 def _request_record(request: CrossvalRequest, held_out: HeldOut, config: PredictConfig

@@ -36,6 +36,8 @@ CROSSVAL_FOLDER = "crossval"
 REQUEST_FILE = "crossval.json"  # what was asked: marks the folder as a cross-validation's
 POSTPROCESSING_FILE = "postprocessing.json"
 PREDICTIONS = "predictions"
+# a stopped cross-validation is not resumed (its networks may have changed since)
+GOING_ON = "but not scored: the same command with --overwrite predicts and scores them all again"
 RESULT_FILES = ("summary.json", "scores.csv", "report.html", POSTPROCESSING_FILE)
 
 
@@ -259,7 +261,7 @@ def _predict_folds(request: CrossvalRequest, held_out: HeldOut, predictions: Pat
             load_predictor(list(request.runs), [fold], request.device)
         first = None  # its networks freed with the fold's
         results = predict_cases(predictor, [(c.name, c.images) for c in cases], predictions,
-                                config, overwrite=True)
+                                config, overwrite=True, going_on=GOING_ON)
         failed |= {case.name for case, result in zip(cases, results, strict=True)
                    if result.error}
         del predictor

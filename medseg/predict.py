@@ -664,23 +664,29 @@ def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
     return results + failed
 
 
+GOING_ON = "and the same command goes on with the rest"
+
+
 def predict_cases(predictor: Predictor, cases: Sequence[tuple[str, tuple[Path, ...]]],
-                  output_dir: Path, config: PredictConfig, overwrite: bool = False
-                  ) -> list[PredictionResult]:
+                  output_dir: Path, config: PredictConfig, overwrite: bool = False,
+                  going_on: str = GOING_ON) -> list[PredictionResult]:
     """Predict dataset cases, (name, channel files) each, into `output_dir/<name>.nii.gz`:
     named by the case, not by its first file (a CSV dataset's scans may all be `ct.nii.gz`
-    in folders of their own). Streams as `predict_paths` does."""
+    in folders of their own). Streams as `predict_paths` does; `going_on`: what the note of
+    a stopped batch says after "the masks written are kept"."""
     named = [(f"{name}.nii.gz", tuple(files)) for name, files in cases]
     _refuse_clashing_outputs(named)
     _refuse_writing_onto_inputs(named, output_dir)
     read = partial(_read_case, predictor.plan, series_uid=None, resample_irregular=False,
                    dicom_seg=False)
-    return _predict_named(predictor, named, output_dir, config, overwrite, (0, 1), read, False)
+    return _predict_named(predictor, named, output_dir, config, overwrite, (0, 1), read, False,
+                          going_on)
 
 
 def _predict_named(predictor: Predictor, named: list[tuple[str, tuple[Path, ...]]],
                    output_dir: Path, config: PredictConfig, overwrite: bool,
-                   shard: tuple[int, int], read, dicom_seg: bool) -> list[PredictionResult]:
+                   shard: tuple[int, int], read, dicom_seg: bool, going_on: str = GOING_ON
+                   ) -> list[PredictionResult]:
     """The masks of `named` (mask file name, channel files) written into output_dir."""
     check_postprocess_labels(config.largest_component, config.min_component_ml,
                              predictor.plan.labels, "model's")
@@ -704,8 +710,7 @@ def _predict_named(predictor: Predictor, named: list[tuple[str, tuple[Path, ...]
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what is kept, and how to go on
             bar.close()
             tqdm.write(f"medseg: note: stopped after {finished[0]} of the {len(todo)} case(s) "
-                       f"to do; the masks written are kept, and the same command goes on with "
-                       f"the rest", file=sys.stderr)
+                       f"to do; the masks written are kept, {going_on}", file=sys.stderr)
             raise
         bar.close()
     return [r for r in results if r is not None]

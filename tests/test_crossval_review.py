@@ -74,3 +74,20 @@ def test_overwrite_leaves_no_earlier_results_beside_a_new_request(trained_run, t
         crossval.cross_validate(crossval.CrossvalRequest((trained_run,), out, overwrite=True))
     left = sorted(p.name for p in out.iterdir())
     assert not {"summary.json", "scores.csv", "report.html", POSTPROCESSING_FILE} & set(left)
+
+
+def test_a_stopped_crossval_says_how_to_go_on(trained_run, tmp_path, monkeypatch, capsys):
+    """Ctrl-C while segmenting: predict's note says 'the same command goes on with the rest',
+    but the same crossval command is refused (the folder holds a cross-validation), and
+    --overwrite predicts every case again."""
+    import medseg.predict as predict
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(predict, "_predict_streaming", stopped)
+    out = tmp_path / "cv"
+    assert main(["crossval", str(trained_run), "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "the same command goes on" not in err
+    assert "--overwrite" in err

@@ -83,7 +83,10 @@ def cross_validate(request: CrossvalRequest) -> dict:
     held_out = _held_out_cases(request)
     # the first fold's networks read (and the runs' plans compared) before the folder is
     first = load_predictor(list(request.runs), [held_out.folds[0]], request.device)
-    config = predict_settings(request.runs, request.overrides, request.tta, request.step)
+    # the masks are scored raw: the run's post-processing is what largest_component_test weighs
+    config = dataclasses.replace(
+        predict_settings(request.runs, request.overrides, request.tta, request.step),
+        largest_component=[], min_component_ml={})
     _claim_out_folder(request)
     atomic_write_json(request.out / REQUEST_FILE, _request_record(request, held_out, config))
     predictions = request.out / PREDICTIONS
@@ -251,7 +254,6 @@ def _predict_folds(request: CrossvalRequest, held_out: HeldOut, predictions: Pat
     """Each fold's held-out cases by that fold's network(s) (`first`: the first fold's),
     masks written raw (without the run's post-processing, which `largest_component_test`
     weighs); the names that failed."""
-    config = dataclasses.replace(config, largest_component=[], min_component_ml={})
     failed: set[str] = set()
     for fold in held_out.folds:
         raise_if_stopped()

@@ -1,6 +1,7 @@
 """Review of `medseg crossval`: problems found, each pinned by a test."""
 
 import dataclasses
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -91,3 +92,14 @@ def test_a_stopped_crossval_says_how_to_go_on(trained_run, tmp_path, monkeypatch
     err = capsys.readouterr().err
     assert "the same command goes on" not in err
     assert "--overwrite" in err
+
+
+def test_crossval_json_records_the_settings_the_raw_masks_were_made_with(trained_run, tmp_path):
+    """The masks are written without post-processing; crossval.json's `predict` must say so
+    (docs/formats.md: largest_component and min_component_ml empty), not repeat the run's
+    (the demo workflow keeps each organ's largest component)."""
+    out = tmp_path / "cv"
+    assert main(["crossval", str(trained_run), "--out", str(out)]) == 0
+    request = json.loads((out / "crossval.json").read_text(encoding="utf-8"))
+    assert request["predict"]["largest_component"] == []
+    assert request["predict"]["min_component_ml"] == {}

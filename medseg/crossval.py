@@ -23,7 +23,7 @@ from medseg.config import PredictConfig, Workflow, load_workflow
 from medseg.datasets import Case, Dataset, load_dataset, read_splits
 from medseg.errors import MedsegError
 from medseg.evaluate import CaseScores, evaluate_pairs, load_pair
-from medseg.fileio import atomic_write_json
+from medseg.fileio import atomic_write_json, refuse_unwritable_place
 from medseg.metrics import leave_out_ignored, score_case
 from medseg.plan import Plan, load_plan
 from medseg.postprocess import keep_largest_component
@@ -227,6 +227,7 @@ def _claim_out_folder(request: CrossvalRequest) -> None:
     out = request.out
     if out.exists() and not out.is_dir():
         raise MedsegError("output folder path is a file", out)
+    refuse_unwritable_place(out)  # under a file, read-only: one line, not an OSError
     if not out.is_dir() or not any(out.iterdir()):
         out.mkdir(parents=True, exist_ok=True)
         return

@@ -103,3 +103,13 @@ def test_crossval_json_records_the_settings_the_raw_masks_were_made_with(trained
     request = json.loads((out / "crossval.json").read_text(encoding="utf-8"))
     assert request["predict"]["largest_component"] == []
     assert request["predict"]["min_component_ml"] == {}
+
+
+def test_an_out_folder_that_cannot_be_made_is_a_user_error(trained_run, tmp_path, capsys):
+    blocker = tmp_path / "afile"
+    blocker.write_text("mine", encoding="utf-8")
+    assert main(["crossval", str(trained_run), "--out", str(blocker / "cv")]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines()
+              if line.startswith("medseg: error:")]
+    assert len(errors) == 1 and str(blocker) in errors[0] and "Errno" not in errors[0]
+    assert blocker.read_text(encoding="utf-8") == "mine"

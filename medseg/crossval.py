@@ -120,6 +120,12 @@ def _held_out_cases(request: CrossvalRequest) -> HeldOut:
     """Each asked fold's validation cases, checked before any work: the runs share their
     splits and plans, the dataset still holds the cases and their labels."""
     workflows = [_run_workflow(run) for run in request.runs]
+    seen_runs: dict[Path, Path] = {}
+    for run in request.runs:  # as load_predictor refuses it, but in crossval's words
+        if run.resolve() in seen_runs:
+            raise MedsegError(f"given twice (also as {seen_runs[run.resolve()]}): each run "
+                              f"would count twice in the ensemble's mean", run)
+        seen_runs[run.resolve()] = run
     splits = _shared_splits(request.runs)
     folds = _folds_to_score(request, len(splits))
     plan = load_plan(request.runs[0] / "plan.json")

@@ -113,3 +113,12 @@ def test_an_out_folder_that_cannot_be_made_is_a_user_error(trained_run, tmp_path
               if line.startswith("medseg: error:")]
     assert len(errors) == 1 and str(blocker) in errors[0] and "Errno" not in errors[0]
     assert blocker.read_text(encoding="utf-8") == "mine"
+
+
+def test_a_run_given_twice_is_named_as_crossval_takes_it(trained_run, tmp_path, capsys):
+    """crossval takes its runs as RUN_DIR arguments; the refusal spoke of --model."""
+    assert main(["crossval", str(trained_run), str(trained_run), "--out",
+                 str(tmp_path / "cv")]) == 2
+    err = capsys.readouterr().err
+    assert "given twice" in err and "--model" not in err
+    assert not (tmp_path / "cv").exists()

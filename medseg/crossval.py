@@ -356,4 +356,5 @@ def _print_postprocessing(result: dict, plan: Plan) -> None:
         print(f"to use it: medseg predict ... --set predict.largest_component="
               f"{json.dumps(chosen).replace(' ', '')}")
     else:
-        print("it raises no structure's Dice: predict without it")
+        print("it raises no structure's Dice: predict without it (medseg predict ... --set "
+              "predict.largest_component=[] where the run's workflow keeps it)")

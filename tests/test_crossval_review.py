@@ -122,3 +122,15 @@ def test_a_run_given_twice_is_named_as_crossval_takes_it(trained_run, tmp_path, 
     err = capsys.readouterr().err
     assert "given twice" in err and "--model" not in err
     assert not (tmp_path / "cv").exists()
+
+
+def test_no_structure_chosen_says_how_to_drop_the_runs_own(trained_run, capsys):
+    """A run whose workflow keeps the largest component (the demo's does) applies it in
+    `medseg predict` unless told otherwise: "predict without it" must say how."""
+    from medseg.crossval import _print_postprocessing
+
+    plan = load_plan(trained_run / "plan.json")
+    result = {"largest_component": [], "cases": 2, "structures": {
+        "liver": {"id": 1, "dice": 0.8, "dice_largest_component": 0.7, "apply": False}}}
+    _print_postprocessing(result, plan)
+    assert "--set predict.largest_component=[]" in capsys.readouterr().out

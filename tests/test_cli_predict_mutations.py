@@ -327,7 +327,7 @@ def test_a_large_case_is_not_read_beside_another(trained_run, tmp_path, monkeypa
 
     monkeypatch.setattr(medseg.predict, "prepare_case", logged_read)
     monkeypatch.setattr(medseg.predict, "predict_prepared", slow_predict)
-    monkeypatch.setattr(medseg.predict, "_read_ahead_fits", lambda case, plan: False)
+    monkeypatch.setattr(medseg.predict, "_read_ahead_fits", lambda case, predictor: False)
     predictor = load_predictor(trained_run, device="cpu")
     inputs = sorted((tmp_path / "in").iterdir())
     results = predict_paths(predictor, inputs, tmp_path / "out", PredictConfig())

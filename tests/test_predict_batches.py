@@ -248,7 +248,7 @@ def test_large_cases_are_not_read_while_another_runs():
 
     import torch
 
-    from medseg.predict import READ_AHEAD_BYTES, PreparedCase, _read_ahead_fits
+    from medseg.predict import READ_AHEAD_BYTES, Predictor, PreparedCase, _read_ahead_fits
 
     plan = Plan(target_spacing=[1.5] * 3, patch_size=[96, 96, 96], batch_size=2,
                 kernels=[[3, 3, 3]], strides=[[1, 1, 1]], filters=[8], deep_supervision=False,
@@ -260,14 +260,17 @@ def test_large_cases_are_not_read_while_another_runs():
     def case(shape, input_shape):
         return PreparedCase(torch.zeros((1, *shape)), np.eye(4), Geometry(input_shape, np.eye(4)))
 
+    def fits(case, plan):
+        return _read_ahead_fits(case, Predictor(plan, (), (), torch.device("cpu")))
+
     ct_42_classes = case((273, 273, 400), (512, 512, 600))  # 0.8 mm, on a 1.5 mm grid
-    assert not _read_ahead_fits(ct_42_classes, plan)
-    assert _read_ahead_fits(case((60, 60, 60), (60, 60, 60)), plan)
+    assert not fits(ct_42_classes, plan)
+    assert fits(case((60, 60, 60), (60, 60, 60)), plan)
     few_classes = dataclasses.replace(plan, num_classes=3)
     # a coarse 3-class network grid is small, but reading the next large CT beside this
     # one's float32 input grid peaked higher than one CT (1.97 against 1.71 GB)
-    assert not _read_ahead_fits(case((137, 137, 200), (512, 512, 600)), few_classes)
-    assert _read_ahead_fits(case((137, 137, 200), (256, 256, 200)), few_classes)
+    assert not fits(case((137, 137, 200), (512, 512, 600)), few_classes)
+    assert fits(case((137, 137, 200), (256, 256, 200)), few_classes)
     assert READ_AHEAD_BYTES < 2**30
 
 

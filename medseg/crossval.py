@@ -217,6 +217,9 @@ def _refuse_unusable_cases(names: list[str], by_name: dict[str, Case], fold: int
                           f"in the dataset (score the dataset the run was trained on)",
                           dataset.root)
     for name in names:
+        if not _file_name_safe(name):  # the mask is predictions/NAME.nii.gz
+            raise MedsegError(f"case name {name!r} cannot name a mask file (a path separator, "
+                              f"'..' or a leading dot): rename the case", dataset.root)
         if name in seen:
             raise MedsegError(f"case {name} is held out by fold {seen[name]} and fold {fold}: "
                               f"each case can be scored by one fold's network only; give "
@@ -225,6 +228,10 @@ def _refuse_unusable_cases(names: list[str], by_name: dict[str, Case], fold: int
         if by_name[name].label is None:
             raise MedsegError(f"validation case {name} has no label to score against",
                               dataset.root)
+
+
+def _file_name_safe(name: str) -> bool:
+    return bool(name) and not name.startswith(".") and not any(c in name for c in "/\\\0")
 
 
 def _claim_out_folder(request: CrossvalRequest) -> None:

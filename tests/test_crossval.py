@@ -250,3 +250,16 @@ def test_a_run_of_every_fold_scores_every_case_once(phantom_dataset, tmp_path, c
     folds = summary["crossval"]["folds"]
     assert sorted(folds) == ["0", "1", "2", "3", "4"]
     assert sum(entry["cases"] for entry in folds.values()) == len(cases)
+
+
+@pytest.mark.parametrize("name", ["site/p1", "../p1", ".hidden", "a\\b"])
+def test_a_case_name_that_cannot_name_a_mask_file_is_refused(tmp_path, name):
+    """A CSV dataset's case column names the mask: `../p1` would write outside predictions/."""
+    from medseg.crossval import _refuse_unusable_cases
+    from medseg.datasets import Case, Dataset
+    from medseg.errors import MedsegError
+
+    case = Case(name, (tmp_path / "ct.nii.gz",), tmp_path / "label.nii.gz")
+    dataset = Dataset(tmp_path, (case,), {0: "background", 1: "liver"}, ("CT",))
+    with pytest.raises(MedsegError, match="cannot name a mask file"):
+        _refuse_unusable_cases([name], {name: case}, 0, {}, dataset)

@@ -89,6 +89,10 @@ def _shareable_workflow(path: Path) -> bytes:
 
     load_workflow(path)
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    train = data.get("train")
+    if isinstance(train, dict) and train.get("splits_file"):
+        # a splits file of one train/val split saves folds: 1, valid only beside the file
+        train["folds"] = max(int(train.get("folds") or 0), int(train.get("fold") or 0) + 1, 2)
     for (section, key), empty in LOCAL_PATHS.items():
         if isinstance(data.get(section), dict) and data[section].get(key):
             data[section][key] = empty

@@ -110,7 +110,23 @@ def opened_model(archive: Path) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="medseg-model-") as folder:
         run_dir = Path(folder) / _stem(archive)
         unpack(archive, run_dir)
-        yield run_dir
+        try:
+            yield run_dir
+        except MedsegError as exc:
+            raise _naming_archive(exc, run_dir, archive) from exc
+
+
+def _naming_archive(exc: MedsegError, run_dir: Path, archive: Path) -> MedsegError:
+    """An error about a file of the unpacked run, naming the archive and its member instead
+    of a temporary folder that is gone when the message is read."""
+    text = str(exc)
+    if exc.path is not None and (exc.path == run_dir or run_dir in exc.path.parents):
+        member = exc.path.relative_to(run_dir).as_posix()
+        text = text[len(str(exc.path)) + 2:]
+        text = f"{member}: {text}" if member != "." else text
+    if str(run_dir) not in text and text == str(exc):
+        return exc
+    return MedsegError(text.replace(str(run_dir), archive.name), archive)
 
 
 def unpack(archive: Path, run_dir: Path) -> None:
@@ -126,7 +142,8 @@ def unpack(archive: Path, run_dir: Path) -> None:
                 if _copy_hashed(zf, name, target) != expected:
                     raise MedsegError(f"{name} does not match its SHA-256 in {MANIFEST}: the "
                                       f"archive is damaged or was changed", archive)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError) as exc:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError,
+            RuntimeError, NotImplementedError) as exc:  # encrypted; unknown compression
         shutil.rmtree(run_dir, ignore_errors=True)
         raise MedsegError(f"not a readable model archive ({exc})", archive) from exc
     except MedsegError:

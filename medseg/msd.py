@@ -112,12 +112,15 @@ def _work_items(task: MsdTask, out: Path, channels: int) -> list[tuple]:
     """(kind, case, source, target folder) per case, each image checked for its channel
     count and each label for its grid before anything is written."""
     items = []
+    seen: set[str] = set()
     for name, image, label in task.training:
+        if name in seen:  # its files would replace the first case's
+            raise MedsegError(f"case name {name!r} is listed twice in 'training'", image)
+        seen.add(name)
         _check_image(image, channels, task)
         _check_label(label, image)
         items.append(("image", name, image, out / "imagesTr", channels))
         items.append(("label", name, label, out / "labelsTr", channels))
-    seen = {name for name, _, _ in task.training}
     for image in task.test:
         name = strip_image_suffix(image.name)
         if name in seen:

@@ -428,13 +428,14 @@ def group_channels(paths: list[Path], channels: int,
     packed = []  # MSD's way: one 4D NIfTI holding every channel
     for path in paths:
         match = CHANNEL_SUFFIX.fullmatch(strip_image_suffix(path.name))
-        if match is None and path.is_file() and channel_count(path) == channels:
-            packed.append((path,))
-            continue
         if match is None:
-            raise MedsegError(f"the model takes {channels} channels: name the files "
-                              f"CASE_0000 ... CASE_{channels - 1:04d}, or give one 4D NIfTI "
-                              f"of {channels} volumes per case", path)
+            try:
+                packed.append(_packed_case(path, channels))
+            except MedsegError as problem:
+                if incomplete is None:
+                    raise
+                incomplete.append((path, problem))  # this case fails; the batch goes on
+            continue
         case, channel = match.group(1), int(match.group(2))
         files_of_case = cases.setdefault(case, {})
         if channel in files_of_case:
@@ -451,6 +452,18 @@ def group_channels(paths: list[Path], channels: int,
         else:
             incomplete.append((files[min(files)], problem))
     return grouped + packed
+
+
+def _packed_case(path: Path, channels: int) -> tuple[Path]:
+    """A file not named CASE_000K, for a model of several channels: one 4D NIfTI holding
+    them all, or refused in one line saying what it holds."""
+    held = channel_count(path) if path.is_file() else 1
+    if held == channels:
+        return (path,)
+    holds = f"it holds {held} volumes; " if held > 1 else ""
+    raise MedsegError(f"the model takes {channels} channels: {holds}name the files CASE_0000 "
+                      f"... CASE_{channels - 1:04d}, or give one 4D NIfTI of {channels} volumes "
+                      f"per case", path)
 
 
 def _channel_problem(case: str, files: dict[int, Path], channels: int) -> MedsegError | None:

@@ -141,3 +141,21 @@ def test_a_resume_on_other_channels_and_gaps_in_channel_numbers_are_refused(tmp_
         from medseg.datasets import load_dataset
 
         load_dataset(data)
+
+
+def test_a_4d_file_of_other_channels_fails_alone_saying_what_it_holds(tmp_path):
+    """A 4D NIfTI of 3 volumes for a 2-channel model, and a broken file named otherwise:
+    each fails as its own case (listed in `incomplete`), and the batch keeps the rest."""
+    three = tmp_path / "three.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 3), np.float32), np.eye(4)), three)
+    two = tmp_path / "two.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 2), np.float32), np.eye(4)), two)
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not a nifti")
+    incomplete = []
+    assert group_channels([three, two, broken], 2, incomplete) == [(two,)]
+    problems = {path.name: str(problem) for path, problem in incomplete}
+    assert "it holds 3 volumes" in problems["three.nii.gz"]
+    assert "broken.nii.gz" in problems and "the model takes" not in problems["broken.nii.gz"]
+    with pytest.raises(MedsegError, match="it holds 3 volumes"):
+        group_channels([three], 2)

@@ -32,6 +32,7 @@ MANIFEST = "medseg_model.json"
 FORMAT = 1
 BEST = "best.safetensors"
 CHUNK = 1 << 20
+MANIFEST_LIMIT = 1 << 20
 MEMBER = re.compile(r"plan\.json|workflow\.yaml|fold_[0-9]+/(checkpoints/best\.safetensors"
                     r"|metrics\.jsonl)")
 # workflow keys that name files of the training machine: no use elsewhere, and they may
@@ -73,8 +74,10 @@ def export_run(run_dir: Path, target: Path, folds: list[int] | None = None,
     workflow = _shareable_workflow(run_dir / "workflow.yaml")
     digests = {name: _sha256_of_file(path) for name, path in sources.items()}
     digests["workflow.yaml"] = hashlib.sha256(workflow).hexdigest()
+    sizes = {name: path.stat().st_size for name, path in sources.items()}
+    sizes["workflow.yaml"] = len(workflow)
     manifest = {"format": FORMAT, "medseg_version": __version__, "folds": chosen,
-                "files": dict(sorted(digests.items()))}
+                "files": dict(sorted(digests.items())), "sizes": dict(sorted(sizes.items()))}
     with atomic_path(target) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("workflow.yaml", workflow)
         for name, path in sorted(sources.items()):
@@ -136,6 +139,7 @@ def unpack(archive: Path, run_dir: Path) -> None:
             manifest = _manifest(zf, archive)
             names = [info.filename for info in zf.infolist() if not info.is_dir()]
             _refuse_unexpected_members(names, manifest, archive)
+            _refuse_unexpected_sizes(zf, manifest, archive, run_dir)
             for name, expected in manifest["files"].items():
                 target = run_dir / name
                 target.parent.mkdir(parents=True, exist_ok=True)
@@ -169,8 +173,34 @@ def _copy_hashed(zf: zipfile.ZipFile, name: str, target: Path) -> str:
     return digest.hexdigest()
 
 
+def _refuse_unexpected_sizes(zf: zipfile.ZipFile, manifest: dict, archive: Path,
+                             run_dir: Path) -> None:
+    """A member whose unpacked size differs from the manifest's (zipfile reads no further
+    than the size the archive declares), or members that would not fit on the disk, are
+    refused before any is unpacked: a small archive can declare gigabytes."""
+    sizes = manifest["sizes"]
+    declared = {info.filename: info.file_size for info in zf.infolist() if not info.is_dir()}
+    for name in manifest["files"]:
+        if declared.get(name) != sizes.get(name):
+            raise MedsegError(f"{name} unpacks to {declared.get(name)} bytes, and {MANIFEST} "
+                              f"says {sizes.get(name)}: the archive is damaged or was changed",
+                              archive)
+    free = shutil.disk_usage(_existing_parent(run_dir)).free
+    if sum(sizes.values()) > free:
+        raise MedsegError(f"unpacks to {sum(sizes.values()) / 2**20:.0f} MB, more than the "
+                          f"{free / 2**20:.0f} MB free in the temporary folder", archive)
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
 def _manifest(zf: zipfile.ZipFile, archive: Path) -> dict:
     try:
+        if zf.getinfo(MANIFEST).file_size > MANIFEST_LIMIT:
+            raise MedsegError(f"{MANIFEST} is larger than a manifest can be", archive)
         manifest = json.loads(zf.read(MANIFEST).decode("utf-8"))
     except KeyError as exc:
         raise MedsegError(f"no {MANIFEST}: not a model archive of `medseg export`",
@@ -178,7 +208,8 @@ def _manifest(zf: zipfile.ZipFile, archive: Path) -> dict:
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MedsegError(f"{MANIFEST} is not valid JSON ({exc})", archive) from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT \
-            or not isinstance(manifest.get("files"), dict):
+            or not isinstance(manifest.get("files"), dict) \
+            or not isinstance(manifest.get("sizes"), dict):
         raise MedsegError(f"{MANIFEST} is not of format {FORMAT} (an archive of another "
                           f"medseg version?)", archive)
     return manifest

@@ -26,6 +26,13 @@ def _members(path: Path) -> dict[str, bytes]:
         return {name: zf.read(name) for name in zf.namelist()}
 
 
+def _manifest_with(manifest: bytes, name: str, size: int) -> bytes:
+    """The manifest with another size for one file (a member that would unpack larger)."""
+    data = json.loads(manifest)
+    data["sizes"][name] = size
+    return json.dumps(data).encode()
+
+
 def _rewrite(source: Path, target: Path, change) -> Path:
     members = _members(source)
     change(members)
@@ -80,6 +87,9 @@ def test_predicting_with_the_archive_gives_the_runs_masks(archive, trained_run,
     (lambda m: m.pop(MANIFEST), f"no {MANIFEST}"),
     (lambda m: m.update({MANIFEST: b'{"format": 99, "files": {}}'}), "is not of format 1"),
     (lambda m: m.pop("plan.json"), "absent: ['plan.json']"),
+    (lambda m: m.update({MANIFEST: _manifest_with(m[MANIFEST], "plan.json", 10)}),
+     "plan.json unpacks to"),
+    (lambda m: m.update({MANIFEST: b" " * (2 << 20)}), "larger than a manifest can be"),
 ])
 def test_a_changed_archive_is_refused_in_one_line(archive, phantom_dataset, tmp_path, capsys,
                                                   change, expected):

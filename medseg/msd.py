@@ -25,6 +25,7 @@ from medseg.fileio import atomic_path, atomic_write_text
 from medseg.io import (
     channel_count,
     compact_voxels,
+    read_channels,
     read_geometry,
     read_volume,
     write_volume,
@@ -177,8 +178,9 @@ def _convert_item(item: tuple) -> None:
             write_volume(compact_voxels(read_volume(source, dtype=None)),
                          read_geometry(source), target, label_map=True)
         return
-    for channel in range(channels):
-        volume = read_volume(source, dtype=None, channel=channel if channels > 1 else None)
+    volumes = read_channels(source, dtype=None) if channels > 1 else \
+        [read_volume(source, dtype=None)]
+    for channel, volume in enumerate(volumes):
         target = folder / f"{name}_{channel:04d}{ENDING}"
         write_volume(compact_voxels(volume), volume.geometry, target)
 

@@ -48,6 +48,7 @@ from medseg.io import (
     Volume,
     channel_count,
     header_note,
+    read_channels,
     read_volume,
     refuse_sheared_axes,
     write_mask,
@@ -509,8 +510,7 @@ def prepare_case(plan: Plan, volume: Volume | Path | list[Volume | Path],
     channels = volume if isinstance(volume, list) else [volume]
     if len(channels) == 1 and plan.in_channels > 1 and isinstance(channels[0], Path) \
             and channel_count(channels[0]) == plan.in_channels:  # one 4D NIfTI, as MSD's
-        channels = [read_volume(channels[0], np.float32, channel=k)
-                    for k in range(plan.in_channels)]
+        channels = read_channels(channels[0], np.float32)
     if len(channels) != plan.in_channels:
         first = channels[0].path if isinstance(channels[0], Volume) else channels[0]
         raise MedsegError(f"the model expects {plan.in_channels} channel(s), got "

@@ -193,3 +193,32 @@ def test_the_real_hippocampus_task_converts_case_for_case(tmp_path):
         np.testing.assert_array_equal(before.geometry.affine, after.geometry.affine)
         assert (out / "labelsTr" / f"{case.name}.nii.gz").read_bytes() == \
             case.label.read_bytes()
+
+
+@pytest.mark.parametrize(("extra", "suffix"), [((3,), ".nii.gz"), ((2, 2), ".nii"),
+                                               ((1, 3), ".nii.gz")])
+def test_read_channels_reads_each_volume_as_read_volume_picks_it(tmp_path, extra, suffix):
+    from medseg.io import read_channels
+
+    generator = np.random.default_rng(0)
+    data = generator.integers(-500, 500, (5, 6, 7, *extra)).astype(np.int16)
+    path = tmp_path / f"scan{suffix}"
+    nib.save(nib.Nifti1Image(data, _affine()), path)
+    for dtype in (np.float32, None):
+        volumes = read_channels(path, dtype)
+        assert len(volumes) == int(np.prod(extra))
+        for k, volume in enumerate(volumes):
+            one = read_volume(path, dtype, channel=k)
+            np.testing.assert_array_equal(volume.data, one.data)
+            assert volume.data.dtype == one.data.dtype
+            np.testing.assert_array_equal(volume.geometry.affine, one.geometry.affine)
+
+
+def test_read_channels_refuses_nan(tmp_path):
+    from medseg.io import read_channels
+
+    data = np.zeros((4, 4, 4, 2), np.float32)
+    data[1, 1, 1, 1] = np.nan
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "nan.nii.gz")
+    with pytest.raises(MedsegError, match="NaN or Inf"):
+        read_channels(tmp_path / "nan.nii.gz")

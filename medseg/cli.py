@@ -1,4 +1,5 @@
-"""The verbs: demo, train, predict, evaluate, crossval, export, check, convert, convert-msd.
+"""The verbs: demo, plan, train, predict, evaluate, crossval, export, check, convert,
+convert-msd.
 
 Only this module, runs.py and crossval.py wire the stages together: this one parses the
 command line, runs the command, and turns its errors into one line and an exit code; runs.py
@@ -228,6 +229,53 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"(use it as --model for medseg predict)")
     failed = any(r.error for r in results) or summary["failed_cases"]
     return 1 if failed else 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """fingerprint -> plan, printed (and saved with --out) without training."""
+    from medseg.plan import describe_plan
+
+    workflow = load_workflow(Path(args.workflow), args.overrides)
+    if not workflow.dataset.path:
+        raise MedsegError("dataset.path is not set", args.workflow)
+    workflow = runs.folds_of_splits_file(workflow)
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        _check_plan_folder(out)
+    workflow, dataset = runs.read_run_dataset(workflow)
+    splits, fp, plan = runs.plan_run(workflow, dataset)
+    print(describe_plan(plan, fp))
+    if out is not None:
+        from medseg.config import save_workflow
+        from medseg.fileio import atomic_write_json
+        from medseg.plan import save_fingerprint, save_plan
+
+        out.mkdir(parents=True, exist_ok=True)
+        save_plan(plan, out / "plan.json")
+        save_fingerprint(fp, out / "fingerprint.json")
+        atomic_write_json(out / "splits.json", splits)
+        save_workflow(workflow, out / "workflow.yaml")
+        print(f"wrote {out / 'plan.json'}, fingerprint.json, splits.json and workflow.yaml; "
+              f"change the plan with --set plan.KEY=VALUE (medseg train takes the same)")
+    return 0
+
+
+def _check_plan_folder(out: Path) -> None:
+    """A new or empty folder, or one `medseg plan` wrote (its files are replaced); checked
+    before the dataset is read."""
+    from medseg.fileio import refuse_unwritable_place
+
+    if out.exists() and not out.is_dir():
+        raise MedsegError("output folder path is a file", out)
+    ours = {"plan.json", "fingerprint.json", "splits.json", "workflow.yaml"}
+    if out.is_dir():
+        others = sorted(p.name for p in out.iterdir() if p.name not in ours)
+        if others:
+            raise MedsegError(f"holds other files than a plan's ({', '.join(others[:3])}): "
+                              f"choose a new or empty folder (a run folder is medseg "
+                              f"train's)", out)
+    else:
+        refuse_unwritable_place(out)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -654,6 +702,17 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--set", dest="overrides", action="append", default=[],
                       metavar="KEY=VALUE", help="override a workflow key, e.g. train.epochs=5")
     demo.set_defaults(handler=cmd_demo)
+
+    plan = sub.add_parser("plan", parents=[common],
+                          help="fingerprint a dataset and print the plan train would use")
+    plan.add_argument("workflow", type=_path_text, help="workflow YAML file")
+    plan.add_argument("--set", dest="overrides", action="append", default=[],
+                      metavar="KEY=VALUE", help="override a workflow key (repeatable), as "
+                      "for train")
+    plan.add_argument("--out", default=None, type=_path_text,
+                      help="also write plan.json, fingerprint.json, splits.json and "
+                           "workflow.yaml into this folder")
+    plan.set_defaults(handler=cmd_plan)
 
     train = sub.add_parser("train", parents=[common], help="train on a labelled dataset")
     train.add_argument("workflow", nargs="?", type=_path_text, help="workflow YAML file")

@@ -662,3 +662,46 @@ def _refuse_no_foreground(class_voxels: dict[int, int], root: Path) -> None:
     if not any(count for label_id, count in class_voxels.items() if label_id != 0):
         raise MedsegError("no case's label has a voxel of any structure (all background): "
                           "nothing to learn", root)
+
+
+def describe_plan(plan: Plan, fp: Fingerprint) -> str:
+    """The plan in lines a person reads before training (`medseg plan`): where each number
+    comes from, level by level, channel by channel, class by class."""
+    spacings = np.asarray(fp.spacings, dtype=float)
+    extent = _numbers(np.multiply(plan.patch_size, plan.target_spacing))
+    lines = [
+        f"target spacing (mm, R A S): {_numbers(plan.target_spacing)}; the cases' median "
+        f"{_numbers(np.median(spacings, axis=0))}, from {_numbers(spacings.min(axis=0))} "
+        f"to {_numbers(spacings.max(axis=0))}",
+        f"median shape at that spacing: {plan.median_shape}",
+        f"patch {plan.patch_size} voxels ({extent} mm), "
+        f"batch {plan.batch_size}, mirror axes {plan.mirror_axes}",
+        f"network: {plan.network}{', residual blocks' if plan.res_block else ''}"
+        f"{', deep supervision' if plan.deep_supervision else ''}",
+    ]
+    for level, (kernel, stride, width) in enumerate(zip(plan.kernels, plan.strides,
+                                                        plan.filters, strict=True)):
+        lines.append(f"  level {level}: kernel {kernel}, stride {stride}, {width} filters")
+    for channel, (modality, norm) in enumerate(zip(plan.modalities, plan.normalization,
+                                                   strict=True)):
+        lines.append(f"channel {channel} ({modality}): {_normalization_text(norm)}")
+    total = sum(count for label, count in fp.class_voxels.items() if label > 0) or 1
+    for label, name in sorted(plan.labels.items()):
+        if label > 0:
+            share = fp.class_voxels.get(label, 0) / total
+            lines.append(f"class {label} {name}: {share:.1%} of the structure voxels")
+    return "\n".join(lines)
+
+
+def _numbers(values) -> str:
+    return "[" + ", ".join(f"{float(v):.3g}" for v in values) + "]"
+
+
+def _normalization_text(norm: dict) -> str:
+    if norm["scheme"] == "ct":
+        low, high = norm["clip"]
+        return (f"clipped to [{low:.4g}, {high:.4g}] (the structures' 0.5 and 99.5 "
+                f"percentiles), then (x - {norm['mean']:.4g}) / {norm['std']:.4g}")
+    return {"zscore_nonzero": "z-score of each case over its nonzero voxels",
+            "none": "as stored", "rescale_to_0_1": "rescaled to [0, 1] per case",
+            "rgb_to_0_1": "divided by 255"}.get(norm["scheme"], norm["scheme"])

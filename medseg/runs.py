@@ -96,12 +96,8 @@ def train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool,
     source run's plan, and a source that does not fit the plan is refused before the run
     folder is written."""
     from medseg.config import save_workflow
-    from medseg.datasets import list_dataset, load_dataset, make_splits
-    from medseg.fileio import atomic_write_json, physical_memory
+    from medseg.fileio import atomic_write_json
     from medseg.plan import (
-        fingerprint,
-        make_plan,
-        refuse_unaffordable_spacing,
         save_fingerprint,
         save_plan,
     )
@@ -114,38 +110,10 @@ def train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool,
     # every rank: a refusal must stop them all before any work, not rank 0 alone
     workflow, init = _check_start(run_dir, workflow, overwrite, workflow_file, given,
                                   main_rank)
-    ds = workflow.dataset
-    dataset = load_dataset(ds.path, ds.layout, ds.modality, ds.labels)
+    workflow, dataset = read_run_dataset(workflow, main_rank)
     if overwrite:  # a CSV's or dataset.json's files may lie anywhere, the run folder too
         _refuse_inputs_inside(run_dir, workflow, None, dataset)
-    if ds.layout == "auto":  # saved as found: a resume must read the dataset the same way
-        workflow = dataclasses.replace(workflow, dataset=dataclasses.replace(
-            ds, layout=list_dataset(ds.path).layout))
-    ignored = ("" if dataset.ignore_label is None else
-               f" (id {dataset.ignore_label} 'ignore': left out of the loss and the scores)")
-    print(f"dataset: {len(dataset.cases)} cases, labels {labels_in_brief(dataset.labels)}"
-          f"{ignored}, modalities {list(dataset.modalities)}")
-    if main_rank:
-        note_ignore_spelt_otherwise(dataset.labels)
-    # here, not after hours of training when predict would first read them (a dataset that
-    # names no labels, folders or CSV without labels.json: once its label files are read)
-    if dataset.labels:
-        _check_postprocessing_of(workflow, dataset.labels)
-    if workflow.train.splits_file:
-        splits = _splits_of_file(Path(workflow.train.splits_file), dataset)
-    else:
-        splits = make_splits([c.name for c in dataset.cases], workflow.train.folds,
-                             workflow.train.split_seed, source=dataset.root)
-    # sampled with a seed of its own, not train.seed: runs of other seeds on one dataset get
-    # one plan (a CT's normalization is drawn from sampled voxels), as an ensemble needs
-    fp = fingerprint(dataset, seed=0, progress=main_rank)
-    if not dataset.labels:
-        _check_postprocessing_of(workflow, fp.labels)
-    plan = make_plan(fp, workflow.plan)
-    refuse_unaffordable_spacing(fp, plan, physical_memory(), workflow.train.cache,
-                                spacing_given=workflow.plan.target_spacing is not None)
-    print(f"plan: spacing {plan.target_spacing}, patch {plan.patch_size}, batch "
-          f"{plan.batch_size}, {len(plan.strides)} levels, filters {plan.filters}")
+    splits, fp, plan = plan_run(workflow, dataset, main_rank)
     if init is not None:
         refuse_unfit(init, plan)
         note_other_modalities(init, plan, quiet=not main_rank)
@@ -163,6 +131,53 @@ def train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool,
         results.append(train_fold(workflow, dataset, plan, splits[k], run_dir / f"fold_{k}"))
         _report_fold(results[-1], workflow.train.epochs)
     return results
+
+
+def read_run_dataset(workflow: Workflow, main_rank: bool = True) -> tuple[Workflow, object]:
+    """The workflow's dataset, read and checked; the workflow with the layout found (saved as
+    found: a resume must read the dataset the same way)."""
+    from medseg.datasets import list_dataset, load_dataset
+
+    ds = workflow.dataset
+    dataset = load_dataset(ds.path, ds.layout, ds.modality, ds.labels)
+    if ds.layout == "auto":
+        workflow = dataclasses.replace(workflow, dataset=dataclasses.replace(
+            ds, layout=list_dataset(ds.path).layout))
+    ignored = ("" if dataset.ignore_label is None else
+               f" (id {dataset.ignore_label} 'ignore': left out of the loss and the scores)")
+    print(f"dataset: {len(dataset.cases)} cases, labels {labels_in_brief(dataset.labels)}"
+          f"{ignored}, modalities {list(dataset.modalities)}")
+    if main_rank:
+        note_ignore_spelt_otherwise(dataset.labels)
+    # here, not after hours of training when predict would first read them (a dataset that
+    # names no labels, folders or CSV without labels.json: once its label files are read)
+    if dataset.labels:
+        _check_postprocessing_of(workflow, dataset.labels)
+    return workflow, dataset
+
+
+def plan_run(workflow: Workflow, dataset, main_rank: bool = True) -> tuple[list, object, object]:
+    """dataset -> splits, fingerprint, plan (printed in one line), as `train` makes them."""
+    from medseg.datasets import make_splits
+    from medseg.fileio import physical_memory
+    from medseg.plan import fingerprint, make_plan, refuse_unaffordable_spacing
+
+    if workflow.train.splits_file:
+        splits = _splits_of_file(Path(workflow.train.splits_file), dataset)
+    else:
+        splits = make_splits([c.name for c in dataset.cases], workflow.train.folds,
+                             workflow.train.split_seed, source=dataset.root)
+    # sampled with a seed of its own, not train.seed: runs of other seeds on one dataset get
+    # one plan (a CT's normalization is drawn from sampled voxels), as an ensemble needs
+    fp = fingerprint(dataset, seed=0, progress=main_rank)
+    if not dataset.labels:
+        _check_postprocessing_of(workflow, fp.labels)
+    plan = make_plan(fp, workflow.plan)
+    refuse_unaffordable_spacing(fp, plan, physical_memory(), workflow.train.cache,
+                                spacing_given=workflow.plan.target_spacing is not None)
+    print(f"plan: spacing {plan.target_spacing}, patch {plan.patch_size}, batch "
+          f"{plan.batch_size}, {len(plan.strides)} levels, filters {plan.filters}")
+    return splits, fp, plan
 
 
 def _check_start(run_dir: Path, workflow, overwrite: bool, workflow_file: Path | None,

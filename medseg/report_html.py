@@ -72,7 +72,8 @@ def render_report(results: list[CaseScores], summary: dict,
                   labels: dict[int, str] | None, scans: Scans | None = None) -> str:
     """The whole page as a string; with `scans`, the overlays are drawn on the cases' scans."""
     shown = shown_structures(summary)
-    parts = [_header(results, summary), _summary_table(summary, shown), _conventions(summary),
+    parts = [_header(results, summary), _summary_table(summary, shown),
+             _crossval_tables(summary), _conventions(summary),
              _case_table(results, shown), _boxplots(results, shown, summary),
              _montages(results, labels, shown, summary.get("ignore_label"), scans)]
     body = "\n".join(parts)
@@ -160,6 +161,40 @@ def _summary_table(summary: dict, shown: list[str]) -> str:
             f'<div class="scroll"><table class="summary"><thead><tr><th class="name">structure'
             f"</th>{head}</tr></thead>\n<tbody>\n" + "\n".join(rows)
             + f"\n</tbody></table></div>\n{note}")
+
+
+def _crossval_tables(summary: dict) -> str:
+    """`medseg crossval`'s additions: the mean Dice of each fold, and the largest-component
+    test; nothing for `evaluate`."""
+    crossval = summary.get("crossval")
+    if not crossval:
+        return ""
+    folds = crossval["folds"]
+    names = list(next(iter(folds.values()))["dice"]) if folds else []
+    head = "".join(f"<th>{escape(name)}</th>" for name in names)
+    rows = "\n".join(
+        f'<tr><td class="name">fold {escape(fold)}</td><td>{entry["cases"]}</td>'
+        f'<td>{len(entry["failed_cases"])}</td><td>{_fmt(entry["mean_dice"], 3)}</td>'
+        + "".join(f"<td>{_fmt(entry['dice'][name], 3)}</td>" for name in names) + "</tr>"
+        for fold, entry in folds.items())
+    test = crossval["postprocessing"]["structures"]
+    tested = "\n".join(
+        f'<tr><td class="name">{escape(name)}</td><td>{_fmt(entry["dice"], 4)}</td>'
+        f'<td>{_fmt(entry["dice_largest_component"], 4)}</td>'
+        f'<td>{"yes" if entry["apply"] else "no"}</td></tr>' for name, entry in test.items())
+    return ('<h2 id="folds">Cross-validation: each fold\'s held-out cases</h2>\n'
+            '<p class="meta">Each case scored once, by the network of the fold that held it out '
+            "(mean Dice per structure over the fold's cases where it is present).</p>\n"
+            '<div class="scroll"><table class="summary"><thead><tr><th class="name">fold</th>'
+            f"<th>cases</th><th>failed</th><th>mean Dice</th>{head}</tr></thead>\n<tbody>\n"
+            f"{rows}\n</tbody></table></div>\n"
+            '<h2 id="postprocessing">Keeping only the largest component</h2>\n'
+            '<p class="meta">Mean Dice over the held-out cases before and after keeping only '
+            "each structure's largest 26-connected component; chosen where it raises the "
+            "mean (nnU-Net's rule), as postprocessing.json lists.</p>\n"
+            '<table class="summary"><thead><tr><th class="name">structure</th><th>raw</th>'
+            "<th>largest component</th><th>chosen</th></tr></thead>\n<tbody>\n"
+            f"{tested}\n</tbody></table>")
 
 
 def _volume_digits(stats: dict, digits: int) -> int:

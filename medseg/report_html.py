@@ -127,7 +127,8 @@ def _header(results: list[CaseScores], summary: dict) -> str:
         # the version and the time zone: a page shown months later says what made it
         f'<p class="meta">written '
         f'{datetime.datetime.now().astimezone().isoformat(timespec="seconds")} '
-        f"by medseg {escape(__version__)} evaluate</p>",
+        f"by medseg {escape(__version__)} "
+        f"{'crossval' if summary.get('crossval') else 'evaluate'}</p>",
     ]
     if failed:
         lines.append(f'<p class="fail">Failed cases (each structure of their references '

@@ -78,7 +78,7 @@ def test_each_fold_scores_its_held_out_cases_with_its_own_network(two_fold_run, 
     assert sorted({row.split(",")[0] for row in rows}) == names
     page = (out / "report.html").read_text(encoding="utf-8")
     assert "Cross-validation: each fold" in page and "<td class=\"name\">fold 1</td>" in page
-    assert "Keeping only the largest component" in page
+    assert "Keeping only the largest component" in page and " crossval</p>" in page
     request = json.loads((out / REQUEST_FILE).read_text(encoding="utf-8"))
     assert request["cases"] == {"0": held_out[0], "1": held_out[1]}
     chosen = json.loads((out / POSTPROCESSING_FILE).read_text(encoding="utf-8"))

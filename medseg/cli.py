@@ -692,6 +692,7 @@ def _parser() -> argparse.ArgumentParser:
     dicom.add_argument("--resample-irregular", action="store_true",
                        help="resample a tilted or unevenly spaced DICOM series onto a regular "
                             "grid instead of refusing it")
+    windows = _window_options()
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", parents=[common],
@@ -734,7 +735,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--overwrite", action="store_true", help="replace an existing run")
     train.set_defaults(handler=cmd_train)
 
-    predict = sub.add_parser("predict", parents=[common, dicom], help="segment new volumes")
+    predict = sub.add_parser("predict", parents=[common, dicom, windows],
+                             help="segment new volumes")
     predict.add_argument("--model", required=True, nargs="+", type=_path_text,
                          help="run folder made by medseg train, or a model .zip of medseg "
                               "export; several: an ensemble (the mean of their "
@@ -744,14 +746,6 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--output", required=True, type=_path_text, help="folder for the masks")
     predict.add_argument("--folds", default=None, help="comma-separated folds (default: all "
                          "trained)")
-    predict.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                         help="average over mirrored copies, or not (default: the run's "
-                              "predict.tta)")
-    predict.add_argument("--step", type=float, default=None,
-                         help="window step as a fraction of the patch (default: the run's "
-                              "predict.step)")
-    predict.add_argument("--device", default=None,
-                         help="cpu, cuda or cuda:N (default: cuda if found)")
     predict.add_argument("--overwrite", action="store_true", help="redo existing outputs")
     predict.add_argument("--dicom-seg", action="store_true",
                          help="for each DICOM series input, also write CASE.seg.dcm: a DICOM "
@@ -765,13 +759,9 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--reference", default=None, metavar="DIR", type=_path_text,
                          help="folder of reference masks: score the predictions at once "
                               "into OUTPUT/evaluation")
-    predict.add_argument("--set", dest="overrides", action="append", default=[],
-                         metavar="predict.KEY=VALUE",
-                         help="override a key of the run's predict section (repeatable), e.g. "
-                              "predict.largest_component=[1,2]")
     predict.set_defaults(handler=cmd_predict)
 
-    crossval = sub.add_parser("crossval", parents=[common],
+    crossval = sub.add_parser("crossval", parents=[common, windows],
                               help="segment and score each fold's held-out cases")
     crossval.add_argument("runs", nargs="+", metavar="RUN_DIR", type=_path_text,
                           help="run folder made by medseg train; several: an ensemble "
@@ -784,17 +774,6 @@ def _parser() -> argparse.ArgumentParser:
     crossval.add_argument("--dataset", default=None, metavar="PATH", type=_path_text,
                           help="the run's dataset where it lies now (default: the workflow's "
                                "dataset.path)")
-    crossval.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                          help="average over mirrored copies, or not (default: the run's "
-                               "predict.tta)")
-    crossval.add_argument("--step", type=float, default=None,
-                          help="window step as a fraction of the patch (default: the run's "
-                               "predict.step)")
-    crossval.add_argument("--set", dest="overrides", action="append", default=[],
-                          metavar="predict.KEY=VALUE",
-                          help="override a key of the run's predict section (repeatable)")
-    crossval.add_argument("--device", default=None,
-                          help="cpu, cuda or cuda:N (default: cuda if found)")
     crossval.add_argument("--tolerance-mm", type=float, default=2.0,
                           help="surface Dice tolerance in mm (default: %(default)s)")
     crossval.add_argument("--jobs", type=int, default=1,
@@ -861,6 +840,24 @@ def _parser() -> argparse.ArgumentParser:
                              help="files written in parallel threads (default: %(default)s)")
     convert_msd.set_defaults(handler=cmd_convert_msd)
     return parser
+
+
+def _window_options() -> argparse.ArgumentParser:
+    """How predict and crossval run the networks: over the run's predict section."""
+    windows = argparse.ArgumentParser(add_help=False)
+    windows.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                         help="average over mirrored copies, or not (default: the run's "
+                              "predict.tta)")
+    windows.add_argument("--step", type=float, default=None,
+                         help="window step as a fraction of the patch (default: the run's "
+                              "predict.step)")
+    windows.add_argument("--device", default=None,
+                         help="cpu, cuda or cuda:N (default: cuda if found)")
+    windows.add_argument("--set", dest="overrides", action="append", default=[],
+                         metavar="predict.KEY=VALUE",
+                         help="override a key of the run's predict section (repeatable), e.g. "
+                              "predict.largest_component=[1,2]")
+    return windows
 
 
 def _path_text(text: str) -> str:

@@ -37,3 +37,13 @@ def trained_run(tmp_path_factory, phantom_dataset) -> Path:
     assert code == 0
     return run_dir
 
+
+
+@pytest.fixture(scope="session")
+def model_archive(trained_run, tmp_path_factory) -> Path:
+    """`medseg export` of the tiny run (tests that change it copy it first)."""
+    from medseg.cli import main
+
+    target = tmp_path_factory.mktemp("archive") / "tiny_model.zip"
+    assert main(["export", str(trained_run), str(target)]) == 0
+    return target

@@ -49,3 +49,11 @@ def synthetic_fingerprint(spacings, shapes, modality="MR") -> Fingerprint:
         class_voxels={0: 1000, 1: 100, 2: 50}, modalities=[modality],
         labels={0: "background", 1: "a", 2: "b"},
     )
+
+
+def zip_members(path: Path) -> dict[str, bytes]:
+    """Every member of a zip file by name."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        return {name: zf.read(name) for name in zf.namelist()}

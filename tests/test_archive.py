@@ -9,21 +9,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import yaml
+from helpers import zip_members
 
 from medseg.archive import MANIFEST
 from medseg.cli import main
-
-
-@pytest.fixture(scope="module")
-def archive(trained_run, tmp_path_factory) -> Path:
-    target = tmp_path_factory.mktemp("archive") / "tiny_model.zip"
-    assert main(["export", str(trained_run), str(target)]) == 0
-    return target
-
-
-def _members(path: Path) -> dict[str, bytes]:
-    with zipfile.ZipFile(path) as zf:
-        return {name: zf.read(name) for name in zf.namelist()}
 
 
 def _manifest_with(manifest: bytes, name: str, size: int) -> bytes:
@@ -34,7 +23,7 @@ def _manifest_with(manifest: bytes, name: str, size: int) -> bytes:
 
 
 def _rewrite(source: Path, target: Path, change) -> Path:
-    members = _members(source)
+    members = zip_members(source)
     change(members)
     with zipfile.ZipFile(target, "w") as zf:
         for name, data in members.items():
@@ -42,8 +31,8 @@ def _rewrite(source: Path, target: Path, change) -> Path:
     return target
 
 
-def test_the_archive_holds_what_prediction_needs_and_no_case_names(archive, trained_run):
-    members = _members(archive)
+def test_the_archive_holds_what_prediction_needs_and_no_case_names(model_archive, trained_run):
+    members = zip_members(model_archive)
     assert sorted(members) == ["fold_0/checkpoints/best.safetensors", "fold_0/metrics.jsonl",
                                MANIFEST, "plan.json", "workflow.yaml"]
     assert members["plan.json"] == (trained_run / "plan.json").read_bytes()
@@ -59,7 +48,7 @@ def test_the_archive_holds_what_prediction_needs_and_no_case_names(archive, trai
     assert manifest["folds"] == [0] and set(manifest["files"]) == set(members) - {MANIFEST}
 
 
-def test_predicting_with_the_archive_gives_the_runs_masks(archive, trained_run,
+def test_predicting_with_the_archive_gives_the_runs_masks(model_archive, trained_run,
                                                           phantom_dataset, tmp_path,
                                                           monkeypatch, capsys):
     scratch = tmp_path / "scratch"
@@ -68,7 +57,7 @@ def test_predicting_with_the_archive_gives_the_runs_masks(archive, trained_run,
     scans = str(phantom_dataset / "imagesTs")
     assert main(["predict", "--model", str(trained_run), "--input", scans, "--output",
                  str(tmp_path / "run")]) == 0
-    assert main(["predict", "--model", str(archive), "--input", scans, "--output",
+    assert main(["predict", "--model", str(model_archive), "--input", scans, "--output",
                  str(tmp_path / "zip"), "--statistics"]) == 0
     masks = sorted(p.name for p in (tmp_path / "run").glob("*.nii.gz"))
     assert masks and masks == sorted(p.name for p in (tmp_path / "zip").glob("*.nii.gz"))
@@ -91,9 +80,9 @@ def test_predicting_with_the_archive_gives_the_runs_masks(archive, trained_run,
      "plan.json unpacks to"),
     (lambda m: m.update({MANIFEST: b" " * (2 << 20)}), "larger than a manifest can be"),
 ])
-def test_a_changed_archive_is_refused_in_one_line(archive, phantom_dataset, tmp_path, capsys,
+def test_a_changed_archive_is_refused_in_one_line(model_archive, phantom_dataset, tmp_path, capsys,
                                                   change, expected):
-    changed = _rewrite(archive, tmp_path / "changed.zip", change)
+    changed = _rewrite(model_archive, tmp_path / "changed.zip", change)
     assert main(["predict", "--model", str(changed), "--input",
                  str(phantom_dataset / "imagesTs"), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
@@ -109,9 +98,9 @@ def test_a_file_that_is_no_zip_is_refused(phantom_dataset, tmp_path, capsys):
     assert "not a readable model archive" in capsys.readouterr().err
 
 
-def test_export_refusals(trained_run, archive, tmp_path, capsys):
+def test_export_refusals(trained_run, model_archive, tmp_path, capsys):
     cases = [([str(trained_run), str(tmp_path / "model.tar")], "must be named .zip"),
-             ([str(trained_run), str(archive)], "exists: --overwrite replaces it"),
+             ([str(trained_run), str(model_archive)], "exists: --overwrite replaces it"),
              ([str(trained_run), str(tmp_path / "m.zip"), "--folds", "3"],
               "no trained weights for fold(s) [3]"),
              ([str(tmp_path), str(tmp_path / "m.zip")], "not a medseg run folder")]
@@ -120,13 +109,13 @@ def test_export_refusals(trained_run, archive, tmp_path, capsys):
         err = capsys.readouterr().err
         assert expected in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "m.zip").exists()
-    before = archive.read_bytes()
-    assert main(["export", str(trained_run), str(archive), "--overwrite"]) == 0
-    assert _members(archive) == _members(Path(archive)) and archive.read_bytes()
-    assert len(before) > 0
+    copy = tmp_path / "copy.zip"
+    copy.write_bytes(model_archive.read_bytes())
+    assert main(["export", str(trained_run), str(copy), "--overwrite"]) == 0
+    assert zip_members(copy) == zip_members(model_archive)  # the same files, written again
 
 
-def test_one_archive_given_twice_is_refused(archive, phantom_dataset, tmp_path, capsys):
-    assert main(["predict", "--model", str(archive), str(archive), "--input",
+def test_one_archive_given_twice_is_refused(model_archive, phantom_dataset, tmp_path, capsys):
+    assert main(["predict", "--model", str(model_archive), str(model_archive), "--input",
                  str(phantom_dataset / "imagesTs"), "--output", str(tmp_path / "out")]) == 2
     assert "given twice to --model" in capsys.readouterr().err

@@ -8,22 +8,10 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pytest
 import yaml
+from helpers import zip_members
 
 from medseg.cli import main
-
-
-@pytest.fixture(scope="module")
-def archive(trained_run, tmp_path_factory) -> Path:
-    target = tmp_path_factory.mktemp("archive_s23") / "tiny_model.zip"
-    assert main(["export", str(trained_run), str(target)]) == 0
-    return target
-
-
-def _members(path: Path) -> dict[str, bytes]:
-    with zipfile.ZipFile(path) as zf:
-        return {name: zf.read(name) for name in zf.namelist()}
 
 
 def _scratch_tempdir(tmp_path, monkeypatch) -> Path:
@@ -52,14 +40,14 @@ def test_a_run_trained_on_a_one_split_splits_file_exports_a_usable_archive(
     code = main(["predict", "--model", str(target), "--input",
                  str(phantom_dataset / "imagesTs"), "--output", str(tmp_path / "masks")])
     assert code == 0, capsys.readouterr().err
-    assert str(splits) not in _members(target)["workflow.yaml"].decode()
+    assert str(splits) not in zip_members(target)["workflow.yaml"].decode()
 
 
 def test_an_encrypted_member_is_refused_in_one_line_naming_the_archive(
-        archive, phantom_dataset, tmp_path, monkeypatch, capsys):
+        model_archive, phantom_dataset, tmp_path, monkeypatch, capsys):
     """zipfile raises RuntimeError for an encrypted member (NotImplementedError for an
     unknown compression): it came out as 'RuntimeError: ...', exit 1, no archive named."""
-    data = bytearray(archive.read_bytes())
+    data = bytearray(model_archive.read_bytes())
     for signature, flag in ((b"PK\x01\x02", 8), (b"PK\x03\x04", 6)):
         at = data.find(signature)
         while at >= 0:
@@ -77,12 +65,12 @@ def test_an_encrypted_member_is_refused_in_one_line_naming_the_archive(
 
 
 def test_an_error_in_an_archived_file_names_the_archive_not_a_temporary_folder(
-        archive, phantom_dataset, tmp_path, monkeypatch, capsys):
+        model_archive, phantom_dataset, tmp_path, monkeypatch, capsys):
     """A member that matches its SHA-256 but is not usable (plan.json that is no JSON):
     the message named /tmp/medseg-model-XXXX/NAME/plan.json, a folder gone by then."""
     import hashlib
 
-    members = _members(archive)
+    members = zip_members(model_archive)
     members["plan.json"] = b"{"
     manifest = json.loads(members["medseg_model.json"])
     manifest["files"]["plan.json"] = hashlib.sha256(b"{").hexdigest()

@@ -289,10 +289,12 @@ def read_channels(path: str | Path, dtype: type | None = np.float32) -> list[Vol
     path = Path(path)
     image = load_nifti(path, channels=True)
     try:
-        if path.name.lower().endswith(".gz"):
-            data = _gzip_voxels_checked(path, type(image), dtype)
-        else:
-            data = _voxels(image, dtype)
+        # a value beyond float32 is named below, not warned of (as `read_volume` does)
+        with np.errstate(over="ignore"):
+            if path.name.lower().endswith(".gz"):
+                data = _gzip_voxels_checked(path, type(image), dtype)
+            else:
+                data = _voxels(image, dtype)
     except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError) as exc:
         raise MedsegError(f"cannot read voxel data ({exc})", path) from exc
     if data.dtype.kind == "f" and not np.all(np.isfinite(data)):

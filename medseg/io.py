@@ -306,8 +306,9 @@ def read_channels(path: str | Path, dtype: type | None = np.float32) -> list[Vol
     volumes = data.reshape((*shape, -1), order="F") if data.ndim > 4 else \
         data.reshape((*shape, -1))
     geometry = Geometry(shape, nifti_affine_mm(image), image.header.copy())
-    return [Volume(np.ascontiguousarray(volumes[..., k]), geometry, path)
-            for k in range(volumes.shape[3])]
+    # views, not copies: each channel of the (Fortran-ordered) array is one contiguous block,
+    # laid out as `read_volume` gives it; a copy would double the memory of a large file
+    return [Volume(volumes[..., k], geometry, path) for k in range(volumes.shape[3])]
 
 
 def channel_count(path: str | Path) -> int:

@@ -178,16 +178,18 @@ def _refuse_unexpected_sizes(zf: zipfile.ZipFile, manifest: dict, archive: Path,
     """A member whose unpacked size differs from the manifest's (zipfile reads no further
     than the size the archive declares), or members that would not fit on the disk, are
     refused before any is unpacked: a small archive can declare gigabytes."""
-    sizes = manifest["sizes"]
+    sizes = manifest.get("sizes")  # absent in archives of medseg before it recorded them
     declared = {info.filename: info.file_size for info in zf.infolist() if not info.is_dir()}
     for name in manifest["files"]:
-        if declared.get(name) != sizes.get(name):
+        if sizes is not None and declared.get(name) != sizes.get(name):
             raise MedsegError(f"{name} unpacks to {declared.get(name)} bytes, and {MANIFEST} "
                               f"says {sizes.get(name)}: the archive is damaged or was changed",
                               archive)
+    # the members unpacked (as each was checked above, or as the archive declares them)
+    total = sum(declared[name] for name in manifest["files"])
     free = shutil.disk_usage(_existing_parent(run_dir)).free
-    if sum(sizes.values()) > free:
-        raise MedsegError(f"unpacks to {sum(sizes.values()) / 2**20:.0f} MB, more than the "
+    if total > free:
+        raise MedsegError(f"unpacks to {total / 2**20:.0f} MB, more than the "
                           f"{free / 2**20:.0f} MB free in the temporary folder", archive)
 
 
@@ -209,7 +211,7 @@ def _manifest(zf: zipfile.ZipFile, archive: Path) -> dict:
         raise MedsegError(f"{MANIFEST} is not valid JSON ({exc})", archive) from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT \
             or not isinstance(manifest.get("files"), dict) \
-            or not isinstance(manifest.get("sizes"), dict):
+            or not isinstance(manifest.get("sizes", {}), dict):
         raise MedsegError(f"{MANIFEST} is not of format {FORMAT} (an archive of another "
                           f"medseg version?)", archive)
     return manifest

@@ -40,3 +40,52 @@ def test_read_channels_holds_the_voxels_once(tmp_path: Path):
     assert peak < 1.75 * data.size * 4
     for k, volume in enumerate(volumes):
         np.testing.assert_array_equal(volume.data, data[..., k])
+
+
+def _handmade_archive(path: Path, sizes: dict | None) -> None:
+    import hashlib
+    import json
+    import zipfile
+
+    members = {"plan.json": b"{}\n", "workflow.yaml": b"dataset: {}\n",
+               "fold_0/checkpoints/best.safetensors": b"weights", "fold_0/metrics.jsonl": b""}
+    manifest = {"format": 1, "medseg_version": "0.1.0", "folds": [0],
+                "files": {name: hashlib.sha256(data).hexdigest()
+                          for name, data in members.items()}}
+    if sizes is not None:
+        manifest["sizes"] = sizes
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("fold_0/", b"")  # a directory entry, as zip tools add
+        for name, data in members.items():
+            zf.writestr(name, data)
+        zf.writestr("medseg_model.json", json.dumps(manifest))
+
+
+def test_an_archive_exported_before_sizes_were_recorded_still_unpacks(tmp_path: Path):
+    """Format 1 without `sizes` (medseg 0.1.0 before the manifest recorded them): refused
+    as 'not of format 1 (an archive of another medseg version?)', though it is format 1."""
+    from medseg.archive import unpack
+
+    archive = tmp_path / "old.zip"
+    _handmade_archive(archive, None)
+    unpack(archive, tmp_path / "run")
+    assert (tmp_path / "run" / "fold_0" / "checkpoints" / "best.safetensors").read_bytes() \
+        == b"weights"
+    assert (tmp_path / "run" / "fold_0" / "metrics.jsonl").read_bytes() == b""
+
+
+def test_a_size_that_is_no_number_is_refused_in_one_line(tmp_path: Path):
+    from medseg.archive import unpack
+
+    archive = tmp_path / "odd.zip"
+    sizes = {"plan.json": 3, "workflow.yaml": 12, "fold_0/checkpoints/best.safetensors": 7,
+             "fold_0/metrics.jsonl": 0, "extra": "many"}
+    _handmade_archive(archive, sizes)
+    try:
+        unpack(archive, tmp_path / "run")  # the listed members' sizes are right: unpacked
+    except MedsegError as exc:
+        assert str(archive) in str(exc)
+    sizes["plan.json"] = "3"
+    _handmade_archive(archive, sizes)
+    with pytest.raises(MedsegError, match="plan.json unpacks to 3 bytes"):
+        unpack(archive, tmp_path / "run2")

@@ -242,8 +242,19 @@ def cmd_plan(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if out is not None:
         _check_plan_folder(out)
+    init = None
+    if workflow.train.init:  # as train plans it: the source's network keys, unless given
+        from medseg.pretrained import adopt_source_network, resolve_init
+
+        init = resolve_init(workflow.train.init)
+        workflow = adopt_source_network(workflow, init,
+                                        keys_given(Path(args.workflow), args.overrides))
     workflow, dataset = runs.read_run_dataset(workflow)
     splits, fp, plan = runs.plan_run(workflow, dataset)
+    if init is not None:  # train would refuse it before any training
+        from medseg.pretrained import refuse_unfit
+
+        refuse_unfit(init, plan)
     print(describe_plan(plan, fp))
     if out is not None:
         from medseg.config import save_workflow

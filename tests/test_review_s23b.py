@@ -89,3 +89,25 @@ def test_a_size_that_is_no_number_is_refused_in_one_line(tmp_path: Path):
     _handmade_archive(archive, sizes)
     with pytest.raises(MedsegError, match="plan.json unpacks to 3 bytes"):
         unpack(archive, tmp_path / "run2")
+
+
+def test_plan_takes_the_network_keys_of_train_init_as_train_does(trained_run, phantom_dataset,
+                                                                  tmp_path):
+    """A workflow with train.init: train plans the network keys it leaves unset from the
+    source run's plan (so its weights fit); `medseg plan` printed and saved the automatic
+    plan instead, not 'byte for byte' train's."""
+    import json
+
+    from helpers import REPO
+
+    from medseg.cli import main
+
+    out = tmp_path / "plan"
+    args = ["plan", str(REPO / "workflows" / "demo.yaml"), "--set",
+            f"dataset.path={phantom_dataset}", "--set", f"train.init={trained_run}",
+            "--set", "plan.base_filters=4", "--set", "plan.max_filters=16", "--out", str(out)]
+    assert main(args) == 0
+    source = json.loads((trained_run / "plan.json").read_text(encoding="utf-8"))
+    planned = json.loads((out / "plan.json").read_text(encoding="utf-8"))
+    for key in ("target_spacing", "patch_size", "filters", "network"):
+        assert planned[key] == source[key], key

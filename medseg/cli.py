@@ -285,6 +285,11 @@ def _check_plan_folder(out: Path) -> None:
             raise MedsegError(f"holds other files than a plan's ({', '.join(others[:3])}): "
                               f"choose a new or empty folder (a run folder is medseg "
                               f"train's)", out)
+        held = sorted(p.name for p in out.iterdir())
+        if held and "plan.json" not in held:  # plan.json is what a plan writes first
+            raise MedsegError(f"holds {', '.join(held)} but no plan.json: no earlier medseg "
+                              f"plan wrote it, and its files would be replaced; choose a new "
+                              f"or empty folder", out)
     else:
         refuse_unwritable_place(out)
 

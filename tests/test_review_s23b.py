@@ -111,3 +111,24 @@ def test_plan_takes_the_network_keys_of_train_init_as_train_does(trained_run, ph
     planned = json.loads((out / "plan.json").read_text(encoding="utf-8"))
     for key in ("target_spacing", "patch_size", "filters", "network"):
         assert planned[key] == source[key], key
+
+
+def test_plan_out_keeps_a_folder_holding_only_the_users_own_workflow(phantom_dataset, tmp_path,
+                                                                     capsys):
+    """`medseg plan exp/workflow.yaml --out exp`: a folder no plan wrote (no plan.json) whose
+    only file is named as one of a plan's was taken for a plan folder, and the user's own
+    workflow (comments and all) replaced by the resolved one."""
+    from helpers import REPO
+
+    from medseg.cli import main
+
+    folder = tmp_path / "exp"
+    folder.mkdir()
+    mine = "# my notes\n" + (REPO / "workflows" / "demo.yaml").read_text(encoding="utf-8")
+    (folder / "workflow.yaml").write_text(mine, encoding="utf-8")
+    code = main(["plan", str(folder / "workflow.yaml"), "--set",
+                 f"dataset.path={phantom_dataset}", "--out", str(folder)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert str(folder) in err and len(err.strip().splitlines()) == 1
+    assert (folder / "workflow.yaml").read_text(encoding="utf-8") == mine

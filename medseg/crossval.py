@@ -81,7 +81,7 @@ def cross_validate(request: CrossvalRequest) -> dict:
     if request.tolerance_mm < 0:  # evaluate_pairs says so too, but after every prediction
         raise MedsegError(f"--tolerance-mm must be >= 0 mm, got {request.tolerance_mm}")
     held_out = _held_out_cases(request)
-    # the first fold's networks read (and the runs' plans compared) before the folder is
+    # the first fold's networks read (and the runs' plans compared) before the folder is claimed
     first = load_predictor(list(request.runs), [held_out.folds[0]], request.device)
     # the masks are scored raw: the run's post-processing is what largest_component_test weighs
     config = dataclasses.replace(

@@ -463,7 +463,7 @@ def cmd_crossval(args: argparse.Namespace) -> int:
     summary = cross_validate(CrossvalRequest(
         tuple(runs_given), out, tuple(folds) if folds is not None else None, args.dataset,
         tuple(args.overrides), args.tta, args.step, args.device, args.overwrite,
-        args.tolerance_mm, args.jobs))
+        args.tolerance_mm, args.jobs, args.resume))
     return 1 if summary["failed_cases"] else 0
 
 
@@ -796,6 +796,10 @@ def _parser() -> argparse.ArgumentParser:
                           help="cases scored in parallel processes (default: %(default)s)")
     crossval.add_argument("--overwrite", action="store_true",
                           help="predict and score an earlier cross-validation's folder again")
+    crossval.add_argument("--continue", dest="resume", action="store_true",
+                          help="go on with an earlier cross-validation of the same runs and "
+                               "settings: segment only the cases it has no mask of (a fold "
+                               "whose weights changed is segmented again), then score all")
     crossval.set_defaults(handler=cmd_crossval)
 
     evaluate = sub.add_parser("evaluate", parents=[common], help="score masks against labels")

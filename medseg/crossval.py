@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from medseg.config import PredictConfig, Workflow, load_workflow
 from medseg.datasets import Case, Dataset, load_dataset, read_splits
 from medseg.errors import MedsegError
 from medseg.evaluate import CaseScores, evaluate_pairs, load_pair
-from medseg.fileio import atomic_write_json, refuse_unwritable_place
+from medseg.fileio import atomic_write_json, json_safe, refuse_unwritable_place, sha256_of_file
 from medseg.metrics import leave_out_ignored, score_case
 from medseg.plan import Plan, load_plan
 from medseg.postprocess import keep_largest_component
@@ -36,8 +37,8 @@ CROSSVAL_FOLDER = "crossval"
 REQUEST_FILE = "crossval.json"  # what was asked: marks the folder as a cross-validation's
 POSTPROCESSING_FILE = "postprocessing.json"
 PREDICTIONS = "predictions"
-# a stopped cross-validation is not resumed (its networks may have changed since)
-GOING_ON = "but not scored: the same command with --overwrite predicts and scores them all again"
+GOING_ON = ("but not scored: the same command with --continue segments the rest and scores "
+            "them all")
 RESULT_FILES = ("summary.json", "scores.csv", "report.html", POSTPROCESSING_FILE)
 
 
@@ -54,6 +55,7 @@ class CrossvalRequest:
     overwrite: bool = False
     tolerance_mm: float = 2.0
     jobs: int = 1
+    resume: bool = False  # --continue: keep the masks an earlier run of the same request made
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,7 @@ class HeldOut:
     plan: Plan
     folds: tuple[int, ...]
     cases_by_fold: dict[int, tuple[Case, ...]]
+    dataset_root: Path
 
     def all_cases(self) -> list[Case]:
         return [case for fold in self.folds for case in self.cases_by_fold[fold]]
@@ -80,6 +83,9 @@ def cross_validate(request: CrossvalRequest) -> dict:
     """Predict, score and sum up; returns the summary (with its `crossval` section)."""
     if request.tolerance_mm < 0:  # evaluate_pairs says so too, but after every prediction
         raise MedsegError(f"--tolerance-mm must be >= 0 mm, got {request.tolerance_mm}")
+    if request.resume and request.overwrite:
+        raise MedsegError("--continue keeps an earlier cross-validation's masks and --overwrite "
+                          "redoes them: give one of them")
     held_out = _held_out_cases(request)
     # the first fold's networks read (and the runs' plans compared) before the folder is claimed
     first = load_predictor(list(request.runs), [held_out.folds[0]], request.device)
@@ -87,10 +93,11 @@ def cross_validate(request: CrossvalRequest) -> dict:
     config = dataclasses.replace(
         predict_settings(request.runs, request.overrides, request.tta, request.step),
         largest_component=[], min_component_ml={})
-    _claim_out_folder(request)
-    atomic_write_json(request.out / REQUEST_FILE, _request_record(request, held_out, config))
+    record = _request_record(request, held_out, config)
+    kept = _claim_out_folder(request, record)
+    atomic_write_json(request.out / REQUEST_FILE, record)
     predictions = request.out / PREDICTIONS
-    failed = _predict_folds(request, held_out, predictions, first, config)
+    failed = _predict_folds(request, held_out, predictions, first, config, kept)
     plan = held_out.plan
     pairs = [(case.name, _mask_or_none(predictions, case, failed), case.label)
              for case in held_out.all_cases()]
@@ -138,7 +145,7 @@ def _held_out_cases(request: CrossvalRequest) -> HeldOut:
         names = splits[fold]["val"]
         _refuse_unusable_cases(names, by_name, fold, seen, dataset)
         cases_by_fold[fold] = tuple(by_name[name] for name in names)
-    return HeldOut(plan, folds, cases_by_fold)
+    return HeldOut(plan, folds, cases_by_fold, Path(dataset.root))
 
 
 def _run_workflow(run: Path) -> Workflow:
@@ -234,54 +241,129 @@ def _file_name_safe(name: str) -> bool:
     return bool(name) and not name.startswith(".") and not any(c in name for c in "/\\\0")
 
 
-def _claim_out_folder(request: CrossvalRequest) -> None:
-    """An empty (or new) folder, or an earlier cross-validation's with --overwrite; any other
-    folder's files are not ours to replace."""
+def _claim_out_folder(request: CrossvalRequest, record: dict) -> frozenset[int]:
+    """An empty (or new) folder, or an earlier cross-validation's with --overwrite or
+    --continue; any other folder's files are not ours to replace. Returns the folds whose
+    earlier masks stand (--continue: the same networks made them)."""
     out = request.out
     if out.exists() and not out.is_dir():
         raise MedsegError("output folder path is a file", out)
     refuse_unwritable_place(out)  # under a file, read-only: one line, not an OSError
     if not out.is_dir() or not any(out.iterdir()):
         out.mkdir(parents=True, exist_ok=True)
-        return
+        return frozenset()
     if not (out / REQUEST_FILE).is_file():
         raise MedsegError(f"is not empty and holds no earlier cross-validation "
                           f"({REQUEST_FILE}): choose an empty --out", out)
-    if not request.overwrite:
-        raise MedsegError("holds an earlier cross-validation: --overwrite predicts and scores "
-                          "it again", out)
+    if not (request.overwrite or request.resume):
+        raise MedsegError("holds an earlier cross-validation: --continue segments the cases it "
+                          "has no mask of yet, --overwrite predicts and scores them all again",
+                          out)
+    kept = _standing_folds(out / REQUEST_FILE, record) if request.resume else frozenset()
+    if request.overwrite and (out / PREDICTIONS).is_dir() \
+            and not (out / PREDICTIONS).is_symlink():
+        # a mask left of an earlier request would pass for one of this request's otherwise
+        shutil.rmtree(out / PREDICTIONS)
     # the earlier results go now: one cut short would leave them beside the new request
     for name in RESULT_FILES:
         (out / name).unlink(missing_ok=True)
+    return kept
 
 
 def _request_record(request: CrossvalRequest, held_out: HeldOut, config: PredictConfig
                     ) -> dict:
-    return {"runs": [str(run.resolve()) for run in request.runs],
-            "folds": list(held_out.folds),
-            "cases": {str(k): [c.name for c in v] for k, v in held_out.cases_by_fold.items()},
-            "predict": dataclasses.asdict(config)}
+    """What was asked, as crossval.json holds it; `weights`: per fold, the SHA-256 of each
+    run's best weights, which tell --continue whether a fold's masks still stand."""
+    record = {
+        "runs": [str(run.resolve()) for run in request.runs],
+        "dataset": str(held_out.dataset_root.resolve()),
+        "folds": list(held_out.folds),
+        "cases": {str(k): [c.name for c in v] for k, v in held_out.cases_by_fold.items()},
+        "predict": dataclasses.asdict(config),
+        "weights": {str(fold): [sha256_of_file(_best_weights(run, fold))
+                                for run in request.runs] for fold in held_out.folds}}
+    return json.loads(json.dumps(json_safe(record)))  # as read back: lists, not tuples
+
+
+def _best_weights(run: Path, fold: int) -> Path:
+    from medseg.train import BEST_WEIGHTS
+
+    return run / f"fold_{fold}" / "checkpoints" / BEST_WEIGHTS
+
+
+def _standing_folds(path: Path, record: dict) -> frozenset[int]:
+    """The folds whose masks an earlier cross-validation made with the same runs, dataset,
+    predict settings, cases and weights; another request is refused, not mixed in."""
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MedsegError(f"cannot be read ({exc}): --overwrite predicts and scores it all "
+                          f"again", path) from exc
+    if not isinstance(earlier, dict):
+        raise MedsegError("is not a cross-validation's record: --overwrite predicts and scores "
+                          "it all again", path)
+    for key, what in (("runs", "other runs"), ("dataset", "another dataset"),
+                      ("predict", "other predict settings")):
+        if earlier.get(key) != record[key]:
+            raise MedsegError(f"was made with {what}: --continue goes on with the same ones "
+                              f"only; --overwrite predicts and scores it all again", path)
+    weights, cases = earlier.get("weights"), earlier.get("cases")
+    weights = weights if isinstance(weights, dict) else {}
+    cases = cases if isinstance(cases, dict) else {}
+    kept = set()
+    for fold in record["folds"]:
+        key = str(fold)
+        if weights.get(key) == record["weights"][key] and cases.get(key) == record["cases"][key]:
+            kept.add(fold)
+        elif key in weights:
+            print(f"medseg: note: fold {fold}'s weights or cases changed since the earlier "
+                  f"cross-validation: its cases are segmented again", file=sys.stderr)
+    return frozenset(kept)
 
 
 def _predict_folds(request: CrossvalRequest, held_out: HeldOut, predictions: Path,
-                   first: Predictor | None, config: PredictConfig) -> set[str]:
+                   first: Predictor | None, config: PredictConfig, kept: frozenset[int]
+                   ) -> set[str]:
     """Each fold's held-out cases by that fold's network(s) (`first`: the first fold's),
     masks written raw (without the run's post-processing, which `largest_component_test`
-    weighs); the names that failed."""
+    weighs); in the `kept` folds, only the cases without a mask. The names that failed."""
     failed: set[str] = set()
     for fold in held_out.folds:
         raise_if_stopped()
-        cases = held_out.cases_by_fold[fold]
-        print(f"fold {fold}: segmenting its {len(cases)} held-out case(s)")
+        cases = _cases_to_segment(fold, held_out.cases_by_fold[fold], predictions,
+                                  fold in kept)
+        if not cases:
+            first = None
+            continue
         predictor = first if first is not None else \
             load_predictor(list(request.runs), [fold], request.device)
         first = None  # its networks freed with the fold's
         results = predict_cases(predictor, [(c.name, c.images) for c in cases], predictions,
-                                config, overwrite=True, going_on=GOING_ON)
+                                config, going_on=GOING_ON)
         failed |= {case.name for case, result in zip(cases, results, strict=True)
                    if result.error}
         del predictor
     return failed
+
+
+def _cases_to_segment(fold: int, cases: tuple[Case, ...], predictions: Path, kept: bool
+                      ) -> list[Case]:
+    """A kept fold's cases without a finished mask; another fold's cases all, their earlier
+    masks removed first (a case failing now must not be scored on one)."""
+    masks = {case.name: predictions / f"{case.name}.nii.gz" for case in cases}
+    if kept:
+        # predict writes a mask whole under another name first: a non-empty one is finished
+        todo = [c for c in cases if not (masks[c.name].is_file()
+                                         and masks[c.name].stat().st_size > 0)]
+        done = len(cases) - len(todo)
+        print(f"fold {fold}: {done} of its {len(cases)} held-out case(s) segmented already"
+              f"{f', segmenting the other {len(todo)}' if todo else ''}")
+        return todo
+    for mask in masks.values():
+        if mask.is_file() or mask.is_symlink():
+            mask.unlink()
+    print(f"fold {fold}: segmenting its {len(cases)} held-out case(s)")
+    return list(cases)
 
 
 def _mask_or_none(predictions: Path, case: Case, failed: set[str]) -> Path | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import math
 import os
@@ -202,6 +203,15 @@ def json_safe(data: Any) -> Any:
 # jobs see the whole host in sysconf and are killed at their limit
 CGROUP_MEMORY_LIMITS = (Path("/sys/fs/cgroup/memory.max"),
                         Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"))
+
+
+def sha256_of_file(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read a megabyte at a time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def physical_memory() -> int | None:

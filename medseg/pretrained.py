@@ -17,13 +17,13 @@ Heavy imports (torch, MONAI) stay inside the functions.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from medseg.errors import MedsegError, one_line
+from medseg.fileio import sha256_of_file
 
 if TYPE_CHECKING:
     import torch
@@ -306,7 +306,7 @@ def load_init(model: torch.nn.Module, plan: Plan, text: str) -> dict:
     except Exception as exc:  # safetensors raises its own error types
         raise MedsegError(f"train.init: not readable as safetensors weights "
                           f"({one_line(str(exc))})", source.weights) from exc
-    return {"source": str(source.weights), "sha256": _sha256(source.weights),
+    return {"source": str(source.weights), "sha256": sha256_of_file(source.weights),
             "tensors_loaded": len(transfer.loads), "tensors_skipped": transfer.skipped}
 
 
@@ -320,14 +320,6 @@ def describe(record: dict) -> str:
     what = f" (segmentation heads: {', '.join(heads)})" if heads else ""
     return (f"initialized from {record['source']}: {record['tensors_loaded']} tensors loaded, "
             f"{skipped} skipped{what}")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _advice(source: InitSource, shapes: dict[str, tuple], plan: Plan) -> str:

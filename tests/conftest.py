@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import signal
 from pathlib import Path
 
@@ -37,6 +38,23 @@ def trained_run(tmp_path_factory, phantom_dataset) -> Path:
     assert code == 0
     return run_dir
 
+
+@pytest.fixture(scope="session")
+def two_fold_run(trained_run, tmp_path_factory) -> Path:
+    """The tiny run with a fold 1 as well: fold 0's weights moved by seeded noise (tests
+    that change it copy it first)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path_factory.mktemp("crossval") / "two"
+    shutil.copytree(trained_run, run)
+    tensors = load_file(run / "fold_0" / "checkpoints" / "best.safetensors")
+    generator = torch.Generator().manual_seed(1)
+    moved = {key: value + 0.05 * torch.randn(value.shape, generator=generator)
+             if value.is_floating_point() else value for key, value in tensors.items()}
+    (run / "fold_1" / "checkpoints").mkdir(parents=True)
+    save_file(moved, run / "fold_1" / "checkpoints" / "best.safetensors")
+    return run
 
 
 @pytest.fixture(scope="session")

@@ -8,9 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 import yaml
-from safetensors.torch import load_file, save_file
 
 from medseg.cli import main
 from medseg.crossval import (
@@ -21,8 +19,6 @@ from medseg.crossval import (
 from medseg.evaluate import evaluate_case
 from medseg.plan import load_plan
 
-BEST = Path("checkpoints") / "best.safetensors"
-
 
 def _splits(run: Path) -> list[dict]:
     return json.loads((run / "splits.json").read_text(encoding="utf-8"))
@@ -30,20 +26,6 @@ def _splits(run: Path) -> list[dict]:
 
 def _mask(path: Path) -> np.ndarray:
     return np.asarray(nib.load(path).dataobj)
-
-
-@pytest.fixture(scope="module")
-def two_fold_run(trained_run, tmp_path_factory) -> Path:
-    """The tiny run with a fold 1 as well: fold 0's weights moved by seeded noise."""
-    run = tmp_path_factory.mktemp("crossval") / "two"
-    shutil.copytree(trained_run, run)
-    tensors = load_file(run / "fold_0" / BEST)
-    generator = torch.Generator().manual_seed(1)
-    moved = {key: value + 0.05 * torch.randn(value.shape, generator=generator)
-             if value.is_floating_point() else value for key, value in tensors.items()}
-    (run / "fold_1" / "checkpoints").mkdir(parents=True)
-    save_file(moved, run / "fold_1" / BEST)
-    return run
 
 
 def test_each_fold_scores_its_held_out_cases_with_its_own_network(two_fold_run, tmp_path,
@@ -106,7 +88,7 @@ def test_scores_match_medseg_evaluate_of_the_same_masks(trained_run, tmp_path, c
         crossval["mean_dice"])
 
 
-def test_the_default_folder_is_the_runs_own_and_a_second_run_needs_overwrite(
+def test_the_default_folder_is_the_runs_own_and_a_second_run_needs_continue_or_overwrite(
         two_fold_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(two_fold_run, run)
@@ -115,7 +97,7 @@ def test_the_default_folder_is_the_runs_own_and_a_second_run_needs_overwrite(
     capsys.readouterr()
     assert main(["crossval", str(run), "--folds", "1"]) == 2
     err = capsys.readouterr().err
-    assert "holds an earlier cross-validation: --overwrite" in err and str(run) in err
+    assert "holds an earlier cross-validation: --continue" in err and str(run) in err
     stale = run / "crossval" / "predictions" / "stale.nii.gz"
     shutil.copy(next((run / "crossval" / "predictions").iterdir()), stale)
     assert main(["crossval", str(run), "--folds", "0", "--overwrite"]) == 0

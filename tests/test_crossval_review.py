@@ -79,8 +79,8 @@ def test_overwrite_leaves_no_earlier_results_beside_a_new_request(trained_run, t
 
 def test_a_stopped_crossval_says_how_to_go_on(trained_run, tmp_path, monkeypatch, capsys):
     """Ctrl-C while segmenting: predict's note says 'the same command goes on with the rest',
-    but the same crossval command is refused (the folder holds a cross-validation), and
-    --overwrite predicts every case again."""
+    but the same crossval command is refused (the folder holds a cross-validation): the note
+    names --continue."""
     import medseg.predict as predict
 
     def stopped(*args, **kwargs):
@@ -91,7 +91,7 @@ def test_a_stopped_crossval_says_how_to_go_on(trained_run, tmp_path, monkeypatch
     assert main(["crossval", str(trained_run), "--out", str(out)]) == 130
     err = capsys.readouterr().err
     assert "the same command goes on" not in err
-    assert "--overwrite" in err
+    assert "the same command with --continue segments the rest" in err
 
 
 def test_crossval_json_records_the_settings_the_raw_masks_were_made_with(trained_run, tmp_path):

@@ -419,19 +419,23 @@ def write_mask(mask: np.ndarray, reference: Geometry | Volume | str | Path,
 
 
 def write_volume(data: np.ndarray, geometry: Geometry, path: str | Path,
-                 label_map: bool = False) -> Path:
+                 label_map: bool = False, scaling: tuple[float, float] | None = None) -> Path:
     """Write voxels with the given geometry, atomically; the format follows the extension.
-    A `label_map` in NIfTI says so (intent 'label') and drops the source's display window."""
+    A `label_map` in NIfTI says so (intent 'label') and drops the source's display window.
+    `scaling` (NIfTI only: scl_slope, scl_inter) is written with `data` as they are, as
+    `stored_integers` gives them."""
     path = Path(path)
     if not path.name.lower().endswith(WRITE_SUFFIXES):
         raise MedsegError(f"cannot write this format; use one of {', '.join(WRITE_SUFFIXES)}",
                           path)
+    if scaling is not None and not is_nifti(path):
+        raise ValueError(f"only NIfTI stores a scaling, not {path.name}")
     from medseg.itkio import itk_message, write_itk
 
     try:
         with atomic_path(path) as tmp:
             if is_nifti(path):
-                nib.save(_nifti_image(data, geometry, label_map), str(tmp))
+                nib.save(_nifti_image(data, geometry, label_map, scaling), str(tmp))
             else:
                 write_itk(data, geometry.affine, tmp)
     except OSError as exc:  # a read-only folder, a full disk
@@ -476,6 +480,30 @@ def compact_voxels(volume: Volume) -> np.ndarray:
         if np.iinfo(kind).min <= low and high <= np.iinfo(kind).max:
             return data.astype(kind)
     return data
+
+
+def stored_integers(volume: Volume) -> tuple[np.ndarray, tuple[float, float]] | None:
+    """The integers a NIfTI stores for `volume.data`, and its scl_slope and scl_inter, when
+    the file holds integers scaled to values that are not all whole (whole ones are
+    `compact_voxels`'s): written back with this scaling, a copy keeps the stored type's size
+    (nibabel reads them as float64, 4 times int16's) and reads as the same values. None
+    otherwise. The integers are recovered from the values, and checked to give them again."""
+    header = volume.geometry.nifti_header
+    stored = None if header is None else header.get_data_dtype()
+    if stored is None or stored.kind not in "iu" or volume.data.dtype.kind != "f":
+        return None
+    proxy = load_nifti(volume.path, channels=True).dataobj  # nibabel moves the scaling here
+    slope, inter = float(proxy.slope), float(proxy.inter)
+    if slope == 0 or not volume.data.size:
+        return None
+    raw = volume.data - inter  # one float64 copy, worked on in place
+    raw /= slope
+    np.rint(raw, out=raw)
+    if raw.min() < np.iinfo(stored).min or raw.max() > np.iinfo(stored).max:
+        return None
+    raw = raw.astype(stored.newbyteorder("="))
+    scaled = nib.volumeutils.apply_read_scaling(raw, slope, inter)
+    return (raw, (slope, inter)) if np.array_equal(scaled, volume.data) else None
 
 
 def load_nifti(path: str | Path, channels: bool = False) -> nib.Nifti1Image:
@@ -646,9 +674,17 @@ def _as_geometry(reference: Geometry | Volume | str | Path) -> Geometry:
     return read_geometry(reference)
 
 
-def _nifti_image(data: np.ndarray, geometry: Geometry, label_map: bool) -> nib.Nifti1Image:
+def _nifti_image(data: np.ndarray, geometry: Geometry, label_map: bool,
+                 scaling: tuple[float, float] | None = None) -> nib.Nifti1Image:
     """A NIfTI image on the geometry's grid: the source header when there is one (codes
     kept), otherwise qform and sform set to the affine with the scanner code."""
+    image = _nifti_on_grid(data, geometry, label_map)
+    if scaling is not None:  # set once the image is made (nibabel resets it then): kept
+        image.header.set_slope_inter(*scaling)
+    return image
+
+
+def _nifti_on_grid(data: np.ndarray, geometry: Geometry, label_map: bool) -> nib.Nifti1Image:
     if geometry.nifti_header is None:
         image = nib.Nifti1Image(data, geometry.affine)
         image.set_qform(geometry.affine, code=SCANNER_CODE)

@@ -9,6 +9,7 @@ NIfTI reader and writer, as `medseg convert` does."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -23,11 +24,13 @@ from medseg.datasets import MsdTask, read_msd_task, strip_image_suffix
 from medseg.errors import MedsegError
 from medseg.fileio import atomic_path, atomic_write_text
 from medseg.io import (
+    Volume,
     channel_count,
     compact_voxels,
     read_channels,
     read_geometry,
     read_volume,
+    stored_integers,
     write_volume,
 )
 from medseg.stopping import raise_if_stopped
@@ -63,17 +66,16 @@ def convert_msd(task_dir: Path, out: Path, jobs: int = 1) -> Conversion:
     _refuse_unusable_out(out, task_dir)
     channels = len(task.channel_names)
     work = _work_items(task, out, channels)
-    made = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    made = _missing_folders(out)
     try:
+        out.mkdir(parents=True, exist_ok=True)
         for folder in ("imagesTr", "labelsTr", "imagesTs"):
             (out / folder).mkdir(exist_ok=True)
         _run(work, jobs)
         atomic_write_text(out / "dataset.json", json.dumps(
             _nnunet_description(task, labels), indent=2, ensure_ascii=False) + "\n")
     except BaseException:
-        # nothing half-converted left: the folder was new or empty
-        shutil.rmtree(out) if made else _empty(out)
+        _undo(out, made)
         raise
     return Conversion(out, len(task.training), len(task.test), channels)
 
@@ -181,8 +183,18 @@ def _convert_item(item: tuple) -> None:
     volumes = read_channels(source, dtype=None) if channels > 1 else \
         [read_volume(source, dtype=None)]
     for channel, volume in enumerate(volumes):
-        target = folder / f"{name}_{channel:04d}{ENDING}"
-        write_volume(compact_voxels(volume), volume.geometry, target)
+        _write_image(volume, folder / f"{name}_{channel:04d}{ENDING}")
+
+
+def _write_image(volume: Volume, target: Path) -> None:
+    """Integers scaled to whole numbers as those numbers (as `medseg convert` writes them),
+    other scaled integers as stored, their scaling kept (not as 4 times larger float64)."""
+    data = compact_voxels(volume)
+    stored = stored_integers(volume) if data.dtype.kind == "f" else None
+    if stored is None:
+        write_volume(data, volume.geometry, target)
+    else:
+        write_volume(stored[0], volume.geometry, target, scaling=stored[1])
 
 
 def _nnunet_description(task: MsdTask, labels: dict[str, int]) -> dict:
@@ -192,9 +204,30 @@ def _nnunet_description(task: MsdTask, labels: dict[str, int]) -> dict:
         "labels": labels,
         "numTraining": len(task.training),
         "file_ending": ENDING,
-        "converted_from": os.path.abspath(task.description),
+        # the task folder's name (as given: "." is named), not its path, which would name
+        # the converting machine's folders wherever the dataset is shared
+        "converted_from": Path(os.path.abspath(task.description)).parent.name,
     })
     return description
+
+
+def _missing_folders(out: Path) -> list[Path]:
+    """`out` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not out.exists() and not out.is_symlink() and out.parent != out:
+        missing.append(out)
+        out = out.parent
+    return missing
+
+
+def _undo(out: Path, made: list[Path]) -> None:
+    """Nothing half-converted left: `out` (new or empty) emptied, and the folders this
+    conversion made (`out` and parents) removed, those still empty."""
+    if out.is_dir():
+        _empty(out)
+    for folder in made:
+        with contextlib.suppress(OSError):  # not made after all, or something else put there
+            folder.rmdir()
 
 
 def _empty(folder: Path) -> None:

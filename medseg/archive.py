@@ -178,12 +178,12 @@ def _refuse_unexpected_sizes(zf: zipfile.ZipFile, manifest: dict, archive: Path,
     """A member whose unpacked size differs from the manifest's (zipfile reads no further
     than the size the archive declares), or members that would not fit on the disk, are
     refused before any is unpacked: a small archive can declare gigabytes."""
-    sizes = manifest.get("sizes")  # absent in archives of medseg before it recorded them
+    sizes = manifest["sizes"]
     declared = {info.filename: info.file_size for info in zf.infolist() if not info.is_dir()}
     for name in manifest["files"]:
-        if sizes is not None and declared.get(name) != sizes.get(name):
+        if declared.get(name) != sizes[name]:
             raise MedsegError(f"{name} unpacks to {declared.get(name)} bytes, and {MANIFEST} "
-                              f"says {sizes.get(name)}: the archive is damaged or was changed",
+                              f"says {sizes[name]}: the archive is damaged or was changed",
                               archive)
     # the members unpacked (as each was checked above, or as the archive declares them)
     total = sum(declared[name] for name in manifest["files"])
@@ -211,9 +211,13 @@ def _manifest(zf: zipfile.ZipFile, archive: Path) -> dict:
         raise MedsegError(f"{MANIFEST} is not valid JSON ({exc})", archive) from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT \
             or not isinstance(manifest.get("files"), dict) \
-            or not isinstance(manifest.get("sizes", {}), dict):
+            or not isinstance(manifest.get("sizes"), dict):
         raise MedsegError(f"{MANIFEST} is not of format {FORMAT} (an archive of another "
                           f"medseg version?)", archive)
+    unsized = sorted(set(manifest["files"]) - set(manifest["sizes"]))
+    if unsized:  # each member's size is checked before anything is unpacked
+        raise MedsegError(f"{MANIFEST} gives no size for {unsized[0]}: not a model archive of "
+                          f"format {FORMAT}", archive)
     return manifest
 
 

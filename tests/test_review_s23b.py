@@ -61,17 +61,17 @@ def _handmade_archive(path: Path, sizes: dict | None) -> None:
         zf.writestr("medseg_model.json", json.dumps(manifest))
 
 
-def test_an_archive_exported_before_sizes_were_recorded_still_unpacks(tmp_path: Path):
-    """Format 1 without `sizes` (medseg 0.1.0 before the manifest recorded them): refused
-    as 'not of format 1 (an archive of another medseg version?)', though it is format 1."""
+def test_an_archive_without_sizes_is_refused(tmp_path: Path):
+    """A manifest without `sizes` (of a development version of medseg 0.1.0 before they were
+    recorded) is not of format 1 since session 24a: each member's size is checked before
+    anything is unpacked (tests/test_review_s24a.py)."""
     from medseg.archive import unpack
 
     archive = tmp_path / "old.zip"
     _handmade_archive(archive, None)
-    unpack(archive, tmp_path / "run")
-    assert (tmp_path / "run" / "fold_0" / "checkpoints" / "best.safetensors").read_bytes() \
-        == b"weights"
-    assert (tmp_path / "run" / "fold_0" / "metrics.jsonl").read_bytes() == b""
+    with pytest.raises(MedsegError, match="is not of format 1"):
+        unpack(archive, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_size_that_is_no_number_is_refused_in_one_line(tmp_path: Path):

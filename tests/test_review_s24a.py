@@ -1,5 +1,5 @@
-"""Review of `medseg convert-msd`: the folders a failed conversion leaves, `converted_from`,
-scaled integer images (session 24a)."""
+"""Review of `medseg convert-msd` (the folders a failed conversion leaves, `converted_from`,
+scaled integer images) and the model archive's required `sizes` (session 24a)."""
 
 import json
 from pathlib import Path
@@ -7,9 +7,11 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from test_archive import _rewrite
 from test_msd import _affine, _save
 
 from medseg import msd
+from medseg.archive import MANIFEST, unpack
 from medseg.cli import main
 from medseg.errors import MedsegError
 from medseg.io import read_volume
@@ -138,3 +140,32 @@ def test_scaled_integers_keep_their_type_and_scaling(tmp_path):
     assert whole.get_data_dtype() == np.int16 and whole.dataobj.slope == 1.0
     np.testing.assert_array_equal(np.asarray(whole.dataobj), ct.astype(np.int32) - 1024)
 
+
+def _without_sizes(members: dict[str, bytes], name: str | None = None) -> None:
+    """The manifest without `sizes` (or without the size of `name`)."""
+    manifest = json.loads(members[MANIFEST])
+    if name is None:
+        del manifest["sizes"]
+    else:
+        del manifest["sizes"][name]
+    members[MANIFEST] = json.dumps(manifest).encode()
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    (None, "is not of format 1"),
+    ("plan.json", "gives no size for plan.json: not a model archive of format 1"),
+])
+def test_an_archive_without_sizes_is_refused_before_anything_is_unpacked(
+        model_archive, phantom_dataset, tmp_path, capsys, monkeypatch, name, expected):
+    changed = _rewrite(model_archive, tmp_path / "changed.zip",
+                       lambda members: _without_sizes(members, name))
+    copied = []
+    monkeypatch.setattr("medseg.archive._copy_hashed", lambda *args: copied.append(args))
+    with pytest.raises(MedsegError, match=expected):
+        unpack(changed, tmp_path / "run")
+    assert copied == [] and not (tmp_path / "run").exists()
+    assert main(["predict", "--model", str(changed), "--input",
+                 str(phantom_dataset / "imagesTs"), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert expected in err and str(changed) in err and len(err.strip().splitlines()) == 1, err
+    assert copied == [] and not (tmp_path / "out").exists()

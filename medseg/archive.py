@@ -26,7 +26,7 @@ import yaml
 
 from medseg import __version__
 from medseg.errors import MedsegError
-from medseg.fileio import atomic_path
+from medseg.fileio import atomic_path, sha256_of_file
 
 MANIFEST = "medseg_model.json"
 FORMAT = 1
@@ -72,7 +72,7 @@ def export_run(run_dir: Path, target: Path, folds: list[int] | None = None,
             if (trained[k] / part).is_file():
                 sources[f"fold_{k}/{part}"] = trained[k] / part
     workflow = _shareable_workflow(run_dir / "workflow.yaml")
-    digests = {name: _sha256_of_file(path) for name, path in sources.items()}
+    digests = {name: sha256_of_file(path) for name, path in sources.items()}
     digests["workflow.yaml"] = hashlib.sha256(workflow).hexdigest()
     sizes = {name: path.stat().st_size for name, path in sources.items()}
     sizes["workflow.yaml"] = len(workflow)
@@ -153,14 +153,6 @@ def unpack(archive: Path, run_dir: Path) -> None:
     except MedsegError:
         shutil.rmtree(run_dir, ignore_errors=True)
         raise
-
-
-def _sha256_of_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _copy_hashed(zf: zipfile.ZipFile, name: str, target: Path) -> str:

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from medseg.datasets import MsdTask, read_msd_task, strip_image_suffix
 from medseg.errors import MedsegError
-from medseg.fileio import atomic_path, atomic_write_text
+from medseg.fileio import atomic_path, atomic_write_text, missing_folders
 from medseg.io import (
     Volume,
     channel_count,
@@ -66,7 +66,7 @@ def convert_msd(task_dir: Path, out: Path, jobs: int = 1) -> Conversion:
     _refuse_unusable_out(out, task_dir)
     channels = len(task.channel_names)
     work = _work_items(task, out, channels)
-    made = _missing_folders(out)
+    made = missing_folders(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
         for folder in ("imagesTr", "labelsTr", "imagesTs"):
@@ -209,15 +209,6 @@ def _nnunet_description(task: MsdTask, labels: dict[str, int]) -> dict:
         "converted_from": Path(os.path.abspath(task.description)).parent.name,
     })
     return description
-
-
-def _missing_folders(out: Path) -> list[Path]:
-    """`out` and those of its parents that do not exist yet, deepest first."""
-    missing = []
-    while not out.exists() and not out.is_symlink() and out.parent != out:
-        missing.append(out)
-        out = out.parent
-    return missing
 
 
 def _undo(out: Path, made: list[Path]) -> None:

@@ -356,9 +356,10 @@ def _cases_to_segment(fold: int, cases: tuple[Case, ...], predictions: Path, kep
         todo = [c for c in cases if not (masks[c.name].is_file()
                                          and masks[c.name].stat().st_size > 0)]
         done = len(cases) - len(todo)
-        print(f"fold {fold}: {done} of its {len(cases)} held-out case(s) segmented already"
-              f"{f', segmenting the other {len(todo)}' if todo else ''}")
-        return todo
+        if done:
+            print(f"fold {fold}: {done} of its {len(cases)} held-out case(s) segmented already"
+                  f"{f', segmenting the other {len(todo)}' if todo else ''}")
+            return todo
     for mask in masks.values():
         if mask.is_file() or mask.is_symlink():
             mask.unlink()

@@ -1,0 +1,57 @@
+"""Review of `medseg predict`'s exit code when one 4D input of another channel count is
+refused, and of `medseg train --overwrite`'s refusal of case files inside the run folder
+coming before the dataset's line (session 24b)."""
+
+import shutil
+
+import nibabel as nib
+import numpy as np
+from test_multichannel import stopped_two_channel_run
+
+from medseg.cli import main
+
+
+def _packed(files, target, extra: int = 0) -> None:
+    """One 4D NIfTI of the channel files (and `extra` more copies of channel 0)."""
+    images = [nib.load(path) for path in files]
+    volumes = [np.asarray(image.dataobj, np.float32) for image in images]
+    volumes += [volumes[0]] * extra
+    nib.save(nib.Nifti1Image(np.stack(volumes, axis=-1), images[0].affine), target)
+
+
+def test_a_refused_4d_input_fails_alone_and_the_batch_exits_1(tmp_path, capsys):
+    """A two-channel model given a case as channel files, one 4D NIfTI of its two channels
+    and one of three volumes: the third is refused in one line naming it and what it holds,
+    the other two are segmented, and the command exits 1 (some cases failed), as docs/cli.md
+    says; given alone, the refused file is every case of the batch: exit 2, no folder."""
+    data, run = stopped_two_channel_run(tmp_path)
+    channels = [data / "imagesTr" / f"case0_{k:04d}.nii.gz" for k in (0, 1)]
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for path in channels:
+        shutil.copy(path, inputs)
+    _packed(channels, inputs / "packed.nii.gz")
+    three = tmp_path / "three.nii.gz"
+    _packed(channels, three, extra=1)
+    output = tmp_path / "pred"
+    capsys.readouterr()
+    assert main(["predict", "--model", str(run), "--input", str(inputs), str(three),
+                 "--output", str(output)]) == 1
+    captured = capsys.readouterr()
+    assert sorted(p.name for p in output.glob("*.nii.gz")) == ["case0.nii.gz", "packed.nii.gz"]
+    assert not (output / "three.nii.gz").exists()
+    errors = [line for line in captured.err.splitlines() if line.startswith("medseg: error:")]
+    assert errors == [f"medseg: error: {three}: the model takes 2 channels: it holds 3 "
+                      f"volumes; name the files CASE_0000 ... CASE_0001, or give one 4D "
+                      f"NIfTI of 2 volumes per case"]
+    assert f"failed: {three}" in captured.err
+    assert "predicted 2 of 3 cases" in captured.out and "failed 1" in captured.out
+    mask = nib.load(output / "packed.nii.gz")
+    assert mask.shape == nib.load(channels[0]).shape  # a 3D mask on the 4D file's grid
+    # the refused file alone: nothing could be done with the inputs given
+    alone = tmp_path / "alone"
+    assert main(["predict", "--model", str(run), "--input", str(three), "--output",
+                 str(alone)]) == 2
+    assert f"{three}: the model takes 2 channels: it holds 3 volumes" in capsys.readouterr().err
+    assert not alone.exists()
+

@@ -110,9 +110,10 @@ def train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool,
     # every rank: a refusal must stop them all before any work, not rank 0 alone
     workflow, init = _check_start(run_dir, workflow, overwrite, workflow_file, given,
                                   main_rank)
-    workflow, dataset = read_run_dataset(workflow, main_rank)
+    workflow, dataset = _load_run_dataset(workflow)
     if overwrite:  # a CSV's or dataset.json's files may lie anywhere, the run folder too
-        _refuse_inputs_inside(run_dir, workflow, None, dataset)
+        _refuse_inputs_inside(run_dir, workflow, None, dataset)  # before the dataset's line
+    _report_run_dataset(workflow, dataset, main_rank)
     splits, fp, plan = plan_run(workflow, dataset, main_rank)
     if init is not None:
         refuse_unfit(init, plan)
@@ -134,8 +135,16 @@ def train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool,
 
 
 def read_run_dataset(workflow: Workflow, main_rank: bool = True) -> tuple[Workflow, object]:
-    """The workflow's dataset, read and checked; the workflow with the layout found (saved as
-    found: a resume must read the dataset the same way)."""
+    """The workflow's dataset, read, described in a line and checked; the workflow with the
+    layout found (saved as found: a resume must read the dataset the same way)."""
+    workflow, dataset = _load_run_dataset(workflow)
+    _report_run_dataset(workflow, dataset, main_rank)
+    return workflow, dataset
+
+
+def _load_run_dataset(workflow: Workflow) -> tuple[Workflow, object]:
+    """The workflow's dataset, read without a word (a check of its files can still refuse
+    the run before any output), and the workflow with the layout found."""
     from medseg.datasets import list_dataset, load_dataset
 
     ds = workflow.dataset
@@ -143,6 +152,12 @@ def read_run_dataset(workflow: Workflow, main_rank: bool = True) -> tuple[Workfl
     if ds.layout == "auto":
         workflow = dataclasses.replace(workflow, dataset=dataclasses.replace(
             ds, layout=list_dataset(ds.path).layout))
+    return workflow, dataset
+
+
+def _report_run_dataset(workflow: Workflow, dataset, main_rank: bool) -> None:
+    """The dataset's line (cases, labels, channels), a note on an 'ignore' spelt otherwise,
+    and the check of the workflow's post-processing against the dataset's labels."""
     ignored = ("" if dataset.ignore_label is None else
                f" (id {dataset.ignore_label} 'ignore': left out of the loss and the scores)")
     print(f"dataset: {len(dataset.cases)} cases, labels {labels_in_brief(dataset.labels)}"
@@ -153,7 +168,6 @@ def read_run_dataset(workflow: Workflow, main_rank: bool = True) -> tuple[Workfl
     # names no labels, folders or CSV without labels.json: once its label files are read)
     if dataset.labels:
         _check_postprocessing_of(workflow, dataset.labels)
-    return workflow, dataset
 
 
 def plan_run(workflow: Workflow, dataset, main_rank: bool = True) -> tuple[list, object, object]:

@@ -95,8 +95,11 @@ def cross_validate(request: CrossvalRequest) -> dict:
         largest_component=[], min_component_ml={})
     record = _request_record(request, held_out, config)
     kept = _claim_out_folder(request, record)
-    atomic_write_json(request.out / REQUEST_FILE, record)
     predictions = request.out / PREDICTIONS
+    # before the record names this request's weights: a stop before a fold is reached must
+    # not leave it masks of other weights that the next --continue would keep
+    _remove_masks_to_redo(held_out, predictions, kept)
+    atomic_write_json(request.out / REQUEST_FILE, record)
     failed = _predict_folds(request, held_out, predictions, first, config, kept)
     plan = held_out.plan
     pairs = [(case.name, _mask_or_none(predictions, case, failed), case.label)
@@ -346,13 +349,23 @@ def _predict_folds(request: CrossvalRequest, held_out: HeldOut, predictions: Pat
     return failed
 
 
+def _remove_masks_to_redo(held_out: HeldOut, predictions: Path, kept: frozenset[int]
+                          ) -> None:
+    """The masks of the folds not kept (a case failing now must not be scored on one)."""
+    for fold in held_out.folds:
+        for case in held_out.cases_by_fold[fold]:
+            mask = predictions / f"{case.name}.nii.gz"
+            if fold not in kept and (mask.is_file() or mask.is_symlink()):
+                mask.unlink()
+
+
 def _cases_to_segment(fold: int, cases: tuple[Case, ...], predictions: Path, kept: bool
                       ) -> list[Case]:
-    """A kept fold's cases without a finished mask; another fold's cases all, their earlier
-    masks removed first (a case failing now must not be scored on one)."""
-    masks = {case.name: predictions / f"{case.name}.nii.gz" for case in cases}
+    """A kept fold's cases without a finished mask; another fold's cases all (their earlier
+    masks are gone: `_remove_masks_to_redo`)."""
     if kept:
         # predict writes a mask whole under another name first: a non-empty one is finished
+        masks = {case.name: predictions / f"{case.name}.nii.gz" for case in cases}
         todo = [c for c in cases if not (masks[c.name].is_file()
                                          and masks[c.name].stat().st_size > 0)]
         done = len(cases) - len(todo)
@@ -360,9 +373,6 @@ def _cases_to_segment(fold: int, cases: tuple[Case, ...], predictions: Path, kep
             print(f"fold {fold}: {done} of its {len(cases)} held-out case(s) segmented already"
                   f"{f', segmenting the other {len(todo)}' if todo else ''}")
             return todo
-    for mask in masks.values():
-        if mask.is_file() or mask.is_symlink():
-            mask.unlink()
     print(f"fold {fold}: segmenting its {len(cases)} held-out case(s)")
     return list(cases)
 

@@ -1,0 +1,73 @@
+"""Review of `medseg crossval --continue`: no mask of other networks or of another request is
+scored as this one's, and none that the same networks made is thrown away."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+import medseg.crossval as crossval
+from medseg.cli import main
+
+
+@pytest.fixture
+def run(two_fold_run, tmp_path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(two_fold_run, copy)
+    return copy
+
+
+@pytest.fixture
+def segmented(monkeypatch) -> list[str]:
+    """The case names crossval hands to predict, in order."""
+    names: list[str] = []
+    real = crossval.predict_cases
+
+    def counting(predictor, cases, *args, **kwargs):
+        names.extend(name for name, _ in cases)
+        return real(predictor, cases, *args, **kwargs)
+
+    monkeypatch.setattr(crossval, "predict_cases", counting)
+    return names
+
+
+def _held_out(run: Path, fold: int) -> list[str]:
+    return json.loads((run / "splits.json").read_text(encoding="utf-8"))[fold]["val"]
+
+
+def _mask(out: Path, name: str) -> Path:
+    return out / "predictions" / f"{name}.nii.gz"
+
+
+def _retrain(run: Path, fold: int) -> None:
+    best = run / f"fold_{fold}" / "checkpoints" / "best.safetensors"
+    save_file({k: v * 1.01 if v.is_floating_point() else v
+               for k, v in load_file(best).items()}, best)
+
+
+def _stop_in_predict(monkeypatch) -> None:
+    """Ctrl-C as the first case handed to predict is segmented."""
+    import medseg.predict as predict
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(predict, "_predict_streaming", interrupted)
+
+
+def test_a_stop_before_a_changed_fold_is_reached_keeps_none_of_its_old_masks(
+        run, tmp_path, monkeypatch, segmented):
+    """crossval.json names the new weights of fold 1 before any case is segmented: a stop
+    in fold 0 must not leave fold 1's masks of the old weights to pass for the new ones'."""
+    out = tmp_path / "cv"
+    assert main(["crossval", str(run), "--out", str(out)]) == 0
+    _retrain(run, 1)
+    _mask(out, _held_out(run, 0)[0]).unlink()  # fold 0 has a case to segment
+    with monkeypatch.context() as patch:
+        _stop_in_predict(patch)
+        assert main(["crossval", str(run), "--out", str(out), "--continue"]) == 130
+    segmented.clear()
+    assert main(["crossval", str(run), "--out", str(out), "--continue"]) == 0
+    assert sorted(segmented) == sorted(_held_out(run, 0)[:1] + _held_out(run, 1))

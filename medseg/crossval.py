@@ -351,11 +351,12 @@ def _predict_folds(request: CrossvalRequest, held_out: HeldOut, predictions: Pat
 
 def _remove_masks_to_redo(held_out: HeldOut, predictions: Path, kept: frozenset[int]
                           ) -> None:
-    """The masks of the folds not kept (a case failing now must not be scored on one)."""
+    """The masks of the folds not kept (a case failing now must not be scored on one), and
+    in every fold a mask that is a link: medseg writes none, so it leads to another's file."""
     for fold in held_out.folds:
         for case in held_out.cases_by_fold[fold]:
             mask = predictions / f"{case.name}.nii.gz"
-            if fold not in kept and (mask.is_file() or mask.is_symlink()):
+            if mask.is_symlink() or (fold not in kept and mask.is_file()):
                 mask.unlink()
 
 

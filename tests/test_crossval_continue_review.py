@@ -71,3 +71,18 @@ def test_a_stop_before_a_changed_fold_is_reached_keeps_none_of_its_old_masks(
     segmented.clear()
     assert main(["crossval", str(run), "--out", str(out), "--continue"]) == 0
     assert sorted(segmented) == sorted(_held_out(run, 0)[:1] + _held_out(run, 1))
+
+
+def test_a_linked_mask_is_segmented_again_not_scored(run, tmp_path, segmented):
+    """medseg writes no links: a mask that is one leads to a file of someone else's."""
+    out = tmp_path / "cv"
+    assert main(["crossval", str(run), "--out", str(out)]) == 0
+    name = _held_out(run, 0)[0]
+    foreign = tmp_path / "foreign.nii.gz"
+    shutil.copyfile(_mask(out, _held_out(run, 1)[0]), foreign)
+    _mask(out, name).unlink()
+    _mask(out, name).symlink_to(foreign)
+    segmented.clear()
+    assert main(["crossval", str(run), "--out", str(out), "--continue"]) == 0
+    assert segmented == [name]
+    assert not _mask(out, name).is_symlink() and foreign.is_file()

@@ -37,8 +37,7 @@ CROSSVAL_FOLDER = "crossval"
 REQUEST_FILE = "crossval.json"  # what was asked: marks the folder as a cross-validation's
 POSTPROCESSING_FILE = "postprocessing.json"
 PREDICTIONS = "predictions"
-GOING_ON = ("but not scored: the same command with --continue segments the rest and scores "
-            "them all")
+GOING_ON = "but not scored"  # predict's note of a stop; crossval's own says how to go on
 RESULT_FILES = ("summary.json", "scores.csv", "report.html", POSTPROCESSING_FILE)
 
 
@@ -100,6 +99,21 @@ def cross_validate(request: CrossvalRequest) -> dict:
     # not leave it masks of other weights that the next --continue would keep
     _remove_masks_to_redo(held_out, predictions, kept)
     atomic_write_json(request.out / REQUEST_FILE, record)
+    try:
+        return _segment_and_score(request, held_out, first, config, kept)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM, segmenting, between folds or scoring
+        again = "--continue in place of --overwrite" if request.overwrite else "--continue"
+        tqdm.write(f"medseg: note: the cross-validation in {request.out} stopped before its "
+                   f"scores were written; the masks written are kept: the same command with "
+                   f"{again} segments the rest and scores them all", file=sys.stderr)
+        raise
+
+
+def _segment_and_score(request: CrossvalRequest, held_out: HeldOut, first: Predictor,
+                       config: PredictConfig, kept: frozenset[int]) -> dict:
+    """The held-out cases segmented (in the `kept` folds, those without a mask), scored and
+    summed up, and the results written; returns the summary."""
+    predictions = request.out / PREDICTIONS
     failed = _predict_folds(request, held_out, predictions, first, config, kept)
     plan = held_out.plan
     pairs = [(case.name, _mask_or_none(predictions, case, failed), case.label)

@@ -86,3 +86,25 @@ def test_a_linked_mask_is_segmented_again_not_scored(run, tmp_path, segmented):
     assert main(["crossval", str(run), "--out", str(out), "--continue"]) == 0
     assert segmented == [name]
     assert not _mask(out, name).is_symlink() and foreign.is_file()
+
+
+def test_a_stop_while_scoring_names_continue(run, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "cv"
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(crossval, "evaluate_pairs", stopped)
+    assert main(["crossval", str(run), "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "--continue" in err and str(out) in err
+
+
+def test_the_note_of_a_stopped_overwrite_does_not_ask_for_both_options(run, tmp_path,
+                                                                       monkeypatch, capsys):
+    out = tmp_path / "cv"
+    assert main(["crossval", str(run), "--out", str(out), "--folds", "0"]) == 0
+    _stop_in_predict(monkeypatch)
+    assert main(["crossval", str(run), "--out", str(out), "--folds", "0",
+                 "--overwrite"]) == 130
+    assert "--continue in place of --overwrite" in capsys.readouterr().err

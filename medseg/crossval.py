@@ -92,8 +92,7 @@ def cross_validate(request: CrossvalRequest) -> dict:
     config = dataclasses.replace(
         predict_settings(request.runs, request.overrides, request.tta, request.step),
         largest_component=[], min_component_ml={})
-    record = _request_record(request, held_out, config)
-    kept = _claim_out_folder(request, record)
+    kept, record = _claim_out_folder(request, _request_record(request, held_out, config))
     predictions = request.out / PREDICTIONS
     # before the record names this request's weights: a stop before a fold is reached must
     # not leave it masks of other weights that the next --continue would keep
@@ -258,17 +257,18 @@ def _file_name_safe(name: str) -> bool:
     return bool(name) and not name.startswith(".") and not any(c in name for c in "/\\\0")
 
 
-def _claim_out_folder(request: CrossvalRequest, record: dict) -> frozenset[int]:
+def _claim_out_folder(request: CrossvalRequest, record: dict) -> tuple[frozenset[int], dict]:
     """An empty (or new) folder, or an earlier cross-validation's with --overwrite or
     --continue; any other folder's files are not ours to replace. Returns the folds whose
-    earlier masks stand (--continue: the same networks made them)."""
+    earlier masks stand (--continue: the same networks made them) and the record to write
+    (--continue: with the earlier one's folds this request leaves out)."""
     out = request.out
     if out.exists() and not out.is_dir():
         raise MedsegError("output folder path is a file", out)
     refuse_unwritable_place(out)  # under a file, read-only: one line, not an OSError
     if not out.is_dir() or not any(out.iterdir()):
         out.mkdir(parents=True, exist_ok=True)
-        return frozenset()
+        return frozenset(), record
     if not (out / REQUEST_FILE).is_file():
         raise MedsegError(f"is not empty and holds no earlier cross-validation "
                           f"({REQUEST_FILE}): choose an empty --out", out)
@@ -276,7 +276,8 @@ def _claim_out_folder(request: CrossvalRequest, record: dict) -> frozenset[int]:
         raise MedsegError("holds an earlier cross-validation: --continue segments the cases it "
                           "has no mask of yet, --overwrite predicts and scores them all again",
                           out)
-    kept = _standing_folds(out / REQUEST_FILE, record) if request.resume else frozenset()
+    kept, record = _going_on(out / REQUEST_FILE, record) if request.resume \
+        else (frozenset(), record)
     if request.overwrite and (out / PREDICTIONS).is_dir() \
             and not (out / PREDICTIONS).is_symlink():
         # a mask left of an earlier request would pass for one of this request's otherwise
@@ -284,7 +285,7 @@ def _claim_out_folder(request: CrossvalRequest, record: dict) -> frozenset[int]:
     # the earlier results go now: one cut short would leave them beside the new request
     for name in RESULT_FILES:
         (out / name).unlink(missing_ok=True)
-    return kept
+    return kept, record
 
 
 def _request_record(request: CrossvalRequest, held_out: HeldOut, config: PredictConfig
@@ -308,9 +309,10 @@ def _best_weights(run: Path, fold: int) -> Path:
     return run / f"fold_{fold}" / "checkpoints" / BEST_WEIGHTS
 
 
-def _standing_folds(path: Path, record: dict) -> frozenset[int]:
+def _going_on(path: Path, record: dict) -> tuple[frozenset[int], dict]:
     """The folds whose masks an earlier cross-validation made with the same runs, dataset,
-    predict settings, cases and weights; another request is refused, not mixed in."""
+    predict settings, cases and weights, and the record with the earlier one's folds that
+    this request leaves out; another request is refused, not mixed in."""
     try:
         earlier = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -335,7 +337,37 @@ def _standing_folds(path: Path, record: dict) -> frozenset[int]:
         elif key in weights:
             print(f"medseg: note: fold {fold}'s weights or cases changed since the earlier "
                   f"cross-validation: its cases are segmented again", file=sys.stderr)
-    return frozenset(kept)
+    return frozenset(kept), _with_left_out_folds(record, weights, cases)
+
+
+def _with_left_out_folds(record: dict, weights: dict, cases: dict) -> dict:
+    """`record`, its `cases` and `weights` also holding the earlier record's entries of the
+    folds this request leaves out (`--folds 0` after all folds): their masks stay in
+    predictions/ for a later --continue of them. Not a fold one of whose cases this request
+    segments (its mask is then this request's), nor an entry of other types."""
+    ours = {name for names in record["cases"].values() for name in names}
+    left_out = {key: (cases[key], weights[key]) for key in cases
+                if _fold_key(key) and key not in record["cases"] and key in weights
+                and _strings(cases[key]) and _strings(weights[key])
+                and not ours & set(cases[key])}
+    if not left_out:
+        return record
+    return {**record,
+            "cases": _by_fold({**record["cases"], **{k: v[0] for k, v in left_out.items()}}),
+            "weights": _by_fold({**record["weights"],
+                                 **{k: v[1] for k, v in left_out.items()}})}
+
+
+def _fold_key(key: str) -> bool:
+    return key.isdecimal() and str(int(key)) == key
+
+
+def _strings(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
+
+
+def _by_fold(entries: dict[str, list]) -> dict[str, list]:
+    return dict(sorted(entries.items(), key=lambda item: int(item[0])))
 
 
 def _predict_folds(request: CrossvalRequest, held_out: HeldOut, predictions: Path,

@@ -108,3 +108,64 @@ def test_the_note_of_a_stopped_overwrite_does_not_ask_for_both_options(run, tmp_
     assert main(["crossval", str(run), "--out", str(out), "--folds", "0",
                  "--overwrite"]) == 130
     assert "--continue in place of --overwrite" in capsys.readouterr().err
+
+
+def test_folds_a_narrower_continue_left_out_keep_their_masks(run, tmp_path, segmented):
+    """All folds, then `--continue --folds 0` (a look at one fold), then `--continue` of all:
+    fold 1's masks, of the same weights, are not segmented again."""
+    out = tmp_path / "cv"
+    assert main(["crossval", str(run), "--out", str(out)]) == 0
+    first = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert main(["crossval", str(run), "--out", str(out), "--continue", "--folds", "0"]) == 0
+    segmented.clear()
+    assert main(["crossval", str(run), "--out", str(out), "--continue"]) == 0
+    assert segmented == []
+    again = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert again["crossval"]["folds"] == first["crossval"]["folds"]
+
+
+def test_a_left_out_fold_whose_weights_changed_meanwhile_is_segmented_again(
+        run, tmp_path, segmented):
+    out = tmp_path / "cv"
+    assert main(["crossval", str(run), "--out", str(out)]) == 0
+    assert main(["crossval", str(run), "--out", str(out), "--continue", "--folds", "0"]) == 0
+    _retrain(run, 1)
+    segmented.clear()
+    assert main(["crossval", str(run), "--out", str(out), "--continue"]) == 0
+    assert sorted(segmented) == sorted(_held_out(run, 1))
+
+
+def test_a_left_out_fold_whose_cases_another_fold_segmented_is_not_kept(run, tmp_path,
+                                                                        segmented):
+    """The splits swapped, `--continue --folds 0` segments the old fold 1's cases with fold
+    0's network; swapped back, those masks must not pass for fold 1's."""
+    out = tmp_path / "cv"
+    assert main(["crossval", str(run), "--out", str(out)]) == 0
+    splits_file = run / "splits.json"
+    splits = json.loads(splits_file.read_text(encoding="utf-8"))
+    splits_file.write_text(json.dumps([splits[1], splits[0], *splits[2:]]), encoding="utf-8")
+    assert main(["crossval", str(run), "--out", str(out), "--continue", "--folds", "0"]) == 0
+    splits_file.write_text(json.dumps(splits), encoding="utf-8")
+    segmented.clear()
+    assert main(["crossval", str(run), "--out", str(out), "--continue"]) == 0
+    assert sorted(segmented) == sorted(_held_out(run, 0) + _held_out(run, 1))
+
+
+@pytest.mark.parametrize("weights, cases", [
+    ([1, 2], {"0": "x"}),
+    ({"0": {"a": 1}, "1": None, "7": ["h"]}, {"0": [1, 2], "1": [None], "7": [["x"]]}),
+    ({"x": ["h"], "01": ["h"]}, {"x": ["a"], "01": ["b"]}),
+])
+def test_hostile_weights_or_cases_segment_again_without_a_traceback(run, tmp_path, segmented,
+                                                                   weights, cases):
+    out = tmp_path / "cv"
+    assert main(["crossval", str(run), "--out", str(out)]) == 0
+    record = json.loads((out / "crossval.json").read_text(encoding="utf-8"))
+    record.update(weights=weights, cases=cases)
+    (out / "crossval.json").write_text(json.dumps(record), encoding="utf-8")
+    segmented.clear()
+    assert main(["crossval", str(run), "--out", str(out), "--continue", "--folds", "0"]) == 0
+    assert sorted(segmented) == sorted(_held_out(run, 0))
+    segmented.clear()
+    assert main(["crossval", str(run), "--out", str(out), "--continue"]) == 0
+    assert sorted(segmented) == sorted(_held_out(run, 1))

@@ -86,13 +86,17 @@ def cross_validate(request: CrossvalRequest) -> dict:
         raise MedsegError("--continue keeps an earlier cross-validation's masks and --overwrite "
                           "redoes them: give one of them")
     held_out = _held_out_cases(request)
-    # the first fold's networks read (and the runs' plans compared) before the folder is claimed
-    first = load_predictor(list(request.runs), [held_out.folds[0]], request.device)
     # the masks are scored raw: the run's post-processing is what largest_component_test weighs
     config = dataclasses.replace(
         predict_settings(request.runs, request.overrides, request.tta, request.step),
         largest_component=[], min_component_ml={})
-    kept, record = _claim_out_folder(request, _request_record(request, held_out, config))
+    # the weights' SHA-256 before any is read: weights a training replaces meanwhile then
+    # differ from the record, and --continue segments their fold again (read first, the
+    # record could name new weights for masks the old ones made)
+    record = _request_record(request, held_out, config)
+    # the first fold's networks read (and the runs' plans compared) before the folder is claimed
+    first = load_predictor(list(request.runs), [held_out.folds[0]], request.device)
+    kept, record = _claim_out_folder(request, record)
     predictions = request.out / PREDICTIONS
     # before the record names this request's weights: a stop before a fold is reached must
     # not leave it masks of other weights that the next --continue would keep

@@ -169,3 +169,26 @@ def test_hostile_weights_or_cases_segment_again_without_a_traceback(run, tmp_pat
     segmented.clear()
     assert main(["crossval", str(run), "--out", str(out), "--continue"]) == 0
     assert sorted(segmented) == sorted(_held_out(run, 1))
+
+
+def test_weights_replaced_after_the_first_fold_was_loaded_are_not_recorded_as_its(
+        run, tmp_path, monkeypatch, segmented):
+    """Training writes a new best.safetensors just after crossval read fold 0's: the record
+    must not name the new file's SHA-256 for masks the old weights made."""
+    out = tmp_path / "cv"
+    real = crossval.load_predictor
+    calls = []
+
+    def loading_then_retrained(runs, folds, *args, **kwargs):
+        predictor = real(runs, folds, *args, **kwargs)
+        if not calls:
+            _retrain(run, 0)
+        calls.append(folds)
+        return predictor
+
+    with monkeypatch.context() as patch:
+        patch.setattr(crossval, "load_predictor", loading_then_retrained)
+        assert main(["crossval", str(run), "--out", str(out)]) == 0
+    segmented.clear()
+    assert main(["crossval", str(run), "--out", str(out), "--continue"]) == 0
+    assert sorted(segmented) == sorted(_held_out(run, 0))

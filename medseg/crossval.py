@@ -319,7 +319,7 @@ def _going_on(path: Path, record: dict) -> tuple[frozenset[int], dict]:
     this request leaves out; another request is refused, not mixed in."""
     try:
         earlier = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # not UTF-8, not JSON, nested deep
         raise MedsegError(f"cannot be read ({exc}): --overwrite predicts and scores it all "
                           f"again", path) from exc
     if not isinstance(earlier, dict):

@@ -192,3 +192,13 @@ def test_weights_replaced_after_the_first_fold_was_loaded_are_not_recorded_as_it
     segmented.clear()
     assert main(["crossval", str(run), "--out", str(out), "--continue"]) == 0
     assert sorted(segmented) == sorted(_held_out(run, 0))
+
+
+def test_a_record_nested_too_deep_is_refused_naming_it(run, tmp_path, capsys):
+    out = tmp_path / "cv"
+    assert main(["crossval", str(run), "--out", str(out), "--folds", "0"]) == 0
+    (out / "crossval.json").write_text("[" * 100_000 + "]" * 100_000, encoding="utf-8")
+    capsys.readouterr()
+    assert main(["crossval", str(run), "--out", str(out), "--folds", "0", "--continue"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(out / "crossval.json") in err and "--overwrite" in err

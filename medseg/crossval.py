@@ -317,14 +317,9 @@ def _going_on(path: Path, record: dict) -> tuple[frozenset[int], dict]:
     """The folds whose masks an earlier cross-validation made with the same runs, dataset,
     predict settings, cases and weights, and the record with the earlier one's folds that
     this request leaves out; another request is refused, not mixed in."""
-    try:
-        earlier = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError) as exc:  # not UTF-8, not JSON, nested deep
-        raise MedsegError(f"cannot be read ({exc}): --overwrite predicts and scores it all "
-                          f"again", path) from exc
-    if not isinstance(earlier, dict):
-        raise MedsegError("is not a cross-validation's record: --overwrite predicts and scores "
-                          "it all again", path)
+    earlier = _read_record(path)
+    if "dataset" not in earlier:  # medseg before --continue: no dataset, no weights
+        earlier = {**earlier, "dataset": record["dataset"], "weights": {}}
     for key, what in (("runs", "other runs"), ("dataset", "another dataset"),
                       ("predict", "other predict settings")):
         if earlier.get(key) != record[key]:
@@ -342,6 +337,18 @@ def _going_on(path: Path, record: dict) -> tuple[frozenset[int], dict]:
             print(f"medseg: note: fold {fold}'s weights or cases changed since the earlier "
                   f"cross-validation: its cases are segmented again", file=sys.stderr)
     return frozenset(kept), _with_left_out_folds(record, weights, cases)
+
+
+def _read_record(path: Path) -> dict:
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as exc:  # not UTF-8, not JSON, nested deep
+        raise MedsegError(f"cannot be read ({exc}): --overwrite predicts and scores it all "
+                          f"again", path) from exc
+    if not isinstance(earlier, dict):
+        raise MedsegError("is not a cross-validation's record: --overwrite predicts and scores "
+                          "it all again", path)
+    return earlier
 
 
 def _with_left_out_folds(record: dict, weights: dict, cases: dict) -> dict:

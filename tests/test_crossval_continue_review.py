@@ -202,3 +202,17 @@ def test_a_record_nested_too_deep_is_refused_naming_it(run, tmp_path, capsys):
     assert main(["crossval", str(run), "--out", str(out), "--folds", "0", "--continue"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and str(out / "crossval.json") in err and "--overwrite" in err
+
+
+def test_a_record_of_medseg_before_continue_is_segmented_again(run, tmp_path, segmented):
+    """crossval.json as medseg wrote it before --continue (neither `dataset` nor `weights`):
+    nothing says which networks made its masks, so all are segmented again; it was refused
+    as made with 'another dataset'."""
+    out = tmp_path / "cv"
+    assert main(["crossval", str(run), "--out", str(out)]) == 0
+    record = json.loads((out / "crossval.json").read_text(encoding="utf-8"))
+    del record["dataset"], record["weights"]
+    (out / "crossval.json").write_text(json.dumps(record), encoding="utf-8")
+    segmented.clear()
+    assert main(["crossval", str(run), "--out", str(out), "--continue"]) == 0
+    assert sorted(segmented) == sorted(_held_out(run, 0) + _held_out(run, 1))

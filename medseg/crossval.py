@@ -95,7 +95,8 @@ def cross_validate(request: CrossvalRequest) -> dict:
     # record could name new weights for masks the old ones made)
     record = _request_record(request, held_out, config)
     # the first fold's networks read (and the runs' plans compared) before the folder is claimed
-    first = load_predictor(list(request.runs), [held_out.folds[0]], request.device)
+    loaded = {held_out.folds[0]: load_predictor(list(request.runs), [held_out.folds[0]],
+                                                request.device)}
     kept, record = _claim_out_folder(request, record)
     predictions = request.out / PREDICTIONS
     # before the record names this request's weights: a stop before a fold is reached must
@@ -103,7 +104,7 @@ def cross_validate(request: CrossvalRequest) -> dict:
     _remove_masks_to_redo(held_out, predictions, kept)
     atomic_write_json(request.out / REQUEST_FILE, record)
     try:
-        return _segment_and_score(request, held_out, first, config, kept)
+        return _segment_and_score(request, held_out, loaded, config, kept)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM, segmenting, between folds or scoring
         again = "--continue in place of --overwrite" if request.overwrite else "--continue"
         tqdm.write(f"medseg: note: the cross-validation in {request.out} stopped before its "
@@ -112,12 +113,13 @@ def cross_validate(request: CrossvalRequest) -> dict:
         raise
 
 
-def _segment_and_score(request: CrossvalRequest, held_out: HeldOut, first: Predictor,
-                       config: PredictConfig, kept: frozenset[int]) -> dict:
+def _segment_and_score(request: CrossvalRequest, held_out: HeldOut,
+                       loaded: dict[int, Predictor], config: PredictConfig,
+                       kept: frozenset[int]) -> dict:
     """The held-out cases segmented (in the `kept` folds, those without a mask), scored and
     summed up, and the results written; returns the summary."""
     predictions = request.out / PREDICTIONS
-    failed = _predict_folds(request, held_out, predictions, first, config, kept)
+    failed = _predict_folds(request, held_out, predictions, loaded, config, kept)
     plan = held_out.plan
     pairs = [(case.name, _mask_or_none(predictions, case, failed), case.label)
              for case in held_out.all_cases()]
@@ -382,22 +384,22 @@ def _by_fold(entries: dict[str, list]) -> dict[str, list]:
 
 
 def _predict_folds(request: CrossvalRequest, held_out: HeldOut, predictions: Path,
-                   first: Predictor | None, config: PredictConfig, kept: frozenset[int]
+                   loaded: dict[int, Predictor], config: PredictConfig, kept: frozenset[int]
                    ) -> set[str]:
-    """Each fold's held-out cases by that fold's network(s) (`first`: the first fold's),
-    masks written raw (without the run's post-processing, which `largest_component_test`
-    weighs); in the `kept` folds, only the cases without a mask. The names that failed."""
+    """Each fold's held-out cases by that fold's network(s) (`loaded`: those read already,
+    taken out as used, so that no one keeps them), masks written raw (without the run's
+    post-processing, which `largest_component_test` weighs); in the `kept` folds, only the
+    cases without a mask. The names that failed."""
     failed: set[str] = set()
     for fold in held_out.folds:
         raise_if_stopped()
         cases = _cases_to_segment(fold, held_out.cases_by_fold[fold], predictions,
                                   fold in kept)
+        predictor = loaded.pop(fold, None)  # the previous fold's networks freed
         if not cases:
-            first = None
             continue
-        predictor = first if first is not None else \
-            load_predictor(list(request.runs), [fold], request.device)
-        first = None  # its networks freed with the fold's
+        if predictor is None:
+            predictor = load_predictor(list(request.runs), [fold], request.device)
         results = predict_cases(predictor, [(c.name, c.images) for c in cases], predictions,
                                 config, going_on=GOING_ON)
         failed |= {case.name for case, result in zip(cases, results, strict=True)

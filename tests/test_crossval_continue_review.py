@@ -216,3 +216,28 @@ def test_a_record_of_medseg_before_continue_is_segmented_again(run, tmp_path, se
     segmented.clear()
     assert main(["crossval", str(run), "--out", str(out), "--continue"]) == 0
     assert sorted(segmented) == sorted(_held_out(run, 0) + _held_out(run, 1))
+
+
+def test_the_first_folds_networks_are_freed_before_the_next_folds_are_read(run, tmp_path,
+                                                                          monkeypatch):
+    """cross_validate kept the first fold's predictor (read before the folder is claimed)
+    to its end: its networks stayed in (GPU) memory beside every later fold's."""
+    import gc
+    import weakref
+
+    real = crossval.load_predictor
+    first: list[weakref.ref] = []
+    alive_then: list[bool] = []
+
+    def loading(runs, folds, *args, **kwargs):
+        if first:
+            gc.collect()
+            alive_then.append(first[0]() is not None)
+        predictor = real(runs, folds, *args, **kwargs)
+        if not first:
+            first.append(weakref.ref(predictor))
+        return predictor
+
+    monkeypatch.setattr(crossval, "load_predictor", loading)
+    assert main(["crossval", str(run), "--out", str(tmp_path / "cv")]) == 0
+    assert alive_then == [False]

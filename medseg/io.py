@@ -462,7 +462,18 @@ def convert_volume(input: str | Path, output: str | Path, series_uid: str | None
         refuse_unwritable_place(output)
     volume = read_volume(input, dtype=None, series_uid=series_uid,
                          resample_irregular=resample_irregular)
-    return write_volume(compact_voxels(volume), volume.geometry, output)
+    return write_as_stored(volume, output)
+
+
+def write_as_stored(volume: Volume, path: Path) -> Path:
+    """`volume` written as compactly as its file held it: integers scaled to whole numbers as
+    those numbers (`compact_voxels`), other scaled integers, into a NIfTI, as stored with
+    their scaling (`stored_integers`; not as float64, 4 times int16's size)."""
+    data = compact_voxels(volume)
+    stored = stored_integers(volume) if data.dtype.kind == "f" and is_nifti(path) else None
+    if stored is None:
+        return write_volume(data, volume.geometry, path)
+    return write_volume(stored[0], volume.geometry, path, scaling=stored[1])
 
 
 def compact_voxels(volume: Volume) -> np.ndarray:

@@ -24,13 +24,12 @@ from medseg.datasets import MsdTask, read_msd_task, strip_image_suffix
 from medseg.errors import MedsegError
 from medseg.fileio import atomic_path, atomic_write_text, missing_folders
 from medseg.io import (
-    Volume,
     channel_count,
     compact_voxels,
     read_channels,
     read_geometry,
     read_volume,
-    stored_integers,
+    write_as_stored,
     write_volume,
 )
 from medseg.stopping import raise_if_stopped
@@ -183,18 +182,7 @@ def _convert_item(item: tuple) -> None:
     volumes = read_channels(source, dtype=None) if channels > 1 else \
         [read_volume(source, dtype=None)]
     for channel, volume in enumerate(volumes):
-        _write_image(volume, folder / f"{name}_{channel:04d}{ENDING}")
-
-
-def _write_image(volume: Volume, target: Path) -> None:
-    """Integers scaled to whole numbers as those numbers (as `medseg convert` writes them),
-    other scaled integers as stored, their scaling kept (not as 4 times larger float64)."""
-    data = compact_voxels(volume)
-    stored = stored_integers(volume) if data.dtype.kind == "f" else None
-    if stored is None:
-        write_volume(data, volume.geometry, target)
-    else:
-        write_volume(stored[0], volume.geometry, target, scaling=stored[1])
+        write_as_stored(volume, folder / f"{name}_{channel:04d}{ENDING}")
 
 
 def _nnunet_description(task: MsdTask, labels: dict[str, int]) -> dict:

@@ -169,3 +169,22 @@ def test_an_archive_without_sizes_is_refused_before_anything_is_unpacked(
     err = capsys.readouterr().err
     assert expected in err and str(changed) in err and len(err.strip().splitlines()) == 1, err
     assert copied == [] and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nrrd"])
+def test_medseg_convert_keeps_scaled_integers_as_stored_in_nifti(tmp_path, suffix):
+    """`medseg convert` wrote int16 with scl_slope 0.5 as float64, as convert-msd did: into a
+    NIfTI now as stored with its scaling; NRRD stores no scaling, so floats there (the same
+    values either way)."""
+    source = tmp_path / "scaled.nii.gz"
+    _scaled(_raw(0), source, 0.5, 0.25)
+    before = source.read_bytes()
+    target = tmp_path / f"out{suffix}"
+    assert main(["convert", str(source), str(target)]) == 0
+    assert source.read_bytes() == before
+    after = read_volume(target, dtype=None)
+    np.testing.assert_array_equal(after.data, read_volume(source, dtype=None).data)
+    if suffix == ".nii.gz":
+        written = nib.load(target)
+        assert written.get_data_dtype() == np.int16
+        assert (written.dataobj.slope, written.dataobj.inter) == (0.5, 0.25)

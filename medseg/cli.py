@@ -423,11 +423,12 @@ def _write_statistics(model: Path, results: list, output: Path,
     from medseg.predict import output_name
     from medseg.volumetry import STATISTICS_FILE, CaseInputs, write_statistics
 
-    items = [CaseInputs(strip_image_suffix(output_name(r.input)), r.output, r.input)
-             for r in results if not r.error and r.output is not None]
+    items = [CaseInputs(strip_image_suffix(output_name(r.input)), r.output, r.input,
+                        r.channel_files) for r in results if not r.error and r.output is not None]
     target = output / STATISTICS_FILE
-    count = write_statistics(items, load_plan(model / "plan.json").labels, target,
-                             options.series_uid, options.resample_irregular)
+    plan = load_plan(model / "plan.json")
+    count = write_statistics(items, plan.labels, target, options.series_uid,
+                             options.resample_irregular, plan.in_channels)
     print(f"wrote {target} ({count} case(s))")
 
 

@@ -138,6 +138,7 @@ class PredictionResult:
     error: str | None = None
     skipped: bool = False
     exception: BaseException | None = field(default=None, repr=False, compare=False)
+    channel_files: tuple[Path, ...] = ()  # every channel's file of a case written or kept
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -790,7 +791,8 @@ def _outputs_to_write(named: list[tuple[str, tuple[Path, ...]]], output_dir: Pat
         # an empty file (a copy cut short, a full disk) is no finished mask: medseg's own
         # are written whole under another name first
         elif all(o.exists() and o.stat().st_size > 0 for o in outputs) and not overwrite:
-            results[position] = PredictionResult(files[0], target, 0.0, skipped=True)
+            results[position] = PredictionResult(files[0], target, 0.0, skipped=True,
+                                                 channel_files=tuple(files))
         else:
             todo.append((position, files, target))
     return results, todo
@@ -848,19 +850,20 @@ def _predict_streaming(predictor: Predictor, todo: list, read, config: PredictCo
                 future = writer.submit(_finish_mask, mask, case.geometry, target, config,
                                        case.seg_source, predictor.plan.labels)
                 future.add_done_callback(lambda _: advance())  # as each mask is on disk
-                writes.append((position, files[0], target, started, future))
+                writes.append((position, tuple(files), target, started, future))
                 del case, mask
             except CASE_ERRORS as exc:
                 results[position] = _failure(files[0], started, exc)
                 advance()
             if upcoming is None and following is not None:
                 upcoming = reader.submit(read, following)
-        for position, path, target, started, future in writes:
+        for position, files, target, started, future in writes:
             try:
                 written_at = future.result()
-                results[position] = PredictionResult(path, target, written_at - started)
+                results[position] = PredictionResult(files[0], target, written_at - started,
+                                                     channel_files=files)
             except CASE_ERRORS as exc:
-                results[position] = _failure(path, started, exc)
+                results[position] = _failure(files[0], started, exc)
 
 
 def _refuse_clashing_outputs(named: list[tuple[str, tuple[Path, ...]]]) -> None:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from medseg.errors import MedsegError, one_line
 from medseg.fileio import atomic_write_text
-from medseg.io import Volume, on_grid_of, read_label_map, read_volume
+from medseg.io import Volume, on_grid_of, read_channels, read_label_map, read_volume
 
 STATISTICS_FILE = "statistics.csv"
 COLUMNS = ("case", "label", "structure", "voxels", "volume_ml", "intensity_mean",
@@ -30,11 +30,13 @@ SLAB_VOXELS = 2**24  # about 128 MB of float64 per temporary
 
 @dataclass(frozen=True)
 class CaseInputs:
-    """A predicted case: its mask and the scan it was predicted from (channel 0)."""
+    """A predicted case: its mask and the scan it was predicted from (channel 0's file), with
+    every channel's file where the model takes several (one 4D NIfTI holds them all)."""
 
     case: str
     mask: Path
     scan: Path
+    channel_files: tuple[Path, ...] = ()  # empty: `scan`
 
 
 def structure_sums(mask: np.ndarray, scan: np.ndarray | None, classes: int
@@ -79,37 +81,69 @@ def _slabs(mask: np.ndarray, scan: np.ndarray | None, classes: int):
 
 
 def case_rows(item: CaseInputs, labels: dict[int, str], series_uid: str | None = None,
-              resample_irregular: bool = False) -> list[dict]:
-    """A row per structure of `labels` (background left out) for one case; the scan's
-    intensities are left empty, with a note, when it cannot be read or lies elsewhere."""
+              resample_irregular: bool = False, channels: int = 1) -> list[dict]:
+    """A row per structure of `labels` (background left out) for one case, with the mean and
+    sd of each of the model's `channels` (channel 0 as `intensity_mean`, channel K as
+    `intensity_mean_K`); a channel's are left empty, with a note, when its scan cannot be
+    read or lies elsewhere."""
     mask = read_label_map(item.mask)
     data = mask.data.reshape(mask.spatial_shape)
-    scan, note = _scan_on_grid(item, mask, series_uid, resample_irregular)
     classes = max(labels) + 1
-    counts, means, sds = structure_sums(data, scan, classes)
+    counts = np.zeros(classes, np.int64)
+    measures: list[tuple[np.ndarray | None, np.ndarray | None]] = []
+    notes: list[str] = []
+    for channel, (scan, note) in enumerate(
+            _channel_scans(item, mask, series_uid, resample_irregular, channels)):
+        counts, means, sds = structure_sums(data, scan, classes)
+        measures.append((means, sds))
+        if note:
+            notes.append(note if channels == 1 else f"channel {channel}: {note}")
+        del scan  # one channel's voxels in memory at a time (a 4D file's are read at once)
     voxel_ml = math.prod(mask.geometry.spacing) / 1000.0
     rows = []
     for label_id, name in sorted(labels.items()):
         if label_id == 0:
             continue
         voxels = int(counts[label_id])
-        measured = means is not None and voxels > 0
-        rows.append({"case": item.case, "label": label_id, "structure": name,
-                     "voxels": voxels, "volume_ml": round(voxels * voxel_ml, 3),
-                     "intensity_mean": round(float(means[label_id]), 2) if measured else "",
-                     "intensity_sd": round(float(sds[label_id]), 2) if measured else "",
-                     "note": note or ""})
+        row = {"case": item.case, "label": label_id, "structure": name,
+               "voxels": voxels, "volume_ml": round(voxels * voxel_ml, 3)}
+        for channel, (means, sds) in enumerate(measures):
+            measured = means is not None and voxels > 0
+            suffix = f"_{channel}" if channel else ""
+            row[f"intensity_mean{suffix}"] = round(float(means[label_id]), 2) if measured else ""
+            row[f"intensity_sd{suffix}"] = round(float(sds[label_id]), 2) if measured else ""
+        rows.append({**row, "note": "; ".join(notes)})
     return rows
 
 
-def _scan_on_grid(item: CaseInputs, mask: Volume, series_uid: str | None,
-                  resample_irregular: bool) -> tuple[np.ndarray | None, str | None]:
+def _channel_scans(item: CaseInputs, mask: Volume, series_uid: str | None,
+                   resample_irregular: bool, channels: int):
+    """(voxels on the mask's grid or None, why not) per channel, one channel at a time."""
+    files = item.channel_files or (item.scan,)
+    if channels > 1 and len(files) == 1:  # one 4D NIfTI of every channel, read in one pass
+        try:
+            volumes = read_channels(files[0], np.float32)
+        except (MedsegError, OSError, RuntimeError, ValueError) as exc:
+            volumes = [f"scan not read: {one_line(str(exc))}"] * channels
+        if len(volumes) != channels:
+            volumes = [f"scan not measured: it holds {len(volumes)} volumes, the model "
+                       f"takes {channels}"] * channels
+        while volumes:
+            volume = volumes.pop(0)
+            yield (None, volume) if isinstance(volume, str) else _on_mask_grid(volume, mask)
+        return
+    for path in files[:channels]:
+        try:
+            scan = read_volume(path, np.float32, series_uid, resample_irregular)
+        except (MedsegError, OSError, RuntimeError, ValueError) as exc:
+            yield None, f"scan not read: {one_line(str(exc))}"
+            continue
+        yield _on_mask_grid(scan, mask)
+
+
+def _on_mask_grid(scan: Volume, mask: Volume) -> tuple[np.ndarray | None, str | None]:
     """The scan's voxels on the mask's grid (the same voxels stored in another axis order
     are reordered, as converters differ), or None and why not."""
-    try:
-        scan = read_volume(item.scan, np.float32, series_uid, resample_irregular)
-    except (MedsegError, OSError, RuntimeError, ValueError) as exc:
-        return None, f"scan not read: {one_line(str(exc))}"
     if scan.data.size != math.prod(scan.spatial_shape):
         return None, f"scan not measured: it holds {scan.data.shape} values, not one volume"
     try:
@@ -119,7 +153,8 @@ def _scan_on_grid(item: CaseInputs, mask: Volume, series_uid: str | None,
 
 
 def write_statistics(items: list[CaseInputs], labels: dict[int, str], target: Path,
-                     series_uid: str | None = None, resample_irregular: bool = False) -> int:
+                     series_uid: str | None = None, resample_irregular: bool = False,
+                     channels: int = 1) -> int:
     """statistics.csv for `items`, written whole under a temporary name; returns the number
     of cases measured (a mask that cannot be read is left out, with a note)."""
     rows: list[dict] = []
@@ -127,7 +162,7 @@ def write_statistics(items: list[CaseInputs], labels: dict[int, str], target: Pa
     for item in tqdm(items, desc="statistics", unit="case", dynamic_ncols=True,
                      disable=len(items) < 2):
         try:
-            case = case_rows(item, labels, series_uid, resample_irregular)
+            case = case_rows(item, labels, series_uid, resample_irregular, channels)
         except (MedsegError, OSError, RuntimeError, ValueError) as exc:
             tqdm.write(f"medseg: note: {item.mask}: no statistics ({one_line(str(exc))})",
                        file=sys.stderr)
@@ -135,15 +170,20 @@ def write_statistics(items: list[CaseInputs], labels: dict[int, str], target: Pa
         rows.extend(case)
         measured += 1
         if case and case[0]["note"]:
-            tqdm.write(f"medseg: note: {item.case}: volumes only, {case[0]['note']}",
+            what = "volumes only" if channels == 1 else "not every channel measured"
+            tqdm.write(f"medseg: note: {item.case}: {what}, {case[0]['note']}",
                        file=sys.stderr)
-    atomic_write_text(target, statistics_csv(rows))
+    atomic_write_text(target, statistics_csv(rows, channels))
     return measured
 
 
-def statistics_csv(rows: list[dict]) -> str:
+def statistics_csv(rows: list[dict], channels: int = 1) -> str:
+    """The table; a model of several channels adds intensity_mean_K and intensity_sd_K for
+    each further channel K, before `note`."""
+    more = [f"intensity_{kind}_{k}" for k in range(1, channels) for kind in ("mean", "sd")]
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=[*COLUMNS[:-1], *more, COLUMNS[-1]],
+                            lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()

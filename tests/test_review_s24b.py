@@ -6,6 +6,7 @@ import shutil
 
 import nibabel as nib
 import numpy as np
+import pytest
 from helpers import REPO
 from test_multichannel import stopped_two_channel_run
 
@@ -82,3 +83,57 @@ def test_overwrite_refuses_case_files_inside_the_run_folder_before_the_dataset_l
                             f"kept {scan}, which lies inside the run folder: move it out "
                             f"first\n")
     assert scan.is_file() and (run / "plan.json").is_file()
+
+
+def test_statistics_measure_every_channel_of_a_multi_channel_model(tmp_path, capsys):
+    """`predict --statistics` measured channel 0 only: a two-channel model's table gives
+    intensity_mean_1 / intensity_sd_1 as well, the same for a case given as channel files
+    and as one 4D NIfTI of them, each equal to the channel's values inside the mask."""
+    import csv
+
+    data, run = stopped_two_channel_run(tmp_path)
+    channels = [data / "imagesTr" / f"case0_{k:04d}.nii.gz" for k in (0, 1)]
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    for path in channels:
+        shutil.copy(path, inputs)
+    _packed(channels, inputs / "packed.nii.gz")
+    output = tmp_path / "pred"
+    assert main(["predict", "--model", str(run), "--input", str(inputs), "--output",
+                 str(output), "--statistics"]) == 0
+    with open(output / "statistics.csv", encoding="utf-8", newline="") as stream:
+        rows = list(csv.DictReader(stream))
+    assert list(rows[0]) == ["case", "label", "structure", "voxels", "volume_ml",
+                             "intensity_mean", "intensity_sd", "intensity_mean_1",
+                             "intensity_sd_1", "note"]
+    by_case = {(row["case"], row["label"]): row for row in rows}
+    mask = np.asarray(nib.load(output / "case0.nii.gz").dataobj)
+    values = [np.asarray(nib.load(path).dataobj, np.float32) for path in channels]
+    for (case, label), row in by_case.items():
+        assert row["note"] == ""
+        inside = mask == int(label)
+        if not inside.any():
+            continue
+        for suffix, volume in (("", values[0]), ("_1", values[1])):
+            assert float(row[f"intensity_mean{suffix}"]) == \
+                pytest.approx(volume[inside].mean(), abs=0.006)
+            assert float(row[f"intensity_sd{suffix}"]) == \
+                pytest.approx(volume[inside].std(), abs=0.006)
+        other = by_case[("packed" if case == "case0" else "case0", label)]
+        assert {k: v for k, v in other.items() if k != "case"} == \
+            {k: v for k, v in row.items() if k != "case"}
+
+
+def test_a_channel_that_cannot_be_read_is_named_and_the_others_measured(tmp_path):
+    from medseg.volumetry import CaseInputs, case_rows
+
+    mask = np.ones((4, 4, 4), np.uint8)
+    affine = np.eye(4)
+    nib.save(nib.Nifti1Image(mask, affine), tmp_path / "m.nii.gz")
+    nib.save(nib.Nifti1Image(np.full((4, 4, 4), 7.0, np.float32), affine),
+             tmp_path / "c0.nii.gz")
+    item = CaseInputs("a", tmp_path / "m.nii.gz", tmp_path / "c0.nii.gz",
+                      (tmp_path / "c0.nii.gz", tmp_path / "gone.nii.gz"))
+    row = case_rows(item, {0: "background", 1: "liver"}, channels=2)[0]
+    assert row["intensity_mean"] == 7.0 and row["intensity_mean_1"] == ""
+    assert row["note"].startswith("channel 1: scan not read:")

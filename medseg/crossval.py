@@ -24,7 +24,13 @@ from medseg.config import PredictConfig, Workflow, load_workflow
 from medseg.datasets import Case, Dataset, load_dataset, read_splits
 from medseg.errors import MedsegError
 from medseg.evaluate import CaseScores, evaluate_pairs, load_pair
-from medseg.fileio import atomic_write_json, json_safe, refuse_unwritable_place, sha256_of_file
+from medseg.fileio import (
+    atomic_write_json,
+    json_safe,
+    lock_beside,
+    refuse_unwritable_place,
+    sha256_of_file,
+)
 from medseg.metrics import leave_out_ignored, score_case
 from medseg.plan import Plan, load_plan
 from medseg.postprocess import keep_largest_component
@@ -97,12 +103,21 @@ def cross_validate(request: CrossvalRequest) -> dict:
     # the first fold's networks read (and the runs' plans compared) before the folder is claimed
     loaded = {held_out.folds[0]: load_predictor(list(request.runs), [held_out.folds[0]],
                                                 request.device)}
-    kept, record = _claim_out_folder(request, record)
-    predictions = request.out / PREDICTIONS
-    # before the record names this request's weights: a stop before a fold is reached must
-    # not leave it masks of other weights that the next --continue would keep
-    _remove_masks_to_redo(held_out, predictions, kept)
-    atomic_write_json(request.out / REQUEST_FILE, record)
+    busy = MedsegError("another `medseg crossval` is writing this folder; wait for it to "
+                       "end (or stop it) first", request.out)
+    with lock_beside(request.out, "medseg-crossval-lock", busy):
+        kept, record = _claim_out_folder(request, record)
+        predictions = request.out / PREDICTIONS
+        # before the record names this request's weights: a stop before a fold is reached
+        # must not leave it masks of other weights that the next --continue would keep
+        _remove_masks_to_redo(held_out, predictions, kept)
+        atomic_write_json(request.out / REQUEST_FILE, record)
+        return _segment_and_score_noting_a_stop(request, held_out, loaded, config, kept)
+
+
+def _segment_and_score_noting_a_stop(request: CrossvalRequest, held_out: HeldOut,
+                                     loaded: dict[int, Predictor], config: PredictConfig,
+                                     kept: frozenset[int]) -> dict:
     try:
         return _segment_and_score(request, held_out, loaded, config, kept)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM, segmenting, between folds or scoring
@@ -304,9 +319,22 @@ def _request_record(request: CrossvalRequest, held_out: HeldOut, config: Predict
         "folds": list(held_out.folds),
         "cases": {str(k): [c.name for c in v] for k, v in held_out.cases_by_fold.items()},
         "predict": dataclasses.asdict(config),
+        "arithmetic": _arithmetic(request.device, config.precision),
         "weights": {str(fold): [sha256_of_file(_best_weights(run, fold))
                                 for run in request.runs] for fold in held_out.folds}}
     return json.loads(json.dumps(json_safe(record)))  # as read back: lists, not tuples
+
+
+def _arithmetic(device: str | None, precision: str) -> dict:
+    """Where and in which precision the masks are computed: `predict.precision` auto is
+    bf16 on one machine and fp32 on another, whose masks differ at a few boundary voxels."""
+    from medseg.predict import resolve_device
+    from medseg.train import select_precision
+
+    resolved = resolve_device(device)
+    dtype = select_precision(precision, resolved)
+    return {"device": resolved.type,
+            "autocast": "none" if dtype is None else str(dtype).removeprefix("torch.")}
 
 
 def _best_weights(run: Path, fold: int) -> Path:
@@ -322,8 +350,14 @@ def _going_on(path: Path, record: dict) -> tuple[frozenset[int], dict]:
     earlier = _read_record(path)
     if "dataset" not in earlier:  # medseg before --continue: no dataset, no weights
         earlier = {**earlier, "dataset": record["dataset"], "weights": {}}
+    if "arithmetic" not in earlier:  # medseg before it was recorded
+        print(f"medseg: note: {path} does not say on which device and in which precision "
+              f"its masks were made: every case is segmented again", file=sys.stderr)
+        earlier = {**earlier, "arithmetic": record["arithmetic"], "weights": {}}
     for key, what in (("runs", "other runs"), ("dataset", "another dataset"),
-                      ("predict", "other predict settings")):
+                      ("predict", "other predict settings"),
+                      ("arithmetic", "another device or precision "
+                                     f"({_in_words(earlier['arithmetic'])})")):
         if earlier.get(key) != record[key]:
             raise MedsegError(f"was made with {what}: --continue goes on with the same ones "
                               f"only; --overwrite predicts and scores it all again", path)
@@ -339,6 +373,12 @@ def _going_on(path: Path, record: dict) -> tuple[frozenset[int], dict]:
             print(f"medseg: note: fold {fold}'s weights or cases changed since the earlier "
                   f"cross-validation: its cases are segmented again", file=sys.stderr)
     return frozenset(kept), _with_left_out_folds(record, weights, cases)
+
+
+def _in_words(arithmetic: object) -> str:
+    if isinstance(arithmetic, dict):
+        return f"{arithmetic.get('device')}, autocast {arithmetic.get('autocast')}"
+    return str(arithmetic)[:80]  # a record edited by hand: whatever it holds, in one line
 
 
 def _read_record(path: Path) -> dict:

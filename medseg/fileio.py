@@ -228,6 +228,34 @@ def physical_memory() -> int | None:
     return min(limits)
 
 
+@contextlib.contextmanager
+def lock_beside(folder: Path, suffix: str, busy: MedsegError) -> Iterator[bool]:
+    """An exclusive lock for the block on `.NAME.SUFFIX` beside `folder` (NAME its real
+    name: one folder reached through a link has one lock); a second process asking for it
+    gets `busy`. Beside, not inside: a folder replaced whole keeps its lock, and an empty
+    one stays empty. Parents made for the lock are removed again if the block leaves them
+    empty. Yields whether a lock is held (none without fcntl, or on a filesystem without
+    locks)."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system
+        yield False
+        return
+    real = folder.resolve()
+    made = missing_folders(real.parent)
+    try:
+        with contextlib.ExitStack() as held:
+            with contextlib.suppress(OSError):  # an unwritable place fails later, clearly
+                real.parent.mkdir(parents=True, exist_ok=True)
+            locked = hold_lock(held, real.parent / f".{real.name}.{suffix}", fcntl.LOCK_EX,
+                               busy, remove=True)
+            yield locked
+    finally:
+        for made_folder in made:  # innermost first; one the block wrote in is kept
+            with contextlib.suppress(OSError):
+                made_folder.rmdir()
+
+
 def hold_lock(held: contextlib.ExitStack, path: Path, mode: int, busy: MedsegError,
               remove: bool = False) -> bool:
     """Take an flock on `path` (made if missing) until `held` closes; raise `busy` when

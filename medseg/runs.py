@@ -36,37 +36,22 @@ def one_trainer(run_dir: Path, ranks) -> Iterator[None]:
     write its checkpoints and metrics. The lock file lies beside the folder (a fresh run
     replaces the folder), and goes when the run ends. Rank 0 takes it; every rank of a
     torchrun run is refused with it, before any work."""
-    from medseg.fileio import hold_lock, missing_folders
+    from medseg.fileio import lock_beside
 
-    try:
-        import fcntl
-    except ImportError:  # not a POSIX system: no lock
-        fcntl = None
-    real = run_dir.resolve()  # one run reached through a link has one lock
-    lock = real.parent / f".{real.name}.medseg-lock"
-    # `--out runs/x` in a fresh clone: the lock's folder is made now (and removed again if
-    # the run leaves it empty), or a second trainer would not be refused
-    main_rank = ranks.main
-    made = missing_folders(run_dir.parent) if main_rank else []
     refusal = MedsegError("another `medseg train` is training this run folder; wait for it "
                           "to end (or stop it) first", run_dir)
-    try:
-        with contextlib.ExitStack() as held:
-            locked = True
-            if main_rank and fcntl is not None:
-                with contextlib.suppress(OSError):  # an unwritable place fails later
-                    real.parent.mkdir(parents=True, exist_ok=True)
-                try:
-                    hold_lock(held, lock, fcntl.LOCK_EX, refusal, remove=True)
-                except MedsegError:
-                    locked = False
-            if not _main_rank_says(locked, ranks):
-                raise refusal
-            yield
-    finally:
-        for folder in made:  # innermost first; a run that wrote its folder keeps them
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+    with contextlib.ExitStack() as held:
+        locked = True
+        if ranks.main:
+            # `--out runs/x` in a fresh clone: the lock's folder is made now (and removed
+            # again if the run leaves it empty), or a second trainer would not be refused
+            try:
+                held.enter_context(lock_beside(run_dir, "medseg-lock", refusal))
+            except MedsegError:
+                locked = False
+        if not _main_rank_says(locked, ranks):
+            raise refusal
+        yield
 
 
 def _main_rank_says(flag: bool, ranks) -> bool:

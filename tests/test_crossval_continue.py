@@ -178,3 +178,260 @@ def test_overwrite_removes_the_earlier_masks_first(run, tmp_path, monkeypatch):
     assert main(["crossval", str(run), "--out", str(out), "--folds", "0", "--overwrite"]) == 1
     assert not (out / "predictions" / f"{failing}.nii.gz").exists()
     assert _summary(out)["failed_cases"] == [failing]
+
+
+# review of --continue: no mask of other networks or of another request is scored as this
+# one's, and none that the same networks made is thrown away
+
+def _mask(out: Path, name: str) -> Path:
+    return out / "predictions" / f"{name}.nii.gz"
+
+
+def _retrain(run: Path, fold: int) -> None:
+    best = run / f"fold_{fold}" / "checkpoints" / "best.safetensors"
+    save_file({k: v * 1.01 if v.is_floating_point() else v
+               for k, v in load_file(best).items()}, best)
+
+
+def _stop_in_predict(monkeypatch) -> None:
+    """Ctrl-C as the first case handed to predict is segmented."""
+    import medseg.predict as predict
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(predict, "_predict_streaming", interrupted)
+
+
+def test_a_stop_before_a_changed_fold_is_reached_keeps_none_of_its_old_masks(
+        run, tmp_path, monkeypatch, segmented):
+    """crossval.json names the new weights of fold 1 before any case is segmented: a stop
+    in fold 0 must not leave fold 1's masks of the old weights to pass for the new ones'."""
+    out = tmp_path / "cv"
+    assert main(["crossval", str(run), "--out", str(out)]) == 0
+    _retrain(run, 1)
+    _mask(out, _held_out(run, 0)[0]).unlink()  # fold 0 has a case to segment
+    with monkeypatch.context() as patch:
+        _stop_in_predict(patch)
+        assert main(["crossval", str(run), "--out", str(out), "--continue"]) == 130
+    segmented.clear()
+    assert main(["crossval", str(run), "--out", str(out), "--continue"]) == 0
+    assert sorted(segmented) == sorted(_held_out(run, 0)[:1] + _held_out(run, 1))
+
+
+def test_a_linked_mask_is_segmented_again_not_scored(run, tmp_path, segmented):
+    """medseg writes no links: a mask that is one leads to a file of someone else's."""
+    out = tmp_path / "cv"
+    assert main(["crossval", str(run), "--out", str(out)]) == 0
+    name = _held_out(run, 0)[0]
+    foreign = tmp_path / "foreign.nii.gz"
+    shutil.copyfile(_mask(out, _held_out(run, 1)[0]), foreign)
+    _mask(out, name).unlink()
+    _mask(out, name).symlink_to(foreign)
+    segmented.clear()
+    assert main(["crossval", str(run), "--out", str(out), "--continue"]) == 0
+    assert segmented == [name]
+    assert not _mask(out, name).is_symlink() and foreign.is_file()
+
+
+def test_a_stop_while_scoring_names_continue(run, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "cv"
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(crossval, "evaluate_pairs", stopped)
+    assert main(["crossval", str(run), "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert "--continue" in err and str(out) in err
+
+
+def test_the_note_of_a_stopped_overwrite_does_not_ask_for_both_options(run, tmp_path,
+                                                                       monkeypatch, capsys):
+    out = tmp_path / "cv"
+    assert main(["crossval", str(run), "--out", str(out), "--folds", "0"]) == 0
+    _stop_in_predict(monkeypatch)
+    assert main(["crossval", str(run), "--out", str(out), "--folds", "0",
+                 "--overwrite"]) == 130
+    assert "--continue in place of --overwrite" in capsys.readouterr().err
+
+
+def test_folds_a_narrower_continue_left_out_keep_their_masks(run, tmp_path, segmented):
+    """All folds, then `--continue --folds 0` (a look at one fold), then `--continue` of all:
+    fold 1's masks, of the same weights, are not segmented again."""
+    out = tmp_path / "cv"
+    assert main(["crossval", str(run), "--out", str(out)]) == 0
+    first = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert main(["crossval", str(run), "--out", str(out), "--continue", "--folds", "0"]) == 0
+    segmented.clear()
+    assert main(["crossval", str(run), "--out", str(out), "--continue"]) == 0
+    assert segmented == []
+    again = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    assert again["crossval"]["folds"] == first["crossval"]["folds"]
+
+
+def test_a_left_out_fold_whose_weights_changed_meanwhile_is_segmented_again(
+        run, tmp_path, segmented):
+    out = tmp_path / "cv"
+    assert main(["crossval", str(run), "--out", str(out)]) == 0
+    assert main(["crossval", str(run), "--out", str(out), "--continue", "--folds", "0"]) == 0
+    _retrain(run, 1)
+    segmented.clear()
+    assert main(["crossval", str(run), "--out", str(out), "--continue"]) == 0
+    assert sorted(segmented) == sorted(_held_out(run, 1))
+
+
+def test_a_left_out_fold_whose_cases_another_fold_segmented_is_not_kept(run, tmp_path,
+                                                                        segmented):
+    """The splits swapped, `--continue --folds 0` segments the old fold 1's cases with fold
+    0's network; swapped back, those masks must not pass for fold 1's."""
+    out = tmp_path / "cv"
+    assert main(["crossval", str(run), "--out", str(out)]) == 0
+    splits_file = run / "splits.json"
+    splits = json.loads(splits_file.read_text(encoding="utf-8"))
+    splits_file.write_text(json.dumps([splits[1], splits[0], *splits[2:]]), encoding="utf-8")
+    assert main(["crossval", str(run), "--out", str(out), "--continue", "--folds", "0"]) == 0
+    splits_file.write_text(json.dumps(splits), encoding="utf-8")
+    segmented.clear()
+    assert main(["crossval", str(run), "--out", str(out), "--continue"]) == 0
+    assert sorted(segmented) == sorted(_held_out(run, 0) + _held_out(run, 1))
+
+
+@pytest.mark.parametrize("weights, cases", [
+    ([1, 2], {"0": "x"}),
+    ({"0": {"a": 1}, "1": None, "7": ["h"]}, {"0": [1, 2], "1": [None], "7": [["x"]]}),
+    ({"x": ["h"], "01": ["h"]}, {"x": ["a"], "01": ["b"]}),
+])
+def test_hostile_weights_or_cases_segment_again_without_a_traceback(run, tmp_path, segmented,
+                                                                   weights, cases):
+    out = tmp_path / "cv"
+    assert main(["crossval", str(run), "--out", str(out)]) == 0
+    record = json.loads((out / "crossval.json").read_text(encoding="utf-8"))
+    record.update(weights=weights, cases=cases)
+    (out / "crossval.json").write_text(json.dumps(record), encoding="utf-8")
+    segmented.clear()
+    assert main(["crossval", str(run), "--out", str(out), "--continue", "--folds", "0"]) == 0
+    assert sorted(segmented) == sorted(_held_out(run, 0))
+    segmented.clear()
+    assert main(["crossval", str(run), "--out", str(out), "--continue"]) == 0
+    assert sorted(segmented) == sorted(_held_out(run, 1))
+
+
+def test_weights_replaced_after_the_first_fold_was_loaded_are_not_recorded_as_its(
+        run, tmp_path, monkeypatch, segmented):
+    """Training writes a new best.safetensors just after crossval read fold 0's: the record
+    must not name the new file's SHA-256 for masks the old weights made."""
+    out = tmp_path / "cv"
+    real = crossval.load_predictor
+    calls = []
+
+    def loading_then_retrained(runs, folds, *args, **kwargs):
+        predictor = real(runs, folds, *args, **kwargs)
+        if not calls:
+            _retrain(run, 0)
+        calls.append(folds)
+        return predictor
+
+    with monkeypatch.context() as patch:
+        patch.setattr(crossval, "load_predictor", loading_then_retrained)
+        assert main(["crossval", str(run), "--out", str(out)]) == 0
+    segmented.clear()
+    assert main(["crossval", str(run), "--out", str(out), "--continue"]) == 0
+    assert sorted(segmented) == sorted(_held_out(run, 0))
+
+
+def test_a_record_nested_too_deep_is_refused_naming_it(run, tmp_path, capsys):
+    out = tmp_path / "cv"
+    assert main(["crossval", str(run), "--out", str(out), "--folds", "0"]) == 0
+    (out / "crossval.json").write_text("[" * 100_000 + "]" * 100_000, encoding="utf-8")
+    capsys.readouterr()
+    assert main(["crossval", str(run), "--out", str(out), "--folds", "0", "--continue"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(out / "crossval.json") in err and "--overwrite" in err
+
+
+def test_a_record_of_medseg_before_continue_is_segmented_again(run, tmp_path, segmented):
+    """crossval.json as medseg wrote it before --continue (neither `dataset` nor `weights`):
+    nothing says which networks made its masks, so all are segmented again; it was refused
+    as made with 'another dataset'."""
+    out = tmp_path / "cv"
+    assert main(["crossval", str(run), "--out", str(out)]) == 0
+    record = json.loads((out / "crossval.json").read_text(encoding="utf-8"))
+    del record["dataset"], record["weights"]
+    (out / "crossval.json").write_text(json.dumps(record), encoding="utf-8")
+    segmented.clear()
+    assert main(["crossval", str(run), "--out", str(out), "--continue"]) == 0
+    assert sorted(segmented) == sorted(_held_out(run, 0) + _held_out(run, 1))
+
+
+def test_the_first_folds_networks_are_freed_before_the_next_folds_are_read(run, tmp_path,
+                                                                          monkeypatch):
+    """cross_validate kept the first fold's predictor (read before the folder is claimed)
+    to its end: its networks stayed in (GPU) memory beside every later fold's."""
+    import gc
+    import weakref
+
+    real = crossval.load_predictor
+    first: list[weakref.ref] = []
+    alive_then: list[bool] = []
+
+    def loading(runs, folds, *args, **kwargs):
+        if first:
+            gc.collect()
+            alive_then.append(first[0]() is not None)
+        predictor = real(runs, folds, *args, **kwargs)
+        if not first:
+            first.append(weakref.ref(predictor))
+        return predictor
+
+    monkeypatch.setattr(crossval, "load_predictor", loading)
+    assert main(["crossval", str(run), "--out", str(tmp_path / "cv")]) == 0
+    assert alive_then == [False]
+
+
+def test_masks_of_another_precision_are_refused_not_mixed_in(run, tmp_path, segmented,
+                                                             capsys):
+    """`predict.precision: auto` is bf16 on one CPU and fp32 on another: a --continue on the
+    other machine would have mixed their masks in one figure; the record now says which."""
+    out = tmp_path / "cv"
+    assert main(["crossval", str(run), "--out", str(out)]) == 0
+    record = json.loads((out / "crossval.json").read_text(encoding="utf-8"))
+    assert record["arithmetic"]["device"] == "cpu"
+    record["arithmetic"] = {"device": "cuda", "autocast": "float16"}
+    (out / "crossval.json").write_text(json.dumps(record), encoding="utf-8")
+    segmented.clear()
+    capsys.readouterr()
+    assert main(["crossval", str(run), "--out", str(out), "--continue"]) == 2
+    err = capsys.readouterr().err
+    assert "another device or precision (cuda, autocast float16)" in err
+    assert str(out / "crossval.json") in err and segmented == []
+
+
+def test_a_record_without_its_precision_is_segmented_again(run, tmp_path, segmented, capsys):
+    out = tmp_path / "cv"
+    assert main(["crossval", str(run), "--out", str(out)]) == 0
+    record = json.loads((out / "crossval.json").read_text(encoding="utf-8"))
+    del record["arithmetic"]
+    (out / "crossval.json").write_text(json.dumps(record), encoding="utf-8")
+    segmented.clear()
+    capsys.readouterr()
+    assert main(["crossval", str(run), "--out", str(out), "--continue"]) == 0
+    assert sorted(segmented) == sorted(_held_out(run, 0) + _held_out(run, 1))
+    assert "does not say on which device" in capsys.readouterr().err
+    assert "arithmetic" in json.loads((out / "crossval.json").read_text(encoding="utf-8"))
+
+
+def test_a_second_crossval_on_the_same_folder_is_refused(run, tmp_path, segmented, capsys):
+    """Two crossvals on one --out would remove and write each other's masks and record."""
+    import fcntl
+
+    out = tmp_path / "nested" / "cv"
+    lock = tmp_path / "nested" / ".cv.medseg-crossval-lock"
+    lock.parent.mkdir()
+    with lock.open("a", encoding="utf-8") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as the first crossval holds it
+        assert main(["crossval", str(run), "--out", str(out)]) == 2
+    assert "another `medseg crossval` is writing this folder" in capsys.readouterr().err
+    assert segmented == [] and not out.exists()
+    assert main(["crossval", str(run), "--out", str(out)]) == 0
+    assert not lock.exists() and (out / "summary.json").is_file()

@@ -133,12 +133,17 @@ def _channel_scans(item: CaseInputs, mask: Volume, series_uid: str | None,
             yield (None, volume) if isinstance(volume, str) else _on_mask_grid(volume, mask)
         return
     for path in files[:channels]:
-        try:
-            scan = read_volume(path, np.float32, series_uid, resample_irregular)
-        except (MedsegError, OSError, RuntimeError, ValueError) as exc:
-            yield None, f"scan not read: {one_line(str(exc))}"
-            continue
-        yield _on_mask_grid(scan, mask)
+        # no name here keeps a channel's voxels while the next one is read
+        yield _read_on_mask_grid(path, mask, series_uid, resample_irregular)
+
+
+def _read_on_mask_grid(path: Path, mask: Volume, series_uid: str | None,
+                       resample_irregular: bool) -> tuple[np.ndarray | None, str | None]:
+    try:
+        scan = read_volume(path, np.float32, series_uid, resample_irregular)
+    except (MedsegError, OSError, RuntimeError, ValueError) as exc:
+        return None, f"scan not read: {one_line(str(exc))}"
+    return _on_mask_grid(scan, mask)
 
 
 def _on_mask_grid(scan: Volume, mask: Volume) -> tuple[np.ndarray | None, str | None]:

@@ -1,5 +1,4 @@
-"""The verbs: demo, plan, train, predict, evaluate, crossval, export, check, convert,
-convert-msd.
+"""The verbs: demo, plan, train, predict, evaluate, crossval, export, check, convert, convert-msd.
 
 Only this module, runs.py and crossval.py wire the stages together: this one parses the
 command line, runs the command, and turns its errors into one line and an exit code; runs.py

@@ -86,8 +86,11 @@ def default_out(runs: list[Path]) -> Path:
 
 def cross_validate(request: CrossvalRequest) -> dict:
     """Predict, score and sum up; returns the summary (with its `crossval` section)."""
-    if request.tolerance_mm < 0:  # evaluate_pairs says so too, but after every prediction
-        raise MedsegError(f"--tolerance-mm must be >= 0 mm, got {request.tolerance_mm}")
+    if request.jobs < 1:  # evaluate_pairs would take it as 1, silently
+        raise MedsegError(f"--jobs must be at least 1, got {request.jobs}")
+    if not math.isfinite(request.tolerance_mm) or request.tolerance_mm < 0:
+        raise MedsegError(f"--tolerance-mm must be a finite number >= 0, got "
+                          f"{request.tolerance_mm}")  # before any prediction, not after
     if request.resume and request.overwrite:
         raise MedsegError("--continue keeps an earlier cross-validation's masks and --overwrite "
                           "redoes them: give one of them")

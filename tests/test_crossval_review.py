@@ -45,13 +45,16 @@ def test_largest_component_test_keeps_the_component_predict_would_keep(trained_r
     assert not first["apply"] and 1 not in chosen["largest_component"]
 
 
-def test_a_negative_tolerance_is_refused_before_any_case_is_predicted(trained_run, tmp_path,
-                                                                      capsys):
+@pytest.mark.parametrize("option", [["--tolerance-mm", "-1"], ["--tolerance-mm", "nan"],
+                                    ["--tolerance-mm", "inf"], ["--jobs", "0"]])
+def test_a_bad_tolerance_or_jobs_is_refused_before_any_case_is_predicted(
+        trained_run, tmp_path, capsys, option):
+    """As evaluate refuses them (nan and inf were scored with, --jobs 0 taken as 1)."""
     out = tmp_path / "cv"
-    assert main(["crossval", str(trained_run), "--out", str(out), "--tolerance-mm", "-1"]) == 2
+    assert main(["crossval", str(trained_run), "--out", str(out), *option]) == 2
     captured = capsys.readouterr()
     errors = [line for line in captured.err.splitlines() if line.startswith("medseg: error:")]
-    assert len(errors) == 1 and "tolerance" in errors[0]
+    assert len(errors) == 1 and option[0] in errors[0]
     assert "segmenting" not in captured.out
     assert not out.exists()
 

@@ -353,17 +353,13 @@ def _going_on(path: Path, record: dict) -> tuple[frozenset[int], dict]:
     earlier = _read_record(path)
     if "dataset" not in earlier:  # medseg before --continue: no dataset, no weights
         earlier = {**earlier, "dataset": record["dataset"], "weights": {}}
-    if "arithmetic" not in earlier:  # medseg before it was recorded
+    unsaid = "arithmetic" not in earlier  # medseg before it was recorded
+    if unsaid:
+        earlier = {**earlier, "arithmetic": record["arithmetic"], "weights": {}}
+    _refuse_another_request(path, earlier, record)
+    if unsaid:  # once the record is accepted: a refused one segments nothing
         print(f"medseg: note: {path} does not say on which device and in which precision "
               f"its masks were made: every case is segmented again", file=sys.stderr)
-        earlier = {**earlier, "arithmetic": record["arithmetic"], "weights": {}}
-    for key, what in (("runs", "other runs"), ("dataset", "another dataset"),
-                      ("predict", "other predict settings"),
-                      ("arithmetic", "another device or precision "
-                                     f"({_in_words(earlier['arithmetic'])})")):
-        if earlier.get(key) != record[key]:
-            raise MedsegError(f"was made with {what}: --continue goes on with the same ones "
-                              f"only; --overwrite predicts and scores it all again", path)
     weights, cases = earlier.get("weights"), earlier.get("cases")
     weights = weights if isinstance(weights, dict) else {}
     cases = cases if isinstance(cases, dict) else {}
@@ -378,10 +374,27 @@ def _going_on(path: Path, record: dict) -> tuple[frozenset[int], dict]:
     return frozenset(kept), _with_left_out_folds(record, weights, cases)
 
 
+def _refuse_another_request(path: Path, earlier: dict, record: dict) -> None:
+    for key, what in (("runs", "other runs"), ("dataset", "another dataset"),
+                      ("predict", "other predict settings"),
+                      ("arithmetic", "another device or precision "
+                                     f"({_in_words(earlier['arithmetic'])})")):
+        if earlier.get(key) != record[key]:
+            raise MedsegError(f"was made with {what}: --continue goes on with the same ones "
+                              f"only; --overwrite predicts and scores it all again", path)
+
+
 def _in_words(arithmetic: object) -> str:
-    if isinstance(arithmetic, dict):
-        return f"{arithmetic.get('device')}, autocast {arithmetic.get('autocast')}"
-    return str(arithmetic)[:80]  # a record edited by hand: whatever it holds, in one line
+    """The earlier record's device and precision in a few words; a record edited by hand
+    (other keys or types, a long text): whatever it holds, as JSON, cut to 80 characters."""
+    if isinstance(arithmetic, dict) and arithmetic.keys() == {"device", "autocast"} \
+            and all(isinstance(v, str) and len(v) <= 30 for v in arithmetic.values()):
+        return f"{arithmetic['device']}, autocast {arithmetic['autocast']}"
+    try:
+        text = json.dumps(arithmetic, ensure_ascii=False)
+    except (RecursionError, ValueError):  # nested as deep as the reader allows
+        return f"a {type(arithmetic).__name__} nested too deep"
+    return text if len(text) <= 80 else f"{text[:77]}..."
 
 
 def _read_record(path: Path) -> dict:

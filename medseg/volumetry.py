@@ -91,13 +91,11 @@ def case_rows(item: CaseInputs, labels: dict[int, str], series_uid: str | None =
     classes = max(labels) + 1
     counts = np.zeros(classes, np.int64)
     measures: list[tuple[np.ndarray | None, np.ndarray | None]] = []
-    notes: list[str] = []
-    for channel, (scan, note) in enumerate(
-            _channel_scans(item, mask, series_uid, resample_irregular, channels)):
+    notes: list[str | None] = []
+    for scan, note in _channel_scans(item, mask, series_uid, resample_irregular, channels):
         counts, means, sds = structure_sums(data, scan, classes)
         measures.append((means, sds))
-        if note:
-            notes.append(note if channels == 1 else f"channel {channel}: {note}")
+        notes.append(note)
         del scan  # one channel's voxels in memory at a time (a 4D file's are read at once)
     voxel_ml = math.prod(mask.geometry.spacing) / 1000.0
     rows = []
@@ -112,8 +110,16 @@ def case_rows(item: CaseInputs, labels: dict[int, str], series_uid: str | None =
             suffix = f"_{channel}" if channel else ""
             row[f"intensity_mean{suffix}"] = round(float(means[label_id]), 2) if measured else ""
             row[f"intensity_sd{suffix}"] = round(float(sds[label_id]), 2) if measured else ""
-        rows.append({**row, "note": "; ".join(notes)})
+        rows.append({**row, "note": _case_note(notes)})
     return rows
+
+
+def _case_note(notes: list[str | None]) -> str:
+    """Why channels were not measured: once when every channel has the same reason (one 4D
+    file that cannot be read), else each with its channel."""
+    if len(set(notes)) == 1:
+        return notes[0] or ""
+    return "; ".join(f"channel {channel}: {note}" for channel, note in enumerate(notes) if note)
 
 
 def _channel_scans(item: CaseInputs, mask: Volume, series_uid: str | None,

@@ -137,3 +137,15 @@ def test_a_channel_that_cannot_be_read_is_named_and_the_others_measured(tmp_path
     row = case_rows(item, {0: "background", 1: "liver"}, channels=2)[0]
     assert row["intensity_mean"] == 7.0 and row["intensity_mean_1"] == ""
     assert row["note"].startswith("channel 1: scan not read:")
+
+
+def test_a_4d_file_that_cannot_be_read_is_named_once_not_per_channel(tmp_path):
+    from medseg.volumetry import CaseInputs, case_rows
+
+    nib.save(nib.Nifti1Image(np.ones((4, 4, 4), np.uint8), np.eye(4)), tmp_path / "m.nii.gz")
+    (tmp_path / "c.nii.gz").write_bytes(b"not a NIfTI")
+    item = CaseInputs("a", tmp_path / "m.nii.gz", tmp_path / "c.nii.gz",
+                      (tmp_path / "c.nii.gz",))
+    row = case_rows(item, {0: "background", 1: "liver"}, channels=3)[0]
+    assert row["note"].startswith("scan not read:") and row["note"].count("not read") == 1
+    assert row["intensity_mean"] == row["intensity_mean_2"] == ""

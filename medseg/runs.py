@@ -40,6 +40,9 @@ def one_trainer(run_dir: Path, ranks) -> Iterator[None]:
 
     refusal = MedsegError("another `medseg train` is training this run folder; wait for it "
                           "to end (or stop it) first", run_dir)
+    # every rank, not rank 0 alone (which takes the lock): a path that cannot be resolved (a
+    # link loop) then fails on each, not on rank 0 while the others wait for its answer
+    run_dir.resolve()
     with contextlib.ExitStack() as held:
         locked = True
         if ranks.main:

@@ -57,3 +57,18 @@ def test_a_hand_edited_precision_is_named_in_a_short_line(done, capsys):
         err = capsys.readouterr().err
         assert "another device or precision" in err and named in err
         assert len(err) < len(str(out)) + 300 and err.count("\n") == 1
+
+
+def test_a_run_folder_path_in_a_link_loop_fails_on_every_rank_alike(tmp_path):
+    """Rank 0 alone resolved the path (inside the lock): it failed there while the other
+    ranks went on to wait for its answer."""
+    from types import SimpleNamespace
+
+    from medseg.runs import one_trainer
+
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    other_rank = SimpleNamespace(main=False, distributed=True, local_rank=1)
+    with pytest.raises(RuntimeError, match="[Ss]ymlink loop"), \
+            one_trainer(tmp_path / "a" / "run", other_rank):
+        pass

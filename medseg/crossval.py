@@ -12,7 +12,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -477,13 +479,18 @@ def _remove_masks_to_redo(held_out: HeldOut, predictions: Path, kept: frozenset[
 
 def _cases_to_segment(fold: int, cases: tuple[Case, ...], predictions: Path, kept: bool
                       ) -> list[Case]:
-    """A kept fold's cases without a finished mask; another fold's cases all (their earlier
-    masks are gone: `_remove_masks_to_redo`)."""
+    """A kept fold's cases without a finished mask, or whose images changed after it (that
+    mask is removed); another fold's cases all (their earlier masks are gone:
+    `_remove_masks_to_redo`)."""
     if kept:
-        # predict writes a mask whole under another name first: a non-empty one is finished
         masks = {case.name: predictions / f"{case.name}.nii.gz" for case in cases}
-        todo = [c for c in cases if not (masks[c.name].is_file()
-                                         and masks[c.name].stat().st_size > 0)]
+        todo = [c for c in cases if not _finished(masks[c.name], c)]
+        stale = [c for c in todo if masks[c.name].exists()]
+        for case in stale:  # predict would keep it as done
+            masks[case.name].unlink()
+        if stale:
+            print(f"medseg: note: fold {fold}: {len(stale)} case(s) whose images changed after "
+                  f"their masks were made are segmented again", file=sys.stderr)
         done = len(cases) - len(todo)
         if done:
             print(f"fold {fold}: {done} of its {len(cases)} held-out case(s) segmented already"
@@ -491,6 +498,31 @@ def _cases_to_segment(fold: int, cases: tuple[Case, ...], predictions: Path, kep
             return todo
     print(f"fold {fold}: segmenting its {len(cases)} held-out case(s)")
     return list(cases)
+
+
+def _finished(mask: Path, case: Case) -> bool:
+    """A non-empty mask (predict writes one whole under another name first) made after the
+    case's images last changed: an image replaced since is segmented again."""
+    try:
+        made = mask.stat()
+    except OSError:
+        return False
+    return (stat.S_ISREG(made.st_mode) and made.st_size > 0
+            and all(_last_change(image) <= made.st_mtime_ns for image in case.images))
+
+
+def _last_change(image: Path) -> int:
+    """When a volume file last changed (ns); for a DICOM series folder, its newest file or
+    the folder itself (a file added or removed). 0 for one that is gone: predict names it."""
+    try:
+        changed = image.stat().st_mtime_ns
+        if image.is_dir():
+            with os.scandir(image) as entries:
+                changed = max([changed, *(entry.stat().st_mtime_ns for entry in entries
+                                          if entry.is_file())])
+        return changed
+    except OSError:
+        return 0
 
 
 def _mask_or_none(predictions: Path, case: Case, failed: set[str]) -> Path | None:

@@ -435,3 +435,26 @@ def test_a_second_crossval_on_the_same_folder_is_refused(run, tmp_path, segmente
     assert segmented == [] and not out.exists()
     assert main(["crossval", str(run), "--out", str(out)]) == 0
     assert not lock.exists() and (out / "summary.json").is_file()
+
+
+def test_a_case_whose_image_changed_after_its_mask_is_segmented_again(run, tmp_path,
+                                                                     phantom_dataset,
+                                                                     segmented, capsys):
+    """--continue kept a mask made from an image replaced since (same dataset root)."""
+    import os
+
+    dataset = tmp_path / "dataset"
+    shutil.copytree(phantom_dataset, dataset)
+    out = tmp_path / "cv"
+    command = ["crossval", str(run), "--out", str(out), "--dataset", str(dataset)]
+    assert main(command) == 0
+    case = _held_out(run, 1)[0]
+    image = next(path for path in (dataset / "imagesTr").iterdir()
+                 if path.name.startswith(case))
+    later = (out / "predictions" / f"{case}.nii.gz").stat().st_mtime + 60
+    os.utime(image, (later, later))  # as a copy of another image onto it would leave it
+    segmented.clear()
+    capsys.readouterr()
+    assert main([*command, "--continue"]) == 0
+    assert segmented == [case]
+    assert "1 case(s) whose images changed" in capsys.readouterr().err

@@ -66,10 +66,17 @@ def postprocess(labels: np.ndarray, spacing: tuple[float, float, float],
     if min_component_ml:
         voxel_ml = float(np.prod(spacing)) / 1000.0
         labels = remove_small_components(
-            labels, {k: int(np.ceil(ml / voxel_ml)) for k, ml in min_component_ml.items()})
+            labels, {k: min_voxels(ml, voxel_ml) for k, ml in min_component_ml.items()})
     if largest_component:
         labels = keep_largest_component(labels, largest_component)
     return labels
+
+
+def min_voxels(ml: float, voxel_ml: float) -> int:
+    """The fewest voxels of a component of at least `ml`: a component of exactly `ml` stays,
+    though `ml / voxel_ml` lands a rounding error above its whole number of voxels (0.050625
+    ml of 1.5 mm voxels is 15.000000000000002 voxels, and 16 removed a 15-voxel one)."""
+    return int(np.ceil(ml / voxel_ml * (1 - 1e-9)))
 
 
 def _boxes_by_label(labels: np.ndarray) -> dict[int, tuple[slice, ...]]:

@@ -139,8 +139,17 @@ def _mm_per_unit(header) -> np.ndarray:
     """A scale for a header's affines that puts their rotation-zoom and offset in mm (the
     bottom row stays 0 0 0 1)."""
     scale = np.ones((4, 1))
-    scale[:3] = MM_PER_UNIT.get(header.get_xyzt_units()[0], 1.0)
+    scale[:3] = MM_PER_UNIT.get(spatial_unit(header), 1.0)
     return scale
+
+
+def spatial_unit(header) -> str:
+    """The spatial unit a NIfTI header's xyzt_units names ('unknown' for a code NIfTI does
+    not define). Read from its three spatial bits alone: nibabel's get_xyzt_units raised
+    KeyError on an undefined code in the time bits, which medseg does not use."""
+    code = int(np.asarray(header["xyzt_units"])) % 8
+    label = nib.nifti1.unit_codes.label.get(code, "unknown")
+    return label if label in MM_PER_UNIT else "unknown"
 
 
 def _apart(one: np.ndarray, other: np.ndarray, geometry: Geometry) -> float | None:
@@ -180,8 +189,12 @@ def storage_reordering(geometry: Geometry, target: Geometry) -> np.ndarray | Non
     grids hold the same voxel centres in another axis order or direction (one DICOM converter
     stores rows top-down, another bottom-up); None when they do not. From the headers alone."""
     orientations = nib.orientations
-    transform = orientations.ornt_transform(orientations.io_orientation(geometry.affine),
-                                            orientations.io_orientation(target.affine))
+    start, end = (orientations.io_orientation(g.affine) for g in (geometry, target))
+    if np.isnan(start).any() or np.isnan(end).any():
+        # an axis with no direction (a corrupt entry dwarfs the others): ornt_transform
+        # raised ValueError, a traceback in place of a case on another grid
+        return None
+    transform = orientations.ornt_transform(start, end)
     moved_shape = [0, 0, 0]
     for axis, size in zip(transform[:, 0].astype(int), geometry.shape, strict=True):
         moved_shape[axis] = size
@@ -564,7 +577,7 @@ def nifti_affine_mm(image: nib.Nifti1Image) -> np.ndarray:
     microns has its affine in those units (nibabel leaves it as stored). A mask written back
     keeps the source header, so it stays in the file's own units."""
     affine = image.affine.copy()
-    affine[:3, :] *= MM_PER_UNIT.get(image.header.get_xyzt_units()[0], 1.0)
+    affine[:3, :] *= MM_PER_UNIT.get(spatial_unit(image.header), 1.0)
     return affine
 
 

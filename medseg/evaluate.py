@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import multiprocessing
+import unicodedata
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,18 +93,26 @@ def unpaired_predictions(pred_dir: Path, pairs: list[Pair]) -> list[str]:
 
 
 def volumes_by_case(folder: Path) -> dict[str, Path]:
-    """The volume files of a folder by case name (file name without its image suffix); two
-    files of one case (`a.nii.gz` and `a.nrrd`) are refused rather than one picked."""
+    """The volume files of a folder by case name (file name without its image suffix, in
+    one spelling: see case_name); two files of one case (`a.nii.gz` and `a.nrrd`) are
+    refused rather than one picked."""
     volumes: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
         # hidden files: macOS "._x.nii.gz" companions, a writer's half-written ".x.part"
         if path.name.lower().endswith(IMAGE_SUFFIXES) and not path.name.startswith("."):
-            case = strip_image_suffix(path.name)
+            case = case_name(strip_image_suffix(path.name))
             if case in volumes:
                 raise MedsegError(f"{volumes[case].name} and {path.name} are both case "
                                   f"'{case}'; keep one", folder)
             volumes[case] = path
     return volumes
+
+
+def case_name(name: str) -> str:
+    """One spelling of an accented case name, as datasets and the report's scans match
+    names: macOS writes 'café' decomposed (NFD), most other tools composed (NFC), and a
+    prediction and its reference of two origins would not pair."""
+    return unicodedata.normalize("NFC", name)
 
 
 def infer_labels(pairs: list[Pair]) -> dict[int, str]:

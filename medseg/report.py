@@ -20,6 +20,7 @@ from medseg import __version__
 from medseg.errors import MedsegError
 from medseg.evaluate import (
     CaseScores,
+    case_name,
     evaluate_pairs,
     infer_labels,
     pair_cases,
@@ -52,7 +53,8 @@ def run_evaluation(pred_dir: Path, ref_dir: Path, labels_path: Path | None,
         print("medseg: note: the scans are drawn in report.html, which is written with --out "
               "only", file=sys.stderr)
     pairs = pair_cases(pred_dir, ref_dir)
-    if only_cases is not None:
+    if only_cases is not None:  # named as the inputs are spelled; the pairs in one spelling
+        only_cases = {case_name(case) for case in only_cases}
         pairs = _pairs_of(pairs, only_cases, ref_dir)
     if labels_path is not None:
         labels, ignore_label = split_ignore_label(label_names_from_json(labels_path))

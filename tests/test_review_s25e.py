@@ -63,3 +63,42 @@ def test_a_prediction_with_an_ill_conditioned_affine_fails_its_case(tmp_path):
         return  # refused in one line, naming the file: also fine
     assert result.error is not None
     assert result.scores["x"]["dice"] == 0.0
+
+
+def test_an_accented_case_name_pairs_whether_composed_or_decomposed(tmp_path):
+    # macOS writes 'café' decomposed (NFD), most tools composed (NFC); datasets and the
+    # report's scans match names in one spelling, evaluate paired by the bytes: the case
+    # was a failure ("no prediction") and its prediction "without a reference"
+    import unicodedata
+
+    from medseg.evaluate import pair_cases, unpaired_predictions
+
+    nfc, nfd = (unicodedata.normalize(form, "café") for form in ("NFC", "NFD"))
+    pred_dir, ref_dir = tmp_path / "pred", tmp_path / "ref"
+    pred_dir.mkdir()
+    ref_dir.mkdir()
+    for name in ("plain", nfc):
+        _save(pred_dir / f"{name}.nii.gz")
+    for name in ("plain", nfd):
+        _save(ref_dir / f"{name}.nii.gz")
+    pairs = pair_cases(pred_dir, ref_dir)
+    assert all(prediction is not None for _, prediction, _ in pairs)
+    assert unpaired_predictions(pred_dir, pairs) == []
+
+
+def test_predict_reference_batch_of_a_decomposed_name_is_scored(tmp_path):
+    # predict --reference names its batch by the input files' names, as they are spelled
+    import unicodedata
+
+    from medseg.report import run_evaluation
+
+    nfc, nfd = (unicodedata.normalize(form, "café") for form in ("NFC", "NFD"))
+    pred_dir, ref_dir = tmp_path / "pred", tmp_path / "ref"
+    pred_dir.mkdir()
+    ref_dir.mkdir()
+    _save(pred_dir / f"{nfd}.nii.gz")
+    _save(ref_dir / f"{nfc}.nii.gz")
+    summary = run_evaluation(pred_dir, ref_dir, None, None, label_names=dict(LABELS),
+                             only_cases={nfd})
+    assert summary["n_cases"] == 1 and not summary["failed_cases"]
+    assert summary["mean_dice"] == 1.0

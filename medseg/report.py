@@ -232,7 +232,8 @@ def scores_csv(results: list[CaseScores]) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["case", "structure", *METRICS, *SPACING_COLUMNS, "error"])
     for result in results:
-        spacing = [_fmt(s) for s in result.spacing] if result.spacing else [""] * 3
+        # 7 digits, a float32's: a header's 0.8 mm is 0.800000011920929 as read, not 0.80000001
+        spacing = [f"{s:.7g}" for s in result.spacing] if result.spacing else [""] * 3
         for name, scores in result.scores.items():
             writer.writerow([result.case, name, *(_fmt(scores[m]) for m in METRICS),
                              *spacing, result.error or ""])

@@ -70,6 +70,17 @@ def test_csv_gives_each_case_its_reference_spacing():
         == [("thin", "0.78125", "0.78125", "1.25")] * 2 + [("thick", "0.5", "0.5", "5")] * 2
 
 
+def test_csv_spacings_read_from_float32_headers_are_written_as_given():
+    """A NIfTI header's 0.8 mm is float32: 0.800000011920929 as read; was 0.80000001."""
+    import numpy as np
+
+    spacing = tuple(float(np.float32(v)) for v in (0.8, 0.7, 3.3))
+    rows = list(csv.DictReader(io.StringIO(scores_csv(
+        [CaseScores("a", {"s": scores(0.9, 1.0)}, spacing=spacing)]))))
+    assert (rows[0]["spacing_i_mm"], rows[0]["spacing_j_mm"], rows[0]["spacing_k_mm"]) == \
+        ("0.8", "0.7", "3.3")
+
+
 def test_summary_json_is_strict_json(tmp_path):
     results = [CaseScores("a", {"s": scores(0.0, math.inf)}),
                CaseScores("b", {"s": scores(1.0, math.nan)})]

@@ -747,10 +747,23 @@ def _check_raw_spacing(path: Path, header_class: type[nib.Nifti1Header]) -> None
         raise MedsegError(f"voxel spacing (pixdim) {stored} is negative: nibabel and "
                           f"MONAI read this qform with the spacing made positive, ITK tools "
                           f"(SimpleITK, 3D Slicer) mirror that axis; fix the header", path)
+    _check_raw_qfac(raw, path)
     if int(raw["sform_code"]) > 0:
         return
     if not np.all(np.isfinite(pixdim)) or np.any(pixdim <= 0):
         raise MedsegError(f"voxel spacing {pixdim.tolist()} is zero, negative or NaN", path)
+
+
+def _check_raw_qfac(raw: nib.Nifti1Header, path: Path) -> None:
+    """A qform, read without an sform, whose qfac (pixdim[0]) is negative but not -1: nibabel
+    takes any value but -1 as 1 on load, ITK (nifticlib) any negative one as -1, so the slice
+    axis lies mirrored in one of them, and a mask written back (qfac 1) with it. With an
+    sform, both place the voxels by it (header_note names a qform that disagrees)."""
+    qfac = float(raw["pixdim"][0])
+    if int(raw["qform_code"]) > 0 and int(raw["sform_code"]) == 0 and qfac < 0 and qfac != -1:
+        raise MedsegError(f"qfac (pixdim[0]) {qfac:.6g} is neither 1 nor -1: nibabel and "
+                          f"MONAI read this qform with qfac 1, ITK tools (SimpleITK, 3D "
+                          f"Slicer) with -1, mirroring the slice axis; fix the header", path)
 
 
 def _check_header(image: nib.Nifti1Image, path: Path, channels: bool = False) -> None:

@@ -1,0 +1,62 @@
+"""Review s25c: reading volumes and writing masks back on their exact grid."""
+
+from __future__ import annotations
+
+import struct
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medseg.errors import MedsegError
+from medseg.io import read_geometry, read_volume
+
+PIXDIM0_OFFSET = 76  # byte offset of pixdim[0] (qfac) in a NIfTI-1 header
+
+
+def _qform_only_nifti(path, qfac: float, sform_code: int = 0):
+    """A qform NIfTI (no sform unless `sform_code`) whose slice axis runs inferior (stored
+    qfac -1), with pixdim[0] then overwritten by `qfac` as some writers leave it."""
+    affine = np.diag([1.0, 2.0, -3.0, 1.0])
+    affine[:3, 3] = [5.0, 6.0, 7.0]
+    image = nib.Nifti1Image(np.arange(24, dtype=np.int16).reshape(2, 3, 4), affine)
+    image.set_qform(affine, code=1)
+    image.set_sform(affine if sform_code else None, code=sform_code)
+    nib.save(image, path)
+    raw = bytearray(path.read_bytes())
+    raw[PIXDIM0_OFFSET:PIXDIM0_OFFSET + 4] = struct.pack("<f", qfac)
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def test_a_qfac_neither_1_nor_minus_1_that_itk_reads_mirrored_is_refused(tmp_path):
+    """pixdim[0] = -2: nibabel reads the qform with qfac 1, ITK (nifticlib) with -1. The
+    scan's slice axis lay mirrored in ITK tools, and the mask written back (qfac 1) did not:
+    scan and mask disagreed there. Refused in one line, as a negative pixdim is."""
+    import SimpleITK as sitk
+
+    path = _qform_only_nifti(tmp_path / "odd_qfac.nii", -2.0)
+    itk = sitk.ReadImage(str(path))
+    itk_z = np.array(itk.GetDirection()).reshape(3, 3)[2, 2]
+    nib_z = nib.load(path).affine[2, 2]
+    assert np.sign(itk_z) != np.sign(nib_z)  # the two readers disagree: the trap is real
+    for read in (read_volume, read_geometry):
+        with pytest.raises(MedsegError, match=r"qfac \(pixdim\[0\]\) -2 is neither 1 nor -1"):
+            read(path)
+
+
+@pytest.mark.parametrize("qfac", [-1.0, 0.0, 1.0, 2.0])
+def test_a_qfac_both_readers_agree_on_is_read(tmp_path, qfac):
+    path = _qform_only_nifti(tmp_path / "qfac.nii", qfac)
+    volume = read_volume(path)
+    assert volume.affine[2, 2] == pytest.approx(-3.0 if qfac == -1 else 3.0)
+
+
+def test_an_odd_qfac_beside_an_sform_is_read_by_the_sform(tmp_path):
+    """With an sform, nibabel and ITK both place the voxels by it: not refused."""
+    import SimpleITK as sitk
+
+    path = _qform_only_nifti(tmp_path / "odd_qfac_sform.nii", -2.0, sform_code=1)
+    volume = read_volume(path)
+    assert volume.affine[2, 2] == pytest.approx(-3.0)
+    assert np.array(sitk.ReadImage(str(path)).GetDirection()).reshape(3, 3)[2, 2] < 0

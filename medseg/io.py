@@ -734,18 +734,21 @@ def _nifti_on_grid(data: np.ndarray, geometry: Geometry, label_map: bool) -> nib
 
 def _check_raw_spacing(path: Path, header_class: type[nib.Nifti1Header]) -> None:
     """nibabel quietly turns a zero pixdim into 1, and a negative one positive, on load: a
-    negative spacing in a qform, and a zero or NaN one when the affine depends on it (no
-    sform), are refused instead. `header_class` is the loaded image's (NIfTI-1 or NIfTI-2:
-    their layouts differ)."""
+    negative spacing with a qform or an sform (ITK keeps its sign), and a zero or NaN one
+    when the affine depends on it (no sform), are refused instead. `header_class` is the
+    loaded image's (NIfTI-1 or NIfTI-2: their layouts differ)."""
     with nib.openers.ImageOpener(str(path)) as handle:
         raw = header_class.from_fileobj(handle, check=False)
     pixdim = np.asarray(raw["pixdim"][1:4], dtype=float)
-    if int(raw["qform_code"]) > 0 and np.any(pixdim < 0):
-        # nibabel loads the qform with the spacing's absolute value, ITK with its sign: the
-        # scan would lie mirrored in one of them, and so would its mask
+    xform = "qform" if int(raw["qform_code"]) > 0 else \
+        "sform" if int(raw["sform_code"]) > 0 else None
+    if xform and np.any(pixdim < 0):
+        # nibabel loads the qform with the spacing's absolute value, and the sform alone; ITK
+        # either with pixdim's sign: the scan would lie mirrored in one of them, and so would
+        # its mask
         stored = [float(f"{v:.6g}") for v in pixdim]
         raise MedsegError(f"voxel spacing (pixdim) {stored} is negative: nibabel and "
-                          f"MONAI read this qform with the spacing made positive, ITK tools "
+                          f"MONAI read this {xform} with the spacing made positive, ITK tools "
                           f"(SimpleITK, 3D Slicer) mirror that axis; fix the header", path)
     _check_raw_qfac(raw, path)
     if int(raw["sform_code"]) > 0:

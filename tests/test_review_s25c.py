@@ -60,3 +60,31 @@ def test_an_odd_qfac_beside_an_sform_is_read_by_the_sform(tmp_path):
     volume = read_volume(path)
     assert volume.affine[2, 2] == pytest.approx(-3.0)
     assert np.array(sitk.ReadImage(str(path)).GetDirection()).reshape(3, 3)[2, 2] < 0
+
+
+@pytest.mark.parametrize("pixdim", [(-1.0, 2.0, 3.0), (1.0, -2.0, 3.0), (1.0, 2.0, -3.0)])
+def test_a_negative_pixdim_beside_an_sform_alone_is_refused(tmp_path, pixdim):
+    """An sform without a qform and a negative pixdim: nibabel reads the sform as it is (and
+    makes pixdim positive), SimpleITK takes pixdim's sign and mirrors that axis, and the mask
+    written back (pixdim positive) did not lie mirrored there: scan and mask disagreed in
+    ITK tools, without a note. Refused, as a negative pixdim beside a qform is."""
+    import SimpleITK as sitk
+
+    affine = np.diag([1.0, 2.0, 3.0, 1.0])
+    affine[:3, 3] = [5.0, 6.0, 7.0]
+    image = nib.Nifti1Image(np.arange(24, dtype=np.int16).reshape(2, 3, 4), affine)
+    image.set_qform(None, code=0)
+    image.set_sform(affine, code=1)
+    path = tmp_path / "negative_pixdim.nii"
+    nib.save(image, path)
+    raw = bytearray(path.read_bytes())
+    raw[PIXDIM0_OFFSET + 4:PIXDIM0_OFFSET + 16] = struct.pack("<3f", *pixdim)
+    path.write_bytes(bytes(raw))
+    axis = int(np.argmin(pixdim))
+    sitk.ProcessObject_SetGlobalWarningDisplay(False)
+    itk = sitk.ReadImage(str(path))
+    itk_column = np.array(itk.GetDirection()).reshape(3, 3)[:, axis] * itk.GetSpacing()[axis]
+    assert np.sign(itk_column[axis] * [-1, -1, 1][axis]) != np.sign(affine[axis, axis])
+    for read in (read_volume, read_geometry):
+        with pytest.raises(MedsegError, match=r"negative: .* read this sform"):
+            read(path)

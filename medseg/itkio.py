@@ -49,6 +49,10 @@ def read_itk(path: Path, dtype: np.dtype | None) -> tuple[np.ndarray, np.ndarray
         if detached and "No such file" in message:
             raise MedsegError(f"cannot read voxel data: the header's data file is missing "
                               f"({message})", path) from exc
+        if "encoding not available" in message:  # bzip2: NrrdIO is built without it
+            raise MedsegError(f"cannot read voxel data: its NRRD encoding is not one ITK "
+                              f"reads here ({message}); save it with raw or gzip encoding",
+                              path) from exc
         raise MedsegError(f"cannot read voxel data: truncated or corrupt file ({message})",
                           path) from exc
     data = sitk.GetArrayViewFromImage(image).reshape(shape[::-1]).transpose(2, 1, 0)

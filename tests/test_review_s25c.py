@@ -88,3 +88,18 @@ def test_a_negative_pixdim_beside_an_sform_alone_is_refused(tmp_path, pixdim):
     for read in (read_volume, read_geometry):
         with pytest.raises(MedsegError, match=r"negative: .* read this sform"):
             read(path)
+
+
+def test_a_nrrd_in_bzip2_encoding_is_not_called_truncated(tmp_path):
+    """NrrdIO here has no bzip2: the file is whole, its encoding unread. The message said
+    'truncated or corrupt file', sending the user to look for damage that is not there."""
+    import bz2
+
+    data = np.arange(24, dtype=np.int16)
+    path = tmp_path / "scan.nrrd"
+    path.write_bytes(b"NRRD0004\ntype: short\ndimension: 3\nsizes: 4 3 2\nencoding: bzip2\n"
+                     b"endian: little\n\n" + bz2.compress(data.tobytes()))
+    with pytest.raises(MedsegError, match=r"scan.nrrd: cannot read voxel data: its NRRD "
+                                          r"encoding is not one ITK reads here") as caught:
+        read_volume(path)
+    assert "truncated" not in str(caught.value)

@@ -106,7 +106,9 @@ def _metaimage_header(path: Path) -> tuple[dict[str, str], int]:
     with open(path, "rb") as handle:
         for line in handle:
             offset += len(line)
-            key, _, value = line.decode("latin-1").partition("=")
+            # MetaIO takes "key = value" and "key: value" alike
+            key, _, value = (re.split("([=:])", line.decode("latin-1"), maxsplit=1)
+                             + ["", ""])[:3]
             fields[key.strip()] = value.strip()
             if key.strip() == "ElementDataFile":
                 break
@@ -166,6 +168,42 @@ def _refuse_headerless_metaimage(path: Path) -> None:
     if not any(key == "ndims" for key in _header_keys(path, "=:", "elementdatafile")):
         raise MedsegError(misnamed_format(path, "MetaImage")
                           or "not a readable MetaImage file (its header has no NDims)", path)
+    problem = _metaimage_field_problem(_metaimage_header(path)[0])
+    if problem:
+        raise MedsegError(f"not a readable MetaImage file ({problem})", path)
+
+
+# MetaImage fields of one number per axis, or per axis squared; MetaIO prints its parse
+# errors to the console and fails with "File cannot be read" where one holds too few
+_PER_AXIS_FIELDS = ("DimSize", "ElementSpacing", "ElementSize", "Offset", "Position", "Origin",
+                    "CenterOfRotation")
+_PER_AXIS_SQUARED_FIELDS = ("TransformMatrix", "Rotation", "Orientation")
+
+
+def _metaimage_field_problem(fields: dict[str, str]) -> str | None:
+    """Which field of a MetaImage header holds too few numbers (or none) for its NDims, as
+    MetaIO would fail to parse it; None when each has enough (ITK checks the rest)."""
+    try:
+        dimension = int(fields.get("NDims", ""))
+    except ValueError:
+        return f"its NDims '{fields.get('NDims', '')}' is not a whole number"
+    if dimension < 1:
+        return f"its NDims is {dimension}"
+    needs = {key: dimension for key in _PER_AXIS_FIELDS}
+    needs.update({key: dimension * dimension for key in _PER_AXIS_SQUARED_FIELDS})
+    for key, count in needs.items():
+        if key not in fields:
+            continue
+        values = fields[key].split()
+        kind = int if key == "DimSize" else float
+        try:
+            parsed = [kind(value) for value in values[:count]]
+        except ValueError:
+            return f"its {key} '{fields[key]}' is not {count} numbers"
+        if len(parsed) < count:
+            return (f"its {key} has {len(parsed)} value(s) where NDims {dimension} needs "
+                    f"{count}")
+    return None
 
 
 _HEADER_BYTES = 1 << 22  # a text header ends long before: further bytes are voxels

@@ -103,3 +103,52 @@ def test_a_nrrd_in_bzip2_encoding_is_not_called_truncated(tmp_path):
                                           r"encoding is not one ITK reads here") as caught:
         read_volume(path)
     assert "truncated" not in str(caught.value)
+
+
+@pytest.mark.parametrize("field, why", [
+    ("DimSize = 4 3", r"its DimSize has 2 value\(s\) where NDims 3 needs 3"),
+    ("ElementSpacing = 1 1", r"its ElementSpacing has 2 value\(s\) where NDims 3 needs 3"),
+    ("Offset = 1 2", r"its Offset has 2 value\(s\) where NDims 3 needs 3"),
+    ("TransformMatrix = 1 0 0 0 1 0", r"its TransformMatrix has 6 value\(s\) where NDims 3 "
+                                      r"needs 9"),
+    ("DimSize = a b c", r"its DimSize 'a b c' is not 3 numbers"),
+])
+def test_a_metaimage_field_too_short_for_its_ndims_is_named(tmp_path, capfd, field, why):
+    """MetaIO printed three lines of its own parse errors to the console, and the one-line
+    message said only 'File cannot be read'."""
+    lines = ["NDims = 3", "DimSize = 4 3 2", "ElementType = MET_SHORT"]
+    key = field.split(" = ")[0]
+    lines = [line for line in lines if not line.startswith(key)] + [field]
+    path = tmp_path / "scan.mha"
+    path.write_bytes(("\n".join([*lines, "ElementDataFile = LOCAL"]) + "\n").encode()
+                     + bytes(48))
+    with pytest.raises(MedsegError, match=rf"scan.mha: not a readable MetaImage file \({why}\)"):
+        read_volume(path)
+    assert "MetaImage" not in capfd.readouterr().err  # nothing of MetaIO's own
+
+
+def test_a_metaimage_with_enough_values_per_field_is_read(tmp_path):
+    header = ("NDims = 3\nDimSize = 4 3 2\nElementSpacing = 1.5 2 3e0\nOffset = 1 2 3\n"
+              "TransformMatrix = 0 1 0 1 0 0 0 0 1\nElementType = MET_SHORT\n"
+              "ElementDataFile = LOCAL\n")
+    path = tmp_path / "scan.mha"
+    path.write_bytes(header.encode() + bytes(48))
+    volume = read_volume(path)
+    assert volume.spatial_shape == (4, 3, 2)
+    assert volume.spacing == pytest.approx((1.5, 2.0, 3.0))
+
+
+def test_a_metaimage_with_colon_separated_fields_is_read_not_called_cut_short(tmp_path):
+    """MetaIO takes 'key: value' as 'key = value'; the data check looked for
+    'ElementDataFile =' alone, took the whole file for the header, and refused a whole file
+    as '0 bytes where the header's size needs 48 (cut short)'."""
+    import SimpleITK as sitk
+
+    header = ("ObjectType: Image\nNDims: 3\nDimSize: 2 3 4\nElementSpacing: 1 2 3\n"
+              "ElementType: MET_SHORT\nElementDataFile: LOCAL\n")
+    path = tmp_path / "scan.mha"
+    path.write_bytes(header.encode() + np.arange(24, dtype="<i2").tobytes())
+    volume = read_volume(path, dtype=None)
+    itk = sitk.GetArrayFromImage(sitk.ReadImage(str(path))).transpose(2, 1, 0)
+    np.testing.assert_array_equal(volume.data, itk)
+    assert volume.spacing == pytest.approx((1.0, 2.0, 3.0))

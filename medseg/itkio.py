@@ -195,9 +195,8 @@ def _metaimage_field_problem(fields: dict[str, str]) -> str | None:
         if key not in fields:
             continue
         values = fields[key].split()
-        kind = int if key == "DimSize" else float
-        try:
-            parsed = [kind(value) for value in values[:count]]
+        try:  # MetaIO reads a DimSize of "512.0" as 512
+            parsed = [float(value) for value in values[:count]]
         except ValueError:
             return f"its {key} '{fields[key]}' is not {count} numbers"
         if len(parsed) < count:

@@ -128,7 +128,7 @@ def test_a_metaimage_field_too_short_for_its_ndims_is_named(tmp_path, capfd, fie
 
 
 def test_a_metaimage_with_enough_values_per_field_is_read(tmp_path):
-    header = ("NDims = 3\nDimSize = 4 3 2\nElementSpacing = 1.5 2 3e0\nOffset = 1 2 3\n"
+    header = ("NDims = 3\nDimSize = 4.0 3 2\nElementSpacing = 1.5 2 3e0\nOffset = 1 2 3\n"
               "TransformMatrix = 0 1 0 1 0 0 0 0 1\nElementType = MET_SHORT\n"
               "ElementDataFile = LOCAL\n")
     path = tmp_path / "scan.mha"

@@ -249,6 +249,7 @@ def _scan(path: Path) -> tuple[dict[str, list[Frame]], dict[str, list[_Unread]]]
     not_images: list[Path] = []  # segmentations and doses: pixel data, but no image
     for file in files:
         if not is_dicom_file(file):
+            _refuse_unreadable_slice(file)
             _note_non_part10_file(file, left_out, not_dicom)
             continue
         header = read_header(file)
@@ -290,6 +291,21 @@ def _note_non_part10_file(file: Path, left_out: dict[str, list[_Unread]],
         left_out.setdefault(uid, []).append(_Unread(file, RAW_IMAGE_REASON, None))
     elif _like_a_dicom_file(file):
         not_dicom.append(file)
+
+
+def _refuse_unreadable_slice(file: Path) -> None:
+    """A file named like a slice (.dcm, .dicom, .ima, no suffix, or a UID's number for one)
+    that cannot be opened (no read permission): left out unsaid, the volume would lack that
+    slice, without a word where it lay at either end of the series."""
+    try:
+        with open(file, "rb"):
+            pass
+    except OSError as exc:
+        suffix = file.suffix.lower()
+        if suffix in DICOM_SUFFIXES or not suffix or suffix[1:].isdigit():
+            raise MedsegError(f"cannot be read ({exc.strerror or exc}); the series beside it "
+                              f"would lack this slice: make it readable, or move it out of "
+                              f"the folder if it is not part of the series", file) from exc
 
 
 def _like_a_dicom_file(file: Path) -> bool:

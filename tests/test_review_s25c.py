@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import struct
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from dicom_factory import axial_positions, write_series
 
 from medseg.errors import MedsegError
 from medseg.io import read_geometry, read_volume
@@ -152,3 +154,45 @@ def test_a_metaimage_with_colon_separated_fields_is_read_not_called_cut_short(tm
     itk = sitk.GetArrayFromImage(sitk.ReadImage(str(path))).transpose(2, 1, 0)
     np.testing.assert_array_equal(volume.data, itk)
     assert volume.spacing == pytest.approx((1.0, 2.0, 3.0))
+
+
+def test_a_slice_that_cannot_be_opened_is_named_not_left_out(tmp_path, monkeypatch):
+    """A slice without read permission (a PACS export copied as another user) failed the
+    'DICM' check quietly and was skipped: the series was read a slice short, without a word
+    when it lay at an end of the series. Named in one line instead."""
+    import builtins
+
+    import medseg.dicom
+
+    stored = np.arange(4 * 5 * 4, dtype=np.uint16).reshape(4, 5, 4)
+    paths = write_series(tmp_path / "series", stored, axial_positions(4))
+    locked = paths[-1]
+
+    def guarded_open(file, *args, **kwargs):
+        if Path(file) == locked:
+            raise PermissionError(13, "Permission denied", str(file))
+        return builtins.open(file, *args, **kwargs)
+
+    monkeypatch.setattr(medseg.dicom, "open", guarded_open, raising=False)
+    with pytest.raises(MedsegError, match=r"IM0003.dcm: cannot be read \(Permission denied\); "
+                                          r"the series beside it would lack this slice"):
+        read_volume(tmp_path / "series")
+
+
+def test_an_unreadable_file_not_named_like_a_slice_is_left_out(tmp_path, monkeypatch):
+    import builtins
+
+    import medseg.dicom
+
+    stored = np.arange(4 * 5 * 3, dtype=np.uint16).reshape(4, 5, 3)
+    write_series(tmp_path / "series", stored, axial_positions(3))
+    notes = tmp_path / "series" / "notes.txt"
+    notes.write_text("x", encoding="utf-8")
+
+    def guarded_open(file, *args, **kwargs):
+        if Path(file) == notes:
+            raise PermissionError(13, "Permission denied", str(file))
+        return builtins.open(file, *args, **kwargs)
+
+    monkeypatch.setattr(medseg.dicom, "open", guarded_open, raising=False)
+    assert read_volume(tmp_path / "series").spatial_shape == (5, 4, 3)

@@ -410,7 +410,7 @@ def _files_below(folder: Path) -> list[Path]:
     "._x", a ".Trash" with an old copy) are not the series."""
     seen: set[str] = set()
     found: list[Path] = []
-    for root, dirs, files in os.walk(folder, followlinks=True):
+    for root, dirs, files in os.walk(folder, followlinks=True, onerror=_refuse_unlistable):
         real = os.path.realpath(root)
         if real in seen:
             dirs[:] = []
@@ -419,6 +419,13 @@ def _files_below(folder: Path) -> list[Path]:
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         found.extend(Path(root) / name for name in files if not name.startswith("."))
     return sorted(p for p in found if p.is_file())
+
+
+def _refuse_unlistable(exc: OSError) -> None:
+    """A folder below the series folder that cannot be listed (no permission): os.walk
+    skips it unsaid, and the series would lack the slices in it."""
+    raise MedsegError(f"cannot list this folder ({exc.strerror or exc}); the DICOM files in it "
+                      f"would be left out of the series", Path(exc.filename or "")) from exc
 
 
 def _raw_dicom_image_series(path: Path) -> str | None:

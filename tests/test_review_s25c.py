@@ -196,3 +196,27 @@ def test_an_unreadable_file_not_named_like_a_slice_is_left_out(tmp_path, monkeyp
 
     monkeypatch.setattr(medseg.dicom, "open", guarded_open, raising=False)
     assert read_volume(tmp_path / "series").spatial_shape == (5, 4, 3)
+
+
+def test_a_subfolder_that_cannot_be_listed_is_named_not_left_out(tmp_path, monkeypatch):
+    """os.walk skipped a subfolder it could not list (no permission): the slices in it were
+    left out of the series without a word."""
+    import os
+
+    stored = np.arange(4 * 5 * 4, dtype=np.uint16).reshape(4, 5, 4)
+    positions = axial_positions(4)
+    write_series(tmp_path / "series" / "a", stored[:, :, :2], positions[:2])
+    write_series(tmp_path / "series" / "b", stored[:, :, 2:], positions[2:],
+                 names=["IM0002.dcm", "IM0003.dcm"])
+    locked = tmp_path / "series" / "b"
+    scandir = os.scandir
+
+    def guarded_scandir(path="."):
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", guarded_scandir)
+    with pytest.raises(MedsegError, match=r"series/b: cannot list this folder \(Permission "
+                                          r"denied\); the DICOM files in it would be left out"):
+        read_volume(tmp_path / "series")

@@ -747,9 +747,10 @@ def _check_raw_spacing(path: Path, header_class: type[nib.Nifti1Header]) -> None
         # either with pixdim's sign: the scan would lie mirrored in one of them, and so would
         # its mask
         stored = [float(f"{v:.6g}") for v in pixdim]
+        read = "with the spacing made positive" if xform == "qform" else "as stored"
         raise MedsegError(f"voxel spacing (pixdim) {stored} is negative: nibabel and "
-                          f"MONAI read this {xform} with the spacing made positive, ITK tools "
-                          f"(SimpleITK, 3D Slicer) mirror that axis; fix the header", path)
+                          f"MONAI read this {xform} {read}, ITK tools (SimpleITK, 3D Slicer) "
+                          f"mirror that axis; fix the header", path)
     _check_raw_qfac(raw, path)
     if int(raw["sform_code"]) > 0:
         return

@@ -494,12 +494,26 @@ def cmd_convert(args: argparse.Namespace) -> int:
     written = convert_volume(Path(args.input), Path(args.output), args.series,
                              args.resample_irregular)
     print(f"wrote {written}")
+    _note_one_file_of_a_series(Path(args.input))
     header_file = Path(args.input).suffix.lower() in (".nii", ".gz", ".nrrd", ".nhdr")
     note = header_note(read_geometry(args.input)) if header_file else None
     if note and not (is_nifti(args.input) and is_nifti(written)):
         print(f"medseg: note: {args.input}: {note}; {written.name} holds medseg's reading",
               file=sys.stderr)
     return 0
+
+
+def _note_one_file_of_a_series(source: Path) -> None:
+    """One DICOM file of a series folder is converted alone (a volume of its frames only)."""
+    from medseg.dicom import is_dicom_file, series_files_beside
+
+    if not source.is_file() or not is_dicom_file(source):
+        return
+    others = series_files_beside(source)
+    if others:
+        print(f"medseg: note: {source}: this file alone was converted; its folder holds "
+              f"{others} more file(s) of its series: give the folder ({source.parent}) to "
+              f"convert the whole series", file=sys.stderr)
 
 
 def cmd_convert_msd(args: argparse.Namespace) -> int:

@@ -91,6 +91,28 @@ def is_dicom_file(path: Path) -> bool:
     return len(head) == 132 and head[128:] == b"DICM"
 
 
+def series_files_beside(path: Path) -> int:
+    """How many other DICOM files in a DICOM file's folder (not below it) belong to its
+    series: `medseg convert slice.dcm` reads that one file alone."""
+    uid = _series_uid(path)
+    if not uid:
+        return 0
+    try:
+        siblings = [p for p in path.parent.iterdir() if p != path and p.is_file()]
+    except OSError:
+        return 0
+    return sum(1 for p in siblings if is_dicom_file(p) and _series_uid(p) == uid)
+
+
+def _series_uid(path: Path) -> str:
+    try:
+        header = pydicom.dcmread(path, stop_before_pixels=True,
+                                 specific_tags=["SeriesInstanceUID"])
+    except Exception:  # pydicom raises many kinds on a damaged file: no series to name
+        return ""
+    return str(header.get("SeriesInstanceUID", "") or "")
+
+
 def list_series(path: str | Path) -> list[SeriesInfo]:
     """Every image series in a folder (searched recursively) or a single DICOM file."""
     groups, _ = _scan(Path(path))

@@ -352,18 +352,22 @@ def collect_inputs(inputs: list[str | Path]) -> list[Path]:
 
 def _note_dicom_files_given_one_by_one(paths: list[Path]) -> None:
     """`--input series/*.dcm` makes every slice a volume of its own: say how to give a series."""
-    from medseg.dicom import is_dicom_file
+    from medseg.dicom import is_dicom_file, series_files_beside
 
-    files_by_folder: dict[Path, int] = {}
+    files_by_folder: dict[Path, list[Path]] = {}
     for path in paths:
         if path.is_file() and not path.name.lower().endswith(VOLUME_SUFFIXES) \
                 and is_dicom_file(path):
-            files_by_folder[path.parent] = files_by_folder.get(path.parent, 0) + 1
-    for folder, count in files_by_folder.items():
-        if count > 1:
-            tqdm.write(f"medseg: note: {count} DICOM files of {folder} are each read as a "
-                       f"volume of their own; to read them as one series, give the folder "
+            files_by_folder.setdefault(path.parent, []).append(path)
+    for folder, files in files_by_folder.items():
+        if len(files) > 1:
+            tqdm.write(f"medseg: note: {len(files)} DICOM files of {folder} are each read as "
+                       f"a volume of their own; to read them as one series, give the folder "
                        f"({folder}) as the input", file=sys.stderr)
+        elif others := series_files_beside(files[0]):
+            tqdm.write(f"medseg: note: {files[0]} is read alone; its folder holds {others} "
+                       f"more file(s) of its series: give the folder ({folder}) to read the "
+                       f"whole series", file=sys.stderr)
 
 
 def _note_skipped_subfolders(folder: Path) -> None:

@@ -220,3 +220,31 @@ def test_a_subfolder_that_cannot_be_listed_is_named_not_left_out(tmp_path, monke
     with pytest.raises(MedsegError, match=r"series/b: cannot list this folder \(Permission "
                                           r"denied\); the DICOM files in it would be left out"):
         read_volume(tmp_path / "series")
+
+
+def test_converting_one_file_of_a_series_says_the_folder_holds_the_rest(tmp_path, capsys):
+    """`medseg convert IM0000.dcm` wrote a one-slice volume without a word."""
+    from dicom_factory import axial_positions, write_series
+
+    from medseg.cli import main
+
+    stored = np.arange(8 * 8 * 4, dtype=np.uint16).reshape(8, 8, 4) + 100
+    paths = write_series(tmp_path / "series", stored, axial_positions(4))
+    assert main(["convert", str(paths[0]), str(tmp_path / "one.nii.gz")]) == 0
+    err = capsys.readouterr().err
+    assert "3 more file(s) of its series" in err and str(tmp_path / "series") in err
+    assert main(["convert", str(tmp_path / "series"), str(tmp_path / "all.nii.gz")]) == 0
+    assert "more file(s)" not in capsys.readouterr().err
+
+
+def test_predict_notes_dicom_files_of_one_series_given_alone(tmp_path, capsys):
+    from dicom_factory import axial_positions, write_series
+
+    from medseg.predict import _note_dicom_files_given_one_by_one
+
+    stored = np.arange(8 * 8 * 4, dtype=np.uint16).reshape(8, 8, 4) + 100
+    paths = write_series(tmp_path / "series", stored, axial_positions(4))
+    _note_dicom_files_given_one_by_one([paths[0]])
+    assert "is read alone; its folder holds 3 more file(s)" in capsys.readouterr().err
+    _note_dicom_files_given_one_by_one(paths[:2])
+    assert "2 DICOM files of" in capsys.readouterr().err

@@ -64,6 +64,12 @@ def iou(prediction: np.ndarray, reference: np.ndarray) -> float:
     return overlap_scores(prediction.astype(bool), reference.astype(bool))["iou"]
 
 
+def as_written(spacing: Spacing) -> Spacing:
+    """Each spacing to 7 significant digits, a float32's: a NIfTI header's 0.8 mm reads
+    0.800000011920929, and volumes and distances would carry that noise in their digits."""
+    return tuple(float(f"{value:.7g}") for value in spacing)  # type: ignore[return-value]
+
+
 def volume_ml(mask: np.ndarray, spacing: Spacing) -> float:
     return float(np.count_nonzero(mask)) * float(np.prod(spacing)) / 1000.0
 
@@ -134,6 +140,7 @@ def score_case(prediction: np.ndarray, reference: np.ndarray, labels: dict[int, 
 
     `surface=False` skips HD95, ASSD and NSD (NaN), e.g. for quick validation during training.
     """
+    spacing = as_written(spacing)
     ids = sorted(k for k in labels if k > 0)
     pred_boxes = structure_boxes(prediction, ids)
     ref_boxes = structure_boxes(reference, ids)

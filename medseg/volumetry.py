@@ -21,6 +21,7 @@ from tqdm import tqdm
 from medseg.errors import MedsegError, one_line
 from medseg.fileio import atomic_write_text
 from medseg.io import Volume, on_grid_of, read_channels, read_label_map, read_volume
+from medseg.metrics import as_written
 
 STATISTICS_FILE = "statistics.csv"
 COLUMNS = ("case", "label", "structure", "voxels", "volume_ml", "intensity_mean",
@@ -97,7 +98,7 @@ def case_rows(item: CaseInputs, labels: dict[int, str], series_uid: str | None =
         measures.append((means, sds))
         notes.append(note)
         del scan  # one channel's voxels in memory at a time (a 4D file's are read at once)
-    voxel_ml = math.prod(mask.geometry.spacing) / 1000.0
+    voxel_ml = math.prod(as_written(mask.geometry.spacing)) / 1000.0
     rows = []
     for label_id, name in sorted(labels.items()):
         if label_id == 0:

@@ -231,3 +231,16 @@ def test_a_far_stray_voxel_shows_in_the_hausdorff_distance_not_in_hd95():
     assert clean["hd_mm"] == clean["hd95_mm"] == 0.0
     assert stray["hd_mm"] == pytest.approx(55 - 13)  # to the cube's nearest face voxel (x 13)
     assert stray["hd95_mm"] == 0.0 and stray["assd_mm"] < 0.1
+
+
+def test_volumes_and_distances_of_a_float32_spacing_carry_no_noise():
+    """A NIfTI header's 0.8 mm is 0.800000011920929 as read: 1000 voxels were
+    0.51200002 ml, and a one-voxel distance 0.80000001 mm."""
+    from medseg.metrics import score_case
+
+    reference = np.zeros((12, 12, 12), np.uint8)
+    reference[1:11, 1:11, 1:11] = 1
+    prediction = np.roll(reference, 1, axis=0)
+    spacing = tuple(float(np.float32(0.8)) for _ in range(3))
+    scores = score_case(prediction, reference, {0: "background", 1: "s"}, spacing)["s"]
+    assert (f"{scores['ref_ml']:.8g}", f"{scores['hd_mm']:.8g}") == ("0.512", "0.8")

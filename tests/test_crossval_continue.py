@@ -38,6 +38,22 @@ def _held_out(run: Path, fold: int) -> list[str]:
     return json.loads((run / "splits.json").read_text(encoding="utf-8"))[fold]["val"]
 
 
+def _crossval_then_edit(run: Path, tmp_path: Path, edit) -> Path:
+    """A finished cross-validation of `run` whose crossval.json `edit` changed in place (as
+    an older medseg, or a hand, wrote it)."""
+    out = tmp_path / "cv"
+    assert main(["crossval", str(run), "--out", str(out)]) == 0
+    record = json.loads((out / "crossval.json").read_text(encoding="utf-8"))
+    edit(record)
+    (out / "crossval.json").write_text(json.dumps(record), encoding="utf-8")
+    return out
+
+
+def _as_made_on_a_gpu(record: dict) -> None:
+    assert record["arithmetic"]["device"] == "cpu"
+    record["arithmetic"] = {"device": "cuda", "autocast": "float16"}
+
+
 def _summary(out: Path) -> dict:
     return json.loads((out / "summary.json").read_text(encoding="utf-8"))
 
@@ -149,11 +165,7 @@ def test_an_earlier_record_without_weights_is_segmented_again(run, tmp_path, seg
                                                               capsys):
     """A crossval.json of medseg before --continue (no `weights`): nothing says which
     networks made its masks, so every case is segmented again."""
-    out = tmp_path / "cv"
-    assert main(["crossval", str(run), "--out", str(out)]) == 0
-    record = json.loads((out / "crossval.json").read_text(encoding="utf-8"))
-    del record["weights"]
-    (out / "crossval.json").write_text(json.dumps(record), encoding="utf-8")
+    out = _crossval_then_edit(run, tmp_path, lambda record: record.pop("weights"))
     segmented.clear()
     assert main(["crossval", str(run), "--out", str(out), "--continue"]) == 0
     assert sorted(segmented) == sorted(_held_out(run, 0) + _held_out(run, 1))
@@ -304,11 +316,8 @@ def test_a_left_out_fold_whose_cases_another_fold_segmented_is_not_kept(run, tmp
 ])
 def test_hostile_weights_or_cases_segment_again_without_a_traceback(run, tmp_path, segmented,
                                                                    weights, cases):
-    out = tmp_path / "cv"
-    assert main(["crossval", str(run), "--out", str(out)]) == 0
-    record = json.loads((out / "crossval.json").read_text(encoding="utf-8"))
-    record.update(weights=weights, cases=cases)
-    (out / "crossval.json").write_text(json.dumps(record), encoding="utf-8")
+    out = _crossval_then_edit(run, tmp_path,
+                              lambda record: record.update(weights=weights, cases=cases))
     segmented.clear()
     assert main(["crossval", str(run), "--out", str(out), "--continue", "--folds", "0"]) == 0
     assert sorted(segmented) == sorted(_held_out(run, 0))
@@ -354,11 +363,8 @@ def test_a_record_of_medseg_before_continue_is_segmented_again(run, tmp_path, se
     """crossval.json as medseg wrote it before --continue (neither `dataset` nor `weights`):
     nothing says which networks made its masks, so all are segmented again; it was refused
     as made with 'another dataset'."""
-    out = tmp_path / "cv"
-    assert main(["crossval", str(run), "--out", str(out)]) == 0
-    record = json.loads((out / "crossval.json").read_text(encoding="utf-8"))
-    del record["dataset"], record["weights"]
-    (out / "crossval.json").write_text(json.dumps(record), encoding="utf-8")
+    out = _crossval_then_edit(run, tmp_path,
+                              lambda record: [record.pop(k) for k in ("dataset", "weights")])
     segmented.clear()
     assert main(["crossval", str(run), "--out", str(out), "--continue"]) == 0
     assert sorted(segmented) == sorted(_held_out(run, 0) + _held_out(run, 1))
@@ -393,12 +399,7 @@ def test_masks_of_another_precision_are_refused_not_mixed_in(run, tmp_path, segm
                                                              capsys):
     """`predict.precision: auto` is bf16 on one CPU and fp32 on another: a --continue on the
     other machine would have mixed their masks in one figure; the record now says which."""
-    out = tmp_path / "cv"
-    assert main(["crossval", str(run), "--out", str(out)]) == 0
-    record = json.loads((out / "crossval.json").read_text(encoding="utf-8"))
-    assert record["arithmetic"]["device"] == "cpu"
-    record["arithmetic"] = {"device": "cuda", "autocast": "float16"}
-    (out / "crossval.json").write_text(json.dumps(record), encoding="utf-8")
+    out = _crossval_then_edit(run, tmp_path, _as_made_on_a_gpu)
     segmented.clear()
     capsys.readouterr()
     assert main(["crossval", str(run), "--out", str(out), "--continue"]) == 2
@@ -408,11 +409,7 @@ def test_masks_of_another_precision_are_refused_not_mixed_in(run, tmp_path, segm
 
 
 def test_a_record_without_its_precision_is_segmented_again(run, tmp_path, segmented, capsys):
-    out = tmp_path / "cv"
-    assert main(["crossval", str(run), "--out", str(out)]) == 0
-    record = json.loads((out / "crossval.json").read_text(encoding="utf-8"))
-    del record["arithmetic"]
-    (out / "crossval.json").write_text(json.dumps(record), encoding="utf-8")
+    out = _crossval_then_edit(run, tmp_path, lambda record: record.pop("arithmetic"))
     segmented.clear()
     capsys.readouterr()
     assert main(["crossval", str(run), "--out", str(out), "--continue"]) == 0

@@ -3,6 +3,7 @@ refused, and of `medseg train --overwrite`'s refusal of case files inside the ru
 coming before the dataset's line (session 24b)."""
 
 import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -21,11 +22,9 @@ def _packed(files, target, extra: int = 0) -> None:
     nib.save(nib.Nifti1Image(np.stack(volumes, axis=-1), images[0].affine), target)
 
 
-def test_a_refused_4d_input_fails_alone_and_the_batch_exits_1(tmp_path, capsys):
-    """A two-channel model given a case as channel files, one 4D NIfTI of its two channels
-    and one of three volumes: the third is refused in one line naming it and what it holds,
-    the other two are segmented, and the command exits 1 (some cases failed), as docs/cli.md
-    says; given alone, the refused file is every case of the batch: exit 2, no folder."""
+def _channel_files_and_packed_case(tmp_path: Path) -> tuple[Path, list[Path], Path]:
+    """A two-channel run, a case's two channel files, and a folder holding those files and
+    `packed.nii.gz`, one 4D NIfTI of the same two volumes."""
     data, run = stopped_two_channel_run(tmp_path)
     channels = [data / "imagesTr" / f"case0_{k:04d}.nii.gz" for k in (0, 1)]
     inputs = tmp_path / "inputs"
@@ -33,6 +32,15 @@ def test_a_refused_4d_input_fails_alone_and_the_batch_exits_1(tmp_path, capsys):
     for path in channels:
         shutil.copy(path, inputs)
     _packed(channels, inputs / "packed.nii.gz")
+    return run, channels, inputs
+
+
+def test_a_refused_4d_input_fails_alone_and_the_batch_exits_1(tmp_path, capsys):
+    """A two-channel model given a case as channel files, one 4D NIfTI of its two channels
+    and one of three volumes: the third is refused in one line naming it and what it holds,
+    the other two are segmented, and the command exits 1 (some cases failed), as docs/cli.md
+    says; given alone, the refused file is every case of the batch: exit 2, no folder."""
+    run, channels, inputs = _channel_files_and_packed_case(tmp_path)
     three = tmp_path / "three.nii.gz"
     _packed(channels, three, extra=1)
     output = tmp_path / "pred"
@@ -91,13 +99,7 @@ def test_statistics_measure_every_channel_of_a_multi_channel_model(tmp_path, cap
     and as one 4D NIfTI of them, each equal to the channel's values inside the mask."""
     import csv
 
-    data, run = stopped_two_channel_run(tmp_path)
-    channels = [data / "imagesTr" / f"case0_{k:04d}.nii.gz" for k in (0, 1)]
-    inputs = tmp_path / "inputs"
-    inputs.mkdir()
-    for path in channels:
-        shutil.copy(path, inputs)
-    _packed(channels, inputs / "packed.nii.gz")
+    run, channels, inputs = _channel_files_and_packed_case(tmp_path)
     output = tmp_path / "pred"
     assert main(["predict", "--model", str(run), "--input", str(inputs), "--output",
                  str(output), "--statistics"]) == 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import codecs
 import sys
+import unicodedata
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -72,23 +74,29 @@ def test_a_prediction_with_an_ill_conditioned_affine_fails_its_case(tmp_path):
     assert result.scores["x"]["dice"] == 0.0
 
 
+CAFE = tuple(unicodedata.normalize(form, "café") for form in ("NFC", "NFD"))
+
+
+def _masks(tmp_path: Path, predicted: tuple[str, ...], referenced: tuple[str, ...]
+           ) -> tuple[Path, Path]:
+    """Folders of prediction and reference masks of these case names."""
+    folders = tmp_path / "pred", tmp_path / "ref"
+    for folder, names in zip(folders, (predicted, referenced), strict=True):
+        folder.mkdir()
+        for name in names:
+            _save(folder / f"{name}.nii.gz")
+    return folders
+
+
 @UTF8_FILE_NAMES
 def test_an_accented_case_name_pairs_whether_composed_or_decomposed(tmp_path):
     # macOS writes 'café' decomposed (NFD), most tools composed (NFC); datasets and the
     # report's scans match names in one spelling, evaluate paired by the bytes: the case
     # was a failure ("no prediction") and its prediction "without a reference"
-    import unicodedata
-
     from medseg.evaluate import pair_cases, unpaired_predictions
 
-    nfc, nfd = (unicodedata.normalize(form, "café") for form in ("NFC", "NFD"))
-    pred_dir, ref_dir = tmp_path / "pred", tmp_path / "ref"
-    pred_dir.mkdir()
-    ref_dir.mkdir()
-    for name in ("plain", nfc):
-        _save(pred_dir / f"{name}.nii.gz")
-    for name in ("plain", nfd):
-        _save(ref_dir / f"{name}.nii.gz")
+    nfc, nfd = CAFE
+    pred_dir, ref_dir = _masks(tmp_path, ("plain", nfc), ("plain", nfd))
     pairs = pair_cases(pred_dir, ref_dir)
     assert all(prediction is not None for _, prediction, _ in pairs)
     assert unpaired_predictions(pred_dir, pairs) == []
@@ -97,16 +105,10 @@ def test_an_accented_case_name_pairs_whether_composed_or_decomposed(tmp_path):
 @UTF8_FILE_NAMES
 def test_predict_reference_batch_of_a_decomposed_name_is_scored(tmp_path):
     # predict --reference names its batch by the input files' names, as they are spelled
-    import unicodedata
-
     from medseg.report import run_evaluation
 
-    nfc, nfd = (unicodedata.normalize(form, "café") for form in ("NFC", "NFD"))
-    pred_dir, ref_dir = tmp_path / "pred", tmp_path / "ref"
-    pred_dir.mkdir()
-    ref_dir.mkdir()
-    _save(pred_dir / f"{nfd}.nii.gz")
-    _save(ref_dir / f"{nfc}.nii.gz")
+    nfc, nfd = CAFE
+    pred_dir, ref_dir = _masks(tmp_path, (nfd,), (nfc,))
     summary = run_evaluation(pred_dir, ref_dir, None, None, label_names=dict(LABELS),
                              only_cases={nfd})
     assert summary["n_cases"] == 1 and not summary["failed_cases"]

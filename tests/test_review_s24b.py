@@ -1,6 +1,6 @@
 """Review of `medseg predict`'s exit code when one 4D input of another channel count is
-refused, and of `medseg train --overwrite`'s refusal of case files inside the run folder
-coming before the dataset's line (session 24b)."""
+refused, and of `predict --statistics` on multi-channel models (session 24b; the train
+--overwrite refusal's line order is tested in test_workflow_trial.py)."""
 
 import shutil
 from pathlib import Path
@@ -8,7 +8,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import REPO
 from test_multichannel import stopped_two_channel_run
 
 from medseg.cli import main
@@ -64,33 +63,6 @@ def test_a_refused_4d_input_fails_alone_and_the_batch_exits_1(tmp_path, capsys):
                  str(alone)]) == 2
     assert f"{three}: the model takes 2 channels: it holds 3 volumes" in capsys.readouterr().err
     assert not alone.exists()
-
-
-def test_overwrite_refuses_case_files_inside_the_run_folder_before_the_dataset_line(
-        phantom_dataset, tmp_path, capsys):
-    """A CSV outside the run folder listing a scan inside it: train printed "dataset: 6
-    cases, ..." and then refused; the refusal now comes before any such line."""
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "plan.json").write_text("{}", encoding="utf-8")  # what --overwrite replaces
-    scan = run / "kept.nii.gz"
-    shutil.copy(phantom_dataset / "imagesTr" / "phantom_000.nii.gz", scan)
-    rows = [f"{scan},{phantom_dataset / 'labelsTr' / 'phantom_000.nii.gz'}"]
-    rows += [f"{phantom_dataset / 'imagesTr' / name},{phantom_dataset / 'labelsTr' / name}"
-             for name in (f"phantom_00{k}.nii.gz" for k in range(1, 6))]
-    table = tmp_path / "cases.csv"
-    table.write_text("image,label\n" + "\n".join(rows) + "\n", encoding="utf-8")
-    capsys.readouterr()
-    assert main(["train", str(REPO / "workflows" / "demo.yaml"), "--out", str(run),
-                 "--overwrite", "--set", f"dataset.path={table}", "--set",
-                 "dataset.layout=csv"]) == 2
-    captured = capsys.readouterr()
-    assert "dataset:" not in captured.out
-    assert captured.out == ""
-    assert captured.err == (f"medseg: error: {run}: --overwrite would delete a file of case "
-                            f"kept {scan}, which lies inside the run folder: move it out "
-                            f"first\n")
-    assert scan.is_file() and (run / "plan.json").is_file()
 
 
 def test_statistics_measure_every_channel_of_a_multi_channel_model(tmp_path, capsys):

@@ -124,11 +124,19 @@ def test_overwrite_refuses_a_case_file_a_csv_lists_from_the_run_folder(phantom_d
              for name in (f"phantom_00{k}.nii.gz" for k in range(1, 6))]
     table = tmp_path / "cases.csv"
     table.write_text("image,label\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    capsys.readouterr()
     assert main(["train", str(REPO / "workflows" / "demo.yaml"), "--out", str(run),
                  "--overwrite", "--set", f"dataset.path={table}", "--set",
                  "dataset.layout=csv"]) == 2
-    assert "--overwrite would delete a file of case kept" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert "--overwrite would delete a file of case kept" in captured.err
     assert scan.is_file()
+    # the refusal comes before any line: train printed "dataset: 6 cases, ..." first
+    assert "dataset:" not in captured.out
+    assert captured.out == ""
+    assert captured.err == (f"medseg: error: {run}: --overwrite would delete a file of case "
+                            f"kept {scan}, which lies inside the run folder: move it out "
+                            f"first\n")
 
 
 def test_a_quoted_label_id_with_spaces_still_loads_and_a_signed_octal_gets_the_hint(tmp_path):

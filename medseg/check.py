@@ -125,6 +125,7 @@ def check_dataset(path: str | Path, layout: str = "auto") -> CheckReport:
         facts.append(case_facts)
     if not dataset.labels:  # no label map: training takes the ids its label files hold
         problems += _gapped_label_ids(facts, listing.description or dataset.root)
+    problems += _no_structure_anywhere(facts, dataset, listing.description or dataset.root)
     problems += _duplicates(facts)
     problems += _outliers([f for f in facts if f.geometry is not None])
     return CheckReport(dataset.root, listing.layout, len(dataset.cases), tuple(problems))
@@ -247,6 +248,19 @@ def _check_label_voxels(file: Path, dataset: Dataset, add
     if not values - {0, ignore}:
         add(file, _no_structure(values, ignore), "warning")
     return frozenset(values), voxels_digest(data)
+
+
+def _no_structure_anywhere(facts: list[_CaseFacts], dataset: Dataset, where: Path
+                           ) -> list[Problem]:
+    """Every label read and none holding a structure voxel: each case's row is a warning,
+    but training refuses the whole dataset (nothing to learn), as it refuses no case."""
+    read = [f for f in facts if f.label_digest is not None]
+    if not read or len(read) < len(facts) or any(f.label_ids - {0, dataset.ignore_label}
+                                                 for f in read):
+        return []
+    return [Problem("error", "-", where, "no case's label has a voxel of any structure (all "
+                                         "background): training would refuse it, nothing "
+                                         "to learn")]
 
 
 def _gapped_label_ids(facts: list[_CaseFacts], where: Path) -> list[Problem]:

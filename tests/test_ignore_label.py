@@ -207,7 +207,8 @@ def test_train_predict_and_evaluate_with_an_ignore_label(tmp_path, capsys):
 
 
 def test_check_takes_the_ignore_id_as_a_label_value(tmp_path, capsys):
-    write_sparse_dataset(tmp_path / "data", n_cases=2)
+    # a third case keeps its structures: with none in any case, check errs (as training does)
+    write_sparse_dataset(tmp_path / "data", n_cases=3)
     for case, outside in (("case0", 4), ("case1", 0)):
         label = tmp_path / "data" / "labelsTr" / f"{case}.nii.gz"
         image = nib.load(label)

@@ -1,0 +1,43 @@
+"""Review s25f: datasets, check, plan and workflow configuration."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medseg.check import check_dataset
+from medseg.datasets import load_dataset
+from medseg.errors import MedsegError
+from medseg.plan import fingerprint
+
+
+def _folder_pairs(root, labels: list[np.ndarray]):
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    rng = np.random.default_rng(0)
+    for number, label in enumerate(labels):
+        image = rng.normal(size=label.shape).astype(np.float32)
+        nib.save(nib.Nifti1Image(image, np.eye(4)), str(root / "images" / f"c{number}.nii.gz"))
+        nib.save(nib.Nifti1Image(label, np.eye(4)), str(root / "labels" / f"c{number}.nii.gz"))
+    return root
+
+
+def test_check_errs_when_no_label_holds_a_structure_as_training_refuses(tmp_path):
+    """Each empty label is a warning, but training refuses a dataset of only empty labels:
+    `medseg check DATA && medseg train` passed the check and failed the training."""
+    root = _folder_pairs(tmp_path / "d", [np.zeros((10, 10, 10), np.uint8)] * 3)
+    with pytest.raises(MedsegError, match="nothing to learn"):
+        fingerprint(load_dataset(root), progress=False)
+    report = check_dataset(root)
+    assert report.exit_code() == 1, report.format_table()
+    assert any(p.severity == "error" and "no case's label has a voxel" in p.message
+               for p in report.problems), report.format_table()
+
+
+def test_check_keeps_one_empty_label_a_warning(tmp_path):
+    label = np.zeros((10, 10, 10), np.uint8)
+    label[3:6, 3:6, 3:6] = 1
+    root = _folder_pairs(tmp_path / "d", [label, np.zeros((10, 10, 10), np.uint8)])
+    report = check_dataset(root)
+    assert report.exit_code() == 0, report.format_table()

@@ -285,11 +285,21 @@ def _apply_override(raw: dict[str, Any], item: str) -> None:
         if not isinstance(node, dict):
             raise MedsegError(f"override '{item}': '{key}' is not a section")
     value = _override_value(text, _hint_at(keys), item)
-    existing = node.get(keys[-1])
+    last = _spelled_as_in(node, keys[-1])
+    existing = node.get(last)
     if (dataclasses.is_dataclass(_hint_at(keys)) and isinstance(value, dict)
             and isinstance(existing, dict)):
         value = {**existing, **value}  # `train={seed: 1}` sets a key, as `train.seed=1` does
-    node[keys[-1]] = value
+    node[last] = value
+
+
+def _spelled_as_in(node: dict, key: str) -> Any:
+    """`key` as the mapping spells it: YAML reads `1: liver` as the number 1, which
+    `--set dataset.labels.1=kidney` names as the text '1' (and would add beside it)."""
+    if key in node:
+        return key
+    return next((k for k in node if isinstance(k, int) and not isinstance(k, bool)
+                 and str(k) == key), key)
 
 
 # what YAML reads as null: an optional text key given one of these is unset

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from medseg.check import check_dataset
+from medseg.config import load_workflow
 from medseg.datasets import load_dataset
 from medseg.errors import MedsegError
 from medseg.plan import fingerprint
@@ -41,3 +42,19 @@ def test_check_keeps_one_empty_label_a_warning(tmp_path):
     root = _folder_pairs(tmp_path / "d", [label, np.zeros((10, 10, 10), np.uint8)])
     report = check_dataset(root)
     assert report.exit_code() == 0, report.format_table()
+
+
+@pytest.mark.parametrize(("yaml_text", "override", "section", "key", "expected"), [
+    ("dataset:\n  labels:\n    1: liver\n    2: tumour\n", "dataset.labels.1=kidney",
+     "dataset", "labels", {1: "kidney", 2: "tumour"}),
+    ("predict:\n  min_component_ml:\n    1: 10\n", "predict.min_component_ml.1=20",
+     "predict", "min_component_ml", {1: 20.0}),
+])
+def test_set_of_one_entry_of_a_mapping_replaces_the_files_entry(tmp_path, yaml_text, override,
+                                                                 section, key, expected):
+    """YAML reads `1: liver` as the number 1; `--set dataset.labels.1=kidney` named it as the
+    text '1', added it beside, and the workflow was refused as giving id 1 twice."""
+    path = tmp_path / "wf.yaml"
+    path.write_text(yaml_text, encoding="utf-8")
+    workflow = load_workflow(path, [override])
+    assert getattr(getattr(workflow, section), key) == expected

@@ -185,7 +185,8 @@ def _held_out_cases(request: CrossvalRequest) -> HeldOut:
     seen: dict[str, int] = {}
     for fold in folds:
         names = splits[fold]["val"]
-        _refuse_unusable_cases(names, by_name, fold, seen, dataset)
+        _refuse_unusable_cases(names, by_name, fold, seen, dataset,
+                               request.runs[0] / "splits.json")
         cases_by_fold[fold] = tuple(by_name[name] for name in names)
     return HeldOut(plan, folds, cases_by_fold, Path(dataset.root))
 
@@ -258,7 +259,8 @@ def _run_dataset(workflow: Workflow, run: Path, dataset_path: str | None) -> Dat
 
 
 def _refuse_unusable_cases(names: list[str], by_name: dict[str, Case], fold: int,
-                           seen: dict[str, int], dataset: Dataset) -> None:
+                           seen: dict[str, int], dataset: Dataset, splits: Path | None = None
+                           ) -> None:
     """Each case once, in the dataset, with a label to score against."""
     missing = [name for name in names if name not in by_name]
     if missing:
@@ -272,7 +274,7 @@ def _refuse_unusable_cases(names: list[str], by_name: dict[str, Case], fold: int
         if name in seen:
             raise MedsegError(f"case {name} is held out by fold {seen[name]} and fold {fold}: "
                               f"each case can be scored by one fold's network only; give "
-                              f"--folds")
+                              f"--folds", splits)
         seen[name] = fold
         if by_name[name].label is None:
             raise MedsegError(f"validation case {name} has no label to score against",

@@ -307,6 +307,10 @@ def read_splits(path: Path) -> list[dict]:
             raise MedsegError(f"fold {number} has no training case", path)
         for part in ("train", "val"):  # spelled as Case spells names
             fold[part] = [unicodedata.normalize("NFC", name) for name in fold[part]]
+            repeated = sorted({name for name in fold[part] if fold[part].count(name) > 1})
+            if repeated:  # trained on twice as often, or scored twice in the mean
+                raise MedsegError(f"fold {number} lists case(s) {', '.join(repeated[:3])} "
+                                  f"twice in '{part}'", path)
         shared = sorted(set(fold["train"]) & set(fold["val"]))
         if shared:
             raise MedsegError(f"fold {number} validates on its own training case(s) "

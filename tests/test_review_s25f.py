@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -58,3 +61,33 @@ def test_set_of_one_entry_of_a_mapping_replaces_the_files_entry(tmp_path, yaml_t
     path.write_text(yaml_text, encoding="utf-8")
     workflow = load_workflow(path, [override])
     assert getattr(getattr(workflow, section), key) == expected
+
+
+@pytest.mark.parametrize(("fold", "message"), [
+    ({"train": ["a", "a", "b"], "val": ["c"]}, "fold 0 lists case(s) a twice in 'train'"),
+    ({"train": ["a", "b"], "val": ["c", "c"]}, "fold 0 lists case(s) c twice in 'val'"),
+])
+def test_a_splits_file_that_lists_a_case_twice_in_one_list_is_refused(tmp_path, fold,
+                                                                       message):
+    """A hand-edited (or merged) splits.json naming a case twice trained on it twice as
+    often, or scored it twice in the validation mean, without a word."""
+    from medseg.datasets import read_splits
+
+    path = tmp_path / "splits.json"
+    path.write_text(json.dumps([fold]), encoding="utf-8")
+    with pytest.raises(MedsegError, match=re.escape(message)) as info:
+        read_splits(path)
+    assert str(path) in str(info.value)
+
+
+def test_crossval_names_the_splits_file_holding_a_case_in_two_folds(tmp_path):
+    from medseg.crossval import _refuse_unusable_cases
+    from medseg.datasets import Case, Dataset
+
+    case = Case("a", (tmp_path / "a.nii.gz",), tmp_path / "a_label.nii.gz")
+    dataset = Dataset(tmp_path, (case,), {0: "background", 1: "x"}, ("MR",))
+    seen = {"a": 0}
+    splits = tmp_path / "run" / "splits.json"
+    with pytest.raises(MedsegError, match="held out by fold 0 and fold 1") as info:
+        _refuse_unusable_cases(["a"], {"a": case}, 1, seen, dataset, splits)
+    assert str(splits) in str(info.value)

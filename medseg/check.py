@@ -81,7 +81,8 @@ class CheckReport:
         warnings = len(self.problems) - errors
         verdict = ("clean" if not self.problems
                    else f"{_count(errors, 'error')}, {_count(warnings, 'warning')}")
-        lines.append(f"{self.root} ({self.layout} layout, {self.n_cases} cases): {verdict}")
+        lines.append(f"{self.root} ({self.layout} layout, {_count(self.n_cases, 'case')}): "
+                     f"{verdict}")
         return "\n".join(lines)
 
 

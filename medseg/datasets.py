@@ -500,6 +500,9 @@ def read_msd_task(root: Path) -> MsdTask:
     if not isinstance(modality, dict):
         raise MedsegError("'modality' must map channel numbers to names", description)
     names = tuple(str(modality[k]) for k in _channel_numbers(modality, "modality", description))
+    # MONAI's datalists (load_decathlon_datalist) write a test entry as {"image": path}
+    test = [entry["image"] if isinstance(entry, dict) and "image" in entry else entry
+            for entry in test]
     return MsdTask(description, data, tuple(training),
                    tuple(_listed(root, entry, description) for entry in test), names)
 

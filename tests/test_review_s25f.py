@@ -91,3 +91,27 @@ def test_crossval_names_the_splits_file_holding_a_case_in_two_folds(tmp_path):
     with pytest.raises(MedsegError, match="held out by fold 0 and fold 1") as info:
         _refuse_unusable_cases(["a"], {"a": case}, 1, seen, dataset, splits)
     assert str(splits) in str(info.value)
+
+
+def test_check_counts_one_case_in_the_singular(tmp_path):
+    label = np.zeros((10, 10, 10), np.uint8)
+    label[3:6, 3:6, 3:6] = 1
+    root = _folder_pairs(tmp_path / "d", [label])
+    assert check_dataset(root).format_table().endswith("(folders layout, 1 case): clean")
+
+def test_an_msd_test_list_of_image_entries_is_read(tmp_path):
+    """MONAI's datalists (load_decathlon_datalist) write test entries as {"image": path}; such
+    a dataset.json was refused whole ('expected a file path'), though training never reads
+    the test images."""
+    from medseg.datasets import read_msd_task
+
+    label = np.zeros((10, 10, 10), np.uint8)
+    label[3:6, 3:6, 3:6] = 1
+    root = _folder_pairs(tmp_path / "d", [label, label[::-1].copy()])
+    (root / "dataset.json").write_text(json.dumps({
+        "modality": {"0": "MR"}, "labels": {"0": "background", "1": "x"},
+        "training": [{"image": f"./images/c{n}.nii.gz", "label": f"./labels/c{n}.nii.gz"}
+                     for n in range(2)],
+        "test": [{"image": "./imagesTs/t0.nii.gz"}]}), encoding="utf-8")
+    assert len(load_dataset(root, layout="msd").cases) == 2
+    assert read_msd_task(root).test == (root / "imagesTs" / "t0.nii.gz",)

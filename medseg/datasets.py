@@ -528,17 +528,22 @@ def _list_msd(root: Path, read_labels: bool = True) -> Listing:
 def _list_nnunet(root: Path, read_labels: bool = True) -> Listing:
     description = root / "dataset.json"
     data = _read_description(description)
-    channels = data.get("channel_names") or data.get("modality")
-    if channels is None:
+    # nnU-Net v1's 'modality' only without v2's key: an empty channel_names is no channel
+    key = "channel_names" if "channel_names" in data else "modality"
+    channels = data.get(key)
+    if key not in data:
         raise MedsegError("'channel_names' is missing", description)
     if not isinstance(channels, dict):
-        raise MedsegError("'channel_names' must map channel numbers (\"0\", \"1\", ...) to "
-                          "names", description)
-    ending = str(data.get("file_ending", ".nii.gz"))
+        raise MedsegError(f"'{key}' must map channel numbers (\"0\", \"1\", ...) to "
+                          f"names", description)
+    ending = data.get("file_ending", ".nii.gz")
+    if not isinstance(ending, str):
+        raise MedsegError(f"'file_ending' must be text such as \".nii.gz\", not "
+                          f"{json.dumps(ending)}", description)
     if not ending.startswith("."):
         raise MedsegError(f"'file_ending' must start with a dot ('.{ending}'), not {ending!r}",
                           description)
-    channel_ids = _channel_numbers(channels, "channel_names", description)
+    channel_ids = _channel_numbers(channels, key, description)
     modalities = tuple(_modality_name(channels[k]) for k in channel_ids)
     if "dataset" in data:  # nnU-Net v2's own list of each case's files, used instead of a scan
         cases = _nnunet_listed_cases(data["dataset"], root, len(channel_ids), description)

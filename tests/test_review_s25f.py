@@ -115,3 +115,22 @@ def test_an_msd_test_list_of_image_entries_is_read(tmp_path):
         "test": [{"image": "./imagesTs/t0.nii.gz"}]}), encoding="utf-8")
     assert len(load_dataset(root, layout="msd").cases) == 2
     assert read_msd_task(root).test == (root / "imagesTs" / "t0.nii.gz",)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"channel_names": {}}, "'channel_names' names no channel"),
+    ({"channel_names": []}, "'channel_names' must map channel numbers"),
+    ({"file_ending": None}, "'file_ending' must be text such as \".nii.gz\", not null"),
+    ({"file_ending": 5}, "'file_ending' must be text such as \".nii.gz\", not 5"),
+])
+def test_an_nnunet_description_names_what_is_wrong_with_its_keys(tmp_path, change, message):
+    """An empty channel_names was called missing, and a file_ending of null read as the
+    text 'None' ("must start with a dot ('.None')")."""
+    label = np.zeros((10, 10, 10), np.uint8)
+    label[3:6, 3:6, 3:6] = 1
+    root = _folder_pairs(tmp_path / "d", [label])
+    data = {"channel_names": {"0": "MR"}, "labels": {"background": 0, "x": 1},
+            "file_ending": ".nii.gz", **change}
+    (root / "dataset.json").write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(MedsegError, match=re.escape(f"dataset.json: {message}")):
+        load_dataset(root, layout="nnunet")

@@ -33,6 +33,12 @@ FORMAT = 1
 BEST = "best.safetensors"
 CHUNK = 1 << 20
 MANIFEST_LIMIT = 1 << 20
+# a member that unpacks to more than RATIO_LIMIT times its compressed size (past a floor
+# that small files may reach) is a zip bomb: trained weights hardly compress, and the text
+# files a few times; deflate reaches ~1000x on a run of one byte
+RATIO_LIMIT, RATIO_FLOOR = 100, 1 << 20
+# the text files are read whole into memory (plan.json, workflow.yaml, metrics.jsonl)
+TEXT_LIMIT = 64 << 20
 MEMBER = re.compile(r"plan\.json|workflow\.yaml|fold_[0-9]+/(checkpoints/best\.safetensors"
                     r"|metrics\.jsonl)")
 # workflow keys that name files of the training machine: no use elsewhere, and they may
@@ -177,12 +183,29 @@ def _refuse_unexpected_sizes(zf: zipfile.ZipFile, manifest: dict, archive: Path,
             raise MedsegError(f"{name} unpacks to {declared.get(name)} bytes, and {MANIFEST} "
                               f"says {sizes[name]}: the archive is damaged or was changed",
                               archive)
+    _refuse_bombs(zf, manifest, archive)
     # the members unpacked (as each was checked above, or as the archive declares them)
     total = sum(declared[name] for name in manifest["files"])
     free = shutil.disk_usage(_existing_parent(run_dir)).free
     if total > free:
         raise MedsegError(f"unpacks to {total / 2**20:.0f} MB, more than the "
                           f"{free / 2**20:.0f} MB free in the temporary folder", archive)
+
+
+def _refuse_bombs(zf: zipfile.ZipFile, manifest: dict, archive: Path) -> None:
+    """A member that a small archive inflates far beyond itself, or a text file too large
+    to be read whole, is refused before any is unpacked: its size and SHA-256 in the
+    manifest prove only that whoever built the archive meant it."""
+    for name in manifest["files"]:
+        info = zf.getinfo(name)
+        if not name.endswith(BEST) and info.file_size > TEXT_LIMIT:
+            raise MedsegError(f"{name} unpacks to {info.file_size / 2**20:.0f} MB, more than "
+                              f"a model archive's text file can be", archive)
+        if info.file_size > max(RATIO_FLOOR, RATIO_LIMIT * info.compress_size):
+            raise MedsegError(f"{name} unpacks to {info.file_size / 2**20:.0f} MB from "
+                              f"{info.compress_size / 2**20:.1f} MB, more than "
+                              f"{RATIO_LIMIT} times its compressed size: a zip bomb, not "
+                              f"an archive of `medseg export`", archive)
 
 
 def _existing_parent(path: Path) -> Path:

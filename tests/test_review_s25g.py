@@ -1,0 +1,61 @@
+"""Review of model archives and fine-tuning sources (session 25g): regressions found."""
+
+import hashlib
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+from helpers import zip_members
+
+from medseg.archive import MANIFEST, unpack
+from medseg.cli import main
+from medseg.errors import MedsegError
+
+
+def _padded(model_archive: Path, target: Path, name: str, pad: int) -> Path:
+    """The archive with `name` padded by `pad` spaces (still valid JSON or YAML), its
+    manifest's SHA-256 and size made to agree: an archive built to inflate."""
+    members = zip_members(model_archive)
+    members[name] = members[name] + b" " * pad
+    manifest = json.loads(members[MANIFEST])
+    manifest["files"][name] = hashlib.sha256(members[name]).hexdigest()
+    manifest["sizes"][name] = len(members[name])
+    members[MANIFEST] = json.dumps(manifest).encode()
+    with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+        for member, data in members.items():
+            zf.writestr(member, data)
+    return target
+
+
+@pytest.mark.parametrize("name", ["plan.json", "fold_0/metrics.jsonl"])
+def test_a_zip_bomb_is_refused_before_anything_is_unpacked(
+        model_archive, phantom_dataset, tmp_path, capsys, monkeypatch, name):
+    """An archive of 0.2 MB whose plan.json inflated to 24 MB of spaces (manifest agreeing)
+    was unpacked, and plan.json read whole into memory: only the free disk bounded it (a
+    66 MB archive fills 66 GB, and the reading of plan.json needs as much memory)."""
+    bomb = _padded(model_archive, tmp_path / "bomb.zip", name, 24 << 20)
+    assert bomb.stat().st_size < (1 << 20)
+    copied = []
+    monkeypatch.setattr("medseg.archive._copy_hashed", lambda *args: copied.append(args))
+    with pytest.raises(MedsegError, match="zip bomb"):
+        unpack(bomb, tmp_path / "run")
+    assert copied == [] and not (tmp_path / "run").exists()
+    assert main(["predict", "--model", str(bomb), "--input",
+                 str(phantom_dataset / "imagesTs"), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "zip bomb" in err and str(bomb) in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_text_file_too_large_to_read_is_refused(model_archive, tmp_path, monkeypatch):
+    monkeypatch.setattr("medseg.archive.TEXT_LIMIT", 1 << 20)
+    monkeypatch.setattr("medseg.archive.RATIO_LIMIT", 10 ** 6)
+    big = _padded(model_archive, tmp_path / "big.zip", "workflow.yaml", 2 << 20)
+    with pytest.raises(MedsegError, match="more than a model archive's text file can be"):
+        unpack(big, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_honest_archive_still_unpacks(model_archive, tmp_path):
+    unpack(model_archive, tmp_path / "run")
+    assert (tmp_path / "run" / "fold_0" / "checkpoints" / "best.safetensors").is_file()

@@ -58,6 +58,10 @@ def resolve_init(text: str) -> InitSource:
     path = Path(text)
     if path.is_dir():
         weights, run_dir = _weights_in_folder(path), _run_of_folder(path)
+    elif _is_model_archive(path):
+        raise MedsegError("train.init: a model archive of `medseg export`, which train.init "
+                          "does not open: unpack it (`unzip MODEL.zip -d DIR`) and give DIR, "
+                          "a run folder with its plan.json", path)
     elif path.exists():
         weights, run_dir = path, _run_of_file(path)
     else:
@@ -69,6 +73,19 @@ def resolve_init(text: str) -> InitSource:
     if run_dir is None:
         return InitSource(weights)
     return InitSource(weights, load_plan(run_dir / "plan.json"), run_dir / "plan.json")
+
+
+def _is_model_archive(path: Path) -> bool:
+    """A zip holding medseg_model.json (safetensors would call it 'header too large')."""
+    import zipfile
+
+    from medseg.archive import MANIFEST
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return MANIFEST in zf.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def _missing(path: Path) -> str:

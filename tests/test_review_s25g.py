@@ -59,3 +59,19 @@ def test_a_text_file_too_large_to_read_is_refused(model_archive, tmp_path, monke
 def test_an_honest_archive_still_unpacks(model_archive, tmp_path):
     unpack(model_archive, tmp_path / "run")
     assert (tmp_path / "run" / "fold_0" / "checkpoints" / "best.safetensors").is_file()
+
+
+def test_init_from_a_model_archive_says_what_it_is(model_archive, phantom_dataset, tmp_path,
+                                                    capsys):
+    """`--init MODEL.zip` (the archive medseg export writes) was refused as 'not readable as
+    safetensors weights (Error while deserializing header: header too large)'."""
+    from helpers import REPO, TINY_TRAINING, as_sets
+
+    out = tmp_path / "tuned"
+    assert main(["train", str(REPO / "workflows" / "demo.yaml"), "--out", str(out),
+                 "--set", f"dataset.path={phantom_dataset}", *as_sets(TINY_TRAINING),
+                 "--init", str(model_archive)]) == 2
+    err = capsys.readouterr().err
+    assert "a model archive of `medseg export`" in err and "unzip" in err, err
+    assert "header too large" not in err and str(model_archive) in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()

@@ -26,7 +26,7 @@ import yaml
 
 from medseg import __version__
 from medseg.errors import MedsegError
-from medseg.fileio import atomic_path, sha256_of_file
+from medseg.fileio import atomic_path
 
 MANIFEST = "medseg_model.json"
 FORMAT = 1
@@ -78,18 +78,33 @@ def export_run(run_dir: Path, target: Path, folds: list[int] | None = None,
             if (trained[k] / part).is_file():
                 sources[f"fold_{k}/{part}"] = trained[k] / part
     workflow = _shareable_workflow(run_dir / "workflow.yaml")
-    digests = {name: sha256_of_file(path) for name, path in sources.items()}
-    digests["workflow.yaml"] = hashlib.sha256(workflow).hexdigest()
-    sizes = {name: path.stat().st_size for name, path in sources.items()}
-    sizes["workflow.yaml"] = len(workflow)
-    manifest = {"format": FORMAT, "medseg_version": __version__, "folds": chosen,
-                "files": dict(sorted(digests.items())), "sizes": dict(sorted(sizes.items()))}
+    digests = {"workflow.yaml": hashlib.sha256(workflow).hexdigest()}
+    sizes = {"workflow.yaml": len(workflow)}
     with atomic_path(target) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("workflow.yaml", workflow)
         for name, path in sorted(sources.items()):
-            zf.write(path, name)
+            # the digest and size of the bytes written: a fold still training appends to
+            # its metrics.jsonl (and replaces its best weights) while the archive is written
+            digests[name], sizes[name] = _write_hashed(zf, path, name)
+        manifest = {"format": FORMAT, "medseg_version": __version__, "folds": chosen,
+                    "files": dict(sorted(digests.items())),
+                    "sizes": dict(sorted(sizes.items()))}
         zf.writestr(MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return Exported(target, tuple(chosen), target.stat().st_size)
+
+
+def _write_hashed(zf: zipfile.ZipFile, path: Path, name: str) -> tuple[str, int]:
+    """Copy a file into the archive in blocks; the SHA-256 and size of what was copied."""
+    info = zipfile.ZipInfo.from_file(path, name)
+    info.compress_type = zipfile.ZIP_DEFLATED
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as source, \
+            zf.open(info, "w", force_zip64=info.file_size * 1.05 > zipfile.ZIP64_LIMIT) as sink:
+        for block in iter(lambda: source.read(CHUNK), b""):
+            digest.update(block)
+            size += len(block)
+            sink.write(block)
+    return digest.hexdigest(), size
 
 
 def _shareable_workflow(path: Path) -> bytes:

@@ -2,12 +2,14 @@
 
 import hashlib
 import json
+import shutil
 import zipfile
 from pathlib import Path
 
 import pytest
 from helpers import zip_members
 
+import medseg.fileio
 from medseg.archive import MANIFEST, unpack
 from medseg.cli import main
 from medseg.errors import MedsegError
@@ -75,3 +77,27 @@ def test_init_from_a_model_archive_says_what_it_is(model_archive, phantom_datase
     assert "a model archive of `medseg export`" in err and "unzip" in err, err
     assert "header too large" not in err and str(model_archive) in err
     assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_an_export_while_a_fold_appends_to_its_metrics_gives_a_usable_archive(
+        trained_run, tmp_path, monkeypatch):
+    """export took each file's SHA-256 and size first and copied it afterwards: a fold still
+    training appends a line to metrics.jsonl each epoch, and an epoch ending in between gave
+    an archive whose manifest disagreed with its own files (refused by predict as damaged)."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    metrics = run / "fold_0" / "metrics.jsonl"
+    original_hash = medseg.fileio.sha256_of_file
+
+    def hash_then_epoch(path, *args, **kwargs):  # the epoch ends just after the hash
+        digest = original_hash(path, *args, **kwargs)
+        if Path(path) == metrics:
+            with open(metrics, "a", encoding="utf-8") as handle:
+                handle.write('{"epoch": 98, "elapsed_seconds": 1.0}\n')
+        return digest
+
+    monkeypatch.setattr("medseg.archive.sha256_of_file", hash_then_epoch, raising=False)
+    target = tmp_path / "model.zip"
+    assert main(["export", str(run), str(target)]) == 0
+    unpack(target, tmp_path / "unpacked")  # the manifest agrees with the files
+    assert (tmp_path / "unpacked" / "fold_0" / "metrics.jsonl").is_file()

@@ -59,10 +59,7 @@ def export_run(run_dir: Path, target: Path, folds: list[int] | None = None,
     with best weights)."""
     from medseg.train import fold_folders
 
-    if not target.name.lower().endswith(".zip"):
-        raise MedsegError("the model archive must be named .zip", target)
-    if target.exists() and not overwrite:
-        raise MedsegError("exists: --overwrite replaces it", target)
+    _refuse_target(target, overwrite)
     for name in ("plan.json", "workflow.yaml"):
         if not (run_dir / name).is_file():
             raise MedsegError(f"not a medseg run folder (no {name})", run_dir)
@@ -78,6 +75,28 @@ def export_run(run_dir: Path, target: Path, folds: list[int] | None = None,
             if (trained[k] / part).is_file():
                 sources[f"fold_{k}/{part}"] = trained[k] / part
     workflow = _shareable_workflow(run_dir / "workflow.yaml")
+    try:
+        _write_archive(target, workflow, sources, chosen)
+    except OSError as exc:  # a full disk; a file where a folder of the target should be
+        source = next((path for path in sources.values()
+                       if exc.filename and Path(exc.filename) == path), None)
+        raise MedsegError(f"cannot {'read' if source else 'write'} ({exc.strerror or exc})",
+                          source or target) from exc
+    return Exported(target, tuple(chosen), target.stat().st_size)
+
+
+def _refuse_target(target: Path, overwrite: bool) -> None:
+    if not target.name.lower().endswith(".zip"):
+        raise MedsegError("the model archive must be named .zip", target)
+    if target.is_dir():
+        raise MedsegError("a folder: the model archive is a file (give MODEL.zip in it)", target)
+    if target.exists() and not overwrite:
+        raise MedsegError("exists: --overwrite replaces it", target)
+
+
+def _write_archive(target: Path, workflow: bytes, sources: dict[str, Path],
+                   chosen: list[int]) -> None:
+    """The archive written beside `target` and renamed onto it once whole."""
     digests = {"workflow.yaml": hashlib.sha256(workflow).hexdigest()}
     sizes = {"workflow.yaml": len(workflow)}
     with atomic_path(target) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
@@ -90,7 +109,6 @@ def export_run(run_dir: Path, target: Path, folds: list[int] | None = None,
                     "files": dict(sorted(digests.items())),
                     "sizes": dict(sorted(sizes.items()))}
         zf.writestr(MANIFEST, json.dumps(manifest, indent=2) + "\n")
-    return Exported(target, tuple(chosen), target.stat().st_size)
 
 
 def _write_hashed(zf: zipfile.ZipFile, path: Path, name: str) -> tuple[str, int]:

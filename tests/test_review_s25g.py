@@ -101,3 +101,20 @@ def test_an_export_while_a_fold_appends_to_its_metrics_gives_a_usable_archive(
     assert main(["export", str(run), str(target)]) == 0
     unpack(target, tmp_path / "unpacked")  # the manifest agrees with the files
     assert (tmp_path / "unpacked" / "fold_0" / "metrics.jsonl").is_file()
+
+
+def test_export_onto_a_folder_or_under_a_file_is_one_line_naming_the_target(
+        trained_run, model_archive, tmp_path, capsys):
+    """`export RUN d.zip --overwrite` with d.zip a folder said 'IsADirectoryError: ...
+    /.d.zip.XXXX.part.zip -> d.zip' (exit 1), and a target under a file 'FileExistsError'."""
+    folder = tmp_path / "d.zip"
+    folder.mkdir()
+    plain = tmp_path / "plain.zip"
+    plain.write_bytes(b"")
+    for target, expected in [(folder, "a folder: the model archive is a file"),
+                             (plain / "m.zip", "cannot write")]:
+        assert main(["export", str(trained_run), str(target), "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and str(target) in err, err
+        assert "Error:" not in err and ".part" not in err and len(err.strip().splitlines()) == 1
+    assert folder.is_dir() and not any(folder.iterdir()) and plain.read_bytes() == b""

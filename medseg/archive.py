@@ -4,7 +4,8 @@ opened again by `medseg predict --model MODEL.zip`, as nnU-Net's
 
 The archive holds what prediction needs and nothing that names the training cases or the
 training machine: plan.json, workflow.yaml with its local paths removed, each chosen fold's
-best.safetensors (no pickle) and metrics.jsonl, and medseg_model.json, a manifest with each
+best.safetensors (no pickle) and metrics.jsonl (the path of a fine-tuned run's initial weights
+cut to the file's name), and medseg_model.json, a manifest with each
 file's SHA-256. fingerprint.json and splits.json (case names), the training states and the
 cache stay behind. Opening checks every member against the manifest before anything is
 read from it; a name outside the expected set (`../x`, an absolute path) is refused."""
@@ -104,11 +105,33 @@ def _write_archive(target: Path, workflow: bytes, sources: dict[str, Path],
         for name, path in sorted(sources.items()):
             # the digest and size of the bytes written: a fold still training appends to
             # its metrics.jsonl (and replaces its best weights) while the archive is written
-            digests[name], sizes[name] = _write_hashed(zf, path, name)
+            if name.endswith("metrics.jsonl"):
+                data = _shareable_metrics(path)
+                zf.writestr(name, data)
+                digests[name], sizes[name] = hashlib.sha256(data).hexdigest(), len(data)
+            else:
+                digests[name], sizes[name] = _write_hashed(zf, path, name)
         manifest = {"format": FORMAT, "medseg_version": __version__, "folds": chosen,
                     "files": dict(sorted(digests.items())),
                     "sizes": dict(sorted(sizes.items()))}
         zf.writestr(MANIFEST, json.dumps(manifest, indent=2) + "\n")
+
+
+def _shareable_metrics(path: Path) -> bytes:
+    """A fold's metrics.jsonl with the path of the weights a fine-tuned run started from
+    (its first record's init.source, a file of the training machine) cut to the file's
+    name; its SHA-256 stays, to tell which weights they were."""
+    lines = path.read_bytes().splitlines(keepends=True)
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except ValueError:  # a half-written last line, or bytes that are not UTF-8
+            continue
+        init = record.get("init") if isinstance(record, dict) else None
+        if isinstance(init, dict) and isinstance(init.get("source"), str):
+            init["source"] = Path(init["source"]).name
+            lines[i] = (json.dumps(record) + "\n").encode("utf-8")
+    return b"".join(lines)
 
 
 def _write_hashed(zf: zipfile.ZipFile, path: Path, name: str) -> tuple[str, int]:

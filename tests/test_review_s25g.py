@@ -118,3 +118,27 @@ def test_export_onto_a_folder_or_under_a_file_is_one_line_naming_the_target(
         assert expected in err and str(target) in err, err
         assert "Error:" not in err and ".part" not in err and len(err.strip().splitlines()) == 1
     assert folder.is_dir() and not any(folder.iterdir()) and plain.read_bytes() == b""
+
+
+def test_a_fine_tuned_runs_archive_names_no_local_path(trained_run, tmp_path):
+    """A run trained with --init logs {"init": {"source": "/home/.../best.safetensors"}} in
+    each fold's first metrics.jsonl record; export shipped that line as it was, though it
+    empties train.init in workflow.yaml for the same reason."""
+    run = tmp_path / "tuned"
+    shutil.copytree(trained_run, run)
+    metrics = run / "fold_0" / "metrics.jsonl"
+    source = "/home/jdoe/hospital_x/runs/base/fold_0/checkpoints/best.safetensors"
+    lines = metrics.read_text(encoding="utf-8").splitlines()
+    first = json.loads(lines[0])
+    first["init"] = {"source": source, "sha256": "ab" * 32, "tensors_loaded": 45,
+                     "tensors_skipped": []}
+    metrics.write_text("\n".join([json.dumps(first), *lines[1:], '{"epoch": 9, "tra'])
+                       + "\n", encoding="utf-8")  # a half-written last line kept as it was
+    target = tmp_path / "model.zip"
+    assert main(["export", str(run), str(target)]) == 0
+    for name, data in zip_members(target).items():
+        assert b"/home" not in data and b"jdoe" not in data and b"hospital" not in data, name
+    shipped = zip_members(target)["fold_0/metrics.jsonl"].decode().splitlines()
+    assert json.loads(shipped[0])["init"] == {**first["init"], "source": "best.safetensors"}
+    assert shipped[1:] == [*lines[1:], '{"epoch": 9, "tra']
+    unpack(target, tmp_path / "unpacked")

@@ -235,6 +235,16 @@ def _refuse_inputs_inside(run_dir: Path, workflow, workflow_file: Path | None,
 
 
 def _replace_run_folder(run_dir: Path) -> None:
+    if run_dir.is_symlink() and run_dir.is_dir():
+        # --out LINK (a link to a folder on another disk): the link stays, and what it
+        # leads to is emptied (rmtree refuses a link: 'Cannot call rmtree on a symbolic
+        # link', after the dataset had been planned); links inside are removed, not followed
+        for child in run_dir.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+        return
     if run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True)

@@ -142,3 +142,27 @@ def test_a_fine_tuned_runs_archive_names_no_local_path(trained_run, tmp_path):
     assert json.loads(shipped[0])["init"] == {**first["init"], "source": "best.safetensors"}
     assert shipped[1:] == [*lines[1:], '{"epoch": 9, "tra']
     unpack(target, tmp_path / "unpacked")
+
+
+def test_a_run_folder_given_as_a_link_is_trained_into_and_overwritten(
+        phantom_dataset, tmp_path, capsys):
+    """`train --out LINK` with LINK a symbolic link to an empty folder (or to a run, with
+    --overwrite) stopped after planning with 'OSError: Cannot call rmtree on a symbolic
+    link' (exit 1)."""
+    from helpers import REPO, TINY_TRAINING, as_sets
+
+    real = tmp_path / "disk" / "run"
+    real.mkdir(parents=True)
+    outside = tmp_path / "keep.txt"
+    outside.write_text("kept", encoding="utf-8")
+    link = tmp_path / "run_link"
+    link.symlink_to(real, target_is_directory=True)
+    argv = ["train", str(REPO / "workflows" / "demo.yaml"), "--out", str(link), "--set",
+            f"dataset.path={phantom_dataset}", *as_sets(TINY_TRAINING),
+            "--set", "train.epochs=1", "--set", "train.iterations_per_epoch=1"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert (real / "plan.json").is_file() and (real / "fold_0" / "metrics.jsonl").is_file()
+    (real / "fold_9").symlink_to(outside)  # a link inside: removed, not followed
+    assert main([*argv, "--overwrite"]) == 0, capsys.readouterr().err
+    assert link.is_symlink() and (real / "fold_0" / "checkpoints" / "best.safetensors").is_file()
+    assert not (real / "fold_9").exists() and outside.read_text(encoding="utf-8") == "kept"

@@ -142,7 +142,10 @@ def test_a_table_of_warnings_only_exits_0_and_1_when_strict(tmp_path):
     """The demo's own phantoms (oblique, flipped: orientation warnings) exited 1, so
     `medseg check DATA && medseg train ...` stopped on what training accepts. formats.md: 1
     when the table holds an error, or with --strict any row."""
-    report = checked(tmp_path, [checked_case(tmp_path, "a", np.eye(4), 0, empty=True)])
+    # a second case keeps its structure: a dataset with none anywhere is an error (train
+    # refuses it)
+    report = checked(tmp_path, [checked_case(tmp_path, "a", np.eye(4), 0, empty=True),
+                                checked_case(tmp_path, "b", np.eye(4), 1)])
     assert [p.severity for p in report.problems] == ["warning"]
     assert report.exit_code() == 0 and report.exit_code(strict=True) == 1
 

@@ -10,6 +10,7 @@ metrics; this scores what `medseg predict` writes."""
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -24,6 +25,7 @@ from tqdm import tqdm
 
 from medseg.config import PredictConfig, Workflow, load_workflow
 from medseg.datasets import Case, Dataset, load_dataset, read_splits
+from medseg.dicom import files_below
 from medseg.errors import MedsegError
 from medseg.evaluate import CaseScores, evaluate_pairs, load_pair
 from medseg.fileio import (
@@ -66,6 +68,15 @@ class CrossvalRequest:
 
 
 @dataclass(frozen=True)
+class Standing:
+    """What of an earlier cross-validation --continue keeps: the folds the same networks
+    made, and in them the cases whose images hold what their masks were made from."""
+
+    folds: frozenset[int] = frozenset()
+    cases: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
 class HeldOut:
     """The cases to score: each fold's validation cases of the dataset."""
 
@@ -101,9 +112,9 @@ def cross_validate(request: CrossvalRequest) -> dict:
     config = dataclasses.replace(
         predict_settings(request.runs, request.overrides, request.tta, request.step),
         largest_component=[], min_component_ml={})
-    # the weights' SHA-256 before any is read: weights a training replaces meanwhile then
-    # differ from the record, and --continue segments their fold again (read first, the
-    # record could name new weights for masks the old ones made)
+    # the weights' and images' SHA-256 before any is read: weights a training replaces (an
+    # image replaced) meanwhile then differ from the record, and --continue segments their
+    # fold (case) again (read first, the record could name new ones for masks the old made)
     record = _request_record(request, held_out, config)
     # the first fold's networks read (and the runs' plans compared) before the folder is claimed
     loaded = {held_out.folds[0]: load_predictor(list(request.runs), [held_out.folds[0]],
@@ -113,8 +124,8 @@ def cross_validate(request: CrossvalRequest) -> dict:
     with lock_beside(request.out, "medseg-crossval-lock", busy):
         kept, record = _claim_out_folder(request, record)
         predictions = request.out / PREDICTIONS
-        # before the record names this request's weights: a stop before a fold is reached
-        # must not leave it masks of other weights that the next --continue would keep
+        # before the record names this request's weights and images: a stop before a fold is
+        # reached must not leave it masks of others that the next --continue would keep
         _remove_masks_to_redo(held_out, predictions, kept)
         atomic_write_json(request.out / REQUEST_FILE, record)
         return _segment_and_score_noting_a_stop(request, held_out, loaded, config, kept)
@@ -122,7 +133,7 @@ def cross_validate(request: CrossvalRequest) -> dict:
 
 def _segment_and_score_noting_a_stop(request: CrossvalRequest, held_out: HeldOut,
                                      loaded: dict[int, Predictor], config: PredictConfig,
-                                     kept: frozenset[int]) -> dict:
+                                     kept: Standing) -> dict:
     try:
         return _segment_and_score(request, held_out, loaded, config, kept)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM, segmenting, between folds or scoring
@@ -135,7 +146,7 @@ def _segment_and_score_noting_a_stop(request: CrossvalRequest, held_out: HeldOut
 
 def _segment_and_score(request: CrossvalRequest, held_out: HeldOut,
                        loaded: dict[int, Predictor], config: PredictConfig,
-                       kept: frozenset[int]) -> dict:
+                       kept: Standing) -> dict:
     """The held-out cases segmented (in the `kept` folds, those without a mask), scored and
     summed up, and the results written; returns the summary."""
     predictions = request.out / PREDICTIONS
@@ -285,18 +296,19 @@ def _file_name_safe(name: str) -> bool:
     return bool(name) and not name.startswith(".") and not any(c in name for c in "/\\\0")
 
 
-def _claim_out_folder(request: CrossvalRequest, record: dict) -> tuple[frozenset[int], dict]:
+def _claim_out_folder(request: CrossvalRequest, record: dict) -> tuple[Standing, dict]:
     """An empty (or new) folder, or an earlier cross-validation's with --overwrite or
-    --continue; any other folder's files are not ours to replace. Returns the folds whose
-    earlier masks stand (--continue: the same networks made them) and the record to write
-    (--continue: with the earlier one's folds this request leaves out)."""
+    --continue; any other folder's files are not ours to replace. Returns the folds and
+    cases whose earlier masks stand (--continue: the same networks made them from the same
+    images) and the record to write (--continue: with the earlier one's folds this request
+    leaves out)."""
     out = request.out
     if out.exists() and not out.is_dir():
         raise MedsegError("output folder path is a file", out)
     refuse_unwritable_place(out)  # under a file, read-only: one line, not an OSError
     if not out.is_dir() or not any(out.iterdir()):
         out.mkdir(parents=True, exist_ok=True)
-        return frozenset(), record
+        return Standing(), record
     if not (out / REQUEST_FILE).is_file():
         raise MedsegError(f"is not empty and holds no earlier cross-validation "
                           f"({REQUEST_FILE}): choose an empty --out", out)
@@ -305,7 +317,7 @@ def _claim_out_folder(request: CrossvalRequest, record: dict) -> tuple[frozenset
                           "has no mask of yet, --overwrite predicts and scores them all again",
                           out)
     kept, record = _going_on(out / REQUEST_FILE, record) if request.resume \
-        else (frozenset(), record)
+        else (Standing(), record)
     if request.overwrite and (out / PREDICTIONS).is_dir() \
             and not (out / PREDICTIONS).is_symlink():
         # a mask left of an earlier request would pass for one of this request's otherwise
@@ -319,7 +331,8 @@ def _claim_out_folder(request: CrossvalRequest, record: dict) -> tuple[frozenset
 def _request_record(request: CrossvalRequest, held_out: HeldOut, config: PredictConfig
                     ) -> dict:
     """What was asked, as crossval.json holds it; `weights`: per fold, the SHA-256 of each
-    run's best weights, which tell --continue whether a fold's masks still stand."""
+    run's best weights, and `images`: per case, its images' (`_image_digest`), which tell
+    --continue whether a fold's (a case's) masks still stand."""
     record = {
         "runs": [str(run.resolve()) for run in request.runs],
         "dataset": str(held_out.dataset_root.resolve()),
@@ -328,7 +341,9 @@ def _request_record(request: CrossvalRequest, held_out: HeldOut, config: Predict
         "predict": dataclasses.asdict(config),
         "arithmetic": _arithmetic(request.device, config.precision),
         "weights": {str(fold): [sha256_of_file(_best_weights(run, fold))
-                                for run in request.runs] for fold in held_out.folds}}
+                                for run in request.runs] for fold in held_out.folds},
+        "images": {case.name: [_image_digest(image) for image in case.images]
+                   for case in held_out.all_cases()}}
     return json.loads(json.dumps(json_safe(record)))  # as read back: lists, not tuples
 
 
@@ -344,38 +359,71 @@ def _arithmetic(device: str | None, precision: str) -> dict:
             "autocast": "none" if dtype is None else str(dtype).removeprefix("torch.")}
 
 
+def _image_digest(image: Path) -> str | None:
+    """A volume file's SHA-256 (its modification time says nothing of a copy that kept the
+    old one: `cp -p`, `rsync -t`, a backup restored); a DICOM series folder's: the SHA-256 of
+    the lines `DIGEST  PATH` of the files the series is read from (below it, hidden ones
+    left out), in path order. None for one that cannot be read: predict names it."""
+    try:
+        if not image.is_dir():
+            return sha256_of_file(image)
+        lines = [sha256_of_file(file).encode() + b"  "
+                 + os.fsencode(file.relative_to(image).as_posix()) + b"\n"
+                 for file in files_below(image)]
+    except (OSError, MedsegError):
+        return None
+    return hashlib.sha256(b"".join(lines)).hexdigest()
+
+
 def _best_weights(run: Path, fold: int) -> Path:
     from medseg.train import BEST_WEIGHTS
 
     return run / f"fold_{fold}" / "checkpoints" / BEST_WEIGHTS
 
 
-def _going_on(path: Path, record: dict) -> tuple[frozenset[int], dict]:
+def _going_on(path: Path, record: dict) -> tuple[Standing, dict]:
     """The folds whose masks an earlier cross-validation made with the same runs, dataset,
-    predict settings, cases and weights, and the record with the earlier one's folds that
-    this request leaves out; another request is refused, not mixed in."""
-    earlier = _read_record(path)
-    if "dataset" not in earlier:  # medseg before --continue: no dataset, no weights
-        earlier = {**earlier, "dataset": record["dataset"], "weights": {}}
-    unsaid = "arithmetic" not in earlier  # medseg before it was recorded
-    if unsaid:
-        earlier = {**earlier, "arithmetic": record["arithmetic"], "weights": {}}
-    _refuse_another_request(path, earlier, record)
-    if unsaid:  # once the record is accepted: a refused one segments nothing
-        print(f"medseg: note: {path} does not say on which device and in which precision "
-              f"its masks were made: every case is segmented again", file=sys.stderr)
-    weights, cases = earlier.get("weights"), earlier.get("cases")
-    weights = weights if isinstance(weights, dict) else {}
-    cases = cases if isinstance(cases, dict) else {}
-    kept = set()
+    predict settings, cases and weights, in them the cases whose images are the same, and
+    the record with the earlier one's folds that this request leaves out; another request is
+    refused, not mixed in."""
+    earlier = _earlier_record(path, record)
+    weights, cases, images = (_dict_or_empty(earlier.get(key))
+                              for key in ("weights", "cases", "images"))
+    folds = set()
     for fold in record["folds"]:
         key = str(fold)
         if weights.get(key) == record["weights"][key] and cases.get(key) == record["cases"][key]:
-            kept.add(fold)
+            folds.add(fold)
         elif key in weights:
             print(f"medseg: note: fold {fold}'s weights or cases changed since the earlier "
                   f"cross-validation: its cases are segmented again", file=sys.stderr)
-    return frozenset(kept), _with_left_out_folds(record, weights, cases)
+    same_images = {name for fold in folds for name in record["cases"][str(fold)]
+                   if None not in record["images"][name]
+                   and images.get(name) == record["images"][name]}
+    return (Standing(frozenset(folds), frozenset(same_images)),
+            _with_left_out_folds(record, weights, cases, images))
+
+
+def _earlier_record(path: Path, record: dict) -> dict:
+    """The earlier crossval.json, refused if it is another request's; one of an older
+    medseg, which does not say all that made its masks, with none of its folds kept."""
+    earlier = _read_record(path)
+    if "dataset" not in earlier:  # medseg before --continue: no dataset, no weights
+        earlier = {**earlier, "dataset": record["dataset"], "weights": {}}
+    unsaid = [words for key, words in (("arithmetic", "on which device and in which precision"),
+                                       ("images", "from which image contents"))
+              if key not in earlier]  # medseg before they were recorded
+    if unsaid:
+        earlier = {"arithmetic": record["arithmetic"], **earlier, "weights": {}}
+    _refuse_another_request(path, earlier, record)
+    if unsaid:  # once the record is accepted: a refused one segments nothing
+        print(f"medseg: note: {path} does not say {' nor '.join(unsaid)} its masks were made: "
+              f"every case is segmented again", file=sys.stderr)
+    return earlier
+
+
+def _dict_or_empty(value: object) -> dict:
+    return value if isinstance(value, dict) else {}
 
 
 def _refuse_another_request(path: Path, earlier: dict, record: dict) -> None:
@@ -413,11 +461,11 @@ def _read_record(path: Path) -> dict:
     return earlier
 
 
-def _with_left_out_folds(record: dict, weights: dict, cases: dict) -> dict:
-    """`record`, its `cases` and `weights` also holding the earlier record's entries of the
-    folds this request leaves out (`--folds 0` after all folds): their masks stay in
-    predictions/ for a later --continue of them. Not a fold one of whose cases this request
-    segments (its mask is then this request's), nor an entry of other types."""
+def _with_left_out_folds(record: dict, weights: dict, cases: dict, images: dict) -> dict:
+    """`record`, its `cases`, `weights` and `images` also holding the earlier record's
+    entries of the folds this request leaves out (`--folds 0` after all folds): their masks
+    stay in predictions/ for a later --continue of them. Not a fold one of whose cases this
+    request segments (its mask is then this request's), nor an entry of other types."""
     ours = {name for names in record["cases"].values() for name in names}
     left_out = {key: (cases[key], weights[key]) for key in cases
                 if _fold_key(key) and key not in record["cases"] and key in weights
@@ -425,10 +473,13 @@ def _with_left_out_folds(record: dict, weights: dict, cases: dict) -> dict:
                 and not ours & set(cases[key])}
     if not left_out:
         return record
+    their_images = {name: images[name] for names, _ in left_out.values() for name in names
+                    if _strings(images.get(name))}
     return {**record,
             "cases": _by_fold({**record["cases"], **{k: v[0] for k, v in left_out.items()}}),
             "weights": _by_fold({**record["weights"],
-                                 **{k: v[1] for k, v in left_out.items()}})}
+                                 **{k: v[1] for k, v in left_out.items()}}),
+            "images": {**record["images"], **their_images}}
 
 
 def _fold_key(key: str) -> bool:
@@ -444,7 +495,7 @@ def _by_fold(entries: dict[str, list]) -> dict[str, list]:
 
 
 def _predict_folds(request: CrossvalRequest, held_out: HeldOut, predictions: Path,
-                   loaded: dict[int, Predictor], config: PredictConfig, kept: frozenset[int]
+                   loaded: dict[int, Predictor], config: PredictConfig, kept: Standing
                    ) -> set[str]:
     """Each fold's held-out cases by that fold's network(s) (`loaded`: those read already,
     taken out as used, so that no one keeps them), masks written raw (without the run's
@@ -454,7 +505,7 @@ def _predict_folds(request: CrossvalRequest, held_out: HeldOut, predictions: Pat
     for fold in held_out.folds:
         raise_if_stopped()
         cases = _cases_to_segment(fold, held_out.cases_by_fold[fold], predictions,
-                                  fold in kept)
+                                  fold in kept.folds)
         predictor = loaded.pop(fold, None)  # the previous fold's networks freed
         if not cases:
             continue
@@ -468,31 +519,31 @@ def _predict_folds(request: CrossvalRequest, held_out: HeldOut, predictions: Pat
     return failed
 
 
-def _remove_masks_to_redo(held_out: HeldOut, predictions: Path, kept: frozenset[int]
-                          ) -> None:
-    """The masks of the folds not kept (a case failing now must not be scored on one), and
-    in every fold a mask that is a link: medseg writes none, so it leads to another's file."""
+def _remove_masks_to_redo(held_out: HeldOut, predictions: Path, kept: Standing) -> None:
+    """The masks of the cases not kept (of folds not kept, or whose images differ from those
+    the masks were made from: a case failing now must not be scored on one), and in every
+    fold a mask that is a link: medseg writes none, so it leads to another's file."""
     for fold in held_out.folds:
+        changed = 0
         for case in held_out.cases_by_fold[fold]:
             mask = predictions / f"{case.name}.nii.gz"
-            if mask.is_symlink() or (fold not in kept and mask.is_file()):
+            if mask.is_symlink():
                 mask.unlink()
+            elif case.name not in kept.cases and mask.is_file():
+                changed += fold in kept.folds
+                mask.unlink()
+        if changed:
+            print(f"medseg: note: fold {fold}: {changed} case(s) whose images are not those "
+                  f"their masks were made from are segmented again", file=sys.stderr)
 
 
 def _cases_to_segment(fold: int, cases: tuple[Case, ...], predictions: Path, kept: bool
                       ) -> list[Case]:
-    """A kept fold's cases without a finished mask, or whose images changed after it (that
-    mask is removed); another fold's cases all (their earlier masks are gone:
+    """A kept fold's cases without a finished mask; another fold's cases all (their earlier
+    masks are gone, as are those of a kept fold's cases whose images changed:
     `_remove_masks_to_redo`)."""
     if kept:
-        masks = {case.name: predictions / f"{case.name}.nii.gz" for case in cases}
-        todo = [c for c in cases if not _finished(masks[c.name], c)]
-        stale = [c for c in todo if masks[c.name].exists()]
-        for case in stale:  # predict would keep it as done
-            masks[case.name].unlink()
-        if stale:
-            print(f"medseg: note: fold {fold}: {len(stale)} case(s) whose images changed after "
-                  f"their masks were made are segmented again", file=sys.stderr)
+        todo = [c for c in cases if not _finished(predictions / f"{c.name}.nii.gz")]
         done = len(cases) - len(todo)
         if done:
             print(f"fold {fold}: {done} of its {len(cases)} held-out case(s) segmented already"
@@ -502,29 +553,13 @@ def _cases_to_segment(fold: int, cases: tuple[Case, ...], predictions: Path, kep
     return list(cases)
 
 
-def _finished(mask: Path, case: Case) -> bool:
-    """A non-empty mask (predict writes one whole under another name first) made after the
-    case's images last changed: an image replaced since is segmented again."""
+def _finished(mask: Path) -> bool:
+    """A non-empty mask (predict writes one whole under another name first)."""
     try:
         made = mask.stat()
     except OSError:
         return False
-    return (stat.S_ISREG(made.st_mode) and made.st_size > 0
-            and all(_last_change(image) <= made.st_mtime_ns for image in case.images))
-
-
-def _last_change(image: Path) -> int:
-    """When a volume file last changed (ns); for a DICOM series folder, its newest file or
-    the folder itself (a file added or removed). 0 for one that is gone: predict names it."""
-    try:
-        changed = image.stat().st_mtime_ns
-        if image.is_dir():
-            with os.scandir(image) as entries:
-                changed = max([changed, *(entry.stat().st_mtime_ns for entry in entries
-                                          if entry.is_file())])
-        return changed
-    except OSError:
-        return 0
+    return stat.S_ISREG(made.st_mode) and made.st_size > 0
 
 
 def _mask_or_none(predictions: Path, case: Case, failed: set[str]) -> Path | None:

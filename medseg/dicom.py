@@ -262,7 +262,7 @@ def _scan(path: Path) -> tuple[dict[str, list[Frame]], dict[str, list[_Unread]]]
     skipped), and, by SeriesInstanceUID, the images that cannot be read into a volume."""
     if not path.exists():
         raise MedsegError("not found", path)
-    files = [path] if path.is_file() else _files_below(path)
+    files = [path] if path.is_file() else files_below(path)
     groups: dict[str, list[Frame]] = {}
     unplaced: list[Path] = []  # DICOM files with no image that has a place in space
     multiframe: list[Path] = []  # classic multi-frame: one position for many frames
@@ -426,7 +426,7 @@ def _volumes_below_hint(files: list[Path], folder: Path) -> str:
             f"({folder}/*/*{suffix})")
 
 
-def _files_below(folder: Path) -> list[Path]:
+def files_below(folder: Path) -> list[Path]:
     """Every file below `folder`, linked folders followed (each real folder once, so that a
     link back up does not loop; Path.rglob follows none). Hidden files and folders (macOS
     "._x", a ".Trash" with an old copy) are not the series."""

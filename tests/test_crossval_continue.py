@@ -434,24 +434,132 @@ def test_a_second_crossval_on_the_same_folder_is_refused(run, tmp_path, segmente
     assert not lock.exists() and (out / "summary.json").is_file()
 
 
+def _scored_dataset_copy(run: Path, tmp_path: Path, phantom_dataset: Path
+                         ) -> tuple[list[str], Path]:
+    """A cross-validation of `run` on a copy of its dataset: its command, and the copy."""
+    dataset = tmp_path / "dataset"
+    shutil.copytree(phantom_dataset, dataset)
+    command = ["crossval", str(run), "--out", str(tmp_path / "cv"), "--dataset", str(dataset)]
+    assert main(command) == 0
+    return command, dataset
+
+
+def _replace_image(dataset: Path, case: str, keep_time: bool) -> None:
+    """The case's image rewritten brighter, on its grid; `keep_time`: with its old
+    modification time, as `cp -p` of an edited copy (rsync -t, a backup restored) leaves it."""
+    import os
+
+    import nibabel as nib
+
+    image = _image(dataset, case)
+    was, volume = image.stat(), nib.load(image)
+    data = volume.get_fdata() + 10
+    nib.save(nib.Nifti1Image(data.astype(volume.get_data_dtype()), volume.affine,
+                             volume.header), image)
+    if keep_time:
+        os.utime(image, ns=(was.st_atime_ns, was.st_mtime_ns))
+
+
+def _image(dataset: Path, case: str) -> Path:
+    return next(path for path in (dataset / "imagesTr").iterdir()
+                if path.name.startswith(case))
+
+
 def test_a_case_whose_image_changed_after_its_mask_is_segmented_again(run, tmp_path,
                                                                      phantom_dataset,
                                                                      segmented, capsys):
     """--continue kept a mask made from an image replaced since (same dataset root)."""
-    import os
-
-    dataset = tmp_path / "dataset"
-    shutil.copytree(phantom_dataset, dataset)
-    out = tmp_path / "cv"
-    command = ["crossval", str(run), "--out", str(out), "--dataset", str(dataset)]
-    assert main(command) == 0
+    command, dataset = _scored_dataset_copy(run, tmp_path, phantom_dataset)
     case = _held_out(run, 1)[0]
-    image = next(path for path in (dataset / "imagesTr").iterdir()
-                 if path.name.startswith(case))
-    later = (out / "predictions" / f"{case}.nii.gz").stat().st_mtime + 60
-    os.utime(image, (later, later))  # as a copy of another image onto it would leave it
+    _replace_image(dataset, case, keep_time=False)
     segmented.clear()
     capsys.readouterr()
     assert main([*command, "--continue"]) == 0
     assert segmented == [case]
-    assert "1 case(s) whose images changed" in capsys.readouterr().err
+    assert "fold 1: 1 case(s) whose images are not those" in capsys.readouterr().err
+
+
+def test_an_image_replaced_keeping_its_old_time_is_segmented_again(run, tmp_path,
+                                                                  phantom_dataset, segmented):
+    """`cp -p` (rsync -t, a backup restored) keeps the replaced file's old modification time:
+    --continue took the image for the one the mask was made from, and scored that mask."""
+    command, dataset = _scored_dataset_copy(run, tmp_path, phantom_dataset)
+    case = _held_out(run, 1)[0]
+    _replace_image(dataset, case, keep_time=True)
+    segmented.clear()
+    assert main([*command, "--continue"]) == 0
+    assert segmented == [case]
+
+
+def test_an_image_only_touched_keeps_its_mask(run, tmp_path, phantom_dataset, segmented):
+    """The images' content decides, not their time: a `touch` segments nothing again."""
+    import os
+
+    command, dataset = _scored_dataset_copy(run, tmp_path, phantom_dataset)
+    case = _held_out(run, 1)[0]
+    later = _mask(tmp_path / "cv", case).stat().st_mtime + 60
+    os.utime(_image(dataset, case), (later, later))
+    segmented.clear()
+    assert main([*command, "--continue"]) == 0
+    assert segmented == []
+
+
+def test_a_stop_before_the_fold_of_a_replaced_image_keeps_none_of_its_old_masks(
+        run, tmp_path, phantom_dataset, monkeypatch, segmented):
+    """crossval.json names the images' new SHA-256 before any case is segmented: a stop in
+    fold 0 must not leave fold 1 the mask of the image that was replaced."""
+    command, dataset = _scored_dataset_copy(run, tmp_path, phantom_dataset)
+    case = _held_out(run, 1)[0]
+    _replace_image(dataset, case, keep_time=True)
+    _mask(tmp_path / "cv", _held_out(run, 0)[0]).unlink()  # fold 0 has a case to segment
+    with monkeypatch.context() as patch:
+        _stop_in_predict(patch)
+        assert main([*command, "--continue"]) == 130
+    segmented.clear()
+    assert main([*command, "--continue"]) == 0
+    assert sorted(segmented) == sorted([_held_out(run, 0)[0], case])
+
+
+def test_a_record_without_its_images_is_segmented_again_with_a_note(run, tmp_path, segmented,
+                                                                   capsys):
+    """crossval.json of the medseg before `images`: nothing says which image contents its
+    masks were made from, so all are segmented again (as a record without `arithmetic`)."""
+    out = _crossval_then_edit(run, tmp_path, lambda record: record.pop("images"))
+    segmented.clear()
+    capsys.readouterr()
+    assert main(["crossval", str(run), "--out", str(out), "--continue"]) == 0
+    assert sorted(segmented) == sorted(_held_out(run, 0) + _held_out(run, 1))
+    assert "does not say from which image contents its masks were made" in \
+        capsys.readouterr().err
+    record = json.loads((out / "crossval.json").read_text(encoding="utf-8"))
+    assert sorted(record["images"]) == sorted(_held_out(run, 0) + _held_out(run, 1))
+
+
+def test_crossval_json_holds_each_cases_image_sha256(run, tmp_path, phantom_dataset):
+    _, dataset = _scored_dataset_copy(run, tmp_path, phantom_dataset)
+    record = json.loads((tmp_path / "cv" / "crossval.json").read_text(encoding="utf-8"))
+    case = _held_out(run, 1)[0]
+    assert record["images"][case] == [crossval.sha256_of_file(_image(dataset, case))]
+
+
+def test_a_dicom_series_folders_digest_is_that_of_the_files_read(tmp_path):
+    """Every file the series is read from counts, in its subfolders too, whatever its time;
+    hidden files (not read) do not; a folder that cannot be read has none."""
+    import hashlib
+    import os
+
+    series = tmp_path / "series"
+    (series / "part").mkdir(parents=True)
+    for name, data in (("a.dcm", b"slice a"), ("part/b.dcm", b"slice b"), (".DS_Store", b"x")):
+        (series / name).write_bytes(data)
+    sums = b"".join(hashlib.sha256(data).hexdigest().encode() + b"  " + name + b"\n"
+                    for name, data in ((b"a.dcm", b"slice a"), (b"part/b.dcm", b"slice b")))
+    digest = crossval._image_digest(series)
+    assert digest == hashlib.sha256(sums).hexdigest()
+    (series / ".DS_Store").write_bytes(b"y")
+    assert crossval._image_digest(series) == digest
+    was = (series / "part" / "b.dcm").stat()
+    (series / "part" / "b.dcm").write_bytes(b"slice B")
+    os.utime(series / "part" / "b.dcm", ns=(was.st_atime_ns, was.st_mtime_ns))
+    assert crossval._image_digest(series) not in (digest, None)
+    assert crossval._image_digest(tmp_path / "gone") is None

@@ -35,6 +35,7 @@ from medseg.fileio import (
     refuse_unwritable_place,
     sha256_of_file,
 )
+from medseg.itkio import detached_data_files
 from medseg.metrics import leave_out_ignored, score_case
 from medseg.plan import Plan, load_plan
 from medseg.postprocess import keep_largest_component
@@ -361,16 +362,23 @@ def _arithmetic(device: str | None, precision: str) -> dict:
 
 def _image_digest(image: Path) -> str | None:
     """A volume file's SHA-256 (its modification time says nothing of a copy that kept the
-    old one: `cp -p`, `rsync -t`, a backup restored); a DICOM series folder's: the SHA-256 of
-    the lines `DIGEST  PATH` of the files the series is read from (below it, hidden ones
-    left out), in path order. None for one that cannot be read: predict names it."""
+    old one: `cp -p`, `rsync -t`, a backup restored); a DICOM series folder's, or a detached
+    header's (.mhd, .nhdr): the SHA-256 of the lines `DIGEST  PATH` of the files it is read
+    from (the series' below the folder, hidden ones left out, in path order; the header's and
+    its data file's, beside it). None for one that cannot be read (predict names it), or
+    whose voxels are in a list or pattern of files."""
     try:
-        if not image.is_dir():
-            return sha256_of_file(image)
+        if image.is_dir():
+            files, base = files_below(image), image
+        else:
+            data = detached_data_files(image)
+            if not data:
+                return None if data is None else sha256_of_file(image)
+            files, base = [image, *data], image.parent
         lines = [sha256_of_file(file).encode() + b"  "
-                 + os.fsencode(file.relative_to(image).as_posix()) + b"\n"
-                 for file in files_below(image)]
-    except (OSError, MedsegError):
+                 + os.fsencode(Path(os.path.relpath(file, base)).as_posix()) + b"\n"
+                 for file in files]
+    except (OSError, ValueError, MedsegError):
         return None
     return hashlib.sha256(b"".join(lines)).hexdigest()
 

@@ -247,6 +247,29 @@ def orientation_note(path: Path) -> str | None:
             f" not; check which is right")
 
 
+def detached_data_files(path: Path) -> list[Path] | None:
+    """The files other than an NRRD or MetaImage header that its voxels are read from (a
+    detached header's data file): none for voxels in the file itself, or another format;
+    None for a list or a pattern of files (`LIST`, `slice%03d.raw 1 40 1`)."""
+    suffix = path.suffix.lower()
+    if suffix in (".mha", ".mhd"):
+        keys = (re.split("[=:]", line, maxsplit=1) for line in _header_lines(path))
+        name = next((value[0].strip() for key, *value in keys
+                     if value and key.strip() == "ElementDataFile"), "LOCAL")
+        name = "" if name.upper() == "LOCAL" else name
+    elif suffix in (".nrrd", ".nhdr"):
+        fields = _nrrd_fields(path)
+        name = fields.get("data file", fields.get("datafile", ""))
+    else:
+        return []
+    if not name:
+        return []
+    if name.upper().startswith("LIST") or "%" in name:
+        return None
+    # the header read as Latin-1: the name's bytes are the file system's (as ITK takes them)
+    return [path.parent / os.fsdecode(name.encode("latin-1"))]
+
+
 def _nrrd_fields(path: Path) -> dict[str, str]:
     """A NRRD header's `field: value` lines (up to the blank line that ends it)."""
     fields: dict[str, str] = {}

@@ -563,3 +563,36 @@ def test_a_dicom_series_folders_digest_is_that_of_the_files_read(tmp_path):
     os.utime(series / "part" / "b.dcm", ns=(was.st_atime_ns, was.st_mtime_ns))
     assert crossval._image_digest(series) not in (digest, None)
     assert crossval._image_digest(tmp_path / "gone") is None
+
+
+@pytest.mark.parametrize("header", ["scan.mhd", "scan.nhdr"])
+def test_a_detached_headers_digest_covers_its_data_file(tmp_path, header):
+    """The voxels of a .mhd or .nhdr are in another file: one replaced keeping its time (or
+    not) changed nothing the check looked at."""
+    import os
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    from medseg.itkio import detached_data_files
+
+    path = tmp_path / header
+    sitk.WriteImage(sitk.GetImageFromArray(np.arange(24, dtype=np.int16).reshape(2, 3, 4)),
+                    str(path))
+    [data] = detached_data_files(path)
+    assert data.is_file() and data != path
+    digest = crossval._image_digest(path)
+    assert digest not in (None, crossval.sha256_of_file(path))
+    was = data.stat()
+    data.write_bytes(bytes(reversed(data.read_bytes())))
+    os.utime(data, ns=(was.st_atime_ns, was.st_mtime_ns))
+    assert crossval._image_digest(path) not in (digest, None)
+    data.unlink()
+    assert crossval._image_digest(path) is None
+
+
+def test_a_header_of_a_list_of_data_files_has_no_digest(tmp_path):
+    path = tmp_path / "scan.mhd"
+    path.write_text("NDims = 3\nDimSize = 2 2 2\nElementType = MET_SHORT\n"
+                    "ElementDataFile = slice%d.raw 1 2 1\n", encoding="ascii")
+    assert crossval._image_digest(path) is None

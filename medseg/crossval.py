@@ -129,14 +129,15 @@ def cross_validate(request: CrossvalRequest) -> dict:
         # reached must not leave it masks of others that the next --continue would keep
         _remove_masks_to_redo(held_out, predictions, kept)
         atomic_write_json(request.out / REQUEST_FILE, record)
-        return _segment_and_score_noting_a_stop(request, held_out, loaded, config, kept)
+        return _segment_and_score_noting_a_stop(request, held_out, loaded, config, kept,
+                                                record)
 
 
 def _segment_and_score_noting_a_stop(request: CrossvalRequest, held_out: HeldOut,
                                      loaded: dict[int, Predictor], config: PredictConfig,
-                                     kept: Standing) -> dict:
+                                     kept: Standing, record: dict) -> dict:
     try:
-        return _segment_and_score(request, held_out, loaded, config, kept)
+        return _segment_and_score(request, held_out, loaded, config, kept, record)
     except KeyboardInterrupt:  # Ctrl-C or SIGTERM, segmenting, between folds or scoring
         again = "--continue in place of --overwrite" if request.overwrite else "--continue"
         tqdm.write(f"medseg: note: the cross-validation in {request.out} stopped before its "
@@ -147,11 +148,15 @@ def _segment_and_score_noting_a_stop(request: CrossvalRequest, held_out: HeldOut
 
 def _segment_and_score(request: CrossvalRequest, held_out: HeldOut,
                        loaded: dict[int, Predictor], config: PredictConfig,
-                       kept: Standing) -> dict:
-    """The held-out cases segmented (in the `kept` folds, those without a mask), scored and
-    summed up, and the results written; returns the summary."""
+                       kept: Standing, record: dict) -> dict:
+    """The held-out cases segmented (in the `kept` folds, those without a mask), their masks'
+    SHA-256 recorded, scored and summed up, and the results written; returns the summary."""
     predictions = request.out / PREDICTIONS
     failed = _predict_folds(request, held_out, predictions, loaded, config, kept)
+    # a mask changed after this (post-processed in place, another's copied over) is not this
+    # request's: --continue segments its case again
+    atomic_write_json(request.out / REQUEST_FILE, _with_masks(record, held_out, predictions,
+                                                              failed))
     plan = held_out.plan
     pairs = [(case.name, _mask_or_none(predictions, case, failed), case.label)
              for case in held_out.all_cases()]
@@ -383,6 +388,27 @@ def _image_digest(image: Path) -> str | None:
     return hashlib.sha256(b"".join(lines)).hexdigest()
 
 
+def _with_masks(record: dict, held_out: HeldOut, predictions: Path, failed: set[str]
+                ) -> dict:
+    """`record` with `masks`: per case scored, its mask's SHA-256 (the earlier record's of
+    the folds this request leaves out kept)."""
+    masks = {case.name: predictions / f"{case.name}.nii.gz" for case in held_out.all_cases()
+             if case.name not in failed}
+    digests = {name: sha256_of_file(mask) for name, mask in masks.items() if mask.is_file()}
+    return {**record, "masks": {**record.get("masks", {}), **digests}}
+
+
+def _mask_unchanged(mask: Path, recorded: object) -> bool:
+    """A mask whose SHA-256 is the one recorded once it was scored, or none recorded (a
+    cross-validation stopped before it scored)."""
+    if recorded is None:
+        return True
+    try:
+        return sha256_of_file(mask) == recorded
+    except OSError:  # no mask: nothing to keep
+        return False
+
+
 def _best_weights(run: Path, fold: int) -> Path:
     from medseg.train import BEST_WEIGHTS
 
@@ -391,12 +417,12 @@ def _best_weights(run: Path, fold: int) -> Path:
 
 def _going_on(path: Path, record: dict) -> tuple[Standing, dict]:
     """The folds whose masks an earlier cross-validation made with the same runs, dataset,
-    predict settings, cases and weights, in them the cases whose images are the same, and
-    the record with the earlier one's folds that this request leaves out; another request is
-    refused, not mixed in."""
+    predict settings, cases and weights, in them the cases whose images (and masks, where
+    recorded) are the same, and the record with the earlier one's folds that this request
+    leaves out; another request is refused, not mixed in."""
     earlier = _earlier_record(path, record)
-    weights, cases, images = (_dict_or_empty(earlier.get(key))
-                              for key in ("weights", "cases", "images"))
+    weights, cases, images, masks = (_dict_or_empty(earlier.get(key))
+                                     for key in ("weights", "cases", "images", "masks"))
     folds = set()
     for fold in record["folds"]:
         key = str(fold)
@@ -405,11 +431,16 @@ def _going_on(path: Path, record: dict) -> tuple[Standing, dict]:
         elif key in weights:
             print(f"medseg: note: fold {fold}'s weights or cases changed since the earlier "
                   f"cross-validation: its cases are segmented again", file=sys.stderr)
-    same_images = {name for fold in folds for name in record["cases"][str(fold)]
-                   if None not in record["images"][name]
-                   and images.get(name) == record["images"][name]}
-    return (Standing(frozenset(folds), frozenset(same_images)),
-            _with_left_out_folds(record, weights, cases, images))
+    predictions = path.parent / PREDICTIONS
+    unchanged = {name for fold in folds for name in record["cases"][str(fold)]
+                 if None not in record["images"][name]
+                 and images.get(name) == record["images"][name]
+                 and _mask_unchanged(predictions / f"{name}.nii.gz", masks.get(name))}
+    record = _with_left_out_folds(record, weights, cases, images, masks)
+    # kept: a stop before this request scores must not leave them unrecorded
+    ours = {name: masks[name] for name in sorted(unchanged) if isinstance(masks.get(name), str)}
+    return (Standing(frozenset(folds), frozenset(unchanged)),
+            {**record, "masks": {**record.get("masks", {}), **ours}})
 
 
 def _earlier_record(path: Path, record: dict) -> dict:
@@ -469,8 +500,9 @@ def _read_record(path: Path) -> dict:
     return earlier
 
 
-def _with_left_out_folds(record: dict, weights: dict, cases: dict, images: dict) -> dict:
-    """`record`, its `cases`, `weights` and `images` also holding the earlier record's
+def _with_left_out_folds(record: dict, weights: dict, cases: dict, images: dict, masks: dict
+                         ) -> dict:
+    """`record`, its `cases`, `weights`, `images` and `masks` also holding the earlier record's
     entries of the folds this request leaves out (`--folds 0` after all folds): their masks
     stay in predictions/ for a later --continue of them. Not a fold one of whose cases this
     request segments (its mask is then this request's), nor an entry of other types."""
@@ -481,9 +513,11 @@ def _with_left_out_folds(record: dict, weights: dict, cases: dict, images: dict)
                 and not ours & set(cases[key])}
     if not left_out:
         return record
-    their_images = {name: images[name] for names, _ in left_out.values() for name in names
-                    if _strings(images.get(name))}
+    theirs = [name for names, _ in left_out.values() for name in names]
+    their_images = {name: images[name] for name in theirs if _strings(images.get(name))}
+    their_masks = {name: masks[name] for name in theirs if isinstance(masks.get(name), str)}
     return {**record,
+            "masks": their_masks,
             "cases": _by_fold({**record["cases"], **{k: v[0] for k, v in left_out.items()}}),
             "weights": _by_fold({**record["weights"],
                                  **{k: v[1] for k, v in left_out.items()}}),
@@ -528,8 +562,9 @@ def _predict_folds(request: CrossvalRequest, held_out: HeldOut, predictions: Pat
 
 
 def _remove_masks_to_redo(held_out: HeldOut, predictions: Path, kept: Standing) -> None:
-    """The masks of the cases not kept (of folds not kept, or whose images differ from those
-    the masks were made from: a case failing now must not be scored on one), and in every
+    """The masks of the cases not kept (of folds not kept, whose images differ from those the
+    masks were made from, or whose masks changed: a case failing now must not be scored on
+    one), and in every
     fold a mask that is a link: medseg writes none, so it leads to another's file."""
     for fold in held_out.folds:
         changed = 0
@@ -542,7 +577,8 @@ def _remove_masks_to_redo(held_out: HeldOut, predictions: Path, kept: Standing) 
                 mask.unlink()
         if changed:
             print(f"medseg: note: fold {fold}: {changed} case(s) whose images are not those "
-                  f"their masks were made from are segmented again", file=sys.stderr)
+                  f"their masks were made from, or whose masks changed since, are segmented "
+                  f"again", file=sys.stderr)
 
 
 def _cases_to_segment(fold: int, cases: tuple[Case, ...], predictions: Path, kept: bool

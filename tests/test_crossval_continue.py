@@ -596,3 +596,50 @@ def test_a_header_of_a_list_of_data_files_has_no_digest(tmp_path):
     path.write_text("NDims = 3\nDimSize = 2 2 2\nElementType = MET_SHORT\n"
                     "ElementDataFile = slice%d.raw 1 2 1\n", encoding="ascii")
     assert crossval._image_digest(path) is None
+
+
+def test_a_mask_changed_after_it_was_scored_is_segmented_again(run, tmp_path, segmented,
+                                                              capsys):
+    """A mask post-processed in place, or another's copied over it, was kept and scored as
+    the raw mask of this request's networks."""
+    out = tmp_path / "cv"
+    assert main(["crossval", str(run), "--out", str(out)]) == 0
+    record = json.loads((out / "crossval.json").read_text(encoding="utf-8"))
+    case, other = _held_out(run, 1)[0], _held_out(run, 0)[0]
+    assert record["masks"][case] == crossval.sha256_of_file(_mask(out, case))
+    shutil.copyfile(_mask(out, other), _mask(out, case))
+    segmented.clear()
+    capsys.readouterr()
+    assert main(["crossval", str(run), "--out", str(out), "--continue"]) == 0
+    assert segmented == [case]
+    assert "or whose masks changed since" in capsys.readouterr().err
+    assert _mask(out, case).read_bytes() != _mask(out, other).read_bytes()
+
+
+def test_a_stopped_continue_keeps_the_masks_record_of_the_cases_it_kept(run, tmp_path,
+                                                                      monkeypatch, segmented):
+    """A --continue stopped before it scored wrote a record without the kept masks' SHA-256:
+    a mask changed after that passed for this request's."""
+    out = tmp_path / "cv"
+    assert main(["crossval", str(run), "--out", str(out)]) == 0
+    first, case = _held_out(run, 0)[0], _held_out(run, 1)[0]
+    _mask(out, first).unlink()  # fold 0 has a case to segment
+    with monkeypatch.context() as patch:
+        _stop_in_predict(patch)
+        assert main(["crossval", str(run), "--out", str(out), "--continue"]) == 130
+    shutil.copyfile(_mask(out, _held_out(run, 0)[1]), _mask(out, case))
+    segmented.clear()
+    assert main(["crossval", str(run), "--out", str(out), "--continue"]) == 0
+    assert sorted(segmented) == sorted([first, case])
+
+
+def test_a_left_out_folds_mask_changed_meanwhile_is_segmented_again(run, tmp_path,
+                                                                   segmented):
+    out = tmp_path / "cv"
+    assert main(["crossval", str(run), "--out", str(out)]) == 0
+    assert main(["crossval", str(run), "--out", str(out), "--continue", "--folds", "0"]) == 0
+    case = _held_out(run, 1)[0]
+    shutil.copyfile(_mask(out, _held_out(run, 0)[0]), _mask(out, case))
+    segmented.clear()
+    assert main(["crossval", str(run), "--out", str(out), "--continue"]) == 0
+    assert segmented == [case]

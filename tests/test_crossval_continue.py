@@ -643,3 +643,18 @@ def test_a_left_out_folds_mask_changed_meanwhile_is_segmented_again(run, tmp_pat
     segmented.clear()
     assert main(["crossval", str(run), "--out", str(out), "--continue"]) == 0
     assert segmented == [case]
+
+
+@pytest.mark.parametrize("images, masks", [([1], {"x": {"b": []}}), ({"x": 1}, None)])
+def test_hostile_images_or_masks_segment_again_without_a_traceback(run, tmp_path, segmented,
+                                                                  images, masks):
+    def hostile(record: dict) -> None:
+        for key, value in (("images", images), ("masks", masks)):
+            if isinstance(value, dict):  # every case named
+                value = {name: value.get("x", value) for name in record[key]}
+            record[key] = value
+
+    out = _crossval_then_edit(run, tmp_path, hostile)
+    segmented.clear()
+    assert main(["crossval", str(run), "--out", str(out), "--continue"]) == 0
+    assert sorted(segmented) == sorted(_held_out(run, 0) + _held_out(run, 1))

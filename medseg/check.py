@@ -111,9 +111,7 @@ def check_dataset(path: str | Path, layout: str = "auto") -> CheckReport:
     if listing.count_mismatch:
         problems.append(Problem(listing.count_mismatch[0], "-", listing.description,
                                 listing.count_mismatch[1]))
-    if not dataset.cases:
-        problems.append(Problem("error", "-", listing.description or dataset.root,
-                                "the dataset lists no cases: training would refuse it"))
+    problems += _too_few_cases(len(dataset.cases), listing.description or dataset.root)
     problem = label_id_problem(dataset.labels)
     if problem:
         problems.append(Problem("error", "-", listing.description or dataset.root,
@@ -130,6 +128,18 @@ def check_dataset(path: str | Path, layout: str = "auto") -> CheckReport:
     problems += _duplicates(facts)
     problems += _outliers([f for f in facts if f.geometry is not None])
     return CheckReport(dataset.root, listing.layout, len(dataset.cases), tuple(problems))
+
+
+def _too_few_cases(count: int, where: Path) -> list[Problem]:
+    """Training refuses a dataset of no case, and one of a single case (make_splits)."""
+    if count == 0:
+        return [Problem("error", "-", where, "the dataset lists no cases: training would "
+                                             "refuse it")]
+    if count == 1:
+        return [Problem("error", "-", where, "the dataset lists 1 case: training would refuse "
+                                             "it, its folds need at least 2 (one to train on, "
+                                             "one to validate on)")]
+    return []
 
 
 def _check_case(case: Case, dataset: Dataset, layout: str) -> tuple[list[Problem], _CaseFacts]:

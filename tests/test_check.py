@@ -134,23 +134,25 @@ def test_nnunet_orphans_and_missing_channels(tmp_path):
 def test_check_agrees_with_training_on_spare_labels_hidden_files_and_no_cases(tmp_path):
     from medseg.datasets import load_dataset
 
-    pairs = tmp_path / "pairs"
-    save(pairs / "images" / "a.nii.gz", image(1))
-    save(pairs / "labels" / "a.nii.gz", label())
+    pairs = tmp_path / "pairs"  # two cases: training needs as many for its folds
+    for k, name in enumerate("ab"):
+        save(pairs / "images" / f"{name}.nii.gz", image(k + 1))
+        save(pairs / "labels" / f"{name}.nii.gz", label())
     save(pairs / "labels" / "spare.nii.gz", label())  # no image: training leaves it out
-    assert [c.name for c in load_dataset(pairs).cases] == ["a"]
+    assert [c.name for c in load_dataset(pairs).cases] == ["a", "b"]
     report = check_dataset(pairs)
     assert [(p.severity, p.file.name) for p in report.problems] == [("warning", "spare.nii.gz")]
 
     nnunet = tmp_path / "nnunet"
-    save(nnunet / "imagesTr" / "a_0000.nii.gz", image(2))
-    save(nnunet / "labelsTr" / "a.nii.gz", label())
+    for k, name in enumerate("ab"):
+        save(nnunet / "imagesTr" / f"{name}_0000.nii.gz", image(k + 2))
+        save(nnunet / "labelsTr" / f"{name}.nii.gz", label())
     (nnunet / "imagesTr" / "._a_0000.nii.gz").write_bytes(b"\0" * 100)  # macOS metadata
     (nnunet / "labelsTr" / "._a.nii.gz").write_bytes(b"\0" * 100)
     (nnunet / "dataset.json").write_text(json.dumps({
         "channel_names": {"0": "T1"}, "labels": {"background": 0, "x": 1},
         "file_ending": ".nii.gz"}), encoding="utf-8")
-    assert [c.name for c in load_dataset(nnunet).cases] == ["a"]
+    assert [c.name for c in load_dataset(nnunet).cases] == ["a", "b"]
     assert check_dataset(nnunet).problems == ()
 
     empty = tmp_path / "empty"
@@ -200,8 +202,9 @@ def test_cases_sharing_one_channel_are_not_duplicates(tmp_path):
 
 
 def test_two_files_of_one_label_are_still_an_error(tmp_path):
-    save(tmp_path / "images" / "a.nii.gz", image(1))
-    save(tmp_path / "labels" / "a.nii.gz", label())
+    for k, name in enumerate("ab"):
+        save(tmp_path / "images" / f"{name}.nii.gz", image(k + 1))
+        save(tmp_path / "labels" / f"{name}.nii.gz", label())
     save(tmp_path / "labels" / "a.nii", label())
     report = check_dataset(tmp_path, layout="folders")
     assert [(p.severity, p.file.name) for p in report.problems] == [("error", "a.nii.gz")]

@@ -499,7 +499,8 @@ def read_msd_task(root: Path) -> MsdTask:
     modality = data.get("modality", {"0": "MR"})
     if not isinstance(modality, dict):
         raise MedsegError("'modality' must map channel numbers to names", description)
-    names = tuple(str(modality[k]) for k in _channel_numbers(modality, "modality", description))
+    names = tuple(_channel_name(modality, k, "modality", description)
+                  for k in _channel_numbers(modality, "modality", description))
     # MONAI's datalists (load_decathlon_datalist) write a test entry as {"image": path}
     test = [entry["image"] if isinstance(entry, dict) and "image" in entry else entry
             for entry in test]
@@ -544,7 +545,8 @@ def _list_nnunet(root: Path, read_labels: bool = True) -> Listing:
         raise MedsegError(f"'file_ending' must start with a dot ('.{ending}'), not {ending!r}",
                           description)
     channel_ids = _channel_numbers(channels, key, description)
-    modalities = tuple(_modality_name(channels[k]) for k in channel_ids)
+    modalities = tuple(_modality_name(_channel_name(channels, k, key, description))
+                       for k in channel_ids)
     if "dataset" in data:  # nnU-Net v2's own list of each case's files, used instead of a scan
         cases = _nnunet_listed_cases(data["dataset"], root, len(channel_ids), description)
         dataset = Dataset(root, cases, _map_of(description, read_labels), modalities,
@@ -674,6 +676,16 @@ def _channel_numbers(channels: dict, key: str, description: Path) -> list[str]:
         raise MedsegError(f"'{key}' must number its channels 0, 1, ... without a gap, got "
                           f"{', '.join(numbers)}", description)
     return numbers
+
+
+def _channel_name(channels: dict, number: str, key: str, description: Path) -> str:
+    """A channel's name as text: str() would read null as the name 'None', which chooses
+    MR's normalization unsaid (nnU-Net cannot read such a name at all)."""
+    name = channels[number]
+    if not isinstance(name, str) or not name.strip():
+        raise MedsegError(f"'{key}' gives channel \"{number}\" {json.dumps(name)}, not a "
+                          f"name: name its modality, such as \"CT\" or \"MR\"", description)
+    return name
 
 
 def _list_folder_pairs(root: Path, read_labels: bool = True) -> Listing:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -40,3 +43,52 @@ def test_check_errs_on_a_dataset_of_one_case_as_training_refuses_it(tmp_path, ca
     assert report.exit_code() == 1
     assert main(["check", str(root)]) == 1
     assert "(folders layout, 1 case): 1 error, 0 warnings" in capsys.readouterr().out
+
+
+def _nnunet_description(root, channels) -> None:
+    (root / "dataset.json").write_text(json.dumps({
+        "channel_names": channels, "labels": {"background": 0, "x": 1},
+        "numTraining": 2, "file_ending": ".nii.gz"}), encoding="utf-8")
+
+
+@pytest.mark.parametrize(("channels", "shown"), [
+    ({"0": None}, '"0" null'),
+    ({"0": 5}, '"0" 5'),
+    ({"0": ["CT"]}, '"0" ["CT"]'),
+    ({"0": " "}, '"0" " "'),
+    ({"0": "CT", "1": None}, '"1" null'),
+])
+def test_an_nnunet_channel_name_that_is_not_text_is_refused(tmp_path, channels, shown):
+    """str() read a null channel name as 'None', an MR channel: z-scored without a word."""
+    root = tmp_path / "d"
+    root.mkdir()
+    _nnunet_description(root, channels)
+    with pytest.raises(MedsegError, match=re.escape(
+            f"dataset.json: 'channel_names' gives channel {shown}, not a name")) as info:
+        load_dataset(root, layout="nnunet")
+    assert str(root / "dataset.json") in str(info.value) and "\n" not in str(info.value)
+
+
+def test_an_nnunet_v1_modality_of_null_is_refused(tmp_path):
+    root = tmp_path / "d"
+    root.mkdir()
+    (root / "dataset.json").write_text(json.dumps({
+        "modality": {"0": None}, "labels": {"0": "background", "1": "x"}}), encoding="utf-8")
+    with pytest.raises(MedsegError, match=re.escape(
+            "dataset.json: 'modality' gives channel \"0\" null, not a name")):
+        load_dataset(root, layout="nnunet")
+
+
+def _msd_description(root, **keys) -> None:
+    (root / "dataset.json").write_text(json.dumps({
+        "modality": {"0": "MR"}, "labels": {"0": "background", "1": "x"},
+        "training": [{"image": f"./images/c{n}.nii.gz", "label": f"./labels/c{n}.nii.gz"}
+                     for n in range(2)], **keys}), encoding="utf-8")
+
+
+def test_an_msd_modality_of_null_is_refused(tmp_path):
+    root = _folder_pairs(tmp_path / "d", 2)
+    _msd_description(root, modality={"0": None})
+    with pytest.raises(MedsegError, match=re.escape(
+            "dataset.json: 'modality' gives channel \"0\" null, not a name")):
+        load_dataset(root, layout="msd")

@@ -493,7 +493,9 @@ def read_msd_task(root: Path) -> MsdTask:
         image = _listed(root, entry["image"], description)
         training.append((strip_image_suffix(image.name), image,
                          _listed(root, entry["label"], description)))
+    # null is a writer's "no test set" (Python's None): MSD's own files write []
     test = data.get("test", [])
+    test = [] if test is None else test
     if not isinstance(test, list):
         raise MedsegError("'test' must be a list of image paths", description)
     modality = data.get("modality", {"0": "MR"})

@@ -11,7 +11,7 @@ import pytest
 
 from medseg.check import check_dataset
 from medseg.cli import main
-from medseg.datasets import load_dataset, make_splits
+from medseg.datasets import load_dataset, make_splits, read_msd_task
 from medseg.errors import MedsegError
 
 
@@ -92,3 +92,13 @@ def test_an_msd_modality_of_null_is_refused(tmp_path):
     with pytest.raises(MedsegError, match=re.escape(
             "dataset.json: 'modality' gives channel \"0\" null, not a name")):
         load_dataset(root, layout="msd")
+
+
+def test_an_msd_test_list_of_null_is_no_test_case(tmp_path):
+    """MSD's own files write "test": []; null (Python's None written as JSON) was refused as
+    "'test' must be a list of image paths", though training never reads the test images."""
+    root = _folder_pairs(tmp_path / "d", 2)
+    _msd_description(root, test=None)
+    assert len(load_dataset(root).cases) == 2
+    assert read_msd_task(root).test == ()
+    assert check_dataset(root).exit_code() == 0

@@ -8,6 +8,7 @@ import re
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import REPO
 
 from medseg.check import check_dataset
 from medseg.cli import main
@@ -43,6 +44,39 @@ def test_check_errs_on_a_dataset_of_one_case_as_training_refuses_it(tmp_path, ca
     assert report.exit_code() == 1
     assert main(["check", str(root)]) == 1
     assert "(folders layout, 1 case): 1 error, 0 warnings" in capsys.readouterr().out
+
+
+def test_train_refuses_a_splits_file_validating_on_a_training_case(tmp_path, phantom_dataset,
+                                                                   capsys):
+    """A case in both lists of one fold is validated on after being trained on (an inflated
+    Dice): refused in one line naming the file, the fold and the case, before any work."""
+    names = sorted(path.name.removesuffix(".nii.gz")
+                   for path in (phantom_dataset / "labelsTr").glob("*.nii.gz"))
+    splits = [{"train": names[2:], "val": names[:2]},
+              {"train": names[:5], "val": names[4:]}]  # names[4] in both
+    splits_file = tmp_path / "splits_final.json"
+    splits_file.write_text(json.dumps(splits), encoding="utf-8")
+    out = tmp_path / "run"
+    code = main(["train", str(REPO / "workflows" / "demo.yaml"), "--out", str(out),
+                 "--set", f"dataset.path={phantom_dataset}",
+                 "--set", f"train.splits_file={splits_file}"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1, lines
+    assert f"{splits_file}: fold 1 validates on its own training case(s) {names[4]}" in lines[0]
+    assert not out.exists()
+
+
+def test_crossval_refuses_a_run_whose_splits_validate_on_a_training_case(tmp_path):
+    from medseg.crossval import _shared_splits
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "splits.json").write_text(json.dumps([
+        {"train": ["a", "b"], "val": ["c"]}, {"train": ["b", "c"], "val": ["c", "a"]}]),
+        encoding="utf-8")
+    with pytest.raises(MedsegError, match=re.escape(
+            f"{run / 'splits.json'}: fold 1 validates on its own training case(s) c")):
+        _shared_splits((run,))
 
 
 def _nnunet_description(root, channels) -> None:

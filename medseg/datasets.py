@@ -168,11 +168,22 @@ def label_names_from_json(path: str | Path) -> dict[int, str]:
         raise MedsegError(f"label names must be text; id {not_text[0][0]} is named "
                           f"{json.dumps(not_text[0][1])}", path)
     labels = {label: str(name) for label, name in pairs}
+    problem = _background_problem(labels)
     labels = {0: "background", **labels}  # a labels.json may leave background unnamed
-    problem = label_name_problem(labels) or ignore_label_problem(labels)
+    problem = problem or label_name_problem(labels) or ignore_label_problem(labels)
     if problem:
         raise MedsegError(problem, path)
     return labels
+
+
+def _background_problem(labels: dict[int, str]) -> str | None:
+    """Training takes id 0 as background whatever its name: a map naming another id
+    'background' would train and score that id as a structure, and 0's voxels as none."""
+    misplaced = [k for k, name in labels.items()
+                 if k != 0 and name.strip().casefold() == "background"]
+    if not misplaced:
+        return None
+    return f"'background' must be label 0 (as nnU-Net requires), not {misplaced[0]}"
 
 
 def split_ignore_label(labels: dict[int, str]) -> tuple[dict[int, str], int | None]:

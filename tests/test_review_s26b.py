@@ -136,3 +136,23 @@ def test_an_msd_test_list_of_null_is_no_test_case(tmp_path):
     assert len(load_dataset(root).cases) == 2
     assert read_msd_task(root).test == ()
     assert check_dataset(root).exit_code() == 0
+
+
+@pytest.mark.parametrize(("layout", "description", "shown"), [
+    ("nnunet", {"channel_names": {"0": "MR"}, "labels": {"background": 1, "x": 0}}, 1),
+    ("nnunet", {"channel_names": {"0": "MR"}, "labels": {"x": 1, "background": 2}}, 2),
+    ("msd", {"modality": {"0": "MR"}, "labels": {"0": "x", "1": "Background"},
+             "training": []}, 1),
+])
+def test_a_label_map_naming_another_id_background_is_refused(tmp_path, layout, description,
+                                                              shown):
+    """nnU-Net refuses it ('Background label must be 0'); medseg trained id 0 as background
+    whatever its name: the structure named at 0 was never learnt nor scored, and the id
+    named 'background' was scored as a structure (or, with 0 unnamed, refused as a repeated
+    name 'background')."""
+    root = tmp_path / "d"
+    root.mkdir()
+    (root / "dataset.json").write_text(json.dumps(description), encoding="utf-8")
+    with pytest.raises(MedsegError, match=re.escape(
+            f"dataset.json: 'background' must be label 0 (as nnU-Net requires), not {shown}")):
+        load_dataset(root, layout=layout)

@@ -20,6 +20,7 @@ from tqdm import tqdm
 from medseg.datasets import (
     Case,
     Dataset,
+    file_name_safe,
     id_past_a_gap,
     is_spare_label,
     label_id_problem,
@@ -126,6 +127,7 @@ def check_dataset(path: str | Path, layout: str = "auto") -> CheckReport:
         problems += _gapped_label_ids(facts, listing.description or dataset.root)
     problems += _no_structure_anywhere(facts, dataset, listing.description or dataset.root)
     problems += _duplicates(facts)
+    problems += _unnameable(dataset.cases)
     problems += _outliers([f for f in facts if f.geometry is not None])
     return CheckReport(dataset.root, listing.layout, len(dataset.cases), tuple(problems))
 
@@ -311,6 +313,15 @@ def _duplicates(facts: list[_CaseFacts]) -> list[Problem]:
             if other is not fact:
                 problems.append(_same_image(fact, other))
     return problems
+
+
+def _unnameable(cases: tuple[Case, ...]) -> list[Problem]:
+    """Names (a CSV's case column, nnU-Net's 'dataset' keys) that training takes, but that
+    crossval refuses, after the training, as the file name of a case's mask."""
+    return [Problem("warning", case.name, case.images[0],
+                    f"case name {case.name!r} cannot name a mask file (a path separator, '..' "
+                    f"or a leading dot): crossval would refuse it; rename the case")
+            for case in cases if not file_name_safe(case.name)]
 
 
 def _same_image(fact: _CaseFacts, other: _CaseFacts) -> Problem:

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from medseg.config import PredictConfig, Workflow, load_workflow
-from medseg.datasets import Case, Dataset, load_dataset, read_splits
+from medseg.datasets import Case, Dataset, file_name_safe, load_dataset, read_splits
 from medseg.dicom import files_below
 from medseg.errors import MedsegError
 from medseg.evaluate import CaseScores, evaluate_pairs, load_pair
@@ -285,7 +285,7 @@ def _refuse_unusable_cases(names: list[str], by_name: dict[str, Case], fold: int
                           f"in the dataset (score the dataset the run was trained on)",
                           dataset.root)
     for name in names:
-        if not _file_name_safe(name):  # the mask is predictions/NAME.nii.gz
+        if not file_name_safe(name):  # the mask is predictions/NAME.nii.gz
             raise MedsegError(f"case name {name!r} cannot name a mask file (a path separator, "
                               f"'..' or a leading dot): rename the case", dataset.root)
         if name in seen:
@@ -296,10 +296,6 @@ def _refuse_unusable_cases(names: list[str], by_name: dict[str, Case], fold: int
         if by_name[name].label is None:
             raise MedsegError(f"validation case {name} has no label to score against",
                               dataset.root)
-
-
-def _file_name_safe(name: str) -> bool:
-    return bool(name) and not name.startswith(".") and not any(c in name for c in "/\\\0")
 
 
 def _claim_out_folder(request: CrossvalRequest, record: dict) -> tuple[Standing, dict]:

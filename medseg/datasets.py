@@ -329,6 +329,12 @@ def read_splits(path: Path) -> list[dict]:
     return data
 
 
+def file_name_safe(name: str) -> bool:
+    """Whether a case name can name a file of its own (crossval's predictions/NAME.nii.gz):
+    no path separator, no leading dot ('..', a hidden file), not empty."""
+    return bool(name) and not name.startswith(".") and not any(c in name for c in "/\\\0")
+
+
 def strip_image_suffix(name: str) -> str:
     for suffix in IMAGE_SUFFIXES:
         if name.lower().endswith(suffix):

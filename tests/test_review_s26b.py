@@ -156,3 +156,21 @@ def test_a_label_map_naming_another_id_background_is_refused(tmp_path, layout, d
     with pytest.raises(MedsegError, match=re.escape(
             f"dataset.json: 'background' must be label 0 (as nnU-Net requires), not {shown}")):
         load_dataset(root, layout=layout)
+
+
+def test_check_warns_about_a_case_name_crossval_cannot_name_a_mask_with(tmp_path):
+    """A CSV's case column (BIDS's sub-01/ses-1) or nnU-Net's 'dataset' keys may name a case
+    with a path separator or a leading dot: training takes it, crossval refused it only
+    after the training, and check said nothing."""
+    root = _folder_pairs(tmp_path / "d", 3)
+    (root / "cases.csv").write_text(
+        "case,image,label\nsub-01/ses-1,images/c0.nii.gz,labels/c0.nii.gz\n"
+        "..,images/c1.nii.gz,labels/c1.nii.gz\nc2,images/c2.nii.gz,labels/c2.nii.gz\n",
+        encoding="utf-8")
+    report = check_dataset(root / "cases.csv")
+    assert [(p.severity, p.case, p.file.name) for p in report.problems] == [
+        ("warning", "sub-01/ses-1", "c0.nii.gz"), ("warning", "..", "c1.nii.gz")]
+    assert report.problems[0].message == (
+        "case name 'sub-01/ses-1' cannot name a mask file (a path separator, '..' or a "
+        "leading dot): crossval would refuse it; rename the case")
+    assert report.exit_code() == 0 and report.exit_code(strict=True) == 1

@@ -606,6 +606,8 @@ def _nnunet_listed_cases(listed, root: Path, channels: int, description: Path
                 and isinstance(label, str)):
             raise MedsegError(f"'dataset' entry {name!r} needs \"images\" (a list of paths) and "
                               f"\"label\" (a path)", description)
+        if not all(path.strip() for path in (*images, label)):  # the dataset folder itself
+            raise MedsegError(f"'dataset' entry {name!r} gives an empty path", description)
         if len(images) != channels:
             raise MedsegError(f"'dataset' entry {name!r} lists {len(images)} image(s) for "
                               f"{channels} channel(s) of channel_names", description)

@@ -174,3 +174,20 @@ def test_check_warns_about_a_case_name_crossval_cannot_name_a_mask_with(tmp_path
         "case name 'sub-01/ses-1' cannot name a mask file (a path separator, '..' or a "
         "leading dot): crossval would refuse it; rename the case")
     assert report.exit_code() == 0 and report.exit_code(strict=True) == 1
+
+
+@pytest.mark.parametrize("entry", [
+    {"images": ["imagesTr/c0_0000.nii.gz"], "label": ""},
+    {"images": [" "], "label": "labelsTr/c0.nii.gz"},
+])
+def test_an_empty_path_in_an_nnunet_dataset_entry_is_refused(tmp_path, entry):
+    """"" named the dataset folder itself: check read it as a DICOM series ('no DICOM image
+    found ... give them as inputs themselves'), and training loaded it as the case's file."""
+    root = tmp_path / "d"
+    root.mkdir()
+    (root / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "MR"}, "labels": {"background": 0, "x": 1},
+        "file_ending": ".nii.gz", "dataset": {"c0": entry}}), encoding="utf-8")
+    with pytest.raises(MedsegError, match=re.escape(
+            "dataset.json: 'dataset' entry 'c0' gives an empty path")):
+        check_dataset(root)

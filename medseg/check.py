@@ -128,6 +128,7 @@ def check_dataset(path: str | Path, layout: str = "auto") -> CheckReport:
     problems += _no_structure_anywhere(facts, dataset, listing.description or dataset.root)
     problems += _duplicates(facts)
     problems += _unnameable(dataset.cases)
+    problems += _shared_labels(dataset.cases)
     problems += _outliers([f for f in facts if f.geometry is not None])
     return CheckReport(dataset.root, listing.layout, len(dataset.cases), tuple(problems))
 
@@ -312,6 +313,21 @@ def _duplicates(facts: list[_CaseFacts]) -> list[Problem]:
             other = first_by_digest.setdefault(fact.digest, fact)
             if other is not fact:
                 problems.append(_same_image(fact, other))
+    return problems
+
+
+def _shared_labels(cases: tuple[Case, ...]) -> list[Problem]:
+    """One label file listed for two cases of other images (a slip in a CSV or dataset.json
+    row): training takes it as each one's label. Cases of the same image file have an
+    error row of their own."""
+    problems = []
+    first: dict[Path, Case] = {}
+    for case in cases:
+        other = first.setdefault(case.label, case) if case.label is not None else case
+        if other is not case and other.images != case.images:
+            problems.append(Problem("warning", case.name, case.label,
+                                    f"same label file as case {other.name}: training takes "
+                                    f"it as the label of both"))
     return problems
 
 

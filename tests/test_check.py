@@ -300,8 +300,8 @@ def test_a_path_outside_the_folder_is_a_warning_and_no_row_at_all_in_a_csv(tmp_p
 
 
 def test_the_verdict_counts_in_words(tmp_path):
-    entries = [write_case(tmp_path, f"ok{k}", seed=k) for k in range(3)]
-    entries.append(("imagesTr/gone.nii.gz", "labelsTr/ok0.nii.gz"))
+    entries = [write_case(tmp_path, f"ok{k}", seed=k) for k in range(4)]
+    (tmp_path / entries[3][0]).unlink()  # its image gone, its label its own
     assert "1 error, 0 warnings" in check_dataset(msd(tmp_path, entries)).format_table()
 
 

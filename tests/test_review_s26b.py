@@ -191,3 +191,16 @@ def test_an_empty_path_in_an_nnunet_dataset_entry_is_refused(tmp_path, entry):
     with pytest.raises(MedsegError, match=re.escape(
             "dataset.json: 'dataset' entry 'c0' gives an empty path")):
         check_dataset(root)
+
+
+def test_check_warns_about_one_label_file_listed_for_two_cases(tmp_path):
+    """A row pasted from the one above (c1's image with c0's label) trained c1 on c0's
+    structures, and check called the dataset clean."""
+    root = _folder_pairs(tmp_path / "d", 3)
+    (root / "cases.csv").write_text(
+        "image,label\nimages/c0.nii.gz,labels/c0.nii.gz\nimages/c1.nii.gz,labels/c0.nii.gz\n"
+        "images/c2.nii.gz,labels/c2.nii.gz\n", encoding="utf-8")
+    report = check_dataset(root / "cases.csv")
+    assert [(p.severity, p.case, p.file, p.message) for p in report.problems] == [
+        ("warning", "c1", root / "labels" / "c0.nii.gz",
+         "same label file as case c0: training takes it as the label of both")]

@@ -819,8 +819,19 @@ def _read_csv(path: Path) -> tuple[list[dict[str, str]], list[str]]:
     missing = [c for c in ("image", "label") if c not in columns]
     if missing:
         raise MedsegError(f"CSV needs the columns image and label; missing "
-                          f"{', '.join(missing)} (found {', '.join(columns) or 'none'})", path)
+                          f"{', '.join(missing)} (found {', '.join(columns) or 'none'})"
+                          f"{_separator_hint(columns)}", path)
     return rows, columns
+
+
+def _separator_hint(columns: list[str]) -> str:
+    """A header read as one column holding another separator (Excel writes ';' where the
+    decimal mark is a comma): say so, rather than only list the columns missing."""
+    separator = next((s for s in (";", "\t", "|") if any(s in c for c in columns)), None)
+    if separator is None:
+        return ""
+    return (f": its header is separated by {separator!r}, and a CSV's columns by commas "
+            f"(save it as comma-separated)")
 
 
 def _cell_path(root: Path, path: Path, row: dict[str, str], number: int, column: str) -> Path:

@@ -204,3 +204,16 @@ def test_check_warns_about_one_label_file_listed_for_two_cases(tmp_path):
     assert [(p.severity, p.case, p.file, p.message) for p in report.problems] == [
         ("warning", "c1", root / "labels" / "c0.nii.gz",
          "same label file as case c0: training takes it as the label of both")]
+
+
+def test_a_csv_separated_by_semicolons_is_named_as_such(tmp_path):
+    """Excel writes ';' where the decimal mark is a comma: the refusal listed image and
+    label as missing, found 'image;label', and left the user to see why."""
+    root = _folder_pairs(tmp_path / "d", 2)
+    (root / "cases.csv").write_text(
+        "image;label\nimages/c0.nii.gz;labels/c0.nii.gz\nimages/c1.nii.gz;labels/c1.nii.gz\n",
+        encoding="utf-8")
+    with pytest.raises(MedsegError, match=re.escape(
+            "cases.csv: CSV needs the columns image and label; missing image, label (found "
+            "image;label): its header is separated by ';', and a CSV's columns by commas")):
+        load_dataset(root / "cases.csv")

@@ -552,7 +552,7 @@ def _list_nnunet(root: Path, read_labels: bool = True) -> Listing:
     key = "channel_names" if "channel_names" in data else "modality"
     channels = data.get(key)
     if key not in data:
-        raise MedsegError("'channel_names' is missing", description)
+        raise MedsegError(f"'channel_names' is missing{_folder_pairs_hint(root)}", description)
     if not isinstance(channels, dict):
         raise MedsegError(f"'{key}' must map channel numbers (\"0\", \"1\", ...) to "
                           f"names", description)
@@ -588,6 +588,16 @@ def _list_nnunet(root: Path, read_labels: bool = True) -> Listing:
     orphans += _off_ending(root / "labelsTr", ending)
     return Listing(dataset, "nnunet", description, orphans,
                    count_mismatch=("error", mismatch) if mismatch else None)
+
+
+def _folder_pairs_hint(root: Path) -> str:
+    """A dataset.json of other content (a name, a description) beside images/ and labels/
+    made `auto` read the folder as nnU-Net's."""
+    if (root / "images").is_dir() and (root / "labels").is_dir() \
+            and not (root / "imagesTr").is_dir():
+        return (" (images/ and labels/ beside it: a folder-pairs dataset? set dataset.layout "
+                "to folders, or give check --layout folders)")
+    return ""
 
 
 def _nnunet_listed_cases(listed, root: Path, channels: int, description: Path

@@ -217,3 +217,17 @@ def test_a_csv_separated_by_semicolons_is_named_as_such(tmp_path):
             "cases.csv: CSV needs the columns image and label; missing image, label (found "
             "image;label): its header is separated by ';', and a CSV's columns by commas")):
         load_dataset(root / "cases.csv")
+
+
+def test_a_folder_pairs_dataset_beside_a_dataset_json_of_other_content_is_pointed_to(tmp_path):
+    """`auto` reads a folder with a dataset.json as nnU-Net's or MSD's; one holding only a
+    name and a description beside images/ and labels/ was refused as "'channel_names' is
+    missing", which said nothing of the folders."""
+    root = _folder_pairs(tmp_path / "d", 2)
+    (root / "dataset.json").write_text('{"name": "liver", "description": "ours"}',
+                                       encoding="utf-8")
+    with pytest.raises(MedsegError, match=re.escape(
+            "dataset.json: 'channel_names' is missing (images/ and labels/ beside it: a "
+            "folder-pairs dataset? set dataset.layout to folders")):
+        check_dataset(root)
+    assert check_dataset(root, layout="folders").exit_code() == 0

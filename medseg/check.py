@@ -26,6 +26,8 @@ from medseg.datasets import (
     label_id_problem,
     leaves_folder,
     list_dataset,
+    listed_exists,
+    listed_link,
     strip_image_suffix,
 )
 from medseg.errors import MedsegError
@@ -175,10 +177,10 @@ def _existing_files(files: list[Path], case: Case, root: Path, layout: str, add
         if layout != "csv" and leaves_folder(file, root):
             add(file, "path leaves the dataset folder (moving or sharing the folder will "
                       "break it)", "warning")
-    missing = [file for file in files if not file.exists()]
+    missing = [file for file in files if not listed_exists(file)]
     for file in missing:
         add(file, ("label missing" if file == case.label else "image missing")
-            + (": a link to a file that is not there" if file.is_symlink() else ""))
+            + (": a link to a file that is not there" if listed_link(file) else ""))
     return [file for file in files if file not in missing]
 
 

@@ -350,9 +350,9 @@ def leaves_folder(path: Path, root: Path) -> bool:
 def _require_files(listing: Listing) -> None:
     for case in listing.dataset.cases:
         for path in (*case.images, case.label):
-            if path is not None and not path.exists():
+            if path is not None and not listed_exists(path):
                 where = listing.description or path
-                link = " (a link to a file that is not there)" if path.is_symlink() else ""
+                link = " (a link to a file that is not there)" if listed_link(path) else ""
                 raise MedsegError(f"listed in {where.name} but missing: {path}{link}"
                                   f"{_nnunet_v1_hint(listing, path)}", where)
     for path, reason in listing.clashes:
@@ -371,7 +371,7 @@ def is_spare_label(orphan: Path) -> bool:
 
 
 def _nnunet_v1_hint(listing: Listing, missing: Path) -> str:
-    if listing.layout == "msd" and _channel_0_file(missing).exists():
+    if listing.layout == "msd" and listed_exists(_channel_0_file(missing)):
         return " (the files are named CASE_0000, as nnU-Net's: set dataset.layout: nnunet)"
     return ""
 
@@ -431,7 +431,7 @@ def _nnunet_v1_files(root: Path, entries: object) -> bool:
     if not isinstance(listed, str):
         return False
     image = Path(os.path.normpath(root / listed))
-    return not image.exists() and _channel_0_file(image).exists()
+    return not listed_exists(image) and listed_exists(_channel_0_file(image))
 
 
 def _read_json(path: Path) -> object:
@@ -785,20 +785,25 @@ def _refuse_columns_of_no_file(extra_channels: list[str], cases: list[Case], pat
     (not said when the first channel's files are gone too: the dataset has moved, nor when
     a cell names an image file: a channel whose files are all missing, which `medseg check`
     lists per case and training names)."""
-    if not any(_exists(case.images[0]) for case in cases):
+    if not any(listed_exists(case.images[0]) for case in cases):
         return
     for index, column in enumerate(extra_channels, start=1):
         cells = [case.images[index] for case in cases]
-        if any(_exists(cell) or cell.name.lower().endswith(IMAGE_SUFFIXES) for cell in cells):
+        if any(listed_exists(cell) or cell.name.lower().endswith(IMAGE_SUFFIXES) for cell in cells):
             continue
         raise MedsegError(f"no cell of column '{column}' names an existing file (such as "
                           f"'{cells[0].name}'; every column but case, image and label is one "
                           f"more image channel: notes belong in another file)", path)
 
 
-def _exists(path: Path) -> bool:
-    """Whether a listed file exists; a cell of text too long for a file name is none."""
+def listed_exists(path: Path) -> bool:
+    """Whether a listed file exists; a path with a name too long for a file is none."""
     return os.path.exists(path)  # Path.exists raises on a name of over 255 bytes
+
+
+def listed_link(path: Path) -> bool:
+    """Whether a listed path is a symbolic link (as listed_exists: no OSError)."""
+    return os.path.islink(path)
 
 
 def _read_csv(path: Path) -> tuple[list[dict[str, str]], list[str]]:

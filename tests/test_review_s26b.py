@@ -231,3 +231,19 @@ def test_a_folder_pairs_dataset_beside_a_dataset_json_of_other_content_is_pointe
             "folder-pairs dataset? set dataset.layout to folders")):
         check_dataset(root)
     assert check_dataset(root, layout="folders").exit_code() == 0
+
+
+def test_a_listed_file_name_too_long_for_the_file_system_is_missing(tmp_path):
+    """Path.exists raises on a name of over 255 bytes: check and training stopped on
+    'OSError: [Errno 36] File name too long' (exit 1), not a row or a line naming it."""
+    root = _folder_pairs(tmp_path / "d", 2)
+    long_name = "x" * 300 + ".nii.gz"
+    _msd_description(root)
+    description = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
+    description["training"][1]["image"] = f"./images/{long_name}"
+    (root / "dataset.json").write_text(json.dumps(description), encoding="utf-8")
+    report = check_dataset(root)
+    assert [(p.severity, p.file.name, p.message) for p in report.problems] == [
+        ("error", long_name, "image missing")]
+    with pytest.raises(MedsegError, match=re.escape(f"but missing: {root / 'images'}")):
+        load_dataset(root)

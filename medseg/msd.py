@@ -22,13 +22,19 @@ from tqdm import tqdm
 
 from medseg.datasets import MsdTask, read_msd_task, strip_image_suffix
 from medseg.errors import MedsegError
-from medseg.fileio import atomic_path, atomic_write_text, missing_folders
+from medseg.fileio import (
+    atomic_path,
+    atomic_write_text,
+    missing_folders,
+)
 from medseg.io import (
     channel_count,
     compact_voxels,
+    grid_mismatch,
     read_channels,
     read_geometry,
     read_volume,
+    storage_reordering,
     write_as_stored,
     write_volume,
 )
@@ -148,11 +154,11 @@ def _check_label(label: Path, image: Path) -> None:
         raise MedsegError("listed in dataset.json but not found", label)
     if channel_count(label) != 1:
         raise MedsegError("a label map must hold one volume", label)
-    label_shape = read_geometry(label).shape
-    image_shape = read_geometry(image, channels=True).shape
-    if tuple(label_shape) != tuple(image_shape):
-        raise MedsegError(f"label shape {tuple(label_shape)} differs from its image's "
-                          f"{tuple(image_shape)} ({image.name})", label)
+    label_grid, image_grid = read_geometry(label), read_geometry(image, channels=True)
+    mismatch = grid_mismatch(label_grid, image_grid)
+    # the same voxels stored in another axis order or direction are trained on as they are
+    if mismatch is not None and storage_reordering(label_grid, image_grid) is None:
+        raise MedsegError(f"not on the grid of its image {image.name}: {mismatch}", label)
 
 
 def _run(work: list[tuple], jobs: int) -> None:

@@ -1,0 +1,70 @@
+"""Review of convert-msd, plan and evaluate (session 26d): regressions found."""
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from medseg.cli import main
+
+SHAPE = (8, 9, 10)
+
+
+def _msd_task(root: Path, cases: int = 2) -> Path:
+    """A two-channel MSD task of `cases` small random cases (seeded), labels 0/1."""
+    rng = np.random.default_rng(26)
+    for folder in ("imagesTr", "labelsTr"):
+        (root / folder).mkdir(parents=True)
+    training = []
+    for index in range(cases):
+        image = rng.normal(size=(*SHAPE, 2)).astype(np.float32)
+        label = (rng.random(SHAPE) > 0.7).astype(np.uint8)
+        nib.save(nib.Nifti1Image(image, np.eye(4)), root / "imagesTr" / f"c{index}.nii.gz")
+        nib.save(nib.Nifti1Image(label, np.eye(4)), root / "labelsTr" / f"c{index}.nii.gz")
+        training.append({"image": f"./imagesTr/c{index}.nii.gz",
+                         "label": f"./labelsTr/c{index}.nii.gz"})
+    description = {"name": "X", "modality": {"0": "T2", "1": "ADC"},
+                   "labels": {"0": "background", "1": "organ"}, "numTraining": cases,
+                   "training": training, "test": []}
+    (root / "dataset.json").write_text(json.dumps(description), encoding="utf-8")
+    return root
+
+
+def _one_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    return err
+
+
+def test_convert_msd_refuses_a_label_on_another_grid_of_the_same_shape(tmp_path, capsys):
+    """A label of the image's shape but another origin (or spacing) was converted without a
+    word: only the shapes were compared, and check or train refused the converted folder."""
+    task = _msd_task(tmp_path / "Task01_X")
+    shifted = np.eye(4)
+    shifted[:3, 3] = 50.0
+    label = task / "labelsTr" / "c1.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(SHAPE, np.uint8), shifted), label)
+    assert main(["convert-msd", str(task), str(tmp_path / "out")]) == 2
+    err = _one_error(capsys)
+    assert "c1.nii.gz: not on the grid of its image c1.nii.gz: affines differ" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_convert_msd_takes_a_label_storing_its_voxels_in_another_order(tmp_path):
+    """A label holding the image's voxels in another axis order (shape (10, 9, 8)), which
+    training reads onto the image's grid, was refused as a label of another shape."""
+    from nibabel.orientations import apply_orientation, inv_ornt_aff
+
+    from medseg.datasets import load_dataset
+
+    task = _msd_task(tmp_path / "Task01_X")
+    label = task / "labelsTr" / "c1.nii.gz"
+    data = np.asanyarray(nib.load(label).dataobj)
+    reorder = np.array([[2, 1], [1, 1], [0, -1]])
+    nib.save(nib.Nifti1Image(apply_orientation(data, reorder),
+                             inv_ornt_aff(reorder, data.shape)), label)
+    out = tmp_path / "out"
+    assert main(["convert-msd", str(task), str(out)]) == 0
+    assert (out / "labelsTr" / "c1.nii.gz").read_bytes() == label.read_bytes()
+    assert len(load_dataset(out).cases) == 2

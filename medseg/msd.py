@@ -26,6 +26,7 @@ from medseg.fileio import (
     atomic_path,
     atomic_write_text,
     missing_folders,
+    refuse_unwritable_place,
 )
 from medseg.io import (
     channel_count,
@@ -109,6 +110,7 @@ def _labels_by_name(task: MsdTask) -> dict[str, int]:
 def _refuse_unusable_out(out: Path, task_dir: Path) -> None:
     if out.exists() and not out.is_dir():
         raise MedsegError("output folder path is a file", out)
+    refuse_unwritable_place(out)  # under a file, a dangling link, a read-only folder
     if out.is_dir() and any(out.iterdir()):
         raise MedsegError("output folder is not empty: give a new folder", out)
     resolved, task = out.resolve(), task_dir.resolve()

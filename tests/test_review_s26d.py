@@ -5,6 +5,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 
 from medseg.cli import main
 
@@ -68,3 +69,20 @@ def test_convert_msd_takes_a_label_storing_its_voxels_in_another_order(tmp_path)
     assert main(["convert-msd", str(task), str(out)]) == 0
     assert (out / "labelsTr" / "c1.nii.gz").read_bytes() == label.read_bytes()
     assert len(load_dataset(out).cases) == 2
+
+
+@pytest.mark.parametrize("kind", ["under a file", "dangling link"])
+def test_convert_msd_names_an_output_folder_it_cannot_make(tmp_path, capsys, kind):
+    """OUT under a file, or a link to nothing, ended in 'NotADirectoryError: [Errno 20] ...'
+    or 'FileExistsError: [Errno 17] File exists', after every file's header was read."""
+    task = _msd_task(tmp_path / "Task01_X")
+    (tmp_path / "file").write_text("x", encoding="utf-8")
+    if kind == "under a file":
+        out = tmp_path / "file" / "out"
+    else:
+        out = tmp_path / "link"
+        out.symlink_to(tmp_path / "nowhere")
+    assert main(["convert-msd", str(task), str(out)]) == 2
+    err = _one_error(capsys)
+    assert f"{out}: cannot make the output folder" in err and "Errno" not in err
+    assert out.is_symlink() or not out.exists()

@@ -256,18 +256,28 @@ def cmd_plan(args: argparse.Namespace) -> int:
         refuse_unfit(init, plan)
     print(describe_plan(plan, fp))
     if out is not None:
-        from medseg.config import save_workflow
-        from medseg.fileio import atomic_write_json
-        from medseg.plan import save_fingerprint, save_plan
-
-        out.mkdir(parents=True, exist_ok=True)
-        save_plan(plan, out / "plan.json")
-        save_fingerprint(fp, out / "fingerprint.json")
-        atomic_write_json(out / "splits.json", splits)
-        save_workflow(workflow, out / "workflow.yaml")
+        _write_plan_folder(out, workflow, splits, fp, plan)
         print(f"wrote {out / 'plan.json'}, fingerprint.json, splits.json and workflow.yaml; "
               f"change the plan with --set plan.KEY=VALUE (medseg train takes the same)")
     return 0
+
+
+def _write_plan_folder(out: Path, workflow, splits: list, fp, plan) -> None:
+    """The four files as one set (the texts made first, then renamed together): a stop or a
+    failure leaves an earlier plan's set whole, not a new plan.json beside old splits."""
+    from medseg.config import workflow_yaml
+    from medseg.fileio import atomic_write_texts
+    from medseg.plan import fingerprint_json
+
+    texts = {"plan.json": json.dumps(plan.to_json(), indent=2) + "\n",
+             "fingerprint.json": json.dumps(fingerprint_json(fp), indent=2) + "\n",
+             "splits.json": json.dumps(splits, indent=2) + "\n",
+             "workflow.yaml": workflow_yaml(workflow)}
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_texts({out / name: text for name, text in texts.items()})
+    except OSError as exc:
+        raise MedsegError(f"cannot write ({exc.strerror or exc})", exc.filename or out) from exc
 
 
 def _check_plan_folder(out: Path) -> None:
@@ -278,8 +288,9 @@ def _check_plan_folder(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise MedsegError("output folder path is a file", out)
     ours = {"plan.json", "fingerprint.json", "splits.json", "workflow.yaml"}
-    if out.is_dir():
-        others = sorted(p.name for p in out.iterdir() if p.name not in ours)
+    if out.is_dir():  # a plan's name given to a folder is no plan's file either
+        others = sorted(p.name for p in out.iterdir()
+                        if p.name not in ours or p.is_dir())
         if others:
             raise MedsegError(f"holds other files than a plan's ({', '.join(others[:3])}): "
                               f"choose a new or empty folder (a run folder is medseg "

@@ -188,9 +188,14 @@ def workflow_to_dict(workflow: Workflow) -> dict[str, Any]:
     return dataclasses.asdict(workflow)
 
 
+def workflow_yaml(workflow: Workflow) -> str:
+    """The resolved workflow as YAML text (what save_workflow writes)."""
+    return yaml.safe_dump(workflow_to_dict(workflow), sort_keys=False)
+
+
 def save_workflow(workflow: Workflow, path: Path) -> None:
     """Write the resolved workflow as YAML (atomically)."""
-    atomic_write_text(path, yaml.safe_dump(workflow_to_dict(workflow), sort_keys=False))
+    atomic_write_text(path, workflow_yaml(workflow))
 
 
 class _UniqueKeySafeLoader(yaml.SafeLoader):

@@ -508,11 +508,16 @@ def load_plan(path: Path) -> Plan:
         raise MedsegError(f"not a plan medseg can read: {exc}", path) from exc
 
 
-def save_fingerprint(fp: Fingerprint, path: Path) -> None:
+def fingerprint_json(fp: Fingerprint) -> dict:
+    """The fingerprint as fingerprint.json holds it."""
     data = dataclasses.asdict(fp)
     data["labels"] = {str(k): v for k, v in fp.labels.items()}
     data["class_voxels"] = {str(k): v for k, v in fp.class_voxels.items()}
-    atomic_write_json(path, data)
+    return data
+
+
+def save_fingerprint(fp: Fingerprint, path: Path) -> None:
+    atomic_write_json(path, fingerprint_json(fp))
 
 
 # the normalization of every modality but CT, whose scheme holds the dataset's statistics

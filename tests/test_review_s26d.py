@@ -86,3 +86,53 @@ def test_convert_msd_names_an_output_folder_it_cannot_make(tmp_path, capsys, kin
     err = _one_error(capsys)
     assert f"{out}: cannot make the output folder" in err and "Errno" not in err
     assert out.is_symlink() or not out.exists()
+
+
+def _plan_args(phantom_dataset: Path, *more: str) -> list[str]:
+    from helpers import REPO, TINY_TRAINING, as_sets
+
+    return ["plan", str(REPO / "workflows" / "demo.yaml"),
+            *as_sets([f"dataset.path={phantom_dataset}", *TINY_TRAINING, *more])]
+
+
+def _contents(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_plan_out_replaces_an_earlier_plan_whole_or_not_at_all(phantom_dataset, tmp_path,
+                                                               capsys, monkeypatch):
+    """plan.json, fingerprint.json and splits.json of a new plan were written one by one
+    over an earlier plan's: a stop before workflow.yaml left the new plan beside the old
+    workflow (another batch size, fold count, ...), a folder no plan made."""
+    import medseg.config
+
+    out = tmp_path / "plan"
+    assert main([*_plan_args(phantom_dataset), "--out", str(out)]) == 0
+    earlier = _contents(out)
+
+    def stopped(workflow):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(medseg.config, "workflow_to_dict", stopped)
+    assert main([*_plan_args(phantom_dataset, "plan.batch_size=1", "train.folds=3"),
+                 "--out", str(out)]) == 130
+    assert _contents(out) == earlier
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main([*_plan_args(phantom_dataset, "plan.batch_size=1"), "--out", str(out)]) == 0
+    assert json.loads((out / "plan.json").read_text(encoding="utf-8"))["batch_size"] == 1
+    assert sorted(p.name for p in out.iterdir()) == ["fingerprint.json", "plan.json",
+                                                     "splits.json", "workflow.yaml"]
+
+
+def test_plan_refuses_an_out_whose_plan_file_is_a_folder(phantom_dataset, tmp_path, capsys):
+    """An --out holding a folder named workflow.yaml passed as an earlier plan's: the dataset
+    was read and planned, plan.json, fingerprint.json and splits.json written, and then
+    'IsADirectoryError: [Errno 21] Is a directory' ended the command."""
+    out = tmp_path / "plan"
+    (out / "workflow.yaml").mkdir(parents=True)
+    (out / "plan.json").write_text("{}", encoding="utf-8")
+    assert main([*_plan_args(phantom_dataset), "--out", str(out)]) == 2
+    err = _one_error(capsys)
+    assert "holds other files than a plan's (workflow.yaml)" in err
+    assert (out / "plan.json").read_text(encoding="utf-8") == "{}"

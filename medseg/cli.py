@@ -366,6 +366,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         _check_reference_without_shards(args.shard, args.output, args.reference)
         if not Path(args.reference).is_dir():  # before the batch, not after it
             raise MedsegError("reference folder not found", args.reference)
+        _refuse_output_in_reference(args.output, args.reference)
     _refuse_repeated_archives(args.model)
     with contextlib.ExitStack() as archives:
         models = [_run_folder_of(Path(model), archives) for model in args.model]
@@ -440,6 +441,17 @@ def _write_statistics(model: Path, results: list, output: Path,
     count = write_statistics(items, plan.labels, target, options.series_uid,
                              options.resample_irregular, plan.in_channels)
     print(f"wrote {target} ({count} case(s))")
+
+
+def _refuse_output_in_reference(output: str, reference: str) -> None:
+    """Masks written into the references' folder would replace them (with --overwrite), or,
+    kept as existing, score the references against themselves: Dice 1 without a word."""
+    from medseg.evaluate import same_folder
+
+    if same_folder(output, reference):
+        raise MedsegError("--output is the --reference folder: the masks would replace the "
+                          "references, or be scored as themselves; write them elsewhere",
+                          output)
 
 
 def _check_reference_without_shards(shard: str | None, output: str, reference: str) -> None:

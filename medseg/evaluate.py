@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import multiprocessing
+import os
 import unicodedata
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -74,6 +75,9 @@ def pair_cases(pred_dir: Path, ref_dir: Path) -> list[Pair]:
         if not folder.is_dir():
             raise MedsegError("not a folder (give the folder that holds the volumes)"
                               if folder.exists() else "folder not found", folder)
+    if same_folder(pred_dir, ref_dir):
+        raise MedsegError("is given as both the predictions and the references: each mask "
+                          "would be scored against itself", pred_dir)
     predictions = volumes_by_case(pred_dir)
     references = volumes_by_case(ref_dir)
     if not references:
@@ -85,6 +89,14 @@ def pair_cases(pred_dir: Path, ref_dir: Path) -> list[Pair]:
                           f"are paired by file name: {min(predictions)} here, "
                           f"{min(references)} there)", pred_dir)
     return [(case, predictions.get(case), references[case]) for case in sorted(references)]
+
+
+def same_folder(one: str | Path, other: str | Path) -> bool:
+    """Whether two paths name one existing folder (however spelt: `.`, a link, `a/../a`)."""
+    try:
+        return Path(one).is_dir() and os.path.samefile(one, other)
+    except OSError:  # one of them does not exist
+        return False
 
 
 def unpaired_predictions(pred_dir: Path, pairs: list[Pair]) -> list[str]:

@@ -136,3 +136,40 @@ def test_plan_refuses_an_out_whose_plan_file_is_a_folder(phantom_dataset, tmp_pa
     err = _one_error(capsys)
     assert "holds other files than a plan's (workflow.yaml)" in err
     assert (out / "plan.json").read_text(encoding="utf-8") == "{}"
+
+
+def _label_folder(folder: Path, cases: int = 2) -> Path:
+    rng = np.random.default_rng(7)
+    folder.mkdir(parents=True)
+    for index in range(cases):
+        label = (rng.random(SHAPE) > 0.6).astype(np.uint8)
+        nib.save(nib.Nifti1Image(label, np.eye(4)), folder / f"c{index}.nii.gz")
+    return folder
+
+
+def test_evaluate_refuses_one_folder_as_predictions_and_references(tmp_path, capsys,
+                                                                   monkeypatch):
+    """`evaluate --pred R --ref R` (or `--pred .`, a link to R) scored each reference
+    against itself: Dice 1 and distances 0 for every case, exit 0, without a word."""
+    refs = _label_folder(tmp_path / "labels")
+    (tmp_path / "link").symlink_to(refs)
+    monkeypatch.chdir(refs)
+    for pred in (str(refs), str(tmp_path / "link"), "."):
+        assert main(["evaluate", "--pred", pred, "--ref", str(refs),
+                     "--out", str(tmp_path / "ev")]) == 2
+        err = _one_error(capsys)
+        assert "given as both the predictions and the references" in err
+    assert not (tmp_path / "ev").exists()
+
+
+def test_predict_refuses_an_output_that_is_its_reference_folder(tmp_path, capsys):
+    """predict --output R --reference R skipped the cases as 'existing' masks (the
+    references) and reported Dice 1.0000 for all of them; with --overwrite the references
+    would have been replaced by the masks. Refused before any model is read."""
+    refs = _label_folder(tmp_path / "labels")
+    before = _contents(refs)
+    assert main(["predict", "--model", str(tmp_path / "run"), "--input", str(refs),
+                 "--output", str(refs), "--reference", str(refs), "--overwrite"]) == 2
+    err = _one_error(capsys)
+    assert "--output is the --reference folder" in err
+    assert _contents(refs) == before

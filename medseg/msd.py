@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -39,9 +40,11 @@ from medseg.io import (
     write_as_stored,
     write_volume,
 )
-from medseg.stopping import raise_if_stopped
+from medseg.stopping import raise_if_stopped, signals_held
 
 ENDING = ".nii.gz"
+TREE = ("imagesTr", "labelsTr", "imagesTs")
+STAGING = ".convert-msd.part"  # inside an existing OUT: its one name there
 # dataset.json keys copied as they are (nnU-Net v2 keeps these too)
 KEPT_KEYS = ("name", "description", "reference", "licence", "release", "tensorImageSize")
 
@@ -71,19 +74,42 @@ def convert_msd(task_dir: Path, out: Path, jobs: int = 1) -> Conversion:
     labels = _labels_by_name(task)
     _refuse_unusable_out(out, task_dir)
     channels = len(task.channel_names)
-    work = _work_items(task, out, channels)
-    made = missing_folders(out)
+    target = Path(os.path.abspath(out))
+    # written under a hidden name and renamed at the end: a conversion killed at any point
+    # (SIGKILL, power loss) leaves no half-converted OUT that looks like a dataset. Beside a
+    # new OUT; inside an existing empty one (a mount point, a link, a folder whose parent is
+    # not the user's), whose entries are then renamed into it, dataset.json last.
+    inside = target.is_dir()
+    staging = (target / STAGING if inside else
+               target.parent / f".{target.name}.part-{secrets.token_hex(4)}")
+    work = _work_items(task, staging, channels)
+    made = missing_folders(target)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        for folder in ("imagesTr", "labelsTr", "imagesTs"):
-            (out / folder).mkdir(exist_ok=True)
+        staging.mkdir(parents=True)
+        for folder in TREE:
+            (staging / folder).mkdir()
         _run(work, jobs)
-        atomic_write_text(out / "dataset.json", json.dumps(
+        atomic_write_text(staging / "dataset.json", json.dumps(
             _nnunet_description(task, labels), indent=2, ensure_ascii=False) + "\n")
+        _move_into_place(staging, target, inside)
     except BaseException:
-        _undo(out, made)
+        _undo(staging, made, target if inside else None)
         raise
     return Conversion(out, len(task.training), len(task.test), channels)
+
+
+def _move_into_place(staging: Path, target: Path, inside: bool) -> None:
+    if not inside:
+        try:
+            os.rename(staging, target)
+        except OSError as exc:  # made meanwhile, by something else
+            raise MedsegError(f"cannot put the conversion in place ({exc.strerror or exc})",
+                              target) from exc
+        return
+    with signals_held():  # four renames: not cut between them by Ctrl-C
+        for name in (*TREE, "dataset.json"):
+            os.replace(staging / name, target / name)
+        staging.rmdir()
 
 
 def _labels_by_name(task: MsdTask) -> dict[str, int]:
@@ -111,6 +137,8 @@ def _refuse_unusable_out(out: Path, task_dir: Path) -> None:
     if out.exists() and not out.is_dir():
         raise MedsegError("output folder path is a file", out)
     refuse_unwritable_place(out)  # under a file, a dangling link, a read-only folder
+    if out.is_dir():  # what a killed conversion into it left is removed
+        shutil.rmtree(out / STAGING, ignore_errors=True)
     if out.is_dir() and any(out.iterdir()):
         raise MedsegError("output folder is not empty: give a new folder", out)
     resolved, task = out.resolve(), task_dir.resolve()
@@ -207,11 +235,13 @@ def _nnunet_description(task: MsdTask, labels: dict[str, int]) -> dict:
     return description
 
 
-def _undo(out: Path, made: list[Path]) -> None:
-    """Nothing half-converted left: `out` (new or empty) emptied, and the folders this
-    conversion made (`out` and parents) removed, those still empty."""
-    if out.is_dir():
-        _empty(out)
+def _undo(staging: Path, made: list[Path], emptied: Path | None) -> None:
+    """Nothing half-converted left: the staging folder removed, `emptied` (an OUT that
+    existed empty, which a failed final rename may have reached) emptied again, and the
+    folders this conversion made (OUT's parents) removed, those still empty."""
+    shutil.rmtree(staging, ignore_errors=True)
+    if emptied is not None and emptied.is_dir():
+        _empty(emptied)
     for folder in made:
         with contextlib.suppress(OSError):  # not made after all, or something else put there
             folder.rmdir()

@@ -1,6 +1,8 @@
 """Review of convert-msd, plan and evaluate (session 26d): regressions found."""
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import nibabel as nib
@@ -8,6 +10,7 @@ import numpy as np
 import pytest
 
 from medseg.cli import main
+from medseg.msd import TREE
 
 SHAPE = (8, 9, 10)
 
@@ -86,6 +89,58 @@ def test_convert_msd_names_an_output_folder_it_cannot_make(tmp_path, capsys, kin
     err = _one_error(capsys)
     assert f"{out}: cannot make the output folder" in err and "Errno" not in err
     assert out.is_symlink() or not out.exists()
+
+
+KILLED_AT_SECOND_FILE = """
+import os, signal, sys
+from pathlib import Path
+import medseg.msd as msd
+original, calls = msd._convert_item, []
+def convert(item):
+    calls.append(item)
+    if len(calls) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(item)
+msd._convert_item = convert
+msd.convert_msd(Path(sys.argv[1]), Path(sys.argv[2]))
+"""
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_convert_msd_killed_leaves_no_half_converted_out(tmp_path, existing):
+    """A conversion killed midway (SIGKILL, the OOM killer, a power cut) left OUT with some
+    images and no dataset.json, which a new conversion refused as 'not empty' and which
+    looked like a dataset; OUT now appears whole, by one rename, or not at all."""
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    task = _msd_task(tmp_path / "Task01_X", cases=3)
+    out = tmp_path / "out"
+    if existing:
+        out.mkdir()
+    done = subprocess.run([sys.executable, "-c", KILLED_AT_SECOND_FILE, str(task), str(out)],
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, check=False)
+    assert done.returncode == -signal.SIGKILL
+    # nothing in OUT but, in an OUT that existed, the hidden folder being written
+    assert out.is_dir() == existing
+    if existing:
+        assert [p.name for p in out.iterdir()] == [".convert-msd.part"]
+    assert main(["convert-msd", str(task), str(out)]) == 0
+    assert len(list((out / "imagesTr").iterdir())) == 6
+    assert sorted(p.name for p in out.iterdir()) == sorted(["dataset.json", *TREE])
+
+
+def test_convert_msd_fills_an_empty_folder_given_as_a_link(tmp_path):
+    task = _msd_task(tmp_path / "Task01_X")
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    assert main(["convert-msd", str(task), str(tmp_path / "link")]) == 0
+    assert (tmp_path / "link").is_symlink()
+    assert (tmp_path / "real" / "dataset.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Task01_X", "link", "real"]
+    assert sorted(p.name for p in (tmp_path / "real").iterdir()) == sorted(["dataset.json", *TREE])
 
 
 def _plan_args(phantom_dataset: Path, *more: str) -> list[str]:

@@ -494,14 +494,16 @@ class MsdTask:
     channel_names: tuple[str, ...]
 
 
-def read_msd_task(root: Path) -> MsdTask:
-    """Parse an MSD task's dataset.json; listed files are not checked here."""
+def read_msd_task(root: Path, converting: bool = False) -> MsdTask:
+    """Parse an MSD task's dataset.json; listed files are not checked here. `converting`:
+    for convert-msd, whose way out for an nnU-Net dataset is not a workflow key."""
     description = root / "dataset.json"
     data = _read_description(description)
     entries = data.get("training")
     if not isinstance(entries, list):
-        hint = (" (an nnU-Net dataset? set dataset.layout to nnunet or auto)"
-                if "channel_names" in data else "")
+        way_out = ("it is in nnU-Net's layout already: nothing to convert, train on it as it "
+                   "is" if converting else "set dataset.layout to nnunet or auto")
+        hint = f" (an nnU-Net dataset? {way_out})" if "channel_names" in data else ""
         raise MedsegError(f"'training' must be a list of {{image, label}}{hint}", description)
     training = []
     for entry in entries:

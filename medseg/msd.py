@@ -70,7 +70,7 @@ def convert_msd(task_dir: Path, out: Path, jobs: int = 1) -> Conversion:
     if not (task_dir / "dataset.json").is_file():
         raise MedsegError("no dataset.json: give the MSD task folder (Task01_BrainTumour, ...)",
                           task_dir)
-    task = read_msd_task(task_dir)
+    task = read_msd_task(task_dir, converting=True)
     labels = _labels_by_name(task)
     _refuse_unusable_out(out, task_dir)
     channels = len(task.channel_names)

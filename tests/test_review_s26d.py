@@ -228,3 +228,15 @@ def test_predict_refuses_an_output_that_is_its_reference_folder(tmp_path, capsys
     err = _one_error(capsys)
     assert "--output is the --reference folder" in err
     assert _contents(refs) == before
+
+
+def test_convert_msd_of_an_nnunet_dataset_says_there_is_nothing_to_convert(tmp_path, capsys):
+    """A folder already in nnU-Net's layout (a conversion given again) was answered 'set
+    dataset.layout to nnunet or auto': a workflow key, which convert-msd has not."""
+    converted = tmp_path / "converted"
+    assert main(["convert-msd", str(_msd_task(tmp_path / "Task01_X")), str(converted)]) == 0
+    capsys.readouterr()
+    assert main(["convert-msd", str(converted), str(tmp_path / "again")]) == 2
+    err = _one_error(capsys)
+    assert "in nnU-Net's layout already: nothing to convert" in err
+    assert "dataset.layout" not in err and not (tmp_path / "again").exists()

@@ -7,8 +7,9 @@ training machine: plan.json, workflow.yaml with its local paths removed, each ch
 best.safetensors (no pickle) and metrics.jsonl (the path of a fine-tuned run's initial weights
 cut to the file's name), and medseg_model.json, a manifest with each
 file's SHA-256. fingerprint.json and splits.json (case names), the training states and the
-cache stay behind. Opening checks every member against the manifest before anything is
-read from it; a name outside the expected set (`../x`, an absolute path) is refused."""
+cache stay behind. Opening checks every member against the manifest, and the manifest's folds
+against the archive's fold_K folders, before anything is read from it; a name outside the
+expected set (`../x`, an absolute path) is refused."""
 
 from __future__ import annotations
 
@@ -40,8 +41,9 @@ MANIFEST_LIMIT = 1 << 20
 RATIO_LIMIT, RATIO_FLOOR = 100, 1 << 20
 # the text files are read whole into memory (plan.json, workflow.yaml, metrics.jsonl)
 TEXT_LIMIT = 64 << 20
-MEMBER = re.compile(r"plan\.json|workflow\.yaml|fold_[0-9]+/(checkpoints/best\.safetensors"
-                    r"|metrics\.jsonl)")
+# fold_K as train names it (not fold_01, which predict would not take for a fold)
+MEMBER = re.compile(r"plan\.json|workflow\.yaml|fold_(0|[1-9][0-9]*)/(checkpoints/best"
+                    r"\.safetensors|metrics\.jsonl)")
 # workflow keys that name files of the training machine: no use elsewhere, and they may
 # name a person (/home/jdoe/...)
 LOCAL_PATHS = {("dataset", "path"): "", ("train", "init"): None, ("train", "splits_file"): None}
@@ -201,6 +203,7 @@ def unpack(archive: Path, run_dir: Path) -> None:
             manifest = _manifest(zf, archive)
             names = [info.filename for info in zf.infolist() if not info.is_dir()]
             _refuse_unexpected_members(names, manifest, archive)
+            _refuse_other_folds(manifest, archive)
             _refuse_unexpected_sizes(zf, manifest, archive, run_dir)
             for name, expected in manifest["files"].items():
                 target = run_dir / name
@@ -307,6 +310,30 @@ def _refuse_unexpected_members(names: list[str], manifest: dict, archive: Path) 
     for name in ("plan.json", "workflow.yaml"):
         if name not in listed:
             raise MedsegError(f"holds no {name}", archive)
+
+
+def _refuse_other_folds(manifest: dict, archive: Path) -> None:
+    """The manifest's folds are the archive's fold_K folders, each with its best weights:
+    predict averages the folds it finds, so a fold lost from the archive (or one added to
+    it) would silently change every mask."""
+    folds = manifest.get("folds")
+    if not isinstance(folds, list) or not folds or len(set(folds)) != len(folds) \
+            or not all(type(k) is int and k >= 0 for k in folds):
+        raise MedsegError(f"{MANIFEST} gives no list of folds (fold numbers, each once): not "
+                          f"a model archive of format {FORMAT}", archive)
+    held = {int(MEMBER.fullmatch(name).group(1)) for name in manifest["files"]
+            if name.startswith("fold_")}
+    weighted = {k for k in held if f"fold_{k}/checkpoints/{BEST}" in manifest["files"]}
+    unlisted = sorted(held - set(folds))
+    if unlisted:
+        raise MedsegError(f"holds fold_{unlisted[0]}, which {MANIFEST} does not list among its "
+                          f"folds {sorted(folds)}: the archive is damaged or was changed",
+                          archive)
+    absent = sorted(set(folds) - weighted)
+    if absent:
+        raise MedsegError(f"{MANIFEST} lists fold {absent[0]} of folds {sorted(folds)}, and the "
+                          f"archive holds no fold_{absent[0]}/checkpoints/{BEST}: the archive "
+                          f"is damaged or was changed", archive)
 
 
 def _stem(archive: Path) -> str:

@@ -1,0 +1,90 @@
+"""Review of model archives and fine-tuning sources (session 26c): regressions found."""
+
+import hashlib
+import json
+import zipfile
+from pathlib import Path
+
+import pytest
+from helpers import zip_members
+
+from medseg.archive import MANIFEST
+from medseg.cli import main
+
+WEIGHTS = "fold_0/checkpoints/best.safetensors"
+
+
+def _rebuilt(model_archive: Path, target: Path, change, manifest_change=None) -> Path:
+    """The archive with its members changed and a manifest that agrees with them (SHA-256
+    and sizes), as one would build by hand; `manifest_change` then edits the manifest."""
+    members = zip_members(model_archive)
+    change(members)
+    manifest = json.loads(members.pop(MANIFEST))
+    manifest["files"] = {name: hashlib.sha256(data).hexdigest()
+                         for name, data in sorted(members.items())}
+    manifest["sizes"] = {name: len(data) for name, data in sorted(members.items())}
+    if manifest_change is not None:
+        manifest_change(manifest)
+    members[MANIFEST] = json.dumps(manifest).encode()
+    with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return target
+
+
+def _predict_refusal(archive: Path, phantom_dataset: Path, tmp_path: Path, capsys) -> str:
+    """predict --model ARCHIVE's one-line refusal (exit 2, no output folder)."""
+    out = tmp_path / "out"
+    assert main(["predict", "--model", str(archive), "--input",
+                 str(phantom_dataset / "imagesTs"), "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(archive) in err, err
+    assert not out.exists()
+    return err
+
+
+def _copy_fold_0(k: int):
+    def change(members: dict) -> None:
+        members[f"fold_{k}/checkpoints/best.safetensors"] = members[WEIGHTS]
+    return change
+
+
+def _metrics_only(k: int):
+    def change(members: dict) -> None:
+        members[f"fold_{k}/metrics.jsonl"] = members["fold_0/metrics.jsonl"]
+    return change
+
+
+def _set_folds(folds):
+    def change(manifest: dict) -> None:
+        manifest["folds"] = folds
+    return change
+
+
+@pytest.mark.parametrize(("change", "manifest_change", "expected"), [
+    # the manifest says [0, 1], and only fold_0 is inside: predict used fold_0 alone
+    (lambda m: None, _set_folds([0, 1]),
+     "lists fold 1 of folds [0, 1], and the archive holds no fold_1/checkpoints"),
+    # a fold_2 the manifest's folds do not list: predict averaged it in
+    (_copy_fold_0(2), None, "holds fold_2, which medseg_model.json does not list"),
+    # a fold listed with its metrics.jsonl but no weights
+    (_metrics_only(1), _set_folds([0, 1]), "holds no fold_1/checkpoints/best.safetensors"),
+    (_metrics_only(1), None, "holds fold_1, which medseg_model.json does not list"),
+    (lambda m: None, _set_folds("0"), "gives no list of folds"),
+    (lambda m: None, _set_folds([0, 0]), "gives no list of folds"),
+    (lambda m: None, _set_folds([True]), "gives no list of folds"),
+    (lambda m: None, lambda manifest: manifest.pop("folds"), "gives no list of folds"),
+    # fold_01: predict does not take it for a fold, and said only 'no trained fold'
+    (lambda m: m.update({"fold_01/checkpoints/best.safetensors": m.pop(WEIGHTS)}),
+     _set_folds([1]), "holds 'fold_01/checkpoints/best.safetensors', which no model"),
+])
+def test_the_manifests_folds_are_the_folds_in_the_archive(
+        model_archive, phantom_dataset, tmp_path, capsys, change, manifest_change, expected):
+    changed = _rebuilt(model_archive, tmp_path / "changed.zip", change, manifest_change)
+    assert expected in _predict_refusal(changed, phantom_dataset, tmp_path, capsys)
+
+
+def test_an_archive_of_two_listed_folds_is_read(model_archive, phantom_dataset, tmp_path):
+    two = _rebuilt(model_archive, tmp_path / "two.zip", _copy_fold_0(1), _set_folds([0, 1]))
+    assert main(["predict", "--model", str(two), "--input", str(phantom_dataset / "imagesTs"),
+                 "--output", str(tmp_path / "out")]) == 0

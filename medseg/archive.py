@@ -44,6 +44,8 @@ TEXT_LIMIT = 64 << 20
 # fold_K as train names it (not fold_01, which predict would not take for a fold)
 MEMBER = re.compile(r"plan\.json|workflow\.yaml|fold_(0|[1-9][0-9]*)/(checkpoints/best"
                     r"\.safetensors|metrics\.jsonl)")
+FOLDER = re.compile(r"fold_(0|[1-9][0-9]*)/(checkpoints/)?")
+SHA256 = re.compile(r"[0-9a-f]{64}")
 # workflow keys that name files of the training machine: no use elsewhere, and they may
 # name a person (/home/jdoe/...)
 LOCAL_PATHS = {("dataset", "path"): "", ("train", "init"): None, ("train", "splits_file"): None}
@@ -202,6 +204,7 @@ def unpack(archive: Path, run_dir: Path) -> None:
         with zipfile.ZipFile(archive) as zf:
             manifest = _manifest(zf, archive)
             names = [info.filename for info in zf.infolist() if not info.is_dir()]
+            _refuse_unexpected_folders(zf, archive)
             _refuse_unexpected_members(names, manifest, archive)
             _refuse_other_folds(manifest, archive)
             _refuse_unexpected_sizes(zf, manifest, archive, run_dir)
@@ -283,8 +286,8 @@ def _manifest(zf: zipfile.ZipFile, archive: Path) -> dict:
                           archive) from exc
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MedsegError(f"{MANIFEST} is not valid JSON ({exc})", archive) from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT \
-            or not isinstance(manifest.get("files"), dict) \
+    if not isinstance(manifest, dict) or type(manifest.get("format")) is not int \
+            or manifest["format"] != FORMAT or not isinstance(manifest.get("files"), dict) \
             or not isinstance(manifest.get("sizes"), dict):
         raise MedsegError(f"{MANIFEST} is not of format {FORMAT} (an archive of another "
                           f"medseg version?)", archive)
@@ -292,7 +295,31 @@ def _manifest(zf: zipfile.ZipFile, archive: Path) -> dict:
     if unsized:  # each member's size is checked before anything is unpacked
         raise MedsegError(f"{MANIFEST} gives no size for {unsized[0]}: not a model archive of "
                           f"format {FORMAT}", archive)
+    _refuse_other_values(manifest, archive)
     return manifest
+
+
+def _refuse_other_values(manifest: dict, archive: Path) -> None:
+    """Each file's SHA-256 is 64 hexadecimal digits and its size a number of bytes: a size
+    written as text ("1085") was refused as unpacking to 1085 bytes where it says 1085."""
+    for name, digest in manifest["files"].items():
+        if not (isinstance(digest, str) and SHA256.fullmatch(digest)):
+            raise MedsegError(f"{MANIFEST} gives {name} a SHA-256 of {digest!r}, not 64 "
+                              f"hexadecimal digits: not a model archive of format {FORMAT}",
+                              archive)
+        size = manifest["sizes"][name]
+        if type(size) is not int or size < 0:
+            raise MedsegError(f"{MANIFEST} gives {name} a size of {size!r}, not a number of "
+                              f"bytes: not a model archive of format {FORMAT}", archive)
+
+
+def _refuse_unexpected_folders(zf: zipfile.ZipFile, archive: Path) -> None:
+    """Folder entries (as `zip -r` adds) of the folders a model archive has, and no other:
+    none is unpacked, but a `../` or `/etc/` among them is no archive of `medseg export`."""
+    for info in zf.infolist():
+        if info.is_dir() and not FOLDER.fullmatch(info.filename):
+            raise MedsegError(f"holds the folder {info.filename!r}, which no model archive "
+                              f"holds", archive)
 
 
 def _refuse_unexpected_members(names: list[str], manifest: dict, archive: Path) -> None:

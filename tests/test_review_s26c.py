@@ -88,3 +88,48 @@ def test_an_archive_of_two_listed_folds_is_read(model_archive, phantom_dataset, 
     two = _rebuilt(model_archive, tmp_path / "two.zip", _copy_fold_0(1), _set_folds([0, 1]))
     assert main(["predict", "--model", str(two), "--input", str(phantom_dataset / "imagesTs"),
                  "--output", str(tmp_path / "out")]) == 0
+
+
+def _sizes_as_text(manifest: dict) -> None:
+    manifest["sizes"] = {name: str(size) for name, size in manifest["sizes"].items()}
+
+
+def _digest_as_number(manifest: dict) -> None:
+    manifest["files"]["plan.json"] = 1
+
+
+@pytest.mark.parametrize(("manifest_change", "expected"), [
+    # was 'unpacks to 1085 bytes, and medseg_model.json says 1085: ... damaged or changed'
+    (_sizes_as_text, "a size of '"),
+    (_digest_as_number, "gives plan.json a SHA-256 of 1, not 64 hexadecimal digits"),
+    # true == 1 in Python: a format of true was taken for format 1
+    (lambda manifest: manifest.update({"format": True}), "is not of format 1"),
+])
+def test_a_manifest_of_other_value_types_is_refused_as_another_format(
+        model_archive, phantom_dataset, tmp_path, capsys, manifest_change, expected):
+    changed = _rebuilt(model_archive, tmp_path / "changed.zip", lambda m: None,
+                       manifest_change)
+    err = _predict_refusal(changed, phantom_dataset, tmp_path, capsys)
+    assert expected in err and ("not a model archive of format 1" in err
+                                or "is not of format 1" in err), err
+
+
+@pytest.mark.parametrize("folder", ["../", "/etc/", "elsewhere/"])
+def test_a_folder_entry_outside_the_archives_folders_is_refused(
+        model_archive, phantom_dataset, tmp_path, capsys, folder):
+    """Folder entries were skipped unchecked: an archive holding '../' was read."""
+    changed = _rebuilt(model_archive, tmp_path / "changed.zip", lambda m: None)
+    with zipfile.ZipFile(changed, "a") as zf:
+        zf.writestr(folder, b"")
+    assert f"holds the folder '{folder}'" in _predict_refusal(changed, phantom_dataset,
+                                                             tmp_path, capsys)
+
+
+def test_the_folder_entries_of_zip_r_are_read(model_archive, phantom_dataset, tmp_path):
+    """An unpacked archive zipped again with `zip -r` holds fold_0/ and fold_0/checkpoints/."""
+    changed = _rebuilt(model_archive, tmp_path / "again.zip", lambda m: None)
+    with zipfile.ZipFile(changed, "a") as zf:
+        zf.writestr("fold_0/", b"")
+        zf.writestr("fold_0/checkpoints/", b"")
+    assert main(["predict", "--model", str(changed), "--input",
+                 str(phantom_dataset / "imagesTs"), "--output", str(tmp_path / "out")]) == 0

@@ -34,6 +34,7 @@ from medseg.errors import MedsegError, one_line, unwrap_transform_error
 from medseg.stopping import Terminated
 
 if TYPE_CHECKING:
+    from medseg.config import Workflow
     from medseg.report_scans import Scans
 
 DEMO_MARKER = ".medseg-demo"
@@ -192,14 +193,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
                           "(then predict and evaluate in one process)")
     if not 0 <= args.seed < 2**32:  # NumPy's seed range
         raise MedsegError(f"--seed must be between 0 and {2**32 - 1}, got {args.seed}")
-    given = [item for item in args.overrides or []
-             if override_key(item).split(".")[0] == "dataset"]
-    if given:
-        raise MedsegError(f"--set {given[0]}: the demo writes and trains its own phantom "
-                          f"dataset; to train on yours, run `medseg train`")
+    _refuse_demo_dataset(args.overrides or [])
     out = Path(args.out)
     workflow_path = _demo_workflow_path()
     workflow = load_workflow(workflow_path, args.overrides)  # a bad --set before any work
+    _refuse_demo_sources(workflow)
     _claim_demo_folder(out)
     started = time.monotonic()
     print(f"[1/4] writing 12 synthetic CT phantoms to {out / 'data'}")
@@ -228,6 +226,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
           f"(use it as --model for medseg predict)")
     failed = any(r.error for r in results) or summary["failed_cases"]
     return 1 if failed else 0
+
+
+def _refuse_demo_dataset(overrides: list[str]) -> None:
+    given = [item for item in overrides if override_key(item).split(".")[0] == "dataset"]
+    if given:
+        raise MedsegError(f"--set {given[0]}: the demo writes and trains its own phantom "
+                          f"dataset; to train on yours, run `medseg train`")
+
+
+def _refuse_demo_sources(workflow: Workflow) -> None:
+    """The demo trains its phantoms from scratch on splits of its own: train.init weights
+    (whose network rarely fits the demo's plan) or a splits file (of another dataset's
+    cases) are refused before any work, as a dataset is."""
+    for key in ("init", "splits_file"):
+        if getattr(workflow.train, key):
+            raise MedsegError(f"--set train.{key}: the demo trains its own phantoms from "
+                              f"scratch; to fine-tune, or to train on splits of your own, run "
+                              f"`medseg train WORKFLOW --out RUN_DIR` with it")
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

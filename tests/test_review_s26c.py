@@ -133,3 +133,23 @@ def test_the_folder_entries_of_zip_r_are_read(model_archive, phantom_dataset, tm
         zf.writestr("fold_0/checkpoints/", b"")
     assert main(["predict", "--model", str(changed), "--input",
                  str(phantom_dataset / "imagesTs"), "--output", str(tmp_path / "out")]) == 0
+
+
+@pytest.mark.parametrize("key", ["train.init", "train.splits_file"])
+def test_the_demo_refuses_weights_or_splits_of_its_own_before_any_work(
+        trained_run, tmp_path, capsys, key):
+    """`demo --set train.init=RUN` wrote the phantoms and planned, then was refused for a
+    network that did not fit (the demo takes no plan keys from the source, as train does),
+    with --set advice that made it fine-tune the demo from those weights."""
+    source = trained_run if key == "train.init" else tmp_path / "splits.json"
+    (tmp_path / "splits.json").write_text(json.dumps([{"train": ["a"], "val": ["b"]}] * 2),
+                                          encoding="utf-8")
+    assert main(["demo", "--out", str(tmp_path / "demo"), "--set", f"{key}={source}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--set {key}: the demo trains its own" in err, err
+    assert not (tmp_path / "demo").exists()
+    # a null value gives nothing: it is no reason to refuse
+    from medseg.cli import _refuse_demo_sources
+    from medseg.config import load_workflow
+
+    _refuse_demo_sources(load_workflow(None, [f"{key}=null"]))

@@ -17,6 +17,7 @@ Heavy imports (torch, MONAI) stay inside the functions.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -305,9 +306,10 @@ def _refuse_misfit(source: InitSource, shapes: dict[str, tuple], transfer: _Tran
                           f"aside): {misfit}; {_advice(source, shapes, plan)}", source.weights)
 
 
-def load_init(model: torch.nn.Module, plan: Plan, text: str) -> dict:
+def load_init(model: torch.nn.Module, plan: Plan, text: str, main_rank: bool = True) -> dict:
     """Copy every tensor of train.init's weights but the segmentation heads into `model`
-    (built from `plan`); returns what was loaded, for the fold's log."""
+    (built from `plan`); returns what was loaded, for the fold's log (the file's SHA-256
+    on the main rank alone, which writes the log)."""
     import torch
     from safetensors import safe_open
 
@@ -323,8 +325,22 @@ def load_init(model: torch.nn.Module, plan: Plan, text: str) -> dict:
     except Exception as exc:  # safetensors raises its own error types
         raise MedsegError(f"train.init: not readable as safetensors weights "
                           f"({one_line(str(exc))})", source.weights) from exc
-    return {"source": str(source.weights), "sha256": sha256_of_file(source.weights),
+    return {"source": str(source.weights),
+            "sha256": _sha256(source.weights) if main_rank else None,
             "tensors_loaded": len(transfer.loads), "tensors_skipped": transfer.skipped}
+
+
+def _sha256(path: Path) -> str:
+    """The file's SHA-256, hashed once per train command for all its folds (weights of
+    gigabytes take a while), again only for a file changed or replaced since."""
+    stat = path.stat()
+    return _sha256_of_version(str(path.resolve()), stat.st_size, stat.st_mtime_ns,
+                              stat.st_ctime_ns, stat.st_ino)
+
+
+@functools.lru_cache(maxsize=4)
+def _sha256_of_version(path: str, *version: int) -> str:
+    return sha256_of_file(Path(path))
 
 
 def describe(record: dict) -> str:

@@ -274,7 +274,7 @@ def _set_up(workflow: Workflow, plan: Plan, fold_dir: Path, device: torch.device
     weights (heads aside), read before the weight average copies the network."""
     cfg = workflow.train
     model = create_model(plan).to(device, memory_format=MEMORY_FORMAT)
-    init = load_init(model, plan, cfg.init) if cfg.init and not resume else None
+    init = load_init(model, plan, cfg.init, ranks.main) if cfg.init and not resume else None
     if init is not None and ranks.main:
         print(f"{fold_dir.name}: {describe_init(init)}")
     optimizer = _optimizer(model, workflow)

@@ -6,10 +6,14 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from helpers import zip_members
+from helpers import REPO, TINY_TRAINING, as_sets, zip_members
 
+import medseg.pretrained
 from medseg.archive import MANIFEST
 from medseg.cli import main
+from medseg.fileio import sha256_of_file
+from medseg.model import create_model
+from medseg.plan import load_plan
 
 WEIGHTS = "fold_0/checkpoints/best.safetensors"
 
@@ -153,3 +157,35 @@ def test_the_demo_refuses_weights_or_splits_of_its_own_before_any_work(
     from medseg.config import load_workflow
 
     _refuse_demo_sources(load_workflow(None, [f"{key}=null"]))
+
+
+def test_train_init_hashes_its_weights_once_for_all_folds(trained_run, phantom_dataset,
+                                                         tmp_path, monkeypatch):
+    """Each fold resolved and SHA-256-hashed the source again (and each torchrun rank, though
+    only rank 0 writes the hash): weights of gigabytes were read once more per fold."""
+    hashed = []
+    monkeypatch.setattr(medseg.pretrained, "sha256_of_file",
+                        lambda path: hashed.append(path) or sha256_of_file(path))
+    medseg.pretrained._sha256_of_version.cache_clear()
+    quick = [*TINY_TRAINING, "train.epochs=1", "train.iterations_per_epoch=1",
+             "train.val_max_cases=0", "train.folds=2"]
+    out = tmp_path / "tuned"
+    assert main(["train", str(REPO / "workflows" / "demo.yaml"), "--out", str(out),
+                 *as_sets([f"dataset.path={phantom_dataset}", *quick]), "--fold", "all",
+                 "--init", str(trained_run)]) == 0
+    assert len(hashed) == 1
+    weights = trained_run / WEIGHTS
+    for k in (0, 1):
+        first = json.loads((out / f"fold_{k}" / "metrics.jsonl").read_text(
+            encoding="utf-8").splitlines()[0])
+        assert first["init"]["sha256"] == sha256_of_file(weights), k
+
+
+def test_a_rank_that_writes_no_log_does_not_hash_the_init_weights(trained_run, monkeypatch):
+    monkeypatch.setattr(medseg.pretrained, "sha256_of_file",
+                        lambda path: pytest.fail("hashed on a rank that writes no log"))
+    medseg.pretrained._sha256_of_version.cache_clear()
+    plan = load_plan(trained_run / "plan.json")
+    record = medseg.pretrained.load_init(create_model(plan), plan, str(trained_run),
+                                         main_rank=False)
+    assert record["sha256"] is None and record["tensors_loaded"] == 45

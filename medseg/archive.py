@@ -74,6 +74,7 @@ def export_run(run_dir: Path, target: Path, folds: list[int] | None = None,
     if missing or not chosen:
         raise MedsegError(f"no trained weights for fold(s) {missing}" if missing else
                           "no trained fold with checkpoints/best.safetensors", run_dir)
+    _refuse_unreadable_run(run_dir, [trained[k] / "checkpoints" / BEST for k in chosen])
     sources = {"plan.json": run_dir / "plan.json"}
     for k in chosen:
         for part in (f"checkpoints/{BEST}", "metrics.jsonl"):
@@ -88,6 +89,20 @@ def export_run(run_dir: Path, target: Path, folds: list[int] | None = None,
         raise MedsegError(f"cannot {'read' if source else 'write'} ({exc.strerror or exc})",
                           source or target) from exc
     return Exported(target, tuple(chosen), target.stat().st_size)
+
+
+def _refuse_unreadable_run(run_dir: Path, weights: list[Path]) -> None:
+    """A plan.json or best weights that prediction cannot read (cut short, damaged) are
+    refused here, not packed into an archive that another site then finds broken."""
+    from medseg.model import weights_file_problem
+    from medseg.plan import load_plan
+
+    load_plan(run_dir / "plan.json")
+    for path in weights:
+        problem = weights_file_problem(path)
+        if problem:
+            raise MedsegError(f"not readable as safetensors weights ({problem}): an archive "
+                              f"of it could not be used", path)
 
 
 def _refuse_target(target: Path, overwrite: bool) -> None:

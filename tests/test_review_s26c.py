@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -189,3 +190,22 @@ def test_a_rank_that_writes_no_log_does_not_hash_the_init_weights(trained_run, m
     record = medseg.pretrained.load_init(create_model(plan), plan, str(trained_run),
                                          main_rank=False)
     assert record["sha256"] is None and record["tensors_loaded"] == 45
+
+
+@pytest.mark.parametrize(("member", "content", "expected"), [
+    ("plan.json", b"{", "not valid JSON"),
+    (WEIGHTS, b"\x08\x00\x00\x00\x00\x00\x00\x00{}", "not readable as safetensors weights"),
+    (WEIGHTS, b"xx", "not readable as safetensors weights"),
+])
+def test_export_refuses_a_run_whose_plan_or_weights_cannot_be_read(
+        trained_run, tmp_path, capsys, member, content, expected):
+    """They were packed as they were: the archive was written (exit 0), and refused only at
+    the site it was handed to."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / member).write_bytes(content)
+    target = tmp_path / "model.zip"
+    assert main(["export", str(run), str(target)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{run / member}: " in err and expected in err, err
+    assert not target.exists() and list(tmp_path.iterdir()) == [run]

@@ -73,7 +73,13 @@ def resolve_init(text: str) -> InitSource:
                           weights)
     if run_dir is None:
         return InitSource(weights)
-    return InitSource(weights, load_plan(run_dir / "plan.json"), run_dir / "plan.json")
+    try:
+        plan = load_plan(run_dir / "plan.json")
+    except MedsegError as exc:  # say why a plan.json beside the weights is read at all
+        reason = str(exc)[len(str(exc.path)) + 2:] if exc.path is not None else str(exc)
+        raise MedsegError(f"train.init: the plan.json of the source run cannot be read "
+                          f"({reason})", exc.path) from exc
+    return InitSource(weights, plan, run_dir / "plan.json")
 
 
 def _is_model_archive(path: Path) -> bool:

@@ -209,3 +209,21 @@ def test_export_refuses_a_run_whose_plan_or_weights_cannot_be_read(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{run / member}: " in err and expected in err, err
     assert not target.exists() and list(tmp_path.iterdir()) == [run]
+
+
+def test_an_init_source_whose_runs_plan_cannot_be_read_says_train_init(
+        trained_run, phantom_dataset, tmp_path, capsys):
+    """The refusal named the source run's plan.json without a word of why it was read:
+    'RUN/plan.json: not a plan medseg can read: not a JSON object'."""
+    source = tmp_path / "source"
+    shutil.copytree(trained_run, source)
+    (source / "plan.json").write_text("[]", encoding="utf-8")
+    out = tmp_path / "tuned"
+    assert main(["train", str(REPO / "workflows" / "demo.yaml"), "--out", str(out),
+                 *as_sets([f"dataset.path={phantom_dataset}", *TINY_TRAINING]),
+                 "--init", str(source / "fold_0")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"medseg: error: {source / 'plan.json'}: train.init: the plan.json of the "
+                   f"source run cannot be read (not a plan medseg can read: not a JSON "
+                   f"object)"), err
+    assert not out.exists()

@@ -214,7 +214,9 @@ def _naming_archive(exc: MedsegError, run_dir: Path, archive: Path) -> MedsegErr
 
 
 def unpack(archive: Path, run_dir: Path) -> None:
-    """Every member checked (name, manifest, SHA-256) before it is written under run_dir."""
+    """Every member checked (name, manifest, SHA-256) before it is written under run_dir, a
+    new folder (removed again when the archive is refused: none of the caller's)."""
+    run_dir.mkdir(parents=True)
     try:
         with zipfile.ZipFile(archive) as zf:
             manifest = _manifest(zf, archive)
@@ -379,4 +381,7 @@ def _refuse_other_folds(manifest: dict, archive: Path) -> None:
 
 
 def _stem(archive: Path) -> str:
-    return archive.name[: -len(".zip")] or "model"
+    """The unpacked run folder's name: the archive's, unless that names no folder of its own
+    ("...zip" would unpack into the temporary folder's parent, and a refusal remove it)."""
+    stem = archive.name[: -len(".zip")]
+    return stem if stem not in ("", ".", "..") else "model"

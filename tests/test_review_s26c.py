@@ -3,6 +3,7 @@
 import hashlib
 import json
 import shutil
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 from helpers import REPO, TINY_TRAINING, as_sets, zip_members
 
 import medseg.pretrained
-from medseg.archive import MANIFEST
+from medseg.archive import MANIFEST, unpack
 from medseg.cli import main
 from medseg.fileio import sha256_of_file
 from medseg.model import create_model
@@ -227,3 +228,35 @@ def test_an_init_source_whose_runs_plan_cannot_be_read_says_train_init(
                    f"source run cannot be read (not a plan medseg can read: not a JSON "
                    f"object)"), err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("damaged", [False, True])
+def test_an_archive_named_dot_dot_zip_unpacks_inside_its_temporary_folder(
+        model_archive, phantom_dataset, tmp_path, capsys, monkeypatch, damaged):
+    """'...zip' was unpacked into TEMP/medseg-model-XXXX/.., the temporary folder's parent
+    (/tmp), and left there; a damaged one was refused by removing that parent whole."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    (scratch / "keep.txt").write_text("another program's file", encoding="utf-8")
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    archive = tmp_path / "...zip"
+    if damaged:
+        _rebuilt(model_archive, archive, lambda m: None, _set_folds([0, 1]))
+    else:
+        shutil.copy(model_archive, archive)
+    assert main(["predict", "--model", str(archive), "--input",
+                 str(phantom_dataset / "imagesTs"), "--output",
+                 str(tmp_path / "out")]) == (2 if damaged else 0)
+    assert sorted(p.name for p in scratch.iterdir()) == ["keep.txt"]
+
+
+def test_unpack_refuses_a_folder_that_exists(model_archive, tmp_path):
+    """Its refusal of a damaged archive removes the folder it unpacked into: one of the
+    caller's would go with it."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "mine.txt").write_text("x", encoding="utf-8")
+    with pytest.raises(FileExistsError):
+        unpack(_rebuilt(model_archive, tmp_path / "bad.zip", lambda m: None,
+                        _set_folds([0, 1])), folder)
+    assert (folder / "mine.txt").is_file()

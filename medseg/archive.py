@@ -187,6 +187,16 @@ def is_archive(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(".zip")
 
 
+# the run folders of the archives open now, each with its archive: what the notes and the
+# summary line name, not a temporary folder that is gone when they are read
+_OPENED: dict[Path, Path] = {}
+
+
+def shown_as(run_dir: Path) -> str:
+    """A run folder as the user gave it: the archive, for one unpacked by opened_model."""
+    return str(_OPENED.get(Path(run_dir), run_dir))
+
+
 @contextlib.contextmanager
 def opened_model(archive: Path) -> Iterator[Path]:
     """The archive checked and unpacked into a temporary run folder (named as the archive),
@@ -194,10 +204,13 @@ def opened_model(archive: Path) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="medseg-model-") as folder:
         run_dir = Path(folder) / _stem(archive)
         unpack(archive, run_dir)
+        _OPENED[run_dir] = archive
         try:
             yield run_dir
         except MedsegError as exc:
             raise _naming_archive(exc, run_dir, archive) from exc
+        finally:
+            _OPENED.pop(run_dir, None)
 
 
 def _naming_archive(exc: MedsegError, run_dir: Path, archive: Path) -> MedsegError:

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from medseg.archive import shown_as
 from medseg.config import PredictConfig, load_workflow, override_key
 from medseg.datasets import strip_image_suffix
 from medseg.dicom import DICOM_SUFFIXES
@@ -174,7 +175,8 @@ def load_predictor(run_dirs: str | Path | Sequence[str | Path], folds: list[int]
         _refuse_unlike_plan(runs[0], plan, run_dir, other)
     models, names, weights, plans = [], [], [], []
     for run_dir, (run_plan, fold_dirs) in zip(runs, members, strict=True):
-        named = [p.name if len(runs) == 1 else f"{run_dir}/{p.name}" for p in fold_dirs]
+        named = [p.name if len(runs) == 1 else f"{shown_as(run_dir)}/{p.name}"
+                 for p in fold_dirs]
         _note_unfinished_folds(run_dir, fold_dirs, named)
         for fold_dir, name in zip(fold_dirs, named, strict=True):
             model = _fold_weights(run_plan, fold_dir)
@@ -208,8 +210,9 @@ def predict_settings(runs: Sequence[Path], overrides: Sequence[str] = (),
                      and getattr(config, f.name) != getattr(other, f.name)]
         if differing:
             keys = ", ".join(f"predict.{name}" for name in differing)
-            print(f"medseg: note: {run} sets {keys} otherwise than {runs[0]}: the "
-                  f"ensemble uses the first run's predict settings", file=sys.stderr)
+            print(f"medseg: note: {shown_as(run)} sets {keys} otherwise than "
+                  f"{shown_as(runs[0])}: the ensemble uses the first run's predict settings",
+                  file=sys.stderr)
     return dataclasses.replace(config, tta=config.tta if tta is None else tta,
                                step=config.step if step is None else step)
 

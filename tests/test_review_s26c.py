@@ -8,6 +8,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import REPO, TINY_TRAINING, as_sets, zip_members
 
 import medseg.pretrained
@@ -260,3 +261,23 @@ def test_unpack_refuses_a_folder_that_exists(model_archive, tmp_path):
         unpack(_rebuilt(model_archive, tmp_path / "bad.zip", lambda m: None,
                         _set_folds([0, 1])), folder)
     assert (folder / "mine.txt").is_file()
+
+
+def _unfinished_with_other_step(members: dict) -> None:
+    workflow = yaml.safe_load(members["workflow.yaml"])
+    workflow["train"]["epochs"] = 100
+    workflow["predict"]["step"] = 0.75
+    members["workflow.yaml"] = yaml.safe_dump(workflow, sort_keys=False).encode()
+
+
+def test_an_ensembles_notes_name_the_archive_not_its_temporary_folder(
+        model_archive, trained_run, phantom_dataset, tmp_path, capsys):
+    """They named /tmp/medseg-model-XXXX/NAME, gone when the note is read."""
+    archive = _rebuilt(model_archive, tmp_path / "tuned.zip", _unfinished_with_other_step)
+    assert main(["predict", "--model", str(trained_run), str(archive), "--input",
+                 str(phantom_dataset / "imagesTs"), "--output", str(tmp_path / "out")]) == 0
+    captured = capsys.readouterr()
+    assert "medseg-model-" not in captured.out + captured.err
+    assert f"note: {archive}/fold_0 has not finished its 100 epochs" in captured.err
+    assert f"note: {archive} sets predict.step otherwise than {trained_run}" in captured.err
+    assert f"with {trained_run}/fold_0, {archive}/fold_0 in" in captured.out

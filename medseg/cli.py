@@ -696,8 +696,11 @@ def _stdout_of_main_rank_only(main: bool) -> Iterator[None]:
 
 
 def _parse_predict_folds(text: str | None) -> list[int] | None:
-    if not text:
+    if text is None:
         return None
+    if not text.strip():  # it meant every fold, as if --folds were not given
+        raise MedsegError("--folds is empty (an unset shell variable?): give fold numbers, "
+                          "or leave --folds out for every trained fold")
     try:
         return [int(part) for part in text.split(",")]
     except ValueError as exc:

@@ -281,3 +281,16 @@ def test_an_ensembles_notes_name_the_archive_not_its_temporary_folder(
     assert f"note: {archive}/fold_0 has not finished its 100 epochs" in captured.err
     assert f"note: {archive} sets predict.step otherwise than {trained_run}" in captured.err
     assert f"with {trained_run}/fold_0, {archive}/fold_0 in" in captured.out
+
+
+def test_an_empty_folds_option_is_refused(trained_run, tmp_path, capsys):
+    """`export RUN M.zip --folds "$FOLDS"` with FOLDS unset packed every fold (exit 0)."""
+    for argv in (["export", str(trained_run), str(tmp_path / "m.zip"), "--folds", ""],
+                 ["predict", "--model", str(trained_run), "--input", str(tmp_path),
+                  "--output", str(tmp_path / "out"), "--folds", " "],
+                 ["crossval", str(trained_run), "--folds", ""]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == ("medseg: error: --folds is empty (an unset shell variable?): give fold "
+                       "numbers, or leave --folds out for every trained fold"), err
+    assert list(tmp_path.iterdir()) == []

@@ -14,6 +14,7 @@ expected set (`../x`, an absolute path) is refused."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import re
@@ -39,6 +40,8 @@ MANIFEST_LIMIT = 1 << 20
 # that small files may reach) is a zip bomb: trained weights hardly compress, and the text
 # files a few times; deflate reaches ~1000x on a run of one byte
 RATIO_LIMIT, RATIO_FLOOR = 100, 1 << 20
+# what writing the unpacked files may fail with, and reading an archive never does
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
 # the text files are read whole into memory (plan.json, workflow.yaml, metrics.jsonl)
 TEXT_LIMIT = 64 << 20
 # fold_K as train names it (not fold_01, which predict would not take for a fold)
@@ -247,10 +250,23 @@ def unpack(archive: Path, run_dir: Path) -> None:
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError,
             RuntimeError, NotImplementedError) as exc:  # encrypted; unknown compression
         shutil.rmtree(run_dir, ignore_errors=True)
-        raise MedsegError(f"not a readable model archive ({exc})", archive) from exc
+        raise _unpack_failure(exc, archive, run_dir) from exc
     except MedsegError:
         shutil.rmtree(run_dir, ignore_errors=True)
         raise
+
+
+def _unpack_failure(exc: Exception, archive: Path, run_dir: Path) -> MedsegError:
+    """Why unpacking stopped: the archive, or the temporary folder it was written to (a full
+    disk is no fault of the archive's)."""
+    filename = Path(exc.filename) if isinstance(exc, OSError) and exc.filename else None
+    if isinstance(exc, OSError) and (exc.errno in WRITE_ERRORS or filename is not None and (
+            filename == run_dir or run_dir in filename.parents)):
+        # the folder TMPDIR chose, not medseg-model-XXXX in it (gone when this is read)
+        return MedsegError(f"cannot be unpacked into the temporary folder "
+                           f"{run_dir.parent.parent} ({exc.strerror or exc}): set TMPDIR to "
+                           f"another folder", archive)
+    return MedsegError(f"not a readable model archive ({exc})", archive)
 
 
 def _copy_hashed(zf: zipfile.ZipFile, name: str, target: Path) -> str:

@@ -1,5 +1,6 @@
 """Review of model archives and fine-tuning sources (session 26c): regressions found."""
 
+import errno
 import hashlib
 import json
 import shutil
@@ -294,3 +295,35 @@ def test_an_empty_folds_option_is_refused(trained_run, tmp_path, capsys):
         assert err == ("medseg: error: --folds is empty (an unset shell variable?): give fold "
                        "numbers, or leave --folds out for every trained fold"), err
     assert list(tmp_path.iterdir()) == []
+
+
+class _FullDisk:
+    """A file open for writing on a disk that is full."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def write(self, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_full_temporary_disk_is_not_blamed_on_the_archive(
+        model_archive, phantom_dataset, tmp_path, capsys, monkeypatch):
+    """A disk that filled while the archive was unpacked (or a quota) gave 'not a readable
+    model archive ([Errno 28] No space left on device)', as if the archive were broken."""
+    import medseg.archive
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setattr(medseg.archive, "open", _FullDisk, raising=False)
+    err = _predict_refusal(model_archive, phantom_dataset, tmp_path, capsys)
+    assert f"cannot be unpacked into the temporary folder {scratch} (" in err, err
+    assert "(No space left on device): set TMPDIR to another folder" in err, err
+    assert "not a readable model archive" not in err

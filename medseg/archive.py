@@ -23,7 +23,7 @@ import tempfile
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import yaml
 
@@ -151,7 +151,8 @@ def _shareable_metrics(path: Path) -> bytes:
             continue
         init = record.get("init") if isinstance(record, dict) else None
         if isinstance(init, dict) and isinstance(init.get("source"), str):
-            init["source"] = Path(init["source"]).name
+            # either separator: a run trained on Windows may be exported elsewhere
+            init["source"] = PureWindowsPath(init["source"]).name
             lines[i] = (json.dumps(record) + "\n").encode("utf-8")
     return b"".join(lines)
 

@@ -327,3 +327,21 @@ def test_a_full_temporary_disk_is_not_blamed_on_the_archive(
     assert f"cannot be unpacked into the temporary folder {scratch} (" in err, err
     assert "(No space left on device): set TMPDIR to another folder" in err, err
     assert "not a readable model archive" not in err
+
+
+@pytest.mark.parametrize("source", [r"C:\Users\jdoe\weights\w.safetensors",
+                                    "/home/jdoe/weights/w.safetensors"])
+def test_export_cuts_a_windows_init_path_to_its_file_name(trained_run, tmp_path, source):
+    """A run fine-tuned on Windows kept 'C:\\Users\\jdoe\\...' whole in the archive's
+    metrics.jsonl when exported on Linux (Path(...).name splits at '/' alone)."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    metrics = run / "fold_0" / "metrics.jsonl"
+    lines = metrics.read_text(encoding="utf-8").splitlines(keepends=True)
+    first = json.loads(lines[0])
+    first["init"] = {"source": source, "sha256": "0" * 64}
+    metrics.write_text(json.dumps(first) + "\n" + "".join(lines[1:]), encoding="utf-8")
+    assert main(["export", str(run), str(tmp_path / "m.zip")]) == 0
+    exported = zip_members(tmp_path / "m.zip")["fold_0/metrics.jsonl"]
+    assert b"jdoe" not in exported
+    assert json.loads(exported.splitlines()[0])["init"]["source"] == "w.safetensors"

@@ -345,3 +345,21 @@ def test_export_cuts_a_windows_init_path_to_its_file_name(trained_run, tmp_path,
     exported = zip_members(tmp_path / "m.zip")["fold_0/metrics.jsonl"]
     assert b"jdoe" not in exported
     assert json.loads(exported.splitlines()[0])["init"]["source"] == "w.safetensors"
+
+
+def test_export_refuses_weights_of_another_network(trained_run, tmp_path, capsys):
+    """best.safetensors of another plan (copied in from another run) was packed, and the
+    archive refused only where it was used."""
+    from safetensors.torch import load_file, save_file
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    tensors = load_file(run / WEIGHTS)
+    first = next(iter(tensors))
+    tensors[first] = tensors[first][:1]
+    save_file(tensors, run / WEIGHTS)
+    assert main(["export", str(run), str(tmp_path / "m.zip")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"medseg: error: {run / WEIGHTS}: these weights do not fit the "
+                          f"network of {run / 'plan.json'} (1 tensor(s) of another shape"), err
+    assert not (tmp_path / "m.zip").exists()

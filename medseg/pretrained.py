@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from medseg.plan import Plan
 
 SOURCES = "a run folder made by `medseg train`, RUN/fold_K or a .safetensors file"
+NO_FOLD = "no fold is trained"
 # checkpoints that torch pickles: medseg does not unpickle them
 PICKLED_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".model")
 # the workflow keys that decide the network's shape, besides the dataset's channels:
@@ -109,8 +110,11 @@ def _weights_in_folder(path: Path) -> Path:
     if _is_run(path):
         weights = path / "fold_0" / "checkpoints" / BEST_WEIGHTS
         if not weights.is_file():
+            trained = _trained_folds(path)
+            advice = ("train it first, or give another source" if trained == NO_FOLD else
+                      "give RUN/fold_K")
             raise MedsegError(f"train.init: this run has no fold_0/checkpoints/{BEST_WEIGHTS} "
-                              f"({_trained_folds(path)}): give RUN/fold_K", path)
+                              f"({trained}): {advice}", path)
         return weights
     if _fold_name(path.name) and _is_run(path.parent):
         weights = path / "checkpoints" / BEST_WEIGHTS
@@ -150,7 +154,7 @@ def _trained_folds(run_dir: Path) -> str:
 
     trained = [p.name for _, p in fold_folders(run_dir)
                if (p / "checkpoints" / BEST_WEIGHTS).is_file()]
-    return f"trained: {', '.join(trained)}" if trained else "no fold is trained"
+    return f"trained: {', '.join(trained)}" if trained else NO_FOLD
 
 
 def _unreadable(weights: Path) -> str | None:

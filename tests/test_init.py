@@ -202,7 +202,7 @@ def test_a_missing_or_unreadable_source_is_one_line_naming_it(
         (not_a_run, not_a_run, "a folder that is not a medseg run (no plan.json) nor one of "
          "its fold_K folders"),
         (untrained, untrained, "this run has no fold_0/checkpoints/best.safetensors (no fold "
-         "is trained): give RUN/fold_K"),
+         "is trained): train it first, or give another source"),
         (pickled, pickled, "not readable as safetensors weights (Error while deserializing "
          "header: "),
     ]

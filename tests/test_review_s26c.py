@@ -363,3 +363,23 @@ def test_export_refuses_weights_of_another_network(trained_run, tmp_path, capsys
     assert err.startswith(f"medseg: error: {run / WEIGHTS}: these weights do not fit the "
                           f"network of {run / 'plan.json'} (1 tensor(s) of another shape"), err
     assert not (tmp_path / "m.zip").exists()
+
+
+def test_an_init_run_without_any_trained_fold_is_not_told_to_give_a_fold(
+        trained_run, phantom_dataset, tmp_path, capsys):
+    """'this run has no fold_0/checkpoints/best.safetensors (no fold is trained): give
+    RUN/fold_K', though no fold of it has weights to give."""
+    source = tmp_path / "source"
+    shutil.copytree(trained_run, source)
+    (source / WEIGHTS).unlink()
+    argv = ["train", str(REPO / "workflows" / "demo.yaml"), "--out", str(tmp_path / "tuned"),
+            *as_sets([f"dataset.path={phantom_dataset}", *TINY_TRAINING]), "--init"]
+    assert main([*argv, str(source)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("(no fold is trained): train it first, or give another source"), err
+    # with another fold trained, that fold is the way
+    (source / "fold_1" / "checkpoints").mkdir(parents=True)
+    shutil.copy(trained_run / WEIGHTS, source / "fold_1" / "checkpoints")
+    assert main([*argv, str(source)]) == 2
+    assert capsys.readouterr().err.strip().endswith("(trained: fold_1): give RUN/fold_K")
+    assert not (tmp_path / "tuned").exists()

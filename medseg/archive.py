@@ -171,7 +171,8 @@ def _shareable_metrics(path: Path) -> bytes:
 
 def _write_hashed(zf: zipfile.ZipFile, path: Path, name: str) -> tuple[str, int]:
     """Copy a file into the archive in blocks; the SHA-256 and size of what was copied."""
-    info = zipfile.ZipInfo.from_file(path, name)
+    # a time outside 1980..2107 (a copy that kept a time of 0) is clamped, not refused
+    info = zipfile.ZipInfo.from_file(path, name, strict_timestamps=False)
     info.compress_type = zipfile.ZIP_DEFLATED
     digest, size = hashlib.sha256(), 0
     with open(path, "rb") as source, \

@@ -3,6 +3,7 @@
 import errno
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 import zipfile
@@ -383,3 +384,14 @@ def test_an_init_run_without_any_trained_fold_is_not_told_to_give_a_fold(
     assert main([*argv, str(source)]) == 2
     assert capsys.readouterr().err.strip().endswith("(trained: fold_1): give RUN/fold_K")
     assert not (tmp_path / "tuned").exists()
+
+
+def test_export_takes_files_dated_before_1980(trained_run, model_archive, tmp_path, capsys):
+    """A run copied with its files' times kept as 0 (1970: a reproducible build, some
+    unpackers) failed: 'ValueError: ZIP does not support timestamps before 1980' (exit 1)."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    os.utime(run / WEIGHTS, (0, 0))
+    os.utime(run / "plan.json", (0, 0))
+    assert main(["export", str(run), str(tmp_path / "m.zip")]) == 0, capsys.readouterr().err
+    assert zip_members(tmp_path / "m.zip") == zip_members(model_archive)

@@ -395,3 +395,20 @@ def test_export_takes_files_dated_before_1980(trained_run, model_archive, tmp_pa
     os.utime(run / "plan.json", (0, 0))
     assert main(["export", str(run), str(tmp_path / "m.zip")]) == 0, capsys.readouterr().err
     assert zip_members(tmp_path / "m.zip") == zip_members(model_archive)
+
+
+def test_a_symbolic_link_entry_is_unpacked_as_a_plain_file(model_archive, tmp_path):
+    """A member stored as a Unix symbolic link (mode 0o120777) whose bytes are those the
+    manifest lists is written as a plain file of those bytes, never as a link that would
+    lead out of the unpacked folder (zipfile makes no links; this keeps it so)."""
+    members = zip_members(model_archive)
+    archive = tmp_path / "link.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for name, data in members.items():
+            info = zipfile.ZipInfo(name)
+            if name == "plan.json":
+                info.create_system, info.external_attr = 3, 0o120777 << 16
+            zf.writestr(info, data)
+    unpack(archive, tmp_path / "run")
+    plan = tmp_path / "run" / "plan.json"
+    assert not plan.is_symlink() and plan.read_bytes() == members["plan.json"]

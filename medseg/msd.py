@@ -21,7 +21,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from medseg.datasets import MsdTask, read_msd_task, strip_image_suffix
+from medseg.datasets import (
+    MsdTask,
+    label_id_problem,
+    label_names_from_json,
+    read_msd_task,
+    split_ignore_label,
+    strip_image_suffix,
+)
 from medseg.errors import MedsegError
 from medseg.fileio import (
     atomic_path,
@@ -35,11 +42,13 @@ from medseg.io import (
     grid_mismatch,
     read_channels,
     read_geometry,
+    read_label_map,
     read_volume,
     storage_reordering,
     write_as_stored,
     write_volume,
 )
+from medseg.plan import check_label_values
 from medseg.stopping import raise_if_stopped, signals_held
 
 ENDING = ".nii.gz"
@@ -71,7 +80,7 @@ def convert_msd(task_dir: Path, out: Path, jobs: int = 1) -> Conversion:
         raise MedsegError("no dataset.json: give the MSD task folder (Task01_BrainTumour, ...)",
                           task_dir)
     task = read_msd_task(task_dir, converting=True)
-    labels = _labels_by_name(task)
+    labels = _label_map(task)
     _refuse_unusable_out(out, task_dir)
     channels = len(task.channel_names)
     target = Path(os.path.abspath(out))
@@ -83,6 +92,7 @@ def convert_msd(task_dir: Path, out: Path, jobs: int = 1) -> Conversion:
     staging = (target / STAGING if inside else
                target.parent / f".{target.name}.part-{secrets.token_hex(4)}")
     work = _work_items(task, staging, channels)
+    _check_label_voxels(task, labels, jobs)
     made = missing_folders(target)
     try:
         staging.mkdir(parents=True)
@@ -90,7 +100,8 @@ def convert_msd(task_dir: Path, out: Path, jobs: int = 1) -> Conversion:
             (staging / folder).mkdir()
         _run(work, jobs)
         atomic_write_text(staging / "dataset.json", json.dumps(
-            _nnunet_description(task, labels), indent=2, ensure_ascii=False) + "\n")
+            _nnunet_description(task, _labels_by_name(labels)), indent=2,
+            ensure_ascii=False) + "\n")
         _move_into_place(staging, target, inside)
     except BaseException:
         _undo(staging, made, target if inside else None)
@@ -112,25 +123,37 @@ def _move_into_place(staging: Path, target: Path, inside: bool) -> None:
         staging.rmdir()
 
 
-def _labels_by_name(task: MsdTask) -> dict[str, int]:
-    """MSD's labels ({"0": "background", ...}) as nnU-Net v2's ({"background": 0, ...})."""
-    table = task.data.get("labels")
-    if not isinstance(table, dict) or not table:
-        raise MedsegError("no 'labels' mapping found", task.description)
-    by_name: dict[str, int] = {}
-    for key, name in table.items():
-        try:
-            label = int(key)
-        except (TypeError, ValueError) as exc:
-            raise MedsegError(f"'labels' must map ids (\"0\", \"1\", ...) to names, got key "
-                              f"{key!r}", task.description) from exc
-        if not isinstance(name, str) or not name.strip():
-            raise MedsegError(f"label {key} needs a name", task.description)
-        if name in by_name:
-            raise MedsegError(f"labels {by_name[name]} and {label} are both named {name!r}: "
-                              f"nnU-Net's layout maps names to ids", task.description)
-        by_name[name] = label
-    return by_name
+def _label_map(task: MsdTask) -> dict[int, str]:
+    """The task's label map as `medseg check` and training read it (background 0 added when
+    unnamed; ids that must run 0, 1, 2, ... without a gap), or a MedsegError."""
+    labels = label_names_from_json(task.description)
+    problem = label_id_problem(split_ignore_label(labels)[0])
+    if problem:
+        raise MedsegError(f"label map ids: {problem}; training needs ids 0, 1, 2, ... without "
+                          f"a gap", task.description)
+    return labels
+
+
+def _labels_by_name(labels: dict[int, str]) -> dict[str, int]:
+    """The label map as nnU-Net v2's: name -> id, id 0 named "background" (nnU-Net refuses a
+    dataset.json without that key, whatever an MSD task called its id 0)."""
+    return {("background" if label == 0 else name): label
+            for label, name in sorted(labels.items())}
+
+
+def _check_label_voxels(task: MsdTask, labels: dict[int, str], jobs: int) -> None:
+    """Refuse a label that `medseg check` and training would refuse: values that are not
+    whole numbers, or not in the label map (negative ones included). Every label's voxels
+    are read, `jobs` at a time (gzip runs outside the GIL)."""
+    structures, ignore = split_ignore_label(labels)
+
+    def check(label: Path) -> None:
+        raise_if_stopped()
+        check_label_values(read_label_map(label), structures, ignore)
+
+    with ThreadPoolExecutor(jobs, "medseg-check") as pool:
+        for _ in pool.map(check, [label for _, _, label in task.training]):
+            pass
 
 
 def _refuse_unusable_out(out: Path, task_dir: Path) -> None:

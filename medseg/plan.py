@@ -140,7 +140,7 @@ def fingerprint(dataset: Dataset, seed: int = 0, progress: bool = True) -> Finge
             digests.append(voxels_digest(label.data))
         _refuse_duplicate(first_with_voxels, "+".join(digests), case)
         if label is not None:
-            _check_label_values(label, dataset.labels, dataset.ignore_label)
+            check_label_values(label, dataset.labels, dataset.ignore_label)
             _count_classes(label, class_voxels, dataset.ignore_label)
             for label_id in class_voxels:
                 holder.setdefault(label_id, case.label)
@@ -622,8 +622,10 @@ def _label_on_grid(image, label):
         raise
 
 
-def _check_label_values(label, labels: dict[int, str], ignore_label: int | None = None
-                        ) -> None:
+def check_label_values(label, labels: dict[int, str], ignore_label: int | None = None
+                       ) -> None:
+    """Refuse label values outside `labels` (the structures and background) and 'ignore';
+    without a map, negative ones."""
     values = set(np.unique(label.data).tolist()) - {ignore_label}
     if not labels:  # ids taken from the data: class indices, so never negative
         negative = sorted(v for v in values if v < 0)

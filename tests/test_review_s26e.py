@@ -1,0 +1,99 @@
+"""Review of convert-msd and check (session 26e): regressions found."""
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from helpers import requires_shared
+
+from medseg.cli import main
+
+SHAPE = (8, 9, 10)
+MAP = {"0": "background", "1": "organ"}
+
+
+def _msd_task(root: Path, labels: list[np.ndarray], table: dict | None = None) -> Path:
+    """A one-channel MSD task, one case per label array (seeded random images)."""
+    rng = np.random.default_rng(265)
+    for folder in ("imagesTr", "labelsTr"):
+        (root / folder).mkdir(parents=True)
+    training = []
+    for index, label in enumerate(labels):
+        image = rng.normal(size=SHAPE).astype(np.float32)
+        nib.save(nib.Nifti1Image(image, np.eye(4)), root / "imagesTr" / f"c{index}.nii.gz")
+        nib.save(nib.Nifti1Image(label, np.eye(4)), root / "labelsTr" / f"c{index}.nii.gz")
+        training.append({"image": f"./imagesTr/c{index}.nii.gz",
+                         "label": f"./labelsTr/c{index}.nii.gz"})
+    description = {"name": "X", "modality": {"0": "MRI"}, "labels": table or MAP,
+                   "numTraining": len(labels), "training": training, "test": []}
+    (root / "dataset.json").write_text(json.dumps(description), encoding="utf-8")
+    return root
+
+
+def _label(dtype=np.uint8, value=1) -> np.ndarray:
+    label = np.zeros(SHAPE, dtype)
+    label[2:5, 2:5, 2:5] = value
+    return label
+
+
+def _one_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    return err
+
+
+@pytest.mark.parametrize(("bad", "says"), [
+    (_label(np.float32, 0.5), "non-integer values"),  # a linearly resampled mask
+    (_label(np.uint8, 3), "label values [3] are not in"),  # an id the map does not name
+    (_label(np.int8, -1), "label values [-1] are not in"),
+])
+def test_convert_msd_refuses_a_label_check_and_train_would_refuse(tmp_path, capsys, bad, says):
+    """Such a label was copied as it was, exit 0, and `medseg check`/`train` of the
+    converted dataset then refused it: now refused before anything is written."""
+    task = _msd_task(tmp_path / "Task09_X", [_label(), _label(), bad])
+    out = tmp_path / "out"
+    assert main(["convert-msd", str(task), str(out)]) == 2
+    err = _one_error(capsys)
+    assert says in err and "c2.nii.gz" in err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["Task09_X"]
+
+
+def test_convert_msd_takes_whole_float_labels(tmp_path):
+    task = _msd_task(tmp_path / "Task09_X", [_label(np.float32, 1.0), _label()])
+    assert main(["convert-msd", str(task), str(tmp_path / "out")]) == 0
+
+
+def test_convert_msd_refuses_a_label_map_with_a_gap(tmp_path, capsys):
+    task = _msd_task(tmp_path / "Task09_X", [_label(), _label()],
+                     {"0": "background", "1": "organ", "3": "tumour"})
+    assert main(["convert-msd", str(task), str(tmp_path / "out")]) == 2
+    assert "2 missing from 0, 1, 3" in _one_error(capsys)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("table", [{"1": "organ"}, {"0": "Background", "1": "organ"}])
+def test_convert_msd_writes_background_0_as_nnunet_requires(tmp_path, table):
+    """An MSD map without "0" gave a dataset.json without "background": 0 (nnU-Net v2
+    refuses it), as did one naming id 0 otherwise."""
+    task = _msd_task(tmp_path / "Task09_X", [_label(), _label()], table)
+    out = tmp_path / "out"
+    assert main(["convert-msd", str(task), str(out)]) == 0
+    written = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
+    assert written["labels"] == {"background": 0, "organ": 1}
+    assert main(["check", str(out)]) == 0
+
+
+def test_convert_msd_of_the_real_hippocampus_task_follows_nnunet(tmp_path):
+    source = requires_shared("Task04_Hippocampus")
+    out = tmp_path / "Dataset004_Hippocampus"
+    assert main(["convert-msd", str(source), str(out), "--jobs", "2"]) == 0
+    written = json.loads((out / "dataset.json").read_text(encoding="utf-8"))
+    assert written["labels"] == {"background": 0, "Anterior": 1, "Posterior": 2}
+    assert written["channel_names"] == {"0": "MRI"}
+    assert written["file_ending"] == ".nii.gz"
+    cases = sorted(p.name[:-len(".nii.gz")] for p in (out / "labelsTr").iterdir())
+    assert written["numTraining"] == len(cases) == 200
+    assert sorted(p.name for p in (out / "imagesTr").iterdir()) == \
+        [f"{name}_0000.nii.gz" for name in cases]

@@ -17,6 +17,7 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
+from medseg.config import TrainConfig
 from medseg.datasets import (
     Case,
     Dataset,
@@ -48,6 +49,7 @@ from medseg.io import (
 from medseg.plan import intensity_doubt, modality_hint
 
 SPACING_OUTLIER_FACTOR = 2.0
+DEFAULT_FOLDS = TrainConfig().folds
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,7 @@ def check_dataset(path: str | Path, layout: str = "auto") -> CheckReport:
     problems += _unnameable(dataset.cases)
     problems += _shared_labels(dataset.cases)
     problems += _outliers([f for f in facts if f.geometry is not None])
+    problems += _fewer_than_folds(len(dataset.cases), listing.description or dataset.root)
     return CheckReport(dataset.root, listing.layout, len(dataset.cases), tuple(problems))
 
 
@@ -145,6 +148,17 @@ def _too_few_cases(count: int, where: Path) -> list[Problem]:
                                              "it, its folds need at least 2 (one to train on, "
                                              "one to validate on)")]
     return []
+
+
+def _fewer_than_folds(count: int, where: Path) -> list[Problem]:
+    """Training refuses fewer cases than train.folds (make_splits), which check, reading no
+    workflow, knows only as its default: a warning, as a workflow may set fewer."""
+    if not 1 < count < DEFAULT_FOLDS:
+        return []
+    return [Problem("warning", "-", where,
+                    f"the dataset lists {count} cases, fewer than the default {DEFAULT_FOLDS} "
+                    f"folds: training refuses it unless train.folds is at most {count} (--set "
+                    f"train.folds={count}) or train.splits_file gives the folds")]
 
 
 def _check_case(case: Case, dataset: Dataset, layout: str) -> tuple[list[Problem], _CaseFacts]:

@@ -5,6 +5,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import past_folds
 
 from medseg.check import check_dataset
 from medseg.errors import MedsegError
@@ -50,10 +51,10 @@ def write_case(root, name, image_data=None, label_data=None, image_affine=None,
 
 
 def test_clean_dataset(tmp_path):
-    entries = [write_case(tmp_path, f"ok{k}", seed=k) for k in range(3)]
+    entries = [write_case(tmp_path, f"ok{k}", seed=k) for k in range(5)]  # 5 folds
     report = check_dataset(msd(tmp_path, entries))
     assert report.problems == () and report.exit_code() == 0
-    assert report.format_table().endswith("(msd layout, 3 cases): clean")
+    assert report.format_table().endswith("(msd layout, 5 cases): clean")
 
 
 def test_every_problem_is_a_row_naming_the_case_file(tmp_path):
@@ -141,7 +142,8 @@ def test_check_agrees_with_training_on_spare_labels_hidden_files_and_no_cases(tm
     save(pairs / "labels" / "spare.nii.gz", label())  # no image: training leaves it out
     assert [c.name for c in load_dataset(pairs).cases] == ["a", "b"]
     report = check_dataset(pairs)
-    assert [(p.severity, p.file.name) for p in report.problems] == [("warning", "spare.nii.gz")]
+    assert [(p.severity, p.file.name) for p in past_folds(report.problems)] == [
+        ("warning", "spare.nii.gz")]
 
     nnunet = tmp_path / "nnunet"
     for k, name in enumerate("ab"):
@@ -153,7 +155,7 @@ def test_check_agrees_with_training_on_spare_labels_hidden_files_and_no_cases(tm
         "channel_names": {"0": "T1"}, "labels": {"background": 0, "x": 1},
         "file_ending": ".nii.gz"}), encoding="utf-8")
     assert [c.name for c in load_dataset(nnunet).cases] == ["a", "b"]
-    assert check_dataset(nnunet).problems == ()
+    assert past_folds(check_dataset(nnunet).problems) == ()
 
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -207,7 +209,8 @@ def test_two_files_of_one_label_are_still_an_error(tmp_path):
         save(tmp_path / "labels" / f"{name}.nii.gz", label())
     save(tmp_path / "labels" / "a.nii", label())
     report = check_dataset(tmp_path, layout="folders")
-    assert [(p.severity, p.file.name) for p in report.problems] == [("error", "a.nii.gz")]
+    assert [(p.severity, p.file.name) for p in past_folds(report.problems)] == [
+        ("error", "a.nii.gz")]
 
 
 def test_a_sheared_scan_is_a_warning_since_predict_refuses_it(tmp_path):
@@ -217,7 +220,7 @@ def test_a_sheared_scan_is_a_warning_since_predict_refuses_it(tmp_path):
     entries.append(write_case(tmp_path, "tilted", image_affine=sheared, label_affine=sheared,
                               seed=5))
     report = check_dataset(msd(tmp_path, entries))
-    assert [(p.severity, p.case) for p in report.problems] == [("warning", "tilted")]
+    assert [(p.severity, p.case) for p in past_folds(report.problems)] == [("warning", "tilted")]
     assert "voxel axes sheared by up to 26.6 degrees" in report.problems[0].message
     assert "predict refuses such a scan, and evaluate" in report.problems[0].message
 
@@ -236,7 +239,7 @@ def test_label_ids_with_a_gap_are_refused_for_training_and_flagged_by_check(tmp_
     description["labels"] = {"0": "background", "1": "a", "2": "b", "4": "d"}
     (gapped / "dataset.json").write_text(json.dumps(description), encoding="utf-8")
     report = check_dataset(gapped)
-    assert [(p.file.name, p.message) for p in report.problems] == [
+    assert [(p.file.name, p.message) for p in past_folds(report.problems)] == [
         ("dataset.json", "label map ids: 3 missing from 0, 1, 2, 4; training needs ids "
                          "0, 1, 2, ... without a gap")]
     with pytest.raises(MedsegError, match=r"label ids must run 0, 1, 2, \.\.\. without a gap "
@@ -253,7 +256,7 @@ def test_label_ids_with_a_gap_are_refused_for_training_and_flagged_by_check(tmp_
                                           r".*: 2, 3 missing from 0, 1, 4"):
         fingerprint(load_dataset(pairs), progress=False)
     assert [(p.severity, p.case, p.file.name, p.message)
-            for p in check_dataset(pairs).problems] == [
+            for p in past_folds(check_dataset(pairs).problems)] == [
         ("error", "b", "b.nii.gz", "holds label id 4, past a gap in the label files' ids: 2, 3 "
                                    "missing from 0, 1, 4; training needs ids 0, 1, 2, ... "
                                    "without a gap")]
@@ -262,7 +265,7 @@ def test_label_ids_with_a_gap_are_refused_for_training_and_flagged_by_check(tmp_
     description["labels"] = {"-1": "out", "0": "background", "1": "a", "2": "b", "3": "c",
                              "4": "d"}
     (gapped / "dataset.json").write_text(json.dumps(description), encoding="utf-8")
-    assert [p.message for p in check_dataset(gapped).problems] == [
+    assert [p.message for p in past_folds(check_dataset(gapped).problems)] == [
         "label map ids: -1 negative; training needs ids 0, 1, 2, ... without a gap"]
     with pytest.raises(MedsegError, match=r"without a gap for training \(as nnU-Net "
                                           r"requires\): -1 negative; renumber"):
@@ -289,19 +292,20 @@ def test_a_path_outside_the_folder_is_a_warning_and_no_row_at_all_in_a_csv(tmp_p
     folder = tmp_path / "msd"
     folder.mkdir()
     report = check_dataset(msd(folder, absolute))
-    assert {(p.severity, p.message.split(" (")[0]) for p in report.problems} == {
+    assert {(p.severity, p.message.split(" (")[0]) for p in past_folds(report.problems)} == {
         ("warning", "path leaves the dataset folder")}
-    assert len(report.problems) == 6  # every image and label
+    assert len(past_folds(report.problems)) == 6  # every image and label
     listing = tmp_path / "cases.csv"
     listing.write_text("image,label\n" + "".join(f"{i},{lab}\n" for i, lab in absolute),
                        encoding="utf-8")
     clean = check_dataset(listing)
-    assert clean.layout == "csv" and clean.problems == () and clean.exit_code() == 0
+    assert clean.layout == "csv" and past_folds(clean.problems) == ()
+    assert clean.exit_code() == 0
 
 
 def test_the_verdict_counts_in_words(tmp_path):
-    entries = [write_case(tmp_path, f"ok{k}", seed=k) for k in range(4)]
-    (tmp_path / entries[3][0]).unlink()  # its image gone, its label its own
+    entries = [write_case(tmp_path, f"ok{k}", seed=k) for k in range(5)]  # 5 folds
+    (tmp_path / entries[4][0]).unlink()  # its image gone, its label its own
     assert "1 error, 0 warnings" in check_dataset(msd(tmp_path, entries)).format_table()
 
 
@@ -331,7 +335,7 @@ def test_an_image_unlike_its_channels_modality_is_a_warning(tmp_path):
     description = json.loads((root / "dataset.json").read_text(encoding="utf-8"))
     description["modality"] = {"0": "MR"}
     (root / "dataset.json").write_text(json.dumps(description), encoding="utf-8")
-    problems = sorted(check_dataset(root).problems, key=lambda p: p.case)
+    problems = sorted(past_folds(check_dataset(root).problems), key=lambda p: p.case)
     assert [(p.severity, p.case) for p in problems] == [("warning", "blank"), ("warning", "ct")]
     messages = [p.message for p in problems]
     assert messages[0] == "every voxel is 0 (the channel is MR: set dataset.modality to what " \

@@ -14,18 +14,21 @@ SHAPE = (8, 9, 10)
 MAP = {"0": "background", "1": "organ"}
 
 
-def _msd_task(root: Path, labels: list[np.ndarray], table: dict | None = None) -> Path:
-    """A one-channel MSD task, one case per label array (seeded random images)."""
+def _msd_task(root: Path, labels: list[np.ndarray], table: dict | None = None,
+              names: list[str] | None = None) -> Path:
+    """A one-channel MSD task, one case per label array (seeded random images), its cases
+    named `names` (c0, c1, ... without)."""
     rng = np.random.default_rng(265)
     for folder in ("imagesTr", "labelsTr"):
         (root / folder).mkdir(parents=True)
     training = []
     for index, label in enumerate(labels):
+        name = names[index] if names else f"c{index}"
         image = rng.normal(size=SHAPE).astype(np.float32)
-        nib.save(nib.Nifti1Image(image, np.eye(4)), root / "imagesTr" / f"c{index}.nii.gz")
-        nib.save(nib.Nifti1Image(label, np.eye(4)), root / "labelsTr" / f"c{index}.nii.gz")
-        training.append({"image": f"./imagesTr/c{index}.nii.gz",
-                         "label": f"./labelsTr/c{index}.nii.gz"})
+        nib.save(nib.Nifti1Image(image, np.eye(4)), root / "imagesTr" / f"{name}.nii.gz")
+        nib.save(nib.Nifti1Image(label, np.eye(4)), root / "labelsTr" / f"{name}.nii.gz")
+        training.append({"image": f"./imagesTr/{name}.nii.gz",
+                         "label": f"./labelsTr/{name}.nii.gz"})
     description = {"name": "X", "modality": {"0": "MRI"}, "labels": table or MAP,
                    "numTraining": len(labels), "training": training, "test": []}
     (root / "dataset.json").write_text(json.dumps(description), encoding="utf-8")
@@ -97,3 +100,27 @@ def test_convert_msd_of_the_real_hippocampus_task_follows_nnunet(tmp_path):
     assert written["numTraining"] == len(cases) == 200
     assert sorted(p.name for p in (out / "imagesTr").iterdir()) == \
         [f"{name}_0000.nii.gz" for name in cases]
+
+
+def _rows(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().out.splitlines()
+            if line.startswith(("warning", "error"))]
+
+
+@pytest.mark.parametrize("cases", [2, 4])
+def test_check_warns_of_fewer_cases_than_the_default_folds(tmp_path, capsys, cases):
+    """`medseg check` said clean, and `medseg train` (5 folds by default) then refused the
+    dataset at once."""
+    task = _msd_task(tmp_path / "Task09_X", [_label() for _ in range(cases)])
+    assert main(["check", str(task)]) == 0  # a warning: train.folds may fit it
+    rows = _rows(capsys)
+    assert len(rows) == 1 and rows[0].startswith("warning")
+    assert f"lists {cases} cases, fewer than the default 5 folds" in rows[0]
+    assert f"train.folds={cases}" in rows[0] and "train.splits_file" in rows[0]
+    assert main(["check", str(task), "--strict"]) == 1
+
+
+def test_check_says_nothing_of_folds_from_five_cases(tmp_path, capsys):
+    task = _msd_task(tmp_path / "Task09_X", [_label() for _ in range(5)])
+    assert main(["check", str(task)]) == 0
+    assert _rows(capsys) == []

@@ -9,6 +9,7 @@ at all raises MedsegError (2).
 
 from __future__ import annotations
 
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,6 +133,7 @@ def check_dataset(path: str | Path, layout: str = "auto") -> CheckReport:
     problems += _no_structure_anywhere(facts, dataset, listing.description or dataset.root)
     problems += _duplicates(facts)
     problems += _unnameable(dataset.cases)
+    problems += _names_one_file_apart(dataset.cases)
     problems += _shared_labels(dataset.cases)
     problems += _outliers([f for f in facts if f.geometry is not None])
     problems += _fewer_than_folds(len(dataset.cases), listing.description or dataset.root)
@@ -354,6 +356,23 @@ def _unnameable(cases: tuple[Case, ...]) -> list[Problem]:
                     f"case name {case.name!r} cannot name a mask file (a path separator, '..' "
                     f"or a leading dot): crossval would refuse it; rename the case")
             for case in cases if not file_name_safe(case.name)]
+
+
+def _names_one_file_apart(cases: tuple[Case, ...]) -> list[Problem]:
+    """Names that differ only in letter case: one mask file (crossval's predictions,
+    predict's masks) on macOS's and Windows' file systems, which ignore case; Linux keeps
+    them apart. (Names are NFC already: NFC and NFD spellings are one name, a duplicate.)"""
+    problems = []
+    first: dict[str, str] = {}
+    for case in cases:
+        other = first.setdefault(unicodedata.normalize("NFC", case.name.lower()), case.name)
+        if other != case.name:  # the same name has an error row of its own
+            problems.append(Problem("warning", case.name, case.images[0],
+                                    f"case names {other!r} and {case.name!r} differ only in "
+                                    f"letter case: their masks (crossval's "
+                                    f"predictions/NAME.nii.gz, predict's) are one file on "
+                                    f"macOS and Windows; rename one"))
+    return problems
 
 
 def _same_image(fact: _CaseFacts, other: _CaseFacts) -> Problem:

@@ -1,6 +1,7 @@
 """Review of convert-msd and check (session 26e): regressions found."""
 
 import json
+import unicodedata
 from pathlib import Path
 
 import nibabel as nib
@@ -124,3 +125,26 @@ def test_check_says_nothing_of_folds_from_five_cases(tmp_path, capsys):
     task = _msd_task(tmp_path / "Task09_X", [_label() for _ in range(5)])
     assert main(["check", str(task)]) == 0
     assert _rows(capsys) == []
+
+
+@pytest.mark.parametrize("names", [
+    ["Case_a", "case_A", "c2", "c3", "c4"],
+    ["CAFE\u0301", "caf\u00e9", "c2", "c3", "c4"],  # NFD upper case, NFC lower case
+])
+def test_check_warns_of_case_names_one_mask_file_apart(tmp_path, capsys, names):
+    """Names one file on macOS and Windows (case-insensitive file systems) gave one mask
+    file for two cases there, without a word."""
+    task = _msd_task(tmp_path / "Task09_X", [_label() for _ in names], names=names)
+    assert main(["check", str(task)]) == 0  # Linux keeps them apart: no error
+    rows = _rows(capsys)
+    assert len(rows) == 1 and rows[0].startswith("warning"), rows
+    first, second = (unicodedata.normalize("NFC", name) for name in names[:2])
+    assert f"case names {first!r} and {second!r} differ only in letter case" in rows[0]
+
+
+def test_check_still_calls_nfc_and_nfd_spellings_one_name(tmp_path, capsys):
+    names = ["caf\u00e9", "cafe\u0301", "c2", "c3", "c4"]
+    task = _msd_task(tmp_path / "Task09_X", [_label() for _ in names], names=names)
+    assert main(["check", str(task)]) == 1
+    rows = _rows(capsys)
+    assert len(rows) == 1 and "duplicate case name" in rows[0], rows

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -90,7 +91,7 @@ def convert_msd(task_dir: Path, out: Path, jobs: int = 1) -> Conversion:
     # not the user's), whose entries are then renamed into it, dataset.json last.
     inside = target.is_dir()
     staging = (target / STAGING if inside else
-               target.parent / f".{target.name}.part-{secrets.token_hex(4)}")
+               target.parent / f"{_beside_prefix(target)}{secrets.token_hex(4)}")
     work = _work_items(task, staging, channels)
     _check_label_voxels(task, labels, jobs)
     made = missing_folders(target)
@@ -160,13 +161,33 @@ def _refuse_unusable_out(out: Path, task_dir: Path) -> None:
     if out.exists() and not out.is_dir():
         raise MedsegError("output folder path is a file", out)
     refuse_unwritable_place(out)  # under a file, a dangling link, a read-only folder
-    if out.is_dir():  # what a killed conversion into it left is removed
-        shutil.rmtree(out / STAGING, ignore_errors=True)
+    resolved, task = out.resolve(), task_dir.resolve()
+    in_task = resolved == task or task in resolved.parents
+    for leftover in [] if in_task else _leftovers(out):  # the task folder is only read
+        shutil.rmtree(leftover, ignore_errors=True)
     if out.is_dir() and any(out.iterdir()):
         raise MedsegError("output folder is not empty: give a new folder", out)
-    resolved, task = out.resolve(), task_dir.resolve()
-    if resolved == task or task in resolved.parents:
+    if in_task:
         raise MedsegError("output folder lies inside the task folder: give one beside it", out)
+
+
+def _beside_prefix(target: Path) -> str:
+    """The staging folder's name beside a new OUT, less its random part (8 hex digits)."""
+    return f".{target.name}.part-"
+
+
+def _leftovers(out: Path) -> list[Path]:
+    """What conversions into `out` killed outright left: the staging folder inside an
+    existing OUT, or those beside a new one (each killed try left a whole copy there)."""
+    if out.is_dir():
+        return [out / STAGING]
+    target = Path(os.path.abspath(out))
+    name = re.compile(re.escape(_beside_prefix(target)) + "[0-9a-f]{8}")
+    try:
+        return [p for p in target.parent.iterdir()
+                if name.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
+    except OSError:  # no parent yet: nothing left there
+        return []
 
 
 def _work_items(task: MsdTask, out: Path, channels: int) -> list[tuple]:

@@ -35,6 +35,7 @@ from medseg.stopping import Terminated
 
 if TYPE_CHECKING:
     from medseg.config import Workflow
+    from medseg.plan import Fingerprint, Plan
     from medseg.report_scans import Scans
 
 DEMO_MARKER = ".medseg-demo"
@@ -278,16 +279,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_plan_folder(out: Path, workflow, splits: list, fp, plan) -> None:
+def _write_plan_folder(out: Path, workflow: Workflow, splits: list[dict], fp: Fingerprint,
+                       plan: Plan) -> None:
     """The four files as one set (the texts made first, then renamed together): a stop or a
     failure leaves an earlier plan's set whole, not a new plan.json beside old splits."""
     from medseg.config import workflow_yaml
-    from medseg.fileio import atomic_write_texts
+    from medseg.fileio import atomic_write_texts, json_text
     from medseg.plan import fingerprint_json
 
-    texts = {"plan.json": json.dumps(plan.to_json(), indent=2) + "\n",
-             "fingerprint.json": json.dumps(fingerprint_json(fp), indent=2) + "\n",
-             "splits.json": json.dumps(splits, indent=2) + "\n",
+    texts = {"plan.json": json_text(plan.to_json()),
+             "fingerprint.json": json_text(fingerprint_json(fp)),
+             "splits.json": json_text(splits),
              "workflow.yaml": workflow_yaml(workflow)}
     try:
         out.mkdir(parents=True, exist_ok=True)

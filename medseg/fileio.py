@@ -184,8 +184,13 @@ def readable(text: str) -> str:
         return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
+def json_text(data: Any) -> str:
+    """`data` as medseg's JSON files hold it: indented, ending in a newline."""
+    return json.dumps(data, indent=2) + "\n"
+
+
 def atomic_write_json(path: str | Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+    atomic_write_text(path, json_text(data))
 
 
 def json_safe(data: Any) -> Any:

@@ -264,7 +264,7 @@ def detached_data_files(path: Path) -> list[Path] | None:
         return []
     if not name:
         return []
-    if name.upper().startswith("LIST") or "%" in name:
+    if name.startswith("LIST") or "%" in name:  # as ITK and Teem tell them: capitals only
         return None
     # the header read as Latin-1: the name's bytes are the file system's (as ITK takes them)
     return [path.parent / os.fsdecode(name.encode("latin-1"))]

@@ -47,3 +47,24 @@ def test_convert_msd_removes_what_a_killed_conversion_left_beside_a_new_out(tmp_
     assert not left.exists()
     assert all(other.is_dir() for other in others)
     assert (tmp_path / "out" / "dataset.json").is_file()
+
+
+def test_a_detached_data_file_named_list_in_lower_case_is_a_file(tmp_path):
+    """ITK and NRRD read a list of data files only for a name starting with 'LIST' in
+    capitals; 'list.raw' is one file, whose SHA-256 crossval --continue can compare, not a
+    list (a case segmented again on every --continue)."""
+    import SimpleITK as sitk
+
+    from medseg import crossval
+    from medseg.itkio import detached_data_files
+
+    image = sitk.GetImageFromArray(np.arange(24, dtype=np.int16).reshape(2, 3, 4))
+    sitk.WriteImage(image, str(tmp_path / "list.mhd"))
+    data = tmp_path / "list.raw"
+    assert detached_data_files(tmp_path / "list.mhd") == [data]
+    assert sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "list.mhd"))).sum() == 276
+    assert crossval._image_digest(tmp_path / "list.mhd") is not None
+    listed = tmp_path / "slices.mhd"
+    listed.write_text("NDims = 3\nDimSize = 2 2 2\nElementType = MET_SHORT\n"
+                      "ElementDataFile = LIST 2D\na.raw\nb.raw\n", encoding="ascii")
+    assert detached_data_files(listed) is None

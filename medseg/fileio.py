@@ -142,6 +142,25 @@ def missing_folders(folder: Path) -> list[Path]:
     return missing
 
 
+def names_fold_case(folder: Path) -> bool:
+    """Whether the file system that `folder` (or its nearest existing parent) lies on takes
+    `A` and `a` for one name, as macOS's and Windows' do by default: a probe file is made
+    there and looked up in the other case. False where nothing can be written."""
+    missing = missing_folders(folder)
+    place = missing[-1].parent if missing else folder
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".medseg-case-probe-", dir=place)
+    except OSError:
+        return False
+    os.close(handle)
+    try:
+        other = Path(probe).with_name(Path(probe).name.swapcase())
+        return other.exists()
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(probe)
+
+
 def refuse_unwritable_place(path: Path) -> None:
     """Before any work, without creating anything: the nearest existing folder at or above
     `path` must take a file. A path under a file, a read-only mount or another user's

@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import time
+import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from medseg.datasets import strip_image_suffix
 from medseg.dicom import DICOM_SUFFIXES
 from medseg.dicom_seg import SegSource, build_seg, seg_path, seg_source, write_seg
 from medseg.errors import MedsegError, one_line, unwrap_transform_error
-from medseg.fileio import hold_lock, output_folder, physical_memory
+from medseg.fileio import hold_lock, names_fold_case, output_folder, physical_memory
 from medseg.inference import (
     accumulation_dtype,
     accumulator_bytes,
@@ -671,7 +672,7 @@ def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
     cases = sorted(group_channels(inputs, predictor.plan.in_channels, incomplete),
                    key=lambda files: str(files[0]))
     named = [(output_name(files[0]), files) for files in cases]
-    _refuse_clashing_outputs(named)
+    _refuse_clashing_outputs(named, output_dir)
     _refuse_writing_onto_inputs(named, output_dir)
     named = named[index::count]
     incomplete = sorted(incomplete, key=lambda item: str(item[0]))[index::count]
@@ -696,7 +697,7 @@ def predict_cases(predictor: Predictor, cases: Sequence[tuple[str, tuple[Path, .
     in folders of their own). Streams as `predict_paths` does; `going_on`: what the note of
     a stopped batch says after "the masks written are kept"."""
     named = [(f"{name}.nii.gz", tuple(files)) for name, files in cases]
-    _refuse_clashing_outputs(named)
+    _refuse_clashing_outputs(named, output_dir)
     _refuse_writing_onto_inputs(named, output_dir)
     read = partial(_read_case, predictor.plan, series_uid=None, resample_irregular=False,
                    dicom_seg=False)
@@ -873,15 +874,23 @@ def _predict_streaming(predictor: Predictor, todo: list, read, config: PredictCo
                 results[position] = _failure(files[0], started, exc)
 
 
-def _refuse_clashing_outputs(named: list[tuple[str, tuple[Path, ...]]]) -> None:
-    """Two inputs whose masks would have one name (`a.nii.gz` and `b/a.nrrd`): the second
-    would replace the first, so refuse before any work."""
-    first_with: dict[str, Path] = {}
+def _refuse_clashing_outputs(named: list[tuple[str, tuple[Path, ...]]],
+                             output_dir: Path) -> None:
+    """Two inputs whose masks would have one name (`a.nii.gz` and `b/a.nrrd`; `A.nii.gz`
+    and `a.nii.gz` where the output folder's file system folds case): the second would
+    replace the first, or be skipped as done, so refuse before any work."""
+    fold = names_fold_case(output_dir)
+    first_with: dict[str, tuple[str, Path]] = {}
     for name, files in named:
-        if name in first_with:
-            raise MedsegError(f"inputs {first_with[name]} and {files[0]} would both be written "
-                              f"as {name}; {_clash_advice(first_with[name], files[0])}")
-        first_with[name] = files[0]
+        # such file systems also take the two Unicode spellings of 'é' for one name
+        key = unicodedata.normalize("NFC", name).casefold() if fold else name
+        if key in first_with:
+            first_name, first = first_with[key]
+            written = name if first_name == name else (
+                f"{first_name} and {name}, one file on this file system")
+            raise MedsegError(f"inputs {first} and {files[0]} would both be written as "
+                              f"{written}; {_clash_advice(first, files[0])}")
+        first_with[key] = (name, files[0])
 
 
 def _clash_advice(first: Path, second: Path) -> str:

@@ -193,7 +193,7 @@ def test_the_clash_advice_names_the_parents_of_series_given_from_their_folder(
     with pytest.raises(MedsegError, match=r"CT.nii.gz; give their parent folders instead "
                                           r"\(p1, p2, \.\.\.\)"):
         _refuse_clashing_outputs([("CT.nii.gz", (Path("CT"),)),
-                                  ("CT.nii.gz", (Path("../p2/CT"),))])
+                                  ("CT.nii.gz", (Path("../p2/CT"),))], tmp_path / "out")
 
 
 def test_a_file_named_twice_is_predicted_once(trained_run, three_cases, tmp_path, capsys):

@@ -34,6 +34,7 @@ from medseg.errors import MedsegError
 from medseg.fileio import (
     atomic_path,
     atomic_write_text,
+    lock_beside,
     missing_folders,
     refuse_unwritable_place,
 )
@@ -82,7 +83,17 @@ def convert_msd(task_dir: Path, out: Path, jobs: int = 1) -> Conversion:
                           task_dir)
     task = read_msd_task(task_dir, converting=True)
     labels = _label_map(task)
-    _refuse_unusable_out(out, task_dir)
+    _refuse_out_in_task(out, task_dir)  # before the lock, written beside OUT
+    busy = MedsegError("another `medseg convert-msd` is writing this folder; wait for it to "
+                       "end (or stop it) first", out)
+    # one conversion at a time: each removes the staging folders that killed ones left
+    with lock_beside(out, "medseg-convert-msd-lock", busy):
+        _refuse_unusable_out(out)
+        return _convert(task, labels, out, jobs)
+
+
+def _convert(task: MsdTask, labels: dict[int, str], out: Path, jobs: int) -> Conversion:
+    """convert_msd's writing, into an `out` checked (and locked) already."""
     channels = len(task.channel_names)
     target = Path(os.path.abspath(out))
     # written under a hidden name and renamed at the end: a conversion killed at any point
@@ -157,18 +168,22 @@ def _check_label_voxels(task: MsdTask, labels: dict[int, str], jobs: int) -> Non
             pass
 
 
-def _refuse_unusable_out(out: Path, task_dir: Path) -> None:
+def _refuse_out_in_task(out: Path, task_dir: Path) -> None:
+    """The task folder is only read: nothing is written in it, a lock or a staging folder's
+    removal included."""
+    resolved, task = out.resolve(), task_dir.resolve()
+    if resolved == task or task in resolved.parents:
+        raise MedsegError("output folder lies inside the task folder: give one beside it", out)
+
+
+def _refuse_unusable_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise MedsegError("output folder path is a file", out)
     refuse_unwritable_place(out)  # under a file, a dangling link, a read-only folder
-    resolved, task = out.resolve(), task_dir.resolve()
-    in_task = resolved == task or task in resolved.parents
-    for leftover in [] if in_task else _leftovers(out):  # the task folder is only read
+    for leftover in _leftovers(out):
         shutil.rmtree(leftover, ignore_errors=True)
     if out.is_dir() and any(out.iterdir()):
         raise MedsegError("output folder is not empty: give a new folder", out)
-    if in_task:
-        raise MedsegError("output folder lies inside the task folder: give one beside it", out)
 
 
 def _beside_prefix(target: Path) -> str:

@@ -50,7 +50,7 @@ from medseg.io import (
     write_as_stored,
     write_volume,
 )
-from medseg.plan import check_label_values
+from medseg.plan import check_label_values, refuse_no_foreground
 from medseg.stopping import raise_if_stopped, signals_held
 
 ENDING = ".nii.gz"
@@ -155,17 +155,21 @@ def _labels_by_name(labels: dict[int, str]) -> dict[str, int]:
 
 def _check_label_voxels(task: MsdTask, labels: dict[int, str], jobs: int) -> None:
     """Refuse a label that `medseg check` and training would refuse: values that are not
-    whole numbers, or not in the label map (negative ones included). Every label's voxels
-    are read, `jobs` at a time (gzip runs outside the GIL)."""
+    whole numbers, or not in the label map (negative ones included); and a task none of
+    whose labels holds a structure voxel. Every label's voxels are read, `jobs` at a time
+    (gzip runs outside the GIL)."""
     structures, ignore = split_ignore_label(labels)
 
-    def check(label: Path) -> None:
+    def check(label: Path) -> set[int]:
         raise_if_stopped()
-        check_label_values(read_label_map(label), structures, ignore)
+        return check_label_values(read_label_map(label), structures, ignore)
 
+    found: set[int] = set()
     with ThreadPoolExecutor(jobs, "medseg-check") as pool:
-        for _ in pool.map(check, [label for _, _, label in task.training]):
-            pass
+        for values in pool.map(check, [label for _, _, label in task.training]):
+            found |= values
+    if task.training:  # a task of test images only has nothing to train: not refused here
+        refuse_no_foreground(found, task.description.parent)
 
 
 def _refuse_out_in_task(out: Path, task_dir: Path) -> None:

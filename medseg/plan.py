@@ -11,6 +11,7 @@ import json
 import math
 import re
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,7 +146,7 @@ def fingerprint(dataset: Dataset, seed: int = 0, progress: bool = True) -> Finge
             for label_id in class_voxels:
                 holder.setdefault(label_id, case.label)
     if any(case.label for case in dataset.cases):
-        _refuse_no_foreground(class_voxels, dataset.root)
+        refuse_no_foreground(class_voxels, dataset.root)
         _note_structures_without_voxels(dataset.labels, class_voxels, progress)
         if not dataset.labels:  # ids read from the label files (a map was checked above)
             refuse_label_gaps(class_voxels, holder.get(id_past_a_gap(class_voxels),
@@ -623,20 +624,21 @@ def _label_on_grid(image, label):
 
 
 def check_label_values(label, labels: dict[int, str], ignore_label: int | None = None
-                       ) -> None:
+                       ) -> set[int]:
     """Refuse label values outside `labels` (the structures and background) and 'ignore';
-    without a map, negative ones."""
+    without a map, negative ones. Returns the values found, 'ignore' left out."""
     values = set(np.unique(label.data).tolist()) - {ignore_label}
     if not labels:  # ids taken from the data: class indices, so never negative
         negative = sorted(v for v in values if v < 0)
         if negative:
             raise MedsegError(f"label values {negative} are negative: labels are class "
                               f"numbers 0, 1, 2, ...", label.path)
-        return
+        return values
     unknown = sorted(values - set(labels))
     if unknown:
         raise MedsegError(f"label values {unknown} are not in the dataset's label map",
                           label.path)
+    return values
 
 
 def refuse_label_gaps(ids, where: Path) -> None:
@@ -664,9 +666,11 @@ def _note_structures_without_voxels(labels: dict[int, str], class_voxels: dict[i
                    f"cannot learn them", file=sys.stderr)
 
 
-def _refuse_no_foreground(class_voxels: dict[int, int], root: Path) -> None:
-    """A segmentation network needs at least one structure in some case to learn from."""
-    if not any(count for label_id, count in class_voxels.items() if label_id != 0):
+def refuse_no_foreground(found: Iterable[int], root: Path) -> None:
+    """A segmentation network needs at least one structure in some case to learn from:
+    `found`, the label ids the labels hold ('ignore' left out; class_voxels' keys), must
+    hold one besides background 0."""
+    if not any(label_id != 0 for label_id in found):
         raise MedsegError("no case's label has a voxel of any structure (all background): "
                           "nothing to learn", root)
 

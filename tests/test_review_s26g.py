@@ -2,8 +2,10 @@
 
 import fcntl
 
+import nibabel as nib
+import numpy as np
 import pytest
-from test_review_s26f import _msd_task
+from test_review_s26f import SHAPE, _msd_task
 
 from medseg.cli import main
 
@@ -41,3 +43,16 @@ def test_convert_msd_writes_no_lock_inside_the_task_folder(tmp_path, capsys):
     assert main(["convert-msd", str(task), str(task / "new" / "out")]) == 2
     assert "lies inside the task folder" in capsys.readouterr().err
     assert sorted(p.relative_to(task) for p in task.rglob("*")) == before
+
+
+def test_convert_msd_refuses_a_task_whose_labels_hold_no_structure(tmp_path, capsys):
+    """Every training label all background: `medseg check` gives an error row and training
+    refuses it (nothing to learn), yet convert-msd, which reads every label, converted it."""
+    task = _msd_task(tmp_path / "Task09_X")
+    for label in (task / "labelsTr").iterdir():
+        nib.save(nib.Nifti1Image(np.zeros(SHAPE, np.uint8), np.eye(4)), label)
+    assert main(["convert-msd", str(task), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "no case's label has a voxel of any structure" in err and str(task) in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Task09_X"]

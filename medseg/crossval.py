@@ -113,9 +113,9 @@ def cross_validate(request: CrossvalRequest) -> dict:
     config = dataclasses.replace(
         predict_settings(request.runs, request.overrides, request.tta, request.step),
         largest_component=[], min_component_ml={})
-    # the weights' and images' SHA-256 before any is read: weights a training replaces (an
-    # image replaced) meanwhile then differ from the record, and --continue segments their
-    # fold (case) again (read first, the record could name new ones for masks the old made)
+    # the weights' SHA-256 before any is read: weights a training replaces meanwhile then
+    # differ from the record, and --continue segments their fold again (read first, the
+    # record could name new ones for masks the old made)
     record = _request_record(request, held_out, config)
     # the first fold's networks read (and the runs' plans compared) before the folder is claimed
     loaded = {held_out.folds[0]: load_predictor(list(request.runs), [held_out.folds[0]],
@@ -123,7 +123,11 @@ def cross_validate(request: CrossvalRequest) -> dict:
     busy = MedsegError("another `medseg crossval` is writing this folder; wait for it to "
                        "end (or stop it) first", request.out)
     with lock_beside(request.out, "medseg-crossval-lock", busy):
-        kept, record = _claim_out_folder(request, record)
+        earlier = _refuse_unusable_out(request, record)
+        # the images' SHA-256 (as the weights') before any is read for segmenting, but after
+        # the refusals: a refused command does not read the whole dataset first
+        record = {**record, "images": _image_digests(held_out)}
+        kept, record = _claim_out_folder(request, record, earlier)
         predictions = request.out / PREDICTIONS
         # before the record names this request's weights and images: a stop before a fold is
         # reached must not leave it masks of others that the next --continue would keep
@@ -298,19 +302,17 @@ def _refuse_unusable_cases(names: list[str], by_name: dict[str, Case], fold: int
                               dataset.root)
 
 
-def _claim_out_folder(request: CrossvalRequest, record: dict) -> tuple[Standing, dict]:
-    """An empty (or new) folder, or an earlier cross-validation's with --overwrite or
-    --continue; any other folder's files are not ours to replace. Returns the folds and
-    cases whose earlier masks stand (--continue: the same networks made them from the same
-    images) and the record to write (--continue: with the earlier one's folds this request
-    leaves out)."""
+def _refuse_unusable_out(request: CrossvalRequest, record: dict) -> dict | None:
+    """Refuse an --out that is not an empty (or new) folder, nor an earlier
+    cross-validation's with --overwrite or --continue (any other folder's files are not ours
+    to replace), and a --continue of another request. Returns the earlier record that
+    --continue goes on from (None: none)."""
     out = request.out
     if out.exists() and not out.is_dir():
         raise MedsegError("output folder path is a file", out)
     refuse_unwritable_place(out)  # under a file, read-only: one line, not an OSError
     if not out.is_dir() or not any(out.iterdir()):
-        out.mkdir(parents=True, exist_ok=True)
-        return Standing(), record
+        return None
     if not (out / REQUEST_FILE).is_file():
         raise MedsegError(f"is not empty and holds no earlier cross-validation "
                           f"({REQUEST_FILE}): choose an empty --out", out)
@@ -318,7 +320,21 @@ def _claim_out_folder(request: CrossvalRequest, record: dict) -> tuple[Standing,
         raise MedsegError("holds an earlier cross-validation: --continue segments the cases it "
                           "has no mask of yet, --overwrite predicts and scores them all again",
                           out)
-    kept, record = _going_on(out / REQUEST_FILE, record) if request.resume \
+    return _earlier_record(out / REQUEST_FILE, record) if request.resume else None
+
+
+def _claim_out_folder(request: CrossvalRequest, record: dict, earlier: dict | None
+                      ) -> tuple[Standing, dict]:
+    """The --out that `_refuse_unusable_out` let through made, or emptied of the earlier
+    results (--overwrite: of its masks too). Returns the folds and cases whose earlier masks
+    stand (--continue from `earlier`: the same networks made them from the same images)
+    and the record to write (--continue: with the earlier one's folds this request leaves
+    out)."""
+    out = request.out
+    if not out.is_dir() or not any(out.iterdir()):
+        out.mkdir(parents=True, exist_ok=True)
+        return Standing(), record
+    kept, record = _going_on(out / REQUEST_FILE, record, earlier) if earlier is not None \
         else (Standing(), record)
     if request.overwrite and (out / PREDICTIONS).is_dir() \
             and not (out / PREDICTIONS).is_symlink():
@@ -333,8 +349,8 @@ def _claim_out_folder(request: CrossvalRequest, record: dict) -> tuple[Standing,
 def _request_record(request: CrossvalRequest, held_out: HeldOut, config: PredictConfig
                     ) -> dict:
     """What was asked, as crossval.json holds it; `weights`: per fold, the SHA-256 of each
-    run's best weights, and `images`: per case, its images' (`_image_digest`), which tell
-    --continue whether a fold's (a case's) masks still stand."""
+    run's best weights, which tells --continue whether a fold's masks still stand (the
+    images' are added by `_image_digests`)."""
     record = {
         "runs": [str(run.resolve()) for run in request.runs],
         "dataset": str(held_out.dataset_root.resolve()),
@@ -343,10 +359,15 @@ def _request_record(request: CrossvalRequest, held_out: HeldOut, config: Predict
         "predict": dataclasses.asdict(config),
         "arithmetic": _arithmetic(request.device, config.precision),
         "weights": {str(fold): [sha256_of_file(_best_weights(run, fold))
-                                for run in request.runs] for fold in held_out.folds},
-        "images": {case.name: [_image_digest(image) for image in case.images]
-                   for case in held_out.all_cases()}}
+                                for run in request.runs] for fold in held_out.folds}}
     return json.loads(json.dumps(json_safe(record)))  # as read back: lists, not tuples
+
+
+def _image_digests(held_out: HeldOut) -> dict[str, list[str | None]]:
+    """Per case, its images' SHA-256 (`_image_digest`), which tell --continue whether a
+    case's mask still stands: an image replaced during the run differs next time."""
+    return {case.name: [_image_digest(image) for image in case.images]
+            for case in held_out.all_cases()}
 
 
 def _arithmetic(device: str | None, precision: str) -> dict:
@@ -387,16 +408,21 @@ def _image_digest(image: Path) -> str | None:
 def _with_masks(record: dict, held_out: HeldOut, predictions: Path, failed: set[str]
                 ) -> dict:
     """`record` with `masks`: per case scored, its mask's SHA-256 (the earlier record's of
-    the folds this request leaves out kept)."""
+    the folds this request leaves out kept, and of the masks --continue kept, which
+    `_going_on` hashed already)."""
+    known = record.get("masks", {})
     masks = {case.name: predictions / f"{case.name}.nii.gz" for case in held_out.all_cases()
-             if case.name not in failed}
+             if case.name not in failed and case.name not in known}
     digests = {name: sha256_of_file(mask) for name, mask in masks.items() if mask.is_file()}
-    return {**record, "masks": {**record.get("masks", {}), **digests}}
+    return {**record, "masks": {**known, **digests}}
 
 
 def _mask_unchanged(mask: Path, recorded: object) -> bool:
     """A mask whose SHA-256 is the one recorded once it was scored, or none recorded (a
-    cross-validation stopped before it scored)."""
+    cross-validation stopped before it scored); not a link, which `_remove_masks_to_redo`
+    removes (its case then segmented again, its new mask hashed by `_with_masks`)."""
+    if mask.is_symlink():
+        return False
     if recorded is None:
         return True
     try:
@@ -411,12 +437,11 @@ def _best_weights(run: Path, fold: int) -> Path:
     return run / f"fold_{fold}" / "checkpoints" / BEST_WEIGHTS
 
 
-def _going_on(path: Path, record: dict) -> tuple[Standing, dict]:
-    """The folds whose masks an earlier cross-validation made with the same runs, dataset,
-    predict settings, cases and weights, in them the cases whose images (and masks, where
-    recorded) are the same, and the record with the earlier one's folds that this request
-    leaves out; another request is refused, not mixed in."""
-    earlier = _earlier_record(path, record)
+def _going_on(path: Path, record: dict, earlier: dict) -> tuple[Standing, dict]:
+    """The folds whose masks the `earlier` cross-validation (its record at `path`, accepted
+    by `_earlier_record`) made with the same runs, dataset, predict settings, cases and
+    weights, in them the cases whose images (and masks, where recorded) are the same, and
+    the record with the earlier one's folds that this request leaves out."""
     weights, cases, images, masks = (_dict_or_empty(earlier.get(key))
                                      for key in ("weights", "cases", "images", "masks"))
     folds = set()

@@ -1,6 +1,9 @@
 """Review of today's convert-msd and crossval changes (session 26g)."""
 
 import fcntl
+import json
+import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -56,3 +59,51 @@ def test_convert_msd_refuses_a_task_whose_labels_hold_no_structure(tmp_path, cap
     assert "no case's label has a voxel of any structure" in err and str(task) in err
     assert len(err.strip().splitlines()) == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Task09_X"]
+
+
+@pytest.fixture
+def crossval_run(two_fold_run, tmp_path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(two_fold_run, copy)
+    return copy
+
+
+def _hashed(monkeypatch, function: str) -> list[Path]:
+    """The paths crossval's `function` (_image_digest, sha256_of_file) is called with."""
+    import medseg.crossval as crossval
+
+    calls: list[Path] = []
+    real = getattr(crossval, function)
+    monkeypatch.setattr(crossval, function, lambda path: (calls.append(Path(path)),
+                                                          real(path))[1])
+    return calls
+
+
+@pytest.mark.parametrize("again", [[], ["--continue", "--step", "0.7"]])
+def test_a_refused_crossval_reads_no_image(crossval_run, tmp_path, monkeypatch, capsys, again):
+    """Every case's image was hashed (about a minute per 100 GB) before --out was checked,
+    so a command then refused (a folder holding results without --continue or --overwrite,
+    a --continue of other settings) read the whole dataset first."""
+    out = tmp_path / "cv"
+    assert main(["crossval", str(crossval_run), "--out", str(out)]) == 0
+    record = json.loads((out / "crossval.json").read_text(encoding="utf-8"))
+    assert record["images"] and None not in sum(record["images"].values(), [])
+    images = _hashed(monkeypatch, "_image_digest")
+    capsys.readouterr()
+    assert main(["crossval", str(crossval_run), "--out", str(out), *again]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(errors) == 1 and str(out) in errors[0], errors
+    assert images == []
+
+
+def test_continue_hashes_each_kept_mask_once(crossval_run, tmp_path, monkeypatch):
+    """A --continue that keeps every mask hashed each twice: to compare it with the record,
+    then again to record it; the record is the same."""
+    out = tmp_path / "cv"
+    assert main(["crossval", str(crossval_run), "--out", str(out)]) == 0
+    first = json.loads((out / "crossval.json").read_text(encoding="utf-8"))
+    hashed = _hashed(monkeypatch, "sha256_of_file")
+    assert main(["crossval", str(crossval_run), "--out", str(out), "--continue"]) == 0
+    masks = [path.name for path in hashed if path.parent.name == "predictions"]
+    assert sorted(masks) == sorted(f"{name}.nii.gz" for name in first["masks"])
+    assert json.loads((out / "crossval.json").read_text(encoding="utf-8")) == first

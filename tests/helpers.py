@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import codecs
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,12 @@ from medseg.plan import Fingerprint
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+# accented file names cannot be written where the file system encoding is ASCII (CI's LC_ALL=C)
+UTF8_FILE_NAMES = pytest.mark.skipif(
+    codecs.lookup(sys.getfilesystemencoding()).name != "utf-8",
+    reason=f"accented file names cannot be written under this process's file system encoding "
+           f"({sys.getfilesystemencoding()}, an ASCII locale)")
 
 # a coarse grid keeps every test volume at 32 x 32 x 24 voxels
 SMALL_SHAPE = (32, 32, 24)

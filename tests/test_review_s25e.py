@@ -3,14 +3,13 @@ case), never a traceback."""
 
 from __future__ import annotations
 
-import codecs
-import sys
 import unicodedata
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+from helpers import UTF8_FILE_NAMES
 
 from medseg.errors import MedsegError
 from medseg.evaluate import evaluate_case
@@ -18,10 +17,6 @@ from medseg.io import read_label_map
 
 LABELS = {0: "background", 1: "x"}
 AFFINE = np.diag([0.8, 0.8, 3.0, 1.0])
-UTF8_FILE_NAMES = pytest.mark.skipif(
-    codecs.lookup(sys.getfilesystemencoding()).name != "utf-8",
-    reason=f"accented file names cannot be written under this process's file system encoding "
-           f"({sys.getfilesystemencoding()}, an ASCII locale)")
 
 
 def _mask() -> np.ndarray:

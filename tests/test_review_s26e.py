@@ -7,7 +7,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import requires_shared
+from helpers import UTF8_FILE_NAMES, requires_shared
 
 from medseg.cli import main
 
@@ -129,7 +129,8 @@ def test_check_says_nothing_of_folds_from_five_cases(tmp_path, capsys):
 
 @pytest.mark.parametrize("names", [
     ["Case_a", "case_A", "c2", "c3", "c4"],
-    ["CAFE\u0301", "caf\u00e9", "c2", "c3", "c4"],  # NFD upper case, NFC lower case
+    pytest.param(["CAFE\u0301", "caf\u00e9", "c2", "c3", "c4"],  # NFD upper, NFC lower
+                 marks=UTF8_FILE_NAMES),
 ])
 def test_check_warns_of_case_names_one_mask_file_apart(tmp_path, capsys, names):
     """Names one file on macOS and Windows (case-insensitive file systems) gave one mask
@@ -142,6 +143,7 @@ def test_check_warns_of_case_names_one_mask_file_apart(tmp_path, capsys, names):
     assert f"case names {first!r} and {second!r} differ only in letter case" in rows[0]
 
 
+@UTF8_FILE_NAMES
 def test_check_still_calls_nfc_and_nfd_spellings_one_name(tmp_path, capsys):
     names = ["caf\u00e9", "cafe\u0301", "c2", "c3", "c4"]
     task = _msd_task(tmp_path / "Task09_X", [_label() for _ in names], names=names)

@@ -2,14 +2,12 @@
 case (macOS's and Windows' by default)."""
 from __future__ import annotations
 
-import codecs
-import sys
 import unicodedata
 
 import nibabel as nib
 import numpy as np
 import pytest
-from helpers import SMALL_SHAPE, SMALL_SPACING
+from helpers import SMALL_SHAPE, SMALL_SPACING, UTF8_FILE_NAMES
 
 import medseg.predict
 from medseg.cli import main
@@ -53,9 +51,7 @@ def test_masks_differing_in_case_are_refused_where_the_output_folds_case(
     assert sorted(path.name for path in out.iterdir()) == ["Case_a.nii.gz", "case_A.nii.gz"]
 
 
-@pytest.mark.skipif(codecs.lookup(sys.getfilesystemencoding()).name == "ascii",
-                    reason="accented file names cannot be named under an ASCII file system "
-                           "encoding (LC_ALL=C)")
+@UTF8_FILE_NAMES
 def test_the_two_unicode_spellings_of_a_name_clash_where_the_output_folds_case(
         tmp_path, monkeypatch):
     named = [(unicodedata.normalize(form, "café.nii.gz"), (tmp_path / form / "café.nii.gz",))

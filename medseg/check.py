@@ -38,13 +38,13 @@ from medseg.io import (
     Geometry,
     grid_mismatch,
     header_note,
+    label_grid_mismatch,
     orientation_unknown,
     read_geometry,
     read_label_map,
     read_volume,
     refuse_out_of_range,
     shear_degrees,
-    storage_reordering,
     voxels_digest,
 )
 from medseg.plan import intensity_doubt, modality_hint
@@ -223,10 +223,8 @@ def _check_grids(case: Case, geometries: dict[Path, Geometry], add) -> None:
             add(file, note, "warning")
         if reference is None or file == first:
             continue
-        mismatch = grid_mismatch(geometry, reference)
-        if (mismatch and file == case.label
-                and storage_reordering(geometry, reference) is not None):
-            mismatch = None  # training reorders its voxels onto the image's grid
+        on_grid = label_grid_mismatch if file == case.label else grid_mismatch
+        mismatch = on_grid(geometry, reference)
         if mismatch:
             add(file, f"not on the grid of {first.name}: {mismatch}")
     if reference is not None and shear_degrees(reference) > SHEAR_TOLERANCE_DEGREES:

@@ -203,6 +203,16 @@ def storage_reordering(geometry: Geometry, target: Geometry) -> np.ndarray | Non
     return transform if grid_mismatch(moved, target) is None else None
 
 
+def label_grid_mismatch(label: Geometry, image: Geometry) -> str | None:
+    """Why a label is not on its image's grid (see grid_mismatch), or None when it is, or when
+    it stores the same voxels in another axis order or direction (see storage_reordering):
+    training reorders those onto the image's grid, as on_grid_of does."""
+    mismatch = grid_mismatch(label, image)
+    if mismatch is not None and storage_reordering(label, image) is not None:
+        return None
+    return mismatch
+
+
 def reorder_onto(data: np.ndarray, affine: np.ndarray, target: Geometry) -> np.ndarray | None:
     """`data` transposed and flipped onto `target` when it holds the same voxels in another
     storage order (see storage_reordering); None when it does not. Exact, unlike a

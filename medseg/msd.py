@@ -41,12 +41,11 @@ from medseg.fileio import (
 from medseg.io import (
     channel_count,
     compact_voxels,
-    grid_mismatch,
+    label_grid_mismatch,
     read_channels,
     read_geometry,
     read_label_map,
     read_volume,
-    storage_reordering,
     write_as_stored,
     write_volume,
 )
@@ -248,9 +247,8 @@ def _check_label(label: Path, image: Path) -> None:
     if channel_count(label) != 1:
         raise MedsegError("a label map must hold one volume", label)
     label_grid, image_grid = read_geometry(label), read_geometry(image, channels=True)
-    mismatch = grid_mismatch(label_grid, image_grid)
-    # the same voxels stored in another axis order or direction are trained on as they are
-    if mismatch is not None and storage_reordering(label_grid, image_grid) is None:
+    mismatch = label_grid_mismatch(label_grid, image_grid)
+    if mismatch is not None:
         raise MedsegError(f"not on the grid of its image {image.name}: {mismatch}", label)
 
 

@@ -47,7 +47,7 @@ from medseg.io import (
     shear_degrees,
     voxels_digest,
 )
-from medseg.plan import intensity_doubt, modality_hint
+from medseg.plan import intensity_doubt, modality_hint, no_structure
 
 SPACING_OUTLIER_FACTOR = 2.0
 DEFAULT_FOLDS = TrainConfig().folds
@@ -250,14 +250,6 @@ def _check_image_voxels(file: Path, modality: str, hint: str, add) -> str | None
     return voxels_digest(volume.data)  # as training's: a float32 copy of an int16 case is one
 
 
-def _no_structure(values: set, ignore: int | None) -> str:
-    if ignore not in values:
-        return "label is empty (background only)"
-    if 0 not in values:
-        return "label holds no structure ('ignore' only: no voxel is annotated)"
-    return "label holds no structure (background and 'ignore' only)"
-
-
 def _check_label_voxels(file: Path, dataset: Dataset, add
                         ) -> tuple[frozenset[int], str | None]:
     """Label values outside the map (the 'ignore' id is in it), or an empty label; returns
@@ -276,7 +268,7 @@ def _check_label_voxels(file: Path, dataset: Dataset, add
         also = f" and 'ignore' {ignore}" if ignore is not None else ""
         add(file, f"label values {unknown[:10]} are not in the label map {known_ids}{also}")
     if not values - {0, ignore}:
-        add(file, _no_structure(values, ignore), "warning")
+        add(file, no_structure(values, ignore), "warning")
     return frozenset(values), voxels_digest(data)
 
 

@@ -49,7 +49,7 @@ from medseg.io import (
     write_as_stored,
     write_volume,
 )
-from medseg.plan import check_label_values, refuse_no_foreground
+from medseg.plan import check_label_values, no_structure, refuse_no_foreground
 from medseg.stopping import raise_if_stopped, signals_held
 
 ENDING = ".nii.gz"
@@ -155,20 +155,34 @@ def _labels_by_name(labels: dict[int, str]) -> dict[str, int]:
 def _check_label_voxels(task: MsdTask, labels: dict[int, str], jobs: int) -> None:
     """Refuse a label that `medseg check` and training would refuse: values that are not
     whole numbers, or not in the label map (negative ones included); and a task none of
-    whose labels holds a structure voxel. Every label's voxels are read, `jobs` at a time
-    (gzip runs outside the GIL)."""
+    whose labels holds a structure voxel. A label without one is noted (check warns of it).
+    Every label's voxels are read, `jobs` at a time (gzip runs outside the GIL)."""
     structures, ignore = split_ignore_label(labels)
 
     def check(label: Path) -> set[int]:
+        """The label's values; 'ignore' among them only where it holds no structure."""
         raise_if_stopped()
-        return check_label_values(read_label_map(label), structures, ignore)
+        volume = read_label_map(label)
+        values = check_label_values(volume, structures, ignore)
+        if ignore is not None and not values - {0} and (volume.data == ignore).any():
+            values.add(ignore)
+        return values
 
     found: set[int] = set()
+    empty: list[str] = []
+    files = [label for _, _, label in task.training]
     with ThreadPoolExecutor(jobs, "medseg-check") as pool:
-        for values in pool.map(check, [label for _, _, label in task.training]):
-            found |= values
+        for label, values in zip(files, pool.map(check, files), strict=True):
+            found |= values - {ignore}
+            if not values - {0, ignore}:
+                empty.append(f"{label.name}: {no_structure(values, ignore)}")
     if task.training:  # a task of test images only has nothing to train: not refused here
         refuse_no_foreground(found, task.description.parent)
+    if empty:
+        more = f"; and {len(empty) - 3} more" if len(empty) > 3 else ""
+        print(f"medseg: note: {task.description.parent}: {len(empty)} of {len(files)} training "
+              f"labels hold no structure voxel ({'; '.join(empty[:3])}{more}); converted as "
+              f"they are", file=sys.stderr)
 
 
 def _refuse_out_in_task(out: Path, task_dir: Path) -> None:

@@ -11,7 +11,7 @@ import json
 import math
 import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -664,6 +664,16 @@ def _note_structures_without_voxels(labels: dict[int, str], class_voxels: dict[i
         tqdm.write(f"medseg: note: {len(empty)} of {len(labels) - 1} structures of the label "
                    f"map have no voxel in any case ({', '.join(empty[:3])}{more}): the network "
                    f"cannot learn them", file=sys.stderr)
+
+
+def no_structure(values: Collection[int], ignore: int | None) -> str:
+    """What a label holding no structure voxel holds, in `values` (its values, 'ignore'
+    among them where present), as `medseg check` warns of it."""
+    if ignore not in values:
+        return "label is empty (background only)"
+    if 0 not in values:
+        return "label holds no structure ('ignore' only: no voxel is annotated)"
+    return "label holds no structure (background and 'ignore' only)"
 
 
 def refuse_no_foreground(found: Iterable[int], root: Path) -> None:

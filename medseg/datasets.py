@@ -700,11 +700,11 @@ def _channel_numbers(channels: dict, key: str, description: Path) -> list[str]:
     if not channels:
         raise MedsegError(f"'{key}' names no channel: map \"0\" to the first channel's "
                           f"modality", description)
-    try:
-        numbers = sorted(channels, key=int)
-    except (TypeError, ValueError) as exc:
+    odd = [k for k in channels if not _WHOLE_NUMBER.fullmatch(str(k))]
+    if odd:  # int() reads " 0" and "٠" (an Arabic-Indic zero) as channel 0
         raise MedsegError(f"'{key}' must map channel numbers (\"0\", \"1\", ...) to names, "
-                          f"got keys {sorted(map(str, channels))}", description) from exc
+                          f"got key {json.dumps(str(odd[0]))}", description)
+    numbers = sorted(channels, key=int)
     if [int(k) for k in numbers] != list(range(len(numbers))):  # predict reads _0000.._000N
         raise MedsegError(f"'{key}' must number its channels 0, 1, ... without a gap, got "
                           f"{', '.join(numbers)}", description)

@@ -24,6 +24,7 @@ from medseg.fileio import read_user_text
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 LAYOUTS = ("msd", "nnunet", "folders", "csv")
 CSV_NAME = "dataset.csv"
+_OTHER_CSV_SEPARATORS = (";", "\t", "|")  # a header holding one was saved with another
 # a channel's modality decides its normalization: CT and MR as medseg plans them, and
 # nnU-Net's channel names that ask for none or for a fixed rescaling
 MODALITIES = ("CT", "MR", "noNorm", "rescale_to_0_1", "rgb_to_0_1")
@@ -413,13 +414,18 @@ def _detect_layout(root: Path) -> str:
 
 
 def _lists_cases(path: Path) -> bool:
-    """Whether a CSV's header has the columns of the csv layout (image and label); its rows
-    are checked when it is read as the dataset."""
+    """Whether a CSV's header has the columns of the csv layout (image and label), separated
+    by commas or by another separator (Excel's ';', which reading it as the dataset then
+    refuses, saying so): passed over, the channels it lists were lost unsaid. Its rows are
+    checked when it is read as the dataset; a CSV that is no text is refused here (whether
+    it lists cases cannot be told)."""
     try:
         header = next(csv.reader(io.StringIO(read_user_text(path), newline="")), [])
-    except (MedsegError, csv.Error):
-        return False
-    return {"image", "label"} <= {column.strip() for column in header}
+    except csv.Error as exc:
+        raise _unreadable_csv(exc, path) from exc
+    split = f"[{re.escape(''.join(_OTHER_CSV_SEPARATORS))}]"
+    names = {name.strip() for cell in header for name in re.split(split, cell)}
+    return {"image", "label"} <= names
 
 
 def _nnunet_v1_files(root: Path, entries: object) -> bool:
@@ -825,7 +831,7 @@ def _read_csv(path: Path) -> tuple[list[dict[str, str]], list[str]]:
             rows.append({(k or "").strip(): (v or "").strip() if isinstance(v, str) else ""
                          for k, v in row.items() if k is not None})
     except csv.Error as exc:
-        raise MedsegError(f"not a readable CSV file ({exc})", path) from exc
+        raise _unreadable_csv(exc, path) from exc
     unnamed = [number for number, column in enumerate(columns, start=1) if not column]
     if unnamed:
         raise MedsegError(f"column {unnamed[0]} of the header has no name (a comma too many?)",
@@ -841,10 +847,14 @@ def _read_csv(path: Path) -> tuple[list[dict[str, str]], list[str]]:
     return rows, columns
 
 
+def _unreadable_csv(exc: csv.Error, path: Path) -> MedsegError:
+    return MedsegError(f"not a readable CSV file ({exc})", path)
+
+
 def _separator_hint(columns: list[str]) -> str:
     """A header read as one column holding another separator (Excel writes ';' where the
     decimal mark is a comma): say so, rather than only list the columns missing."""
-    separator = next((s for s in (";", "\t", "|") if any(s in c for c in columns)), None)
+    separator = next((s for s in _OTHER_CSV_SEPARATORS if any(s in c for c in columns)), None)
     if separator is None:
         return ""
     return (f": its header is separated by {separator!r}, and a CSV's columns by commas "

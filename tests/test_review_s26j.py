@@ -1,6 +1,7 @@
 """Regression tests for review s26j: convert-msd, check and dataset reading."""
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 from test_review_s26f import SHAPE, _msd_task
 
 from medseg.cli import main
-from medseg.datasets import load_dataset
+from medseg.datasets import list_dataset, load_dataset
 from medseg.errors import MedsegError
 from medseg.phantoms import write_phantom_dataset
 
@@ -47,3 +48,45 @@ def test_a_channel_key_that_is_not_ascii_digits_is_refused(tmp_path, capsys, key
     assert main(["check", str(tmp_path)]) != 0
     err = capsys.readouterr()
     assert json.dumps(key) in err.out + err.err
+
+
+def _folders_beside(root: Path, csv_text: str | bytes) -> Path:
+    for folder in ("images", "t2", "labels"):
+        (root / folder).mkdir(parents=True)
+        (root / folder / "c0.nii.gz").write_bytes(b"x")
+    if isinstance(csv_text, bytes):
+        (root / "dataset.csv").write_bytes(csv_text)
+    else:
+        (root / "dataset.csv").write_text(csv_text, encoding="utf-8")
+    return root
+
+
+@pytest.mark.parametrize("separator", [";", "\t", "|"])
+def test_auto_refuses_a_dataset_csv_of_cases_beside_folders_saved_with_another_separator(
+        tmp_path, separator):
+    """layout auto passed a dataset.csv of cases whose header is ';'-separated (Excel's) over
+    for the images/ + labels/ folders: its further channel (t2) was lost unsaid. Now it is
+    read as the dataset and refused with the CSV's own message."""
+    header = separator.join(["image", "t2", "label"])
+    cells = separator.join(["images/c0.nii.gz", "t2/c0.nii.gz", "labels/c0.nii.gz"])
+    root = _folders_beside(tmp_path, f"{header}\n{cells}\n")
+    with pytest.raises(MedsegError, match="save it as comma-separated") as caught:
+        list_dataset(root)
+    assert str(root / "dataset.csv") in str(caught.value)
+    assert f"its header is separated by {separator!r}" in str(caught.value)
+
+
+def test_auto_refuses_a_dataset_csv_beside_folders_that_is_not_text(tmp_path):
+    """Whether a dataset.csv that is not UTF-8 lists cases cannot be told: it was passed
+    over for the folders unsaid; now refused with the CSV's own message."""
+    root = _folders_beside(tmp_path, "image,t2,label\n\xe9,t2/c0.nii.gz,x\n".encode("latin-1"))
+    with pytest.raises(MedsegError, match="dataset.csv: not UTF-8 text"):
+        list_dataset(root)
+
+
+def test_auto_still_reads_folders_beside_a_dataset_csv_of_other_columns(tmp_path):
+    """The patients' data beside the folders (documented) is still no description, whatever
+    its separator."""
+    for text in ("case;age;sex\nc0;61;F\n", "case,age,sex\nc0,61,F\n"):
+        root = _folders_beside(tmp_path / str(len(text) + text.count(";")), text)
+        assert list_dataset(root).layout == "folders"

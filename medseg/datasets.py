@@ -417,13 +417,28 @@ def _lists_cases(path: Path) -> bool:
     """Whether a CSV's header has the columns of the csv layout (image and label), separated
     by commas or by another separator (Excel's ';', which reading it as the dataset then
     refuses, saying so): passed over, the channels it lists were lost unsaid. Its rows are
-    checked when it is read as the dataset; a CSV that is no text is refused here (whether
-    it lists cases cannot be told)."""
+    checked when it is read as the dataset; one that is not UTF-8 is refused when its first
+    line, read byte for byte, names those columns (a table of the patients' age in Latin-1
+    beside the folders is left to them)."""
     try:
-        header = next(csv.reader(io.StringIO(read_user_text(path), newline="")), [])
+        text = read_user_text(path)
+    except MedsegError as exc:
+        if not isinstance(exc.__cause__, UnicodeDecodeError):
+            raise
+        with open(path, "rb") as stream:
+            first_line = stream.readline().decode("latin-1")
+        if not _names_case_columns([first_line]):
+            return False
+        raise
+    try:
+        header = next(csv.reader(io.StringIO(text, newline="")), [])
     except csv.Error as exc:
         raise _unreadable_csv(exc, path) from exc
-    split = f"[{re.escape(''.join(_OTHER_CSV_SEPARATORS))}]"
+    return _names_case_columns(header)
+
+
+def _names_case_columns(header: list[str]) -> bool:
+    split = f"[{re.escape(',' + ''.join(_OTHER_CSV_SEPARATORS))}]"
     names = {name.strip() for cell in header for name in re.split(split, cell)}
     return {"image", "label"} <= names
 

@@ -77,8 +77,8 @@ def test_auto_refuses_a_dataset_csv_of_cases_beside_folders_saved_with_another_s
 
 
 def test_auto_refuses_a_dataset_csv_beside_folders_that_is_not_text(tmp_path):
-    """Whether a dataset.csv that is not UTF-8 lists cases cannot be told: it was passed
-    over for the folders unsaid; now refused with the CSV's own message."""
+    """A dataset.csv of cases that is not UTF-8 was passed over for the folders unsaid; now
+    refused with the CSV's own message."""
     root = _folders_beside(tmp_path, "image,t2,label\n\xe9,t2/c0.nii.gz,x\n".encode("latin-1"))
     with pytest.raises(MedsegError, match="dataset.csv: not UTF-8 text"):
         list_dataset(root)
@@ -90,3 +90,10 @@ def test_auto_still_reads_folders_beside_a_dataset_csv_of_other_columns(tmp_path
     for text in ("case;age;sex\nc0;61;F\n", "case,age,sex\nc0,61,F\n"):
         root = _folders_beside(tmp_path / str(len(text) + text.count(";")), text)
         assert list_dataset(root).layout == "folders"
+
+
+def test_auto_reads_folders_beside_a_latin1_table_of_other_columns(tmp_path):
+    """A table of the patients' data saved in Latin-1 (Excel's default in Western Europe)
+    beside the folders is no case list: the folders are read, as beside a UTF-8 one."""
+    root = _folders_beside(tmp_path, "case;\xe2ge;sexe\nc0;61;F\n".encode("latin-1"))
+    assert list_dataset(root).layout == "folders"

@@ -29,7 +29,7 @@ import yaml
 
 from medseg import __version__
 from medseg.errors import MedsegError
-from medseg.fileio import atomic_path
+from medseg.fileio import atomic_path, sha256_of_file
 
 MANIFEST = "medseg_model.json"
 FORMAT = 1
@@ -207,6 +207,8 @@ def is_archive(path: Path) -> bool:
 # the run folders of the archives open now, each with its archive: what the notes and the
 # summary line name, not a temporary folder that is gone when they are read
 _OPENED: dict[Path, Path] = {}
+# and the SHA-256 of each of their files, as the manifest holds them (checked on unpacking)
+_DIGESTS: dict[Path, dict[str, str]] = {}
 
 
 def shown_as(run_dir: Path) -> str:
@@ -220,7 +222,7 @@ def opened_model(archive: Path) -> Iterator[Path]:
     removed when the block ends."""
     with tempfile.TemporaryDirectory(prefix="medseg-model-") as folder:
         run_dir = Path(folder) / _stem(archive)
-        unpack(archive, run_dir)
+        _DIGESTS[run_dir] = unpack(archive, run_dir)
         _OPENED[run_dir] = archive
         try:
             yield run_dir
@@ -228,6 +230,18 @@ def opened_model(archive: Path) -> Iterator[Path]:
             raise _naming_archive(exc, run_dir, archive) from exc
         finally:
             _OPENED.pop(run_dir, None)
+            _DIGESTS.pop(run_dir, None)
+
+
+def file_sha256(path: Path) -> str:
+    """A file's SHA-256: from the manifest of the archive its run folder was unpacked from
+    (each member was checked against it), else read from the file."""
+    for run_dir, digests in _DIGESTS.items():
+        if run_dir in path.parents:
+            digest = digests.get(path.relative_to(run_dir).as_posix())
+            if digest is not None:
+                return digest
+    return sha256_of_file(path)
 
 
 def _naming_archive(exc: MedsegError, run_dir: Path, archive: Path) -> MedsegError:
@@ -243,9 +257,10 @@ def _naming_archive(exc: MedsegError, run_dir: Path, archive: Path) -> MedsegErr
     return MedsegError(text.replace(str(run_dir), archive.name), archive)
 
 
-def unpack(archive: Path, run_dir: Path) -> None:
+def unpack(archive: Path, run_dir: Path) -> dict[str, str]:
     """Every member checked (name, manifest, SHA-256) before it is written under run_dir, a
-    new folder (removed again when the archive is refused: none of the caller's)."""
+    new folder (removed again when the archive is refused: none of the caller's); the
+    SHA-256 of each, by name."""
     run_dir.mkdir(parents=True)
     try:
         with zipfile.ZipFile(archive) as zf:
@@ -261,6 +276,7 @@ def unpack(archive: Path, run_dir: Path) -> None:
                 if _copy_hashed(zf, name, target) != expected:
                     raise MedsegError(f"{name} does not match its SHA-256 in {MANIFEST}: the "
                                       f"archive is damaged or was changed", archive)
+            return dict(manifest["files"])
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError,
             RuntimeError, NotImplementedError) as exc:  # encrypted; unknown compression
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from medseg.archive import shown_as
+from medseg.archive import file_sha256, shown_as
 from medseg.config import PredictConfig, load_workflow, override_key
 from medseg.datasets import strip_image_suffix
 from medseg.dicom import DICOM_SUFFIXES
@@ -174,6 +174,8 @@ def load_predictor(run_dirs: str | Path | Sequence[str | Path], folds: list[int]
     plan = members[0][0]
     for run_dir, (other, _) in zip(runs[1:], members[1:], strict=True):
         _refuse_unlike_plan(runs[0], plan, run_dir, other)
+    if len(runs) > 1:
+        _refuse_copied_runs(runs, [fold_dirs for _, fold_dirs in members])
     models, names, weights, plans = [], [], [], []
     for run_dir, (run_plan, fold_dirs) in zip(runs, members, strict=True):
         named = [p.name if len(runs) == 1 else f"{shown_as(run_dir)}/{p.name}"
@@ -250,6 +252,22 @@ def _refuse_repeated_runs(runs: list[Path]) -> None:
             raise MedsegError(f"given twice to --model{spelt}: each run would count twice "
                               f"in the ensemble's mean", run_dir)
         seen[key] = run_dir
+
+
+def _refuse_copied_runs(runs: list[Path], fold_dirs: list[list[Path]]) -> None:
+    """Two copies of one run (a run folder copied, an archive under two names, a run and its
+    archive) are told apart from runs by their weights: the same weights in two runs would
+    count twice in the ensemble's mean."""
+    seen: dict[str, tuple[Path, Path]] = {}
+    for run_dir, folds in zip(runs, fold_dirs, strict=True):
+        for fold_dir in folds:
+            digest = file_sha256(fold_dir / "checkpoints" / BEST_WEIGHTS)
+            first = seen.setdefault(digest, (run_dir, fold_dir))
+            if first[0] != run_dir:
+                raise MedsegError(f"{fold_dir.name}'s best weights are those of "
+                                  f"{shown_as(first[0])}'s {first[1].name} (the same SHA-256): "
+                                  f"copies of one run, which would count twice in the "
+                                  f"ensemble's mean; give one of them", run_dir)
 
 
 def _refuse_unlike_plan(first_dir: Path, first: Plan, run_dir: Path, plan: Plan) -> None:

@@ -147,8 +147,15 @@ def test_an_ensemble_needs_the_same_splits(trained_run, two_fold_run, tmp_path, 
     (other / "splits.json").write_text(json.dumps(splits), encoding="utf-8")
     assert main(["crossval", str(trained_run), str(other), "--out", str(tmp_path / "cv")]) == 2
     assert "must share their splits" in capsys.readouterr().err
+    # two_fold_run's fold_0 is trained_run's (a copy, which an ensemble refuses): its
+    # folds swapped, it is another run of the same splits
+    second = shutil.copytree(two_fold_run, tmp_path / "second")
+    best = Path("checkpoints") / "best.safetensors"
+    (second / "fold_0" / best).rename(second / "swap")
+    (second / "fold_1" / best).rename(second / "fold_0" / best)
+    (second / "swap").rename(second / "fold_1" / best)
     out = tmp_path / "ens"
-    assert main(["crossval", str(trained_run), str(two_fold_run), "--out", str(out)]) == 0
+    assert main(["crossval", str(trained_run), str(second), "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert list(summary["crossval"]["folds"]) == ["0"]  # the one fold both runs trained
     assert len(summary["crossval"]["runs"]) == 2

@@ -265,17 +265,32 @@ def test_unpack_refuses_a_folder_that_exists(model_archive, tmp_path):
     assert (folder / "mine.txt").is_file()
 
 
-def _unfinished_with_other_step(members: dict) -> None:
+def _unfinished_with_other_step(members: dict) -> dict:
     workflow = yaml.safe_load(members["workflow.yaml"])
     workflow["train"]["epochs"] = 100
     workflow["predict"]["step"] = 0.75
     members["workflow.yaml"] = yaml.safe_dump(workflow, sort_keys=False).encode()
+    return members
+
+
+def _other_weights(members: dict) -> None:
+    """fold_0's weights moved by seeded noise, as another seed's training would give."""
+    import torch
+    from safetensors.torch import load, save
+
+    name = "fold_0/checkpoints/best.safetensors"
+    generator = torch.Generator().manual_seed(3)
+    members[name] = save({key: value + 0.05 * torch.randn(value.shape, generator=generator)
+                          if value.is_floating_point() else value
+                          for key, value in load(members[name]).items()})
 
 
 def test_an_ensembles_notes_name_the_archive_not_its_temporary_folder(
         model_archive, trained_run, phantom_dataset, tmp_path, capsys):
     """They named /tmp/medseg-model-XXXX/NAME, gone when the note is read."""
-    archive = _rebuilt(model_archive, tmp_path / "tuned.zip", _unfinished_with_other_step)
+    # other weights: the run's own, beside it, would be refused as a copy of it
+    archive = _rebuilt(model_archive, tmp_path / "tuned.zip",
+                       lambda m: _other_weights(_unfinished_with_other_step(m)))
     assert main(["predict", "--model", str(trained_run), str(archive), "--input",
                  str(phantom_dataset / "imagesTs"), "--output", str(tmp_path / "out")]) == 0
     captured = capsys.readouterr()

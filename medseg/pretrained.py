@@ -2,7 +2,9 @@
 (nnU-Net's `nnUNetv2_train ... -pretrained_weights FILE`).
 
 SOURCE is a run folder made by `medseg train` (the best weights of its fold_0), one of its
-fold_K folders, or a .safetensors file, read with safetensors (no pickle). The new run builds
+fold_K folders, a model archive of `medseg export` (unpacked, checked against its manifest,
+into a temporary folder of its own once per process, removed at exit; its lowest fold's
+weights), or a .safetensors file, read with safetensors (no pickle). The new run builds
 its network from its own plan and takes every tensor of the source but the segmentation heads
 (medseg.model.SEGMENTATION_HEADS), which keep their fresh initialization: the number of classes
 may differ, nothing else. The plan keys that shape the network are taken from the source run's
@@ -16,6 +18,8 @@ Heavy imports (torch, MONAI) stay inside the functions.
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import dataclasses
 import functools
 import sys
@@ -23,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from medseg.archive import is_archive
 from medseg.errors import MedsegError, one_line
 from medseg.fileio import sha256_of_file
 
@@ -32,7 +37,8 @@ if TYPE_CHECKING:
     from medseg.config import Workflow
     from medseg.plan import Plan
 
-SOURCES = "a run folder made by `medseg train`, RUN/fold_K or a .safetensors file"
+SOURCES = ("a run folder made by `medseg train`, RUN/fold_K, a model archive of `medseg "
+           "export` or a .safetensors file")
 NO_FOLD = "no fold is trained"
 # checkpoints that torch pickles: medseg does not unpickle them
 PICKLED_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".pkl", ".model")
@@ -50,6 +56,32 @@ class InitSource:
     weights: Path
     plan: Plan | None = None
     plan_path: Path | None = None
+    archive: Path | None = None  # the model archive the run folder was unpacked from
+
+    @property
+    def file(self) -> Path:
+        """The file the user named: the archive, or the weights."""
+        return self.archive or self.weights
+
+    @property
+    def plan_file(self) -> Path | None:
+        """plan.json as the user knows it (ARCHIVE/plan.json for an archive's)."""
+        return None if self.plan_path is None else self.shown(self.plan_path)
+
+    def shown(self, path: Path) -> Path:
+        """A file of the source as the user knows it: ARCHIVE/MEMBER for an archive's."""
+        return _shown(path, self.plan_path.parent, self.archive) if self.archive else path
+
+
+def _shown(path: Path, run_dir: Path, archive: Path) -> Path:
+    return archive / path.relative_to(run_dir) if run_dir in path.parents else path
+
+
+# the model archives train.init opened, each unpacked once per process (every fold reads the
+# same weights) and removed at exit
+_ARCHIVES = contextlib.ExitStack()
+atexit.register(_ARCHIVES.close)
+_UNPACKED: dict[tuple, Path] = {}
 
 
 def resolve_init(text: str) -> InitSource:
@@ -58,12 +90,12 @@ def resolve_init(text: str) -> InitSource:
     from medseg.plan import load_plan
 
     path = Path(text)
+    archive = None
     if path.is_dir():
         weights, run_dir = _weights_in_folder(path), _run_of_folder(path)
-    elif _is_model_archive(path):
-        raise MedsegError("train.init: a model archive of `medseg export`, which train.init "
-                          "does not open: unpack it (`unzip MODEL.zip -d DIR`) and give DIR, "
-                          "a run folder with its plan.json", path)
+    elif is_archive(path) or _is_model_archive(path):
+        archive, run_dir = path, _unpacked(path)
+        weights = _lowest_fold_weights(run_dir)
     elif path.exists():
         weights, run_dir = path, _run_of_file(path)
     else:
@@ -71,16 +103,37 @@ def resolve_init(text: str) -> InitSource:
     problem = _unreadable(weights)
     if problem:
         raise MedsegError(f"train.init: not readable as safetensors weights ({problem})",
-                          weights)
+                          _shown(weights, run_dir, archive) if archive else weights)
     if run_dir is None:
         return InitSource(weights)
     try:
         plan = load_plan(run_dir / "plan.json")
     except MedsegError as exc:  # say why a plan.json beside the weights is read at all
         reason = str(exc)[len(str(exc.path)) + 2:] if exc.path is not None else str(exc)
+        shown = _shown(exc.path, run_dir, archive) if archive and exc.path else exc.path
         raise MedsegError(f"train.init: the plan.json of the source run cannot be read "
-                          f"({reason})", exc.path) from exc
-    return InitSource(weights, plan, run_dir / "plan.json")
+                          f"({reason.replace(str(run_dir), str(archive))})", shown) from exc
+    return InitSource(weights, plan, run_dir / "plan.json", archive)
+
+
+def _unpacked(archive: Path) -> Path:
+    """The archive's run folder, unpacked (and checked) on first use in this process; again
+    for an archive replaced since."""
+    from medseg.archive import opened_model
+
+    stat = archive.stat()
+    key = (str(archive.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    if key not in _UNPACKED:
+        _UNPACKED[key] = _ARCHIVES.enter_context(opened_model(archive))
+    return _UNPACKED[key]
+
+
+def _lowest_fold_weights(run_dir: Path) -> Path:
+    """The best weights of an unpacked archive's lowest fold (fold 0 when it holds it): the
+    archive holds no other files of a fold, and each of its folds has best weights."""
+    from medseg.train import BEST_WEIGHTS, fold_folders
+
+    return min(fold_folders(run_dir))[1] / "checkpoints" / BEST_WEIGHTS
 
 
 def _is_model_archive(path: Path) -> bool:
@@ -192,7 +245,7 @@ def adopt_source_network(workflow: Workflow, source: InitSource,
         return workflow
     if note:
         keys = ", ".join(f"plan.{key}={_yaml(value)}" for key, value in taken.items())
-        print(f"medseg: note: train.init: {keys} taken from {source.plan_path} so that "
+        print(f"medseg: note: train.init: {keys} taken from {source.plan_file} so that "
               f"its weights fit (give a key in the workflow to plan it otherwise; `null` "
               f"for the automatic plan)", file=sys.stderr)
     return dataclasses.replace(workflow, plan=dataclasses.replace(workflow.plan, **taken))
@@ -208,7 +261,7 @@ def _note_automatic_keys(workflow: Workflow, source: InitSource, given: frozense
     if automatic:
         keys = " and ".join(f"plan.{key}: null" for key in automatic)
         print(f"medseg: note: train.init: the workflow gives {keys} (as a run's saved "
-              f"workflow.yaml does), so this dataset's plan decides, not {source.plan_path}; "
+              f"workflow.yaml does), so this dataset's plan decides, not {source.plan_file}; "
               f"leave the key out of the workflow to take the source's", file=sys.stderr)
 
 
@@ -275,16 +328,16 @@ def _transfer(model: torch.nn.Module, shapes: dict[str, tuple]) -> _Transfer:
     return transfer
 
 
-def _shapes(weights: Path) -> dict[str, tuple]:
+def _shapes(source: InitSource) -> dict[str, tuple]:
     """The file's tensor shapes by name, from its header alone."""
     from safetensors import safe_open
 
     try:
-        with safe_open(str(weights), framework="pt") as stored:
+        with safe_open(str(source.weights), framework="pt") as stored:
             return {name: tuple(stored.get_slice(name).get_shape()) for name in stored.keys()}
     except Exception as exc:  # safetensors raises its own error types
         raise MedsegError(f"train.init: not readable as safetensors weights "
-                          f"({one_line(str(exc))})", weights) from exc
+                          f"({one_line(str(exc))})", source.shown(source.weights)) from exc
 
 
 def refuse_unfit(source: InitSource, plan: Plan) -> None:
@@ -293,7 +346,7 @@ def refuse_unfit(source: InitSource, plan: Plan) -> None:
     differ and the --set options that make them agree."""
     from medseg.model import create_model
 
-    shapes = _shapes(source.weights)
+    shapes = _shapes(source)
     _refuse_misfit(source, shapes, _transfer(create_model(plan), shapes), plan)
 
 
@@ -302,7 +355,7 @@ def note_other_modalities(source: InitSource, plan: Plan, quiet: bool = False) -
     CT): its first layers learned another normalization's intensities, which fit, but from
     further away than nnU-Net's fine-tuning assumes."""
     if not quiet and source.plan is not None and source.plan.modalities != plan.modalities:
-        print(f"medseg: note: train.init: {source.plan_path} was trained on "
+        print(f"medseg: note: train.init: {source.plan_file} was trained on "
               f"{', '.join(source.plan.modalities)}, this run on "
               f"{', '.join(plan.modalities)}: the weights load, but expect less from them",
               file=sys.stderr)
@@ -313,7 +366,8 @@ def _refuse_misfit(source: InitSource, shapes: dict[str, tuple], transfer: _Tran
     misfit = transfer.misfit()
     if misfit:
         raise MedsegError(f"train.init: these weights do not fit this run's network (heads "
-                          f"aside): {misfit}; {_advice(source, shapes, plan)}", source.weights)
+                          f"aside): {misfit}; {_advice(source, shapes, plan)}",
+                          source.shown(source.weights))
 
 
 def load_init(model: torch.nn.Module, plan: Plan, text: str, main_rank: bool = True) -> dict:
@@ -324,7 +378,7 @@ def load_init(model: torch.nn.Module, plan: Plan, text: str, main_rank: bool = T
     from safetensors import safe_open
 
     source = resolve_init(text)
-    shapes = _shapes(source.weights)
+    shapes = _shapes(source)
     transfer = _transfer(model, shapes)
     _refuse_misfit(source, shapes, transfer, plan)
     state = model.state_dict()
@@ -334,9 +388,9 @@ def load_init(model: torch.nn.Module, plan: Plan, text: str, main_rank: bool = T
                 state[name].copy_(stored.get_tensor(stored_name))
     except Exception as exc:  # safetensors raises its own error types
         raise MedsegError(f"train.init: not readable as safetensors weights "
-                          f"({one_line(str(exc))})", source.weights) from exc
-    return {"source": str(source.weights),
-            "sha256": _sha256(source.weights) if main_rank else None,
+                          f"({one_line(str(exc))})", source.shown(source.weights)) from exc
+    return {"source": str(source.file),
+            "sha256": _sha256(source.file) if main_rank else None,
             "tensors_loaded": len(transfer.loads), "tensors_skipped": transfer.skipped}
 
 

@@ -224,7 +224,7 @@ def _refuse_inputs_inside(run_dir: Path, workflow, workflow_file: Path | None,
     inputs = [("dataset.path", workflow.dataset.path),
               ("train.splits_file", workflow.train.splits_file),
               ("the workflow file", workflow_file),
-              ("the train.init weights", init.weights if init is not None else None)]
+              ("the train.init weights", init.file if init is not None else None)]
     for case in dataset.cases if dataset is not None else ():
         inputs += [(f"a file of case {case.name}", path)
                    for path in (*case.images, case.label) if path is not None]

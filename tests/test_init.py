@@ -196,7 +196,8 @@ def test_a_missing_or_unreadable_source_is_one_line_naming_it(
     shutil.copy(trained_run / "plan.json", untrained / "plan.json")
     cases = [
         (tmp_path / "nowhere", tmp_path / "nowhere", "not found (train.init takes a run "
-         "folder made by `medseg train`, RUN/fold_K or a .safetensors file)"),
+         "folder made by `medseg train`, RUN/fold_K, a model archive of `medseg export` or "
+         "a .safetensors file)"),
         (trained_run / "fold_3", trained_run / "fold_3",
          "no such fold in this run (trained: fold_0)"),
         (not_a_run, not_a_run, "a folder that is not a medseg run (no plan.json) nor one of "

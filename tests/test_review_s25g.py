@@ -63,19 +63,25 @@ def test_an_honest_archive_still_unpacks(model_archive, tmp_path):
     assert (tmp_path / "run" / "fold_0" / "checkpoints" / "best.safetensors").is_file()
 
 
-def test_init_from_a_model_archive_says_what_it_is(model_archive, phantom_dataset, tmp_path,
-                                                    capsys):
-    """`--init MODEL.zip` (the archive medseg export writes) was refused as 'not readable as
-    safetensors weights (Error while deserializing header: header too large)'."""
+def test_init_from_a_zip_that_is_no_model_archive_says_what_it_is(phantom_dataset, tmp_path,
+                                                                   capsys):
+    """`--init MODEL.zip` was refused as 'not readable as safetensors weights (Error while
+    deserializing header: header too large)'; a model archive is now read (test_review_s26i),
+    and a zip of other files is refused as no model archive."""
+    import zipfile
+
     from helpers import REPO, TINY_TRAINING, as_sets
 
+    other = tmp_path / "other.zip"
+    with zipfile.ZipFile(other, "w") as zf:
+        zf.writestr("notes.txt", "not a model")
     out = tmp_path / "tuned"
     assert main(["train", str(REPO / "workflows" / "demo.yaml"), "--out", str(out),
                  "--set", f"dataset.path={phantom_dataset}", *as_sets(TINY_TRAINING),
-                 "--init", str(model_archive)]) == 2
+                 "--init", str(other)]) == 2
     err = capsys.readouterr().err
-    assert "a model archive of `medseg export`" in err and "unzip" in err, err
-    assert "header too large" not in err and str(model_archive) in err
+    assert "not a model archive of `medseg export`" in err, err
+    assert "header too large" not in err and str(other) in err
     assert len(err.strip().splitlines()) == 1 and not out.exists()
 
 

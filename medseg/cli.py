@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 from medseg import runs, stopping
 from medseg.config import check_in_range, keys_given, load_workflow, override_key
 from medseg.errors import MedsegError, one_line, unwrap_transform_error
+from medseg.pretrained import close_archives
 from medseg.stopping import Terminated
 
 if TYPE_CHECKING:
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if not finished:
             _let_pool_threads_finish(threads_before)
+        close_archives()  # the model archives train.init unpacked: not kept past the command
         restore_signals()  # a program calling main() keeps its own handlers
 
 

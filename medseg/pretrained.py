@@ -3,8 +3,8 @@
 
 SOURCE is a run folder made by `medseg train` (the best weights of its fold_0), one of its
 fold_K folders, a model archive of `medseg export` (unpacked, checked against its manifest,
-into a temporary folder of its own once per process, removed at exit; its lowest fold's
-weights), or a .safetensors file, read with safetensors (no pickle). The new run builds
+into a temporary folder of its own once per command, removed when it ends; its lowest
+fold's weights), or a .safetensors file, read with safetensors (no pickle). The new run builds
 its network from its own plan and takes every tensor of the source but the segmentation heads
 (medseg.model.SEGMENTATION_HEADS), which keep their fresh initialization: the number of classes
 may differ, nothing else. The plan keys that shape the network are taken from the source run's
@@ -77,11 +77,22 @@ def _shown(path: Path, run_dir: Path, archive: Path) -> Path:
     return archive / path.relative_to(run_dir) if run_dir in path.parents else path
 
 
-# the model archives train.init opened, each unpacked once per process (every fold reads the
-# same weights) and removed at exit
+# the model archives train.init opened, each unpacked once per command (every fold reads the
+# same weights) and removed when it ends (medseg.cli.main calls close_archives), or at exit
 _ARCHIVES = contextlib.ExitStack()
-atexit.register(_ARCHIVES.close)
 _UNPACKED: dict[tuple, Path] = {}
+
+
+def close_archives() -> None:
+    """Remove the archives train.init unpacked: a program that runs many commands (a
+    notebook, the tests) keeps no unpacked copy, nor its name, past the command."""
+    try:
+        _ARCHIVES.close()
+    finally:
+        _UNPACKED.clear()
+
+
+atexit.register(close_archives)
 
 
 def resolve_init(text: str) -> InitSource:

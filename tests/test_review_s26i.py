@@ -110,6 +110,16 @@ def test_init_from_a_model_archive_starts_from_its_weights(
         return train_epoch(model, *args, **kwargs)
 
     monkeypatch.setattr(medseg.train, "_train_epoch", first_epoch)
+    opened = []
+    opened_model = medseg.archive.opened_model
+
+    @contextlib.contextmanager
+    def counted(archive):
+        with opened_model(archive) as run_dir:
+            opened.append(run_dir)
+            yield run_dir
+
+    monkeypatch.setattr(medseg.archive, "opened_model", counted)
     before = sha256_of_file(model_archive)
     assert _train(tmp_path / "tuned", phantom_dataset, model_archive) == 0
     source = load_file(trained_run / "fold_0" / "checkpoints" / "best.safetensors")
@@ -123,10 +133,9 @@ def test_init_from_a_model_archive_starts_from_its_weights(
                        .read_text(encoding="utf-8").splitlines()[0])
     assert first["init"]["source"] == str(model_archive)
     assert first["init"]["sha256"] == before == sha256_of_file(model_archive)
-    unpacked = list(medseg.pretrained._UNPACKED.values())
-    assert len(unpacked) == 1 and unpacked[0].is_dir()  # once for the whole command
-    fresh_archives.close()
-    assert not unpacked[0].parent.exists()  # its temporary folder removed at the end
+    assert len(opened) == 1  # once for the whole command
+    assert not opened[0].parent.exists()  # its temporary folder removed at the end
+    assert not medseg.pretrained._UNPACKED
 
 
 def test_an_archive_that_does_not_fit_is_refused_naming_it(

@@ -33,6 +33,7 @@ CSV_RESERVED = ("case", "label")
 # keys of an MSD or nnU-Net dataset.json other than its label table
 DESCRIPTION_KEYS = {"training", "channel_names", "modality", "file_ending", "numTraining"}
 _WHOLE_NUMBER = re.compile(r"-?[0-9]+")  # ASCII digits: "²".isdigit() is true, int("²") fails
+_CHANNEL_NUMBER = re.compile(r"[0-9]+")  # no sign: int("-0") is channel 0 too
 # nnU-Net's name for the label of voxels no one annotated (sparse labels): they are left out
 # of the loss, of validation and of the scores, and no network output stands for them
 IGNORE_NAME = "ignore"
@@ -721,8 +722,8 @@ def _channel_numbers(channels: dict, key: str, description: Path) -> list[str]:
     if not channels:
         raise MedsegError(f"'{key}' names no channel: map \"0\" to the first channel's "
                           f"modality", description)
-    odd = [k for k in channels if not _WHOLE_NUMBER.fullmatch(str(k))]
-    if odd:  # int() reads " 0" and "٠" (an Arabic-Indic zero) as channel 0
+    odd = [k for k in channels if not _CHANNEL_NUMBER.fullmatch(str(k))]
+    if odd:  # int() reads " 0", "-0" and "٠" (an Arabic-Indic zero) as channel 0
         raise MedsegError(f"'{key}' must map channel numbers (\"0\", \"1\", ...) to names, "
                           f"got key {json.dumps(str(odd[0]))}", description)
     numbers = sorted(channels, key=int)

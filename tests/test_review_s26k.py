@@ -2,12 +2,17 @@
 datasets changes."""
 from __future__ import annotations
 
+import json
 import tempfile
 
+import pytest
 from helpers import REPO, TINY_TRAINING, as_sets
 
 import medseg.pretrained
 from medseg.cli import main
+from medseg.datasets import load_dataset
+from medseg.errors import MedsegError
+from medseg.phantoms import write_phantom_dataset
 
 
 def test_an_init_archive_is_not_kept_unpacked_past_the_command(
@@ -23,3 +28,15 @@ def test_an_init_archive_is_not_kept_unpacked_past_the_command(
                            f"train.init={model_archive}"])]) == 0
     assert list(temporary.iterdir()) == []
     assert not medseg.pretrained._UNPACKED
+
+
+def test_a_channel_key_with_a_sign_is_refused(tmp_path):
+    """int("-0") is 0: a modality key "-0" was taken for channel 0, though keys are refused
+    unless they are a channel number in ASCII digits."""
+    write_phantom_dataset(tmp_path, n_train=2, n_test=0, shape=(16, 16, 8))
+    description = tmp_path / "dataset.json"
+    data = json.loads(description.read_text(encoding="utf-8"))
+    data["modality"] = {"-0": "MR"}
+    description.write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(MedsegError, match='must map channel numbers.*got key "-0"'):
+        load_dataset(tmp_path)

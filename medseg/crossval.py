@@ -119,7 +119,8 @@ def cross_validate(request: CrossvalRequest) -> dict:
     record = _request_record(request, held_out, config)
     # the first fold's networks read (and the runs' plans compared) before the folder is claimed
     loaded = {held_out.folds[0]: load_predictor(list(request.runs), [held_out.folds[0]],
-                                                request.device)}
+                                                request.device,
+                                                _recorded_weights(request, held_out, record))}
     busy = MedsegError("another `medseg crossval` is writing this folder; wait for it to "
                        "end (or stop it) first", request.out)
     with lock_beside(request.out, "medseg-crossval-lock", busy):
@@ -156,7 +157,8 @@ def _segment_and_score(request: CrossvalRequest, held_out: HeldOut,
     """The held-out cases segmented (in the `kept` folds, those without a mask), their masks'
     SHA-256 recorded, scored and summed up, and the results written; returns the summary."""
     predictions = request.out / PREDICTIONS
-    failed = _predict_folds(request, held_out, predictions, loaded, config, kept)
+    failed = _predict_folds(request, held_out, predictions, loaded, config, kept,
+                            _recorded_weights(request, held_out, record))
     # a mask changed after this (post-processed in place, another's copied over) is not this
     # request's: --continue segments its case again
     atomic_write_json(request.out / REQUEST_FILE, _with_masks(record, held_out, predictions,
@@ -431,6 +433,14 @@ def _mask_unchanged(mask: Path, recorded: object) -> bool:
         return False
 
 
+def _recorded_weights(request: CrossvalRequest, held_out: HeldOut, record: dict
+                      ) -> dict[Path, str]:
+    """Each asked fold's best weights with their SHA-256 as crossval.json records them:
+    load_predictor's test for copies of one run need not read them again."""
+    return {_best_weights(run, fold): digest for fold in held_out.folds
+            for run, digest in zip(request.runs, record["weights"][str(fold)], strict=True)}
+
+
 def _best_weights(run: Path, fold: int) -> Path:
     from medseg.train import BEST_WEIGHTS
 
@@ -558,12 +568,13 @@ def _by_fold(entries: dict[str, list]) -> dict[str, list]:
 
 
 def _predict_folds(request: CrossvalRequest, held_out: HeldOut, predictions: Path,
-                   loaded: dict[int, Predictor], config: PredictConfig, kept: Standing
-                   ) -> set[str]:
+                   loaded: dict[int, Predictor], config: PredictConfig, kept: Standing,
+                   weights: dict[Path, str]) -> set[str]:
     """Each fold's held-out cases by that fold's network(s) (`loaded`: those read already,
     taken out as used, so that no one keeps them), masks written raw (without the run's
     post-processing, which `largest_component_test` weighs); in the `kept` folds, only the
-    cases without a mask. The names that failed."""
+    cases without a mask; `weights`: the best weights' SHA-256 as recorded. The names that
+    failed."""
     failed: set[str] = set()
     for fold in held_out.folds:
         raise_if_stopped()
@@ -573,7 +584,7 @@ def _predict_folds(request: CrossvalRequest, held_out: HeldOut, predictions: Pat
         if not cases:
             continue
         if predictor is None:
-            predictor = load_predictor(list(request.runs), [fold], request.device)
+            predictor = load_predictor(list(request.runs), [fold], request.device, weights)
         results = predict_cases(predictor, [(c.name, c.images) for c in cases], predictions,
                                 config, going_on=GOING_ON)
         failed |= {case.name for case, result in zip(cases, results, strict=True)

@@ -15,7 +15,7 @@ import re
 import sys
 import time
 import unicodedata
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import partial
@@ -163,10 +163,12 @@ def resolve_device(device: str | None) -> torch.device:
 
 
 def load_predictor(run_dirs: str | Path | Sequence[str | Path], folds: list[int] | None = None,
-                   device: str | None = None) -> Predictor:
+                   device: str | None = None, digests: Mapping[Path, str] | None = None
+                   ) -> Predictor:
     """Read plan.json and the best weights of the chosen folds (all trained folds by default)
     of one run folder, or of several: their plans must preprocess alike and predict the same
-    labels, and each run weighs the same in the mean whatever its number of folds."""
+    labels, and each run weighs the same in the mean whatever its number of folds. `digests`:
+    weights files' SHA-256 known already (crossval's record), not read again."""
     torch_device = resolve_device(device)
     runs = [Path(run_dirs)] if isinstance(run_dirs, str | Path) else [Path(p) for p in run_dirs]
     _refuse_repeated_runs(runs)
@@ -175,7 +177,7 @@ def load_predictor(run_dirs: str | Path | Sequence[str | Path], folds: list[int]
     for run_dir, (other, _) in zip(runs[1:], members[1:], strict=True):
         _refuse_unlike_plan(runs[0], plan, run_dir, other)
     if len(runs) > 1:
-        _refuse_copied_runs(runs, [fold_dirs for _, fold_dirs in members])
+        _refuse_copied_runs(runs, [fold_dirs for _, fold_dirs in members], digests or {})
     models, names, weights, plans = [], [], [], []
     for run_dir, (run_plan, fold_dirs) in zip(runs, members, strict=True):
         named = [p.name if len(runs) == 1 else f"{shown_as(run_dir)}/{p.name}"
@@ -254,14 +256,16 @@ def _refuse_repeated_runs(runs: list[Path]) -> None:
         seen[key] = run_dir
 
 
-def _refuse_copied_runs(runs: list[Path], fold_dirs: list[list[Path]]) -> None:
+def _refuse_copied_runs(runs: list[Path], fold_dirs: list[list[Path]],
+                        known: Mapping[Path, str]) -> None:
     """Two copies of one run (a run folder copied, an archive under two names, a run and its
     archive) are told apart from runs by their weights: the same weights in two runs would
     count twice in the ensemble's mean."""
     seen: dict[str, tuple[Path, Path]] = {}
     for run_dir, folds in zip(runs, fold_dirs, strict=True):
         for fold_dir in folds:
-            digest = file_sha256(fold_dir / "checkpoints" / BEST_WEIGHTS)
+            weights = fold_dir / "checkpoints" / BEST_WEIGHTS
+            digest = known.get(weights) or file_sha256(weights)
             first = seen.setdefault(digest, (run_dir, fold_dir))
             if first[0] != run_dir:
                 raise MedsegError(f"{fold_dir.name}'s best weights are those of "

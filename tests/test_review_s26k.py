@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from pathlib import Path
 
 import pytest
 from helpers import REPO, TINY_TRAINING, as_sets
@@ -40,3 +41,36 @@ def test_a_channel_key_with_a_sign_is_refused(tmp_path):
     description.write_text(json.dumps(data), encoding="utf-8")
     with pytest.raises(MedsegError, match='must map channel numbers.*got key "-0"'):
         load_dataset(tmp_path)
+
+
+def test_crossval_of_an_ensemble_hashes_each_weights_file_once(trained_run, tmp_path,
+                                                               monkeypatch):
+    """crossval records each run's best weights' SHA-256 in crossval.json, and load_predictor
+    then read each file again to refuse copies of one run: now it takes crossval's digests."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    import medseg.archive
+    import medseg.crossval
+    import medseg.fileio
+
+    other = shutil.copytree(trained_run, tmp_path / "other")
+    weights = other / "fold_0" / "checkpoints" / "best.safetensors"
+    tensors = load_file(weights)
+    save_file({k: v + 0.01 if v.is_floating_point() else v for k, v in tensors.items()},
+              weights)
+    hashed = []
+    sha256_of_file = medseg.fileio.sha256_of_file
+
+    def counted(path):
+        hashed.append(Path(path).resolve())
+        return sha256_of_file(path)
+
+    for module in (medseg.crossval, medseg.archive):
+        monkeypatch.setattr(module, "sha256_of_file", counted)
+    assert main(["crossval", str(trained_run), str(other), "--out", str(tmp_path / "cv"),
+                 "--folds", "0"]) == 0
+    for run in (trained_run, other):
+        best = (run / "fold_0" / "checkpoints" / "best.safetensors").resolve()
+        assert hashed.count(best) == 1, hashed

@@ -901,11 +901,16 @@ def _refuse_clashing_outputs(named: list[tuple[str, tuple[Path, ...]]],
     """Two inputs whose masks would have one name (`a.nii.gz` and `b/a.nrrd`; `A.nii.gz`
     and `a.nii.gz` where the output folder's file system folds case): the second would
     replace the first, or be skipped as done, so refuse before any work."""
-    fold = names_fold_case(output_dir)
+    def folded(name: str) -> str:  # such file systems also take both spellings of 'é' as one
+        return unicodedata.normalize("NFC", name).casefold()
+
+    names = [name for name, _ in named]
+    # the probe file only where two names fold to one
+    fold = len({folded(name) for name in names}) < len(set(names)) \
+        and names_fold_case(output_dir)
     first_with: dict[str, tuple[str, Path]] = {}
     for name, files in named:
-        # such file systems also take the two Unicode spellings of 'é' for one name
-        key = unicodedata.normalize("NFC", name).casefold() if fold else name
+        key = folded(name) if fold else name
         if key in first_with:
             first_name, first = first_with[key]
             written = name if first_name == name else (

@@ -61,3 +61,15 @@ def test_the_two_unicode_spellings_of_a_name_clash_where_the_output_folds_case(
         medseg.predict._refuse_clashing_outputs(named, tmp_path / "out")
     monkeypatch.setattr(medseg.predict, "names_fold_case", lambda folder: False)
     medseg.predict._refuse_clashing_outputs(named, tmp_path / "out")  # told apart
+
+
+def test_no_probe_file_is_made_where_no_two_names_fold_to_one(tmp_path, monkeypatch):
+    def probe(folder):
+        raise AssertionError("probed")
+
+    monkeypatch.setattr(medseg.predict, "names_fold_case", probe)
+    named = [(name, (tmp_path / name,)) for name in ("a.nii.gz", "b.nii.gz")]
+    medseg.predict._refuse_clashing_outputs(named, tmp_path / "out")
+    with pytest.raises(AssertionError, match="probed"):
+        medseg.predict._refuse_clashing_outputs([*named, ("A.nii.gz", (tmp_path / "A",))],
+                                                tmp_path / "out")

@@ -902,7 +902,8 @@ def _refuse_clashing_outputs(named: list[tuple[str, tuple[Path, ...]]],
     and `a.nii.gz` where the output folder's file system folds case): the second would
     replace the first, or be skipped as done, so refuse before any work."""
     def folded(name: str) -> str:  # such file systems also take both spellings of 'é' as one
-        return unicodedata.normalize("NFC", name).casefold()
+        # lower(), not casefold(): their folding maps one letter to one ('ß' stays 'ß')
+        return unicodedata.normalize("NFC", name).lower()
 
     names = [name for name, _ in named]
     # the probe file only where two names fold to one

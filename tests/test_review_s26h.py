@@ -73,3 +73,12 @@ def test_no_probe_file_is_made_where_no_two_names_fold_to_one(tmp_path, monkeypa
     with pytest.raises(AssertionError, match="probed"):
         medseg.predict._refuse_clashing_outputs([*named, ("A.nii.gz", (tmp_path / "A",))],
                                                 tmp_path / "out")
+
+
+@UTF8_FILE_NAMES
+def test_names_the_file_system_tells_apart_are_not_folded_to_one(tmp_path, monkeypatch):
+    """macOS's and Windows' case folding maps one letter to one: 'Straße' and 'STRASSE' are
+    two files there (Python's casefold() made them one name and refused the batch)."""
+    named = [(name, (tmp_path / name,)) for name in ("Stra\u00dfe.nii.gz", "STRASSE.nii.gz")]
+    monkeypatch.setattr(medseg.predict, "names_fold_case", lambda folder: True)
+    medseg.predict._refuse_clashing_outputs(named, tmp_path / "out")

@@ -98,7 +98,7 @@ def _refuse_unreadable_run(run_dir: Path, weights: list[Path]) -> None:
     """A plan.json or best weights that prediction cannot read (cut short, damaged, of
     another network) are refused here, not packed into an archive that another site then
     finds broken."""
-    from medseg.model import create_model, network_mismatch, weights_file_problem
+    from medseg.model import create_model, network_mismatch, stored_shapes, weights_file_problem
     from medseg.plan import load_plan
 
     model = create_model(load_plan(run_dir / "plan.json"))
@@ -107,17 +107,10 @@ def _refuse_unreadable_run(run_dir: Path, weights: list[Path]) -> None:
         if problem:
             raise MedsegError(f"not readable as safetensors weights ({problem}): an archive "
                               f"of it could not be used", path)
-        problem = network_mismatch(model, _shapes(path))
+        problem = network_mismatch(model, stored_shapes(path))
         if problem:
             raise MedsegError(f"these weights do not fit the network of {run_dir / 'plan.json'} "
                               f"({problem}): an archive of them could not be used", path)
-
-
-def _shapes(weights: Path) -> dict[str, tuple[int, ...]]:
-    from safetensors import safe_open
-
-    with safe_open(str(weights), framework="pt") as stored:
-        return {name: tuple(stored.get_slice(name).get_shape()) for name in stored.keys()}
 
 
 def _refuse_target(target: Path, overwrite: bool) -> None:

@@ -131,6 +131,13 @@ def canonical_names(model: torch.nn.Module) -> dict[str, str]:
     return names
 
 
+def stored_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """A safetensors file's tensor shapes by name, from its header alone (safetensors' own
+    errors raised for a file it cannot open)."""
+    with safe_open(str(path), framework="pt") as stored:
+        return {name: tuple(stored.get_slice(name).get_shape()) for name in stored.keys()}
+
+
 def weights_file_problem(path: Path) -> str | None:
     """Why a safetensors file cannot be opened (cut short, emptied, not safetensors), from its
     header alone; None when it opens."""
@@ -146,8 +153,7 @@ def load_weights(model: torch.nn.Module, path: Path) -> torch.nn.Module:
     if not path.is_file():
         raise MedsegError("weights file not found", path)
     try:
-        with safe_open(str(path), framework="pt") as stored:
-            shapes = {name: tuple(stored.get_slice(name).get_shape()) for name in stored.keys()}
+        shapes = stored_shapes(path)
     except Exception as exc:  # safetensors raises its own error types
         raise MedsegError(f"not readable as this plan's weights ({one_line(str(exc))})",
                           path) from exc

@@ -341,11 +341,10 @@ def _transfer(model: torch.nn.Module, shapes: dict[str, tuple]) -> _Transfer:
 
 def _shapes(source: InitSource) -> dict[str, tuple]:
     """The file's tensor shapes by name, from its header alone."""
-    from safetensors import safe_open
+    from medseg.model import stored_shapes
 
     try:
-        with safe_open(str(source.weights), framework="pt") as stored:
-            return {name: tuple(stored.get_slice(name).get_shape()) for name in stored.keys()}
+        return stored_shapes(source.weights)
     except Exception as exc:  # safetensors raises its own error types
         raise MedsegError(f"train.init: not readable as safetensors weights "
                           f"({one_line(str(exc))})", source.shown(source.weights)) from exc

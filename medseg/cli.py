@@ -802,7 +802,8 @@ def _parser() -> argparse.ArgumentParser:
                        "train.fold of the workflow)")
     train.add_argument("--init", metavar="SOURCE", type=_path_text,
                        help="fine-tune: start from the weights of a trained run (RUN_DIR: its "
-                            "fold_0's best; RUN_DIR/fold_K; or a .safetensors file), all but "
+                            "fold_0's best; RUN_DIR/fold_K; a model archive of medseg export; or "
+                            "a .safetensors file), all but "
                             "the segmentation heads; sets train.init")
     train.add_argument("--set", dest="overrides", action="append", default=[],
                        metavar="KEY=VALUE", help="override a workflow key (repeatable); "

@@ -134,14 +134,26 @@ def _write_archive(target: Path, workflow: bytes, sources: dict[str, Path],
             # its metrics.jsonl (and replaces its best weights) while the archive is written
             if name.endswith("metrics.jsonl"):
                 data = _shareable_metrics(path)
+                _refuse_large_text(name, len(data), path)
                 zf.writestr(name, data)
                 digests[name], sizes[name] = hashlib.sha256(data).hexdigest(), len(data)
             else:
+                if not name.endswith(BEST):
+                    _refuse_large_text(name, path.stat().st_size, path)
                 digests[name], sizes[name] = _write_hashed(zf, path, name)
         manifest = {"format": FORMAT, "medseg_version": __version__, "folds": chosen,
                     "files": dict(sorted(digests.items())),
                     "sizes": dict(sorted(sizes.items()))}
         zf.writestr(MANIFEST, json.dumps(manifest, indent=2) + "\n")
+
+
+def _refuse_large_text(name: str, size: int, path: Path) -> None:
+    """A text file that opening the archive would refuse (_refuse_bombs) is refused here,
+    not packed into an archive that no one can open."""
+    if size > TEXT_LIMIT:
+        raise MedsegError(f"{size / 2**20:.0f} MB, more than the {TEXT_LIMIT >> 20} MB a "
+                          f"model archive's text file ({name}) may hold: an archive of it "
+                          f"could not be opened", path)
 
 
 def _shareable_metrics(path: Path) -> bytes:

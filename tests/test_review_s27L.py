@@ -3,6 +3,7 @@ splits files, resume of a run fine-tuned from an archive."""
 
 from __future__ import annotations
 
+import errno
 import shutil
 from pathlib import Path
 
@@ -27,3 +28,17 @@ def test_export_refuses_a_metrics_file_that_opening_the_archive_would_refuse(
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and str(metrics) in err and "could not be opened" in err
     assert not target.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_an_export_that_fails_while_writing_leaves_no_folders_it_made(
+        trained_run, tmp_path, monkeypatch, capsys):
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(archive, "_write_hashed", full_disk)
+    (tmp_path / "kept").mkdir()
+    target = tmp_path / "kept" / "some" / "new" / "model.zip"
+    assert main(["export", str(trained_run), str(target)]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "No space left on device" in err
+    assert list((tmp_path / "kept").iterdir()) == []  # the folder that was there stays

@@ -287,9 +287,7 @@ def make_splits(case_names: list[str], n_folds: int = 5, seed: int = 0,
     `source` (the dataset) is named in the refusal when there are too few cases."""
     if n_folds < 2:
         raise MedsegError(f"train.folds must be at least 2, got {n_folds}")
-    if len(case_names) < 2:
-        raise MedsegError(f"{len(case_names)} labelled case(s): cross-validation needs at "
-                          f"least 2", source)
+    refuse_too_few_cases(len(case_names), source)
     if len(case_names) < n_folds:
         raise MedsegError(f"{len(case_names)} labelled cases cannot make {n_folds} folds; "
                           f"set train.folds to at most {len(case_names)} (--set "
@@ -301,6 +299,14 @@ def make_splits(case_names: list[str], n_folds: int = 5, seed: int = 0,
         {"train": sorted(n for j, f in enumerate(folds) if j != k for n in f), "val": folds[k]}
         for k in range(n_folds)
     ]
+
+
+def refuse_too_few_cases(count: int, source: str | Path | None) -> None:
+    """Training takes no dataset of fewer than 2 cases, whether its folds are seeded or
+    given by a splits file (one of a single case could only validate on nothing)."""
+    if count < 2:
+        raise MedsegError(f"{count} labelled case(s): cross-validation needs at least 2",
+                          source)
 
 
 def read_splits(path: Path) -> list[dict]:

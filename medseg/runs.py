@@ -299,8 +299,9 @@ def folds_of_splits_file(workflow):
 
 def _splits_of_file(path: Path, dataset) -> list[dict]:
     """One's own folds (`train.splits_file`); every case they name must be in the dataset."""
-    from medseg.datasets import read_splits
+    from medseg.datasets import read_splits, refuse_too_few_cases
 
+    refuse_too_few_cases(len(dataset.cases), dataset.root)
     splits = read_splits(path)
     unknown = _cases_not_in(dataset, splits)
     if unknown:

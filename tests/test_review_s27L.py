@@ -4,11 +4,16 @@ splits files, resume of a run fine-tuned from an archive."""
 from __future__ import annotations
 
 import errno
+import json
 import shutil
 from pathlib import Path
 
+from helpers import REPO, SMALL_SHAPE, SMALL_SPACING, TINY_TRAINING, as_sets
+
 from medseg import archive
 from medseg.cli import main
+from medseg.datasets import strip_image_suffix
+from medseg.phantoms import write_phantom_dataset
 
 
 def _copy_run(trained_run: Path, tmp_path: Path) -> Path:
@@ -42,3 +47,19 @@ def test_an_export_that_fails_while_writing_leaves_no_folders_it_made(
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "No space left on device" in err
     assert list((tmp_path / "kept").iterdir()) == []  # the folder that was there stays
+
+
+def test_train_refuses_a_one_case_dataset_with_a_one_fold_splits_file(tmp_path, capsys):
+    dataset = tmp_path / "one"
+    write_phantom_dataset(dataset, n_train=1, n_test=0, seed=1, shape=SMALL_SHAPE,
+                          spacing=SMALL_SPACING)
+    (case,) = [strip_image_suffix(p.name) for p in (dataset / "imagesTr").iterdir()]
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps([{"train": [case], "val": []}]), encoding="utf-8")
+    out = tmp_path / "run"
+    code = main(["train", str(REPO / "workflows" / "demo.yaml"), "--out", str(out),
+                 "--set", f"dataset.path={dataset}", "--set", f"train.splits_file={splits}",
+                 *as_sets(TINY_TRAINING)])
+    err = capsys.readouterr().err.strip()
+    assert code != 0 and err.count("\n") == 0
+    assert f"{dataset}: 1 labelled case(s)" in err and not out.exists()

@@ -105,14 +105,23 @@ def case_rows(item: CaseInputs, labels: dict[int, str], series_uid: str | None =
             continue
         voxels = int(counts[label_id])
         row = {"case": item.case, "label": label_id, "structure": name,
-               "voxels": voxels, "volume_ml": round(voxels * voxel_ml, 3)}
+               "voxels": voxels, "volume_ml": _rounded(voxels * voxel_ml, 3)}
         for channel, (means, sds) in enumerate(measures):
             measured = means is not None and voxels > 0
             suffix = f"_{channel}" if channel else ""
-            row[f"intensity_mean{suffix}"] = round(float(means[label_id]), 2) if measured else ""
-            row[f"intensity_sd{suffix}"] = round(float(sds[label_id]), 2) if measured else ""
+            row[f"intensity_mean{suffix}"] = _rounded(float(means[label_id]), 2) if measured else ""
+            row[f"intensity_sd{suffix}"] = _rounded(float(sds[label_id]), 2) if measured else ""
         rows.append({**row, "note": _case_note(notes)})
     return rows
+
+
+def _rounded(value: float, decimals: int) -> float:
+    """`value` to `decimals` decimals, or to 3 significant digits where that needs more: an
+    ADC map in mm^2/s (0.0008) or a normalized MR read 0.0 at HU's 2 decimals, and a lesion
+    of a few 0.5 mm voxels 0.0 ml at 3."""
+    if value == 0 or not math.isfinite(value):
+        return value
+    return round(value, max(decimals, 2 - math.floor(math.log10(abs(value)))))
 
 
 def _case_note(notes: list[str | None]) -> str:

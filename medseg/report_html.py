@@ -73,7 +73,7 @@ def render_report(results: list[CaseScores], summary: dict,
     """The whole page as a string; with `scans`, the overlays are drawn on the cases' scans."""
     shown = shown_structures(summary)
     parts = [_header(results, summary), _summary_table(summary, shown),
-             _crossval_tables(summary), _conventions(summary),
+             _crossval_tables(summary, shown), _conventions(summary),
              _case_table(results, shown), _boxplots(results, shown, summary),
              _montages(results, labels, shown, summary.get("ignore_label"), scans)]
     body = "\n".join(parts)
@@ -164,14 +164,15 @@ def _summary_table(summary: dict, shown: list[str]) -> str:
             + f"\n</tbody></table></div>\n{note}")
 
 
-def _crossval_tables(summary: dict) -> str:
+def _crossval_tables(summary: dict, shown: list[str]) -> str:
     """`medseg crossval`'s additions: the mean Dice of each fold, and the largest-component
-    test; nothing for `evaluate`."""
+    test, for the `shown` structures (as the summary table and the console: a 117-label map
+    of which a dataset holds 41 made 76 empty columns); nothing for `evaluate`."""
     crossval = summary.get("crossval")
     if not crossval:
         return ""
     folds = crossval["folds"]
-    names = list(next(iter(folds.values()))["dice"]) if folds else []
+    names = [n for n in next(iter(folds.values()))["dice"] if n in shown] if folds else []
     head = "".join(f"<th>{escape(name)}</th>" for name in names)
     rows = "\n".join(
         f'<tr><td class="name">fold {escape(fold)}</td><td>{entry["cases"]}</td>'
@@ -182,7 +183,8 @@ def _crossval_tables(summary: dict) -> str:
     tested = "\n".join(
         f'<tr><td class="name">{escape(name)}</td><td>{_fmt(entry["dice"], 4)}</td>'
         f'<td>{_fmt(entry["dice_largest_component"], 4)}</td>'
-        f'<td>{"yes" if entry["apply"] else "no"}</td></tr>' for name, entry in test.items())
+        f'<td>{"yes" if entry["apply"] else "no"}</td></tr>'
+        for name, entry in test.items() if name in shown)
     return ('<h2 id="folds">Cross-validation: each fold\'s held-out cases</h2>\n'
             '<p class="meta">Each case scored once, by the network of the fold that held it out '
             "(mean Dice per structure over the fold's cases where it is present).</p>\n"

@@ -38,3 +38,41 @@ def test_statistics_keep_small_intensities_and_volumes(tmp_path):
     assert float(rows["tumour"]["intensity_sd"]) == pytest.approx(tumour.std(), rel=0.01)
     assert float(rows["lesion"]["volume_ml"]) == pytest.approx(0.000375)
     assert float(rows["tumour"]["volume_ml"]) == pytest.approx(100 * 0.125 / 1000)
+
+
+def _scores(dice: float, ref_ml: float) -> dict[str, float]:
+    return {"dice": dice, "iou": dice, "hd95_mm": 1.0, "hd_mm": 1.0, "assd_mm": 1.0,
+            "nsd": dice, "ref_ml": ref_ml, "pred_ml": ref_ml, "diff_ml": 0.0}
+
+
+def _between(page: str, start: str, end: str) -> str:
+    return page[page.index(start):page.index(end, page.index(start))]
+
+
+def test_crossval_tables_leave_out_structures_absent_from_every_case():
+    """A crossval with a label map of more structures than the dataset holds (TotalSegmentator's
+    117 for a 41-structure CT) gave the fold table a column and the largest-component table a
+    row of dashes for each absent one, which the summary table and the console leave out."""
+    from medseg.evaluate import CaseScores
+    from medseg.report import summarize
+    from medseg.report_html import render_report
+
+    nan = float("nan")
+    absent = {"dice": nan, "iou": nan, "hd95_mm": nan, "hd_mm": nan, "assd_mm": nan,
+              "nsd": nan, "ref_ml": 0.0, "pred_ml": 0.0, "diff_ml": 0.0}
+    results = [CaseScores(f"c{i}", {"liver": _scores(0.9 - i / 10, 1500.0),
+                                    "rib_left_1": absent}) for i in range(2)]
+    summary = summarize(results, 2.0)
+    assert summary["absent_structures"] == ["rib_left_1"]
+    summary["crossval"] = {
+        "folds": {"0": {"cases": 2, "failed_cases": [], "mean_dice": summary["mean_dice"],
+                        "dice": {name: stats["dice"]["mean"]
+                                 for name, stats in summary["structures"].items()}}},
+        "postprocessing": {"structures": {
+            "liver": {"id": 1, "dice": 0.85, "dice_largest_component": 0.86, "apply": True},
+            "rib_left_1": {"id": 2, "dice": nan, "dice_largest_component": nan,
+                           "apply": False}}}}
+    page = render_report(results, summary, None)
+    tables = _between(page, 'id="folds"', 'class="conv"')
+    assert "liver" in tables
+    assert "rib_left_1" not in tables

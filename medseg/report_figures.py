@@ -301,9 +301,9 @@ def _structure_tiles(pred: np.ndarray, ref: np.ndarray, tissue: np.ndarray, labe
 def stray_islands(prediction: np.ndarray, reference: np.ndarray) -> np.ndarray:
     """Parts of the prediction (26-connected) that do not touch the reference: a stray
     island far off the structure's largest slices was in no view, while its HD and ASSD
-    showed it, so the overlay looked perfect."""
-    if not reference.any():  # every predicted voxel is a false positive, drawn as such
-        return np.zeros_like(prediction)
+    showed it, so the overlay looked perfect. Where the reference lacks the structure, every
+    part is one: the views go through the largest, and a second false positive showed in
+    none of them."""
     parts, count = ndimage.label(prediction, structure=np.ones((3, 3, 3), bool))
     if count == 0:
         return np.zeros_like(prediction)

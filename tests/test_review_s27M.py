@@ -76,3 +76,38 @@ def test_crossval_tables_leave_out_structures_absent_from_every_case():
     tables = _between(page, 'id="folds"', 'class="conv"')
     assert "liver" in tables
     assert "rib_left_1" not in tables
+
+
+def test_a_second_false_positive_of_a_structure_the_reference_lacks_shows():
+    """Where the reference lacks a structure, the views go through the prediction's largest
+    cross-sections; a second predicted blob off those slices was drawn in no view (stray
+    islands were filled only where the reference held the structure)."""
+    import io
+
+    from PIL import Image
+
+    from medseg.evaluate import LoadedPair
+    from medseg.report_figures import (
+        GAP,
+        HEADER_H,
+        ISLAND_RGB,
+        MONTAGE_DENSITY,
+        TILE,
+        TITLE_H,
+        montage_png,
+    )
+
+    reference = np.zeros((40, 40, 40), np.uint8)
+    prediction = reference.copy()
+    prediction[24:34, 24:34, 24:34] = 1  # high R, A and S: the upper left of every view
+    prediction[2:5, 2:5, 2:5] = 1  # low R, A and S: the lower right, in no drawn slice
+    pair = LoadedPair(prediction, reference, np.eye(4), (1.0, 1.0, 1.0), False)
+    png = montage_png(pair, {0: "background", 1: "a"}, {}, "false positives")
+    picture = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    d = MONTAGE_DENSITY
+    for view in range(3):
+        top, left = (HEADER_H + TITLE_H) * d, view * (TILE + GAP) * d
+        tile = picture[top:top + TILE * d:d, left:left + TILE * d:d]
+        rows, cols = np.nonzero((tile == ISLAND_RGB).all(axis=-1))
+        lower_right = (rows > TILE / 2) & (cols > TILE / 2)
+        assert lower_right.sum() > 20, view

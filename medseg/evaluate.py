@@ -27,10 +27,12 @@ from medseg.io import (
 )
 from medseg.metrics import (
     FAILED_SCORES,
+    as_written,
     label_counts,
     label_values,
     leave_out_ignored,
     score_case,
+    voxels_ml,
 )
 from medseg.stopping import interrupts_ignored_by_new_processes, raise_if_stopped
 
@@ -268,10 +270,12 @@ def failed_case(case: str, labels: dict[int, str], error: str, prediction: Path 
     spacing = None
     if reference_read is not None:
         spacing = reference_read.volume.spacing
-        voxel_ml = float(np.prod(spacing)) / 1000.0
         for k, name in labels.items():
             if k > 0 and reference_read.voxels.get(k, 0) > 0:
-                scores[name]["ref_ml"] = reference_read.voxels[k] * voxel_ml
+                # as a scored case computes it: a float32 header's 0.7 mm gave 0.21608999 ml
+                # here, 0.21609 ml for the same reference scored
+                scores[name]["ref_ml"] = voxels_ml(reference_read.voxels[k],
+                                                   as_written(spacing))
             elif k > 0:
                 scores[name] = {**dict.fromkeys(FAILED_SCORES, math.nan), "ref_ml": 0.0}
     return CaseScores(case, scores, error, prediction, reference, spacing=spacing)

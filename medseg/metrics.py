@@ -71,7 +71,12 @@ def as_written(spacing: Spacing) -> Spacing:
 
 
 def volume_ml(mask: np.ndarray, spacing: Spacing) -> float:
-    return float(np.count_nonzero(mask)) * float(np.prod(spacing)) / 1000.0
+    return voxels_ml(int(np.count_nonzero(mask)), spacing)
+
+
+def voxels_ml(voxels: int, spacing: Spacing) -> float:
+    """The volume of `voxels` voxels of `spacing` (as score_case takes it: see as_written)."""
+    return float(voxels) * float(np.prod(spacing)) / 1000.0
 
 
 def surface_scores(prediction: np.ndarray, reference: np.ndarray, spacing: Spacing,

@@ -21,6 +21,7 @@ from medseg.errors import MedsegError
 from medseg.io import (
     Volume,
     grid_mismatch,
+    orientation_unknown,
     read_label_map,
     refuse_sheared_axes,
     reorder_onto,
@@ -230,6 +231,7 @@ def load_pair(prediction: Path, reference: Path | Reference, labels: dict[int, s
             pred_data, mismatch = reordered, None
     resampled = mismatch is not None
     if resampled:
+        _refuse_unplaced(pred, ref, mismatch)
         if not resample:
             raise MedsegError(f"not on the same grid as the reference ({mismatch}); "
                               f"`medseg evaluate --resample` "
@@ -239,6 +241,18 @@ def load_pair(prediction: Path, reference: Path | Reference, labels: dict[int, s
     _refuse_unknown_labels({v for v in values if v < 0}, labels, prediction)
     return LoadedPair(pred_data, ref.data.reshape(ref.spatial_shape), ref.affine, ref.spacing,
                       resampled, tuple(sorted(values - set(labels))))
+
+
+def _refuse_unplaced(pred: Volume, ref: Volume, mismatch: str) -> None:
+    """A prediction on another grid is resampled by where both headers place the voxels:
+    a header that gives no orientation (nibabel's `Nifti1Image(data, None)`) places them
+    nowhere in particular, and `--resample` gave Dice 0 for a prediction on the very grid."""
+    for volume, whose in ((pred, "its"), (ref, f"the reference's ({ref.path})")):
+        if orientation_unknown(volume.geometry):
+            raise MedsegError(f"not on the same grid as the reference ({mismatch}), and "
+                              f"{whose} NIfTI header gives no orientation (qform and sform "
+                              f"codes 0), so `--resample` cannot place it there either: "
+                              f"write the mask with its scan's header", pred.path)
 
 
 def _refuse_unknown_labels(values: set[int], labels: dict[int, str], path: Path) -> None:

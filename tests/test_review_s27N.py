@@ -28,3 +28,36 @@ def test_a_failed_case_gives_the_reference_volume_a_scored_case_gives(tmp_path):
     assert failed.error and not scored.error
     assert scored.scores["a"]["ref_ml"] == pytest.approx(0.21609, rel=1e-12)
     assert failed.scores["a"]["ref_ml"] == scored.scores["a"]["ref_ml"]
+
+
+def unoriented(path, data, spacing):
+    """A NIfTI whose qform and sform codes are 0, as nibabel's Nifti1Image(data, None) writes."""
+    image = nib.Nifti1Image(data.astype(np.uint8), None)
+    image.header.set_zooms(spacing)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(image, path)
+
+
+def test_a_header_without_orientation_is_not_resampled_into_a_dice_of_zero(tmp_path):
+    """A mask saved with nibabel's Nifti1Image(data, None) has no orientation: nibabel puts
+    its centre at the origin. `--resample` moved it there (56 mm away from its reference
+    on the very same voxels) and scored Dice 0 as if the model had missed; the message
+    without `--resample` recommended it. Now the case fails saying why."""
+    reference = np.zeros((20, 20, 8), np.uint8)
+    reference[3:8, 3:8, 2:5] = 1
+    affine = np.diag([0.7, 0.7, 3.0, 1.0])
+    affine[:3, 3] = [-50.0, 30.0, 10.0]
+    save(tmp_path / "ref" / "c.nii.gz", reference, affine)
+    unoriented(tmp_path / "pred" / "c.nii.gz", reference, (0.7, 0.7, 3.0))
+    for resample in (False, True):
+        result = evaluate_case("c", tmp_path / "pred" / "c.nii.gz",
+                               tmp_path / "ref" / "c.nii.gz", LABELS, resample=resample)
+        assert not result.resampled
+        assert result.error and "gives no orientation" in result.error
+        assert "`--resample` cannot place it" in result.error
+    # the reverse: a reference without orientation, its prediction elsewhere
+    unoriented(tmp_path / "ref2" / "c.nii.gz", reference, (0.7, 0.7, 3.0))
+    save(tmp_path / "pred2" / "c.nii.gz", reference, affine)
+    result = evaluate_case("c", tmp_path / "pred2" / "c.nii.gz",
+                           tmp_path / "ref2" / "c.nii.gz", LABELS, resample=True)
+    assert result.error and "the reference's" in result.error and not result.resampled

@@ -234,13 +234,24 @@ def load_pair(prediction: Path, reference: Path | Reference, labels: dict[int, s
         _refuse_unplaced(pred, ref, mismatch)
         if not resample:
             raise MedsegError(f"not on the same grid as the reference ({mismatch}); "
-                              f"`medseg evaluate --resample` "
-                              f"resamples it by nearest neighbour", prediction)
+                              f"`medseg evaluate --resample` resamples it by nearest "
+                              f"neighbour{_same_shape_caution(pred, ref)}", prediction)
         pred_data = resample_nearest(pred_data, pred.affine, ref.spatial_shape, ref.affine)
     values = label_values(pred_data)
     _refuse_unknown_labels({v for v in values if v < 0}, labels, prediction)
     return LoadedPair(pred_data, ref.data.reshape(ref.spatial_shape), ref.affine, ref.spacing,
                       resampled, tuple(sorted(values - set(labels))))
+
+
+def _same_shape_caution(pred: Volume, ref: Volume) -> str:
+    """A mask of its reference's shape on another grid is mostly the reference's voxels under
+    a header written wrongly (nibabel's Nifti1Image(mask, numpy.eye(4))): `--resample` would
+    move them where that header says, and score the move."""
+    if tuple(pred.spatial_shape) != tuple(ref.spatial_shape):
+        return ""
+    return (", as its header places it: a mask of the reference's shape whose header was "
+            "written wrongly (an identity affine, say) would be moved, and scored as moved; "
+            "write such a mask with its scan's header instead")
 
 
 def _refuse_unplaced(pred: Volume, ref: Volume, mismatch: str) -> None:

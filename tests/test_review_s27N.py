@@ -93,3 +93,22 @@ def test_docs_numbers_for_voxel_and_area_weighted_surface_dice():
     empty = np.zeros_like(liver)
     assert math.isnan(float(compute_hausdorff_distance(one_hot(liver), one_hot(empty),
                                                        percentile=95)))
+
+
+def test_a_mask_of_the_reference_shape_under_a_wrong_header_is_not_sent_to_resample(tmp_path):
+    """A mask saved with nibabel's Nifti1Image(mask, numpy.eye(4)) holds the reference's
+    voxels under a header that puts them 50 mm away: the failure recommended `--resample`
+    alone, which moves them there and scores Dice 0. A mask of the reference's shape now
+    also hears that it may only need its scan's header; one of another shape does not."""
+    reference = np.zeros((20, 20, 8), np.uint8)
+    reference[3:8, 3:8, 2:5] = 1
+    affine = np.diag([0.7, 0.7, 3.0, 1.0])
+    affine[:3, 3] = [-50.0, 30.0, 10.0]
+    save(tmp_path / "ref.nii.gz", reference, affine)
+    save(tmp_path / "pred.nii.gz", reference, np.eye(4))
+    save(tmp_path / "coarse.nii.gz", reference[::2, ::2], np.diag([1.4, 1.4, 3.0, 1.0]))
+    same_shape = evaluate_case("c", tmp_path / "pred.nii.gz", tmp_path / "ref.nii.gz", LABELS)
+    assert "write such a mask with its scan's header" in same_shape.error
+    other = evaluate_case("c", tmp_path / "coarse.nii.gz", tmp_path / "ref.nii.gz", LABELS)
+    assert "--resample` resamples it by nearest neighbour" in other.error
+    assert "its scan's header" not in other.error

@@ -36,6 +36,7 @@ from medseg.errors import MedsegError
 from medseg.io import (
     SHEAR_TOLERANCE_DEGREES,
     Geometry,
+    Volume,
     grid_mismatch,
     header_note,
     label_grid_mismatch,
@@ -44,6 +45,7 @@ from medseg.io import (
     read_label_map,
     read_volume,
     refuse_out_of_range,
+    reorder_onto,
     shear_degrees,
     voxels_digest,
 )
@@ -182,7 +184,8 @@ def _check_case(case: Case, dataset: Dataset, layout: str) -> tuple[list[Problem
         # the whole case: two cases may share one channel (an all-zero missing sequence)
         facts.digest = "+".join(digests)
     if case.label in geometries:
-        facts.label_ids, facts.label_digest = _check_label_voxels(case.label, dataset, add)
+        facts.label_ids, facts.label_digest = _check_label_voxels(case.label, dataset, add,
+                                                                  facts.geometry)
     return problems, facts
 
 
@@ -250,15 +253,16 @@ def _check_image_voxels(file: Path, modality: str, hint: str, add) -> str | None
     return voxels_digest(volume.data)  # as training's: a float32 copy of an int16 case is one
 
 
-def _check_label_voxels(file: Path, dataset: Dataset, add
+def _check_label_voxels(file: Path, dataset: Dataset, add, image: Geometry | None = None
                         ) -> tuple[frozenset[int], str | None]:
     """Label values outside the map (the 'ignore' id is in it), or an empty label; returns
-    the values found and the label's digest."""
+    the values found and the label's digest (on `image`'s grid, when given)."""
     try:
-        data = read_label_map(file).data
+        label = read_label_map(file)
     except MedsegError as exc:
         add(file, _message(exc))
         return frozenset(), None
+    data = label.data
     values = set(np.unique(data).tolist())
     labels, ignore = dataset.labels, dataset.ignore_label
     known = set(labels) | {ignore} if labels else {v for v in values if v >= 0}
@@ -269,7 +273,19 @@ def _check_label_voxels(file: Path, dataset: Dataset, add
         add(file, f"label values {unknown[:10]} are not in the label map {known_ids}{also}")
     if not values - {0, ignore}:
         add(file, no_structure(values, ignore), "warning")
-    return frozenset(values), voxels_digest(data)
+    return frozenset(values), _label_digest(label, image)
+
+
+def _label_digest(label: Volume, image: Geometry | None) -> str:
+    """The label's voxels as training pairs them with the image: on its grid (a copy stored
+    in another axis order or direction is the same label), and in one memory order
+    (voxels_digest hashes the order as stored: a label stored as floats is read into C order,
+    its integer copy into nibabel's Fortran order, and the two read as two raters' labels)."""
+    data = label.data
+    if image is not None and grid_mismatch(label.geometry, image) is not None:
+        reordered = reorder_onto(data, label.affine, image)
+        data = data if reordered is None else reordered
+    return voxels_digest(np.asfortranarray(data))
 
 
 def _no_structure_anywhere(facts: list[_CaseFacts], dataset: Dataset, where: Path

@@ -177,16 +177,30 @@ def _check_case(case: Case, dataset: Dataset, layout: str) -> tuple[list[Problem
     facts.geometry = geometries.get(case.images[0])
     _check_grids(case, geometries, add)
     hint = modality_hint(len(dataset.modalities))
-    digests = [_check_image_voxels(file, modality, hint, add)
+    by_file = {file: _check_image_voxels(file, modality, hint, add)
                for file, modality in zip(case.images, dataset.modalities, strict=True)
-               if file in geometries]
+               if file in geometries}
+    digests = list(by_file.values())
     if len(digests) == len(case.images) and all(digests):
         # the whole case: two cases may share one channel (an all-zero missing sequence)
         facts.digest = "+".join(digests)
     if case.label in geometries:
         facts.label_ids, facts.label_digest = _check_label_voxels(case.label, dataset, add,
                                                                   facts.geometry)
+        if facts.label_ids - {0, dataset.ignore_label}:  # two blank volumes are no answer
+            _channels_holding_the_label(by_file, facts.label_digest, add)
     return problems, facts
+
+
+def _channels_holding_the_label(by_file: dict[Path, str | None], label_digest: str | None,
+                                add) -> None:
+    """An image channel with the label's voxels (a CSV column of a second rater's labels,
+    the label file listed as a channel): the network would be given the answer to copy, and
+    validation would score the copy."""
+    for file, digest in by_file.items():
+        if digest is not None and digest == label_digest:
+            add(file, "an image channel with the same voxels as the case's label: the network "
+                      "would be given the answer; list label files in the label column only")
 
 
 def _existing_files(files: list[Path], case: Case, root: Path, layout: str, add
@@ -250,7 +264,8 @@ def _check_image_voxels(file: Path, modality: str, hint: str, add) -> str | None
     except MedsegError as exc:
         add(file, _message(exc))
         return None  # no float32 copy to compare
-    return voxels_digest(volume.data)  # as training's: a float32 copy of an int16 case is one
+    # as training's: a float32 copy of an int16 case is one; in one memory order, as labels'
+    return voxels_digest(np.asfortranarray(volume.data))
 
 
 def _check_label_voxels(file: Path, dataset: Dataset, add, image: Geometry | None = None

@@ -99,6 +99,7 @@ def load_dataset(
     dataset = listing.dataset
     _require_files(listing)
     _refuse_repeated_names(listing)
+    _refuse_label_as_image(listing)
     if labels:  # background may go unnamed in a workflow's dataset.labels
         dataset = Dataset(dataset.root, dataset.cases, {0: "background", **labels},
                           dataset.modalities)
@@ -376,6 +377,26 @@ def is_spare_label(orphan: Path) -> bool:
     """Whether a file found without its partner is a label (no image to train on: left out)
     rather than an image (a label gone missing: refused)."""
     return orphan.parent.name not in ("images", "imagesTr")
+
+
+def _refuse_label_as_image(listing: Listing) -> None:
+    """A case whose label file is one of its image channels too (a CSV column of label
+    files, a link to it): the network would be given the answer to copy, and validation
+    would score the copy. (`medseg check` also finds a copy of the label's voxels.)"""
+    for case in listing.dataset.cases:
+        for image in case.images:
+            if case.label is not None and _same_file(image, case.label):
+                raise MedsegError(f"case '{case.name}' lists its label {case.label.name} as an "
+                                  f"image channel too ({image}): the network would be given the "
+                                  f"answer; list label files as labels only",
+                                  listing.description or image)
+
+
+def _same_file(one: Path, other: Path) -> bool:
+    try:
+        return os.path.samefile(one, other)
+    except OSError:  # a folder not listable, a name too long: not one file that can be told
+        return False
 
 
 def _nnunet_v1_hint(listing: Listing, missing: Path) -> str:

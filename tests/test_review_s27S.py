@@ -5,9 +5,12 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 from helpers import SMALL_SHAPE, SMALL_SPACING
 
 from medseg.check import check_dataset
+from medseg.datasets import load_dataset
+from medseg.errors import MedsegError
 from medseg.phantoms import make_phantom
 
 FLIP_X = np.array([[-1, 0, 0, SMALL_SHAPE[0] - 1], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
@@ -78,3 +81,45 @@ def test_two_raters_labels_stay_a_warning(tmp_path):
     assert any(r.startswith("warning: same image voxels as case c0, with another label")
                for r in rows), rows
     assert not any(r.startswith("error") for r in rows), rows
+
+
+def _with_channel(root: Path, cells: list[str]) -> None:
+    """dataset.csv with one more column, `second`, of `cells`."""
+    lines = (root / "dataset.csv").read_text(encoding="utf-8").splitlines()
+    rows = [f"{lines[0]},second"] + [f"{line},{cell}" for line, cell in
+                                     zip(lines[1:], cells, strict=True)]
+    (root / "dataset.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+
+
+def test_a_channel_column_of_the_label_files_is_refused(tmp_path):
+    # `image,label,seg_rater2` with the label files in the last column: a second channel that
+    # is the answer itself was trained on without a word
+    root = _csv_dataset(tmp_path)
+    _with_channel(root, [f"c{index}_seg.nii.gz" for index in range(3)])
+    report = check_dataset(root)
+    rows = [p for p in report.problems if "same voxels as the case's label" in p.message]
+    assert [(p.severity, p.case, p.file.name) for p in rows] == [
+        ("error", f"c{index}", f"c{index}_seg.nii.gz") for index in range(3)]
+    assert report.exit_code() == 1
+    with pytest.raises(MedsegError, match=r"case 'c0' lists its label c0_seg.nii.gz as an "
+                                          r"image channel too"):
+        load_dataset(root / "dataset.csv")
+
+
+def test_a_copy_of_the_label_as_a_channel_is_found_by_check(tmp_path):
+    root = _csv_dataset(tmp_path)
+    for index in range(3):  # the labels saved again as floats, under other names
+        label = nib.load(root / f"c{index}_seg.nii.gz")
+        _save(np.asanyarray(label.dataobj).astype(np.float32), label.affine,
+              root / f"c{index}_mask.nii.gz")
+    _with_channel(root, [f"c{index}_mask.nii.gz" for index in range(3)])
+    rows = [p for p in check_dataset(root).problems
+            if "same voxels as the case's label" in p.message]
+    assert [p.file.name for p in rows] == [f"c{index}_mask.nii.gz" for index in range(3)]
+
+
+def test_a_real_second_channel_is_no_label(tmp_path):
+    root = _csv_dataset(tmp_path)
+    _with_channel(root, [f"c{index}.nii.gz" for index in range(3)])  # the image, twice
+    assert not [p for p in check_dataset(root).problems if p.severity == "error"]
+    assert len(load_dataset(root / "dataset.csv").cases[0].images) == 2

@@ -137,6 +137,7 @@ def check_dataset(path: str | Path, layout: str = "auto") -> CheckReport:
     problems += _unnameable(dataset.cases)
     problems += _names_one_file_apart(dataset.cases)
     problems += _shared_labels(dataset.cases)
+    problems += _labels_named_for_others(dataset.cases)
     problems += _outliers([f for f in facts if f.geometry is not None])
     problems += _fewer_than_folds(len(dataset.cases), listing.description or dataset.root)
     return CheckReport(dataset.root, listing.layout, len(dataset.cases), tuple(problems))
@@ -368,6 +369,30 @@ def _shared_labels(cases: tuple[Case, ...]) -> list[Problem]:
                                     f"same label file as case {other.name}: training takes "
                                     f"it as the label of both"))
     return problems
+
+
+def _labels_named_for_others(cases: tuple[Case, ...]) -> list[Problem]:
+    """A label file named as another case's image, its own image named otherwise (two rows
+    of a CSV or dataset.json whose labels were swapped): on grids of one size, nothing else
+    tells, and each image would be trained on another's label."""
+    by_stem = {_image_stem(case.images[0]): case for case in cases}
+    problems = []
+    for case in cases:
+        if case.label is None:
+            continue
+        stem = strip_image_suffix(case.label.name)
+        other = by_stem.get(stem)
+        if other is not None and other is not case and stem != _image_stem(case.images[0]):
+            problems.append(Problem("warning", case.name, case.label,
+                                    f"named as the image of case {other.name} "
+                                    f"({other.images[0].name}), but listed as the label of "
+                                    f"{case.images[0].name}: labels swapped between rows?"))
+    return problems
+
+
+def _image_stem(image: Path) -> str:
+    """An image's file name without extension, or nnU-Net's channel suffix (_0000)."""
+    return _name_of(image)
 
 
 def _unnameable(cases: tuple[Case, ...]) -> list[Problem]:

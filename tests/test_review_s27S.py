@@ -123,3 +123,26 @@ def test_a_real_second_channel_is_no_label(tmp_path):
     _with_channel(root, [f"c{index}.nii.gz" for index in range(3)])  # the image, twice
     assert not [p for p in check_dataset(root).problems if p.severity == "error"]
     assert len(load_dataset(root / "dataset.csv").cases[0].images) == 2
+
+
+def test_labels_swapped_between_two_rows_are_named(tmp_path):
+    # scans of one grid (resampled for a study): a swapped pair of labels fits each image
+    # as well as its own, and was trained on without a word
+    (tmp_path / "images").mkdir()
+    (tmp_path / "labels").mkdir()
+    grid = np.diag([*SMALL_SPACING, 1.0])
+    for index in range(3):
+        phantom = make_phantom(index, shape=SMALL_SHAPE, spacing=SMALL_SPACING)
+        _save(phantom.image.astype(np.int16), grid, tmp_path / "images" / f"p{index}.nii.gz")
+        _save(phantom.label, grid, tmp_path / "labels" / f"p{index}.nii.gz")
+    rows = ["image,label", "images/p0.nii.gz,labels/p1.nii.gz",
+            "images/p1.nii.gz,labels/p0.nii.gz", "images/p2.nii.gz,labels/p2.nii.gz"]
+    (tmp_path / "dataset.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    swapped = [(p.case, p.file.name) for p in check_dataset(tmp_path / "dataset.csv").problems
+               if "labels swapped between rows?" in p.message]
+    assert swapped == [("p0", "p1.nii.gz"), ("p1", "p0.nii.gz")]
+
+
+def test_labels_named_apart_from_their_images_are_no_swap(tmp_path):
+    root = _csv_dataset(tmp_path)  # c0.nii.gz with c0_seg.nii.gz: no label named as an image
+    assert not [p for p in check_dataset(root).problems if "swapped" in p.message]

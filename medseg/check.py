@@ -265,8 +265,7 @@ def _check_image_voxels(file: Path, modality: str, hint: str, add) -> str | None
     except MedsegError as exc:
         add(file, _message(exc))
         return None  # no float32 copy to compare
-    # as training's: a float32 copy of an int16 case is one; in one memory order, as labels'
-    return voxels_digest(np.asfortranarray(volume.data))
+    return voxels_digest(volume.data)  # as training's: a float32 copy of an int16 case is one
 
 
 def _check_label_voxels(file: Path, dataset: Dataset, add, image: Geometry | None = None
@@ -294,14 +293,12 @@ def _check_label_voxels(file: Path, dataset: Dataset, add, image: Geometry | Non
 
 def _label_digest(label: Volume, image: Geometry | None) -> str:
     """The label's voxels as training pairs them with the image: on its grid (a copy stored
-    in another axis order or direction is the same label), and in one memory order
-    (voxels_digest hashes the order as stored: a label stored as floats is read into C order,
-    its integer copy into nibabel's Fortran order, and the two read as two raters' labels)."""
+    in another axis order or direction is the same label)."""
     data = label.data
     if image is not None and grid_mismatch(label.geometry, image) is not None:
         reordered = reorder_onto(data, label.affine, image)
         data = data if reordered is None else reordered
-    return voxels_digest(np.asfortranarray(data))
+    return voxels_digest(data)
 
 
 def _no_structure_anywhere(facts: list[_CaseFacts], dataset: Dataset, where: Path

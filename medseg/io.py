@@ -75,14 +75,14 @@ DIGEST_CHUNK_BYTES = 16 * 2**20
 def voxels_digest(*arrays: np.ndarray) -> str:
     """SHA-256 of arrays' shapes and values as float32 (how training reads images), so that
     a case stored as int16 and its copy stored as float32 are one case: `check` and
-    training find the same duplicates (both read a file into the same memory order). The
-    values go in the array's own memory order (nibabel reads Fortran order: reordering a CT
-    costs seconds), converted a slab at a time: no float32 copy of a whole CT."""
+    training find the same duplicates. The values go in one memory order whatever the
+    array's own: Fortran, as nibabel reads a file (no copy there: reordering a CT costs
+    seconds); a label read as floats or reordered onto its image comes in C order, and its
+    integer copy was another case. Converted a slab at a time: no float32 copy of a CT."""
     digest = hashlib.sha256()
     for array in arrays:
-        fortran = array.flags.f_contiguous and not array.flags.c_contiguous
-        ordered = array.T if fortran else array  # the same bytes, in C order
-        digest.update(f"{array.shape}{'F' if fortran else 'C'}".encode())
+        ordered = array.T  # a Fortran array's bytes in C order; a C array's gathered by slab
+        digest.update(f"{array.shape}".encode())
         rows = max(1, DIGEST_CHUNK_BYTES // max(1, ordered[:1].size * 4))
         for start in range(0, ordered.shape[0], rows):
             slab = np.ascontiguousarray(ordered[start:start + rows], dtype=np.float32)

@@ -1,0 +1,44 @@
+"""Session 27 (own work): duplicate cases found whatever memory order a volume is read into."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from helpers import SMALL_SHAPE, SMALL_SPACING
+
+from medseg.datasets import load_dataset
+from medseg.errors import MedsegError
+from medseg.io import voxels_digest
+from medseg.phantoms import make_phantom
+from medseg.plan import fingerprint
+
+
+def test_the_digest_of_the_same_voxels_does_not_depend_on_memory_order():
+    values = np.random.default_rng(0).integers(0, 4, (7, 5, 3)).astype(np.uint8)
+    assert voxels_digest(np.asfortranarray(values)) == voxels_digest(np.ascontiguousarray(values))
+    assert voxels_digest(values) != voxels_digest(values.transpose(1, 0, 2).copy())
+
+
+def _save(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    nib.save(nib.Nifti1Image(data, affine), path)
+
+
+def test_training_refuses_a_copy_whose_label_is_stored_as_floats(tmp_path):
+    # the float32 copy of a uint8 label is read into C order, the original into nibabel's
+    # Fortran order: the fingerprint took the two for two raters' labels and trained on both
+    rows = ["image,label"]
+    for index in range(3):
+        phantom = make_phantom(index, shape=SMALL_SHAPE, spacing=SMALL_SPACING)
+        _save(phantom.image.astype(np.int16), phantom.affine, tmp_path / f"c{index}.nii.gz")
+        _save(phantom.label.astype(np.uint8), phantom.affine, tmp_path / f"c{index}_seg.nii.gz")
+        rows.append(f"c{index}.nii.gz,c{index}_seg.nii.gz")
+    label = nib.load(tmp_path / "c0_seg.nii.gz")
+    _save(np.asanyarray(label.dataobj).astype(np.float32), label.affine,
+          tmp_path / "copy_seg.nii.gz")
+    (tmp_path / "copy.nii.gz").write_bytes((tmp_path / "c0.nii.gz").read_bytes())
+    rows.append("copy.nii.gz,copy_seg.nii.gz")
+    (tmp_path / "dataset.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    with pytest.raises(MedsegError, match="same voxels as case c0 in every channel"):
+        fingerprint(load_dataset(tmp_path), progress=False)

@@ -139,6 +139,7 @@ def fingerprint(dataset: Dataset, seed: int = 0, progress: bool = True) -> Finge
             ranges[channel].append((float(image.data.min()), float(image.data.max())))
         if label is not None:
             digests.append(voxels_digest(label.data))
+            _refuse_label_as_channel(digests, label, case, dataset.ignore_label)
         _refuse_duplicate(first_with_voxels, "+".join(digests), case)
         if label is not None:
             check_label_values(label, dataset.labels, dataset.ignore_label)
@@ -225,6 +226,20 @@ def _sample_intensities(image: Volume, label: Volume | None, rng: np.random.Gene
     if values.size:
         take = min(SAMPLES_PER_CASE, values.size)
         samples.append(rng.choice(values, size=take, replace=False))
+
+
+def _refuse_label_as_channel(digests: list[str], label: Volume, case: Case,
+                             ignore_label: int | None) -> None:
+    """An image channel with the voxels of the case's label (`digests`: the channels', then
+    the label's), as `medseg check` finds it: a CSV column of label files, a copy of the
+    label among the channels; the network would be given the answer to copy."""
+    *channels, label_digest = digests
+    for file, digest in zip(case.images, channels, strict=True):
+        background = [v for v in (0, ignore_label) if v is not None]
+        if digest == label_digest and np.isin(label.data, background, invert=True).any():
+            raise MedsegError("an image channel with the same voxels as the case's label "
+                              f"{case.label}: the network would be given the answer; list "
+                              "label files in the label column only", file)
 
 
 def _refuse_duplicate(first_with_voxels: dict[str, str], digest: str, case: Case) -> None:

@@ -42,3 +42,20 @@ def test_training_refuses_a_copy_whose_label_is_stored_as_floats(tmp_path):
     (tmp_path / "dataset.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     with pytest.raises(MedsegError, match="same voxels as case c0 in every channel"):
         fingerprint(load_dataset(tmp_path), progress=False)
+
+
+def test_training_refuses_a_channel_holding_a_copy_of_the_label(tmp_path):
+    # a CSV column of label files (a second rater's copy of the same voxels) was trained on
+    # as a further channel: check reported it, training fed the network its answer
+    rows = ["image,label,t2"]
+    for index in range(3):
+        phantom = make_phantom(index, shape=SMALL_SHAPE, spacing=SMALL_SPACING)
+        _save(phantom.image.astype(np.int16), phantom.affine, tmp_path / f"c{index}.nii.gz")
+        _save(phantom.label.astype(np.uint8), phantom.affine, tmp_path / f"c{index}_seg.nii.gz")
+        second = phantom.label if index == 1 else phantom.image
+        _save(second.astype(np.float32), phantom.affine, tmp_path / f"c{index}_t2.nii.gz")
+        rows.append(f"c{index}.nii.gz,c{index}_seg.nii.gz,c{index}_t2.nii.gz")
+    (tmp_path / "dataset.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    with pytest.raises(MedsegError, match="same voxels as the case's label") as caught:
+        fingerprint(load_dataset(tmp_path), progress=False)
+    assert caught.value.path.name == "c1_t2.nii.gz"

@@ -1,0 +1,33 @@
+"""Session 27 (O): segmenting new scans end to end, DICOM series and ITK volumes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from dicom_factory import write_series
+
+from medseg.errors import MedsegError
+from medseg.io import read_volume
+
+
+def test_uneven_spacing_names_where_the_spacing_changes_and_how_many_gaps_are_off(tmp_path):
+    # 4 mm gaps, then 7 mm from slice 7 on (as the GE head CT of dcm_qa_ct): the last gap,
+    # 7.01 mm by rounding, was named alone, as if one slice were missing near the end
+    gaps = [4.0] * 6 + [7.0] * 4 + [7.01]
+    depths = np.concatenate([[0.0], np.cumsum(gaps)])
+    stored = np.random.default_rng(0).integers(0, 3000, (6, 5, len(depths))).astype(np.uint16)
+    write_series(tmp_path, stored, [[0.0, 0.0, float(z)] for z in depths])
+    with pytest.raises(MedsegError) as caught:
+        read_volume(tmp_path)
+    message = str(caught.value)
+    assert ("a gap of 7.00 mm between slices 7 and 8 of 12 (IM0006.dcm and IM0007.dcm, at "
+            "24.00 mm along the slice normal) where the median gap is 4.00 mm") in message
+    assert "4 more of the 11 gaps are off the median too, up to 7.01 mm" in message
+
+
+def test_one_uneven_gap_is_named_without_a_count(tmp_path):
+    stored = np.random.default_rng(1).integers(0, 3000, (6, 5, 4)).astype(np.uint16)
+    write_series(tmp_path, stored, [[0.0, 0.0, z] for z in (0.0, 2.5, 5.0, 10.0)])
+    with pytest.raises(MedsegError) as caught:
+        read_volume(tmp_path)
+    assert "gap of 5.00 mm between slices 3 and 4 of 4" in str(caught.value)
+    assert "more of the" not in str(caught.value)

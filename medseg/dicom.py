@@ -501,8 +501,21 @@ def _one_folder_each_hint(groups: dict[str, list[Frame]], path: Path) -> str:
     separate = all(len(f) == 1 for f in folders) and len(set.union(*folders)) == len(groups)
     if separate and Path(path) not in set.union(*folders):
         return ("; each series is in its own folder: give one of those folders (convert), or "
-                "each as an input of its own to predict them all (--input FOLDER/*)")
+                f"each as an input of its own to predict them all "
+                f"(--input {_series_folders_pattern(sorted(set.union(*folders)))})")
     return ""
+
+
+def _series_folders_pattern(folders: list[Path]) -> str:
+    """The input that gives each series folder on its own: `COMMON/*`, COMMON being the
+    deepest folder whose subfolders hold one series each (a CD's DICOM/PA0/ST0 of SE0, SE1,
+    ... lies deeper than the folder given, where `FOLDER/*` gave the same folder of every
+    series again), else the series folders themselves."""
+    common = Path(os.path.commonpath(folders))
+    heads = {folder.relative_to(common).parts[:1] for folder in folders}
+    if len(heads) == len(folders) and () not in heads:
+        return f"{common}/*"
+    return " ".join(str(folder) for folder in folders)
 
 
 def _listing(groups: dict[str, list[Frame]]) -> str:

@@ -31,3 +31,27 @@ def test_one_uneven_gap_is_named_without_a_count(tmp_path):
         read_volume(tmp_path)
     assert "gap of 5.00 mm between slices 3 and 4 of 4" in str(caught.value)
     assert "more of the" not in str(caught.value)
+
+
+def test_series_folders_deeper_than_the_folder_given_are_named_in_the_hint(tmp_path):
+    # a CD export: DICOM/PA0/ST0/SE0, SE1; `--input FOLDER/*` of the folder given (or of
+    # DICOM) gave one folder of both series again
+    study = tmp_path / "DICOM" / "PA000000" / "ST000000"
+    for number, uid in enumerate(("1.2.3.4.1", "1.2.3.4.2")):
+        stored = np.random.default_rng(number).integers(0, 3000, (6, 5, 3)).astype(np.uint16)
+        write_series(study / f"SE00000{number}", stored,
+                     [[0.0, 0.0, 2.5 * k] for k in range(3)], series_uid=uid)
+    for given in (tmp_path, tmp_path / "DICOM"):
+        with pytest.raises(MedsegError) as caught:
+            read_volume(given)
+        assert f"(--input {study}/*)" in str(caught.value)
+
+
+def test_series_folders_of_other_parents_get_their_common_folder(tmp_path):
+    for number, patient in enumerate(("p1", "p2")):
+        stored = np.random.default_rng(number).integers(0, 3000, (6, 5, 3)).astype(np.uint16)
+        write_series(tmp_path / patient / "CT", stored, [[0.0, 0.0, 2.5 * k] for k in range(3)],
+                     series_uid=f"1.2.3.4.{number}")
+    with pytest.raises(MedsegError) as caught:
+        read_volume(tmp_path)
+    assert f"(--input {tmp_path}/*)" in str(caught.value)

@@ -324,15 +324,19 @@ def _note_non_part10_file(file: Path, left_out: dict[str, list[_Unread]],
 
 def _refuse_unreadable_slice(file: Path) -> None:
     """A file named like a slice (.dcm, .dicom, .ima, no suffix, or a UID's number for one)
-    that cannot be opened (no read permission): left out unsaid, the volume would lack that
-    slice, without a word where it lay at either end of the series."""
+    that cannot be opened (no read permission, a link that leads nowhere): left out unsaid,
+    the volume would lack that slice, without a word where it lay at either end of the
+    series."""
     try:
         with open(file, "rb"):
             pass
     except OSError as exc:
         suffix = file.suffix.lower()
         if suffix in DICOM_SUFFIXES or not suffix or suffix[1:].isdigit():
-            raise MedsegError(f"cannot be read ({exc.strerror or exc}); the series beside it "
+            why = (f"it links to {os.readlink(file)}, which does not exist: a share not "
+                   f"mounted?" if file.is_symlink() and not file.exists()
+                   else exc.strerror or exc)
+            raise MedsegError(f"cannot be read ({why}); the series beside it "
                               f"would lack this slice: make it readable, or move it out of "
                               f"the folder if it is not part of the series", file) from exc
 
@@ -447,7 +451,9 @@ def files_below(folder: Path) -> list[Path]:
         seen.add(real)
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         found.extend(Path(root) / name for name in files if not name.startswith("."))
-    return sorted(p for p in found if p.is_file())
+    # a link that leads nowhere (a slice on a share not mounted) is kept, for the scan to
+    # refuse when it is named like a slice: left out, the series was read a slice short
+    return sorted(p for p in found if p.is_file() or (p.is_symlink() and not p.exists()))
 
 
 def _refuse_unlistable(exc: OSError) -> None:

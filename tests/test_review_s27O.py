@@ -55,3 +55,24 @@ def test_series_folders_of_other_parents_get_their_common_folder(tmp_path):
     with pytest.raises(MedsegError) as caught:
         read_volume(tmp_path)
     assert f"(--input {tmp_path}/*)" in str(caught.value)
+
+
+def test_a_slice_linked_to_nowhere_is_refused_not_left_out(tmp_path):
+    # a series folder of links into an archive, one of whose targets is gone (a share not
+    # mounted): the last slice was left out unsaid, the volume a slice short
+    stored = np.random.default_rng(2).integers(0, 3000, (6, 5, 4)).astype(np.uint16)
+    slices = write_series(tmp_path / "archive", stored, [[0.0, 0.0, 2.5 * k] for k in range(4)])
+    series = tmp_path / "series"
+    series.mkdir()
+    for path in slices:
+        (series / path.name).symlink_to(path)
+    slices[-1].unlink()
+    with pytest.raises(MedsegError) as caught:
+        read_volume(series)
+    message = str(caught.value)
+    assert message.startswith(f"{series / slices[-1].name}: cannot be read (it links to ")
+    assert "which does not exist" in message and "would lack this slice" in message
+    # a link to nowhere not named like a slice (a note) is no slice: skipped
+    (series / slices[-1].name).unlink()
+    (series / "notes.txt").symlink_to(tmp_path / "gone.txt")
+    assert read_volume(series).spatial_shape == (5, 6, 3)

@@ -233,9 +233,20 @@ def _frame(top: Dataset, geometry: Dataset, path: Path, index: int | None,
         samples_per_pixel=int(top.get("SamplesPerPixel", 1) or 1),
         photometric=str(top.get("PhotometricInterpretation", "MONOCHROME2") or "").strip(),
         thickness=float(thickness) if thickness else None,
-        sop_uid=str(top.get("SOPInstanceUID", "") or ""),
+        sop_uid=_sop_instance_uid(top),
         sop_class=str(top.get("SOPClassUID", "") or ""),
     )
+
+
+def _sop_instance_uid(header: Dataset) -> str:
+    """The image's SOPInstanceUID, from the file meta where an anonymizer blanked the data
+    set's (TotalSegmentator's CT series): two copies of such a series were told apart as
+    'several volumes at one position' (echoes, phases), not as copies."""
+    uid = str(header.get("SOPInstanceUID", "") or "").strip()
+    file_meta = getattr(header, "file_meta", None)
+    if not uid and file_meta is not None:
+        uid = str(file_meta.get("MediaStorageSOPInstanceUID", "") or "").strip()
+    return uid
 
 
 def _finite(dataset: Dataset, keyword: str, default: float, path: Path,

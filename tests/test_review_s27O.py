@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pydicom
 import pytest
 from dicom_factory import write_series
 
@@ -76,3 +77,26 @@ def test_a_slice_linked_to_nowhere_is_refused_not_left_out(tmp_path):
     (series / slices[-1].name).unlink()
     (series / "notes.txt").symlink_to(tmp_path / "gone.txt")
     assert read_volume(series).spatial_shape == (5, 6, 3)
+
+
+def test_copies_of_an_anonymized_series_are_named_copies_not_echoes(tmp_path):
+    # the SOPInstanceUID blanked in the data set and kept in the file meta, as in
+    # TotalSegmentator's CT series: a second copy of it in a subfolder was said to be
+    # "several volumes (echoes, phases or time points)"
+    stored = np.random.default_rng(3).integers(0, 3000, (6, 5, 3)).astype(np.uint16)
+    positions = [[0.0, 0.0, 2.5 * k] for k in range(3)]
+    for folder in (tmp_path, tmp_path / "backup"):
+        write_series(folder, stored, positions)
+    for path in sorted(tmp_path.rglob("*.dcm")):
+        dataset = pydicom.dcmread(path)
+        dataset.SOPInstanceUID = ""
+        dataset.save_as(path)
+    for path in sorted((tmp_path / "backup").iterdir()):  # the same images, copied
+        twin = pydicom.dcmread(tmp_path / path.name)
+        dataset = pydicom.dcmread(path)
+        dataset.file_meta.MediaStorageSOPInstanceUID = twin.file_meta.MediaStorageSOPInstanceUID
+        dataset.save_as(path)
+    with pytest.raises(MedsegError) as caught:
+        read_volume(tmp_path)
+    assert "are copies of one image (the same SOPInstanceUID)" in str(caught.value)
+    assert "echoes" not in str(caught.value)

@@ -296,6 +296,7 @@ def _scan(path: Path) -> tuple[dict[str, list[Frame]], dict[str, list[_Unread]]]
     if not groups:
         why = _why_no_image(unplaced, multiframe, left_out, not_dicom) + _not_images(not_images)
         raise _no_image_error(path, files, why)
+    _refuse_compressed_slices(files)
     if not_dicom:
         # a slice cut short before its 'DICM' marker: left out, the volume would be a slice
         # short without a word where it lay at the end of the series
@@ -307,6 +308,17 @@ def _scan(path: Path) -> tuple[dict[str, list[Frame]], dict[str, list[_Unread]]]
 
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+
+
+def _refuse_compressed_slices(files: list[Path]) -> None:
+    """A slice compressed as a file (IM0004.dcm.gz) beside the series' other slices: left
+    out unsaid, the series was read a slice short (the last one: no gap to tell)."""
+    packed = [f for f in files if f.name.lower().endswith(COMPRESSED_SLICE_SUFFIXES)]
+    if packed:
+        more = f" (and {len(packed) - 1} more)" if len(packed) > 1 else ""
+        raise MedsegError(f"a DICOM slice compressed as a file{more}, which medseg does not "
+                          f"unpack; the series beside it would lack it: unpack it first "
+                          f"(gunzip)", packed[0])
 # the first tag of a data set without the preamble, or of its file meta (little endian)
 RAW_DATA_SET_STARTS = (b"\x08\x00", b"\x02\x00")
 
@@ -397,16 +409,22 @@ def _no_image_error(path: Path, files: list[Path], why: str) -> MedsegError:
 
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".7z", ".rar")
+# a slice compressed as a file (IM0001.dcm.gz, as some archives keep series): not opened
+COMPRESSED_SLICE_SUFFIXES = tuple(f"{slice_suffix}{packed}" for slice_suffix in DICOM_SUFFIXES
+                                  for packed in (".gz", ".bz2", ".xz"))
 
 
 def archives_hint(files: list[Path]) -> str:
-    """Archives (a PACS export as .zip) are not opened: say so, rather than leave them out
-    unsaid."""
-    archives = [f for f in files if f.name.lower().endswith(ARCHIVE_SUFFIXES)]
-    if not archives:
-        return ""
-    return (f"; {len(archives)} archive(s), e.g. {archives[0].name}: medseg does not open "
-            f"archives, unpack them first")
+    """Archives (a PACS export as .zip) and compressed slices (IM0001.dcm.gz) are not
+    opened: say so, rather than leave them out unsaid."""
+    hints = []
+    for suffixes, kind in ((ARCHIVE_SUFFIXES, "archive"),
+                           (COMPRESSED_SLICE_SUFFIXES, "compressed DICOM file")):
+        found = [f for f in files if f.name.lower().endswith(suffixes)]
+        if found:
+            hints.append(f"; {len(found)} {kind}(s), e.g. {found[0].name}: medseg does not "
+                         f"open {kind}s, unpack them first")
+    return "".join(hints)
 
 
 def _not_images(files: list[Path]) -> str:

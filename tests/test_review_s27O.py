@@ -1,6 +1,8 @@
 """Session 27 (O): segmenting new scans end to end, DICOM series and ITK volumes."""
 from __future__ import annotations
 
+import gzip
+
 import numpy as np
 import pydicom
 import pytest
@@ -100,3 +102,29 @@ def test_copies_of_an_anonymized_series_are_named_copies_not_echoes(tmp_path):
         read_volume(tmp_path)
     assert "are copies of one image (the same SOPInstanceUID)" in str(caught.value)
     assert "echoes" not in str(caught.value)
+
+
+def _gzipped(path) -> None:
+    packed = path.with_name(path.name + ".gz")
+    packed.write_bytes(gzip.compress(path.read_bytes()))
+    path.unlink()
+
+
+def test_a_gzipped_slice_beside_the_series_is_refused_not_left_out(tmp_path):
+    stored = np.random.default_rng(4).integers(0, 3000, (6, 5, 4)).astype(np.uint16)
+    slices = write_series(tmp_path, stored, [[0.0, 0.0, 2.5 * k] for k in range(4)])
+    _gzipped(slices[-1])  # the last slice: the series was read 3 slices long, unsaid
+    with pytest.raises(MedsegError) as caught:
+        read_volume(tmp_path)
+    assert str(caught.value).startswith(f"{slices[-1]}.gz: a DICOM slice compressed as a file")
+    assert "would lack it" in str(caught.value)
+
+
+def test_a_series_of_gzipped_slices_is_named_as_such(tmp_path):
+    stored = np.random.default_rng(5).integers(0, 3000, (6, 5, 3)).astype(np.uint16)
+    for path in write_series(tmp_path, stored, [[0.0, 0.0, 2.5 * k] for k in range(3)]):
+        _gzipped(path)
+    with pytest.raises(MedsegError) as caught:
+        read_volume(tmp_path)
+    assert ("3 compressed DICOM file(s), e.g. IM0000.dcm.gz: medseg does not open compressed "
+            "DICOM files, unpack them first") in str(caught.value)

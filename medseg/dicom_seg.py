@@ -22,7 +22,7 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from medseg import __version__
-from medseg.dicom import is_irregular, read_stack
+from medseg.dicom import check_regular, is_irregular, read_stack
 from medseg.errors import MedsegError, one_line
 from medseg.fileio import atomic_path
 
@@ -52,7 +52,11 @@ def seg_source(path: Path, series_uid: str | None, resample_irregular: bool) -> 
     """The source of a DICOM SEG for the series medseg reads at `path`; refuses, in one line,
     a series a SEG cannot be placed on."""
     stack = read_stack(path, series_uid)
-    if resample_irregular and is_irregular(stack):
+    if not resample_irregular:
+        # the series' own problem first, as without --dicom-seg: a tilted series lacking a
+        # FrameOfReferenceUID was refused for the UID, its tilt left for the next try
+        check_regular(stack, path)
+    elif is_irregular(stack):
         raise MedsegError("no DICOM SEG for a series resampled onto a regular grid "
                           "(--resample-irregular): its mask lies on new slices, not the "
                           "series' own", path)

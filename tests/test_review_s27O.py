@@ -8,6 +8,7 @@ import pydicom
 import pytest
 from dicom_factory import write_series
 
+from medseg.dicom_seg import seg_source
 from medseg.errors import MedsegError
 from medseg.io import read_volume
 
@@ -128,3 +129,16 @@ def test_a_series_of_gzipped_slices_is_named_as_such(tmp_path):
         read_volume(tmp_path)
     assert ("3 compressed DICOM file(s), e.g. IM0000.dcm.gz: medseg does not open compressed "
             "DICOM files, unpack them first") in str(caught.value)
+
+
+def test_dicom_seg_names_a_tilted_series_tilt_before_its_missing_frame_of_reference(tmp_path):
+    # as without --dicom-seg: the series' own problem first (it was refused for the missing
+    # FrameOfReferenceUID, its tilt left for the next try)
+    stored = np.random.default_rng(6).integers(0, 3000, (6, 5, 4)).astype(np.uint16)
+    paths = write_series(tmp_path, stored, [[0.0, 0.6 * k, 2.5 * k] for k in range(4)])
+    for path in paths:
+        dataset = pydicom.dcmread(path)
+        del dataset.FrameOfReferenceUID
+        dataset.save_as(path)
+    with pytest.raises(MedsegError, match="gantry tilt of 13.5 degrees"):
+        seg_source(tmp_path, None, False)

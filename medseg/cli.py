@@ -899,7 +899,9 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("dataset", type=_path_text,
                        help="dataset folder, its dataset.json, or a CSV file")
     check.add_argument("--layout", default="auto",
-                       choices=["auto", "msd", "nnunet", "folders", "csv"])
+                       choices=["auto", "msd", "nnunet", "folders", "csv"],
+                       help="the dataset's layout, as dataset.layout of a workflow "
+                            "(default: %(default)s, found as training finds it)")
     check.add_argument("--strict", action="store_true",
                        help="exit 1 on warnings too (without it, on errors only)")
     check.set_defaults(handler=cmd_check)

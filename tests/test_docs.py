@@ -9,6 +9,7 @@ import typing
 from pathlib import Path
 
 import pytest
+import yaml
 
 from medseg.cli import _parser
 from medseg.config import Workflow
@@ -52,3 +53,33 @@ def test_workflow_reference_names_every_key(section):
     documented = _docs_section((DOCS / "workflows.md").read_text(encoding="utf-8"), section)
     missing = [key for key in _workflow_sections()[section] if f"`{key}`" not in documented]
     assert not missing, f"docs/workflows.md, {section}: {missing}"
+
+
+def _documented_defaults(section: str) -> dict[str, str]:
+    """{key: default as written} from the rows of a section's table in workflows.md
+    (`| `a`, `b` | `1`, `2` | meaning |`); a default written in words is left out."""
+    documented = _docs_section((DOCS / "workflows.md").read_text(encoding="utf-8"), section)
+    defaults = {}
+    for row in re.findall(r"^\| (`.*?) \| (.*?) \|", documented, re.M):
+        keys, values = re.findall(r"`([^`]+)`", row[0]), re.findall(r"`([^`]+)`", row[1])
+        if values:
+            assert len(keys) == len(values), f"docs/workflows.md, {section}: {row}"
+            defaults.update(zip(keys, values, strict=True))
+    return defaults
+
+
+def _as_written(text: str):
+    value = yaml.safe_load(text)
+    try:  # YAML 1.1 reads 3e-5 (no dot) as text
+        return float(value) if isinstance(value, str) else value
+    except ValueError:
+        return value
+
+
+@pytest.mark.parametrize("section", sorted(_workflow_sections()))
+def test_workflow_reference_gives_the_code_defaults(section):
+    defaults = getattr(Workflow(), section)
+    wrong = {key: (text, getattr(defaults, key))
+             for key, text in _documented_defaults(section).items()
+             if _as_written(text) != getattr(defaults, key)}
+    assert not wrong, f"docs/workflows.md, {section} (documented, code): {wrong}"

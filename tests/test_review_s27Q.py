@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
+import re
 
 import pytest
+from helpers import REPO, TINY_TRAINING, as_sets
 
-from medseg.cli import _parser
+from medseg.cli import _parser, main
+
+DOCS = REPO / "docs"
 
 
 def _subcommands() -> dict[str, argparse.ArgumentParser]:
@@ -21,3 +26,27 @@ def test_every_option_has_help_text(command):
     silent = [action.option_strings or [action.dest] for action in _subcommands()[command]._actions
               if not (action.help or "").strip()]
     assert not silent, f"medseg {command} --help: no help text for {silent}"
+
+
+def _run_folder_row(name: str) -> str:
+    """The meaning docs/formats.md gives a file of the run folder (its table's row)."""
+    text = (DOCS / "formats.md").read_text(encoding="utf-8")
+    match = re.search(rf"^\| `{re.escape(name)}` \| (.*) \|$", text, re.M)
+    assert match, f"docs/formats.md's run folder table has no row for {name}"
+    return match.group(1)
+
+
+def test_metrics_jsonl_keys_are_documented(tmp_path, trained_run, phantom_dataset):
+    """formats.md's row of metrics.jsonl names every key a run writes there, a fine-tuned
+    run's `init` (the weights it started from) included."""
+    run = tmp_path / "tuned"
+    assert main(["train", str(REPO / "workflows" / "demo.yaml"), "--out", str(run),
+                 "--init", str(trained_run),
+                 *as_sets([f"dataset.path={phantom_dataset}", *TINY_TRAINING,
+                           "train.epochs=1", "train.iterations_per_epoch=1"])]) == 0
+    keys = {key for folder in (trained_run, run)
+            for line in (folder / "fold_0" / "metrics.jsonl").read_text(
+                encoding="utf-8").splitlines() for key in json.loads(line)}
+    documented = _run_folder_row("fold_K/metrics.jsonl")
+    missing = sorted(key for key in keys if f"`{key}`" not in documented)
+    assert not missing, f"docs/formats.md, fold_K/metrics.jsonl: {missing}"

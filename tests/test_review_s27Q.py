@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 
 import pytest
 from helpers import REPO, TINY_TRAINING, as_sets
@@ -50,3 +51,30 @@ def test_metrics_jsonl_keys_are_documented(tmp_path, trained_run, phantom_datase
     documented = _run_folder_row("fold_K/metrics.jsonl")
     missing = sorted(key for key in keys if f"`{key}`" not in documented)
     assert not missing, f"docs/formats.md, fold_K/metrics.jsonl: {missing}"
+
+
+@pytest.mark.parametrize("name", ["plan.json", "fingerprint.json"])
+def test_run_folder_json_keys_are_documented(trained_run, name):
+    """formats.md's run folder table names every key of plan.json and fingerprint.json."""
+    keys = json.loads((trained_run / name).read_text(encoding="utf-8"))
+    documented = _run_folder_row(name)
+    missing = sorted(key for key in keys if f"`{key}`" not in documented)
+    assert not missing, f"docs/formats.md, {name}: {missing}"
+
+
+def test_evaluation_outputs_are_as_documented(tmp_path, phantom_dataset):
+    """scores.csv's columns are formats.md's list, in its order, and summary.json's keys
+    are all named there."""
+    pred = tmp_path / "pred"
+    shutil.copytree(phantom_dataset / "labelsTs", pred)
+    out = tmp_path / "evaluation"
+    assert main(["evaluate", "--pred", str(pred), "--ref", str(phantom_dataset / "labelsTs"),
+                 "--labels", str(phantom_dataset / "dataset.json"), "--out", str(out)]) == 0
+    section = (DOCS / "formats.md").read_text(encoding="utf-8").split("## Evaluation")[1]
+    columns = re.search(r"`scores.csv`: one row per case and structure:\s*`([^`]+)`", section)
+    header = (out / "scores.csv").read_text(encoding="utf-8").splitlines()[0]
+    assert columns and header == re.sub(r"\s+", " ", columns.group(1)).replace(", ", ",")
+    summary_doc = section.split("- `summary.json`:")[1].split("- `report.html`")[0]
+    keys = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    missing = sorted(key for key in keys if f"`{key}`" not in summary_doc)
+    assert not missing, f"docs/formats.md, summary.json: {missing}"

@@ -78,3 +78,15 @@ def test_evaluation_outputs_are_as_documented(tmp_path, phantom_dataset):
     keys = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     missing = sorted(key for key in keys if f"`{key}`" not in summary_doc)
     assert not missing, f"docs/formats.md, summary.json: {missing}"
+
+
+def test_training_state_keys_are_documented(trained_run):
+    """formats.md's row of last_state.pt names each key a training state holds (it said
+    "weights" for the key `model`, and "epoch, optimizer and scheduler state" unquoted)."""
+    import torch
+
+    state = torch.load(trained_run / "fold_0" / "checkpoints" / "last_state.pt",
+                       weights_only=True)
+    documented = _run_folder_row("fold_K/checkpoints/last_state.pt")
+    missing = sorted(key for key in state if f"`{key}`" not in documented)
+    assert not missing, f"docs/formats.md, last_state.pt: {missing}"

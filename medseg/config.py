@@ -118,8 +118,9 @@ class TrainConfig:
     # splits_final.json ([{"train": [...], "val": [...]}, ...]); `folds` is then its length
     splits_file: str | None = None
     # fine-tuning (nnU-Net's -pretrained_weights): the weights a new run starts from, a run
-    # folder (its fold_0's best weights), RUN/fold_K or a .safetensors file; every tensor but
-    # the segmentation heads is loaded (medseg.pretrained), a resume never loads it again
+    # folder (its fold_0's best weights), RUN/fold_K, a model archive of medseg export (its
+    # lowest fold's) or a .safetensors file; every tensor but the segmentation heads is
+    # loaded (medseg.pretrained), a resume never loads it again
     init: str | None = None
 
 

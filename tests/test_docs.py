@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import shlex
 import typing
 from pathlib import Path
 
@@ -83,3 +84,26 @@ def test_workflow_reference_gives_the_code_defaults(section):
              for key, text in _documented_defaults(section).items()
              if _as_written(text) != getattr(defaults, key)}
     assert not wrong, f"docs/workflows.md, {section} (documented, code): {wrong}"
+
+
+def _readme_commands() -> list[str]:
+    """The medseg command lines of README.md's code blocks (continuations joined,
+    comments cut)."""
+    text = (DOCS.parent / "README.md").read_text(encoding="utf-8")
+    lines = []
+    for block in re.findall(r"^```bash\n(.*?)^```", text, re.M | re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            match = re.search(r"(?:^medseg|-m medseg\.cli) (.*?)(?:\s+#.*)?$", line.strip())
+            if match:
+                lines.append(match.group(1))
+    return lines
+
+
+def test_readme_commands_parse():
+    """Every command of the README's tour is one medseg's parser takes as written."""
+    assert len(_readme_commands()) >= 10
+    for command in _readme_commands():
+        try:
+            _parser().parse_args(shlex.split(command))
+        except SystemExit:
+            pytest.fail(f"README.md: `medseg {command}` is refused by medseg's parser")

@@ -90,3 +90,34 @@ def test_training_state_keys_are_documented(trained_run):
     documented = _run_folder_row("fold_K/checkpoints/last_state.pt")
     missing = sorted(key for key in state if f"`{key}`" not in documented)
     assert not missing, f"docs/formats.md, last_state.pt: {missing}"
+
+
+def _nested_keys(record: dict, path: str) -> set[str]:
+    """The keys at `path` ("crossval.folds.*") of a JSON record, '*' standing for any key."""
+    nodes = [record]
+    for part in path.split(".") if path else []:
+        nodes = [value for node in nodes for key, value in node.items()
+                 if part in ("*", key) and isinstance(value, dict)]
+    return {key for node in nodes for key in node}
+
+
+def test_crossval_outputs_are_as_documented(two_fold_run, tmp_path):
+    """The keys of crossval.json, postprocessing.json and summary.json's crossval section
+    are named in docs/formats.md's cross-validation table."""
+    out = tmp_path / "cv"
+    assert main(["crossval", str(two_fold_run), "--out", str(out)]) == 0
+    section = (DOCS / "formats.md").read_text(encoding="utf-8").split("## Cross-validation")[1]
+    section = section.split("\n## ")[0]
+    rows = dict(re.findall(r"^\| `([^`]+)` \| (.*) \|$", section, re.M))
+    checks = [("crossval.json", "crossval.json", ""),
+              ("crossval.json", "crossval.json", "arithmetic"),
+              ("crossval.json", "crossval.json", "predict"), ("postprocessing.json",
+              "postprocessing.json", ""), ("postprocessing.json", "postprocessing.json",
+              "structures.*"), ("summary.json", "summary.json", "crossval"),
+              ("summary.json", "summary.json", "crossval.folds.*")]
+    missing = []
+    for name, row, path in checks:
+        record = json.loads((out / name).read_text(encoding="utf-8"))
+        missing += [f"{name}: {path}.{key}" for key in sorted(_nested_keys(record, path))
+                    if f"`{key}`" not in rows[row]]
+    assert not missing, f"docs/formats.md, Cross-validation: {missing}"

@@ -775,7 +775,8 @@ def _parser() -> argparse.ArgumentParser:
                           help="train, segment and score synthetic CT phantoms")
     demo.add_argument("--out", default="medseg_demo", type=_path_text,
                       help="output folder (default: %(default)s)")
-    demo.add_argument("--seed", type=int, default=0, help="phantom seed")
+    demo.add_argument("--seed", type=int, default=0,
+                      help="the phantoms' seed, 0 to 2^32 - 1 (default: %(default)s)")
     demo.add_argument("--set", dest="overrides", action="append", default=[],
                       metavar="KEY=VALUE", help="override a workflow key, e.g. train.epochs=5")
     demo.set_defaults(handler=cmd_demo)

@@ -121,3 +121,13 @@ def test_crossval_outputs_are_as_documented(two_fold_run, tmp_path):
         missing += [f"{name}: {path}.{key}" for key in sorted(_nested_keys(record, path))
                     if f"`{key}`" not in rows[row]]
     assert not missing, f"docs/formats.md, Cross-validation: {missing}"
+
+
+@pytest.mark.parametrize("command", sorted(_subcommands()))
+def test_every_default_is_given_in_help(command):
+    """An option with a default of its own says it in --help, as docs/cli.md does (demo's
+    --seed said only "phantom seed")."""
+    unsaid = [action.option_strings for action in _subcommands()[command]._actions
+              if action.default not in (None, [], argparse.SUPPRESS)
+              and action.default is not False and "default" not in (action.help or "")]
+    assert not unsaid, f"medseg {command} --help: no default given for {unsaid}"

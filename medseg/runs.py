@@ -375,7 +375,7 @@ def _check_fold_starts(run_dir: Path, folds: list[int], resumes: list[bool], wor
 
     for fold, resume in zip(folds, resumes, strict=True):
         if resume:
-            check_resumable(run_dir / f"fold_{fold}", plan)
+            check_resumable(run_dir / f"fold_{fold}", plan, workflow)
     if workflow.train.init and not all(resumes):
         from medseg.pretrained import refuse_unfit, resolve_init
 

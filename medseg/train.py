@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from medseg.config import TrainConfig, Workflow
+from medseg.config import TrainConfig, Workflow, workflow_to_dict
 from medseg.datasets import Case, Dataset
 from medseg.errors import MedsegError, one_line
 from medseg.fileio import atomic_path, atomic_write_text, json_safe
@@ -53,6 +53,11 @@ LAST_WEIGHTS = "last.safetensors"
 TRAIN_STATE = "last_state.pt"
 FOLD_FOLDER = re.compile(r"fold_(0|[1-9][0-9]*)")  # as train names them: not fold_01
 MEMORY_FORMAT = torch.channels_last_3d  # faster 3D convolutions on CPU and CUDA
+# train and augment keys that leave a fold's course as it is: what a resume may set (the
+# budget, the cache), and what splits.json or the state decide once the fold has started
+OFF_COURSE_KEYS = frozenset({"train.max_minutes", "train.cache", "train.num_workers",
+                             "train.fold", "train.folds", "train.split_seed",
+                             "train.splits_file", "train.init"})
 
 
 @dataclass(frozen=True)
@@ -265,6 +270,7 @@ class _FoldRun:
     best_weights: dict | None = None
     # what the first epoch's metrics record adds: the train.init weights it started from
     first_record: dict = field(default_factory=dict)
+    course: str = ""  # training_course's, saved in the state
 
 
 def _set_up(workflow: Workflow, plan: Plan, fold_dir: Path, device: torch.device, ranks: Ranks,
@@ -288,7 +294,8 @@ def _set_up(workflow: Workflow, plan: Plan, fold_dir: Path, device: torch.device
     autocast_dtype, scaler = _precision_and_scaler(cfg, device, _settings_of(state), ranks)
     run = _FoldRun(model, ema.module if ema is not None else model, optimizer, scheduler,
                    scaler, ema, loss_fn, autocast_dtype,
-                   first_record={"init": init} if init is not None else {})
+                   first_record={"init": init} if init is not None else {},
+                   course=json.dumps(training_course(workflow)))
     if state is not None:
         run.first_epoch, run.best = _apply_state(state, state_path, model, optimizer,
                                                  scheduler, scaler, ema)
@@ -319,7 +326,7 @@ def _save_epoch(run: _FoldRun, checkpoints: Path, epoch: int, ranks: Ranks,
         _save_state(checkpoints / TRAIN_STATE, run.model, run.optimizer, run.scheduler,
                     run.scaler, epoch, run.best, run.ema,
                     settings={"precision": PRECISION_NAMES[run.autocast_dtype],
-                              "world_size": ranks.world_size},
+                              "world_size": ranks.world_size, "course": run.course},
                     best_weights=run.best_weights, budget_stop=budget_stop)
 
 
@@ -836,13 +843,15 @@ def _load_state(path: Path, model, optimizer, scheduler, scaler, ema=None
     return _apply_state(_resume_state(path), path, model, optimizer, scheduler, scaler, ema)
 
 
-def check_resumable(fold_dir: Path, plan: Plan) -> None:
+def check_resumable(fold_dir: Path, plan: Plan, workflow: Workflow | None = None) -> None:
     """Refuse, in one line, a fold whose training state cannot be read or holds another
-    network than the plan's (a fold copied from another run): before a resume caches its
-    dataset, rewrites workflow.yaml or trains an earlier fold. Memory-mapped: only the
-    file's index is read."""
+    network than the plan's (a fold copied from another run), or that trained on other
+    `workflow` keys than the run folder's workflow.yaml now gives (edited by hand): before a
+    resume caches its dataset, rewrites workflow.yaml or trains an earlier fold.
+    Memory-mapped: only the file's index is read."""
     path = fold_dir / "checkpoints" / TRAIN_STATE
-    weights = _resume_state(path, mmap=True).get("model")
+    state = _resume_state(path, mmap=True)
+    weights = state.get("model")
     if not isinstance(weights, dict):
         raise MedsegError("cannot resume from this training state (it holds no network "
                           "weights)", path)
@@ -852,6 +861,38 @@ def check_resumable(fold_dir: Path, plan: Plan) -> None:
     if problem:
         raise MedsegError(f"cannot resume from this training state: its network is not "
                           f"plan.json's ({problem}; copied from another run?)", path)
+    if workflow is not None:
+        _refuse_other_course(_settings_of(state).get("course"), workflow, fold_dir)
+
+
+def training_course(workflow: Workflow) -> dict:
+    """The train and augment keys that a fold's training follows (less OFF_COURSE_KEYS)."""
+    data = workflow_to_dict(workflow)
+    return {f"{section}.{key}": value for section in ("train", "augment")
+            for key, value in data[section].items()
+            if f"{section}.{key}" not in OFF_COURSE_KEYS}
+
+
+def _refuse_other_course(saved, workflow: Workflow, fold_dir: Path) -> None:
+    """A workflow.yaml edited since the fold started (`train.epochs` raised by hand) would
+    go on with a changed schedule, or say what the run never did (a learning rate the
+    restored optimizer overrides). States from before the course was saved are not checked;
+    keys only one side knows (another medseg version's) are left out."""
+    try:
+        started = json.loads(saved) if isinstance(saved, str) else None
+    except ValueError:
+        started = None
+    if not isinstance(started, dict):
+        return
+    from medseg.runs import RESUME_OVERRIDES
+
+    now = training_course(workflow)
+    for key, value in started.items():
+        if key in now and now[key] != value:
+            raise MedsegError(f"'{key}' is {now[key]!r} here, but {fold_dir.name} trained with "
+                              f"{value!r}: a resumed run goes on as it began (of its keys, "
+                              f"--set may change {', '.join(RESUME_OVERRIDES)}); put it back, "
+                              f"or start a new run", fold_dir.parent / "workflow.yaml")
 
 
 def _resume_state(path: Path, mmap: bool = False) -> dict:

@@ -1,0 +1,32 @@
+"""Review s27P: training and its resume."""
+
+from helpers import REPO, TINY_TRAINING, as_sets
+
+from medseg.cli import main
+
+
+def _train(out, dataset, *extra) -> int:
+    return main(["train", str(REPO / "workflows" / "demo.yaml"), "--out", str(out),
+                 *as_sets([f"dataset.path={dataset}", *TINY_TRAINING, *extra])])
+
+
+def test_a_hand_edited_workflow_yaml_is_refused_by_resume(tmp_path, phantom_dataset, capsys):
+    run = tmp_path / "run"
+    assert _train(run, phantom_dataset, "train.max_minutes=0.00001") == 0  # one epoch of two
+    saved = run / "workflow.yaml"
+    original = saved.read_text(encoding="utf-8")
+    assert "  epochs: 2\n" in original
+    # more epochs by hand: the poly schedule would change course (and a finished fold
+    # would train on); the learning rate would be overridden by the restored optimizer
+    saved.write_text(original.replace("  epochs: 2\n", "  epochs: 3\n"), encoding="utf-8")
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--set", "train.max_minutes=5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert (f"{saved}: 'train.epochs' is 3 here, but fold_0 trained with 2: a resumed run "
+            f"goes on as it began") in err
+    assert "max_minutes: 5" not in saved.read_text(encoding="utf-8")  # nothing saved
+    # keys off the fold's course may differ (num_workers), and the budget is a --set
+    saved.write_text(original.replace("  num_workers: 0\n", "  num_workers: 1\n"),
+                     encoding="utf-8")
+    assert main(["train", "--resume", str(run), "--set", "train.max_minutes=null"]) == 0

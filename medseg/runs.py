@@ -332,7 +332,7 @@ def resume_run(run_dir: Path, fold_text: str | None, overrides: list[str] | None
     from medseg.datasets import read_splits
     from medseg.fileio import atomic_write_json
     from medseg.plan import load_plan
-    from medseg.train import current_ranks
+    from medseg.train import current_ranks, refuse_memory_cache_beyond_memory
 
     if not run_dir.is_dir():
         raise MedsegError("run folder not found", run_dir)
@@ -359,12 +359,19 @@ def resume_run(run_dir: Path, fold_text: str | None, overrides: list[str] | None
     # after folds 0 and 1 have trained
     resumes = [_has_state(run_dir / f"fold_{fold}") for fold in folds]
     _check_fold_starts(run_dir, folds, resumes, workflow, plan)
+    if workflow.train.cache == "memory" and _sets(overrides, "train.cache"):
+        refuse_memory_cache_beyond_memory(run_dir, plan)  # before workflow.yaml saves it
     if current_ranks().main:  # only once the resume is known to go ahead
         if overrides:
             save_workflow(workflow, run_dir / "workflow.yaml")
         if not set(folds) <= set(requested):  # a later plain --resume continues these too
             atomic_write_json(run_dir / FOLDS_FILE, sorted(set(requested) | set(folds)))
     return _continue_folds(run_dir, folds, resumes, workflow, dataset, plan, splits)
+
+
+def _sets(overrides: list[str] | None, key: str) -> bool:
+    """Whether the --set options give `key`."""
+    return any(override_key(item) == key for item in overrides or [])
 
 
 def _check_fold_starts(run_dir: Path, folds: list[int], resumes: list[bool], workflow,
@@ -389,7 +396,7 @@ def _resumed_dataset(workflow: Workflow, run_dir: Path, overrides: list[str] | N
     try:
         return load_dataset(ds.path, ds.layout, ds.modality, ds.labels)
     except MedsegError as exc:  # moved since: say where the path came from, and the way out
-        given = any(override_key(item) == "dataset.path" for item in overrides or [])
+        given = _sets(overrides, "dataset.path")
         origin = ("the dataset.path given with --set" if given else
                   f"the dataset of {run_dir / 'workflow.yaml'}; if it has moved, "
                   f"--set dataset.path=NEW_PATH resumes from there")

@@ -606,7 +606,7 @@ def _cache_mode(workflow: Workflow, plan: Plan, run_dir: Path, ranks: Ranks,
     from medseg.fileio import physical_memory
 
     if workflow.train.cache == "memory":
-        _refuse_memory_cache_beyond_memory(run_dir, plan)
+        refuse_memory_cache_beyond_memory(run_dir, plan)
     if workflow.train.cache != "auto":
         return workflow.train.cache
     disk = False
@@ -622,7 +622,7 @@ def _cache_mode(workflow: Workflow, plan: Plan, run_dir: Path, ranks: Ranks,
     return "disk" if flag_from_main_rank(disk, ranks, device) else "memory"
 
 
-def _refuse_memory_cache_beyond_memory(run_dir: Path, plan: Plan) -> None:
+def refuse_memory_cache_beyond_memory(run_dir: Path, plan: Plan) -> None:
     """`train.cache: memory` (a new run's, or one a resume set) for cases that would take
     more than twice this machine's memory: refused in one line rather than killed later."""
     from medseg.cache import fingerprint_shapes

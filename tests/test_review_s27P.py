@@ -30,3 +30,18 @@ def test_a_hand_edited_workflow_yaml_is_refused_by_resume(tmp_path, phantom_data
     saved.write_text(original.replace("  num_workers: 0\n", "  num_workers: 1\n"),
                      encoding="utf-8")
     assert main(["train", "--resume", str(run), "--set", "train.max_minutes=null"]) == 0
+
+
+def test_a_refused_memory_cache_of_a_resume_is_not_saved(tmp_path, phantom_dataset,
+                                                         monkeypatch, capsys):
+    import medseg.fileio as fileio
+    from medseg.config import load_workflow
+
+    run = tmp_path / "run"
+    assert _train(run, phantom_dataset, "train.cache=disk", "train.max_minutes=0.00001") == 0
+    monkeypatch.setattr(fileio, "physical_memory", lambda: 2**10)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--set", "train.cache=memory"]) == 2
+    assert "'train.cache' memory would hold the cases" in capsys.readouterr().err
+    # the refused value was saved: a plain --resume then chose memory and was refused again
+    assert load_workflow(run / "workflow.yaml").train.cache == "disk"

@@ -176,12 +176,10 @@ def train_fold(
     (seed, epoch), so a resumed run repeats the uninterrupted one (bit for bit in
     deterministic mode on the CPU). Under torchrun every rank runs this function; rank 0
     writes the files."""
-    from monai.utils import set_determinism
-
     cfg = workflow.train
     ranks = current_ranks()
     device = device or _default_device(ranks)
-    set_determinism(seed=cfg.seed, use_deterministic_algorithms=cfg.deterministic or None)
+    seed_everything(cfg)
     train_data, loader, val_data = _data(workflow, dataset, plan, split, ranks,
                                          fold_dir.parent, device)
     validating = bool(_val_names(split, workflow))
@@ -248,6 +246,18 @@ def train_fold(
     return TrainResult(fold_dir, best["epoch"],
                        None if best["mean"] == -math.inf else best["mean"], best["dice"],
                        epochs_run, elapsed_before + time.monotonic() - started)
+
+
+def seed_everything(cfg: TrainConfig) -> None:
+    """Seed Python, NumPy, torch and MONAI from train.seed. MONAI's set_determinism also pins
+    cuDNN to deterministic convolutions without autotuning, whatever it is asked: with
+    train.deterministic false, cuDNN autotunes them (nnU-Net's cudnn.benchmark) instead."""
+    from monai.utils import set_determinism
+
+    set_determinism(seed=cfg.seed, use_deterministic_algorithms=cfg.deterministic or None)
+    if not cfg.deterministic:
+        torch.backends.cudnn.deterministic = False
+        torch.backends.cudnn.benchmark = True
 
 
 @dataclass

@@ -1,5 +1,6 @@
 """Review s27P: training and its resume."""
 
+import pytest
 from helpers import REPO, TINY_TRAINING, as_sets
 
 from medseg.cli import main
@@ -45,3 +46,30 @@ def test_a_refused_memory_cache_of_a_resume_is_not_saved(tmp_path, phantom_datas
     assert "'train.cache' memory would hold the cases" in capsys.readouterr().err
     # the refused value was saved: a plain --resume then chose memory and was refused again
     assert load_workflow(run / "workflow.yaml").train.cache == "disk"
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_cudnn_autotunes_unless_training_is_deterministic(tmp_path, monkeypatch, deterministic):
+    """MONAI's set_determinism turned cuDNN's autotuning off and pinned it to deterministic
+    convolutions for every seeded run, train.deterministic false included (slower GPU
+    training than nnU-Net's, which autotunes)."""
+    import torch
+
+    import medseg.train as train
+    from medseg.config import TrainConfig, Workflow
+
+    class Seeded(Exception):
+        pass
+
+    def flags_when_data_is_read(*args, **kwargs):
+        raise Seeded(torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+
+    for flag, value in (("deterministic", not deterministic), ("benchmark", deterministic)):
+        monkeypatch.setattr(torch.backends.cudnn, flag, value)  # put back after the test
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda *a, **k: None)
+    monkeypatch.setattr(train, "_data", flags_when_data_is_read)
+    workflow = Workflow(train=TrainConfig(seed=3, deterministic=deterministic))
+    with pytest.raises(Seeded) as seeded:
+        train.train_fold(workflow, None, None, {}, tmp_path / "fold_0",
+                         device=torch.device("cpu"))
+    assert seeded.value.args == (deterministic, not deterministic)

@@ -377,12 +377,15 @@ def _sets(overrides: list[str] | None, key: str) -> bool:
 def _check_fold_starts(run_dir: Path, folds: list[int], resumes: list[bool], workflow,
                        plan) -> None:
     """What each fold goes on from: its training state, or (a fold that starts now) the
-    weights of train.init, read again only then."""
-    from medseg.train import check_resumable
+    weights of train.init, read again only then; a fold that starts now trains as the run's
+    folds trained (a workflow.yaml edited since is refused)."""
+    from medseg.train import check_course, check_resumable
 
     for fold, resume in zip(folds, resumes, strict=True):
         if resume:
             check_resumable(run_dir / f"fold_{fold}", plan, workflow)
+    if not all(resumes):
+        check_course(run_dir, workflow)
     if workflow.train.init and not all(resumes):
         from medseg.pretrained import refuse_unfit, resolve_init
 

@@ -883,6 +883,19 @@ def training_course(workflow: Workflow) -> dict:
             if f"{section}.{key}" not in OFF_COURSE_KEYS}
 
 
+def check_course(run_dir: Path, workflow: Workflow) -> None:
+    """Refuse a workflow that differs from the course the run's first fold with a readable
+    training state followed (none: nothing to compare)."""
+    for _, fold_dir in fold_folders(run_dir):
+        try:
+            state = _read_state(fold_dir / "checkpoints" / TRAIN_STATE, mmap=True)
+        except STATE_ERRORS:
+            continue
+        if isinstance(state, dict) and "course" in _settings_of(state):
+            _refuse_other_course(_settings_of(state)["course"], workflow, fold_dir)
+            return
+
+
 def _refuse_other_course(saved, workflow: Workflow, fold_dir: Path) -> None:
     """A workflow.yaml edited since the fold started (`train.epochs` raised by hand) would
     go on with a changed schedule, or say what the run never did (a learning rate the

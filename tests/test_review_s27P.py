@@ -73,3 +73,17 @@ def test_cudnn_autotunes_unless_training_is_deterministic(tmp_path, monkeypatch,
         train.train_fold(workflow, None, None, {}, tmp_path / "fold_0",
                          device=torch.device("cpu"))
     assert seeded.value.args == (deterministic, not deterministic)
+
+
+def test_a_fold_started_by_resume_trains_as_the_run_s_other_folds(tmp_path, phantom_dataset,
+                                                                   capsys):
+    run = tmp_path / "run"
+    assert _train(run, phantom_dataset, "train.folds=2") == 0  # fold 0
+    saved = run / "workflow.yaml"
+    original = saved.read_text(encoding="utf-8")
+    saved.write_text(original.replace("  epochs: 2\n", "  epochs: 3\n"), encoding="utf-8")
+    capsys.readouterr()
+    # fold 1 would have trained 3 epochs beside fold 0's 2: folds of two different runs
+    assert main(["train", "--resume", str(run), "--fold", "1"]) == 2
+    assert "'train.epochs' is 3 here, but fold_0 trained with 2" in capsys.readouterr().err
+    assert not (run / "fold_1").exists()

@@ -54,10 +54,10 @@ TRAIN_STATE = "last_state.pt"
 FOLD_FOLDER = re.compile(r"fold_(0|[1-9][0-9]*)")  # as train names them: not fold_01
 MEMORY_FORMAT = torch.channels_last_3d  # faster 3D convolutions on CPU and CUDA
 # train and augment keys that leave a fold's course as it is: what a resume may set (the
-# budget, the cache), and what splits.json or the state decide once the fold has started
-OFF_COURSE_KEYS = frozenset({"train.max_minutes", "train.cache", "train.num_workers",
-                             "train.fold", "train.folds", "train.split_seed",
-                             "train.splits_file", "train.init"})
+# budget, the cache), and what splits.json or the state decide once the fold has started.
+# Not train.num_workers: each loader worker draws its own augmentation stream
+OFF_COURSE_KEYS = frozenset({"train.max_minutes", "train.cache", "train.fold", "train.folds",
+                             "train.split_seed", "train.splits_file", "train.init"})
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,13 @@ def test_a_hand_edited_workflow_yaml_is_refused_by_resume(tmp_path, phantom_data
     assert (f"{saved}: 'train.epochs' is 3 here, but fold_0 trained with 2: a resumed run "
             f"goes on as it began") in err
     assert "max_minutes: 5" not in saved.read_text(encoding="utf-8")  # nothing saved
-    # keys off the fold's course may differ (num_workers), and the budget is a --set
+    # the workers draw the augmentation: another number of them changes the course too
     saved.write_text(original.replace("  num_workers: 0\n", "  num_workers: 1\n"),
                      encoding="utf-8")
+    assert main(["train", "--resume", str(run)]) == 2
+    assert "'train.num_workers' is 1 here, but fold_0 trained with 0" in capsys.readouterr().err
+    # keys off the fold's course may differ (where the cases are cached)
+    saved.write_text(original.replace("  cache: auto\n", "  cache: memory\n"), encoding="utf-8")
     assert main(["train", "--resume", str(run), "--set", "train.max_minutes=null"]) == 0
 
 

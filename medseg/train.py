@@ -317,7 +317,8 @@ def _validate_epoch(run: _FoldRun, epoch: int, record: dict, val_data, plan: Pla
                     workflow: Workflow, device: torch.device, ranks: Ranks,
                     checkpoints: Path) -> None:
     """Score the validation cases into `record`; a new best is kept (and saved by rank 0)."""
-    dice, mean_dice = _validate(run.scored, val_data, plan, workflow, device, ranks)
+    dice, mean_dice = _validate(run.scored, val_data, plan, workflow, device, ranks,
+                                run.autocast_dtype)
     record.update({"val_dice": dice, "val_mean_dice": mean_dice})
     if mean_dice > run.best["mean"]:  # never for NaN
         run.best = {"epoch": epoch, "mean": mean_dice, "dice": dice}
@@ -392,11 +393,13 @@ def _open_fold_files(fold_dir: Path, first_epoch: int, best_weights: dict | None
 
 
 def _validate(scored: torch.nn.Module, val_data, plan: Plan, workflow: Workflow,
-              device: torch.device, ranks: Ranks) -> tuple[dict[str, float], float]:
+              device: torch.device, ranks: Ranks, autocast_dtype: torch.dtype | None
+              ) -> tuple[dict[str, float], float]:
     """Every rank scores its share of the validation cases and gets all the scores, so
-    that each takes the same best: per-structure mean Dice, and their mean."""
+    that each takes the same best: per-structure mean Dice, and their mean. In the run's
+    precision (a resumed `auto` run's is the one it started with, not this machine's)."""
     dice = _mean_dice(_gather_in_case_order(
-        _case_scores(scored, val_data, plan, workflow, device), ranks))
+        _case_scores(scored, val_data, plan, workflow, device, autocast_dtype), ranks))
     return dice, _mean_over_structures(dice)
 
 
@@ -678,7 +681,8 @@ def _reseed(seed: int, epoch: int, train_data, loader, rank: int = 0) -> None:
     loader.sampler.set_epoch(epoch)
 
 
-def _case_scores(model, val_data, plan: Plan, workflow: Workflow, device) -> list[dict]:
+def _case_scores(model, val_data, plan: Plan, workflow: Workflow, device,
+                 autocast_dtype: torch.dtype | None) -> list[dict]:
     """score_case's per-structure scores of each validation case (none for None)."""
     from medseg.metrics import leave_out_ignored, score_case
 
@@ -690,8 +694,7 @@ def _case_scores(model, val_data, plan: Plan, workflow: Workflow, device) -> lis
         for item in val_data or []:
             logits = sliding_window_logits(model, _plain(item[IMAGE])[None], plan,
                                            workflow.predict.step, workflow.predict.sw_batch_size,
-                                           select_precision(workflow.train.precision, device),
-                                           device)
+                                           autocast_dtype, device)
             prediction = logits.argmax(1)[0].numpy()
             reference = _plain(item[LABEL])[0].numpy().astype(np.int64)
             prediction, reference = leave_out_ignored(prediction, reference, plan.ignore_label)

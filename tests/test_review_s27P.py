@@ -91,3 +91,33 @@ def test_a_fold_started_by_resume_trains_as_the_run_s_other_folds(tmp_path, phan
     assert main(["train", "--resume", str(run), "--fold", "1"]) == 2
     assert "'train.epochs' is 3 here, but fold_0 trained with 2" in capsys.readouterr().err
     assert not (run / "fold_1").exists()
+
+
+def test_a_resumed_auto_run_validates_in_the_precision_it_trains_in(tmp_path, phantom_dataset,
+                                                                   monkeypatch, capsys):
+    """The note said the run goes on in the precision `auto` chose when it started; its
+    training did, but validation took this machine's choice, and so other scores (and
+    possibly another best checkpoint) than the uninterrupted run's."""
+    import torch
+
+    import medseg.train as train
+
+    run = tmp_path / "run"
+    assert _train(run, phantom_dataset, "train.max_minutes=0.00001") == 0
+    state_path = run / "fold_0" / "checkpoints" / "last_state.pt"
+    state = torch.load(state_path, weights_only=True)
+    state["settings"]["precision"] = "fp32"  # started where auto chose fp32
+    torch.save(state, state_path)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)  # bf16 here
+    used = []
+    window = train.sliding_window_logits
+
+    def recording(model, image, plan, step, sw_batch_size, autocast_dtype, device):
+        used.append(autocast_dtype)
+        return window(model, image, plan, step, sw_batch_size, autocast_dtype, device)
+
+    monkeypatch.setattr(train, "sliding_window_logits", recording)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run)]) == 0
+    assert "the run goes on in fp32" in capsys.readouterr().out
+    assert used and set(used) == {None}  # fp32, as it trains

@@ -912,7 +912,7 @@ def _refuse_other_course(saved, workflow: Workflow, fold_dir: Path) -> None:
         return
     from medseg.runs import RESUME_OVERRIDES
 
-    now = training_course(workflow)
+    now = json.loads(json.dumps(training_course(workflow)))  # as saved: a tuple is a list
     for key, value in started.items():
         if key in now and now[key] != value:
             raise MedsegError(f"'{key}' is {now[key]!r} here, but {fold_dir.name} trained with "

@@ -41,6 +41,7 @@ from medseg.plan import Plan, load_plan
 from medseg.postprocess import keep_largest_component
 from medseg.predict import Predictor, load_predictor, predict_cases, predict_settings
 from medseg.report import format_table, summarize, write_reports
+from medseg.report_html import change_digits
 from medseg.runs import refuse_changed_labels
 from medseg.stopping import raise_if_stopped
 
@@ -705,9 +706,10 @@ def _print_folds(folds: dict[str, dict]) -> None:
 
 def _print_postprocessing(result: dict, plan: Plan) -> None:
     """What keeping the largest component does to each structure, and how to use it."""
-    lines = [f"  {name}: {s['dice']:.4f} -> {s['dice_largest_component']:.4f}"
+    lines = [f"  {name}: {s['dice']:.{digits}f} -> {s['dice_largest_component']:.{digits}f}"
              f"{' (raises it)' if s['apply'] else ''}"
-             for name, s in result["structures"].items() if math.isfinite(s["dice"])]
+             for name, s in result["structures"].items() if math.isfinite(s["dice"])
+             for digits in [change_digits(s["dice"], s["dice_largest_component"])]]
     if not lines:
         return
     print("keeping only the largest component (mean Dice, raw -> kept):")

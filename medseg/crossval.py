@@ -40,7 +40,7 @@ from medseg.metrics import leave_out_ignored, score_case
 from medseg.plan import Plan, load_plan
 from medseg.postprocess import keep_largest_component
 from medseg.predict import Predictor, load_predictor, predict_cases, predict_settings
-from medseg.report import format_table, summarize, write_reports
+from medseg.report import format_table, shown_name, summarize, write_reports
 from medseg.report_html import change_digits
 from medseg.runs import refuse_changed_labels
 from medseg.stopping import raise_if_stopped
@@ -698,7 +698,7 @@ def _finite_mean(values: list[float]) -> float:
 
 def _print_folds(folds: dict[str, dict]) -> None:
     for fold, entry in folds.items():
-        dice = ", ".join(f"{name} {value:.4f}" for name, value in entry["dice"].items()
+        dice = ", ".join(f"{shown_name(name)} {value:.4f}" for name, value in entry["dice"].items()
                          if math.isfinite(value))
         print(f"fold {fold} ({entry['cases']} cases): mean Dice {entry['mean_dice']:.4f}"
               f"{f' ({dice})' if dice else ''}")
@@ -706,10 +706,11 @@ def _print_folds(folds: dict[str, dict]) -> None:
 
 def _print_postprocessing(result: dict, plan: Plan) -> None:
     """What keeping the largest component does to each structure, and how to use it."""
-    lines = [f"  {name}: {s['dice']:.{digits}f} -> {s['dice_largest_component']:.{digits}f}"
+    lines = [f"  {shown_name(name)}: {before:.{digits}f} -> {after:.{digits}f}"
              f"{' (raises it)' if s['apply'] else ''}"
              for name, s in result["structures"].items() if math.isfinite(s["dice"])
-             for digits in [change_digits(s["dice"], s["dice_largest_component"])]]
+             for before, after in [(s["dice"], s["dice_largest_component"])]
+             for digits in [change_digits(before, after)]]
     if not lines:
         return
     print("keeping only the largest component (mean Dice, raw -> kept):")

@@ -134,7 +134,8 @@ def _note_never_predicted(results: list[CaseScores]) -> None:
              if any(r.scores[name]["ref_ml"] > 0 for r in scored)
              and all(r.scores[name]["pred_ml"] == 0 for r in scored)]
     if never:
-        print(f"medseg: note: {', '.join(never)} in the references but in no prediction: if "
+        print(f"medseg: note: {', '.join(map(shown_name, never))} in the references but in no "
+              f"prediction: if "
               f"such an id marks unannotated voxels, give --labels a map that names it "
               f"'ignore' (nnU-Net's) to leave them out", file=sys.stderr)
 
@@ -240,6 +241,12 @@ def scores_csv(results: list[CaseScores]) -> str:
     return buffer.getvalue()
 
 
+def shown_name(name: str) -> str:
+    """A label name on one line for the console: a line break or another control character
+    in it (a label map may hold any text) is written escaped, as "left\\nkidney"."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in name)
+
+
 def format_table(summary: dict) -> str:
     """A compact console table: Dice mean and sd, NSD mean, HD95 median, n and inf counts."""
     tolerance = summary.get("tolerance_mm")
@@ -249,7 +256,7 @@ def format_table(summary: dict) -> str:
     absent = [name for name in summary["structures"] if name not in shown]
     for name in shown:
         stats = summary["structures"][name]
-        rows.append((name, _num(stats["dice"]["mean"]), _num(stats["dice"]["sd"]),
+        rows.append((shown_name(name), _num(stats["dice"]["mean"]), _num(stats["dice"]["sd"]),
                      _num(stats["nsd"]["mean"]), _num(stats["hd95_mm"]["median"], 2),
                      str(stats["dice"]["n"]), str(stats["hd95_mm"]["n_inf"])))
     rows.append(("mean", _num(summary["mean_dice"]), "", _num(summary.get("mean_nsd", math.nan)),

@@ -117,8 +117,9 @@ def _header(results: list[CaseScores], summary: dict) -> str:
     tolerance = summary.get("tolerance_mm")
     lines = [
         "<h1>Segmentation evaluation</h1>",
-        f'<p class="meta">{summary["n_cases"]} cases, {len(failed)} failed; '
-        f"{len(shown_structures(summary))} structures; mean Dice over structures "
+        f'<p class="meta">{_count(summary["n_cases"], "case")}, {len(failed)} failed; '
+        f'{_count(len(shown_structures(summary)), "structure")}; mean Dice over structures '
+
         f'<b>{_fmt(summary["mean_dice"], 3)}</b>, mean surface Dice '
         f'<b>{_fmt(summary.get("mean_nsd", math.nan), 3)}</b>'
         + (f" at {tolerance:g} mm" if tolerance is not None else "") + "</p>",
@@ -429,6 +430,10 @@ def _img(png: bytes, alt: str, density: int = 1) -> str:
         width, height = struct.unpack(">II", png[16:24])  # the PNG header's IHDR chunk
         size = f' width="{round(width / density)}" height="{round(height / density)}"'
     return f'<p><img alt="{escape(alt)}"{size} src="data:image/png;base64,{data}"></p>'
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _fmt(value: float, digits: int) -> str:

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
 from medseg.plan import Plan
+from medseg.report import run_evaluation
 
 GAIN = {"largest_component": [2], "cases": 4, "structures": {
     "Posterior": {"id": 2, "dice": 0.057017, "dice_largest_component": 0.057037,
@@ -24,3 +31,38 @@ def test_crossval_html_shows_a_small_gain_apart():
     summary = {"crossval": {"folds": {}, "postprocessing": GAIN}}
     html = _crossval_tables(summary, ["Posterior"])
     assert "<td>0.05702</td><td>0.05704</td><td>yes</td>" in html
+
+
+def _one_case(tmp_path, labels: dict) -> Path:
+    reference = np.zeros((10, 10, 10), np.uint8)
+    reference[2:6, 2:6, 2:6] = 1
+    for folder in ("ref", "pred"):
+        (tmp_path / folder).mkdir()
+        nib.save(nib.Nifti1Image(reference, np.diag([2.0, 2.0, 3.0, 1.0])),
+                 tmp_path / folder / "c1.nii.gz")
+    path = tmp_path / "labels.json"
+    path.write_text(json.dumps(labels), encoding="utf-8")
+    return path
+
+
+def test_a_label_name_with_a_line_break_keeps_the_table_on_one_line(tmp_path, capsys):
+    labels = _one_case(tmp_path, {"0": "background", "1": "left\nkidney"})
+    run_evaluation(tmp_path / "pred", tmp_path / "ref", labels, tmp_path / "ev")
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("left\\nkidney ") for line in lines)
+    assert not any(line.startswith("kidney") for line in lines)
+    html = (tmp_path / "ev" / "report.html").read_text(encoding="utf-8")
+    assert "1 case, 0 failed; 1 structure; " in html
+
+
+def test_crossval_console_names_stay_on_one_line(capsys):
+    from medseg.crossval import _print_folds, _print_postprocessing
+
+    structures = {"left\nkidney": {"id": 1, "dice": 0.5, "dice_largest_component": 0.6,
+                                   "apply": True}}
+    _print_postprocessing({"largest_component": [1], "cases": 1, "structures": structures},
+                          Plan.__new__(Plan))
+    _print_folds({"0": {"cases": 1, "mean_dice": 0.5, "dice": {"left\nkidney": 0.5}}})
+    out = capsys.readouterr().out
+    assert "  left\\nkidney: 0.5000 -> 0.6000 (raises it)" in out
+    assert "(left\\nkidney 0.5000)" in out

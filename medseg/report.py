@@ -74,7 +74,7 @@ def run_evaluation(pred_dir: Path, ref_dir: Path, labels_path: Path | None,
             summary["ignore_label"] = ignore_label
         print(format_table(summary))  # first: the scores are shown even if writing them fails
         _print_notes(results, summary, pred_dir, ref_dir, pairs, only_cases)
-        _note_unlisted(results, labels_path)
+        _note_unlisted(results, labels_path, ignore_label)
         if labels_path is None and not label_names:
             _note_never_predicted(results)
         if out_dir is not None:
@@ -112,17 +112,27 @@ def _print_notes(results: list[CaseScores], summary: dict, pred_dir: Path, ref_d
               f"{', '.join(summary['resampled_cases'])}")
 
 
-def _note_unlisted(results: list[CaseScores], labels_path: Path | None) -> None:
+def _note_unlisted(results: list[CaseScores], labels_path: Path | None,
+                   ignore_label: int | None) -> None:
     """Prediction ids the label map does not name: left unscored (nnU-Net's rule), but said,
-    since a map of another numbering would score every structure as missed."""
-    holding = [r for r in results if r.unlisted]
+    since a map of another numbering would score every structure as missed. The map's
+    'ignore' id is said apart: the map names it, but as no structure."""
+    source = f"the label map {labels_path}" if labels_path is not None else "the label map"
+    holding = [r for r in results if ignore_label in r.unlisted]
     if holding:
-        ids = sorted({v for r in holding for v in r.unlisted})
-        cases = [r.case for r in holding]
-        more = f" and {len(cases) - 5} more" if len(cases) > 5 else ""
-        source = f"the label map {labels_path}" if labels_path is not None else "the label map"
-        print(f"medseg: note: label ids {ids} of {len(cases)} prediction(s) are not in "
-              f"{source} and were not scored: {', '.join(cases[:5])}{more}", file=sys.stderr)
+        print(f"medseg: note: label id {ignore_label}, which {source} names 'ignore' "
+              f"(unannotated reference voxels, no structure), is in {len(holding)} "
+              f"prediction(s) and was not scored: {_some_cases(holding)}", file=sys.stderr)
+    holding = [r for r in results if set(r.unlisted) - {ignore_label}]
+    if holding:
+        ids = sorted({v for r in holding for v in r.unlisted} - {ignore_label})
+        print(f"medseg: note: label ids {ids} of {len(holding)} prediction(s) are not in "
+              f"{source} and were not scored: {_some_cases(holding)}", file=sys.stderr)
+
+
+def _some_cases(results: list[CaseScores]) -> str:
+    cases = [r.case for r in results]
+    return ", ".join(cases[:5]) + (f" and {len(cases) - 5} more" if len(cases) > 5 else "")
 
 
 def _note_never_predicted(results: list[CaseScores]) -> None:

@@ -74,7 +74,8 @@ def render_report(results: list[CaseScores], summary: dict,
     shown = shown_structures(summary)
     parts = [_header(results, summary), _summary_table(summary, shown),
              _crossval_tables(summary, shown), _conventions(summary),
-             _case_table(results, shown), _boxplots(results, shown, summary),
+             _case_table(results, shown, summary.get("ignore_label")),
+             _boxplots(results, shown, summary),
              _montages(results, labels, shown, summary.get("ignore_label"), scans)]
     body = "\n".join(parts)
     return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
@@ -278,7 +279,8 @@ def _ignored_voxels(summary: dict) -> str:
             "annotated part only and are not comparable with those of dense references.")
 
 
-def _case_table(results: list[CaseScores], shown: list[str]) -> str:
+def _case_table(results: list[CaseScores], shown: list[str], ignore_label: int | None
+                ) -> str:
     rows = []
     for result in results:
         # a failed case as the summary scores it: Dice and NSD 0 for each structure of its
@@ -292,7 +294,7 @@ def _case_table(results: list[CaseScores], shown: list[str]) -> str:
             worst_text = "every structure of its reference (0)"
         else:
             worst_text = f"{escape(worst)} ({result.scores[worst]['dice']:.3f})"
-        status = _status(result)
+        status = _status(result, ignore_label)
         dice = [result.scores[n]["dice"] for n in present]
         # tinted as the summary is: in 200 rows the poor cases stand out
         means = [float(np.mean(v)) if v else math.nan for v in (dice, nsd)]
@@ -307,17 +309,21 @@ def _case_table(results: list[CaseScores], shown: list[str]) -> str:
             "</tr></thead>\n<tbody>\n" + "\n".join(rows) + "\n</tbody></table>")
 
 
-def _status(result: CaseScores) -> str:
+def _status(result: CaseScores, ignore_label: int | None = None) -> str:
     """The case's status cell: its error, or ok, with what was done to or left out of it."""
     if result.error:
         return f'<span class="fail">{escape(result.error)}</span>'
     notes = []
     if result.resampled:
         notes.append("prediction resampled onto the reference grid")
-    if result.unlisted:  # the console says so; the page said "ok"
-        ids = ", ".join(str(v) for v in result.unlisted[:10]) + (
-            f" and {len(result.unlisted) - 10} more" if len(result.unlisted) > 10 else "")
-        notes.append(f"label id{'s' if len(result.unlisted) > 1 else ''} {ids} of the "
+    if ignore_label in result.unlisted:
+        notes.append(f"label id {ignore_label} of the prediction is the label map's 'ignore' "
+                     "(unannotated voxels, no structure), not scored")
+    unlisted = [v for v in result.unlisted if v != ignore_label]
+    if unlisted:  # the console says so; the page said "ok"
+        ids = ", ".join(str(v) for v in unlisted[:10]) + (
+            f" and {len(unlisted) - 10} more" if len(unlisted) > 10 else "")
+        notes.append(f"label id{'s' if len(unlisted) > 1 else ''} {ids} of the "
                      "prediction not in the label map, not scored")
     return "; ".join(f'<span class="note">{n}</span>' for n in notes) or "ok"
 

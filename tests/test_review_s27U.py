@@ -66,3 +66,19 @@ def test_crossval_console_names_stay_on_one_line(capsys):
     out = capsys.readouterr().out
     assert "  left\\nkidney: 0.5000 -> 0.6000 (raises it)" in out
     assert "(left\\nkidney 0.5000)" in out
+
+
+def test_a_prediction_holding_the_ignore_id_is_said_to_hold_it(tmp_path, capsys):
+    """The map names id 2 `ignore`: the note called it "not in the label map"."""
+    labels = _one_case(tmp_path, {"0": "background", "1": "liver", "2": "ignore"})
+    path = tmp_path / "pred" / "c1.nii.gz"
+    data = np.asarray(nib.load(path).dataobj)
+    data[0, 0, 0] = 2
+    nib.save(nib.Nifti1Image(data, np.diag([2.0, 2.0, 3.0, 1.0])), path)
+    run_evaluation(tmp_path / "pred", tmp_path / "ref", labels, tmp_path / "ev")
+    err = capsys.readouterr().err
+    assert "not in the label map" not in err
+    assert "label id 2, which the label map" in err and "names 'ignore'" in err
+    html = (tmp_path / "ev" / "report.html").read_text(encoding="utf-8")
+    assert "not in the label map" not in html
+    assert "label id 2 of the prediction is the label map's 'ignore'" in html

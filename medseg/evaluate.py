@@ -21,6 +21,7 @@ from medseg.errors import MedsegError
 from medseg.io import (
     Volume,
     grid_mismatch,
+    header_note,
     orientation_unknown,
     read_label_map,
     refuse_sheared_axes,
@@ -47,7 +48,9 @@ class CaseScores:
     `prediction` and `reference` are the files scored (for the report's pictures);
     `resampled` tells that the prediction was resampled onto the reference grid;
     `spacing` is the reference's voxel size in mm along its file axes (None when unknown);
-    `unlisted` are the prediction's label ids that the label map does not name (not scored).
+    `unlisted` are the prediction's label ids that the label map does not name (not scored);
+    `notes` what to doubt in either file's header (io.header_note: ITK tools would place it
+    elsewhere), each led by "reference: " or "prediction: ".
     """
 
     case: str
@@ -58,6 +61,7 @@ class CaseScores:
     resampled: bool = False
     spacing: tuple[float, float, float] | None = None
     unlisted: tuple[int, ...] = ()
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,7 @@ class LoadedPair:
     spacing: tuple[float, float, float]
     resampled: bool
     unlisted: tuple[int, ...] = ()
+    notes: tuple[str, ...] = ()
 
 
 def pair_cases(pred_dir: Path, ref_dir: Path) -> list[Pair]:
@@ -189,7 +194,7 @@ def evaluate_case(case: str, prediction: Path | None, reference: Path, labels: d
     scores = score_case(*leave_out_ignored(pair.prediction, pair.reference, ignore_label),
                         labels, pair.spacing, tolerance_mm)
     return CaseScores(case, scores, None, prediction, reference, pair.resampled, pair.spacing,
-                      pair.unlisted)
+                      pair.unlisted, pair.notes)
 
 
 class Reference(NamedTuple):
@@ -240,7 +245,14 @@ def load_pair(prediction: Path, reference: Path | Reference, labels: dict[int, s
     values = label_values(pred_data)
     _refuse_unknown_labels({v for v in values if v < 0}, labels, prediction)
     return LoadedPair(pred_data, ref.data.reshape(ref.spatial_shape), ref.affine, ref.spacing,
-                      resampled, tuple(sorted(values - set(labels))))
+                      resampled, tuple(sorted(values - set(labels))), _header_notes(ref, pred))
+
+
+def _header_notes(ref: Volume, pred: Volume) -> tuple[str, ...]:
+    """What to doubt in either header, as predict says of its scans: a SimpleITK-based tool
+    may place the reference, or the mask, elsewhere than medseg scored them."""
+    notes = (("reference", header_note(ref.geometry)), ("prediction", header_note(pred.geometry)))
+    return tuple(f"{which}: {note}" for which, note in notes if note)
 
 
 def _same_shape_caution(pred: Volume, ref: Volume) -> str:

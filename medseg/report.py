@@ -96,11 +96,13 @@ def _refuse_bad_options(jobs: int, tolerance_mm: float, out_dir: Path | None) ->
 
 def _print_notes(results: list[CaseScores], summary: dict, pred_dir: Path, ref_dir: Path,
                  pairs: list, only_cases: set[str] | None) -> None:
-    """Below the table: why each failed case failed, predictions left unscored, and the
-    cases resampled onto their reference's grid."""
+    """Below the table: why each failed case failed, doubtful headers, predictions left
+    unscored, and the cases resampled onto their reference's grid."""
     for result in results:
         if result.error:
             print(f"  {result.case}: {result.error}", file=sys.stderr)
+        for note in result.notes:
+            print(f"medseg: note: {result.case}: {note}", file=sys.stderr)
     unscored = [case for case in unpaired_predictions(pred_dir, pairs)
                 if only_cases is None or case in only_cases]
     if unscored:

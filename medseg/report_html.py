@@ -316,6 +316,7 @@ def _status(result: CaseScores, ignore_label: int | None = None) -> str:
     notes = []
     if result.resampled:
         notes.append("prediction resampled onto the reference grid")
+    notes.extend(escape(note) for note in result.notes)
     if ignore_label in result.unlisted:
         notes.append(f"label id {ignore_label} of the prediction is the label map's 'ignore' "
                      "(unannotated voxels, no structure), not scored")

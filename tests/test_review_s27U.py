@@ -82,3 +82,21 @@ def test_a_prediction_holding_the_ignore_id_is_said_to_hold_it(tmp_path, capsys)
     html = (tmp_path / "ev" / "report.html").read_text(encoding="utf-8")
     assert "not in the label map" not in html
     assert "label id 2 of the prediction is the label map's 'ignore'" in html
+
+
+def test_evaluate_notes_a_reference_whose_qform_and_sform_disagree(tmp_path, capsys):
+    """predict notes such a header; evaluate said nothing, though ITK tools would place the
+    reference (and the mask scored on its grid) elsewhere."""
+    labels = _one_case(tmp_path, {"0": "background", "1": "liver"})
+    path = tmp_path / "ref" / "c1.nii.gz"
+    image = nib.load(path)
+    moved = np.diag([2.0, 2.0, 3.0, 1.0])
+    moved[:3, 3] = 30.0
+    image.set_qform(moved, code=1)
+    image.set_sform(np.diag([2.0, 2.0, 3.0, 1.0]), code=2)
+    nib.save(image, path)
+    run_evaluation(tmp_path / "pred", tmp_path / "ref", labels, tmp_path / "ev")
+    err = capsys.readouterr().err
+    assert "medseg: note: c1: reference: its NIfTI qform and sform place the voxels" in err
+    html = (tmp_path / "ev" / "report.html").read_text(encoding="utf-8")
+    assert "reference: its NIfTI qform and sform place the voxels" in html

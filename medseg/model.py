@@ -34,7 +34,11 @@ def build_dynunet(plan: Plan) -> torch.nn.Module:
 
 
 def deep_supervision_heads(plan: Plan) -> int:
-    """Outputs below full resolution that the loss also scores (as nnU-Net: two at most)."""
+    """Outputs below full resolution that the loss also scores: those of the two decoder
+    levels next to full resolution, fewer in a shallow plan (DynUNet wants fewer heads than
+    up-sampling levels). nnU-Net supervises every decoder level but the lowest; medseg stops
+    at two: DynUNet enlarges each head to the full patch (one more full-size output per
+    head), and MONAI's halving weights would give a third head an eighth of the weight."""
     return max(1, min(2, len(plan.strides) - 2))
 
 

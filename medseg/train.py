@@ -416,8 +416,10 @@ def _keep_last_weights_as_best(scored: torch.nn.Module, checkpoints: Path, cfg: 
 def loss_function(plan: Plan, cfg: TrainConfig) -> torch.nn.Module:
     """Dice + cross-entropy (Dice over the whole batch by default, nnU-Net's batch Dice),
     summed over the deep supervision heads with MONAI's halving weights when the plan has
-    them. Voxels of the plan's ignore label are left out (the heads' targets are cut
-    by nearest neighbour, which keeps them ignored)."""
+    them. Voxels of the plan's ignore label are left out. DynUNet enlarges its low-resolution
+    heads to full size (nearest neighbour) and each is scored against the full-size label;
+    SegResNetDS's heads stay small, and DeepSupervisionLoss cuts the label down to each by
+    nearest neighbour, which keeps ignored voxels ignored."""
     from monai.losses import DeepSupervisionLoss, DiceCELoss
 
     from medseg.losses import DiceCELossIgnoring

@@ -100,3 +100,41 @@ def test_evaluate_notes_a_reference_whose_qform_and_sform_disagree(tmp_path, cap
     assert "medseg: note: c1: reference: its NIfTI qform and sform place the voxels" in err
     html = (tmp_path / "ev" / "report.html").read_text(encoding="utf-8")
     assert "reference: its NIfTI qform and sform place the voxels" in html
+
+
+def _range_text(allowed) -> str:
+    """A config._Range as docs/workflows.md's range column writes it."""
+    def num(v: float) -> str:
+        return {10**7: "10^7", 2**32 - 1: "2^32 − 1"}.get(v, f"{v:g}")
+
+    low = None if allowed.low is None else (
+        f"above {num(allowed.low)}" if allowed.low_open else num(allowed.low))
+    high = None if allowed.high is None else (
+        f"below {num(allowed.high)}" if allowed.high_open else num(allowed.high))
+    if low is not None and high is not None:
+        return f"{low} to {high}"
+    if low is not None:
+        return low if allowed.low_open else f"at least {low}"
+    return high if allowed.high_open else f"at most {high}"
+
+
+def test_workflow_reference_gives_every_enforced_range():
+    """config.py refuses numbers out of range (rotate_degrees 0-180, scale_range below 1,
+    seeds up to 2^32 - 1, ...); docs/workflows.md gave few of those ranges."""
+    import re
+
+    from medseg.config import _RANGES
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "workflows.md").read_text(
+        encoding="utf-8")
+    cells: dict[tuple[str, str], str] = {}
+    for section in {s for s, _ in _RANGES}:
+        body = re.search(rf"^## `{section}`\n(.*?)(?=^## |\Z)", text, re.M | re.S).group(1)
+        for row in re.findall(r"^\| (`.*?) \| .*? \| (.*?) \|", body, re.M):
+            keys = re.findall(r"`([^`]+)`", row[0])
+            entries = row[1].split(", ")
+            if len(entries) == len(keys):
+                cells.update({(section, k): e for k, e in zip(keys, entries, strict=True)})
+    wrong = {f"{s}.{k}": (cells.get((s, k)), _range_text(r)) for (s, k), r in _RANGES.items()
+             if not cells.get((s, k), "").startswith(_range_text(r))}
+    assert not wrong, f"docs/workflows.md (documented, enforced): {wrong}"

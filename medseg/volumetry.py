@@ -109,8 +109,10 @@ def case_rows(item: CaseInputs, labels: dict[int, str], series_uid: str | None =
         for channel, (means, sds) in enumerate(measures):
             measured = means is not None and voxels > 0
             suffix = f"_{channel}" if channel else ""
-            row[f"intensity_mean{suffix}"] = _rounded(float(means[label_id]), 2) if measured else ""
-            row[f"intensity_sd{suffix}"] = _rounded(float(sds[label_id]), 2) if measured else ""
+            mean, sd = (float(means[label_id]), float(sds[label_id])) if measured else ("", "")
+            if measured:
+                mean, sd = _intensity_rounded(mean, sd)
+            row[f"intensity_mean{suffix}"], row[f"intensity_sd{suffix}"] = mean, sd
         rows.append({**row, "note": _case_note(notes)})
     return rows
 
@@ -122,6 +124,17 @@ def _rounded(value: float, decimals: int) -> float:
     if value == 0 or not math.isfinite(value):
         return value
     return round(value, max(decimals, 2 - math.floor(math.log10(abs(value)))))
+
+
+def _intensity_rounded(mean: float, sd: float) -> tuple[float, float]:
+    """Mean and sd to 2 decimals, or to 3 significant digits of the larger of the two where
+    that needs more (an ADC map in mm^2/s): a mean that is float noise beside its spread
+    (values around 0 in a normalized MR, 5.6e-18) is 0.0, not written as a figure."""
+    scale = max(abs(mean), sd)
+    if scale == 0 or not math.isfinite(scale):
+        return mean, sd
+    decimals = max(2, 2 - math.floor(math.log10(scale)))
+    return round(mean, decimals) + 0.0, round(sd, decimals)  # + 0.0: no "-0.0"
 
 
 def _case_note(notes: list[str | None]) -> str:

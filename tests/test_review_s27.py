@@ -59,3 +59,26 @@ def test_training_refuses_a_channel_holding_a_copy_of_the_label(tmp_path):
     with pytest.raises(MedsegError, match="same voxels as the case's label") as caught:
         fingerprint(load_dataset(tmp_path), progress=False)
     assert caught.value.path.name == "c1_t2.nii.gz"
+
+
+def test_statistics_write_a_mean_that_is_float_noise_beside_its_spread_as_zero(tmp_path):
+    # values of one structure that cancel out (a normalized MR around 0): its mean came out of
+    # the sums as float noise and was written with 3 significant digits (5.55e-18)
+    import csv
+
+    from medseg.volumetry import CaseInputs, write_statistics
+
+    mask = np.zeros((6, 5, 4), np.uint8)
+    mask[1:5, 1:4, 1:3] = 1
+    scan = np.zeros(mask.shape, np.float32)
+    scan[mask == 1] = np.tile([0.1, 0.2, -0.3], 8)  # float32: their sum is -7e-9, not 0
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    nib.save(nib.Nifti1Image(mask, affine), tmp_path / "mask.nii.gz")
+    nib.save(nib.Nifti1Image(scan, affine), tmp_path / "scan.nii.gz")
+    target = tmp_path / "statistics.csv"
+    item = CaseInputs("case", tmp_path / "mask.nii.gz", tmp_path / "scan.nii.gz")
+    assert write_statistics([item], {0: "background", 1: "grey"}, target) == 1
+    with open(target, encoding="utf-8", newline="") as f:
+        row = next(csv.DictReader(f))
+    assert row["intensity_mean"] in ("0.0", "0"), row
+    assert float(row["intensity_sd"]) == pytest.approx(0.216, abs=0.001)

@@ -372,14 +372,14 @@ def _labels_named_for_others(cases: tuple[Case, ...]) -> list[Problem]:
     """A label file named as another case's image, its own image named otherwise (two rows
     of a CSV or dataset.json whose labels were swapped): on grids of one size, nothing else
     tells, and each image would be trained on another's label."""
-    by_stem = {_image_stem(case.images[0]): case for case in cases}
+    by_stem = {stem: case for case in cases for stem in _image_stems(case.images[0])}
     problems = []
     for case in cases:
         if case.label is None:
             continue
         stem = strip_image_suffix(case.label.name)
         other = by_stem.get(stem)
-        if other is not None and other is not case and stem != _image_stem(case.images[0]):
+        if other is not None and other is not case and stem not in _image_stems(case.images[0]):
             problems.append(Problem("warning", case.name, case.label,
                                     f"named as the image of case {other.name} "
                                     f"({other.images[0].name}), but listed as the label of "
@@ -387,9 +387,10 @@ def _labels_named_for_others(cases: tuple[Case, ...]) -> list[Problem]:
     return problems
 
 
-def _image_stem(image: Path) -> str:
-    """An image's file name without extension, or nnU-Net's channel suffix (_0000)."""
-    return _name_of(image)
+def _image_stems(image: Path) -> set[str]:
+    """An image's file name without extension, and without what may be nnU-Net's channel
+    suffix (_0000) too: only in nnU-Net's layout is it one (AMOS's amos_0001 is a case)."""
+    return {strip_image_suffix(image.name), _name_of(image)}
 
 
 def _unnameable(cases: tuple[Case, ...]) -> list[Problem]:

@@ -125,6 +125,8 @@ def read_stack(path: str | Path, series_uid: str | None = None) -> Stack:
     path = Path(path)
     groups, left_out = _scan(path)
     frames = _choose_series(groups, series_uid, path)
+    if path.is_dir():
+        _refuse_compressed_slices(frames)
     # a slice of this series (its SOP class and size) that is not read: the volume would
     # come out short; other images filed under the series (a secondary capture) are skipped
     kinds = {(frame.sop_class, *frame.shape) for frame in frames}
@@ -296,7 +298,6 @@ def _scan(path: Path) -> tuple[dict[str, list[Frame]], dict[str, list[_Unread]]]
     if not groups:
         why = _why_no_image(unplaced, multiframe, left_out, not_dicom) + _not_images(not_images)
         raise _no_image_error(path, files, why)
-    _refuse_compressed_slices(files)
     if not_dicom:
         # a slice cut short before its 'DICM' marker: left out, the volume would be a slice
         # short without a word where it lay at the end of the series
@@ -310,15 +311,22 @@ def _scan(path: Path) -> tuple[dict[str, list[Frame]], dict[str, list[_Unread]]]
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
 
 
-def _refuse_compressed_slices(files: list[Path]) -> None:
+def _refuse_compressed_slices(frames: list[Frame]) -> None:
     """A slice compressed as a file (IM0004.dcm.gz) beside the series' other slices: left
-    out unsaid, the series was read a slice short (the last one: no gap to tell)."""
-    packed = [f for f in files if f.name.lower().endswith(COMPRESSED_SLICE_SUFFIXES)]
+    out unsaid, the series was read a slice short (the last one: no gap to tell). Only in
+    the series' own folders: another series compressed in a folder of its own is no slice
+    of this one."""
+    folders = sorted({frame.path.parent for frame in frames})
+    packed = [file for folder in folders for file in sorted(folder.iterdir())
+              if file.name.lower().endswith(COMPRESSED_SLICE_SUFFIXES)
+              and not file.name.startswith(".")]
     if packed:
         more = f" (and {len(packed) - 1} more)" if len(packed) > 1 else ""
         raise MedsegError(f"a DICOM slice compressed as a file{more}, which medseg does not "
                           f"unpack; the series beside it would lack it: unpack it first "
                           f"(gunzip)", packed[0])
+
+
 # the first tag of a data set without the preamble, or of its file meta (little endian)
 RAW_DATA_SET_STARTS = (b"\x08\x00", b"\x02\x00")
 

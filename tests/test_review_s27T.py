@@ -1,13 +1,19 @@
 """Review s27T: regressions found in the day's changes (check, DICOM, train --resume)."""
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
+from dicom_factory import write_series
 from helpers import SMALL_SHAPE, SMALL_SPACING
 
 from medseg.check import check_dataset
+from medseg.dicom import list_series
+from medseg.errors import MedsegError
+from medseg.io import read_volume
 from medseg.phantoms import make_phantom
 
 
@@ -38,3 +44,34 @@ def test_swapped_labels_of_cases_numbered_in_four_digits_are_named(tmp_path):
     swapped = [(p.case, p.file.name) for p in check_dataset(csv).problems
                if "labels swapped between rows?" in p.message]
     assert swapped == [("amos_0001", "amos_0002.nii.gz"), ("amos_0002", "amos_0001.nii.gz")]
+
+
+def _study_with_a_gzipped_series(root: Path) -> tuple[np.ndarray, Path]:
+    """SE1: a plain series (UID 1.2.3.1); SE2: another series, every slice gzipped."""
+    stored = np.random.default_rng(6).integers(0, 3000, (6, 5, 3)).astype(np.uint16)
+    positions = [[0.0, 0.0, 2.5 * k] for k in range(3)]
+    write_series(root / "SE1", stored, positions, series_uid="1.2.3.1")
+    for path in write_series(root / "SE2", stored, positions, series_uid="1.2.3.2"):
+        path.with_name(path.name + ".gz").write_bytes(gzip.compress(path.read_bytes()))
+        path.unlink()
+    return stored, root
+
+
+def test_a_gzipped_series_in_a_folder_of_its_own_leaves_the_plain_one_readable(tmp_path):
+    # formats.md: a compressed slice *beside a series' other slices* is refused; one of
+    # another series' folder was refused too, listing the study's series included
+    stored, study = _study_with_a_gzipped_series(tmp_path)
+    assert [info.uid for info in list_series(study)] == ["1.2.3.1"]
+    columns_rows_slices = stored.transpose(1, 0, 2).shape
+    assert read_volume(study / "SE1").data.shape == columns_rows_slices
+    assert read_volume(study).data.shape == columns_rows_slices
+
+
+def test_a_gzipped_slice_beside_the_series_is_still_refused(tmp_path):
+    stored, study = _study_with_a_gzipped_series(tmp_path)
+    packed = study / "SE1" / "IM0002.dcm"
+    packed.with_name(packed.name + ".gz").write_bytes(gzip.compress(packed.read_bytes()))
+    packed.unlink()
+    with pytest.raises(MedsegError) as caught:
+        read_volume(study)
+    assert str(caught.value).startswith(f"{packed}.gz: a DICOM slice compressed as a file")

@@ -394,7 +394,8 @@ def _image_digest(image: Path) -> str | None:
     whose voxels are in a list or pattern of files."""
     try:
         if image.is_dir():
-            files, base = files_below(image), image
+            # not a link that leads nowhere (no file is read from it)
+            files, base = [file for file in files_below(image) if file.exists()], image
         else:
             data = detached_data_files(image)
             if not data:

@@ -75,3 +75,17 @@ def test_a_gzipped_slice_beside_the_series_is_still_refused(tmp_path):
     with pytest.raises(MedsegError) as caught:
         read_volume(study)
     assert str(caught.value).startswith(f"{packed}.gz: a DICOM slice compressed as a file")
+
+
+def test_a_dangling_link_beside_a_series_leaves_crossval_its_digest(tmp_path):
+    # files_below keeps links that lead nowhere since s27O (for the reader to refuse one
+    # named like a slice); a harmless one (notes.txt on a share not mounted) made the
+    # series' digest None, and crossval --continue segmented its case again every time
+    from medseg import crossval
+
+    series = tmp_path / "series"
+    series.mkdir()
+    (series / "a.dcm").write_bytes(b"slice a")
+    digest = crossval._image_digest(series)
+    (series / "notes.txt").symlink_to(tmp_path / "share" / "notes.txt")
+    assert crossval._image_digest(series) == digest is not None

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from medseg.config import TrainConfig
 from medseg.datasets import (
+    LABEL_AS_CHANNEL,
     Case,
     Dataset,
     file_name_safe,
@@ -200,8 +201,7 @@ def _channels_holding_the_label(by_file: dict[Path, str | None], label_digest: s
     validation would score the copy."""
     for file, digest in by_file.items():
         if digest is not None and digest == label_digest:
-            add(file, "an image channel with the same voxels as the case's label: the network "
-                      "would be given the answer; list label files in the label column only")
+            add(file, LABEL_AS_CHANNEL)
 
 
 def _existing_files(files: list[Path], case: Case, root: Path, layout: str, add

@@ -379,6 +379,11 @@ def is_spare_label(orphan: Path) -> bool:
     return orphan.parent.name not in ("images", "imagesTr")
 
 
+# check's finding and training's refusal of a channel holding a copy of the label's voxels
+LABEL_AS_CHANNEL = ("an image channel with the same voxels as the case's label: the network "
+                    "would be given the answer; list label files in the label column only")
+
+
 def _refuse_label_as_image(listing: Listing) -> None:
     """A case whose label file is one of its image channels too (a CSV column of label
     files, a link to it): the network would be given the answer to copy, and validation

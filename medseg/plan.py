@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from medseg.config import NETWORK_NAMES, PlanConfig
 from medseg.datasets import (
+    LABEL_AS_CHANNEL,
     MODALITIES,
     Case,
     Dataset,
@@ -237,9 +238,7 @@ def _refuse_label_as_channel(digests: list[str], label: Volume, case: Case,
     for file, digest in zip(case.images, channels, strict=True):
         background = [v for v in (0, ignore_label) if v is not None]
         if digest == label_digest and np.isin(label.data, background, invert=True).any():
-            raise MedsegError("an image channel with the same voxels as the case's label "
-                              f"{case.label}: the network would be given the answer; list "
-                              "label files in the label column only", file)
+            raise MedsegError(f"{LABEL_AS_CHANNEL} (the label: {case.label})", file)
 
 
 def _refuse_duplicate(first_with_voxels: dict[str, str], digest: str, case: Case) -> None:

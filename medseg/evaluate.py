@@ -270,12 +270,13 @@ def _refuse_unplaced(pred: Volume, ref: Volume, mismatch: str) -> None:
     """A prediction on another grid is resampled by where both headers place the voxels:
     a header that gives no orientation (nibabel's `Nifti1Image(data, None)`) places them
     nowhere in particular, and `--resample` gave Dice 0 for a prediction on the very grid."""
-    for volume, whose in ((pred, "its"), (ref, f"the reference's ({ref.path})")):
+    for volume, whose, mask in ((pred, "its", "the mask"),
+                                (ref, f"the reference's ({ref.path})", "the reference")):
         if orientation_unknown(volume.geometry):
             raise MedsegError(f"not on the same grid as the reference ({mismatch}), and "
                               f"{whose} NIfTI header gives no orientation (qform and sform "
                               f"codes 0), so `--resample` cannot place it there either: "
-                              f"write the mask with its scan's header", pred.path)
+                              f"write {mask} with its scan's header", pred.path)
 
 
 def _refuse_unknown_labels(values: set[int], labels: dict[int, str], path: Path) -> None:

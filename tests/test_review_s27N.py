@@ -64,6 +64,7 @@ def test_a_header_without_orientation_is_not_resampled_into_a_dice_of_zero(tmp_p
     result = evaluate_case("c", tmp_path / "pred2" / "c.nii.gz",
                            tmp_path / "ref2" / "c.nii.gz", LABELS, resample=True)
     assert result.error and "the reference's" in result.error and not result.resampled
+    assert "write the reference with its scan's header" in result.error  # not "the mask"
 
 
 def test_docs_numbers_for_voxel_and_area_weighted_surface_dice():

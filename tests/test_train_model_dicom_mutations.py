@@ -199,7 +199,7 @@ def _train_with_scores(monkeypatch, run, dataset, scores, *extra):
     """A tiny run whose validation scores are `scores`, epoch by epoch."""
     remaining = list(scores)
 
-    def scripted(scored, val_data, plan, workflow, device, ranks):
+    def scripted(scored, val_data, plan, workflow, device, ranks, autocast_dtype):
         mean = remaining.pop(0)
         return {"a": mean, "b": mean}, mean
 

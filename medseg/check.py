@@ -371,7 +371,8 @@ def _shared_labels(cases: tuple[Case, ...]) -> list[Problem]:
 def _labels_named_for_others(cases: tuple[Case, ...]) -> list[Problem]:
     """A label file named as another case's image, its own image named otherwise (two rows
     of a CSV or dataset.json whose labels were swapped): on grids of one size, nothing else
-    tells, and each image would be trained on another's label."""
+    tells, and each image would be trained on another's label. One label file listed for
+    both cases is _shared_labels' warning."""
     by_stem = {stem: case for case in cases for stem in _image_stems(case.images[0])}
     problems = []
     for case in cases:
@@ -379,7 +380,8 @@ def _labels_named_for_others(cases: tuple[Case, ...]) -> list[Problem]:
             continue
         stem = strip_image_suffix(case.label.name)
         other = by_stem.get(stem)
-        if other is not None and other is not case and stem not in _image_stems(case.images[0]):
+        if (other is not None and other is not case and other.label != case.label
+                and stem not in _image_stems(case.images[0])):  # a shared label: its own row
             problems.append(Problem("warning", case.name, case.label,
                                     f"named as the image of case {other.name} "
                                     f"({other.images[0].name}), but listed as the label of "

@@ -809,7 +809,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--set", dest="overrides", action="append", default=[],
                        metavar="KEY=VALUE", help="override a workflow key (repeatable); "
                        "with --resume only train.max_minutes (a new budget), "
-                       "dataset.path (a moved dataset) and train.cache")
+                       "dataset.path (a moved dataset), train.cache and "
+                       "train.num_workers")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run")
     train.set_defaults(handler=cmd_train)
 

@@ -27,7 +27,7 @@ from medseg.errors import MedsegError
 FOLDS_FILE = "folds.json"  # the folds `train` was asked for, which `--resume` continues
 # what a resumed run may change: its budget, where its dataset lies, and where its cases are
 # cached (memory and disk give the same patches, so the run goes on as it began)
-RESUME_OVERRIDES = ("train.max_minutes", "dataset.path", "train.cache")
+RESUME_OVERRIDES = ("train.max_minutes", "dataset.path", "train.cache", "train.num_workers")
 
 
 @contextlib.contextmanager

@@ -55,9 +55,12 @@ FOLD_FOLDER = re.compile(r"fold_(0|[1-9][0-9]*)")  # as train names them: not fo
 MEMORY_FORMAT = torch.channels_last_3d  # faster 3D convolutions on CPU and CUDA
 # train and augment keys that leave a fold's course as it is: what a resume may set (the
 # budget, the cache), and what splits.json or the state decide once the fold has started.
-# Not train.num_workers: each loader worker draws its own augmentation stream
+# Not train.num_workers: each loader worker draws its own augmentation stream, so another
+# number of them is noted (NOTED_COURSE_KEYS), not refused: loader workers that crash (a
+# container's small shared memory) must not end a run that fewer of them can finish
 OFF_COURSE_KEYS = frozenset({"train.max_minutes", "train.cache", "train.fold", "train.folds",
                              "train.split_seed", "train.splits_file", "train.init"})
+NOTED_COURSE_KEYS = frozenset({"train.num_workers"})
 
 
 @dataclass(frozen=True)
@@ -916,11 +919,20 @@ def _refuse_other_course(saved, workflow: Workflow, fold_dir: Path) -> None:
 
     now = json.loads(json.dumps(training_course(workflow)))  # as saved: a tuple is a list
     for key, value in started.items():
-        if key in now and now[key] != value:
+        if key in now and now[key] != value and key in NOTED_COURSE_KEYS:
+            _note_other_workers(key, now[key], value, fold_dir)
+        elif key in now and now[key] != value:
             raise MedsegError(f"'{key}' is {now[key]!r} here, but {fold_dir.name} trained with "
                               f"{value!r}: a resumed run goes on as it began (of its keys, "
                               f"--set may change {', '.join(RESUME_OVERRIDES)}); put it back, "
                               f"or start a new run", fold_dir.parent / "workflow.yaml")
+
+
+def _note_other_workers(key: str, now, started, fold_dir: Path) -> None:
+    if current_ranks().main:
+        tqdm.write(f"medseg: note: {fold_dir.name} trained with {key} {started!r} and goes on "
+                   f"with {now!r}: each loader worker draws its own augmentation, so the curve "
+                   f"will not repeat an uninterrupted run")
 
 
 def _resume_state(path: Path, mmap: bool = False) -> dict:

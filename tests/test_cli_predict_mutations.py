@@ -90,7 +90,7 @@ def test_resume_may_not_change_other_dataset_keys(tmp_path, capsys):
     """Kills: any `dataset.*` key let through with --resume (only dataset.path may change:
     another layout or label map is another dataset)."""
     assert main(["train", "--resume", str(tmp_path), "--set", "dataset.layout=nnunet"]) == 2
-    assert ("may only change train.max_minutes, dataset.path, train.cache, not "
+    assert ("may only change train.max_minutes, dataset.path, train.cache, train.num_workers, not "
             "'dataset.layout=nnunet'" in capsys.readouterr().err)
 
 

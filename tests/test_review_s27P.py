@@ -30,8 +30,12 @@ def test_a_hand_edited_workflow_yaml_is_refused_by_resume(tmp_path, phantom_data
     # the workers draw the augmentation: another number of them changes the course too
     saved.write_text(original.replace("  num_workers: 0\n", "  num_workers: 1\n"),
                      encoding="utf-8")
-    assert main(["train", "--resume", str(run)]) == 2
-    assert "'train.num_workers' is 1 here, but fold_0 trained with 0" in capsys.readouterr().err
+    # ... which a resume notes rather than refuses: workers that crash (a container's small
+    # shared memory) must not end a run that fewer of them can finish
+    assert main(["train", "--resume", str(run), "--set", "train.max_minutes=0.00001"]) == 0
+    out = capsys.readouterr().out
+    assert ("note: fold_0 trained with train.num_workers 0 and goes on with 1: each loader "
+            "worker draws its own augmentation") in out
     # keys off the fold's course may differ (where the cases are cached)
     saved.write_text(original.replace("  cache: auto\n", "  cache: memory\n"), encoding="utf-8")
     assert main(["train", "--resume", str(run), "--set", "train.max_minutes=null"]) == 0

@@ -60,7 +60,8 @@ def test_resume_refuses_extra_arguments(tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path), "--out", str(tmp_path)]) == 2
     assert "--resume takes the run folder alone" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path), "--set", "train.epochs=3"]) == 2
-    assert ("may only change train.max_minutes, dataset.path, train.cache, not 'train.epochs=3'"
+    assert ("may only change train.max_minutes, dataset.path, train.cache, train.num_workers, "
+            "not 'train.epochs=3'"
             in capsys.readouterr().err)
 
 

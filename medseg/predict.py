@@ -689,15 +689,16 @@ def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
     the network runs (unless the running case is large: two large CTs never overlap), and
     each mask is post-processed and written in another."""
     index, count = shard
-    # sorted, so that processes given the same files in any order share them out alike
+    # sorted by mask name, so that processes given the same files in any order, or spelt
+    # otherwise (`/data/b` in one, `b` in another), share them out alike
     incomplete: list[tuple[Path, MedsegError]] = []  # a case without all its channels
     cases = sorted(group_channels(inputs, predictor.plan.in_channels, incomplete),
-                   key=lambda files: str(files[0]))
+                   key=lambda files: _shard_order(files[0]))
     named = [(output_name(files[0]), files) for files in cases]
     _refuse_clashing_outputs(named, output_dir)
     _refuse_writing_onto_inputs(named, output_dir)
     named = named[index::count]
-    incomplete = sorted(incomplete, key=lambda item: str(item[0]))[index::count]
+    incomplete = sorted(incomplete, key=lambda item: _shard_order(item[0]))[index::count]
     if dicom_seg:
         _note_inputs_without_seg(named)
     results = _predict_named(predictor, named, output_dir, config, overwrite, shard,
@@ -706,6 +707,12 @@ def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
                                      dicom_seg=dicom_seg), dicom_seg)
     failed = [_failure(path, time.monotonic(), problem) for path, problem in incomplete]
     return results + failed
+
+
+def _shard_order(path: Path) -> tuple[str, str]:
+    """A case's place in the batch: by its mask's name (which no two cases share), the same
+    whatever folder spelling the input was given with."""
+    return output_name(path), path.name
 
 
 GOING_ON = "and the same command goes on with the rest"

@@ -1,0 +1,57 @@
+"""Session 27 (V): `medseg predict`'s batch machinery over many cases: shards, reruns."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from helpers import SMALL_SHAPE, SMALL_SPACING
+
+from medseg.config import PredictConfig, Workflow, save_workflow
+from medseg.model import create_model, save_weights
+from medseg.phantoms import make_phantom
+from medseg.plan import Plan, save_plan
+from medseg.predict import load_predictor, predict_paths
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """An untrained 3-class model on the small test grid: enough to write masks."""
+    run = tmp_path_factory.mktemp("tiny_run")
+    plan = Plan(target_spacing=list(SMALL_SPACING), patch_size=[32, 32, 16], batch_size=2,
+                kernels=[[3, 3, 3]] * 3, strides=[[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+                filters=[4, 8, 16], deep_supervision=False, in_channels=1, num_classes=3,
+                labels={0: "background", 1: "a", 2: "b"}, modalities=["CT"],
+                normalization=[{"scheme": "ct", "clip": [-1000.0, 1000.0], "mean": 0.0,
+                                "std": 400.0}],
+                median_shape=list(SMALL_SHAPE))
+    save_plan(plan, run / "plan.json")
+    save_workflow(Workflow(), run / "workflow.yaml")
+    save_weights(create_model(plan), run / "fold_0" / "checkpoints" / "best.safetensors")
+    return run
+
+
+def _scan(path: Path, seed: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    case = make_phantom(seed, SMALL_SHAPE, SMALL_SPACING)
+    nib.save(nib.Nifti1Image(case.image.astype(np.float32), case.affine), path)
+    return path
+
+
+def test_shards_given_the_folders_spelt_otherwise_write_every_case_once(
+        tiny_run, tmp_path, monkeypatch):
+    # shard 0 was given `/abs/b`, shard 1 `b`: sorted by path, `/abs/b/case2` came first in
+    # one and last in the other, so case0 was never predicted and case1 twice
+    monkeypatch.chdir(tmp_path)
+    for name, seed in (("a/case0.nii.gz", 0), ("a/case1.nii.gz", 1), ("b/case2.nii.gz", 2)):
+        _scan(tmp_path / name, seed)
+    predictor = load_predictor(tiny_run, device="cpu")
+    first = predict_paths(predictor, [Path("a/case0.nii.gz"), Path("a/case1.nii.gz"),
+                                      tmp_path / "b" / "case2.nii.gz"],
+                          Path("out"), PredictConfig(), shard=(0, 2))
+    second = predict_paths(predictor, [Path("a/case0.nii.gz"), Path("a/case1.nii.gz"),
+                                       Path("b/case2.nii.gz")],
+                           Path("out"), PredictConfig(), shard=(1, 2))
+    written = sorted(r.output.name for r in first + second if not r.skipped)
+    assert written == ["case0.nii.gz", "case1.nii.gz", "case2.nii.gz"]

@@ -689,15 +689,16 @@ def predict_paths(predictor: Predictor, inputs: list[Path], output_dir: Path,
     the network runs (unless the running case is large: two large CTs never overlap), and
     each mask is post-processed and written in another."""
     index, count = shard
-    # sorted by mask name, so that processes given the same files in any order, or spelt
-    # otherwise (`/data/b` in one, `b` in another), share them out alike
     incomplete: list[tuple[Path, MedsegError]] = []  # a case without all its channels
     cases = sorted(group_channels(inputs, predictor.plan.in_channels, incomplete),
-                   key=lambda files: _shard_order(files[0]))
+                   key=lambda files: str(files[0]))
     named = [(output_name(files[0]), files) for files in cases]
     _refuse_clashing_outputs(named, output_dir)
     _refuse_writing_onto_inputs(named, output_dir)
-    named = named[index::count]
+    # shared out by mask name, so that processes given the same files in any order, or spelt
+    # otherwise (`/data/b` in one, `b` in another), share them out alike
+    mine = set(sorted(name for name, _ in named)[index::count])
+    named = [(name, files) for name, files in named if name in mine]
     incomplete = sorted(incomplete, key=lambda item: _shard_order(item[0]))[index::count]
     if dicom_seg:
         _note_inputs_without_seg(named)

@@ -826,14 +826,47 @@ def _outputs_to_write(named: list[tuple[str, tuple[Path, ...]]], output_dir: Pat
         if in_the_way is not None:  # not a mask an earlier run wrote
             results[position] = _failure(files[0], time.monotonic(), MedsegError(
                 "a folder (not a mask) lies where this case's mask goes", in_the_way))
-        # an empty file (a copy cut short, a full disk) is no finished mask: medseg's own
-        # are written whole under another name first
-        elif all(o.exists() and o.stat().st_size > 0 for o in outputs) and not overwrite:
+        elif not overwrite and all(_finished_output(o) for o in outputs):
             results[position] = PredictionResult(files[0], target, 0.0, skipped=True,
                                                  channel_files=tuple(files))
         else:
             todo.append((position, files, target))
     return results, todo
+
+
+def _finished_output(path: Path) -> bool:
+    """Whether an existing output is a whole file: an empty one (a copy cut short, a full
+    disk) is none, nor a mask cut short (a process of a version that wrote in place, killed
+    while writing): medseg's own are written whole under another name first."""
+    if not path.exists() or path.stat().st_size == 0:
+        return False
+    if path.name.lower().endswith((".nii", ".nii.gz")):
+        problem = _cut_short_nifti(path)
+        if problem:
+            tqdm.write(f"medseg: note: {path}: {problem}; it is predicted again",
+                       file=sys.stderr)
+            return False
+    return True
+
+
+def _cut_short_nifti(path: Path) -> str | None:
+    """Why a NIfTI mask is not whole, from its header and its size (for .nii.gz the gzip
+    trailer's, which holds the length modulo 2^32): not its voxels, so a rerun over hundreds
+    of cases stays quick."""
+    import nibabel as nib
+
+    try:
+        image = nib.load(str(path))
+        expected = image.dataobj.offset + int(np.prod(image.shape)) * \
+            image.get_data_dtype().itemsize
+    except Exception as exc:  # nibabel raises many types for a damaged header
+        return f"not a readable NIfTI file ({one_line(str(exc))})"
+    if not path.name.lower().endswith(".gz"):
+        return None if path.stat().st_size >= expected else "cut short"
+    with open(path, "rb") as stream:
+        stream.seek(-4, os.SEEK_END)
+        stored = int.from_bytes(stream.read(4), "little")
+    return None if stored == expected % 2**32 else "cut short (its gzip stream is incomplete)"
 
 
 def _read_case(plan: Plan, files: list[Path], series_uid: str | None,

@@ -55,3 +55,21 @@ def test_shards_given_the_folders_spelt_otherwise_write_every_case_once(
                            Path("out"), PredictConfig(), shard=(1, 2))
     written = sorted(r.output.name for r in first + second if not r.skipped)
     assert written == ["case0.nii.gz", "case1.nii.gz", "case2.nii.gz"]
+
+
+def test_a_mask_cut_short_is_predicted_again_not_skipped_as_done(tiny_run, tmp_path, capsys):
+    # a mask left half-written by an older medseg killed while writing it in place (or a
+    # copy cut short) was skipped as done: the batch said so and the mask stayed unreadable
+    scan = _scan(tmp_path / "scans" / "case0.nii.gz", 0)
+    predictor = load_predictor(tiny_run, device="cpu")
+    out = tmp_path / "out"
+    predict_paths(predictor, [scan], out, PredictConfig())
+    mask = out / "case0.nii.gz"
+    whole = mask.read_bytes()
+    mask.write_bytes(whole[: len(whole) // 2])
+    results = predict_paths(predictor, [scan], out, PredictConfig())
+    assert not results[0].skipped and results[0].error is None
+    assert mask.read_bytes() == whole
+    assert "case0.nii.gz: cut short" in capsys.readouterr().err
+    # a whole mask is still skipped
+    assert predict_paths(predictor, [scan], out, PredictConfig())[0].skipped

@@ -717,6 +717,11 @@ def _shard_order(path: Path) -> tuple[str, str]:
 
 
 GOING_ON = "and the same command goes on with the rest"
+# with --overwrite the same command starts over, and without it the cases not reached would
+# keep an earlier run's masks as finished ones
+OVERWRITE_GOING_ON = ("but the same command (--overwrite) predicts every case again; without "
+                      "--overwrite it goes on with the rest, yet a case not reached that has "
+                      "a mask from an earlier run keeps it, skipped as done")
 
 
 def predict_cases(predictor: Predictor, cases: Sequence[tuple[str, tuple[Path, ...]]],
@@ -762,7 +767,8 @@ def _predict_named(predictor: Predictor, named: list[tuple[str, tuple[Path, ...]
         except KeyboardInterrupt:  # Ctrl-C or SIGTERM: what is kept, and how to go on
             bar.close()
             tqdm.write(f"medseg: note: stopped after {finished[0]} of the {len(todo)} case(s) "
-                       f"to do; the masks written are kept, {going_on}", file=sys.stderr)
+                       f"to do; the masks written are kept, "
+                       f"{OVERWRITE_GOING_ON if overwrite else going_on}", file=sys.stderr)
             raise
         bar.close()
     return [r for r in results if r is not None]

@@ -73,3 +73,34 @@ def test_a_mask_cut_short_is_predicted_again_not_skipped_as_done(tiny_run, tmp_p
     assert "case0.nii.gz: cut short" in capsys.readouterr().err
     # a whole mask is still skipped
     assert predict_paths(predictor, [scan], out, PredictConfig())[0].skipped
+
+
+def test_a_stopped_overwrite_batch_does_not_say_the_same_command_goes_on(
+        tiny_run, tmp_path, monkeypatch, capsys):
+    # Ctrl-C in `--overwrite` over an earlier run's masks said "the same command goes on
+    # with the rest": it starts over (--overwrite), and without --overwrite the cases not
+    # reached keep the earlier masks as done
+    import medseg.predict
+    from medseg.cli import main
+
+    for seed in range(3):
+        _scan(tmp_path / "scans" / f"case{seed}.nii.gz", seed)
+    args = ["predict", "--model", str(tiny_run), "--input", str(tmp_path / "scans"),
+            "--output", str(tmp_path / "out"), "--device", "cpu"]
+    assert main(args) == 0
+    predict_prepared = medseg.predict.predict_prepared
+    calls = []
+
+    def stop_at_the_second(*pargs, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return predict_prepared(*pargs, **kwargs)
+
+    monkeypatch.setattr(medseg.predict, "predict_prepared", stop_at_the_second)
+    capsys.readouterr()
+    assert main([*args, "--overwrite"]) == 130
+    err = capsys.readouterr().err
+    assert "goes on with the rest\n" not in err
+    assert ("stopped after 1 of the 3 case(s) to do; the masks written are kept, but the same "
+            "command (--overwrite) predicts every case again") in err

@@ -606,12 +606,13 @@ def _predict(models: list[Path], inputs: list[str], output: Path,
         parse_shard,
         predict_paths,
         predict_settings,
+        without_earlier_masks,
     )
 
     shard = parse_shard(options.shard)
     if output.exists() and not output.is_dir():
         raise MedsegError("output folder path is a file", output)
-    paths = collect_inputs(inputs)
+    paths = without_earlier_masks(collect_inputs(inputs), output)
     predictor = load_predictor(models, options.folds, options.device)
     config = predict_settings(models, options.overrides, options.tta, options.step)
     started = time.monotonic()

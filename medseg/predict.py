@@ -346,6 +346,25 @@ def _budget_stop(fold_dir: Path, cfg, progress: SavedProgress | None,
     return bool(cfg.max_minutes and elapsed >= cfg.max_minutes * 60)
 
 
+def without_earlier_masks(paths: list[Path], output: Path) -> list[Path]:
+    """The inputs less those in the output folder that are masks of the other inputs, with
+    a note: a shell pattern (`--input scans/* --output scans/pred`) takes the folder in once
+    an earlier run made it, and its masks, read as scans, were refused as clashing names,
+    so the same command could not go on. Scans of their own there are left for the refusal
+    that names them."""
+    if not output.is_dir():
+        return paths
+    inside = [p for p in paths if p.parent.is_dir() and os.path.samefile(p.parent, output)]
+    others = [p for p in paths if p not in inside]
+    masks = {output_name(p) for p in others}
+    if not inside or not others or any(p.name not in masks for p in inside):
+        return paths
+    tqdm.write(f"medseg: note: {len(inside)} input(s) in {output} ({inside[0].name}, ...) are "
+               f"the --output folder's masks of the other inputs, not scans: left out",
+               file=sys.stderr)
+    return others
+
+
 def collect_inputs(inputs: list[str | Path]) -> list[Path]:
     """Files as given; a folder of volume files expands to them (sorted; hidden files such as
     macOS `._x.nii.gz` left out), any other folder is one DICOM series input. A file named

@@ -104,3 +104,34 @@ def test_a_stopped_overwrite_batch_does_not_say_the_same_command_goes_on(
     assert "goes on with the rest\n" not in err
     assert ("stopped after 1 of the 3 case(s) to do; the masks written are kept, but the same "
             "command (--overwrite) predicts every case again") in err
+
+
+def test_the_output_folder_taken_in_by_a_shell_pattern_is_not_read_as_scans(
+        tiny_run, tmp_path, capsys):
+    # `--input scans/* --output scans/pred`: once the first run made scans/pred, the same
+    # command took its masks for scans and was refused (clashing names): it could not go on
+    from medseg.cli import main
+
+    scans = tmp_path / "scans"
+    for seed in range(2):
+        _scan(scans / f"case{seed}.nii.gz", seed)
+    out = scans / "pred"
+
+    def command() -> list[str]:  # what the shell makes of scans/*
+        return ["predict", "--model", str(tiny_run), "--device", "cpu", "--output", str(out),
+                "--input", *sorted(str(p) for p in scans.iterdir())]
+
+    assert main(command()) == 0
+    (out / "case1.nii.gz").unlink()  # as if stopped before it
+    capsys.readouterr()
+    assert main(command()) == 0
+    captured = capsys.readouterr()
+    assert "predicted 1 of 2 cases" in captured.out and "skipped 1 existing" in captured.out
+    assert (f"1 input(s) in {out} (case0.nii.gz, ...) are the --output folder's masks"
+            in captured.err)
+    # given alone, it is refused as before
+    assert main(["predict", "--model", str(tiny_run), "--device", "cpu", "--output", str(out),
+                 "--input", str(out)]) == 2
+    # scans of their own in the output folder are no masks: refused as before
+    _scan(out / "other.nii.gz", 5)
+    assert main(command()) == 2

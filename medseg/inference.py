@@ -67,9 +67,11 @@ def window_starts(size: int, patch: int, step: float) -> list[int]:
     last ends at `size`, and neighbours are at most `step * patch` apart (nnU-Net's rule)."""
     if size <= patch:
         return [0]
-    count = int(np.ceil((size - patch) / (patch * step))) + 1
+    # a step under one voxel would repeat windows (step 0.001: 2814 starts, 91 distinct): at
+    # most one start per voxel, the same starts without listing billions (step 1e-8 took
+    # minutes, and 1e-320 overflowed to an infinite count)
+    count = int(min(np.ceil((size - patch) / (patch * step)), size - patch)) + 1
     spacing = (size - patch) / (count - 1)
-    # a step under one voxel would repeat windows (step 0.001: 2814 starts, 91 distinct)
     return sorted({int(round(spacing * k)) for k in range(count)})
 
 

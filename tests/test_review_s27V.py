@@ -135,3 +135,18 @@ def test_the_output_folder_taken_in_by_a_shell_pattern_is_not_read_as_scans(
     # scans of their own in the output folder are no masks: refused as before
     _scan(out / "other.nii.gz", 5)
     assert main(command()) == 2
+
+
+def test_a_step_far_under_one_voxel_gives_one_window_per_voxel_at_once():
+    # --step 1e-8 (accepted: above 0) listed a billion starts per axis for a few distinct
+    # ones, minutes per case; 1e-320 made the count infinite and stopped the batch
+    import time
+
+    from medseg.inference import window_starts
+
+    started = time.monotonic()
+    for step in (1e-8, 1e-320, 5e-324):
+        assert window_starts(40, 32, step) == list(range(9))
+    assert time.monotonic() - started < 1.0
+    assert window_starts(40, 32, 0.001) == list(range(9))
+    assert window_starts(96, 32, 0.5) == [0, 16, 32, 48, 64]

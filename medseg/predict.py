@@ -14,6 +14,7 @@ import os
 import re
 import sys
 import time
+import traceback
 import unicodedata
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
@@ -790,6 +791,8 @@ def _predict_named(predictor: Predictor, named: list[tuple[str, tuple[Path, ...]
                        f"{OVERWRITE_GOING_ON if overwrite else going_on}", file=sys.stderr)
             raise
         bar.close()
+    for result in results:  # the streaming loop's frame, in each traceback, has ended now
+        _drop_frame_locals(result.exception if result is not None else None)
     return [r for r in results if r is not None]
 
 
@@ -1071,11 +1074,25 @@ def _finish_mask(mask: np.ndarray, geometry: Geometry, target: Path, config: Pre
 
 def _failure(path: Path, started: float, exc: BaseException) -> PredictionResult:
     """One line naming the case (the error's own file when it has one)."""
+    _drop_frame_locals(exc)
     exc = unwrap_transform_error(exc)
     named = isinstance(exc, MedsegError) and exc.path is not None
     message = str(exc) if named else one_line(f"{path}: {exc}")
     tqdm.write(f"medseg: error: {message}", file=sys.stderr)
     return PredictionResult(path, None, time.monotonic() - started, message, exception=exc)
+
+
+def _drop_frame_locals(exc: BaseException | None) -> None:
+    """The result keeps the exception (for --debug's traceback), and its frames would keep
+    every array of the failed prediction (the image, probability buffers on the GPU) until
+    the batch ends: a case that failed for want of memory made the next ones fail too. The
+    traceback keeps its lines; its frames lose their locals (one still running keeps them:
+    cleared again once the batch is done)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__
 
 
 def _remove_partial_outputs(target: Path) -> None:

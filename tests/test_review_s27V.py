@@ -150,3 +150,33 @@ def test_a_step_far_under_one_voxel_gives_one_window_per_voxel_at_once():
     assert time.monotonic() - started < 1.0
     assert window_starts(40, 32, 0.001) == list(range(9))
     assert window_starts(96, 32, 0.5) == [0, 16, 32, 48, 64]
+
+
+def test_failed_cases_do_not_keep_their_images_alive_to_the_end_of_the_batch(
+        tiny_run, tmp_path, monkeypatch):
+    # each failure kept its exception, and through its traceback the frames of the
+    # prediction that failed with every array in them (the case's image, the probability
+    # buffers): a batch where large cases fail (GPU out of memory) held one set per failure
+    # until its end, so that the cases after them failed for want of memory too
+    import gc
+    import weakref
+
+    import torch
+
+    import medseg.predict
+
+    alive = []
+
+    def out_of_memory(predictor, case, config):
+        buffers = torch.zeros(4, *case.image.shape[1:])  # noqa: F841 -- held by the frame
+        alive.append(weakref.ref(case))
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(medseg.predict, "predict_prepared", out_of_memory)
+    scans = [_scan(tmp_path / "scans" / f"case{seed}.nii.gz", seed) for seed in range(3)]
+    results = predict_paths(load_predictor(tiny_run, device="cpu"), scans, tmp_path / "out",
+                            PredictConfig())
+    assert all("CUDA out of memory" in r.error for r in results)
+    gc.collect()
+    assert [ref() for ref in alive] == [None, None, None]
+    assert all(r.exception.__traceback__ is not None for r in results)  # --debug prints it

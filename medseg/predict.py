@@ -949,6 +949,10 @@ def _predict_streaming(predictor: Predictor, todo: list, read, config: PredictCo
                 future = writer.submit(_finish_mask, mask, case.geometry, target, config,
                                        case.seg_source, predictor.plan.labels)
                 future.add_done_callback(lambda _: advance())  # as each mask is on disk
+                # a failed write's frames hold its mask until the batch ends: not with a full
+                # disk failing every one
+                future.add_done_callback(lambda done: _drop_frame_locals(
+                    None if done.cancelled() else done.exception()))
                 writes.append((position, tuple(files), target, started, future))
                 del case, mask
             except CASE_ERRORS as exc:

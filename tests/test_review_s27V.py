@@ -180,3 +180,40 @@ def test_failed_cases_do_not_keep_their_images_alive_to_the_end_of_the_batch(
     gc.collect()
     assert [ref() for ref in alive] == [None, None, None]
     assert all(r.exception.__traceback__ is not None for r in results)  # --debug prints it
+
+
+def test_masks_that_could_not_be_written_are_not_held_while_the_batch_goes_on(
+        tiny_run, tmp_path, monkeypatch):
+    # a full disk fails every write, and each failed write's exception, kept until the
+    # batch's end, held the frames of the writing with the case's mask in them: hundreds of
+    # masks of a large CT piled up in memory
+    import gc
+    import weakref
+
+    import medseg.predict
+    from medseg.errors import MedsegError
+
+    class Held:  # stands for the mask in the writing's frames
+        pass
+
+    written, still_held = [], []
+    predict_prepared = medseg.predict.predict_prepared
+
+    def full_disk(mask, geometry, target):
+        held = Held()
+        written.append(weakref.ref(held))
+        raise MedsegError("cannot write (No space left on device)", target)
+
+    def predict_and_look(predictor, case, config):
+        gc.collect()
+        # the write two cases back has ended: the writer was waited for since
+        still_held.extend(ref() is not None for ref in written[:-1])
+        return predict_prepared(predictor, case, config)
+
+    monkeypatch.setattr(medseg.predict, "write_mask", full_disk)
+    monkeypatch.setattr(medseg.predict, "predict_prepared", predict_and_look)
+    scans = [_scan(tmp_path / "scans" / f"case{seed}.nii.gz", seed) for seed in range(4)]
+    results = predict_paths(load_predictor(tiny_run, device="cpu"), scans, tmp_path / "out",
+                            PredictConfig())
+    assert all("No space left" in r.error for r in results)
+    assert still_held and not any(still_held)

@@ -71,9 +71,10 @@ from medseg.train import (
 )
 from medseg.transforms import IMAGE, case_dict, preprocessing
 
-# what one bad case can raise (an unreadable or odd volume, a full disk): reported, and the
-# batch goes on; anything else is a bug and stops it
-CASE_ERRORS = (MedsegError, OSError, RuntimeError, ValueError)
+# what one bad case can raise (an unreadable or odd volume, a full disk, a scan too large for
+# numpy's memory, as torch's is a RuntimeError): reported, and the batch goes on; anything
+# else is a bug and stops it
+CASE_ERRORS = (MedsegError, OSError, RuntimeError, ValueError, MemoryError)
 CHANNEL_SUFFIX = re.compile(r"(.+)_([0-9]{4})")  # ASCII digits, as datasets reads them
 # the next case is read during this one's sliding window only while this one needs less
 READ_AHEAD_BYTES = 512 * 2**20

@@ -217,3 +217,41 @@ def test_masks_that_could_not_be_written_are_not_held_while_the_batch_goes_on(
                             PredictConfig())
     assert all("No space left" in r.error for r in results)
     assert still_held and not any(still_held)
+
+
+def test_a_case_out_of_memory_in_numpy_fails_alone(tiny_run, tmp_path, monkeypatch, capsys):
+    # numpy's "Unable to allocate" (MemoryError) while a large case's mask was put back on its
+    # grid or post-processed stopped the whole batch (torch's out of memory, a RuntimeError,
+    # failed the case alone); after it, no case was predicted and no summary printed
+    import medseg.predict
+    from medseg.cli import main
+
+    predict_prepared = medseg.predict.predict_prepared
+    postprocess = medseg.predict.postprocess
+
+    def large_case(predictor, case, config):
+        if case.geometry.shape[0] == 64:
+            np.empty(2**62, np.uint8)  # numpy's own MemoryError
+        return predict_prepared(predictor, case, config)
+
+    def large_mask(mask, *args):
+        if mask.shape[1] == 64:
+            np.empty(2**62, np.uint8)
+        return postprocess(mask, *args)
+
+    monkeypatch.setattr(medseg.predict, "predict_prepared", large_case)
+    monkeypatch.setattr(medseg.predict, "postprocess", large_mask)
+    scans = tmp_path / "scans"
+    _scan(scans / "a.nii.gz", 0)
+    _scan(scans / "c.nii.gz", 2)
+    for name, shape in (("b.nii.gz", (64, 32, 24)), ("b2.nii.gz", (32, 64, 24))):
+        nib.save(nib.Nifti1Image(np.zeros(shape, np.float32), np.diag([*SMALL_SPACING, 1.0])),
+                 scans / name)
+    out = tmp_path / "out"
+    assert main(["predict", "--model", str(tiny_run), "--device", "cpu", "--input", str(scans),
+                 "--output", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "predicted 2 of 4 cases" in captured.out and "failed 2" in captured.out
+    assert "b.nii.gz: Unable to allocate" in captured.err
+    assert "b2.nii.gz: Unable to allocate" in captured.err
+    assert sorted(p.name for p in out.iterdir()) == ["a.nii.gz", "c.nii.gz"]

@@ -895,7 +895,24 @@ def _cut_short_nifti(path: Path) -> str | None:
     with open(path, "rb") as stream:
         stream.seek(-4, os.SEEK_END)
         stored = int.from_bytes(stream.read(4), "little")
-    return None if stored == expected % 2**32 else "cut short (its gzip stream is incomplete)"
+    return None if stored == expected % 2**32 else _gzip_cut_short(path, expected)
+
+
+def _gzip_cut_short(path: Path, expected: int) -> str | None:
+    """The trailer's length is the last gzip member's: a whole file of several members
+    (bgzip, `cat a.gz b.gz`), with zero padding or bytes after the voxels (as a .nii may
+    have) fails it too, so only reading the stream through tells (rarely needed)."""
+    import gzip
+    import zlib
+
+    length = 0
+    try:
+        with gzip.open(path, "rb") as stream:
+            while chunk := stream.read(2**24):
+                length += len(chunk)
+    except (OSError, EOFError, zlib.error):
+        return "cut short (its gzip stream is incomplete)"
+    return None if length >= expected else "cut short"
 
 
 def _read_case(plan: Plan, files: list[Path], series_uid: str | None,

@@ -1,0 +1,44 @@
+"""Session 27 (W): review of predict's batch changes (masks judged cut short, inputs left
+out of the output folder, frames cleared)."""
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medseg.predict import _finished_output
+
+
+def _mask_bytes(tmp_path: Path) -> bytes:
+    data = (np.arange(20 * 20 * 12) % 3).astype(np.uint8).reshape(20, 20, 12)
+    nib.save(nib.Nifti1Image(data, np.eye(4)), tmp_path / "plain.nii")
+    return (tmp_path / "plain.nii").read_bytes()
+
+
+@pytest.mark.parametrize("pack", [
+    pytest.param(lambda raw: gzip.compress(raw[:400]) + gzip.compress(raw[400:]),
+                 id="two-gzip-members"),
+    pytest.param(lambda raw: gzip.compress(raw) + b"\0" * 512, id="zero-padding"),
+    pytest.param(lambda raw: gzip.compress(raw + b"x" * 100), id="bytes-after-voxels"),
+])
+def test_a_whole_nii_gz_of_another_tool_is_not_called_cut_short(tmp_path, pack, capsys):
+    # the gzip trailer holds the last member's length only: a whole mask of several members
+    # (bgzip, cat a.gz b.gz), padded with zeros, or with bytes after its voxels (accepted
+    # in a .nii) was called cut short and predicted over without --overwrite
+    mask = tmp_path / "case.nii.gz"
+    mask.write_bytes(pack(_mask_bytes(tmp_path)))
+    assert nib.load(str(mask)).get_fdata().shape == (20, 20, 12)
+    assert _finished_output(mask)
+    assert "cut short" not in capsys.readouterr().err
+
+
+def test_a_nii_gz_cut_short_or_missing_a_member_is_still_caught(tmp_path):
+    raw = _mask_bytes(tmp_path)
+    mask = tmp_path / "case.nii.gz"
+    mask.write_bytes(gzip.compress(raw)[:-30])
+    assert not _finished_output(mask)
+    mask.write_bytes(gzip.compress(raw[:400]) + gzip.compress(raw[400:800]))
+    assert not _finished_output(mask)

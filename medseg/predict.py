@@ -359,12 +359,25 @@ def without_earlier_masks(paths: list[Path], output: Path) -> list[Path]:
     inside = [p for p in paths if p.parent.is_dir() and os.path.samefile(p.parent, output)]
     others = [p for p in paths if p not in inside]
     masks = {output_name(p) for p in others}
-    if not inside or not others or any(p.name not in masks for p in inside):
+    if not inside or not others or any(p.name not in masks or not _label_map_file(p)
+                                       for p in inside):
         return paths
     tqdm.write(f"medseg: note: {len(inside)} input(s) in {output} ({inside[0].name}, ...) are "
                f"the --output folder's masks of the other inputs, not scans: left out",
                file=sys.stderr)
     return others
+
+
+def _label_map_file(path: Path) -> bool:
+    """Whether a file's NIfTI header says label map (intent 'label', as medseg writes its
+    masks): a scan named as another input's mask (two sites' `case1.nii.gz`, the output
+    folder one of them) is not left out, to be skipped as done or replaced (--overwrite)."""
+    import nibabel as nib
+
+    try:
+        return nib.load(str(path)).header.get_intent()[0] == "label"
+    except Exception:  # not NIfTI, unreadable: no mask of medseg's
+        return False
 
 
 def collect_inputs(inputs: list[str | Path]) -> list[Path]:

@@ -42,3 +42,27 @@ def test_a_nii_gz_cut_short_or_missing_a_member_is_still_caught(tmp_path):
     assert not _finished_output(mask)
     mask.write_bytes(gzip.compress(raw[:400]) + gzip.compress(raw[400:800]))
     assert not _finished_output(mask)
+
+
+def _volume(path: Path, label_map: bool = False) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = nib.Nifti1Image(np.zeros((8, 8, 4), np.int16), np.eye(4))
+    if label_map:
+        image.header.set_intent("label")
+    nib.save(image, path)
+    return path
+
+
+def test_a_scan_in_the_output_folder_named_as_another_inputs_mask_is_not_left_out(tmp_path):
+    # two sites' scans of one name, `--input site_a site_b --output site_b`: site_b's scan
+    # was taken for site_a's mask and left out, so site_a's case was skipped as done on it,
+    # or with --overwrite its mask replaced site_b's scan; it was refused before
+    from medseg.predict import collect_inputs, without_earlier_masks
+
+    first = _volume(tmp_path / "site_a" / "case1.nii.gz")
+    second = _volume(tmp_path / "site_b" / "case1.nii.gz")
+    inputs = collect_inputs([tmp_path / "site_a", tmp_path / "site_b"])
+    assert without_earlier_masks(inputs, tmp_path / "site_b") == [first, second]
+    # medseg's own masks there (intent 'label') are still left out
+    _volume(second, label_map=True)
+    assert without_earlier_masks(inputs, tmp_path / "site_b") == [first]

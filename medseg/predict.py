@@ -356,6 +356,8 @@ def without_earlier_masks(paths: list[Path], output: Path) -> list[Path]:
     that names them."""
     if not output.is_dir():
         return paths
+    if len(paths) > 1:  # as a batch stopped before its first mask left it: no series
+        paths = [p for p in paths if not _empty_output_folder(p, output)]
     inside = [p for p in paths if p.parent.is_dir() and os.path.samefile(p.parent, output)]
     others = [p for p in paths if p not in inside]
     masks = {output_name(p) for p in others}
@@ -366,6 +368,13 @@ def without_earlier_masks(paths: list[Path], output: Path) -> list[Path]:
                f"the --output folder's masks of the other inputs, not scans: left out",
                file=sys.stderr)
     return others
+
+
+def _empty_output_folder(path: Path, output: Path) -> bool:
+    """Whether an input is the output folder holding no file but hidden ones (a lock, a mask
+    being written): collect_inputs takes it for a DICOM series, refused as the output's."""
+    return path.is_dir() and os.path.samefile(path, output) \
+        and all(child.name.startswith(".") for child in path.iterdir())
 
 
 def _label_map_file(path: Path) -> bool:

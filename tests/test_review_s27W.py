@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medseg.predict import _finished_output
+from medseg.predict import _finished_output, without_earlier_masks
 
 
 def _mask_bytes(tmp_path: Path) -> bytes:
@@ -57,7 +57,7 @@ def test_a_scan_in_the_output_folder_named_as_another_inputs_mask_is_not_left_ou
     # two sites' scans of one name, `--input site_a site_b --output site_b`: site_b's scan
     # was taken for site_a's mask and left out, so site_a's case was skipped as done on it,
     # or with --overwrite its mask replaced site_b's scan; it was refused before
-    from medseg.predict import collect_inputs, without_earlier_masks
+    from medseg.predict import collect_inputs
 
     first = _volume(tmp_path / "site_a" / "case1.nii.gz")
     second = _volume(tmp_path / "site_b" / "case1.nii.gz")
@@ -66,3 +66,24 @@ def test_a_scan_in_the_output_folder_named_as_another_inputs_mask_is_not_left_ou
     # medseg's own masks there (intent 'label') are still left out
     _volume(second, label_map=True)
     assert without_earlier_masks(inputs, tmp_path / "site_b") == [first]
+
+
+def test_an_output_folder_left_empty_by_a_stopped_batch_is_no_series_input(tmp_path):
+    # `--input scans/* --output scans/pred` stopped before its first mask (killed, or a
+    # shard, whose folder is kept) left scans/pred empty: the shell pattern took it in as a
+    # DICOM series and the same command was refused ("--output ... is this DICOM series'
+    # folder"), the very thing leaving earlier masks out was to end
+    from medseg.predict import _refuse_writing_onto_inputs, collect_inputs, output_name
+
+    scans = [_volume(tmp_path / "scans" / f"case{i}.nii.gz") for i in range(2)]
+    out = tmp_path / "scans" / "pred"
+    out.mkdir()
+    (out / ".case0.nii.gz.1234.part").write_bytes(b"")
+    inputs = collect_inputs(sorted(str(p) for p in (tmp_path / "scans").iterdir()))
+    kept = without_earlier_masks(inputs, out)
+    assert kept == scans
+    _refuse_writing_onto_inputs([(output_name(p), (p,)) for p in kept], out)
+    # a series of its own there is still the refusal's
+    (out / "IM0001").write_bytes(b"DICM")
+    assert out in without_earlier_masks(
+        collect_inputs(sorted(str(p) for p in (tmp_path / "scans").iterdir())), out)

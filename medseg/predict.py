@@ -380,11 +380,12 @@ def _empty_output_folder(path: Path, output: Path) -> bool:
 def _label_map_file(path: Path) -> bool:
     """Whether a file's NIfTI header says label map (intent 'label', as medseg writes its
     masks): a scan named as another input's mask (two sites' `case1.nii.gz`, the output
-    folder one of them) is not left out, to be skipped as done or replaced (--overwrite)."""
+    folder one of them) is not left out, to be skipped as done or replaced (--overwrite).
+    An empty file (a copy cut short, a full disk) is no scan either: predicted again."""
     import nibabel as nib
 
     try:
-        return nib.load(str(path)).header.get_intent()[0] == "label"
+        return path.stat().st_size == 0 or nib.load(str(path)).header.get_intent()[0] == "label"
     except Exception:  # not NIfTI, unreadable: no mask of medseg's
         return False
 

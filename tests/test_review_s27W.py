@@ -87,3 +87,15 @@ def test_an_output_folder_left_empty_by_a_stopped_batch_is_no_series_input(tmp_p
     (out / "IM0001").write_bytes(b"DICM")
     assert out in without_earlier_masks(
         collect_inputs(sorted(str(p) for p in (tmp_path / "scans").iterdir())), out)
+
+
+def test_an_empty_mask_in_the_output_folder_is_still_left_out(tmp_path):
+    # a mask emptied by a full disk is no scan: left out as before (then predicted again)
+    from medseg.predict import collect_inputs
+
+    scans = [_volume(tmp_path / "scans" / f"case{i}.nii.gz") for i in range(2)]
+    out = tmp_path / "scans" / "pred"
+    _volume(out / "case0.nii.gz", label_map=True)
+    (out / "case1.nii.gz").write_bytes(b"")
+    inputs = collect_inputs(sorted(str(p) for p in (tmp_path / "scans").iterdir()))
+    assert without_earlier_masks(inputs, out) == scans

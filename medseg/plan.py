@@ -572,8 +572,10 @@ def _ras_ordered(affine: np.ndarray, values: tuple) -> list:
 
 
 def _median_resampled_shape(spacings, shapes, spacing) -> list[int]:
+    """At least 1 per axis: a target spacing coarser than twice the cases' extent (one 3 mm
+    slice planned at 8 mm) still resamples them to one voxel, and plan.json needs 1 or more."""
     physical = np.asarray(spacings, dtype=float) * np.asarray(shapes, dtype=float)
-    return [int(round(v)) for v in np.median(physical, axis=0) / np.asarray(spacing)]
+    return [max(1, int(round(v))) for v in np.median(physical, axis=0) / np.asarray(spacing)]
 
 
 def _divisible_patch(patch: list[int], strides: list[list[int]]) -> list[int]:

@@ -45,6 +45,7 @@ from medseg.io import (
 SAMPLES_PER_CASE = 10_000
 MAX_LEVELS = 6  # resolution levels of the U-Net, bottleneck included
 ANISOTROPY_RATIO = 3.0
+LONE_AXIS_MIN = 12  # voxels an axis needs to be pooled while no other is (nnU-Net's 3 x 4)
 MIN_PATCH_AXIS = 16  # voxels: two down-samplings (DynUNet needs them) of an axis at least 8
 GB = 2**30
 
@@ -395,7 +396,8 @@ def _divisible_topology(patch: list[int], spacing: list[float]
 def kernels_and_strides(patch: list[int], spacing: list[float]
                         ) -> tuple[list[list[int]], list[list[int]]]:
     """DynUNet topology as nnU-Net plans it: at each level, pool the axes that still have at
-    least 8 voxels and are finer than twice the finest of those; a kernel is 3 wide along an
+    least 8 voxels and are finer than twice the finest of those (an axis pooled alone needs
+    LONE_AXIS_MIN); a kernel is 3 wide along an
     axis from the level where that axis is finer than twice the finest spacing on."""
     sizes, spacings = [float(p) for p in patch], list(spacing)
     kernel = [1, 1, 1]
@@ -408,6 +410,8 @@ def kernels_and_strides(patch: list[int], spacing: list[float]
         # its fine spacing and would otherwise stop the others early
         finest = min(spacings[i] for i in poolable)
         stride = [2 if i in poolable and spacings[i] / finest < 2 else 1 for i in range(3)]
+        if _lone_axis_too_short(stride, sizes, levels=len(strides)):
+            break
         kernel = [3 if k == 3 or sp / min(spacings) < 2 else 1
                   for k, sp in zip(kernel, spacings, strict=True)]
         kernels.append(list(kernel))
@@ -416,6 +420,14 @@ def kernels_and_strides(patch: list[int], spacing: list[float]
         strides.append(stride)
     kernels.append([3, 3, 3])
     return kernels, strides
+
+
+def _lone_axis_too_short(stride: list[int], sizes: list[float], levels: int) -> bool:
+    """nnU-Net pools an axis alone only while it has LONE_AXIS_MIN voxels (3 x its 4-voxel
+    bottleneck edge): no level halves one axis of 8 to 11 while the others stay. The two
+    down-samplings DynUNet needs (`levels` below 3) are made anyway."""
+    pooled = [size for size, s in zip(sizes, stride, strict=True) if s == 2]
+    return levels >= 3 and len(pooled) == 1 and pooled[0] < LONE_AXIS_MIN
 
 
 def _is_int(value, low: int = 1) -> bool:

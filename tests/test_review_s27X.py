@@ -3,7 +3,7 @@
 from helpers import synthetic_fingerprint
 
 from medseg.config import PlanConfig
-from medseg.plan import Plan, make_plan
+from medseg.plan import Plan, kernels_and_strides, make_plan
 
 
 def test_a_target_spacing_coarser_than_the_cases_makes_a_readable_plan():
@@ -13,3 +13,24 @@ def test_a_target_spacing_coarser_than_the_cases_makes_a_readable_plan():
     plan = make_plan(fp, PlanConfig(target_spacing=[0.8, 0.8, 8.0]))
     assert plan.median_shape == [200, 180, 1]
     assert Plan.from_json(plan.to_json()) == plan
+
+
+def test_an_axis_is_pooled_alone_only_while_it_has_12_voxels_as_nnunet_pools_it():
+    # the TotalSegmentator CT at 3 mm (median 116 x 99 x 30): patch [128, 112, 32]; nnU-Net's
+    # get_pool_and_conv_props stops where R alone is left with 8 voxels, medseg halved it
+    # alone to 4 in a sixth level of 320 filters
+    kernels, strides = kernels_and_strides([128, 112, 32], [3.0, 3.0, 3.0])
+    assert strides == [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 1]]
+    assert len(kernels) == len(strides)
+    # an axis alone with 12 voxels or more still pools (one long axis)
+    _, strides = kernels_and_strides([40, 40, 544], [1.0, 1.0, 1.0])
+    assert [s[2] for s in strides] == [1, 2, 2, 2, 2, 2]
+
+
+def test_the_two_down_samplings_dynunet_needs_are_made_for_a_lone_short_axis():
+    from medseg.model import create_model
+
+    plan = make_plan(synthetic_fingerprint([[1.0, 1.0, 1.0]] * 3, [[20, 5, 5]] * 3),
+                     PlanConfig())
+    assert [s[0] for s in plan.strides] == [1, 2, 2]
+    create_model(plan)

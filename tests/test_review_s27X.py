@@ -34,3 +34,26 @@ def test_the_two_down_samplings_dynunet_needs_are_made_for_a_lone_short_axis():
                      PlanConfig())
     assert [s[0] for s in plan.strides] == [1, 2, 2]
     create_model(plan)
+
+
+def test_the_mr_normalization_and_its_difference_from_nnunet_are_documented():
+    """docs/workflows.md said 'MR z-scores over nonzero voxels', silent on nnU-Net's rule (the
+    nonzero mask only where cropping shrinks the median case by a quarter, every voxel
+    otherwise) and on what happens to zero voxels, which medseg keeps at 0."""
+    import re
+    from pathlib import Path
+
+    import numpy as np
+
+    from medseg.transforms import _normalize
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "workflows.md").read_text(
+        encoding="utf-8")
+    plan_section = re.search(r"^## `plan`\n(.*?)^## ", text, re.M | re.S).group(1)
+    flat = " ".join(plan_section.split())
+    assert "leaves its zero voxels at 0" in flat
+    assert "shrinks the median case by a quarter or more" in flat
+    assert "Where it differs from nnU-Net v2's planner" in flat
+    image = np.array([[[0.0, 10.0, 20.0, 30.0]]], dtype=np.float32)[None]
+    out = _normalize("image", {"scheme": "zscore_nonzero"})({"image": image})
+    assert float(np.asarray(out["image"]).ravel()[0]) == 0.0  # what the docs say

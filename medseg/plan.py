@@ -719,9 +719,9 @@ def describe_plan(plan: Plan, fp: Fingerprint) -> str:
     spacings = np.asarray(fp.spacings, dtype=float)
     extent = _numbers(np.multiply(plan.patch_size, plan.target_spacing))
     lines = [
-        f"target spacing (mm, R A S): {_numbers(plan.target_spacing)}; the cases' median "
-        f"{_numbers(np.median(spacings, axis=0))}, from {_numbers(spacings.min(axis=0))} "
-        f"to {_numbers(spacings.max(axis=0))}",
+        f"target spacing (mm, R A S): {_numbers(plan.target_spacing)}{_spacing_reason(plan, fp)}"
+        f"; the cases' median {_numbers(np.median(spacings, axis=0))}, from "
+        f"{_numbers(spacings.min(axis=0))} to {_numbers(spacings.max(axis=0))}",
         f"median shape at that spacing: {plan.median_shape}",
         f"patch {plan.patch_size} voxels ({extent} mm), "
         f"batch {plan.batch_size}, mirror axes {plan.mirror_axes}",
@@ -740,6 +740,23 @@ def describe_plan(plan: Plan, fp: Fingerprint) -> str:
             share = fp.class_voxels.get(label, 0) / total
             lines.append(f"class {label} {name}: {share:.1%} of the structure voxels")
     return "\n".join(lines)
+
+
+def _spacing_reason(plan: Plan, fp: Fingerprint) -> str:
+    """Why the target spacing is not the cases' median: set by the workflow, or the 10th
+    percentile along a strongly anisotropic axis (nnU-Net's rule)."""
+    auto = target_spacing(fp.spacings, fp.shapes)
+    if not np.allclose(plan.target_spacing, auto, rtol=1e-6, atol=0):
+        return " (set by plan.target_spacing)"
+    median = np.median(np.asarray(fp.spacings, dtype=float), axis=0)
+    changed = [axis for axis in range(3) if not math.isclose(auto[axis], median[axis])]
+    if not changed:
+        return ""
+    axis = "RAS"[changed[0]]
+    return (f" (along {axis} the cases' 10th percentile, no finer than the other axes, not "
+            f"their median: that axis's "
+            f"spacing is over {ANISOTROPY_RATIO:g}x the others' and its voxels under 1/"
+            f"{ANISOTROPY_RATIO:g} of theirs, as nnU-Net plans it)")
 
 
 def _numbers(values) -> str:

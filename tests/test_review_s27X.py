@@ -57,3 +57,19 @@ def test_the_mr_normalization_and_its_difference_from_nnunet_are_documented():
     image = np.array([[[0.0, 10.0, 20.0, 30.0]]], dtype=np.float32)[None]
     out = _normalize("image", {"scheme": "zscore_nonzero"})({"image": image})
     assert float(np.asarray(out["image"]).ravel()[0]) == 0.0  # what the docs say
+
+
+def test_medseg_plan_says_why_the_target_spacing_is_not_the_median():
+    """`medseg plan` printed a target of 1.8 mm beside a median of 4 mm without a word of
+    nnU-Net's anisotropy rule (or of plan.target_spacing having set it)."""
+    from medseg.plan import describe_plan
+
+    spacings = [[0.7, 0.7, z] for z in (5.0, 5.0, 3.0, 4.0, 1.0)]
+    fp = synthetic_fingerprint(spacings, [[256, 256, 24]] * 5)
+    first = describe_plan(make_plan(fp, PlanConfig()), fp).splitlines()[0]
+    assert "[0.7, 0.7, 1.8] (along S the cases' 10th percentile" in first
+    given = make_plan(fp, PlanConfig(target_spacing=[1.0, 1.0, 1.0]))
+    assert "(set by plan.target_spacing)" in describe_plan(given, fp).splitlines()[0]
+    plain = synthetic_fingerprint([[1.0, 1.0, 1.0]] * 3, [[36, 50, 35]] * 3)
+    assert describe_plan(make_plan(plain, PlanConfig()), plain).split(";")[0].endswith(
+        "[1, 1, 1]")

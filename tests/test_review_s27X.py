@@ -54,6 +54,7 @@ def test_the_mr_normalization_and_its_difference_from_nnunet_are_documented():
     assert "leaves its zero voxels at 0" in flat
     assert "shrinks the median case by a quarter or more" in flat
     assert "Where it differs from nnU-Net v2's planner" in flat
+    assert "linear for images and nearest-neighbour for labels" in flat
     image = np.array([[[0.0, 10.0, 20.0, 30.0]]], dtype=np.float32)[None]
     out = _normalize("image", {"scheme": "zscore_nonzero"})({"image": image})
     assert float(np.asarray(out["image"]).ravel()[0]) == 0.0  # what the docs say

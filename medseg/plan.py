@@ -398,7 +398,8 @@ def kernels_and_strides(patch: list[int], spacing: list[float]
     """DynUNet topology as nnU-Net plans it: at each level, pool the axes that still have at
     least 8 voxels and are finer than twice the finest of those (an axis pooled alone needs
     LONE_AXIS_MIN); a kernel is 3 wide along an
-    axis from the level where that axis is finer than twice the finest spacing on."""
+    axis from the level where that axis is finer than twice the finest spacing on, and 1
+    wide along an axis of one voxel."""
     sizes, spacings = [float(p) for p in patch], list(spacing)
     kernel = [1, 1, 1]
     kernels, strides = [], [[1, 1, 1]]
@@ -419,7 +420,10 @@ def kernels_and_strides(patch: list[int], spacing: list[float]
         spacings = [sp * s for sp, s in zip(spacings, stride, strict=True)]
         strides.append(stride)
     kernels.append([3, 3, 3])
-    return kernels, strides
+    # an axis of one voxel (single slices) is never pooled: a 3-wide kernel across it would
+    # read only its zero padding, three times the work of nnU-Net's 2D convolutions
+    flat = [i for i in range(3) if patch[i] == 1]
+    return [[1 if i in flat else k for i, k in enumerate(kernel)] for kernel in kernels], strides
 
 
 def _lone_axis_too_short(stride: list[int], sizes: list[float], levels: int) -> bool:

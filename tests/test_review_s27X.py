@@ -74,3 +74,21 @@ def test_medseg_plan_says_why_the_target_spacing_is_not_the_median():
     plain = synthetic_fingerprint([[1.0, 1.0, 1.0]] * 3, [[36, 50, 35]] * 3)
     assert describe_plan(make_plan(plain, PlanConfig()), plain).split(";")[0].endswith(
         "[1, 1, 1]")
+
+
+def test_single_slices_get_no_3_wide_kernel_across_their_one_voxel():
+    # 200 x 180 x 1 cases at 0.8 x 0.8 x 3 mm: S became 3 wide from level 1 on, each
+    # convolution reading the slice and two planes of zero padding (3x the work and weights)
+    from medseg.model import create_model
+
+    fp = synthetic_fingerprint([[0.8, 0.8, 3.0]] * 3, [[200, 180, 1]] * 3)
+    plan = make_plan(fp, PlanConfig(base_filters=4, max_filters=16))
+    assert plan.patch_size == [224, 192, 1]
+    assert all(kernel[2] == 1 for kernel in plan.kernels)
+    assert all(kernel[:2] == [3, 3] for kernel in plan.kernels)
+    import torch
+
+    model = create_model(plan).eval()
+    with torch.no_grad():
+        out = model(torch.zeros(1, 1, 224, 192, 1))
+    assert out.shape[-3:] == (224, 192, 1)

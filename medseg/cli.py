@@ -270,8 +270,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     workflow, dataset = runs.read_run_dataset(workflow)
     splits, fp, plan = runs.plan_run(workflow, dataset)
     if init is not None:  # train would refuse it before any training
-        from medseg.pretrained import refuse_unfit
+        from medseg.pretrained import keep_source_topology, refuse_unfit
 
+        plan = keep_source_topology(init, plan)
         refuse_unfit(init, plan)
     print(describe_plan(plan, fp))
     if out is not None:

@@ -350,6 +350,28 @@ def _shapes(source: InitSource) -> dict[str, tuple]:
                           f"({one_line(str(exc))})", source.shown(source.weights)) from exc
 
 
+def keep_source_topology(source: InitSource, plan: Plan, quiet: bool = False) -> Plan:
+    """`plan` with the source run's levels, strides and kernels where the source was planned
+    on the same spacing, patch and widths by an earlier medseg, whose rules differed (it
+    pooled a lone axis of 8 to 11 voxels, and ran 3-wide kernels across a one-voxel axis):
+    its weights keep fitting the network they were trained in."""
+    old = source.plan
+    if old is None or (old.kernels, old.strides) == (plan.kernels, plan.strides):
+        return plan
+    shorter, longer = sorted((old.filters, plan.filters), key=len)
+    if (old.target_spacing, old.patch_size, old.network) != (
+            plan.target_spacing, plan.patch_size, plan.network) or \
+            longer[:len(shorter)] != shorter:
+        return plan
+    if not quiet:
+        print(f"medseg: note: train.init: the levels, strides and kernels of "
+              f"{source.plan_file} are kept ({len(old.strides)} levels; the planner now makes "
+              f"{len(plan.strides)} of this spacing and patch), so that its weights fit",
+              file=sys.stderr)
+    return dataclasses.replace(plan, kernels=old.kernels, strides=old.strides,
+                               filters=old.filters)
+
+
 def refuse_unfit(source: InitSource, plan: Plan) -> None:
     """Refuse, before any training, a source whose weights do not fit the network of `plan`
     (heads aside): one line naming the file, the first differing tensor, how the plans

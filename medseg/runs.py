@@ -89,7 +89,7 @@ def train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool,
         save_fingerprint,
         save_plan,
     )
-    from medseg.pretrained import note_other_modalities, refuse_unfit
+    from medseg.pretrained import keep_source_topology, note_other_modalities, refuse_unfit
     from medseg.train import current_ranks, train_fold
 
     # under torchrun every rank plans the same run from the same seed; rank 0 alone checks
@@ -104,6 +104,7 @@ def train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool,
     _report_run_dataset(workflow, dataset, main_rank)
     splits, fp, plan = plan_run(workflow, dataset, main_rank)
     if init is not None:
+        plan = keep_source_topology(init, plan, quiet=not main_rank)
         refuse_unfit(init, plan)
         note_other_modalities(init, plan, quiet=not main_rank)
     if main_rank:

@@ -92,3 +92,38 @@ def test_single_slices_get_no_3_wide_kernel_across_their_one_voxel():
     with torch.no_grad():
         out = model(torch.zeros(1, 1, 224, 192, 1))
     assert out.shape[-3:] == (224, 192, 1)
+
+
+def test_a_source_run_planned_with_the_old_lone_axis_pooling_still_fits_train_init(
+        tmp_path, capsys):
+    """Fine-tuning from a run that an earlier medseg planned (a lone axis of 8 pooled: one
+    level more than the planner now makes of the same spacing and patch) was refused, its
+    weights no longer fitting; its levels, strides and kernels are kept instead."""
+    import dataclasses
+
+    import pytest
+
+    from medseg.errors import MedsegError
+    from medseg.model import create_model, save_weights
+    from medseg.pretrained import InitSource, keep_source_topology, refuse_unfit
+
+    fp = synthetic_fingerprint([[1.0, 1.0, 1.0]] * 3, [[40, 20, 20]] * 3)
+    config = PlanConfig(patch_size=[32, 16, 16], base_filters=4, max_filters=16)
+    plan = make_plan(fp, config)
+    assert plan.strides == [[1, 1, 1], [2, 2, 2], [2, 2, 2]]  # R has 8 left, alone: stop
+    old = dataclasses.replace(plan, strides=[*plan.strides, [2, 1, 1]],
+                              kernels=[[3, 3, 3]] * 4, filters=[4, 8, 16, 16])
+    weights = tmp_path / "run" / "fold_0" / "checkpoints" / "best.safetensors"
+    weights.parent.mkdir(parents=True)
+    save_weights(create_model(old), weights)
+    source = InitSource(weights, old, tmp_path / "run" / "plan.json")
+    kept = keep_source_topology(source, plan)
+    assert (kept.strides, kept.kernels, kept.filters) == (old.strides, old.kernels,
+                                                         old.filters)
+    assert "levels, strides and kernels" in capsys.readouterr().err
+    refuse_unfit(source, kept)  # fits
+    # another patch is another network: the planner's, and the refusal as before
+    other = make_plan(fp, dataclasses.replace(config, patch_size=[16, 16, 16]))
+    assert keep_source_topology(source, other) == other
+    with pytest.raises(MedsegError, match="do not fit"):
+        refuse_unfit(source, other)

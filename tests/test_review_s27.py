@@ -25,15 +25,28 @@ def _save(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
     nib.save(nib.Nifti1Image(data, affine), path)
 
 
+def _phantom_rows(root: Path, second_channel_is_label_of: int | None = None) -> list[str]:
+    """A dataset.csv's rows for three phantoms (int16 CT, uint8 label); with
+    `second_channel_is_label_of`, a further channel column, a float32 copy of the image but
+    for that case, whose copy is of its label."""
+    rows = ["image,label" + (",t2" if second_channel_is_label_of is not None else "")]
+    for index in range(3):
+        phantom = make_phantom(index, shape=SMALL_SHAPE, spacing=SMALL_SPACING)
+        _save(phantom.image.astype(np.int16), phantom.affine, root / f"c{index}.nii.gz")
+        _save(phantom.label.astype(np.uint8), phantom.affine, root / f"c{index}_seg.nii.gz")
+        row = f"c{index}.nii.gz,c{index}_seg.nii.gz"
+        if second_channel_is_label_of is not None:
+            second = phantom.label if index == second_channel_is_label_of else phantom.image
+            _save(second.astype(np.float32), phantom.affine, root / f"c{index}_t2.nii.gz")
+            row += f",c{index}_t2.nii.gz"
+        rows.append(row)
+    return rows
+
+
 def test_training_refuses_a_copy_whose_label_is_stored_as_floats(tmp_path):
     # the float32 copy of a uint8 label is read into C order, the original into nibabel's
     # Fortran order: the fingerprint took the two for two raters' labels and trained on both
-    rows = ["image,label"]
-    for index in range(3):
-        phantom = make_phantom(index, shape=SMALL_SHAPE, spacing=SMALL_SPACING)
-        _save(phantom.image.astype(np.int16), phantom.affine, tmp_path / f"c{index}.nii.gz")
-        _save(phantom.label.astype(np.uint8), phantom.affine, tmp_path / f"c{index}_seg.nii.gz")
-        rows.append(f"c{index}.nii.gz,c{index}_seg.nii.gz")
+    rows = _phantom_rows(tmp_path)
     label = nib.load(tmp_path / "c0_seg.nii.gz")
     _save(np.asanyarray(label.dataobj).astype(np.float32), label.affine,
           tmp_path / "copy_seg.nii.gz")
@@ -47,14 +60,7 @@ def test_training_refuses_a_copy_whose_label_is_stored_as_floats(tmp_path):
 def test_training_refuses_a_channel_holding_a_copy_of_the_label(tmp_path):
     # a CSV column of label files (a second rater's copy of the same voxels) was trained on
     # as a further channel: check reported it, training fed the network its answer
-    rows = ["image,label,t2"]
-    for index in range(3):
-        phantom = make_phantom(index, shape=SMALL_SHAPE, spacing=SMALL_SPACING)
-        _save(phantom.image.astype(np.int16), phantom.affine, tmp_path / f"c{index}.nii.gz")
-        _save(phantom.label.astype(np.uint8), phantom.affine, tmp_path / f"c{index}_seg.nii.gz")
-        second = phantom.label if index == 1 else phantom.image
-        _save(second.astype(np.float32), phantom.affine, tmp_path / f"c{index}_t2.nii.gz")
-        rows.append(f"c{index}.nii.gz,c{index}_seg.nii.gz,c{index}_t2.nii.gz")
+    rows = _phantom_rows(tmp_path, second_channel_is_label_of=1)
     (tmp_path / "dataset.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
     with pytest.raises(MedsegError, match="same voxels as the case's label") as caught:
         fingerprint(load_dataset(tmp_path), progress=False)

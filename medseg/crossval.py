@@ -705,13 +705,18 @@ def _print_folds(folds: dict[str, dict]) -> None:
               f"{f' ({dice})' if dice else ''}")
 
 
+def _postprocessing_line(name: str, structure: dict) -> str:
+    """A structure's mean Dice raw -> kept, with the decimals that tell the two apart."""
+    before, after = structure["dice"], structure["dice_largest_component"]
+    digits = change_digits(before, after)
+    raises = " (raises it)" if structure["apply"] else ""
+    return f"  {shown_name(name)}: {before:.{digits}f} -> {after:.{digits}f}{raises}"
+
+
 def _print_postprocessing(result: dict, plan: Plan) -> None:
     """What keeping the largest component does to each structure, and how to use it."""
-    lines = [f"  {shown_name(name)}: {before:.{digits}f} -> {after:.{digits}f}"
-             f"{' (raises it)' if s['apply'] else ''}"
-             for name, s in result["structures"].items() if math.isfinite(s["dice"])
-             for before, after in [(s["dice"], s["dice_largest_component"])]
-             for digits in [change_digits(before, after)]]
+    lines = [_postprocessing_line(name, s) for name, s in result["structures"].items()
+             if math.isfinite(s["dice"])]
     if not lines:
         return
     print("keeping only the largest component (mean Dice, raw -> kept):")

@@ -120,7 +120,6 @@ def _header(results: list[CaseScores], summary: dict) -> str:
         "<h1>Segmentation evaluation</h1>",
         f'<p class="meta">{_count(summary["n_cases"], "case")}, {len(failed)} failed; '
         f'{_count(len(shown_structures(summary)), "structure")}; mean Dice over structures '
-
         f'<b>{_fmt(summary["mean_dice"], 3)}</b>, mean surface Dice '
         f'<b>{_fmt(summary.get("mean_nsd", math.nan), 3)}</b>'
         + (f" at {tolerance:g} mm" if tolerance is not None else "") + "</p>",

@@ -7,6 +7,9 @@
 # GB. A user with a GPU installs their CUDA build into .venv first, or sets MEDSEG_TORCH to the
 # pip requirement they want (with PIP_EXTRA_INDEX_URL naming its index); either is kept.
 set -euo pipefail
+# Ctrl-C during pip: pip ends with a status of 1 and bash would go on to the next line (the
+# torch step's advice to set MEDSEG_TORCH, for one); stop here instead
+trap 'echo "setup: interrupted; run it again to go on" >&2; exit 130' INT
 cd "$(dirname "$0")/.."
 
 PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3 || echo python3)}"

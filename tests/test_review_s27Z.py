@@ -1,0 +1,64 @@
+"""scripts/setup.sh run on a fake virtual environment: its bin/python runs this Python with a
+fake torch on the path, and answers `-m pip` with a given shell line, so that no pip, index or
+network is ever used."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SETUP = REPO / "scripts" / "setup.sh"
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="bash scripts")
+
+
+def _write_script(path: Path, text: str) -> None:
+    path.write_text(text, encoding="utf-8")
+    path.chmod(0o755)
+
+
+def _fake_venv(venv: Path, torch_version: str | None, pip_line: str) -> Path:
+    """A folder that setup.sh takes for a virtual environment with pip (and torch)."""
+    site = venv / "site"
+    site.mkdir(parents=True)
+    (venv / "bin").mkdir()
+    (venv / "pyvenv.cfg").write_text("home = /usr/bin\n", encoding="utf-8")
+    if torch_version is not None:
+        (site / "torch").mkdir()
+        (site / "torch" / "__init__.py").write_text(
+            f"__version__ = {torch_version!r}\n", encoding="utf-8"
+        )
+        info = site / f"torch-{torch_version}.dist-info"
+        info.mkdir()
+        (info / "METADATA").write_text(
+            f"Metadata-Version: 2.1\nName: torch\nVersion: {torch_version}\n", encoding="utf-8"
+        )
+    _write_script(
+        venv / "bin" / "python",
+        "#!/bin/sh\n"
+        f'if [ "$1" = -m ] && [ "$2" = pip ]; then {pip_line}; fi\n'
+        f'PYTHONPATH="{site}" exec "{sys.executable}" "$@"\n',
+    )
+    return venv
+
+
+def _run(args, env_extra, cwd=None):
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "MEDSEG_TORCH", "CDPATH")}
+    env.update(env_extra)
+    return subprocess.run(
+        ["bash", *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_ctrl_c_during_pip_stops_setup_without_the_torch_advice(tmp_path):
+    # Ctrl-C reaches pip and bash alike; pip ends with status 1 (not by the signal), so bash went
+    # on and told the user to set MEDSEG_TORCH (to PyPI's CUDA build) after their own Ctrl-C
+    venv = _fake_venv(tmp_path / "v env", None, 'echo "pip ran" >&2; kill -INT $PPID; exit 1')
+    done = _run([str(SETUP)], {"MEDSEG_VENV": str(venv), "MEDSEG_TORCH": "torch==9.9"})
+    assert done.returncode == 130, done.stderr
+    assert "pip ran" in done.stderr
+    assert "interrupted" in done.stderr
+    assert "MEDSEG_TORCH" not in done.stderr

@@ -81,6 +81,14 @@ fi
 # the installed torch pinned, so that no dependency's range can replace it (a newer release
 # from an index is a CUDA build on Linux, and a user's own CUDA build must stay)
 TORCH_VERSION="$("$PY" -c 'import importlib.metadata as m; print(m.version("torch"))')"
+# medseg needs torch 2.8 (MONAI 1.6's floor): an older one, kept, ended in pip's bare
+# 'ResolutionImpossible'
+if ! "$PY" -c "import sys; sys.exit(tuple(map(int, sys.argv[1].split('.')[:2])) < (2, 8))" \
+    "$TORCH_VERSION" 2>/dev/null; then
+  echo "setup: $VENV has torch $TORCH_VERSION, and medseg needs torch 2.8 or newer: install a" \
+    "newer build into $VENV (or set MEDSEG_TORCH), or remove $VENV to get torch 2.13.0" >&2
+  exit 1
+fi
 # pip takes half a minute to find that nothing is to be done: skip it when this checkout's
 # pyproject.toml was installed with this torch and medseg's dependencies all import
 STAMP="$VENV/.medseg-setup"

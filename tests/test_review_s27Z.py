@@ -62,3 +62,23 @@ def test_ctrl_c_during_pip_stops_setup_without_the_torch_advice(tmp_path):
     assert "pip ran" in done.stderr
     assert "interrupted" in done.stderr
     assert "MEDSEG_TORCH" not in done.stderr
+
+
+@pytest.mark.parametrize("version", ["2.5.1+cu121", "2.7.0a0+git1234"])
+def test_a_torch_older_than_2_8_is_named_before_pip(tmp_path, version):
+    # the user's torch is kept, so pip could only answer 'ResolutionImpossible' (with --quiet,
+    # without saying that torch was the conflict)
+    venv = _fake_venv(tmp_path / "venv", version, 'echo "pip ran" >&2; exit 3')
+    done = _run([str(SETUP)], {"MEDSEG_VENV": str(venv)})
+    assert done.returncode == 1, done.stderr
+    assert "pip ran" not in done.stderr
+    assert f"has torch {version}, and medseg needs torch 2.8 or newer" in done.stderr
+
+
+@pytest.mark.parametrize("version", ["2.8.0", "2.10.1+cu130", "3.0.0rc1"])
+def test_a_torch_of_2_8_or_newer_is_kept_and_pinned(tmp_path, version):
+    venv = _fake_venv(tmp_path / "venv", version, 'echo "pip $*" >&2; exit 3')
+    done = _run([str(SETUP)], {"MEDSEG_VENV": str(venv)})
+    assert done.returncode == 3, done.stderr
+    assert f"using the installed torch {version}" in done.stdout
+    assert f"pip install --quiet -e .[test] torch=={version}" in done.stderr

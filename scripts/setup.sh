@@ -12,7 +12,14 @@ set -euo pipefail
 trap 'echo "setup: interrupted; run it again to go on" >&2; exit 130' INT
 cd "$(dirname "$0")/.."
 
-PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3 || echo python3)}"
+# python3.11 when one runs, else python3: a python3.11 can be there and not run (pyenv's shim of
+# a version that is installed but not selected)
+if [ -z "${PYTHON:-}" ]; then
+  PYTHON=python3
+  if python3.11 -c "" 2>/dev/null; then
+    PYTHON=python3.11
+  fi
+fi
 VENV="${MEDSEG_VENV:-.venv}"
 PY="$VENV/bin/python"
 

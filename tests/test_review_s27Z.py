@@ -82,3 +82,33 @@ def test_a_torch_of_2_8_or_newer_is_kept_and_pinned(tmp_path, version):
     assert done.returncode == 3, done.stderr
     assert f"using the installed torch {version}" in done.stdout
     assert f"pip install --quiet -e .[test] torch=={version}" in done.stderr
+
+
+def test_a_python3_11_that_does_not_run_gives_way_to_python3(tmp_path):
+    # pyenv puts a python3.11 shim on PATH for an installed 3.11 that is not selected; setup
+    # took it and stopped ('python3.11 is not Python 3.10 or newer') though python3 ran
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    _write_script(
+        bin_dir / "python3.11",
+        '#!/bin/sh\necho "pyenv: python3.11: command not found" >&2\nexit 127\n',
+    )
+    venv = tmp_path / "venv"
+    # python3 -m venv DIR makes the fake environment; anything else runs this Python
+    _write_script(
+        bin_dir / "python3",
+        "#!/bin/sh\n"
+        'if [ "$1" = -m ] && [ "$2" = venv ]; then\n'
+        f'  "{sys.executable}" -c "import sys, pathlib; '
+        "sys.path.insert(0, sys.argv[1]); import test_review_s27Z as t; "
+        "t._fake_venv(pathlib.Path(sys.argv[2]), '2.9.1+cu128', 'echo pip ran >&2; exit 3')\" "
+        f'"{Path(__file__).parent}" "$3"\n'
+        "  exit\n"
+        "fi\n"
+        f'exec "{sys.executable}" "$@"\n',
+    )
+    path = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+    done = _run([str(SETUP)], {"MEDSEG_VENV": str(venv), "PATH": path})
+    assert "not Python 3.10 or newer" not in done.stderr
+    assert "setup: creating" in done.stdout, done.stderr
+    assert "pip ran" in done.stderr

@@ -3,6 +3,7 @@
 # medseg runs in the caller's folder, so that a relative --out (and the default medseg_demo/)
 # lands where the caller is, as the paths it prints say.
 set -euo pipefail
+unset CDPATH  # an exported CDPATH sends `cd scripts/..` elsewhere, and cd then prints
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 bash "$REPO/scripts/setup.sh"
 VENV="${MEDSEG_VENV:-.venv}"

@@ -7,6 +7,7 @@
 # GB. A user with a GPU installs their CUDA build into .venv first, or sets MEDSEG_TORCH to the
 # pip requirement they want (with PIP_EXTRA_INDEX_URL naming its index); either is kept.
 set -euo pipefail
+unset CDPATH  # an exported CDPATH sends `cd scripts/..` elsewhere, and cd then prints
 # Ctrl-C during pip: pip ends with a status of 1 and bash would go on to the next line (the
 # torch step's advice to set MEDSEG_TORCH, for one); stop here instead
 trap 'echo "setup: interrupted; run it again to go on" >&2; exit 130' INT

@@ -112,3 +112,22 @@ def test_a_python3_11_that_does_not_run_gives_way_to_python3(tmp_path):
     assert "not Python 3.10 or newer" not in done.stderr
     assert "setup: creating" in done.stdout, done.stderr
     assert "pip ran" in done.stderr
+
+
+@pytest.mark.parametrize("script", ["setup.sh", "demo.sh"])
+def test_an_exported_cdpath_does_not_move_the_scripts(tmp_path, script):
+    # `bash scripts/demo.sh` from the checkout with CDPATH naming a folder that has a scripts/:
+    # `cd scripts/..` went there (and printed its name, so demo.sh's REPO was two lines)
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "scripts").mkdir(parents=True)
+    venv = _fake_venv(tmp_path / "venv", "2.9.1+cu128", "exit 0")
+    _write_script(venv / "bin" / "medseg", '#!/bin/sh\nprintf "[%s]" "$@"\n')
+    done = _run(
+        [f"scripts/{script}", "--out", "my out", "x"],
+        {"MEDSEG_VENV": str(venv), "CDPATH": str(elsewhere)},
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr
+    assert f" {REPO} torch " in (venv / ".medseg-setup").read_text(encoding="utf-8")
+    if script == "demo.sh":
+        assert done.stdout.endswith("[demo][--out][my out][x]")

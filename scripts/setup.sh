@@ -98,16 +98,20 @@ if ! "$PY" -c "import sys; sys.exit(tuple(map(int, sys.argv[1].split('.')[:2])) 
   exit 1
 fi
 # pip takes half a minute to find that nothing is to be done: skip it when this checkout's
-# pyproject.toml was installed with this torch and medseg's dependencies all import
+# pyproject.toml was installed with this torch and medseg's dependencies (test extra included)
+# are all installed in versions it allows (one changed since, by hand or by another package's
+# install, sends setup to pip); the requirements are read by pip's own parser
 STAMP="$VENV/.medseg-setup"
 WANTED="$(cksum < pyproject.toml) $(pwd) torch $TORCH_VERSION"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANTED" ] && "$PY" -c "
 import importlib.metadata as m, medseg, sys
-for requirement in m.requires('medseg') or []:
-    name = requirement.split(';')[0].split('[')[0]
-    for mark in '<>=!~ ':
-        name = name.split(mark)[0]
-    m.version(name)
+from pip._vendor.packaging.requirements import Requirement
+for line in m.requires('medseg') or []:
+    requirement = Requirement(line)
+    if requirement.marker and not requirement.marker.evaluate({'extra': 'test'}):
+        continue
+    if not requirement.specifier.contains(m.version(requirement.name), prereleases=True):
+        sys.exit(1)
 sys.exit(medseg.__file__ is None)" 2>/dev/null; then
   echo "setup: medseg and its dependencies are installed"
   exit 0

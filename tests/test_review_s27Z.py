@@ -131,3 +131,35 @@ def test_an_exported_cdpath_does_not_move_the_scripts(tmp_path, script):
     assert f" {REPO} torch " in (venv / ".medseg-setup").read_text(encoding="utf-8")
     if script == "demo.sh":
         assert done.stdout.endswith("[demo][--out][my out][x]")
+
+
+def _fake_dist(site: Path, name: str, version: str, requires: tuple[str, ...] = ()) -> None:
+    info = site / f"{name}-{version}.dist-info"
+    info.mkdir()
+    lines = [f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n"]
+    lines += [f"Requires-Dist: {line}\n" for line in requires]
+    (info / "METADATA").write_text("".join(lines), encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    "ruff, other, pip_again",
+    [
+        ("0.17.6", (), False),
+        # a ruff (or numpy ...) changed by hand or by another package's install stayed: only the
+        # names were looked up
+        ("0.17.5", (), True),
+        # a requirement of an extra that is not installed (or for another platform) sent every
+        # run to pip: markers were cut off, not read
+        ("0.17.6", ('absent>=1; extra == "docs"', 'absent>=1; sys_platform == "nonesuch"'), False),
+    ],
+)
+def test_setup_skips_pip_only_when_every_requirement_is_met(tmp_path, ruff, other, pip_again):
+    venv = _fake_venv(tmp_path / "venv", "2.9.1+cu128", "echo pip ran >&2; exit 0")
+    requires = ("torch>=2.8", 'ruff==0.17.6; extra == "test"', *other)
+    _fake_dist(venv / "site", "medseg", "0.1.0", requires)
+    _fake_dist(venv / "site", "ruff", ruff)
+    first = _run([str(SETUP)], {"MEDSEG_VENV": str(venv)})
+    assert "pip ran" in first.stderr, first.stderr
+    again = _run([str(SETUP)], {"MEDSEG_VENV": str(venv)})
+    assert again.returncode == 0, again.stderr
+    assert ("pip ran" in again.stderr) == pip_again, again.stdout

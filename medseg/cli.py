@@ -93,17 +93,21 @@ def _unexpected_error(exc: Exception, other_rank: bool) -> int:
     if isinstance(cause, MedsegError):
         return _user_error(cause, other_rank)
     rank = f" (rank {os.environ['RANK']})" if other_rank else ""
+    delay_s = 0
     if _lost_another_process(cause):
         # its partner's failure, not this process's: torchrun's summary shows the
-        # earliest error file, the partner's
+        # earliest error file, the partner's. Its "Root Cause" is the file of the earliest
+        # whole second, the lowest rank on a tie: dated a second later, the partner's file
+        # (written before this process lost it) wins
         line = (f"medseg: error{rank}: another process of this torchrun run failed (its "
                 f"error is in torchrun's summary); this one lost its connection: "
                 f"{one_line(str(cause))}")
+        delay_s = 1
     else:
         line = (f"medseg: error{rank}: {type(cause).__name__}: {one_line(str(cause))} (rerun "
                 f"with --debug for the traceback)")
     print(line, file=sys.stderr)
-    _tell_torchrun(line)
+    _tell_torchrun(line, delay_s)
     return 1
 
 
@@ -154,17 +158,19 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1") or 1)
 
 
-def _tell_torchrun(line: str) -> None:
+def _tell_torchrun(line: str, delay_s: int = 0) -> None:
     """A torchrun worker's error file is what torchrun's failure summary shows for the rank
     that failed first: a mistake only rank 1 meets (its share of the cases) is otherwise said
-    by no one, since rank 0 alone prints and torchrun stops it when rank 1 exits."""
+    by no one, since rank 0 alone prints and torchrun stops it when rank 1 exits. `delay_s`
+    dates the record that much later."""
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not error_file:
         return
     # torch.distributed.elastic's error-file layout (ErrorHandler.record_exception's), with
     # the one line where it would put a traceback
+    stamp = str(int(time.time()) + delay_s)
     record = {"message": {"message": line, "extraInfo": {"py_callstack": line + "\n",
-                                                         "timestamp": str(int(time.time()))}}}
+                                                         "timestamp": stamp}}}
     with contextlib.suppress(OSError):
         Path(error_file).write_text(json.dumps(record), encoding="utf-8")
 

@@ -397,7 +397,41 @@ def cmd_predict(args: argparse.Namespace) -> int:
     _refuse_repeated_archives(args.model)
     with contextlib.ExitStack() as archives:
         models = [_run_folder_of(Path(model), archives) for model in args.model]
-        return _predict_and_report(args, models, options)
+        code = _predict_and_report(args, models, options)
+    _wait_for_the_other_processes()
+    return code
+
+
+def _wait_for_the_other_processes() -> None:
+    """Under torchrun, a process that has finished its share of the batch waits for the
+    others before it exits: torchrun stops every process as soon as one exits with a failure
+    (exit 1 when some of its cases failed), which cut the others' shares short. The wait
+    runs in a thread, so that Ctrl-C and SIGTERM still stop this one at once."""
+    if _world_size() <= 1 or "MASTER_ADDR" not in os.environ:
+        return
+    errors: list[BaseException] = []
+    waiting = threading.Thread(target=_barrier_of_all_processes, args=(errors,), daemon=True)
+    waiting.start()
+    while waiting.is_alive():
+        waiting.join(0.5)
+    if errors:
+        raise errors[0]
+
+
+def _barrier_of_all_processes(errors: list[BaseException]) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    try:
+        # one share may take hours longer than another: not the default 30 minutes
+        dist.init_process_group("gloo", timeout=datetime.timedelta(days=30))
+        try:
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+    except Exception as exc:  # raised again in the main thread
+        errors.append(exc)
 
 
 def _refuse_repeated_archives(models: list[str]) -> None:

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 import time
+
+from helpers import REPO
 
 import medseg.cli
 from medseg.cli import main
@@ -47,3 +53,32 @@ def test_torchruns_root_cause_is_the_failed_rank_not_the_one_that_lost_it(
     rank, failure = ChildFailedError("medseg", failures).get_first_failure()
     assert rank == 1
     assert "ValueError: a bug" in failure.message["message"]
+
+
+def test_a_failed_case_on_one_process_does_not_stop_the_others_shares(
+        trained_run, phantom_dataset, tmp_path):
+    """torchrun stops every process once one exits with a failure: rank 1, whose cases all
+    failed (exit 2), cut rank 0's share of the batch short ("medseg: stopped (SIGTERM)"),
+    where the docs say that a failed case fails alone and the batch goes on."""
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    good = sorted((phantom_dataset / "imagesTr").glob("*.nii.gz"))
+    for i in range(40):  # sorted by name: rank 0 gets the even cases, rank 1 the odd
+        case = scans / f"c{i:02d}.nii.gz"
+        if i % 2:
+            case.write_bytes(b"not a volume")
+        else:
+            shutil.copyfile(good[i % len(good)], case)
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        ["timeout", "120", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+         "2", "--standalone", "-m", "medseg.cli", "predict", "--model", str(trained_run),
+         "--input", str(scans), "--output", str(out)],
+        capture_output=True, encoding="utf-8", errors="replace", cwd=REPO, env=env,
+        timeout=150)
+    assert done.returncode == 1, done.stderr[-2000:]  # torchrun's: a process failed
+    assert "stopped (SIGTERM)" not in done.stderr
+    assert "predicted 20 of 20 cases (shard 0/2)" in done.stdout
+    assert sorted(p.name for p in out.glob("*.nii.gz")) == [
+        f"c{i:02d}.nii.gz" for i in range(0, 40, 2)]

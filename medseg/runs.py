@@ -107,6 +107,7 @@ def train_run(workflow, run_dir: Path, folds: list[int], overwrite: bool,
         plan = keep_source_topology(init, plan, quiet=not main_rank)
         refuse_unfit(init, plan)
         note_other_modalities(init, plan, quiet=not main_rank)
+    _every_rank_here()  # each has checked the run folder before rank 0 writes it
     if main_rank:
         _replace_run_folder(run_dir)  # only now that the dataset has been read without error
         # plan.json first (what --overwrite recognizes a run folder by), workflow.yaml last
@@ -181,6 +182,18 @@ def plan_run(workflow: Workflow, dataset, main_rank: bool = True) -> tuple[list,
     print(f"plan: spacing {plan.target_spacing}, patch {plan.patch_size}, batch "
           f"{plan.batch_size}, {len(plan.strides)} levels, filters {plan.filters}")
     return splits, fp, plan
+
+
+def _every_rank_here() -> None:
+    """Under torchrun, a barrier. Every rank checks the run folder; a rank that came to
+    check it after rank 0 had written its plan.json refused the new run as "run folder
+    exists and is not empty", alone."""
+    from medseg.train import current_ranks
+
+    if current_ranks().distributed:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def _check_start(run_dir: Path, workflow, overwrite: bool, workflow_file: Path | None,

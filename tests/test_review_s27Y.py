@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from helpers import REPO
+from helpers import REPO, TINY_TRAINING, as_sets
 
 import medseg.cli
 from medseg.cli import main
@@ -82,3 +82,46 @@ def test_a_failed_case_on_one_process_does_not_stop_the_others_shares(
     assert "predicted 20 of 20 cases (shard 0/2)" in done.stdout
     assert sorted(p.name for p in out.glob("*.nii.gz")) == [
         f"c{i:02d}.nii.gz" for i in range(0, 40, 2)]
+
+
+SLOW_RANK_1 = '''
+import os, sys, time
+from pathlib import Path
+import medseg.runs
+from medseg.cli import run
+
+checks = medseg.runs._check_run_folder
+
+def late(run_dir, overwrite):
+    # rank 1 comes to its check once rank 0 has written the run (or after 5 s)
+    deadline = time.monotonic() + 5
+    while not (Path(run_dir) / "plan.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return checks(run_dir, overwrite)
+
+if os.environ["RANK"] == "1":
+    medseg.runs._check_run_folder = late
+sys.argv[0] = "medseg"
+run()
+'''
+
+
+def test_a_rank_that_checks_the_run_folder_late_does_not_refuse_the_new_run(
+        tmp_path, phantom_dataset):
+    """Every rank checks the run folder; rank 0 then wrote it without waiting for the
+    others, so a rank slower to come to its check (another node, a loaded machine) found
+    rank 0's plan.json and refused the fresh run as "run folder exists and is not empty"."""
+    script = tmp_path / "slow_rank_1.py"
+    script.write_text(SLOW_RANK_1, encoding="utf-8")
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        ["timeout", "120", sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
+         "2", "--standalone", str(script), "train", str(REPO / "workflows" / "demo.yaml"),
+         "--out", str(run),
+         *as_sets([f"dataset.path={phantom_dataset}", *TINY_TRAINING, "train.epochs=1"])],
+        capture_output=True, encoding="utf-8", errors="replace", cwd=REPO, env=env,
+        timeout=150)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "run folder exists" not in done.stderr
+    assert (run / "fold_0" / "checkpoints" / "last_state.pt").is_file()

@@ -104,7 +104,7 @@ def output_folder(folder: Path, remove_if_empty: bool = True) -> Iterator[Path]:
         yield folder
     finally:
         if remove_if_empty:
-            _remove_empty(created)
+            remove_empty_folders(created)
 
 
 def _make_folders(folder: Path) -> list[Path]:
@@ -123,7 +123,7 @@ def _make_folders(folder: Path) -> list[Path]:
     return made[::-1]
 
 
-def _remove_empty(folders: list[Path]) -> None:
+def remove_empty_folders(folders: list[Path]) -> None:
     """Remove the folders (innermost first) while they are empty."""
     for made in folders:
         try:

@@ -20,7 +20,13 @@ import nibabel as nib
 import numpy as np
 
 from medseg.errors import MedsegError
-from medseg.fileio import atomic_path, misnamed_format, refuse_unwritable_place
+from medseg.fileio import (
+    atomic_path,
+    misnamed_format,
+    missing_folders,
+    refuse_unwritable_place,
+    remove_empty_folders,
+)
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -483,9 +489,14 @@ def convert_volume(input: str | Path, output: str | Path, series_uid: str | None
         raise MedsegError("output would overwrite the input", output)
     if not output.exists() and not output.is_symlink():  # a path under a file, say
         refuse_unwritable_place(output)
-    volume = read_volume(input, dtype=None, series_uid=series_uid,
-                         resample_irregular=resample_irregular)
-    return write_as_stored(volume, output)
+    made = missing_folders(output.parent)
+    try:
+        volume = read_volume(input, dtype=None, series_uid=series_uid,
+                             resample_irregular=resample_irregular)
+        return write_as_stored(volume, output)
+    except BaseException:  # Ctrl-C, a full disk: no empty folders left for nothing written
+        remove_empty_folders(made)
+        raise
 
 
 def write_as_stored(volume: Volume, path: Path) -> Path:

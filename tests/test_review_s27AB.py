@@ -1,0 +1,36 @@
+"""Review s27AB: `medseg convert` and `medseg convert-msd` as a clinical engineer uses them."""
+
+import errno
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medseg.errors import MedsegError
+from medseg.io import convert_volume
+
+
+def _volume(path: Path) -> Path:
+    data = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    nib.save(nib.Nifti1Image(data, np.diag([0.8, 0.8, 2.0, 1.0])), str(path))
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".nrrd", ".nii.gz"])
+def test_convert_stopped_mid_write_leaves_no_folders_it_made(tmp_path, monkeypatch, suffix):
+    """Ctrl-C (or a full disk) while the output was written removed the temporary file but
+    left the folders made for it (`OUTPUT` in a folder that did not exist). A full disk
+    stands in for Ctrl-C here: pytest stops on a KeyboardInterrupt."""
+    import medseg.io
+    import medseg.itkio
+
+    def stopped(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    source = _volume(tmp_path / "in.nii")
+    monkeypatch.setattr(medseg.itkio, "write_itk", stopped)
+    monkeypatch.setattr(medseg.io.nib, "save", stopped)
+    with pytest.raises(MedsegError, match="No space left"):
+        convert_volume(source, tmp_path / "new" / "deeper" / f"out{suffix}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.nii"]

@@ -13,7 +13,7 @@ import hashlib
 import traceback
 import zlib
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nibabel as nib
@@ -493,10 +493,24 @@ def convert_volume(input: str | Path, output: str | Path, series_uid: str | None
     try:
         volume = read_volume(input, dtype=None, series_uid=series_uid,
                              resample_irregular=resample_irregular)
+        if _kind(Path(input)) == "dicom":
+            volume = replace(volume, data=_narrowest_integers(volume.data))
         return write_as_stored(volume, output)
     except BaseException:  # Ctrl-C, a full disk: no empty folders left for nothing written
         remove_empty_folders(made)
         raise
+
+
+def _narrowest_integers(data: np.ndarray) -> np.ndarray:
+    """A DICOM series' integers in the smallest type that holds the values it holds (its read
+    type holds every value its BitsStored could: int32 for 16 bits and an intercept of -1024)."""
+    if data.dtype.kind not in "iu" or not data.size:
+        return data
+    low, high = int(data.min()), int(data.max())
+    for kind in (np.int16, np.uint16, np.int32):
+        if np.iinfo(kind).min <= low and high <= np.iinfo(kind).max:
+            return data if data.dtype == kind else data.astype(kind)
+    return data
 
 
 def write_as_stored(volume: Volume, path: Path) -> Path:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from medseg.errors import MedsegError
-from medseg.io import convert_volume
+from medseg.io import convert_volume, read_volume
 
 
 def _volume(path: Path) -> Path:
@@ -34,3 +34,20 @@ def test_convert_stopped_mid_write_leaves_no_folders_it_made(tmp_path, monkeypat
     with pytest.raises(MedsegError, match="No space left"):
         convert_volume(source, tmp_path / "new" / "deeper" / f"out{suffix}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.nii"]
+
+
+@pytest.mark.parametrize("highest, dtype", [(3000, np.int16), (40000, np.int32)])
+def test_convert_dicom_writes_the_smallest_type_that_holds_the_values(tmp_path, highest, dtype):
+    """A CT stored as 16-bit integers with RescaleIntercept -1024 (HU -1024 to 1976) was
+    written as int32, twice int16's size: its type was chosen for every value 16 bits could
+    hold, not the values it holds (docs/cli.md: "in the smallest type that holds them")."""
+    from dicom_factory import axial_positions, write_series
+
+    stored = np.zeros((6, 5, 3), dtype=np.uint16)
+    stored[1, 2, 1] = highest
+    write_series(tmp_path / "ct", stored, axial_positions(3))
+    for suffix in (".nii.gz", ".nrrd"):
+        written = convert_volume(tmp_path / "ct", tmp_path / f"ct{suffix}")
+        volume = read_volume(written, dtype=None)
+        assert volume.data.dtype == dtype
+        assert volume.data.min() == -1024 and volume.data.max() == highest - 1024

@@ -608,15 +608,17 @@ def cmd_convert_msd(args: argparse.Namespace) -> int:
 
 
 def _refuse_another_series(path: Path, series_uid: str) -> None:
-    """A folder of one series is read as it is whatever --series says (predict's batches
-    mix such folders); convert reads one input, so a --series it does not hold is a mistake."""
-    from medseg.dicom import list_series
+    """A folder of one series (or one DICOM file) is read as it is whatever --series says
+    (predict's batches mix such folders); convert reads one input, so a --series it does not
+    hold is a mistake."""
+    from medseg.dicom import is_dicom_file, list_series
 
-    if not path.is_dir():
+    if not path.is_dir() and not (path.is_file() and is_dicom_file(path)):
         return
     series = list_series(path)
+    held = "the folder holds one" if path.is_dir() else "the file is of another"
     if len(series) == 1 and series[0].uid != series_uid:
-        raise MedsegError(f"no series {series_uid}; the folder holds one, {series[0].uid} "
+        raise MedsegError(f"no series {series_uid}; {held}, {series[0].uid} "
                           f"'{series[0].description}' ({series[0].n_images} images): leave "
                           f"out --series to convert it", path)
 

@@ -51,3 +51,21 @@ def test_convert_dicom_writes_the_smallest_type_that_holds_the_values(tmp_path, 
         volume = read_volume(written, dtype=None)
         assert volume.data.dtype == dtype
         assert volume.data.min() == -1024 and volume.data.max() == highest - 1024
+
+
+def test_convert_refuses_a_series_uid_that_one_dicom_file_is_not_of(tmp_path, capsys):
+    """`--series` of another series with one DICOM file converted the file's own series
+    without a word (a folder of one series was refused already)."""
+    from dicom_factory import axial_positions, write_series
+
+    from medseg.cli import main
+
+    files = write_series(tmp_path / "ct", np.zeros((6, 5, 2), dtype=np.uint16),
+                         axial_positions(2), series_uid="1.2.3.4")
+    out = tmp_path / "out.nii.gz"
+    assert main(["convert", str(files[0]), str(out), "--series", "9.9.9"]) == 2
+    error = capsys.readouterr().err
+    assert "no series 9.9.9" in error and "1.2.3.4" in error and str(files[0]) in error
+    assert not out.exists()
+    assert main(["convert", str(files[0]), str(out), "--series", "1.2.3.4"]) == 0
+    assert out.exists()

@@ -508,8 +508,10 @@ def _narrowest_integers(data: np.ndarray) -> np.ndarray:
         return data
     low, high = int(data.min()), int(data.max())
     for kind in (np.int16, np.uint16, np.int32):
+        if np.dtype(kind).itemsize >= data.dtype.itemsize:
+            return data  # never wider than read: an 8-bit series stays 8-bit
         if np.iinfo(kind).min <= low and high <= np.iinfo(kind).max:
-            return data if data.dtype == kind else data.astype(kind)
+            return data.astype(kind)
     return data
 
 

@@ -69,3 +69,14 @@ def test_convert_refuses_a_series_uid_that_one_dicom_file_is_not_of(tmp_path, ca
     assert not out.exists()
     assert main(["convert", str(files[0]), str(out), "--series", "1.2.3.4"]) == 0
     assert out.exists()
+
+
+def test_narrowing_never_widens_an_8_bit_series():
+    # the narrowing took int16 first: an 8-bit series (uint8 as read) came out twice as wide
+    import numpy as np
+
+    from medseg.io import _narrowest_integers
+
+    assert _narrowest_integers(np.array([0, 255], np.uint8)).dtype == np.uint8
+    assert _narrowest_integers(np.array([-1024, 3000], np.int32)).dtype == np.int16
+    assert _narrowest_integers(np.array([0, 60000], np.int32)).dtype == np.uint16

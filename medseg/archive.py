@@ -231,6 +231,19 @@ def is_archive(path: Path) -> bool:
     return path.is_file() and path.name.lower().endswith(".zip")
 
 
+def refuse_non_folder(run_dir: Path, archive_lacks: str) -> None:
+    """Refuse a RUN_DIR that is no folder in one line: a missing one, a model archive (which
+    lacks what the command needs: `archive_lacks`), or another file."""
+    if run_dir.is_dir():
+        return
+    if not run_dir.exists():
+        raise MedsegError("run folder not found", run_dir)
+    if is_archive(run_dir):
+        raise MedsegError(f"a model archive of `medseg export` holds no {archive_lacks}: give "
+                          f"the run folder it was exported from", run_dir)
+    raise MedsegError("not a folder: give the run folder (the one holding plan.json)", run_dir)
+
+
 # the run folders of the archives open now, each with its archive: what the notes and the
 # summary line name, not a temporary folder that is gone when they are read
 _OPENED: dict[Path, Path] = {}

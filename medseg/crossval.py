@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from medseg.archive import refuse_non_folder
 from medseg.config import PredictConfig, Workflow, load_workflow
 from medseg.datasets import Case, Dataset, file_name_safe, load_dataset, read_splits
 from medseg.dicom import files_below
@@ -216,9 +217,7 @@ def _held_out_cases(request: CrossvalRequest) -> HeldOut:
 
 
 def _run_workflow(run: Path) -> Workflow:
-    if not run.is_dir():
-        raise MedsegError("run folder not found" if not run.exists() else
-                          "not a folder: give the run folder (the one holding plan.json)", run)
+    refuse_non_folder(run, "splits.json (it cannot be cross-validated)")
     if not (run / "workflow.yaml").is_file():
         raise MedsegError("not a medseg run folder (no workflow.yaml)", run)
     return load_workflow(run / "workflow.yaml")

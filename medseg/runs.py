@@ -342,14 +342,14 @@ def resume_run(run_dir: Path, fold_text: str | None, overrides: list[str] | None
     """Continue the fold(s) of a run from their last saved state (a fold never started is
     trained from the beginning). `overrides` may give each fold a new wall-clock budget;
     it is saved in the run's workflow.yaml."""
+    from medseg.archive import refuse_non_folder
     from medseg.config import save_workflow
     from medseg.datasets import read_splits
     from medseg.fileio import atomic_write_json
     from medseg.plan import load_plan
     from medseg.train import current_ranks, refuse_memory_cache_beyond_memory
 
-    if not run_dir.is_dir():
-        raise MedsegError("run folder not found", run_dir)
+    refuse_non_folder(run_dir, "training state (it cannot be resumed)")
     if not (run_dir / "workflow.yaml").is_file():
         raise MedsegError("not a medseg run folder (no workflow.yaml)", run_dir)
     workflow = load_workflow(run_dir / "workflow.yaml", overrides)

@@ -1,0 +1,39 @@
+"""Review s27AA: a researcher sharing models (train --fold all, crossval, export, predict
+--model MODEL.zip, ensembles, train --init MODEL.zip)."""
+
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from medseg.cli import main
+
+
+def _archive(tmp_path: Path) -> Path:
+    archive = tmp_path / "model.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("medseg_model.json", "{}")
+    return archive
+
+
+@pytest.mark.parametrize("command,lacks", [
+    (["train", "--resume"], "holds no training state (it cannot be resumed)"),
+    (["crossval"], "holds no splits.json (it cannot be cross-validated)"),
+])
+def test_an_exported_archive_given_as_run_folder_is_named_as_one(tmp_path, capsys, command,
+                                                                  lacks):
+    # `train --resume model.zip` said "run folder not found" of a file that is there
+    archive = _archive(tmp_path)
+    assert main([*command, str(archive)]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"medseg: error: {archive}: a model archive of `medseg export` {lacks}: "
+                   f"give the run folder it was exported from"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.zip"]
+
+
+def test_a_file_given_to_resume_is_not_called_missing(tmp_path, capsys):
+    other = tmp_path / "notes.txt"
+    other.write_text("x", encoding="utf-8")
+    assert main(["train", "--resume", str(other)]) != 0
+    err = capsys.readouterr().err
+    assert "not a folder: give the run folder" in err and "not found" not in err

@@ -439,11 +439,14 @@ def _refuse_repeated_archives(models: list[str]) -> None:
     named twice would no longer see one given twice."""
     from medseg.archive import is_archive
 
-    archives = [os.path.realpath(model) for model in models if is_archive(Path(model))]
-    twice = next((path for path in archives if archives.count(path) > 1), None)
-    if twice is not None:
-        raise MedsegError("given twice to --model: each run would count twice in the mean",
-                          twice)
+    seen: dict[str, str] = {}
+    for model in (model for model in models if is_archive(Path(model))):
+        key = os.path.realpath(model)
+        if key in seen:  # named as given, as predict names a run folder given twice
+            spelt = f" (also as {seen[key]})" if seen[key] != model else ""
+            raise MedsegError(f"given twice to --model{spelt}: each run would count twice in "
+                              f"the mean", model)
+        seen[key] = model
 
 
 def _run_folder_of(model: Path, archives: contextlib.ExitStack) -> Path:

@@ -37,3 +37,18 @@ def test_a_file_given_to_resume_is_not_called_missing(tmp_path, capsys):
     assert main(["train", "--resume", str(other)]) != 0
     err = capsys.readouterr().err
     assert "not a folder: give the run folder" in err and "not found" not in err
+
+
+def test_an_archive_given_twice_is_named_as_given(tmp_path, capsys, monkeypatch):
+    # the archive was named by its absolute real path, which a link's user never typed
+    monkeypatch.chdir(tmp_path)
+    _archive(tmp_path)
+    (tmp_path / "link.zip").symlink_to("model.zip")
+    (tmp_path / "scans").mkdir()
+    for models in (["model.zip", "link.zip"], ["model.zip", "model.zip"]):
+        assert main(["predict", "--model", *models, "--input", "scans", "--output", "out"]) == 2
+        also = " (also as model.zip)" if models[1] == "link.zip" else ""
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"medseg: error: {models[1]}: given twice to --model{also}: each run would count "
+            f"twice in the mean"]
+    assert not (tmp_path / "out").exists()

@@ -202,6 +202,7 @@ def _held_out_cases(request: CrossvalRequest) -> HeldOut:
         seen_runs[run.resolve()] = run
     splits = _shared_splits(request.runs)
     folds = _folds_to_score(request, len(splits))
+    _note_fine_tuned(request.runs, workflows)
     plan = load_plan(request.runs[0] / "plan.json")
     dataset = _run_dataset(workflows[0], request.runs[0], request.dataset_path)
     refuse_changed_labels(dataset, plan, request.runs[0] / "plan.json")
@@ -214,6 +215,18 @@ def _held_out_cases(request: CrossvalRequest) -> HeldOut:
                                request.runs[0] / "splits.json")
         cases_by_fold[fold] = tuple(by_name[name] for name in names)
     return HeldOut(plan, folds, cases_by_fold, Path(dataset.root))
+
+
+def _note_fine_tuned(runs: tuple[Path, ...], workflows: list[Workflow]) -> None:
+    """A run fine-tuned (train.init) from weights trained on this dataset started every fold
+    from a network that saw the folds' held-out cases: their scores are not those of cases
+    it never saw."""
+    for run, workflow in zip(runs, workflows, strict=True):
+        if workflow.train.init:
+            print(f"medseg: note: {run} was fine-tuned from {workflow.train.init} (train.init): "
+                  f"where those weights were trained on cases of this dataset, a fold's "
+                  f"held-out cases may be among them and score higher than unseen cases "
+                  f"would", file=sys.stderr)
 
 
 def _run_workflow(run: Path) -> Workflow:

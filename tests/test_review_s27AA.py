@@ -52,3 +52,23 @@ def test_an_archive_given_twice_is_named_as_given(tmp_path, capsys, monkeypatch)
             f"medseg: error: {models[1]}: given twice to --model{also}: each run would count "
             f"twice in the mean"]
     assert not (tmp_path / "out").exists()
+
+
+def test_crossval_of_a_fine_tuned_run_notes_its_source(trained_run, tmp_path, capsys):
+    # `train --init MODEL.zip` on the same data: each fold starts from a network trained on
+    # other folds' cases, so crossval's "never saw it in training" no longer holds
+    import shutil
+
+    import yaml
+
+    run = tmp_path / "tuned"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("crossval*"))
+    workflow = yaml.safe_load((run / "workflow.yaml").read_text(encoding="utf-8"))
+    workflow["train"]["init"] = str(tmp_path / "model.zip")
+    (run / "workflow.yaml").write_text(yaml.safe_dump(workflow), encoding="utf-8")
+    assert main(["crossval", str(run), "--out", str(tmp_path / "cv")]) == 0
+    err = capsys.readouterr().err
+    assert (f"medseg: note: {run} was fine-tuned from {tmp_path / 'model.zip'} (train.init): "
+            f"where those weights were trained on cases of this dataset") in err
+    assert main(["crossval", str(trained_run), "--out", str(tmp_path / "cv0")]) == 0
+    assert "fine-tuned" not in capsys.readouterr().err

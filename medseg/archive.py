@@ -29,7 +29,7 @@ import yaml
 
 from medseg import __version__
 from medseg.errors import MedsegError
-from medseg.fileio import atomic_path, sha256_of_file
+from medseg.fileio import atomic_path, folders_removed_on_failure, sha256_of_file
 
 MANIFEST = "medseg_model.json"
 FORMAT = 1
@@ -85,7 +85,7 @@ def export_run(run_dir: Path, target: Path, folds: list[int] | None = None,
                 sources[f"fold_{k}/{part}"] = trained[k] / part
     workflow = _shareable_workflow(run_dir / "workflow.yaml")
     try:
-        with _removed_on_failure(_missing_parents(target)):
+        with folders_removed_on_failure(target.parent):
             _write_archive(target, workflow, sources, chosen)
     except OSError as exc:  # a full disk; a file where a folder of the target should be
         source = next((path for path in sources.values()
@@ -93,27 +93,6 @@ def export_run(run_dir: Path, target: Path, folds: list[int] | None = None,
         raise MedsegError(f"cannot {'read' if source else 'write'} ({exc.strerror or exc})",
                           source or target) from exc
     return Exported(target, tuple(chosen), target.stat().st_size)
-
-
-def _missing_parents(target: Path) -> list[Path]:
-    """The folders above `target` that do not exist yet, deepest first."""
-    return [parent for parent in target.parents if not parent.is_dir()]
-
-
-@contextlib.contextmanager
-def _removed_on_failure(folders: list[Path]) -> Iterator[None]:
-    """The folders (deepest first) that writing made, removed again when it fails: a
-    refused export leaves nothing behind. Only empty ones: what another process put there
-    stays."""
-    try:
-        yield
-    except BaseException:
-        for folder in folders:
-            try:
-                folder.rmdir()
-            except OSError:
-                break
-        raise
 
 
 def _refuse_unreadable_run(run_dir: Path, weights: list[Path]) -> None:

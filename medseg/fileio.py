@@ -142,6 +142,19 @@ def missing_folders(folder: Path) -> list[Path]:
     return missing
 
 
+@contextlib.contextmanager
+def folders_removed_on_failure(folder: Path) -> Iterator[None]:
+    """The missing folders up to `folder` that the body makes (for a file it writes there),
+    removed again while empty when it fails (a full disk, Ctrl-C): a refused write leaves no
+    empty folders behind; what another process put there stays."""
+    made = missing_folders(folder)
+    try:
+        yield
+    except BaseException:
+        remove_empty_folders(made)
+        raise
+
+
 def names_fold_case(folder: Path) -> bool:
     """Whether the file system that `folder` (or its nearest existing parent) lies on takes
     `A` and `a` for one name, as macOS's and Windows' do by default: a probe file is made

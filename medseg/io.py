@@ -22,10 +22,9 @@ import numpy as np
 from medseg.errors import MedsegError
 from medseg.fileio import (
     atomic_path,
+    folders_removed_on_failure,
     misnamed_format,
-    missing_folders,
     refuse_unwritable_place,
-    remove_empty_folders,
 )
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -489,16 +488,12 @@ def convert_volume(input: str | Path, output: str | Path, series_uid: str | None
         raise MedsegError("output would overwrite the input", output)
     if not output.exists() and not output.is_symlink():  # a path under a file, say
         refuse_unwritable_place(output)
-    made = missing_folders(output.parent)
-    try:
+    with folders_removed_on_failure(output.parent):  # Ctrl-C, a full disk
         volume = read_volume(input, dtype=None, series_uid=series_uid,
                              resample_irregular=resample_irregular)
         if _kind(Path(input)) == "dicom":
             volume = replace(volume, data=_narrowest_integers(volume.data))
         return write_as_stored(volume, output)
-    except BaseException:  # Ctrl-C, a full disk: no empty folders left for nothing written
-        remove_empty_folders(made)
-        raise
 
 
 def _narrowest_integers(data: np.ndarray) -> np.ndarray:
